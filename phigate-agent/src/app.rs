@@ -1,0 +1,243 @@
+//! `phigate run`: the one place that knows every part. It prepares the node (cgroup2,
+//! bpffs), binds the interceptor listeners, installs or adopts the kernel programs,
+//! makes the maps match the configuration, and then runs the pipeline
+//!
+//! ```text
+//! listener.accept → net::recover (kernel record) → identity::identify → session::relay
+//! ```
+//!
+//! until SIGTERM/SIGINT, when it stops accepting, lets sessions drain, and exits. The
+//! pinned programs stay attached after exit: protected connections are refused (not
+//! routed around) until an agent listens again.
+
+use std::{
+    net::SocketAddr,
+    os::fd::AsRawFd,
+    sync::Arc,
+    time::Duration,
+};
+
+use anyhow::Context;
+use phigate_common::{ABI_VERSION, OrigDstKey, Settings, event, reason, setting};
+use tokio::{io::unix::AsyncFd, signal::unix::SignalKind, task::JoinSet};
+use tracing::{Instrument, error, info, info_span, warn};
+
+use crate::{
+    config::{Config, Database},
+    ebpf::{self, AttachPoint, EventReader, KernelState, PinLayout, c_str},
+    host::{self, CgroupFs},
+    identity::{self, IdentityDirectory},
+    net::{Listener, RecordSource},
+    protection, session,
+};
+
+/// Adapter: the kernel maps as the record source and identity directory the
+/// pipeline stages expect.
+struct Kernel(Arc<KernelState>);
+
+impl RecordSource for Kernel {
+    fn take(&self, key: &OrigDstKey) -> Option<phigate_common::ConnectRecord> {
+        self.0.take_record(key)
+    }
+}
+
+impl IdentityDirectory for Kernel {
+    fn lookup(&self, protected_cgroup_id: u64) -> Option<(String, String)> {
+        self.0.protected_cgroup(protected_cgroup_id).map(|v| (c_str(&v.identity), c_str(&v.path)))
+    }
+}
+
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let cgroups = CgroupFs::discover(config.agent.cgroup_root.as_deref())?;
+    host::ensure_bpffs(&config.agent.pin_dir)?;
+    let attach = cgroups.resolve(&config.agent.attach_cgroup).map_err(|e| {
+        config.invalid("agent.attach_cgroup", e, "Create that cgroup or point attach_cgroup at an existing one (\"/\" is the whole node).")
+    })?;
+    let rules = protection::resolve_config_rules(&config, &cgroups, &attach)?;
+    let pid = std::process::id();
+    let own = cgroups.own()?;
+    protection::check_agent_not_covered(&own, rules.iter().map(|(cg, _)| (cg.rel.clone(), cg.id)), pid, &cgroups)?;
+
+    // Listeners first: the moment connect4/6 redirect, something must be listening.
+    let mut listeners = Vec::new();
+    let mut bound = Vec::new();
+    for (i, db) in config.databases.iter().enumerate() {
+        let l4 = Listener::bind(SocketAddr::V4(db.listen), i as u32).with_context(|| format!("{}: database[{i}].listen: cannot listen on {}", config.path.display(), db.listen))?;
+        let l6 = match db.listen6 {
+            Some(a) => Some(Listener::bind(SocketAddr::V6(a), i as u32).with_context(|| format!("{}: database[{i}].listen6: cannot listen on {a}", config.path.display()))?),
+            None => None,
+        };
+        bound.push((l4.addr().0, l6.as_ref().map(|l| l.addr().0)));
+        listeners.push((i, l4));
+        if let Some(l6) = l6 {
+            listeners.push((i, l6));
+        }
+    }
+
+    let layout = PinLayout::new(&config.agent.pin_dir);
+    let outcomes = ebpf::install(&layout, AttachPoint { dir: &attach.dir, id: attach.id })?;
+    for (program, outcome) in &outcomes {
+        info!(program, ?outcome, cgroup = %attach.dir.display(), "kernel program in place");
+    }
+    let state = Arc::new(KernelState::open(&layout)?);
+    let flags = if config.agent.deny_raw_sockets { setting::DENY_RAW_SOCKETS } else { 0 };
+    state.set_settings(Settings { agent_tgid: pid, flags, abi_version: ABI_VERSION, _pad: 0 })?;
+    // Runtime protections from before this start must not cover the agent either.
+    let existing = protection::entries(&state)?;
+    protection::check_agent_not_covered(&own, existing.iter().map(|e| (e.cgroup.clone(), e.cgroup_id)), pid, &cgroups)?;
+    protection::sync_config_rules(&state, &rules)?;
+    state.sync_databases(&protection::database_entries(&config, &bound))?;
+
+    for e in protection::entries(&state)? {
+        info!(cgroup = %format!("/{}", e.cgroup), cgroup_id = e.cgroup_id, identity = %e.identity, source = e.source, "protected cgroup");
+    }
+    for (i, l) in &listeners {
+        let db = &config.databases[*i];
+        info!(database = %db.name, listen = %l.addr(), upstream = %db.upstream, addresses = ?db.addresses.iter().map(|a| a.to_string()).collect::<Vec<_>>(), port = db.port, "interceptor listening");
+    }
+    info!(pid, attach_cgroup = %attach.dir.display(), pin_dir = %layout.root().display(), "phigate agent ready");
+
+    let kernel = Arc::new(Kernel(state.clone()));
+    let mut tasks = JoinSet::new();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    for (i, listener) in listeners {
+        let db = config.databases[i].clone();
+        tasks.spawn(accept_loop(listener, db, kernel.clone(), stop_rx.clone()));
+    }
+    let events = EventReader::open(&layout)?;
+    let event_task = tokio::spawn(report_events(events, kernel.clone(), stop_rx.clone()));
+
+    wait_for_shutdown().await;
+    info!("stopping: no new connections; letting open sessions finish");
+    let _ = stop_tx.send(true);
+    let drain = config.agent.drain_timeout;
+    if tokio::time::timeout(drain + Duration::from_millis(500), async { while tasks.join_next().await.is_some() {} }).await.is_err() {
+        warn!(timeout_secs = drain.as_secs(), "sessions still open at the drain deadline; closing them");
+        tasks.abort_all();
+    }
+    event_task.abort();
+    let mut s = state.settings()?;
+    if s.agent_tgid == pid {
+        s.agent_tgid = 0;
+        state.set_settings(s)?;
+    }
+    info!("stopped; kernel programs stay attached and refuse protected connections until an agent runs again");
+    Ok(())
+}
+
+async fn wait_for_shutdown() {
+    let mut term = tokio::signal::unix::signal(SignalKind::terminate()).expect("invariant: signal handler installs");
+    let mut int = tokio::signal::unix::signal(SignalKind::interrupt()).expect("invariant: signal handler installs");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+/// Accept connections for one database until told to stop; each becomes a task.
+/// Sessions get the stop signal too and are awaited by the JoinSet owner.
+async fn accept_loop(listener: Listener, db: Database, kernel: Arc<Kernel>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let mut sessions = JoinSet::new();
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = stop.changed() => break,
+            Some(_) = sessions.join_next(), if !sessions.is_empty() => continue,
+        };
+        let (stream, client) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                warn!(error = %e, listen = %listener.addr(), "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let accepted = match listener.recover(stream, client, kernel.as_ref()) {
+            Ok(a) => a,
+            Err(e) => {
+                // Dropping the stream closes it: a connection without a kernel record
+                // is never proxied.
+                warn!(database = %db.name, error = %e, "refused connection");
+                continue;
+            }
+        };
+        let span = info_span!("conn", client = %accepted.client, orig_dst = %accepted.orig_dst, database = %db.name, workload = tracing::field::Empty);
+        let identified = match identity::identify(accepted, kernel.as_ref()) {
+            Ok(i) => i,
+            Err((_, e)) => {
+                span.in_scope(|| warn!(error = %e, "refused connection"));
+                continue;
+            }
+        };
+        span.record("workload", identified.workload.name.as_str());
+        span.in_scope(|| {
+            let w = &identified.workload;
+            info!(
+                identity = %w.name, cgroup = %format!("/{}", w.cgroup), protected_cgroup_id = w.protected_cgroup_id,
+                cgroup_id = w.cgroup_id, pid = w.pid, uid = w.uid, gid = w.gid, comm = %w.comm,
+                netns_cookie = identified.accepted.record.netns_cookie, listener = %identified.accepted.listener,
+                "connection accepted"
+            )
+        });
+        let upstream = db.upstream;
+        sessions.spawn(
+            async move {
+                if let Err(e) = session::relay(identified, upstream).await {
+                    error!(error = %e, "session failed");
+                }
+            }
+            .instrument(span),
+        );
+    }
+    // Stop accepting, then let this listener's sessions finish (the caller bounds it).
+    drop(listener);
+    while sessions.join_next().await.is_some() {}
+}
+
+/// Log what the kernel reports: bypass attempts dropped by the egress guard, connects
+/// refused, raw sockets denied.
+async fn report_events(events: EventReader, kernel: Arc<Kernel>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let fd = events.as_raw_fd();
+    // SAFETY: the ring buffer's fd is owned by `events`, which the AsyncFd owns until
+    // it is dropped; the fd is never replaced.
+    let mut async_fd = match unsafe { AsyncFd::register_with_interest(events, tokio::io::Interest::READABLE) } {
+        Ok(a) => a,
+        Err(e) => {
+            error!(error = %e, fd, "cannot watch the kernel event ring buffer; bypass attempts are still dropped and counted but not logged");
+            return;
+        }
+    };
+    loop {
+        let mut guard = tokio::select! {
+            g = async_fd.readable_mut() => match g { Ok(g) => g, Err(_) => return },
+            _ = stop.changed() => return,
+        };
+        guard.get_inner_mut().drain(|ev| {
+            let identity = kernel.lookup(ev.protected_cgroup_id).map(|(n, _)| n).unwrap_or_else(|| "<unknown>".into());
+            let addr = std::net::Ipv6Addr::from(ev.addr);
+            let dst = match addr.to_ipv4_mapped() {
+                Some(v4) => SocketAddr::new(v4.into(), ev.port),
+                None => SocketAddr::new(addr.into(), ev.port),
+            };
+            let comm = c_str(&ev.comm);
+            match ev.kind {
+                event::BYPASS_DROPPED => warn!(kind = "bypass_dropped", identity = %identity, dst = %dst, cgroup_id = ev.cgroup_id, protected_cgroup_id = ev.protected_cgroup_id, uid = ev.uid, "dropped a packet to a protected database that bypassed the redirect"),
+                event::CONNECT_REFUSED => warn!(kind = "connect_refused", identity = %identity, dst = %dst, reason = reason_name(ev.reason), pid = ev.pid, uid = ev.uid, comm = %comm, "refused a protected connect that cannot be redirected"),
+                event::RAW_SOCKET_DENIED => warn!(kind = "raw_socket_denied", identity = %identity, pid = ev.pid, uid = ev.uid, comm = %comm, "refused a raw socket in a protected cgroup"),
+                other => warn!(kind = other, "unknown kernel event"),
+            }
+        });
+        guard.clear_ready();
+    }
+}
+
+fn reason_name(r: u32) -> &'static str {
+    match r {
+        reason::NOT_TCP => "not a TCP stream socket",
+        reason::NO_LISTENER_FAMILY => "no interceptor listener for this address family",
+        reason::NO_STORAGE => "no socket storage for the record",
+        reason::NOT_REDIRECTED => "not redirected",
+        _ => "unspecified",
+    }
+}

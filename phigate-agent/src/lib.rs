@@ -1,0 +1,23 @@
+//! phigate agent library: everything behind the `phigate` binary.
+//!
+//! # Layout
+//! - [`config`]: typed, validated configuration
+//! - [`host`]: cgroup2 / bpffs discovery on the node
+//! - [`ebpf`]: load, attach, pin and adopt the kernel programs; map access (only module using aya)
+//! - [`net`]: interceptor listeners, address newtypes, original-destination recovery
+//! - [`identity`]: kernel record → named workload
+//! - [`session`]: one task per connection
+//! - [`protection`]: what is protected, kept in sync with config and `phigate protect`
+//! - [`status`]: `phigate status`
+//! - [`app`]: wiring of `phigate run`
+//! - [`cli`]: command-line definitions
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod ebpf;
+pub mod host;
+pub mod identity;
+pub mod net;
+pub mod protection;
+pub mod session;
+pub mod status;

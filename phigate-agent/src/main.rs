@@ -1,0 +1,103 @@
+//! The `phigate` binary: parse the command line, load the configuration, run the
+//! command, map failures to exit codes (1: runtime failure, 2: bad configuration or
+//! usage).
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use phigate_agent::{
+    app,
+    cli::{Cli, Command},
+    config::{Config, ConfigError, LogFormat},
+    ebpf::{self, KernelState, PinLayout},
+    host::CgroupFs,
+    protection::{self, running_agent},
+    status,
+};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match Config::load(&cli.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("phigate: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    init_logging(&config);
+    match dispatch(cli.command, config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let is_config = |c: &(dyn std::error::Error + 'static)| {
+                c.downcast_ref::<ConfigError>().is_some() || matches!(c.downcast_ref::<protection::ProtectError>(), Some(protection::ProtectError::Config(_)))
+            };
+            let code = if e.chain().any(is_config) { 2 } else { 1 };
+            eprintln!("phigate: {e:#}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+fn init_logging(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PHIGATE_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match config.agent.log_format {
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).with_span_list(false).init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn dispatch(command: Command, config: Config) -> anyhow::Result<()> {
+    let layout = PinLayout::new(&config.agent.pin_dir);
+    match command {
+        Command::Run => {
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            rt.block_on(app::run(config))
+        }
+        Command::Status { json } => {
+            let s = status::gather(&layout)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                print!("{}", status::render_text(&s));
+            }
+            Ok(())
+        }
+        Command::Protect { cgroup, identity, create } => {
+            phigate_agent::config::check_identity(&identity).map_err(|p| anyhow::anyhow!("--identity: {p}"))?;
+            phigate_agent::config::check_cgroup_path(&cgroup).map_err(|p| anyhow::anyhow!("--cgroup: {p}"))?;
+            let cgroups = CgroupFs::discover(config.agent.cgroup_root.as_deref())?;
+            let state = KernelState::open(&layout)?;
+            let e = protection::protect_runtime(&state, &cgroups, &config.agent.attach_cgroup, &cgroup, &identity, create)?;
+            println!("protected /{} (cgroup id {}) as {}: its new connections to protected databases go through phigate now", e.cgroup, e.cgroup_id, e.identity);
+            Ok(())
+        }
+        Command::Unprotect { cgroup } => {
+            let cgroups = CgroupFs::discover(config.agent.cgroup_root.as_deref())?;
+            let state = KernelState::open(&layout)?;
+            let e = protection::unprotect_runtime(&state, &cgroups, &cgroup)?;
+            println!("unprotected /{} (identity {}): its new connections are no longer redirected", e.cgroup, e.identity);
+            if e.source == "config" {
+                println!("note: the configuration protects this cgroup; it will be protected again when the agent restarts with {}", config.path.display());
+            }
+            Ok(())
+        }
+        Command::Detach { force } => {
+            if layout.is_installed() {
+                let state = KernelState::open(&layout)?;
+                if let Some(pid) = running_agent(state.settings()?.agent_tgid) {
+                    if !force {
+                        anyhow::bail!("the agent (pid {pid}) is running; stop it first (e.g. `kill {pid}`), or pass --force to detach anyway");
+                    }
+                }
+            }
+            let report = ebpf::detach(&layout)?;
+            if report.links.is_empty() && report.maps.is_empty() {
+                println!("nothing pinned at {}; nothing to detach", layout.root().display());
+            } else {
+                println!("detached {} programs and removed {} pinned maps from {}", report.links.len(), report.maps.len(), layout.root().display());
+            }
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,229 @@
+//! Interceptor listeners and the one place where a redirected connection's original
+//! destination is recovered.
+//!
+//! Owns: binding listeners, the address newtypes that keep client, original
+//! destination and listener addresses apart, and turning an accepted socket into an
+//! [`Accepted`] by looking up the record the kernel published for it. It reaches the
+//! kernel only through [`RecordSource`]; it knows nothing of identities, PostgreSQL or
+//! policy.
+
+use std::{
+    fmt, io,
+    net::{IpAddr, Ipv6Addr, SocketAddr},
+    os::fd::AsRawFd,
+    time::SystemTime,
+};
+
+use phigate_common::{ConnectRecord, OrigDstKey};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+
+/// The workload's end of a redirected connection, as the interceptor sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientAddr(pub SocketAddr);
+
+/// The database address the workload asked for, before the kernel redirected it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OrigDstAddr(pub SocketAddr);
+
+/// An interceptor listener's address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListenAddr(pub SocketAddr);
+
+impl fmt::Display for ClientAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+impl fmt::Display for OrigDstAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+impl fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// Where connection records come from (the kernel's `PG_ORIGDST` map in the agent).
+pub trait RecordSource: Send + Sync {
+    /// Read and forget the record for this client tuple.
+    fn take(&self, key: &OrigDstKey) -> Option<ConnectRecord>;
+}
+
+/// What the kernel attested about the process that connected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KernelRecord {
+    pub pid: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub comm: String,
+    /// The connecting task's own cgroup.
+    pub cgroup_id: u64,
+    /// The protected cgroup that matched (the task's or an ancestor).
+    pub protected_cgroup_id: u64,
+    pub netns_cookie: u64,
+    pub socket_cookie: u64,
+    pub db_index: u32,
+}
+
+/// A connection accepted on an interceptor listener whose kernel record was found.
+#[derive(Debug)]
+pub struct Accepted {
+    pub stream: TcpStream,
+    pub client: ClientAddr,
+    pub orig_dst: OrigDstAddr,
+    pub listener: ListenAddr,
+    pub record: KernelRecord,
+    pub accepted_at: SystemTime,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AcceptError {
+    /// No record: not a redirected connection (someone connected to the listener
+    /// directly) or the record aged out. Such connections are closed, never proxied.
+    #[error("no kernel redirect record for client {client} (netns cookie {netns_cookie}); closing without proxying")]
+    NoRecord { client: ClientAddr, netns_cookie: u64 },
+    #[error("redirect record for client {client} names database #{recorded} but it arrived at the listener of database #{listener}; closing")]
+    WrongListener { client: ClientAddr, recorded: u32, listener: u32 },
+    #[error("cannot read the network namespace of an accepted socket: {0}")]
+    Netns(io::Error),
+}
+
+/// One interceptor listener for one database.
+pub struct Listener {
+    inner: TcpListener,
+    addr: ListenAddr,
+    db_index: u32,
+}
+
+impl Listener {
+    /// Bind with SO_REUSEADDR so a restarted agent can take its port back at once
+    /// (redirects already point at it).
+    pub fn bind(addr: SocketAddr, db_index: u32) -> io::Result<Self> {
+        let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+        socket.set_reuseaddr(true)?;
+        if addr.is_ipv6() {
+            // IPv4(-mapped) connections go to the IPv4 listener.
+            nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::Ipv6V6Only, &true).map_err(io::Error::from)?;
+        }
+        socket.bind(addr)?;
+        let inner = socket.listen(1024)?;
+        let addr = ListenAddr(inner.local_addr()?);
+        Ok(Self { inner, addr, db_index })
+    }
+
+    pub fn addr(&self) -> ListenAddr {
+        self.addr
+    }
+
+    pub fn db_index(&self) -> u32 {
+        self.db_index
+    }
+
+    pub async fn accept(&self) -> io::Result<(TcpStream, ClientAddr)> {
+        let (stream, peer) = self.inner.accept().await?;
+        Ok((stream, ClientAddr(peer)))
+    }
+
+    /// Attach the kernel's record to an accepted connection.
+    pub fn recover(&self, stream: TcpStream, client: ClientAddr, records: &dyn RecordSource) -> Result<Accepted, AcceptError> {
+        let netns_cookie = netns_cookie(&stream).map_err(AcceptError::Netns)?;
+        let key = OrigDstKey { netns_cookie, addr: normal_form(client.0.ip()), port: client.0.port(), _pad: [0; 6] };
+        let rec = records.take(&key).ok_or(AcceptError::NoRecord { client, netns_cookie })?;
+        if rec.db_index != self.db_index {
+            return Err(AcceptError::WrongListener { client, recorded: rec.db_index, listener: self.db_index });
+        }
+        Ok(Accepted {
+            stream,
+            client,
+            orig_dst: OrigDstAddr(orig_dst(&rec)),
+            listener: self.addr,
+            record: KernelRecord {
+                pid: rec.pid,
+                uid: rec.uid,
+                gid: rec.gid,
+                comm: nul_terminated(&rec.comm),
+                cgroup_id: rec.cgroup_id,
+                protected_cgroup_id: rec.protected_cgroup_id,
+                netns_cookie: rec.netns_cookie,
+                socket_cookie: rec.socket_cookie,
+                db_index: rec.db_index,
+            },
+            accepted_at: SystemTime::now(),
+        })
+    }
+}
+
+/// The kernel keys records by the client address in IPv6 form, IPv4 as `::ffff:a.b.c.d`.
+pub fn normal_form(ip: IpAddr) -> [u8; 16] {
+    match ip {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+fn orig_dst(rec: &ConnectRecord) -> SocketAddr {
+    let v6 = Ipv6Addr::from(rec.orig_addr);
+    let ip = match v6.to_ipv4_mapped() {
+        Some(v4) => IpAddr::V4(v4),
+        None => IpAddr::V6(v6),
+    };
+    SocketAddr::new(ip, rec.orig_port)
+}
+
+fn nul_terminated(b: &[u8]) -> String {
+    let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
+    String::from_utf8_lossy(&b[..end]).into_owned()
+}
+
+/// `SO_NETNS_COOKIE` (Linux 5.14): identifies the socket's network namespace, so that
+/// equal client tuples in different namespaces (pods) are told apart.
+fn netns_cookie(stream: &TcpStream) -> io::Result<u64> {
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: valid fd, correctly sized out-buffer.
+    let rc = unsafe {
+        libc::getsockopt(stream.as_raw_fd(), libc::SOL_SOCKET, SO_NETNS_COOKIE, &mut cookie as *mut u64 as *mut libc::c_void, &mut len)
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cookie)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv4Addr;
+
+    #[test]
+    fn ipv4_clients_use_the_mapped_form() {
+        let a = normal_form(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1)));
+        assert_eq!(&a[..12], &[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff]);
+        assert_eq!(&a[12..], &[127, 0, 0, 1]);
+    }
+
+    #[test]
+    fn original_destination_unmaps_ipv4() {
+        let rec = ConnectRecord {
+            orig_addr: Ipv4Addr::new(127, 0, 0, 2).to_ipv6_mapped().octets(),
+            orig_port: 5432,
+            family: 2,
+            pid: 1,
+            uid: 0,
+            gid: 0,
+            cgroup_id: 0,
+            protected_cgroup_id: 0,
+            netns_cookie: 0,
+            socket_cookie: 0,
+            connect_ns: 0,
+            db_index: 0,
+            _pad: 0,
+            comm: *b"psql\0\0\0\0\0\0\0\0\0\0\0\0",
+        };
+        assert_eq!(orig_dst(&rec), "127.0.0.2:5432".parse().unwrap());
+        assert_eq!(nul_terminated(&rec.comm), "psql");
+    }
+}

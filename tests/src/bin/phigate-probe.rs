@@ -1,0 +1,210 @@
+//! `phigate-probe`: a small client the end-to-end tests run inside cgroups. Each mode
+//! tries one way of reaching a database and prints one JSON line describing what
+//! happened, so tests assert on real socket behaviour.
+//!
+//! ```text
+//! phigate-probe connect  ADDR:PORT          plain connect (IPv4 or [IPv6])
+//! phigate-probe mapped   A.B.C.D:PORT       AF_INET6 socket to ::ffff:A.B.C.D
+//! phigate-probe tfo      ADDR:PORT          TCP Fast Open: sendto(MSG_FASTOPEN)
+//! phigate-probe raw-syn  A.B.C.D:PORT SPORT hand-made SYN through a raw socket
+//! phigate-probe hold     ADDR:PORT          connect, wait for a stdin line, then talk
+//! ```
+//! After connecting, "talk" means: send a PostgreSQL StartupMessage and report the
+//! first byte of the server's answer (`R` = authentication request: a real server).
+
+use std::{
+    io::{BufRead, Read, Write},
+    mem,
+    net::{Ipv4Addr, SocketAddr, SocketAddrV6, TcpStream},
+    os::fd::{AsRawFd, FromRawFd},
+    time::Duration,
+};
+
+use serde_json::{Value, json};
+
+const TIMEOUT: Duration = Duration::from_secs(4);
+
+fn startup_message() -> Vec<u8> {
+    let mut body = Vec::new();
+    body.extend_from_slice(&196608u32.to_be_bytes());
+    for s in ["user", "postgres", "database", "postgres", "application_name", "phigate-probe"] {
+        body.extend_from_slice(s.as_bytes());
+        body.push(0);
+    }
+    body.push(0);
+    let mut msg = ((body.len() + 4) as u32).to_be_bytes().to_vec();
+    msg.extend(body);
+    msg
+}
+
+fn talk(stream: &mut TcpStream, send: bool) -> Value {
+    stream.set_read_timeout(Some(TIMEOUT)).ok();
+    if send {
+        if let Err(e) = stream.write_all(&startup_message()) {
+            return json!({"error": e.to_string()});
+        }
+    }
+    let mut first = [0u8; 1];
+    match stream.read(&mut first) {
+        Ok(1) => json!((first[0] as char).to_string()),
+        Ok(_) => json!("eof"),
+        Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => json!("timeout"),
+        Err(e) => json!({"error": e.to_string()}),
+    }
+}
+
+fn report_stream(mut out: serde_json::Map<String, Value>, mut stream: TcpStream, send: bool) -> Value {
+    out.insert("connect".into(), json!("ok"));
+    out.insert("peer".into(), json!(stream.peer_addr().map(|a| a.to_string()).unwrap_or_default()));
+    out.insert("local".into(), json!(stream.local_addr().map(|a| a.to_string()).unwrap_or_default()));
+    out.insert("pg".into(), talk(&mut stream, send));
+    Value::Object(out)
+}
+
+fn error_json(mut out: serde_json::Map<String, Value>, stage: &str, e: &std::io::Error) -> Value {
+    out.insert(stage.into(), json!("error"));
+    out.insert("errno".into(), json!(e.raw_os_error().unwrap_or(0)));
+    out.insert("error".into(), json!(e.to_string()));
+    Value::Object(out)
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let mut out = serde_json::Map::new();
+    out.insert("pid".into(), json!(std::process::id()));
+    let mode = args.get(1).map(String::as_str).unwrap_or("");
+    let addr = args.get(2).cloned().unwrap_or_default();
+    let result = match mode {
+        "connect" => {
+            let a: SocketAddr = addr.parse().expect("ADDR:PORT");
+            match TcpStream::connect_timeout(&a, TIMEOUT) {
+                Ok(s) => report_stream(out, s, true),
+                Err(e) => error_json(out, "connect", &e),
+            }
+        }
+        "mapped" => {
+            let a: std::net::SocketAddrV4 = addr.parse().expect("A.B.C.D:PORT");
+            let v6 = SocketAddr::V6(SocketAddrV6::new(a.ip().to_ipv6_mapped(), a.port(), 0, 0));
+            match TcpStream::connect_timeout(&v6, TIMEOUT) {
+                Ok(s) => report_stream(out, s, true),
+                Err(e) => error_json(out, "connect", &e),
+            }
+        }
+        "tfo" => tfo(out, addr.parse().expect("ADDR:PORT")),
+        "raw-syn" => {
+            let a: std::net::SocketAddrV4 = addr.parse().expect("A.B.C.D:PORT");
+            let sport: u16 = args.get(3).and_then(|s| s.parse().ok()).expect("SPORT");
+            raw_syn(out, a, sport)
+        }
+        "hold" => {
+            let a: SocketAddr = addr.parse().expect("ADDR:PORT");
+            match TcpStream::connect_timeout(&a, TIMEOUT) {
+                Ok(s) => {
+                    println!("{}", json!({"pid": std::process::id(), "held": "ok", "peer": s.peer_addr().map(|a| a.to_string()).unwrap_or_default()}));
+                    std::io::stdout().flush().ok();
+                    let mut line = String::new();
+                    std::io::stdin().lock().read_line(&mut line).ok();
+                    report_stream(out, s, true)
+                }
+                Err(e) => error_json(out, "connect", &e),
+            }
+        }
+        _ => {
+            eprintln!("usage: phigate-probe connect|mapped|tfo|raw-syn|hold ADDR:PORT [SPORT]");
+            std::process::exit(2);
+        }
+    };
+    println!("{result}");
+}
+
+/// TCP Fast Open: the connect happens inside sendto(), a path that skips connect(2).
+fn tfo(out: serde_json::Map<String, Value>, a: SocketAddr) -> Value {
+    let SocketAddr::V4(v4) = a else { panic!("tfo takes an IPv4 address") };
+    // SAFETY: plain socket syscalls on a descriptor we own.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+        if fd < 0 {
+            return error_json(out, "socket", &std::io::Error::last_os_error());
+        }
+        let sin = libc::sockaddr_in {
+            sin_family: libc::AF_INET as u16,
+            sin_port: v4.port().to_be(),
+            sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(v4.ip().octets()) },
+            sin_zero: [0; 8],
+        };
+        let msg = startup_message();
+        let rc = libc::sendto(fd, msg.as_ptr() as *const libc::c_void, msg.len(), libc::MSG_FASTOPEN, &sin as *const _ as *const libc::sockaddr, mem::size_of::<libc::sockaddr_in>() as u32);
+        if rc < 0 {
+            let e = std::io::Error::last_os_error();
+            libc::close(fd);
+            return error_json(out, "connect", &e);
+        }
+        let stream = TcpStream::from_raw_fd(fd);
+        report_stream(out, stream, false)
+    }
+}
+
+fn checksum(data: &[u8]) -> u16 {
+    let mut sum: u32 = 0;
+    for chunk in data.chunks(2) {
+        let word = if chunk.len() == 2 { u16::from_be_bytes([chunk[0], chunk[1]]) } else { u16::from_be_bytes([chunk[0], 0]) };
+        sum += u32::from(word);
+    }
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// A hand-made SYN: never passes through connect(2), so only the egress guard (or the
+/// raw-socket refusal) can stop it.
+fn raw_syn(mut out: serde_json::Map<String, Value>, dst: std::net::SocketAddrV4, sport: u16) -> Value {
+    let src = Ipv4Addr::new(127, 0, 0, 1);
+    let mut tcp = [0u8; 20];
+    tcp[0..2].copy_from_slice(&sport.to_be_bytes());
+    tcp[2..4].copy_from_slice(&dst.port().to_be_bytes());
+    tcp[4..8].copy_from_slice(&0x1234_5678u32.to_be_bytes());
+    tcp[12] = 5 << 4; // data offset
+    tcp[13] = 0x02; // SYN
+    tcp[14..16].copy_from_slice(&64240u16.to_be_bytes());
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(&src.octets());
+    pseudo.extend_from_slice(&dst.ip().octets());
+    pseudo.extend_from_slice(&[0, 6, 0, 20]);
+    pseudo.extend_from_slice(&tcp);
+    let c = checksum(&pseudo);
+    tcp[16..18].copy_from_slice(&c.to_be_bytes());
+    let mut ip = [0u8; 20];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&40u16.to_be_bytes());
+    ip[8] = 64;
+    ip[9] = 6;
+    ip[12..16].copy_from_slice(&src.octets());
+    ip[16..20].copy_from_slice(&dst.ip().octets());
+    let c = checksum(&ip);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    let mut packet = ip.to_vec();
+    packet.extend_from_slice(&tcp);
+    // SAFETY: plain socket syscalls on a descriptor we own.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW);
+        if fd < 0 {
+            return error_json(out, "socket", &std::io::Error::last_os_error());
+        }
+        out.insert("socket".into(), json!("ok"));
+        let sin = libc::sockaddr_in {
+            sin_family: libc::AF_INET as u16,
+            sin_port: 0,
+            sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(dst.ip().octets()) },
+            sin_zero: [0; 8],
+        };
+        let rc = libc::sendto(fd, packet.as_ptr() as *const libc::c_void, packet.len(), 0, &sin as *const _ as *const libc::sockaddr, mem::size_of::<libc::sockaddr_in>() as u32);
+        let result = if rc < 0 { error_json(out, "send", &std::io::Error::last_os_error()) } else {
+            out.insert("send".into(), json!("ok"));
+            Value::Object(out)
+        };
+        let owned = std::os::fd::OwnedFd::from_raw_fd(fd);
+        let _ = owned.as_raw_fd();
+        result
+    }
+}
