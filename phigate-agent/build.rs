@@ -5,7 +5,8 @@ use std::{env, path::PathBuf};
 
 fn main() {
     println!("cargo:rerun-if-env-changed=PHIGATE_EBPF_OBJECT");
-    let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    let manifest =
+        PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
     let object = env::var_os("PHIGATE_EBPF_OBJECT")
         .map(PathBuf::from)
         .unwrap_or_else(|| manifest.join("../target/bpf/phigate.bpf.o"));

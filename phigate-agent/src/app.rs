@@ -10,21 +10,16 @@
 //! pinned programs stay attached after exit: protected connections are refused (not
 //! routed around) until an agent listens again.
 
-use std::{
-    net::SocketAddr,
-    os::fd::AsRawFd,
-    sync::Arc,
-    time::Duration,
-};
+use std::{net::SocketAddr, os::fd::AsRawFd, sync::Arc, time::Duration};
 
 use anyhow::Context;
-use phigate_common::{ABI_VERSION, OrigDstKey, Settings, event, reason, setting};
+use phigate_common::{event, reason, setting, OrigDstKey, Settings, ABI_VERSION};
 use tokio::{io::unix::AsyncFd, signal::unix::SignalKind, task::JoinSet};
-use tracing::{Instrument, error, info, info_span, warn};
+use tracing::{error, info, info_span, warn, Instrument};
 
 use crate::{
     config::{Config, Database},
-    ebpf::{self, AttachPoint, EventReader, KernelState, PinLayout, c_str},
+    ebpf::{self, c_str, AttachPoint, EventReader, KernelState, PinLayout},
     host::{self, CgroupFs},
     identity::{self, IdentityDirectory},
     net::{Listener, RecordSource},
@@ -43,28 +38,61 @@ impl RecordSource for Kernel {
 
 impl IdentityDirectory for Kernel {
     fn lookup(&self, protected_cgroup_id: u64) -> Option<(String, String)> {
-        self.0.protected_cgroup(protected_cgroup_id).map(|v| (c_str(&v.identity), c_str(&v.path)))
+        self.0
+            .protected_cgroup(protected_cgroup_id)
+            .map(|v| (c_str(&v.identity), c_str(&v.path)))
     }
 }
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let cgroups = CgroupFs::discover(config.agent.cgroup_root.as_deref())?;
     host::ensure_bpffs(&config.agent.pin_dir)?;
+    // Cgroups the configuration asks to create come first: the attach cgroup may be
+    // one of them (config/local.toml attaches to the cgroup it protects).
+    for (i, rule) in config.protect.iter().enumerate() {
+        if rule.create {
+            cgroups.ensure(&rule.cgroup).map_err(|e| {
+                config.invalid(
+                    format!("protect[{i}].cgroup"),
+                    e,
+                    "Check the path and that phigate runs as root.",
+                )
+            })?;
+        }
+    }
     let attach = cgroups.resolve(&config.agent.attach_cgroup).map_err(|e| {
         config.invalid("agent.attach_cgroup", e, "Create that cgroup or point attach_cgroup at an existing one (\"/\" is the whole node).")
     })?;
     let rules = protection::resolve_config_rules(&config, &cgroups, &attach)?;
     let pid = std::process::id();
     let own = cgroups.own()?;
-    protection::check_agent_not_covered(&own, rules.iter().map(|(cg, _)| (cg.rel.clone(), cg.id)), pid, &cgroups)?;
+    protection::check_agent_not_covered(
+        &own,
+        rules.iter().map(|(cg, _)| (cg.rel.clone(), cg.id)),
+        pid,
+        &cgroups,
+    )?;
 
     // Listeners first: the moment connect4/6 redirect, something must be listening.
     let mut listeners = Vec::new();
     let mut bound = Vec::new();
     for (i, db) in config.databases.iter().enumerate() {
-        let l4 = Listener::bind(SocketAddr::V4(db.listen), i as u32).with_context(|| format!("{}: database[{i}].listen: cannot listen on {}", config.path.display(), db.listen))?;
+        let l4 = Listener::bind(SocketAddr::V4(db.listen), i as u32).with_context(|| {
+            format!(
+                "{}: database[{i}].listen: cannot listen on {}",
+                config.path.display(),
+                db.listen
+            )
+        })?;
         let l6 = match db.listen6 {
-            Some(a) => Some(Listener::bind(SocketAddr::V6(a), i as u32).with_context(|| format!("{}: database[{i}].listen6: cannot listen on {a}", config.path.display()))?),
+            Some(a) => Some(
+                Listener::bind(SocketAddr::V6(a), i as u32).with_context(|| {
+                    format!(
+                        "{}: database[{i}].listen6: cannot listen on {a}",
+                        config.path.display()
+                    )
+                })?,
+            ),
             None => None,
         };
         bound.push((l4.addr().0, l6.as_ref().map(|l| l.addr().0)));
@@ -75,16 +103,36 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
 
     let layout = PinLayout::new(&config.agent.pin_dir);
-    let outcomes = ebpf::install(&layout, AttachPoint { dir: &attach.dir, id: attach.id })?;
+    let outcomes = ebpf::install(
+        &layout,
+        AttachPoint {
+            dir: &attach.dir,
+            id: attach.id,
+        },
+    )?;
     for (program, outcome) in &outcomes {
         info!(program, ?outcome, cgroup = %attach.dir.display(), "kernel program in place");
     }
     let state = Arc::new(KernelState::open(&layout)?);
-    let flags = if config.agent.deny_raw_sockets { setting::DENY_RAW_SOCKETS } else { 0 };
-    state.set_settings(Settings { agent_tgid: pid, flags, abi_version: ABI_VERSION, _pad: 0 })?;
+    let flags = if config.agent.deny_raw_sockets {
+        setting::DENY_RAW_SOCKETS
+    } else {
+        0
+    };
+    state.set_settings(Settings {
+        agent_tgid: pid,
+        flags,
+        abi_version: ABI_VERSION,
+        _pad: 0,
+    })?;
     // Runtime protections from before this start must not cover the agent either.
     let existing = protection::entries(&state)?;
-    protection::check_agent_not_covered(&own, existing.iter().map(|e| (e.cgroup.clone(), e.cgroup_id)), pid, &cgroups)?;
+    protection::check_agent_not_covered(
+        &own,
+        existing.iter().map(|e| (e.cgroup.clone(), e.cgroup_id)),
+        pid,
+        &cgroups,
+    )?;
     protection::sync_config_rules(&state, &rules)?;
     state.sync_databases(&protection::database_entries(&config, &bound))?;
 
@@ -111,8 +159,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     info!("stopping: no new connections; letting open sessions finish");
     let _ = stop_tx.send(true);
     let drain = config.agent.drain_timeout;
-    if tokio::time::timeout(drain + Duration::from_millis(500), async { while tasks.join_next().await.is_some() {} }).await.is_err() {
-        warn!(timeout_secs = drain.as_secs(), "sessions still open at the drain deadline; closing them");
+    if tokio::time::timeout(drain + Duration::from_millis(500), async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await
+    .is_err()
+    {
+        warn!(
+            timeout_secs = drain.as_secs(),
+            "sessions still open at the drain deadline; closing them"
+        );
         tasks.abort_all();
     }
     event_task.abort();
@@ -126,8 +182,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 }
 
 async fn wait_for_shutdown() {
-    let mut term = tokio::signal::unix::signal(SignalKind::terminate()).expect("invariant: signal handler installs");
-    let mut int = tokio::signal::unix::signal(SignalKind::interrupt()).expect("invariant: signal handler installs");
+    let mut term = tokio::signal::unix::signal(SignalKind::terminate())
+        .expect("invariant: signal handler installs");
+    let mut int = tokio::signal::unix::signal(SignalKind::interrupt())
+        .expect("invariant: signal handler installs");
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}
@@ -136,7 +194,12 @@ async fn wait_for_shutdown() {
 
 /// Accept connections for one database until told to stop; each becomes a task.
 /// Sessions get the stop signal too and are awaited by the JoinSet owner.
-async fn accept_loop(listener: Listener, db: Database, kernel: Arc<Kernel>, mut stop: tokio::sync::watch::Receiver<bool>) {
+async fn accept_loop(
+    listener: Listener,
+    db: Database,
+    kernel: Arc<Kernel>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
     let mut sessions = JoinSet::new();
     loop {
         let accepted = tokio::select! {
@@ -165,7 +228,7 @@ async fn accept_loop(listener: Listener, db: Database, kernel: Arc<Kernel>, mut 
         let span = info_span!("conn", client = %accepted.client, orig_dst = %accepted.orig_dst, database = %db.name, workload = tracing::field::Empty);
         let identified = match identity::identify(accepted, kernel.as_ref()) {
             Ok(i) => i,
-            Err((_, e)) => {
+            Err(e) => {
                 span.in_scope(|| warn!(error = %e, "refused connection"));
                 continue;
             }
@@ -197,11 +260,17 @@ async fn accept_loop(listener: Listener, db: Database, kernel: Arc<Kernel>, mut 
 
 /// Log what the kernel reports: bypass attempts dropped by the egress guard, connects
 /// refused, raw sockets denied.
-async fn report_events(events: EventReader, kernel: Arc<Kernel>, mut stop: tokio::sync::watch::Receiver<bool>) {
+async fn report_events(
+    events: EventReader,
+    kernel: Arc<Kernel>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
     let fd = events.as_raw_fd();
     // SAFETY: the ring buffer's fd is owned by `events`, which the AsyncFd owns until
     // it is dropped; the fd is never replaced.
-    let mut async_fd = match unsafe { AsyncFd::register_with_interest(events, tokio::io::Interest::READABLE) } {
+    let mut async_fd = match unsafe {
+        AsyncFd::register_with_interest(events, tokio::io::Interest::READABLE)
+    } {
         Ok(a) => a,
         Err(e) => {
             error!(error = %e, fd, "cannot watch the kernel event ring buffer; bypass attempts are still dropped and counted but not logged");

@@ -6,8 +6,7 @@
 //! `/sys/fs/cgroup`: hybrid hierarchies mount cgroup2 elsewhere.
 
 use std::{
-    fs,
-    io,
+    fs, io,
     os::unix::fs::MetadataExt,
     path::{Component, Path, PathBuf},
 };
@@ -63,16 +62,30 @@ impl CgroupFs {
     /// only one v2 hierarchy, so any mount point shows the same tree).
     pub fn discover(override_root: Option<&Path>) -> Result<Self, HostError> {
         if let Some(root) = override_root {
-            return Ok(Self { mount: root.to_path_buf() });
+            return Ok(Self {
+                mount: root.to_path_buf(),
+            });
         }
         let info = fs::read_to_string("/proc/self/mountinfo").map_err(HostError::Mountinfo)?;
         if let Some(mount) = find_mount(&info, "cgroup2") {
             return Ok(Self { mount });
         }
         let path = PathBuf::from("/run/phigate/cgroup2");
-        fs::create_dir_all(&path).map_err(|err| HostError::NoCgroup2 { path: path.clone(), err })?;
-        nix::mount::mount(Some("none"), &path, Some("cgroup2"), nix::mount::MsFlags::empty(), None::<&str>)
-            .map_err(|e| HostError::NoCgroup2 { path: path.clone(), err: e.into() })?;
+        fs::create_dir_all(&path).map_err(|err| HostError::NoCgroup2 {
+            path: path.clone(),
+            err,
+        })?;
+        nix::mount::mount(
+            Some("none"),
+            &path,
+            Some("cgroup2"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .map_err(|e| HostError::NoCgroup2 {
+            path: path.clone(),
+            err: e.into(),
+        })?;
         Ok(Self { mount: path })
     }
 
@@ -84,7 +97,11 @@ impl CgroupFs {
     /// is accepted and means the same).
     pub fn resolve(&self, rel: &str) -> Result<Cgroup, HostError> {
         let rel = normalize(rel)?;
-        let dir = if rel.is_empty() { self.mount.clone() } else { self.mount.join(&rel) };
+        let dir = if rel.is_empty() {
+            self.mount.clone()
+        } else {
+            self.mount.join(&rel)
+        };
         let meta = match fs::metadata(&dir) {
             Ok(m) => m,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
@@ -95,8 +112,17 @@ impl CgroupFs {
         if !meta.is_dir() {
             return Err(HostError::CgroupMissing { path: dir });
         }
-        let level = if rel.is_empty() { 0 } else { rel.split('/').count() as u32 };
-        Ok(Cgroup { rel, dir, id: meta.ino(), level })
+        let level = if rel.is_empty() {
+            0
+        } else {
+            rel.split('/').count() as u32
+        };
+        Ok(Cgroup {
+            rel,
+            dir,
+            id: meta.ino(),
+            level,
+        })
     }
 
     /// Resolve, creating the directory (and parents) if absent.
@@ -104,7 +130,10 @@ impl CgroupFs {
         let norm = normalize(rel)?;
         let dir = self.mount.join(&norm);
         if !dir.exists() {
-            fs::create_dir_all(&dir).map_err(|err| HostError::CgroupCreate { path: dir.clone(), err })?;
+            fs::create_dir_all(&dir).map_err(|err| HostError::CgroupCreate {
+                path: dir.clone(),
+                err,
+            })?;
         }
         self.resolve(&norm)
     }
@@ -123,21 +152,29 @@ impl CgroupFs {
         let rel = text
             .lines()
             .find_map(|l| l.strip_prefix("0::"))
-            .ok_or_else(|| HostError::OwnCgroup(io::Error::other("no cgroup v2 entry in /proc/self/cgroup")))?;
+            .ok_or_else(|| {
+                HostError::OwnCgroup(io::Error::other("no cgroup v2 entry in /proc/self/cgroup"))
+            })?;
         self.resolve(rel)
     }
 }
 
 pub fn check_depth(cg: &Cgroup) -> Result<(), HostError> {
     if cg.level > MAX_CGROUP_DEPTH {
-        return Err(HostError::TooDeep { path: cg.dir.clone(), depth: cg.level, max: MAX_CGROUP_DEPTH });
+        return Err(HostError::TooDeep {
+            path: cg.dir.clone(),
+            depth: cg.level,
+            max: MAX_CGROUP_DEPTH,
+        });
     }
     Ok(())
 }
 
 /// `a/b` is inside `a` (or equal to it).
 pub fn is_within(inner: &Cgroup, outer: &Cgroup) -> bool {
-    outer.rel.is_empty() || inner.rel == outer.rel || inner.rel.starts_with(&format!("{}/", outer.rel))
+    outer.rel.is_empty()
+        || inner.rel == outer.rel
+        || inner.rel.starts_with(&format!("{}/", outer.rel))
 }
 
 fn normalize(rel: &str) -> Result<String, HostError> {
@@ -174,8 +211,12 @@ fn unescape_mountinfo(s: &str) -> String {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        if bytes[i] == b'\\' && i + 3 < bytes.len() && bytes[i + 1..i + 4].iter().all(u8::is_ascii_digit) {
-            let v = u8::from_str_radix(std::str::from_utf8(&bytes[i + 1..i + 4]).unwrap_or("0"), 8).unwrap_or(b'?');
+        if bytes[i] == b'\\'
+            && i + 3 < bytes.len()
+            && bytes[i + 1..i + 4].iter().all(u8::is_ascii_digit)
+        {
+            let v = u8::from_str_radix(std::str::from_utf8(&bytes[i + 1..i + 4]).unwrap_or("0"), 8)
+                .unwrap_or(b'?');
             out.push(v);
             i += 4;
         } else {
@@ -197,7 +238,9 @@ pub fn ensure_bpffs(pin_dir: &Path) -> Result<(), HostError> {
             if right.split_whitespace().next()? != "bpf" {
                 return None;
             }
-            Some(PathBuf::from(unescape_mountinfo(left.split_whitespace().nth(4)?)))
+            Some(PathBuf::from(unescape_mountinfo(
+                left.split_whitespace().nth(4)?,
+            )))
         })
         .collect();
     if bpf_mounts.iter().any(|m| pin_dir.starts_with(m)) {
@@ -210,9 +253,21 @@ pub fn ensure_bpffs(pin_dir: &Path) -> Result<(), HostError> {
             err: io::Error::other("no bpffs is mounted above it"),
         });
     }
-    fs::create_dir_all(target).map_err(|err| HostError::NoBpffs { path: pin_dir.to_path_buf(), err })?;
-    nix::mount::mount(Some("bpf"), target, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
-        .map_err(|e| HostError::NoBpffs { path: pin_dir.to_path_buf(), err: e.into() })
+    fs::create_dir_all(target).map_err(|err| HostError::NoBpffs {
+        path: pin_dir.to_path_buf(),
+        err,
+    })?;
+    nix::mount::mount(
+        Some("bpf"),
+        target,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(|e| HostError::NoBpffs {
+        path: pin_dir.to_path_buf(),
+        err: e.into(),
+    })
 }
 
 #[cfg(test)]
@@ -224,14 +279,20 @@ mod tests {
         let info = "31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755\n\
                     32 31 0:29 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu\n\
                     41 31 0:38 / /sys/fs/cgroup/unified rw,relatime shared:9 - cgroup2 cgroup2 rw\n";
-        assert_eq!(find_mount(info, "cgroup2"), Some(PathBuf::from("/sys/fs/cgroup/unified")));
+        assert_eq!(
+            find_mount(info, "cgroup2"),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
         assert_eq!(find_mount(info, "bpf"), None);
     }
 
     #[test]
     fn unescapes_spaces_in_mount_points() {
         let info = "41 31 0:38 / /mnt/with\\040space rw - cgroup2 cgroup2 rw\n";
-        assert_eq!(find_mount(info, "cgroup2"), Some(PathBuf::from("/mnt/with space")));
+        assert_eq!(
+            find_mount(info, "cgroup2"),
+            Some(PathBuf::from("/mnt/with space"))
+        );
     }
 
     #[test]
@@ -244,7 +305,12 @@ mod tests {
 
     #[test]
     fn containment_is_by_path_component() {
-        let cg = |rel: &str| Cgroup { rel: rel.into(), dir: PathBuf::new(), id: 0, level: 0 };
+        let cg = |rel: &str| Cgroup {
+            rel: rel.into(),
+            dir: PathBuf::new(),
+            id: 0,
+            level: 0,
+        };
         assert!(is_within(&cg("a/b"), &cg("a")));
         assert!(is_within(&cg("a"), &cg("a")));
         assert!(is_within(&cg("x"), &cg("")));

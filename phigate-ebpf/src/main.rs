@@ -31,7 +31,7 @@
 use core::{ffi::c_void, ptr};
 
 use aya_ebpf::{
-    bindings::{BPF_SOCK_OPS_TCP_CONNECT_CB, bpf_sock, bpf_sock_addr},
+    bindings::{bpf_sock, bpf_sock_addr, BPF_SOCK_OPS_TCP_CONNECT_CB},
     btf_maps::SkStorage,
     helpers::generated::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_netns_cookie,
@@ -40,13 +40,12 @@ use aya_ebpf::{
     },
     helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid},
     macros::{btf_map, cgroup_skb, cgroup_sock, cgroup_sock_addr, map, sock_ops},
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
     programs::{SkBuffContext, SockAddrContext, SockContext, SockOpsContext},
 };
 use phigate_common::{
-    AF_INET, AF_INET6, COMM_LEN, ConnectRecord, Db4Key, Db6Key, DbTarget, Event,
-    MAX_CGROUP_DEPTH, OrigDstKey, ProtectedCgroup, Settings, counter, event, maps as m,
-    reason, setting, target,
+    counter, event, maps as m, reason, setting, target, ConnectRecord, Db4Key, Db6Key, DbTarget,
+    Event, OrigDstKey, ProtectedCgroup, Settings, AF_INET, AF_INET6, COMM_LEN, MAX_CGROUP_DEPTH,
 };
 
 // cgroup_sock_addr / cgroup_skb / sock_create return codes: 1 lets the operation
@@ -124,7 +123,7 @@ fn settings() -> Settings {
 #[inline(always)]
 fn is_protected(id: u64) -> bool {
     // SAFETY: presence test only; the value is not read.
-    id != 0 && unsafe { PG_CGROUPS.get(&id) }.is_some()
+    id != 0 && unsafe { PG_CGROUPS.get(id) }.is_some()
 }
 
 /// The protected cgroup governing the calling task: its own cgroup or the nearest
@@ -180,8 +179,7 @@ fn skb_protected_cgroup(skb: *mut aya_ebpf::bindings::__sk_buff) -> Option<(u64,
 #[inline(always)]
 fn mapped_v4(addr_be: [u8; 4]) -> [u8; 16] {
     [
-        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, addr_be[0], addr_be[1], addr_be[2],
-        addr_be[3],
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, addr_be[0], addr_be[1], addr_be[2], addr_be[3],
     ]
 }
 
@@ -298,7 +296,13 @@ fn try_connect4(ctx: &SockAddrContext) -> i32 {
     let ip = sa.user_ip4.to_ne_bytes();
     let port_be = (sa.user_port as u16).to_ne_bytes();
     // Cheapest test first: most connects are not to a protected database.
-    let key = Key::new(16 + 32, Db4Key { port: port_be, addr: ip });
+    let key = Key::new(
+        16 + 32,
+        Db4Key {
+            port: port_be,
+            addr: ip,
+        },
+    );
     let Some(db) = PG_DB4.get(&key) else {
         return ALLOW;
     };
@@ -333,13 +337,24 @@ fn try_connect6(ctx: &SockAddrContext) -> i32 {
     // SAFETY: the context is valid for the program's run.
     let sa: &mut bpf_sock_addr = unsafe { &mut *ctx.sock_addr };
     // Word-sized reads: the verifier rejects 64-bit loads at offset 12 of user_ip6.
-    let words = [sa.user_ip6[0], sa.user_ip6[1], sa.user_ip6[2], sa.user_ip6[3]];
+    let words = [
+        sa.user_ip6[0],
+        sa.user_ip6[1],
+        sa.user_ip6[2],
+        sa.user_ip6[3],
+    ];
     let port_be = (sa.user_port as u16).to_ne_bytes();
     let port = u16::from_be_bytes(port_be);
 
     if is_v4_mapped(&words) {
         let ip = sa.user_ip6[3].to_ne_bytes();
-        let key = Key::new(16 + 32, Db4Key { port: port_be, addr: ip });
+        let key = Key::new(
+            16 + 32,
+            Db4Key {
+                port: port_be,
+                addr: ip,
+            },
+        );
         let Some(db) = PG_DB4.get(&key) else {
             return ALLOW;
         };
@@ -365,7 +380,13 @@ fn try_connect6(ctx: &SockAddrContext) -> i32 {
     }
 
     let addr = words_to_bytes(words);
-    let key = Key::new(16 + 128, Db6Key { port: port_be, addr });
+    let key = Key::new(
+        16 + 128,
+        Db6Key {
+            port: port_be,
+            addr,
+        },
+    );
     let Some(db) = PG_DB6.get(&key) else {
         return ALLOW;
     };
@@ -459,7 +480,7 @@ fn try_sock_ops(ctx: &SockOpsContext) {
         port: local_port as u16,
         _pad: [0; 6],
     };
-    if PG_ORIGDST.insert(&key, &record, 0).is_ok() {
+    if PG_ORIGDST.insert(key, record, 0).is_ok() {
         count(counter::RECORD_PUBLISHED);
     } else {
         count(counter::RECORD_LOST);
@@ -542,14 +563,25 @@ fn try_egress(ctx: &SkBuffContext) -> i32 {
     } else {
         return ALLOW;
     };
-    let is_db = if proto == ETH_P_IP {
-        let key = Key::new(16 + 32, Db4Key { port: port_be, addr: [addr[12], addr[13], addr[14], addr[15]] });
-        PG_DB4.get(&key).is_some()
-    } else if is_v4_mapped_bytes(&addr) {
-        let key = Key::new(16 + 32, Db4Key { port: port_be, addr: [addr[12], addr[13], addr[14], addr[15]] });
+    // IPv4 packets carry their destination in mapped form here; an IPv6 packet to a
+    // mapped address is judged against the IPv4 databases too.
+    let is_db = if proto == ETH_P_IP || is_v4_mapped_bytes(&addr) {
+        let key = Key::new(
+            16 + 32,
+            Db4Key {
+                port: port_be,
+                addr: [addr[12], addr[13], addr[14], addr[15]],
+            },
+        );
         PG_DB4.get(&key).is_some()
     } else {
-        let key = Key::new(16 + 128, Db6Key { port: port_be, addr });
+        let key = Key::new(
+            16 + 128,
+            Db6Key {
+                port: port_be,
+                addr,
+            },
+        );
         PG_DB6.get(&key).is_some()
     };
     if !is_db {
@@ -585,8 +617,18 @@ fn try_egress(ctx: &SkBuffContext) -> i32 {
 
 #[inline(always)]
 fn is_v4_mapped_bytes(a: &[u8; 16]) -> bool {
-    a[0] == 0 && a[1] == 0 && a[2] == 0 && a[3] == 0 && a[4] == 0 && a[5] == 0 && a[6] == 0
-        && a[7] == 0 && a[8] == 0 && a[9] == 0 && a[10] == 0xff && a[11] == 0xff
+    a[0] == 0
+        && a[1] == 0
+        && a[2] == 0
+        && a[3] == 0
+        && a[4] == 0
+        && a[5] == 0
+        && a[6] == 0
+        && a[7] == 0
+        && a[8] == 0
+        && a[9] == 0
+        && a[10] == 0xff
+        && a[11] == 0xff
 }
 
 /// Destination of an IPv4 TCP packet. cgroup_skb sees the packet from the network
@@ -672,7 +714,14 @@ pub fn phigate_sock_create(ctx: SockContext) -> i32 {
     count(counter::RAW_SOCKET_DENIED);
     // SAFETY: helper without arguments.
     let own = unsafe { bpf_get_current_cgroup_id() };
-    report(event::RAW_SOCKET_DENIED, reason::NONE, own, protected, [0; 16], 0);
+    report(
+        event::RAW_SOCKET_DENIED,
+        reason::NONE,
+        own,
+        protected,
+        [0; 16],
+        0,
+    );
     REFUSE
 }
 

@@ -13,10 +13,10 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Context, Result, bail};
+use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
-use crate::{TestCgroup, target_dir, unique, wait_for};
+use crate::{target_dir, unique, wait_for, TestCgroup};
 
 /// Path of the `phigate` binary under test (`PHIGATE_BIN`, else target/debug/phigate).
 pub fn phigate_bin() -> PathBuf {
@@ -24,7 +24,11 @@ pub fn phigate_bin() -> PathBuf {
         return PathBuf::from(p);
     }
     let p = target_dir().join("debug/phigate");
-    assert!(p.exists(), "{} is missing: run the tests with `cargo xtask test`, which builds it", p.display());
+    assert!(
+        p.exists(),
+        "{} is missing: run the tests with `cargo xtask test`, which builds it",
+        p.display()
+    );
     p
 }
 
@@ -42,7 +46,13 @@ pub struct DbSpec {
 
 impl DbSpec {
     pub fn new(name: &str, addresses: &[&str], port: u16, upstream: SocketAddr) -> Self {
-        Self { name: name.into(), addresses: addresses.iter().map(|s| s.to_string()).collect(), port, upstream, listen6: false }
+        Self {
+            name: name.into(),
+            addresses: addresses.iter().map(|s| s.to_string()).collect(),
+            port,
+            upstream,
+            listen6: false,
+        }
     }
 }
 
@@ -63,7 +73,14 @@ pub struct AgentConfig {
 
 impl AgentConfig {
     pub fn new(cgroup: &TestCgroup) -> Self {
-        Self { attach_cgroup: cgroup.rel().to_string(), databases: Vec::new(), protect: Vec::new(), deny_raw_sockets: true, extra: String::new(), agent_cgroup: None }
+        Self {
+            attach_cgroup: cgroup.rel().to_string(),
+            databases: Vec::new(),
+            protect: Vec::new(),
+            deny_raw_sockets: true,
+            extra: String::new(),
+            agent_cgroup: None,
+        }
     }
 
     pub fn database(mut self, db: DbSpec) -> Self {
@@ -72,7 +89,8 @@ impl AgentConfig {
     }
 
     pub fn protect(mut self, cgroup_rel: &str, identity: &str) -> Self {
-        self.protect.push((cgroup_rel.to_string(), identity.to_string()));
+        self.protect
+            .push((cgroup_rel.to_string(), identity.to_string()));
         self
     }
 
@@ -81,7 +99,13 @@ impl AgentConfig {
         let _ = writeln!(t, "[agent]\npin_dir = {:?}\nattach_cgroup = {:?}\nlog_format = \"json\"\ndeny_raw_sockets = {}\ndrain_timeout_secs = 2\n", pin_dir.display().to_string(), self.attach_cgroup, self.deny_raw_sockets);
         for db in &self.databases {
             let addrs: Vec<String> = db.addresses.iter().map(|a| format!("{a:?}")).collect();
-            let _ = writeln!(t, "[[database]]\nname = {:?}\naddresses = [{}]\nport = {}\nlisten = \"127.0.0.1:0\"", db.name, addrs.join(", "), db.port);
+            let _ = writeln!(
+                t,
+                "[[database]]\nname = {:?}\naddresses = [{}]\nport = {}\nlisten = \"127.0.0.1:0\"",
+                db.name,
+                addrs.join(", "),
+                db.port
+            );
             if db.listen6 {
                 let _ = writeln!(t, "listen6 = \"[::1]:0\"");
             }
@@ -112,8 +136,19 @@ impl Agent {
         let pin_dir = PathBuf::from("/sys/fs/bpf").join(unique("phigate-test"));
         let config_path = dir.join("phigate.toml");
         fs::write(&config_path, cfg.render(&pin_dir))?;
-        let agent_cgroup = cfg.agent_cgroup.as_ref().map(|rel| crate::env::cgroup2_mount().expect("cgroup2").join(rel));
-        let mut agent = Self { child: None, agent_cgroup, log_path: dir.join("agent-0.log"), dir, config_path, pin_dir, starts: 0 };
+        let agent_cgroup = cfg
+            .agent_cgroup
+            .as_ref()
+            .map(|rel| crate::env::cgroup2_mount().expect("cgroup2").join(rel));
+        let mut agent = Self {
+            child: None,
+            agent_cgroup,
+            log_path: dir.join("agent-0.log"),
+            dir,
+            config_path,
+            pin_dir,
+            starts: 0,
+        };
         agent.spawn_and_wait()?;
         Ok(agent)
     }
@@ -140,16 +175,26 @@ impl Agent {
             .context("starting phigate")?;
         self.child = Some(child);
         let ready = wait_for(Duration::from_secs(20), || {
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
                 return Some(Err(status));
             }
-            self.events().iter().any(|e| e["message"] == "phigate agent ready").then_some(Ok(()))
+            self.events()
+                .iter()
+                .any(|e| e["message"] == "phigate agent ready")
+                .then_some(Ok(()))
         });
         match ready {
             Some(Ok(())) => Ok(()),
             Some(Err(status)) => {
                 self.child = None;
-                bail!("phigate exited ({status}) before it was ready:\n{}", self.raw_log())
+                bail!(
+                    "phigate exited ({status}) before it was ready:\n{}",
+                    self.raw_log()
+                )
             }
             None => bail!("phigate was not ready within 20 s:\n{}", self.raw_log()),
         }
@@ -178,7 +223,10 @@ impl Agent {
     /// SIGTERM and wait (bounded) for a clean exit.
     pub fn stop(&mut self) -> Option<ExitStatus> {
         let mut c = self.child.take()?;
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), nix::sys::signal::Signal::SIGTERM);
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(c.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
         let status = wait_for(Duration::from_secs(15), || c.try_wait().ok().flatten());
         if status.is_none() {
             let _ = c.kill();
@@ -193,39 +241,66 @@ impl Agent {
 
     /// The JSON log events of the current run.
     pub fn events(&self) -> Vec<Value> {
-        let Ok(f) = fs::File::open(&self.log_path) else { return Vec::new() };
-        BufReader::new(f).lines().map_while(Result::ok).filter_map(|l| serde_json::from_str(&l).ok()).collect()
+        let Ok(f) = fs::File::open(&self.log_path) else {
+            return Vec::new();
+        };
+        BufReader::new(f)
+            .lines()
+            .map_while(Result::ok)
+            .filter_map(|l| serde_json::from_str(&l).ok())
+            .collect()
     }
 
     /// Events with this message.
     pub fn events_named(&self, message: &str) -> Vec<Value> {
-        self.events().into_iter().filter(|e| e["message"] == message).collect()
+        self.events()
+            .into_iter()
+            .filter(|e| e["message"] == message)
+            .collect()
     }
 
     /// The "connection accepted" record for a client pid, waiting for it (bounded).
     pub fn accepted_for_pid(&self, pid: u32) -> Option<Value> {
-        wait_for(Duration::from_secs(5), || self.events_named("connection accepted").into_iter().find(|e| e["pid"] == pid))
+        wait_for(Duration::from_secs(5), || {
+            self.events_named("connection accepted")
+                .into_iter()
+                .find(|e| e["pid"] == pid)
+        })
     }
 
     /// The interceptor listener address of the first database.
     pub fn listen_addr(&self) -> Option<SocketAddr> {
-        self.events_named("interceptor listening").first().and_then(|e| e["listen"].as_str()?.parse().ok())
+        self.events_named("interceptor listening")
+            .first()
+            .and_then(|e| e["listen"].as_str()?.parse().ok())
     }
 
     /// Run a `phigate` CLI command against this agent's configuration.
     pub fn cli(&self, args: &[&str]) -> Output {
-        Command::new(phigate_bin()).arg("--config").arg(&self.config_path).args(args).stdin(Stdio::null()).output().expect("phigate runs")
+        Command::new(phigate_bin())
+            .arg("--config")
+            .arg(&self.config_path)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("phigate runs")
     }
 
     /// `phigate status --json`.
     pub fn status(&self) -> Value {
         let out = self.cli(&["status", "--json"]);
-        assert!(out.status.success(), "phigate status failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "phigate status failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         serde_json::from_slice(&out.stdout).expect("status prints JSON")
     }
 
     pub fn counter(&self, name: &str) -> u64 {
-        self.status()["counters"][name].as_u64().unwrap_or_else(|| panic!("no counter {name}"))
+        self.status()["counters"][name]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no counter {name}"))
     }
 }
 
@@ -234,13 +309,20 @@ impl Drop for Agent {
         self.kill9();
         let out = self.cli(&["detach", "--force"]);
         if !out.status.success() {
-            eprintln!("warning: phigate detach failed: {}", String::from_utf8_lossy(&out.stderr));
+            eprintln!(
+                "warning: phigate detach failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         if self.pin_dir.exists() {
             let _ = fs::remove_dir_all(&self.pin_dir);
         }
         if std::thread::panicking() {
-            eprintln!("--- phigate log ({}) ---\n{}", self.log_path.display(), self.raw_log());
+            eprintln!(
+                "--- phigate log ({}) ---\n{}",
+                self.log_path.display(),
+                self.raw_log()
+            );
         }
         let _ = fs::remove_dir_all(&self.dir);
     }

@@ -34,7 +34,11 @@ pub struct Workload {
 
 impl fmt::Display for Workload {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} (cgroup /{}, pid {}, uid {}, {})", self.name, self.cgroup, self.pid, self.uid, self.comm)
+        write!(
+            f,
+            "{} (cgroup /{}, pid {}, uid {}, {})",
+            self.name, self.cgroup, self.pid, self.uid, self.comm
+        )
     }
 }
 
@@ -53,11 +57,15 @@ pub enum IdentityError {
     Unknown(u64),
 }
 
-pub fn identify(accepted: Accepted, directory: &dyn IdentityDirectory) -> Result<Identified, (Accepted, IdentityError)> {
+/// Name the workload behind an accepted connection. On error the connection is
+/// dropped (closed) with it: an unidentified connection is never proxied.
+pub fn identify(
+    accepted: Accepted,
+    directory: &dyn IdentityDirectory,
+) -> Result<Identified, IdentityError> {
     let rec = &accepted.record;
     let Some((name, cgroup)) = directory.lookup(rec.protected_cgroup_id) else {
-        let id = rec.protected_cgroup_id;
-        return Err((accepted, IdentityError::Unknown(id)));
+        return Err(IdentityError::Unknown(rec.protected_cgroup_id));
     };
     let workload = Workload {
         name,

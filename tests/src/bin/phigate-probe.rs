@@ -8,6 +8,7 @@
 //! phigate-probe tfo      ADDR:PORT          TCP Fast Open: sendto(MSG_FASTOPEN)
 //! phigate-probe raw-syn  A.B.C.D:PORT SPORT hand-made SYN through a raw socket
 //! phigate-probe hold     ADDR:PORT          connect, wait for a stdin line, then talk
+//! phigate-probe udp      ADDR:PORT          connect a UDP socket (cannot be redirected)
 //! ```
 //! After connecting, "talk" means: send a PostgreSQL StartupMessage and report the
 //! first byte of the server's answer (`R` = authentication request: a real server).
@@ -20,14 +21,21 @@ use std::{
     time::Duration,
 };
 
-use serde_json::{Value, json};
+use serde_json::{json, Value};
 
 const TIMEOUT: Duration = Duration::from_secs(4);
 
 fn startup_message() -> Vec<u8> {
     let mut body = Vec::new();
     body.extend_from_slice(&196608u32.to_be_bytes());
-    for s in ["user", "postgres", "database", "postgres", "application_name", "phigate-probe"] {
+    for s in [
+        "user",
+        "postgres",
+        "database",
+        "postgres",
+        "application_name",
+        "phigate-probe",
+    ] {
         body.extend_from_slice(s.as_bytes());
         body.push(0);
     }
@@ -48,15 +56,38 @@ fn talk(stream: &mut TcpStream, send: bool) -> Value {
     match stream.read(&mut first) {
         Ok(1) => json!((first[0] as char).to_string()),
         Ok(_) => json!("eof"),
-        Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => json!("timeout"),
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            json!("timeout")
+        }
         Err(e) => json!({"error": e.to_string()}),
     }
 }
 
-fn report_stream(mut out: serde_json::Map<String, Value>, mut stream: TcpStream, send: bool) -> Value {
+fn report_stream(
+    mut out: serde_json::Map<String, Value>,
+    mut stream: TcpStream,
+    send: bool,
+) -> Value {
     out.insert("connect".into(), json!("ok"));
-    out.insert("peer".into(), json!(stream.peer_addr().map(|a| a.to_string()).unwrap_or_default()));
-    out.insert("local".into(), json!(stream.local_addr().map(|a| a.to_string()).unwrap_or_default()));
+    out.insert(
+        "peer".into(),
+        json!(stream
+            .peer_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default()),
+    );
+    out.insert(
+        "local".into(),
+        json!(stream
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default()),
+    );
     out.insert("pg".into(), talk(&mut stream, send));
     Value::Object(out)
 }
@@ -100,7 +131,10 @@ fn main() {
             let a: SocketAddr = addr.parse().expect("ADDR:PORT");
             match TcpStream::connect_timeout(&a, TIMEOUT) {
                 Ok(s) => {
-                    println!("{}", json!({"pid": std::process::id(), "held": "ok", "peer": s.peer_addr().map(|a| a.to_string()).unwrap_or_default()}));
+                    println!(
+                        "{}",
+                        json!({"pid": std::process::id(), "held": "ok", "peer": s.peer_addr().map(|a| a.to_string()).unwrap_or_default()})
+                    );
                     std::io::stdout().flush().ok();
                     let mut line = String::new();
                     std::io::stdin().lock().read_line(&mut line).ok();
@@ -109,8 +143,19 @@ fn main() {
                 Err(e) => error_json(out, "connect", &e),
             }
         }
+        "udp" => {
+            let a: SocketAddr = addr.parse().expect("ADDR:PORT");
+            let bind: SocketAddr = if a.is_ipv4() { "0.0.0.0:0".parse().unwrap() } else { "[::]:0".parse().unwrap() };
+            match std::net::UdpSocket::bind(bind).and_then(|s| s.connect(a)) {
+                Ok(()) => {
+                    out.insert("connect".into(), json!("ok"));
+                    Value::Object(out)
+                }
+                Err(e) => error_json(out, "connect", &e),
+            }
+        }
         _ => {
-            eprintln!("usage: phigate-probe connect|mapped|tfo|raw-syn|hold ADDR:PORT [SPORT]");
+            eprintln!("usage: phigate-probe connect|mapped|tfo|raw-syn|hold|udp ADDR:PORT [SPORT]");
             std::process::exit(2);
         }
     };
@@ -119,7 +164,9 @@ fn main() {
 
 /// TCP Fast Open: the connect happens inside sendto(), a path that skips connect(2).
 fn tfo(out: serde_json::Map<String, Value>, a: SocketAddr) -> Value {
-    let SocketAddr::V4(v4) = a else { panic!("tfo takes an IPv4 address") };
+    let SocketAddr::V4(v4) = a else {
+        panic!("tfo takes an IPv4 address")
+    };
     // SAFETY: plain socket syscalls on a descriptor we own.
     unsafe {
         let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
@@ -129,11 +176,20 @@ fn tfo(out: serde_json::Map<String, Value>, a: SocketAddr) -> Value {
         let sin = libc::sockaddr_in {
             sin_family: libc::AF_INET as u16,
             sin_port: v4.port().to_be(),
-            sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(v4.ip().octets()) },
+            sin_addr: libc::in_addr {
+                s_addr: u32::from_ne_bytes(v4.ip().octets()),
+            },
             sin_zero: [0; 8],
         };
         let msg = startup_message();
-        let rc = libc::sendto(fd, msg.as_ptr() as *const libc::c_void, msg.len(), libc::MSG_FASTOPEN, &sin as *const _ as *const libc::sockaddr, mem::size_of::<libc::sockaddr_in>() as u32);
+        let rc = libc::sendto(
+            fd,
+            msg.as_ptr() as *const libc::c_void,
+            msg.len(),
+            libc::MSG_FASTOPEN,
+            &sin as *const _ as *const libc::sockaddr,
+            mem::size_of::<libc::sockaddr_in>() as u32,
+        );
         if rc < 0 {
             let e = std::io::Error::last_os_error();
             libc::close(fd);
@@ -147,7 +203,11 @@ fn tfo(out: serde_json::Map<String, Value>, a: SocketAddr) -> Value {
 fn checksum(data: &[u8]) -> u16 {
     let mut sum: u32 = 0;
     for chunk in data.chunks(2) {
-        let word = if chunk.len() == 2 { u16::from_be_bytes([chunk[0], chunk[1]]) } else { u16::from_be_bytes([chunk[0], 0]) };
+        let word = if chunk.len() == 2 {
+            u16::from_be_bytes([chunk[0], chunk[1]])
+        } else {
+            u16::from_be_bytes([chunk[0], 0])
+        };
         sum += u32::from(word);
     }
     while sum >> 16 != 0 {
@@ -158,7 +218,11 @@ fn checksum(data: &[u8]) -> u16 {
 
 /// A hand-made SYN: never passes through connect(2), so only the egress guard (or the
 /// raw-socket refusal) can stop it.
-fn raw_syn(mut out: serde_json::Map<String, Value>, dst: std::net::SocketAddrV4, sport: u16) -> Value {
+fn raw_syn(
+    mut out: serde_json::Map<String, Value>,
+    dst: std::net::SocketAddrV4,
+    sport: u16,
+) -> Value {
     let src = Ipv4Addr::new(127, 0, 0, 1);
     let mut tcp = [0u8; 20];
     tcp[0..2].copy_from_slice(&sport.to_be_bytes());
@@ -195,11 +259,22 @@ fn raw_syn(mut out: serde_json::Map<String, Value>, dst: std::net::SocketAddrV4,
         let sin = libc::sockaddr_in {
             sin_family: libc::AF_INET as u16,
             sin_port: 0,
-            sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(dst.ip().octets()) },
+            sin_addr: libc::in_addr {
+                s_addr: u32::from_ne_bytes(dst.ip().octets()),
+            },
             sin_zero: [0; 8],
         };
-        let rc = libc::sendto(fd, packet.as_ptr() as *const libc::c_void, packet.len(), 0, &sin as *const _ as *const libc::sockaddr, mem::size_of::<libc::sockaddr_in>() as u32);
-        let result = if rc < 0 { error_json(out, "send", &std::io::Error::last_os_error()) } else {
+        let rc = libc::sendto(
+            fd,
+            packet.as_ptr() as *const libc::c_void,
+            packet.len(),
+            0,
+            &sin as *const _ as *const libc::sockaddr,
+            mem::size_of::<libc::sockaddr_in>() as u32,
+        );
+        let result = if rc < 0 {
+            error_json(out, "send", &std::io::Error::last_os_error())
+        } else {
             out.insert("send".into(), json!("ok"));
             Value::Object(out)
         };
