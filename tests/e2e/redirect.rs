@@ -263,7 +263,12 @@ fn protected_connection_that_cannot_be_redirected_is_refused_with_eperm() {
     assert_eq!(v["connect"], "error", "{v}");
     assert_eq!(v["errno"], libc::EPERM, "{v}");
     assert_eq!(s.agent.counter("refused"), 1);
-    let ev = phigate_tests::wait_for(Duration::from_secs(5), || s.agent.events().into_iter().find(|e| e["kind"] == "connect_refused"));
+    let ev = phigate_tests::wait_for(Duration::from_secs(5), || {
+        s.agent
+            .events()
+            .into_iter()
+            .find(|e| e["kind"] == "connect_refused")
+    });
     let ev = ev.expect("the agent reports the refused connect");
     assert_eq!(ev["reason"], "not a TCP stream socket");
     assert_eq!(ev["comm"], "phigate-probe");
@@ -280,15 +285,37 @@ fn direct_connection_to_the_listener_is_closed_without_proxying() {
     // Connecting to the interceptor's own address has no kernel record: phigate must
     // not proxy it (that would be a way to reach the database without an identity).
     let s = setup();
-    let listen = s.agent.listen_addr().expect("listener address logged").to_string();
+    let listen = s
+        .agent
+        .listen_addr()
+        .expect("listener address logged")
+        .to_string();
     let seen = s.pg.connections_received();
     let v = probe(Some(&s.cg.child_dir("unprot")), &["connect", &listen]);
     assert_eq!(v["connect"], "ok", "{v}");
-    assert_ne!(v["pg"], "R", "a connection without a record reached PostgreSQL: {v}");
-    let ev = phigate_tests::wait_for(Duration::from_secs(5), || s.agent.events_named("refused connection").into_iter().next());
+    assert_ne!(
+        v["pg"], "R",
+        "a connection without a record reached PostgreSQL: {v}"
+    );
+    let ev = phigate_tests::wait_for(Duration::from_secs(5), || {
+        s.agent
+            .events_named("refused connection")
+            .into_iter()
+            .next()
+    });
     let ev = ev.expect("the refusal is logged");
-    assert!(ev["error"].as_str().unwrap().contains("no kernel redirect record"), "{ev}");
-    assert_eq!(s.pg.connections_received(), seen, "nothing reached the database");
+    assert!(
+        ev["error"]
+            .as_str()
+            .unwrap()
+            .contains("no kernel redirect record"),
+        "{ev}"
+    );
+    assert_eq!(
+        s.pg.connections_received(),
+        seen,
+        "nothing reached the database"
+    );
 }
 
 #[test]

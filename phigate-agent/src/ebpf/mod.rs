@@ -577,62 +577,38 @@ impl KernelState {
     /// no longer configured. Inserting first means a prefix that stays protected is
     /// never absent, even for a moment.
     pub fn sync_databases(&self, wanted: &[DbEntry]) -> Result<(), EbpfError> {
-        let mut m4 = self.db4.lock().expect("invariant: map lock not poisoned");
-        let mut m6 = self.db6.lock().expect("invariant: map lock not poisoned");
+        let mut want4 = Vec::new();
+        let mut want6 = Vec::new();
         for e in wanted {
-            let value = target_from(e);
+            let port = e.port.to_be_bytes();
+            let len = 16 + u32::from(e.prefix.prefix_len());
             match e.prefix {
-                IpNet::V4(n) => m4
-                    .insert(
-                        &Key::new(
-                            16 + u32::from(n.prefix_len()),
-                            Db4Key {
-                                port: e.port.to_be_bytes(),
-                                addr: n.network().octets(),
-                            },
-                        ),
-                        value,
-                        0,
-                    )
-                    .map_err(self.map_err(maps::DB4))?,
-                IpNet::V6(n) => m6
-                    .insert(
-                        &Key::new(
-                            16 + u32::from(n.prefix_len()),
-                            Db6Key {
-                                port: e.port.to_be_bytes(),
-                                addr: n.network().octets(),
-                            },
-                        ),
-                        value,
-                        0,
-                    )
-                    .map_err(self.map_err(maps::DB6))?,
+                IpNet::V4(n) => want4.push((
+                    Key::new(
+                        len,
+                        Db4Key {
+                            port,
+                            addr: n.network().octets(),
+                        },
+                    ),
+                    target_from(e),
+                )),
+                IpNet::V6(n) => want6.push((
+                    Key::new(
+                        len,
+                        Db6Key {
+                            port,
+                            addr: n.network().octets(),
+                        },
+                    ),
+                    target_from(e),
+                )),
             }
         }
-        let stale4: Vec<Key<Db4Key>> = m4
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| {
-                let d = k.data();
-                !wanted.iter().any(|e| matches!(e.prefix, IpNet::V4(n) if n.network().octets() == d.addr && 16 + u32::from(n.prefix_len()) == k.prefix_len() && e.port.to_be_bytes() == d.port))
-            })
-            .collect();
-        for k in stale4 {
-            m4.remove(&k).map_err(self.map_err(maps::DB4))?;
-        }
-        let stale6: Vec<Key<Db6Key>> = m6
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| {
-                let d = k.data();
-                !wanted.iter().any(|e| matches!(e.prefix, IpNet::V6(n) if n.network().octets() == d.addr && 16 + u32::from(n.prefix_len()) == k.prefix_len() && e.port.to_be_bytes() == d.port))
-            })
-            .collect();
-        for k in stale6 {
-            m6.remove(&k).map_err(self.map_err(maps::DB6))?;
-        }
-        Ok(())
+        let mut m4 = self.db4.lock().expect("invariant: map lock not poisoned");
+        sync_trie(&mut m4, &want4).map_err(self.map_err(maps::DB4))?;
+        let mut m6 = self.db6.lock().expect("invariant: map lock not poisoned");
+        sync_trie(&mut m6, &want6).map_err(self.map_err(maps::DB6))
     }
 
     // -- connection records
@@ -666,6 +642,26 @@ impl KernelState {
             records_lost: sum(counter::RECORD_LOST)?,
         })
     }
+}
+
+/// Insert every wanted key, then remove keys not wanted.
+fn sync_trie<K: aya::Pod + PartialEq>(
+    trie: &mut LpmTrie<MapData, K, DbTarget>,
+    wanted: &[(Key<K>, DbTarget)],
+) -> Result<(), aya::maps::MapError> {
+    for (key, value) in wanted {
+        trie.insert(key, *value, 0)?;
+    }
+    let same = |a: &Key<K>, b: &Key<K>| a.prefix_len() == b.prefix_len() && a.data() == b.data();
+    let stale: Vec<Key<K>> = trie
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| !wanted.iter().any(|(w, _)| same(w, k)))
+        .collect();
+    for key in stale {
+        trie.remove(&key)?;
+    }
+    Ok(())
 }
 
 fn entry_from(prefix: IpNet, port: u16, v: &DbTarget) -> DbEntry {

@@ -145,7 +145,11 @@ fn main() {
         }
         "udp" => {
             let a: SocketAddr = addr.parse().expect("ADDR:PORT");
-            let bind: SocketAddr = if a.is_ipv4() { "0.0.0.0:0".parse().unwrap() } else { "[::]:0".parse().unwrap() };
+            let bind: SocketAddr = if a.is_ipv4() {
+                "0.0.0.0:0".parse().unwrap()
+            } else {
+                "[::]:0".parse().unwrap()
+            };
             match std::net::UdpSocket::bind(bind).and_then(|s| s.connect(a)) {
                 Ok(()) => {
                     out.insert("connect".into(), json!("ok"));
