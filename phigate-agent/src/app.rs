@@ -18,12 +18,21 @@ use tokio::{io::unix::AsyncFd, signal::unix::SignalKind, task::JoinSet};
 use tracing::{error, info, info_span, warn, Instrument};
 
 use crate::{
-    config::{Config, Database},
+    config::{AuthConfig, Config, Database},
     ebpf::{self, c_str, AttachPoint, EventReader, KernelState, PinLayout},
     host::{self, CgroupFs},
-    identity::{self, IdentityDirectory},
-    net::{Listener, RecordSource},
-    protection, session,
+    identity::{
+        self,
+        scram::Verifier,
+        token::{IssuerConfig, JwksSource, TokenVerifier},
+        IdentityDirectory,
+    },
+    net::{
+        tls::{client_acceptor, UpstreamTls},
+        Listener, RecordSource,
+    },
+    protection,
+    session::{self, auth::AuthRuntime, cancel::CancelRegistry, DbRuntime, IdentityRuntime, Limits, Services},
 };
 
 /// Adapter: the kernel maps as the record source and identity directory the
@@ -38,9 +47,7 @@ impl RecordSource for Kernel {
 
 impl IdentityDirectory for Kernel {
     fn lookup(&self, protected_cgroup_id: u64) -> Option<(String, String)> {
-        self.0
-            .protected_cgroup(protected_cgroup_id)
-            .map(|v| (c_str(&v.identity), c_str(&v.path)))
+        self.0.protected_cgroup(protected_cgroup_id).map(|v| (c_str(&v.identity), c_str(&v.path)))
     }
 }
 
@@ -51,47 +58,27 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // one of them (config/local.toml attaches to the cgroup it protects).
     for (i, rule) in config.protect.iter().enumerate() {
         if rule.create {
-            cgroups.ensure(&rule.cgroup).map_err(|e| {
-                config.invalid(
-                    format!("protect[{i}].cgroup"),
-                    e,
-                    "Check the path and that phigate runs as root.",
-                )
-            })?;
+            cgroups.ensure(&rule.cgroup).map_err(|e| config.invalid(format!("protect[{i}].cgroup"), e, "Check the path and that phigate runs as root."))?;
         }
     }
-    let attach = cgroups.resolve(&config.agent.attach_cgroup).map_err(|e| {
-        config.invalid("agent.attach_cgroup", e, "Create that cgroup or point attach_cgroup at an existing one (\"/\" is the whole node).")
-    })?;
+    let attach = cgroups
+        .resolve(&config.agent.attach_cgroup)
+        .map_err(|e| config.invalid("agent.attach_cgroup", e, "Create that cgroup or point attach_cgroup at an existing one (\"/\" is the whole node)."))?;
     let rules = protection::resolve_config_rules(&config, &cgroups, &attach)?;
     let pid = std::process::id();
     let own = cgroups.own()?;
-    protection::check_agent_not_covered(
-        &own,
-        rules.iter().map(|(cg, _)| (cg.rel.clone(), cg.id)),
-        pid,
-        &cgroups,
-    )?;
+    protection::check_agent_not_covered(&own, rules.iter().map(|(cg, _)| (cg.rel.clone(), cg.id)), pid, &cgroups)?;
 
     // Listeners first: the moment connect4/6 redirect, something must be listening.
     let mut listeners = Vec::new();
     let mut bound = Vec::new();
     for (i, db) in config.databases.iter().enumerate() {
-        let l4 = Listener::bind(SocketAddr::V4(db.listen), i as u32).with_context(|| {
-            format!(
-                "{}: database[{i}].listen: cannot listen on {}",
-                config.path.display(),
-                db.listen
-            )
-        })?;
+        let l4 = Listener::bind(SocketAddr::V4(db.listen), i as u32)
+            .with_context(|| format!("{}: database[{i}].listen: cannot listen on {}", config.path.display(), db.listen))?;
         let l6 = match db.listen6 {
             Some(a) => Some(
-                Listener::bind(SocketAddr::V6(a), i as u32).with_context(|| {
-                    format!(
-                        "{}: database[{i}].listen6: cannot listen on {a}",
-                        config.path.display()
-                    )
-                })?,
+                Listener::bind(SocketAddr::V6(a), i as u32)
+                    .with_context(|| format!("{}: database[{i}].listen6: cannot listen on {a}", config.path.display()))?,
             ),
             None => None,
         };
@@ -102,37 +89,20 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
     }
 
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let services = Arc::new(build_services(&config, stop_rx.clone()).await?);
+
     let layout = PinLayout::new(&config.agent.pin_dir);
-    let outcomes = ebpf::install(
-        &layout,
-        AttachPoint {
-            dir: &attach.dir,
-            id: attach.id,
-        },
-    )?;
+    let outcomes = ebpf::install(&layout, AttachPoint { dir: &attach.dir, id: attach.id })?;
     for (program, outcome) in &outcomes {
         info!(program, ?outcome, cgroup = %attach.dir.display(), "kernel program in place");
     }
     let state = Arc::new(KernelState::open(&layout)?);
-    let flags = if config.agent.deny_raw_sockets {
-        setting::DENY_RAW_SOCKETS
-    } else {
-        0
-    };
-    state.set_settings(Settings {
-        agent_tgid: pid,
-        flags,
-        abi_version: ABI_VERSION,
-        _pad: 0,
-    })?;
+    let flags = if config.agent.deny_raw_sockets { setting::DENY_RAW_SOCKETS } else { 0 };
+    state.set_settings(Settings { agent_tgid: pid, flags, abi_version: ABI_VERSION, _pad: 0 })?;
     // Runtime protections from before this start must not cover the agent either.
     let existing = protection::entries(&state)?;
-    protection::check_agent_not_covered(
-        &own,
-        existing.iter().map(|e| (e.cgroup.clone(), e.cgroup_id)),
-        pid,
-        &cgroups,
-    )?;
+    protection::check_agent_not_covered(&own, existing.iter().map(|e| (e.cgroup.clone(), e.cgroup_id)), pid, &cgroups)?;
     protection::sync_config_rules(&state, &rules)?;
     state.sync_databases(&protection::database_entries(&config, &bound))?;
 
@@ -147,10 +117,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     let kernel = Arc::new(Kernel(state.clone()));
     let mut tasks = JoinSet::new();
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     for (i, listener) in listeners {
         let db = config.databases[i].clone();
-        tasks.spawn(accept_loop(listener, db, kernel.clone(), stop_rx.clone()));
+        tasks.spawn(accept_loop(listener, db, kernel.clone(), services.clone(), stop_rx.clone()));
     }
     let events = EventReader::open(&layout)?;
     let event_task = tokio::spawn(report_events(events, kernel.clone(), stop_rx.clone()));
@@ -159,16 +128,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     info!("stopping: no new connections; letting open sessions finish");
     let _ = stop_tx.send(true);
     let drain = config.agent.drain_timeout;
-    if tokio::time::timeout(drain + Duration::from_millis(500), async {
-        while tasks.join_next().await.is_some() {}
-    })
-    .await
-    .is_err()
-    {
-        warn!(
-            timeout_secs = drain.as_secs(),
-            "sessions still open at the drain deadline; closing them"
-        );
+    if tokio::time::timeout(drain + Duration::from_millis(500), async { while tasks.join_next().await.is_some() {} }).await.is_err() {
+        warn!(timeout_secs = drain.as_secs(), "sessions still open at the drain deadline; closing them");
         tasks.abort_all();
     }
     event_task.abort();
@@ -181,11 +142,84 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Turn the validated configuration into what sessions use: TLS material, credential
+/// files, identity authenticators and token issuers (keys loaded now, so a broken
+/// JWKS file is reported at start, not at the first connection).
+async fn build_services(config: &Config, shutdown: tokio::sync::watch::Receiver<bool>) -> anyhow::Result<Services> {
+    let mut databases = Vec::new();
+    for (i, db) in config.databases.iter().enumerate() {
+        let upstream_tls = UpstreamTls::new(&db.upstream_tls, db.upstream.ip())
+            .map_err(|e| config.invalid(format!("database[{i}].upstream_tls"), e, "Fix the CA bundle path or contents."))?;
+        let client_tls = match &db.client_tls {
+            Some(t) => Some(client_acceptor(t).map_err(|e| {
+                config.invalid(format!("database[{i}].client_tls"), e, "Point cert_file/key_file at a PEM certificate chain and its private key.")
+            })?),
+            None => None,
+        };
+        let mut credentials = std::collections::HashMap::new();
+        for (j, c) in db.credentials.iter().enumerate() {
+            if let Some(path) = &c.password_file {
+                // Checked now so a missing secret is a start-up error, read again at
+                // each login so a rotated secret takes effect.
+                session::upstream::read_secret(&c.role, path)
+                    .map_err(|e| config.invalid(format!("database[{i}].credential[{j}].password_file"), e, "Mount the secret there, or fix the path."))?;
+            }
+            credentials.insert(c.role.clone(), c.password_file.clone());
+        }
+        databases.push(Arc::new(DbRuntime { index: i as u32, name: db.name.clone(), upstream: db.upstream, upstream_tls, client_tls, credentials }));
+    }
+    let mut issuers = std::collections::HashMap::new();
+    for (i, t) in config.token_issuers.iter().enumerate() {
+        let jwks = match (&t.jwks_file, &t.jwks_url) {
+            (Some(f), _) => JwksSource::File(f.clone()),
+            (None, Some(u)) => JwksSource::Url { url: u.clone(), refresh: t.jwks_refresh },
+            (None, None) => unreachable!("invariant: config validation requires one JWKS source"),
+        };
+        let is_file = matches!(jwks, JwksSource::File(_));
+        let verifier = Arc::new(TokenVerifier::new(IssuerConfig {
+            name: t.name.clone(),
+            issuer: t.issuer.clone(),
+            audiences: t.audiences.clone(),
+            algorithms: t.algorithms.clone(),
+            leeway_secs: t.leeway_secs,
+            groups_claim: t.groups_claim.clone(),
+            jwks,
+        }));
+        match verifier.preload().await {
+            Ok(n) => info!(issuer = %t.name, keys = n, "token issuer keys loaded"),
+            Err(e) if is_file => {
+                return Err(config.invalid(format!("token_issuer[{i}].jwks_file"), e, "Point jwks_file at the issuer's JWKS document.").into())
+            }
+            Err(e) => warn!(issuer = %t.name, error = %e, "token issuer keys not loaded yet; will retry at the first token"),
+        }
+        issuers.insert(t.name.clone(), verifier);
+    }
+    let mut identities = std::collections::HashMap::new();
+    for id in &config.identities {
+        let auth = match &id.auth {
+            AuthConfig::Workload => AuthRuntime::Workload,
+            AuthConfig::Token { issuer, allowed_subjects, required_groups } => AuthRuntime::Token {
+                verifier: issuers.get(issuer).cloned().expect("invariant: config validation checked the issuer exists"),
+                allowed_subjects: allowed_subjects.clone(),
+                required_groups: required_groups.clone(),
+            },
+            AuthConfig::Scram { verifier } => AuthRuntime::Scram(Verifier::parse(verifier).expect("invariant: config validation parsed the verifier")),
+        };
+        identities.insert(id.name.clone(), Arc::new(IdentityRuntime { name: id.name.clone(), auth, access: id.access.clone() }));
+    }
+    Ok(Services {
+        databases,
+        identities,
+        cancel: Arc::new(CancelRegistry::default()),
+        limits: Limits { max_message_bytes: config.agent.max_message_bytes, startup_timeout: config.agent.startup_timeout },
+        stages: Box::new(|_| Vec::new()),
+        shutdown,
+    })
+}
+
 async fn wait_for_shutdown() {
-    let mut term = tokio::signal::unix::signal(SignalKind::terminate())
-        .expect("invariant: signal handler installs");
-    let mut int = tokio::signal::unix::signal(SignalKind::interrupt())
-        .expect("invariant: signal handler installs");
+    let mut term = tokio::signal::unix::signal(SignalKind::terminate()).expect("invariant: signal handler installs");
+    let mut int = tokio::signal::unix::signal(SignalKind::interrupt()).expect("invariant: signal handler installs");
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}
@@ -194,12 +228,7 @@ async fn wait_for_shutdown() {
 
 /// Accept connections for one database until told to stop; each becomes a task.
 /// Sessions get the stop signal too and are awaited by the JoinSet owner.
-async fn accept_loop(
-    listener: Listener,
-    db: Database,
-    kernel: Arc<Kernel>,
-    mut stop: tokio::sync::watch::Receiver<bool>,
-) {
+async fn accept_loop(listener: Listener, db: Database, kernel: Arc<Kernel>, services: Arc<Services>, mut stop: tokio::sync::watch::Receiver<bool>) {
     let mut sessions = JoinSet::new();
     loop {
         let accepted = tokio::select! {
@@ -243,15 +272,7 @@ async fn accept_loop(
                 "connection accepted"
             )
         });
-        let upstream = db.upstream;
-        sessions.spawn(
-            async move {
-                if let Err(e) = session::relay(identified, upstream).await {
-                    error!(error = %e, "session failed");
-                }
-            }
-            .instrument(span),
-        );
+        sessions.spawn(session::serve(identified, services.clone()).instrument(span));
     }
     // Stop accepting, then let this listener's sessions finish (the caller bounds it).
     drop(listener);
@@ -260,17 +281,11 @@ async fn accept_loop(
 
 /// Log what the kernel reports: bypass attempts dropped by the egress guard, connects
 /// refused, raw sockets denied.
-async fn report_events(
-    events: EventReader,
-    kernel: Arc<Kernel>,
-    mut stop: tokio::sync::watch::Receiver<bool>,
-) {
+async fn report_events(events: EventReader, kernel: Arc<Kernel>, mut stop: tokio::sync::watch::Receiver<bool>) {
     let fd = events.as_raw_fd();
     // SAFETY: the ring buffer's fd is owned by `events`, which the AsyncFd owns until
     // it is dropped; the fd is never replaced.
-    let mut async_fd = match unsafe {
-        AsyncFd::register_with_interest(events, tokio::io::Interest::READABLE)
-    } {
+    let mut async_fd = match unsafe { AsyncFd::register_with_interest(events, tokio::io::Interest::READABLE) } {
         Ok(a) => a,
         Err(e) => {
             error!(error = %e, fd, "cannot watch the kernel event ring buffer; bypass attempts are still dropped and counted but not logged");

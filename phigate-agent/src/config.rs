@@ -27,12 +27,7 @@ pub enum ConfigError {
     #[error("{file}: invalid configuration: {message}\nFix that key (config/example.toml lists every supported key).")]
     Syntax { file: PathBuf, message: String },
     #[error("{file}: `{key}`: {problem}. {hint}")]
-    Invalid {
-        file: PathBuf,
-        key: String,
-        problem: String,
-        hint: String,
-    },
+    Invalid { file: PathBuf, key: String, problem: String, hint: String },
 }
 
 #[derive(Debug, Clone)]
@@ -42,6 +37,8 @@ pub struct Config {
     pub agent: AgentSettings,
     pub databases: Vec<Database>,
     pub protect: Vec<ProtectRule>,
+    pub identities: Vec<IdentityConfig>,
+    pub token_issuers: Vec<TokenIssuerConfig>,
 }
 
 #[derive(Debug, Clone)]
@@ -57,6 +54,11 @@ pub struct AgentSettings {
     pub log_format: LogFormat,
     /// How long a stopping agent lets open sessions finish.
     pub drain_timeout: Duration,
+    /// Largest message phigate holds whole to inspect (larger un-inspected messages
+    /// stream through; larger inspected ones are refused).
+    pub max_message_bytes: usize,
+    /// A client must finish TLS, startup and authentication within this time.
+    pub startup_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -76,6 +78,93 @@ pub struct Database {
     pub listen: SocketAddrV4,
     pub listen6: Option<SocketAddrV6>,
     pub upstream: SocketAddr,
+    /// TLS offered to workloads that send SSLRequest (declined when absent).
+    pub client_tls: Option<ClientTlsConfig>,
+    pub upstream_tls: UpstreamTlsConfig,
+    /// Upstream roles the agent can log in as, with their secrets.
+    pub credentials: Vec<Credential>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientTlsConfig {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+}
+
+/// libpq's sslmode, for the agent's connection to the database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SslMode {
+    Disable,
+    Prefer,
+    Require,
+    VerifyCa,
+    VerifyFull,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamTlsConfig {
+    pub mode: SslMode,
+    /// PEM bundle of CAs trusted for the database's certificate (verify-ca/-full).
+    pub ca_file: Option<PathBuf>,
+    /// Name the certificate must carry (verify-full); default: the upstream IP.
+    pub server_name: Option<String>,
+}
+
+/// An upstream role and where its password lives (a file, e.g. a mounted Kubernetes
+/// Secret). The password is read when logging in, never stored in the config.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Credential {
+    pub role: String,
+    /// None: the server is expected not to ask (trust/peer/cert authentication).
+    pub password_file: Option<PathBuf>,
+}
+
+/// How a workload identity proves itself to phigate, and what it may open.
+#[derive(Debug, Clone)]
+pub struct IdentityConfig {
+    pub name: String,
+    pub auth: AuthConfig,
+    pub access: Vec<Access>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuthConfig {
+    /// The kernel-attested workload identity is enough.
+    Workload,
+    /// The password must be a valid JWT from `issuer` (a `[[token_issuer]]` name).
+    Token { issuer: String, allowed_subjects: Vec<String>, required_groups: Vec<String> },
+    /// SCRAM-SHA-256 against this PostgreSQL-format verifier.
+    Scram { verifier: String },
+}
+
+/// One database this identity may use: the upstream role it runs as there, and the
+/// PostgreSQL database names it may open (`*`: any).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Access {
+    pub database: String,
+    pub role: String,
+    pub dbnames: Vec<String>,
+}
+
+impl Access {
+    pub fn allows_dbname(&self, dbname: &str) -> bool {
+        self.dbnames.iter().any(|d| d == "*" || d == dbname)
+    }
+}
+
+/// A trusted OIDC/JWT issuer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenIssuerConfig {
+    pub name: String,
+    pub issuer: String,
+    pub audiences: Vec<String>,
+    pub algorithms: Vec<jsonwebtoken::Algorithm>,
+    pub leeway_secs: u64,
+    pub groups_claim: String,
+    pub jwks_file: Option<PathBuf>,
+    pub jwks_url: Option<String>,
+    pub jwks_refresh: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -98,6 +187,10 @@ struct RawConfig {
     databases: Vec<RawDatabase>,
     #[serde(default)]
     protect: Vec<RawProtect>,
+    #[serde(default, rename = "identity")]
+    identities: Vec<RawIdentity>,
+    #[serde(default, rename = "token_issuer")]
+    token_issuers: Vec<RawIssuer>,
 }
 
 #[derive(Deserialize, Default)]
@@ -109,6 +202,8 @@ struct RawAgent {
     deny_raw_sockets: Option<bool>,
     log_format: Option<LogFormat>,
     drain_timeout_secs: Option<u64>,
+    max_message_bytes: Option<usize>,
+    startup_timeout_secs: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -120,6 +215,67 @@ struct RawDatabase {
     listen: String,
     listen6: Option<String>,
     upstream: String,
+    client_tls: Option<RawClientTls>,
+    upstream_tls: Option<RawUpstreamTls>,
+    #[serde(default, rename = "credential")]
+    credentials: Vec<RawCredential>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawClientTls {
+    cert_file: PathBuf,
+    key_file: PathBuf,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstreamTls {
+    mode: SslMode,
+    ca_file: Option<PathBuf>,
+    server_name: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCredential {
+    role: String,
+    password_file: Option<PathBuf>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIdentity {
+    name: String,
+    auth: String,
+    token_issuer: Option<String>,
+    allowed_subjects: Option<Vec<String>>,
+    required_groups: Option<Vec<String>>,
+    scram_verifier: Option<String>,
+    #[serde(default)]
+    access: Vec<RawAccess>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAccess {
+    database: String,
+    role: String,
+    dbnames: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIssuer {
+    name: String,
+    issuer: String,
+    audiences: Vec<String>,
+    algorithms: Option<Vec<String>>,
+    leeway_secs: Option<u64>,
+    groups_claim: Option<String>,
+    jwks_file: Option<PathBuf>,
+    jwks_url: Option<String>,
+    jwks_refresh_secs: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -133,18 +289,13 @@ struct RawProtect {
 
 impl Config {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = fs::read_to_string(path).map_err(|err| ConfigError::Read {
-            file: path.to_path_buf(),
-            err,
-        })?;
+        let text = fs::read_to_string(path).map_err(|err| ConfigError::Read { file: path.to_path_buf(), err })?;
         Self::parse(path, &text)
     }
 
     pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Syntax {
-            file: path.to_path_buf(),
-            message: e.to_string().trim_end().to_string(),
-        })?;
+        let raw: RawConfig =
+            toml::from_str(text).map_err(|e| ConfigError::Syntax { file: path.to_path_buf(), message: e.to_string().trim_end().to_string() })?;
         let v = Validator { file: path };
         let agent = v.agent(raw.agent)?;
         let mut databases = Vec::with_capacity(raw.databases.len());
@@ -159,34 +310,39 @@ impl Config {
         let mut seen = HashSet::new();
         for (i, p) in protect.iter().enumerate() {
             if !seen.insert(p.cgroup.clone()) {
-                return Err(v.err(
-                    format!("protect[{i}].cgroup"),
-                    format!("cgroup {:?} is listed twice", p.cgroup),
-                    "List each cgroup once.",
-                ));
+                return Err(v.err(format!("protect[{i}].cgroup"), format!("cgroup {:?} is listed twice", p.cgroup), "List each cgroup once."));
             }
         }
-        Ok(Self {
-            path: path.to_path_buf(),
-            agent,
-            databases,
-            protect,
-        })
+        let mut token_issuers = Vec::new();
+        for (i, t) in raw.token_issuers.into_iter().enumerate() {
+            token_issuers.push(v.issuer(i, t)?);
+        }
+        let mut identities = Vec::new();
+        for (i, id) in raw.identities.into_iter().enumerate() {
+            identities.push(v.identity(i, id, &databases, &token_issuers)?);
+        }
+        let mut seen = HashSet::new();
+        for (i, id) in identities.iter().enumerate() {
+            if !seen.insert(id.name.clone()) {
+                return Err(v.err(format!("identity[{i}].name"), format!("identity {:?} is defined twice", id.name), "Define each identity once."));
+            }
+        }
+        let mut seen = HashSet::new();
+        for (i, t) in token_issuers.iter().enumerate() {
+            if !seen.insert(t.name.clone()) {
+                return Err(v.err(format!("token_issuer[{i}].name"), format!("issuer {:?} is defined twice", t.name), "Give each issuer its own name."));
+            }
+        }
+        Ok(Self { path: path.to_path_buf(), agent, databases, protect, identities, token_issuers })
+    }
+
+    pub fn identity(&self, name: &str) -> Option<&IdentityConfig> {
+        self.identities.iter().find(|i| i.name == name)
     }
 
     /// An error about `key` in this file, for checks made after loading.
-    pub fn invalid(
-        &self,
-        key: impl Into<String>,
-        problem: impl fmt::Display,
-        hint: impl Into<String>,
-    ) -> ConfigError {
-        ConfigError::Invalid {
-            file: self.path.clone(),
-            key: key.into(),
-            problem: problem.to_string(),
-            hint: hint.into(),
-        }
+    pub fn invalid(&self, key: impl Into<String>, problem: impl fmt::Display, hint: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid { file: self.path.clone(), key: key.into(), problem: problem.to_string(), hint: hint.into() }
     }
 }
 
@@ -195,24 +351,12 @@ struct Validator<'a> {
 }
 
 impl Validator<'_> {
-    fn err(
-        &self,
-        key: impl Into<String>,
-        problem: impl Into<String>,
-        hint: impl Into<String>,
-    ) -> ConfigError {
-        ConfigError::Invalid {
-            file: self.file.to_path_buf(),
-            key: key.into(),
-            problem: problem.into(),
-            hint: hint.into(),
-        }
+    fn err(&self, key: impl Into<String>, problem: impl Into<String>, hint: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid { file: self.file.to_path_buf(), key: key.into(), problem: problem.into(), hint: hint.into() }
     }
 
     fn agent(&self, raw: RawAgent) -> Result<AgentSettings, ConfigError> {
-        let pin_dir = raw
-            .pin_dir
-            .unwrap_or_else(|| PathBuf::from("/sys/fs/bpf/phigate"));
+        let pin_dir = raw.pin_dir.unwrap_or_else(|| PathBuf::from("/sys/fs/bpf/phigate"));
         if !pin_dir.is_absolute() {
             return Err(self.err(
                 "agent.pin_dir",
@@ -221,13 +365,8 @@ impl Validator<'_> {
             ));
         }
         let attach_cgroup = raw.attach_cgroup.unwrap_or_else(|| "/".to_string());
-        check_cgroup_path(&attach_cgroup).map_err(|p| {
-            self.err(
-                "agent.attach_cgroup",
-                p,
-                "Give a path relative to the cgroup v2 mount, e.g. \"/\" or \"kubepods.slice\".",
-            )
-        })?;
+        check_cgroup_path(&attach_cgroup)
+            .map_err(|p| self.err("agent.attach_cgroup", p, "Give a path relative to the cgroup v2 mount, e.g. \"/\" or \"kubepods.slice\"."))?;
         if let Some(root) = &raw.cgroup_root {
             if !root.is_absolute() {
                 return Err(self.err(
@@ -239,13 +378,19 @@ impl Validator<'_> {
         }
         let drain = raw.drain_timeout_secs.unwrap_or(10);
         if drain > 3600 {
-            return Err(self.err(
-                "agent.drain_timeout_secs",
-                format!("{drain} is more than an hour"),
-                "Use a value between 0 and 3600.",
-            ));
+            return Err(self.err("agent.drain_timeout_secs", format!("{drain} is more than an hour"), "Use a value between 0 and 3600."));
+        }
+        let max_message_bytes = raw.max_message_bytes.unwrap_or(64 << 20);
+        if !(64 << 10..=1 << 30).contains(&max_message_bytes) {
+            return Err(self.err("agent.max_message_bytes", format!("{max_message_bytes} is outside 65536..=1073741824"), "Use e.g. 67108864 (64 MiB)."));
+        }
+        let startup = raw.startup_timeout_secs.unwrap_or(30);
+        if !(1..=600).contains(&startup) {
+            return Err(self.err("agent.startup_timeout_secs", format!("{startup} is outside 1..=600"), "Use e.g. 30."));
         }
         Ok(AgentSettings {
+            max_message_bytes,
+            startup_timeout: Duration::from_secs(startup),
             pin_dir,
             attach_cgroup,
             cgroup_root: raw.cgroup_root,
@@ -257,97 +402,94 @@ impl Validator<'_> {
 
     fn database(&self, i: usize, raw: RawDatabase) -> Result<Database, ConfigError> {
         let key = |k: &str| format!("database[{i}].{k}");
-        if raw.name.is_empty()
-            || raw.name.len() >= DB_NAME_LEN
-            || !raw
-                .name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-        {
+        if raw.name.is_empty() || raw.name.len() >= DB_NAME_LEN || !raw.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
             return Err(self.err(
                 key("name"),
                 format!("{:?} is not a valid database name", raw.name),
-                format!(
-                    "Use 1 to {} characters from A-Z, a-z, 0-9, '-', '_', '.'.",
-                    DB_NAME_LEN - 1
-                ),
+                format!("Use 1 to {} characters from A-Z, a-z, 0-9, '-', '_', '.'.", DB_NAME_LEN - 1),
             ));
         }
         if raw.addresses.is_empty() {
-            return Err(self.err(key("addresses"), "no address given", "List the addresses or prefixes workloads use for this database, e.g. [\"127.0.0.2/32\"]."));
+            return Err(self.err(
+                key("addresses"),
+                "no address given",
+                "List the addresses or prefixes workloads use for this database, e.g. [\"127.0.0.2/32\"].",
+            ));
         }
         let mut addresses = Vec::new();
         for (j, a) in raw.addresses.iter().enumerate() {
-            let net = parse_prefix(a).map_err(|p| {
-                self.err(
-                    format!("database[{i}].addresses[{j}]"),
-                    p,
-                    "Write an address (10.1.2.3, ::1) or a prefix (10.1.0.0/16).",
-                )
-            })?;
+            let net = parse_prefix(a)
+                .map_err(|p| self.err(format!("database[{i}].addresses[{j}]"), p, "Write an address (10.1.2.3, ::1) or a prefix (10.1.0.0/16)."))?;
             addresses.push(net);
         }
         if raw.port == 0 {
-            return Err(self.err(
-                key("port"),
-                "port 0 is not a database port",
-                "Give the port workloads connect to, e.g. 5432.",
-            ));
+            return Err(self.err(key("port"), "port 0 is not a database port", "Give the port workloads connect to, e.g. 5432."));
         }
-        let listen: SocketAddr = raw.listen.parse().map_err(|_| {
-            self.err(
-                key("listen"),
-                format!("{:?} is not an IP:PORT address", raw.listen),
-                "Write e.g. \"127.0.0.1:15432\".",
-            )
-        })?;
+        let listen: SocketAddr = raw
+            .listen
+            .parse()
+            .map_err(|_| self.err(key("listen"), format!("{:?} is not an IP:PORT address", raw.listen), "Write e.g. \"127.0.0.1:15432\"."))?;
         let SocketAddr::V4(listen) = listen else {
-            return Err(self.err(
-                key("listen"),
-                format!("{listen} is not an IPv4 address"),
-                "Put the IPv4 listener in `listen` and an IPv6 one in `listen6`.",
-            ));
+            return Err(self.err(key("listen"), format!("{listen} is not an IPv4 address"), "Put the IPv4 listener in `listen` and an IPv6 one in `listen6`."));
         };
         let listen6 = match &raw.listen6 {
             None => None,
             Some(s) => match s.parse::<SocketAddr>() {
                 Ok(SocketAddr::V6(a)) => Some(a),
-                Ok(other) => {
-                    return Err(self.err(
-                        key("listen6"),
-                        format!("{other} is not an IPv6 address"),
-                        "Write e.g. \"[::1]:15432\".",
-                    ))
-                }
-                Err(_) => {
-                    return Err(self.err(
-                        key("listen6"),
-                        format!("{s:?} is not an [IPv6]:PORT address"),
-                        "Write e.g. \"[::1]:15432\".",
-                    ))
-                }
+                Ok(other) => return Err(self.err(key("listen6"), format!("{other} is not an IPv6 address"), "Write e.g. \"[::1]:15432\".")),
+                Err(_) => return Err(self.err(key("listen6"), format!("{s:?} is not an [IPv6]:PORT address"), "Write e.g. \"[::1]:15432\".")),
             },
         };
         if listen6.is_none() {
             if let Some(v6) = addresses.iter().find(|n| matches!(n, IpNet::V6(_))) {
-                return Err(self.err(key("listen6"), format!("database[{i}].addresses has the IPv6 prefix {v6} but no IPv6 listener is set"), "Add listen6 = \"[::1]:PORT\" so IPv6 connections can be redirected."));
+                return Err(self.err(
+                    key("listen6"),
+                    format!("database[{i}].addresses has the IPv6 prefix {v6} but no IPv6 listener is set"),
+                    "Add listen6 = \"[::1]:PORT\" so IPv6 connections can be redirected.",
+                ));
             }
         }
         let upstream: SocketAddr = raw.upstream.parse().map_err(|_| {
-            self.err(
-                key("upstream"),
-                format!("{:?} is not an IP:PORT address", raw.upstream),
-                "Write the real server's address, e.g. \"127.0.0.2:5432\".",
-            )
+            self.err(key("upstream"), format!("{:?} is not an IP:PORT address", raw.upstream), "Write the real server's address, e.g. \"127.0.0.2:5432\".")
         })?;
-        Ok(Database {
-            name: raw.name,
-            addresses,
-            port: raw.port,
-            listen,
-            listen6,
-            upstream,
-        })
+        let client_tls = raw.client_tls.map(|t| ClientTlsConfig { cert_file: t.cert_file, key_file: t.key_file });
+        let upstream_tls = match raw.upstream_tls {
+            None => UpstreamTlsConfig { mode: SslMode::Prefer, ca_file: None, server_name: None },
+            Some(t) => {
+                if matches!(t.mode, SslMode::VerifyCa | SslMode::VerifyFull) && t.ca_file.is_none() {
+                    return Err(self.err(
+                        key("upstream_tls.ca_file"),
+                        format!("mode {:?} verifies the server's certificate but no CA bundle is given", t.mode),
+                        "Set ca_file to the PEM file of the CA that signed the database's certificate.",
+                    ));
+                }
+                if let Some(n) = &t.server_name {
+                    if rustls::pki_types::ServerName::try_from(n.as_str()).is_err() {
+                        return Err(self.err(
+                            key("upstream_tls.server_name"),
+                            format!("{n:?} is not a DNS name or IP address"),
+                            "Write the name in the database's certificate, e.g. \"db.internal\".",
+                        ));
+                    }
+                }
+                UpstreamTlsConfig { mode: t.mode, ca_file: t.ca_file, server_name: t.server_name }
+            }
+        };
+        let mut credentials: Vec<Credential> = Vec::new();
+        for (j, c) in raw.credentials.into_iter().enumerate() {
+            if c.role.is_empty() || c.role.len() > 63 || c.role.contains('\0') {
+                return Err(self.err(
+                    format!("database[{i}].credential[{j}].role"),
+                    format!("{:?} is not a PostgreSQL role name", c.role),
+                    "Use the role's name as in pg_roles (1-63 bytes).",
+                ));
+            }
+            if credentials.iter().any(|o| o.role == c.role) {
+                return Err(self.err(format!("database[{i}].credential[{j}].role"), format!("role {:?} is listed twice", c.role), "List each role once."));
+            }
+            credentials.push(Credential { role: c.role, password_file: c.password_file });
+        }
+        Ok(Database { name: raw.name, addresses, port: raw.port, listen, listen6, upstream, client_tls, upstream_tls, credentials })
     }
 
     fn cross_check_databases(&self, dbs: &[Database]) -> Result<(), ConfigError> {
@@ -355,11 +497,7 @@ impl Validator<'_> {
         let mut listeners = HashSet::new();
         for (i, d) in dbs.iter().enumerate() {
             if !names.insert(d.name.as_str()) {
-                return Err(self.err(
-                    format!("database[{i}].name"),
-                    format!("{:?} is used twice", d.name),
-                    "Give each database its own name.",
-                ));
+                return Err(self.err(format!("database[{i}].name"), format!("{:?} is used twice", d.name), "Give each database its own name."));
             }
             if !listeners.insert(SocketAddr::V4(d.listen)) && d.listen.port() != 0 {
                 return Err(self.err(
@@ -379,16 +517,11 @@ impl Validator<'_> {
             }
             // A listener inside a protected prefix would redirect onto itself forever.
             for (j, other) in dbs.iter().enumerate() {
-                let hits = |ip: IpAddr, port: u16| {
-                    other.port == port && other.addresses.iter().any(|n| n.contains(&ip))
-                };
+                let hits = |ip: IpAddr, port: u16| other.port == port && other.addresses.iter().any(|n| n.contains(&ip));
                 if hits(IpAddr::V4(*d.listen.ip()), d.listen.port()) {
                     return Err(self.err(
                         format!("database[{i}].listen"),
-                        format!(
-                            "{} lies inside database[{j}]'s protected addresses and port",
-                            d.listen
-                        ),
+                        format!("{} lies inside database[{j}]'s protected addresses and port", d.listen),
                         "Listen on an address or port workloads do not use for a database.",
                     ));
                 }
@@ -396,9 +529,7 @@ impl Validator<'_> {
                     if hits(IpAddr::V6(*l6.ip()), l6.port()) {
                         return Err(self.err(
                             format!("database[{i}].listen6"),
-                            format!(
-                                "{l6} lies inside database[{j}]'s protected addresses and port"
-                            ),
+                            format!("{l6} lies inside database[{j}]'s protected addresses and port"),
                             "Listen on an address or port workloads do not use for a database.",
                         ));
                     }
@@ -408,10 +539,7 @@ impl Validator<'_> {
                         if other.addresses.iter().any(|b| a == b) {
                             return Err(self.err(
                                 format!("database[{j}].addresses"),
-                                format!(
-                                    "{a} port {} is already protected by database[{i}]",
-                                    d.port
-                                ),
+                                format!("{a} port {} is already protected by database[{i}]", d.port),
                                 "Each address and port belongs to one database.",
                             ));
                         }
@@ -422,51 +550,145 @@ impl Validator<'_> {
         Ok(())
     }
 
-    fn protect(&self, i: usize, raw: RawProtect) -> Result<ProtectRule, ConfigError> {
-        check_cgroup_path(&raw.cgroup).map_err(|p| {
-            self.err(
-                format!("protect[{i}].cgroup"),
-                p,
-                "Give a path relative to the cgroup v2 mount, e.g. \"phigate-demo\".",
-            )
-        })?;
-        check_identity(&raw.identity).map_err(|p| {
-            self.err(
-                format!("protect[{i}].identity"),
-                p,
-                "Use a short name such as \"billing-agent\".",
-            )
-        })?;
-        Ok(ProtectRule {
-            cgroup: raw.cgroup,
-            identity: raw.identity,
-            create: raw.create,
+    fn issuer(&self, i: usize, raw: RawIssuer) -> Result<TokenIssuerConfig, ConfigError> {
+        let key = |k: &str| format!("token_issuer[{i}].{k}");
+        if raw.name.is_empty() {
+            return Err(self.err(key("name"), "empty name", "Name the issuer, e.g. \"corp-idp\"."));
+        }
+        if raw.issuer.is_empty() {
+            return Err(self.err(key("issuer"), "empty issuer", "Write the `iss` value the issuer puts in its tokens."));
+        }
+        if raw.audiences.is_empty() {
+            return Err(self.err(key("audiences"), "no audience given", "List the `aud` values tokens for phigate carry, e.g. [\"phigate\"]."));
+        }
+        let names = raw.algorithms.unwrap_or_else(|| vec!["RS256".into(), "ES256".into()]);
+        let mut algorithms = Vec::new();
+        for n in &names {
+            let alg: jsonwebtoken::Algorithm = n.parse().map_err(|_| {
+                self.err(key("algorithms"), format!("{n:?} is not a JWS algorithm"), "Use RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES384 or EdDSA.")
+            })?;
+            if matches!(alg, jsonwebtoken::Algorithm::HS256 | jsonwebtoken::Algorithm::HS384 | jsonwebtoken::Algorithm::HS512) {
+                return Err(self.err(
+                    key("algorithms"),
+                    format!("{n} is a shared-secret algorithm"),
+                    "Use an asymmetric algorithm (RS256, ES256, …): phigate verifies with the issuer's public keys.",
+                ));
+            }
+            algorithms.push(alg);
+        }
+        match (&raw.jwks_file, &raw.jwks_url) {
+            (None, None) | (Some(_), Some(_)) => {
+                return Err(self.err(key("jwks_file"), "exactly one of jwks_file and jwks_url must be set", "Point phigate at the issuer's signing keys."))
+            }
+            (None, Some(url)) => {
+                if let Err(p) = crate::identity::token::check_url(url) {
+                    return Err(self.err(key("jwks_url"), p, "Use the issuer's HTTPS JWKS endpoint."));
+                }
+            }
+            _ => {}
+        }
+        Ok(TokenIssuerConfig {
+            name: raw.name,
+            issuer: raw.issuer,
+            audiences: raw.audiences,
+            algorithms,
+            leeway_secs: raw.leeway_secs.unwrap_or(30).min(300),
+            groups_claim: raw.groups_claim.unwrap_or_else(|| "groups".into()),
+            jwks_file: raw.jwks_file,
+            jwks_url: raw.jwks_url,
+            jwks_refresh: Duration::from_secs(raw.jwks_refresh_secs.unwrap_or(300).max(30)),
         })
+    }
+
+    fn identity(&self, i: usize, raw: RawIdentity, dbs: &[Database], issuers: &[TokenIssuerConfig]) -> Result<IdentityConfig, ConfigError> {
+        let key = |k: &str| format!("identity[{i}].{k}");
+        check_identity(&raw.name).map_err(|p| self.err(key("name"), p, "Use the name given in [[protect]] or `phigate protect --identity`."))?;
+        let extra = |field: &str, present: bool, mode: &str| -> Result<(), ConfigError> {
+            if present {
+                return Err(self.err(key(field), format!("{field} does not apply to auth = {mode:?}"), "Remove it, or change `auth`."));
+            }
+            Ok(())
+        };
+        let auth = match raw.auth.as_str() {
+            "workload" => {
+                extra("token_issuer", raw.token_issuer.is_some(), "workload")?;
+                extra("scram_verifier", raw.scram_verifier.is_some(), "workload")?;
+                AuthConfig::Workload
+            }
+            "token" => {
+                extra("scram_verifier", raw.scram_verifier.is_some(), "token")?;
+                let issuer = raw.token_issuer.ok_or_else(|| self.err(key("token_issuer"), "auth = \"token\" needs an issuer", "Name a [[token_issuer]]."))?;
+                if !issuers.iter().any(|t| t.name == issuer) {
+                    return Err(self.err(key("token_issuer"), format!("no [[token_issuer]] is named {issuer:?}"), "Define it, or fix the name."));
+                }
+                AuthConfig::Token {
+                    issuer,
+                    allowed_subjects: raw.allowed_subjects.clone().unwrap_or_default(),
+                    required_groups: raw.required_groups.clone().unwrap_or_default(),
+                }
+            }
+            "scram" => {
+                extra("token_issuer", raw.token_issuer.is_some(), "scram")?;
+                let verifier = raw
+                    .scram_verifier
+                    .ok_or_else(|| self.err(key("scram_verifier"), "auth = \"scram\" needs a verifier", "Generate one with `phigate hash-password`."))?;
+                if let Err(e) = crate::identity::scram::Verifier::parse(&verifier) {
+                    return Err(self.err(key("scram_verifier"), e.to_string(), "Generate one with `phigate hash-password`."));
+                }
+                AuthConfig::Scram { verifier }
+            }
+            other => return Err(self.err(key("auth"), format!("{other:?} is not an authentication mode"), "Use \"workload\", \"token\" or \"scram\".")),
+        };
+        if !matches!(auth, AuthConfig::Token { .. }) {
+            extra("allowed_subjects", raw.allowed_subjects.is_some(), &raw.auth)?;
+            extra("required_groups", raw.required_groups.is_some(), &raw.auth)?;
+        }
+        let mut access = Vec::new();
+        for (j, a) in raw.access.into_iter().enumerate() {
+            let akey = |k: &str| format!("identity[{i}].access[{j}].{k}");
+            let Some(db) = dbs.iter().find(|d| d.name == a.database) else {
+                return Err(self.err(akey("database"), format!("no [[database]] is named {:?}", a.database), "Use the name of a [[database]] entry."));
+            };
+            if !db.credentials.iter().any(|c| c.role == a.role) {
+                return Err(self.err(
+                    akey("role"),
+                    format!("database {:?} has no credential for role {:?}", db.name, a.role),
+                    "Add a [[database.credential]] for that role.",
+                ));
+            }
+            if a.dbnames.is_empty() {
+                return Err(self.err(akey("dbnames"), "no database names listed", "List the PostgreSQL databases this identity may open, or [\"*\"] for any."));
+            }
+            if access.iter().any(|o: &Access| o.database == a.database) {
+                return Err(self.err(akey("database"), format!("database {:?} is listed twice for this identity", a.database), "Merge the entries."));
+            }
+            access.push(Access { database: a.database, role: a.role, dbnames: a.dbnames });
+        }
+        Ok(IdentityConfig { name: raw.name, auth, access })
+    }
+
+    fn protect(&self, i: usize, raw: RawProtect) -> Result<ProtectRule, ConfigError> {
+        check_cgroup_path(&raw.cgroup)
+            .map_err(|p| self.err(format!("protect[{i}].cgroup"), p, "Give a path relative to the cgroup v2 mount, e.g. \"phigate-demo\"."))?;
+        check_identity(&raw.identity).map_err(|p| self.err(format!("protect[{i}].identity"), p, "Use a short name such as \"billing-agent\"."))?;
+        Ok(ProtectRule { cgroup: raw.cgroup, identity: raw.identity, create: raw.create })
     }
 }
 
 fn parse_prefix(s: &str) -> Result<IpNet, String> {
     if let Ok(net) = s.parse::<IpNet>() {
         if net.network() != net.addr() {
-            return Err(format!(
-                "{s} has host bits set (did you mean {}?)",
-                net.trunc()
-            ));
+            return Err(format!("{s} has host bits set (did you mean {}?)", net.trunc()));
         }
         return Ok(net);
     }
-    s.parse::<IpAddr>()
-        .map(IpNet::from)
-        .map_err(|_| format!("{s:?} is not an IP address or prefix"))
+    s.parse::<IpAddr>().map(IpNet::from).map_err(|_| format!("{s:?} is not an IP address or prefix"))
 }
 
 /// A cgroup path as written in configuration or on the command line.
 pub fn check_cgroup_path(p: &str) -> Result<(), String> {
     if p.len() >= CGROUP_PATH_LEN {
-        return Err(format!(
-            "{p:?} is longer than {} bytes",
-            CGROUP_PATH_LEN - 1
-        ));
+        return Err(format!("{p:?} is longer than {} bytes", CGROUP_PATH_LEN - 1));
     }
     if p.split('/').any(|c| c == "..") {
         return Err(format!("{p:?} contains `..`"));
@@ -480,18 +702,10 @@ pub fn check_cgroup_path(p: &str) -> Result<(), String> {
 /// An identity name as written in configuration or on the command line.
 pub fn check_identity(name: &str) -> Result<(), String> {
     if name.is_empty() || name.len() >= IDENTITY_LEN {
-        return Err(format!(
-            "identity must be 1 to {} bytes long",
-            IDENTITY_LEN - 1
-        ));
+        return Err(format!("identity must be 1 to {} bytes long", IDENTITY_LEN - 1));
     }
-    if !name
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || "-_.:@/".contains(c))
-    {
-        return Err(format!(
-            "{name:?} contains characters other than A-Z a-z 0-9 - _ . : @ /"
-        ));
+    if !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.:@/".contains(c)) {
+        return Err(format!("{name:?} contains characters other than A-Z a-z 0-9 - _ . : @ /"));
     }
     Ok(())
 }
@@ -573,23 +787,14 @@ create = true
     #[test]
     fn identity_and_cgroup_are_checked() {
         assert!(err(&GOOD.replace("demo-agent", "bad name")).contains("`protect[0].identity`"));
-        assert!(
-            err(&GOOD.replace("\ncgroup = \"phigate-demo\"", "\ncgroup = \"../etc\""))
-                .contains("`protect[0].cgroup`")
-        );
-        assert!(err(&GOOD.replace(
-            "attach_cgroup = \"phigate-demo\"",
-            "attach_cgroup = \"../etc\""
-        ))
-        .contains("`agent.attach_cgroup`"));
+        assert!(err(&GOOD.replace("\ncgroup = \"phigate-demo\"", "\ncgroup = \"../etc\"")).contains("`protect[0].cgroup`"));
+        assert!(err(&GOOD.replace("attach_cgroup = \"phigate-demo\"", "attach_cgroup = \"../etc\"")).contains("`agent.attach_cgroup`"));
     }
 
     #[test]
     fn shipped_configurations_are_valid() {
         for name in ["local.toml", "example.toml"] {
-            let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("../config")
-                .join(name);
+            let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config").join(name);
             Config::load(&path).unwrap_or_else(|e| panic!("{name}: {e}"));
         }
     }

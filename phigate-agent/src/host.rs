@@ -15,7 +15,9 @@ use phigate_common::MAX_CGROUP_DEPTH;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HostError {
-    #[error("no cgroup v2 hierarchy is mounted and mounting one at {path} failed: {err}; mount it yourself (`mount -t cgroup2 none {path}`) or run phigate as root")]
+    #[error(
+        "no cgroup v2 hierarchy is mounted and mounting one at {path} failed: {err}; mount it yourself (`mount -t cgroup2 none {path}`) or run phigate as root"
+    )]
     NoCgroup2 { path: PathBuf, err: io::Error },
     #[error("cannot read /proc/self/mountinfo: {0}")]
     Mountinfo(io::Error),
@@ -62,30 +64,16 @@ impl CgroupFs {
     /// only one v2 hierarchy, so any mount point shows the same tree).
     pub fn discover(override_root: Option<&Path>) -> Result<Self, HostError> {
         if let Some(root) = override_root {
-            return Ok(Self {
-                mount: root.to_path_buf(),
-            });
+            return Ok(Self { mount: root.to_path_buf() });
         }
         let info = fs::read_to_string("/proc/self/mountinfo").map_err(HostError::Mountinfo)?;
         if let Some(mount) = find_mount(&info, "cgroup2") {
             return Ok(Self { mount });
         }
         let path = PathBuf::from("/run/phigate/cgroup2");
-        fs::create_dir_all(&path).map_err(|err| HostError::NoCgroup2 {
-            path: path.clone(),
-            err,
-        })?;
-        nix::mount::mount(
-            Some("none"),
-            &path,
-            Some("cgroup2"),
-            nix::mount::MsFlags::empty(),
-            None::<&str>,
-        )
-        .map_err(|e| HostError::NoCgroup2 {
-            path: path.clone(),
-            err: e.into(),
-        })?;
+        fs::create_dir_all(&path).map_err(|err| HostError::NoCgroup2 { path: path.clone(), err })?;
+        nix::mount::mount(Some("none"), &path, Some("cgroup2"), nix::mount::MsFlags::empty(), None::<&str>)
+            .map_err(|e| HostError::NoCgroup2 { path: path.clone(), err: e.into() })?;
         Ok(Self { mount: path })
     }
 
@@ -97,11 +85,7 @@ impl CgroupFs {
     /// is accepted and means the same).
     pub fn resolve(&self, rel: &str) -> Result<Cgroup, HostError> {
         let rel = normalize(rel)?;
-        let dir = if rel.is_empty() {
-            self.mount.clone()
-        } else {
-            self.mount.join(&rel)
-        };
+        let dir = if rel.is_empty() { self.mount.clone() } else { self.mount.join(&rel) };
         let meta = match fs::metadata(&dir) {
             Ok(m) => m,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
@@ -112,17 +96,8 @@ impl CgroupFs {
         if !meta.is_dir() {
             return Err(HostError::CgroupMissing { path: dir });
         }
-        let level = if rel.is_empty() {
-            0
-        } else {
-            rel.split('/').count() as u32
-        };
-        Ok(Cgroup {
-            rel,
-            dir,
-            id: meta.ino(),
-            level,
-        })
+        let level = if rel.is_empty() { 0 } else { rel.split('/').count() as u32 };
+        Ok(Cgroup { rel, dir, id: meta.ino(), level })
     }
 
     /// Resolve, creating the directory (and parents) if absent.
@@ -130,10 +105,7 @@ impl CgroupFs {
         let norm = normalize(rel)?;
         let dir = self.mount.join(&norm);
         if !dir.exists() {
-            fs::create_dir_all(&dir).map_err(|err| HostError::CgroupCreate {
-                path: dir.clone(),
-                err,
-            })?;
+            fs::create_dir_all(&dir).map_err(|err| HostError::CgroupCreate { path: dir.clone(), err })?;
         }
         self.resolve(&norm)
     }
@@ -152,29 +124,21 @@ impl CgroupFs {
         let rel = text
             .lines()
             .find_map(|l| l.strip_prefix("0::"))
-            .ok_or_else(|| {
-                HostError::OwnCgroup(io::Error::other("no cgroup v2 entry in /proc/self/cgroup"))
-            })?;
+            .ok_or_else(|| HostError::OwnCgroup(io::Error::other("no cgroup v2 entry in /proc/self/cgroup")))?;
         self.resolve(rel)
     }
 }
 
 pub fn check_depth(cg: &Cgroup) -> Result<(), HostError> {
     if cg.level > MAX_CGROUP_DEPTH {
-        return Err(HostError::TooDeep {
-            path: cg.dir.clone(),
-            depth: cg.level,
-            max: MAX_CGROUP_DEPTH,
-        });
+        return Err(HostError::TooDeep { path: cg.dir.clone(), depth: cg.level, max: MAX_CGROUP_DEPTH });
     }
     Ok(())
 }
 
 /// `a/b` is inside `a` (or equal to it).
 pub fn is_within(inner: &Cgroup, outer: &Cgroup) -> bool {
-    outer.rel.is_empty()
-        || inner.rel == outer.rel
-        || inner.rel.starts_with(&format!("{}/", outer.rel))
+    outer.rel.is_empty() || inner.rel == outer.rel || inner.rel.starts_with(&format!("{}/", outer.rel))
 }
 
 fn normalize(rel: &str) -> Result<String, HostError> {
@@ -211,12 +175,8 @@ fn unescape_mountinfo(s: &str) -> String {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        if bytes[i] == b'\\'
-            && i + 3 < bytes.len()
-            && bytes[i + 1..i + 4].iter().all(u8::is_ascii_digit)
-        {
-            let v = u8::from_str_radix(std::str::from_utf8(&bytes[i + 1..i + 4]).unwrap_or("0"), 8)
-                .unwrap_or(b'?');
+        if bytes[i] == b'\\' && i + 3 < bytes.len() && bytes[i + 1..i + 4].iter().all(u8::is_ascii_digit) {
+            let v = u8::from_str_radix(std::str::from_utf8(&bytes[i + 1..i + 4]).unwrap_or("0"), 8).unwrap_or(b'?');
             out.push(v);
             i += 4;
         } else {
@@ -238,9 +198,7 @@ pub fn ensure_bpffs(pin_dir: &Path) -> Result<(), HostError> {
             if right.split_whitespace().next()? != "bpf" {
                 return None;
             }
-            Some(PathBuf::from(unescape_mountinfo(
-                left.split_whitespace().nth(4)?,
-            )))
+            Some(PathBuf::from(unescape_mountinfo(left.split_whitespace().nth(4)?)))
         })
         .collect();
     if bpf_mounts.iter().any(|m| pin_dir.starts_with(m)) {
@@ -248,26 +206,11 @@ pub fn ensure_bpffs(pin_dir: &Path) -> Result<(), HostError> {
     }
     let target = Path::new("/sys/fs/bpf");
     if !pin_dir.starts_with(target) {
-        return Err(HostError::NoBpffs {
-            path: pin_dir.to_path_buf(),
-            err: io::Error::other("no bpffs is mounted above it"),
-        });
+        return Err(HostError::NoBpffs { path: pin_dir.to_path_buf(), err: io::Error::other("no bpffs is mounted above it") });
     }
-    fs::create_dir_all(target).map_err(|err| HostError::NoBpffs {
-        path: pin_dir.to_path_buf(),
-        err,
-    })?;
-    nix::mount::mount(
-        Some("bpf"),
-        target,
-        Some("bpf"),
-        nix::mount::MsFlags::empty(),
-        None::<&str>,
-    )
-    .map_err(|e| HostError::NoBpffs {
-        path: pin_dir.to_path_buf(),
-        err: e.into(),
-    })
+    fs::create_dir_all(target).map_err(|err| HostError::NoBpffs { path: pin_dir.to_path_buf(), err })?;
+    nix::mount::mount(Some("bpf"), target, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
+        .map_err(|e| HostError::NoBpffs { path: pin_dir.to_path_buf(), err: e.into() })
 }
 
 #[cfg(test)]
@@ -279,20 +222,14 @@ mod tests {
         let info = "31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755\n\
                     32 31 0:29 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu\n\
                     41 31 0:38 / /sys/fs/cgroup/unified rw,relatime shared:9 - cgroup2 cgroup2 rw\n";
-        assert_eq!(
-            find_mount(info, "cgroup2"),
-            Some(PathBuf::from("/sys/fs/cgroup/unified"))
-        );
+        assert_eq!(find_mount(info, "cgroup2"), Some(PathBuf::from("/sys/fs/cgroup/unified")));
         assert_eq!(find_mount(info, "bpf"), None);
     }
 
     #[test]
     fn unescapes_spaces_in_mount_points() {
         let info = "41 31 0:38 / /mnt/with\\040space rw - cgroup2 cgroup2 rw\n";
-        assert_eq!(
-            find_mount(info, "cgroup2"),
-            Some(PathBuf::from("/mnt/with space"))
-        );
+        assert_eq!(find_mount(info, "cgroup2"), Some(PathBuf::from("/mnt/with space")));
     }
 
     #[test]
@@ -305,12 +242,7 @@ mod tests {
 
     #[test]
     fn containment_is_by_path_component() {
-        let cg = |rel: &str| Cgroup {
-            rel: rel.into(),
-            dir: PathBuf::new(),
-            id: 0,
-            level: 0,
-        };
+        let cg = |rel: &str| Cgroup { rel: rel.into(), dir: PathBuf::new(), id: 0, level: 0 };
         assert!(is_within(&cg("a/b"), &cg("a")));
         assert!(is_within(&cg("a"), &cg("a")));
         assert!(is_within(&cg("x"), &cg("")));

@@ -4,7 +4,8 @@
 //! - [`config`]: typed, validated configuration
 //! - [`host`]: cgroup2 / bpffs discovery on the node
 //! - [`ebpf`]: load, attach, pin and adopt the kernel programs; map access (only module using aya)
-//! - [`net`]: interceptor listeners, address newtypes, original-destination recovery
+//! - [`net`]: interceptor listeners, address newtypes, original-destination recovery, TLS
+//! - [`pg`]: the PostgreSQL wire protocol (framing, messages, errors); no I/O
 //! - [`identity`]: kernel record → named workload
 //! - [`session`]: one task per connection
 //! - [`protection`]: what is protected, kept in sync with config and `phigate protect`
@@ -18,6 +19,7 @@ pub mod ebpf;
 pub mod host;
 pub mod identity;
 pub mod net;
+pub mod pg;
 pub mod protection;
 pub mod session;
 pub mod status;

@@ -29,11 +29,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             let is_config = |c: &(dyn std::error::Error + 'static)| {
-                c.downcast_ref::<ConfigError>().is_some()
-                    || matches!(
-                        c.downcast_ref::<protection::ProtectError>(),
-                        Some(protection::ProtectError::Config(_))
-                    )
+                c.downcast_ref::<ConfigError>().is_some() || matches!(c.downcast_ref::<protection::ProtectError>(), Some(protection::ProtectError::Config(_)))
             };
             let code = if e.chain().any(is_config) { 2 } else { 1 };
             eprintln!("phigate: {e:#}");
@@ -43,20 +39,11 @@ fn main() -> ExitCode {
 }
 
 fn init_logging(config: &Config) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("PHIGATE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PHIGATE_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     use std::io::IsTerminal;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(std::io::stderr().is_terminal());
     match config.agent.log_format {
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
-            .with_span_list(false)
-            .init(),
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).with_span_list(false).init(),
         LogFormat::Text => builder.init(),
     }
 }
@@ -65,9 +52,7 @@ fn dispatch(command: Command, config: Config) -> anyhow::Result<()> {
     let layout = PinLayout::new(&config.agent.pin_dir);
     match command {
         Command::Run => {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()?;
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             rt.block_on(app::run(config))
         }
         Command::Status { json } => {
@@ -79,36 +64,26 @@ fn dispatch(command: Command, config: Config) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Protect {
-            cgroup,
-            identity,
-            create,
-        } => {
-            phigate_agent::config::check_identity(&identity)
-                .map_err(|p| anyhow::anyhow!("--identity: {p}"))?;
-            phigate_agent::config::check_cgroup_path(&cgroup)
-                .map_err(|p| anyhow::anyhow!("--cgroup: {p}"))?;
+        Command::Protect { cgroup, identity, create } => {
+            phigate_agent::config::check_identity(&identity).map_err(|p| anyhow::anyhow!("--identity: {p}"))?;
+            phigate_agent::config::check_cgroup_path(&cgroup).map_err(|p| anyhow::anyhow!("--cgroup: {p}"))?;
             let cgroups = CgroupFs::discover(config.agent.cgroup_root.as_deref())?;
             let state = KernelState::open(&layout)?;
-            let e = protection::protect_runtime(
-                &state,
-                &cgroups,
-                &config.agent.attach_cgroup,
-                &cgroup,
-                &identity,
-                create,
-            )?;
-            println!("protected /{} (cgroup id {}) as {}: its new connections to protected databases go through phigate now", e.cgroup, e.cgroup_id, e.identity);
+            let e = protection::protect_runtime(&state, &cgroups, &config.agent.attach_cgroup, &cgroup, &identity, create)?;
+            println!(
+                "protected /{} (cgroup id {}) as {}: its new connections to protected databases go through phigate now",
+                e.cgroup, e.cgroup_id, e.identity
+            );
+            if config.identity(&identity).is_none() {
+                println!("note: {} has no [[identity]] entry named {identity:?}; phigate refuses its connections until one is added", config.path.display());
+            }
             Ok(())
         }
         Command::Unprotect { cgroup } => {
             let cgroups = CgroupFs::discover(config.agent.cgroup_root.as_deref())?;
             let state = KernelState::open(&layout)?;
             let e = protection::unprotect_runtime(&state, &cgroups, &cgroup)?;
-            println!(
-                "unprotected /{} (identity {}): its new connections are no longer redirected",
-                e.cgroup, e.identity
-            );
+            println!("unprotected /{} (identity {}): its new connections are no longer redirected", e.cgroup, e.identity);
             if e.source == "config" {
                 println!("note: the configuration protects this cgroup; it will be protected again when the agent restarts with {}", config.path.display());
             }
@@ -125,17 +100,9 @@ fn dispatch(command: Command, config: Config) -> anyhow::Result<()> {
             }
             let report = ebpf::detach(&layout)?;
             if report.links.is_empty() && report.maps.is_empty() {
-                println!(
-                    "nothing pinned at {}; nothing to detach",
-                    layout.root().display()
-                );
+                println!("nothing pinned at {}; nothing to detach", layout.root().display());
             } else {
-                println!(
-                    "detached {} programs and removed {} pinned maps from {}",
-                    report.links.len(),
-                    report.maps.len(),
-                    layout.root().display()
-                );
+                println!("detached {} programs and removed {} pinned maps from {}", report.links.len(), report.maps.len(), layout.root().display());
             }
             Ok(())
         }

@@ -51,11 +51,7 @@ pub fn entries(state: &KernelState) -> Result<Vec<ProtectedEntry>, EbpfError> {
             cgroup_id: id,
             cgroup: c_str(&v.path),
             identity: c_str(&v.identity),
-            source: if v.source == source::CONFIG {
-                "config"
-            } else {
-                "runtime"
-            },
+            source: if v.source == source::CONFIG { "config" } else { "runtime" },
         })
         .collect();
     out.sort_by(|a, b| a.cgroup.cmp(&b.cgroup));
@@ -63,37 +59,33 @@ pub fn entries(state: &KernelState) -> Result<Vec<ProtectedEntry>, EbpfError> {
 }
 
 fn value(cg: &Cgroup, identity: &str, src: u32) -> ProtectedCgroup {
-    ProtectedCgroup {
-        identity: fixed(identity),
-        path: fixed(&cg.rel),
-        source: src,
-        _pad: 0,
-    }
+    ProtectedCgroup { identity: fixed(identity), path: fixed(&cg.rel), source: src, _pad: 0 }
 }
 
 /// Resolve the configured `protect` rules to cgroups (creating those marked `create`),
 /// with errors that name the config key.
-pub fn resolve_config_rules(
-    config: &Config,
-    cgroups: &CgroupFs,
-    attach: &Cgroup,
-) -> Result<Vec<(Cgroup, String)>, ProtectError> {
+pub fn resolve_config_rules(config: &Config, cgroups: &CgroupFs, attach: &Cgroup) -> Result<Vec<(Cgroup, String)>, ProtectError> {
     let mut out = Vec::new();
     for (i, rule) in config.protect.iter().enumerate() {
         let key = format!("protect[{i}].cgroup");
-        let cg = if rule.create {
-            cgroups.ensure(&rule.cgroup)
-        } else {
-            cgroups.resolve(&rule.cgroup)
-        };
+        let cg = if rule.create { cgroups.ensure(&rule.cgroup) } else { cgroups.resolve(&rule.cgroup) };
         let cg = cg.map_err(|e| match e {
-            HostError::CgroupMissing { path } => config.invalid(&key, format!("cgroup {} does not exist", path.display()), "Create it (mkdir), fix the path, or add `create = true` to this [[protect]] entry."),
+            HostError::CgroupMissing { path } => config.invalid(
+                &key,
+                format!("cgroup {} does not exist", path.display()),
+                "Create it (mkdir), fix the path, or add `create = true` to this [[protect]] entry.",
+            ),
             other => config.invalid(&key, other, "Fix the path."),
         })?;
-        check_depth(&cg)
-            .map_err(|e| config.invalid(&key, e, "Protect a cgroup closer to the root."))?;
+        check_depth(&cg).map_err(|e| config.invalid(&key, e, "Protect a cgroup closer to the root."))?;
         if !is_within(&cg, attach) {
-            return Err(config.invalid(&key, format!("/{} is outside agent.attach_cgroup /{}", cg.rel, attach.rel), "Protect a cgroup under the attach cgroup, or move agent.attach_cgroup up to a common ancestor.").into());
+            return Err(config
+                .invalid(
+                    &key,
+                    format!("/{} is outside agent.attach_cgroup /{}", cg.rel, attach.rel),
+                    "Protect a cgroup under the attach cgroup, or move agent.attach_cgroup up to a common ancestor.",
+                )
+                .into());
         }
         out.push((cg, rule.identity.clone()));
     }
@@ -130,10 +122,7 @@ pub fn check_agent_not_covered(
             Err(_) => agent.id == id,
         };
         if covered {
-            return Err(ProtectError::CoversAgent {
-                cgroup: path,
-                pid: agent_pid,
-            });
+            return Err(ProtectError::CoversAgent { cgroup: path, pid: agent_pid });
         }
     }
     Ok(())
@@ -148,18 +137,11 @@ pub fn protect_runtime(
     identity: &str,
     create: bool,
 ) -> Result<ProtectedEntry, ProtectError> {
-    let cg = if create {
-        cgroups.ensure(path)?
-    } else {
-        cgroups.resolve(path)?
-    };
+    let cg = if create { cgroups.ensure(path)? } else { cgroups.resolve(path)? };
     check_depth(&cg)?;
     let attach = cgroups.resolve(attach_rel)?;
     if !is_within(&cg, &attach) {
-        return Err(ProtectError::OutsideAttach {
-            cgroup: cg.rel,
-            attach: attach.rel,
-        });
+        return Err(ProtectError::OutsideAttach { cgroup: cg.rel, attach: attach.rel });
     }
     let settings = state.settings()?;
     if let Some(pid) = running_agent(settings.agent_tgid) {
@@ -168,20 +150,11 @@ pub fn protect_runtime(
         }
     }
     state.protect(cg.id, value(&cg, identity, source::RUNTIME))?;
-    Ok(ProtectedEntry {
-        cgroup_id: cg.id,
-        cgroup: cg.rel,
-        identity: identity.to_string(),
-        source: "runtime",
-    })
+    Ok(ProtectedEntry { cgroup_id: cg.id, cgroup: cg.rel, identity: identity.to_string(), source: "runtime" })
 }
 
 /// `phigate unprotect`: by path, or by the stored path when the directory is gone.
-pub fn unprotect_runtime(
-    state: &KernelState,
-    cgroups: &CgroupFs,
-    path: &str,
-) -> Result<ProtectedEntry, ProtectError> {
+pub fn unprotect_runtime(state: &KernelState, cgroups: &CgroupFs, path: &str) -> Result<ProtectedEntry, ProtectError> {
     let wanted = path.trim_matches('/').to_string();
     let current = entries(state)?;
     let entry = match cgroups.resolve(path) {
@@ -195,10 +168,7 @@ pub fn unprotect_runtime(
 
 /// The database entries the kernel maps should hold for this configuration, with the
 /// listener addresses actually bound.
-pub fn database_entries(
-    config: &Config,
-    bound: &[(SocketAddr, Option<SocketAddr>)],
-) -> Vec<DbEntry> {
+pub fn database_entries(config: &Config, bound: &[(SocketAddr, Option<SocketAddr>)]) -> Vec<DbEntry> {
     let mut out = Vec::new();
     for (i, (db, (l4, l6))) in config.databases.iter().zip(bound).enumerate() {
         let listen4 = match l4 {
@@ -210,14 +180,7 @@ pub fn database_entries(
             _ => None,
         };
         for prefix in &db.addresses {
-            out.push(DbEntry {
-                prefix: *prefix,
-                port: db.port,
-                db_index: i as u32,
-                name: db.name.clone(),
-                listen4,
-                listen6,
-            });
+            out.push(DbEntry { prefix: *prefix, port: db.port, db_index: i as u32, name: db.name.clone(), listen4, listen6 });
         }
     }
     out

@@ -69,12 +69,7 @@ fn db_status(e: DbEntry) -> DatabaseStatus {
     if let Some((a, p)) = e.listen6 {
         listen.push(format!("[{a}]:{p}"));
     }
-    DatabaseStatus {
-        name: e.name,
-        prefix: e.prefix.to_string(),
-        port: e.port,
-        listen,
-    }
+    DatabaseStatus { name: e.name, prefix: e.prefix.to_string(), port: e.port, listen }
 }
 
 pub fn render_text(s: &Status) -> String {
@@ -86,32 +81,17 @@ pub fn render_text(s: &Status) -> String {
             let _ = writeln!(out, "agent: running (pid {pid})");
         }
         None => {
-            let _ = writeln!(
-                out,
-                "agent: NOT RUNNING — protected connections are refused until it starts"
-            );
+            let _ = writeln!(out, "agent: NOT RUNNING — protected connections are refused until it starts");
         }
     }
     let _ = writeln!(out, "\nprograms:");
     for p in &s.programs {
         match (p.attached, p.link_id, p.prog_id, p.cgroup_id) {
             (true, Some(l), Some(pr), Some(cg)) => {
-                let _ = writeln!(
-                    out,
-                    "  {:<22} attached  link {l:<5} prog {pr:<5} cgroup id {cg}",
-                    p.program
-                );
+                let _ = writeln!(out, "  {:<22} attached  link {l:<5} prog {pr:<5} cgroup id {cg}", p.program);
             }
             _ => {
-                let _ = writeln!(
-                    out,
-                    "  {:<22} NOT ATTACHED{}",
-                    p.program,
-                    p.error
-                        .as_deref()
-                        .map(|e| format!(" ({e})"))
-                        .unwrap_or_default()
-                );
+                let _ = writeln!(out, "  {:<22} NOT ATTACHED{}", p.program, p.error.as_deref().map(|e| format!(" ({e})")).unwrap_or_default());
             }
         }
     }
@@ -120,25 +100,14 @@ pub fn render_text(s: &Status) -> String {
         let _ = writeln!(out, "  (none)");
     }
     for c in &s.protected_cgroups {
-        let _ = writeln!(
-            out,
-            "  /{:<40} identity {:<24} id {:<10} ({})",
-            c.cgroup, c.identity, c.cgroup_id, c.source
-        );
+        let _ = writeln!(out, "  /{:<40} identity {:<24} id {:<10} ({})", c.cgroup, c.identity, c.cgroup_id, c.source);
     }
     let _ = writeln!(out, "\nprotected databases:");
     if s.databases.is_empty() {
         let _ = writeln!(out, "  (none)");
     }
     for d in &s.databases {
-        let _ = writeln!(
-            out,
-            "  {:<16} {}:{} -> {}",
-            d.name,
-            d.prefix,
-            d.port,
-            d.listen.join(", ")
-        );
+        let _ = writeln!(out, "  {:<16} {}:{} -> {}", d.name, d.prefix, d.port, d.listen.join(", "));
     }
     let c = &s.counters;
     let _ = writeln!(out, "\ncounters:");

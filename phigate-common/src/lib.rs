@@ -44,16 +44,7 @@ pub mod maps {
     pub const COUNTERS: &str = "PG_COUNTERS";
     pub const EVENTS: &str = "PG_EVENTS";
 
-    pub const ALL: [&str; 8] = [
-        PROTECTED_CGROUPS,
-        DB4,
-        DB6,
-        ORIG_DST,
-        SOCK_RECORD,
-        SETTINGS,
-        COUNTERS,
-        EVENTS,
-    ];
+    pub const ALL: [&str; 8] = [PROTECTED_CGROUPS, DB4, DB6, ORIG_DST, SOCK_RECORD, SETTINGS, COUNTERS, EVENTS];
 
     pub const PROTECTED_CGROUPS_MAX: u32 = 4096;
     pub const DB_PREFIXES_MAX: u32 = 1024;
@@ -73,15 +64,7 @@ pub mod programs {
     pub const EGRESS: &str = "phigate_egress";
     pub const SOCK_CREATE: &str = "phigate_sock_create";
 
-    pub const ALL: [&str; 7] = [
-        CONNECT4,
-        CONNECT6,
-        GETPEERNAME4,
-        GETPEERNAME6,
-        SOCK_OPS,
-        EGRESS,
-        SOCK_CREATE,
-    ];
+    pub const ALL: [&str; 7] = [CONNECT4, CONNECT6, GETPEERNAME4, GETPEERNAME6, SOCK_OPS, EGRESS, SOCK_CREATE];
 }
 
 /// Length of the identity name stored with a protected cgroup.

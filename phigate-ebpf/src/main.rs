@@ -34,9 +34,8 @@ use aya_ebpf::{
     bindings::{bpf_sock, bpf_sock_addr, BPF_SOCK_OPS_TCP_CONNECT_CB},
     btf_maps::SkStorage,
     helpers::generated::{
-        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_netns_cookie,
-        bpf_get_socket_cookie, bpf_get_socket_uid, bpf_ktime_get_ns, bpf_sk_storage_get,
-        bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_get_socket_uid, bpf_ktime_get_ns,
+        bpf_sk_storage_get, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
     },
     helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid},
     macros::{btf_map, cgroup_skb, cgroup_sock, cgroup_sock_addr, map, sock_ops},
@@ -44,8 +43,8 @@ use aya_ebpf::{
     programs::{SkBuffContext, SockAddrContext, SockContext, SockOpsContext},
 };
 use phigate_common::{
-    counter, event, maps as m, reason, setting, target, ConnectRecord, Db4Key, Db6Key, DbTarget,
-    Event, OrigDstKey, ProtectedCgroup, Settings, AF_INET, AF_INET6, COMM_LEN, MAX_CGROUP_DEPTH,
+    counter, event, maps as m, reason, setting, target, ConnectRecord, Db4Key, Db6Key, DbTarget, Event, OrigDstKey, ProtectedCgroup, Settings, AF_INET,
+    AF_INET6, COMM_LEN, MAX_CGROUP_DEPTH,
 };
 
 // cgroup_sock_addr / cgroup_skb / sock_create return codes: 1 lets the operation
@@ -65,8 +64,7 @@ const ETH_P_IPV6: u16 = 0x86DD;
 
 /// Protected cgroups by cgroup id. Presence is protection; the value is metadata.
 #[map(name = "PG_CGROUPS")]
-static PG_CGROUPS: HashMap<u64, ProtectedCgroup> =
-    HashMap::with_max_entries(m::PROTECTED_CGROUPS_MAX, 0);
+static PG_CGROUPS: HashMap<u64, ProtectedCgroup> = HashMap::with_max_entries(m::PROTECTED_CGROUPS_MAX, 0);
 
 /// Protected IPv4 databases: longest-prefix match on (port, address).
 #[map(name = "PG_DB4")]
@@ -80,8 +78,7 @@ static PG_DB6: LpmTrie<Db6Key, DbTarget> = LpmTrie::with_max_entries(m::DB_PREFI
 /// a client that resets before accept leaves its record to age out instead of filling
 /// the map (the interceptor deletes what it reads).
 #[map(name = "PG_ORIGDST")]
-static PG_ORIGDST: LruHashMap<OrigDstKey, ConnectRecord> =
-    LruHashMap::with_max_entries(m::ORIG_DST_MAX, 0);
+static PG_ORIGDST: LruHashMap<OrigDstKey, ConnectRecord> = LruHashMap::with_max_entries(m::ORIG_DST_MAX, 0);
 
 /// Agent settings (one entry).
 #[map(name = "PG_SETTINGS")]
@@ -178,9 +175,7 @@ fn skb_protected_cgroup(skb: *mut aya_ebpf::bindings::__sk_buff) -> Option<(u64,
 
 #[inline(always)]
 fn mapped_v4(addr_be: [u8; 4]) -> [u8; 16] {
-    [
-        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, addr_be[0], addr_be[1], addr_be[2], addr_be[3],
-    ]
+    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, addr_be[0], addr_be[1], addr_be[2], addr_be[3]]
 }
 
 #[inline(always)]
@@ -240,14 +235,7 @@ fn refuse_connect(why: u32, protected: u64, addr: [u8; 16], port: u16) -> i32 {
 }
 
 /// Fill the socket's connection record. Returns false if storage could not be had.
-fn remember(
-    ctx: &SockAddrContext,
-    orig_addr: [u8; 16],
-    orig_port: u16,
-    family: u32,
-    protected: u64,
-    db_index: u32,
-) -> bool {
+fn remember(ctx: &SockAddrContext, orig_addr: [u8; 16], orig_port: u16, family: u32, protected: u64, db_index: u32) -> bool {
     // SAFETY: get_or_insert dereferences the context's socket, which the kernel
     // guarantees for connect hooks; a null result is handled.
     let rec = unsafe { PG_SKREC.get_or_insert_ptr_mut(ctx, None) };
@@ -296,13 +284,7 @@ fn try_connect4(ctx: &SockAddrContext) -> i32 {
     let ip = sa.user_ip4.to_ne_bytes();
     let port_be = (sa.user_port as u16).to_ne_bytes();
     // Cheapest test first: most connects are not to a protected database.
-    let key = Key::new(
-        16 + 32,
-        Db4Key {
-            port: port_be,
-            addr: ip,
-        },
-    );
+    let key = Key::new(16 + 32, Db4Key { port: port_be, addr: ip });
     let Some(db) = PG_DB4.get(&key) else {
         return ALLOW;
     };
@@ -337,24 +319,13 @@ fn try_connect6(ctx: &SockAddrContext) -> i32 {
     // SAFETY: the context is valid for the program's run.
     let sa: &mut bpf_sock_addr = unsafe { &mut *ctx.sock_addr };
     // Word-sized reads: the verifier rejects 64-bit loads at offset 12 of user_ip6.
-    let words = [
-        sa.user_ip6[0],
-        sa.user_ip6[1],
-        sa.user_ip6[2],
-        sa.user_ip6[3],
-    ];
+    let words = [sa.user_ip6[0], sa.user_ip6[1], sa.user_ip6[2], sa.user_ip6[3]];
     let port_be = (sa.user_port as u16).to_ne_bytes();
     let port = u16::from_be_bytes(port_be);
 
     if is_v4_mapped(&words) {
         let ip = sa.user_ip6[3].to_ne_bytes();
-        let key = Key::new(
-            16 + 32,
-            Db4Key {
-                port: port_be,
-                addr: ip,
-            },
-        );
+        let key = Key::new(16 + 32, Db4Key { port: port_be, addr: ip });
         let Some(db) = PG_DB4.get(&key) else {
             return ALLOW;
         };
@@ -380,13 +351,7 @@ fn try_connect6(ctx: &SockAddrContext) -> i32 {
     }
 
     let addr = words_to_bytes(words);
-    let key = Key::new(
-        16 + 128,
-        Db6Key {
-            port: port_be,
-            addr,
-        },
-    );
+    let key = Key::new(16 + 128, Db6Key { port: port_be, addr });
     let Some(db) = PG_DB6.get(&key) else {
         return ALLOW;
     };
@@ -434,14 +399,7 @@ fn try_sock_ops(ctx: &SockOpsContext) {
     if sk.is_null() {
         return;
     }
-    let rec = unsafe {
-        bpf_sk_storage_get(
-            ptr::addr_of!(PG_SKREC) as *mut c_void,
-            sk as *mut c_void,
-            ptr::null_mut(),
-            0,
-        )
-    } as *const ConnectRecord;
+    let rec = unsafe { bpf_sk_storage_get(ptr::addr_of!(PG_SKREC) as *mut c_void, sk as *mut c_void, ptr::null_mut(), 0) } as *const ConnectRecord;
     if rec.is_null() {
         // Not a redirected socket.
         return;
@@ -503,12 +461,7 @@ pub fn phigate_getpeername4(ctx: SockAddrContext) -> i32 {
     unsafe {
         let r = &*rec;
         let sa = &mut *ctx.sock_addr;
-        sa.user_ip4 = u32::from_ne_bytes([
-            r.orig_addr[12],
-            r.orig_addr[13],
-            r.orig_addr[14],
-            r.orig_addr[15],
-        ]);
+        sa.user_ip4 = u32::from_ne_bytes([r.orig_addr[12], r.orig_addr[13], r.orig_addr[14], r.orig_addr[15]]);
         sa.user_port = u32::from(r.orig_port.to_be());
     }
     ALLOW
@@ -566,22 +519,10 @@ fn try_egress(ctx: &SkBuffContext) -> i32 {
     // IPv4 packets carry their destination in mapped form here; an IPv6 packet to a
     // mapped address is judged against the IPv4 databases too.
     let is_db = if proto == ETH_P_IP || is_v4_mapped_bytes(&addr) {
-        let key = Key::new(
-            16 + 32,
-            Db4Key {
-                port: port_be,
-                addr: [addr[12], addr[13], addr[14], addr[15]],
-            },
-        );
+        let key = Key::new(16 + 32, Db4Key { port: port_be, addr: [addr[12], addr[13], addr[14], addr[15]] });
         PG_DB4.get(&key).is_some()
     } else {
-        let key = Key::new(
-            16 + 128,
-            Db6Key {
-                port: port_be,
-                addr,
-            },
-        );
+        let key = Key::new(16 + 128, Db6Key { port: port_be, addr });
         PG_DB6.get(&key).is_some()
     };
     if !is_db {
@@ -714,14 +655,7 @@ pub fn phigate_sock_create(ctx: SockContext) -> i32 {
     count(counter::RAW_SOCKET_DENIED);
     // SAFETY: helper without arguments.
     let own = unsafe { bpf_get_current_cgroup_id() };
-    report(
-        event::RAW_SOCKET_DENIED,
-        reason::NONE,
-        own,
-        protected,
-        [0; 16],
-        0,
-    );
+    report(event::RAW_SOCKET_DENIED, reason::NONE, own, protected, [0; 16], 0);
     REFUSE
 }
 

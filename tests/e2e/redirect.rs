@@ -5,7 +5,7 @@
 use std::{net::SocketAddrV4, process::Command, time::Duration};
 
 use phigate_tests::{
-    agent::DbSpec,
+    agent::{DbSpec, IdentitySpec},
     env::skip,
     pg::{psql, PgOptions},
     probe::{probe, probe_as_child, HeldProbe, TcpObserver},
@@ -27,12 +27,7 @@ fn setup_with(configure: impl FnOnce(AgentConfig, &PgServer, &TestCgroup) -> Age
     let cg = TestCgroup::new();
     cg.child("prot");
     cg.child("unprot");
-    let base = AgentConfig::new(&cg).database(DbSpec::new(
-        "clinical",
-        &["127.0.0.2/32"],
-        pg.port(),
-        pg.socket_addr(),
-    ));
+    let base = AgentConfig::new(&cg).database(DbSpec::new("clinical", &["127.0.0.2/32"], pg.port(), pg.socket_addr()));
     let cfg = configure(base, &pg, &cg);
     let agent = Agent::start(&cfg).expect("agent starts");
     Setup { agent, cg, pg }
@@ -52,10 +47,7 @@ fn pid(v: &Value) -> u32 {
 
 fn assert_reached_pg(v: &Value) {
     assert_eq!(v["connect"], "ok", "connect failed: {v}");
-    assert_eq!(
-        v["pg"], "R",
-        "PostgreSQL did not answer the startup message: {v}"
-    );
+    assert_eq!(v["pg"], "R", "PostgreSQL did not answer the startup message: {v}");
 }
 
 #[test]
@@ -67,15 +59,8 @@ fn protected_client_reaches_database_through_agent_with_identity_and_original_de
     let v = probe(Some(&s.cg.child_dir("prot")), &["connect", &db(&s)]);
     assert_reached_pg(&v);
     // getpeername shows the database, not the interceptor.
-    assert_eq!(
-        v["peer"],
-        db(&s),
-        "getpeername must show the database address: {v}"
-    );
-    let rec = s
-        .agent
-        .accepted_for_pid(pid(&v))
-        .expect("the agent recorded the connection");
+    assert_eq!(v["peer"], db(&s), "getpeername must show the database address: {v}");
+    let rec = s.agent.accepted_for_pid(pid(&v)).expect("the agent recorded the connection");
     assert_eq!(rec["identity"], "billing-agent");
     assert_eq!(rec["span"]["orig_dst"], db(&s));
     assert_eq!(rec["comm"], "phigate-probe");
@@ -85,24 +70,10 @@ fn protected_client_reaches_database_through_agent_with_identity_and_original_de
     assert_eq!(rec["span"]["client"], v["local"]);
 
     // psql, a real client, through the same path.
-    let out = psql(
-        "127.0.0.2",
-        s.pg.port(),
-        "select 40 + 2",
-        Some(&s.cg.child_dir("prot")),
-    );
-    assert!(
-        out.status.success(),
-        "psql failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = psql("127.0.0.2", s.pg.port(), "select 40 + 2", Some(&s.cg.child_dir("prot")));
+    assert!(out.status.success(), "psql failed: {}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "42");
-    let psql_rec = phigate_tests::wait_for(Duration::from_secs(5), || {
-        s.agent
-            .events_named("connection accepted")
-            .into_iter()
-            .find(|e| e["comm"] == "psql")
-    });
+    let psql_rec = phigate_tests::wait_for(Duration::from_secs(5), || s.agent.events_named("connection accepted").into_iter().find(|e| e["comm"] == "psql"));
     let psql_rec = psql_rec.expect("psql's connection went through the agent");
     assert_eq!(psql_rec["identity"], "billing-agent");
     assert!(s.agent.counter("redirected") >= 2);
@@ -118,13 +89,7 @@ fn unprotected_process_is_not_redirected() {
     let v = probe(Some(&s.cg.child_dir("unprot")), &["connect", &db(&s)]);
     assert_reached_pg(&v);
     std::thread::sleep(Duration::from_millis(200));
-    assert!(
-        s.agent
-            .events_named("connection accepted")
-            .iter()
-            .all(|e| e["pid"] != pid(&v)),
-        "unprotected connection went through the agent"
-    );
+    assert!(s.agent.events_named("connection accepted").iter().all(|e| e["pid"] != pid(&v)), "unprotected connection went through the agent");
     assert_eq!(s.agent.counter("redirected"), before);
     // The test process itself is outside the attach cgroup entirely.
     let v = probe(None, &["connect", &db(&s)]);
@@ -141,21 +106,10 @@ fn child_processes_and_nested_cgroups_are_covered() {
     s.cg.child("prot/nested/deeper");
     let v = probe_as_child(&s.cg.child_dir("prot/nested/deeper"), &["connect", &db(&s)]);
     assert_reached_pg(&v);
-    let rec = s
-        .agent
-        .accepted_for_pid(pid(&v))
-        .expect("nested child went through the agent");
+    let rec = s.agent.accepted_for_pid(pid(&v)).expect("nested child went through the agent");
     assert_eq!(rec["identity"], "billing-agent");
-    assert_eq!(
-        rec["protected_cgroup_id"],
-        s.cg.child_id("prot"),
-        "matched by the protected ancestor"
-    );
-    assert_eq!(
-        rec["cgroup_id"],
-        s.cg.child_id("prot/nested/deeper"),
-        "the caller's own cgroup is recorded"
-    );
+    assert_eq!(rec["protected_cgroup_id"], s.cg.child_id("prot"), "matched by the protected ancestor");
+    assert_eq!(rec["cgroup_id"], s.cg.child_id("prot/nested/deeper"), "the caller's own cgroup is recorded");
 }
 
 #[test]
@@ -166,15 +120,8 @@ fn ipv4_mapped_ipv6_connect_is_redirected() {
     let s = setup();
     let v = probe(Some(&s.cg.child_dir("prot")), &["mapped", &db(&s)]);
     assert_reached_pg(&v);
-    assert_eq!(
-        v["peer"],
-        format!("[::ffff:127.0.0.2]:{}", s.pg.port()),
-        "getpeername6 restores the mapped address"
-    );
-    let rec = s
-        .agent
-        .accepted_for_pid(pid(&v))
-        .expect("mapped connect went through the agent");
+    assert_eq!(v["peer"], format!("[::ffff:127.0.0.2]:{}", s.pg.port()), "getpeername6 restores the mapped address");
+    let rec = s.agent.accepted_for_pid(pid(&v)).expect("mapped connect went through the agent");
     assert_eq!(rec["span"]["orig_dst"], db(&s));
 }
 
@@ -190,22 +137,15 @@ fn native_ipv6_database_address_is_redirected() {
         spec.listen6 = true;
         let mut c = c;
         c.databases.clear();
-        c.database(spec)
-            .protect(&format!("{}/prot", cg.rel()), "billing-agent")
+        c.database(spec).protect(&format!("{}/prot", cg.rel()), "billing-agent")
     });
     let target = format!("[::1]:{}", s.pg.port());
     let direct = probe(Some(&s.cg.child_dir("unprot")), &["connect", &target]);
-    assert_eq!(
-        direct["connect"], "error",
-        "nothing listens on [::1] directly: {direct}"
-    );
+    assert_eq!(direct["connect"], "error", "nothing listens on [::1] directly: {direct}");
     let v = probe(Some(&s.cg.child_dir("prot")), &["connect", &target]);
     assert_reached_pg(&v);
     assert_eq!(v["peer"], target);
-    let rec = s
-        .agent
-        .accepted_for_pid(pid(&v))
-        .expect("IPv6 connect went through the agent");
+    let rec = s.agent.accepted_for_pid(pid(&v)).expect("IPv6 connect went through the agent");
     assert_eq!(rec["span"]["orig_dst"], target);
 }
 
@@ -217,10 +157,7 @@ fn tcp_fast_open_is_redirected() {
     let s = setup();
     let v = probe(Some(&s.cg.child_dir("prot")), &["tfo", &db(&s)]);
     assert_reached_pg(&v);
-    let rec = s
-        .agent
-        .accepted_for_pid(pid(&v))
-        .expect("sendto(MSG_FASTOPEN) went through the agent");
+    let rec = s.agent.accepted_for_pid(pid(&v)).expect("sendto(MSG_FASTOPEN) went through the agent");
     assert_eq!(rec["identity"], "billing-agent");
 }
 
@@ -238,16 +175,10 @@ fn other_address_inside_protected_prefix_is_redirected() {
     });
     let other = format!("127.0.0.3:{}", s.pg.port());
     let direct = probe(Some(&s.cg.child_dir("unprot")), &["connect", &other]);
-    assert_eq!(
-        direct["connect"], "error",
-        "nothing listens on 127.0.0.3 directly: {direct}"
-    );
+    assert_eq!(direct["connect"], "error", "nothing listens on 127.0.0.3 directly: {direct}");
     let v = probe(Some(&s.cg.child_dir("prot")), &["connect", &other]);
     assert_reached_pg(&v);
-    let rec = s
-        .agent
-        .accepted_for_pid(pid(&v))
-        .expect("went through the agent");
+    let rec = s.agent.accepted_for_pid(pid(&v)).expect("went through the agent");
     assert_eq!(rec["span"]["orig_dst"], other);
 }
 
@@ -263,12 +194,7 @@ fn protected_connection_that_cannot_be_redirected_is_refused_with_eperm() {
     assert_eq!(v["connect"], "error", "{v}");
     assert_eq!(v["errno"], libc::EPERM, "{v}");
     assert_eq!(s.agent.counter("refused"), 1);
-    let ev = phigate_tests::wait_for(Duration::from_secs(5), || {
-        s.agent
-            .events()
-            .into_iter()
-            .find(|e| e["kind"] == "connect_refused")
-    });
+    let ev = phigate_tests::wait_for(Duration::from_secs(5), || s.agent.events().into_iter().find(|e| e["kind"] == "connect_refused"));
     let ev = ev.expect("the agent reports the refused connect");
     assert_eq!(ev["reason"], "not a TCP stream socket");
     assert_eq!(ev["comm"], "phigate-probe");
@@ -285,37 +211,15 @@ fn direct_connection_to_the_listener_is_closed_without_proxying() {
     // Connecting to the interceptor's own address has no kernel record: phigate must
     // not proxy it (that would be a way to reach the database without an identity).
     let s = setup();
-    let listen = s
-        .agent
-        .listen_addr()
-        .expect("listener address logged")
-        .to_string();
+    let listen = s.agent.listen_addr().expect("listener address logged").to_string();
     let seen = s.pg.connections_received();
     let v = probe(Some(&s.cg.child_dir("unprot")), &["connect", &listen]);
     assert_eq!(v["connect"], "ok", "{v}");
-    assert_ne!(
-        v["pg"], "R",
-        "a connection without a record reached PostgreSQL: {v}"
-    );
-    let ev = phigate_tests::wait_for(Duration::from_secs(5), || {
-        s.agent
-            .events_named("refused connection")
-            .into_iter()
-            .next()
-    });
+    assert_ne!(v["pg"], "R", "a connection without a record reached PostgreSQL: {v}");
+    let ev = phigate_tests::wait_for(Duration::from_secs(5), || s.agent.events_named("refused connection").into_iter().next());
     let ev = ev.expect("the refusal is logged");
-    assert!(
-        ev["error"]
-            .as_str()
-            .unwrap()
-            .contains("no kernel redirect record"),
-        "{ev}"
-    );
-    assert_eq!(
-        s.pg.connections_received(),
-        seen,
-        "nothing reached the database"
-    );
+    assert!(ev["error"].as_str().unwrap().contains("no kernel redirect record"), "{ev}");
+    assert_eq!(s.pg.connections_received(), seen, "nothing reached the database");
 }
 
 #[test]
@@ -324,25 +228,14 @@ fn raw_socket_is_refused_in_protected_cgroup() {
         return;
     }
     let s = setup();
-    let v = probe(
-        Some(&s.cg.child_dir("prot")),
-        &["raw-syn", &db(&s), "40001"],
-    );
+    let v = probe(Some(&s.cg.child_dir("prot")), &["raw-syn", &db(&s), "40001"]);
     assert_eq!(v["socket"], "error", "raw socket must be refused: {v}");
     assert_eq!(v["errno"], libc::EPERM);
     assert_eq!(s.agent.counter("raw_sockets_denied"), 1);
-    let ev = phigate_tests::wait_for(Duration::from_secs(5), || {
-        s.agent
-            .events()
-            .into_iter()
-            .find(|e| e["kind"] == "raw_socket_denied")
-    });
+    let ev = phigate_tests::wait_for(Duration::from_secs(5), || s.agent.events().into_iter().find(|e| e["kind"] == "raw_socket_denied"));
     assert!(ev.is_some(), "the agent reports the refused raw socket");
     // Unprotected processes keep their raw sockets.
-    let v = probe(
-        Some(&s.cg.child_dir("unprot")),
-        &["raw-syn", &db(&s), "40002"],
-    );
+    let v = probe(Some(&s.cg.child_dir("unprot")), &["raw-syn", &db(&s), "40002"]);
     assert_eq!(v["socket"], "ok", "{v}");
 }
 
@@ -358,39 +251,16 @@ fn raw_syn_is_dropped_by_egress_guard_and_reported() {
     let dst: SocketAddrV4 = s.pg.addr();
     let observer = TcpObserver::new();
     // Control: the same hand-made SYN from an unprotected cgroup reaches loopback.
-    let v = probe(
-        Some(&s.cg.child_dir("unprot")),
-        &["raw-syn", &db(&s), "40011"],
-    );
+    let v = probe(Some(&s.cg.child_dir("unprot")), &["raw-syn", &db(&s), "40011"]);
     assert_eq!(v["send"], "ok", "{v}");
-    assert!(
-        observer.saw_syn(40011, dst, Duration::from_secs(2)),
-        "control SYN must be visible on loopback"
-    );
+    assert!(observer.saw_syn(40011, dst, Duration::from_secs(2)), "control SYN must be visible on loopback");
     // From the protected cgroup it never leaves.
-    let v = probe(
-        Some(&s.cg.child_dir("prot")),
-        &["raw-syn", &db(&s), "40012"],
-    );
-    assert_eq!(
-        v["socket"], "ok",
-        "raw sockets are allowed in this configuration: {v}"
-    );
-    assert_eq!(
-        v["send"], "error",
-        "the egress guard refuses the packet: {v}"
-    );
-    assert!(
-        !observer.saw_syn(40012, dst, Duration::from_secs(1)),
-        "the protected SYN reached the network"
-    );
+    let v = probe(Some(&s.cg.child_dir("prot")), &["raw-syn", &db(&s), "40012"]);
+    assert_eq!(v["socket"], "ok", "raw sockets are allowed in this configuration: {v}");
+    assert_eq!(v["send"], "error", "the egress guard refuses the packet: {v}");
+    assert!(!observer.saw_syn(40012, dst, Duration::from_secs(1)), "the protected SYN reached the network");
     assert!(s.agent.counter("bypass_dropped") >= 1);
-    let ev = phigate_tests::wait_for(Duration::from_secs(5), || {
-        s.agent
-            .events()
-            .into_iter()
-            .find(|e| e["kind"] == "bypass_dropped")
-    });
+    let ev = phigate_tests::wait_for(Duration::from_secs(5), || s.agent.events().into_iter().find(|e| e["kind"] == "bypass_dropped"));
     let ev = ev.expect("the agent reports the bypass attempt");
     assert_eq!(ev["identity"], "billing-agent");
     assert_eq!(ev["dst"], db(&s));
@@ -406,24 +276,11 @@ fn connection_opened_before_protection_is_cut_off() {
     let late = s.cg.child("late");
     let held = HeldProbe::start(&s.cg.child_dir("late"), &db(&s));
     assert_eq!(held.connected["held"], "ok", "{}", held.connected);
-    assert_eq!(
-        held.connected["peer"],
-        db(&s),
-        "connected directly, before protection"
-    );
-    let out = s
-        .agent
-        .cli(&["protect", "--cgroup", &late, "--identity", "late-agent"]);
-    assert!(
-        out.status.success(),
-        "protect failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_eq!(held.connected["peer"], db(&s), "connected directly, before protection");
+    let out = s.agent.cli(&["protect", "--cgroup", &late, "--identity", "late-agent"]);
+    assert!(out.status.success(), "protect failed: {}", String::from_utf8_lossy(&out.stderr));
     let v = held.release();
-    assert_eq!(
-        v["pg"], "timeout",
-        "data on the pre-existing connection must be dropped: {v}"
-    );
+    assert_eq!(v["pg"], "timeout", "data on the pre-existing connection must be dropped: {v}");
     assert!(s.agent.counter("bypass_dropped") >= 1);
 }
 
@@ -436,55 +293,24 @@ fn agent_sigkill_refuses_new_connections_and_restart_adopts_pinned_state() {
     let prot = s.cg.child_dir("prot");
     assert_reached_pg(&probe(Some(&prot), &["connect", &db(&s)]));
     let attached_before = attached_programs(&s.cg);
-    assert_eq!(
-        attached_before.len(),
-        7,
-        "seven programs attached: {attached_before:?}"
-    );
+    assert_eq!(attached_before.len(), 7, "seven programs attached: {attached_before:?}");
 
     s.agent.kill9();
     let seen = s.pg.connections_received();
     for _ in 0..5 {
         let v = probe(Some(&prot), &["connect", &db(&s)]);
-        assert_eq!(
-            v["connect"], "error",
-            "with the agent dead, protected connects must fail: {v}"
-        );
+        assert_eq!(v["connect"], "error", "with the agent dead, protected connects must fail: {v}");
         assert_eq!(v["errno"], libc::ECONNREFUSED, "{v}");
     }
     // Unprotected workloads are unaffected.
-    assert_reached_pg(&probe(
-        Some(&s.cg.child_dir("unprot")),
-        &["connect", &db(&s)],
-    ));
-    assert_eq!(
-        s.pg.connections_received(),
-        seen + 1,
-        "only the unprotected connection reached the database"
-    );
-    assert_eq!(
-        attached_programs(&s.cg).len(),
-        7,
-        "programs stay attached after the crash"
-    );
+    assert_reached_pg(&probe(Some(&s.cg.child_dir("unprot")), &["connect", &db(&s)]));
+    assert_eq!(s.pg.connections_received(), seen + 1, "only the unprotected connection reached the database");
+    assert_eq!(attached_programs(&s.cg).len(), 7, "programs stay attached after the crash");
 
     s.agent.spawn_and_wait().expect("agent restarts");
-    let outcomes: Vec<String> = s
-        .agent
-        .events_named("kernel program in place")
-        .iter()
-        .map(|e| e["outcome"].as_str().unwrap_or("").to_string())
-        .collect();
-    assert_eq!(
-        outcomes,
-        vec!["Adopted"; 7],
-        "restart adopts every pinned link"
-    );
-    assert_eq!(
-        attached_programs(&s.cg).len(),
-        7,
-        "no duplicate programs after restart"
-    );
+    let outcomes: Vec<String> = s.agent.events_named("kernel program in place").iter().map(|e| e["outcome"].as_str().unwrap_or("").to_string()).collect();
+    assert_eq!(outcomes, vec!["Adopted"; 7], "restart adopts every pinned link");
+    assert_eq!(attached_programs(&s.cg).len(), 7, "no duplicate programs after restart");
     let v = probe(Some(&prot), &["connect", &db(&s)]);
     assert_reached_pg(&v);
     assert!(s.agent.accepted_for_pid(pid(&v)).is_some());
@@ -495,72 +321,41 @@ fn protect_and_unprotect_take_effect_for_new_connections() {
     if skip("protect_and_unprotect_take_effect_for_new_connections") {
         return;
     }
-    let s = setup();
+    let s = setup_with(|c, _, cg| {
+        c.protect(&format!("{}/prot", cg.rel()), "billing-agent")
+            .identity(IdentitySpec::workload("billing-agent", "clinical", "postgres"))
+            .identity(IdentitySpec::workload("late-agent", "clinical", "postgres"))
+    });
     let late = s.cg.child("late");
     s.cg.child("late/inner");
     let dir = s.cg.child_dir("late/inner");
     let before = probe(Some(&dir), &["connect", &db(&s)]);
     assert_reached_pg(&before);
     std::thread::sleep(Duration::from_millis(100));
-    assert!(s
-        .agent
-        .events_named("connection accepted")
-        .iter()
-        .all(|e| e["pid"] != pid(&before)));
+    assert!(s.agent.events_named("connection accepted").iter().all(|e| e["pid"] != pid(&before)));
 
-    let out = s
-        .agent
-        .cli(&["protect", "--cgroup", &late, "--identity", "late-agent"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = s.agent.cli(&["protect", "--cgroup", &late, "--identity", "late-agent"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v = probe(Some(&dir), &["connect", &db(&s)]);
     assert_reached_pg(&v);
-    let rec = s
-        .agent
-        .accepted_for_pid(pid(&v))
-        .expect("protected at runtime");
+    let rec = s.agent.accepted_for_pid(pid(&v)).expect("protected at runtime");
     assert_eq!(rec["identity"], "late-agent");
     let status = s.agent.status();
-    let entry = status["protected_cgroups"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|e| e["cgroup"] == late)
-        .cloned()
-        .expect("status lists the runtime protection");
+    let entry = status["protected_cgroups"].as_array().unwrap().iter().find(|e| e["cgroup"] == late).cloned().expect("status lists the runtime protection");
     assert_eq!(entry["source"], "runtime");
     assert_eq!(entry["identity"], "late-agent");
 
     let out = s.agent.cli(&["unprotect", "--cgroup", &late]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let after = probe(Some(&dir), &["connect", &db(&s)]);
     assert_reached_pg(&after);
     std::thread::sleep(Duration::from_millis(100));
-    assert!(
-        s.agent
-            .events_named("connection accepted")
-            .iter()
-            .all(|e| e["pid"] != pid(&after)),
-        "unprotected again"
-    );
+    assert!(s.agent.events_named("connection accepted").iter().all(|e| e["pid"] != pid(&after)), "unprotected again");
 
     // A cgroup outside the attach cgroup cannot be protected, and says why.
-    let out = s
-        .agent
-        .cli(&["protect", "--cgroup", "/", "--identity", "x"]);
+    let out = s.agent.cli(&["protect", "--cgroup", "/", "--identity", "x"]);
     assert!(!out.status.success());
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("outside the attach cgroup"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("outside the attach cgroup"), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
 #[test]
@@ -574,12 +369,7 @@ fn status_shows_programs_cgroups_databases_and_counters() {
     assert_eq!(st["agent_pid"], s.agent.pid().unwrap());
     let programs = st["programs"].as_array().unwrap();
     assert_eq!(programs.len(), 7);
-    assert!(
-        programs
-            .iter()
-            .all(|p| p["attached"] == true && p["cgroup_id"] == s.cg.id()),
-        "{programs:?}"
-    );
+    assert!(programs.iter().all(|p| p["attached"] == true && p["cgroup_id"] == s.cg.id()), "{programs:?}");
     assert_eq!(st["protected_cgroups"][0]["identity"], "billing-agent");
     assert_eq!(st["databases"][0]["name"], "clinical");
     assert_eq!(st["databases"][0]["prefix"], "127.0.0.2/32");
@@ -597,17 +387,9 @@ fn detach_removes_every_program_and_pin() {
     }
     let mut s = setup();
     s.agent.stop().expect("agent stops on SIGTERM");
-    assert_eq!(
-        attached_programs(&s.cg).len(),
-        7,
-        "a stopped agent leaves protection in place"
-    );
+    assert_eq!(attached_programs(&s.cg).len(), 7, "a stopped agent leaves protection in place");
     let out = s.agent.cli(&["detach"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(attached_programs(&s.cg).is_empty());
     assert!(!s.agent.pin_dir().exists());
     // With nothing attached, the protected cgroup connects directly.
@@ -618,17 +400,7 @@ fn detach_removes_every_program_and_pin() {
 
 /// Programs attached to the test cgroup, as bpftool (an independent observer) sees them.
 fn attached_programs(cg: &TestCgroup) -> Vec<String> {
-    let out = Command::new("bpftool")
-        .args(["-j", "cgroup", "show"])
-        .arg(cg.dir())
-        .output()
-        .expect("bpftool runs (cargo xtask setup installs it)");
+    let out = Command::new("bpftool").args(["-j", "cgroup", "show"]).arg(cg.dir()).output().expect("bpftool runs (cargo xtask setup installs it)");
     let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Array(vec![]));
-    v.as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|p| p["name"].as_str().map(String::from))
-                .collect()
-        })
-        .unwrap_or_default()
+    v.as_array().map(|a| a.iter().filter_map(|p| p["name"].as_str().map(String::from)).collect()).unwrap_or_default()
 }

@@ -24,11 +24,7 @@ pub fn phigate_bin() -> PathBuf {
         return PathBuf::from(p);
     }
     let p = target_dir().join("debug/phigate");
-    assert!(
-        p.exists(),
-        "{} is missing: run the tests with `cargo xtask test`, which builds it",
-        p.display()
-    );
+    assert!(p.exists(), "{} is missing: run the tests with `cargo xtask test`, which builds it", p.display());
     p
 }
 
@@ -42,6 +38,11 @@ pub struct DbSpec {
     pub upstream: SocketAddr,
     /// Also listen on [::1] for IPv6 prefixes.
     pub listen6: bool,
+    /// Upstream roles and password files (default: `postgres` without a password,
+    /// for the trust-authenticated test server).
+    pub credentials: Vec<(String, Option<PathBuf>)>,
+    /// Extra TOML inside this [[database]] (e.g. `[database.upstream_tls]`).
+    pub extra: String,
 }
 
 impl DbSpec {
@@ -52,7 +53,26 @@ impl DbSpec {
             port,
             upstream,
             listen6: false,
+            credentials: vec![("postgres".into(), None)],
+            extra: String::new(),
         }
+    }
+}
+
+/// A workload identity in a test configuration.
+#[derive(Clone, Debug)]
+pub struct IdentitySpec {
+    pub name: String,
+    /// TOML lines for authentication, e.g. `auth = "workload"`.
+    pub auth: String,
+    /// (database, upstream role, dbnames)
+    pub access: Vec<(String, String, Vec<String>)>,
+}
+
+impl IdentitySpec {
+    /// Workload authentication, access to `db` as `role`, any database name.
+    pub fn workload(name: &str, db: &str, role: &str) -> Self {
+        Self { name: name.into(), auth: "auth = \"workload\"".into(), access: vec![(db.into(), role.into(), vec!["*".into()])] }
     }
 }
 
@@ -69,6 +89,9 @@ pub struct AgentConfig {
     pub extra: String,
     /// Run the agent process itself inside this cgroup (relative path).
     pub agent_cgroup: Option<String>,
+    /// Identities; when empty, every protected identity gets workload authentication
+    /// and access to every database as its first credential's role.
+    pub identities: Vec<IdentitySpec>,
 }
 
 impl AgentConfig {
@@ -79,7 +102,7 @@ impl AgentConfig {
             protect: Vec::new(),
             deny_raw_sockets: true,
             extra: String::new(),
-            agent_cgroup: None,
+            agent_cgroup: None, identities: Vec::new(),
         }
     }
 
@@ -88,31 +111,67 @@ impl AgentConfig {
         self
     }
 
+    pub fn identity(mut self, id: IdentitySpec) -> Self {
+        self.identities.push(id);
+        self
+    }
+
     pub fn protect(mut self, cgroup_rel: &str, identity: &str) -> Self {
-        self.protect
-            .push((cgroup_rel.to_string(), identity.to_string()));
+        self.protect.push((cgroup_rel.to_string(), identity.to_string()));
         self
     }
 
     pub fn render(&self, pin_dir: &Path) -> String {
         let mut t = String::new();
-        let _ = writeln!(t, "[agent]\npin_dir = {:?}\nattach_cgroup = {:?}\nlog_format = \"json\"\ndeny_raw_sockets = {}\ndrain_timeout_secs = 2\n", pin_dir.display().to_string(), self.attach_cgroup, self.deny_raw_sockets);
+        let _ = writeln!(
+            t,
+            "[agent]\npin_dir = {:?}\nattach_cgroup = {:?}\nlog_format = \"json\"\ndeny_raw_sockets = {}\ndrain_timeout_secs = 2\n",
+            pin_dir.display().to_string(),
+            self.attach_cgroup,
+            self.deny_raw_sockets
+        );
         for db in &self.databases {
             let addrs: Vec<String> = db.addresses.iter().map(|a| format!("{a:?}")).collect();
-            let _ = writeln!(
-                t,
-                "[[database]]\nname = {:?}\naddresses = [{}]\nport = {}\nlisten = \"127.0.0.1:0\"",
-                db.name,
-                addrs.join(", "),
-                db.port
-            );
+            let _ = writeln!(t, "[[database]]\nname = {:?}\naddresses = [{}]\nport = {}\nlisten = \"127.0.0.1:0\"", db.name, addrs.join(", "), db.port);
             if db.listen6 {
                 let _ = writeln!(t, "listen6 = \"[::1]:0\"");
             }
             let _ = writeln!(t, "upstream = \"{}\"\n", db.upstream);
+            t.push_str(&db.extra);
+            t.push('\n');
+            for (role, file) in &db.credentials {
+                let _ = writeln!(t, "[[database.credential]]\nrole = {role:?}");
+                if let Some(f) = file {
+                    let _ = writeln!(t, "password_file = {:?}", f.display().to_string());
+                }
+                t.push('\n');
+            }
         }
         for (cg, id) in &self.protect {
             let _ = writeln!(t, "[[protect]]\ncgroup = {cg:?}\nidentity = {id:?}\n");
+        }
+        let identities = if self.identities.is_empty() {
+            let mut names: Vec<&String> = self.protect.iter().map(|(_, id)| id).collect();
+            names.sort();
+            names.dedup();
+            names
+                .into_iter()
+                .map(|n| IdentitySpec {
+                    name: n.clone(),
+                    auth: "auth = \"workload\"".into(),
+                    access: self.databases.iter().map(|d| (d.name.clone(), d.credentials[0].0.clone(), vec!["*".to_string()])).collect(),
+                })
+                .collect()
+        } else {
+            self.identities.clone()
+        };
+        for id in &identities {
+            let _ = writeln!(t, "[[identity]]\nname = {:?}\n{}", id.name, id.auth);
+            for (db, role, dbnames) in &id.access {
+                let names: Vec<String> = dbnames.iter().map(|d| format!("{d:?}")).collect();
+                let _ = writeln!(t, "[[identity.access]]\ndatabase = {db:?}\nrole = {role:?}\ndbnames = [{}]", names.join(", "));
+            }
+            t.push('\n');
         }
         t.push_str(&self.extra);
         t
@@ -136,19 +195,8 @@ impl Agent {
         let pin_dir = PathBuf::from("/sys/fs/bpf").join(unique("phigate-test"));
         let config_path = dir.join("phigate.toml");
         fs::write(&config_path, cfg.render(&pin_dir))?;
-        let agent_cgroup = cfg
-            .agent_cgroup
-            .as_ref()
-            .map(|rel| crate::env::cgroup2_mount().expect("cgroup2").join(rel));
-        let mut agent = Self {
-            child: None,
-            agent_cgroup,
-            log_path: dir.join("agent-0.log"),
-            dir,
-            config_path,
-            pin_dir,
-            starts: 0,
-        };
+        let agent_cgroup = cfg.agent_cgroup.as_ref().map(|rel| crate::env::cgroup2_mount().expect("cgroup2").join(rel));
+        let mut agent = Self { child: None, agent_cgroup, log_path: dir.join("agent-0.log"), dir, config_path, pin_dir, starts: 0 };
         agent.spawn_and_wait()?;
         Ok(agent)
     }
@@ -175,26 +223,16 @@ impl Agent {
             .context("starting phigate")?;
         self.child = Some(child);
         let ready = wait_for(Duration::from_secs(20), || {
-            if let Some(status) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
                 return Some(Err(status));
             }
-            self.events()
-                .iter()
-                .any(|e| e["message"] == "phigate agent ready")
-                .then_some(Ok(()))
+            self.events().iter().any(|e| e["message"] == "phigate agent ready").then_some(Ok(()))
         });
         match ready {
             Some(Ok(())) => Ok(()),
             Some(Err(status)) => {
                 self.child = None;
-                bail!(
-                    "phigate exited ({status}) before it was ready:\n{}",
-                    self.raw_log()
-                )
+                bail!("phigate exited ({status}) before it was ready:\n{}", self.raw_log())
             }
             None => bail!("phigate was not ready within 20 s:\n{}", self.raw_log()),
         }
@@ -223,10 +261,7 @@ impl Agent {
     /// SIGTERM and wait (bounded) for a clean exit.
     pub fn stop(&mut self) -> Option<ExitStatus> {
         let mut c = self.child.take()?;
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(c.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), nix::sys::signal::Signal::SIGTERM);
         let status = wait_for(Duration::from_secs(15), || c.try_wait().ok().flatten());
         if status.is_none() {
             let _ = c.kill();
@@ -244,63 +279,38 @@ impl Agent {
         let Ok(f) = fs::File::open(&self.log_path) else {
             return Vec::new();
         };
-        BufReader::new(f)
-            .lines()
-            .map_while(Result::ok)
-            .filter_map(|l| serde_json::from_str(&l).ok())
-            .collect()
+        BufReader::new(f).lines().map_while(Result::ok).filter_map(|l| serde_json::from_str(&l).ok()).collect()
     }
 
     /// Events with this message.
     pub fn events_named(&self, message: &str) -> Vec<Value> {
-        self.events()
-            .into_iter()
-            .filter(|e| e["message"] == message)
-            .collect()
+        self.events().into_iter().filter(|e| e["message"] == message).collect()
     }
 
     /// The "connection accepted" record for a client pid, waiting for it (bounded).
     pub fn accepted_for_pid(&self, pid: u32) -> Option<Value> {
-        wait_for(Duration::from_secs(5), || {
-            self.events_named("connection accepted")
-                .into_iter()
-                .find(|e| e["pid"] == pid)
-        })
+        wait_for(Duration::from_secs(5), || self.events_named("connection accepted").into_iter().find(|e| e["pid"] == pid))
     }
 
     /// The interceptor listener address of the first database.
     pub fn listen_addr(&self) -> Option<SocketAddr> {
-        self.events_named("interceptor listening")
-            .first()
-            .and_then(|e| e["listen"].as_str()?.parse().ok())
+        self.events_named("interceptor listening").first().and_then(|e| e["listen"].as_str()?.parse().ok())
     }
 
     /// Run a `phigate` CLI command against this agent's configuration.
     pub fn cli(&self, args: &[&str]) -> Output {
-        Command::new(phigate_bin())
-            .arg("--config")
-            .arg(&self.config_path)
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .expect("phigate runs")
+        Command::new(phigate_bin()).arg("--config").arg(&self.config_path).args(args).stdin(Stdio::null()).output().expect("phigate runs")
     }
 
     /// `phigate status --json`.
     pub fn status(&self) -> Value {
         let out = self.cli(&["status", "--json"]);
-        assert!(
-            out.status.success(),
-            "phigate status failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "phigate status failed: {}", String::from_utf8_lossy(&out.stderr));
         serde_json::from_slice(&out.stdout).expect("status prints JSON")
     }
 
     pub fn counter(&self, name: &str) -> u64 {
-        self.status()["counters"][name]
-            .as_u64()
-            .unwrap_or_else(|| panic!("no counter {name}"))
+        self.status()["counters"][name].as_u64().unwrap_or_else(|| panic!("no counter {name}"))
     }
 }
 
@@ -309,20 +319,13 @@ impl Drop for Agent {
         self.kill9();
         let out = self.cli(&["detach", "--force"]);
         if !out.status.success() {
-            eprintln!(
-                "warning: phigate detach failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            eprintln!("warning: phigate detach failed: {}", String::from_utf8_lossy(&out.stderr));
         }
         if self.pin_dir.exists() {
             let _ = fs::remove_dir_all(&self.pin_dir);
         }
         if std::thread::panicking() {
-            eprintln!(
-                "--- phigate log ({}) ---\n{}",
-                self.log_path.display(),
-                self.raw_log()
-            );
+            eprintln!("--- phigate log ({}) ---\n{}", self.log_path.display(), self.raw_log());
         }
         let _ = fs::remove_dir_all(&self.dir);
     }

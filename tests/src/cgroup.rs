@@ -21,8 +21,7 @@ impl TestCgroup {
     pub fn new() -> Self {
         let mount = cgroup2_mount().expect("cgroup v2 is mounted (checked by env::skip)");
         let rel = unique("phigate-test");
-        fs::create_dir(mount.join(&rel))
-            .unwrap_or_else(|e| panic!("cannot create test cgroup {rel}: {e}"));
+        fs::create_dir(mount.join(&rel)).unwrap_or_else(|e| panic!("cannot create test cgroup {rel}: {e}"));
         Self { mount, rel }
     }
 
@@ -42,8 +41,7 @@ impl TestCgroup {
     /// Create a descendant (`a/b` creates both) and return its relative path.
     pub fn child(&self, name: &str) -> String {
         let rel = format!("{}/{}", self.rel, name);
-        fs::create_dir_all(self.mount.join(&rel))
-            .unwrap_or_else(|e| panic!("cannot create cgroup {rel}: {e}"));
+        fs::create_dir_all(self.mount.join(&rel)).unwrap_or_else(|e| panic!("cannot create cgroup {rel}: {e}"));
         rel
     }
 
@@ -52,9 +50,7 @@ impl TestCgroup {
     }
 
     pub fn child_id(&self, name: &str) -> u64 {
-        fs::metadata(self.child_dir(name))
-            .expect("child cgroup exists")
-            .ino()
+        fs::metadata(self.child_dir(name)).expect("child cgroup exists").ino()
     }
 }
 

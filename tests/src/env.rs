@@ -9,9 +9,7 @@ use std::path::PathBuf;
 pub fn missing_capability() -> Option<String> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        return Some(
-            "not running as root (loading eBPF programs and creating cgroups need it)".into(),
-        );
+        return Some("not running as root (loading eBPF programs and creating cgroups need it)".into());
     }
     if cgroup2_mount().is_none() {
         return Some("no cgroup v2 hierarchy is mounted".into());
@@ -30,9 +28,7 @@ pub fn skip(test: &str) -> bool {
     if std::env::var_os("PHIGATE_E2E_REQUIRED").is_some_and(|v| v == "1") {
         panic!("{test}: cannot run: {reason}; PHIGATE_E2E_REQUIRED=1 forbids skipping");
     }
-    eprintln!(
-        "SKIPPED {test}: {reason}. Run as root on Linux >= 5.15 with cgroup v2 (cargo xtask test)."
-    );
+    eprintln!("SKIPPED {test}: {reason}. Run as root on Linux >= 5.15 with cgroup v2 (cargo xtask test).");
     true
 }
 
@@ -41,7 +37,6 @@ pub fn cgroup2_mount() -> Option<PathBuf> {
     let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
     info.lines().find_map(|line| {
         let (left, right) = line.split_once(" - ")?;
-        (right.split_whitespace().next()? == "cgroup2")
-            .then(|| PathBuf::from(left.split_whitespace().nth(4).unwrap_or("")))
+        (right.split_whitespace().next()? == "cgroup2").then(|| PathBuf::from(left.split_whitespace().nth(4).unwrap_or("")))
     })
 }

@@ -51,12 +51,7 @@ pub struct PgOptions {
 
 impl Default for PgOptions {
     fn default() -> Self {
-        Self {
-            addr: Ipv4Addr::new(127, 0, 0, 2),
-            port: 0,
-            conf: Vec::new(),
-            hba: None,
-        }
+        Self { addr: Ipv4Addr::new(127, 0, 0, 2), port: 0, conf: Vec::new(), hba: None }
     }
 }
 
@@ -83,11 +78,7 @@ fn as_postgres(cmd: &mut Command) -> &mut Command {
 
 fn chown_r(path: &Path) -> Result<()> {
     if let Some((uid, gid)) = postgres_uid() {
-        let st = Command::new("chown")
-            .arg("-R")
-            .arg(format!("{uid}:{gid}"))
-            .arg(path)
-            .status()?;
+        let st = Command::new("chown").arg("-R").arg(format!("{uid}:{gid}")).arg(path).status()?;
         if !st.success() {
             bail!("chown -R {} failed", path.display());
         }
@@ -97,26 +88,18 @@ fn chown_r(path: &Path) -> Result<()> {
 
 /// A free TCP port on `addr` (bound and released; PostgreSQL binds it right after).
 pub fn free_port(addr: Ipv4Addr) -> u16 {
-    TcpListener::bind((addr, 0))
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
+    TcpListener::bind((addr, 0)).and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free loopback port")
 }
 
 /// The initdb'd template cluster, created once per target directory.
 fn template() -> Result<PathBuf> {
     static LOCK: Mutex<()> = Mutex::new(());
     let _g = LOCK.lock().unwrap_or_else(|p| p.into_inner());
-    let version = Command::new(pg_bin("postgres"))
-        .arg("--version")
-        .output()
-        .context("running postgres --version; is PostgreSQL installed? (cargo xtask setup)")?;
+    let version =
+        Command::new(pg_bin("postgres")).arg("--version").output().context("running postgres --version; is PostgreSQL installed? (cargo xtask setup)")?;
     // "postgres (PostgreSQL) 15.18 (Debian 15.18-0+deb12u1)" → "15.18"
-    let version = String::from_utf8_lossy(&version.stdout)
-        .split_whitespace()
-        .find(|t| t.starts_with(|c: char| c.is_ascii_digit()))
-        .unwrap_or("unknown")
-        .to_string();
+    let version =
+        String::from_utf8_lossy(&version.stdout).split_whitespace().find(|t| t.starts_with(|c: char| c.is_ascii_digit())).unwrap_or("unknown").to_string();
     // Under the temp dir, not the checkout: the postgres user must be able to reach it.
     let dir = std::env::temp_dir().join(format!("phigate-pg-template-{version}"));
     if dir.join("PG_VERSION").exists() {
@@ -126,23 +109,10 @@ fn template() -> Result<PathBuf> {
     fs::create_dir_all(&tmp)?;
     fs::set_permissions(&tmp, fs::Permissions::from_mode(0o700))?;
     chown_r(&tmp)?;
-    let out = as_postgres(
-        Command::new(pg_bin("initdb"))
-            .args([
-                "-A",
-                "trust",
-                "-U",
-                "postgres",
-                "-E",
-                "UTF8",
-                "--locale=C.UTF-8",
-                "--no-sync",
-                "-D",
-            ])
-            .arg(&tmp),
-    )
-    .stdin(Stdio::null())
-    .output()?;
+    let out =
+        as_postgres(Command::new(pg_bin("initdb")).args(["-A", "trust", "-U", "postgres", "-E", "UTF8", "--locale=C.UTF-8", "--no-sync", "-D"]).arg(&tmp))
+            .stdin(Stdio::null())
+            .output()?;
     if !out.status.success() {
         bail!("initdb failed: {}", String::from_utf8_lossy(&out.stderr));
     }
@@ -159,22 +129,14 @@ impl PgServer {
         let dir = std::env::temp_dir().join(unique("phigate-pg"));
         fs::create_dir_all(&dir)?;
         let data = dir.join("data");
-        let st = Command::new("cp")
-            .arg("-a")
-            .arg(&template)
-            .arg(&data)
-            .status()?;
+        let st = Command::new("cp").arg("-a").arg(&template).arg(&data).status()?;
         if !st.success() {
             bail!("copying the template cluster failed");
         }
         fs::set_permissions(&data, fs::Permissions::from_mode(0o700))?;
         let mut last_err = String::new();
         for _attempt in 0..5 {
-            let port = if opts.port == 0 {
-                free_port(opts.addr)
-            } else {
-                opts.port
-            };
+            let port = if opts.port == 0 { free_port(opts.addr) } else { opts.port };
             let mut conf = format!(
                 "listen_addresses = '{}'\nport = {port}\nunix_socket_directories = '{}'\nfsync = off\nsynchronous_commit = off\nfull_page_writes = off\nmax_connections = 200\nshared_buffers = 32MB\nlog_connections = on\nlogging_collector = off\n",
                 opts.addr,
@@ -189,27 +151,13 @@ impl PgServer {
                 fs::write(data.join("pg_hba.conf"), hba)?;
             }
             chown_r(&dir)?;
-            let out = as_postgres(
-                Command::new(pg_bin("pg_ctl"))
-                    .arg("-D")
-                    .arg(&data)
-                    .arg("-l")
-                    .arg(dir.join("server.log"))
-                    .args(["-w", "-t", "30", "start"]),
-            )
-            .stdin(Stdio::null())
-            .output()?;
+            let out = as_postgres(Command::new(pg_bin("pg_ctl")).arg("-D").arg(&data).arg("-l").arg(dir.join("server.log")).args(["-w", "-t", "30", "start"]))
+                .stdin(Stdio::null())
+                .output()?;
             if out.status.success() {
-                return Ok(Self {
-                    dir,
-                    addr: SocketAddrV4::new(opts.addr, port),
-                });
+                return Ok(Self { dir, addr: SocketAddrV4::new(opts.addr, port) });
             }
-            last_err = format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stderr),
-                fs::read_to_string(dir.join("server.log")).unwrap_or_default()
-            );
+            last_err = format!("{}{}", String::from_utf8_lossy(&out.stderr), fs::read_to_string(dir.join("server.log")).unwrap_or_default());
             if opts.port != 0 {
                 break;
             }
@@ -272,18 +220,11 @@ impl PgServer {
 impl Drop for PgServer {
     fn drop(&mut self) {
         let data = self.dir.join("data");
-        let _ = as_postgres(Command::new(pg_bin("pg_ctl")).arg("-D").arg(&data).args([
-            "-m",
-            "immediate",
-            "-w",
-            "-t",
-            "20",
-            "stop",
-        ]))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status();
+        let _ = as_postgres(Command::new(pg_bin("pg_ctl")).arg("-D").arg(&data).args(["-m", "immediate", "-w", "-t", "20", "stop"]))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
         let _ = fs::remove_dir_all(&self.dir);
     }
 }
@@ -292,23 +233,9 @@ impl Drop for PgServer {
 /// redirected), optionally inside a cgroup.
 pub fn psql(host: &str, port: u16, sql: &str, cgroup: Option<&Path>) -> Output {
     let mut cmd = Command::new(pg_bin("psql"));
-    cmd.args([
-        "-h",
-        host,
-        "-p",
-        &port.to_string(),
-        "-U",
-        "postgres",
-        "-d",
-        "postgres",
-        "-XAtq",
-        "-v",
-        "ON_ERROR_STOP=1",
-        "-c",
-        sql,
-    ])
-    .env("PGCONNECT_TIMEOUT", "5")
-    .stdin(Stdio::null());
+    cmd.args(["-h", host, "-p", &port.to_string(), "-U", "postgres", "-d", "postgres", "-XAtq", "-v", "ON_ERROR_STOP=1", "-c", sql])
+        .env("PGCONNECT_TIMEOUT", "5")
+        .stdin(Stdio::null());
     if let Some(dir) = cgroup {
         crate::cgroup::run_in(&mut cmd, dir);
     }

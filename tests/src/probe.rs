@@ -36,29 +36,19 @@ pub fn probe(cgroup: Option<&Path>, args: &[&str]) -> Value {
     }
     let out = cmd.output().expect("phigate-probe runs");
     let text = String::from_utf8_lossy(&out.stdout);
-    serde_json::from_str(text.lines().last().unwrap_or("")).unwrap_or_else(|e| {
-        panic!(
-            "probe printed no JSON ({e}): {text} {}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })
+    serde_json::from_str(text.lines().last().unwrap_or(""))
+        .unwrap_or_else(|e| panic!("probe printed no JSON ({e}): {text} {}", String::from_utf8_lossy(&out.stderr)))
 }
 
 /// Run a probe through `sh -c`, so the probe is a child process of the cgroup member.
 pub fn probe_as_child(cgroup: &Path, args: &[&str]) -> Value {
-    let line = std::iter::once(probe_bin().display().to_string())
-        .chain(args.iter().map(|a| a.to_string()))
-        .collect::<Vec<_>>()
-        .join(" ");
+    let line = std::iter::once(probe_bin().display().to_string()).chain(args.iter().map(|a| a.to_string())).collect::<Vec<_>>().join(" ");
     let mut cmd = Command::new("sh");
-    cmd.arg("-c")
-        .arg(format!("{line}; true"))
-        .stdin(Stdio::null());
+    cmd.arg("-c").arg(format!("{line}; true")).stdin(Stdio::null());
     run_in(&mut cmd, cgroup);
     let out = cmd.output().expect("sh runs");
     let text = String::from_utf8_lossy(&out.stdout);
-    serde_json::from_str(text.lines().last().unwrap_or(""))
-        .unwrap_or_else(|e| panic!("probe printed no JSON ({e}): {text}"))
+    serde_json::from_str(text.lines().last().unwrap_or("")).unwrap_or_else(|e| panic!("probe printed no JSON ({e}): {text}"))
 }
 
 /// A probe in `hold` mode: connected, waiting for `release()`.
@@ -70,32 +60,21 @@ pub struct HeldProbe {
 impl HeldProbe {
     pub fn start(cgroup: &Path, addr: &str) -> Self {
         let mut cmd = Command::new(probe_bin());
-        cmd.args(["hold", addr])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped());
+        cmd.args(["hold", addr]).stdin(Stdio::piped()).stdout(Stdio::piped());
         run_in(&mut cmd, cgroup);
         let mut child = cmd.spawn().expect("phigate-probe runs");
         let mut line = String::new();
-        BufReader::new(child.stdout.as_mut().expect("piped"))
-            .read_line(&mut line)
-            .expect("probe reports its connect");
-        let connected =
-            serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad probe line {line:?}: {e}"));
+        BufReader::new(child.stdout.as_mut().expect("piped")).read_line(&mut line).expect("probe reports its connect");
+        let connected = serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad probe line {line:?}: {e}"));
         Self { child, connected }
     }
 
     /// Let it send its StartupMessage; returns its final report.
     pub fn release(mut self) -> Value {
-        self.child
-            .stdin
-            .as_mut()
-            .expect("piped")
-            .write_all(b"go\n")
-            .expect("probe stdin");
+        self.child.stdin.as_mut().expect("piped").write_all(b"go\n").expect("probe stdin");
         let out = self.child.wait_with_output().expect("probe finishes");
         let text = String::from_utf8_lossy(&out.stdout);
-        serde_json::from_str(text.lines().last().unwrap_or(""))
-            .unwrap_or_else(|e| panic!("probe printed no JSON ({e}): {text}"))
+        serde_json::from_str(text.lines().last().unwrap_or("")).unwrap_or_else(|e| panic!("probe printed no JSON ({e}): {text}"))
     }
 }
 
@@ -111,10 +90,7 @@ impl TcpObserver {
         let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_TCP) };
         assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        let tv = libc::timeval {
-            tv_sec: 0,
-            tv_usec: 100_000,
-        };
+        let tv = libc::timeval { tv_sec: 0, tv_usec: 100_000 };
         // SAFETY: valid fd and option buffer.
         unsafe {
             libc::setsockopt(
@@ -134,14 +110,7 @@ impl TcpObserver {
         let mut buf = [0u8; 2048];
         while start.elapsed() < wait {
             // SAFETY: valid fd and buffer.
-            let n = unsafe {
-                libc::recv(
-                    self.fd.as_raw_fd(),
-                    buf.as_mut_ptr() as *mut libc::c_void,
-                    buf.len(),
-                    0,
-                )
-            };
+            let n = unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr() as *mut libc::c_void, buf.len(), 0) };
             if n < 40 {
                 continue;
             }

@@ -46,10 +46,7 @@ fn client(cgroup: &Path, args: &[&str]) -> Result<Value> {
     run_in(&mut cmd, cgroup);
     let out = cmd.output()?;
     if !out.status.success() {
-        bail!(
-            "phigate-bench {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        bail!("phigate-bench {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
     }
     Ok(serde_json::from_slice(&out.stdout)?)
 }
@@ -62,11 +59,7 @@ fn redirect() -> Result<()> {
     let addr = Ipv4Addr::new(127, 0, 0, 3);
     let port = free_port(addr);
     let target = format!("{addr}:{port}");
-    let mut child = Command::new(bench_bin())
-        .args(["server", &target])
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("starting the bench server")?;
+    let mut child = Command::new(bench_bin()).args(["server", &target]).stdout(Stdio::piped()).spawn().context("starting the bench server")?;
     let mut line = String::new();
     BufReader::new(child.stdout.as_mut().expect("piped")).read_line(&mut line)?;
     let _server = Server(child);
@@ -74,14 +67,7 @@ fn redirect() -> Result<()> {
     let cg = TestCgroup::new();
     let direct_cg = cg.child("direct");
     let prot = cg.child("protected");
-    let cfg = AgentConfig::new(&cg)
-        .database(DbSpec::new(
-            "bench",
-            &[&format!("{addr}/32")],
-            port,
-            target.parse()?,
-        ))
-        .protect(&prot, "bench-client");
+    let cfg = AgentConfig::new(&cg).database(DbSpec::new("bench", &[&format!("{addr}/32")], port, target.parse()?)).protect(&prot, "bench-client");
     let agent = Agent::start(&cfg)?;
     let (direct_dir, prot_dir) = (cg.child_dir("direct"), cg.child_dir("protected"));
     let _ = direct_cg;
@@ -98,15 +84,8 @@ fn redirect() -> Result<()> {
     let mut d_runs = Vec::new();
     let mut p_runs = Vec::new();
     for round in 0..ROUNDS {
-        eprintln!(
-            "bench: round {}/{ROUNDS}: {CONNECTS} connections and a 1 GiB stream each way",
-            round + 1
-        );
-        let order: [(&Path, bool); 2] = if round % 2 == 0 {
-            [(&direct_dir, false), (&prot_dir, true)]
-        } else {
-            [(&prot_dir, true), (&direct_dir, false)]
-        };
+        eprintln!("bench: round {}/{ROUNDS}: {CONNECTS} connections and a 1 GiB stream each way", round + 1);
+        let order: [(&Path, bool); 2] = if round % 2 == 0 { [(&direct_dir, false), (&prot_dir, true)] } else { [(&prot_dir, true), (&direct_dir, false)] };
         for (dir, via) in order {
             let setup = client(dir, &["setup", &target, CONNECTS])?;
             let stream = client(dir, &["stream", &target, BYTES, WRITE])?;
@@ -121,56 +100,22 @@ fn redirect() -> Result<()> {
     drop(agent);
 
     let median = |runs: &[(Value, Value)], which: usize, k: &str| {
-        let mut v: Vec<f64> = runs
-            .iter()
-            .map(|r| if which == 0 { &r.0 } else { &r.1 })
-            .map(|x| x[k].as_f64().unwrap_or(f64::NAN))
-            .collect();
+        let mut v: Vec<f64> = runs.iter().map(|r| if which == 0 { &r.0 } else { &r.1 }).map(|x| x[k].as_f64().unwrap_or(f64::NAN)).collect();
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
     println!("\nphigate redirect benchmark — loopback, median of {ROUNDS} alternating rounds; each round {CONNECTS} sequential connections and a 1 GiB stream in 64 KiB writes");
-    println!(
-        "{:<28} {:>12} {:>14} {:>8}   target",
-        "", "direct", "via phigate", "ratio"
-    );
+    println!("{:<28} {:>12} {:>14} {:>8}   target", "", "direct", "via phigate", "ratio");
     let row = |name: &str, which: usize, k: &str, unit: &str, target: &str| {
         let (d, p) = (median(&d_runs, which, k), median(&p_runs, which, k));
-        println!(
-            "{name:<28} {:>9.1} {unit} {:>11.1} {unit} {:>7.2}×   {target}",
-            d,
-            p,
-            p / d
-        );
+        println!("{name:<28} {:>9.1} {unit} {:>11.1} {unit} {:>7.2}×   {target}", d, p, p / d);
     };
-    row(
-        "connect() p50",
-        0,
-        "connect_p50_us",
-        "µs",
-        "≤ 1.3× (set-up)",
-    );
+    row("connect() p50", 0, "connect_p50_us", "µs", "≤ 1.3× (set-up)");
     row("connect() p99", 0, "connect_p99_us", "µs", "");
-    row(
-        "connect + first reply p50",
-        0,
-        "first_reply_p50_us",
-        "µs",
-        "(includes the agent's upstream connect)",
-    );
-    row(
-        "connect + first reply p99",
-        0,
-        "first_reply_p99_us",
-        "µs",
-        "",
-    );
+    row("connect + first reply p50", 0, "first_reply_p50_us", "µs", "(includes the agent's upstream connect)");
+    row("connect + first reply p99", 0, "first_reply_p99_us", "µs", "");
     row("throughput", 1, "gbytes_per_sec", "GB/s", "≥ 0.8×");
-    let failures: u64 = d_runs
-        .iter()
-        .chain(&p_runs)
-        .map(|r| r.0["failures"].as_u64().unwrap_or(0))
-        .sum();
+    let failures: u64 = d_runs.iter().chain(&p_runs).map(|r| r.0["failures"].as_u64().unwrap_or(0)).sum();
     println!("(connections through the agent: {redirected}; failed connections: {failures})");
     Ok(())
 }

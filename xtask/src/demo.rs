@@ -30,21 +30,13 @@ struct Demo {
 impl Drop for Demo {
     fn drop(&mut self) {
         if let Some(mut a) = self.agent.take() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(a.id() as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            );
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(a.id() as i32), nix::sys::signal::Signal::SIGTERM);
             if wait_for(Duration::from_secs(10), || a.try_wait().ok().flatten()).is_none() {
                 let _ = a.kill();
                 let _ = a.wait();
             }
         }
-        let _ = Command::new(phigate())
-            .arg("--config")
-            .arg(&self.config)
-            .arg("detach")
-            .stdout(Stdio::null())
-            .status();
+        let _ = Command::new(phigate()).arg("--config").arg(&self.config).arg("detach").stdout(Stdio::null()).status();
         let _ = fs::remove_dir(&self.cgroup);
         let _ = fs::remove_file(&self.log);
         println!("\ndemo: cleaned up (agent stopped, programs detached, PostgreSQL stopped, cgroup removed)");
@@ -72,24 +64,12 @@ pub fn run() -> Result<()> {
         }
     }
     let config = root().join("config/local.toml");
-    let cgroup = phigate_tests::env::cgroup2_mount()
-        .context("no cgroup v2 mount")?
-        .join(DEMO_CGROUP);
+    let cgroup = phigate_tests::env::cgroup2_mount().context("no cgroup v2 mount")?.join(DEMO_CGROUP);
 
     step("1. A throwaway PostgreSQL on 127.0.0.2:5432 with synthetic patients");
-    let pg = PgServer::start(PgOptions {
-        addr: Ipv4Addr::new(127, 0, 0, 2),
-        port: 5432,
-        ..Default::default()
-    })?;
+    let pg = PgServer::start(PgOptions { addr: Ipv4Addr::new(127, 0, 0, 2), port: 5432, ..Default::default() })?;
     pg.psql_admin("postgres", &patients_sql())?;
-    println!(
-        "{}",
-        pg.psql_admin(
-            "postgres",
-            "select count(*) || ' patients loaded' from patients"
-        )?
-    );
+    println!("{}", pg.psql_admin("postgres", "select count(*) || ' patients loaded' from patients")?);
 
     step("2. The phigate agent with config/local.toml");
     let log = std::env::temp_dir().join("phigate-demo-agent.log");
@@ -103,44 +83,20 @@ pub fn run() -> Result<()> {
         .stderr(log_file)
         .spawn()
         .context("starting phigate")?;
-    let mut demo = Demo {
-        agent: Some(agent),
-        log: log.clone(),
-        config: config.clone(),
-        cgroup: cgroup.clone(),
-        _pg: pg,
-    };
+    let mut demo = Demo { agent: Some(agent), log: log.clone(), config: config.clone(), cgroup: cgroup.clone(), _pg: pg };
     let ready = wait_for(Duration::from_secs(20), || {
-        if let Some(status) = demo
-            .agent
-            .as_mut()
-            .and_then(|a| a.try_wait().ok().flatten())
-        {
+        if let Some(status) = demo.agent.as_mut().and_then(|a| a.try_wait().ok().flatten()) {
             return Some(Err(status));
         }
-        fs::read_to_string(&log)
-            .ok()
-            .filter(|t| t.contains("phigate agent ready"))
-            .map(Ok)
+        fs::read_to_string(&log).ok().filter(|t| t.contains("phigate agent ready")).map(Ok)
     });
     match ready {
-        Some(Ok(text)) => print_lines(
-            &text,
-            &["protected cgroup", "interceptor listening", "agent ready"],
-        ),
-        Some(Err(status)) => bail!(
-            "the agent exited ({status}):\n{}",
-            fs::read_to_string(&log).unwrap_or_default()
-        ),
-        None => bail!(
-            "the agent was not ready in 20 s:\n{}",
-            fs::read_to_string(&log).unwrap_or_default()
-        ),
+        Some(Ok(text)) => print_lines(&text, &["protected cgroup", "interceptor listening", "agent ready"]),
+        Some(Err(status)) => bail!("the agent exited ({status}):\n{}", fs::read_to_string(&log).unwrap_or_default()),
+        None => bail!("the agent was not ready in 20 s:\n{}", fs::read_to_string(&log).unwrap_or_default()),
     }
 
-    step(&format!(
-        "3. A workload in the protected cgroup /{DEMO_CGROUP} runs psql against 127.0.0.2:5432"
-    ));
+    step(&format!("3. A workload in the protected cgroup /{DEMO_CGROUP} runs psql against 127.0.0.2:5432"));
     println!("   (its connection string is unchanged; the kernel carries it to phigate)");
     let query = "select inet_server_addr() as server_seen, id, mrn, name, dob from patients order by id limit 3";
     let out = psql(query, Some(&cgroup))?;
@@ -150,28 +106,15 @@ pub fn run() -> Result<()> {
     print_lines(&text, &["connection accepted"]);
 
     step("4. The same psql from an unprotected process");
-    let before = count(
-        &fs::read_to_string(&log).unwrap_or_default(),
-        "connection accepted",
-    );
-    let out = psql(
-        "select 'direct to the database' as path, count(*) from patients",
-        None,
-    )?;
+    let before = count(&fs::read_to_string(&log).unwrap_or_default(), "connection accepted");
+    let out = psql("select 'direct to the database' as path, count(*) from patients", None)?;
     println!("{out}");
     std::thread::sleep(Duration::from_millis(200));
-    let after = count(
-        &fs::read_to_string(&log).unwrap_or_default(),
-        "connection accepted",
-    );
+    let after = count(&fs::read_to_string(&log).unwrap_or_default(), "connection accepted");
     println!("   connections seen by phigate: before {before}, after {after} — the unprotected process was not redirected");
 
     step("5. phigate status");
-    let out = Command::new(phigate())
-        .arg("--config")
-        .arg(&config)
-        .arg("status")
-        .output()?;
+    let out = Command::new(phigate()).arg("--config").arg(&config).arg("status").output()?;
     println!("{}", String::from_utf8_lossy(&out.stdout));
     drop(demo);
     Ok(())
@@ -179,20 +122,7 @@ pub fn run() -> Result<()> {
 
 fn psql(sql: &str, cgroup: Option<&Path>) -> Result<String> {
     let mut cmd = Command::new(phigate_tests::pg::pg_bin("psql"));
-    cmd.args([
-        "-h",
-        "127.0.0.2",
-        "-p",
-        "5432",
-        "-U",
-        "postgres",
-        "-d",
-        "postgres",
-        "-X",
-        "-c",
-        sql,
-    ])
-    .stdin(Stdio::null());
+    cmd.args(["-h", "127.0.0.2", "-p", "5432", "-U", "postgres", "-d", "postgres", "-X", "-c", sql]).stdin(Stdio::null());
     if let Some(dir) = cgroup {
         run_in(&mut cmd, dir);
     }
@@ -218,25 +148,9 @@ fn count(text: &str, needle: &str) -> usize {
 
 /// Synthetic, obviously fake patients (deterministic, no real PHI).
 fn patients_sql() -> String {
-    const FIRST: [&str; 8] = [
-        "Ada", "Brook", "Cyrus", "Dana", "Elio", "Fern", "Gus", "Hale",
-    ];
-    const LAST: [&str; 8] = [
-        "Quill",
-        "Marsh",
-        "Okafor",
-        "Lindqvist",
-        "Tanaka",
-        "Reyes",
-        "Novak",
-        "Ibsen",
-    ];
-    const DX: [&str; 4] = [
-        "E11.9 type 2 diabetes",
-        "I10 hypertension",
-        "J45.909 asthma",
-        "M54.5 low back pain",
-    ];
+    const FIRST: [&str; 8] = ["Ada", "Brook", "Cyrus", "Dana", "Elio", "Fern", "Gus", "Hale"];
+    const LAST: [&str; 8] = ["Quill", "Marsh", "Okafor", "Lindqvist", "Tanaka", "Reyes", "Novak", "Ibsen"];
+    const DX: [&str; 4] = ["E11.9 type 2 diabetes", "I10 hypertension", "J45.909 asthma", "M54.5 low back pain"];
     let mut sql = String::from("drop table if exists patients; create table patients (id int primary key, mrn text, name text, dob date, ssn text, phone text, diagnosis text); insert into patients values ");
     let rows: Vec<String> = (0..24)
         .map(|i: usize| {

@@ -64,10 +64,7 @@ fn main() {
 }
 
 pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask lives in the workspace")
-        .to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
 }
 
 pub fn object_path() -> PathBuf {
@@ -77,9 +74,7 @@ pub fn object_path() -> PathBuf {
 /// Run a command, failing with its name if it fails.
 pub fn run(cmd: &mut Command) -> Result<()> {
     let desc = format!("{cmd:?}");
-    let status = cmd
-        .status()
-        .with_context(|| format!("cannot start {desc}"))?;
+    let status = cmd.status().with_context(|| format!("cannot start {desc}"))?;
     if !status.success() {
         bail!("{desc} failed ({status})");
     }
@@ -94,15 +89,7 @@ pub fn build_ebpf() -> Result<()> {
     eprintln!("xtask: building the eBPF object (nightly, bpfel-unknown-none)");
     run(Command::new("cargo")
         .current_dir(&dir)
-        .args([
-            "+nightly",
-            "build",
-            "--release",
-            "--target",
-            "bpfel-unknown-none",
-            "-Z",
-            "build-std=core",
-        ])
+        .args(["+nightly", "build", "--release", "--target", "bpfel-unknown-none", "-Z", "build-std=core"])
         // BTF is required for the socket-storage map; debuginfo feeds it.
         .env("RUSTFLAGS", "-C debuginfo=2 -C link-arg=--btf")
         .env_remove("RUSTC")
@@ -124,8 +111,7 @@ pub fn build_ebpf() -> Result<()> {
 /// Build the agent and test helpers (debug) after the kernel object.
 pub fn build_workspace(release: bool) -> Result<()> {
     let mut cmd = Command::new("cargo");
-    cmd.current_dir(root())
-        .args(["build", "-p", "phigate-agent", "-p", "phigate-tests"]);
+    cmd.current_dir(root()).args(["build", "-p", "phigate-agent", "-p", "phigate-tests"]);
     if release {
         cmd.arg("--release");
     }
@@ -143,8 +129,5 @@ fn test(args: &[String]) -> Result<()> {
         .args(args)
         .env("PHIGATE_E2E_REQUIRED", "1")
         .env("PHIGATE_BIN", root().join("target/debug/phigate"))
-        .env(
-            "PHIGATE_PROBE_BIN",
-            root().join("target/debug/phigate-probe"),
-        ))
+        .env("PHIGATE_PROBE_BIN", root().join("target/debug/phigate-probe")))
 }

@@ -41,16 +41,9 @@ pub enum EbpfError {
     #[error("loading the kernel programs failed: {0}. phigate needs Linux >= 5.15 with BTF and must run as root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN)")]
     Load(aya::EbpfError),
     #[error("the kernel rejected program {program}: {err}. Run `phigate detach` and start again; if it persists, report the kernel version (`uname -r`)")]
-    Program {
-        program: &'static str,
-        err: aya::programs::ProgramError,
-    },
+    Program { program: &'static str, err: aya::programs::ProgramError },
     #[error("cannot attach {program} to cgroup {cgroup}: {err}")]
-    Attach {
-        program: &'static str,
-        cgroup: PathBuf,
-        err: io::Error,
-    },
+    Attach { program: &'static str, cgroup: PathBuf, err: io::Error },
     #[error("cannot pin {path}: {err}")]
     Pin { path: PathBuf, err: io::Error },
     #[error("no phigate state is pinned at {0}: start the agent (`phigate run`) first, or point --config at the configuration the agent runs with")]
@@ -58,11 +51,7 @@ pub enum EbpfError {
     #[error("the pinned maps at {dir} were written by a phigate with map layout {found}, this one uses {ABI_VERSION}: run `phigate detach` (protection stops until the agent restarts) and start the agent again")]
     AbiMismatch { dir: PathBuf, found: u32 },
     #[error("map {name} at {path}: {err}")]
-    Map {
-        name: &'static str,
-        path: PathBuf,
-        err: aya::maps::MapError,
-    },
+    Map { name: &'static str, path: PathBuf, err: aya::maps::MapError },
     #[error("cannot open cgroup {path}: {err}")]
     Cgroup { path: PathBuf, err: io::Error },
 }
@@ -75,9 +64,7 @@ pub struct PinLayout {
 
 impl PinLayout {
     pub fn new(root: &Path) -> Self {
-        Self {
-            root: root.to_path_buf(),
-        }
+        Self { root: root.to_path_buf() }
     }
     pub fn root(&self) -> &Path {
         &self.root
@@ -121,15 +108,8 @@ pub struct AttachPoint<'a> {
 /// Attach order matters: the record hand-off (sock_ops), getpeername and the guards
 /// must be in place before connect4/6 start redirecting, so that no connection is
 /// redirected without its record.
-const ATTACH_ORDER: [&str; 7] = [
-    programs::SOCK_OPS,
-    programs::GETPEERNAME4,
-    programs::GETPEERNAME6,
-    programs::EGRESS,
-    programs::SOCK_CREATE,
-    programs::CONNECT4,
-    programs::CONNECT6,
-];
+const ATTACH_ORDER: [&str; 7] =
+    [programs::SOCK_OPS, programs::GETPEERNAME4, programs::GETPEERNAME6, programs::EGRESS, programs::SOCK_CREATE, programs::CONNECT4, programs::CONNECT6];
 
 fn expected_attach_type(program: &str) -> u32 {
     use sys::attach_type as a;
@@ -147,24 +127,15 @@ fn expected_attach_type(program: &str) -> u32 {
 /// Load the programs, pin every map, and make sure each program is attached to
 /// `attach` through a pinned link — adopting links an earlier agent pinned rather
 /// than attaching a second copy.
-pub fn install(
-    layout: &PinLayout,
-    attach: AttachPoint<'_>,
-) -> Result<Vec<(&'static str, AttachOutcome)>, EbpfError> {
+pub fn install(layout: &PinLayout, attach: AttachPoint<'_>) -> Result<Vec<(&'static str, AttachOutcome)>, EbpfError> {
     for dir in [layout.maps_dir(), layout.links_dir()] {
-        fs::create_dir_all(&dir).map_err(|err| EbpfError::Pin {
-            path: dir.clone(),
-            err,
-        })?;
+        fs::create_dir_all(&dir).map_err(|err| EbpfError::Pin { path: dir.clone(), err })?;
     }
     if layout.is_installed() {
         // 0: maps pinned by an agent that stopped before writing its settings.
         let found = read_abi(layout)?;
         if found != ABI_VERSION && found != 0 {
-            return Err(EbpfError::AbiMismatch {
-                dir: layout.root.clone(),
-                found,
-            });
+            return Err(EbpfError::AbiMismatch { dir: layout.root.clone(), found });
         }
     }
     let mut loader = EbpfLoader::new();
@@ -174,10 +145,7 @@ pub fn install(
     }
     let mut bpf = loader.load(OBJECT).map_err(EbpfError::Load)?;
 
-    let cgroup = fs::File::open(attach.dir).map_err(|err| EbpfError::Cgroup {
-        path: attach.dir.to_path_buf(),
-        err,
-    })?;
+    let cgroup = fs::File::open(attach.dir).map_err(|err| EbpfError::Cgroup { path: attach.dir.to_path_buf(), err })?;
     let mut outcomes = Vec::new();
     for program in ATTACH_ORDER {
         let outcome = attach_one(&mut bpf, layout, program, &cgroup, attach.id, attach.dir)?;
@@ -188,17 +156,8 @@ pub fn install(
 
 fn read_abi(layout: &PinLayout) -> Result<u32, EbpfError> {
     let path = layout.map(maps::SETTINGS);
-    let data = MapData::from_pin(&path).map_err(|err| EbpfError::Map {
-        name: maps::SETTINGS,
-        path: path.clone(),
-        err,
-    })?;
-    let arr: Array<MapData, Settings> =
-        Array::try_from(Map::Array(data)).map_err(|err| EbpfError::Map {
-            name: maps::SETTINGS,
-            path: path.clone(),
-            err,
-        })?;
+    let data = MapData::from_pin(&path).map_err(|err| EbpfError::Map { name: maps::SETTINGS, path: path.clone(), err })?;
+    let arr: Array<MapData, Settings> = Array::try_from(Map::Array(data)).map_err(|err| EbpfError::Map { name: maps::SETTINGS, path: path.clone(), err })?;
     Ok(arr.get(&0, 0).map(|s| s.abi_version).unwrap_or(0))
 }
 
@@ -211,10 +170,7 @@ fn attach_one(
     cgroup_dir: &Path,
 ) -> Result<AttachOutcome, EbpfError> {
     let prog_err = |err| EbpfError::Program { program, err };
-    let prog = bpf.program_mut(program).ok_or(EbpfError::Program {
-        program,
-        err: aya::programs::ProgramError::UnexpectedProgramType,
-    })?;
+    let prog = bpf.program_mut(program).ok_or(EbpfError::Program { program, err: aya::programs::ProgramError::UnexpectedProgramType })?;
     // Load (verify) first: an adopted link is then switched to this exact program.
     match prog {
         aya::programs::Program::CgroupSockAddr(p) => p.load().map_err(prog_err)?,
@@ -227,96 +183,45 @@ fn attach_one(
     let pin = layout.link(program);
     let mut moved = false;
     if pin.exists() {
-        let link = sys::obj_get(&pin).map_err(|err| EbpfError::Pin {
-            path: pin.clone(),
-            err,
-        })?;
-        let info = sys::link_info(link.as_fd()).map_err(|err| EbpfError::Pin {
-            path: pin.clone(),
-            err,
-        })?;
-        if info.link_type == sys::LINK_TYPE_CGROUP
-            && info.cgroup_id == cgroup_id
-            && info.attach_type == expected_attach_type(program)
-        {
+        let link = sys::obj_get(&pin).map_err(|err| EbpfError::Pin { path: pin.clone(), err })?;
+        let info = sys::link_info(link.as_fd()).map_err(|err| EbpfError::Pin { path: pin.clone(), err })?;
+        if info.link_type == sys::LINK_TYPE_CGROUP && info.cgroup_id == cgroup_id && info.attach_type == expected_attach_type(program) {
             // SAFETY: prog_fd belongs to `bpf`, which outlives this call.
             let prog_fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(prog_fd) };
-            sys::link_update(link.as_fd(), prog_fd).map_err(|err| EbpfError::Attach {
-                program,
-                cgroup: cgroup_dir.to_path_buf(),
-                err,
-            })?;
+            sys::link_update(link.as_fd(), prog_fd).map_err(|err| EbpfError::Attach { program, cgroup: cgroup_dir.to_path_buf(), err })?;
             return Ok(AttachOutcome::Adopted);
         }
         // The configured attach point changed since the link was pinned.
-        fs::remove_file(&pin).map_err(|err| EbpfError::Pin {
-            path: pin.clone(),
-            err,
-        })?;
+        fs::remove_file(&pin).map_err(|err| EbpfError::Pin { path: pin.clone(), err })?;
         drop(link);
         moved = true;
     }
-    let attach_err = |e: &dyn std::fmt::Display| EbpfError::Attach {
-        program,
-        cgroup: cgroup_dir.to_path_buf(),
-        err: io::Error::other(e.to_string()),
-    };
+    let attach_err = |e: &dyn std::fmt::Display| EbpfError::Attach { program, cgroup: cgroup_dir.to_path_buf(), err: io::Error::other(e.to_string()) };
     // CgroupAttachMode::Single: with bpf_link (kernel >= 5.7) the kernel already allows
     // several links per hook; AllowMultiple fails with EINVAL there (aya issue 1078).
     let link: FdLink = match prog {
         aya::programs::Program::CgroupSockAddr(p) => {
-            let id = p
-                .attach(cgroup, CgroupAttachMode::Single)
-                .map_err(|e| attach_err(&e))?;
-            p.take_link(id)
-                .map_err(|e| attach_err(&e))?
-                .try_into()
-                .map_err(|e: aya::programs::links::LinkError| attach_err(&e))?
+            let id = p.attach(cgroup, CgroupAttachMode::Single).map_err(|e| attach_err(&e))?;
+            p.take_link(id).map_err(|e| attach_err(&e))?.try_into().map_err(|e: aya::programs::links::LinkError| attach_err(&e))?
         }
         aya::programs::Program::SockOps(p) => {
-            let id = p
-                .attach(cgroup, CgroupAttachMode::Single)
-                .map_err(|e| attach_err(&e))?;
-            p.take_link(id)
-                .map_err(|e| attach_err(&e))?
-                .try_into()
-                .map_err(|e: aya::programs::links::LinkError| attach_err(&e))?
+            let id = p.attach(cgroup, CgroupAttachMode::Single).map_err(|e| attach_err(&e))?;
+            p.take_link(id).map_err(|e| attach_err(&e))?.try_into().map_err(|e: aya::programs::links::LinkError| attach_err(&e))?
         }
         aya::programs::Program::CgroupSkb(p) => {
-            let id = p
-                .attach(
-                    cgroup,
-                    CgroupSkbAttachType::Egress,
-                    CgroupAttachMode::Single,
-                )
-                .map_err(|e| attach_err(&e))?;
-            p.take_link(id)
-                .map_err(|e| attach_err(&e))?
-                .try_into()
-                .map_err(|e: aya::programs::links::LinkError| attach_err(&e))?
+            let id = p.attach(cgroup, CgroupSkbAttachType::Egress, CgroupAttachMode::Single).map_err(|e| attach_err(&e))?;
+            p.take_link(id).map_err(|e| attach_err(&e))?.try_into().map_err(|e: aya::programs::links::LinkError| attach_err(&e))?
         }
         aya::programs::Program::CgroupSock(p) => {
-            let id = p
-                .attach(cgroup, CgroupAttachMode::Single)
-                .map_err(|e| attach_err(&e))?;
-            p.take_link(id)
-                .map_err(|e| attach_err(&e))?
-                .try_into()
-                .map_err(|e: aya::programs::links::LinkError| attach_err(&e))?
+            let id = p.attach(cgroup, CgroupAttachMode::Single).map_err(|e| attach_err(&e))?;
+            p.take_link(id).map_err(|e| attach_err(&e))?.try_into().map_err(|e: aya::programs::links::LinkError| attach_err(&e))?
         }
         _ => return Err(prog_err(aya::programs::ProgramError::UnexpectedProgramType)),
     };
     // Pinning is what keeps protection alive when the agent dies: without it the link
     // would be released with the agent's file descriptors (fail-open).
-    link.pin(&pin).map_err(|e| EbpfError::Pin {
-        path: pin.clone(),
-        err: io::Error::other(e.to_string()),
-    })?;
-    Ok(if moved {
-        AttachOutcome::Moved
-    } else {
-        AttachOutcome::Attached
-    })
+    link.pin(&pin).map_err(|e| EbpfError::Pin { path: pin.clone(), err: io::Error::other(e.to_string()) })?;
+    Ok(if moved { AttachOutcome::Moved } else { AttachOutcome::Attached })
 }
 
 /// A pinned link as `phigate status` shows it.
@@ -333,23 +238,11 @@ pub fn links(layout: &PinLayout) -> Vec<LinkStatus> {
         .map(|program| {
             let pin = layout.link(program);
             if !pin.exists() {
-                return LinkStatus {
-                    program,
-                    info: None,
-                    error: None,
-                };
+                return LinkStatus { program, info: None, error: None };
             }
             match sys::obj_get(&pin).and_then(|fd| sys::link_info(fd.as_fd())) {
-                Ok(info) => LinkStatus {
-                    program,
-                    info: Some(info),
-                    error: None,
-                },
-                Err(e) => LinkStatus {
-                    program,
-                    info: None,
-                    error: Some(e.to_string()),
-                },
+                Ok(info) => LinkStatus { program, info: Some(info), error: None },
+                Err(e) => LinkStatus { program, info: None, error: Some(e.to_string()) },
             }
         })
         .collect()
@@ -434,16 +327,8 @@ where
     if !path.exists() {
         return Err(EbpfError::NotInstalled(layout.root.clone()));
     }
-    let data = MapData::from_pin(&path).map_err(|err| EbpfError::Map {
-        name,
-        path: path.clone(),
-        err,
-    })?;
-    let map = Map::from_map_data(data).map_err(|err| EbpfError::Map {
-        name,
-        path: path.clone(),
-        err,
-    })?;
+    let data = MapData::from_pin(&path).map_err(|err| EbpfError::Map { name, path: path.clone(), err })?;
+    let map = Map::from_map_data(data).map_err(|err| EbpfError::Map { name, path: path.clone(), err })?;
     T::try_from(map).map_err(|err| EbpfError::Map { name, path, err })
 }
 
@@ -454,10 +339,7 @@ impl KernelState {
         }
         let found = read_abi(layout)?;
         if found != ABI_VERSION && found != 0 {
-            return Err(EbpfError::AbiMismatch {
-                dir: layout.root.clone(),
-                found,
-            });
+            return Err(EbpfError::AbiMismatch { dir: layout.root.clone(), found });
         }
         Ok(Self {
             layout: layout.clone(),
@@ -475,66 +357,41 @@ impl KernelState {
     }
 
     fn map_err(&self, name: &'static str) -> impl Fn(aya::maps::MapError) -> EbpfError + '_ {
-        move |err| EbpfError::Map {
-            name,
-            path: self.layout.map(name),
-            err,
-        }
+        move |err| EbpfError::Map { name, path: self.layout.map(name), err }
     }
 
     // -- settings
 
     pub fn settings(&self) -> Result<Settings, EbpfError> {
-        let s = self
-            .settings
-            .lock()
-            .expect("invariant: map lock not poisoned");
+        let s = self.settings.lock().expect("invariant: map lock not poisoned");
         s.get(&0, 0).map_err(self.map_err(maps::SETTINGS))
     }
 
     pub fn set_settings(&self, value: Settings) -> Result<(), EbpfError> {
-        let mut s = self
-            .settings
-            .lock()
-            .expect("invariant: map lock not poisoned");
+        let mut s = self.settings.lock().expect("invariant: map lock not poisoned");
         s.set(0, value, 0).map_err(self.map_err(maps::SETTINGS))
     }
 
     // -- protected cgroups
 
     pub fn protected_cgroups(&self) -> Result<Vec<(u64, ProtectedCgroup)>, EbpfError> {
-        let m = self
-            .cgroups
-            .lock()
-            .expect("invariant: map lock not poisoned");
-        m.iter()
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(self.map_err(maps::PROTECTED_CGROUPS))
+        let m = self.cgroups.lock().expect("invariant: map lock not poisoned");
+        m.iter().collect::<Result<Vec<_>, _>>().map_err(self.map_err(maps::PROTECTED_CGROUPS))
     }
 
     pub fn protected_cgroup(&self, id: u64) -> Option<ProtectedCgroup> {
-        let m = self
-            .cgroups
-            .lock()
-            .expect("invariant: map lock not poisoned");
+        let m = self.cgroups.lock().expect("invariant: map lock not poisoned");
         m.get(&id, 0).ok()
     }
 
     pub fn protect(&self, id: u64, entry: ProtectedCgroup) -> Result<(), EbpfError> {
-        let mut m = self
-            .cgroups
-            .lock()
-            .expect("invariant: map lock not poisoned");
-        m.insert(id, entry, 0)
-            .map_err(self.map_err(maps::PROTECTED_CGROUPS))
+        let mut m = self.cgroups.lock().expect("invariant: map lock not poisoned");
+        m.insert(id, entry, 0).map_err(self.map_err(maps::PROTECTED_CGROUPS))
     }
 
     /// Returns whether the cgroup was protected.
     pub fn unprotect(&self, id: u64) -> Result<bool, EbpfError> {
-        let mut m = self
-            .cgroups
-            .lock()
-            .expect("invariant: map lock not poisoned");
+        let mut m = self.cgroups.lock().expect("invariant: map lock not poisoned");
         match m.remove(&id) {
             Ok(()) => Ok(true),
             Err(aya::maps::MapError::KeyNotFound) => Ok(false),
@@ -550,11 +407,7 @@ impl KernelState {
         for item in m4.iter() {
             let (k, v) = item.map_err(self.map_err(maps::DB4))?;
             let data = k.data();
-            let prefix = IpNet::new(
-                IpAddr::V4(Ipv4Addr::from(data.addr)),
-                (k.prefix_len() - 16) as u8,
-            )
-            .expect("invariant: kernel prefix <= 32");
+            let prefix = IpNet::new(IpAddr::V4(Ipv4Addr::from(data.addr)), (k.prefix_len() - 16) as u8).expect("invariant: kernel prefix <= 32");
             out.push(entry_from(prefix, u16::from_be_bytes(data.port), &v));
         }
         drop(m4);
@@ -562,11 +415,7 @@ impl KernelState {
         for item in m6.iter() {
             let (k, v) = item.map_err(self.map_err(maps::DB6))?;
             let data = k.data();
-            let prefix = IpNet::new(
-                IpAddr::V6(Ipv6Addr::from(data.addr)),
-                (k.prefix_len() - 16) as u8,
-            )
-            .expect("invariant: kernel prefix <= 128");
+            let prefix = IpNet::new(IpAddr::V6(Ipv6Addr::from(data.addr)), (k.prefix_len() - 16) as u8).expect("invariant: kernel prefix <= 128");
             out.push(entry_from(prefix, u16::from_be_bytes(data.port), &v));
         }
         out.sort_by_cached_key(|e| (e.db_index, e.prefix.to_string()));
@@ -583,26 +432,8 @@ impl KernelState {
             let port = e.port.to_be_bytes();
             let len = 16 + u32::from(e.prefix.prefix_len());
             match e.prefix {
-                IpNet::V4(n) => want4.push((
-                    Key::new(
-                        len,
-                        Db4Key {
-                            port,
-                            addr: n.network().octets(),
-                        },
-                    ),
-                    target_from(e),
-                )),
-                IpNet::V6(n) => want6.push((
-                    Key::new(
-                        len,
-                        Db6Key {
-                            port,
-                            addr: n.network().octets(),
-                        },
-                    ),
-                    target_from(e),
-                )),
+                IpNet::V4(n) => want4.push((Key::new(len, Db4Key { port, addr: n.network().octets() }), target_from(e))),
+                IpNet::V6(n) => want6.push((Key::new(len, Db6Key { port, addr: n.network().octets() }), target_from(e))),
             }
         }
         let mut m4 = self.db4.lock().expect("invariant: map lock not poisoned");
@@ -627,10 +458,7 @@ impl KernelState {
 
     pub fn counters(&self) -> Result<Counters, EbpfError> {
         let sum = |i: u32| -> Result<u64, EbpfError> {
-            let v = self
-                .counters
-                .get(&i, 0)
-                .map_err(self.map_err(maps::COUNTERS))?;
+            let v = self.counters.get(&i, 0).map_err(self.map_err(maps::COUNTERS))?;
             Ok(v.iter().copied().fold(0u64, u64::wrapping_add))
         };
         Ok(Counters {
@@ -645,19 +473,12 @@ impl KernelState {
 }
 
 /// Insert every wanted key, then remove keys not wanted.
-fn sync_trie<K: aya::Pod + PartialEq>(
-    trie: &mut LpmTrie<MapData, K, DbTarget>,
-    wanted: &[(Key<K>, DbTarget)],
-) -> Result<(), aya::maps::MapError> {
+fn sync_trie<K: aya::Pod + PartialEq>(trie: &mut LpmTrie<MapData, K, DbTarget>, wanted: &[(Key<K>, DbTarget)]) -> Result<(), aya::maps::MapError> {
     for (key, value) in wanted {
         trie.insert(key, *value, 0)?;
     }
     let same = |a: &Key<K>, b: &Key<K>| a.prefix_len() == b.prefix_len() && a.data() == b.data();
-    let stale: Vec<Key<K>> = trie
-        .keys()
-        .filter_map(Result::ok)
-        .filter(|k| !wanted.iter().any(|(w, _)| same(w, k)))
-        .collect();
+    let stale: Vec<Key<K>> = trie.keys().filter_map(Result::ok).filter(|k| !wanted.iter().any(|(w, _)| same(w, k))).collect();
     for key in stale {
         trie.remove(&key)?;
     }
@@ -670,10 +491,8 @@ fn entry_from(prefix: IpNet, port: u16, v: &DbTarget) -> DbEntry {
         port,
         db_index: v.db_index,
         name: c_str(&v.name),
-        listen4: (v.flags & target::HAS_V4 != 0)
-            .then(|| (Ipv4Addr::from(v.listen4_addr), v.listen4_port)),
-        listen6: (v.flags & target::HAS_V6 != 0)
-            .then(|| (Ipv6Addr::from(v.listen6_addr), v.listen6_port)),
+        listen4: (v.flags & target::HAS_V4 != 0).then(|| (Ipv4Addr::from(v.listen4_addr), v.listen4_port)),
+        listen6: (v.flags & target::HAS_V6 != 0).then(|| (Ipv6Addr::from(v.listen6_addr), v.listen6_port)),
     }
 }
 
@@ -693,15 +512,7 @@ fn target_from(e: &DbEntry) -> DbTarget {
             (a.octets(), p)
         })
         .unwrap_or(([0; 16], 0));
-    DbTarget {
-        db_index: e.db_index,
-        flags,
-        listen4_addr: l4a,
-        listen6_addr: l6a,
-        listen4_port: l4p,
-        listen6_port: l6p,
-        name: fixed(&e.name),
-    }
+    DbTarget { db_index: e.db_index, flags, listen4_addr: l4a, listen6_addr: l6a, listen4_port: l4p, listen6_port: l6p, name: fixed(&e.name) }
 }
 
 /// Copy a string into a NUL-padded fixed buffer (callers validated the length).
@@ -725,9 +536,7 @@ pub struct EventReader {
 
 impl EventReader {
     pub fn open(layout: &PinLayout) -> Result<Self, EbpfError> {
-        Ok(Self {
-            ring: open_map(layout, maps::EVENTS)?,
-        })
+        Ok(Self { ring: open_map(layout, maps::EVENTS)? })
     }
 
     /// Drain everything available now.

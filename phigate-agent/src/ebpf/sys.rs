@@ -85,8 +85,7 @@ pub const LINK_TYPE_CGROUP: u32 = 3;
 fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
     // SAFETY: `attr` is a properly sized, initialised bpf_attr prefix; the kernel
     // zero-extends shorter attrs.
-    let ret =
-        unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut T, std::mem::size_of::<T>()) };
+    let ret = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut T, std::mem::size_of::<T>()) };
     if ret < 0 {
         Err(io::Error::last_os_error())
     } else {
@@ -96,12 +95,8 @@ fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
 
 /// Open a pinned bpf object.
 pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
-    let c = CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| io::Error::other("pin path contains a NUL byte"))?;
-    let mut attr = ObjGetAttr {
-        pathname: c.as_ptr() as u64,
-        ..Default::default()
-    };
+    let c = CString::new(path.as_os_str().as_bytes()).map_err(|_| io::Error::other("pin path contains a NUL byte"))?;
+    let mut attr = ObjGetAttr { pathname: c.as_ptr() as u64, ..Default::default() };
     let fd = bpf(BPF_OBJ_GET, &mut attr)?;
     // SAFETY: the kernel returned a new file descriptor we now own.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
@@ -110,27 +105,14 @@ pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
 pub fn link_info(link: BorrowedFd<'_>) -> io::Result<LinkInfo> {
     // SAFETY: all-zero is a valid RawLinkInfo.
     let mut info: RawLinkInfo = unsafe { std::mem::zeroed() };
-    let mut attr = InfoAttr {
-        bpf_fd: link.as_raw_fd() as u32,
-        info_len: std::mem::size_of::<RawLinkInfo>() as u32,
-        info: &mut info as *mut RawLinkInfo as u64,
-    };
+    let mut attr =
+        InfoAttr { bpf_fd: link.as_raw_fd() as u32, info_len: std::mem::size_of::<RawLinkInfo>() as u32, info: &mut info as *mut RawLinkInfo as u64 };
     bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
-    Ok(LinkInfo {
-        link_id: info.id,
-        prog_id: info.prog_id,
-        link_type: info.type_,
-        cgroup_id: info.cgroup_id,
-        attach_type: info.attach_type,
-    })
+    Ok(LinkInfo { link_id: info.id, prog_id: info.prog_id, link_type: info.type_, cgroup_id: info.cgroup_id, attach_type: info.attach_type })
 }
 
 /// Replace the program behind `link` with `prog`, atomically for the kernel hook.
 pub fn link_update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> io::Result<()> {
-    let mut attr = LinkUpdateAttr {
-        link_fd: link.as_raw_fd() as u32,
-        new_prog_fd: prog.as_raw_fd() as u32,
-        ..Default::default()
-    };
+    let mut attr = LinkUpdateAttr { link_fd: link.as_raw_fd() as u32, new_prog_fd: prog.as_raw_fd() as u32, ..Default::default() };
     bpf(BPF_LINK_UPDATE, &mut attr).map(drop)
 }

@@ -6,6 +6,9 @@
 //! that `phigate protect` at runtime and the running agent agree) and must not know
 //! about sockets, PostgreSQL or policy.
 
+pub mod scram;
+pub mod token;
+
 use std::fmt;
 
 use crate::net::Accepted;
@@ -34,11 +37,7 @@ pub struct Workload {
 
 impl fmt::Display for Workload {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{} (cgroup /{}, pid {}, uid {}, {})",
-            self.name, self.cgroup, self.pid, self.uid, self.comm
-        )
+        write!(f, "{} (cgroup /{}, pid {}, uid {}, {})", self.name, self.cgroup, self.pid, self.uid, self.comm)
     }
 }
 
@@ -59,10 +58,7 @@ pub enum IdentityError {
 
 /// Name the workload behind an accepted connection. On error the connection is
 /// dropped (closed) with it: an unidentified connection is never proxied.
-pub fn identify(
-    accepted: Accepted,
-    directory: &dyn IdentityDirectory,
-) -> Result<Identified, IdentityError> {
+pub fn identify(accepted: Accepted, directory: &dyn IdentityDirectory) -> Result<Identified, IdentityError> {
     let rec = &accepted.record;
     let Some((name, cgroup)) = directory.lookup(rec.protected_cgroup_id) else {
         return Err(IdentityError::Unknown(rec.protected_cgroup_id));

@@ -14,6 +14,9 @@ use std::{
     time::SystemTime,
 };
 
+pub mod conn;
+pub mod tls;
+
 use phigate_common::{ConnectRecord, OrigDstKey};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
@@ -83,16 +86,9 @@ pub enum AcceptError {
     /// No record: not a redirected connection (someone connected to the listener
     /// directly) or the record aged out. Such connections are closed, never proxied.
     #[error("no kernel redirect record for client {client} (netns cookie {netns_cookie}); closing without proxying")]
-    NoRecord {
-        client: ClientAddr,
-        netns_cookie: u64,
-    },
+    NoRecord { client: ClientAddr, netns_cookie: u64 },
     #[error("redirect record for client {client} names database #{recorded} but it arrived at the listener of database #{listener}; closing")]
-    WrongListener {
-        client: ClientAddr,
-        recorded: u32,
-        listener: u32,
-    },
+    WrongListener { client: ClientAddr, recorded: u32, listener: u32 },
     #[error("cannot read the network namespace of an accepted socket: {0}")]
     Netns(io::Error),
 }
@@ -108,25 +104,16 @@ impl Listener {
     /// Bind with SO_REUSEADDR so a restarted agent can take its port back at once
     /// (redirects already point at it).
     pub fn bind(addr: SocketAddr, db_index: u32) -> io::Result<Self> {
-        let socket = if addr.is_ipv4() {
-            TcpSocket::new_v4()?
-        } else {
-            TcpSocket::new_v6()?
-        };
+        let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
         socket.set_reuseaddr(true)?;
         if addr.is_ipv6() {
             // IPv4(-mapped) connections go to the IPv4 listener.
-            nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::Ipv6V6Only, &true)
-                .map_err(io::Error::from)?;
+            nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::Ipv6V6Only, &true).map_err(io::Error::from)?;
         }
         socket.bind(addr)?;
         let inner = socket.listen(1024)?;
         let addr = ListenAddr(inner.local_addr()?);
-        Ok(Self {
-            inner,
-            addr,
-            db_index,
-        })
+        Ok(Self { inner, addr, db_index })
     }
 
     pub fn addr(&self) -> ListenAddr {
@@ -143,29 +130,12 @@ impl Listener {
     }
 
     /// Attach the kernel's record to an accepted connection.
-    pub fn recover(
-        &self,
-        stream: TcpStream,
-        client: ClientAddr,
-        records: &dyn RecordSource,
-    ) -> Result<Accepted, AcceptError> {
+    pub fn recover(&self, stream: TcpStream, client: ClientAddr, records: &dyn RecordSource) -> Result<Accepted, AcceptError> {
         let netns_cookie = netns_cookie(&stream).map_err(AcceptError::Netns)?;
-        let key = OrigDstKey {
-            netns_cookie,
-            addr: normal_form(client.0.ip()),
-            port: client.0.port(),
-            _pad: [0; 6],
-        };
-        let rec = records.take(&key).ok_or(AcceptError::NoRecord {
-            client,
-            netns_cookie,
-        })?;
+        let key = OrigDstKey { netns_cookie, addr: normal_form(client.0.ip()), port: client.0.port(), _pad: [0; 6] };
+        let rec = records.take(&key).ok_or(AcceptError::NoRecord { client, netns_cookie })?;
         if rec.db_index != self.db_index {
-            return Err(AcceptError::WrongListener {
-                client,
-                recorded: rec.db_index,
-                listener: self.db_index,
-            });
+            return Err(AcceptError::WrongListener { client, recorded: rec.db_index, listener: self.db_index });
         }
         Ok(Accepted {
             stream,
@@ -217,15 +187,7 @@ fn netns_cookie(stream: &TcpStream) -> io::Result<u64> {
     let mut cookie: u64 = 0;
     let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
     // SAFETY: valid fd, correctly sized out-buffer.
-    let rc = unsafe {
-        libc::getsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            SO_NETNS_COOKIE,
-            &mut cookie as *mut u64 as *mut libc::c_void,
-            &mut len,
-        )
-    };
+    let rc = unsafe { libc::getsockopt(stream.as_raw_fd(), libc::SOL_SOCKET, SO_NETNS_COOKIE, &mut cookie as *mut u64 as *mut libc::c_void, &mut len) };
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }

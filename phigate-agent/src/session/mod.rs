@@ -1,80 +1,377 @@
-//! One task per intercepted connection: open the upstream connection and carry the
-//! traffic.
+//! One task per intercepted connection, speaking PostgreSQL v3 on both sides:
 //!
-//! At this stage the session relays bytes unchanged; the PostgreSQL-aware session
-//! (startup, authentication, per-message stages) replaces the relay here. It must not
-//! reach back into listeners or the kernel: everything it needs arrives in the
-//! [`Identified`] connection and the upstream address.
+//! ```text
+//! negotiate (SSL/GSS/cancel/startup) → identity config → client auth → access check
+//!   → upstream login (agent-held credentials, TLS) → session start → relay (stages)
+//! ```
+//!
+//! Owns the session's lifecycle and the [`Session`] context every stage sees. It uses
+//! `pg` for the wire format, `identity` for token/SCRAM checks and `net` for streams;
+//! it does not reach back into listeners or the kernel. Refusals are PostgreSQL
+//! ErrorResponses with a SQLSTATE and a message that says phigate refused and why.
 
-use std::{io, net::SocketAddr, time::Instant};
+pub mod auth;
+pub mod cancel;
+pub mod relay;
+pub mod stage;
+pub mod startup;
+pub mod upstream;
 
-use tokio::net::TcpStream;
-use tracing::{debug, info, warn};
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant, SystemTime},
+};
 
-use crate::identity::Identified;
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_rustls::TlsAcceptor;
+use tracing::{info, warn};
 
-/// Relay buffer per direction. 64 KiB matches a typical large write and keeps a
-/// bulk transfer to few syscalls per direction.
-const RELAY_BUFFER: usize = 256 * 1024;
+use crate::{
+    config::Access,
+    identity::{token::TokenClaims, Identified, Workload},
+    net::{conn::Conn, tls::UpstreamTls, ClientAddr, OrigDstAddr},
+    pg::{msg, Decoder, Frame, FrameError, Item, PgError, SqlState},
+};
+use auth::{AuthFailure, AuthMethod, AuthRuntime};
+use cancel::{CancelRegistry, CancelTarget};
+use relay::{End, Relay};
+use stage::{Accounting, Pipeline, Stage, Stats};
+use startup::{Hello, StartupError};
+use upstream::UpstreamError;
 
-#[derive(Debug, Clone, Copy, Default)]
-pub struct RelayStats {
-    pub to_upstream: u64,
-    pub to_client: u64,
+/// A protected database as sessions need it.
+pub struct DbRuntime {
+    pub index: u32,
+    pub name: String,
+    pub upstream: SocketAddr,
+    pub upstream_tls: UpstreamTls,
+    pub client_tls: Option<TlsAcceptor>,
+    /// Upstream role → password file (None: the server is not expected to ask).
+    pub credentials: HashMap<String, Option<PathBuf>>,
 }
 
+/// A configured identity, ready to authenticate.
+pub struct IdentityRuntime {
+    pub name: String,
+    pub auth: AuthRuntime,
+    pub access: Vec<Access>,
+}
+
+/// Limits every session observes.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_message_bytes: usize,
+    pub startup_timeout: Duration,
+}
+
+/// Builds the stages of a new session (policy, masking, audit plug in here).
+pub type StageFactory = Box<dyn Fn(&Session) -> Vec<Box<dyn Stage>> + Send + Sync>;
+
+/// What all sessions share.
+pub struct Services {
+    /// Indexed by the kernel record's database index.
+    pub databases: Vec<Arc<DbRuntime>>,
+    pub identities: HashMap<String, Arc<IdentityRuntime>>,
+    pub cancel: Arc<CancelRegistry>,
+    pub limits: Limits,
+    pub stages: StageFactory,
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
+}
+
+/// Everything known about an established session: who, from where, to what, as whom.
+#[derive(Debug, Clone)]
+pub struct Session {
+    /// Unique per agent run; also the client-facing backend pid.
+    pub id: u32,
+    pub workload: Workload,
+    pub client: ClientAddr,
+    pub orig_dst: OrigDstAddr,
+    /// The protected database (`[[database]]` name).
+    pub database: String,
+    /// The PostgreSQL database opened.
+    pub dbname: String,
+    /// The user name the client sent (informational: phigate decides the role).
+    pub client_user: String,
+    pub application_name: Option<String>,
+    /// The role the agent logged in as.
+    pub upstream_role: String,
+    pub auth_method: AuthMethod,
+    pub token: Option<TokenClaims>,
+    pub client_tls: bool,
+    pub upstream_tls: bool,
+    pub started_at: SystemTime,
+}
+
+/// Why a session ended before or during relay.
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
-    #[error("cannot reach the database at {upstream}: {err}")]
-    Upstream {
-        upstream: SocketAddr,
-        err: io::Error,
-    },
-    #[error("relay failed: {0}")]
-    Relay(io::Error),
+    #[error("startup: {0}")]
+    Startup(#[from] StartupError),
+    #[error("startup did not finish within {0:?}")]
+    StartupTimeout(Duration),
+    #[error("refused: {0}")]
+    Refused(PgError),
+    #[error("upstream: {0}")]
+    Upstream(#[from] UpstreamError),
+    #[error("client: {0}")]
+    Client(#[from] ReadError),
+    #[error("write to client failed: {0}")]
+    Write(#[from] std::io::Error),
 }
 
-/// Relay one connection to `upstream` until either side closes.
-pub async fn relay(conn: Identified, upstream: SocketAddr) -> Result<RelayStats, SessionError> {
+/// Reading one whole frame during startup/authentication.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("connection closed")]
+    Closed,
+    #[error("read failed: {0}")]
+    Io(std::io::Error),
+    #[error("invalid message: {0}")]
+    Frame(#[from] FrameError),
+}
+
+/// Read the next whole frame (at most `limit` bytes) from `conn`, using `buf`.
+pub(crate) async fn read_frame(conn: &mut Conn, buf: &mut BytesMut, limit: usize) -> Result<Frame, ReadError> {
+    let mut dec = Decoder::new(limit, limit);
+    loop {
+        if let Some(item) = dec.decode(buf, |_| true)? {
+            match item {
+                Item::Whole(f) => return Ok(f),
+                // needs_whole is always true here, so nothing streams.
+                _ => return Err(ReadError::Frame(FrameError::Malformed { what: "message", why: "unexpected streaming".into() })),
+            }
+        }
+        if buf.capacity() - buf.len() < 4096 {
+            buf.reserve(8192);
+        }
+        match conn.read_buf(buf).await {
+            Ok(0) => return Err(ReadError::Closed),
+            Ok(_) => {}
+            Err(e) => return Err(ReadError::Io(e)),
+        }
+    }
+}
+
+/// Write and flush (TLS streams hold data until flushed).
+pub(crate) async fn send(conn: &mut Conn, bytes: &[u8]) -> std::io::Result<()> {
+    conn.write_all(bytes).await?;
+    conn.flush().await
+}
+
+async fn refuse(conn: &mut Conn, err: PgError) -> SessionError {
+    let _ = send(conn, err.to_frame().as_bytes()).await;
+    SessionError::Refused(err)
+}
+
+/// Serve one identified connection to the end, logging how it went.
+pub async fn serve(conn: Identified, services: Arc<Services>) {
+    let db_index = conn.accepted.record.db_index as usize;
+    let Some(db) = services.databases.get(db_index).cloned() else {
+        warn!(db_index, "no database runtime for this listener; closing");
+        return;
+    };
+    match run(conn, db, &services).await {
+        Ok(()) => {}
+        Err(SessionError::Refused(e)) => warn!(code = %e.code, reason = %e.message, "session refused"),
+        Err(e) => warn!(error = %e, "session failed"),
+    }
+}
+
+async fn run(conn: Identified, db: Arc<DbRuntime>, services: &Services) -> Result<(), SessionError> {
+    let Identified { accepted, workload } = conn;
+    accepted.stream.set_nodelay(true).ok();
+    let (client, orig_dst) = (accepted.client, accepted.orig_dst);
+    let startup_deadline = services.limits.startup_timeout;
     let started = Instant::now();
-    let mut client = conn.accepted.stream;
-    client.set_nodelay(true).ok();
-    // The agent's own connect: never redirected, because the agent is never inside a
-    // protected cgroup (checked at start).
-    let mut server = TcpStream::connect(upstream)
-        .await
-        .map_err(|err| SessionError::Upstream { upstream, err })?;
-    server.set_nodelay(true).ok();
-    debug!(upstream_local = %server.local_addr().map(|a| a.to_string()).unwrap_or_default(), "upstream connected");
-    match tokio::io::copy_bidirectional_with_sizes(
-        &mut client,
-        &mut server,
-        RELAY_BUFFER,
-        RELAY_BUFFER,
-    )
-    .await
+
+    let (mut client_conn, hello) = match tokio::time::timeout(startup_deadline, startup::negotiate(Conn::Plain(accepted.stream), db.client_tls.as_ref())).await
     {
-        Ok((up, down)) => {
-            info!(
-                bytes_to_upstream = up,
-                bytes_to_client = down,
-                duration_ms = started.elapsed().as_millis() as u64,
-                "connection closed"
-            );
-            Ok(RelayStats {
-                to_upstream: up,
-                to_client: down,
-            })
+        Err(_) => return Err(SessionError::StartupTimeout(startup_deadline)),
+        Ok(Err(e)) => return Err(e.into()),
+        Ok(Ok(x)) => x,
+    };
+    let msg = match hello {
+        Hello::Cancel { pid, key } => {
+            handle_cancel(pid, &key, &workload, services).await;
+            return Ok(());
         }
-        Err(e)
-            if matches!(
-                e.kind(),
-                io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
-            ) =>
-        {
-            warn!(error = %e, "connection reset");
-            Ok(RelayStats::default())
+        Hello::Startup(m) => m,
+    };
+
+    // From here on the client speaks the protocol: refusals are ErrorResponses.
+    let Some(identity) = services.identities.get(&workload.name).cloned() else {
+        return Err(refuse(
+            &mut client_conn,
+            PgError::fatal(
+                SqlState::INVALID_AUTHORIZATION,
+                format!("phigate refused the connection: workload identity \"{}\" is not configured", workload.name),
+            )
+            .with_hint("Add an [[identity]] entry for it to the agent configuration."),
+        )
+        .await);
+    };
+    let dbname = msg.database().unwrap_or_default().to_string();
+    let Some(access) = identity.access.iter().find(|a| a.database == db.name) else {
+        return Err(refuse(
+            &mut client_conn,
+            PgError::fatal(
+                SqlState::INVALID_AUTHORIZATION,
+                format!("phigate refused the connection: identity \"{}\" has no access to database service \"{}\"", identity.name, db.name),
+            ),
+        )
+        .await);
+    };
+    if !access.allows_dbname(&dbname) {
+        return Err(refuse(
+            &mut client_conn,
+            PgError::fatal(
+                SqlState::INVALID_AUTHORIZATION,
+                format!("phigate refused the connection: identity \"{}\" may not open database \"{dbname}\"", identity.name),
+            ),
+        )
+        .await);
+    }
+    let params = match startup::upstream_params(&msg) {
+        Ok(p) => p,
+        Err(name) => {
+            return Err(refuse(
+                &mut client_conn,
+                PgError::fatal(
+                    SqlState::INSUFFICIENT_PRIVILEGE,
+                    format!("phigate refused the connection: the startup parameter {name} may not be set by workloads"),
+                )
+                .with_hint("phigate chooses the database role; remove that parameter."),
+            )
+            .await);
         }
-        Err(e) => Err(SessionError::Relay(e)),
+    };
+    let pq_options = startup::protocol_options(&msg);
+    if msg.minor > 0 || !pq_options.is_empty() {
+        // phigate speaks 3.0 and no protocol extensions.
+        send(&mut client_conn, msg::negotiate_protocol_version(0, &pq_options).as_bytes()).await?;
+    }
+
+    let mut client_buf = BytesMut::with_capacity(8192);
+    let remaining = startup_deadline.saturating_sub(started.elapsed());
+    let outcome = match tokio::time::timeout(remaining, auth::authenticate(&mut client_conn, &mut client_buf, &identity.name, &identity.auth)).await {
+        Err(_) => return Err(SessionError::StartupTimeout(startup_deadline)),
+        Ok(Err(AuthFailure::Refused(e))) => return Err(refuse(&mut client_conn, e).await),
+        Ok(Err(AuthFailure::Read(e))) => return Err(e.into()),
+        Ok(Err(AuthFailure::Write(e))) => return Err(e.into()),
+        Ok(Ok(o)) => o,
+    };
+
+    let role = access.role.clone();
+    let password_file = db.credentials.get(&role).cloned().flatten();
+    let mut upstream = match upstream::login(db.upstream, &db.upstream_tls, &role, password_file.as_deref(), &params, &dbname).await {
+        Ok(u) => u,
+        Err(e) => {
+            let err = match &e {
+                UpstreamError::Refused(received, _) => {
+                    // Not an authentication problem (e.g. the database does not exist):
+                    // the database's own words are useful to the client.
+                    PgError::fatal(SqlState(received.code.as_bytes().try_into().unwrap_or(*b"08006")), received.message.clone())
+                }
+                UpstreamError::AuthRejected { .. }
+                | UpstreamError::NoPassword(_)
+                | UpstreamError::Secret { .. }
+                | UpstreamError::ServerNotAuthenticated
+                | UpstreamError::UnsupportedAuth(_) => {
+                    PgError::fatal(SqlState::INVALID_AUTHORIZATION, format!("phigate could not log in to the database as role \"{role}\""))
+                        .with_hint("The agent's credentials for this role were rejected or are missing; see the agent log.")
+                }
+                _ => PgError::fatal(SqlState::CONNECTION_FAILURE, format!("phigate could not reach the database \"{}\": {e}", db.name)),
+            };
+            warn!(error = %e, role = %role, "upstream login failed");
+            let _ = send(&mut client_conn, err.to_frame().as_bytes()).await;
+            return Err(e.into());
+        }
+    };
+
+    let cancel_key = services.cancel.register(CancelTarget {
+        upstream: db.upstream,
+        tls: db.upstream_tls.clone(),
+        server_pid: upstream.server_pid,
+        server_key: upstream.server_key.clone(),
+        identity: workload.name.clone(),
+    });
+    let session = Session {
+        id: cancel_key.pid,
+        workload,
+        client,
+        orig_dst,
+        database: db.name.clone(),
+        dbname,
+        client_user: msg.get("user").unwrap_or_default().to_string(),
+        application_name: msg.get("application_name").map(String::from),
+        upstream_role: role,
+        auth_method: outcome.method,
+        token: outcome.token,
+        client_tls: client_conn.is_tls(),
+        upstream_tls: upstream.conn.is_tls(),
+        started_at: SystemTime::now(),
+    };
+
+    // The client learns the login worked only now that the database accepted it.
+    let mut hello_out = BytesMut::new();
+    hello_out.extend_from_slice(msg::auth_ok().as_bytes());
+    for f in &upstream.startup_frames {
+        hello_out.extend_from_slice(f.as_bytes());
+    }
+    hello_out.extend_from_slice(msg::backend_key_data(cancel_key.pid, cancel_key.key).as_bytes());
+    hello_out.extend_from_slice(upstream.ready.as_bytes());
+    send(&mut client_conn, &hello_out).await?;
+
+    info!(
+        session_id = session.id, user = %session.client_user, dbname = %session.dbname, upstream_role = %session.upstream_role,
+        auth = session.auth_method.as_str(), token_subject = session.token.as_ref().map(|t| t.subject.as_str()).unwrap_or(""),
+        token_groups = ?session.token.as_ref().map(|t| t.groups.clone()).unwrap_or_default(),
+        application_name = session.application_name.as_deref().unwrap_or(""), client_tls = session.client_tls, upstream_tls = session.upstream_tls,
+        "session started"
+    );
+
+    let stats = Arc::new(Mutex::new(Stats::default()));
+    let mut stages: Vec<Box<dyn Stage>> = (services.stages)(&session);
+    stages.insert(0, Box::new(Accounting::new(stats.clone())));
+    let mut pipeline = Pipeline::new(stages);
+    let mut relay = Relay { session: &session, pipeline: &mut pipeline, max_message_bytes: services.limits.max_message_bytes };
+    let leftover = std::mem::take(&mut upstream.leftover);
+    let end = relay.run(&mut client_conn, &mut upstream.conn, client_buf, leftover, services.shutdown.clone()).await;
+    drop(cancel_key);
+
+    let s = *stats.lock().expect("invariant: lock not poisoned");
+    let duration_ms = session.started_at.elapsed().map(|d| d.as_millis() as u64).unwrap_or(0);
+    let how = match &end {
+        End::ClientClosed => "client closed".to_string(),
+        End::ServerClosed => "database closed".to_string(),
+        End::Refused(e) => format!("refused: {e}"),
+        End::ClientProtocol(e) => format!("client protocol error: {e}"),
+        End::ServerProtocol(e) => format!("database protocol error: {e}"),
+        End::Io(e) => format!("i/o error: {e}"),
+        End::Shutdown => "agent shutdown".to_string(),
+    };
+    info!(session_id = session.id, ended = %how, duration_ms, queries = s.queries, executes = s.executes, rows = s.rows, errors = s.errors, bytes_to_server = s.bytes_to_server, bytes_to_client = s.bytes_to_client, "session ended");
+    Ok(())
+}
+
+/// A CancelRequest arrived through the redirect: forward it if the key is known and
+/// belongs to the same workload identity. PostgreSQL never answers a cancel request,
+/// so neither does phigate.
+async fn handle_cancel(pid: u32, key: &[u8], workload: &Workload, services: &Services) {
+    let Some(target) = services.cancel.lookup(pid, key) else {
+        warn!(pid, "cancel request with an unknown key; ignored");
+        return;
+    };
+    if target.identity != workload.name {
+        warn!(pid, requester = %workload.name, owner = %target.identity, "cancel request from another identity; ignored");
+        return;
+    }
+    match cancel::send(&target).await {
+        Ok(()) => info!(session_id = pid, "query cancel forwarded to the database"),
+        Err(e) => warn!(session_id = pid, error = %e, "could not forward query cancel"),
     }
 }

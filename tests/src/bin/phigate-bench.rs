@@ -20,10 +20,7 @@ use serde_json::json;
 
 fn server(addr: SocketAddr) {
     let listener = TcpListener::bind(addr).expect("bind");
-    println!(
-        "{}",
-        json!({"listening": listener.local_addr().unwrap().to_string()})
-    );
+    println!("{}", json!({"listening": listener.local_addr().unwrap().to_string()}));
     std::io::stdout().flush().ok();
     for conn in listener.incoming() {
         let Ok(mut s) = conn else { continue };
@@ -111,14 +108,8 @@ fn stream(addr: SocketAddr, bytes: u64, write: usize) {
     s.read_exact(&mut total).expect("server count");
     let secs = t0.elapsed().as_secs_f64();
     let received = u64::from_be_bytes(total);
-    assert_eq!(
-        received, bytes,
-        "server received {received} of {bytes} bytes"
-    );
-    println!(
-        "{}",
-        json!({"bytes": bytes, "seconds": secs, "gbytes_per_sec": bytes as f64 / secs / 1e9})
-    );
+    assert_eq!(received, bytes, "server received {received} of {bytes} bytes");
+    println!("{}", json!({"bytes": bytes, "seconds": secs, "gbytes_per_sec": bytes as f64 / secs / 1e9}));
 }
 
 fn main() {
@@ -126,15 +117,8 @@ fn main() {
     let addr: SocketAddr = args.get(2).and_then(|a| a.parse().ok()).expect("ADDR:PORT");
     match args.get(1).map(String::as_str) {
         Some("server") => server(addr),
-        Some("setup") => setup(
-            addr,
-            args.get(3).and_then(|c| c.parse().ok()).unwrap_or(1000),
-        ),
-        Some("stream") => stream(
-            addr,
-            args.get(3).and_then(|c| c.parse().ok()).unwrap_or(1 << 30),
-            args.get(4).and_then(|c| c.parse().ok()).unwrap_or(65536),
-        ),
+        Some("setup") => setup(addr, args.get(3).and_then(|c| c.parse().ok()).unwrap_or(1000)),
+        Some("stream") => stream(addr, args.get(3).and_then(|c| c.parse().ok()).unwrap_or(1 << 30), args.get(4).and_then(|c| c.parse().ok()).unwrap_or(65536)),
         _ => {
             eprintln!("usage: phigate-bench server|setup|stream ADDR:PORT [...]");
             std::process::exit(2);

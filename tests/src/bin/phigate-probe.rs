@@ -28,14 +28,7 @@ const TIMEOUT: Duration = Duration::from_secs(4);
 fn startup_message() -> Vec<u8> {
     let mut body = Vec::new();
     body.extend_from_slice(&196608u32.to_be_bytes());
-    for s in [
-        "user",
-        "postgres",
-        "database",
-        "postgres",
-        "application_name",
-        "phigate-probe",
-    ] {
+    for s in ["user", "postgres", "database", "postgres", "application_name", "phigate-probe"] {
         body.extend_from_slice(s.as_bytes());
         body.push(0);
     }
@@ -56,38 +49,17 @@ fn talk(stream: &mut TcpStream, send: bool) -> Value {
     match stream.read(&mut first) {
         Ok(1) => json!((first[0] as char).to_string()),
         Ok(_) => json!("eof"),
-        Err(e)
-            if matches!(
-                e.kind(),
-                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-            ) =>
-        {
+        Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
             json!("timeout")
         }
         Err(e) => json!({"error": e.to_string()}),
     }
 }
 
-fn report_stream(
-    mut out: serde_json::Map<String, Value>,
-    mut stream: TcpStream,
-    send: bool,
-) -> Value {
+fn report_stream(mut out: serde_json::Map<String, Value>, mut stream: TcpStream, send: bool) -> Value {
     out.insert("connect".into(), json!("ok"));
-    out.insert(
-        "peer".into(),
-        json!(stream
-            .peer_addr()
-            .map(|a| a.to_string())
-            .unwrap_or_default()),
-    );
-    out.insert(
-        "local".into(),
-        json!(stream
-            .local_addr()
-            .map(|a| a.to_string())
-            .unwrap_or_default()),
-    );
+    out.insert("peer".into(), json!(stream.peer_addr().map(|a| a.to_string()).unwrap_or_default()));
+    out.insert("local".into(), json!(stream.local_addr().map(|a| a.to_string()).unwrap_or_default()));
     out.insert("pg".into(), talk(&mut stream, send));
     Value::Object(out)
 }
@@ -131,10 +103,7 @@ fn main() {
             let a: SocketAddr = addr.parse().expect("ADDR:PORT");
             match TcpStream::connect_timeout(&a, TIMEOUT) {
                 Ok(s) => {
-                    println!(
-                        "{}",
-                        json!({"pid": std::process::id(), "held": "ok", "peer": s.peer_addr().map(|a| a.to_string()).unwrap_or_default()})
-                    );
+                    println!("{}", json!({"pid": std::process::id(), "held": "ok", "peer": s.peer_addr().map(|a| a.to_string()).unwrap_or_default()}));
                     std::io::stdout().flush().ok();
                     let mut line = String::new();
                     std::io::stdin().lock().read_line(&mut line).ok();
@@ -145,11 +114,7 @@ fn main() {
         }
         "udp" => {
             let a: SocketAddr = addr.parse().expect("ADDR:PORT");
-            let bind: SocketAddr = if a.is_ipv4() {
-                "0.0.0.0:0".parse().unwrap()
-            } else {
-                "[::]:0".parse().unwrap()
-            };
+            let bind: SocketAddr = if a.is_ipv4() { "0.0.0.0:0".parse().unwrap() } else { "[::]:0".parse().unwrap() };
             match std::net::UdpSocket::bind(bind).and_then(|s| s.connect(a)) {
                 Ok(()) => {
                     out.insert("connect".into(), json!("ok"));
@@ -168,9 +133,7 @@ fn main() {
 
 /// TCP Fast Open: the connect happens inside sendto(), a path that skips connect(2).
 fn tfo(out: serde_json::Map<String, Value>, a: SocketAddr) -> Value {
-    let SocketAddr::V4(v4) = a else {
-        panic!("tfo takes an IPv4 address")
-    };
+    let SocketAddr::V4(v4) = a else { panic!("tfo takes an IPv4 address") };
     // SAFETY: plain socket syscalls on a descriptor we own.
     unsafe {
         let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
@@ -180,9 +143,7 @@ fn tfo(out: serde_json::Map<String, Value>, a: SocketAddr) -> Value {
         let sin = libc::sockaddr_in {
             sin_family: libc::AF_INET as u16,
             sin_port: v4.port().to_be(),
-            sin_addr: libc::in_addr {
-                s_addr: u32::from_ne_bytes(v4.ip().octets()),
-            },
+            sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(v4.ip().octets()) },
             sin_zero: [0; 8],
         };
         let msg = startup_message();
@@ -207,11 +168,7 @@ fn tfo(out: serde_json::Map<String, Value>, a: SocketAddr) -> Value {
 fn checksum(data: &[u8]) -> u16 {
     let mut sum: u32 = 0;
     for chunk in data.chunks(2) {
-        let word = if chunk.len() == 2 {
-            u16::from_be_bytes([chunk[0], chunk[1]])
-        } else {
-            u16::from_be_bytes([chunk[0], 0])
-        };
+        let word = if chunk.len() == 2 { u16::from_be_bytes([chunk[0], chunk[1]]) } else { u16::from_be_bytes([chunk[0], 0]) };
         sum += u32::from(word);
     }
     while sum >> 16 != 0 {
@@ -222,11 +179,7 @@ fn checksum(data: &[u8]) -> u16 {
 
 /// A hand-made SYN: never passes through connect(2), so only the egress guard (or the
 /// raw-socket refusal) can stop it.
-fn raw_syn(
-    mut out: serde_json::Map<String, Value>,
-    dst: std::net::SocketAddrV4,
-    sport: u16,
-) -> Value {
+fn raw_syn(mut out: serde_json::Map<String, Value>, dst: std::net::SocketAddrV4, sport: u16) -> Value {
     let src = Ipv4Addr::new(127, 0, 0, 1);
     let mut tcp = [0u8; 20];
     tcp[0..2].copy_from_slice(&sport.to_be_bytes());
@@ -263,9 +216,7 @@ fn raw_syn(
         let sin = libc::sockaddr_in {
             sin_family: libc::AF_INET as u16,
             sin_port: 0,
-            sin_addr: libc::in_addr {
-                s_addr: u32::from_ne_bytes(dst.ip().octets()),
-            },
+            sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(dst.ip().octets()) },
             sin_zero: [0; 8],
         };
         let rc = libc::sendto(

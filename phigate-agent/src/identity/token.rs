@@ -1,0 +1,328 @@
+//! OIDC/JWT access tokens presented as the PostgreSQL password: signature checked
+//! against the issuer's JWKS (a file, or a URL fetched and cached), then issuer,
+//! audience, expiry and not-before. The token's subject and groups become part of the
+//! workload's identity.
+//!
+//! Owns key material caching and token validation; it does not speak PostgreSQL.
+//! Tokens are secrets: they are never logged, and errors never quote them.
+
+use std::{
+    collections::HashSet,
+    net::IpAddr,
+    path::PathBuf,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use jsonwebtoken::{decode, decode_header, errors::ErrorKind, jwk::JwkSet, Algorithm, DecodingKey, Validation};
+use serde_json::Value;
+
+/// Where an issuer's signing keys come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JwksSource {
+    File(PathBuf),
+    /// Fetched over HTTPS (plain HTTP only for loopback addresses) and cached.
+    Url {
+        url: String,
+        refresh: Duration,
+    },
+}
+
+/// A trusted token issuer, as configured.
+#[derive(Debug, Clone)]
+pub struct IssuerConfig {
+    pub name: String,
+    pub issuer: String,
+    pub audiences: Vec<String>,
+    pub algorithms: Vec<Algorithm>,
+    pub leeway_secs: u64,
+    pub groups_claim: String,
+    pub jwks: JwksSource,
+}
+
+/// What a valid token says about its holder.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenClaims {
+    pub issuer: String,
+    pub subject: String,
+    pub groups: Vec<String>,
+    /// `exp`, seconds since the epoch.
+    pub expires_at: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    #[error("the password is not a JWT")]
+    Malformed,
+    #[error("the token's signature does not verify")]
+    BadSignature,
+    #[error("the token has expired")]
+    Expired,
+    #[error("the token is not valid yet (nbf)")]
+    NotYetValid,
+    #[error("the token was issued by someone else than {expected}")]
+    WrongIssuer { expected: String },
+    #[error("the token is not meant for this audience")]
+    WrongAudience,
+    #[error("the token is signed with {0:?}, which this issuer is not allowed to use")]
+    AlgorithmNotAllowed(Algorithm),
+    #[error("no signing key {0:?} in the issuer's key set")]
+    UnknownKey(String),
+    #[error("the token lacks the required claim {0:?}")]
+    MissingClaim(String),
+    #[error("the issuer's signing keys are unavailable: {0}")]
+    KeysUnavailable(String),
+}
+
+struct Cached {
+    keys: JwkSet,
+    fetched: Instant,
+}
+
+/// Verifies tokens of one issuer.
+pub struct TokenVerifier {
+    config: IssuerConfig,
+    cache: Mutex<Option<Cached>>,
+    /// Rate limit for re-fetching on an unknown key id.
+    last_refresh: Mutex<Option<Instant>>,
+}
+
+const MIN_REFRESH_GAP: Duration = Duration::from_secs(10);
+
+impl TokenVerifier {
+    pub fn new(config: IssuerConfig) -> Self {
+        Self { config, cache: Mutex::new(None), last_refresh: Mutex::new(None) }
+    }
+
+    pub fn config(&self) -> &IssuerConfig {
+        &self.config
+    }
+
+    /// Load the keys now (at agent start), so a bad JWKS is reported early.
+    pub async fn preload(&self) -> Result<usize, TokenError> {
+        let keys = self.fetch().await?;
+        let n = keys.keys.len();
+        *self.cache.lock().expect("invariant: lock not poisoned") = Some(Cached { keys, fetched: Instant::now() });
+        Ok(n)
+    }
+
+    async fn fetch(&self) -> Result<JwkSet, TokenError> {
+        let text = match &self.config.jwks {
+            JwksSource::File(path) => tokio::fs::read_to_string(path).await.map_err(|e| TokenError::KeysUnavailable(format!("{}: {e}", path.display())))?,
+            JwksSource::Url { url, .. } => {
+                check_url(url).map_err(TokenError::KeysUnavailable)?;
+                let url = url.clone();
+                tokio::task::spawn_blocking(move || {
+                    let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(5)).build();
+                    agent.get(&url).call().map_err(|e| e.to_string())?.into_string().map_err(|e| e.to_string())
+                })
+                .await
+                .map_err(|e| TokenError::KeysUnavailable(e.to_string()))?
+                .map_err(TokenError::KeysUnavailable)?
+            }
+        };
+        serde_json::from_str::<JwkSet>(&text).map_err(|e| TokenError::KeysUnavailable(format!("not a JWKS document: {e}")))
+    }
+
+    /// The current key set, fetching when absent or stale (URL sources), or when
+    /// `force` (an unknown key id: the issuer may have rotated keys).
+    async fn keys(&self, force: bool) -> Result<JwkSet, TokenError> {
+        let stale = |c: &Cached| match &self.config.jwks {
+            JwksSource::Url { refresh, .. } => c.fetched.elapsed() > *refresh,
+            JwksSource::File(_) => false,
+        };
+        {
+            let cache = self.cache.lock().expect("invariant: lock not poisoned");
+            if let Some(c) = cache.as_ref() {
+                if !force && !stale(c) {
+                    return Ok(c.keys.clone());
+                }
+            }
+        }
+        if force {
+            let mut last = self.last_refresh.lock().expect("invariant: lock not poisoned");
+            if last.is_some_and(|t| t.elapsed() < MIN_REFRESH_GAP) {
+                // Refreshed very recently: answer from the cache rather than letting
+                // a stream of bogus key ids hammer the issuer.
+                let cache = self.cache.lock().expect("invariant: lock not poisoned");
+                return cache.as_ref().map(|c| c.keys.clone()).ok_or_else(|| TokenError::KeysUnavailable("no keys loaded".into()));
+            }
+            *last = Some(Instant::now());
+        }
+        match self.fetch().await {
+            Ok(keys) => {
+                *self.cache.lock().expect("invariant: lock not poisoned") = Some(Cached { keys: keys.clone(), fetched: Instant::now() });
+                Ok(keys)
+            }
+            // A failed refresh keeps serving the last good keys; with none, fail closed.
+            Err(e) => self.cache.lock().expect("invariant: lock not poisoned").as_ref().map(|c| c.keys.clone()).ok_or(e),
+        }
+    }
+
+    pub async fn verify(&self, token: &str) -> Result<TokenClaims, TokenError> {
+        let header = decode_header(token).map_err(|_| TokenError::Malformed)?;
+        if !self.config.algorithms.contains(&header.alg) {
+            return Err(TokenError::AlgorithmNotAllowed(header.alg));
+        }
+        let mut keys = self.keys(false).await?;
+        let jwk = loop {
+            let found = match &header.kid {
+                Some(kid) => keys.find(kid).cloned(),
+                None if keys.keys.len() == 1 => keys.keys.first().cloned(),
+                None => return Err(TokenError::UnknownKey("<no kid in token>".into())),
+            };
+            match found {
+                Some(j) => break j,
+                None => {
+                    let refreshed = self.keys(true).await?;
+                    let kid = header.kid.clone().unwrap_or_default();
+                    if refreshed.find(&kid).is_none() {
+                        return Err(TokenError::UnknownKey(kid));
+                    }
+                    keys = refreshed;
+                }
+            }
+        };
+        let key = DecodingKey::from_jwk(&jwk).map_err(|e| TokenError::KeysUnavailable(format!("unusable key: {e}")))?;
+        let mut validation = Validation::new(header.alg);
+        validation.set_issuer(&[&self.config.issuer]);
+        validation.set_audience(&self.config.audiences);
+        validation.leeway = self.config.leeway_secs;
+        validation.validate_exp = true;
+        validation.validate_nbf = true;
+        validation.required_spec_claims = HashSet::from(["exp".to_string(), "iss".to_string(), "aud".to_string(), "sub".to_string()]);
+        let data = decode::<Value>(token, &key, &validation).map_err(|e| match e.kind() {
+            ErrorKind::InvalidSignature => TokenError::BadSignature,
+            ErrorKind::ExpiredSignature => TokenError::Expired,
+            ErrorKind::ImmatureSignature => TokenError::NotYetValid,
+            ErrorKind::InvalidIssuer => TokenError::WrongIssuer { expected: self.config.issuer.clone() },
+            ErrorKind::InvalidAudience => TokenError::WrongAudience,
+            ErrorKind::InvalidAlgorithm => TokenError::AlgorithmNotAllowed(header.alg),
+            ErrorKind::MissingRequiredClaim(c) => TokenError::MissingClaim(c.clone()),
+            _ => TokenError::Malformed,
+        })?;
+        let claims = data.claims;
+        let subject = claims["sub"].as_str().filter(|s| !s.is_empty()).ok_or_else(|| TokenError::MissingClaim("sub".into()))?.to_string();
+        let groups = match &claims[self.config.groups_claim.as_str()] {
+            Value::Array(a) => a.iter().filter_map(|g| g.as_str().map(String::from)).collect(),
+            Value::String(s) => s.split_whitespace().map(String::from).collect(),
+            _ => Vec::new(),
+        };
+        Ok(TokenClaims { issuer: self.config.issuer.clone(), subject, groups, expires_at: claims["exp"].as_u64().unwrap_or(0) })
+    }
+}
+
+/// JWKS over plain HTTP could be swapped by anyone on the path: only HTTPS, except
+/// to a loopback address (a local sidecar, tests).
+pub fn check_url(url: &str) -> Result<(), String> {
+    if url.starts_with("https://") {
+        return Ok(());
+    }
+    let Some(rest) = url.strip_prefix("http://") else {
+        return Err(format!("{url:?} is not an http(s) URL"));
+    };
+    let host = rest.split(['/', '?']).next().unwrap_or("");
+    let host = host.rsplit_once(':').map(|(h, _)| h).unwrap_or(host).trim_start_matches('[').trim_end_matches(']');
+    if host == "localhost" || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback()) {
+        return Ok(());
+    }
+    Err(format!("{url:?} uses plain HTTP to a non-loopback host; use https://"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jsonwebtoken::{encode, EncodingKey, Header};
+    use serde_json::json;
+
+    /// An EC P-256 key pair and its JWKS document.
+    fn keypair(kid: &str) -> (EncodingKey, Value) {
+        let kp = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let enc = EncodingKey::from_ec_pem(kp.serialize_pem().as_bytes()).unwrap();
+        let raw = kp.public_key_raw();
+        use base64::{engine::general_purpose::URL_SAFE_NO_PAD as U, Engine};
+        let jwk = json!({"kty": "EC", "crv": "P-256", "kid": kid, "alg": "ES256", "use": "sig", "x": U.encode(&raw[1..33]), "y": U.encode(&raw[33..65])});
+        (enc, json!({"keys": [jwk]}))
+    }
+
+    fn verifier(jwks: &Value, dir: &std::path::Path) -> TokenVerifier {
+        let path = dir.join("jwks.json");
+        std::fs::write(&path, jwks.to_string()).unwrap();
+        TokenVerifier::new(IssuerConfig {
+            name: "test".into(),
+            issuer: "https://idp.test/".into(),
+            audiences: vec!["phigate".into()],
+            algorithms: vec![Algorithm::ES256, Algorithm::RS256],
+            leeway_secs: 0,
+            groups_claim: "groups".into(),
+            jwks: JwksSource::File(path),
+        })
+    }
+
+    fn now() -> u64 {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
+    }
+
+    fn token(key: &EncodingKey, kid: &str, claims: Value) -> String {
+        let mut h = Header::new(Algorithm::ES256);
+        h.kid = Some(kid.into());
+        encode(&h, &claims, key).unwrap()
+    }
+
+    fn good_claims() -> Value {
+        json!({"iss": "https://idp.test/", "aud": "phigate", "sub": "svc-billing", "exp": now() + 300, "nbf": now() - 10, "groups": ["billing", "phi-readers"]})
+    }
+
+    #[tokio::test]
+    async fn valid_token_yields_subject_and_groups() {
+        let dir = tempfile::tempdir().unwrap();
+        let (key, jwks) = keypair("k1");
+        let v = verifier(&jwks, dir.path());
+        let c = v.verify(&token(&key, "k1", good_claims())).await.unwrap();
+        assert_eq!(c.subject, "svc-billing");
+        assert_eq!(c.groups, vec!["billing", "phi-readers"]);
+    }
+
+    #[tokio::test]
+    async fn each_defect_has_its_own_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let (key, jwks) = keypair("k1");
+        let (other_key, _) = keypair("k1");
+        let v = verifier(&jwks, dir.path());
+        let with = |f: &dyn Fn(&mut Value)| {
+            let mut c = good_claims();
+            f(&mut c);
+            c
+        };
+        assert_eq!(v.verify(&token(&other_key, "k1", good_claims())).await, Err(TokenError::BadSignature));
+        assert_eq!(v.verify(&token(&key, "k1", with(&|c| c["exp"] = json!(now() - 60)))).await, Err(TokenError::Expired));
+        assert_eq!(v.verify(&token(&key, "k1", with(&|c| c["nbf"] = json!(now() + 600)))).await, Err(TokenError::NotYetValid));
+        assert_eq!(v.verify(&token(&key, "k1", with(&|c| c["aud"] = json!("someone-else")))).await, Err(TokenError::WrongAudience));
+        assert!(matches!(v.verify(&token(&key, "k1", with(&|c| c["iss"] = json!("https://evil/")))).await, Err(TokenError::WrongIssuer { .. })));
+        assert_eq!(
+            v.verify(&token(
+                &key,
+                "k1",
+                with(&|c| {
+                    c.as_object_mut().unwrap().remove("sub");
+                })
+            ))
+            .await,
+            Err(TokenError::MissingClaim("sub".into()))
+        );
+        assert_eq!(v.verify(&token(&key, "k2", good_claims())).await, Err(TokenError::UnknownKey("k2".into())));
+        assert_eq!(v.verify("not-a-jwt").await, Err(TokenError::Malformed));
+        let hs = encode(&Header::new(Algorithm::HS256), &good_claims(), &EncodingKey::from_secret(b"k")).unwrap();
+        assert_eq!(v.verify(&hs).await, Err(TokenError::AlgorithmNotAllowed(Algorithm::HS256)));
+    }
+
+    #[test]
+    fn jwks_urls_must_be_https_unless_loopback() {
+        assert!(check_url("https://idp.example/jwks").is_ok());
+        assert!(check_url("http://127.0.0.1:8080/jwks").is_ok());
+        assert!(check_url("http://[::1]:8080/jwks").is_ok());
+        assert!(check_url("http://localhost/jwks").is_ok());
+        assert!(check_url("http://idp.example/jwks").is_err());
+        assert!(check_url("ftp://x").is_err());
+    }
+}

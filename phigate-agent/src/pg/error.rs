@@ -1,0 +1,179 @@
+//! PostgreSQL errors: the ErrorResponse phigate sends when it refuses something, and
+//! the fields of one it receives.
+
+use std::fmt;
+
+use super::frame::Frame;
+
+/// A SQLSTATE code.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SqlState(pub [u8; 5]);
+
+impl SqlState {
+    pub const fn new(code: &[u8; 5]) -> Self {
+        Self(*code)
+    }
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.0).unwrap_or("XX000")
+    }
+
+    pub const CONNECTION_FAILURE: Self = Self::new(b"08006");
+    pub const PROTOCOL_VIOLATION: Self = Self::new(b"08P01");
+    pub const INVALID_AUTHORIZATION: Self = Self::new(b"28000");
+    pub const INVALID_PASSWORD: Self = Self::new(b"28P01");
+    pub const INSUFFICIENT_PRIVILEGE: Self = Self::new(b"42501");
+    pub const PROGRAM_LIMIT_EXCEEDED: Self = Self::new(b"54000");
+    pub const FEATURE_NOT_SUPPORTED: Self = Self::new(b"0A000");
+    pub const ADMIN_SHUTDOWN: Self = Self::new(b"57P01");
+    pub const CANNOT_CONNECT_NOW: Self = Self::new(b"57P03");
+    pub const INTERNAL_ERROR: Self = Self::new(b"XX000");
+}
+
+impl fmt::Display for SqlState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl fmt::Debug for SqlState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Severity {
+    Error,
+    Fatal,
+}
+
+impl Severity {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Error => "ERROR",
+            Self::Fatal => "FATAL",
+        }
+    }
+}
+
+/// An error phigate reports to a client (its own text, never row data).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PgError {
+    pub severity: Severity,
+    pub code: SqlState,
+    pub message: String,
+    pub detail: Option<String>,
+    pub hint: Option<String>,
+}
+
+impl PgError {
+    /// A FATAL error: the session ends after it.
+    pub fn fatal(code: SqlState, message: impl Into<String>) -> Self {
+        Self { severity: Severity::Fatal, code, message: message.into(), detail: None, hint: None }
+    }
+
+    /// An ERROR: the statement fails, the session continues.
+    pub fn error(code: SqlState, message: impl Into<String>) -> Self {
+        Self { severity: Severity::Error, code, message: message.into(), detail: None, hint: None }
+    }
+
+    pub fn with_detail(mut self, detail: impl Into<String>) -> Self {
+        self.detail = Some(detail.into());
+        self
+    }
+
+    pub fn with_hint(mut self, hint: impl Into<String>) -> Self {
+        self.hint = Some(hint.into());
+        self
+    }
+
+    /// The ErrorResponse ('E') frame.
+    pub fn to_frame(&self) -> Frame {
+        let mut body = Vec::with_capacity(64 + self.message.len());
+        let mut field = |t: u8, v: &str| {
+            body.push(t);
+            // NUL would end the field early; phigate's own texts never contain one.
+            body.extend(v.bytes().filter(|&b| b != 0));
+            body.push(0);
+        };
+        field(b'S', self.severity.as_str());
+        field(b'V', self.severity.as_str());
+        field(b'C', self.code.as_str());
+        field(b'M', &self.message);
+        if let Some(d) = &self.detail {
+            field(b'D', d);
+        }
+        if let Some(h) = &self.hint {
+            field(b'H', h);
+        }
+        body.push(0);
+        Frame::build(b'E', &body)
+    }
+}
+
+impl fmt::Display for PgError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}: {}", self.severity.as_str(), self.code, self.message)
+    }
+}
+
+/// The fields of an ErrorResponse or NoticeResponse a server sent.
+#[derive(Clone, PartialEq, Eq, Default)]
+pub struct ReceivedError {
+    pub severity: String,
+    pub code: String,
+    pub message: String,
+}
+
+impl fmt::Debug for ReceivedError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The message may quote data (e.g. a duplicate key); show only the code.
+        write!(f, "ReceivedError({} {})", self.severity, self.code)
+    }
+}
+
+/// Parse the severity, SQLSTATE and message of an ErrorResponse/NoticeResponse body.
+pub fn parse_error_fields(body: &[u8]) -> ReceivedError {
+    let mut out = ReceivedError::default();
+    let mut rest = body;
+    while let Some((&t, tail)) = rest.split_first() {
+        if t == 0 {
+            break;
+        }
+        let end = tail.iter().position(|&b| b == 0).unwrap_or(tail.len());
+        let value = String::from_utf8_lossy(&tail[..end]).into_owned();
+        match t {
+            b'V' => out.severity = value,
+            b'S' if out.severity.is_empty() => out.severity = value,
+            b'C' => out.code = value,
+            b'M' => out.message = value,
+            _ => {}
+        }
+        rest = tail.get(end + 1..).unwrap_or(&[]);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_response_round_trips() {
+        let e = PgError::fatal(SqlState::INVALID_AUTHORIZATION, "phigate refused the connection").with_hint("do X");
+        let f = e.to_frame();
+        assert_eq!(f.tag(), b'E');
+        let r = parse_error_fields(f.body());
+        assert_eq!(r.severity, "FATAL");
+        assert_eq!(r.code, "28000");
+        assert_eq!(r.message, "phigate refused the connection");
+    }
+
+    #[test]
+    fn parsing_tolerates_garbage() {
+        let r = parse_error_fields(b"Cxx");
+        assert_eq!(r.code, "xx");
+        let r = parse_error_fields(b"");
+        assert_eq!(r, ReceivedError::default());
+    }
+}

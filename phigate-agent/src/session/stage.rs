@@ -1,0 +1,156 @@
+//! The per-message pipeline. Every frontend message (client → database) and backend
+//! message (database → client) of an established session passes through the stages
+//! in order; each may observe it, and a stage may refuse it. Policy, approval,
+//! masking and audit are stages; the relay does not know what they do.
+//!
+//! Order is fixed and meaningful: frontend messages go through the stages first to
+//! last, backend messages last to first, so that a stage placed late (e.g. audit)
+//! sees a backend message before one placed early (e.g. masking) rewrites it.
+
+use super::Session;
+use crate::pg::{msg::tag, Frame, PgError};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// Client → database.
+    Frontend,
+    /// Database → client.
+    Backend,
+}
+
+/// A stage's decision about one message.
+#[derive(Debug)]
+pub enum Action {
+    /// Pass it on (to the next stage, then the other side).
+    Forward,
+    /// Refuse it. The session fails closed: the client gets this error and the
+    /// session ends, unless a stage documents a narrower recovery.
+    Refuse(PgError),
+}
+
+pub trait Stage: Send {
+    fn name(&self) -> &'static str;
+
+    /// Whether frames of this type must arrive whole (not streamed in chunks).
+    fn needs_whole(&self, _direction: Direction, _tag: u8) -> bool {
+        false
+    }
+
+    fn frontend(&mut self, _session: &Session, _frame: &Frame) -> Action {
+        Action::Forward
+    }
+
+    fn backend(&mut self, _session: &Session, _frame: &Frame) -> Action {
+        Action::Forward
+    }
+
+    /// A frame too large to hold is being streamed through (`needs_whole` said no).
+    fn streamed(&mut self, _session: &Session, _direction: Direction, _tag: u8, _len: usize) {}
+}
+
+/// The stages of one session.
+#[derive(Default)]
+pub struct Pipeline {
+    stages: Vec<Box<dyn Stage>>,
+}
+
+impl Pipeline {
+    pub fn new(stages: Vec<Box<dyn Stage>>) -> Self {
+        Self { stages }
+    }
+
+    pub fn needs_whole(&self, direction: Direction, tag: u8) -> bool {
+        self.stages.iter().any(|s| s.needs_whole(direction, tag))
+    }
+
+    pub fn frontend(&mut self, session: &Session, frame: &Frame) -> Action {
+        for s in self.stages.iter_mut() {
+            if let a @ Action::Refuse(_) = s.frontend(session, frame) {
+                return a;
+            }
+        }
+        Action::Forward
+    }
+
+    pub fn backend(&mut self, session: &Session, frame: &Frame) -> Action {
+        for s in self.stages.iter_mut().rev() {
+            if let a @ Action::Refuse(_) = s.backend(session, frame) {
+                return a;
+            }
+        }
+        Action::Forward
+    }
+
+    pub fn streamed(&mut self, session: &Session, direction: Direction, tag: u8, len: usize) {
+        for s in self.stages.iter_mut() {
+            s.streamed(session, direction, tag, len);
+        }
+    }
+}
+
+/// Counts what a session did, for the session-end record: statements, rows, bytes,
+/// errors, and the transaction state from the last ReadyForQuery.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Stats {
+    pub queries: u64,
+    pub executes: u64,
+    pub rows: u64,
+    pub errors: u64,
+    pub bytes_to_server: u64,
+    pub bytes_to_client: u64,
+    pub tx_status: u8,
+}
+
+/// The built-in accounting stage; its counters are shared with the session so they
+/// can be reported when it ends.
+pub struct Accounting {
+    stats: std::sync::Arc<std::sync::Mutex<Stats>>,
+}
+
+impl Accounting {
+    pub fn new(stats: std::sync::Arc<std::sync::Mutex<Stats>>) -> Self {
+        Self { stats }
+    }
+}
+
+impl Stage for Accounting {
+    fn name(&self) -> &'static str {
+        "accounting"
+    }
+
+    fn frontend(&mut self, _: &Session, frame: &Frame) -> Action {
+        let mut s = self.stats.lock().expect("invariant: lock not poisoned");
+        s.bytes_to_server += frame.len() as u64;
+        match frame.tag() {
+            tag::QUERY => s.queries += 1,
+            tag::EXECUTE => s.executes += 1,
+            _ => {}
+        }
+        Action::Forward
+    }
+
+    fn backend(&mut self, _: &Session, frame: &Frame) -> Action {
+        let mut s = self.stats.lock().expect("invariant: lock not poisoned");
+        s.bytes_to_client += frame.len() as u64;
+        match frame.tag() {
+            tag::DATA_ROW => s.rows += 1,
+            tag::ERROR_RESPONSE => s.errors += 1,
+            tag::READY_FOR_QUERY => s.tx_status = frame.body().first().copied().unwrap_or(b'I'),
+            _ => {}
+        }
+        Action::Forward
+    }
+
+    fn streamed(&mut self, _: &Session, direction: Direction, tag: u8, len: usize) {
+        let mut s = self.stats.lock().expect("invariant: lock not poisoned");
+        match direction {
+            Direction::Frontend => s.bytes_to_server += len as u64,
+            Direction::Backend => {
+                s.bytes_to_client += len as u64;
+                if tag == crate::pg::msg::tag::DATA_ROW {
+                    s.rows += 1;
+                }
+            }
+        }
+    }
+}

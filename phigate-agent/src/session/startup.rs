@@ -1,0 +1,175 @@
+//! The client's opening moves: SSLRequest / GSSENCRequest (answered), a
+//! CancelRequest (handed back to the caller), or the StartupMessage. Also the filter
+//! that decides which startup parameters may reach the database.
+
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_rustls::TlsAcceptor;
+
+use crate::{
+    net::conn::Conn,
+    pg::{
+        startup::{self, StartupMessage, StartupPacket, TLS_HANDSHAKE},
+        FrameError,
+    },
+};
+
+/// What the client opened with, once TLS (if any) is in place.
+#[derive(Debug)]
+pub enum Hello {
+    Startup(StartupMessage),
+    Cancel { pid: u32, key: Vec<u8> },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error("connection closed during startup: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("malformed startup packet: {0}")]
+    Malformed(#[from] FrameError),
+    #[error("the client opened with a TLS handshake (PostgreSQL 17 sslnegotiation=direct), which phigate does not accept; use sslnegotiation=postgres")]
+    DirectTls,
+    #[error("unsupported protocol or request code {0:#x}")]
+    Unsupported(u32),
+    #[error("TLS handshake with the client failed: {0}")]
+    Tls(std::io::Error),
+    #[error("too many SSL/GSS negotiation requests")]
+    TooManyRequests,
+}
+
+impl StartupError {
+    /// Whether the client can still read a PostgreSQL ErrorResponse.
+    pub fn can_report(&self) -> bool {
+        matches!(self, Self::Malformed(_) | Self::Unsupported(_) | Self::TooManyRequests)
+    }
+}
+
+async fn read_packet(conn: &mut Conn) -> Result<BytesMut, StartupError> {
+    let mut len = [0u8; 4];
+    conn.read_exact(&mut len[..1]).await?;
+    if len[0] == TLS_HANDSHAKE {
+        return Err(StartupError::DirectTls);
+    }
+    conn.read_exact(&mut len[1..]).await?;
+    let total = startup::packet_len(&len)?.expect("invariant: four bytes were read");
+    let mut packet = BytesMut::zeroed(total);
+    packet[..4].copy_from_slice(&len);
+    conn.read_exact(&mut packet[4..]).await?;
+    Ok(packet)
+}
+
+/// Answer negotiation requests until the client sends its StartupMessage or a
+/// CancelRequest. Reads exactly one packet at a time, so no plaintext sent before a
+/// TLS handshake can leak into the encrypted session.
+pub async fn negotiate(mut conn: Conn, tls: Option<&TlsAcceptor>) -> Result<(Conn, Hello), StartupError> {
+    // SSLRequest, then GSSENCRequest (or the reverse), then the real packet.
+    for _ in 0..3 {
+        let packet = read_packet(&mut conn).await?;
+        match startup::parse(&packet)? {
+            StartupPacket::SslRequest => match (tls, conn) {
+                (Some(acceptor), Conn::Plain(tcp)) => {
+                    let mut tcp = tcp;
+                    tcp.write_all(b"S").await?;
+                    let stream = acceptor.accept(tcp).await.map_err(StartupError::Tls)?;
+                    conn = Conn::ServerTls(Box::new(stream));
+                }
+                (_, mut other) => {
+                    super::send(&mut other, b"N").await?;
+                    conn = other;
+                }
+            },
+            StartupPacket::GssEncRequest => super::send(&mut conn, b"N").await?,
+            StartupPacket::Cancel { pid, key } => return Ok((conn, Hello::Cancel { pid, key })),
+            StartupPacket::Startup(m) => return Ok((conn, Hello::Startup(m))),
+            StartupPacket::Unsupported { code } => return Err(StartupError::Unsupported(code)),
+        }
+    }
+    Err(StartupError::TooManyRequests)
+}
+
+/// Startup parameters PostgreSQL treats as settings and that would let a workload
+/// change who it is or what code runs in its backend. Any other name is passed on
+/// (PostgreSQL applies unknown names as settings and rejects invalid ones itself).
+const FORBIDDEN_SETTINGS: &[&str] = &["role", "session_authorization", "local_preload_libraries", "session_preload_libraries", "replication"];
+
+/// The parameters to send upstream: the client's, minus the ones phigate decides
+/// (`user`, `database`) and protocol extensions it does not forward. Returns the
+/// offending name if the client tried to set a forbidden setting.
+pub fn upstream_params(msg: &StartupMessage) -> Result<Vec<(String, String)>, String> {
+    let mut out = Vec::new();
+    for (k, v) in &msg.params {
+        let name = k.to_ascii_lowercase();
+        match name.as_str() {
+            "user" | "database" => continue,
+            _ if name.starts_with("_pq_.") => continue,
+            "replication" if matches!(v.to_ascii_lowercase().as_str(), "false" | "off" | "no" | "0") => continue,
+            _ if FORBIDDEN_SETTINGS.contains(&name.as_str()) => return Err(k.clone()),
+            "options" => check_options(v)?,
+            _ => {}
+        }
+        out.push((k.clone(), v.clone()));
+    }
+    Ok(out)
+}
+
+/// `options` carries backend command-line switches (`-c name=value`, `--name=value`);
+/// the same settings are forbidden there, and so is anything that is not a setting.
+fn check_options(options: &str) -> Result<(), String> {
+    let mut words = options.split_whitespace();
+    while let Some(w) = words.next() {
+        let setting = if w == "-c" {
+            words.next().ok_or_else(|| "options".to_string())?
+        } else if let Some(s) = w.strip_prefix("-c") {
+            s
+        } else if let Some(s) = w.strip_prefix("--") {
+            s
+        } else {
+            return Err(format!("options ({w})"));
+        };
+        let name = setting.split('=').next().unwrap_or("").replace('-', "_").to_ascii_lowercase();
+        if FORBIDDEN_SETTINGS.contains(&name.as_str()) {
+            return Err(format!("options ({name})"));
+        }
+    }
+    Ok(())
+}
+
+/// `_pq_.*` protocol options the client asked for (none are supported).
+pub fn protocol_options(msg: &StartupMessage) -> Vec<&str> {
+    msg.params.iter().filter(|(k, _)| k.starts_with("_pq_.")).map(|(k, _)| k.as_str()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(params: &[(&str, &str)]) -> StartupMessage {
+        StartupMessage { major: 3, minor: 0, params: params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect() }
+    }
+
+    #[test]
+    fn passes_ordinary_parameters_and_drops_identity_ones() {
+        let p = upstream_params(&msg(&[
+            ("user", "x"),
+            ("database", "d"),
+            ("application_name", "psql"),
+            ("client_encoding", "UTF8"),
+            ("options", "-c search_path=app --statement-timeout=5s"),
+        ]))
+        .unwrap();
+        let names: Vec<&str> = p.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(names, vec!["application_name", "client_encoding", "options"]);
+    }
+
+    #[test]
+    fn refuses_settings_that_change_identity() {
+        assert_eq!(upstream_params(&msg(&[("user", "x"), ("role", "admin")])), Err("role".into()));
+        assert_eq!(upstream_params(&msg(&[("user", "x"), ("Session_Authorization", "admin")])), Err("Session_Authorization".into()));
+        assert!(upstream_params(&msg(&[("user", "x"), ("options", "-c role=admin")])).is_err());
+        assert!(upstream_params(&msg(&[("user", "x"), ("options", "-crole=admin")])).is_err());
+        assert!(upstream_params(&msg(&[("user", "x"), ("options", "--session-authorization=admin")])).is_err());
+        assert!(upstream_params(&msg(&[("user", "x"), ("options", "-D /tmp")])).is_err(), "non-setting switches");
+        assert!(upstream_params(&msg(&[("user", "x"), ("replication", "database")])).is_err());
+        assert!(upstream_params(&msg(&[("user", "x"), ("replication", "false")])).is_ok());
+    }
+}

@@ -1,0 +1,176 @@
+//! The agent's own connection to the database: TCP, TLS per sslmode, and a login as
+//! the identity's upstream role with a secret only the agent holds. The password is
+//! read from its file at each login (so rotated Kubernetes Secrets take effect) and is
+//! never logged or sent anywhere but the database.
+
+use std::{net::SocketAddr, path::Path, time::Duration};
+
+use bytes::BytesMut;
+use postgres_protocol::authentication::{
+    md5_hash,
+    sasl::{ChannelBinding, ScramSha256},
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
+
+use super::{read_frame, ReadError};
+use crate::{
+    config::SslMode,
+    net::{conn::Conn, tls::UpstreamTls},
+    pg::{
+        error::{parse_error_fields, ReceivedError},
+        msg::{self, tag, AuthRequest},
+        startup, Frame,
+    },
+};
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const MAX_STARTUP_MESSAGE: usize = 1 << 20;
+
+/// A logged-in upstream connection.
+pub struct Upstream {
+    pub conn: Conn,
+    /// ParameterStatus and NoticeResponse frames to pass to the client, in order.
+    pub startup_frames: Vec<Frame>,
+    /// The server's ReadyForQuery.
+    pub ready: Frame,
+    pub server_pid: u32,
+    pub server_key: Vec<u8>,
+    /// Bytes read past ReadyForQuery (none expected).
+    pub leftover: BytesMut,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("cannot connect to the database at {addr}: {err}")]
+    Unreachable { addr: SocketAddr, err: std::io::Error },
+    #[error("the database at {0} refused TLS, and upstream_tls.mode requires it")]
+    TlsRefused(SocketAddr),
+    #[error("TLS with the database failed: {0}")]
+    Tls(std::io::Error),
+    #[error("no password is configured for role {0:?}, but the database asked for one")]
+    NoPassword(String),
+    #[error("cannot read the password for role {role:?} from {path}: {err}")]
+    Secret { role: String, path: String, err: std::io::Error },
+    #[error("the database rejected the login as role {role:?}: {code} {message}")]
+    AuthRejected { role: String, code: String, message: String },
+    #[error("the database refused the session: {0:?}")]
+    Refused(ReceivedError, Frame),
+    #[error("the database asked for an authentication method phigate does not support ({0})")]
+    UnsupportedAuth(String),
+    #[error("the database's SCRAM answer did not verify: it does not know the role's password")]
+    ServerNotAuthenticated,
+    #[error(transparent)]
+    Read(#[from] ReadError),
+    #[error("write to the database failed: {0}")]
+    Write(std::io::Error),
+}
+
+/// Read a password file: its content without a trailing newline.
+pub fn read_secret(role: &str, path: &Path) -> Result<Vec<u8>, UpstreamError> {
+    let mut bytes = std::fs::read(path).map_err(|err| UpstreamError::Secret { role: role.into(), path: path.display().to_string(), err })?;
+    while bytes.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+        bytes.pop();
+    }
+    Ok(bytes)
+}
+
+/// Open a TCP (and, per mode, TLS) connection to the database.
+pub async fn open(addr: SocketAddr, tls: &UpstreamTls) -> Result<Conn, UpstreamError> {
+    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+        .await
+        .map_err(|_| UpstreamError::Unreachable { addr, err: std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out") })?
+        .map_err(|err| UpstreamError::Unreachable { addr, err })?;
+    tcp.set_nodelay(true).ok();
+    let Some((connector, name)) = tls.connector() else {
+        return Ok(Conn::Plain(tcp));
+    };
+    let mut tcp = tcp;
+    tcp.write_all(&startup::encode_ssl_request()).await.map_err(UpstreamError::Write)?;
+    let mut answer = [0u8; 1];
+    tcp.read_exact(&mut answer).await.map_err(|err| UpstreamError::Unreachable { addr, err })?;
+    match answer[0] {
+        b'S' => {
+            let stream = connector.connect(name, tcp).await.map_err(UpstreamError::Tls)?;
+            Ok(Conn::ClientTls(Box::new(stream)))
+        }
+        b'N' if tls.mode == SslMode::Prefer => Ok(Conn::Plain(tcp)),
+        _ => Err(UpstreamError::TlsRefused(addr)),
+    }
+}
+
+/// Connect and log in as `role`.
+pub async fn login(
+    addr: SocketAddr,
+    tls: &UpstreamTls,
+    role: &str,
+    password_file: Option<&Path>,
+    params: &[(String, String)],
+    dbname: &str,
+) -> Result<Upstream, UpstreamError> {
+    let mut conn = open(addr, tls).await?;
+    let mut startup_params: Vec<(&str, &str)> = vec![("user", role), ("database", dbname)];
+    startup_params.extend(params.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+    conn.write_all(&startup::encode_startup(&startup_params)).await.map_err(UpstreamError::Write)?;
+
+    let password = || -> Result<Vec<u8>, UpstreamError> {
+        let path = password_file.ok_or_else(|| UpstreamError::NoPassword(role.into()))?;
+        read_secret(role, path)
+    };
+    let mut buf = BytesMut::with_capacity(8192);
+    let mut scram: Option<ScramSha256> = None;
+    let mut startup_frames = Vec::new();
+    let mut key = None;
+    loop {
+        let f = read_frame(&mut conn, &mut buf, MAX_STARTUP_MESSAGE).await?;
+        match f.tag() {
+            tag::AUTHENTICATION => match msg::parse_auth_request(f.body()).map_err(ReadError::Frame)? {
+                AuthRequest::Ok => {}
+                AuthRequest::CleartextPassword => {
+                    conn.write_all(msg::password_message(&password()?).as_bytes()).await.map_err(UpstreamError::Write)?;
+                }
+                AuthRequest::Md5Password { salt } => {
+                    let hash = md5_hash(role.as_bytes(), &password()?, salt);
+                    conn.write_all(msg::password_message(hash.as_bytes()).as_bytes()).await.map_err(UpstreamError::Write)?;
+                }
+                AuthRequest::Sasl { mechanisms } => {
+                    if !mechanisms.iter().any(|m| m == "SCRAM-SHA-256") {
+                        return Err(UpstreamError::UnsupportedAuth(mechanisms.join(", ")));
+                    }
+                    let s = ScramSha256::new(&password()?, ChannelBinding::unsupported());
+                    conn.write_all(msg::sasl_initial_response("SCRAM-SHA-256", s.message()).as_bytes()).await.map_err(UpstreamError::Write)?;
+                    scram = Some(s);
+                }
+                AuthRequest::SaslContinue(data) => {
+                    let s = scram.as_mut().ok_or_else(|| UpstreamError::UnsupportedAuth("SASL continue without SASL".into()))?;
+                    s.update(&data).map_err(|_| UpstreamError::ServerNotAuthenticated)?;
+                    conn.write_all(msg::sasl_response(s.message()).as_bytes()).await.map_err(UpstreamError::Write)?;
+                }
+                AuthRequest::SaslFinal(data) => {
+                    // Verifying the server's signature proves it knows the password
+                    // verifier: an impostor database cannot fake this.
+                    let mut s = scram.take().ok_or_else(|| UpstreamError::UnsupportedAuth("SASL final without SASL".into()))?;
+                    s.finish(&data).map_err(|_| UpstreamError::ServerNotAuthenticated)?;
+                }
+                AuthRequest::Unsupported(code) => return Err(UpstreamError::UnsupportedAuth(format!("authentication request {code}"))),
+            },
+            tag::PARAMETER_STATUS | tag::NOTICE_RESPONSE => startup_frames.push(f),
+            tag::BACKEND_KEY_DATA => key = Some(msg::parse_backend_key_data(f.body()).map_err(ReadError::Frame)?),
+            tag::NEGOTIATE_PROTOCOL_VERSION => {}
+            tag::ERROR_RESPONSE => {
+                let e = parse_error_fields(f.body());
+                if e.code.starts_with("28") {
+                    return Err(UpstreamError::AuthRejected { role: role.into(), code: e.code, message: e.message });
+                }
+                return Err(UpstreamError::Refused(e, f));
+            }
+            tag::READY_FOR_QUERY => {
+                let (server_pid, server_key) = key.unwrap_or((0, Vec::new()));
+                return Ok(Upstream { conn, startup_frames, ready: f, server_pid, server_key, leftover: buf });
+            }
+            other => return Err(UpstreamError::UnsupportedAuth(format!("unexpected message {:?} during login", other as char))),
+        }
+    }
+}
