@@ -53,4 +53,11 @@ pub enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Print a SCRAM-SHA-256 verifier for `scram_verifier` (reads the password from
+    /// stdin unless --password is given). Needs no configuration.
+    HashPassword {
+        /// The password (visible in the process list: prefer stdin).
+        #[arg(long)]
+        password: Option<String>,
+    },
 }

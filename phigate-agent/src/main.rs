@@ -17,6 +17,9 @@ use phigate_agent::{
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::HashPassword { password } = &cli.command {
+        return hash_password(password.clone());
+    }
     let config = match Config::load(&cli.config) {
         Ok(c) => c,
         Err(e) => {
@@ -36,6 +39,22 @@ fn main() -> ExitCode {
             ExitCode::from(code)
         }
     }
+}
+
+fn hash_password(password: Option<String>) -> ExitCode {
+    let password = match password {
+        Some(p) => p,
+        None => {
+            let mut line = String::new();
+            if std::io::stdin().read_line(&mut line).is_err() || line.trim_end_matches(['\n', '\r']).is_empty() {
+                eprintln!("phigate: hash-password: give the password on stdin or with --password");
+                return ExitCode::from(2);
+            }
+            line.trim_end_matches(['\n', '\r']).to_string()
+        }
+    };
+    println!("{}", phigate_agent::identity::scram::make_verifier(&password));
+    ExitCode::SUCCESS
 }
 
 fn init_logging(config: &Config) {
@@ -89,6 +108,7 @@ fn dispatch(command: Command, config: Config) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::HashPassword { .. } => unreachable!("invariant: handled before the configuration is loaded"),
         Command::Detach { force } => {
             if layout.is_installed() {
                 let state = KernelState::open(&layout)?;

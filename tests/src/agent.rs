@@ -102,7 +102,8 @@ impl AgentConfig {
             protect: Vec::new(),
             deny_raw_sockets: true,
             extra: String::new(),
-            agent_cgroup: None, identities: Vec::new(),
+            agent_cgroup: None,
+            identities: Vec::new(),
         }
     }
 

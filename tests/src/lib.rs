@@ -11,12 +11,14 @@
 //! - [`pg`]: [`PgServer`], a throwaway PostgreSQL on a loopback address
 //! - [`cgroup`]: [`TestCgroup`], a cgroup v2 subtree owned by one test
 //! - [`agent`]: [`Agent`], the `phigate` binary with a generated configuration
+//! - [`pki`]: a test CA and a JWT issuer
 //! - [`probe`]: runs `phigate-probe` (connect tricks) inside a cgroup
 
 pub mod agent;
 pub mod cgroup;
 pub mod env;
 pub mod pg;
+pub mod pki;
 pub mod probe;
 
 pub use agent::{Agent, AgentConfig};

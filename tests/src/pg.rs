@@ -47,11 +47,13 @@ pub struct PgOptions {
     pub conf: Vec<String>,
     /// `pg_hba.conf` contents (default: trust on loopback).
     pub hba: Option<String>,
+    /// Serve TLS with this certificate and key (PEM files; copied into the cluster).
+    pub tls: Option<(PathBuf, PathBuf)>,
 }
 
 impl Default for PgOptions {
     fn default() -> Self {
-        Self { addr: Ipv4Addr::new(127, 0, 0, 2), port: 0, conf: Vec::new(), hba: None }
+        Self { addr: Ipv4Addr::new(127, 0, 0, 2), port: 0, conf: Vec::new(), hba: None, tls: None }
     }
 }
 
@@ -146,9 +148,16 @@ impl PgServer {
                 conf.push_str(line);
                 conf.push('\n');
             }
-            fs::write(data.join("postgresql.auto.conf"), conf)?;
+            fs::write(data.join("postgresql.auto.conf"), &conf)?;
             if let Some(hba) = &opts.hba {
                 fs::write(data.join("pg_hba.conf"), hba)?;
+            }
+            if let Some((cert, key)) = &opts.tls {
+                fs::copy(cert, data.join("server.crt"))?;
+                fs::copy(key, data.join("server.key"))?;
+                fs::set_permissions(data.join("server.key"), fs::Permissions::from_mode(0o600))?;
+                conf.push_str("ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n");
+                fs::write(data.join("postgresql.auto.conf"), &conf)?;
             }
             chown_r(&dir)?;
             let out = as_postgres(Command::new(pg_bin("pg_ctl")).arg("-D").arg(&data).arg("-l").arg(dir.join("server.log")).args(["-w", "-t", "30", "start"]))

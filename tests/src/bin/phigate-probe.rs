@@ -9,6 +9,10 @@
 //! phigate-probe raw-syn  A.B.C.D:PORT SPORT hand-made SYN through a raw socket
 //! phigate-probe hold     ADDR:PORT          connect, wait for a stdin line, then talk
 //! phigate-probe udp      ADDR:PORT          connect a UDP socket (cannot be redirected)
+//! phigate-probe negotiate ADDR:PORT ssl|gss send SSLRequest or GSSENCRequest, report the answer
+//! phigate-probe direct-tls ADDR:PORT        open with a TLS ClientHello (PG17 direct SSL)
+//! phigate-probe garbage  ADDR:PORT SEED     send seeded random bytes / broken frames
+//! phigate-probe cancel   ADDR:PORT PID KEY  send a CancelRequest
 //! ```
 //! After connecting, "talk" means: send a PostgreSQL StartupMessage and report the
 //! first byte of the server's answer (`R` = authentication request: a real server).
@@ -123,8 +127,79 @@ fn main() {
                 Err(e) => error_json(out, "connect", &e),
             }
         }
+        "negotiate" => {
+            let a: SocketAddr = addr.parse().expect("ADDR:PORT");
+            let code: u32 = if args.get(3).map(String::as_str) == Some("gss") { 80_877_104 } else { 80_877_103 };
+            match TcpStream::connect_timeout(&a, TIMEOUT) {
+                Ok(mut s) => {
+                    s.set_read_timeout(Some(TIMEOUT)).ok();
+                    let mut req = 8u32.to_be_bytes().to_vec();
+                    req.extend_from_slice(&code.to_be_bytes());
+                    s.write_all(&req).ok();
+                    let mut b = [0u8; 1];
+                    let answer = match s.read(&mut b) {
+                        Ok(1) => (b[0] as char).to_string(),
+                        Ok(_) => "eof".into(),
+                        Err(e) => e.to_string(),
+                    };
+                    out.insert("answer".into(), json!(answer));
+                    Value::Object(out)
+                }
+                Err(e) => error_json(out, "connect", &e),
+            }
+        }
+        "direct-tls" => {
+            let a: SocketAddr = addr.parse().expect("ADDR:PORT");
+            match TcpStream::connect_timeout(&a, TIMEOUT) {
+                Ok(mut s) => {
+                    s.set_read_timeout(Some(TIMEOUT)).ok();
+                    // The start of a TLS 1.2/1.3 ClientHello record.
+                    s.write_all(&[0x16, 0x03, 0x01, 0x00, 0x40, 0x01, 0x00, 0x00, 0x3c, 0x03, 0x03]).ok();
+                    s.write_all(&[0u8; 61]).ok();
+                    let mut b = [0u8; 64];
+                    let answer = match s.read(&mut b) {
+                        Ok(0) => "closed".to_string(),
+                        Ok(n) => format!("{n} bytes"),
+                        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => "closed".to_string(),
+                        Err(e) => e.to_string(),
+                    };
+                    out.insert("answer".into(), json!(answer));
+                    Value::Object(out)
+                }
+                Err(e) => error_json(out, "connect", &e),
+            }
+        }
+        "cancel" => {
+            let a: SocketAddr = addr.parse().expect("ADDR:PORT");
+            let pid: u32 = args.get(3).and_then(|s| s.parse().ok()).expect("PID");
+            let key: u32 = args.get(4).and_then(|s| s.parse().ok()).expect("KEY");
+            match TcpStream::connect_timeout(&a, TIMEOUT) {
+                Ok(mut s) => {
+                    s.set_read_timeout(Some(TIMEOUT)).ok();
+                    let mut req = 16u32.to_be_bytes().to_vec();
+                    req.extend_from_slice(&80_877_102u32.to_be_bytes());
+                    req.extend_from_slice(&pid.to_be_bytes());
+                    req.extend_from_slice(&key.to_be_bytes());
+                    s.write_all(&req).ok();
+                    let mut b = [0u8; 16];
+                    let answer = match s.read(&mut b) {
+                        Ok(0) => "closed".to_string(),
+                        Ok(n) => format!("{n} bytes"),
+                        Err(e) => e.to_string(),
+                    };
+                    out.insert("answer".into(), json!(answer));
+                    Value::Object(out)
+                }
+                Err(e) => error_json(out, "connect", &e),
+            }
+        }
+        "garbage" => {
+            let a: SocketAddr = addr.parse().expect("ADDR:PORT");
+            let seed: u64 = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(1);
+            garbage(out, a, seed)
+        }
         _ => {
-            eprintln!("usage: phigate-probe connect|mapped|tfo|raw-syn|hold|udp ADDR:PORT [SPORT]");
+            eprintln!("usage: phigate-probe connect|mapped|tfo|raw-syn|hold|udp|negotiate|direct-tls|garbage ADDR:PORT [...]");
             std::process::exit(2);
         }
     };
@@ -163,6 +238,91 @@ fn tfo(out: serde_json::Map<String, Value>, a: SocketAddr) -> Value {
         let stream = TcpStream::from_raw_fd(fd);
         report_stream(out, stream, false)
     }
+}
+
+/// A tiny deterministic generator (xorshift64*), so failures replay from the seed.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+    fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.next() as u8).collect()
+    }
+}
+
+/// Misbehave in one of several seeded ways and report the first byte of any answer:
+/// random bytes instead of a startup packet, a startup packet with a lying length,
+/// or a valid startup followed by random and truncated frames.
+fn garbage(mut out: serde_json::Map<String, Value>, a: SocketAddr, seed: u64) -> Value {
+    let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+    let mut s = match TcpStream::connect_timeout(&a, TIMEOUT) {
+        Ok(s) => s,
+        Err(e) => return error_json(out, "connect", &e),
+    };
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok();
+    let kind = rng.below(4);
+    let mut wire = Vec::new();
+    match kind {
+        0 => {
+            let n = 1 + rng.below(300) as usize;
+            wire.extend(rng.bytes(n));
+        }
+        1 => {
+            let mut m = startup_message();
+            let lie = (rng.below(20_000) as u32).to_be_bytes();
+            m[..4].copy_from_slice(&lie);
+            wire.extend(m);
+        }
+        _ => {
+            wire.extend(startup_message());
+            for _ in 0..1 + rng.below(5) {
+                let tag = if rng.below(2) == 0 { b"QPBEDSXdcf"[rng.below(10) as usize] } else { rng.next() as u8 };
+                let len = if rng.below(3) == 0 { rng.next() as u32 } else { 4 + rng.below(64) as u32 };
+                wire.push(tag);
+                wire.extend_from_slice(&len.to_be_bytes());
+                let body = (len as usize).saturating_sub(4).min(64);
+                let body = if kind == 3 { body / 2 } else { body }; // truncated frames
+                wire.extend(rng.bytes(body));
+            }
+        }
+    }
+    let _ = s.write_all(&wire);
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = s.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        answer.extend_from_slice(&buf[..n]);
+        if answer.len() > 65536 {
+            break;
+        }
+    }
+    out.insert("kind".into(), json!(kind));
+    out.insert("sent".into(), json!(wire.len()));
+    out.insert("answer_tags".into(), json!(answer_tags(&answer)));
+    Value::Object(out)
+}
+
+/// The message type bytes in a backend byte stream (best effort).
+fn answer_tags(mut b: &[u8]) -> String {
+    let mut tags = String::new();
+    while b.len() >= 5 {
+        tags.push(b[0] as char);
+        let len = u32::from_be_bytes([b[1], b[2], b[3], b[4]]) as usize;
+        if len + 1 > b.len() {
+            break;
+        }
+        b = &b[len + 1..];
+    }
+    tags
 }
 
 fn checksum(data: &[u8]) -> u16 {

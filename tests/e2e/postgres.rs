@@ -1,0 +1,616 @@
+//! phigate speaks PostgreSQL on both sides: workloads keep their drivers and
+//! connection strings, phigate authenticates them (workload, token, SCRAM) and logs in
+//! upstream with credentials only it holds. Real PostgreSQL, real eBPF redirect, real
+//! clients (psql, tokio-postgres, pgbench).
+
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpListener},
+    path::{Path, PathBuf},
+    process::{Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use phigate_tests::{
+    agent::{DbSpec, IdentitySpec},
+    cgroup::run_in,
+    env::skip,
+    pg::{pg_bin, PgOptions},
+    pki::{now, TestCa, TokenIssuer},
+    probe::probe,
+    target_dir, unique, wait_for, Agent, AgentConfig, PgServer, TestCgroup,
+};
+use serde_json::{json, Value};
+
+const HBA: &str = "local all all trust\n\
+host all postgres 127.0.0.0/8 trust\n\
+host all app_scram 127.0.0.0/8 scram-sha-256\n\
+host all app_md5 127.0.0.0/8 md5\n\
+host all app_plain 127.0.0.0/8 password\n\
+hostssl all app_tls 127.0.0.0/8 scram-sha-256\n\
+host all all 127.0.0.0/8 reject\n";
+
+/// Temp directory for secrets and keys, removed at the end.
+struct TempDir(PathBuf);
+impl TempDir {
+    fn new() -> Self {
+        let p = std::env::temp_dir().join(unique("phigate-e2e"));
+        std::fs::create_dir_all(&p).unwrap();
+        Self(p)
+    }
+    fn file(&self, name: &str, contents: &str) -> PathBuf {
+        let p = self.0.join(name);
+        std::fs::write(&p, contents).unwrap();
+        p
+    }
+}
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A PostgreSQL with application roles (one per upstream authentication method), a
+/// `clinical` database, password files for the agent, and a test cgroup.
+struct Env {
+    agent: Agent,
+    cg: TestCgroup,
+    pg: PgServer,
+    dir: TempDir,
+}
+
+struct Ctx<'a> {
+    cg: &'a TestCgroup,
+    dir: &'a TempDir,
+}
+
+fn start_pg(tls: Option<&TestCa>) -> PgServer {
+    let opts = PgOptions { hba: Some(HBA.into()), tls: tls.map(|t| (t.cert_file.clone(), t.key_file.clone())), ..Default::default() };
+    let pg = PgServer::start(opts).expect("PostgreSQL starts");
+    pg.psql_admin(
+        "postgres",
+        "create role app_scram login password 'scram-secret'; \
+         set password_encryption = 'md5'; create role app_md5 login password 'md5-secret'; reset password_encryption; \
+         create role app_plain login password 'plain-secret'; \
+         create role app_tls login password 'tls-secret';",
+    )
+    .expect("roles");
+    pg.psql_admin("postgres", "create database clinical owner app_scram").expect("database");
+    pg.psql_admin("clinical", "grant all on schema public to public;").expect("grants");
+    pg
+}
+
+fn env_with(tls: Option<&TestCa>, configure: impl FnOnce(AgentConfig, &Ctx) -> AgentConfig) -> Env {
+    let dir = TempDir::new();
+    let pg = start_pg(tls);
+    let cg = TestCgroup::new();
+    for c in ["prot", "other", "scram", "md5", "plain", "token", "ghost", "tls"] {
+        cg.child(c);
+    }
+    let mut db = DbSpec::new("clinical", &["127.0.0.2/32"], pg.port(), pg.socket_addr());
+    db.credentials = vec![
+        ("app_scram".into(), Some(dir.file("app_scram.password", "scram-secret\n"))),
+        ("app_md5".into(), Some(dir.file("app_md5.password", "md5-secret"))),
+        ("app_plain".into(), Some(dir.file("app_plain.password", "plain-secret\n"))),
+        ("app_tls".into(), Some(dir.file("app_tls.password", "tls-secret"))),
+    ];
+    let base = AgentConfig::new(&cg).database(db).protect(&format!("{}/prot", cg.rel()), "billing-agent");
+    let ctx = Ctx { cg: &cg, dir: &dir };
+    let mut cfg = configure(base, &ctx);
+    if cfg.identities.iter().all(|i| i.name != "billing-agent") {
+        cfg = cfg.identity(IdentitySpec::workload("billing-agent", "clinical", "app_scram"));
+    }
+    let agent = Agent::start(&cfg).expect("agent starts");
+    Env { agent, cg, pg, dir }
+}
+
+fn env() -> Env {
+    env_with(None, |c, _| c)
+}
+
+/// psql as a workload in `cgroup` (relative to the test cgroup), against the
+/// database address, with extra environment (PGPASSWORD, PGSSLMODE, …).
+fn psql_in(e: &Env, cgroup: &str, args: &[&str], vars: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(pg_bin("psql"));
+    cmd.args(["-h", "127.0.0.2", "-p", &e.pg.port().to_string(), "-U", "whoever", "-d", "clinical", "-XAtq"])
+        .args(args)
+        .env("PGCONNECT_TIMEOUT", "10")
+        .env("PGSSLMODE", "disable")
+        .stdin(Stdio::null());
+    for (k, v) in vars {
+        cmd.env(k, v);
+    }
+    run_in(&mut cmd, &e.cg.child_dir(cgroup));
+    cmd.output().expect("psql runs")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).trim_end().to_string()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).to_string()
+}
+
+fn ok(o: &Output) -> String {
+    assert!(o.status.success(), "psql failed: {}", stderr(o));
+    stdout(o)
+}
+
+fn pgclient(e: &Env, cgroup: &str, scenario: &str) -> Value {
+    let bin = target_dir().join("debug/phigate-pgclient");
+    let bin = std::env::var_os("PHIGATE_PGCLIENT_BIN").map(PathBuf::from).unwrap_or(bin);
+    let conn = format!("host=127.0.0.2 port={} user=whoever dbname=clinical connect_timeout=10", e.pg.port());
+    let mut cmd = Command::new(bin);
+    cmd.args([scenario, &conn]).stdin(Stdio::null());
+    run_in(&mut cmd, &e.cg.child_dir(cgroup));
+    let out = cmd.output().expect("phigate-pgclient runs");
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|err| panic!("pgclient {scenario}: {err}: {} {}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+fn session_started(e: &Env) -> Vec<Value> {
+    e.agent.events_named("session started")
+}
+
+// ---- the session relays the whole protocol ---------------------------------------
+
+#[test]
+fn psql_simple_protocol_multi_statement_copy_and_errors() {
+    if skip("psql_simple_protocol_multi_statement_copy_and_errors") {
+        return;
+    }
+    let e = env();
+    // The workload says it is "whoever"; phigate logs in as the identity's role.
+    assert_eq!(ok(&psql_in(&e, "prot", &["-c", "select current_user, session_user"], &[])), "app_scram|app_scram");
+    // Several statements in one simple Query.
+    let out = ok(&psql_in(
+        &e,
+        "prot",
+        &["-c", "create table notes (id int, body text); insert into notes values (1, 'a'), (2, 'b'); select count(*) from notes"],
+        &[],
+    ));
+    assert_eq!(out.lines().last(), Some("2"));
+    // COPY FROM STDIN (psql \copy) and COPY TO STDOUT.
+    let script =
+        e.dir.file("copy.sql", "\\copy notes from stdin\n3\tc\n4\td\n\\.\ncopy notes to stdout;\n\\copy (select id from notes order by id) to stdout\n");
+    let out = ok(&psql_in(&e, "prot", &["-f", script.to_str().unwrap()], &[]));
+    assert!(out.contains("3\tc") && out.contains("4\td"), "COPY TO STDOUT shows the copied rows: {out}");
+    assert!(out.ends_with("1\n2\n3\n4"), "{out}");
+    // An error does not end the session; the next statement runs.
+    let script = e.dir.file("err.sql", "select 1/0;\nselect 'still here';\n");
+    let o = psql_in(&e, "prot", &["-f", script.to_str().unwrap()], &[]);
+    assert!(stderr(&o).contains("division by zero"), "{}", stderr(&o));
+    assert_eq!(stdout(&o), "still here");
+    // A large value streams through in both directions.
+    let out = ok(&psql_in(&e, "prot", &["-c", "select length(repeat('x', 3000000) || $$y$$)"], &[]));
+    assert_eq!(out, "3000001");
+    let out = ok(&psql_in(&e, "prot", &["-c", "select md5(repeat('ab', 2000000))"], &[]));
+    assert_eq!(out.len(), 32);
+    let s = session_started(&e);
+    assert!(s.iter().all(|x| x["upstream_role"] == "app_scram" && x["user"] == "whoever" && x["auth"] == "workload"), "{s:?}");
+}
+
+#[test]
+fn upstream_login_with_scram_md5_and_password_credentials_held_by_the_agent() {
+    if skip("upstream_login_with_scram_md5_and_password_credentials_held_by_the_agent") {
+        return;
+    }
+    let e = env_with(None, |c, ctx| {
+        let r = ctx.cg.rel();
+        c.protect(&format!("{r}/scram"), "a-scram")
+            .protect(&format!("{r}/md5"), "a-md5")
+            .protect(&format!("{r}/plain"), "a-plain")
+            .identity(IdentitySpec::workload("a-scram", "clinical", "app_scram"))
+            .identity(IdentitySpec::workload("a-md5", "clinical", "app_md5"))
+            .identity(IdentitySpec::workload("a-plain", "clinical", "app_plain"))
+    });
+    for (cg, role) in [("scram", "app_scram"), ("md5", "app_md5"), ("plain", "app_plain")] {
+        assert_eq!(ok(&psql_in(&e, cg, &["-c", "select current_user"], &[])), role, "identity in /{cg} runs as {role}");
+    }
+    // The workload never had a password; the server saw the agent log in.
+    assert!(e.pg.log().contains("connection authorized: user=app_md5"), "{}", e.pg.log());
+}
+
+#[test]
+fn tokio_postgres_extended_protocol_binary_results_and_prepared_statement_reuse() {
+    if skip("tokio_postgres_extended_protocol_binary_results_and_prepared_statement_reuse") {
+        return;
+    }
+    let e = env();
+    let v = pgclient(&e, "prot", "extended");
+    assert_eq!(v["ok"], true, "{v}");
+    assert_eq!(v["executions"], 1000);
+    assert_eq!(v["sum"], 500_500);
+    assert_eq!(v["rows"], 5000);
+    assert_eq!(v["last"], 5000);
+}
+
+#[test]
+fn tokio_postgres_transactions() {
+    if skip("tokio_postgres_transactions") {
+        return;
+    }
+    let e = env();
+    let v = pgclient(&e, "prot", "transactions");
+    assert_eq!(v, json!({"ok": true, "after_rollback": 0, "after_commit": 1, "error_in_tx": true, "still_usable": 7}));
+}
+
+#[test]
+fn tokio_postgres_notifications() {
+    if skip("tokio_postgres_notifications") {
+        return;
+    }
+    let e = env();
+    let v = pgclient(&e, "prot", "notify");
+    assert_eq!(v["notifications"], json!(["phigate_test:hello through phigate"]), "{v}");
+}
+
+#[test]
+fn cancel_token_cancels_the_running_query_through_the_agent() {
+    if skip("cancel_token_cancels_the_running_query_through_the_agent") {
+        return;
+    }
+    let e = env();
+    let v = pgclient(&e, "prot", "cancel");
+    assert_eq!(v["canceled"], true, "{v}");
+    assert_eq!(v["code"], "57014");
+    assert!(v["seconds"].as_f64().unwrap() < 10.0, "cancelled long before pg_sleep(30) ended: {v}");
+    assert_eq!(v["after"], 1, "the session survives the cancel");
+    let fwd = wait_for(Duration::from_secs(5), || e.agent.events_named("query cancel forwarded to the database").into_iter().next());
+    assert!(fwd.is_some(), "the agent forwarded the CancelRequest it received through the redirect");
+}
+
+#[test]
+fn cancel_request_with_an_unknown_key_is_ignored() {
+    if skip("cancel_request_with_an_unknown_key_is_ignored") {
+        return;
+    }
+    let e = env();
+    // A CancelRequest with a made-up key arrives through the redirect: phigate drops
+    // it without contacting the database (PostgreSQL never answers cancels either).
+    let seen = e.pg.connections_received();
+    let v = probe(Some(&e.cg.child_dir("prot")), &["cancel", &e.pg.addr().to_string(), "12345", "67890"]);
+    assert_eq!(v["answer"], "closed", "{v}");
+    let ignored = wait_for(Duration::from_secs(5), || e.agent.events_named("cancel request with an unknown key; ignored").into_iter().next());
+    assert!(ignored.is_some(), "the agent logs the ignored cancel");
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(e.pg.connections_received(), seen, "the database was not contacted");
+}
+
+#[test]
+fn pgbench_simple_extended_and_prepared_complete_through_the_agent() {
+    if skip("pgbench_simple_extended_and_prepared_complete_through_the_agent") {
+        return;
+    }
+    let e = env();
+    let port = e.pg.port().to_string();
+    let pgbench = |args: &[&str]| {
+        let mut cmd = Command::new(pg_bin("pgbench"));
+        cmd.args(["-h", "127.0.0.2", "-p", &port, "-U", "whoever"]).args(args).arg("clinical").env("PGSSLMODE", "disable").stdin(Stdio::null());
+        run_in(&mut cmd, &e.cg.child_dir("prot"));
+        cmd.output().expect("pgbench runs")
+    };
+    // Initialisation loads with COPY FROM STDIN through the agent.
+    let init = pgbench(&["-i", "-s", "1", "-q"]);
+    assert!(init.status.success(), "pgbench -i: {}", stderr(&init));
+    for mode in ["simple", "extended", "prepared"] {
+        let o = pgbench(&["-M", mode, "-c", "4", "-j", "2", "-t", "150"]);
+        let text = stdout(&o);
+        assert!(o.status.success(), "pgbench -M {mode}: {} {}", text, stderr(&o));
+        assert!(text.contains("number of transactions actually processed: 600/600"), "-M {mode}: {text}");
+        assert!(text.contains("number of failed transactions: 0"), "-M {mode}: {text}");
+    }
+}
+
+// ---- client authentication -------------------------------------------------------
+
+fn token_env(issuer: &TokenIssuer, via_url: Option<&str>) -> Env {
+    env_with(None, |c, ctx| {
+        let source = match via_url {
+            Some(url) => format!("jwks_url = {url:?}"),
+            None => format!("jwks_file = {:?}", ctx.dir.file("jwks.json", &issuer.jwks()).display().to_string()),
+        };
+        let mut c = c.protect(&format!("{}/token", ctx.cg.rel()), "token-agent").identity(IdentitySpec {
+            name: "token-agent".into(),
+            auth: "auth = \"token\"\ntoken_issuer = \"test-idp\"\nrequired_groups = [\"phi-readers\"]".into(),
+            access: vec![("clinical".into(), "app_scram".into(), vec!["clinical".into()])],
+        });
+        c.extra.push_str(&format!(
+            "[[token_issuer]]\nname = \"test-idp\"\nissuer = {:?}\naudiences = [\"phigate\"]\nalgorithms = [\"ES256\"]\nleeway_secs = 0\n{source}\n",
+            issuer.issuer
+        ));
+        c
+    })
+}
+
+#[test]
+fn token_authentication_accepts_good_tokens_and_refuses_bad_ones() {
+    if skip("token_authentication_accepts_good_tokens_and_refuses_bad_ones") {
+        return;
+    }
+    let issuer = TokenIssuer::new("https://idp.test/", "key-1");
+    let e = token_env(&issuer, None);
+    let good = issuer.sign(&issuer.claims("svc-billing", "phigate", &["phi-readers", "billing"]));
+    assert_eq!(ok(&psql_in(&e, "token", &["-c", "select current_user"], &[("PGPASSWORD", &good)])), "app_scram");
+    let s = session_started(&e).into_iter().find(|s| s["auth"] == "token").expect("token session logged");
+    assert_eq!(s["token_subject"], "svc-billing");
+    assert_eq!(s["token_groups"], "[\"phi-readers\", \"billing\"]");
+
+    let refused = |token: &str| {
+        let o = psql_in(&e, "token", &["-c", "select 1"], &[("PGPASSWORD", token)]);
+        assert!(!o.status.success());
+        stderr(&o)
+    };
+    let forger = TokenIssuer::new("https://idp.test/", "key-1");
+    let err = refused(&forger.sign(&issuer.claims("svc-billing", "phigate", &["phi-readers"])));
+    assert!(err.contains("phigate refused the connection: invalid token") && err.contains("signature does not verify"), "{err}");
+    let err = refused(&issuer.sign(&issuer.claims("svc-billing", "someone-else", &["phi-readers"])));
+    assert!(err.contains("not meant for this audience"), "{err}");
+    let mut expired = issuer.claims("svc-billing", "phigate", &["phi-readers"]);
+    expired["exp"] = json!(now() - 120);
+    assert!(refused(&issuer.sign(&expired)).contains("has expired"));
+    let err = refused(&issuer.sign(&issuer.claims("svc-billing", "phigate", &["billing"])));
+    assert!(err.contains("lacks group \"phi-readers\""), "{err}");
+    assert!(refused("not-a-token").contains("is not a JWT"));
+    // Tokens never reach the database as passwords: the server only ever saw app_scram
+    // authenticate with the agent's secret.
+    assert!(!e.pg.log().contains("password authentication failed"), "{}", e.pg.log());
+}
+
+#[test]
+fn token_keys_can_come_from_a_jwks_url() {
+    if skip("token_keys_can_come_from_a_jwks_url") {
+        return;
+    }
+    let issuer = TokenIssuer::new("https://idp.test/", "key-url");
+    let jwks = issuer.jwks();
+    let server = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/jwks.json", server.local_addr().unwrap());
+    let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let h = hits.clone();
+    std::thread::spawn(move || {
+        for conn in server.incoming().take(20) {
+            let Ok(mut c) = conn else { continue };
+            let mut req = [0u8; 2048];
+            let _ = c.read(&mut req);
+            h.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let _ = write!(c, "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{}", jwks.len(), jwks);
+        }
+    });
+    let e = token_env(&issuer, Some(&url));
+    let good = issuer.sign(&issuer.claims("svc-url", "phigate", &["phi-readers"]));
+    assert_eq!(ok(&psql_in(&e, "token", &["-c", "select 'via url'"], &[("PGPASSWORD", &good)])), "via url");
+    assert!(hits.load(std::sync::atomic::Ordering::SeqCst) >= 1, "the JWKS was fetched from the URL");
+}
+
+#[test]
+fn scram_authentication_with_a_per_identity_verifier() {
+    if skip("scram_authentication_with_a_per_identity_verifier") {
+        return;
+    }
+    let verifier =
+        String::from_utf8(Command::new(phigate_tests::agent::phigate_bin()).args(["hash-password", "--password", "workload-pw"]).output().unwrap().stdout)
+            .unwrap();
+    let verifier = verifier.trim().to_string();
+    assert!(verifier.starts_with("SCRAM-SHA-256$4096:"), "{verifier}");
+    let e = env_with(None, |c, ctx| {
+        c.protect(&format!("{}/scram", ctx.cg.rel()), "scram-agent").identity(IdentitySpec {
+            name: "scram-agent".into(),
+            auth: format!("auth = \"scram\"\nscram_verifier = {verifier:?}"),
+            access: vec![("clinical".into(), "app_md5".into(), vec!["*".into()])],
+        })
+    });
+    assert_eq!(ok(&psql_in(&e, "scram", &["-c", "select current_user"], &[("PGPASSWORD", "workload-pw")])), "app_md5");
+    let o = psql_in(&e, "scram", &["-c", "select 1"], &[("PGPASSWORD", "wrong-pw")]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("phigate refused the connection: password authentication failed for identity \"scram-agent\""), "{}", stderr(&o));
+}
+
+#[test]
+fn unknown_identity_and_forbidden_requests_are_refused_with_clear_errors() {
+    if skip("unknown_identity_and_forbidden_requests_are_refused_with_clear_errors") {
+        return;
+    }
+    let e = env_with(None, |c, ctx| c.protect(&format!("{}/ghost", ctx.cg.rel()), "ghost"));
+    let o = psql_in(&e, "ghost", &["-c", "select 1"], &[]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("phigate refused the connection: workload identity \"ghost\" is not configured"), "{}", stderr(&o));
+    // A database name the identity may not open (billing-agent may open any name, so
+    // use a dedicated identity).
+    let o = psql_in(&e, "prot", &["-c", "select 1"], &[("PGOPTIONS", "-c role=postgres")]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("startup parameter options (role) may not be set"), "{}", stderr(&o));
+    let errors = e.agent.events_named("session refused");
+    assert!(errors.iter().any(|x| x["code"] == "28000"), "{errors:?}");
+    assert!(errors.iter().any(|x| x["code"] == "42501"), "{errors:?}");
+}
+
+#[test]
+fn database_names_outside_the_identity_access_are_refused() {
+    if skip("database_names_outside_the_identity_access_are_refused") {
+        return;
+    }
+    let e = env_with(None, |c, _| {
+        c.identity(IdentitySpec {
+            name: "billing-agent".into(),
+            auth: "auth = \"workload\"".into(),
+            access: vec![("clinical".into(), "app_scram".into(), vec!["clinical".into()])],
+        })
+    });
+    assert_eq!(ok(&psql_in(&e, "prot", &["-c", "select current_database()"], &[])), "clinical");
+    let o = psql_in(&e, "prot", &["-d", "postgres", "-c", "select 1"], &[]);
+    assert!(stderr(&o).contains("identity \"billing-agent\" may not open database \"postgres\""), "{}", stderr(&o));
+}
+
+// ---- upstream failures and TLS ---------------------------------------------------
+
+#[test]
+fn upstream_down_gives_08006_and_the_agent_logs_the_cause() {
+    if skip("upstream_down_gives_08006_and_the_agent_logs_the_cause") {
+        return;
+    }
+    // The database's upstream points at a port where nothing listens.
+    let dead = SocketAddr::new("127.0.0.2".parse().unwrap(), phigate_tests::pg::free_port("127.0.0.2".parse().unwrap()));
+    let e = env_with(None, |mut c, _| {
+        c.databases[0].upstream = dead;
+        c
+    });
+    let o = psql_in(&e, "prot", &["-c", "select 1"], &[]);
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert!(err.contains("phigate could not reach the database \"clinical\""), "{err}");
+    let logged = wait_for(Duration::from_secs(5), || e.agent.events_named("upstream login failed").into_iter().next()).expect("the cause is logged");
+    assert!(logged["error"].as_str().unwrap_or("").contains("cannot connect"), "{logged}");
+    let refused = e.agent.events_named("session failed");
+    assert!(!refused.is_empty());
+}
+
+#[test]
+fn upstream_tls_verify_full_succeeds_with_the_right_ca_and_fails_with_a_wrong_one() {
+    if skip("upstream_tls_verify_full_succeeds_with_the_right_ca_and_fails_with_a_wrong_one") {
+        return;
+    }
+    let dir = TempDir::new();
+    let ca = TestCa::new(&dir.0, "db", &["db.test", "127.0.0.2"]);
+    let wrong = TestCa::new(&dir.0, "other", &["db.test"]);
+    for (ca_file, expect_ok) in [(&ca.ca_file, true), (&wrong.ca_file, false)] {
+        let e = env_with(Some(&ca), |mut c, ctx| {
+            c.databases[0].extra =
+                format!("[database.upstream_tls]\nmode = \"verify-full\"\nca_file = {:?}\nserver_name = \"db.test\"\n", ca_file.display().to_string());
+            c.protect(&format!("{}/tls", ctx.cg.rel()), "tls-agent").identity(IdentitySpec::workload("tls-agent", "clinical", "app_tls"))
+        });
+        let o = psql_in(&e, "tls", &["-c", "select current_user, (select ssl from pg_stat_ssl where pid = pg_backend_pid())"], &[]);
+        if expect_ok {
+            // app_tls may only log in over TLS (hostssl), so success proves encryption.
+            assert_eq!(ok(&o), "app_tls|t");
+        } else {
+            assert!(!o.status.success());
+            assert!(stderr(&o).contains("phigate could not reach the database"), "{}", stderr(&o));
+            let logged = wait_for(Duration::from_secs(5), || e.agent.events_named("upstream login failed").into_iter().next()).expect("logged");
+            assert!(logged["error"].as_str().unwrap().contains("TLS"), "{logged}");
+        }
+    }
+}
+
+#[test]
+fn client_tls_ssl_negotiation_gssenc_and_direct_ssl() {
+    if skip("client_tls_ssl_negotiation_gssenc_and_direct_ssl") {
+        return;
+    }
+    // Without client_tls the agent declines SSLRequest; sslmode=require then fails.
+    let e = env();
+    let target = e.pg.addr().to_string();
+    let v = probe(Some(&e.cg.child_dir("prot")), &["negotiate", &target, "ssl"]);
+    assert_eq!(v["answer"], "N", "{v}");
+    let v = probe(Some(&e.cg.child_dir("prot")), &["negotiate", &target, "gss"]);
+    assert_eq!(v["answer"], "N", "GSSENCRequest is declined: {v}");
+    let o = psql_in(&e, "prot", &["-c", "select 1"], &[("PGSSLMODE", "require")]);
+    assert!(!o.status.success(), "sslmode=require without TLS configured must fail");
+    assert_eq!(ok(&psql_in(&e, "prot", &["-c", "select 1"], &[("PGSSLMODE", "prefer")])), "1");
+    let v = probe(Some(&e.cg.child_dir("prot")), &["direct-tls", &target]);
+    assert_eq!(v["answer"], "closed", "direct SSL is refused by closing: {v}");
+    drop(e);
+
+    // With client_tls the agent accepts SSLRequest.
+    let dir = TempDir::new();
+    let ca = TestCa::new(&dir.0, "client", &["127.0.0.2"]);
+    let e = env_with(None, |mut c, _| {
+        c.databases[0].extra =
+            format!("[database.client_tls]\ncert_file = {:?}\nkey_file = {:?}\n", ca.cert_file.display().to_string(), ca.key_file.display().to_string());
+        c
+    });
+    let ca_path = ca.ca_file.display().to_string();
+    let out = ok(&psql_in(&e, "prot", &["-c", "select 'encrypted'"], &[("PGSSLMODE", "verify-full"), ("PGSSLROOTCERT", &ca_path)]));
+    assert_eq!(out, "encrypted");
+    let s = session_started(&e);
+    assert!(s.iter().any(|x| x["client_tls"] == true), "{s:?}");
+}
+
+// ---- robustness -------------------------------------------------------------------
+
+/// A fake "database" that answers the agent's login with seeded garbage.
+fn evil_server(seed: u64) -> (SocketAddr, std::thread::JoinHandle<()>) {
+    let l = TcpListener::bind("127.0.0.5:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let h = std::thread::spawn(move || {
+        let mut x = seed | 1;
+        let mut rnd = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        l.set_nonblocking(false).unwrap();
+        for (i, conn) in l.incoming().take(30).enumerate() {
+            let Ok(mut c) = conn else { continue };
+            c.set_read_timeout(Some(Duration::from_secs(2))).ok();
+            let mut buf = [0u8; 8192];
+            let _ = c.read(&mut buf); // SSLRequest
+            let _ = c.write_all(b"N");
+            let _ = c.read(&mut buf); // StartupMessage
+            let mut junk = Vec::new();
+            match i % 3 {
+                0 => junk.extend((0..(rnd() % 200)).map(|_| rnd() as u8)),
+                1 => {
+                    // AuthenticationOk, then a frame claiming 2 GB.
+                    junk.extend_from_slice(&[b'R', 0, 0, 0, 8, 0, 0, 0, 0]);
+                    junk.extend_from_slice(&[b'D', 0x7f, 0xff, 0xff, 0xf0, 1, 2, 3]);
+                }
+                _ => {
+                    junk.extend_from_slice(&[b'R', 0, 0, 0, 8, 0, 0, 0, 0, b'Z', 0, 0, 0, 5, b'I']);
+                    // A truncated DataRow, then close.
+                    junk.extend_from_slice(&[b'D', 0, 0, 1, 0, 0, 1]);
+                }
+            }
+            let _ = c.write_all(&junk);
+        }
+    });
+    (addr, h)
+}
+
+#[test]
+fn garbage_from_clients_and_servers_never_crashes_the_agent() {
+    if skip("garbage_from_clients_and_servers_never_crashes_the_agent") {
+        return;
+    }
+    let (evil, _h) = evil_server(0x5eed);
+    let e = env_with(None, |mut c, _| {
+        let mut db = DbSpec::new("evil", &["127.0.0.6/32"], evil.port(), evil);
+        db.credentials = vec![("postgres".into(), None)];
+        c.databases.push(db);
+        c.identity(IdentitySpec {
+            name: "billing-agent".into(),
+            auth: "auth = \"workload\"".into(),
+            access: vec![("clinical".into(), "app_scram".into(), vec!["*".into()]), ("evil".into(), "postgres".into(), vec!["*".into()])],
+        })
+    });
+    let target = e.pg.addr().to_string();
+    let started = Instant::now();
+    let mut errors = 0;
+    for seed in 1..=60u64 {
+        let v = probe(Some(&e.cg.child_dir("prot")), &["garbage", &target, &seed.to_string()]);
+        assert!(v.get("kind").is_some(), "seed {seed}: {v}");
+        let tags = v["answer_tags"].as_str().unwrap_or("");
+        // Anything the agent says back is a well-formed PostgreSQL message stream.
+        assert!(tags.chars().all(|t| "RSKZENv".contains(t)), "seed {seed}: unexpected answer {tags:?}");
+        errors += usize::from(tags.ends_with('E'));
+    }
+    assert!(errors >= 20, "malformed input is answered with an ErrorResponse ({errors} of 60)");
+    assert!(!e.agent.events_named("session ended").iter().any(|x| x["ended"].as_str().unwrap_or("").contains("panic")));
+    // A database that sends garbage during login ends that session with an error; one
+    // that logs in properly and then sends a truncated frame just ends it.
+    let mut login_errors = 0;
+    for _ in 0..9 {
+        let v = probe(Some(&e.cg.child_dir("prot")), &["connect", &format!("127.0.0.6:{}", evil.port())]);
+        assert_eq!(v["connect"], "ok", "{v}");
+        assert!(v["pg"] == "E" || v["pg"] == "R", "{v}");
+        login_errors += usize::from(v["pg"] == "E");
+    }
+    assert_eq!(login_errors, 6, "two of every three fake-server answers are broken logins");
+    assert!(started.elapsed() < Duration::from_secs(120));
+    // The agent is alive and serves a real session.
+    assert_eq!(ok(&psql_in(&e, "prot", &["-c", "select 'alive'"], &[])), "alive");
+    assert!(e.agent.pid().is_some_and(|p| Path::new(&format!("/proc/{p}")).exists()));
+    assert!(!e.agent.raw_log().contains("panicked"), "{}", e.agent.raw_log());
+}

@@ -1,0 +1,146 @@
+//! `phigate-pgclient`: tokio-postgres scenarios the end-to-end tests run inside a
+//! protected cgroup (a real driver using the extended protocol and binary results).
+//! Prints one JSON object with what happened.
+//!
+//! ```text
+//! phigate-pgclient SCENARIO CONNSTRING
+//!   extended      prepared statement with parameters, executed many times, binary results
+//!   transactions  rollback and commit behave
+//!   notify        LISTEN on one connection, NOTIFY from another, payload arrives
+//!   cancel        cancel_token() cancels a running pg_sleep
+//!   whoami        current_user, session_user, database, ssl
+//! ```
+
+use std::time::{Duration, Instant};
+
+use futures_util::{stream, StreamExt};
+use serde_json::{json, Value};
+use tokio_postgres::{error::SqlState, AsyncMessage, Client, NoTls};
+
+async fn connect(conn: &str) -> Result<(Client, tokio::task::JoinHandle<Vec<AsyncMessage>>), tokio_postgres::Error> {
+    let (client, mut connection) = tokio_postgres::connect(conn, NoTls).await?;
+    // Drive the connection and keep asynchronous messages (notifications).
+    let handle = tokio::spawn(async move {
+        let mut seen = Vec::new();
+        let mut messages = stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(Ok(m)) = messages.next().await {
+            seen.push(m);
+        }
+        seen
+    });
+    Ok((client, handle))
+}
+
+fn err_json(e: &tokio_postgres::Error) -> Value {
+    json!({"ok": false, "code": e.code().map(|c| c.code().to_string()), "error": e.to_string(), "db_error": e.as_db_error().map(|d| d.message().to_string())})
+}
+
+async fn extended(conn: &str) -> Result<Value, tokio_postgres::Error> {
+    let (client, _h) = connect(conn).await?;
+    let stmt = client.prepare("select $1::int4 + 1 as n, $2::text || '!' as t, $3::bytea as b, 1.5::numeric::float8 as f").await?;
+    let mut sum: i64 = 0;
+    let executions = 1000;
+    for i in 0..executions {
+        let row = client.query_one(&stmt, &[&i, &format!("row{i}"), &vec![0u8, 1, 2, 255]]).await?;
+        let n: i32 = row.get("n");
+        let t: String = row.get("t");
+        let b: Vec<u8> = row.get("b");
+        let f: f64 = row.get("f");
+        assert_eq!(n, i + 1);
+        assert_eq!(t, format!("row{i}!"));
+        assert_eq!(b, vec![0u8, 1, 2, 255]);
+        assert_eq!(f, 1.5);
+        sum += i64::from(n);
+    }
+    // A multi-row result in binary format.
+    let rows = client.query("select g, md5(g::text) from generate_series(1, 5000) g", &[]).await?;
+    let last: i32 = rows.last().map(|r| r.get(0)).unwrap_or(0);
+    Ok(json!({"ok": true, "executions": executions, "sum": sum, "rows": rows.len(), "last": last}))
+}
+
+async fn transactions(conn: &str) -> Result<Value, tokio_postgres::Error> {
+    let (mut client, _h) = connect(conn).await?;
+    client.batch_execute("create temp table t (v int)").await?;
+    let tx = client.transaction().await?;
+    tx.execute("insert into t values (1)", &[]).await?;
+    tx.rollback().await?;
+    let after_rollback: i64 = client.query_one("select count(*) from t", &[]).await?.get(0);
+    let tx = client.transaction().await?;
+    tx.execute("insert into t values (2)", &[]).await?;
+    tx.commit().await?;
+    let after_commit: i64 = client.query_one("select count(*) from t", &[]).await?.get(0);
+    // An error inside a transaction aborts it; the session stays usable.
+    let tx = client.transaction().await?;
+    let failed = tx.execute("insert into t values (1/0)", &[]).await.is_err();
+    drop(tx);
+    let still_usable: i32 = client.query_one("select 7", &[]).await?.get(0);
+    Ok(json!({"ok": true, "after_rollback": after_rollback, "after_commit": after_commit, "error_in_tx": failed, "still_usable": still_usable}))
+}
+
+async fn notify(conn: &str) -> Result<Value, tokio_postgres::Error> {
+    let (listener, handle) = connect(conn).await?;
+    listener.batch_execute("listen phigate_test").await?;
+    let (sender, _h) = connect(conn).await?;
+    sender.batch_execute("notify phigate_test, 'hello through phigate'").await?;
+    // Give the notification time to arrive, then close the listener to collect it.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    listener.batch_execute("select 1").await?;
+    drop(listener);
+    let messages = tokio::time::timeout(Duration::from_secs(5), handle).await.ok().and_then(Result::ok).unwrap_or_default();
+    let payloads: Vec<String> = messages
+        .into_iter()
+        .filter_map(|m| match m {
+            AsyncMessage::Notification(n) => Some(format!("{}:{}", n.channel(), n.payload())),
+            _ => None,
+        })
+        .collect();
+    Ok(json!({"ok": true, "notifications": payloads}))
+}
+
+async fn cancel(conn: &str) -> Result<Value, tokio_postgres::Error> {
+    let (client, _h) = connect(conn).await?;
+    let token = client.cancel_token();
+    let started = Instant::now();
+    let canceller = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        token.cancel_query(NoTls).await
+    });
+    let result = client.query("select pg_sleep(30)", &[]).await;
+    let elapsed = started.elapsed().as_secs_f64();
+    let cancel_sent = canceller.await.map(|r| r.is_ok()).unwrap_or(false);
+    let code = result.as_ref().err().and_then(|e| e.code()).map(|c| c.code().to_string());
+    let canceled = result.as_ref().err().and_then(|e| e.code()) == Some(&SqlState::QUERY_CANCELED);
+    // The session survives a cancelled query.
+    let after: i32 = client.query_one("select 1", &[]).await?.get(0);
+    Ok(json!({"ok": true, "canceled": canceled, "code": code, "seconds": elapsed, "cancel_sent": cancel_sent, "after": after}))
+}
+
+async fn whoami(conn: &str) -> Result<Value, tokio_postgres::Error> {
+    let (client, _h) = connect(conn).await?;
+    let row = client.query_one("select current_user::text, session_user::text, current_database()::text, coalesce((select ssl from pg_stat_ssl where pid = pg_backend_pid()), false)", &[]).await?;
+    Ok(
+        json!({"ok": true, "current_user": row.get::<_, String>(0), "session_user": row.get::<_, String>(1), "database": row.get::<_, String>(2), "upstream_ssl": row.get::<_, bool>(3)}),
+    )
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let (Some(scenario), Some(conn)) = (args.get(1), args.get(2)) else {
+        eprintln!("usage: phigate-pgclient extended|transactions|notify|cancel|whoami CONNSTRING");
+        std::process::exit(2);
+    };
+    let result = match scenario.as_str() {
+        "extended" => extended(conn).await,
+        "transactions" => transactions(conn).await,
+        "notify" => notify(conn).await,
+        "cancel" => cancel(conn).await,
+        "whoami" => whoami(conn).await,
+        other => {
+            eprintln!("unknown scenario {other}");
+            std::process::exit(2);
+        }
+    };
+    let out = result.unwrap_or_else(|e| err_json(&e));
+    println!("{out}");
+}
