@@ -28,11 +28,12 @@ use crate::{
         IdentityDirectory,
     },
     net::{
+        self,
         tls::{client_acceptor, UpstreamTls},
-        Listener, RecordSource,
+        BoundListener, Listener, RecordSource,
     },
     protection,
-    session::{self, auth::AuthRuntime, cancel::CancelRegistry, DbRuntime, IdentityRuntime, Limits, Services},
+    session::{self, auth::AuthRuntime, cancel::CancelRegistry, DbRuntime, IdentityRuntime, Limits, Phase, Services},
 };
 
 /// Adapter: the kernel maps as the record source and identity directory the
@@ -70,26 +71,27 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     protection::check_agent_not_covered(&own, rules.iter().map(|(cg, _)| (cg.rel.clone(), cg.id)), pid, &cgroups)?;
 
     // Listeners first: the moment connect4/6 redirect, something must be listening.
-    let mut listeners = Vec::new();
+    // One socket per worker thread in a SO_REUSEPORT group per address.
+    let workers = config.agent.workers;
+    let mut per_worker: Vec<Vec<BoundListener>> = (0..workers).map(|_| Vec::new()).collect();
     let mut bound = Vec::new();
     for (i, db) in config.databases.iter().enumerate() {
-        let l4 = Listener::bind(SocketAddr::V4(db.listen), i as u32)
+        let l4 = net::bind_group(SocketAddr::V4(db.listen), i as u32, workers)
             .with_context(|| format!("{}: database[{i}].listen: cannot listen on {}", config.path.display(), db.listen))?;
         let l6 = match db.listen6 {
-            Some(a) => Some(
-                Listener::bind(SocketAddr::V6(a), i as u32)
-                    .with_context(|| format!("{}: database[{i}].listen6: cannot listen on {a}", config.path.display()))?,
-            ),
+            Some(a) => Some(net::bind_group(SocketAddr::V6(a), i as u32, workers).with_context(|| format!("{}: database[{i}].listen6: cannot listen on {a}", config.path.display()))?),
             None => None,
         };
-        bound.push((l4.addr().0, l6.as_ref().map(|l| l.addr().0)));
-        listeners.push((i, l4));
-        if let Some(l6) = l6 {
-            listeners.push((i, l6));
+        bound.push((l4[0].addr().0, l6.as_ref().map(|g| g[0].addr().0)));
+        for (w, l) in l4.into_iter().enumerate() {
+            per_worker[w].push(l);
+        }
+        for (w, l) in l6.into_iter().flatten().enumerate() {
+            per_worker[w].push(l);
         }
     }
 
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(Phase::Running);
     let services = Arc::new(build_services(&config, stop_rx.clone()).await?);
 
     let layout = PinLayout::new(&config.agent.pin_dir);
@@ -109,28 +111,33 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     for e in protection::entries(&state)? {
         info!(cgroup = %format!("/{}", e.cgroup), cgroup_id = e.cgroup_id, identity = %e.identity, source = e.source, "protected cgroup");
     }
-    for (i, l) in &listeners {
-        let db = &config.databases[*i];
-        info!(database = %db.name, listen = %l.addr(), upstream = %db.upstream, addresses = ?db.addresses.iter().map(|a| a.to_string()).collect::<Vec<_>>(), port = db.port, "interceptor listening");
+    for (db, (l4, l6)) in config.databases.iter().zip(&bound) {
+        for l in std::iter::once(l4).chain(l6) {
+            info!(database = %db.name, listen = %l, upstream = %db.upstream, addresses = ?db.addresses.iter().map(|a| a.to_string()).collect::<Vec<_>>(), port = db.port, workers, "interceptor listening");
+        }
     }
     info!(pid, attach_cgroup = %attach.dir.display(), pin_dir = %layout.root().display(), "phigate agent ready");
 
     let kernel = Arc::new(Kernel(state.clone()));
-    let mut tasks = JoinSet::new();
-    for (i, listener) in listeners {
-        let db = config.databases[i].clone();
-        tasks.spawn(accept_loop(listener, db, kernel.clone(), services.clone(), stop_rx.clone()));
+    let mut threads = Vec::with_capacity(workers);
+    for (w, group) in per_worker.into_iter().enumerate() {
+        let (kernel, services, stop, dbs) = (kernel.clone(), services.clone(), stop_rx.clone(), config.databases.clone());
+        let handle = std::thread::Builder::new().name(format!("phigate-w{w}")).spawn(move || worker(w, group, dbs, kernel, services, stop)).context("cannot start a worker thread")?;
+        threads.push(handle);
     }
     let events = EventReader::open(&layout)?;
     let event_task = tokio::spawn(report_events(events, kernel.clone(), stop_rx.clone()));
 
     wait_for_shutdown().await;
     info!("stopping: no new connections; letting open sessions finish");
-    let _ = stop_tx.send(true);
+    let _ = stop_tx.send(Phase::Draining);
     let drain = config.agent.drain_timeout;
-    if tokio::time::timeout(drain + Duration::from_millis(500), async { while tasks.join_next().await.is_some() {} }).await.is_err() {
+    if !threads_done(&threads, drain).await {
         warn!(timeout_secs = drain.as_secs(), "sessions still open at the drain deadline; closing them");
-        tasks.abort_all();
+        let _ = stop_tx.send(Phase::Terminate);
+        if !threads_done(&threads, Duration::from_secs(3)).await {
+            warn!("some sessions did not close in time; exiting anyway");
+        }
     }
     event_task.abort();
     let mut s = state.settings()?;
@@ -145,7 +152,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 /// Turn the validated configuration into what sessions use: TLS material, credential
 /// files, identity authenticators and token issuers (keys loaded now, so a broken
 /// JWKS file is reported at start, not at the first connection).
-async fn build_services(config: &Config, shutdown: tokio::sync::watch::Receiver<bool>) -> anyhow::Result<Services> {
+async fn build_services(config: &Config, shutdown: tokio::sync::watch::Receiver<Phase>) -> anyhow::Result<Services> {
     let mut databases = Vec::new();
     for (i, db) in config.databases.iter().enumerate() {
         let upstream_tls = UpstreamTls::new(&db.upstream_tls, db.upstream.ip())
@@ -226,14 +233,59 @@ async fn wait_for_shutdown() {
     }
 }
 
+/// Wait (bounded) until every worker thread has finished.
+async fn threads_done(threads: &[std::thread::JoinHandle<()>], within: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if threads.iter().all(|t| t.is_finished()) {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A worker thread: its own single-threaded runtime serving its share of the
+/// listeners. A session stays on the thread that accepted it, so its wakeups never
+/// cross threads (measurably cheaper than a work-stealing runtime for this relay).
+fn worker(id: usize, group: Vec<BoundListener>, dbs: Vec<Database>, kernel: Arc<Kernel>, services: Arc<Services>, stop: tokio::sync::watch::Receiver<Phase>) {
+    if let Err(e) = net::pin_to_cpu(id) {
+        warn!(worker = id, error = %e, "cannot pin the worker to a CPU; connections are spread by hash");
+    }
+    // I/O and timers only: signals are handled by the control runtime, and the process
+    // driver would reap orphans on every park for nothing.
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_io().enable_time().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            error!(worker = id, error = %e, "cannot build the worker runtime; its listeners are not served");
+            return;
+        }
+    };
+    rt.block_on(async move {
+        let mut loops = JoinSet::new();
+        for bound in group {
+            let db = dbs[bound.addr_db_index()].clone();
+            match Listener::from_bound(bound) {
+                Ok(l) => {
+                    loops.spawn(accept_loop(l, db, kernel.clone(), services.clone(), stop.clone()));
+                }
+                Err(e) => error!(worker = id, error = %e, "cannot register a listener"),
+            }
+        }
+        while loops.join_next().await.is_some() {}
+    });
+}
+
 /// Accept connections for one database until told to stop; each becomes a task.
 /// Sessions get the stop signal too and are awaited by the JoinSet owner.
-async fn accept_loop(listener: Listener, db: Database, kernel: Arc<Kernel>, services: Arc<Services>, mut stop: tokio::sync::watch::Receiver<bool>) {
+async fn accept_loop(listener: Listener, db: Database, kernel: Arc<Kernel>, services: Arc<Services>, mut stop: tokio::sync::watch::Receiver<Phase>) {
     let mut sessions = JoinSet::new();
     loop {
         let accepted = tokio::select! {
             r = listener.accept() => r,
-            _ = stop.changed() => break,
+            _ = stop.wait_for(|p| *p != Phase::Running) => break,
             Some(_) = sessions.join_next(), if !sessions.is_empty() => continue,
         };
         let (stream, client) = match accepted {
@@ -281,7 +333,7 @@ async fn accept_loop(listener: Listener, db: Database, kernel: Arc<Kernel>, serv
 
 /// Log what the kernel reports: bypass attempts dropped by the egress guard, connects
 /// refused, raw sockets denied.
-async fn report_events(events: EventReader, kernel: Arc<Kernel>, mut stop: tokio::sync::watch::Receiver<bool>) {
+async fn report_events(events: EventReader, kernel: Arc<Kernel>, mut stop: tokio::sync::watch::Receiver<Phase>) {
     let fd = events.as_raw_fd();
     // SAFETY: the ring buffer's fd is owned by `events`, which the AsyncFd owns until
     // it is dropped; the fd is never replaced.

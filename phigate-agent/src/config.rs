@@ -59,6 +59,8 @@ pub struct AgentSettings {
     pub max_message_bytes: usize,
     /// A client must finish TLS, startup and authentication within this time.
     pub startup_timeout: Duration,
+    /// Worker threads serving sessions (default: one per CPU).
+    pub workers: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -204,6 +206,7 @@ struct RawAgent {
     drain_timeout_secs: Option<u64>,
     max_message_bytes: Option<usize>,
     startup_timeout_secs: Option<u64>,
+    workers: Option<usize>,
 }
 
 #[derive(Deserialize)]
@@ -388,7 +391,12 @@ impl Validator<'_> {
         if !(1..=600).contains(&startup) {
             return Err(self.err("agent.startup_timeout_secs", format!("{startup} is outside 1..=600"), "Use e.g. 30."));
         }
+        let workers = raw.workers.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2));
+        if !(1..=256).contains(&workers) {
+            return Err(self.err("agent.workers", format!("{workers} is outside 1..=256"), "Use the number of CPUs the agent may use."));
+        }
         Ok(AgentSettings {
+            workers,
             max_message_bytes,
             startup_timeout: Duration::from_secs(startup),
             pin_dir,

@@ -71,7 +71,9 @@ fn dispatch(command: Command, config: Config) -> anyhow::Result<()> {
     let layout = PinLayout::new(&config.agent.pin_dir);
     match command {
         Command::Run => {
-            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            // The control runtime (signals, kernel events); sessions run on the agent's
+            // own worker threads.
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             rt.block_on(app::run(config))
         }
         Command::Status { json } => {

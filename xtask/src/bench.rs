@@ -24,7 +24,8 @@ pub fn run(name: &str) -> Result<()> {
     std::env::set_var("PHIGATE_BIN", root().join("target/release/phigate"));
     match name {
         "redirect" => redirect(),
-        other => bail!("unknown benchmark {other:?}; available: redirect"),
+        "pg" => pg(),
+        other => bail!("unknown benchmark {other:?}; available: redirect, pg"),
     }
 }
 
@@ -117,5 +118,160 @@ fn redirect() -> Result<()> {
     row("throughput", 1, "gbytes_per_sec", "GB/s", "≥ 0.8×");
     let failures: u64 = d_runs.iter().chain(&p_runs).map(|r| r.0["failures"].as_u64().unwrap_or(0)).sum();
     println!("(connections through the agent: {redirected}; failed connections: {failures})");
+    Ok(())
+}
+
+/// One pgbench result, with the CPU time the proxy in the path used.
+#[derive(Clone, Copy, Default)]
+struct PgbenchResult {
+    tps: f64,
+    latency_ms: f64,
+    /// Proxy CPU (user + system) per transaction, µs; 0 for direct.
+    proxy_cpu_us: f64,
+}
+
+/// The run with the median TPS.
+fn median(mut runs: Vec<PgbenchResult>) -> PgbenchResult {
+    runs.sort_by(|a, b| a.tps.total_cmp(&b.tps));
+    runs[runs.len() / 2]
+}
+
+/// utime + stime of a process, in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are 14 and 15.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    (ticks(11) + ticks(12)) / hz
+}
+
+fn measured(proxy: Option<u32>, run: impl FnOnce() -> Result<PgbenchResult>, seconds: u32) -> Result<PgbenchResult> {
+    let before = proxy.map(cpu_seconds).unwrap_or(0.0);
+    let mut r = run()?;
+    if let Some(pid) = proxy {
+        let used = cpu_seconds(pid) - before;
+        r.proxy_cpu_us = used * 1e6 / (r.tps * f64::from(seconds)).max(1.0);
+    }
+    Ok(r)
+}
+
+fn pgbench(cgroup: &Path, host: &str, port: u16, user: &str, db: &str, mode: &str, clients: u32, seconds: u32) -> Result<PgbenchResult> {
+    let mut cmd = Command::new(phigate_tests::pg::pg_bin("pgbench"));
+    cmd.args(["-n", "-S", "-M", mode, "-c", &clients.to_string(), "-j", &clients.min(2).to_string(), "-T", &seconds.to_string(), "-h", host, "-p", &port.to_string(), "-U", user, db])
+        .env("PGSSLMODE", "disable")
+        .stdin(Stdio::null());
+    run_in(&mut cmd, cgroup);
+    let out = cmd.output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!("pgbench -M {mode} -c {clients} against {host}:{port} failed: {}{}", text, String::from_utf8_lossy(&out.stderr));
+    }
+    let grab = |prefix: &str| text.lines().find_map(|l| l.trim().strip_prefix(prefix)).and_then(|rest| rest.split_whitespace().next()).and_then(|v| v.parse::<f64>().ok());
+    Ok(PgbenchResult { tps: grab("tps = ").context("no tps in pgbench output")?, latency_ms: grab("latency average = ").context("no latency in pgbench output")?, proxy_cpu_us: 0.0 })
+}
+
+struct Bouncer(Child);
+impl Drop for Bouncer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// PgBouncer in session mode in front of the same server, run as the postgres user.
+fn start_pgbouncer(dir: &Path, upstream_port: u16) -> Result<(Bouncer, u16)> {
+    let addr = Ipv4Addr::new(127, 0, 0, 4);
+    let port = free_port(addr);
+    let ini = dir.join("pgbouncer.ini");
+    std::fs::write(
+        &ini,
+        format!(
+            "[databases]\nbench = host=127.0.0.2 port={upstream_port} dbname=postgres user=postgres\n[pgbouncer]\nlisten_addr = {addr}\nlisten_port = {port}\nunix_socket_dir =\nauth_type = any\npool_mode = session\nmax_client_conn = 200\ndefault_pool_size = 64\nlogfile = {}\npidfile = {}\n",
+            dir.join("pgbouncer.log").display(),
+            dir.join("pgbouncer.pid").display()
+        ),
+    )?;
+    let st = Command::new("chown").arg("-R").arg("postgres:postgres").arg(dir).status()?;
+    if !st.success() {
+        bail!("chown of the PgBouncer directory failed");
+    }
+    let user = nix::unistd::User::from_name("postgres")?.context("no postgres user")?;
+    let bin = ["/usr/sbin/pgbouncer", "/usr/bin/pgbouncer"].into_iter().find(|p| Path::new(p).exists()).context("pgbouncer is not installed (cargo xtask setup installs it)")?;
+    use std::os::unix::process::CommandExt;
+    let child = Command::new(bin).arg(&ini).uid(user.uid.as_raw()).gid(user.gid.as_raw()).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn()?;
+    let bouncer = Bouncer(child);
+    let up = phigate_tests::wait_for(std::time::Duration::from_secs(10), || std::net::TcpStream::connect((addr, port)).ok());
+    if up.is_none() {
+        bail!("PgBouncer did not start: {}", std::fs::read_to_string(dir.join("pgbouncer.log")).unwrap_or_default());
+    }
+    Ok((bouncer, port))
+}
+
+/// pgbench select-only through direct PostgreSQL, PgBouncer (session mode) and phigate.
+fn pg() -> Result<()> {
+    if let Some(reason) = phigate_tests::env::missing_capability() {
+        bail!("the pg benchmark needs the real kernel: {reason}");
+    }
+    let seconds: u32 = std::env::var("PHIGATE_BENCH_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(5);
+    let reps: usize = std::env::var("PHIGATE_BENCH_REPS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
+    let server = phigate_tests::PgServer::start(phigate_tests::pg::PgOptions { conf: vec!["max_connections = 300".into()], ..Default::default() })?;
+    eprintln!("bench: pgbench -i -s 10");
+    let init = Command::new(phigate_tests::pg::pg_bin("pgbench")).args(["-i", "-q", "-s", "10", "-h", "127.0.0.2", "-p", &server.port().to_string(), "-U", "postgres", "postgres"]).output()?;
+    if !init.status.success() {
+        bail!("pgbench -i failed: {}", String::from_utf8_lossy(&init.stderr));
+    }
+    let cg = TestCgroup::new();
+    cg.child("direct");
+    let prot = cg.child("protected");
+    let cfg = AgentConfig::new(&cg).database(DbSpec::new("bench", &["127.0.0.2/32"], server.port(), server.socket_addr())).protect(&prot, "bench-client");
+    let agent = Agent::start(&cfg)?;
+    let tmp = std::env::temp_dir().join(phigate_tests::unique("phigate-bench-pgbouncer"));
+    std::fs::create_dir_all(&tmp)?;
+    let (bouncer, bouncer_port) = start_pgbouncer(&tmp, server.port())?;
+    let (direct_dir, prot_dir) = (cg.child_dir("direct"), cg.child_dir("protected"));
+
+    let mut rows = Vec::new();
+    for mode in ["simple", "prepared"] {
+        for clients in [1u32, 8, 32] {
+            eprintln!("bench: -M {mode} -c {clients} ({reps} × {seconds} s each: direct, PgBouncer, phigate, alternating)");
+            let (mut ds, mut bs, mut ps) = (Vec::new(), Vec::new(), Vec::new());
+            for _ in 0..reps {
+                ds.push(pgbench(&direct_dir, "127.0.0.2", server.port(), "postgres", "postgres", mode, clients, seconds)?);
+                bs.push(measured(Some(bouncer.0.id()), || pgbench(&direct_dir, "127.0.0.4", bouncer_port, "postgres", "bench", mode, clients, seconds), seconds)?);
+                ps.push(measured(agent.pid(), || pgbench(&prot_dir, "127.0.0.2", server.port(), "postgres", "postgres", mode, clients, seconds), seconds)?);
+            }
+            rows.push((mode, clients, median(ds), median(bs), median(ps)));
+        }
+    }
+    let sessions = agent.events_named("session started").len();
+    drop(bouncer);
+    drop(agent);
+    let _ = std::fs::remove_dir_all(&tmp);
+
+    println!("\nphigate pg benchmark — pgbench -S (select-only), median of {reps} alternating {seconds} s runs, loopback, {} CPUs shared by everything", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0));
+    println!(
+        "{:<9} {:>3} | {:>9} {:>8} | {:>9} {:>8} {:>7} | {:>9} {:>8} {:>7} | {:>8} {:>8}",
+        "mode", "-c", "direct", "lat ms", "pgbouncer", "lat ms", "cpu µs", "phigate", "lat ms", "cpu µs", "÷direct", "÷bouncer"
+    );
+    for (mode, c, d, b, p) in &rows {
+        println!(
+            "{mode:<9} {c:>3} | {:>9.0} {:>8.3} | {:>9.0} {:>8.3} {:>7.1} | {:>9.0} {:>8.3} {:>7.1} | {:>7.2}× {:>7.2}×",
+            d.tps,
+            d.latency_ms,
+            b.tps,
+            b.latency_ms,
+            b.proxy_cpu_us,
+            p.tps,
+            p.latency_ms,
+            p.proxy_cpu_us,
+            p.tps / d.tps,
+            p.tps / b.tps
+        );
+    }
+    println!("(cpu µs: the proxy's own CPU time per transaction)");
+    println!("targets: phigate ≥ 0.95× PgBouncer at -c 1, ≥ 1.3× PgBouncer at -c 8 (TPS). Sessions through phigate: {sessions}");
     Ok(())
 }

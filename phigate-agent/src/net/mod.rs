@@ -18,7 +18,7 @@ pub mod conn;
 pub mod tls;
 
 use phigate_common::{ConnectRecord, OrigDstKey};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpListener, TcpStream};
 
 /// The workload's end of a redirected connection, as the interceptor sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,7 +93,92 @@ pub enum AcceptError {
     Netns(io::Error),
 }
 
-/// One interceptor listener for one database.
+/// A bound, listening socket not yet tied to a runtime. Each worker thread turns its
+/// own into a [`Listener`] on its own runtime.
+pub struct BoundListener {
+    std: std::net::TcpListener,
+    addr: ListenAddr,
+    db_index: u32,
+}
+
+impl BoundListener {
+    pub fn addr(&self) -> ListenAddr {
+        self.addr
+    }
+
+    /// Index of the database this listener serves.
+    pub fn addr_db_index(&self) -> usize {
+        self.db_index as usize
+    }
+}
+
+/// Bind `count` listening sockets on `addr` with SO_REUSEPORT, so the kernel spreads
+/// connections over worker threads. With port 0 the first bind picks the port and the
+/// others join it. SO_REUSEADDR lets a restarted agent take its port back at once
+/// (redirects already point at it). Only sockets of the same user can join a
+/// reuseport group.
+pub fn bind_group(addr: SocketAddr, db_index: u32, count: usize) -> io::Result<Vec<BoundListener>> {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, SockaddrStorage, bind, listen, setsockopt, socket, sockopt};
+    let mut out: Vec<BoundListener> = Vec::with_capacity(count);
+    let mut target = addr;
+    for _ in 0..count.max(1) {
+        let family = if target.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
+        let fd = socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK, None).map_err(io::Error::from)?;
+        setsockopt(&fd, sockopt::ReuseAddr, &true).map_err(io::Error::from)?;
+        setsockopt(&fd, sockopt::ReusePort, &true).map_err(io::Error::from)?;
+        if target.is_ipv6() {
+            // IPv4(-mapped) connections go to the IPv4 listener.
+            setsockopt(&fd, sockopt::Ipv6V6Only, &true).map_err(io::Error::from)?;
+        }
+        bind(fd.as_raw_fd(), &SockaddrStorage::from(target)).map_err(io::Error::from)?;
+        listen(&fd, nix::sys::socket::Backlog::new(1024).map_err(io::Error::from)?).map_err(io::Error::from)?;
+        let std = std::net::TcpListener::from(fd);
+        let local = std.local_addr()?;
+        target = local;
+        out.push(BoundListener { std, addr: ListenAddr(local), db_index });
+    }
+    if out.len() > 1 {
+        // Best effort: without it the kernel spreads connections by hash.
+        let _ = steer_by_cpu(&out[0].std);
+    }
+    Ok(out)
+}
+
+/// Pick the group member by the CPU that handles the incoming connection (classic BPF
+/// `ld #cpu; ret a`), so that with worker `i` pinned to CPU `i` a connection is served
+/// on the CPU where its client's packets arrive: no cross-CPU wakeups per message,
+/// which are expensive (inter-processor interrupts), especially in virtual machines.
+fn steer_by_cpu(listener: &std::net::TcpListener) -> io::Result<()> {
+    const SO_ATTACH_REUSEPORT_CBPF: libc::c_int = 51;
+    const SKF_AD_OFF: u32 = (-0x1000i32) as u32;
+    const SKF_AD_CPU: u32 = 36;
+    let code = [
+        libc::sock_filter { code: (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16, jt: 0, jf: 0, k: SKF_AD_OFF.wrapping_add(SKF_AD_CPU) },
+        libc::sock_filter { code: (libc::BPF_RET | libc::BPF_A) as u16, jt: 0, jf: 0, k: 0 },
+    ];
+    let prog = libc::sock_fprog { len: code.len() as u16, filter: code.as_ptr() as *mut libc::sock_filter };
+    // SAFETY: valid fd; the program is copied by the kernel during the call.
+    let rc = unsafe {
+        libc::setsockopt(listener.as_raw_fd(), libc::SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, &prog as *const libc::sock_fprog as *const libc::c_void, std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t)
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Pin the calling thread to one CPU (worker `i` → the `i`-th CPU this process may use).
+pub fn pin_to_cpu(index: usize) -> io::Result<()> {
+    use nix::sched::{CpuSet, sched_getaffinity, sched_setaffinity};
+    use nix::unistd::Pid;
+    let allowed = sched_getaffinity(Pid::from_raw(0)).map_err(io::Error::from)?;
+    let cpu = (0..CpuSet::count()).filter(|c| allowed.is_set(*c).unwrap_or(false)).nth(index).ok_or_else(|| io::Error::other("fewer CPUs than workers"))?;
+    let mut set = CpuSet::new();
+    set.set(cpu).map_err(io::Error::from)?;
+    sched_setaffinity(Pid::from_raw(0), &set).map_err(io::Error::from)
+}
+
+/// One interceptor listener for one database, on one worker's runtime.
 pub struct Listener {
     inner: TcpListener,
     addr: ListenAddr,
@@ -101,19 +186,9 @@ pub struct Listener {
 }
 
 impl Listener {
-    /// Bind with SO_REUSEADDR so a restarted agent can take its port back at once
-    /// (redirects already point at it).
-    pub fn bind(addr: SocketAddr, db_index: u32) -> io::Result<Self> {
-        let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
-        socket.set_reuseaddr(true)?;
-        if addr.is_ipv6() {
-            // IPv4(-mapped) connections go to the IPv4 listener.
-            nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::Ipv6V6Only, &true).map_err(io::Error::from)?;
-        }
-        socket.bind(addr)?;
-        let inner = socket.listen(1024)?;
-        let addr = ListenAddr(inner.local_addr()?);
-        Ok(Self { inner, addr, db_index })
+    /// Register a bound socket with the current (worker) runtime.
+    pub fn from_bound(bound: BoundListener) -> io::Result<Self> {
+        Ok(Self { inner: TcpListener::from_std(bound.std)?, addr: bound.addr, db_index: bound.db_index })
     }
 
     pub fn addr(&self) -> ListenAddr {

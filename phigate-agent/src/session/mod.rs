@@ -21,7 +21,7 @@ use std::{
     collections::HashMap,
     net::SocketAddr,
     path::PathBuf,
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::{Duration, Instant, SystemTime},
 };
 
@@ -39,7 +39,7 @@ use crate::{
 use auth::{AuthFailure, AuthMethod, AuthRuntime};
 use cancel::{CancelRegistry, CancelTarget};
 use relay::{End, Relay};
-use stage::{Accounting, Pipeline, Stage, Stats};
+use stage::{Accounting, Pipeline, Stage, StatsCell};
 use startup::{Hello, StartupError};
 use upstream::UpstreamError;
 
@@ -68,6 +68,16 @@ pub struct Limits {
     pub startup_timeout: Duration,
 }
 
+/// The agent's lifecycle as sessions see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Running,
+    /// No new connections; established sessions continue.
+    Draining,
+    /// The drain deadline passed: sessions end now (57P01).
+    Terminate,
+}
+
 /// Builds the stages of a new session (policy, masking, audit plug in here).
 pub type StageFactory = Box<dyn Fn(&Session) -> Vec<Box<dyn Stage>> + Send + Sync>;
 
@@ -79,7 +89,7 @@ pub struct Services {
     pub cancel: Arc<CancelRegistry>,
     pub limits: Limits,
     pub stages: StageFactory,
-    pub shutdown: tokio::sync::watch::Receiver<bool>,
+    pub shutdown: tokio::sync::watch::Receiver<Phase>,
 }
 
 /// Everything known about an established session: who, from where, to what, as whom.
@@ -334,7 +344,7 @@ async fn run(conn: Identified, db: Arc<DbRuntime>, services: &Services) -> Resul
         "session started"
     );
 
-    let stats = Arc::new(Mutex::new(Stats::default()));
+    let stats = Arc::new(StatsCell::default());
     let mut stages: Vec<Box<dyn Stage>> = (services.stages)(&session);
     stages.insert(0, Box::new(Accounting::new(stats.clone())));
     let mut pipeline = Pipeline::new(stages);
@@ -343,7 +353,7 @@ async fn run(conn: Identified, db: Arc<DbRuntime>, services: &Services) -> Resul
     let end = relay.run(&mut client_conn, &mut upstream.conn, client_buf, leftover, services.shutdown.clone()).await;
     drop(cancel_key);
 
-    let s = *stats.lock().expect("invariant: lock not poisoned");
+    let s = stats.snapshot();
     let duration_ms = session.started_at.elapsed().map(|d| d.as_millis() as u64).unwrap_or(0);
     let how = match &end {
         End::ClientClosed => "client closed".to_string(),

@@ -49,14 +49,20 @@ pub struct Relay<'a> {
 impl Relay<'_> {
     /// Run until either side ends the session. `client_buf` / `server_buf` may hold
     /// bytes read during startup.
-    pub async fn run(
-        &mut self,
-        client: &mut Conn,
-        server: &mut Conn,
-        mut client_buf: BytesMut,
-        mut server_buf: BytesMut,
-        mut shutdown: tokio::sync::watch::Receiver<bool>,
-    ) -> End {
+    pub async fn run(&mut self, client: &mut Conn, server: &mut Conn, mut client_buf: BytesMut, mut server_buf: BytesMut, mut shutdown: tokio::sync::watch::Receiver<super::Phase>) -> End {
+        // Registered once, not per loop iteration: it only fires at the drain deadline.
+        let terminate = async move {
+            loop {
+                if shutdown.changed().await.is_err() {
+                    // The agent dropped the sender: no deadline will ever come.
+                    std::future::pending::<()>().await;
+                }
+                if *shutdown.borrow_and_update() == super::Phase::Terminate {
+                    return;
+                }
+            }
+        };
+        tokio::pin!(terminate);
         let mut cdec = Decoder::new(STREAM_THRESHOLD, self.max_message_bytes);
         let mut sdec = Decoder::new(STREAM_THRESHOLD, self.max_message_bytes);
         let mut to_server = BytesMut::with_capacity(READ_CHUNK);
@@ -109,7 +115,7 @@ impl Relay<'_> {
                     Ok(_) => {}
                     Err(e) => return End::Io(e),
                 },
-                _ = shutdown.changed() => {
+                _ = &mut terminate => {
                     let err = PgError::fatal(SqlState::ADMIN_SHUTDOWN, "phigate is shutting down; reconnect to continue");
                     let _ = client.write_all(err.to_frame().as_bytes()).await;
                     let _ = server.write_all(crate::pg::msg::terminate().as_bytes()).await;

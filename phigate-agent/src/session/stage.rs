@@ -7,6 +7,11 @@
 //! last, backend messages last to first, so that a stage placed late (e.g. audit)
 //! sees a backend message before one placed early (e.g. masking) rewrites it.
 
+use std::sync::{
+    Arc,
+    atomic::{AtomicU8, AtomicU64, Ordering::Relaxed},
+};
+
 use super::Session;
 use crate::pg::{msg::tag, Frame, PgError};
 
@@ -101,14 +106,40 @@ pub struct Stats {
     pub tx_status: u8,
 }
 
-/// The built-in accounting stage; its counters are shared with the session so they
-/// can be reported when it ends.
+/// The counters behind [`Stats`]; relaxed atomics because only the session's own task
+/// writes them and it reads them after the relay ends.
+#[derive(Debug, Default)]
+pub struct StatsCell {
+    queries: AtomicU64,
+    executes: AtomicU64,
+    rows: AtomicU64,
+    errors: AtomicU64,
+    bytes_to_server: AtomicU64,
+    bytes_to_client: AtomicU64,
+    tx_status: AtomicU8,
+}
+
+impl StatsCell {
+    pub fn snapshot(&self) -> Stats {
+        Stats {
+            queries: self.queries.load(Relaxed),
+            executes: self.executes.load(Relaxed),
+            rows: self.rows.load(Relaxed),
+            errors: self.errors.load(Relaxed),
+            bytes_to_server: self.bytes_to_server.load(Relaxed),
+            bytes_to_client: self.bytes_to_client.load(Relaxed),
+            tx_status: self.tx_status.load(Relaxed),
+        }
+    }
+}
+
+/// The built-in accounting stage.
 pub struct Accounting {
-    stats: std::sync::Arc<std::sync::Mutex<Stats>>,
+    stats: Arc<StatsCell>,
 }
 
 impl Accounting {
-    pub fn new(stats: std::sync::Arc<std::sync::Mutex<Stats>>) -> Self {
+    pub fn new(stats: Arc<StatsCell>) -> Self {
         Self { stats }
     }
 }
@@ -119,36 +150,42 @@ impl Stage for Accounting {
     }
 
     fn frontend(&mut self, _: &Session, frame: &Frame) -> Action {
-        let mut s = self.stats.lock().expect("invariant: lock not poisoned");
-        s.bytes_to_server += frame.len() as u64;
+        let s = &self.stats;
+        s.bytes_to_server.fetch_add(frame.len() as u64, Relaxed);
         match frame.tag() {
-            tag::QUERY => s.queries += 1,
-            tag::EXECUTE => s.executes += 1,
-            _ => {}
-        }
+            tag::QUERY => s.queries.fetch_add(1, Relaxed),
+            tag::EXECUTE => s.executes.fetch_add(1, Relaxed),
+            _ => 0,
+        };
         Action::Forward
     }
 
     fn backend(&mut self, _: &Session, frame: &Frame) -> Action {
-        let mut s = self.stats.lock().expect("invariant: lock not poisoned");
-        s.bytes_to_client += frame.len() as u64;
+        let s = &self.stats;
+        s.bytes_to_client.fetch_add(frame.len() as u64, Relaxed);
         match frame.tag() {
-            tag::DATA_ROW => s.rows += 1,
-            tag::ERROR_RESPONSE => s.errors += 1,
-            tag::READY_FOR_QUERY => s.tx_status = frame.body().first().copied().unwrap_or(b'I'),
+            tag::DATA_ROW => {
+                s.rows.fetch_add(1, Relaxed);
+            }
+            tag::ERROR_RESPONSE => {
+                s.errors.fetch_add(1, Relaxed);
+            }
+            tag::READY_FOR_QUERY => s.tx_status.store(frame.body().first().copied().unwrap_or(b'I'), Relaxed),
             _ => {}
         }
         Action::Forward
     }
 
     fn streamed(&mut self, _: &Session, direction: Direction, tag: u8, len: usize) {
-        let mut s = self.stats.lock().expect("invariant: lock not poisoned");
+        let s = &self.stats;
         match direction {
-            Direction::Frontend => s.bytes_to_server += len as u64,
+            Direction::Frontend => {
+                s.bytes_to_server.fetch_add(len as u64, Relaxed);
+            }
             Direction::Backend => {
-                s.bytes_to_client += len as u64;
+                s.bytes_to_client.fetch_add(len as u64, Relaxed);
                 if tag == crate::pg::msg::tag::DATA_ROW {
-                    s.rows += 1;
+                    s.rows.fetch_add(1, Relaxed);
                 }
             }
         }
