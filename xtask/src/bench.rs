@@ -105,7 +105,7 @@ fn redirect() -> Result<()> {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
-    println!("\nphigate redirect benchmark — loopback, median of {ROUNDS} alternating rounds; each round {CONNECTS} sequential connections and a 1 GiB stream in 64 KiB writes");
+    println!("\nphigate redirect benchmark — loopback, median of {ROUNDS} alternating rounds; each round {CONNECTS} sequential logins and 1 GiB of COPY data in 64 KiB CopyData messages");
     println!("{:<28} {:>12} {:>14} {:>8}   target", "", "direct", "via phigate", "ratio");
     let row = |name: &str, which: usize, k: &str, unit: &str, target: &str| {
         let (d, p) = (median(&d_runs, which, k), median(&p_runs, which, k));
@@ -113,9 +113,9 @@ fn redirect() -> Result<()> {
     };
     row("connect() p50", 0, "connect_p50_us", "µs", "≤ 1.3× (set-up)");
     row("connect() p99", 0, "connect_p99_us", "µs", "");
-    row("connect + first reply p50", 0, "first_reply_p50_us", "µs", "(includes the agent's upstream connect)");
-    row("connect + first reply p99", 0, "first_reply_p99_us", "µs", "");
-    row("throughput", 1, "gbytes_per_sec", "GB/s", "≥ 0.8×");
+    row("login to ReadyForQuery p50", 0, "ready_p50_us", "µs", "(phigate: client login + its own upstream login)");
+    row("login to ReadyForQuery p99", 0, "ready_p99_us", "µs", "");
+    row("COPY FROM STDIN throughput", 1, "gbytes_per_sec", "GB/s", "≥ 0.8×");
     let failures: u64 = d_runs.iter().chain(&p_runs).map(|r| r.0["failures"].as_u64().unwrap_or(0)).sum();
     println!("(connections through the agent: {redirected}; failed connections: {failures})");
     Ok(())

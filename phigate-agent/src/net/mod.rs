@@ -15,6 +15,7 @@ use std::{
 };
 
 pub mod conn;
+pub mod splice;
 pub mod tls;
 
 use phigate_common::{ConnectRecord, OrigDstKey};

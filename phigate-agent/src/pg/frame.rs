@@ -115,6 +115,12 @@ impl Decoder {
         self.streaming_remaining > 0
     }
 
+    /// The caller moves the rest of the streamed frame itself (zero-copy): returns how
+    /// many bytes that is and resumes decoding at the next frame.
+    pub fn take_stream(&mut self) -> usize {
+        std::mem::take(&mut self.streaming_remaining)
+    }
+
     /// Take the next item from `buf`, or `Ok(None)` when more bytes are needed.
     /// `needs_whole(tag)` says whether a stage must see frames of that type whole.
     pub fn decode(&mut self, buf: &mut BytesMut, needs_whole: impl Fn(u8) -> bool) -> Result<Option<Item>, FrameError> {

@@ -201,7 +201,11 @@ async fn run(conn: Identified, db: Arc<DbRuntime>, services: &Services) -> Resul
     let (mut client_conn, hello) = match tokio::time::timeout(startup_deadline, startup::negotiate(Conn::Plain(accepted.stream), db.client_tls.as_ref())).await
     {
         Err(_) => return Err(SessionError::StartupTimeout(startup_deadline)),
-        Ok(Err(e)) => return Err(e.into()),
+        Ok(Err((e, Some(mut conn)))) if e.can_report() => {
+            let _ = send(&mut conn, PgError::fatal(SqlState::PROTOCOL_VIOLATION, format!("phigate closed the connection: {e}")).to_frame().as_bytes()).await;
+            return Err(e.into());
+        }
+        Ok(Err((e, _))) => return Err(e.into()),
         Ok(Ok(x)) => x,
     };
     let msg = match hello {

@@ -6,7 +6,9 @@
 //! session is two read buffers, two write buffers and at most one whole message per
 //! direction (bounded by `max_message_bytes`); results stream through frame by frame.
 
-use bytes::BytesMut;
+use std::io::IoSlice;
+
+use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::{
@@ -14,14 +16,21 @@ use super::{
     Session,
 };
 use crate::{
-    net::conn::Conn,
+    net::{
+        conn::Conn,
+        splice::{self, Pipe},
+    },
     pg::{msg::tag, Decoder, FrameError, Item, PgError, SqlState},
 };
 
 /// Read buffer growth step.
-const READ_CHUNK: usize = 64 * 1024;
-/// Frames above this size are streamed when no stage needs them whole.
-const STREAM_THRESHOLD: usize = 256 * 1024;
+const READ_CHUNK: usize = 256 * 1024;
+/// Frames above this size are streamed when no stage needs them whole (and, between
+/// plain TCP sockets, spliced without passing through the agent's memory).
+const STREAM_THRESHOLD: usize = 32 * 1024;
+
+/// The rest of a streamed frame to move zero-copy before decoding resumes.
+type PendingSplice = Option<(Direction, usize)>;
 
 /// Why the relay ended.
 #[derive(Debug)]
@@ -65,12 +74,15 @@ impl Relay<'_> {
         tokio::pin!(terminate);
         let mut cdec = Decoder::new(STREAM_THRESHOLD, self.max_message_bytes);
         let mut sdec = Decoder::new(STREAM_THRESHOLD, self.max_message_bytes);
-        let mut to_server = BytesMut::with_capacity(READ_CHUNK);
-        let mut to_client = BytesMut::with_capacity(READ_CHUNK);
+        let mut to_server = Outbox::default();
+        let mut to_client = Outbox::default();
         let mut terminated = false;
+        let splice_ok = !client.is_tls() && !server.is_tls();
+        let mut pending: PendingSplice = None;
+        let mut pipe: Option<Pipe> = None;
         loop {
             // Process what is buffered before reading more (startup may have left bytes).
-            let more_frontend = match self.frontend(&mut cdec, &mut client_buf, &mut to_server, &mut to_client, &mut terminated) {
+            let more_frontend = match self.frontend(&mut cdec, &mut client_buf, &mut to_server, &mut to_client, &mut terminated, splice_ok.then_some(&mut pending)) {
                 Ok(more) => more,
                 Err(end) => {
                     let _ = flush(client, &mut to_client).await;
@@ -78,7 +90,7 @@ impl Relay<'_> {
                     return end;
                 }
             };
-            let more_backend = match self.backend(&mut sdec, &mut server_buf, &mut to_client) {
+            let more_backend = match self.backend(&mut sdec, &mut server_buf, &mut to_client, if splice_ok && pending.is_none() { Some(&mut pending) } else { None }) {
                 Ok(more) => more,
                 Err(end) => {
                     let _ = flush(client, &mut to_client).await;
@@ -93,6 +105,23 @@ impl Relay<'_> {
             }
             if terminated {
                 return End::ClientClosed;
+            }
+            if let Some((direction, len)) = pending.take() {
+                if pipe.is_none() {
+                    match Pipe::new() {
+                        Ok(p) => pipe = Some(p),
+                        Err(e) => return End::Io(e),
+                    }
+                }
+                let pipe = pipe.as_ref().expect("invariant: created above");
+                let moved = match direction {
+                    Direction::Frontend => splice::forward(client.tcp(), server.tcp(), pipe, len).await,
+                    Direction::Backend => splice::forward(server.tcp(), client.tcp(), pipe, len).await,
+                };
+                if let Err(e) = moved {
+                    return End::Io(e);
+                }
+                continue;
             }
             if more_frontend || more_backend {
                 // Stopped early to bound the write buffers; decode the rest first.
@@ -126,7 +155,7 @@ impl Relay<'_> {
     }
 
     /// Decode and judge client frames. `Ok(true)`: stopped early to bound `out`.
-    fn frontend(&mut self, dec: &mut Decoder, buf: &mut BytesMut, out: &mut BytesMut, to_client: &mut BytesMut, terminated: &mut bool) -> Result<bool, End> {
+    fn frontend(&mut self, dec: &mut Decoder, buf: &mut BytesMut, out: &mut Outbox, to_client: &mut Outbox, terminated: &mut bool, mut splice: Option<&mut PendingSplice>) -> Result<bool, End> {
         loop {
             let pipeline = &*self.pipeline;
             let item = match dec.decode(buf, |t| pipeline.needs_whole(Direction::Frontend, t)) {
@@ -134,29 +163,38 @@ impl Relay<'_> {
                 Ok(None) => return Ok(false),
                 Err(e) => {
                     let err = PgError::fatal(SqlState::PROTOCOL_VIOLATION, format!("phigate closed the session: the client sent an invalid message: {e}"));
-                    to_client.extend_from_slice(err.to_frame().as_bytes());
+                    to_client.push(err.to_frame().into_bytes());
                     return Err(End::ClientProtocol(e));
                 }
             };
             match item {
                 Item::Whole(frame) => match self.pipeline.frontend(self.session, &frame) {
                     Action::Forward => {
-                        out.extend_from_slice(frame.as_bytes());
-                        if frame.tag() == tag::TERMINATE {
+                        let tag = frame.tag();
+                        out.push(frame.into_bytes());
+                        if tag == tag::TERMINATE {
                             *terminated = true;
                             return Ok(false);
                         }
                     }
                     Action::Refuse(err) => {
-                        to_client.extend_from_slice(err.to_frame().as_bytes());
+                        to_client.push(err.to_frame().into_bytes());
                         return Err(End::Refused(err));
                     }
                 },
                 Item::StreamStart { tag, total, chunk } => {
                     self.pipeline.streamed(self.session, Direction::Frontend, tag, total);
-                    out.extend_from_slice(&chunk);
+                    out.push(chunk);
+                    if let Some(pending) = splice.as_deref_mut() {
+                        if dec.is_streaming() {
+                            // The buffer is exhausted: the rest of this frame is still in
+                            // the socket and goes straight to the database.
+                            *pending = Some((Direction::Frontend, dec.take_stream()));
+                            return Ok(false);
+                        }
+                    }
                 }
-                Item::StreamChunk { chunk, .. } => out.extend_from_slice(&chunk),
+                Item::StreamChunk { chunk, .. } => out.push(chunk),
             }
             // Bound the write buffer: let the caller flush before decoding more.
             if out.len() >= READ_CHUNK * 4 {
@@ -166,7 +204,7 @@ impl Relay<'_> {
     }
 
     /// Decode and judge database frames. `Ok(true)`: stopped early to bound `out`.
-    fn backend(&mut self, dec: &mut Decoder, buf: &mut BytesMut, out: &mut BytesMut) -> Result<bool, End> {
+    fn backend(&mut self, dec: &mut Decoder, buf: &mut BytesMut, out: &mut Outbox, mut splice: Option<&mut PendingSplice>) -> Result<bool, End> {
         loop {
             let pipeline = &*self.pipeline;
             let item = match dec.decode(buf, |t| pipeline.needs_whole(Direction::Backend, t)) {
@@ -174,24 +212,30 @@ impl Relay<'_> {
                 Ok(None) => return Ok(false),
                 Err(e) => {
                     let err = PgError::fatal(SqlState::PROTOCOL_VIOLATION, format!("phigate closed the session: the database sent an invalid message: {e}"));
-                    out.extend_from_slice(err.to_frame().as_bytes());
+                    out.push(err.to_frame().into_bytes());
                     return Err(End::ServerProtocol(e));
                 }
             };
             match item {
                 Item::Whole(frame) => match self.pipeline.backend(self.session, &frame) {
-                    Action::Forward => out.extend_from_slice(frame.as_bytes()),
+                    Action::Forward => out.push(frame.into_bytes()),
                     Action::Refuse(err) => {
                         // Fail closed: whatever this message carried is not released.
-                        out.extend_from_slice(err.to_frame().as_bytes());
+                        out.push(err.to_frame().into_bytes());
                         return Err(End::Refused(err));
                     }
                 },
                 Item::StreamStart { tag, total, chunk } => {
                     self.pipeline.streamed(self.session, Direction::Backend, tag, total);
-                    out.extend_from_slice(&chunk);
+                    out.push(chunk);
+                    if let Some(pending) = splice.as_deref_mut() {
+                        if dec.is_streaming() {
+                            *pending = Some((Direction::Backend, dec.take_stream()));
+                            return Ok(false);
+                        }
+                    }
                 }
-                Item::StreamChunk { chunk, .. } => out.extend_from_slice(&chunk),
+                Item::StreamChunk { chunk, .. } => out.push(chunk),
             }
             if out.len() >= READ_CHUNK * 4 {
                 return Ok(true);
@@ -206,13 +250,64 @@ fn reserve(buf: &mut BytesMut) {
     }
 }
 
-async fn flush(conn: &mut Conn, out: &mut BytesMut) -> std::io::Result<()> {
+/// Frames waiting to be written, kept as the `Bytes` slices they arrived in (or were
+/// rewritten to) and written with one vectored write: no copy into a staging buffer.
+#[derive(Default)]
+pub struct Outbox {
+    parts: std::collections::VecDeque<Bytes>,
+    len: usize,
+}
+
+impl Outbox {
+    pub fn push(&mut self, b: Bytes) {
+        if !b.is_empty() {
+            self.len += b.len();
+            self.parts.push_back(b);
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// Buffers per vectored write (on the stack; more parts take more calls).
+const MAX_IOV: usize = 64;
+
+async fn flush(conn: &mut Conn, out: &mut Outbox) -> std::io::Result<()> {
     if out.is_empty() {
         return Ok(());
     }
-    conn.write_all(out).await?;
+    while !out.parts.is_empty() {
+        let n = {
+            let mut slices = [IoSlice::new(&[]); MAX_IOV];
+            let mut count = 0;
+            for (slot, part) in slices.iter_mut().zip(out.parts.iter()) {
+                *slot = IoSlice::new(part);
+                count += 1;
+            }
+            conn.write_vectored(&slices[..count]).await?
+        };
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        out.len -= n;
+        let mut left = n;
+        while left > 0 {
+            let front = out.parts.front_mut().expect("invariant: written bytes come from queued parts");
+            if front.len() <= left {
+                left -= front.len();
+                out.parts.pop_front();
+            } else {
+                front.advance(left);
+                left = 0;
+            }
+        }
+    }
     // TLS streams hold written data in the session until flushed.
-    conn.flush().await?;
-    out.clear();
-    Ok(())
+    conn.flush().await
 }

@@ -61,11 +61,34 @@ async fn read_packet(conn: &mut Conn) -> Result<BytesMut, StartupError> {
 /// Answer negotiation requests until the client sends its StartupMessage or a
 /// CancelRequest. Reads exactly one packet at a time, so no plaintext sent before a
 /// TLS handshake can leak into the encrypted session.
-pub async fn negotiate(mut conn: Conn, tls: Option<&TlsAcceptor>) -> Result<(Conn, Hello), StartupError> {
+/// On error the connection comes back when it can still carry an ErrorResponse.
+pub async fn negotiate(conn: Conn, tls: Option<&TlsAcceptor>) -> Result<(Conn, Hello), (StartupError, Option<Conn>)> {
+    let mut slot = Some(conn);
+    match negotiate_inner(&mut slot, tls).await {
+        Ok(hello) => Ok((slot.expect("invariant: the connection is returned with the hello"), hello)),
+        Err(e) => Err((e, slot)),
+    }
+}
+
+async fn negotiate_inner(slot: &mut Option<Conn>, tls: Option<&TlsAcceptor>) -> Result<Hello, StartupError> {
+    let mut conn = slot.take().expect("invariant: negotiate starts with a connection");
     // SSLRequest, then GSSENCRequest (or the reverse), then the real packet.
     for _ in 0..3 {
-        let packet = read_packet(&mut conn).await?;
-        match startup::parse(&packet)? {
+        let packet = match read_packet(&mut conn).await {
+            Ok(p) => p,
+            Err(e) => {
+                *slot = Some(conn);
+                return Err(e);
+            }
+        };
+        let parsed = match startup::parse(&packet) {
+            Ok(p) => p,
+            Err(e) => {
+                *slot = Some(conn);
+                return Err(e.into());
+            }
+        };
+        match parsed {
             StartupPacket::SslRequest => match (tls, conn) {
                 (Some(acceptor), Conn::Plain(tcp)) => {
                     let mut tcp = tcp;
@@ -79,11 +102,21 @@ pub async fn negotiate(mut conn: Conn, tls: Option<&TlsAcceptor>) -> Result<(Con
                 }
             },
             StartupPacket::GssEncRequest => super::send(&mut conn, b"N").await?,
-            StartupPacket::Cancel { pid, key } => return Ok((conn, Hello::Cancel { pid, key })),
-            StartupPacket::Startup(m) => return Ok((conn, Hello::Startup(m))),
-            StartupPacket::Unsupported { code } => return Err(StartupError::Unsupported(code)),
+            StartupPacket::Cancel { pid, key } => {
+                *slot = Some(conn);
+                return Ok(Hello::Cancel { pid, key });
+            }
+            StartupPacket::Startup(m) => {
+                *slot = Some(conn);
+                return Ok(Hello::Startup(m));
+            }
+            StartupPacket::Unsupported { code } => {
+                *slot = Some(conn);
+                return Err(StartupError::Unsupported(code));
+            }
         }
     }
+    *slot = Some(conn);
     Err(StartupError::TooManyRequests)
 }
 
