@@ -79,7 +79,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         let l4 = net::bind_group(SocketAddr::V4(db.listen), i as u32, workers)
             .with_context(|| format!("{}: database[{i}].listen: cannot listen on {}", config.path.display(), db.listen))?;
         let l6 = match db.listen6 {
-            Some(a) => Some(net::bind_group(SocketAddr::V6(a), i as u32, workers).with_context(|| format!("{}: database[{i}].listen6: cannot listen on {a}", config.path.display()))?),
+            Some(a) => Some(
+                net::bind_group(SocketAddr::V6(a), i as u32, workers)
+                    .with_context(|| format!("{}: database[{i}].listen6: cannot listen on {a}", config.path.display()))?,
+            ),
             None => None,
         };
         bound.push((l4[0].addr().0, l6.as_ref().map(|g| g[0].addr().0)));
@@ -122,7 +125,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let mut threads = Vec::with_capacity(workers);
     for (w, group) in per_worker.into_iter().enumerate() {
         let (kernel, services, stop, dbs) = (kernel.clone(), services.clone(), stop_rx.clone(), config.databases.clone());
-        let handle = std::thread::Builder::new().name(format!("phigate-w{w}")).spawn(move || worker(w, group, dbs, kernel, services, stop)).context("cannot start a worker thread")?;
+        let handle = std::thread::Builder::new()
+            .name(format!("phigate-w{w}"))
+            .spawn(move || worker(w, group, dbs, kernel, services, stop))
+            .context("cannot start a worker thread")?;
         threads.push(handle);
     }
     let events = EventReader::open(&layout)?;

@@ -354,6 +354,15 @@ struct Validator<'a> {
 }
 
 impl Validator<'_> {
+    /// Relative file paths in the configuration are relative to the file itself, so a
+    /// configuration and its secrets can move together.
+    fn path(&self, p: PathBuf) -> PathBuf {
+        if p.is_absolute() {
+            return p;
+        }
+        self.file.parent().map(|d| d.join(&p)).unwrap_or(p)
+    }
+
     fn err(&self, key: impl Into<String>, problem: impl Into<String>, hint: impl Into<String>) -> ConfigError {
         ConfigError::Invalid { file: self.file.to_path_buf(), key: key.into(), problem: problem.into(), hint: hint.into() }
     }
@@ -460,7 +469,7 @@ impl Validator<'_> {
         let upstream: SocketAddr = raw.upstream.parse().map_err(|_| {
             self.err(key("upstream"), format!("{:?} is not an IP:PORT address", raw.upstream), "Write the real server's address, e.g. \"127.0.0.2:5432\".")
         })?;
-        let client_tls = raw.client_tls.map(|t| ClientTlsConfig { cert_file: t.cert_file, key_file: t.key_file });
+        let client_tls = raw.client_tls.map(|t| ClientTlsConfig { cert_file: self.path(t.cert_file), key_file: self.path(t.key_file) });
         let upstream_tls = match raw.upstream_tls {
             None => UpstreamTlsConfig { mode: SslMode::Prefer, ca_file: None, server_name: None },
             Some(t) => {
@@ -480,7 +489,7 @@ impl Validator<'_> {
                         ));
                     }
                 }
-                UpstreamTlsConfig { mode: t.mode, ca_file: t.ca_file, server_name: t.server_name }
+                UpstreamTlsConfig { mode: t.mode, ca_file: t.ca_file.map(|f| self.path(f)), server_name: t.server_name }
             }
         };
         let mut credentials: Vec<Credential> = Vec::new();
@@ -495,7 +504,7 @@ impl Validator<'_> {
             if credentials.iter().any(|o| o.role == c.role) {
                 return Err(self.err(format!("database[{i}].credential[{j}].role"), format!("role {:?} is listed twice", c.role), "List each role once."));
             }
-            credentials.push(Credential { role: c.role, password_file: c.password_file });
+            credentials.push(Credential { role: c.role, password_file: c.password_file.map(|f| self.path(f)) });
         }
         Ok(Database { name: raw.name, addresses, port: raw.port, listen, listen6, upstream, client_tls, upstream_tls, credentials })
     }
@@ -602,7 +611,7 @@ impl Validator<'_> {
             algorithms,
             leeway_secs: raw.leeway_secs.unwrap_or(30).min(300),
             groups_claim: raw.groups_claim.unwrap_or_else(|| "groups".into()),
-            jwks_file: raw.jwks_file,
+            jwks_file: raw.jwks_file.map(|f| self.path(f)),
             jwks_url: raw.jwks_url,
             jwks_refresh: Duration::from_secs(raw.jwks_refresh_secs.unwrap_or(300).max(30)),
         })
@@ -805,6 +814,13 @@ create = true
             let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config").join(name);
             Config::load(&path).unwrap_or_else(|e| panic!("{name}: {e}"));
         }
+    }
+
+    #[test]
+    fn relative_files_are_relative_to_the_configuration() {
+        let text = format!("{GOOD}\n[[database.credential]]\nrole = \"app\"\npassword_file = \"secrets/app.password\"\n");
+        let c = Config::parse(Path::new("/etc/phigate/phigate.toml"), &text).unwrap();
+        assert_eq!(c.databases[0].credentials[0].password_file.as_deref(), Some(Path::new("/etc/phigate/secrets/app.password")));
     }
 
     #[test]

@@ -160,17 +160,41 @@ fn measured(proxy: Option<u32>, run: impl FnOnce() -> Result<PgbenchResult>, sec
 
 fn pgbench(cgroup: &Path, host: &str, port: u16, user: &str, db: &str, mode: &str, clients: u32, seconds: u32) -> Result<PgbenchResult> {
     let mut cmd = Command::new(phigate_tests::pg::pg_bin("pgbench"));
-    cmd.args(["-n", "-S", "-M", mode, "-c", &clients.to_string(), "-j", &clients.min(2).to_string(), "-T", &seconds.to_string(), "-h", host, "-p", &port.to_string(), "-U", user, db])
-        .env("PGSSLMODE", "disable")
-        .stdin(Stdio::null());
+    cmd.args([
+        "-n",
+        "-S",
+        "-M",
+        mode,
+        "-c",
+        &clients.to_string(),
+        "-j",
+        &clients.min(2).to_string(),
+        "-T",
+        &seconds.to_string(),
+        "-h",
+        host,
+        "-p",
+        &port.to_string(),
+        "-U",
+        user,
+        db,
+    ])
+    .env("PGSSLMODE", "disable")
+    .stdin(Stdio::null());
     run_in(&mut cmd, cgroup);
     let out = cmd.output()?;
     let text = String::from_utf8_lossy(&out.stdout);
     if !out.status.success() {
         bail!("pgbench -M {mode} -c {clients} against {host}:{port} failed: {}{}", text, String::from_utf8_lossy(&out.stderr));
     }
-    let grab = |prefix: &str| text.lines().find_map(|l| l.trim().strip_prefix(prefix)).and_then(|rest| rest.split_whitespace().next()).and_then(|v| v.parse::<f64>().ok());
-    Ok(PgbenchResult { tps: grab("tps = ").context("no tps in pgbench output")?, latency_ms: grab("latency average = ").context("no latency in pgbench output")?, proxy_cpu_us: 0.0 })
+    let grab = |prefix: &str| {
+        text.lines().find_map(|l| l.trim().strip_prefix(prefix)).and_then(|rest| rest.split_whitespace().next()).and_then(|v| v.parse::<f64>().ok())
+    };
+    Ok(PgbenchResult {
+        tps: grab("tps = ").context("no tps in pgbench output")?,
+        latency_ms: grab("latency average = ").context("no latency in pgbench output")?,
+        proxy_cpu_us: 0.0,
+    })
 }
 
 struct Bouncer(Child);
@@ -199,9 +223,13 @@ fn start_pgbouncer(dir: &Path, upstream_port: u16) -> Result<(Bouncer, u16)> {
         bail!("chown of the PgBouncer directory failed");
     }
     let user = nix::unistd::User::from_name("postgres")?.context("no postgres user")?;
-    let bin = ["/usr/sbin/pgbouncer", "/usr/bin/pgbouncer"].into_iter().find(|p| Path::new(p).exists()).context("pgbouncer is not installed (cargo xtask setup installs it)")?;
+    let bin = ["/usr/sbin/pgbouncer", "/usr/bin/pgbouncer"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .context("pgbouncer is not installed (cargo xtask setup installs it)")?;
     use std::os::unix::process::CommandExt;
-    let child = Command::new(bin).arg(&ini).uid(user.uid.as_raw()).gid(user.gid.as_raw()).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn()?;
+    let child =
+        Command::new(bin).arg(&ini).uid(user.uid.as_raw()).gid(user.gid.as_raw()).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn()?;
     let bouncer = Bouncer(child);
     let up = phigate_tests::wait_for(std::time::Duration::from_secs(10), || std::net::TcpStream::connect((addr, port)).ok());
     if up.is_none() {
@@ -219,7 +247,9 @@ fn pg() -> Result<()> {
     let reps: usize = std::env::var("PHIGATE_BENCH_REPS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
     let server = phigate_tests::PgServer::start(phigate_tests::pg::PgOptions { conf: vec!["max_connections = 300".into()], ..Default::default() })?;
     eprintln!("bench: pgbench -i -s 10");
-    let init = Command::new(phigate_tests::pg::pg_bin("pgbench")).args(["-i", "-q", "-s", "10", "-h", "127.0.0.2", "-p", &server.port().to_string(), "-U", "postgres", "postgres"]).output()?;
+    let init = Command::new(phigate_tests::pg::pg_bin("pgbench"))
+        .args(["-i", "-q", "-s", "10", "-h", "127.0.0.2", "-p", &server.port().to_string(), "-U", "postgres", "postgres"])
+        .output()?;
     if !init.status.success() {
         bail!("pgbench -i failed: {}", String::from_utf8_lossy(&init.stderr));
     }
@@ -240,7 +270,11 @@ fn pg() -> Result<()> {
             let (mut ds, mut bs, mut ps) = (Vec::new(), Vec::new(), Vec::new());
             for _ in 0..reps {
                 ds.push(pgbench(&direct_dir, "127.0.0.2", server.port(), "postgres", "postgres", mode, clients, seconds)?);
-                bs.push(measured(Some(bouncer.0.id()), || pgbench(&direct_dir, "127.0.0.4", bouncer_port, "postgres", "bench", mode, clients, seconds), seconds)?);
+                bs.push(measured(
+                    Some(bouncer.0.id()),
+                    || pgbench(&direct_dir, "127.0.0.4", bouncer_port, "postgres", "bench", mode, clients, seconds),
+                    seconds,
+                )?);
                 ps.push(measured(agent.pid(), || pgbench(&prot_dir, "127.0.0.2", server.port(), "postgres", "postgres", mode, clients, seconds), seconds)?);
             }
             rows.push((mode, clients, median(ds), median(bs), median(ps)));
@@ -251,7 +285,10 @@ fn pg() -> Result<()> {
     drop(agent);
     let _ = std::fs::remove_dir_all(&tmp);
 
-    println!("\nphigate pg benchmark — pgbench -S (select-only), median of {reps} alternating {seconds} s runs, loopback, {} CPUs shared by everything", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0));
+    println!(
+        "\nphigate pg benchmark — pgbench -S (select-only), median of {reps} alternating {seconds} s runs, loopback, {} CPUs shared by everything",
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
+    );
     println!(
         "{:<9} {:>3} | {:>9} {:>8} | {:>9} {:>8} {:>7} | {:>9} {:>8} {:>7} | {:>8} {:>8}",
         "mode", "-c", "direct", "lat ms", "pgbouncer", "lat ms", "cpu µs", "phigate", "lat ms", "cpu µs", "÷direct", "÷bouncer"

@@ -67,9 +67,16 @@ pub fn run() -> Result<()> {
     let cgroup = phigate_tests::env::cgroup2_mount().context("no cgroup v2 mount")?.join(DEMO_CGROUP);
 
     step("1. A throwaway PostgreSQL on 127.0.0.2:5432 with synthetic patients");
-    let pg = PgServer::start(PgOptions { addr: Ipv4Addr::new(127, 0, 0, 2), port: 5432, ..Default::default() })?;
-    pg.psql_admin("postgres", &patients_sql())?;
-    println!("{}", pg.psql_admin("postgres", "select count(*) || ' patients loaded' from patients")?);
+    let hba =
+        "local all all trust\nhost all postgres 127.0.0.0/8 trust\nhost all phigate_clinical 127.0.0.0/8 scram-sha-256\nhost all all 127.0.0.0/8 reject\n";
+    let pg = PgServer::start(PgOptions { addr: Ipv4Addr::new(127, 0, 0, 2), port: 5432, hba: Some(hba.into()), ..Default::default() })?;
+    let secret = std::fs::read_to_string(root().join("config/demo-secrets/phigate_clinical.password"))?;
+    pg.psql_admin("postgres", &format!("create role phigate_clinical login password '{}'", secret.trim()))?;
+    pg.psql_admin("postgres", "create database clinical")?;
+    pg.psql_admin("clinical", &patients_sql())?;
+    pg.psql_admin("clinical", "grant select on patients to phigate_clinical")?;
+    println!("{}", pg.psql_admin("clinical", "select count(*) || ' patients loaded into database clinical' from patients")?);
+    println!("   role phigate_clinical: password only in config/demo-secrets (the agent's secret); workloads never see it");
 
     step("2. The phigate agent with config/local.toml");
     let log = std::env::temp_dir().join("phigate-demo-agent.log");
@@ -96,18 +103,19 @@ pub fn run() -> Result<()> {
         None => bail!("the agent was not ready in 20 s:\n{}", fs::read_to_string(&log).unwrap_or_default()),
     }
 
-    step(&format!("3. A workload in the protected cgroup /{DEMO_CGROUP} runs psql against 127.0.0.2:5432"));
-    println!("   (its connection string is unchanged; the kernel carries it to phigate)");
-    let query = "select inet_server_addr() as server_seen, id, mrn, name, dob from patients order by id limit 3";
-    let out = psql(query, Some(&cgroup))?;
+    step(&format!("3. A workload in the protected cgroup /{DEMO_CGROUP} runs `psql -h 127.0.0.2 -U analyst clinical`, no password"));
+    println!("   (its connection string is unchanged; the kernel carries it to phigate, which logs in upstream as phigate_clinical)");
+    let out = psql("analyst", "clinical", "select current_user as upstream_role, session_user, inet_server_addr() as server_seen", Some(&cgroup))?;
+    println!("{out}");
+    let out = psql("analyst", "clinical", "select id, mrn, name, dob from patients order by id limit 3", Some(&cgroup))?;
     println!("{out}");
     let text = fs::read_to_string(&log).unwrap_or_default();
-    println!("   phigate's record of that connection:");
-    print_lines(&text, &["connection accepted"]);
+    println!("   phigate's record of those connections (kernel-attested identity, original destination, upstream role):");
+    print_lines(&text, &["connection accepted", "session started"]);
 
     step("4. The same psql from an unprotected process");
     let before = count(&fs::read_to_string(&log).unwrap_or_default(), "connection accepted");
-    let out = psql("select 'direct to the database' as path, count(*) from patients", None)?;
+    let out = psql("postgres", "clinical", "select 'direct to the database' as path, current_user, count(*) from patients", None)?;
     println!("{out}");
     std::thread::sleep(Duration::from_millis(200));
     let after = count(&fs::read_to_string(&log).unwrap_or_default(), "connection accepted");
@@ -120,9 +128,9 @@ pub fn run() -> Result<()> {
     Ok(())
 }
 
-fn psql(sql: &str, cgroup: Option<&Path>) -> Result<String> {
+fn psql(user: &str, db: &str, sql: &str, cgroup: Option<&Path>) -> Result<String> {
     let mut cmd = Command::new(phigate_tests::pg::pg_bin("psql"));
-    cmd.args(["-h", "127.0.0.2", "-p", "5432", "-U", "postgres", "-d", "postgres", "-X", "-c", sql]).stdin(Stdio::null());
+    cmd.args(["-h", "127.0.0.2", "-p", "5432", "-U", user, "-d", db, "-X", "-c", sql]).env("PGSSLMODE", "disable").stdin(Stdio::null());
     if let Some(dir) = cgroup {
         run_in(&mut cmd, dir);
     }

@@ -119,7 +119,7 @@ impl BoundListener {
 /// (redirects already point at it). Only sockets of the same user can join a
 /// reuseport group.
 pub fn bind_group(addr: SocketAddr, db_index: u32, count: usize) -> io::Result<Vec<BoundListener>> {
-    use nix::sys::socket::{AddressFamily, SockFlag, SockType, SockaddrStorage, bind, listen, setsockopt, socket, sockopt};
+    use nix::sys::socket::{bind, listen, setsockopt, socket, sockopt, AddressFamily, SockFlag, SockType, SockaddrStorage};
     let mut out: Vec<BoundListener> = Vec::with_capacity(count);
     let mut target = addr;
     for _ in 0..count.max(1) {
@@ -160,7 +160,13 @@ fn steer_by_cpu(listener: &std::net::TcpListener) -> io::Result<()> {
     let prog = libc::sock_fprog { len: code.len() as u16, filter: code.as_ptr() as *mut libc::sock_filter };
     // SAFETY: valid fd; the program is copied by the kernel during the call.
     let rc = unsafe {
-        libc::setsockopt(listener.as_raw_fd(), libc::SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, &prog as *const libc::sock_fprog as *const libc::c_void, std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t)
+        libc::setsockopt(
+            listener.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_ATTACH_REUSEPORT_CBPF,
+            &prog as *const libc::sock_fprog as *const libc::c_void,
+            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
     };
     if rc != 0 {
         return Err(io::Error::last_os_error());
@@ -170,7 +176,7 @@ fn steer_by_cpu(listener: &std::net::TcpListener) -> io::Result<()> {
 
 /// Pin the calling thread to one CPU (worker `i` → the `i`-th CPU this process may use).
 pub fn pin_to_cpu(index: usize) -> io::Result<()> {
-    use nix::sched::{CpuSet, sched_getaffinity, sched_setaffinity};
+    use nix::sched::{sched_getaffinity, sched_setaffinity, CpuSet};
     use nix::unistd::Pid;
     let allowed = sched_getaffinity(Pid::from_raw(0)).map_err(io::Error::from)?;
     let cpu = (0..CpuSet::count()).filter(|c| allowed.is_set(*c).unwrap_or(false)).nth(index).ok_or_else(|| io::Error::other("fewer CPUs than workers"))?;

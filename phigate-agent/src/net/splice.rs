@@ -12,7 +12,7 @@ use std::{
 };
 
 use nix::{
-    fcntl::{FcntlArg, OFlag, SpliceFFlags, fcntl, splice},
+    fcntl::{fcntl, splice, FcntlArg, OFlag, SpliceFFlags},
     unistd::pipe2,
 };
 use tokio::{io::Interest, net::TcpStream};
@@ -45,7 +45,9 @@ pub async fn forward(from: &TcpStream, to: &TcpStream, pipe: &Pipe, mut len: usi
         let want = len.min(pipe.capacity);
         let moved = loop {
             from.readable().await?;
-            match from.try_io(Interest::READABLE, || splice(from.as_fd(), None, pipe.write.as_fd(), None, want, flags | SpliceFFlags::SPLICE_F_MORE).map_err(io::Error::from)) {
+            match from.try_io(Interest::READABLE, || {
+                splice(from.as_fd(), None, pipe.write.as_fd(), None, want, flags | SpliceFFlags::SPLICE_F_MORE).map_err(io::Error::from)
+            }) {
                 Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
                 Ok(n) => break n,
                 Err(e) if would_block(&e) => continue,

@@ -58,7 +58,14 @@ pub struct Relay<'a> {
 impl Relay<'_> {
     /// Run until either side ends the session. `client_buf` / `server_buf` may hold
     /// bytes read during startup.
-    pub async fn run(&mut self, client: &mut Conn, server: &mut Conn, mut client_buf: BytesMut, mut server_buf: BytesMut, mut shutdown: tokio::sync::watch::Receiver<super::Phase>) -> End {
+    pub async fn run(
+        &mut self,
+        client: &mut Conn,
+        server: &mut Conn,
+        mut client_buf: BytesMut,
+        mut server_buf: BytesMut,
+        mut shutdown: tokio::sync::watch::Receiver<super::Phase>,
+    ) -> End {
         // Registered once, not per loop iteration: it only fires at the drain deadline.
         let terminate = async move {
             loop {
@@ -82,21 +89,23 @@ impl Relay<'_> {
         let mut pipe: Option<Pipe> = None;
         loop {
             // Process what is buffered before reading more (startup may have left bytes).
-            let more_frontend = match self.frontend(&mut cdec, &mut client_buf, &mut to_server, &mut to_client, &mut terminated, splice_ok.then_some(&mut pending)) {
-                Ok(more) => more,
-                Err(end) => {
-                    let _ = flush(client, &mut to_client).await;
-                    let _ = server.write_all(crate::pg::msg::terminate().as_bytes()).await;
-                    return end;
-                }
-            };
-            let more_backend = match self.backend(&mut sdec, &mut server_buf, &mut to_client, if splice_ok && pending.is_none() { Some(&mut pending) } else { None }) {
-                Ok(more) => more,
-                Err(end) => {
-                    let _ = flush(client, &mut to_client).await;
-                    return end;
-                }
-            };
+            let more_frontend =
+                match self.frontend(&mut cdec, &mut client_buf, &mut to_server, &mut to_client, &mut terminated, splice_ok.then_some(&mut pending)) {
+                    Ok(more) => more,
+                    Err(end) => {
+                        let _ = flush(client, &mut to_client).await;
+                        let _ = server.write_all(crate::pg::msg::terminate().as_bytes()).await;
+                        return end;
+                    }
+                };
+            let more_backend =
+                match self.backend(&mut sdec, &mut server_buf, &mut to_client, if splice_ok && pending.is_none() { Some(&mut pending) } else { None }) {
+                    Ok(more) => more,
+                    Err(end) => {
+                        let _ = flush(client, &mut to_client).await;
+                        return end;
+                    }
+                };
             if let Err(e) = flush(server, &mut to_server).await {
                 return End::Io(e);
             }
@@ -155,7 +164,15 @@ impl Relay<'_> {
     }
 
     /// Decode and judge client frames. `Ok(true)`: stopped early to bound `out`.
-    fn frontend(&mut self, dec: &mut Decoder, buf: &mut BytesMut, out: &mut Outbox, to_client: &mut Outbox, terminated: &mut bool, mut splice: Option<&mut PendingSplice>) -> Result<bool, End> {
+    fn frontend(
+        &mut self,
+        dec: &mut Decoder,
+        buf: &mut BytesMut,
+        out: &mut Outbox,
+        to_client: &mut Outbox,
+        terminated: &mut bool,
+        mut splice: Option<&mut PendingSplice>,
+    ) -> Result<bool, End> {
         loop {
             let pipeline = &*self.pipeline;
             let item = match dec.decode(buf, |t| pipeline.needs_whole(Direction::Frontend, t)) {

@@ -8,8 +8,8 @@
 //! sees a backend message before one placed early (e.g. masking) rewrites it.
 
 use std::sync::{
+    atomic::{AtomicU64, AtomicU8, Ordering::Relaxed},
     Arc,
-    atomic::{AtomicU8, AtomicU64, Ordering::Relaxed},
 };
 
 use super::Session;

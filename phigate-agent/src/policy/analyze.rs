@@ -1,0 +1,649 @@
+//! From SQL text to facts a policy can judge, using PostgreSQL's own parser
+//! (libpg_query). Never pattern-matches text: comments, quoting, casing, dollar quotes
+//! and unicode escapes are resolved by the parser, and every node of the tree —
+//! CTEs, subqueries, EXPLAIN, PREPARE bodies, set operations — is visited.
+//!
+//! Pure and synchronous; knows nothing about identities or rules.
+
+use std::{collections::BTreeSet, fmt};
+
+use pg_query::{
+    NodeEnum, NodeRef,
+    protobuf::{self, ObjectType, VariableSetKind, a_const::Val},
+};
+
+/// A relation as written in the statement, normalised like PostgreSQL does (unquoted
+/// names are already lower-cased by the parser; quoted ones keep their case).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct TableRef {
+    pub schema: Option<String>,
+    pub name: String,
+}
+
+impl fmt::Display for TableRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.schema {
+            Some(s) => write!(f, "{s}.{}", self.name),
+            None => f.write_str(&self.name),
+        }
+    }
+}
+
+/// The statement kinds rules name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    Select,
+    Insert,
+    Update,
+    Delete,
+    Merge,
+    Copy,
+    Truncate,
+    Drop,
+    Alter,
+    Create,
+    Grant,
+    Revoke,
+    Set,
+    Show,
+    Transaction,
+    Prepare,
+    Execute,
+    Deallocate,
+    Explain,
+    Call,
+    Do,
+    Listen,
+    Notify,
+    Vacuum,
+    Lock,
+    Discard,
+    Other,
+}
+
+impl Kind {
+    pub const ALL: [(&'static str, Kind); 27] = [
+        ("select", Kind::Select),
+        ("insert", Kind::Insert),
+        ("update", Kind::Update),
+        ("delete", Kind::Delete),
+        ("merge", Kind::Merge),
+        ("copy", Kind::Copy),
+        ("truncate", Kind::Truncate),
+        ("drop", Kind::Drop),
+        ("alter", Kind::Alter),
+        ("create", Kind::Create),
+        ("grant", Kind::Grant),
+        ("revoke", Kind::Revoke),
+        ("set", Kind::Set),
+        ("show", Kind::Show),
+        ("transaction", Kind::Transaction),
+        ("prepare", Kind::Prepare),
+        ("execute", Kind::Execute),
+        ("deallocate", Kind::Deallocate),
+        ("explain", Kind::Explain),
+        ("call", Kind::Call),
+        ("do", Kind::Do),
+        ("listen", Kind::Listen),
+        ("notify", Kind::Notify),
+        ("vacuum", Kind::Vacuum),
+        ("lock", Kind::Lock),
+        ("discard", Kind::Discard),
+        ("other", Kind::Other),
+    ];
+
+    pub fn parse(s: &str) -> Option<Kind> {
+        Self::ALL.iter().find(|(n, _)| *n == s).map(|(_, k)| *k)
+    }
+}
+
+/// Where a COPY reads or writes on the server side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CopyTarget {
+    /// STDIN / STDOUT: the data flows through the session (and phigate).
+    Client,
+    /// A file on the database server.
+    File,
+    /// A program run by the database server.
+    Program,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CopyFacts {
+    pub to: bool,
+    pub target: CopyTarget,
+}
+
+/// DDL verbs that act on existing relations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DdlVerb {
+    Drop,
+    Truncate,
+    Alter,
+}
+
+/// What one statement does, everywhere in its tree.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Facts {
+    pub kind: Option<Kind>,
+    /// Relations referenced anywhere (read or written).
+    pub tables: BTreeSet<TableRef>,
+    /// Relations written (INSERT/UPDATE/DELETE/MERGE targets, COPY FROM, TRUNCATE).
+    pub writes: BTreeSet<TableRef>,
+    /// DROP / TRUNCATE / ALTER targets.
+    pub ddl: Vec<(DdlVerb, TableRef)>,
+    /// Schemas dropped (DROP SCHEMA).
+    pub dropped_schemas: Vec<String>,
+    /// Functions called, lower-cased, without schema.
+    pub functions: BTreeSet<String>,
+    /// DELETE/UPDATE targets with no WHERE or a WHERE that is always true.
+    pub unfiltered_writes: Vec<TableRef>,
+    /// SELECT levels that read these relations with neither WHERE nor a LIMIT at or
+    /// below `limit` (None: no LIMIT, or one that is not a constant).
+    pub unbounded_reads: Vec<(TableRef, Option<i64>)>,
+    pub copy: Option<CopyFacts>,
+    /// Relations a new table or view copies from (SELECT INTO, CREATE TABLE AS,
+    /// CREATE [MATERIALIZED] VIEW).
+    pub copied_into_new_relation: BTreeSet<TableRef>,
+    /// DO blocks, CREATE FUNCTION/PROCEDURE/TRIGGER/RULE, LOAD, CREATE EXTENSION.
+    pub opaque_code: bool,
+    /// SET ROLE / SET SESSION AUTHORIZATION, or set_config() of those.
+    pub changes_role: bool,
+    /// Settings that change how statements parse (standard_conforming_strings,
+    /// backslash_quote, an unsafe client_encoding): the policy's parser and the
+    /// server's would disagree.
+    pub changes_parser: bool,
+    pub alter_system: bool,
+    /// CREATE/ALTER/DROP ROLE, role membership, ALTER … SET for roles/databases.
+    pub role_ddl: bool,
+    /// GRANT / REVOKE of privileges.
+    pub grants: bool,
+    /// The decision depends on a literal's value (LIMIT n, `1 = 1`, set_config
+    /// arguments): such statements are cached by exact text only.
+    pub literal_sensitive: bool,
+}
+
+/// The whole message: one entry per statement.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Analysis {
+    pub statements: Vec<Facts>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("PostgreSQL's parser rejected the statement: {0}")]
+pub struct ParseError(pub String);
+
+/// Functions whose values are one row whatever the input size.
+const AGGREGATES: &[&str] = &["count", "sum", "avg", "min", "max", "bool_and", "bool_or", "every", "bit_and", "bit_or", "stddev", "variance"];
+
+/// Client encodings PostgreSQL accepts only on the client side because a multibyte
+/// character may contain a backslash byte: the server would split strings
+/// differently from the policy's parser.
+const UNSAFE_ENCODINGS: &[&str] = &["sjis", "shift_jis", "big5", "gbk", "uhc", "gb18030", "johab", "mskanji", "windows932", "windows936", "windows949", "windows950", "cp932", "cp936", "cp949", "cp950"];
+
+pub fn analyze(sql: &str) -> Result<Analysis, ParseError> {
+    let parsed = pg_query::parse(sql, 0).map_err(|e| ParseError(e.to_string()))?;
+    let mut statements = Vec::with_capacity(parsed.protobuf.stmts.len());
+    for raw in &parsed.protobuf.stmts {
+        let Some(node) = raw.stmt.as_ref().and_then(|n| n.node.as_ref()) else { continue };
+        let mut facts = Facts { kind: Some(kind_of(node)), ..Facts::default() };
+        for (n, _depth, _ctx, _) in node.nodes() {
+            visit(n, &mut facts);
+        }
+        statements.push(facts);
+    }
+    Ok(Analysis { statements })
+}
+
+fn table(rv: &protobuf::RangeVar) -> TableRef {
+    TableRef { schema: (!rv.schemaname.is_empty()).then(|| rv.schemaname.clone()), name: rv.relname.clone() }
+}
+
+/// A qualified name given as a list of String nodes (DROP, function names).
+fn name_list(items: &[protobuf::Node]) -> Vec<String> {
+    items
+        .iter()
+        .filter_map(|n| match n.node.as_ref() {
+            Some(NodeEnum::String(s)) => Some(s.sval.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn qualified(parts: Vec<String>) -> Option<TableRef> {
+    match parts.len() {
+        1 => Some(TableRef { schema: None, name: parts[0].clone() }),
+        2 => Some(TableRef { schema: Some(parts[0].clone()), name: parts[1].clone() }),
+        3 => Some(TableRef { schema: Some(parts[1].clone()), name: parts[2].clone() }),
+        _ => None,
+    }
+}
+
+fn kind_of(node: &NodeEnum) -> Kind {
+    use NodeEnum as N;
+    match node {
+        N::SelectStmt(s) if s.into_clause.is_some() => Kind::Create,
+        N::SelectStmt(_) => Kind::Select,
+        N::InsertStmt(_) => Kind::Insert,
+        N::UpdateStmt(_) => Kind::Update,
+        N::DeleteStmt(_) => Kind::Delete,
+        N::MergeStmt(_) => Kind::Merge,
+        N::CopyStmt(_) => Kind::Copy,
+        N::TruncateStmt(_) => Kind::Truncate,
+        N::DropStmt(_) | N::DropRoleStmt(_) | N::DropdbStmt(_) | N::DropOwnedStmt(_) | N::DropTableSpaceStmt(_) => Kind::Drop,
+        N::AlterTableStmt(_) | N::RenameStmt(_) | N::AlterObjectSchemaStmt(_) | N::AlterOwnerStmt(_) | N::AlterRoleStmt(_) | N::AlterRoleSetStmt(_) | N::AlterDatabaseStmt(_) | N::AlterDatabaseSetStmt(_) | N::AlterSystemStmt(_) | N::AlterFunctionStmt(_) | N::AlterSeqStmt(_) | N::AlterDefaultPrivilegesStmt(_) => Kind::Alter,
+        N::CreateStmt(_) | N::CreateTableAsStmt(_) | N::ViewStmt(_) | N::IndexStmt(_) | N::CreateSchemaStmt(_) | N::CreateFunctionStmt(_) | N::CreateRoleStmt(_) | N::CreateSeqStmt(_) | N::CreateExtensionStmt(_) | N::CreateTrigStmt(_) | N::RuleStmt(_) | N::CompositeTypeStmt(_) | N::CreateEnumStmt(_) | N::CreatedbStmt(_) | N::CreateDomainStmt(_) => Kind::Create,
+        N::GrantStmt(g) if g.is_grant => Kind::Grant,
+        N::GrantStmt(_) => Kind::Revoke,
+        N::GrantRoleStmt(g) if g.is_grant => Kind::Grant,
+        N::GrantRoleStmt(_) => Kind::Revoke,
+        N::VariableSetStmt(_) => Kind::Set,
+        N::VariableShowStmt(_) => Kind::Show,
+        N::TransactionStmt(_) => Kind::Transaction,
+        N::PrepareStmt(_) => Kind::Prepare,
+        N::ExecuteStmt(_) => Kind::Execute,
+        N::DeallocateStmt(_) => Kind::Deallocate,
+        N::ExplainStmt(_) => Kind::Explain,
+        N::CallStmt(_) => Kind::Call,
+        N::DoStmt(_) => Kind::Do,
+        N::ListenStmt(_) | N::UnlistenStmt(_) => Kind::Listen,
+        N::NotifyStmt(_) => Kind::Notify,
+        N::VacuumStmt(_) => Kind::Vacuum,
+        N::LockStmt(_) => Kind::Lock,
+        N::DiscardStmt(_) => Kind::Discard,
+        _ => Kind::Other,
+    }
+}
+
+fn const_value(n: &protobuf::Node) -> Option<&Val> {
+    match n.node.as_ref()? {
+        NodeEnum::AConst(c) => c.val.as_ref(),
+        NodeEnum::TypeCast(t) => t.arg.as_deref().and_then(const_value),
+        _ => None,
+    }
+}
+
+fn is_const(n: &protobuf::Node) -> bool {
+    const_value(n).is_some()
+}
+
+fn const_bool(n: &protobuf::Node) -> Option<bool> {
+    match const_value(n)? {
+        Val::Boolval(b) => Some(b.boolval),
+        Val::Sval(s) => match s.sval.to_ascii_lowercase().as_str() {
+            "t" | "true" | "y" | "yes" | "on" | "1" => Some(true),
+            "f" | "false" | "n" | "no" | "off" | "0" => Some(false),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+fn same_const(a: &protobuf::Node, b: &protobuf::Node) -> bool {
+    match (const_value(a), const_value(b)) {
+        (Some(x), Some(y)) => x == y,
+        _ => false,
+    }
+}
+
+fn same_column(a: &protobuf::Node, b: &protobuf::Node) -> bool {
+    match (a.node.as_ref(), b.node.as_ref()) {
+        (Some(NodeEnum::ColumnRef(x)), Some(NodeEnum::ColumnRef(y))) => x.fields == y.fields,
+        _ => false,
+    }
+}
+
+/// Whether a WHERE clause is true for every row: `true`, `1 = 1`, `'a' = 'a'`,
+/// `id = id`, `x OR true`, `NOT false`, combinations of those. Marks the facts
+/// literal-sensitive when constants decide it.
+fn always_true(n: &protobuf::Node, facts: &mut Facts) -> bool {
+    let Some(node) = n.node.as_ref() else { return false };
+    match node {
+        NodeEnum::AConst(_) | NodeEnum::TypeCast(_) => {
+            facts.literal_sensitive = true;
+            const_bool(n) == Some(true)
+        }
+        NodeEnum::AExpr(e) => {
+            let op = name_list(&e.name);
+            let (Some(l), Some(r)) = (e.lexpr.as_deref(), e.rexpr.as_deref()) else { return false };
+            if is_const(l) && is_const(r) {
+                facts.literal_sensitive = true;
+            }
+            matches!(op.last().map(String::as_str), Some("=" | "<=" | ">=")) && (same_const(l, r) || same_column(l, r))
+        }
+        NodeEnum::BoolExpr(b) => match protobuf::BoolExprType::try_from(b.boolop) {
+            Ok(protobuf::BoolExprType::OrExpr) => b.args.iter().any(|a| always_true(a, facts)),
+            Ok(protobuf::BoolExprType::AndExpr) => !b.args.is_empty() && b.args.iter().all(|a| always_true(a, facts)),
+            Ok(protobuf::BoolExprType::NotExpr) => b.args.first().is_some_and(|a| {
+                facts.literal_sensitive = true;
+                const_bool(a) == Some(false)
+            }),
+            _ => false,
+        },
+        _ => false,
+    }
+}
+
+/// Relations directly in a FROM list (through joins, not subqueries).
+fn from_relations(items: &[protobuf::Node], out: &mut Vec<TableRef>) {
+    for item in items {
+        match item.node.as_ref() {
+            Some(NodeEnum::RangeVar(rv)) => out.push(table(rv)),
+            Some(NodeEnum::JoinExpr(j)) => {
+                let sides: Vec<protobuf::Node> = [j.larg.as_deref(), j.rarg.as_deref()].into_iter().flatten().cloned().collect();
+                from_relations(&sides, out);
+            }
+            _ => {}
+        }
+    }
+}
+
+fn only_aggregates(s: &protobuf::SelectStmt) -> bool {
+    !s.target_list.is_empty()
+        && s.group_clause.is_empty()
+        && s.target_list.iter().all(|t| match t.node.as_ref() {
+            Some(NodeEnum::ResTarget(r)) => match r.val.as_deref().and_then(|v| v.node.as_ref()) {
+                Some(NodeEnum::FuncCall(f)) => name_list(&f.funcname).last().is_some_and(|n| AGGREGATES.contains(&n.as_str())) && f.over.is_none(),
+                _ => false,
+            },
+            _ => false,
+        })
+}
+
+fn visit(n: NodeRef<'_>, facts: &mut Facts) {
+    match n {
+        NodeRef::RangeVar(rv) => {
+            facts.tables.insert(table(rv));
+        }
+        NodeRef::SelectStmt(s) => {
+            let mut rels = Vec::new();
+            from_relations(&s.from_clause, &mut rels);
+            if s.where_clause.is_none() && !rels.is_empty() && !only_aggregates(s) {
+                let limit = match s.limit_count.as_deref() {
+                    None => None,
+                    Some(l) => {
+                        facts.literal_sensitive = true;
+                        match const_value(l) {
+                            Some(Val::Ival(i)) => Some(i64::from(i.ival)),
+                            Some(Val::Fval(f)) => f.fval.parse::<i64>().ok(),
+                            // LIMIT ALL, NULL, a parameter or an expression: unbounded.
+                            _ => None,
+                        }
+                    }
+                };
+                for r in rels {
+                    facts.unbounded_reads.push((r, limit));
+                }
+            }
+            if let Some(into) = s.into_clause.as_ref() {
+                if let Some(rel) = into.rel.as_ref() {
+                    facts.writes.insert(table(rel));
+                }
+                let mut src = Vec::new();
+                from_relations(&s.from_clause, &mut src);
+                facts.copied_into_new_relation.extend(src);
+            }
+        }
+        NodeRef::InsertStmt(i) => {
+            if let Some(r) = i.relation.as_ref() {
+                facts.writes.insert(table(r));
+            }
+        }
+        NodeRef::UpdateStmt(u) => {
+            if let Some(r) = u.relation.as_ref() {
+                facts.writes.insert(table(r));
+                if u.where_clause.as_deref().is_none_or(|w| always_true(w, facts)) {
+                    facts.unfiltered_writes.push(table(r));
+                }
+            }
+        }
+        NodeRef::DeleteStmt(d) => {
+            if let Some(r) = d.relation.as_ref() {
+                facts.writes.insert(table(r));
+                if d.where_clause.as_deref().is_none_or(|w| always_true(w, facts)) {
+                    facts.unfiltered_writes.push(table(r));
+                }
+            }
+        }
+        NodeRef::MergeStmt(m) => {
+            if let Some(r) = m.relation.as_ref() {
+                facts.writes.insert(table(r));
+            }
+        }
+        NodeRef::CopyStmt(c) => {
+            let target = if c.is_program {
+                CopyTarget::Program
+            } else if c.filename.is_empty() {
+                CopyTarget::Client
+            } else {
+                CopyTarget::File
+            };
+            facts.copy = Some(CopyFacts { to: !c.is_from, target });
+            if let Some(r) = c.relation.as_ref() {
+                if c.is_from {
+                    facts.writes.insert(table(r));
+                }
+                if !c.is_from {
+                    // COPY table TO: the whole table is read.
+                    facts.unbounded_reads.push((table(r), None));
+                }
+            }
+        }
+        NodeRef::TruncateStmt(t) => {
+            for r in &t.relations {
+                if let Some(NodeEnum::RangeVar(rv)) = r.node.as_ref() {
+                    facts.writes.insert(table(rv));
+                    facts.ddl.push((DdlVerb::Truncate, table(rv)));
+                }
+            }
+        }
+        NodeRef::DropStmt(d) => {
+            let ty = ObjectType::try_from(d.remove_type).unwrap_or(ObjectType::Undefined);
+            for o in &d.objects {
+                let parts = match o.node.as_ref() {
+                    Some(NodeEnum::List(l)) => name_list(&l.items),
+                    Some(NodeEnum::String(s)) => vec![s.sval.clone()],
+                    _ => Vec::new(),
+                };
+                match ty {
+                    ObjectType::ObjectTable | ObjectType::ObjectView | ObjectType::ObjectMatview | ObjectType::ObjectForeignTable | ObjectType::ObjectSequence | ObjectType::ObjectIndex => {
+                        if let Some(t) = qualified(parts) {
+                            facts.tables.insert(t.clone());
+                            facts.ddl.push((DdlVerb::Drop, t));
+                        }
+                    }
+                    ObjectType::ObjectSchema => facts.dropped_schemas.extend(parts),
+                    ObjectType::ObjectFunction | ObjectType::ObjectProcedure | ObjectType::ObjectRoutine | ObjectType::ObjectExtension => {}
+                    _ => {}
+                }
+            }
+        }
+        NodeRef::AlterTableStmt(a) => {
+            if let Some(r) = a.relation.as_ref() {
+                facts.ddl.push((DdlVerb::Alter, table(r)));
+            }
+        }
+        NodeRef::RenameStmt(r) => {
+            if let Some(rel) = r.relation.as_ref() {
+                facts.ddl.push((DdlVerb::Alter, table(rel)));
+            }
+            if ObjectType::try_from(r.rename_type) == Ok(ObjectType::ObjectRole) {
+                facts.role_ddl = true;
+            }
+        }
+        NodeRef::AlterObjectSchemaStmt(a) => {
+            if let Some(rel) = a.relation.as_ref() {
+                facts.ddl.push((DdlVerb::Alter, table(rel)));
+            }
+        }
+        NodeRef::CreateTableAsStmt(c) => {
+            if let Some(q) = c.query.as_deref().and_then(|q| q.node.as_ref()) {
+                if let NodeEnum::SelectStmt(s) = q {
+                    let mut src = Vec::new();
+                    from_relations(&s.from_clause, &mut src);
+                    facts.copied_into_new_relation.extend(src);
+                }
+            }
+            if let Some(rel) = c.into.as_ref().and_then(|i| i.rel.as_ref()) {
+                facts.writes.insert(table(rel));
+            }
+        }
+        NodeRef::ViewStmt(v) => {
+            if let Some(NodeEnum::SelectStmt(s)) = v.query.as_deref().and_then(|q| q.node.as_ref()) {
+                let mut src = Vec::new();
+                from_relations(&s.from_clause, &mut src);
+                facts.copied_into_new_relation.extend(src);
+            }
+        }
+        NodeRef::FuncCall(f) => {
+            let names = name_list(&f.funcname);
+            if let Some(name) = names.last() {
+                let name = name.to_ascii_lowercase();
+                if name == "set_config" {
+                    facts.literal_sensitive = true;
+                    let setting = f.args.first().and_then(const_value).and_then(|v| match v {
+                        Val::Sval(s) => Some(s.sval.to_ascii_lowercase()),
+                        _ => None,
+                    });
+                    match setting.as_deref() {
+                        Some("role" | "session_authorization") => facts.changes_role = true,
+                        Some("standard_conforming_strings" | "backslash_quote") => facts.changes_parser = true,
+                        Some("client_encoding") => {
+                            let value = f.args.get(1).and_then(const_value).and_then(|v| match v {
+                                Val::Sval(s) => Some(s.sval.to_ascii_lowercase()),
+                                _ => None,
+                            });
+                            if value.as_deref().is_none_or(|v| UNSAFE_ENCODINGS.contains(&v.replace('-', "_").as_str())) {
+                                facts.changes_parser = true;
+                            }
+                        }
+                        Some(_) => {}
+                        // A computed setting name could be anything: treat as the worst.
+                        None => facts.changes_role = true,
+                    }
+                }
+                facts.functions.insert(name);
+            }
+        }
+        NodeRef::VariableSetStmt(v) => {
+            let name = v.name.to_ascii_lowercase();
+            let setting = VariableSetKind::try_from(v.kind).unwrap_or(VariableSetKind::Undefined);
+            let sets = matches!(setting, VariableSetKind::VarSetValue | VariableSetKind::VarSetDefault | VariableSetKind::VarSetCurrent);
+            match name.as_str() {
+                "role" | "session_authorization" if sets => facts.changes_role = true,
+                "standard_conforming_strings" | "backslash_quote" => facts.changes_parser = true,
+                "client_encoding" | "names" => {
+                    facts.literal_sensitive = true;
+                    let value = v.args.first().and_then(const_value).and_then(|c| match c {
+                        Val::Sval(s) => Some(s.sval.to_ascii_lowercase()),
+                        _ => None,
+                    });
+                    if sets && value.as_deref().is_none_or(|val| UNSAFE_ENCODINGS.contains(&val.replace('-', "_").as_str())) {
+                        facts.changes_parser = true;
+                    }
+                }
+                _ => {}
+            }
+        }
+        NodeRef::AlterSystemStmt(_) => facts.alter_system = true,
+        NodeRef::CreateRoleStmt(_) | NodeRef::AlterRoleStmt(_) | NodeRef::AlterRoleSetStmt(_) | NodeRef::DropRoleStmt(_) | NodeRef::GrantRoleStmt(_) | NodeRef::AlterDatabaseSetStmt(_) | NodeRef::DropOwnedStmt(_) | NodeRef::ReassignOwnedStmt(_) => {
+            facts.role_ddl = true
+        }
+        NodeRef::GrantStmt(_) | NodeRef::AlterDefaultPrivilegesStmt(_) => facts.grants = true,
+        NodeRef::DoStmt(_) | NodeRef::CreateFunctionStmt(_) | NodeRef::CreateTrigStmt(_) | NodeRef::RuleStmt(_) | NodeRef::LoadStmt(_) | NodeRef::CreateExtensionStmt(_) | NodeRef::CreateEventTrigStmt(_) => {
+            facts.opaque_code = true
+        }
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn one(sql: &str) -> Facts {
+        let a = analyze(sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
+        assert_eq!(a.statements.len(), 1, "{sql}");
+        a.statements.into_iter().next().unwrap()
+    }
+
+    fn t(s: &str) -> TableRef {
+        match s.split_once('.') {
+            Some((a, b)) => TableRef { schema: Some(a.into()), name: b.into() },
+            None => TableRef { schema: None, name: s.into() },
+        }
+    }
+
+    #[test]
+    fn finds_tables_through_ctes_subqueries_and_joins() {
+        let f = one("with x as (select * from public.patients p join encounters e on e.pid = p.id where p.id = 1) select * from x where exists (select 1 from \"Labs\" l)");
+        assert!(f.tables.contains(&t("public.patients")));
+        assert!(f.tables.contains(&t("encounters")));
+        assert!(f.tables.contains(&t("Labs")), "quoted identifiers keep their case");
+    }
+
+    #[test]
+    fn unfiltered_writes_are_found_anywhere() {
+        assert_eq!(one("delete from patients").unfiltered_writes, vec![t("patients")]);
+        assert_eq!(one("DELETE FROM patients WHERE 1=1").unfiltered_writes, vec![t("patients")]);
+        assert_eq!(one("update patients set x = 1 where true").unfiltered_writes, vec![t("patients")]);
+        assert_eq!(one("update patients set x = 1 where id = id").unfiltered_writes, vec![t("patients")]);
+        assert_eq!(one("delete from patients where id = 5 or 'a' = 'a'").unfiltered_writes, vec![t("patients")]);
+        assert!(one("delete from patients where id = 5").unfiltered_writes.is_empty());
+        assert!(one("delete from patients where 1 = 2").unfiltered_writes.is_empty());
+        assert_eq!(one("with gone as (delete from patients returning *) select count(*) from gone").unfiltered_writes, vec![t("patients")]);
+    }
+
+    #[test]
+    fn unbounded_reads_need_where_or_limit() {
+        assert_eq!(one("select * from patients").unbounded_reads, vec![(t("patients"), None)]);
+        assert_eq!(one("select * from patients limit 50").unbounded_reads, vec![(t("patients"), Some(50))]);
+        assert!(one("select * from patients where id = 1").unbounded_reads.is_empty());
+        assert!(one("select count(*) from patients").unbounded_reads.is_empty(), "a single aggregate row");
+        assert_eq!(one("select * from (select * from patients) p where p.id = 1").unbounded_reads, vec![(t("patients"), None)], "the inner level is unbounded");
+    }
+
+    #[test]
+    fn dangerous_settings_and_code() {
+        assert!(one("SET ROLE admin").changes_role);
+        assert!(one("set session authorization admin").changes_role);
+        assert!(!one("reset role").changes_role);
+        assert!(one("select set_config('role', 'admin', false)").changes_role);
+        assert!(one("select set_config($1, 'x', false)").changes_role, "unknown setting name");
+        assert!(!one("select set_config('application_name', 'x', false)").changes_role);
+        assert!(one("set standard_conforming_strings = off").changes_parser);
+        assert!(one("set client_encoding = 'SJIS'").changes_parser);
+        assert!(!one("set client_encoding = 'UTF8'").changes_parser);
+        assert!(one("do $$ begin perform 1; end $$").opaque_code);
+        assert!(one("create or replace function f() returns int language sql as 'select 1'").opaque_code);
+        assert!(one("alter system set work_mem = '1GB'").alter_system);
+        assert!(one("create role x").role_ddl);
+        assert!(one("grant admin to x").role_ddl);
+        assert!(one("grant select on patients to x").grants);
+    }
+
+    #[test]
+    fn copy_targets() {
+        assert_eq!(one("copy patients to stdout").copy, Some(CopyFacts { to: true, target: CopyTarget::Client }));
+        assert_eq!(one("copy patients to '/tmp/x'").copy, Some(CopyFacts { to: true, target: CopyTarget::File }));
+        assert_eq!(one("copy patients from program 'cat /etc/passwd'").copy, Some(CopyFacts { to: false, target: CopyTarget::Program }));
+        assert_eq!(one("copy (select * from patients) to stdout").copy.unwrap().to, true);
+    }
+
+    #[test]
+    fn parser_resolves_evasions() {
+        assert_eq!(one("/* a /* nested */ comment */ DeLeTe FrOm \"patients\" -- trailing").unfiltered_writes, vec![t("patients")]);
+        assert_eq!(one("delete from U&\"p\\0061tients\"").unfiltered_writes, vec![t("patients")]);
+        assert!(one("select 'delete from patients' as harmless").unfiltered_writes.is_empty());
+        assert!(one("select $q$drop table patients$q$").ddl.is_empty());
+    }
+
+    #[test]
+    fn every_statement_of_a_multi_statement_string() {
+        let a = analyze("select 1; drop table patients; select 2").unwrap();
+        assert_eq!(a.statements.len(), 3);
+        assert_eq!(a.statements[1].ddl, vec![(DdlVerb::Drop, t("patients"))]);
+        assert!(analyze("select from where").is_err());
+    }
+}
