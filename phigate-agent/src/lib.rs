@@ -6,6 +6,7 @@
 //! - [`ebpf`]: load, attach, pin and adopt the kernel programs; map access (only module using aya)
 //! - [`net`]: interceptor listeners, address newtypes, original-destination recovery, TLS
 //! - [`pg`]: the PostgreSQL wire protocol (framing, messages, errors); no I/O
+//! - [`policy`]: SQL analysis (pg_query), rules, the hipaa-baseline pack, approvals; no I/O
 //! - [`identity`]: kernel record → named workload
 //! - [`session`]: one task per connection
 //! - [`protection`]: what is protected, kept in sync with config and `phigate protect`
@@ -20,6 +21,7 @@ pub mod host;
 pub mod identity;
 pub mod net;
 pub mod pg;
+pub mod policy;
 pub mod protection;
 pub mod session;
 pub mod status;

@@ -8,9 +8,11 @@
 use std::{collections::BTreeSet, fmt};
 
 use pg_query::{
-    NodeEnum, NodeRef,
-    protobuf::{self, ObjectType, VariableSetKind, a_const::Val},
+    protobuf::{self, a_const::Val, ObjectType, VariableSetKind},
+    NodeEnum,
 };
+
+use super::walk::{Walker, N};
 
 /// A relation as written in the statement, normalised like PostgreSQL does (unquoted
 /// names are already lower-cased by the parser; quoted ones keep their case).
@@ -162,6 +164,8 @@ pub struct Facts {
     /// The decision depends on a literal's value (LIMIT n, `1 = 1`, set_config
     /// arguments): such statements are cached by exact text only.
     pub literal_sensitive: bool,
+    /// Nested deeper than the walker follows: cannot be judged.
+    pub too_deep: bool,
 }
 
 /// The whole message: one entry per statement.
@@ -180,7 +184,24 @@ const AGGREGATES: &[&str] = &["count", "sum", "avg", "min", "max", "bool_and", "
 /// Client encodings PostgreSQL accepts only on the client side because a multibyte
 /// character may contain a backslash byte: the server would split strings
 /// differently from the policy's parser.
-const UNSAFE_ENCODINGS: &[&str] = &["sjis", "shift_jis", "big5", "gbk", "uhc", "gb18030", "johab", "mskanji", "windows932", "windows936", "windows949", "windows950", "cp932", "cp936", "cp949", "cp950"];
+const UNSAFE_ENCODINGS: &[&str] = &[
+    "sjis",
+    "shift_jis",
+    "big5",
+    "gbk",
+    "uhc",
+    "gb18030",
+    "johab",
+    "mskanji",
+    "windows932",
+    "windows936",
+    "windows949",
+    "windows950",
+    "cp932",
+    "cp936",
+    "cp949",
+    "cp950",
+];
 
 pub fn analyze(sql: &str) -> Result<Analysis, ParseError> {
     let parsed = pg_query::parse(sql, 0).map_err(|e| ParseError(e.to_string()))?;
@@ -188,12 +209,39 @@ pub fn analyze(sql: &str) -> Result<Analysis, ParseError> {
     for raw in &parsed.protobuf.stmts {
         let Some(node) = raw.stmt.as_ref().and_then(|n| n.node.as_ref()) else { continue };
         let mut facts = Facts { kind: Some(kind_of(node)), ..Facts::default() };
-        for (n, _depth, _ctx, _) in node.nodes() {
-            visit(n, &mut facts);
-        }
+        let mut found = Facts::default();
+        let too_deep = {
+            let mut visit = |n: N<'_>| visit(n, &mut found);
+            let mut w = Walker { visit: &mut visit, depth: 0, too_deep: false };
+            w.raw_stmt(raw);
+            w.too_deep
+        };
+        facts.merge(found);
+        facts.too_deep = too_deep;
         statements.push(facts);
     }
     Ok(Analysis { statements })
+}
+
+impl Facts {
+    fn merge(&mut self, o: Facts) {
+        self.tables.extend(o.tables);
+        self.writes.extend(o.writes);
+        self.ddl.extend(o.ddl);
+        self.dropped_schemas.extend(o.dropped_schemas);
+        self.functions.extend(o.functions);
+        self.unfiltered_writes.extend(o.unfiltered_writes);
+        self.unbounded_reads.extend(o.unbounded_reads);
+        self.copy = self.copy.take().or(o.copy);
+        self.copied_into_new_relation.extend(o.copied_into_new_relation);
+        self.opaque_code |= o.opaque_code;
+        self.changes_role |= o.changes_role;
+        self.changes_parser |= o.changes_parser;
+        self.alter_system |= o.alter_system;
+        self.role_ddl |= o.role_ddl;
+        self.grants |= o.grants;
+        self.literal_sensitive |= o.literal_sensitive;
+    }
 }
 
 fn table(rv: &protobuf::RangeVar) -> TableRef {
@@ -232,8 +280,33 @@ fn kind_of(node: &NodeEnum) -> Kind {
         N::CopyStmt(_) => Kind::Copy,
         N::TruncateStmt(_) => Kind::Truncate,
         N::DropStmt(_) | N::DropRoleStmt(_) | N::DropdbStmt(_) | N::DropOwnedStmt(_) | N::DropTableSpaceStmt(_) => Kind::Drop,
-        N::AlterTableStmt(_) | N::RenameStmt(_) | N::AlterObjectSchemaStmt(_) | N::AlterOwnerStmt(_) | N::AlterRoleStmt(_) | N::AlterRoleSetStmt(_) | N::AlterDatabaseStmt(_) | N::AlterDatabaseSetStmt(_) | N::AlterSystemStmt(_) | N::AlterFunctionStmt(_) | N::AlterSeqStmt(_) | N::AlterDefaultPrivilegesStmt(_) => Kind::Alter,
-        N::CreateStmt(_) | N::CreateTableAsStmt(_) | N::ViewStmt(_) | N::IndexStmt(_) | N::CreateSchemaStmt(_) | N::CreateFunctionStmt(_) | N::CreateRoleStmt(_) | N::CreateSeqStmt(_) | N::CreateExtensionStmt(_) | N::CreateTrigStmt(_) | N::RuleStmt(_) | N::CompositeTypeStmt(_) | N::CreateEnumStmt(_) | N::CreatedbStmt(_) | N::CreateDomainStmt(_) => Kind::Create,
+        N::AlterTableStmt(_)
+        | N::RenameStmt(_)
+        | N::AlterObjectSchemaStmt(_)
+        | N::AlterOwnerStmt(_)
+        | N::AlterRoleStmt(_)
+        | N::AlterRoleSetStmt(_)
+        | N::AlterDatabaseStmt(_)
+        | N::AlterDatabaseSetStmt(_)
+        | N::AlterSystemStmt(_)
+        | N::AlterFunctionStmt(_)
+        | N::AlterSeqStmt(_)
+        | N::AlterDefaultPrivilegesStmt(_) => Kind::Alter,
+        N::CreateStmt(_)
+        | N::CreateTableAsStmt(_)
+        | N::ViewStmt(_)
+        | N::IndexStmt(_)
+        | N::CreateSchemaStmt(_)
+        | N::CreateFunctionStmt(_)
+        | N::CreateRoleStmt(_)
+        | N::CreateSeqStmt(_)
+        | N::CreateExtensionStmt(_)
+        | N::CreateTrigStmt(_)
+        | N::RuleStmt(_)
+        | N::CompositeTypeStmt(_)
+        | N::CreateEnumStmt(_)
+        | N::CreatedbStmt(_)
+        | N::CreateDomainStmt(_) => Kind::Create,
         N::GrantStmt(g) if g.is_grant => Kind::Grant,
         N::GrantStmt(_) => Kind::Revoke,
         N::GrantRoleStmt(g) if g.is_grant => Kind::Grant,
@@ -351,12 +424,12 @@ fn only_aggregates(s: &protobuf::SelectStmt) -> bool {
         })
 }
 
-fn visit(n: NodeRef<'_>, facts: &mut Facts) {
+fn visit(n: N<'_>, facts: &mut Facts) {
     match n {
-        NodeRef::RangeVar(rv) => {
+        N::RangeVar(rv) => {
             facts.tables.insert(table(rv));
         }
-        NodeRef::SelectStmt(s) => {
+        N::SelectStmt(s) => {
             let mut rels = Vec::new();
             from_relations(&s.from_clause, &mut rels);
             if s.where_clause.is_none() && !rels.is_empty() && !only_aggregates(s) {
@@ -385,12 +458,12 @@ fn visit(n: NodeRef<'_>, facts: &mut Facts) {
                 facts.copied_into_new_relation.extend(src);
             }
         }
-        NodeRef::InsertStmt(i) => {
+        N::InsertStmt(i) => {
             if let Some(r) = i.relation.as_ref() {
                 facts.writes.insert(table(r));
             }
         }
-        NodeRef::UpdateStmt(u) => {
+        N::UpdateStmt(u) => {
             if let Some(r) = u.relation.as_ref() {
                 facts.writes.insert(table(r));
                 if u.where_clause.as_deref().is_none_or(|w| always_true(w, facts)) {
@@ -398,7 +471,7 @@ fn visit(n: NodeRef<'_>, facts: &mut Facts) {
                 }
             }
         }
-        NodeRef::DeleteStmt(d) => {
+        N::DeleteStmt(d) => {
             if let Some(r) = d.relation.as_ref() {
                 facts.writes.insert(table(r));
                 if d.where_clause.as_deref().is_none_or(|w| always_true(w, facts)) {
@@ -406,12 +479,12 @@ fn visit(n: NodeRef<'_>, facts: &mut Facts) {
                 }
             }
         }
-        NodeRef::MergeStmt(m) => {
+        N::MergeStmt(m) => {
             if let Some(r) = m.relation.as_ref() {
                 facts.writes.insert(table(r));
             }
         }
-        NodeRef::CopyStmt(c) => {
+        N::CopyStmt(c) => {
             let target = if c.is_program {
                 CopyTarget::Program
             } else if c.filename.is_empty() {
@@ -430,7 +503,7 @@ fn visit(n: NodeRef<'_>, facts: &mut Facts) {
                 }
             }
         }
-        NodeRef::TruncateStmt(t) => {
+        N::TruncateStmt(t) => {
             for r in &t.relations {
                 if let Some(NodeEnum::RangeVar(rv)) = r.node.as_ref() {
                     facts.writes.insert(table(rv));
@@ -438,7 +511,7 @@ fn visit(n: NodeRef<'_>, facts: &mut Facts) {
                 }
             }
         }
-        NodeRef::DropStmt(d) => {
+        N::DropStmt(d) => {
             let ty = ObjectType::try_from(d.remove_type).unwrap_or(ObjectType::Undefined);
             for o in &d.objects {
                 let parts = match o.node.as_ref() {
@@ -447,7 +520,12 @@ fn visit(n: NodeRef<'_>, facts: &mut Facts) {
                     _ => Vec::new(),
                 };
                 match ty {
-                    ObjectType::ObjectTable | ObjectType::ObjectView | ObjectType::ObjectMatview | ObjectType::ObjectForeignTable | ObjectType::ObjectSequence | ObjectType::ObjectIndex => {
+                    ObjectType::ObjectTable
+                    | ObjectType::ObjectView
+                    | ObjectType::ObjectMatview
+                    | ObjectType::ObjectForeignTable
+                    | ObjectType::ObjectSequence
+                    | ObjectType::ObjectIndex => {
                         if let Some(t) = qualified(parts) {
                             facts.tables.insert(t.clone());
                             facts.ddl.push((DdlVerb::Drop, t));
@@ -459,12 +537,12 @@ fn visit(n: NodeRef<'_>, facts: &mut Facts) {
                 }
             }
         }
-        NodeRef::AlterTableStmt(a) => {
+        N::AlterTableStmt(a) => {
             if let Some(r) = a.relation.as_ref() {
                 facts.ddl.push((DdlVerb::Alter, table(r)));
             }
         }
-        NodeRef::RenameStmt(r) => {
+        N::RenameStmt(r) => {
             if let Some(rel) = r.relation.as_ref() {
                 facts.ddl.push((DdlVerb::Alter, table(rel)));
             }
@@ -472,12 +550,12 @@ fn visit(n: NodeRef<'_>, facts: &mut Facts) {
                 facts.role_ddl = true;
             }
         }
-        NodeRef::AlterObjectSchemaStmt(a) => {
+        N::AlterObjectSchemaStmt(a) => {
             if let Some(rel) = a.relation.as_ref() {
                 facts.ddl.push((DdlVerb::Alter, table(rel)));
             }
         }
-        NodeRef::CreateTableAsStmt(c) => {
+        N::CreateTableAsStmt(c) => {
             if let Some(q) = c.query.as_deref().and_then(|q| q.node.as_ref()) {
                 if let NodeEnum::SelectStmt(s) = q {
                     let mut src = Vec::new();
@@ -489,14 +567,14 @@ fn visit(n: NodeRef<'_>, facts: &mut Facts) {
                 facts.writes.insert(table(rel));
             }
         }
-        NodeRef::ViewStmt(v) => {
+        N::ViewStmt(v) => {
             if let Some(NodeEnum::SelectStmt(s)) = v.query.as_deref().and_then(|q| q.node.as_ref()) {
                 let mut src = Vec::new();
                 from_relations(&s.from_clause, &mut src);
                 facts.copied_into_new_relation.extend(src);
             }
         }
-        NodeRef::FuncCall(f) => {
+        N::FuncCall(f) => {
             let names = name_list(&f.funcname);
             if let Some(name) = names.last() {
                 let name = name.to_ascii_lowercase();
@@ -526,7 +604,7 @@ fn visit(n: NodeRef<'_>, facts: &mut Facts) {
                 facts.functions.insert(name);
             }
         }
-        NodeRef::VariableSetStmt(v) => {
+        N::VariableSetStmt(v) => {
             let name = v.name.to_ascii_lowercase();
             let setting = VariableSetKind::try_from(v.kind).unwrap_or(VariableSetKind::Undefined);
             let sets = matches!(setting, VariableSetKind::VarSetValue | VariableSetKind::VarSetDefault | VariableSetKind::VarSetCurrent);
@@ -546,14 +624,23 @@ fn visit(n: NodeRef<'_>, facts: &mut Facts) {
                 _ => {}
             }
         }
-        NodeRef::AlterSystemStmt(_) => facts.alter_system = true,
-        NodeRef::CreateRoleStmt(_) | NodeRef::AlterRoleStmt(_) | NodeRef::AlterRoleSetStmt(_) | NodeRef::DropRoleStmt(_) | NodeRef::GrantRoleStmt(_) | NodeRef::AlterDatabaseSetStmt(_) | NodeRef::DropOwnedStmt(_) | NodeRef::ReassignOwnedStmt(_) => {
-            facts.role_ddl = true
-        }
-        NodeRef::GrantStmt(_) | NodeRef::AlterDefaultPrivilegesStmt(_) => facts.grants = true,
-        NodeRef::DoStmt(_) | NodeRef::CreateFunctionStmt(_) | NodeRef::CreateTrigStmt(_) | NodeRef::RuleStmt(_) | NodeRef::LoadStmt(_) | NodeRef::CreateExtensionStmt(_) | NodeRef::CreateEventTrigStmt(_) => {
-            facts.opaque_code = true
-        }
+        N::AlterSystemStmt(_) => facts.alter_system = true,
+        N::CreateRoleStmt(_)
+        | N::AlterRoleStmt(_)
+        | N::AlterRoleSetStmt(_)
+        | N::DropRoleStmt(_)
+        | N::GrantRoleStmt(_)
+        | N::AlterDatabaseSetStmt(_)
+        | N::DropOwnedStmt(_)
+        | N::ReassignOwnedStmt(_) => facts.role_ddl = true,
+        N::GrantStmt(_) | N::AlterDefaultPrivilegesStmt(_) => facts.grants = true,
+        N::DoStmt(_)
+        | N::CreateFunctionStmt(_)
+        | N::CreateTrigStmt(_)
+        | N::RuleStmt(_)
+        | N::LoadStmt(_)
+        | N::CreateExtensionStmt(_)
+        | N::CreateEventTrigStmt(_) => facts.opaque_code = true,
         _ => {}
     }
 }

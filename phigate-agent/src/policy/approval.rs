@@ -1,0 +1,289 @@
+//! Just-in-time approval: statements held for a human, their decisions, and the
+//! time-boxed grants an approval may leave behind.
+//!
+//! The broker only keeps state and enforces the rules (an approver is never the
+//! requester; a decision names its approver, reason and time). Waiting, deadlines and
+//! the wire are the session's business; the admin API and webhook are the caller's.
+
+use std::{
+    collections::HashMap,
+    fmt,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Mutex,
+    },
+    time::{Duration, Instant, SystemTime},
+};
+
+use serde::Serialize;
+use tokio::sync::oneshot;
+
+/// Who asked.
+#[derive(Debug, Clone, Serialize)]
+pub struct Requester {
+    /// The workload identity.
+    pub identity: String,
+    /// The token subject, when the workload authenticated with a token.
+    pub token_subject: Option<String>,
+    pub session_id: u32,
+    pub pid: u32,
+    pub cgroup: String,
+}
+
+/// Who decided: a person or program talking to the admin API.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Approver {
+    /// e.g. `unix:alice`.
+    pub name: String,
+    /// The workload identity of the approving process, if it runs in a protected
+    /// cgroup (such a process may not approve its own identity's requests).
+    pub workload: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum Outcome {
+    Approved { by: String, reason: String, window_secs: Option<u64>, decided_at: u64 },
+    Denied { by: String, reason: String, decided_at: u64 },
+    TimedOut { decided_at: u64 },
+}
+
+/// A request as the admin API and webhook show it. The statement text is shown to
+/// approvers (they need it to decide); it never goes to the logs.
+#[derive(Debug, Clone, Serialize)]
+pub struct RequestView {
+    pub id: u64,
+    pub requester: Requester,
+    pub database: String,
+    pub dbname: String,
+    pub statement: String,
+    pub rule: String,
+    pub reason: String,
+    pub requested_at: u64,
+    pub waiting_secs: u64,
+    pub deadline_secs: u64,
+}
+
+struct Pending {
+    view: RequestView,
+    fingerprint: u64,
+    since: Instant,
+    reply: oneshot::Sender<Outcome>,
+}
+
+/// Something the webhook (and audit) should hear about.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    ApprovalRequested { approval: RequestView },
+    ApprovalDecided { approval: RequestView, decision: Outcome, approver: Option<Approver> },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ApprovalError {
+    #[error("no pending approval with id {0} (already decided, timed out, or never existed)")]
+    NotFound(u64),
+    #[error("self-approval refused: the approving process runs as workload identity \"{0}\", which made this request")]
+    SelfApproval(String),
+    #[error("a reason is required")]
+    NoReason,
+    #[error("the grant window of {asked} s exceeds the configured maximum of {max} s")]
+    WindowTooLong { asked: u64, max: u64 },
+}
+
+pub fn epoch_secs(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// The approval state of one agent.
+pub struct Broker {
+    next_id: AtomicU64,
+    pending: Mutex<HashMap<u64, Pending>>,
+    /// (identity, fingerprint) → expiry.
+    grants: Mutex<HashMap<(String, u64), (Instant, String)>>,
+    pub timeout: Duration,
+    pub max_window: Duration,
+    events: Mutex<Vec<Box<dyn Fn(&Event) + Send>>>,
+}
+
+impl fmt::Debug for Broker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Broker({} pending)", self.pending.lock().map(|p| p.len()).unwrap_or(0))
+    }
+}
+
+/// A waiting request, from the session's side.
+pub struct Ticket {
+    pub id: u64,
+    pub reply: oneshot::Receiver<Outcome>,
+}
+
+impl Broker {
+    pub fn new(timeout: Duration, max_window: Duration) -> Self {
+        Self {
+            next_id: AtomicU64::new(1),
+            pending: Mutex::new(HashMap::new()),
+            grants: Mutex::new(HashMap::new()),
+            timeout,
+            max_window,
+            events: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Subscribe to events (the webhook notifier, the audit log).
+    pub fn subscribe(&self, f: impl Fn(&Event) + Send + 'static) {
+        self.events.lock().expect("invariant: lock not poisoned").push(Box::new(f));
+    }
+
+    fn emit(&self, e: &Event) {
+        for f in self.events.lock().expect("invariant: lock not poisoned").iter() {
+            f(e);
+        }
+    }
+
+    /// A live grant for this identity and statement fingerprint, with who granted it.
+    pub fn granted(&self, identity: &str, fingerprint: u64) -> Option<String> {
+        let mut g = self.grants.lock().expect("invariant: lock not poisoned");
+        let key = (identity.to_string(), fingerprint);
+        match g.get(&key) {
+            Some((until, by)) if *until > Instant::now() => Some(by.clone()),
+            Some(_) => {
+                g.remove(&key);
+                None
+            }
+            None => None,
+        }
+    }
+
+    #[allow(clippy::too_many_arguments, reason = "a request is these facts; a struct would only rename them")]
+    pub fn request(&self, requester: Requester, database: &str, dbname: &str, statement: &str, rule: &str, reason: &str, fingerprint: u64) -> Ticket {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        let view = RequestView {
+            id,
+            requester,
+            database: database.into(),
+            dbname: dbname.into(),
+            statement: statement.into(),
+            rule: rule.into(),
+            reason: reason.into(),
+            requested_at: epoch_secs(SystemTime::now()),
+            waiting_secs: 0,
+            deadline_secs: self.timeout.as_secs(),
+        };
+        self.pending.lock().expect("invariant: lock not poisoned").insert(id, Pending { view: view.clone(), fingerprint, since: Instant::now(), reply: tx });
+        self.emit(&Event::ApprovalRequested { approval: view });
+        Ticket { id, reply: rx }
+    }
+
+    pub fn list(&self) -> Vec<RequestView> {
+        let p = self.pending.lock().expect("invariant: lock not poisoned");
+        let mut v: Vec<RequestView> = p.values().map(|x| RequestView { waiting_secs: x.since.elapsed().as_secs(), ..x.view.clone() }).collect();
+        v.sort_by_key(|x| x.id);
+        v
+    }
+
+    pub fn show(&self, id: u64) -> Option<RequestView> {
+        self.list().into_iter().find(|v| v.id == id)
+    }
+
+    /// Approve or deny a pending request.
+    pub fn decide(&self, id: u64, approver: &Approver, approve: bool, reason: &str, window: Option<Duration>) -> Result<Outcome, ApprovalError> {
+        if reason.trim().is_empty() {
+            return Err(ApprovalError::NoReason);
+        }
+        if let Some(w) = window {
+            if w > self.max_window {
+                return Err(ApprovalError::WindowTooLong { asked: w.as_secs(), max: self.max_window.as_secs() });
+            }
+        }
+        let mut pending = self.pending.lock().expect("invariant: lock not poisoned");
+        let Some(p) = pending.get(&id) else {
+            return Err(ApprovalError::NotFound(id));
+        };
+        if approver.workload.as_deref() == Some(p.view.requester.identity.as_str()) {
+            return Err(ApprovalError::SelfApproval(p.view.requester.identity.clone()));
+        }
+        let p = pending.remove(&id).expect("invariant: present above");
+        drop(pending);
+        let now = epoch_secs(SystemTime::now());
+        let outcome = if approve {
+            if let Some(w) = window.filter(|w| !w.is_zero()) {
+                self.grants
+                    .lock()
+                    .expect("invariant: lock not poisoned")
+                    .insert((p.view.requester.identity.clone(), p.fingerprint), (Instant::now() + w, approver.name.clone()));
+            }
+            Outcome::Approved { by: approver.name.clone(), reason: reason.into(), window_secs: window.map(|w| w.as_secs()), decided_at: now }
+        } else {
+            Outcome::Denied { by: approver.name.clone(), reason: reason.into(), decided_at: now }
+        };
+        let view = RequestView { waiting_secs: p.since.elapsed().as_secs(), ..p.view };
+        // The session may have given up already (client gone): the decision stands.
+        let _ = p.reply.send(outcome.clone());
+        self.emit(&Event::ApprovalDecided { approval: view, decision: outcome.clone(), approver: Some(approver.clone()) });
+        Ok(outcome)
+    }
+
+    /// The session's deadline passed (or its client left): forget the request.
+    pub fn expire(&self, id: u64) -> Option<Outcome> {
+        let p = self.pending.lock().expect("invariant: lock not poisoned").remove(&id)?;
+        let outcome = Outcome::TimedOut { decided_at: epoch_secs(SystemTime::now()) };
+        let view = RequestView { waiting_secs: p.since.elapsed().as_secs(), ..p.view };
+        self.emit(&Event::ApprovalDecided { approval: view, decision: outcome.clone(), approver: None });
+        Some(outcome)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn requester(identity: &str) -> Requester {
+        Requester { identity: identity.into(), token_subject: None, session_id: 1, pid: 2, cgroup: "c".into() }
+    }
+
+    fn human() -> Approver {
+        Approver { name: "unix:alice".into(), workload: None }
+    }
+
+    #[test]
+    fn approve_deny_and_self_approval() {
+        let b = Broker::new(Duration::from_secs(60), Duration::from_secs(3600));
+        let mut t = b.request(requester("billing"), "clinical", "clinical", "select * from patients", "baseline.unbounded-phi-read", "r", 7);
+        assert_eq!(b.list().len(), 1);
+        let me = Approver { name: "unix:root".into(), workload: Some("billing".into()) };
+        assert_eq!(b.decide(t.id, &me, true, "ok", None), Err(ApprovalError::SelfApproval("billing".into())));
+        assert_eq!(b.decide(t.id, &human(), true, " ", None), Err(ApprovalError::NoReason));
+        let o = b.decide(t.id, &human(), true, "ticket 42", None).unwrap();
+        assert!(matches!(o, Outcome::Approved { ref by, .. } if by == "unix:alice"));
+        assert_eq!(t.reply.try_recv().unwrap(), o);
+        assert_eq!(b.decide(t.id, &human(), true, "again", None), Err(ApprovalError::NotFound(t.id)));
+        let t2 = b.request(requester("billing"), "clinical", "clinical", "x", "r", "r", 7);
+        assert!(matches!(b.decide(t2.id, &human(), false, "no", None).unwrap(), Outcome::Denied { .. }));
+    }
+
+    #[test]
+    fn windows_grant_the_same_fingerprint_and_expire() {
+        let b = Broker::new(Duration::from_secs(60), Duration::from_secs(3600));
+        let t = b.request(requester("billing"), "d", "d", "s", "r", "r", 99);
+        assert!(b.decide(t.id, &human(), true, "ok", Some(Duration::from_secs(7200))).is_err(), "over the maximum");
+        b.decide(t.id, &human(), true, "ok", Some(Duration::from_millis(200))).unwrap();
+        assert_eq!(b.granted("billing", 99).as_deref(), Some("unix:alice"));
+        assert_eq!(b.granted("billing", 98), None, "another statement");
+        assert_eq!(b.granted("other", 99), None, "another identity");
+        std::thread::sleep(Duration::from_millis(250));
+        assert_eq!(b.granted("billing", 99), None, "expired");
+    }
+
+    #[test]
+    fn events_are_emitted() {
+        let b = Broker::new(Duration::from_secs(60), Duration::from_secs(3600));
+        let seen = std::sync::Arc::new(Mutex::new(Vec::new()));
+        let s = seen.clone();
+        b.subscribe(move |e| s.lock().unwrap().push(serde_json::to_value(e).unwrap()["event"].as_str().unwrap().to_string()));
+        let t = b.request(requester("a"), "d", "d", "s", "r", "r", 1);
+        b.expire(t.id);
+        assert_eq!(*seen.lock().unwrap(), vec!["approval_requested", "approval_decided"]);
+    }
+}

@@ -1,0 +1,153 @@
+//! The built-in `hipaa-baseline` pack: what no workload touching PHI should do
+//! without a human, whatever the configured rules say. Rule ids are stable; they
+//! appear in errors, approvals and audit records.
+//!
+//! | rule | verdict | what |
+//! |---|---|---|
+//! | `baseline.drop-phi` | block | DROP of a PHI table (or a schema holding one) |
+//! | `baseline.truncate-phi` | block | TRUNCATE of a PHI table |
+//! | `baseline.alter-phi` | block | ALTER / rename / move of a PHI table |
+//! | `baseline.unfiltered-write` | block | DELETE/UPDATE without WHERE, or with an always-true WHERE |
+//! | `baseline.copy-server-side` | block | COPY to or from a server file or program |
+//! | `baseline.copy-phi-relation` | block | SELECT INTO / CREATE TABLE AS / CREATE VIEW from PHI tables |
+//! | `baseline.dangerous-function` | block | file access, large-object import/export, dblink, backend signalling, XML dumps of whole tables/queries |
+//! | `baseline.role-change` | block | SET ROLE, SET SESSION AUTHORIZATION, set_config() of those |
+//! | `baseline.parser-settings` | block | standard_conforming_strings, backslash_quote, unsafe client encodings |
+//! | `baseline.alter-system` | block | ALTER SYSTEM |
+//! | `baseline.role-ddl` | block | CREATE/ALTER/DROP ROLE, role membership, per-role/database settings |
+//! | `baseline.grants` | block | GRANT/REVOKE of privileges |
+//! | `baseline.opaque-code` | block | DO, CREATE FUNCTION/PROCEDURE/TRIGGER/RULE/EXTENSION, LOAD |
+//! | `baseline.bulk-export` | approve | COPY … TO STDOUT reading PHI |
+//! | `baseline.unbounded-phi-read` | approve | SELECT from a PHI table with neither WHERE nor a LIMIT ≤ the threshold |
+//!
+//! PREPARE and EXPLAIN carry the facts of the statement inside them, so preparing or
+//! explaining something blocked is blocked too.
+
+use super::{
+    analyze::{CopyTarget, DdlVerb, Facts},
+    Finding, Policy, Verdict,
+};
+
+/// Functions no workload needs and that escape the database's access model.
+pub const DANGEROUS_FUNCTIONS: &[&str] = &[
+    "pg_read_file",
+    "pg_read_binary_file",
+    "pg_ls_dir",
+    "pg_stat_file",
+    "pg_ls_logdir",
+    "pg_ls_waldir",
+    "pg_ls_tmpdir",
+    "pg_ls_archive_statusdir",
+    "pg_ls_logicalmapdir",
+    "pg_ls_logicalsnapdir",
+    "pg_ls_replslotdir",
+    "pg_file_write",
+    "pg_file_rename",
+    "pg_file_unlink",
+    "pg_file_sync",
+    "pg_logdir_ls",
+    "lo_import",
+    "lo_export",
+    "pg_terminate_backend",
+    "pg_cancel_backend",
+    "pg_reload_conf",
+    "pg_rotate_logfile",
+    "pg_promote",
+    "pg_switch_wal",
+    "pg_create_restore_point",
+    "pg_backup_start",
+    "pg_backup_stop",
+    "query_to_xml",
+    "query_to_xml_and_xmlschema",
+    "query_to_xmlschema",
+    "cursor_to_xml",
+    "table_to_xml",
+    "table_to_xml_and_xmlschema",
+    "schema_to_xml",
+    "schema_to_xml_and_xmlschema",
+    "database_to_xml",
+    "database_to_xml_and_xmlschema",
+];
+
+fn dangerous(name: &str) -> bool {
+    name.starts_with("dblink") || DANGEROUS_FUNCTIONS.contains(&name)
+}
+
+fn block(rule: &str, reason: String) -> Finding {
+    Finding { verdict: Verdict::Block, rule: rule.into(), reason }
+}
+
+pub fn findings(p: &Policy, f: &Facts) -> Vec<Finding> {
+    let mut out = Vec::new();
+    for (verb, t) in &f.ddl {
+        if p.is_phi(t) {
+            let (rule, what) = match verb {
+                DdlVerb::Drop => ("baseline.drop-phi", "DROP"),
+                DdlVerb::Truncate => ("baseline.truncate-phi", "TRUNCATE"),
+                DdlVerb::Alter => ("baseline.alter-phi", "ALTER"),
+            };
+            out.push(block(rule, format!("{what} of PHI table {t}")));
+        }
+    }
+    for s in &f.dropped_schemas {
+        if p.baseline.phi_tables.iter().any(|pt| pt.schema().is_none_or(|ps| ps == s)) {
+            out.push(block("baseline.drop-phi", format!("DROP SCHEMA {s} would drop PHI tables")));
+        }
+    }
+    if let Some(t) = f.unfiltered_writes.first() {
+        out.push(block("baseline.unfiltered-write", format!("DELETE/UPDATE of {t} without a WHERE that limits the rows")));
+    }
+    if let Some(c) = &f.copy {
+        if c.target != CopyTarget::Client {
+            out.push(block("baseline.copy-server-side", "COPY to or from a file or program on the database server".into()));
+        }
+    }
+    if let Some(t) = f.copied_into_new_relation.iter().find(|t| p.is_phi(t)) {
+        out.push(block("baseline.copy-phi-relation", format!("copying PHI table {t} into a new table or view")));
+    }
+    if let Some(name) = f.functions.iter().find(|n| dangerous(n)) {
+        out.push(block("baseline.dangerous-function", format!("function {name}() is not allowed")));
+    }
+    if f.changes_role {
+        out.push(block("baseline.role-change", "changing the session's role".into()));
+    }
+    if f.changes_parser {
+        out.push(block(
+            "baseline.parser-settings",
+            "changing how the server parses statements (standard_conforming_strings, backslash_quote, client encoding)".into(),
+        ));
+    }
+    if f.alter_system {
+        out.push(block("baseline.alter-system", "ALTER SYSTEM".into()));
+    }
+    if f.role_ddl {
+        out.push(block("baseline.role-ddl", "creating, altering or granting roles".into()));
+    }
+    if f.grants {
+        out.push(block("baseline.grants", "GRANT/REVOKE of privileges".into()));
+    }
+    if f.opaque_code {
+        out.push(block(
+            "baseline.opaque-code",
+            "DO blocks and new functions, procedures, triggers, rules or extensions run code phigate cannot inspect".into(),
+        ));
+    }
+    let phi_read = f.unbounded_reads.iter().find(|(t, limit)| p.is_phi(t) && limit.is_none_or(|l| l > p.baseline.unbounded_read_limit));
+    if let Some((t, limit)) = phi_read {
+        if f.copy.as_ref().is_some_and(|c| c.to) {
+            out.push(Finding { verdict: Verdict::Approve, rule: "baseline.bulk-export".into(), reason: format!("bulk export of PHI table {t}") });
+        } else {
+            let how = match limit {
+                Some(l) => format!("LIMIT {l} is above {}", p.baseline.unbounded_read_limit),
+                None => "neither WHERE nor LIMIT".into(),
+            };
+            out.push(Finding { verdict: Verdict::Approve, rule: "baseline.unbounded-phi-read".into(), reason: format!("read of PHI table {t} with {how}") });
+        }
+    } else if let Some(c) = &f.copy {
+        // COPY (query) TO STDOUT whose query has a WHERE still exports PHI in bulk.
+        if c.to && f.tables.iter().any(|t| p.is_phi(t)) {
+            out.push(Finding { verdict: Verdict::Approve, rule: "baseline.bulk-export".into(), reason: "bulk export reading PHI tables".into() });
+        }
+    }
+    out
+}

@@ -1,0 +1,151 @@
+//! Table tests: statement → verdict and rule, under the baseline pack with PHI tables
+//! `public.patients` and `public.encounters` and an identity whose default is allow.
+
+use std::collections::HashMap;
+
+use super::{analyze, unparseable, BaselineSettings, Decision, FnPattern, Policy, Rule, Subject, TablePattern, Verdict};
+use crate::policy::analyze::Kind;
+
+fn policy(rules: Vec<Rule>) -> Policy {
+    Policy {
+        baseline: BaselineSettings {
+            enabled: true,
+            phi_tables: vec![TablePattern::parse("public.patients").unwrap(), TablePattern::parse("public.encounters").unwrap()],
+            unbounded_read_limit: 1000,
+        },
+        rules,
+        defaults: HashMap::from([("agent".to_string(), Verdict::Allow), ("locked".to_string(), Verdict::Block)]),
+    }
+}
+
+fn decide(p: &Policy, identity: &str, sql: &str) -> Decision {
+    match analyze::analyze(sql) {
+        Ok(a) => p.decide(&Subject { identity, groups: &["analysts".to_string()] }, &a),
+        Err(e) => unparseable(&e),
+    }
+}
+
+#[test]
+fn baseline_table() {
+    let p = policy(Vec::new());
+    let cases: &[(&str, Verdict, &str)] = &[
+        ("select * from patients where id = 1", Verdict::Allow, "default"),
+        ("select * from patients", Verdict::Approve, "baseline.unbounded-phi-read"),
+        ("select * from patients limit 10", Verdict::Allow, "default"),
+        ("select * from patients limit 5000", Verdict::Approve, "baseline.unbounded-phi-read"),
+        ("select count(*) from patients", Verdict::Allow, "default"),
+        ("select * from labs", Verdict::Allow, "default"),
+        ("drop table patients", Verdict::Block, "baseline.drop-phi"),
+        ("drop table labs", Verdict::Allow, "default"),
+        ("truncate public.encounters", Verdict::Block, "baseline.truncate-phi"),
+        ("alter table patients add column x int", Verdict::Block, "baseline.alter-phi"),
+        ("delete from labs", Verdict::Block, "baseline.unfiltered-write"),
+        ("delete from labs where 1 = 1", Verdict::Block, "baseline.unfiltered-write"),
+        ("delete from labs where id = 3", Verdict::Allow, "default"),
+        ("copy patients to '/tmp/p.csv'", Verdict::Block, "baseline.copy-server-side"),
+        ("copy labs from program 'id'", Verdict::Block, "baseline.copy-server-side"),
+        ("copy patients to stdout", Verdict::Approve, "baseline.bulk-export"),
+        ("copy labs to stdout", Verdict::Allow, "default"),
+        ("create table x as select * from patients", Verdict::Block, "baseline.copy-phi-relation"),
+        ("select * into x from patients where id > 0", Verdict::Block, "baseline.copy-phi-relation"),
+        ("select pg_read_file('/etc/passwd')", Verdict::Block, "baseline.dangerous-function"),
+        ("select dblink_exec('x', 'y')", Verdict::Block, "baseline.dangerous-function"),
+        ("set role postgres", Verdict::Block, "baseline.role-change"),
+        ("set standard_conforming_strings = off", Verdict::Block, "baseline.parser-settings"),
+        ("alter system set fsync = off", Verdict::Block, "baseline.alter-system"),
+        ("create user mallory", Verdict::Block, "baseline.role-ddl"),
+        ("grant select on patients to public", Verdict::Block, "baseline.grants"),
+        ("do $$ begin execute 'drop table patients'; end $$", Verdict::Block, "baseline.opaque-code"),
+        ("prepare p as delete from labs", Verdict::Block, "baseline.unfiltered-write"),
+        ("explain analyze delete from labs", Verdict::Block, "baseline.unfiltered-write"),
+        ("select 1; drop table patients", Verdict::Block, "baseline.drop-phi"),
+        ("drop schema public cascade", Verdict::Block, "baseline.drop-phi"),
+        ("selec * from patients", Verdict::Block, "parse-error"),
+        ("", Verdict::Allow, "empty"),
+    ];
+    for (sql, verdict, rule) in cases {
+        let d = decide(&p, "agent", sql);
+        assert_eq!((d.verdict, d.rule.as_str()), (*verdict, *rule), "{sql}: {}", d.reason);
+    }
+}
+
+#[test]
+fn identity_without_policy_is_denied_and_defaults_apply() {
+    let p = policy(Vec::new());
+    assert_eq!(decide(&p, "stranger", "select 1").rule, "no-policy");
+    assert_eq!(decide(&p, "locked", "select 1").verdict, Verdict::Block);
+}
+
+#[test]
+fn configured_rules_are_matched_and_most_severe_wins() {
+    let rule = |id: &str, verdict: Verdict| Rule {
+        id: id.into(),
+        reason: format!("because {id}"),
+        verdict,
+        identities: vec!["agent".into()],
+        groups: Vec::new(),
+        statements: Vec::new(),
+        tables: Vec::new(),
+        functions: Vec::new(),
+        overrides: Vec::new(),
+    };
+    let mut no_updates = rule("no-updates", Verdict::Block);
+    no_updates.statements = vec![Kind::Update];
+    let mut sleepy = rule("no-sleep", Verdict::Approve);
+    sleepy.functions = vec![FnPattern::new("pg_sleep*")];
+    let mut reports = rule("reports", Verdict::Allow);
+    reports.tables = vec![TablePattern::parse("patients").unwrap()];
+    reports.statements = vec![Kind::Select];
+    reports.overrides = vec!["baseline.unbounded-phi-read".into(), "baseline.drop-phi".into()];
+    let mut analysts = rule("analysts-only", Verdict::Block);
+    analysts.identities = Vec::new();
+    analysts.groups = vec!["analysts".into()];
+    analysts.tables = vec![TablePattern::parse("finance.ledger").unwrap()];
+    let p = policy(vec![no_updates, sleepy, reports, analysts]);
+    assert_eq!(decide(&p, "agent", "update labs set x = 1 where id = 1").rule, "no-updates");
+    assert_eq!(decide(&p, "agent", "select pg_sleep(1)").verdict, Verdict::Approve);
+    assert_eq!(decide(&p, "agent", "select * from patients").verdict, Verdict::Allow, "override waives the baseline approval");
+    assert_eq!(decide(&p, "agent", "drop table patients").verdict, Verdict::Block, "overrides never waive baseline blocks");
+    assert_eq!(decide(&p, "agent", "select * from finance.ledger where id = 1").rule, "analysts-only", "group match");
+    assert_eq!(decide(&p, "agent", "select 1").rule, "default");
+    assert_eq!(decide(&p, "agent", "select * from patients join labs on true").verdict, Verdict::Approve, "an allow rule must cover every table");
+}
+
+#[test]
+fn allow_rules_never_match_unqualified_names_by_schema() {
+    let mut allow = Rule {
+        id: "public-ok".into(),
+        reason: "r".into(),
+        verdict: Verdict::Allow,
+        identities: vec!["locked".into()],
+        groups: Vec::new(),
+        statements: vec![Kind::Select],
+        tables: vec![TablePattern::parse("public.*").unwrap()],
+        functions: Vec::new(),
+        overrides: Vec::new(),
+    };
+    let p = policy(vec![allow.clone()]);
+    assert_eq!(decide(&p, "locked", "select * from public.labs where id = 1").verdict, Verdict::Allow);
+    assert_eq!(decide(&p, "locked", "select * from labs where id = 1").verdict, Verdict::Block, "search_path could point elsewhere");
+    allow.tables = vec![TablePattern::parse("labs").unwrap()];
+    let p = policy(vec![allow]);
+    assert_eq!(decide(&p, "locked", "select * from labs where id = 1").verdict, Verdict::Allow);
+}
+
+#[test]
+fn evasions_are_seen_through() {
+    let p = policy(Vec::new());
+    for sql in [
+        "DROP /* hi */ TABLE \"patients\"",
+        "drop table PUBLIC.Patients",
+        "drop table U&\"p\\0061tients\"",
+        "with x as (delete from labs returning *) select * from x",
+        "select * from (select * from patients) s where s.id = 1",
+        "select * from encounters e join labs l on l.eid = e.id",
+    ] {
+        assert_ne!(decide(&p, "agent", sql).verdict, Verdict::Allow, "{sql}");
+    }
+    for sql in ["select 'drop table patients'", "select $$delete from labs$$", "-- drop table patients\nselect 1", "select 1 /* truncate patients */"] {
+        assert_eq!(decide(&p, "agent", sql).verdict, Verdict::Allow, "{sql}");
+    }
+}
