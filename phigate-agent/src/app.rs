@@ -18,6 +18,7 @@ use tokio::{io::unix::AsyncFd, signal::unix::SignalKind, task::JoinSet};
 use tracing::{error, info, info_span, warn, Instrument};
 
 use crate::{
+    admin,
     config::{AuthConfig, Config, Database},
     ebpf::{self, c_str, AttachPoint, EventReader, KernelState, PinLayout},
     host::{self, CgroupFs},
@@ -32,7 +33,9 @@ use crate::{
         tls::{client_acceptor, UpstreamTls},
         BoundListener, Listener, RecordSource,
     },
+    policy::{approval::Broker, BaselineSettings, Policy},
     protection,
+    session::guard::Guard,
     session::{self, auth::AuthRuntime, cancel::CancelRegistry, DbRuntime, IdentityRuntime, Limits, Phase, Services},
 };
 
@@ -95,7 +98,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(Phase::Running);
-    let services = Arc::new(build_services(&config, stop_rx.clone()).await?);
+    let policy = Arc::new(build_policy(&config));
+    let broker = build_broker(&config);
+    let services = Arc::new(build_services(&config, stop_rx.clone(), policy, broker.clone()).await?);
+    let admin_listener =
+        admin::bind(&config.agent.admin_socket).map_err(|e| config.invalid("agent.admin_socket", e, "Choose a directory the agent can write to."))?;
 
     let layout = PinLayout::new(&config.agent.pin_dir);
     let outcomes = ebpf::install(&layout, AttachPoint { dir: &attach.dir, id: attach.id })?;
@@ -133,6 +140,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     let events = EventReader::open(&layout)?;
     let event_task = tokio::spawn(report_events(events, kernel.clone(), stop_rx.clone()));
+    let admin_task = tokio::spawn(admin::serve(admin_listener, broker.clone(), workload_of(state.clone(), cgroups.clone())));
+    info!(socket = %config.agent.admin_socket.display(), "admin API listening");
 
     wait_for_shutdown().await;
     info!("stopping: no new connections; letting open sessions finish");
@@ -146,6 +155,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
     }
     event_task.abort();
+    admin_task.abort();
+    let _ = std::fs::remove_file(&config.agent.admin_socket);
     let mut s = state.settings()?;
     if s.agent_tgid == pid {
         s.agent_tgid = 0;
@@ -158,7 +169,63 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 /// Turn the validated configuration into what sessions use: TLS material, credential
 /// files, identity authenticators and token issuers (keys loaded now, so a broken
 /// JWKS file is reported at start, not at the first connection).
-async fn build_services(config: &Config, shutdown: tokio::sync::watch::Receiver<Phase>) -> anyhow::Result<Services> {
+/// The compiled policy: configured rules plus the baseline pack's settings, and each
+/// identity's default action.
+fn build_policy(config: &Config) -> Policy {
+    Policy {
+        baseline: BaselineSettings {
+            enabled: config.policy.baseline,
+            phi_tables: config.policy.phi_tables.clone(),
+            unbounded_read_limit: config.policy.unbounded_read_limit,
+        },
+        rules: config.policy.rules.clone(),
+        defaults: config.identities.iter().filter_map(|i| i.default_action.map(|d| (i.name.clone(), d))).collect(),
+    }
+}
+
+/// The approval broker, with the webhook (if configured) subscribed to its events.
+fn build_broker(config: &Config) -> Arc<Broker> {
+    let broker = Arc::new(Broker::new(config.policy.approval_timeout, config.policy.max_grant_window));
+    if let Some(url) = config.policy.webhook_url.clone() {
+        broker.subscribe(move |event| {
+            let Ok(body) = serde_json::to_string(event) else { return };
+            let url = url.clone();
+            // Delivery is best effort and never blocks a session: a blocking HTTP
+            // client on the runtime's blocking pool, with a short timeout.
+            if let Ok(handle) = tokio::runtime::Handle::try_current() {
+                handle.spawn_blocking(move || {
+                    let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(5)).build();
+                    if let Err(e) = agent.post(&url).set("content-type", "application/json").send_string(&body) {
+                        warn!(error = %e, "approval webhook failed");
+                    }
+                });
+            }
+        });
+    }
+    broker
+}
+
+/// The workload identity of a process, by walking its cgroup and ancestors through
+/// the protected-cgroup map (for the admin API's self-approval check).
+fn workload_of(state: Arc<KernelState>, cgroups: CgroupFs) -> admin::WorkloadOf {
+    Arc::new(move |pid| {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+        let mut rel = text.lines().find_map(|l| l.strip_prefix("0::"))?.trim_matches('/').to_string();
+        loop {
+            if let Ok(cg) = cgroups.resolve(&rel) {
+                if let Some(v) = state.protected_cgroup(cg.id) {
+                    return Some(c_str(&v.identity));
+                }
+            }
+            if rel.is_empty() {
+                return None;
+            }
+            rel = rel.rsplit_once('/').map(|(a, _)| a.to_string()).unwrap_or_default();
+        }
+    })
+}
+
+async fn build_services(config: &Config, shutdown: tokio::sync::watch::Receiver<Phase>, policy: Arc<Policy>, broker: Arc<Broker>) -> anyhow::Result<Services> {
     let mut databases = Vec::new();
     for (i, db) in config.databases.iter().enumerate() {
         let upstream_tls = UpstreamTls::new(&db.upstream_tls, db.upstream.ip())
@@ -225,7 +292,7 @@ async fn build_services(config: &Config, shutdown: tokio::sync::watch::Receiver<
         identities,
         cancel: Arc::new(CancelRegistry::default()),
         limits: Limits { max_message_bytes: config.agent.max_message_bytes, startup_timeout: config.agent.startup_timeout },
-        stages: Box::new(|_| Vec::new()),
+        stages: Box::new(move |session| vec![Box::new(Guard::new(policy.clone(), broker.clone(), session)) as Box<dyn session::stage::Stage>]),
         shutdown,
     })
 }

@@ -53,6 +53,11 @@ pub enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Statements held for approval: list, show, approve, deny (talks to the running agent).
+    Approvals {
+        #[command(subcommand)]
+        command: ApprovalsCommand,
+    },
     /// Print a SCRAM-SHA-256 verifier for `scram_verifier` (reads the password from
     /// stdin unless --password is given). Needs no configuration.
     HashPassword {
@@ -60,4 +65,46 @@ pub enum Command {
         #[arg(long)]
         password: Option<String>,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ApprovalsCommand {
+    /// Pending requests: requester identity, database, statement, rule, waiting time.
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One request in full.
+    Show { id: u64 },
+    /// Let a held statement run.
+    Approve {
+        id: u64,
+        /// Why (kept with the decision).
+        #[arg(long)]
+        reason: String,
+        /// Also let the same statement (same fingerprint) from the same identity run
+        /// without asking for this long: e.g. 30m, 2h, 90s.
+        #[arg(long)]
+        window: Option<String>,
+    },
+    /// Refuse a held statement.
+    Deny {
+        id: u64,
+        /// Why (the workload sees it).
+        #[arg(long)]
+        reason: String,
+    },
+}
+
+/// Parse `90s`, `30m`, `2h` or plain seconds.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, 's')) => (&s[..i], 1),
+        Some((i, 'm')) => (&s[..i], 60),
+        Some((i, 'h')) => (&s[..i], 3600),
+        _ => (s, 1),
+    };
+    num.parse::<u64>().map(|n| std::time::Duration::from_secs(n * mult)).map_err(|_| format!("{s:?} is not a duration like 90s, 30m or 2h"))
 }

@@ -39,8 +39,26 @@ pub struct Config {
     pub protect: Vec<ProtectRule>,
     pub identities: Vec<IdentityConfig>,
     pub token_issuers: Vec<TokenIssuerConfig>,
+    pub policy: PolicyConfig,
 }
 
+/// SQL policy settings (`[policy]`).
+#[derive(Debug, Clone)]
+pub struct PolicyConfig {
+    /// The built-in hipaa-baseline pack.
+    pub baseline: bool,
+    /// Tables holding PHI (`schema.table`, `schema.*`, `table`).
+    pub phi_tables: Vec<crate::policy::TablePattern>,
+    /// A PHI read with a LIMIT above this needs approval.
+    pub unbounded_read_limit: i64,
+    /// How long a held statement waits for a decision.
+    pub approval_timeout: Duration,
+    /// The longest grant window an approver may give.
+    pub max_grant_window: Duration,
+    /// Called (HTTP POST, JSON) when an approval is requested and decided.
+    pub webhook_url: Option<String>,
+    pub rules: Vec<crate::policy::Rule>,
+}
 #[derive(Debug, Clone)]
 pub struct AgentSettings {
     /// bpffs directory under which maps and links are pinned.
@@ -61,6 +79,8 @@ pub struct AgentSettings {
     pub startup_timeout: Duration,
     /// Worker threads serving sessions (default: one per CPU).
     pub workers: usize,
+    /// The admin API's unix socket (approvals).
+    pub admin_socket: PathBuf,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -128,6 +148,8 @@ pub struct IdentityConfig {
     pub name: String,
     pub auth: AuthConfig,
     pub access: Vec<Access>,
+    /// What happens to statements no rule decides; absent: they are blocked.
+    pub default_action: Option<crate::policy::Verdict>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -193,6 +215,42 @@ struct RawConfig {
     identities: Vec<RawIdentity>,
     #[serde(default, rename = "token_issuer")]
     token_issuers: Vec<RawIssuer>,
+    #[serde(default)]
+    policy: RawPolicy,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    baseline: Option<bool>,
+    #[serde(default)]
+    phi_tables: Vec<String>,
+    unbounded_read_limit: Option<i64>,
+    approval_timeout_secs: Option<u64>,
+    max_grant_window_secs: Option<u64>,
+    webhook_url: Option<String>,
+    #[serde(default, rename = "rule")]
+    rules: Vec<RawRule>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    id: String,
+    action: crate::policy::Verdict,
+    reason: String,
+    #[serde(default)]
+    identities: Vec<String>,
+    #[serde(default)]
+    groups: Vec<String>,
+    #[serde(default)]
+    statements: Vec<String>,
+    #[serde(default)]
+    tables: Vec<String>,
+    #[serde(default)]
+    functions: Vec<String>,
+    #[serde(default)]
+    overrides: Vec<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -207,6 +265,7 @@ struct RawAgent {
     max_message_bytes: Option<usize>,
     startup_timeout_secs: Option<u64>,
     workers: Option<usize>,
+    admin_socket: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -255,6 +314,7 @@ struct RawIdentity {
     allowed_subjects: Option<Vec<String>>,
     required_groups: Option<Vec<String>>,
     scram_verifier: Option<String>,
+    default_action: Option<crate::policy::Verdict>,
     #[serde(default)]
     access: Vec<RawAccess>,
 }
@@ -336,7 +396,8 @@ impl Config {
                 return Err(v.err(format!("token_issuer[{i}].name"), format!("issuer {:?} is defined twice", t.name), "Give each issuer its own name."));
             }
         }
-        Ok(Self { path: path.to_path_buf(), agent, databases, protect, identities, token_issuers })
+        let policy = v.policy(raw.policy)?;
+        Ok(Self { path: path.to_path_buf(), agent, databases, protect, identities, token_issuers, policy })
     }
 
     pub fn identity(&self, name: &str) -> Option<&IdentityConfig> {
@@ -404,7 +465,12 @@ impl Validator<'_> {
         if !(1..=256).contains(&workers) {
             return Err(self.err("agent.workers", format!("{workers} is outside 1..=256"), "Use the number of CPUs the agent may use."));
         }
+        let admin_socket = raw.admin_socket.unwrap_or_else(|| PathBuf::from("/run/phigate/admin.sock"));
+        if !admin_socket.is_absolute() {
+            return Err(self.err("agent.admin_socket", format!("{} is not an absolute path", admin_socket.display()), "Use e.g. /run/phigate/admin.sock."));
+        }
         Ok(AgentSettings {
+            admin_socket,
             workers,
             max_message_bytes,
             startup_timeout: Duration::from_secs(startup),
@@ -681,7 +747,106 @@ impl Validator<'_> {
             }
             access.push(Access { database: a.database, role: a.role, dbnames: a.dbnames });
         }
-        Ok(IdentityConfig { name: raw.name, auth, access })
+        Ok(IdentityConfig { name: raw.name, auth, access, default_action: raw.default_action })
+    }
+
+    fn policy(&self, raw: RawPolicy) -> Result<PolicyConfig, ConfigError> {
+        use crate::policy::{analyze::Kind, FnPattern, Rule, TablePattern, Verdict};
+        let mut phi_tables = Vec::new();
+        for (i, t) in raw.phi_tables.iter().enumerate() {
+            phi_tables.push(TablePattern::parse(t).map_err(|p| self.err(format!("policy.phi_tables[{i}]"), p, "Write schema.table, schema.* or table."))?);
+        }
+        let limit = raw.unbounded_read_limit.unwrap_or(1000);
+        if limit < 0 {
+            return Err(self.err(
+                "policy.unbounded_read_limit",
+                format!("{limit} is negative"),
+                "Use the largest LIMIT a PHI read may have without approval, e.g. 1000.",
+            ));
+        }
+        let timeout = raw.approval_timeout_secs.unwrap_or(300);
+        if !(1..=86_400).contains(&timeout) {
+            return Err(self.err(
+                "policy.approval_timeout_secs",
+                format!("{timeout} is outside 1..=86400"),
+                "Use how long a held statement may wait, e.g. 300.",
+            ));
+        }
+        let window = raw.max_grant_window_secs.unwrap_or(3600);
+        if window > 86_400 {
+            return Err(self.err("policy.max_grant_window_secs", format!("{window} is more than a day"), "Use at most 86400."));
+        }
+        if let Some(url) = &raw.webhook_url {
+            if !(url.starts_with("https://") || url.starts_with("http://")) {
+                return Err(self.err("policy.webhook_url", format!("{url:?} is not an http(s) URL"), "Write e.g. https://approvals.example/phigate."));
+            }
+        }
+        const WAIVABLE: [&str; 2] = ["baseline.unbounded-phi-read", "baseline.bulk-export"];
+        let mut rules: Vec<Rule> = Vec::new();
+        for (i, r) in raw.rules.into_iter().enumerate() {
+            let key = |k: &str| format!("policy.rule[{i}].{k}");
+            if r.id.is_empty() || r.id.starts_with("baseline.") || rules.iter().any(|o| o.id == r.id) {
+                return Err(self.err(
+                    key("id"),
+                    format!("{:?} is empty, reserved (baseline.*) or used twice", r.id),
+                    "Give each rule its own id, e.g. \"billing.no-deletes\".",
+                ));
+            }
+            if r.reason.trim().is_empty() {
+                return Err(self.err(key("reason"), "empty reason", "Say why, in words a blocked workload's operator understands."));
+            }
+            let mut statements = Vec::new();
+            for (j, st) in r.statements.iter().enumerate() {
+                statements.push(Kind::parse(&st.to_ascii_lowercase()).ok_or_else(|| {
+                    self.err(
+                        format!("policy.rule[{i}].statements[{j}]"),
+                        format!("{st:?} is not a statement kind"),
+                        format!("Use one of: {}.", Kind::ALL.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")),
+                    )
+                })?);
+            }
+            let mut tables = Vec::new();
+            for (j, t) in r.tables.iter().enumerate() {
+                tables
+                    .push(TablePattern::parse(t).map_err(|p| self.err(format!("policy.rule[{i}].tables[{j}]"), p, "Write schema.table, schema.* or table."))?);
+            }
+            if statements.is_empty() && tables.is_empty() && r.functions.is_empty() {
+                return Err(self.err(
+                    key("statements"),
+                    "the rule names no statements, tables or functions and would match everything",
+                    "Narrow it, or use the identity's default_action instead.",
+                ));
+            }
+            for o in &r.overrides {
+                if r.action != Verdict::Allow || !WAIVABLE.contains(&o.as_str()) {
+                    return Err(self.err(
+                        key("overrides"),
+                        format!("{o:?} cannot be waived here"),
+                        format!("Only allow rules can waive, and only the approval rules {}.", WAIVABLE.join(", ")),
+                    ));
+                }
+            }
+            rules.push(Rule {
+                id: r.id,
+                reason: r.reason,
+                verdict: r.action,
+                identities: r.identities,
+                groups: r.groups,
+                statements,
+                tables,
+                functions: r.functions.iter().map(|f| FnPattern::new(f)).collect(),
+                overrides: r.overrides,
+            });
+        }
+        Ok(PolicyConfig {
+            baseline: raw.baseline.unwrap_or(true),
+            phi_tables,
+            unbounded_read_limit: limit,
+            approval_timeout: Duration::from_secs(timeout),
+            max_grant_window: Duration::from_secs(window),
+            webhook_url: raw.webhook_url,
+            rules,
+        })
     }
 
     fn protect(&self, i: usize, raw: RawProtect) -> Result<ProtectRule, ConfigError> {

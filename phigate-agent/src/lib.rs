@@ -11,8 +11,10 @@
 //! - [`session`]: one task per connection
 //! - [`protection`]: what is protected, kept in sync with config and `phigate protect`
 //! - [`status`]: `phigate status`
+//! - [`admin`]: the local admin API (unix socket, HTTP + JSON): approvals
 //! - [`app`]: wiring of `phigate run`
 //! - [`cli`]: command-line definitions
+pub mod admin;
 pub mod app;
 pub mod cli;
 pub mod config;

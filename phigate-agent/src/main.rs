@@ -6,8 +6,8 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use phigate_agent::{
-    app,
-    cli::{Cli, Command},
+    admin, app,
+    cli::{ApprovalsCommand, Cli, Command},
     config::{Config, ConfigError, LogFormat},
     ebpf::{self, KernelState, PinLayout},
     host::CgroupFs,
@@ -55,6 +55,54 @@ fn hash_password(password: Option<String>) -> ExitCode {
     };
     println!("{}", phigate_agent::identity::scram::make_verifier(&password));
     ExitCode::SUCCESS
+}
+
+fn approvals(config: &Config, command: ApprovalsCommand) -> anyhow::Result<()> {
+    use hyper::{Method, StatusCode};
+    let socket = config.agent.admin_socket.clone();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let (method, path, body) = match &command {
+        ApprovalsCommand::List { .. } => (Method::GET, "/v1/approvals".to_string(), None),
+        ApprovalsCommand::Show { id } => (Method::GET, format!("/v1/approvals/{id}"), None),
+        ApprovalsCommand::Approve { id, reason, window } => {
+            let window_secs = match window {
+                Some(w) => Some(phigate_agent::cli::parse_duration(w).map_err(|e| anyhow::anyhow!("--window: {e}"))?.as_secs()),
+                None => None,
+            };
+            (Method::POST, format!("/v1/approvals/{id}/approve"), Some(serde_json::json!({"reason": reason, "window_secs": window_secs})))
+        }
+        ApprovalsCommand::Deny { id, reason } => (Method::POST, format!("/v1/approvals/{id}/deny"), Some(serde_json::json!({"reason": reason}))),
+    };
+    let (status, json) = rt.block_on(admin::call(&socket, method, &path, body))?;
+    if status != StatusCode::OK {
+        anyhow::bail!("{}", json["error"].as_str().unwrap_or("the agent refused the request"));
+    }
+    match command {
+        ApprovalsCommand::List { json: true } | ApprovalsCommand::Show { .. } => println!("{}", serde_json::to_string_pretty(&json)?),
+        ApprovalsCommand::List { json: false } => {
+            let list = json["approvals"].as_array().cloned().unwrap_or_default();
+            if list.is_empty() {
+                println!("no statements are waiting for approval");
+            }
+            println!("{:<5} {:>8}  {:<20} {:<14} {:<30} STATEMENT", "ID", "WAITING", "REQUESTER", "DATABASE", "RULE");
+            for a in list {
+                let stmt: String = a["statement"].as_str().unwrap_or("").split_whitespace().collect::<Vec<_>>().join(" ");
+                let stmt = if stmt.chars().count() > 60 { format!("{}…", stmt.chars().take(60).collect::<String>()) } else { stmt };
+                println!(
+                    "{:<5} {:>7}s  {:<20} {:<14} {:<30} {}",
+                    a["id"],
+                    a["waiting_secs"],
+                    a["requester"]["identity"].as_str().unwrap_or(""),
+                    format!("{}/{}", a["database"].as_str().unwrap_or(""), a["dbname"].as_str().unwrap_or("")),
+                    a["rule"].as_str().unwrap_or(""),
+                    stmt
+                );
+            }
+        }
+        ApprovalsCommand::Approve { id, .. } => println!("approved request {id}: {}", json["decision"]),
+        ApprovalsCommand::Deny { id, .. } => println!("denied request {id}: {}", json["decision"]),
+    }
+    Ok(())
 }
 
 fn init_logging(config: &Config) {
@@ -111,6 +159,7 @@ fn dispatch(command: Command, config: Config) -> anyhow::Result<()> {
             Ok(())
         }
         Command::HashPassword { .. } => unreachable!("invariant: handled before the configuration is loaded"),
+        Command::Approvals { command } => approvals(&config, command),
         Command::Detach { force } => {
             if layout.is_installed() {
                 let state = KernelState::open(&layout)?;

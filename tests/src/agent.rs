@@ -124,12 +124,14 @@ impl AgentConfig {
 
     pub fn render(&self, pin_dir: &Path) -> String {
         let mut t = String::new();
+        let admin = pin_dir.file_name().map(|n| std::env::temp_dir().join(format!("{}.admin.sock", n.to_string_lossy()))).unwrap_or_default();
         let _ = writeln!(
             t,
-            "[agent]\npin_dir = {:?}\nattach_cgroup = {:?}\nlog_format = \"json\"\ndeny_raw_sockets = {}\ndrain_timeout_secs = 2\n",
+            "[agent]\npin_dir = {:?}\nattach_cgroup = {:?}\nlog_format = \"json\"\ndeny_raw_sockets = {}\ndrain_timeout_secs = 2\nadmin_socket = {:?}\n",
             pin_dir.display().to_string(),
             self.attach_cgroup,
-            self.deny_raw_sockets
+            self.deny_raw_sockets,
+            admin.display().to_string()
         );
         for db in &self.databases {
             let addrs: Vec<String> = db.addresses.iter().map(|a| format!("{a:?}")).collect();
@@ -159,7 +161,7 @@ impl AgentConfig {
                 .into_iter()
                 .map(|n| IdentitySpec {
                     name: n.clone(),
-                    auth: "auth = \"workload\"".into(),
+                    auth: "auth = \"workload\"\ndefault_action = \"allow\"".into(),
                     access: self.databases.iter().map(|d| (d.name.clone(), d.credentials[0].0.clone(), vec!["*".to_string()])).collect(),
                 })
                 .collect()
@@ -168,6 +170,9 @@ impl AgentConfig {
         };
         for id in &identities {
             let _ = writeln!(t, "[[identity]]\nname = {:?}\n{}", id.name, id.auth);
+            if !id.auth.contains("default_action") {
+                let _ = writeln!(t, "default_action = \"allow\"");
+            }
             for (db, role, dbnames) in &id.access {
                 let names: Vec<String> = dbnames.iter().map(|d| format!("{d:?}")).collect();
                 let _ = writeln!(t, "[[identity.access]]\ndatabase = {db:?}\nrole = {role:?}\ndbnames = [{}]", names.join(", "));
@@ -299,6 +304,11 @@ impl Agent {
     }
 
     /// Run a `phigate` CLI command against this agent's configuration.
+    /// The admin API socket of this agent.
+    pub fn admin_socket(&self) -> PathBuf {
+        std::env::temp_dir().join(format!("{}.admin.sock", self.pin_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()))
+    }
+
     pub fn cli(&self, args: &[&str]) -> Output {
         Command::new(phigate_bin()).arg("--config").arg(&self.config_path).args(args).stdin(Stdio::null()).output().expect("phigate runs")
     }

@@ -119,6 +119,25 @@ impl BoundListener {
 /// (redirects already point at it). Only sockets of the same user can join a
 /// reuseport group.
 pub fn bind_group(addr: SocketAddr, db_index: u32, count: usize) -> io::Result<Vec<BoundListener>> {
+    if addr.port() != 0 {
+        return bind_group_at(addr, db_index, count);
+    }
+    // Port 0: the kernel may auto-bind a reuseport socket into another group of the
+    // same user, which would hand this agent's connections to someone else. Let a
+    // plain socket pick a free port, then form the group on it (retrying a lost race).
+    let mut last = None;
+    for _ in 0..20 {
+        let port = std::net::TcpListener::bind(addr)?.local_addr()?.port();
+        match bind_group_at(SocketAddr::new(addr.ip(), port), db_index, count) {
+            Ok(g) => return Ok(g),
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse => last = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| io::Error::other("no free port")))
+}
+
+fn bind_group_at(addr: SocketAddr, db_index: u32, count: usize) -> io::Result<Vec<BoundListener>> {
     use nix::sys::socket::{bind, listen, setsockopt, socket, sockopt, AddressFamily, SockFlag, SockType, SockaddrStorage};
     let mut out: Vec<BoundListener> = Vec::with_capacity(count);
     let mut target = addr;

@@ -43,6 +43,7 @@ impl fmt::Debug for SqlState {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Severity {
+    Notice,
     Error,
     Fatal,
 }
@@ -50,6 +51,7 @@ pub enum Severity {
 impl Severity {
     fn as_str(self) -> &'static str {
         match self {
+            Self::Notice => "NOTICE",
             Self::Error => "ERROR",
             Self::Fatal => "FATAL",
         }
@@ -87,7 +89,12 @@ impl PgError {
         self
     }
 
-    /// The ErrorResponse ('E') frame.
+    /// A NOTICE: informational, sent at any time.
+    pub fn notice(message: impl Into<String>) -> Self {
+        Self { severity: Severity::Notice, code: SqlState::new(b"00000"), message: message.into(), detail: None, hint: None }
+    }
+
+    /// The ErrorResponse ('E') frame, or NoticeResponse ('N') for a notice.
     pub fn to_frame(&self) -> Frame {
         let mut body = Vec::with_capacity(64 + self.message.len());
         let mut field = |t: u8, v: &str| {
@@ -107,7 +114,7 @@ impl PgError {
             field(b'H', h);
         }
         body.push(0);
-        Frame::build(b'E', &body)
+        Frame::build(if self.severity == Severity::Notice { b'N' } else { b'E' }, &body)
     }
 }
 

@@ -108,9 +108,7 @@ pub fn findings(p: &Policy, f: &Facts) -> Vec<Finding> {
     if let Some(name) = f.functions.iter().find(|n| dangerous(n)) {
         out.push(block("baseline.dangerous-function", format!("function {name}() is not allowed")));
     }
-    if f.changes_role {
-        out.push(block("baseline.role-change", "changing the session's role".into()));
-    }
+
     if f.changes_parser {
         out.push(block(
             "baseline.parser-settings",
@@ -122,6 +120,10 @@ pub fn findings(p: &Policy, f: &Facts) -> Vec<Finding> {
     }
     if f.role_ddl {
         out.push(block("baseline.role-ddl", "creating, altering or granting roles".into()));
+    }
+    // After role DDL: `ALTER ROLE … SET role = …` is role DDL first.
+    if f.changes_role {
+        out.push(block("baseline.role-change", "changing the session's role".into()));
     }
     if f.grants {
         out.push(block("baseline.grants", "GRANT/REVOKE of privileges".into()));

@@ -12,6 +12,7 @@
 
 pub mod auth;
 pub mod cancel;
+pub mod guard;
 pub mod relay;
 pub mod stage;
 pub mod startup;

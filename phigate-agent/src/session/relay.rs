@@ -3,10 +3,19 @@
 //!
 //! One task owns both connections; reads are cancel-safe and writes happen between
 //! reads, so a slow side applies back-pressure instead of growing buffers. Memory per
-//! session is two read buffers, two write buffers and at most one whole message per
-//! direction (bounded by `max_message_bytes`); results stream through frame by frame.
+//! session is two read buffers, the frames of one read in flight, and at most one whole
+//! message per direction (bounded by `max_message_bytes`); results stream through frame
+//! by frame, large un-inspected frames are spliced between sockets.
+//!
+//! When a stage refuses a client message, the relay answers in the protocol's own
+//! terms so the connection stays usable: a simple Query or FunctionCall gets
+//! ErrorResponse + ReadyForQuery; an extended-protocol message puts the session into
+//! "skip until Sync" exactly as PostgreSQL does after an error. Answers phigate makes
+//! up are ordered after whatever the server still owes the client ([`Sequencer`]).
+//! When a stage holds a message (approval), client input pauses; server output keeps
+//! flowing.
 
-use std::io::IoSlice;
+use std::{collections::VecDeque, future::Future, io::IoSlice, pin::Pin};
 
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -20,7 +29,7 @@ use crate::{
         conn::Conn,
         splice::{self, Pipe},
     },
-    pg::{msg::tag, Decoder, FrameError, Item, PgError, SqlState},
+    pg::{msg, msg::tag, Decoder, Frame, FrameError, Item, PgError, SqlState},
 };
 
 /// Read buffer growth step.
@@ -32,6 +41,9 @@ const STREAM_THRESHOLD: usize = 32 * 1024;
 /// The rest of a streamed frame to move zero-copy before decoding resumes.
 type PendingSplice = Option<(Direction, usize)>;
 
+/// A stage's pending decision about a held client message.
+pub type HoldFuture = Pin<Box<dyn Future<Output = Result<(), PgError>> + Send>>;
+
 /// Why the relay ended.
 #[derive(Debug)]
 pub enum End {
@@ -39,20 +51,130 @@ pub enum End {
     ClientClosed,
     /// The database closed the connection.
     ServerClosed,
-    /// A stage refused something; the client was told.
+    /// A stage refused something that cannot be refused in place; the client was told.
     Refused(PgError),
     /// A side sent something that is not PostgreSQL protocol.
     ClientProtocol(FrameError),
     ServerProtocol(FrameError),
     Io(std::io::Error),
-    /// The agent is stopping.
+    /// The agent's drain deadline passed.
     Shutdown,
+}
+
+/// Keeps phigate's own answers in protocol order. Every Query, FunctionCall and Sync
+/// forwarded makes the server owe one ReadyForQuery; an answer phigate makes up is
+/// released once the server has paid what it owed before it.
+#[derive(Default)]
+pub struct Sequencer {
+    /// ReadyForQuery messages the server owes for what was forwarded.
+    expected: u64,
+    /// ReadyForQuery messages the server has sent.
+    seen: u64,
+    /// The transaction status of the latest ReadyForQuery.
+    status: u8,
+    /// (ReadyForQuery index, before it?, frames)
+    injections: VecDeque<(u64, bool, Vec<Bytes>)>,
+    /// An extended-protocol message was refused: drop client messages until Sync.
+    skip: Option<PgError>,
+    /// Something of the current extended-protocol batch reached the server.
+    batch_forwarded: bool,
+}
+
+impl Sequencer {
+    fn forwarded(&mut self, t: u8) {
+        match t {
+            tag::QUERY | tag::FUNCTION_CALL => self.expected += 1,
+            tag::SYNC => {
+                self.expected += 1;
+                self.batch_forwarded = false;
+            }
+            tag::PARSE | tag::BIND | tag::DESCRIBE | tag::EXECUTE | tag::CLOSE => self.batch_forwarded = true,
+            _ => {}
+        }
+    }
+
+    /// Answer with `frames` as soon as the server has caught up.
+    fn respond(&mut self, frames: Vec<Bytes>, to_client: &mut Outbox) {
+        if self.expected == self.seen {
+            for f in frames {
+                to_client.push(f);
+            }
+        } else {
+            self.injections.push_back((self.expected, false, frames));
+        }
+    }
+
+    /// The error answer to a refused Query/FunctionCall/batch: ErrorResponse, then
+    /// ReadyForQuery with the server's current transaction status.
+    fn refusal(&self, err: &PgError) -> Vec<Bytes> {
+        let status = if self.status == 0 { b'I' } else { self.status };
+        vec![err.to_frame().into_bytes(), msg::ready_for_query(status).into_bytes()]
+    }
+
+    /// A server ReadyForQuery is about to be forwarded.
+    fn on_ready(&mut self, rfq: Frame, out: &mut Outbox) {
+        self.seen += 1;
+        self.status = rfq.body().first().copied().unwrap_or(b'I');
+        while let Some(pos) = self.injections.iter().position(|(i, before, _)| *i == self.seen && *before) {
+            let (_, _, frames) = self.injections.remove(pos).expect("invariant: position is valid");
+            for f in frames {
+                out.push(f);
+            }
+        }
+        out.push(rfq.into_bytes());
+        while let Some(pos) = self.injections.iter().position(|(i, before, _)| *i == self.seen && !*before) {
+            let (_, _, frames) = self.injections.remove(pos).expect("invariant: position is valid");
+            for f in frames {
+                out.push(f);
+            }
+        }
+    }
+}
+
+/// Frames waiting to be written, kept as the `Bytes` slices they arrived in (or were
+/// rewritten to) and written with one vectored write: no copy into a staging buffer.
+#[derive(Default)]
+pub struct Outbox {
+    parts: VecDeque<Bytes>,
+    len: usize,
+}
+
+impl Outbox {
+    pub fn push(&mut self, b: Bytes) {
+        if !b.is_empty() {
+            self.len += b.len();
+            self.parts.push_back(b);
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// A client message waiting for a stage's decision.
+struct Held {
+    frame: Frame,
+    stage: usize,
+    decision: HoldFuture,
 }
 
 pub struct Relay<'a> {
     pub session: &'a Session,
     pub pipeline: &'a mut Pipeline,
     pub max_message_bytes: usize,
+}
+
+/// What decoding one side produced besides frames.
+enum Step {
+    /// Input exhausted (or paused for a hold).
+    Idle,
+    /// Stopped early to bound the write buffer.
+    More,
 }
 
 impl Relay<'_> {
@@ -83,29 +205,43 @@ impl Relay<'_> {
         let mut sdec = Decoder::new(STREAM_THRESHOLD, self.max_message_bytes);
         let mut to_server = Outbox::default();
         let mut to_client = Outbox::default();
+        let mut seq = Sequencer::default();
+        let mut held: Option<Held> = None;
         let mut terminated = false;
         let splice_ok = !client.is_tls() && !server.is_tls();
         let mut pending: PendingSplice = None;
         let mut pipe: Option<Pipe> = None;
         loop {
-            // Process what is buffered before reading more (startup may have left bytes).
-            let more_frontend =
-                match self.frontend(&mut cdec, &mut client_buf, &mut to_server, &mut to_client, &mut terminated, splice_ok.then_some(&mut pending)) {
-                    Ok(more) => more,
+            let mut more = false;
+            if held.is_none() {
+                match self.frontend(
+                    &mut cdec,
+                    &mut client_buf,
+                    &mut to_server,
+                    &mut to_client,
+                    &mut seq,
+                    &mut held,
+                    &mut terminated,
+                    splice_ok.then_some(&mut pending),
+                ) {
+                    Ok(Step::More) => more = true,
+                    Ok(Step::Idle) => {}
                     Err(end) => {
                         let _ = flush(client, &mut to_client).await;
-                        let _ = server.write_all(crate::pg::msg::terminate().as_bytes()).await;
+                        let _ = server.write_all(msg::terminate().as_bytes()).await;
                         return end;
                     }
-                };
-            let more_backend =
-                match self.backend(&mut sdec, &mut server_buf, &mut to_client, if splice_ok && pending.is_none() { Some(&mut pending) } else { None }) {
-                    Ok(more) => more,
-                    Err(end) => {
-                        let _ = flush(client, &mut to_client).await;
-                        return end;
-                    }
-                };
+                }
+            }
+            let backend_splice = if splice_ok && pending.is_none() { Some(&mut pending) } else { None };
+            match self.backend(&mut sdec, &mut server_buf, &mut to_client, &mut seq, backend_splice) {
+                Ok(Step::More) => more = true,
+                Ok(Step::Idle) => {}
+                Err(end) => {
+                    let _ = flush(client, &mut to_client).await;
+                    return end;
+                }
+            }
             if let Err(e) = flush(server, &mut to_server).await {
                 return End::Io(e);
             }
@@ -132,17 +268,19 @@ impl Relay<'_> {
                 }
                 continue;
             }
-            if more_frontend || more_backend {
-                // Stopped early to bound the write buffers; decode the rest first.
+            if more {
                 continue;
             }
             reserve(&mut client_buf);
             reserve(&mut server_buf);
+            // While a message is held, keep reading the client only up to a bound: it
+            // is waiting for an answer and has no reason to send much more.
+            let read_client = held.is_none() || client_buf.len() < self.max_message_bytes;
             tokio::select! {
-                r = client.read_buf(&mut client_buf) => match r {
+                r = client.read_buf(&mut client_buf), if read_client => match r {
                     Ok(0) => {
                         // Closed without Terminate: tell the database the session is over.
-                        let _ = server.write_all(crate::pg::msg::terminate().as_bytes()).await;
+                        let _ = server.write_all(msg::terminate().as_bytes()).await;
                         return End::ClientClosed;
                     }
                     Ok(_) => {}
@@ -153,31 +291,92 @@ impl Relay<'_> {
                     Ok(_) => {}
                     Err(e) => return End::Io(e),
                 },
+                decided = async { (&mut held.as_mut().expect("guarded by the condition").decision).await }, if held.is_some() => {
+                    let h = held.take().expect("invariant: polled only when present");
+                    let action = match decided {
+                        Ok(()) => self.pipeline.frontend_from(h.stage + 1, self.session, &h.frame),
+                        Err(e) => (Action::Refuse(e), h.stage),
+                    };
+                    if let Err(end) = self.apply_frontend(action, h.frame, &mut to_server, &mut to_client, &mut seq, &mut held, &mut terminated) {
+                        let _ = flush(client, &mut to_client).await;
+                        let _ = server.write_all(msg::terminate().as_bytes()).await;
+                        return end;
+                    }
+                }
                 _ = &mut terminate => {
                     let err = PgError::fatal(SqlState::ADMIN_SHUTDOWN, "phigate is shutting down; reconnect to continue");
                     let _ = client.write_all(err.to_frame().as_bytes()).await;
-                    let _ = server.write_all(crate::pg::msg::terminate().as_bytes()).await;
+                    let _ = server.write_all(msg::terminate().as_bytes()).await;
                     return End::Shutdown;
                 }
             }
         }
     }
 
-    /// Decode and judge client frames. `Ok(true)`: stopped early to bound `out`.
+    /// Act on a stage decision about a whole client frame.
+    #[allow(clippy::too_many_arguments, reason = "the relay's state, passed explicitly rather than hidden in a struct")]
+    fn apply_frontend(
+        &mut self,
+        (action, stage): (Action, usize),
+        frame: Frame,
+        out: &mut Outbox,
+        to_client: &mut Outbox,
+        seq: &mut Sequencer,
+        held: &mut Option<Held>,
+        terminated: &mut bool,
+    ) -> Result<(), End> {
+        let t = frame.tag();
+        match action {
+            Action::Forward => {
+                seq.forwarded(t);
+                out.push(frame.into_bytes());
+                if t == tag::TERMINATE {
+                    *terminated = true;
+                }
+            }
+            Action::Refuse(err) => match t {
+                tag::QUERY | tag::FUNCTION_CALL => {
+                    let frames = seq.refusal(&err);
+                    seq.respond(frames, to_client);
+                }
+                tag::PARSE | tag::BIND | tag::DESCRIBE | tag::EXECUTE | tag::CLOSE | tag::FLUSH => seq.skip = Some(err),
+                _ => {
+                    // Nothing protocol-correct to answer (e.g. mid-COPY): fail closed.
+                    to_client.push(PgError { severity: crate::pg::error::Severity::Fatal, ..err.clone() }.to_frame().into_bytes());
+                    return Err(End::Refused(err));
+                }
+            },
+            Action::Hold(decision, notice) => {
+                if let Some(n) = notice {
+                    to_client.push(n.to_frame().into_bytes());
+                }
+                *held = Some(Held { frame, stage, decision });
+            }
+        }
+        Ok(())
+    }
+
+    /// Decode and judge client frames.
+    #[allow(clippy::too_many_arguments, reason = "the relay's state, passed explicitly rather than hidden in a struct")]
     fn frontend(
         &mut self,
         dec: &mut Decoder,
         buf: &mut BytesMut,
         out: &mut Outbox,
         to_client: &mut Outbox,
+        seq: &mut Sequencer,
+        held: &mut Option<Held>,
         terminated: &mut bool,
         mut splice: Option<&mut PendingSplice>,
-    ) -> Result<bool, End> {
+    ) -> Result<Step, End> {
         loop {
+            if held.is_some() || *terminated {
+                return Ok(Step::Idle);
+            }
             let pipeline = &*self.pipeline;
             let item = match dec.decode(buf, |t| pipeline.needs_whole(Direction::Frontend, t)) {
                 Ok(Some(i)) => i,
-                Ok(None) => return Ok(false),
+                Ok(None) => return Ok(Step::Idle),
                 Err(e) => {
                     let err = PgError::fatal(SqlState::PROTOCOL_VIOLATION, format!("phigate closed the session: the client sent an invalid message: {e}"));
                     to_client.push(err.to_frame().into_bytes());
@@ -185,20 +384,29 @@ impl Relay<'_> {
                 }
             };
             match item {
-                Item::Whole(frame) => match self.pipeline.frontend(self.session, &frame) {
-                    Action::Forward => {
-                        let tag = frame.tag();
-                        out.push(frame.into_bytes());
-                        if tag == tag::TERMINATE {
-                            *terminated = true;
-                            return Ok(false);
+                Item::Whole(frame) => {
+                    if let Some(err) = seq.skip.take() {
+                        // After a refused extended-protocol message everything up to
+                        // Sync is discarded, as PostgreSQL does after an error.
+                        if frame.tag() != tag::SYNC {
+                            seq.skip = Some(err);
+                            continue;
                         }
+                        if seq.batch_forwarded {
+                            // Earlier parts of the batch reached the server: let it
+                            // answer them, and put the error before its ReadyForQuery.
+                            seq.forwarded(tag::SYNC);
+                            seq.injections.push_back((seq.expected, true, vec![err.to_frame().into_bytes()]));
+                            out.push(frame.into_bytes());
+                        } else {
+                            let frames = seq.refusal(&err);
+                            seq.respond(frames, to_client);
+                        }
+                        continue;
                     }
-                    Action::Refuse(err) => {
-                        to_client.push(err.to_frame().into_bytes());
-                        return Err(End::Refused(err));
-                    }
-                },
+                    let action = self.pipeline.frontend(self.session, &frame);
+                    self.apply_frontend(action, frame, out, to_client, seq, held, terminated)?;
+                }
                 Item::StreamStart { tag, total, chunk } => {
                     self.pipeline.streamed(self.session, Direction::Frontend, tag, total);
                     out.push(chunk);
@@ -207,7 +415,7 @@ impl Relay<'_> {
                             // The buffer is exhausted: the rest of this frame is still in
                             // the socket and goes straight to the database.
                             *pending = Some((Direction::Frontend, dec.take_stream()));
-                            return Ok(false);
+                            return Ok(Step::Idle);
                         }
                     }
                 }
@@ -215,18 +423,25 @@ impl Relay<'_> {
             }
             // Bound the write buffer: let the caller flush before decoding more.
             if out.len() >= READ_CHUNK * 4 {
-                return Ok(true);
+                return Ok(Step::More);
             }
         }
     }
 
-    /// Decode and judge database frames. `Ok(true)`: stopped early to bound `out`.
-    fn backend(&mut self, dec: &mut Decoder, buf: &mut BytesMut, out: &mut Outbox, mut splice: Option<&mut PendingSplice>) -> Result<bool, End> {
+    /// Decode and judge database frames.
+    fn backend(
+        &mut self,
+        dec: &mut Decoder,
+        buf: &mut BytesMut,
+        out: &mut Outbox,
+        seq: &mut Sequencer,
+        mut splice: Option<&mut PendingSplice>,
+    ) -> Result<Step, End> {
         loop {
             let pipeline = &*self.pipeline;
             let item = match dec.decode(buf, |t| pipeline.needs_whole(Direction::Backend, t)) {
                 Ok(Some(i)) => i,
-                Ok(None) => return Ok(false),
+                Ok(None) => return Ok(Step::Idle),
                 Err(e) => {
                     let err = PgError::fatal(SqlState::PROTOCOL_VIOLATION, format!("phigate closed the session: the database sent an invalid message: {e}"));
                     out.push(err.to_frame().into_bytes());
@@ -235,9 +450,15 @@ impl Relay<'_> {
             };
             match item {
                 Item::Whole(frame) => match self.pipeline.backend(self.session, &frame) {
-                    Action::Forward => out.push(frame.into_bytes()),
-                    Action::Refuse(err) => {
+                    (Action::Forward, _) if frame.tag() == tag::READY_FOR_QUERY => seq.on_ready(frame, out),
+                    (Action::Forward, _) => out.push(frame.into_bytes()),
+                    (Action::Refuse(err), _) => {
                         // Fail closed: whatever this message carried is not released.
+                        out.push(err.to_frame().into_bytes());
+                        return Err(End::Refused(err));
+                    }
+                    (Action::Hold(..), stage) => {
+                        let err = PgError::fatal(SqlState::INTERNAL_ERROR, format!("phigate: stage {stage} tried to hold a database message; session closed"));
                         out.push(err.to_frame().into_bytes());
                         return Err(End::Refused(err));
                     }
@@ -248,14 +469,14 @@ impl Relay<'_> {
                     if let Some(pending) = splice.as_deref_mut() {
                         if dec.is_streaming() {
                             *pending = Some((Direction::Backend, dec.take_stream()));
-                            return Ok(false);
+                            return Ok(Step::Idle);
                         }
                     }
                 }
                 Item::StreamChunk { chunk, .. } => out.push(chunk),
             }
             if out.len() >= READ_CHUNK * 4 {
-                return Ok(true);
+                return Ok(Step::More);
             }
         }
     }
@@ -264,31 +485,6 @@ impl Relay<'_> {
 fn reserve(buf: &mut BytesMut) {
     if buf.capacity() - buf.len() < READ_CHUNK / 4 {
         buf.reserve(READ_CHUNK);
-    }
-}
-
-/// Frames waiting to be written, kept as the `Bytes` slices they arrived in (or were
-/// rewritten to) and written with one vectored write: no copy into a staging buffer.
-#[derive(Default)]
-pub struct Outbox {
-    parts: std::collections::VecDeque<Bytes>,
-    len: usize,
-}
-
-impl Outbox {
-    pub fn push(&mut self, b: Bytes) {
-        if !b.is_empty() {
-            self.len += b.len();
-            self.parts.push_back(b);
-        }
-    }
-
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
     }
 }
 
@@ -327,4 +523,47 @@ async fn flush(conn: &mut Conn, out: &mut Outbox) -> std::io::Result<()> {
     }
     // TLS streams hold written data in the session until flushed.
     conn.flush().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tags(out: &Outbox) -> String {
+        out.parts.iter().map(|b| b[0] as char).collect()
+    }
+
+    #[test]
+    fn refusal_waits_for_what_the_server_owes() {
+        let mut seq = Sequencer::default();
+        let mut client = Outbox::default();
+        // Query 1 forwarded; Query 2 refused before the server answered Query 1.
+        seq.forwarded(tag::QUERY);
+        let frames = seq.refusal(&PgError::error(SqlState::INSUFFICIENT_PRIVILEGE, "no"));
+        seq.respond(frames, &mut client);
+        assert!(client.is_empty(), "held back until the server answers query 1");
+        client.push(Frame::build(b'T', b"").into_bytes());
+        seq.on_ready(msg::ready_for_query(b'I'), &mut client);
+        assert_eq!(tags(&client), "TZEZ", "server's answer, then phigate's");
+        // Nothing owed: answered at once.
+        let mut client = Outbox::default();
+        let frames = seq.refusal(&PgError::error(SqlState::INSUFFICIENT_PRIVILEGE, "no"));
+        seq.respond(frames, &mut client);
+        assert_eq!(tags(&client), "EZ");
+    }
+
+    #[test]
+    fn batch_error_goes_before_the_servers_ready_for_query() {
+        let mut seq = Sequencer::default();
+        seq.forwarded(tag::PARSE);
+        seq.forwarded(tag::BIND);
+        assert!(seq.batch_forwarded);
+        seq.forwarded(tag::SYNC);
+        seq.injections.push_back((seq.expected, true, vec![PgError::error(SqlState::INSUFFICIENT_PRIVILEGE, "no").to_frame().into_bytes()]));
+        let mut client = Outbox::default();
+        client.push(Frame::build(b'1', b"").into_bytes());
+        seq.on_ready(msg::ready_for_query(b'T'), &mut client);
+        assert_eq!(tags(&client), "1EZ");
+        assert_eq!(seq.status, b'T');
+    }
 }

@@ -24,13 +24,26 @@ pub enum Direction {
 }
 
 /// A stage's decision about one message.
-#[derive(Debug)]
 pub enum Action {
     /// Pass it on (to the next stage, then the other side).
     Forward,
-    /// Refuse it. The session fails closed: the client gets this error and the
-    /// session ends, unless a stage documents a narrower recovery.
+    /// Refuse it. For a client message the relay answers in protocol terms and the
+    /// session goes on; for a database message the session fails closed.
     Refuse(PgError),
+    /// Hold a client message until the future decides (approvals), telling the client
+    /// why with an optional notice. The stages after this one see the message only
+    /// once it is released.
+    Hold(super::relay::HoldFuture, Option<PgError>),
+}
+
+impl std::fmt::Debug for Action {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Forward => f.write_str("Forward"),
+            Self::Refuse(e) => write!(f, "Refuse({e})"),
+            Self::Hold(..) => f.write_str("Hold"),
+        }
+    }
 }
 
 pub trait Stage: Send {
@@ -68,22 +81,31 @@ impl Pipeline {
         self.stages.iter().any(|s| s.needs_whole(direction, tag))
     }
 
-    pub fn frontend(&mut self, session: &Session, frame: &Frame) -> Action {
-        for s in self.stages.iter_mut() {
-            if let a @ Action::Refuse(_) = s.frontend(session, frame) {
-                return a;
-            }
-        }
-        Action::Forward
+    /// Run a client message through the stages; returns the decision and the index of
+    /// the stage that made it.
+    pub fn frontend(&mut self, session: &Session, frame: &Frame) -> (Action, usize) {
+        self.frontend_from(0, session, frame)
     }
 
-    pub fn backend(&mut self, session: &Session, frame: &Frame) -> Action {
-        for s in self.stages.iter_mut().rev() {
-            if let a @ Action::Refuse(_) = s.backend(session, frame) {
-                return a;
+    /// Continue with the stages from `start` (after a held message is released).
+    pub fn frontend_from(&mut self, start: usize, session: &Session, frame: &Frame) -> (Action, usize) {
+        for (i, s) in self.stages.iter_mut().enumerate().skip(start) {
+            match s.frontend(session, frame) {
+                Action::Forward => {}
+                other => return (other, i),
             }
         }
-        Action::Forward
+        (Action::Forward, self.stages.len())
+    }
+
+    pub fn backend(&mut self, session: &Session, frame: &Frame) -> (Action, usize) {
+        for (i, s) in self.stages.iter_mut().enumerate().rev() {
+            match s.backend(session, frame) {
+                Action::Forward => {}
+                other => return (other, i),
+            }
+        }
+        (Action::Forward, 0)
     }
 
     pub fn streamed(&mut self, session: &Session, direction: Direction, tag: u8, len: usize) {

@@ -9,6 +9,8 @@
 //!   notify        LISTEN on one connection, NOTIFY from another, payload arrives
 //!   cancel        cancel_token() cancels a running pg_sleep
 //!   whoami        current_user, session_user, database, ssl
+//!   cases FILE    run each SQL string of a JSON array over the simple and the extended
+//!                 protocol (inside BEGIN … ROLLBACK) and report what happened
 //! ```
 
 use std::time::{Duration, Instant};
@@ -123,6 +125,33 @@ async fn whoami(conn: &str) -> Result<Value, tokio_postgres::Error> {
     )
 }
 
+fn outcome<T>(r: Result<T, tokio_postgres::Error>) -> Value {
+    match r {
+        Ok(_) => json!({"ok": true}),
+        Err(e) => {
+            json!({"ok": false, "code": e.code().map(|c| c.code().to_string()), "message": e.as_db_error().map(|d| d.message().to_string()).unwrap_or_else(|| e.to_string())})
+        }
+    }
+}
+
+async fn cases(conn: &str, file: &str) -> Result<Value, tokio_postgres::Error> {
+    let list: Vec<String> = serde_json::from_str(&std::fs::read_to_string(file).expect("cases file")).expect("JSON array of strings");
+    let (client, _h) = connect(conn).await?;
+    let mut out = Vec::new();
+    for sql in list {
+        client.batch_execute("begin").await?;
+        let simple = outcome(client.simple_query(&sql).await);
+        client.batch_execute("rollback").await?;
+        client.batch_execute("begin").await?;
+        let extended = outcome(client.query(sql.as_str(), &[]).await);
+        client.batch_execute("rollback").await?;
+        out.push(json!({"sql": sql, "simple": simple, "extended": extended}));
+    }
+    // The session is still usable after every refusal.
+    let alive: i32 = client.query_one("select 1", &[]).await?.get(0);
+    Ok(json!({"ok": true, "cases": out, "alive": alive}))
+}
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -136,6 +165,7 @@ async fn main() {
         "notify" => notify(conn).await,
         "cancel" => cancel(conn).await,
         "whoami" => whoami(conn).await,
+        "cases" => cases(conn, args.get(3).map(String::as_str).unwrap_or("")).await,
         other => {
             eprintln!("unknown scenario {other}");
             std::process::exit(2);

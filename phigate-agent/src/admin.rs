@@ -1,0 +1,177 @@
+//! The local admin API: HTTP/1.1 + JSON on a unix socket (mode 0600, so only root —
+//! or whoever the operator gives the socket to — can talk to it), used by
+//! `phigate approvals` and by any tool that wants to integrate.
+//!
+//! ```text
+//! GET  /v1/approvals               pending requests
+//! GET  /v1/approvals/{id}          one request
+//! POST /v1/approvals/{id}/approve  {"reason": "...", "window_secs": 1800}
+//! POST /v1/approvals/{id}/deny     {"reason": "..."}
+//! ```
+//!
+//! The approver is identified by the kernel (SO_PEERCRED): the unix user, and — if the
+//! calling process runs in a protected cgroup — its workload identity, which may never
+//! approve its own requests. Owns the socket and HTTP plumbing only; the rules are in
+//! `policy::approval`.
+
+use std::{
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::{body::Incoming, service::service_fn, Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tokio::net::{UnixListener, UnixStream};
+use tracing::{info, warn};
+
+use crate::policy::approval::{ApprovalError, Approver, Broker};
+
+/// Finds the workload identity of a process (by pid), if it runs in a protected cgroup.
+pub type WorkloadOf = Arc<dyn Fn(u32) -> Option<String> + Send + Sync>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("cannot create the admin socket {path}: {err}")]
+    Bind { path: PathBuf, err: std::io::Error },
+    #[error("cannot reach the agent's admin socket {path}: {err}. Is the agent running with this configuration?")]
+    Connect { path: PathBuf, err: std::io::Error },
+    #[error("admin API request failed: {0}")]
+    Http(String),
+    #[error("{0}")]
+    Refused(String),
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+pub struct DecideBody {
+    pub reason: String,
+    #[serde(default)]
+    pub window_secs: Option<u64>,
+}
+
+/// Bind the socket with mode 0600. A socket left by an agent that is gone is replaced;
+/// one a live agent still answers on is not (two agents must not share it).
+pub fn bind(path: &Path) -> Result<UnixListener, AdminError> {
+    let err = |err| AdminError::Bind { path: path.to_path_buf(), err };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(err)?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(err(std::io::Error::new(std::io::ErrorKind::AddrInUse, "another phigate agent is serving it")));
+        }
+        std::fs::remove_file(path).map_err(err)?;
+    }
+    let listener = UnixListener::bind(path).map_err(err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+    Ok(listener)
+}
+
+/// Serve the API until the listener is dropped (the task is aborted).
+pub async fn serve(listener: UnixListener, broker: Arc<Broker>, workload_of: WorkloadOf) {
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                warn!(error = %e, "admin socket accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let approver = match stream.peer_cred() {
+            Ok(cred) => {
+                let user = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(cred.uid()))
+                    .ok()
+                    .flatten()
+                    .map(|u| u.name)
+                    .unwrap_or_else(|| cred.uid().to_string());
+                let workload = cred.pid().and_then(|p| u32::try_from(p).ok()).and_then(|p| workload_of(p));
+                Approver { name: format!("unix:{user}"), workload }
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot identify an admin API caller; refusing");
+                continue;
+            }
+        };
+        let broker = broker.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let (broker, approver) = (broker.clone(), approver.clone());
+                async move { Ok::<_, std::convert::Infallible>(handle(req, &broker, &approver).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+        });
+    }
+}
+
+fn reply(status: StatusCode, body: serde_json::Value) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
+    *r.status_mut() = status;
+    r.headers_mut().insert("content-type", hyper::header::HeaderValue::from_static("application/json"));
+    r
+}
+
+async fn handle(req: Request<Incoming>, broker: &Broker, approver: &Approver) -> Response<Full<Bytes>> {
+    let path: Vec<String> = req.uri().path().trim_matches('/').split('/').map(String::from).collect();
+    let path: Vec<&str> = path.iter().map(String::as_str).collect();
+    match (req.method().clone(), path.as_slice()) {
+        (Method::GET, ["v1", "approvals"]) => reply(StatusCode::OK, json!({"approvals": broker.list()})),
+        (Method::GET, ["v1", "approvals", id]) => match id.parse::<u64>().ok().and_then(|id| broker.show(id)) {
+            Some(v) => reply(StatusCode::OK, json!(v)),
+            None => reply(StatusCode::NOT_FOUND, json!({"error": format!("no pending approval {id}")})),
+        },
+        (Method::POST, ["v1", "approvals", id, verb @ ("approve" | "deny")]) => {
+            let Ok(id) = id.parse::<u64>() else {
+                return reply(StatusCode::BAD_REQUEST, json!({"error": "the approval id must be a number"}));
+            };
+            let body = match Limited::new(req.into_body(), 64 * 1024).collect().await {
+                Ok(b) => b.to_bytes(),
+                Err(_) => return reply(StatusCode::BAD_REQUEST, json!({"error": "request body too large or unreadable"})),
+            };
+            let Ok(body) = serde_json::from_slice::<DecideBody>(&body) else {
+                return reply(StatusCode::BAD_REQUEST, json!({"error": "expected JSON {\"reason\": \"...\", \"window_secs\": N}"}));
+            };
+            let approve = *verb == "approve";
+            match broker.decide(id, approver, approve, &body.reason, body.window_secs.map(Duration::from_secs)) {
+                Ok(outcome) => {
+                    info!(approval_id = id, approver = %approver.name, approved = approve, "approval decided");
+                    reply(StatusCode::OK, json!({"id": id, "decision": outcome}))
+                }
+                Err(e @ ApprovalError::NotFound(_)) => reply(StatusCode::NOT_FOUND, json!({"error": e.to_string()})),
+                Err(e @ ApprovalError::SelfApproval(_)) => {
+                    warn!(approval_id = id, approver = %approver.name, "self-approval refused");
+                    reply(StatusCode::FORBIDDEN, json!({"error": e.to_string()}))
+                }
+                Err(e) => reply(StatusCode::BAD_REQUEST, json!({"error": e.to_string()})),
+            }
+        }
+        _ => reply(StatusCode::NOT_FOUND, json!({"error": "unknown endpoint; see GET /v1/approvals"})),
+    }
+}
+
+/// Call the API (for the CLI): returns the status and JSON body.
+pub async fn call(socket: &Path, method: Method, path: &str, body: Option<serde_json::Value>) -> Result<(StatusCode, serde_json::Value), AdminError> {
+    let stream = UnixStream::connect(socket).await.map_err(|err| AdminError::Connect { path: socket.to_path_buf(), err })?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| AdminError::Http(e.to_string()))?;
+    tokio::spawn(conn);
+    let req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "phigate")
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.map(|b| b.to_string()).unwrap_or_default())))
+        .map_err(|e| AdminError::Http(e.to_string()))?;
+    let resp = tokio::time::timeout(Duration::from_secs(10), sender.send_request(req))
+        .await
+        .map_err(|_| AdminError::Http("no answer within 10 s".into()))?
+        .map_err(|e| AdminError::Http(e.to_string()))?;
+    let status = resp.status();
+    let bytes = resp.into_body().collect().await.map_err(|e| AdminError::Http(e.to_string()))?.to_bytes();
+    let json = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
+    Ok((status, json))
+}

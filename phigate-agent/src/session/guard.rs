@@ -1,0 +1,168 @@
+//! The policy stage: every statement a workload sends — each simple Query, each
+//! extended-protocol Parse — is judged before it reaches the database. Blocked
+//! statements get `42501 phigate: blocked by rule <id>: <reason>`; statements that need
+//! approval are held until a human decides or the deadline passes. Fast-path function
+//! calls (which name functions by OID and bypass SQL) are refused outright.
+//!
+//! Bind/Execute only refer to statements by name, and a name only exists on the server
+//! if its Parse was allowed, so judging Parse covers them. Statement texts are never
+//! logged; decisions are logged by rule id.
+
+use std::{sync::Arc, time::Duration};
+
+use tracing::{info, warn};
+
+use super::{
+    stage::{Action, Direction, Stage},
+    Session,
+};
+use crate::{
+    pg::{frame::take_cstr, msg::tag, Frame, PgError, SqlState},
+    policy::{
+        approval::{Broker, Outcome, Requester},
+        cache, unparseable, Decision, Policy, Subject, Verdict,
+    },
+};
+
+pub struct Guard {
+    policy: Arc<Policy>,
+    broker: Arc<Broker>,
+    groups: Vec<String>,
+}
+
+impl Guard {
+    pub fn new(policy: Arc<Policy>, broker: Arc<Broker>, session: &Session) -> Self {
+        let groups = session.token.as_ref().map(|t| t.groups.clone()).unwrap_or_default();
+        Self { policy, broker, groups }
+    }
+
+    fn decide(&self, session: &Session, sql: &str) -> Decision {
+        match cache::analyze(sql).0 {
+            Ok(a) => self.policy.decide(&Subject { identity: &session.workload.name, groups: &self.groups }, &a),
+            Err(e) => unparseable(&e),
+        }
+    }
+
+    fn judge(&self, session: &Session, sql: &str) -> Action {
+        let d = self.decide(session, sql);
+        match d.verdict {
+            Verdict::Allow => Action::Forward,
+            Verdict::Block => {
+                info!(session_id = session.id, rule = %d.rule, "statement blocked");
+                Action::Refuse(blocked(&d))
+            }
+            Verdict::Approve => self.hold(session, sql, d),
+        }
+    }
+
+    fn hold(&self, session: &Session, sql: &str, d: Decision) -> Action {
+        // FULL_RELNAME: by default pg_query fingerprints similar table names alike, and a
+        // grant for one table must not cover another.
+        let fingerprint = pg_query::fingerprint(sql, 0, pg_query::FingerprintOptions::FULL_RELNAME).map(|f| f.value).unwrap_or(0);
+        if let Some(by) = self.broker.granted(&session.workload.name, fingerprint) {
+            info!(session_id = session.id, rule = %d.rule, granted_by = %by, "statement allowed by an approval window");
+            return Action::Forward;
+        }
+        let requester = Requester {
+            identity: session.workload.name.clone(),
+            token_subject: session.token.as_ref().map(|t| t.subject.clone()),
+            session_id: session.id,
+            pid: session.workload.pid,
+            cgroup: session.workload.cgroup.clone(),
+        };
+        let ticket = self.broker.request(requester, &session.database, &session.dbname, sql, &d.rule, &d.reason, fingerprint);
+        info!(session_id = session.id, approval_id = ticket.id, rule = %d.rule, "statement held for approval");
+        let timeout = self.broker.timeout;
+        let notice = PgError::notice(format!(
+            "phigate: statement held for approval (request {}, rule {}: {}); waiting up to {} s",
+            ticket.id,
+            d.rule,
+            d.reason,
+            timeout.as_secs()
+        ))
+        .with_hint(format!("An approver runs: phigate approvals approve {} --reason \"...\"", ticket.id));
+        let broker = self.broker.clone();
+        let decision = async move {
+            let mut pending = ExpireOnDrop { broker, id: ticket.id, done: false };
+            let outcome = tokio::time::timeout(timeout, ticket.reply).await;
+            pending.done = matches!(outcome, Ok(Ok(Outcome::Approved { .. } | Outcome::Denied { .. })));
+            match outcome {
+                Ok(Ok(Outcome::Approved { by, .. })) => {
+                    info!(approval_id = ticket.id, approver = %by, "statement approved");
+                    Ok(())
+                }
+                Ok(Ok(Outcome::Denied { by, reason, .. })) => {
+                    warn!(approval_id = ticket.id, approver = %by, "statement denied");
+                    Err(PgError::error(SqlState::INSUFFICIENT_PRIVILEGE, format!("phigate: denied by {by} (rule {}): {reason}", d.rule)))
+                }
+                _ => {
+                    warn!(approval_id = ticket.id, "approval deadline passed");
+                    Err(PgError::error(
+                        SqlState::INSUFFICIENT_PRIVILEGE,
+                        format!("phigate: not approved within {} s (rule {}: {}); the statement was not run", timeout.as_secs(), d.rule, d.reason),
+                    )
+                    .with_hint("Ask an approver to approve it, then run it again."))
+                }
+            }
+        };
+        Action::Hold(Box::pin(decision), Some(notice))
+    }
+}
+
+/// Withdraws a request whose session stopped waiting (deadline, client gone).
+struct ExpireOnDrop {
+    broker: Arc<Broker>,
+    id: u64,
+    done: bool,
+}
+
+impl Drop for ExpireOnDrop {
+    fn drop(&mut self) {
+        if !self.done {
+            self.broker.expire(self.id);
+        }
+    }
+}
+
+fn blocked(d: &Decision) -> PgError {
+    PgError::error(SqlState::INSUFFICIENT_PRIVILEGE, format!("phigate: blocked by rule {}: {}", d.rule, d.reason))
+}
+
+impl Stage for Guard {
+    fn name(&self) -> &'static str {
+        "policy"
+    }
+
+    fn needs_whole(&self, direction: Direction, t: u8) -> bool {
+        direction == Direction::Frontend && matches!(t, tag::QUERY | tag::PARSE | tag::FUNCTION_CALL)
+    }
+
+    fn frontend(&mut self, session: &Session, frame: &Frame) -> Action {
+        match frame.tag() {
+            tag::QUERY => {
+                let mut body = frame.body();
+                match take_cstr(&mut body, "Query") {
+                    Ok(sql) => self.judge(session, sql),
+                    Err(e) => Action::Refuse(PgError::error(SqlState::PROTOCOL_VIOLATION, format!("phigate: blocked a malformed Query: {e}"))),
+                }
+            }
+            tag::PARSE => {
+                let mut body = frame.body();
+                let parsed = take_cstr(&mut body, "Parse").and_then(|_name| take_cstr(&mut body, "Parse"));
+                match parsed {
+                    Ok(sql) => self.judge(session, sql),
+                    Err(e) => Action::Refuse(PgError::error(SqlState::PROTOCOL_VIOLATION, format!("phigate: blocked a malformed Parse: {e}"))),
+                }
+            }
+            tag::FUNCTION_CALL => Action::Refuse(blocked(&Decision {
+                verdict: Verdict::Block,
+                rule: "fastpath".into(),
+                reason: "fast-path function calls bypass SQL and cannot be judged".into(),
+            })),
+            _ => Action::Forward,
+        }
+    }
+}
+
+/// How long `phigate approvals` may wait for the agent's answer.
+pub const ADMIN_TIMEOUT: Duration = Duration::from_secs(10);
