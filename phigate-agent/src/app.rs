@@ -292,7 +292,12 @@ async fn build_services(config: &Config, shutdown: tokio::sync::watch::Receiver<
         identities,
         cancel: Arc::new(CancelRegistry::default()),
         limits: Limits { max_message_bytes: config.agent.max_message_bytes, startup_timeout: config.agent.startup_timeout },
-        stages: Box::new(move |session| vec![Box::new(Guard::new(policy.clone(), broker.clone(), session)) as Box<dyn session::stage::Stage>]),
+        stages: if config.policy.enabled {
+            Box::new(move |session| vec![Box::new(Guard::new(policy.clone(), broker.clone(), session)) as Box<dyn session::stage::Stage>])
+        } else {
+            warn!("SQL policy is DISABLED ([policy] enabled = false): no statement is checked; use only to measure overhead");
+            Box::new(|_| Vec::new())
+        },
         shutdown,
     })
 }

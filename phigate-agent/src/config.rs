@@ -45,6 +45,9 @@ pub struct Config {
 /// SQL policy settings (`[policy]`).
 #[derive(Debug, Clone)]
 pub struct PolicyConfig {
+    /// Judge statements at all. Only for measuring phigate's own overhead: with it
+    /// off, no statement is checked (the agent warns loudly at start).
+    pub enabled: bool,
     /// The built-in hipaa-baseline pack.
     pub baseline: bool,
     /// Tables holding PHI (`schema.table`, `schema.*`, `table`).
@@ -222,6 +225,7 @@ struct RawConfig {
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawPolicy {
+    enabled: Option<bool>,
     baseline: Option<bool>,
     #[serde(default)]
     phi_tables: Vec<String>,
@@ -839,6 +843,7 @@ impl Validator<'_> {
             });
         }
         Ok(PolicyConfig {
+            enabled: raw.enabled.unwrap_or(true),
             baseline: raw.baseline.unwrap_or(true),
             phi_tables,
             unbounded_read_limit: limit,

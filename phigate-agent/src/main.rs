@@ -90,8 +90,8 @@ fn approvals(config: &Config, command: ApprovalsCommand) -> anyhow::Result<()> {
                 let stmt = if stmt.chars().count() > 60 { format!("{}…", stmt.chars().take(60).collect::<String>()) } else { stmt };
                 println!(
                     "{:<5} {:>7}s  {:<20} {:<14} {:<30} {}",
-                    a["id"],
-                    a["waiting_secs"],
+                    a["id"].to_string(),
+                    a["waiting_secs"].to_string(),
                     a["requester"]["identity"].as_str().unwrap_or(""),
                     format!("{}/{}", a["database"].as_str().unwrap_or(""), a["dbname"].as_str().unwrap_or("")),
                     a["rule"].as_str().unwrap_or(""),

@@ -19,13 +19,16 @@ use crate::root;
 pub fn run(name: &str) -> Result<()> {
     crate::setup::run()?;
     crate::build_ebpf()?;
+    if name == "policy" {
+        return policy();
+    }
     crate::build_workspace(true)?;
     // The harness starts the release binaries.
     std::env::set_var("PHIGATE_BIN", root().join("target/release/phigate"));
     match name {
         "redirect" => redirect(),
         "pg" => pg(),
-        other => bail!("unknown benchmark {other:?}; available: redirect, pg"),
+        other => bail!("unknown benchmark {other:?}; available: redirect, pg, policy"),
     }
 }
 
@@ -118,6 +121,20 @@ fn redirect() -> Result<()> {
     row("COPY FROM STDIN throughput", 1, "gbytes_per_sec", "GB/s", "≥ 0.8×");
     let failures: u64 = d_runs.iter().chain(&p_runs).map(|r| r.0["failures"].as_u64().unwrap_or(0)).sum();
     println!("(connections through the agent: {redirected}; failed connections: {failures})");
+    Ok(())
+}
+
+/// Criterion benches of the policy decision; prints the medians against the targets.
+fn policy() -> Result<()> {
+    crate::run(Command::new("cargo").current_dir(root()).args(["bench", "-p", "phigate-agent", "--bench", "policy"]))?;
+    println!("\nphigate policy decision — median per statement (Criterion)");
+    let dir = root().join("target/criterion");
+    for (name, target) in [("decide_uncached join (parse + decide)", "≤ 40 µs"), ("decide_cached join (same text)", "≤ 2 µs"), ("decide_cached pgbench select (other constants)", "≤ 2 µs")] {
+        let file = dir.join(name).join("new/estimates.json");
+        let est: Value = serde_json::from_str(&std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?)?;
+        let ns = est["median"]["point_estimate"].as_f64().unwrap_or(f64::NAN);
+        println!("  {:<50} {:>9.2} µs   target {target}", name.replace('_', "/"), ns / 1000.0);
+    }
     Ok(())
 }
 
@@ -258,6 +275,13 @@ fn pg() -> Result<()> {
     let prot = cg.child("protected");
     let cfg = AgentConfig::new(&cg).database(DbSpec::new("bench", &["127.0.0.2/32"], server.port(), server.socket_addr())).protect(&prot, "bench-client");
     let agent = Agent::start(&cfg)?;
+    // The same agent without the SQL policy stage, to price the policy alone.
+    let cg_off = TestCgroup::new();
+    let prot_off = cg_off.child("protected");
+    let mut cfg_off = AgentConfig::new(&cg_off).database(DbSpec::new("bench", &["127.0.0.2/32"], server.port(), server.socket_addr())).protect(&prot_off, "bench-client");
+    cfg_off.extra = "[policy]\nenabled = false\n".into();
+    let agent_off = Agent::start(&cfg_off)?;
+    let off_dir = cg_off.child_dir("protected");
     let tmp = std::env::temp_dir().join(phigate_tests::unique("phigate-bench-pgbouncer"));
     std::fs::create_dir_all(&tmp)?;
     let (bouncer, bouncer_port) = start_pgbouncer(&tmp, server.port())?;
@@ -266,23 +290,21 @@ fn pg() -> Result<()> {
     let mut rows = Vec::new();
     for mode in ["simple", "prepared"] {
         for clients in [1u32, 8, 32] {
-            eprintln!("bench: -M {mode} -c {clients} ({reps} × {seconds} s each: direct, PgBouncer, phigate, alternating)");
-            let (mut ds, mut bs, mut ps) = (Vec::new(), Vec::new(), Vec::new());
+            eprintln!("bench: -M {mode} -c {clients} ({reps} × {seconds} s each: direct, PgBouncer, phigate, phigate without policy, alternating)");
+            let (mut ds, mut bs, mut ps, mut os) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
             for _ in 0..reps {
                 ds.push(pgbench(&direct_dir, "127.0.0.2", server.port(), "postgres", "postgres", mode, clients, seconds)?);
-                bs.push(measured(
-                    Some(bouncer.0.id()),
-                    || pgbench(&direct_dir, "127.0.0.4", bouncer_port, "postgres", "bench", mode, clients, seconds),
-                    seconds,
-                )?);
+                bs.push(measured(Some(bouncer.0.id()), || pgbench(&direct_dir, "127.0.0.4", bouncer_port, "postgres", "bench", mode, clients, seconds), seconds)?);
                 ps.push(measured(agent.pid(), || pgbench(&prot_dir, "127.0.0.2", server.port(), "postgres", "postgres", mode, clients, seconds), seconds)?);
+                os.push(measured(agent_off.pid(), || pgbench(&off_dir, "127.0.0.2", server.port(), "postgres", "postgres", mode, clients, seconds), seconds)?);
             }
-            rows.push((mode, clients, median(ds), median(bs), median(ps)));
+            rows.push((mode, clients, median(ds), median(bs), median(ps), median(os)));
         }
     }
     let sessions = agent.events_named("session started").len();
     drop(bouncer);
     drop(agent);
+    drop(agent_off);
     let _ = std::fs::remove_dir_all(&tmp);
 
     println!(
@@ -290,12 +312,12 @@ fn pg() -> Result<()> {
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
     );
     println!(
-        "{:<9} {:>3} | {:>9} {:>8} | {:>9} {:>8} {:>7} | {:>9} {:>8} {:>7} | {:>8} {:>8}",
-        "mode", "-c", "direct", "lat ms", "pgbouncer", "lat ms", "cpu µs", "phigate", "lat ms", "cpu µs", "÷direct", "÷bouncer"
+        "{:<9} {:>3} | {:>9} {:>8} | {:>9} {:>8} {:>7} | {:>9} {:>8} {:>7} | {:>9} | {:>8} {:>8} {:>9}",
+        "mode", "-c", "direct", "lat ms", "pgbouncer", "lat ms", "cpu µs", "phigate", "lat ms", "cpu µs", "no policy", "÷direct", "÷bouncer", "÷nopolicy"
     );
-    for (mode, c, d, b, p) in &rows {
+    for (mode, c, d, b, p, o) in &rows {
         println!(
-            "{mode:<9} {c:>3} | {:>9.0} {:>8.3} | {:>9.0} {:>8.3} {:>7.1} | {:>9.0} {:>8.3} {:>7.1} | {:>7.2}× {:>7.2}×",
+            "{mode:<9} {c:>3} | {:>9.0} {:>8.3} | {:>9.0} {:>8.3} {:>7.1} | {:>9.0} {:>8.3} {:>7.1} | {:>9.0} | {:>7.2}× {:>7.2}× {:>8.2}×",
             d.tps,
             d.latency_ms,
             b.tps,
@@ -304,11 +326,13 @@ fn pg() -> Result<()> {
             p.tps,
             p.latency_ms,
             p.proxy_cpu_us,
+            o.tps,
             p.tps / d.tps,
-            p.tps / b.tps
+            p.tps / b.tps,
+            p.tps / o.tps
         );
     }
     println!("(cpu µs: the proxy's own CPU time per transaction)");
-    println!("targets: phigate ≥ 0.95× PgBouncer at -c 1, ≥ 1.3× PgBouncer at -c 8 (TPS). Sessions through phigate: {sessions}");
+    println!("targets: phigate ≥ 0.95× PgBouncer at -c 1, ≥ 1.3× PgBouncer at -c 8; policy on ≥ 0.9× policy off (TPS). Sessions through phigate: {sessions}");
     Ok(())
 }

@@ -113,7 +113,40 @@ pub fn run() -> Result<()> {
     println!("   phigate's record of those connections (kernel-attested identity, original destination, upstream role):");
     print_lines(&text, &["connection accepted", "session started"]);
 
-    step("4. The same psql from an unprotected process");
+    step("4. SQL policy: what the workload may not do");
+    for sql in ["drop table patients", "delete from patients"] {
+        println!("   psql> {sql}");
+        let out = psql_raw("analyst", "clinical", sql, Some(&cgroup))?;
+        println!("   {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    println!("   psql> select id, name, ssn from patients      -- every patient: held until a human approves");
+    let mut held = spawn_psql("analyst", "clinical", "select id, name, ssn from patients order by id", &cgroup)?;
+    let approvals = |args: &[&str]| Command::new(phigate()).arg("--config").arg(&config).arg("approvals").args(args).output();
+    let id = wait_for(Duration::from_secs(10), || {
+        let out = approvals(&["list", "--json"]).ok()?;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        v["approvals"].as_array()?.first().map(|a| a["id"].to_string())
+    })
+    .context("the held statement did not show up in `phigate approvals list`")?;
+    let listed = String::from_utf8_lossy(&approvals(&["list"])?.stdout).to_string();
+    println!("\n   (second terminal) $ phigate approvals list");
+    for l in listed.lines() {
+        println!("   {l}");
+    }
+    println!("   (second terminal) $ phigate approvals approve {id} --reason \"quarterly outreach list, ticket 4711\"");
+    let out = Command::new(phigate()).arg("--config").arg(&config).args(["approvals", "approve", &id, "--reason", "quarterly outreach list, ticket 4711"]).output()?;
+    println!("   {}", String::from_utf8_lossy(&out.stdout).trim());
+    let out = wait_child(&mut held, Duration::from_secs(20))?;
+    let rows = String::from_utf8_lossy(&out.stdout);
+    println!("\n   the workload's psql (notice, then the rows, shown here: first 3 of {}):", rows.lines().count());
+    for l in String::from_utf8_lossy(&out.stderr).lines() {
+        println!("   {l}");
+    }
+    for l in rows.lines().take(3) {
+        println!("   {l}");
+    }
+
+    step("5. The same psql from an unprotected process");
     let before = count(&fs::read_to_string(&log).unwrap_or_default(), "connection accepted");
     let out = psql("postgres", "clinical", "select 'direct to the database' as path, current_user, count(*) from patients", None)?;
     println!("{out}");
@@ -121,7 +154,7 @@ pub fn run() -> Result<()> {
     let after = count(&fs::read_to_string(&log).unwrap_or_default(), "connection accepted");
     println!("   connections seen by phigate: before {before}, after {after} — the unprotected process was not redirected");
 
-    step("5. phigate status");
+    step("6. phigate status");
     let out = Command::new(phigate()).arg("--config").arg(&config).arg("status").output()?;
     println!("{}", String::from_utf8_lossy(&out.stdout));
     drop(demo);
@@ -139,6 +172,40 @@ fn psql(user: &str, db: &str, sql: &str, cgroup: Option<&Path>) -> Result<String
         bail!("psql failed: {}", String::from_utf8_lossy(&out.stderr));
     }
     Ok(String::from_utf8_lossy(&out.stdout).to_string())
+}
+
+fn psql_raw(user: &str, db: &str, sql: &str, cgroup: Option<&Path>) -> Result<std::process::Output> {
+    let mut cmd = Command::new(phigate_tests::pg::pg_bin("psql"));
+    cmd.args(["-h", "127.0.0.2", "-p", "5432", "-U", user, "-d", db, "-X", "-c", sql]).env("PGSSLMODE", "disable").stdin(Stdio::null());
+    if let Some(dir) = cgroup {
+        run_in(&mut cmd, dir);
+    }
+    Ok(cmd.output()?)
+}
+
+fn spawn_psql(user: &str, db: &str, sql: &str, cgroup: &Path) -> Result<Child> {
+    let mut cmd = Command::new(phigate_tests::pg::pg_bin("psql"));
+    cmd.args(["-h", "127.0.0.2", "-p", "5432", "-U", user, "-d", db, "-XAt", "-c", sql]).env("PGSSLMODE", "disable").stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    run_in(&mut cmd, cgroup);
+    Ok(cmd.spawn()?)
+}
+
+/// Wait (bounded) for a child and collect its output.
+fn wait_child(child: &mut Child, within: Duration) -> Result<std::process::Output> {
+    let done = wait_for(within, || child.try_wait().ok().flatten());
+    if done.is_none() {
+        let _ = child.kill();
+        bail!("psql did not finish within {within:?}");
+    }
+    let mut out = std::process::Output { status: done.expect("checked"), stdout: Vec::new(), stderr: Vec::new() };
+    use std::io::Read;
+    if let Some(mut s) = child.stdout.take() {
+        let _ = s.read_to_end(&mut out.stdout);
+    }
+    if let Some(mut s) = child.stderr.take() {
+        let _ = s.read_to_end(&mut out.stderr);
+    }
+    Ok(out)
 }
 
 fn print_lines(text: &str, needles: &[&str]) {
