@@ -4,14 +4,18 @@
 
 use std::collections::HashMap;
 
-use criterion::{Criterion, black_box, criterion_group, criterion_main};
-use phigate_agent::policy::{BaselineSettings, Policy, Subject, TablePattern, Verdict, analyze, cache};
+use criterion::{black_box, criterion_group, criterion_main, Criterion};
+use phigate_agent::policy::{analyze, cache, BaselineSettings, Policy, Subject, TablePattern, Verdict};
 
 const JOIN: &str = "SELECT p.name, p.dob, e.note FROM public.patients p JOIN encounters e ON e.patient_id = p.id WHERE p.id = $1 AND e.created_at > now() - interval '30 days' ORDER BY e.created_at DESC LIMIT 20";
 
 fn policy() -> Policy {
     Policy {
-        baseline: BaselineSettings { enabled: true, phi_tables: vec![TablePattern::parse("public.patients").unwrap(), TablePattern::parse("public.encounters").unwrap()], unbounded_read_limit: 1000 },
+        baseline: BaselineSettings {
+            enabled: true,
+            phi_tables: vec![TablePattern::parse("public.patients").unwrap(), TablePattern::parse("public.encounters").unwrap()],
+            unbounded_read_limit: 1000,
+        },
         rules: Vec::new(),
         defaults: HashMap::from([("agent".to_string(), Verdict::Allow)]),
     }

@@ -149,6 +149,25 @@ fn pgclient(e: &Env, cgroup: &str, scenario: &str) -> Value {
         .unwrap_or_else(|err| panic!("pgclient {scenario}: {err}: {} {}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
 }
 
+/// tokio-postgres `scenario` against `host` (a protected database address) with extra
+/// connection-string words (`password=…`).
+fn pgclient_at(e: &Env, cgroup: &str, scenario: &str, host: &str, extra: &str) -> Value {
+    let bin = target_dir().join("debug/phigate-pgclient");
+    let bin = std::env::var_os("PHIGATE_PGCLIENT_BIN").map(PathBuf::from).unwrap_or(bin);
+    let conn = format!("host={host} port={} user=whoever dbname=clinical connect_timeout=10 {extra}", e.pg.port());
+    let mut cmd = Command::new(bin);
+    cmd.args([scenario, &conn]).stdin(Stdio::null());
+    run_in(&mut cmd, &e.cg.child_dir(cgroup));
+    let out = cmd.output().expect("phigate-pgclient runs");
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|err| panic!("pgclient {scenario}: {err}: {} {}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+/// The SQLSTATEs of the sessions the agent refused.
+fn refusal_codes(e: &Env) -> Vec<String> {
+    e.agent.events_named("session refused").iter().filter_map(|x| x["code"].as_str().map(String::from)).collect()
+}
+
 fn session_started(e: &Env) -> Vec<Value> {
     e.agent.events_named("session started")
 }
@@ -200,6 +219,12 @@ fn psql_simple_protocol_multi_statement_copy_and_errors() {
     assert_eq!(out.lines().last().unwrap(), format!("2|600000|{expect}"));
     let s = session_started(&e);
     assert!(s.iter().all(|x| x["upstream_role"] == "app_scram" && x["user"] == "whoever" && x["auth"] == "workload"), "{s:?}");
+    assert!(s.iter().all(|x| x["application_name"] == "psql"), "the startup's application_name is captured: {s:?}");
+    // Startup options reach the database and are recorded with the session.
+    let o = ok(&psql_in(&e, "prot", &["-c", "show search_path"], &[("PGOPTIONS", "-c search_path=audit_test,public")]));
+    assert_eq!(o, "audit_test,public");
+    let s = session_started(&e);
+    assert!(s.iter().any(|x| x["options"] == "-c search_path=audit_test,public"), "{s:?}");
 }
 
 #[test]
@@ -364,6 +389,9 @@ fn token_authentication_accepts_good_tokens_and_refuses_bad_ones() {
     let err = refused(&issuer.sign(&issuer.claims("svc-billing", "phigate", &["billing"])));
     assert!(err.contains("lacks group \"phi-readers\""), "{err}");
     assert!(refused("not-a-token").contains("is not a JWT"));
+    // A token that does not verify is 28P01 (invalid_password); a valid token whose
+    // subject lacks a required group authenticated but is not authorised: 28000.
+    assert_eq!(refusal_codes(&e), ["28P01", "28P01", "28P01", "28000", "28P01"], "forged, audience, expired, group, not a JWT");
     // Tokens never reach the database as passwords: the server only ever saw app_scram
     // authenticate with the agent's secret.
     assert!(!e.pg.log().contains("password authentication failed"), "{}", e.pg.log());
@@ -392,7 +420,12 @@ fn token_keys_can_come_from_a_jwks_url() {
     let e = token_env(&issuer, Some(&url));
     let good = issuer.sign(&issuer.claims("svc-url", "phigate", &["phi-readers"]));
     assert_eq!(ok(&psql_in(&e, "token", &["-c", "select 'via url'"], &[("PGPASSWORD", &good)])), "via url");
-    assert!(hits.load(std::sync::atomic::Ordering::SeqCst) >= 1, "the JWKS was fetched from the URL");
+    // More logins use the cached key set: the identity provider is asked once.
+    for i in 0..3 {
+        let token = issuer.sign(&issuer.claims(&format!("svc-url-{i}"), "phigate", &["phi-readers"]));
+        assert_eq!(ok(&psql_in(&e, "token", &["-c", "select 1"], &[("PGPASSWORD", &token)])), "1");
+    }
+    assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 1, "the JWKS was fetched from the URL once and then cached");
 }
 
 #[test]
@@ -416,6 +449,12 @@ fn scram_authentication_with_a_per_identity_verifier() {
     let o = psql_in(&e, "scram", &["-c", "select 1"], &[("PGPASSWORD", "wrong-pw")]);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("phigate refused the connection: password authentication failed for identity \"scram-agent\""), "{}", stderr(&o));
+    assert_eq!(refusal_codes(&e), vec!["28P01".to_string()]);
+    // tokio-postgres sees the same SQLSTATE on the wire.
+    let v = pgclient_at(&e, "scram", "whoami", "127.0.0.2", "password=wrong-pw");
+    assert_eq!(v["code"], "28P01", "{v}");
+    let v = pgclient_at(&e, "scram", "whoami", "127.0.0.2", "password=workload-pw");
+    assert_eq!(v["current_user"], "app_md5", "{v}");
 }
 
 #[test]
@@ -432,9 +471,17 @@ fn unknown_identity_and_forbidden_requests_are_refused_with_clear_errors() {
     let o = psql_in(&e, "prot", &["-c", "select 1"], &[("PGOPTIONS", "-c role=postgres")]);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("startup parameter options (role) may not be set"), "{}", stderr(&o));
-    let errors = e.agent.events_named("session refused");
-    assert!(errors.iter().any(|x| x["code"] == "28000"), "{errors:?}");
-    assert!(errors.iter().any(|x| x["code"] == "42501"), "{errors:?}");
+    // Settings that would make the server parse statements differently from the
+    // policy's parser are refused too.
+    let o = psql_in(&e, "prot", &["-c", "select 1"], &[("PGOPTIONS", "-c standard_conforming_strings=off")]);
+    assert!(stderr(&o).contains("startup parameter options (standard_conforming_strings) may not be set"), "{}", stderr(&o));
+    let o = psql_in(&e, "prot", &["-c", "select 1"], &[("PGCLIENTENCODING", "SJIS")]);
+    assert!(stderr(&o).contains("startup parameter client_encoding (SJIS) may not be set"), "{}", stderr(&o));
+    let v = pgclient_at(&e, "ghost", "whoami", "127.0.0.2", "");
+    assert_eq!(v["code"], "28000", "an unconfigured identity is 28000 on the wire: {v}");
+    let codes = refusal_codes(&e);
+    assert!(codes.iter().any(|c| c == "28000"), "{codes:?}");
+    assert_eq!(codes.iter().filter(|c| *c == "42501").count(), 3, "{codes:?}");
 }
 
 #[test]
@@ -475,6 +522,88 @@ fn upstream_down_gives_08006_and_the_agent_logs_the_cause() {
     assert!(logged["error"].as_str().unwrap_or("").contains("cannot connect"), "{logged}");
     let refused = e.agent.events_named("session failed");
     assert!(!refused.is_empty());
+    let v = pgclient_at(&e, "prot", "whoami", "127.0.0.2", "");
+    assert_eq!(v["code"], "08006", "an unreachable database is 08006 connection_failure on the wire: {v}");
+}
+
+#[test]
+fn upstream_sslmodes_and_rejected_agent_credentials() {
+    if skip("upstream_sslmodes_and_rejected_agent_credentials") {
+        return;
+    }
+    // One agent, one TLS-capable PostgreSQL (and one without TLS), seen by workloads as
+    // several protected databases, one per upstream sslmode.
+    let dir = TempDir::new();
+    let ca = TestCa::new(&dir.0, "db", &["db.test", "127.0.0.2"]);
+    let wrong = TestCa::new(&dir.0, "other", &["db.test"]);
+    let plain_pg = PgServer::start(PgOptions { addr: "127.0.0.3".parse().unwrap(), hba: Some(HBA.into()), ..Default::default() }).expect("PostgreSQL starts");
+    plain_pg.psql_admin("postgres", "create role app_scram login password 'scram-secret'").expect("role");
+    plain_pg.psql_admin("postgres", "create database clinical owner app_scram").expect("database");
+    let cases: [(&str, &str, String, Option<SocketAddr>); 8] = [
+        ("127.0.0.11", "disable", String::new(), None),
+        ("127.0.0.12", "prefer", String::new(), None),
+        ("127.0.0.13", "require", String::new(), None),
+        ("127.0.0.14", "verify-ca", format!("ca_file = {:?}\nserver_name = \"not-the-certificate-name.test\"\n", ca.ca_file.display().to_string()), None),
+        ("127.0.0.15", "verify-ca", format!("ca_file = {:?}\n", wrong.ca_file.display().to_string()), None),
+        ("127.0.0.16", "verify-full", format!("ca_file = {:?}\nserver_name = \"not-the-certificate-name.test\"\n", ca.ca_file.display().to_string()), None),
+        ("127.0.0.17", "require", String::new(), Some(plain_pg.socket_addr())),
+        ("127.0.0.18", "prefer", String::new(), Some(plain_pg.socket_addr())),
+    ];
+    let e = env_with(Some(&ca), |mut c, ctx| {
+        let secret = ctx.dir.file("scram.password", "scram-secret\n");
+        let mut access = vec![("clinical".to_string(), "app_scram".to_string(), vec!["*".to_string()])];
+        for (i, (addr, mode, extra, upstream)) in cases.iter().enumerate() {
+            let name = format!("tls{i}");
+            let up = upstream.unwrap_or(c.databases[0].upstream);
+            let mut db = DbSpec::new(&name, &[&format!("{addr}/32")], c.databases[0].port, up);
+            db.credentials = vec![("app_scram".into(), Some(secret.clone()))];
+            db.extra = format!("[database.upstream_tls]\nmode = {mode:?}\n{extra}");
+            c.databases.push(db);
+            access.push((name, "app_scram".into(), vec!["*".into()]));
+        }
+        // The agent's secret for this database is wrong: the database rejects the agent.
+        let mut bad = DbSpec::new("bad-secret", &["127.0.0.19/32"], c.databases[0].port, c.databases[0].upstream);
+        bad.credentials = vec![("app_scram".into(), Some(ctx.dir.file("wrong.password", "not-the-secret")))];
+        c.databases.push(bad);
+        access.push(("bad-secret".into(), "app_scram".into(), vec!["*".into()]));
+        c.identity(IdentitySpec { name: "billing-agent".into(), auth: "auth = \"workload\"".into(), access })
+    });
+    let expect: [(&str, Result<bool, &str>); 8] = [
+        ("disable", Ok(false)),
+        ("prefer, server has TLS", Ok(true)),
+        ("require (no verification)", Ok(true)),
+        ("verify-ca, right CA, name not checked", Ok(true)),
+        ("verify-ca, wrong CA", Err("08006")),
+        ("verify-full, name mismatch", Err("08006")),
+        ("require, server without TLS", Err("08006")),
+        ("prefer, server without TLS", Ok(false)),
+    ];
+    for ((addr, ..), (what, want)) in cases.iter().zip(expect) {
+        let v = pgclient_at(&e, "prot", "whoami", addr, "");
+        match want {
+            Ok(ssl) => {
+                assert_eq!(v["ok"], true, "{what}: {v}");
+                assert_eq!(v["current_user"], "app_scram", "{what}: {v}");
+                assert_eq!(v["upstream_ssl"], ssl, "{what}: the database sees TLS = {ssl}: {v}");
+            }
+            Err(code) => assert_eq!(v["code"], code, "{what}: {v}"),
+        }
+    }
+    let failures = e.agent.events_named("upstream login failed");
+    let errors: Vec<&str> = failures.iter().filter_map(|f| f["error"].as_str()).collect();
+    assert!(errors.iter().any(|m| m.contains("refused TLS")), "{errors:?}");
+    assert!(errors.iter().filter(|m| m.contains("TLS with the database failed")).count() >= 2, "{errors:?}");
+    // Rejected agent credentials: 28000 for the workload, the cause in the agent log,
+    // and the secret itself nowhere.
+    let v = pgclient_at(&e, "prot", "whoami", "127.0.0.19", "");
+    assert_eq!(v["code"], "28000", "{v}");
+    assert!(v["db_error"].as_str().unwrap_or("").contains("phigate could not log in to the database as role \"app_scram\""), "{v}");
+    let logged = wait_for(Duration::from_secs(5), || {
+        e.agent.events_named("upstream login failed").into_iter().find(|f| f["error"].as_str().unwrap_or("").contains("rejected the login"))
+    });
+    assert!(logged.is_some(), "the cause is logged");
+    let log = e.agent.raw_log();
+    assert!(!log.contains("not-the-secret") && !log.contains("scram-secret"), "secrets never reach the log");
 }
 
 #[test]

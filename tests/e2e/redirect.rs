@@ -66,6 +66,9 @@ fn protected_client_reaches_database_through_agent_with_identity_and_original_de
     assert_eq!(rec["comm"], "phigate-probe");
     assert_eq!(rec["protected_cgroup_id"], s.cg.child_id("prot"));
     assert_eq!(rec["cgroup_id"], s.cg.child_id("prot"));
+    assert_eq!(rec["uid"], v["uid"], "the kernel's record names the caller's uid");
+    assert_ne!(v["netns_cookie"], 0, "the probe reads its netns cookie");
+    assert_eq!(rec["netns_cookie"], v["netns_cookie"], "the kernel's record names the caller's network namespace");
     // The client's local port is the one the agent saw as the client.
     assert_eq!(rec["span"]["client"], v["local"]);
 

@@ -23,8 +23,11 @@ pub fn run(name: &str) -> Result<()> {
         return policy();
     }
     crate::build_workspace(true)?;
-    // The harness starts the release binaries.
-    std::env::set_var("PHIGATE_BIN", root().join("target/release/phigate"));
+    // The harness starts the release binaries (or the agent binary named by
+    // PHIGATE_BIN, to compare two builds).
+    if std::env::var_os("PHIGATE_BIN").is_none() {
+        std::env::set_var("PHIGATE_BIN", root().join("target/release/phigate"));
+    }
     match name {
         "redirect" => redirect(),
         "pg" => pg(),
@@ -45,14 +48,27 @@ impl Drop for Server {
 }
 
 fn client(cgroup: &Path, args: &[&str]) -> Result<Value> {
+    client_env(cgroup, args, &[])
+}
+
+fn client_env(cgroup: &Path, args: &[&str], env: &[(&str, &str)]) -> Result<Value> {
     let mut cmd = Command::new(bench_bin());
-    cmd.args(args).stdin(Stdio::null());
+    cmd.args(args).envs(env.iter().copied()).stdin(Stdio::null());
     run_in(&mut cmd, cgroup);
     let out = cmd.output()?;
     if !out.status.success() {
         bail!("phigate-bench {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
     }
     Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+/// One round's measurements on one path.
+struct RedirectRun {
+    /// Logins to the minimal bench server.
+    setup: Value,
+    /// Logins to a real PostgreSQL.
+    pg_setup: Value,
+    stream: Value,
 }
 
 /// Connection set-up time and relay throughput, direct vs through phigate.
@@ -67,59 +83,84 @@ fn redirect() -> Result<()> {
     let mut line = String::new();
     BufReader::new(child.stdout.as_mut().expect("piped")).read_line(&mut line)?;
     let _server = Server(child);
+    // A real PostgreSQL too: its login (a forked backend) is what workloads wait for.
+    let pg = phigate_tests::PgServer::start(Default::default())?;
+    let pg_target = pg.socket_addr().to_string();
+    let pg_env = [("PHIGATE_BENCH_USER", "postgres"), ("PHIGATE_BENCH_DB", "postgres")];
 
     let cg = TestCgroup::new();
-    let direct_cg = cg.child("direct");
+    cg.child("direct");
     let prot = cg.child("protected");
-    let cfg = AgentConfig::new(&cg).database(DbSpec::new("bench", &[&format!("{addr}/32")], port, target.parse()?)).protect(&prot, "bench-client");
+    // The direct client does not ask for TLS, so neither does the agent: the same
+    // login on both paths.
+    let plain = if std::env::var_os("PHIGATE_BENCH_PREFER").is_none() { "[database.upstream_tls]\nmode = \"disable\"\n" } else { "" };
+    let mut db = DbSpec::new("bench", &[&format!("{addr}/32")], port, target.parse()?);
+    db.extra = plain.into();
+    let mut pg_db = DbSpec::new("pg", &["127.0.0.2/32"], pg.port(), pg.socket_addr());
+    pg_db.extra = plain.into();
+    let cfg = AgentConfig::new(&cg).database(db).database(pg_db).protect(&prot, "bench-client");
     let agent = Agent::start(&cfg)?;
     let (direct_dir, prot_dir) = (cg.child_dir("direct"), cg.child_dir("protected"));
-    let _ = direct_cg;
 
-    const ROUNDS: usize = 5;
-    const CONNECTS: &str = "1000";
+    let rounds: usize = std::env::var("PHIGATE_BENCH_REPS").ok().and_then(|s| s.parse().ok()).unwrap_or(5);
+    let connects = std::env::var("PHIGATE_BENCH_CONNECTS").unwrap_or_else(|_| "1000".into());
+    let connects = connects.as_str();
+    const PG_CONNECTS: &str = "200";
     const BYTES: &str = "1073741824"; // 1 GiB
     const WRITE: &str = "65536";
     eprintln!("bench: warming up");
-    client(&direct_dir, &["setup", &target, "200"])?;
-    client(&prot_dir, &["setup", &target, "200"])?;
+    for dir in [&direct_dir, &prot_dir] {
+        client(dir, &["setup", &target, "200"])?;
+        client_env(dir, &["setup", &pg_target, "20"], &pg_env)?;
+    }
     // Alternate direct and phigate runs so drift on the shared cores hits both alike;
     // report the median of the rounds.
     let mut d_runs = Vec::new();
     let mut p_runs = Vec::new();
-    for round in 0..ROUNDS {
-        eprintln!("bench: round {}/{ROUNDS}: {CONNECTS} connections and a 1 GiB stream each way", round + 1);
+    for round in 0..rounds {
+        eprintln!("bench: round {}/{rounds}: {connects} logins to the bench server, {PG_CONNECTS} to PostgreSQL and a 1 GiB stream, each way", round + 1);
         let order: [(&Path, bool); 2] = if round % 2 == 0 { [(&direct_dir, false), (&prot_dir, true)] } else { [(&prot_dir, true), (&direct_dir, false)] };
         for (dir, via) in order {
-            let setup = client(dir, &["setup", &target, CONNECTS])?;
-            let stream = client(dir, &["stream", &target, BYTES, WRITE])?;
+            let run = RedirectRun {
+                setup: client(dir, &["setup", &target, connects])?,
+                pg_setup: client_env(dir, &["setup", &pg_target, PG_CONNECTS], &pg_env)?,
+                stream: client(dir, &["stream", &target, BYTES, WRITE])?,
+            };
             if via {
-                p_runs.push((setup, stream))
+                p_runs.push(run)
             } else {
-                d_runs.push((setup, stream))
+                d_runs.push(run)
             }
         }
     }
     let redirected = agent.counter("redirected");
     drop(agent);
 
-    let median = |runs: &[(Value, Value)], which: usize, k: &str| {
-        let mut v: Vec<f64> = runs.iter().map(|r| if which == 0 { &r.0 } else { &r.1 }).map(|x| x[k].as_f64().unwrap_or(f64::NAN)).collect();
+    let median = |runs: &[RedirectRun], pick: fn(&RedirectRun) -> &Value, k: &str| {
+        let mut v: Vec<f64> = runs.iter().map(|r| pick(r)[k].as_f64().unwrap_or(f64::NAN)).collect();
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
-    println!("\nphigate redirect benchmark — loopback, median of {ROUNDS} alternating rounds; each round {CONNECTS} sequential logins and 1 GiB of COPY data in 64 KiB CopyData messages");
-    println!("{:<28} {:>12} {:>14} {:>8}   target", "", "direct", "via phigate", "ratio");
-    let row = |name: &str, which: usize, k: &str, unit: &str, target: &str| {
-        let (d, p) = (median(&d_runs, which, k), median(&p_runs, which, k));
-        println!("{name:<28} {:>9.1} {unit} {:>11.1} {unit} {:>7.2}×   {target}", d, p, p / d);
+    println!(
+        "\nphigate redirect benchmark — loopback, median of {rounds} alternating rounds; each round {connects} sequential logins to a minimal server, {PG_CONNECTS} to PostgreSQL {}, and 1 GiB of COPY data in 64 KiB CopyData messages",
+        phigate_tests::pg::pg_bin_dir().display()
+    );
+    println!("{:<34} {:>12} {:>14} {:>8}   target", "", "direct", "via phigate", "ratio");
+    let row = |name: &str, pick: fn(&RedirectRun) -> &Value, k: &str, unit: &str, target: &str| {
+        let (d, p) = (median(&d_runs, pick, k), median(&p_runs, pick, k));
+        println!("{name:<34} {:>9.1} {unit} {:>11.1} {unit} {:>7.2}×   {target}", d, p, p / d);
     };
-    row("connect() p50", 0, "connect_p50_us", "µs", "≤ 1.3× (set-up)");
-    row("connect() p99", 0, "connect_p99_us", "µs", "");
-    row("login to ReadyForQuery p50", 0, "ready_p50_us", "µs", "(phigate: client login + its own upstream login)");
-    row("login to ReadyForQuery p99", 0, "ready_p99_us", "µs", "");
-    row("COPY FROM STDIN throughput", 1, "gbytes_per_sec", "GB/s", "≥ 0.8×");
-    let failures: u64 = d_runs.iter().chain(&p_runs).map(|r| r.0["failures"].as_u64().unwrap_or(0)).sum();
+    let setup: fn(&RedirectRun) -> &Value = |r| &r.setup;
+    let pg_setup: fn(&RedirectRun) -> &Value = |r| &r.pg_setup;
+    let stream: fn(&RedirectRun) -> &Value = |r| &r.stream;
+    row("connect() p50", setup, "connect_p50_us", "µs", "≤ 1.3× (TCP set-up)");
+    row("connect() p99", setup, "connect_p99_us", "µs", "");
+    row("login, minimal server p50", setup, "ready_p50_us", "µs", "(phigate: client login + its own upstream login)");
+    row("login, minimal server p99", setup, "ready_p99_us", "µs", "");
+    row("login, PostgreSQL p50", pg_setup, "ready_p50_us", "µs", "(a forked backend, as workloads see it)");
+    row("login, PostgreSQL p99", pg_setup, "ready_p99_us", "µs", "");
+    row("COPY FROM STDIN throughput", stream, "gbytes_per_sec", "GB/s", "≥ 0.8×");
+    let failures: u64 = d_runs.iter().chain(&p_runs).map(|r| r.setup["failures"].as_u64().unwrap_or(0) + r.pg_setup["failures"].as_u64().unwrap_or(0)).sum();
     println!("(connections through the agent: {redirected}; failed connections: {failures})");
     Ok(())
 }
@@ -129,7 +170,11 @@ fn policy() -> Result<()> {
     crate::run(Command::new("cargo").current_dir(root()).args(["bench", "-p", "phigate-agent", "--bench", "policy"]))?;
     println!("\nphigate policy decision — median per statement (Criterion)");
     let dir = root().join("target/criterion");
-    for (name, target) in [("decide_uncached join (parse + decide)", "≤ 40 µs"), ("decide_cached join (same text)", "≤ 2 µs"), ("decide_cached pgbench select (other constants)", "≤ 2 µs")] {
+    for (name, target) in [
+        ("decide_uncached join (parse + decide)", "≤ 40 µs"),
+        ("decide_cached join (same text)", "≤ 2 µs"),
+        ("decide_cached pgbench select (other constants)", "≤ 2 µs"),
+    ] {
         let file = dir.join(name).join("new/estimates.json");
         let est: Value = serde_json::from_str(&std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?)?;
         let ns = est["median"]["point_estimate"].as_f64().unwrap_or(f64::NAN);
@@ -278,7 +323,8 @@ fn pg() -> Result<()> {
     // The same agent without the SQL policy stage, to price the policy alone.
     let cg_off = TestCgroup::new();
     let prot_off = cg_off.child("protected");
-    let mut cfg_off = AgentConfig::new(&cg_off).database(DbSpec::new("bench", &["127.0.0.2/32"], server.port(), server.socket_addr())).protect(&prot_off, "bench-client");
+    let mut cfg_off =
+        AgentConfig::new(&cg_off).database(DbSpec::new("bench", &["127.0.0.2/32"], server.port(), server.socket_addr())).protect(&prot_off, "bench-client");
     cfg_off.extra = "[policy]\nenabled = false\n".into();
     let agent_off = Agent::start(&cfg_off)?;
     let off_dir = cg_off.child_dir("protected");
@@ -294,7 +340,11 @@ fn pg() -> Result<()> {
             let (mut ds, mut bs, mut ps, mut os) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
             for _ in 0..reps {
                 ds.push(pgbench(&direct_dir, "127.0.0.2", server.port(), "postgres", "postgres", mode, clients, seconds)?);
-                bs.push(measured(Some(bouncer.0.id()), || pgbench(&direct_dir, "127.0.0.4", bouncer_port, "postgres", "bench", mode, clients, seconds), seconds)?);
+                bs.push(measured(
+                    Some(bouncer.0.id()),
+                    || pgbench(&direct_dir, "127.0.0.4", bouncer_port, "postgres", "bench", mode, clients, seconds),
+                    seconds,
+                )?);
                 ps.push(measured(agent.pid(), || pgbench(&prot_dir, "127.0.0.2", server.port(), "postgres", "postgres", mode, clients, seconds), seconds)?);
                 os.push(measured(agent_off.pid(), || pgbench(&off_dir, "127.0.0.2", server.port(), "postgres", "postgres", mode, clients, seconds), seconds)?);
             }

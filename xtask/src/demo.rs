@@ -134,7 +134,11 @@ pub fn run() -> Result<()> {
         println!("   {l}");
     }
     println!("   (second terminal) $ phigate approvals approve {id} --reason \"quarterly outreach list, ticket 4711\"");
-    let out = Command::new(phigate()).arg("--config").arg(&config).args(["approvals", "approve", &id, "--reason", "quarterly outreach list, ticket 4711"]).output()?;
+    let out = Command::new(phigate())
+        .arg("--config")
+        .arg(&config)
+        .args(["approvals", "approve", &id, "--reason", "quarterly outreach list, ticket 4711"])
+        .output()?;
     println!("   {}", String::from_utf8_lossy(&out.stdout).trim());
     let out = wait_child(&mut held, Duration::from_secs(20))?;
     let rows = String::from_utf8_lossy(&out.stdout);
@@ -185,7 +189,11 @@ fn psql_raw(user: &str, db: &str, sql: &str, cgroup: Option<&Path>) -> Result<st
 
 fn spawn_psql(user: &str, db: &str, sql: &str, cgroup: &Path) -> Result<Child> {
     let mut cmd = Command::new(phigate_tests::pg::pg_bin("psql"));
-    cmd.args(["-h", "127.0.0.2", "-p", "5432", "-U", user, "-d", db, "-XAt", "-c", sql]).env("PGSSLMODE", "disable").stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd.args(["-h", "127.0.0.2", "-p", "5432", "-U", user, "-d", db, "-XAt", "-c", sql])
+        .env("PGSSLMODE", "disable")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     run_in(&mut cmd, cgroup);
     Ok(cmd.spawn()?)
 }

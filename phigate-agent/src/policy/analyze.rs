@@ -178,6 +178,20 @@ pub struct Analysis {
 #[error("PostgreSQL's parser rejected the statement: {0}")]
 pub struct ParseError(pub String);
 
+/// Whether setting `name` to `value` (a startup parameter or `-c` option, where no SQL
+/// is involved) would make the server split statements differently from the policy's
+/// parser: standard_conforming_strings off, any backslash_quote, or a client encoding
+/// whose multibyte characters can hide a backslash.
+pub fn setting_changes_parsing(name: &str, value: &str) -> bool {
+    let value = value.trim().trim_matches('\'').to_ascii_lowercase();
+    match name.to_ascii_lowercase().replace('-', "_").as_str() {
+        "standard_conforming_strings" => !matches!(value.as_str(), "on" | "true" | "yes" | "1"),
+        "backslash_quote" => true,
+        "client_encoding" => UNSAFE_ENCODINGS.contains(&value.replace('-', "_").as_str()),
+        _ => false,
+    }
+}
+
 /// Functions whose values are one row whatever the input size.
 const AGGREGATES: &[&str] = &["count", "sum", "avg", "min", "max", "bool_and", "bool_or", "every", "bit_and", "bit_or", "stddev", "variance"];
 

@@ -108,12 +108,18 @@ pub struct Session {
     /// The user name the client sent (informational: phigate decides the role).
     pub client_user: String,
     pub application_name: Option<String>,
+    /// The startup `options` the client sent (backend switches such as `-c
+    /// search_path=…`; the forbidden ones were refused before this point).
+    pub options: Option<String>,
     /// The role the agent logged in as.
     pub upstream_role: String,
     pub auth_method: AuthMethod,
     pub token: Option<TokenClaims>,
     pub client_tls: bool,
     pub upstream_tls: bool,
+    /// When the agent accepted the TCP connection.
+    pub accepted_at: SystemTime,
+    /// When the session was established (both logins done).
     pub started_at: SystemTime,
 }
 
@@ -195,9 +201,16 @@ pub async fn serve(conn: Identified, services: Arc<Services>) {
 async fn run(conn: Identified, db: Arc<DbRuntime>, services: &Services) -> Result<(), SessionError> {
     let Identified { accepted, workload } = conn;
     accepted.stream.set_nodelay(true).ok();
-    let (client, orig_dst) = (accepted.client, accepted.orig_dst);
+    let (client, orig_dst, accepted_at) = (accepted.client, accepted.orig_dst, accepted.accepted_at);
     let startup_deadline = services.limits.startup_timeout;
     let started = Instant::now();
+    // The database connection does not depend on what the client will say, only on
+    // who it is: open it (TCP, TLS negotiation) while the client sends its startup
+    // packet and authenticates, so a login costs the slower of the two, not the sum.
+    // Only for identities configured for this database, so an unknown workload cannot
+    // make the agent hold database connection slots.
+    let may_connect = services.identities.get(&workload.name).is_some_and(|i| i.access.iter().any(|a| a.database == db.name));
+    let mut early = may_connect.then(|| EarlyUpstream::start(db.upstream, db.upstream_tls.clone()));
 
     let (mut client_conn, hello) = match tokio::time::timeout(startup_deadline, startup::negotiate(Conn::Plain(accepted.stream), db.client_tls.as_ref())).await
     {
@@ -282,7 +295,15 @@ async fn run(conn: Identified, db: Arc<DbRuntime>, services: &Services) -> Resul
 
     let role = access.role.clone();
     let password_file = db.credentials.get(&role).cloned().flatten();
-    let mut upstream = match upstream::login(db.upstream, &db.upstream_tls, &role, password_file.as_deref(), &params, &dbname).await {
+    let opened = match early.take() {
+        Some(e) => e.finish().await,
+        None => upstream::open(db.upstream, &db.upstream_tls).await,
+    };
+    let logged_in = match opened {
+        Ok(conn) => upstream::login(conn, &role, password_file.as_deref(), &params, &dbname).await,
+        Err(e) => Err(e),
+    };
+    let mut upstream = match logged_in {
         Ok(u) => u,
         Err(e) => {
             let err = match &e {
@@ -323,11 +344,13 @@ async fn run(conn: Identified, db: Arc<DbRuntime>, services: &Services) -> Resul
         dbname,
         client_user: msg.get("user").unwrap_or_default().to_string(),
         application_name: msg.get("application_name").map(String::from),
+        options: msg.get("options").map(String::from),
         upstream_role: role,
         auth_method: outcome.method,
         token: outcome.token,
         client_tls: client_conn.is_tls(),
         upstream_tls: upstream.conn.is_tls(),
+        accepted_at,
         started_at: SystemTime::now(),
     };
 
@@ -345,7 +368,8 @@ async fn run(conn: Identified, db: Arc<DbRuntime>, services: &Services) -> Resul
         session_id = session.id, user = %session.client_user, dbname = %session.dbname, upstream_role = %session.upstream_role,
         auth = session.auth_method.as_str(), token_subject = session.token.as_ref().map(|t| t.subject.as_str()).unwrap_or(""),
         token_groups = ?session.token.as_ref().map(|t| t.groups.clone()).unwrap_or_default(),
-        application_name = session.application_name.as_deref().unwrap_or(""), client_tls = session.client_tls, upstream_tls = session.upstream_tls,
+        application_name = session.application_name.as_deref().unwrap_or(""), options = session.options.as_deref().unwrap_or(""),
+        login_ms = session.started_at.duration_since(session.accepted_at).map(|d| d.as_secs_f64() * 1e3).unwrap_or(0.0), client_tls = session.client_tls, upstream_tls = session.upstream_tls,
         "session started"
     );
 
@@ -371,6 +395,33 @@ async fn run(conn: Identified, db: Arc<DbRuntime>, services: &Services) -> Resul
     };
     info!(session_id = session.id, ended = %how, duration_ms, queries = s.queries, executes = s.executes, rows = s.rows, errors = s.errors, bytes_to_server = s.bytes_to_server, bytes_to_client = s.bytes_to_client, "session ended");
     Ok(())
+}
+
+/// The database connection being opened in the background during client startup.
+/// Dropping it (the client failed or went away) aborts the attempt and closes the
+/// connection.
+struct EarlyUpstream {
+    addr: SocketAddr,
+    task: tokio::task::JoinHandle<Result<Conn, UpstreamError>>,
+}
+
+impl EarlyUpstream {
+    fn start(addr: SocketAddr, tls: crate::net::tls::UpstreamTls) -> Self {
+        Self { addr, task: tokio::spawn(async move { upstream::open(addr, &tls).await }) }
+    }
+
+    async fn finish(mut self) -> Result<Conn, UpstreamError> {
+        match (&mut self.task).await {
+            Ok(r) => r,
+            Err(e) => Err(UpstreamError::Unreachable { addr: self.addr, err: std::io::Error::other(e) }),
+        }
+    }
+}
+
+impl Drop for EarlyUpstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
 
 /// A CancelRequest arrived through the redirect: forward it if the key is known and

@@ -17,8 +17,11 @@
 
 use std::{collections::VecDeque, future::Future, io::IoSlice, pin::Pin};
 
-use bytes::{Buf, Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
 
 use super::{
     stage::{Action, Direction, Pipeline},
@@ -37,6 +40,9 @@ const READ_CHUNK: usize = 256 * 1024;
 /// Frames above this size are streamed when no stage needs them whole (and, between
 /// plain TCP sockets, spliced without passing through the agent's memory).
 const STREAM_THRESHOLD: usize = 32 * 1024;
+
+/// Frames one splice run may move before the relay looks at the other side again.
+const MAX_SPLICE_RUN: usize = 64;
 
 /// The rest of a streamed frame to move zero-copy before decoding resumes.
 type PendingSplice = Option<(Direction, usize)>;
@@ -242,10 +248,17 @@ impl Relay<'_> {
                     return end;
                 }
             }
-            if let Err(e) = flush(server, &mut to_server).await {
+            // A frame whose body is about to be spliced: its header waits (MSG_MORE) to
+            // leave in the same segment as the body, so the peer wakes once per frame.
+            let (more_server, more_client) = match pending {
+                Some((Direction::Frontend, _)) => (true, false),
+                Some((Direction::Backend, _)) => (false, true),
+                None => (false, false),
+            };
+            if let Err(e) = flush_with(server, &mut to_server, more_server).await {
                 return End::Io(e);
             }
-            if let Err(e) = flush(client, &mut to_client).await {
+            if let Err(e) = flush_with(client, &mut to_client, more_client).await {
                 return End::Io(e);
             }
             if terminated {
@@ -258,12 +271,12 @@ impl Relay<'_> {
                         Err(e) => return End::Io(e),
                     }
                 }
-                let pipe = pipe.as_ref().expect("invariant: created above");
-                let moved = match direction {
-                    Direction::Frontend => splice::forward(client.tcp(), server.tcp(), pipe, len).await,
-                    Direction::Backend => splice::forward(server.tcp(), client.tcp(), pipe, len).await,
+                let pipe = pipe.as_mut().expect("invariant: created above");
+                let (from, to, buf) = match direction {
+                    Direction::Frontend => (client.tcp(), server.tcp(), &mut client_buf),
+                    Direction::Backend => (server.tcp(), client.tcp(), &mut server_buf),
                 };
-                if let Err(e) = moved {
+                if let Err(e) = self.splice_run(direction, from, to, pipe, len, buf).await {
                     return End::Io(e);
                 }
                 continue;
@@ -276,8 +289,15 @@ impl Relay<'_> {
             // While a message is held, keep reading the client only up to a bound: it
             // is waiting for an answer and has no reason to send much more.
             let read_client = held.is_none() || client_buf.len() < self.max_message_bytes;
+            // After a spliced frame the next one is likely large too (COPY data, big
+            // rows): read only its header, so its body can be spliced instead of
+            // copied through the agent's memory.
+            let client_limit = read_limit(splice_ok && cdec.last_streamed(), &client_buf);
+            let server_limit = read_limit(splice_ok && sdec.last_streamed(), &server_buf);
+            let mut client_room = (&mut client_buf).limit(client_limit);
+            let mut server_room = (&mut server_buf).limit(server_limit);
             tokio::select! {
-                r = client.read_buf(&mut client_buf), if read_client => match r {
+                r = client.read_buf(&mut client_room), if read_client => match r {
                     Ok(0) => {
                         // Closed without Terminate: tell the database the session is over.
                         let _ = server.write_all(msg::terminate().as_bytes()).await;
@@ -286,7 +306,7 @@ impl Relay<'_> {
                     Ok(_) => {}
                     Err(e) => return End::Io(e),
                 },
-                r = server.read_buf(&mut server_buf) => match r {
+                r = server.read_buf(&mut server_room) => match r {
                     Ok(0) => return End::ServerClosed,
                     Ok(_) => {}
                     Err(e) => return End::Io(e),
@@ -311,6 +331,44 @@ impl Relay<'_> {
                 }
             }
         }
+    }
+
+    /// Splice the rest of a streamed frame (`len` bytes) from `from` to `to`, then
+    /// every following frame that has already arrived and that no stage needs whole,
+    /// so a burst of large frames (COPY data, big rows) costs one write to `to`
+    /// instead of one per frame. The first header that does not qualify (or a partial
+    /// one) is left in `buf` for the decoder.
+    async fn splice_run(
+        &mut self,
+        direction: Direction,
+        from: &TcpStream,
+        to: &TcpStream,
+        pipe: &mut Pipe,
+        len: usize,
+        buf: &mut BytesMut,
+    ) -> std::io::Result<()> {
+        use crate::pg::frame::{HEADER_LEN, PROTOCOL_MAX};
+        pipe.fill(from, to, len).await?;
+        // Bounded: the pipe empties whenever it is full, and each pass moves a frame.
+        for _ in 0..MAX_SPLICE_RUN {
+            let mut header = [0u8; HEADER_LEN];
+            let got = splice::try_read_now(from, &mut header)?;
+            if got < HEADER_LEN {
+                buf.extend_from_slice(&header[..got]);
+                break;
+            }
+            let (t, n) = (header[0], u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize);
+            let total = n + 1;
+            if n < 4 || total > PROTOCOL_MAX || total <= STREAM_THRESHOLD || self.pipeline.needs_whole(direction, t) {
+                // Not ours to move blindly (or invalid: the decoder will say so).
+                buf.extend_from_slice(&header);
+                break;
+            }
+            self.pipeline.streamed(self.session, direction, t, total);
+            pipe.push(to, &header).await?;
+            pipe.fill(from, to, total - HEADER_LEN).await?;
+        }
+        pipe.drain(to).await
     }
 
     /// Act on a stage decision about a whole client frame.
@@ -482,6 +540,16 @@ impl Relay<'_> {
     }
 }
 
+/// How much one read may take: a frame header's worth when a splice is expected,
+/// otherwise whatever the buffer has room for.
+fn read_limit(expect_splice: bool, buf: &BytesMut) -> usize {
+    if expect_splice && buf.len() < crate::pg::frame::HEADER_LEN {
+        crate::pg::frame::HEADER_LEN - buf.len()
+    } else {
+        usize::MAX
+    }
+}
+
 fn reserve(buf: &mut BytesMut) {
     if buf.capacity() - buf.len() < READ_CHUNK / 4 {
         buf.reserve(READ_CHUNK);
@@ -492,9 +560,16 @@ fn reserve(buf: &mut BytesMut) {
 const MAX_IOV: usize = 64;
 
 async fn flush(conn: &mut Conn, out: &mut Outbox) -> std::io::Result<()> {
+    flush_with(conn, out, false).await
+}
+
+/// Write everything queued; with `more` (plain TCP only) the kernel is told more data
+/// follows at once, so a small frame header is not sent as a segment of its own.
+async fn flush_with(conn: &mut Conn, out: &mut Outbox, more: bool) -> std::io::Result<()> {
     if out.is_empty() {
         return Ok(());
     }
+    let more = more && !conn.is_tls();
     while !out.parts.is_empty() {
         let n = {
             let mut slices = [IoSlice::new(&[]); MAX_IOV];
@@ -503,7 +578,11 @@ async fn flush(conn: &mut Conn, out: &mut Outbox) -> std::io::Result<()> {
                 *slot = IoSlice::new(part);
                 count += 1;
             }
-            conn.write_vectored(&slices[..count]).await?
+            if more {
+                splice::send_more(conn.tcp(), &slices[..count]).await?
+            } else {
+                conn.write_vectored(&slices[..count]).await?
+            }
         };
         if n == 0 {
             return Err(std::io::ErrorKind::WriteZero.into());

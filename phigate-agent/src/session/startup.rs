@@ -12,6 +12,7 @@ use crate::{
         startup::{self, StartupMessage, StartupPacket, TLS_HANDSHAKE},
         FrameError,
     },
+    policy::analyze::setting_changes_parsing,
 };
 
 /// What the client opened with, once TLS (if any) is in place.
@@ -137,6 +138,10 @@ pub fn upstream_params(msg: &StartupMessage) -> Result<Vec<(String, String)>, St
             _ if name.starts_with("_pq_.") => continue,
             "replication" if matches!(v.to_ascii_lowercase().as_str(), "false" | "off" | "no" | "0") => continue,
             _ if FORBIDDEN_SETTINGS.contains(&name.as_str()) => return Err(k.clone()),
+            // The policy judges statements with PostgreSQL's parser in its default
+            // settings; a session that parses differently could hide code in what
+            // the policy reads as a string literal.
+            _ if setting_changes_parsing(&name, v) => return Err(format!("{k} ({v})")),
             "options" => check_options(v)?,
             _ => {}
         }
@@ -159,8 +164,9 @@ fn check_options(options: &str) -> Result<(), String> {
         } else {
             return Err(format!("options ({w})"));
         };
-        let name = setting.split('=').next().unwrap_or("").replace('-', "_").to_ascii_lowercase();
-        if FORBIDDEN_SETTINGS.contains(&name.as_str()) {
+        let (name, value) = setting.split_once('=').unwrap_or((setting, ""));
+        let name = name.replace('-', "_").to_ascii_lowercase();
+        if FORBIDDEN_SETTINGS.contains(&name.as_str()) || setting_changes_parsing(&name, value) {
             return Err(format!("options ({name})"));
         }
     }
@@ -204,5 +210,15 @@ mod tests {
         assert!(upstream_params(&msg(&[("user", "x"), ("options", "-D /tmp")])).is_err(), "non-setting switches");
         assert!(upstream_params(&msg(&[("user", "x"), ("replication", "database")])).is_err());
         assert!(upstream_params(&msg(&[("user", "x"), ("replication", "false")])).is_ok());
+    }
+
+    #[test]
+    fn refuses_settings_that_change_how_statements_parse() {
+        assert!(upstream_params(&msg(&[("user", "x"), ("client_encoding", "SJIS")])).is_err());
+        assert!(upstream_params(&msg(&[("user", "x"), ("client_encoding", "big5")])).is_err());
+        assert!(upstream_params(&msg(&[("user", "x"), ("options", "-c standard_conforming_strings=off")])).is_err());
+        assert!(upstream_params(&msg(&[("user", "x"), ("options", "--backslash-quote=on")])).is_err());
+        assert!(upstream_params(&msg(&[("user", "x"), ("standard_conforming_strings", "off")])).is_err());
+        assert!(upstream_params(&msg(&[("user", "x"), ("client_encoding", "UTF8"), ("options", "-c standard_conforming_strings=on")])).is_ok());
     }
 }

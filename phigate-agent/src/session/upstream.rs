@@ -101,16 +101,8 @@ pub async fn open(addr: SocketAddr, tls: &UpstreamTls) -> Result<Conn, UpstreamE
     }
 }
 
-/// Connect and log in as `role`.
-pub async fn login(
-    addr: SocketAddr,
-    tls: &UpstreamTls,
-    role: &str,
-    password_file: Option<&Path>,
-    params: &[(String, String)],
-    dbname: &str,
-) -> Result<Upstream, UpstreamError> {
-    let mut conn = open(addr, tls).await?;
+/// Log in as `role` over a connection from [`open`].
+pub async fn login(mut conn: Conn, role: &str, password_file: Option<&Path>, params: &[(String, String)], dbname: &str) -> Result<Upstream, UpstreamError> {
     let mut startup_params: Vec<(&str, &str)> = vec![("user", role), ("database", dbname)];
     startup_params.extend(params.iter().map(|(k, v)| (k.as_str(), v.as_str())));
     conn.write_all(&startup::encode_startup(&startup_params)).await.map_err(UpstreamError::Write)?;

@@ -24,9 +24,13 @@ fn frame(tag: u8, body: &[u8]) -> Vec<u8> {
     f
 }
 
+/// The StartupMessage; user and database are `bench` unless PHIGATE_BENCH_USER /
+/// PHIGATE_BENCH_DB say otherwise (a real PostgreSQL needs real names).
 fn startup() -> Vec<u8> {
+    let user = std::env::var("PHIGATE_BENCH_USER").unwrap_or_else(|_| "bench".into());
+    let db = std::env::var("PHIGATE_BENCH_DB").unwrap_or_else(|_| "bench".into());
     let mut body = 196_608u32.to_be_bytes().to_vec();
-    body.extend_from_slice(b"user\0bench\0database\0bench\0\0");
+    body.extend_from_slice(format!("user\0{user}\0database\0{db}\0\0").as_bytes());
     let mut m = ((body.len() + 4) as u32).to_be_bytes().to_vec();
     m.extend(body);
     m

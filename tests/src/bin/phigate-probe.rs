@@ -64,8 +64,26 @@ fn report_stream(mut out: serde_json::Map<String, Value>, mut stream: TcpStream,
     out.insert("connect".into(), json!("ok"));
     out.insert("peer".into(), json!(stream.peer_addr().map(|a| a.to_string()).unwrap_or_default()));
     out.insert("local".into(), json!(stream.local_addr().map(|a| a.to_string()).unwrap_or_default()));
+    // The client's own view of who it is, for comparison with the kernel's record.
+    out.insert("netns_cookie".into(), json!(netns_cookie(&stream)));
+    // SAFETY: getuid has no preconditions.
+    out.insert("uid".into(), json!(unsafe { libc::getuid() }));
     out.insert("pg".into(), talk(&mut stream, send));
     Value::Object(out)
+}
+
+/// SO_NETNS_COOKIE of the socket's network namespace (0 if unavailable).
+fn netns_cookie(stream: &TcpStream) -> u64 {
+    use std::os::fd::AsRawFd;
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: valid fd and a correctly sized out-buffer.
+    let rc = unsafe { libc::getsockopt(stream.as_raw_fd(), libc::SOL_SOCKET, 71, &mut cookie as *mut u64 as *mut libc::c_void, &mut len) };
+    if rc == 0 {
+        cookie
+    } else {
+        0
+    }
 }
 
 fn error_json(mut out: serde_json::Map<String, Value>, stage: &str, e: &std::io::Error) -> Value {
