@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! GET  /v1/approvals               pending requests
-//! GET  /v1/approvals/{id}          one request
+//! GET  /v1/approvals/{id}          one request, pending or decided (with its decision)
 //! POST /v1/approvals/{id}/approve  {"reason": "...", "window_secs": 1800}
 //! POST /v1/approvals/{id}/deny     {"reason": "..."}
 //! ```
@@ -67,7 +67,12 @@ pub fn bind(path: &Path) -> Result<UnixListener, AdminError> {
         }
         std::fs::remove_file(path).map_err(err)?;
     }
-    let listener = UnixListener::bind(path).map_err(err)?;
+    // Created with mode 0600 from the start (umask), not chmod-ed afterwards: no
+    // moment in which another user could connect.
+    let previous = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+    let bound = UnixListener::bind(path);
+    nix::sys::stat::umask(previous);
+    let listener = bound.map_err(err)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
     Ok(listener)
 }
@@ -123,7 +128,7 @@ async fn handle(req: Request<Incoming>, broker: &Broker, approver: &Approver) ->
         (Method::GET, ["v1", "approvals"]) => reply(StatusCode::OK, json!({"approvals": broker.list()})),
         (Method::GET, ["v1", "approvals", id]) => match id.parse::<u64>().ok().and_then(|id| broker.show(id)) {
             Some(v) => reply(StatusCode::OK, json!(v)),
-            None => reply(StatusCode::NOT_FOUND, json!({"error": format!("no pending approval {id}")})),
+            None => reply(StatusCode::NOT_FOUND, json!({"error": format!("no approval request {id} (pending or among the latest decisions)")})),
         },
         (Method::POST, ["v1", "approvals", id, verb @ ("approve" | "deny")]) => {
             let Ok(id) = id.parse::<u64>() else {
@@ -139,7 +144,8 @@ async fn handle(req: Request<Incoming>, broker: &Broker, approver: &Approver) ->
             let approve = *verb == "approve";
             match broker.decide(id, approver, approve, &body.reason, body.window_secs.map(Duration::from_secs)) {
                 Ok(outcome) => {
-                    info!(approval_id = id, approver = %approver.name, approved = approve, "approval decided");
+                    // The reason is the approver's words about the request, not PHI.
+                    info!(approval_id = id, approver = %approver.name, approved = approve, reason = %body.reason, "approval decided");
                     reply(StatusCode::OK, json!({"id": id, "decision": outcome}))
                 }
                 Err(e @ ApprovalError::NotFound(_)) => reply(StatusCode::NOT_FOUND, json!({"error": e.to_string()})),

@@ -130,10 +130,16 @@ const CASES: &[(&str, Expect)] = &[
     ("select /* delete from labs */ 2", Allow),
     ("select 'pg_read_file(''/etc/passwd'')'", Allow),
     ("select 'alter system set x=1'::text", Allow),
+    ("select 1 /* a /* nested drop table patients */ still a comment */", Allow),
+    ("select $tag$ it's $$ nested $$ drop table patients $tag$", Allow),
+    ("select E'\\' delete from labs' as t", Allow),
     // destructive DDL on PHI, with evasions
     ("drop table patients", Block("baseline.drop-phi")),
     ("DROP TABLE PATIENTS", Block("baseline.drop-phi")),
     ("dRoP /* sneaky */ TaBlE public.patients", Block("baseline.drop-phi")),
+    ("/* outer /* nested */ still comment */ drop table patients", Block("baseline.drop-phi")),
+    ("drop table \"public\".\"patients\"", Block("baseline.drop-phi")),
+    ("drop policy if exists own_rows on patients", Block("baseline.drop-phi")),
     ("drop table \"patients\"", Block("baseline.drop-phi")),
     ("drop table U&\"p\\0061tients\"", Block("baseline.drop-phi")),
     ("drop table if exists labs, encounters", Block("baseline.drop-phi")),
@@ -152,6 +158,11 @@ const CASES: &[(&str, Expect)] = &[
     ("update labs set value = 0 where not false", Block("baseline.unfiltered-write")),
     ("with gone as (delete from encounters returning *) select count(*) from gone", Block("baseline.unfiltered-write")),
     ("explain analyze delete from labs", Block("baseline.unfiltered-write")),
+    ("delete from labs where 2 > 1", Block("baseline.unfiltered-write")),
+    ("delete from labs where 1 in (1, 2)", Block("baseline.unfiltered-write")),
+    ("update labs set value = 0 where id is null or id is not null", Block("baseline.unfiltered-write")),
+    ("merge into labs l using (select 1 as id) s on true when matched then delete", Block("baseline.unfiltered-write")),
+    ("delete from labs where 1 = 2", Allow),
     ("prepare wipe as delete from labs", Block("baseline.unfiltered-write")),
     // server-side COPY
     ("copy patients to '/tmp/patients.csv'", Block("baseline.copy-server-side")),
@@ -163,6 +174,9 @@ const CASES: &[(&str, Expect)] = &[
     ("select * into stolen from patients where id < 100", Block("baseline.copy-phi-relation")),
     ("create view v as select * from patients", Block("baseline.copy-phi-relation")),
     ("create materialized view mv as select name from patients where id > 0", Block("baseline.copy-phi-relation")),
+    ("create table stolen as select * from (select * from patients where id > 1) s", Block("baseline.copy-phi-relation")),
+    ("create table stolen as select id from labs union select id from patients where id < 5", Block("baseline.copy-phi-relation")),
+    ("create table stolen as with p as (select * from patients where id = 1) select * from p", Block("baseline.copy-phi-relation")),
     // dangerous functions
     ("select pg_read_file('/etc/passwd')", Block("baseline.dangerous-function")),
     ("select * from pg_ls_dir('.')", Block("baseline.dangerous-function")),
@@ -174,6 +188,7 @@ const CASES: &[(&str, Expect)] = &[
     ("select query_to_xml('select * from patients', true, false, '')", Block("baseline.dangerous-function")),
     ("select * from labs where id = (select length(pg_read_binary_file('/etc/hosts'))::int)", Block("baseline.dangerous-function")),
     ("select PG_CATALOG.PG_READ_FILE('/etc/hostname')", Block("baseline.dangerous-function")),
+    ("select * from ts_stat('select to_tsvector(note) from encounters')", Block("baseline.dangerous-function")),
     // identity and server settings
     ("set role postgres", Block("baseline.role-change")),
     ("SET LOCAL ROLE postgres", Block("baseline.role-change")),
@@ -200,6 +215,8 @@ const CASES: &[(&str, Expect)] = &[
     ("select 1; drop table patients", Block("baseline.drop-phi")),
     // reads that need a human
     ("select * from patients", Approve),
+    ("select * from patients where true", Approve),
+    ("select * from patients where id = id", Approve),
     ("select * from public.patients p", Approve),
     ("select * from patients limit 5000", Approve),
     ("select name from patients union all select note from encounters", Approve),
@@ -311,6 +328,11 @@ fn held_statement_approved_through_the_cli_returns_its_rows() {
     assert_eq!(req["rule"], "baseline.unbounded-phi-read");
     assert_eq!(req["statement"], "select count(*) from (select * from patients) p");
     assert_eq!(req["database"], "clinical");
+    assert_eq!(req["dbname"], "postgres");
+    assert!(req["waiting_secs"].as_u64().is_some(), "{req}");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(e.agent.admin_socket()).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the admin socket is for root only");
     let table = approvals(&e, &["list"], None);
     let table = String::from_utf8_lossy(&table.stdout);
     assert!(table.contains("care-agent") && table.contains("baseline.unbounded-phi-read") && table.contains("select count(*)"), "{table}");
@@ -323,6 +345,15 @@ fn held_statement_approved_through_the_cli_returns_its_rows() {
     assert!(pending(&e).is_empty());
     let decided = e.agent.events_named("approval decided");
     assert_eq!(decided[0]["approver"], "unix:root");
+    // The decision stays on record with approver, reason and timestamps.
+    let shown = approvals(&e, &["show", &id], None);
+    assert!(shown.status.success(), "{}", String::from_utf8_lossy(&shown.stderr));
+    let shown: Value = serde_json::from_slice(&shown.stdout).unwrap();
+    assert_eq!(shown["outcome"], "approved", "{shown}");
+    assert_eq!(shown["by"], "unix:root");
+    assert_eq!(shown["reason"], "monthly census, ticket 42");
+    assert!(shown["decided_at"].as_u64().unwrap() >= shown["requested_at"].as_u64().unwrap());
+    assert_eq!(shown["approver"]["name"], "unix:root");
 }
 
 #[test]
@@ -469,10 +500,18 @@ fn configured_rules_and_identities_without_policy() {
     let cg = TestCgroup::new();
     cg.child("billing");
     cg.child("nopolicy");
+    cg.child("bare");
     let mut cfg = AgentConfig::new(&cg)
         .database(DbSpec::new("clinical", &["127.0.0.2/32"], pg.port(), pg.socket_addr()))
         .protect(&format!("{}/billing", cg.rel()), "billing")
         .protect(&format!("{}/nopolicy", cg.rel()), "nopolicy")
+        .protect(&format!("{}/bare", cg.rel()), "bare")
+        .identity(IdentitySpec {
+            name: "bare".into(),
+            // A TOML comment mentioning default_action keeps the harness from adding one.
+            auth: "auth = \"workload\"\n# default_action: none, so this identity has no policy".into(),
+            access: vec![("clinical".into(), "postgres".into(), vec!["*".into()])],
+        })
         .identity(IdentitySpec::workload("billing", "clinical", "postgres"))
         .identity(IdentitySpec {
             name: "nopolicy".into(),
@@ -495,6 +534,21 @@ fn configured_rules_and_identities_without_policy() {
         .1
         .contains("phigate: blocked by rule billing.read-only: billing reads, it does not write"));
     assert!(run("billing", "select pg_sleep(0)").1.contains("blocked by rule billing.no-sleep"));
+    // A statement-kind rule sees a DELETE wherever it hides.
+    for sql in [
+        "with d as (delete from labs where id = 1 returning 1) select * from d",
+        "prepare p as update labs set value = 2 where id = 2",
+        "explain analyze insert into labs values (77, 1, 'x', 1)",
+    ] {
+        assert!(run("billing", sql).1.contains("blocked by rule billing.read-only"), "{sql}");
+    }
+    assert!(
+        run("nopolicy", "with d as (delete from public.labs where id = 1 returning 1) select * from d").1.contains("blocked by rule default"),
+        "an allow rule for SELECT does not cover a DELETE in a CTE"
+    );
+    assert_eq!(pg.psql_admin("postgres", "select count(*) from labs where id in (1, 2, 77)").unwrap(), "2", "nothing was deleted or inserted");
+    let (out, err) = run("bare", "select 1");
+    assert!(out.is_empty() && err.contains("phigate: blocked by rule no-policy: identity \"bare\" has no policy"), "{err}");
     assert_eq!(run("nopolicy", "select count(*) from public.labs where id < 10").0, "9");
     assert!(
         run("nopolicy", "select count(*) from labs where id < 10").1.contains("blocked by rule default"),
@@ -503,4 +557,22 @@ fn configured_rules_and_identities_without_policy() {
     assert!(run("nopolicy", "select 1").1.contains("blocked by rule default"));
     drop(agent);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn refused_parse_is_answered_at_flush_and_its_name_cannot_be_bound() {
+    if skip("refused_parse_is_answered_at_flush_and_its_name_cannot_be_bound") {
+        return;
+    }
+    let e = env("");
+    let v = phigate_tests::probe::probe(Some(&e.cg.child_dir("agent")), &["smuggle", &e.pg.addr().to_string()]);
+    assert!(v["login"].as_str().unwrap_or("").ends_with('Z'), "{v}");
+    // The refusal arrives after Flush, without a Sync (pipelining drivers wait here).
+    assert_eq!(v["after_flush"], "E", "{v}");
+    assert!(v["parse_error"].as_str().unwrap_or("").starts_with("phigate: blocked by rule baseline.drop-phi"), "{v}");
+    assert_eq!(v["after_sync"], "Z", "{v}");
+    // The refused statement never reached the server, so its name binds nothing.
+    assert_eq!(v["after_bind"], "EZ", "{v}");
+    assert!(v["bind_error"].as_str().unwrap_or("").contains("prepared statement \"s1\" does not exist"), "{v}");
+    assert_eq!(e.pg.psql_admin("postgres", "select count(*) from patients").unwrap(), "3000");
 }

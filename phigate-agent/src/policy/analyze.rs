@@ -32,7 +32,7 @@ impl fmt::Display for TableRef {
 }
 
 /// The statement kinds rules name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Kind {
     Select,
@@ -129,6 +129,10 @@ pub enum DdlVerb {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Facts {
     pub kind: Option<Kind>,
+    /// The top-level kind and the kind of every statement nested in it that acts on
+    /// its own (a DELETE in a CTE, the body of PREPARE or EXPLAIN, the query of
+    /// CREATE TABLE AS). Nested SELECTs are not listed: every kind may read.
+    pub kinds: BTreeSet<Kind>,
     /// Relations referenced anywhere (read or written).
     pub tables: BTreeSet<TableRef>,
     /// Relations written (INSERT/UPDATE/DELETE/MERGE targets, COPY FROM, TRUNCATE).
@@ -146,8 +150,15 @@ pub struct Facts {
     pub unbounded_reads: Vec<(TableRef, Option<i64>)>,
     pub copy: Option<CopyFacts>,
     /// Relations a new table or view copies from (SELECT INTO, CREATE TABLE AS,
-    /// CREATE [MATERIALIZED] VIEW).
+    /// CREATE [MATERIALIZED] VIEW): every relation its query reads, at any depth.
     pub copied_into_new_relation: BTreeSet<TableRef>,
+    /// A new relation is filled from a query.
+    pub creates_relation: bool,
+    /// DROP DATABASE: every table in it goes, PHI included.
+    pub drops_database: bool,
+    /// … from a prepared statement (`CREATE TABLE x AS EXECUTE p`): its source
+    /// cannot be seen.
+    pub creates_relation_from_execute: bool,
     /// DO blocks, CREATE FUNCTION/PROCEDURE/TRIGGER/RULE, LOAD, CREATE EXTENSION.
     pub opaque_code: bool,
     /// SET ROLE / SET SESSION AUTHORIZATION, or set_config() of those.
@@ -222,7 +233,8 @@ pub fn analyze(sql: &str) -> Result<Analysis, ParseError> {
     let mut statements = Vec::with_capacity(parsed.protobuf.stmts.len());
     for raw in &parsed.protobuf.stmts {
         let Some(node) = raw.stmt.as_ref().and_then(|n| n.node.as_ref()) else { continue };
-        let mut facts = Facts { kind: Some(kind_of(node)), ..Facts::default() };
+        let kind = kind_of(node);
+        let mut facts = Facts { kind: Some(kind), kinds: BTreeSet::from([kind]), ..Facts::default() };
         let mut found = Facts::default();
         let too_deep = {
             let mut visit = |n: N<'_>| visit(n, &mut found);
@@ -232,6 +244,12 @@ pub fn analyze(sql: &str) -> Result<Analysis, ParseError> {
         };
         facts.merge(found);
         facts.too_deep = too_deep;
+        if facts.creates_relation {
+            // Whatever the new relation's query reads, through subqueries, CTEs and
+            // set operations alike, ends up in it.
+            let sources: Vec<TableRef> = facts.tables.difference(&facts.writes).cloned().collect();
+            facts.copied_into_new_relation.extend(sources);
+        }
         statements.push(facts);
     }
     Ok(Analysis { statements })
@@ -239,6 +257,7 @@ pub fn analyze(sql: &str) -> Result<Analysis, ParseError> {
 
 impl Facts {
     fn merge(&mut self, o: Facts) {
+        self.kinds.extend(o.kinds);
         self.tables.extend(o.tables);
         self.writes.extend(o.writes);
         self.ddl.extend(o.ddl);
@@ -248,6 +267,9 @@ impl Facts {
         self.unbounded_reads.extend(o.unbounded_reads);
         self.copy = self.copy.take().or(o.copy);
         self.copied_into_new_relation.extend(o.copied_into_new_relation);
+        self.creates_relation |= o.creates_relation;
+        self.drops_database |= o.drops_database;
+        self.creates_relation_from_execute |= o.creates_relation_from_execute;
         self.opaque_code |= o.opaque_code;
         self.changes_role |= o.changes_role;
         self.changes_parser |= o.changes_parser;
@@ -351,10 +373,6 @@ fn const_value(n: &protobuf::Node) -> Option<&Val> {
     }
 }
 
-fn is_const(n: &protobuf::Node) -> bool {
-    const_value(n).is_some()
-}
-
 fn const_bool(n: &protobuf::Node) -> Option<bool> {
     match const_value(n)? {
         Val::Boolval(b) => Some(b.boolval),
@@ -367,13 +385,6 @@ fn const_bool(n: &protobuf::Node) -> Option<bool> {
     }
 }
 
-fn same_const(a: &protobuf::Node, b: &protobuf::Node) -> bool {
-    match (const_value(a), const_value(b)) {
-        (Some(x), Some(y)) => x == y,
-        _ => false,
-    }
-}
-
 fn same_column(a: &protobuf::Node, b: &protobuf::Node) -> bool {
     match (a.node.as_ref(), b.node.as_ref()) {
         (Some(NodeEnum::ColumnRef(x)), Some(NodeEnum::ColumnRef(y))) => x.fields == y.fields,
@@ -381,35 +392,178 @@ fn same_column(a: &protobuf::Node, b: &protobuf::Node) -> bool {
     }
 }
 
-/// Whether a WHERE clause is true for every row: `true`, `1 = 1`, `'a' = 'a'`,
-/// `id = id`, `x OR true`, `NOT false`, combinations of those. Marks the facts
-/// literal-sensitive when constants decide it.
+/// A constant's value for comparisons: a number or a string.
+#[derive(Debug, PartialEq, PartialOrd)]
+enum Scalar {
+    Num(f64),
+    Str(String),
+    Bool(bool),
+}
+
+fn scalar(n: &protobuf::Node) -> Option<Scalar> {
+    Some(match const_value(n)? {
+        Val::Ival(i) => Scalar::Num(f64::from(i.ival)),
+        Val::Fval(f) => Scalar::Num(f.fval.parse().ok()?),
+        Val::Sval(s) => Scalar::Str(s.sval.clone()),
+        Val::Boolval(b) => Scalar::Bool(b.boolval),
+        _ => return None,
+    })
+}
+
+/// Whether an expression is the same for every row: it refers to no column, no
+/// parameter, no subquery and calls no function (a function could read anything).
+fn row_independent(n: &protobuf::Node) -> bool {
+    let Some(node) = n.node.as_ref() else { return true };
+    match node {
+        NodeEnum::AConst(_) => true,
+        NodeEnum::TypeCast(t) => t.arg.as_deref().is_some_and(row_independent),
+        NodeEnum::AExpr(e) => e.lexpr.as_deref().is_none_or(row_independent) && e.rexpr.as_deref().is_none_or(row_independent),
+        NodeEnum::BoolExpr(b) => b.args.iter().all(row_independent),
+        NodeEnum::NullTest(t) => t.arg.as_deref().is_some_and(row_independent),
+        NodeEnum::BooleanTest(t) => t.arg.as_deref().is_some_and(row_independent),
+        NodeEnum::List(l) => l.items.iter().all(row_independent),
+        _ => false,
+    }
+}
+
+/// The value of a row-independent condition, where phigate can work it out.
+fn eval_const(n: &protobuf::Node) -> Option<bool> {
+    match n.node.as_ref()? {
+        NodeEnum::AConst(_) | NodeEnum::TypeCast(_) => const_bool(n),
+        NodeEnum::AExpr(e) => {
+            let op = name_list(&e.name);
+            let op = op.last().map(String::as_str)?;
+            let kind = protobuf::AExprKind::try_from(e.kind).ok()?;
+            let l = scalar(e.lexpr.as_deref()?)?;
+            match kind {
+                protobuf::AExprKind::AexprOp => {
+                    let r = scalar(e.rexpr.as_deref()?)?;
+                    if std::mem::discriminant(&l) != std::mem::discriminant(&r) {
+                        return None;
+                    }
+                    let ord = l.partial_cmp(&r)?;
+                    Some(match op {
+                        "=" => ord.is_eq(),
+                        "<>" | "!=" => !ord.is_eq(),
+                        "<" => ord.is_lt(),
+                        "<=" => ord.is_le(),
+                        ">" => ord.is_gt(),
+                        ">=" => ord.is_ge(),
+                        _ => return None,
+                    })
+                }
+                protobuf::AExprKind::AexprIn => {
+                    let NodeEnum::List(list) = e.rexpr.as_deref()?.node.as_ref()? else { return None };
+                    let items: Option<Vec<Scalar>> = list.items.iter().map(scalar).collect();
+                    let found = items?.contains(&l);
+                    Some(if op == "=" { found } else { !found })
+                }
+                _ => None,
+            }
+        }
+        NodeEnum::BoolExpr(b) => {
+            let vals: Vec<Option<bool>> = b.args.iter().map(eval_const).collect();
+            match protobuf::BoolExprType::try_from(b.boolop).ok()? {
+                protobuf::BoolExprType::OrExpr if vals.contains(&Some(true)) => Some(true),
+                protobuf::BoolExprType::AndExpr if vals.contains(&Some(false)) => Some(false),
+                protobuf::BoolExprType::OrExpr | protobuf::BoolExprType::AndExpr => {
+                    let all: Option<Vec<bool>> = vals.into_iter().collect();
+                    let all = all?;
+                    Some(if b.boolop == protobuf::BoolExprType::OrExpr as i32 { all.contains(&true) } else { !all.contains(&false) })
+                }
+                protobuf::BoolExprType::NotExpr => vals.first().copied().flatten().map(|v| !v),
+                _ => None,
+            }
+        }
+        NodeEnum::BooleanTest(t) => {
+            let v = eval_const(t.arg.as_deref()?)?;
+            Some(match protobuf::BoolTestType::try_from(t.booltesttype).ok()? {
+                protobuf::BoolTestType::IsTrue | protobuf::BoolTestType::IsNotFalse => v,
+                protobuf::BoolTestType::IsFalse | protobuf::BoolTestType::IsNotTrue => !v,
+                _ => return None,
+            })
+        }
+        NodeEnum::NullTest(t) => {
+            // A constant that is not NULL.
+            let arg = t.arg.as_deref()?;
+            let is_null = match arg.node.as_ref()? {
+                NodeEnum::AConst(c) => c.isnull,
+                // A cast or an expression of constants: known only when it is a value.
+                _ => {
+                    const_value(arg)?;
+                    false
+                }
+            };
+            Some(match protobuf::NullTestType::try_from(t.nulltesttype).ok()? {
+                protobuf::NullTestType::IsNull => is_null,
+                protobuf::NullTestType::IsNotNull => !is_null,
+                _ => return None,
+            })
+        }
+        _ => None,
+    }
+}
+
+/// Whether a condition holds for every row. A row-independent condition is true for
+/// all rows or for none: where phigate can evaluate it, it does (`1 = 2` limits the
+/// rows to none); where it cannot, it assumes the worst. With columns: a column
+/// compared with itself (`id = id`), `x IS NULL OR x IS NOT NULL`, and OR/AND/NOT of
+/// these. Marks the facts literal-sensitive when constants decide it.
 fn always_true(n: &protobuf::Node, facts: &mut Facts) -> bool {
     let Some(node) = n.node.as_ref() else { return false };
+    if row_independent(n) {
+        facts.literal_sensitive = true;
+        return eval_const(n) != Some(false);
+    }
     match node {
-        NodeEnum::AConst(_) | NodeEnum::TypeCast(_) => {
-            facts.literal_sensitive = true;
-            const_bool(n) == Some(true)
-        }
         NodeEnum::AExpr(e) => {
             let op = name_list(&e.name);
             let (Some(l), Some(r)) = (e.lexpr.as_deref(), e.rexpr.as_deref()) else { return false };
-            if is_const(l) && is_const(r) {
-                facts.literal_sensitive = true;
-            }
-            matches!(op.last().map(String::as_str), Some("=" | "<=" | ">=")) && (same_const(l, r) || same_column(l, r))
+            let self_compare = matches!(op.last().map(String::as_str), Some("=" | "<=" | ">="))
+                || protobuf::AExprKind::try_from(e.kind) == Ok(protobuf::AExprKind::AexprNotDistinct);
+            self_compare && same_column(l, r)
         }
         NodeEnum::BoolExpr(b) => match protobuf::BoolExprType::try_from(b.boolop) {
-            Ok(protobuf::BoolExprType::OrExpr) => b.args.iter().any(|a| always_true(a, facts)),
+            Ok(protobuf::BoolExprType::OrExpr) => b.args.iter().any(|a| always_true(a, facts)) || null_or_not_null(&b.args),
             Ok(protobuf::BoolExprType::AndExpr) => !b.args.is_empty() && b.args.iter().all(|a| always_true(a, facts)),
-            Ok(protobuf::BoolExprType::NotExpr) => b.args.first().is_some_and(|a| {
-                facts.literal_sensitive = true;
-                const_bool(a) == Some(false)
-            }),
+            Ok(protobuf::BoolExprType::NotExpr) => b.args.first().is_some_and(|a| always_false(a, facts)),
+            _ => false,
+        },
+        NodeEnum::BooleanTest(t) => match (protobuf::BoolTestType::try_from(t.booltesttype), t.arg.as_deref()) {
+            (Ok(protobuf::BoolTestType::IsTrue | protobuf::BoolTestType::IsNotFalse), Some(a)) => always_true(a, facts),
             _ => false,
         },
         _ => false,
     }
+}
+
+/// The mirror of [`always_true`] for NOT: constants that are false, `x <> x` is not
+/// (NULLs aside it is never true), so only constants count.
+fn always_false(n: &protobuf::Node, facts: &mut Facts) -> bool {
+    if row_independent(n) {
+        facts.literal_sensitive = true;
+        return eval_const(n) != Some(true);
+    }
+    match n.node.as_ref() {
+        Some(NodeEnum::AExpr(e)) => {
+            let op = name_list(&e.name);
+            matches!(op.last().map(String::as_str), Some("<>" | "!=" | "<" | ">"))
+                && e.lexpr.as_deref().zip(e.rexpr.as_deref()).is_some_and(|(l, r)| same_column(l, r))
+        }
+        _ => false,
+    }
+}
+
+/// `x IS NULL OR x IS NOT NULL` (in either order) among OR arguments.
+fn null_or_not_null(args: &[protobuf::Node]) -> bool {
+    let tests: Vec<(&protobuf::Node, i32)> = args
+        .iter()
+        .filter_map(|a| match a.node.as_ref() {
+            Some(NodeEnum::NullTest(t)) => t.arg.as_deref().map(|x| (x, t.nulltesttype)),
+            _ => None,
+        })
+        .collect();
+    tests.iter().any(|(x, t)| tests.iter().any(|(y, u)| t != u && same_column(x, y)))
 }
 
 /// Relations directly in a FROM list (through joins, not subqueries).
@@ -446,7 +600,9 @@ fn visit(n: N<'_>, facts: &mut Facts) {
         N::SelectStmt(s) => {
             let mut rels = Vec::new();
             from_relations(&s.from_clause, &mut rels);
-            if s.where_clause.is_none() && !rels.is_empty() && !only_aggregates(s) {
+            // `WHERE true` or `WHERE id = id` bounds nothing.
+            let unfiltered = s.where_clause.as_deref().is_none_or(|w| always_true(w, facts));
+            if unfiltered && !rels.is_empty() && !only_aggregates(s) {
                 let limit = match s.limit_count.as_deref() {
                     None => None,
                     Some(l) => {
@@ -467,17 +623,18 @@ fn visit(n: N<'_>, facts: &mut Facts) {
                 if let Some(rel) = into.rel.as_ref() {
                     facts.writes.insert(table(rel));
                 }
-                let mut src = Vec::new();
-                from_relations(&s.from_clause, &mut src);
-                facts.copied_into_new_relation.extend(src);
+                facts.kinds.insert(Kind::Create);
+                facts.creates_relation = true;
             }
         }
         N::InsertStmt(i) => {
+            facts.kinds.insert(Kind::Insert);
             if let Some(r) = i.relation.as_ref() {
                 facts.writes.insert(table(r));
             }
         }
         N::UpdateStmt(u) => {
+            facts.kinds.insert(Kind::Update);
             if let Some(r) = u.relation.as_ref() {
                 facts.writes.insert(table(r));
                 if u.where_clause.as_deref().is_none_or(|w| always_true(w, facts)) {
@@ -486,6 +643,7 @@ fn visit(n: N<'_>, facts: &mut Facts) {
             }
         }
         N::DeleteStmt(d) => {
+            facts.kinds.insert(Kind::Delete);
             if let Some(r) = d.relation.as_ref() {
                 facts.writes.insert(table(r));
                 if d.where_clause.as_deref().is_none_or(|w| always_true(w, facts)) {
@@ -494,8 +652,21 @@ fn visit(n: N<'_>, facts: &mut Facts) {
             }
         }
         N::MergeStmt(m) => {
+            facts.kinds.insert(Kind::Merge);
             if let Some(r) = m.relation.as_ref() {
                 facts.writes.insert(table(r));
+                // `MERGE … ON true WHEN MATCHED THEN DELETE/UPDATE` touches every row.
+                let changes_matched = m.merge_when_clauses.iter().any(|c| match c.node.as_ref() {
+                    Some(NodeEnum::MergeWhenClause(w)) => {
+                        protobuf::MergeMatchKind::try_from(w.match_kind) == Ok(protobuf::MergeMatchKind::MergeWhenMatched)
+                            && w.condition.as_deref().is_none_or(|c| always_true(c, facts))
+                            && matches!(protobuf::CmdType::try_from(w.command_type), Ok(protobuf::CmdType::CmdDelete | protobuf::CmdType::CmdUpdate))
+                    }
+                    _ => false,
+                });
+                if changes_matched && m.join_condition.as_deref().is_none_or(|j| always_true(j, facts)) {
+                    facts.unfiltered_writes.push(table(r));
+                }
             }
         }
         N::CopyStmt(c) => {
@@ -546,6 +717,16 @@ fn visit(n: N<'_>, facts: &mut Facts) {
                         }
                     }
                     ObjectType::ObjectSchema => facts.dropped_schemas.extend(parts),
+                    // `DROP POLICY p ON patients` (row-level security), triggers and
+                    // rules: the relation is the name without its last part.
+                    ObjectType::ObjectPolicy | ObjectType::ObjectTrigger | ObjectType::ObjectRule => {
+                        let mut parts = parts;
+                        parts.pop();
+                        if let Some(t) = qualified(parts) {
+                            facts.tables.insert(t.clone());
+                            facts.ddl.push((DdlVerb::Drop, t));
+                        }
+                    }
                     ObjectType::ObjectFunction | ObjectType::ObjectProcedure | ObjectType::ObjectRoutine | ObjectType::ObjectExtension => {}
                     _ => {}
                 }
@@ -570,24 +751,23 @@ fn visit(n: N<'_>, facts: &mut Facts) {
             }
         }
         N::CreateTableAsStmt(c) => {
-            if let Some(q) = c.query.as_deref().and_then(|q| q.node.as_ref()) {
-                if let NodeEnum::SelectStmt(s) = q {
-                    let mut src = Vec::new();
-                    from_relations(&s.from_clause, &mut src);
-                    facts.copied_into_new_relation.extend(src);
-                }
+            facts.kinds.insert(Kind::Create);
+            facts.creates_relation = true;
+            if matches!(c.query.as_deref().and_then(|q| q.node.as_ref()), Some(NodeEnum::ExecuteStmt(_))) {
+                facts.creates_relation_from_execute = true;
             }
             if let Some(rel) = c.into.as_ref().and_then(|i| i.rel.as_ref()) {
                 facts.writes.insert(table(rel));
             }
         }
         N::ViewStmt(v) => {
-            if let Some(NodeEnum::SelectStmt(s)) = v.query.as_deref().and_then(|q| q.node.as_ref()) {
-                let mut src = Vec::new();
-                from_relations(&s.from_clause, &mut src);
-                facts.copied_into_new_relation.extend(src);
+            facts.kinds.insert(Kind::Create);
+            facts.creates_relation = true;
+            if let Some(rel) = v.view.as_ref() {
+                facts.writes.insert(table(rel));
             }
         }
+        N::DropdbStmt(_) => facts.drops_database = true,
         N::FuncCall(f) => {
             let names = name_list(&f.funcname);
             if let Some(name) = names.last() {

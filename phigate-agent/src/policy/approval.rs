@@ -71,6 +71,27 @@ struct Pending {
     reply: oneshot::Sender<Outcome>,
 }
 
+/// A request with its decision, once decided: what `approvals show` reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct Record {
+    #[serde(flatten)]
+    pub request: RequestView,
+    /// `"pending": true`, or the outcome with approver, reason and time.
+    #[serde(flatten)]
+    pub status: Status,
+    pub approver: Option<Approver>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(untagged)]
+pub enum Status {
+    Pending { pending: bool },
+    Decided(Outcome),
+}
+
+/// Decisions kept in memory for `approvals show` (the audit log keeps all of them).
+const DECIDED_KEPT: usize = 1000;
+
 /// Something the webhook (and audit) should hear about.
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
@@ -99,6 +120,8 @@ pub fn epoch_secs(t: SystemTime) -> u64 {
 pub struct Broker {
     next_id: AtomicU64,
     pending: Mutex<HashMap<u64, Pending>>,
+    /// The latest decisions, oldest first (bounded).
+    decided: Mutex<std::collections::VecDeque<Record>>,
     /// (identity, fingerprint) → expiry.
     grants: Mutex<HashMap<(String, u64), (Instant, String)>>,
     pub timeout: Duration,
@@ -123,6 +146,7 @@ impl Broker {
         Self {
             next_id: AtomicU64::new(1),
             pending: Mutex::new(HashMap::new()),
+            decided: Mutex::new(std::collections::VecDeque::new()),
             grants: Mutex::new(HashMap::new()),
             timeout,
             max_window,
@@ -183,8 +207,20 @@ impl Broker {
         v
     }
 
-    pub fn show(&self, id: u64) -> Option<RequestView> {
-        self.list().into_iter().find(|v| v.id == id)
+    /// A pending or recently decided request.
+    pub fn show(&self, id: u64) -> Option<Record> {
+        if let Some(v) = self.list().into_iter().find(|v| v.id == id) {
+            return Some(Record { request: v, status: Status::Pending { pending: true }, approver: None });
+        }
+        self.decided.lock().expect("invariant: lock not poisoned").iter().rev().find(|r| r.request.id == id).cloned()
+    }
+
+    fn remember(&self, request: &RequestView, outcome: &Outcome, approver: Option<&Approver>) {
+        let mut d = self.decided.lock().expect("invariant: lock not poisoned");
+        if d.len() >= DECIDED_KEPT {
+            d.pop_front();
+        }
+        d.push_back(Record { request: request.clone(), status: Status::Decided(outcome.clone()), approver: approver.cloned() });
     }
 
     /// Approve or deny a pending request.
@@ -221,6 +257,7 @@ impl Broker {
         let view = RequestView { waiting_secs: p.since.elapsed().as_secs(), ..p.view };
         // The session may have given up already (client gone): the decision stands.
         let _ = p.reply.send(outcome.clone());
+        self.remember(&view, &outcome, Some(approver));
         self.emit(&Event::ApprovalDecided { approval: view, decision: outcome.clone(), approver: Some(approver.clone()) });
         Ok(outcome)
     }
@@ -230,6 +267,7 @@ impl Broker {
         let p = self.pending.lock().expect("invariant: lock not poisoned").remove(&id)?;
         let outcome = Outcome::TimedOut { decided_at: epoch_secs(SystemTime::now()) };
         let view = RequestView { waiting_secs: p.since.elapsed().as_secs(), ..p.view };
+        self.remember(&view, &outcome, None);
         self.emit(&Event::ApprovalDecided { approval: view, decision: outcome.clone(), approver: None });
         Some(outcome)
     }
@@ -259,6 +297,13 @@ mod tests {
         assert!(matches!(o, Outcome::Approved { ref by, .. } if by == "unix:alice"));
         assert_eq!(t.reply.try_recv().unwrap(), o);
         assert_eq!(b.decide(t.id, &human(), true, "again", None), Err(ApprovalError::NotFound(t.id)));
+        // The decision is kept with approver, reason and time.
+        let shown = serde_json::to_value(b.show(t.id).unwrap()).unwrap();
+        assert_eq!(shown["outcome"], "approved");
+        assert_eq!(shown["by"], "unix:alice");
+        assert_eq!(shown["reason"], "ticket 42");
+        assert!(shown["decided_at"].as_u64().unwrap() >= shown["requested_at"].as_u64().unwrap());
+        assert_eq!(shown["statement"], "select * from patients");
         let t2 = b.request(requester("billing"), "clinical", "clinical", "x", "r", "r", 7);
         assert!(matches!(b.decide(t2.id, &human(), false, "no", None).unwrap(), Outcome::Denied { .. }));
     }

@@ -4,7 +4,7 @@
 //!
 //! | rule | verdict | what |
 //! |---|---|---|
-//! | `baseline.drop-phi` | block | DROP of a PHI table (or a schema holding one) |
+//! | `baseline.drop-phi` | block | DROP of a PHI table, of a policy/trigger/rule on one, of a schema or database holding one |
 //! | `baseline.truncate-phi` | block | TRUNCATE of a PHI table |
 //! | `baseline.alter-phi` | block | ALTER / rename / move of a PHI table |
 //! | `baseline.unfiltered-write` | block | DELETE/UPDATE without WHERE, or with an always-true WHERE |
@@ -57,6 +57,9 @@ pub const DANGEROUS_FUNCTIONS: &[&str] = &[
     "pg_create_restore_point",
     "pg_backup_start",
     "pg_backup_stop",
+    // ts_stat runs the SQL text it is given: dynamic SQL the policy never sees.
+    "ts_stat",
+    "ts_rewrite",
     "query_to_xml",
     "query_to_xml_and_xmlschema",
     "query_to_xmlschema",
@@ -89,6 +92,9 @@ pub fn findings(p: &Policy, f: &Facts) -> Vec<Finding> {
             out.push(block(rule, format!("{what} of PHI table {t}")));
         }
     }
+    if f.drops_database && !p.baseline.phi_tables.is_empty() {
+        out.push(block("baseline.drop-phi", "DROP DATABASE would drop the PHI tables in it".into()));
+    }
     for s in &f.dropped_schemas {
         if p.baseline.phi_tables.iter().any(|pt| pt.schema().is_none_or(|ps| ps == s)) {
             out.push(block("baseline.drop-phi", format!("DROP SCHEMA {s} would drop PHI tables")));
@@ -104,6 +110,8 @@ pub fn findings(p: &Policy, f: &Facts) -> Vec<Finding> {
     }
     if let Some(t) = f.copied_into_new_relation.iter().find(|t| p.is_phi(t)) {
         out.push(block("baseline.copy-phi-relation", format!("copying PHI table {t} into a new table or view")));
+    } else if f.creates_relation_from_execute && !p.baseline.phi_tables.is_empty() {
+        out.push(block("baseline.copy-phi-relation", "CREATE TABLE AS EXECUTE fills a table from a prepared statement phigate cannot see here".into()));
     }
     if let Some(name) = f.functions.iter().find(|n| dangerous(n)) {
         out.push(block("baseline.dangerous-function", format!("function {name}() is not allowed")));

@@ -159,7 +159,8 @@ impl Rule {
 
     /// Restrictive rules match an unqualified table in any schema; allow rules only
     /// where the schema is certain (see [`TablePattern::matches_strict`]). An allow
-    /// rule with tables must cover every table the statement touches.
+    /// rule with tables must cover every table the statement touches, and one with
+    /// statement kinds every kind in its tree.
     fn matches(&self, f: &Facts) -> bool {
         let tables_ok = if self.tables.is_empty() {
             true
@@ -169,9 +170,17 @@ impl Rule {
         } else {
             f.tables.iter().chain(&f.writes).any(|t| self.tables.iter().any(|p| p.matches(t)))
         };
-        (self.statements.is_empty() || f.kind.is_some_and(|k| self.statements.contains(&k)))
-            && tables_ok
-            && (self.functions.is_empty() || f.functions.iter().any(|n| self.functions.iter().any(|p| p.matches(n))))
+        // Kinds are those of the whole tree (a DELETE inside a CTE, PREPARE or
+        // EXPLAIN counts): a restrictive rule matches if any of them is named, an
+        // allow rule only if it names all of them.
+        let kinds_ok = if self.statements.is_empty() {
+            true
+        } else if self.verdict == Verdict::Allow {
+            !f.kinds.is_empty() && f.kinds.iter().all(|k| self.statements.contains(k))
+        } else {
+            f.kinds.iter().any(|k| self.statements.contains(k))
+        };
+        kinds_ok && tables_ok && (self.functions.is_empty() || f.functions.iter().any(|n| self.functions.iter().any(|p| p.matches(n))))
     }
 }
 

@@ -61,6 +61,38 @@ fn baseline_table() {
         ("select 1; drop table patients", Verdict::Block, "baseline.drop-phi"),
         ("drop schema public cascade", Verdict::Block, "baseline.drop-phi"),
         ("selec * from patients", Verdict::Block, "parse-error"),
+        // Always-true conditions in other shapes, and ones that are not.
+        ("delete from labs where 2 > 1", Verdict::Block, "baseline.unfiltered-write"),
+        ("delete from labs where 1 <> 2", Verdict::Block, "baseline.unfiltered-write"),
+        ("delete from labs where 1 in (1, 2)", Verdict::Block, "baseline.unfiltered-write"),
+        ("update labs set x = 1 where true is true", Verdict::Block, "baseline.unfiltered-write"),
+        ("update labs set x = 1 where not (1 = 2)", Verdict::Block, "baseline.unfiltered-write"),
+        ("delete from labs where id is null or id is not null", Verdict::Block, "baseline.unfiltered-write"),
+        ("delete from labs where id is not distinct from id", Verdict::Block, "baseline.unfiltered-write"),
+        ("delete from labs where not (id <> id)", Verdict::Block, "baseline.unfiltered-write"),
+        ("delete from labs where 'x' || 'y' = 'xy'", Verdict::Block, "baseline.unfiltered-write"),
+        ("delete from labs where 1 = 2", Verdict::Allow, "default"),
+        ("delete from labs where 1 in (2, 3)", Verdict::Allow, "default"),
+        ("delete from labs where id > 10 and 1 = 1", Verdict::Allow, "default"),
+        ("merge into labs l using src s on true when matched then delete", Verdict::Block, "baseline.unfiltered-write"),
+        ("merge into labs l using src s on l.id = s.id when matched then delete", Verdict::Allow, "default"),
+        ("select * from patients where true", Verdict::Approve, "baseline.unbounded-phi-read"),
+        ("select * from patients where id = id", Verdict::Approve, "baseline.unbounded-phi-read"),
+        // New relations filled from PHI however the query is shaped.
+        ("create table x as select * from (select * from patients where id > 0) s", Verdict::Block, "baseline.copy-phi-relation"),
+        ("create table x as with p as (select * from patients where id = 1) select * from p", Verdict::Block, "baseline.copy-phi-relation"),
+        ("create table x as select id from labs union select id from public.patients where id < 9", Verdict::Block, "baseline.copy-phi-relation"),
+        (
+            "create materialized view mv as select * from labs l where exists (select 1 from encounters e where e.id = l.id)",
+            Verdict::Block,
+            "baseline.copy-phi-relation",
+        ),
+        ("create table x as execute fetch_patients", Verdict::Block, "baseline.copy-phi-relation"),
+        ("create table x as select * from labs where id = 1", Verdict::Allow, "default"),
+        ("drop policy own_rows on patients", Verdict::Block, "baseline.drop-phi"),
+        ("drop trigger audit_trg on public.patients", Verdict::Block, "baseline.drop-phi"),
+        ("drop database clinical", Verdict::Block, "baseline.drop-phi"),
+        ("select ts_stat('select body from encounters')", Verdict::Block, "baseline.dangerous-function"),
         ("", Verdict::Allow, "empty"),
     ];
     for (sql, verdict, rule) in cases {
@@ -148,4 +180,38 @@ fn evasions_are_seen_through() {
     for sql in ["select 'drop table patients'", "select $$delete from labs$$", "-- drop table patients\nselect 1", "select 1 /* truncate patients */"] {
         assert_eq!(decide(&p, "agent", sql).verdict, Verdict::Allow, "{sql}");
     }
+}
+
+#[test]
+fn statement_kind_rules_see_nested_statements() {
+    let mut no_deletes = Rule {
+        id: "no-deletes".into(),
+        reason: "the agent does not delete".into(),
+        verdict: Verdict::Block,
+        identities: vec!["agent".into()],
+        groups: Vec::new(),
+        statements: vec![Kind::Delete],
+        tables: Vec::new(),
+        functions: Vec::new(),
+        overrides: Vec::new(),
+    };
+    let p = policy(vec![no_deletes.clone()]);
+    for sql in [
+        "delete from labs where id = 1",
+        "with d as (delete from labs where id = 1 returning 1) select * from d",
+        "prepare p as delete from labs where id = 1",
+        "explain analyze delete from labs where id = 1",
+    ] {
+        assert_eq!(decide(&p, "agent", sql).rule, "no-deletes", "{sql}");
+    }
+    assert_eq!(decide(&p, "agent", "select * from labs where id = 1").rule, "default");
+    // An allow rule for SELECT does not allow a SELECT that deletes.
+    no_deletes.id = "reads".into();
+    no_deletes.verdict = Verdict::Allow;
+    no_deletes.statements = vec![Kind::Select];
+    no_deletes.identities = vec!["locked".into()];
+    let p = policy(vec![no_deletes]);
+    assert_eq!(decide(&p, "locked", "select * from labs where id = 1").verdict, Verdict::Allow);
+    assert_eq!(decide(&p, "locked", "with d as (delete from labs where id = 1 returning 1) select * from d").verdict, Verdict::Block);
+    assert_eq!(decide(&p, "locked", "insert into labs select * from labs where id = 1").verdict, Verdict::Block);
 }

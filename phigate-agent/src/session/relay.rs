@@ -81,7 +81,10 @@ pub struct Sequencer {
     /// (ReadyForQuery index, before it?, frames)
     injections: VecDeque<(u64, bool, Vec<Bytes>)>,
     /// An extended-protocol message was refused: drop client messages until Sync.
-    skip: Option<PgError>,
+    /// Holds the error while it still has to be sent (it is sent at once when
+    /// nothing of the batch reached the server, so a client that Flushes and waits
+    /// sees it, as with PostgreSQL).
+    skip: Option<Option<PgError>>,
     /// Something of the current extended-protocol batch reached the server.
     batch_forwarded: bool,
 }
@@ -113,8 +116,12 @@ impl Sequencer {
     /// The error answer to a refused Query/FunctionCall/batch: ErrorResponse, then
     /// ReadyForQuery with the server's current transaction status.
     fn refusal(&self, err: &PgError) -> Vec<Bytes> {
-        let status = if self.status == 0 { b'I' } else { self.status };
-        vec![err.to_frame().into_bytes(), msg::ready_for_query(status).into_bytes()]
+        vec![err.to_frame().into_bytes(), self.ready()]
+    }
+
+    /// A ReadyForQuery of phigate's own, with the server's current transaction status.
+    fn ready(&self) -> Bytes {
+        msg::ready_for_query(if self.status == 0 { b'I' } else { self.status }).into_bytes()
     }
 
     /// A server ReadyForQuery is about to be forwarded.
@@ -397,7 +404,17 @@ impl Relay<'_> {
                     let frames = seq.refusal(&err);
                     seq.respond(frames, to_client);
                 }
-                tag::PARSE | tag::BIND | tag::DESCRIBE | tag::EXECUTE | tag::CLOSE | tag::FLUSH => seq.skip = Some(err),
+                tag::PARSE | tag::BIND | tag::DESCRIBE | tag::EXECUTE | tag::CLOSE | tag::FLUSH => {
+                    if seq.batch_forwarded {
+                        // The server still owes answers to earlier parts of the batch
+                        // (it sends them at Sync or Flush): the error goes after them,
+                        // just before its ReadyForQuery.
+                        seq.skip = Some(Some(err));
+                    } else {
+                        seq.respond(vec![err.to_frame().into_bytes()], to_client);
+                        seq.skip = Some(None);
+                    }
+                }
                 _ => {
                     // Nothing protocol-correct to answer (e.g. mid-COPY): fail closed.
                     to_client.push(PgError { severity: crate::pg::error::Severity::Fatal, ..err.clone() }.to_frame().into_bytes());
@@ -443,21 +460,22 @@ impl Relay<'_> {
             };
             match item {
                 Item::Whole(frame) => {
-                    if let Some(err) = seq.skip.take() {
+                    if let Some(pending) = seq.skip.take() {
                         // After a refused extended-protocol message everything up to
                         // Sync is discarded, as PostgreSQL does after an error.
                         if frame.tag() != tag::SYNC {
-                            seq.skip = Some(err);
+                            seq.skip = Some(pending);
                             continue;
                         }
                         if seq.batch_forwarded {
                             // Earlier parts of the batch reached the server: let it
                             // answer them, and put the error before its ReadyForQuery.
                             seq.forwarded(tag::SYNC);
-                            seq.injections.push_back((seq.expected, true, vec![err.to_frame().into_bytes()]));
+                            let err = pending.map(|e| vec![e.to_frame().into_bytes()]).unwrap_or_default();
+                            seq.injections.push_back((seq.expected, true, err));
                             out.push(frame.into_bytes());
                         } else {
-                            let frames = seq.refusal(&err);
+                            let frames = pending.map(|e| seq.refusal(&e)).unwrap_or_else(|| vec![seq.ready()]);
                             seq.respond(frames, to_client);
                         }
                         continue;

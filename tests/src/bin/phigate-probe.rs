@@ -13,6 +13,9 @@
 //! phigate-probe direct-tls ADDR:PORT        open with a TLS ClientHello (PG17 direct SSL)
 //! phigate-probe garbage  ADDR:PORT SEED     send seeded random bytes / broken frames
 //! phigate-probe cancel   ADDR:PORT PID KEY  send a CancelRequest
+//! phigate-probe smuggle  ADDR:PORT          extended protocol by hand: a refused Parse
+//!                                           answered at Flush, then Bind/Execute of the
+//!                                           refused statement's name
 //! ```
 //! After connecting, "talk" means: send a PostgreSQL StartupMessage and report the
 //! first byte of the server's answer (`R` = authentication request: a real server).
@@ -211,6 +214,7 @@ fn main() {
                 Err(e) => error_json(out, "connect", &e),
             }
         }
+        "smuggle" => smuggle(out, addr.parse().expect("ADDR:PORT")),
         "garbage" => {
             let a: SocketAddr = addr.parse().expect("ADDR:PORT");
             let seed: u64 = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(1);
@@ -326,6 +330,89 @@ fn garbage(mut out: serde_json::Map<String, Value>, a: SocketAddr, seed: u64) ->
     out.insert("kind".into(), json!(kind));
     out.insert("sent".into(), json!(wire.len()));
     out.insert("answer_tags".into(), json!(answer_tags(&answer)));
+    Value::Object(out)
+}
+
+fn frame(tag: u8, body: &[u8]) -> Vec<u8> {
+    let mut f = vec![tag];
+    f.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+    f.extend_from_slice(body);
+    f
+}
+
+fn cstrs(parts: &[&str]) -> Vec<u8> {
+    let mut b = Vec::new();
+    for p in parts {
+        b.extend_from_slice(p.as_bytes());
+        b.push(0);
+    }
+    b
+}
+
+/// Read backend messages until one with a tag in `until` (or a timeout); returns the
+/// tags seen and the text of the first ErrorResponse's message field.
+fn read_until(s: &mut TcpStream, until: &[u8]) -> (String, String) {
+    let mut tags = String::new();
+    let mut error = String::new();
+    loop {
+        let mut h = [0u8; 5];
+        if s.read_exact(&mut h).is_err() {
+            tags.push('!');
+            return (tags, error);
+        }
+        let len = u32::from_be_bytes([h[1], h[2], h[3], h[4]]) as usize;
+        let mut body = vec![0u8; len.saturating_sub(4)];
+        if s.read_exact(&mut body).is_err() {
+            tags.push('!');
+            return (tags, error);
+        }
+        tags.push(h[0] as char);
+        if h[0] == b'E' && error.is_empty() {
+            let mut fields = body.split(|b| *b == 0);
+            error = fields.find(|f| f.first() == Some(&b'M')).map(|f| String::from_utf8_lossy(&f[1..]).into_owned()).unwrap_or_default();
+        }
+        if until.contains(&h[0]) {
+            return (tags, error);
+        }
+    }
+}
+
+/// The extended protocol by hand, as a driver in pipeline mode would speak it:
+/// 1. Parse of a statement phigate refuses, then Flush (no Sync): the error must
+///    arrive without waiting for a Sync;
+/// 2. Sync: ReadyForQuery;
+/// 3. Bind + Execute of the refused statement's name: it does not exist on the server.
+fn smuggle(mut out: serde_json::Map<String, Value>, a: SocketAddr) -> Value {
+    let mut s = match TcpStream::connect_timeout(&a, TIMEOUT) {
+        Ok(s) => s,
+        Err(e) => return error_json(out, "connect", &e),
+    };
+    s.set_read_timeout(Some(Duration::from_secs(3))).ok();
+    let _ = s.write_all(&startup_message());
+    let (login, _) = read_until(&mut s, b"ZE");
+    out.insert("login".into(), json!(login));
+    let mut parse = cstrs(&["s1", "drop table patients"]);
+    parse.extend_from_slice(&0u16.to_be_bytes());
+    let mut wire = frame(b'P', &parse);
+    wire.extend(frame(b'H', &[]));
+    let _ = s.write_all(&wire);
+    let (after_flush, error) = read_until(&mut s, b"EZ");
+    out.insert("after_flush".into(), json!(after_flush));
+    out.insert("parse_error".into(), json!(error));
+    let _ = s.write_all(&frame(b'S', &[]));
+    let (after_sync, _) = read_until(&mut s, b"Z");
+    out.insert("after_sync".into(), json!(after_sync));
+    let mut bind = cstrs(&["", "s1"]);
+    bind.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+    let mut wire = frame(b'B', &bind);
+    let mut exec = cstrs(&[""]);
+    exec.extend_from_slice(&0u32.to_be_bytes());
+    wire.extend(frame(b'E', &exec));
+    wire.extend(frame(b'S', &[]));
+    let _ = s.write_all(&wire);
+    let (after_bind, error) = read_until(&mut s, b"Z");
+    out.insert("after_bind".into(), json!(after_bind));
+    out.insert("bind_error".into(), json!(error));
     Value::Object(out)
 }
 
