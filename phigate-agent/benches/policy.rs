@@ -30,6 +30,7 @@ fn bench(c: &mut Criterion) {
             black_box(p.decide(&who, &a))
         })
     });
+    c.bench_function("parse/pg_query::parse join (for comparison)", |b| b.iter(|| black_box(pg_query::parse(black_box(JOIN), 0).unwrap())));
     cache::analyze(JOIN).0.unwrap();
     c.bench_function("decide/cached join (same text)", |b| {
         b.iter(|| {

@@ -7,6 +7,7 @@
 //! - [`net`]: interceptor listeners, address newtypes, original-destination recovery, TLS
 //! - [`pg`]: the PostgreSQL wire protocol (framing, messages, errors); no I/O
 //! - [`policy`]: SQL analysis (pg_query), rules, the hipaa-baseline pack, approvals; no I/O
+//! - [`mask`]: PHI masking of results, COPY and messages as they stream; no I/O
 //! - [`identity`]: kernel record → named workload
 //! - [`session`]: one task per connection
 //! - [`protection`]: what is protected, kept in sync with config and `phigate protect`
@@ -21,6 +22,7 @@ pub mod config;
 pub mod ebpf;
 pub mod host;
 pub mod identity;
+pub mod mask;
 pub mod net;
 pub mod pg;
 pub mod policy;

@@ -87,6 +87,8 @@ pub struct AgentConfig {
     pub deny_raw_sockets: bool,
     /// Appended verbatim (for sections later issues add).
     pub extra: String,
+    /// Extra keys inside `[agent]` (e.g. `workers = 1\n`).
+    pub agent_extra: String,
     /// Run the agent process itself inside this cgroup (relative path).
     pub agent_cgroup: Option<String>,
     /// Identities; when empty, every protected identity gets workload authentication
@@ -102,6 +104,7 @@ impl AgentConfig {
             protect: Vec::new(),
             deny_raw_sockets: true,
             extra: String::new(),
+            agent_extra: String::new(),
             agent_cgroup: None,
             identities: Vec::new(),
         }
@@ -127,11 +130,12 @@ impl AgentConfig {
         let admin = pin_dir.file_name().map(|n| std::env::temp_dir().join(format!("{}.admin.sock", n.to_string_lossy()))).unwrap_or_default();
         let _ = writeln!(
             t,
-            "[agent]\npin_dir = {:?}\nattach_cgroup = {:?}\nlog_format = \"json\"\ndeny_raw_sockets = {}\ndrain_timeout_secs = 2\nadmin_socket = {:?}\n",
+            "[agent]\npin_dir = {:?}\nattach_cgroup = {:?}\nlog_format = \"json\"\ndeny_raw_sockets = {}\ndrain_timeout_secs = 2\nadmin_socket = {:?}\n{}",
             pin_dir.display().to_string(),
             self.attach_cgroup,
             self.deny_raw_sockets,
-            admin.display().to_string()
+            admin.display().to_string(),
+            self.agent_extra
         );
         for db in &self.databases {
             let addrs: Vec<String> = db.addresses.iter().map(|a| format!("{a:?}")).collect();

@@ -172,13 +172,14 @@ fn policy() -> Result<()> {
     let dir = root().join("target/criterion");
     for (name, target) in [
         ("decide_uncached join (parse + decide)", "≤ 40 µs"),
+        ("parse_pg_query__parse join (for comparison)", "(PostgreSQL's parser alone, the floor of an uncached decision)"),
         ("decide_cached join (same text)", "≤ 2 µs"),
         ("decide_cached pgbench select (other constants)", "≤ 2 µs"),
     ] {
         let file = dir.join(name).join("new/estimates.json");
         let est: Value = serde_json::from_str(&std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?)?;
         let ns = est["median"]["point_estimate"].as_f64().unwrap_or(f64::NAN);
-        println!("  {:<50} {:>9.2} µs   target {target}", name.replace('_', "/"), ns / 1000.0);
+        println!("  {:<50} {:>9.2} µs   target {target}", name.replacen('_', "/", 1), ns / 1000.0);
     }
     Ok(())
 }
@@ -319,6 +320,10 @@ fn pg() -> Result<()> {
     cg.child("direct");
     let prot = cg.child("protected");
     let cfg = AgentConfig::new(&cg).database(DbSpec::new("bench", &["127.0.0.2/32"], server.port(), server.socket_addr())).protect(&prot, "bench-client");
+    let mut cfg = cfg;
+    if let Ok(w) = std::env::var("PHIGATE_BENCH_WORKERS") {
+        cfg.agent_extra = format!("workers = {w}\n");
+    }
     let agent = Agent::start(&cfg)?;
     // The same agent without the SQL policy stage, to price the policy alone.
     let cg_off = TestCgroup::new();
@@ -326,6 +331,7 @@ fn pg() -> Result<()> {
     let mut cfg_off =
         AgentConfig::new(&cg_off).database(DbSpec::new("bench", &["127.0.0.2/32"], server.port(), server.socket_addr())).protect(&prot_off, "bench-client");
     cfg_off.extra = "[policy]\nenabled = false\n".into();
+    cfg_off.agent_extra = cfg.agent_extra.clone();
     let agent_off = Agent::start(&cfg_off)?;
     let off_dir = cg_off.child_dir("protected");
     let tmp = std::env::temp_dir().join(phigate_tests::unique("phigate-bench-pgbouncer"));
@@ -333,9 +339,14 @@ fn pg() -> Result<()> {
     let (bouncer, bouncer_port) = start_pgbouncer(&tmp, server.port())?;
     let (direct_dir, prot_dir) = (cg.child_dir("direct"), cg.child_dir("protected"));
 
+    // PHIGATE_BENCH_MODES=prepared PHIGATE_BENCH_CLIENTS=1,8 narrow the run.
+    let modes: Vec<String> =
+        std::env::var("PHIGATE_BENCH_MODES").map(|v| v.split(',').map(String::from).collect()).unwrap_or_else(|_| vec!["simple".into(), "prepared".into()]);
+    let client_counts: Vec<u32> =
+        std::env::var("PHIGATE_BENCH_CLIENTS").ok().map(|v| v.split(',').filter_map(|c| c.parse().ok()).collect()).unwrap_or_else(|| vec![1, 8, 32]);
     let mut rows = Vec::new();
-    for mode in ["simple", "prepared"] {
-        for clients in [1u32, 8, 32] {
+    for mode in modes.iter().map(String::as_str) {
+        for clients in client_counts.iter().copied() {
             eprintln!("bench: -M {mode} -c {clients} ({reps} × {seconds} s each: direct, PgBouncer, phigate, phigate without policy, alternating)");
             let (mut ds, mut bs, mut ps, mut os) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
             for _ in 0..reps {

@@ -52,6 +52,23 @@ impl AsyncWrite for Conn {
             Self::ClientTls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
         }
     }
+    // Without these the default writes only the first buffer of a vectored write:
+    // one syscall, and with TCP_NODELAY one segment and one wakeup of the peer, per
+    // message instead of per batch.
+    fn poll_write_vectored(self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Self::ServerTls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+            Self::ClientTls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Self::Plain(s) => s.is_write_vectored(),
+            Self::ServerTls(s) => s.is_write_vectored(),
+            Self::ClientTls(s) => s.is_write_vectored(),
+        }
+    }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Self::Plain(s) => Pin::new(s).poll_flush(cx),

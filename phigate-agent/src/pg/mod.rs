@@ -11,8 +11,10 @@
 //! - [`startup`]: SSLRequest, GSSENCRequest, CancelRequest, StartupMessage
 //! - [`msg`]: builders for what phigate sends, parsers for what it reads
 //! - [`error`]: [`PgError`] — an ErrorResponse phigate sends, or one it received
+//! - [`flow`]: which client request each server message answers
 
 pub mod error;
+pub mod flow;
 pub mod frame;
 pub mod msg;
 pub mod startup;
@@ -99,6 +101,12 @@ mod proptests {
             let _ = msg::parse_password(&data);
             let _ = msg::parse_sasl_initial_response(&data);
             let _ = parse_error_fields(&data);
+            let _ = msg::parse_row_description(&data);
+            let _ = msg::parse_data_row(&data);
+            let _ = msg::parse_bind(&data);
+            let _ = msg::bind_parameters(&data);
+            let _ = msg::parse_copy_response(&data);
+            let _ = msg::parse_target(&data, "Describe");
         }
 
         #[test]

@@ -2,7 +2,7 @@
 //! the ones it must read (authentication requests, BackendKeyData, ReadyForQuery).
 //! Everything else passes through as raw frames.
 
-use super::frame::{take_cstr, take_i32, Frame, FrameError};
+use super::frame::{take_cstr, take_i16, take_i32, Frame, FrameError};
 
 /// Message type bytes phigate refers to by name.
 pub mod tag {
@@ -202,6 +202,196 @@ pub fn parse_sasl_initial_response(body: &[u8]) -> Result<(&str, &[u8]), FrameEr
     Ok((mechanism, data))
 }
 
+// ---- query-flow messages (masking and audit read these) ---------------------------
+
+/// One column of a RowDescription.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Field {
+    pub name: String,
+    /// The table's OID when the column is a plain column of a table or view, else 0.
+    pub table_oid: u32,
+    /// Its attribute number in that table, else 0.
+    pub column: i16,
+    pub type_oid: u32,
+    pub type_len: i16,
+    pub type_mod: i32,
+    /// 0 text, 1 binary.
+    pub format: i16,
+}
+
+pub fn parse_row_description(body: &[u8]) -> Result<Vec<Field>, FrameError> {
+    let mut rest = body;
+    let n = take_i16(&mut rest, "RowDescription")?;
+    let mut fields = Vec::with_capacity(n.max(0) as usize);
+    for _ in 0..n.max(0) {
+        let name = take_cstr(&mut rest, "RowDescription")?.to_string();
+        let table_oid = take_i32(&mut rest, "RowDescription")? as u32;
+        let column = take_i16(&mut rest, "RowDescription")?;
+        let type_oid = take_i32(&mut rest, "RowDescription")? as u32;
+        let type_len = take_i16(&mut rest, "RowDescription")?;
+        let type_mod = take_i32(&mut rest, "RowDescription")?;
+        let format = take_i16(&mut rest, "RowDescription")?;
+        fields.push(Field { name, table_oid, column, type_oid, type_len, type_mod, format });
+    }
+    Ok(fields)
+}
+
+/// The cells of a DataRow: `None` is SQL NULL. Borrowed from the frame; no copy.
+pub fn parse_data_row(body: &[u8]) -> Result<Vec<Option<&[u8]>>, FrameError> {
+    let mut rest = body;
+    let n = take_i16(&mut rest, "DataRow")?;
+    let mut cells = Vec::with_capacity(n.max(0) as usize);
+    for _ in 0..n.max(0) {
+        let len = take_i32(&mut rest, "DataRow")?;
+        if len < 0 {
+            cells.push(None);
+            continue;
+        }
+        let len = len as usize;
+        if rest.len() < len {
+            return Err(FrameError::Malformed { what: "DataRow", why: "a value is longer than the message".into() });
+        }
+        cells.push(Some(&rest[..len]));
+        rest = &rest[len..];
+    }
+    if !rest.is_empty() {
+        return Err(FrameError::Malformed { what: "DataRow", why: "bytes after the last value".into() });
+    }
+    Ok(cells)
+}
+
+/// Build a DataRow body from cells into `out` (cleared first).
+pub fn encode_data_row<'a>(cells: impl ExactSizeIterator<Item = Option<&'a [u8]>>, out: &mut Vec<u8>) {
+    out.clear();
+    out.push(tag::DATA_ROW);
+    out.extend_from_slice(&[0, 0, 0, 0]);
+    out.extend_from_slice(&(cells.len() as i16).to_be_bytes());
+    for c in cells {
+        match c {
+            None => out.extend_from_slice(&(-1i32).to_be_bytes()),
+            Some(v) => {
+                out.extend_from_slice(&(v.len() as i32).to_be_bytes());
+                out.extend_from_slice(v);
+            }
+        }
+    }
+    let len = (out.len() - 1) as u32;
+    out[1..5].copy_from_slice(&len.to_be_bytes());
+}
+
+/// Parse: statement name and query text.
+pub fn parse_parse(body: &[u8]) -> Result<(&str, &str), FrameError> {
+    let mut rest = body;
+    let name = take_cstr(&mut rest, "Parse")?;
+    let sql = take_cstr(&mut rest, "Parse")?;
+    Ok((name, sql))
+}
+
+/// Bind: portal, statement and the result-column format codes (empty: all text; one:
+/// all that one; else one per column).
+pub fn parse_bind(body: &[u8]) -> Result<(&str, &str, Vec<i16>), FrameError> {
+    let mut rest = body;
+    let portal = take_cstr(&mut rest, "Bind")?;
+    let statement = take_cstr(&mut rest, "Bind")?;
+    let nfmt = take_i16(&mut rest, "Bind")?;
+    for _ in 0..nfmt.max(0) {
+        take_i16(&mut rest, "Bind")?;
+    }
+    let nparams = take_i16(&mut rest, "Bind")?;
+    for _ in 0..nparams.max(0) {
+        let len = take_i32(&mut rest, "Bind")?;
+        if len > 0 {
+            let len = len as usize;
+            if rest.len() < len {
+                return Err(FrameError::Malformed { what: "Bind", why: "a parameter is longer than the message".into() });
+            }
+            rest = &rest[len..];
+        }
+    }
+    let nres = take_i16(&mut rest, "Bind")?;
+    let mut formats = Vec::with_capacity(nres.max(0) as usize);
+    for _ in 0..nres.max(0) {
+        formats.push(take_i16(&mut rest, "Bind")?);
+    }
+    Ok((portal, statement, formats))
+}
+
+/// The bound parameter values of a Bind (`None` is NULL), with their format codes.
+pub fn bind_parameters(body: &[u8]) -> Result<(Vec<i16>, Vec<Option<&[u8]>>), FrameError> {
+    let mut rest = body;
+    take_cstr(&mut rest, "Bind")?;
+    take_cstr(&mut rest, "Bind")?;
+    let nfmt = take_i16(&mut rest, "Bind")?;
+    let mut formats = Vec::with_capacity(nfmt.max(0) as usize);
+    for _ in 0..nfmt.max(0) {
+        formats.push(take_i16(&mut rest, "Bind")?);
+    }
+    let nparams = take_i16(&mut rest, "Bind")?;
+    let mut values = Vec::with_capacity(nparams.max(0) as usize);
+    for _ in 0..nparams.max(0) {
+        let len = take_i32(&mut rest, "Bind")?;
+        if len < 0 {
+            values.push(None);
+            continue;
+        }
+        let len = len as usize;
+        if rest.len() < len {
+            return Err(FrameError::Malformed { what: "Bind", why: "a parameter is longer than the message".into() });
+        }
+        values.push(Some(&rest[..len]));
+        rest = &rest[len..];
+    }
+    Ok((formats, values))
+}
+
+/// Describe or Close: `S` (statement) or `P` (portal), and the name.
+pub fn parse_target<'a>(body: &'a [u8], what: &'static str) -> Result<(u8, &'a str), FrameError> {
+    let (&kind, mut rest) = body.split_first().ok_or(FrameError::Malformed { what, why: "empty".into() })?;
+    let name = take_cstr(&mut rest, what)?;
+    Ok((kind, name))
+}
+
+/// Execute: portal name.
+pub fn parse_execute(body: &[u8]) -> Result<&str, FrameError> {
+    let mut rest = body;
+    take_cstr(&mut rest, "Execute")
+}
+
+/// CopyOutResponse / CopyInResponse: overall format (0 text, 1 binary) and the
+/// per-column formats.
+pub fn parse_copy_response(body: &[u8]) -> Result<(u8, Vec<i16>), FrameError> {
+    let (&overall, mut rest) = body.split_first().ok_or(FrameError::Malformed { what: "CopyOutResponse", why: "empty".into() })?;
+    let n = take_i16(&mut rest, "CopyOutResponse")?;
+    let mut formats = Vec::with_capacity(n.max(0) as usize);
+    for _ in 0..n.max(0) {
+        formats.push(take_i16(&mut rest, "CopyOutResponse")?);
+    }
+    Ok((overall, formats))
+}
+
+/// The request a frontend frame makes, for [`super::flow::Flow`].
+pub fn request_of(frame: &Frame) -> Result<super::flow::Request<'_>, FrameError> {
+    use super::flow::Request;
+    let body = frame.body();
+    Ok(match frame.tag() {
+        tag::QUERY => {
+            let mut rest = body;
+            Request::Query(take_cstr(&mut rest, "Query")?)
+        }
+        tag::PARSE => Request::Parse,
+        tag::BIND => Request::Bind,
+        tag::DESCRIBE => {
+            let (kind, name) = parse_target(body, "Describe")?;
+            Request::Describe { portal: kind == b'P', name }
+        }
+        tag::EXECUTE => Request::Execute { portal: parse_execute(body)? },
+        tag::CLOSE => Request::Close,
+        tag::SYNC => Request::Sync,
+        tag::FUNCTION_CALL => Request::FunctionCall,
+        _ => Request::Other,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -233,5 +423,32 @@ mod tests {
         let (pid, key) = parse_backend_key_data(backend_key_data(7, 9).body()).unwrap();
         assert_eq!((pid, key), (7, 9u32.to_be_bytes().to_vec()));
         assert_eq!(parse_parameter_status(parameter_status("a", "b").body()).unwrap(), ("a".into(), "b".into()));
+    }
+
+    #[test]
+    fn data_rows_round_trip_and_reject_lies() {
+        let mut out = Vec::new();
+        encode_data_row([Some(&b"abc"[..]), None, Some(&b""[..])].into_iter(), &mut out);
+        let f = Frame::from_bytes(bytes::Bytes::from(out));
+        assert_eq!(parse_data_row(f.body()).unwrap(), vec![Some(&b"abc"[..]), None, Some(&b""[..])]);
+        assert!(parse_data_row(&[0, 1, 0, 0, 0, 9, b'x']).is_err(), "value longer than the message");
+        assert!(parse_data_row(&[0, 0, 1]).is_err(), "trailing bytes");
+    }
+
+    #[test]
+    fn bind_formats_are_found_after_the_parameters() {
+        let mut b = b"portal\0stmt\0".to_vec();
+        b.extend_from_slice(&1i16.to_be_bytes());
+        b.extend_from_slice(&1i16.to_be_bytes());
+        b.extend_from_slice(&2i16.to_be_bytes());
+        b.extend_from_slice(&3i32.to_be_bytes());
+        b.extend_from_slice(b"abc");
+        b.extend_from_slice(&(-1i32).to_be_bytes());
+        b.extend_from_slice(&2i16.to_be_bytes());
+        b.extend_from_slice(&1i16.to_be_bytes());
+        b.extend_from_slice(&0i16.to_be_bytes());
+        assert_eq!(parse_bind(&b).unwrap(), ("portal", "stmt", vec![1, 0]));
+        assert_eq!(bind_parameters(&b).unwrap(), (vec![1], vec![Some(&b"abc"[..]), None]));
+        assert!(parse_bind(&b[..b.len() - 3]).is_err());
     }
 }

@@ -30,7 +30,7 @@ pub mod baseline;
 pub mod cache;
 pub mod normalize;
 #[rustfmt::skip]
-mod walk;
+pub(crate) mod walk;
 
 use std::{collections::HashMap, fmt};
 

@@ -1,0 +1,248 @@
+//! What masking knows about the database's relations: OID → schema, name, kind,
+//! columns, and for views their definition traced to base columns (see
+//! [`super::lineage`]). Also the catalog queries that fill it and the parsing of
+//! their rows.
+//!
+//! One cache per protected database and database name, shared by its sessions
+//! (OIDs are per database). Entries expire (`TTL`) and the whole cache is dropped
+//! when a session runs DDL, so a rename cannot keep a stale name for long. Pure: the
+//! session layer runs the queries.
+
+use std::{
+    collections::HashMap,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use super::lineage::{self, Output, RelName};
+
+/// How long catalog facts are trusted.
+pub const TTL: Duration = Duration::from_secs(300);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RelKind {
+    Table,
+    View,
+    MaterializedView,
+    Other,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Column {
+    pub attnum: i16,
+    pub name: String,
+    pub type_oid: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct Relation {
+    pub oid: u32,
+    /// Always schema-qualified.
+    pub name: RelName,
+    pub kind: RelKind,
+    pub columns: Vec<Column>,
+    /// For views: each output column's sources, from the view's definition.
+    pub view: Option<Vec<Output>>,
+}
+
+impl Relation {
+    pub fn column(&self, attnum: i16) -> Option<&Column> {
+        self.columns.iter().find(|c| c.attnum == attnum)
+    }
+
+    pub fn is_view(&self) -> bool {
+        matches!(self.kind, RelKind::View | RelKind::MaterializedView)
+    }
+}
+
+/// The cache.
+#[derive(Debug)]
+pub struct Catalog {
+    by_oid: HashMap<u32, Arc<Relation>>,
+    /// relname → every relation of that name (any schema); empty when none exists.
+    by_name: HashMap<String, Vec<Arc<Relation>>>,
+    since: Instant,
+}
+
+impl Default for Catalog {
+    fn default() -> Self {
+        Self { by_oid: HashMap::new(), by_name: HashMap::new(), since: Instant::now() }
+    }
+}
+
+impl Catalog {
+    fn expire(&mut self) {
+        if self.since.elapsed() > TTL {
+            self.clear();
+        }
+    }
+
+    /// Forget everything (DDL ran somewhere).
+    pub fn clear(&mut self) {
+        self.by_oid.clear();
+        self.by_name.clear();
+        self.since = Instant::now();
+    }
+
+    pub fn relation(&self, oid: u32) -> Option<Arc<Relation>> {
+        self.by_oid.get(&oid).cloned()
+    }
+
+    /// The OIDs among `oids` the cache does not know.
+    pub fn missing_oids(&mut self, oids: impl IntoIterator<Item = u32>) -> Vec<u32> {
+        self.expire();
+        let mut v: Vec<u32> = oids.into_iter().filter(|o| *o != 0 && !self.by_oid.contains_key(o)).collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+
+    /// The relation names among `names` the cache has never looked up.
+    pub fn missing_names<'a>(&mut self, names: impl IntoIterator<Item = &'a str>) -> Vec<String> {
+        self.expire();
+        let mut v: Vec<String> = names.into_iter().filter(|n| !self.by_name.contains_key(*n)).map(String::from).collect();
+        v.sort();
+        v.dedup();
+        v
+    }
+
+    /// Views a reference could name (any schema when it is unqualified).
+    pub fn views_named(&self, r: &RelName) -> Vec<Arc<Relation>> {
+        self.by_name
+            .get(&r.name)
+            .map(|v| v.iter().filter(|x| x.is_view() && r.schema.as_ref().is_none_or(|s| x.name.schema.as_ref() == Some(s))).cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Relations a reference could name.
+    pub fn named(&self, r: &RelName) -> Vec<Arc<Relation>> {
+        self.by_name
+            .get(&r.name)
+            .map(|v| v.iter().filter(|x| r.schema.as_ref().is_none_or(|s| x.name.schema.as_ref() == Some(s))).cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Store the relations a query returned; `looked_up` names are remembered as
+    /// looked up even when nothing has them.
+    pub fn insert(&mut self, relations: Vec<Relation>, looked_up: &[String]) {
+        for n in looked_up {
+            self.by_name.entry(n.clone()).or_default();
+        }
+        for r in relations {
+            let r = Arc::new(r);
+            let list = self.by_name.entry(r.name.name.clone()).or_default();
+            list.retain(|x| x.oid != r.oid);
+            list.push(r.clone());
+            self.by_oid.insert(r.oid, r);
+        }
+    }
+}
+
+/// One catalog lookup to make on the database.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lookup {
+    Oids(Vec<u32>),
+    Names(Vec<String>),
+}
+
+fn quote_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+/// The query for a lookup. Run with an empty search_path, so view definitions come
+/// back with every relation schema-qualified.
+pub fn query(lookup: &Lookup) -> String {
+    let filter = match lookup {
+        Lookup::Oids(oids) => format!("c.oid IN ({})", oids.iter().map(|o| o.to_string()).collect::<Vec<_>>().join(", ")),
+        Lookup::Names(names) => format!("c.relname IN ({})", names.iter().map(|n| quote_literal(n)).collect::<Vec<_>>().join(", ")),
+    };
+    format!(
+        "SELECT c.oid::pg_catalog.int8, n.nspname, c.relname, c.relkind::pg_catalog.text, a.attnum, a.attname, a.atttypid::pg_catalog.int8, \
+         CASE WHEN a.attnum = 1 AND c.relkind IN ('v', 'm') THEN pg_catalog.pg_get_viewdef(c.oid) END \
+         FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+         JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
+         WHERE {filter} ORDER BY c.oid, a.attnum"
+    )
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unexpected catalog row: {0}")]
+pub struct RowError(pub String);
+
+/// Relations from the rows of [`query`] (text format; `None` is NULL).
+pub fn parse_rows(rows: &[Vec<Option<String>>]) -> Result<Vec<Relation>, RowError> {
+    let mut out: Vec<Relation> = Vec::new();
+    for row in rows {
+        let get = |i: usize| row.get(i).cloned().flatten();
+        let num = |i: usize| get(i).and_then(|v| v.parse::<i64>().ok()).ok_or_else(|| RowError(format!("column {i} is not a number")));
+        let oid = num(0)? as u32;
+        let attnum = num(4)? as i16;
+        let column = Column { attnum, name: get(5).ok_or_else(|| RowError("no column name".into()))?, type_oid: num(6)? as u32 };
+        if out.last().is_none_or(|r| r.oid != oid) {
+            let kind = match get(3).as_deref() {
+                Some("r" | "p" | "f") => RelKind::Table,
+                Some("v") => RelKind::View,
+                Some("m") => RelKind::MaterializedView,
+                _ => RelKind::Other,
+            };
+            let view = get(7).map(|def| lineage::statement_outputs(&def).ok().and_then(|s| s.into_iter().next()).unwrap_or_default());
+            out.push(Relation {
+                oid,
+                name: RelName { schema: get(1), name: get(2).ok_or_else(|| RowError("no relation name".into()))? },
+                kind,
+                columns: Vec::new(),
+                view,
+            });
+        }
+        out.last_mut().expect("invariant: pushed above").columns.push(column);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(v: &[Option<&str>]) -> Vec<Option<String>> {
+        v.iter().map(|x| x.map(String::from)).collect()
+    }
+
+    #[test]
+    fn rows_become_relations_with_traced_views() {
+        let rows = vec![
+            row(&[Some("16400"), Some("public"), Some("patients"), Some("r"), Some("1"), Some("id"), Some("23"), None]),
+            row(&[Some("16400"), Some("public"), Some("patients"), Some("r"), Some("2"), Some("ssn"), Some("25"), None]),
+            row(&[
+                Some("16500"),
+                Some("public"),
+                Some("pv"),
+                Some("v"),
+                Some("1"),
+                Some("social"),
+                Some("25"),
+                Some(" SELECT p.ssn AS social\n   FROM public.patients p;"),
+            ]),
+        ];
+        let rels = parse_rows(&rows).unwrap();
+        assert_eq!(rels.len(), 2);
+        assert_eq!(rels[0].columns.len(), 2);
+        assert_eq!(rels[0].column(2).unwrap().name, "ssn");
+        let v = rels[1].view.as_ref().unwrap();
+        assert_eq!(v[0].name, "social");
+        assert!(v[0].sources.columns.contains(&(RelName { schema: Some("public".into()), name: "patients".into() }, "ssn".into())));
+        let mut c = Catalog::default();
+        c.insert(rels, &["patients".into(), "nothing".into()]);
+        assert!(c.relation(16500).unwrap().is_view());
+        assert_eq!(c.missing_oids([16400, 16500, 7, 0]), vec![7]);
+        assert_eq!(c.missing_names(["patients", "nothing", "labs"]), vec!["labs".to_string()]);
+        assert_eq!(c.views_named(&RelName { schema: None, name: "pv".into() }).len(), 1);
+        assert!(c.views_named(&RelName { schema: Some("other".into()), name: "pv".into() }).is_empty());
+        assert!(parse_rows(&[row(&[Some("x")])]).is_err());
+    }
+
+    #[test]
+    fn lookups_quote_names() {
+        assert!(query(&Lookup::Names(vec!["o'brien".into()])).contains("c.relname IN ('o''brien')"));
+        assert!(query(&Lookup::Oids(vec![1, 2])).contains("c.oid IN (1, 2)"));
+    }
+}

@@ -1,0 +1,464 @@
+//! Detectors for HIPAA Safe Harbor identifiers inside free text.
+//!
+//! One pass over the value with a single combined regular expression (a lazy DFA over
+//! bytes, ASCII mode), then, for each candidate, the detector that matched and a
+//! validator that cuts false positives: SSN area/group/serial rules, Luhn for card
+//! numbers, Luhn with the `80840` prefix for NPIs, the VIN check digit, calendar dates,
+//! NANP telephone numbers, IPv4 octet ranges, IPv6 syntax. Lab values (`5.5 mg/dL`,
+//! `120/80`) and ICD-10 codes (`E11.9`) are near misses that must not match.
+//!
+//! Pure: no I/O, no configuration files. Each detector can be switched off per profile;
+//! the patterns of the configurable identifiers (MRN, health plan, account, licence,
+//! device serial) come from the configuration.
+
+use std::{fmt, net::Ipv6Addr, str::FromStr};
+
+use regex::bytes::{Regex, RegexBuilder};
+
+/// The identifier types phigate detects in free text. The names are stable: they
+/// appear in configuration, masking summaries and audit records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    Email,
+    Url,
+    Ssn,
+    Card,
+    Npi,
+    Phone,
+    Date,
+    Ip,
+    Vin,
+    Mrn,
+    HealthPlan,
+    Account,
+    License,
+    Device,
+    Name,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 15] = [
+        Kind::Email,
+        Kind::Url,
+        Kind::Ssn,
+        Kind::Card,
+        Kind::Npi,
+        Kind::Phone,
+        Kind::Date,
+        Kind::Ip,
+        Kind::Vin,
+        Kind::Mrn,
+        Kind::HealthPlan,
+        Kind::Account,
+        Kind::License,
+        Kind::Device,
+        Kind::Name,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Email => "email",
+            Kind::Url => "url",
+            Kind::Ssn => "ssn",
+            Kind::Card => "card",
+            Kind::Npi => "npi",
+            Kind::Phone => "phone",
+            Kind::Date => "date",
+            Kind::Ip => "ip",
+            Kind::Vin => "vin",
+            Kind::Mrn => "mrn",
+            Kind::HealthPlan => "health_plan",
+            Kind::Account => "account",
+            Kind::License => "license",
+            Kind::Device => "device",
+            Kind::Name => "name",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Kind> {
+        Self::ALL.into_iter().find(|k| k.name() == s)
+    }
+
+    /// What replaces a detected identifier.
+    pub fn token(self) -> &'static [u8] {
+        match self {
+            Kind::Email => b"[EMAIL]",
+            Kind::Url => b"[URL]",
+            Kind::Ssn => b"[SSN]",
+            Kind::Card => b"[CARD]",
+            Kind::Npi => b"[NPI]",
+            Kind::Phone => b"[PHONE]",
+            Kind::Date => b"[DATE]",
+            Kind::Ip => b"[IP]",
+            Kind::Vin => b"[VIN]",
+            Kind::Mrn => b"[MRN]",
+            Kind::HealthPlan => b"[HEALTH_PLAN]",
+            Kind::Account => b"[ACCOUNT]",
+            Kind::License => b"[LICENSE]",
+            Kind::Device => b"[DEVICE]",
+            Kind::Name => b"[NAME]",
+        }
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+const MONTHS: &str = "(?:jan|feb|mar|apr|may|jun|jul|aug|sep|sept|oct|nov|dec)[a-z]*\\.?";
+
+/// The built-in pattern of each detector (the configurable ones are defaults).
+pub fn default_pattern(k: Kind) -> String {
+    match k {
+        Kind::Email => r"[a-z0-9._%+-]+@[a-z0-9-]+(?:\.[a-z0-9-]+)*\.[a-z]{2,}".into(),
+        Kind::Url => r#"\b(?:https?|ftp)://[^\s<>"']+|\bwww\.[a-z0-9-]+(?:\.[a-z0-9-]+)+[^\s<>"']*"#.into(),
+        Kind::Ssn => r"\b\d{3}[- ]\d{2}[- ]\d{4}\b|\bssn[:# ]*\d{9}\b".into(),
+        Kind::Card => r"\b\d(?:[ -]?\d){12,18}\b".into(),
+        Kind::Npi => r"\b\d{10}\b".into(),
+        Kind::Phone => r"(?:\+?1[-. ]?)?(?:\(\d{3}\)\s?|\b\d{3}[-. ])\d{3}[-. ]\d{4}\b".into(),
+        Kind::Date => format!(r"\b\d{{4}}-\d{{2}}-\d{{2}}\b|\b\d{{1,2}}/\d{{1,2}}/\d{{2,4}}\b|\b\d{{1,2}}-\d{{1,2}}-\d{{4}}\b|\b{MONTHS} \d{{1,2}}(?:st|nd|rd|th)?,? \d{{4}}\b|\b\d{{1,2}} {MONTHS},? \d{{4}}\b"),
+        Kind::Ip => r"\b(?:\d{1,3}\.){3}\d{1,3}\b|\b[0-9a-f]{0,4}(?::[0-9a-f]{0,4}){2,7}\b".into(),
+        Kind::Vin => r"\b[a-hj-npr-z0-9]{17}\b".into(),
+        Kind::Mrn => r"\bmrn[-:# ]*[a-z]?\d{5,10}\b".into(),
+        Kind::HealthPlan => r"\b(?:member|plan|policy|subscriber|insurance)\s*(?:id|#|no\.?|number)[:# ]*[a-z0-9-]{6,20}\b".into(),
+        Kind::Account => r"\b(?:acct|account)\s*(?:#|no\.?|number)?[:# ]*\d{6,17}\b".into(),
+        Kind::License => r"\b(?:dl|license|licence)\s*(?:#|no\.?|number)[:# ]*[a-z0-9]{5,15}\b".into(),
+        Kind::Device => r"\b(?:s/n|sn|serial)\s*(?:#|no\.?|number)?[:# ]*[a-z0-9][a-z0-9-]{5,20}\b".into(),
+        // A capitalised name after a title or "patient", or before ", DOB". The name
+        // itself is in a group (`n`, `n2`, `n3`), so only it is replaced.
+        Kind::Name => r"(?i:\b(?:mr|mrs|ms|miss|dr|prof)\.?)\s+(?P<n>[A-Z][a-z'-]+(?:\s+[A-Z][a-z'-]+)?)|(?i:\b(?:patient|pt\.?))\s+(?P<n2>[A-Z][a-z'-]+(?:\s+[A-Z][a-z'-]+)?)|\b(?P<n3>[A-Z][a-z'-]+\s+[A-Z][a-z'-]+),\s*(?i:dob|d\.o\.b\.)".into(),
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("detector {kind}: invalid pattern: {err}")]
+pub struct PatternError {
+    pub kind: Kind,
+    pub err: String,
+}
+
+/// A compiled set of detectors.
+pub struct Detectors {
+    /// All enabled patterns in one alternation: one pass finds every candidate start.
+    combined: Option<Regex>,
+    /// Each enabled kind, in priority order, anchored at a candidate's start.
+    each: Vec<(Kind, Regex)>,
+}
+
+impl fmt::Debug for Detectors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Detectors({:?})", self.each.iter().map(|(k, _)| *k).collect::<Vec<_>>())
+    }
+}
+
+fn build(pattern: &str) -> Result<Regex, String> {
+    RegexBuilder::new(pattern).unicode(false).size_limit(64 << 20).dfa_size_limit(64 << 20).build().map_err(|e| e.to_string())
+}
+
+/// Counts of detected identifiers, by kind.
+pub type Counts = std::collections::BTreeMap<Kind, u64>;
+
+impl Detectors {
+    /// Compile `enabled` detectors; `patterns` overrides the default pattern of a kind.
+    pub fn new(enabled: &[Kind], patterns: &[(Kind, String)]) -> Result<Self, PatternError> {
+        let mut each = Vec::new();
+        let mut alternation = Vec::new();
+        for k in Kind::ALL.into_iter().filter(|k| enabled.contains(k)) {
+            let pattern = patterns.iter().find(|(pk, _)| *pk == k).map(|(_, p)| p.clone()).unwrap_or_else(|| default_pattern(k));
+            // Names depend on capitalisation (their pattern says where case is
+            // ignored); everything else ignores case.
+            let flags = if k == Kind::Name { "(?:" } else { "(?i:" };
+            let anchored = build(&format!("^{flags}{pattern})")).map_err(|err| PatternError { kind: k, err })?;
+            // The alternation must not repeat group names: strip them there.
+            alternation.push(format!("{flags}{})", pattern.replace("?P<n>", "").replace("?P<n2>", "").replace("?P<n3>", "")));
+            each.push((k, anchored));
+        }
+        let combined = if alternation.is_empty() { None } else { Some(build(&alternation.join("|")).map_err(|err| PatternError { kind: Kind::Name, err })?) };
+        Ok(Self { combined, each })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.combined.is_none()
+    }
+
+    /// Replace every identifier in `text`; `None` when nothing was found (the value
+    /// passes through untouched, without a copy).
+    pub fn scan(&self, text: &[u8], counts: &mut Counts) -> Option<Vec<u8>> {
+        let re = self.combined.as_ref()?;
+        let mut out: Option<Vec<u8>> = None;
+        let mut copied = 0;
+        let mut at = 0;
+        while at < text.len() {
+            let Some(m) = re.find_at(text, at) else { break };
+            let s = m.start();
+            let Some((kind, start, end, past)) = self.identify(text, s) else {
+                // No identifier a validator accepts starts here (a 16-digit number that
+                // fails Luhn, …): look again one byte on.
+                at = s + 1;
+                continue;
+            };
+            let buf = out.get_or_insert_with(|| Vec::with_capacity(text.len()));
+            buf.extend_from_slice(&text[copied..start]);
+            buf.extend_from_slice(kind.token());
+            copied = end;
+            *counts.entry(kind).or_insert(0) += 1;
+            at = past.max(s + 1);
+        }
+        let mut buf = out?;
+        buf.extend_from_slice(&text[copied..]);
+        Some(buf)
+    }
+
+    /// The first kind (in priority order) whose pattern matches at `s` and whose
+    /// validator accepts it: (kind, replaced span, end of the match).
+    fn identify(&self, text: &[u8], s: usize) -> Option<(Kind, usize, usize, usize)> {
+        let tail = &text[s..];
+        for (kind, re) in &self.each {
+            if *kind == Kind::Name {
+                let Some(c) = re.captures(tail) else { continue };
+                let whole = c.get(0).expect("invariant: group 0 always exists");
+                let name = c.name("n").or_else(|| c.name("n2")).or_else(|| c.name("n3")).unwrap_or(whole);
+                return Some((Kind::Name, s + name.start(), s + name.end(), s + whole.end()));
+            }
+            if let Some(m) = re.find(tail) {
+                if m.end() > 0 && valid(*kind, &tail[..m.end()]) {
+                    return Some((*kind, s, s + m.end(), s + m.end()));
+                }
+            }
+        }
+        None
+    }
+}
+
+fn digits(s: &[u8]) -> Vec<u8> {
+    s.iter().filter(|b| b.is_ascii_digit()).map(|b| b - b'0').collect()
+}
+
+/// The Luhn checksum over decimal digits.
+pub fn luhn(d: &[u8]) -> bool {
+    let mut sum = 0u32;
+    for (i, &x) in d.iter().rev().enumerate() {
+        let mut v = u32::from(x);
+        if i % 2 == 1 {
+            v *= 2;
+            if v > 9 {
+                v -= 9;
+            }
+        }
+        sum += v;
+    }
+    !d.is_empty() && sum % 10 == 0
+}
+
+/// SSA rules: area not 000, 666 or 900-999; group not 00; serial not 0000.
+pub fn valid_ssn(d: &[u8]) -> bool {
+    if d.len() != 9 {
+        return false;
+    }
+    let n = |r: std::ops::Range<usize>| d[r].iter().fold(0u32, |a, &x| a * 10 + u32::from(x));
+    let (area, group, serial) = (n(0..3), n(3..5), n(5..9));
+    area != 0 && area != 666 && area < 900 && group != 0 && serial != 0
+}
+
+/// NPIs are Luhn-valid after prefixing the card issuer code 80840.
+pub fn valid_npi(d: &[u8]) -> bool {
+    if d.len() != 10 || !(d[0] == 1 || d[0] == 2) {
+        return false;
+    }
+    let mut full = vec![8, 0, 8, 4, 0];
+    full.extend_from_slice(d);
+    luhn(&full)
+}
+
+/// The ISO 3779 check digit (position 9).
+pub fn valid_vin(s: &[u8]) -> bool {
+    if s.len() != 17 {
+        return false;
+    }
+    let value = |c: u8| -> Option<u32> {
+        let c = c.to_ascii_uppercase();
+        Some(match c {
+            b'0'..=b'9' => u32::from(c - b'0'),
+            b'A' | b'J' => 1,
+            b'B' | b'K' | b'S' => 2,
+            b'C' | b'L' | b'T' => 3,
+            b'D' | b'M' | b'U' => 4,
+            b'E' | b'N' | b'V' => 5,
+            b'F' | b'W' => 6,
+            b'G' | b'P' | b'X' => 7,
+            b'H' | b'Y' => 8,
+            b'R' | b'Z' => 9,
+            _ => return None,
+        })
+    };
+    const WEIGHTS: [u32; 17] = [8, 7, 6, 5, 4, 3, 2, 10, 0, 9, 8, 7, 6, 5, 4, 3, 2];
+    // A run of 17 digits is far more likely an account number than a VIN.
+    if s.iter().all(u8::is_ascii_digit) || !s.iter().any(u8::is_ascii_digit) {
+        return false;
+    }
+    let mut sum = 0;
+    for (i, &c) in s.iter().enumerate() {
+        let Some(v) = value(c) else { return false };
+        sum += v * WEIGHTS[i];
+    }
+    let check = match sum % 11 {
+        10 => b'X',
+        r => b'0' + r as u8,
+    };
+    s[8].to_ascii_uppercase() == check
+}
+
+fn valid_date(s: &[u8]) -> bool {
+    let text = String::from_utf8_lossy(s).to_ascii_lowercase();
+    let nums: Vec<u32> = text.split(|c: char| !c.is_ascii_digit()).filter(|p| !p.is_empty()).filter_map(|p| p.parse().ok()).collect();
+    let year_ok = |y: u32| (1900..=2100).contains(&y) || y < 100;
+    let has_month_name = text.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
+        || text.split_whitespace().nth(1).is_some_and(|w| w.starts_with(|c: char| c.is_ascii_alphabetic()));
+    match nums.as_slice() {
+        [a, b, c] if s.len() >= 4 && s[4] == b'-' => year_ok(*a) && (1..=12).contains(b) && (1..=31).contains(c),
+        [a, b, c] => (1..=12).contains(a) && (1..=31).contains(b) && year_ok(*c),
+        [a, b] if has_month_name => ((1..=31).contains(a) && year_ok(*b)) || ((1..=31).contains(b) && year_ok(*a)),
+        _ => false,
+    }
+}
+
+fn valid_phone(s: &[u8]) -> bool {
+    let d = digits(s);
+    let d = if d.len() == 11 && d[0] == 1 { &d[1..] } else { &d[..] };
+    // NANP: area code and exchange start with 2-9.
+    d.len() == 10 && d[0] >= 2 && d[3] >= 2
+}
+
+fn valid_ip(s: &[u8]) -> bool {
+    let text = std::str::from_utf8(s).unwrap_or("");
+    if text.contains('.') {
+        let parts: Vec<&str> = text.split('.').collect();
+        return parts.len() == 4 && parts.iter().all(|p| p.parse::<u16>().is_ok_and(|v| v <= 255));
+    }
+    text.matches(':').count() >= 2 && Ipv6Addr::from_str(text).is_ok()
+}
+
+fn valid(k: Kind, s: &[u8]) -> bool {
+    match k {
+        Kind::Ssn => valid_ssn(&digits(s)),
+        Kind::Card => {
+            let d = digits(s);
+            (13..=19).contains(&d.len()) && luhn(&d)
+        }
+        Kind::Npi => valid_npi(&digits(s)),
+        Kind::Vin => valid_vin(s),
+        Kind::Date => valid_date(s),
+        Kind::Phone => valid_phone(s),
+        Kind::Ip => valid_ip(s),
+        _ => true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn all() -> Detectors {
+        Detectors::new(&Kind::ALL, &[]).unwrap()
+    }
+
+    fn found(text: &str) -> Vec<Kind> {
+        let mut c = Counts::new();
+        all().scan(text.as_bytes(), &mut c);
+        c.into_iter().flat_map(|(k, n)| std::iter::repeat_n(k, n as usize)).collect()
+    }
+
+    fn masked(text: &str) -> String {
+        let mut c = Counts::new();
+        all().scan(text.as_bytes(), &mut c).map(|v| String::from_utf8(v).unwrap()).unwrap_or_else(|| text.to_string())
+    }
+
+    #[test]
+    fn positives() {
+        let cases: &[(&str, Kind)] = &[
+            ("write to jane.doe@example.org today", Kind::Email),
+            ("see https://portal.example.com/p/123 please", Kind::Url),
+            ("or www.example.com/records", Kind::Url),
+            ("SSN 123-45-6789 on file", Kind::Ssn),
+            ("ssn: 123456789", Kind::Ssn),
+            ("card 4111 1111 1111 1111 expired", Kind::Card),
+            ("paid with 5500-0000-0000-0004", Kind::Card),
+            ("referring NPI 1234567893", Kind::Npi),
+            ("call (617) 555-0123 after 5", Kind::Phone),
+            ("fax 617-555-0199", Kind::Phone),
+            ("cell +1 212.555.0147", Kind::Phone),
+            ("seen on 2023-04-17 for follow-up", Kind::Date),
+            ("born 4/17/1961", Kind::Date),
+            ("admitted March 3, 2021", Kind::Date),
+            ("discharged 3 Mar 2021", Kind::Date),
+            ("login from 203.0.113.34", Kind::Ip),
+            ("client 2001:db8::ff00:42:8329", Kind::Ip),
+            ("vehicle VIN 1M8GDM9AXKP042788 towed", Kind::Vin),
+            ("MRN 00123456 transferred", Kind::Mrn),
+            ("member id: XYZ12345678", Kind::HealthPlan),
+            ("account # 1234567890", Kind::Account),
+            ("license no. D1234567", Kind::License),
+            ("pump serial: PX-4471-Z9", Kind::Device),
+            ("Mr. John Smith reports pain", Kind::Name),
+            ("patient Maria Garcia was seen", Kind::Name),
+            ("Ada Quill, DOB on file", Kind::Name),
+        ];
+        for (text, kind) in cases {
+            assert!(found(text).contains(kind), "{kind} not found in {text:?}: {:?}", found(text));
+        }
+    }
+
+    #[test]
+    fn near_misses_are_left_alone() {
+        for text in [
+            "HbA1c 5.5 %, glucose 5.5 mg/dL",
+            "BP 120/80, HR 72",
+            "dx E11.9 and I10, ICD-10 Z79.4",
+            "A1C 7.2 on metformin 500 mg BID",
+            "invalid SSN 000-12-3456 and 666-12-3456 and 123-00-4567",
+            "number 4111 1111 1111 1112 fails Luhn",
+            "NPI 1234567890 fails its check digit",
+            "ratio 3/4 of dose",
+            "score 13-14-2000 is not a date: 13 is no month",
+            "version 1.2.300.4",
+            "time 10:30:00 on the ward",
+            "the patient was stable",
+            "ABCDEFGHJKLMNPRST is no VIN",
+            "12345678901234567 is all digits",
+        ] {
+            assert_eq!(masked(text), text, "{text}");
+        }
+    }
+
+    #[test]
+    fn replacement_keeps_the_surrounding_text() {
+        assert_eq!(masked("Mr. John Smith, SSN 123-45-6789, call 617-555-0123"), "Mr. [NAME], SSN [SSN], call [PHONE]");
+        assert_eq!(masked("patient Maria Garcia"), "patient [NAME]");
+        assert_eq!(masked("no identifiers here"), "no identifiers here");
+    }
+
+    #[test]
+    fn validators() {
+        assert!(luhn(&digits(b"4111111111111111")));
+        assert!(!luhn(&digits(b"4111111111111112")));
+        assert!(valid_npi(&digits(b"1234567893")));
+        assert!(!valid_npi(&digits(b"1234567890")));
+        assert!(valid_vin(b"1M8GDM9AXKP042788"));
+        assert!(!valid_vin(b"1M8GDM9A1KP042788"));
+        assert!(valid_ssn(&digits(b"123-45-6789")));
+        assert!(!valid_ssn(&digits(b"900-45-6789")));
+    }
+
+    #[test]
+    fn detectors_can_be_switched_off_and_patterns_replaced() {
+        let only_email = Detectors::new(&[Kind::Email], &[]).unwrap();
+        let mut c = Counts::new();
+        assert_eq!(only_email.scan(b"SSN 123-45-6789", &mut c), None);
+        let custom = Detectors::new(&[Kind::Mrn], &[(Kind::Mrn, r"\bchart-\d{4}\b".into())]).unwrap();
+        assert_eq!(custom.scan(b"chart-1234 done", &mut c).as_deref(), Some(&b"[MRN] done"[..]));
+        assert!(Detectors::new(&[Kind::Mrn], &[(Kind::Mrn, "(".into())]).is_err());
+    }
+}

@@ -1,0 +1,606 @@
+//! Where each output column of a statement comes from, read from its parse tree
+//! (pg_query). PostgreSQL's RowDescription names the table and column of plain column
+//! references; for computed columns (`upper(ssn)`, `ssn || ''`, `row_to_json(p)`) and
+//! for the columns of views it says nothing useful, so masking asks this module which
+//! table columns an output is built from.
+//!
+//! The answer over-approximates on purpose: a column that *might* come from a masked
+//! column is treated as if it does (an unqualified name matches that name in every
+//! table in scope; a whole-row reference carries every column of its table). Only
+//! `count(…)` is exempt, since a count reveals no value. Sources it cannot see (a
+//! set-returning function, a table function) are reported as `opaque`; the free-text
+//! detectors still read those values.
+//!
+//! Pure: SQL text in, sources out. Knows nothing about rules or catalogs.
+
+use std::collections::{BTreeSet, HashMap};
+
+use pg_query::{
+    protobuf::{self, Node},
+    NodeEnum,
+};
+
+/// A relation as written: schema when qualified.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RelName {
+    pub schema: Option<String>,
+    pub name: String,
+}
+
+impl std::fmt::Display for RelName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.schema {
+            Some(s) => write!(f, "{s}.{}", self.name),
+            None => f.write_str(&self.name),
+        }
+    }
+}
+
+/// What an output column's value may contain.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Sources {
+    /// Table columns it is computed from.
+    pub columns: BTreeSet<(RelName, String)>,
+    /// Whole rows (`row_to_json(p)`, `p.*`) of these relations.
+    pub whole_rows: BTreeSet<RelName>,
+    /// It reads something phigate cannot see through (a function in FROM, …).
+    pub opaque: bool,
+}
+
+impl Sources {
+    fn extend(&mut self, o: &Sources) {
+        self.columns.extend(o.columns.iter().cloned());
+        self.whole_rows.extend(o.whole_rows.iter().cloned());
+        self.opaque |= o.opaque;
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.columns.is_empty() && self.whole_rows.is_empty() && !self.opaque
+    }
+}
+
+/// One entry of a statement's result: its name as PostgreSQL will report it (for
+/// matching RowDescription fields) and its sources. `star` entries (`*`, `p.*`) stand
+/// for several result columns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Output {
+    pub name: String,
+    pub star: bool,
+    pub sources: Sources,
+}
+
+/// The outputs of every statement in `sql` (empty for statements without a result).
+pub fn statement_outputs(sql: &str) -> Result<Vec<Vec<Output>>, String> {
+    let parsed = pg_query::parse(sql, 0).map_err(|e| e.to_string())?;
+    Ok(parsed.protobuf.stmts.iter().map(|raw| raw.stmt.as_deref().map(|n| node_outputs(n, &Scope::root())).unwrap_or_default()).collect())
+}
+
+/// The outputs of a query node (SELECT, or DML with RETURNING, EXPLAIN-less).
+pub fn node_outputs(node: &Node, scope: &Scope<'_>) -> Vec<Output> {
+    match node.node.as_ref() {
+        Some(NodeEnum::SelectStmt(s)) => select_outputs(s, scope),
+        Some(NodeEnum::InsertStmt(i)) => dml_returning(i.with_clause.as_ref(), i.relation.as_ref(), &[], i.returning_clause.as_ref(), scope),
+        Some(NodeEnum::UpdateStmt(u)) => dml_returning(u.with_clause.as_ref(), u.relation.as_ref(), &u.from_clause, u.returning_clause.as_ref(), scope),
+        Some(NodeEnum::DeleteStmt(d)) => dml_returning(d.with_clause.as_ref(), d.relation.as_ref(), &d.using_clause, d.returning_clause.as_ref(), scope),
+        Some(NodeEnum::ExplainStmt(_)) => Vec::new(),
+        _ => Vec::new(),
+    }
+}
+
+/// Something names in a FROM list can refer to.
+#[derive(Debug, Clone)]
+enum Item {
+    Table(RelName),
+    /// A subquery or CTE, with its outputs.
+    Derived(Vec<Output>),
+    /// A function or anything else whose columns phigate cannot trace.
+    Opaque,
+}
+
+/// The names visible at one query level, and the levels around it.
+#[derive(Debug, Default)]
+pub struct Scope<'p> {
+    items: Vec<(String, Item)>,
+    ctes: HashMap<String, Vec<Output>>,
+    parent: Option<&'p Scope<'p>>,
+}
+
+impl<'p> Scope<'p> {
+    pub fn root() -> Self {
+        Self::default()
+    }
+
+    fn child(parent: &'p Scope<'p>) -> Self {
+        Self { items: Vec::new(), ctes: HashMap::new(), parent: Some(parent) }
+    }
+
+    fn cte(&self, name: &str) -> Option<&Vec<Output>> {
+        self.ctes.get(name).or_else(|| self.parent.and_then(|p| p.cte(name)))
+    }
+
+    /// The items named `alias` at the nearest level that has one.
+    fn find(&self, alias: &str) -> Option<&Item> {
+        self.items.iter().find(|(a, _)| a == alias).map(|(_, i)| i).or_else(|| self.parent.and_then(|p| p.find(alias)))
+    }
+
+    fn all_items(&self) -> Vec<&Item> {
+        let mut v: Vec<&Item> = self.items.iter().map(|(_, i)| i).collect();
+        if let Some(p) = self.parent {
+            v.extend(p.all_items());
+        }
+        v
+    }
+}
+
+fn string_nodes(items: &[Node]) -> Vec<String> {
+    items
+        .iter()
+        .filter_map(|n| match n.node.as_ref() {
+            Some(NodeEnum::String(s)) => Some(s.sval.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn rel_name(rv: &protobuf::RangeVar) -> RelName {
+    RelName { schema: (!rv.schemaname.is_empty()).then(|| rv.schemaname.clone()), name: rv.relname.clone() }
+}
+
+fn add_ctes(with: Option<&protobuf::WithClause>, scope: &mut Scope<'_>) {
+    let Some(w) = with else { return };
+    for c in &w.ctes {
+        if let Some(NodeEnum::CommonTableExpr(cte)) = c.node.as_ref() {
+            let mut outs = cte.ctequery.as_deref().map(|q| node_outputs(q, scope)).unwrap_or_default();
+            // WITH x (a, b) AS (…) renames the columns.
+            for (o, name) in outs.iter_mut().zip(string_nodes(&cte.aliascolnames)) {
+                o.name = name;
+            }
+            scope.ctes.insert(cte.ctename.clone(), outs);
+        }
+    }
+}
+
+fn add_from(items: &[Node], scope: &mut Scope<'_>) {
+    for n in items {
+        add_from_item(n, scope);
+    }
+}
+
+fn add_from_item(n: &Node, scope: &mut Scope<'_>) {
+    match n.node.as_ref() {
+        Some(NodeEnum::RangeVar(rv)) => {
+            let alias = rv.alias.as_ref().map(|a| a.aliasname.clone()).unwrap_or_else(|| rv.relname.clone());
+            let item = match (rv.schemaname.is_empty(), scope.cte(&rv.relname)) {
+                (true, Some(outs)) => Item::Derived(outs.clone()),
+                _ => Item::Table(rel_name(rv)),
+            };
+            scope.items.push((alias, item));
+        }
+        Some(NodeEnum::RangeSubselect(s)) => {
+            let outs = {
+                // A LATERAL subquery may refer to earlier FROM items; others see the
+                // enclosing levels only. Seeing more is only more conservative.
+                let view = Scope { items: scope.items.clone(), ctes: HashMap::new(), parent: Some(scope) };
+                s.subquery.as_deref().map(|q| node_outputs(q, &view)).unwrap_or_default()
+            };
+            let alias = s.alias.as_ref().map(|a| a.aliasname.clone()).unwrap_or_default();
+            let mut outs = outs;
+            if let Some(a) = &s.alias {
+                for (o, name) in outs.iter_mut().zip(string_nodes(&a.colnames)) {
+                    o.name = name;
+                }
+            }
+            scope.items.push((alias, Item::Derived(outs)));
+        }
+        Some(NodeEnum::JoinExpr(j)) => {
+            if let Some(l) = j.larg.as_deref() {
+                add_from_item(l, scope);
+            }
+            if let Some(r) = j.rarg.as_deref() {
+                add_from_item(r, scope);
+            }
+        }
+        Some(NodeEnum::RangeFunction(f)) => {
+            let alias = f.alias.as_ref().map(|a| a.aliasname.clone()).unwrap_or_default();
+            scope.items.push((alias, Item::Opaque));
+        }
+        _ => scope.items.push((String::new(), Item::Opaque)),
+    }
+}
+
+fn select_outputs(s: &protobuf::SelectStmt, outer: &Scope<'_>) -> Vec<Output> {
+    let op = protobuf::SetOperation::try_from(s.op).unwrap_or(protobuf::SetOperation::SetopNone);
+    if !matches!(op, protobuf::SetOperation::SetopNone | protobuf::SetOperation::Undefined) {
+        // UNION / INTERSECT / EXCEPT: column i comes from column i of either side.
+        let mut scope = Scope::child(outer);
+        add_ctes(s.with_clause.as_ref(), &mut scope);
+        let mut left = s.larg.as_deref().map(|l| select_outputs(l, &scope)).unwrap_or_default();
+        let right = s.rarg.as_deref().map(|r| select_outputs(r, &scope)).unwrap_or_default();
+        for (i, r) in right.iter().enumerate() {
+            match left.get_mut(i) {
+                Some(l) => l.sources.extend(&r.sources),
+                None => left.push(r.clone()),
+            }
+        }
+        return left;
+    }
+    let mut scope = Scope::child(outer);
+    add_ctes(s.with_clause.as_ref(), &mut scope);
+    add_from(&s.from_clause, &mut scope);
+    if !s.values_lists.is_empty() {
+        let mut outs: Vec<Output> = Vec::new();
+        for row in &s.values_lists {
+            if let Some(NodeEnum::List(l)) = row.node.as_ref() {
+                for (i, v) in l.items.iter().enumerate() {
+                    let src = expr_sources(v, &scope);
+                    match outs.get_mut(i) {
+                        Some(o) => o.sources.extend(&src),
+                        None => outs.push(Output { name: format!("column{}", i + 1), star: false, sources: src }),
+                    }
+                }
+            }
+        }
+        return outs;
+    }
+    targets(&s.target_list, &scope)
+}
+
+fn dml_returning(
+    with: Option<&protobuf::WithClause>,
+    relation: Option<&protobuf::RangeVar>,
+    from: &[Node],
+    returning: Option<&protobuf::ReturningClause>,
+    outer: &Scope<'_>,
+) -> Vec<Output> {
+    let Some(ret) = returning else { return Vec::new() };
+    let mut scope = Scope::child(outer);
+    add_ctes(with, &mut scope);
+    if let Some(rv) = relation {
+        let alias = rv.alias.as_ref().map(|a| a.aliasname.clone()).unwrap_or_else(|| rv.relname.clone());
+        scope.items.push((alias, Item::Table(rel_name(rv))));
+    }
+    add_from(from, &mut scope);
+    targets(&ret.exprs, &scope)
+}
+
+fn targets(list: &[Node], scope: &Scope<'_>) -> Vec<Output> {
+    let mut outs = Vec::with_capacity(list.len());
+    for t in list {
+        let Some(NodeEnum::ResTarget(rt)) = t.node.as_ref() else { continue };
+        let Some(val) = rt.val.as_deref() else { continue };
+        let star = matches!(val.node.as_ref(), Some(NodeEnum::ColumnRef(c)) if c.fields.last().is_some_and(|f| matches!(f.node, Some(NodeEnum::AStar(_)))));
+        let name = if rt.name.is_empty() { column_name(val) } else { rt.name.clone() };
+        outs.push(Output { name, star, sources: expr_sources(val, scope) });
+    }
+    outs
+}
+
+/// The name PostgreSQL gives an unnamed result column (FigureColname, simplified).
+fn column_name(n: &Node) -> String {
+    let q = || "?column?".to_string();
+    match n.node.as_ref() {
+        Some(NodeEnum::ColumnRef(c)) => match c.fields.last().and_then(|f| f.node.as_ref()) {
+            Some(NodeEnum::String(s)) => s.sval.clone(),
+            _ => q(),
+        },
+        Some(NodeEnum::FuncCall(f)) => string_nodes(&f.funcname).last().cloned().unwrap_or_else(q),
+        Some(NodeEnum::TypeCast(t)) => {
+            let inner = t.arg.as_deref().map(column_name).unwrap_or_else(q);
+            if inner != "?column?" {
+                inner
+            } else {
+                t.type_name.as_ref().and_then(|tn| string_nodes(&tn.names).last().cloned()).unwrap_or_else(q)
+            }
+        }
+        Some(NodeEnum::AIndirection(i)) => match i.indirection.last().and_then(|f| f.node.as_ref()) {
+            Some(NodeEnum::String(s)) => s.sval.clone(),
+            _ => i.arg.as_deref().map(column_name).unwrap_or_else(q),
+        },
+        Some(NodeEnum::CaseExpr(_)) => "case".into(),
+        Some(NodeEnum::CoalesceExpr(_)) => "coalesce".into(),
+        Some(NodeEnum::AArrayExpr(_)) => "array".into(),
+        Some(NodeEnum::RowExpr(_)) => "row".into(),
+        Some(NodeEnum::MinMaxExpr(m)) => if m.op == protobuf::MinMaxOp::IsGreatest as i32 { "greatest" } else { "least" }.into(),
+        Some(NodeEnum::SubLink(s)) => match protobuf::SubLinkType::try_from(s.sub_link_type) {
+            Ok(protobuf::SubLinkType::ExistsSublink) => "exists".into(),
+            Ok(protobuf::SubLinkType::ArraySublink) => "array".into(),
+            _ => match s.subselect.as_deref().and_then(|n| n.node.as_ref()) {
+                Some(NodeEnum::SelectStmt(sel)) => sel
+                    .target_list
+                    .first()
+                    .and_then(|t| match t.node.as_ref() {
+                        Some(NodeEnum::ResTarget(rt)) if !rt.name.is_empty() => Some(rt.name.clone()),
+                        Some(NodeEnum::ResTarget(rt)) => rt.val.as_deref().map(column_name),
+                        _ => None,
+                    })
+                    .unwrap_or_else(q),
+                _ => q(),
+            },
+        },
+        _ => q(),
+    }
+}
+
+/// The sources of an expression evaluated in `scope`.
+pub fn expr_sources(n: &Node, scope: &Scope<'_>) -> Sources {
+    let mut out = Sources::default();
+    collect(n, scope, &mut out, 0);
+    out
+}
+
+/// Expressions nest; stop somewhere (deeper trees are judged opaque).
+const MAX_EXPR_DEPTH: u32 = 200;
+
+fn collect(n: &Node, scope: &Scope<'_>, out: &mut Sources, depth: u32) {
+    if depth > MAX_EXPR_DEPTH {
+        out.opaque = true;
+        return;
+    }
+    let d = depth + 1;
+    let each = |items: &[Node], out: &mut Sources| {
+        for i in items {
+            collect(i, scope, out, d);
+        }
+    };
+    let Some(node) = n.node.as_ref() else { return };
+    match node {
+        NodeEnum::ColumnRef(c) => resolve_column(c, scope, out),
+        NodeEnum::AConst(_) | NodeEnum::ParamRef(_) | NodeEnum::SqlvalueFunction(_) | NodeEnum::SetToDefault(_) => {}
+        NodeEnum::FuncCall(f) => {
+            let name = string_nodes(&f.funcname).last().map(|s| s.to_ascii_lowercase());
+            // A count says how many, never what: it carries no value of its arguments.
+            if name.as_deref() == Some("count") {
+                return;
+            }
+            each(&f.args, out);
+            if let Some(filter) = f.agg_filter.as_deref() {
+                collect(filter, scope, out, d);
+            }
+        }
+        NodeEnum::AExpr(e) => {
+            for x in [e.lexpr.as_deref(), e.rexpr.as_deref()].into_iter().flatten() {
+                collect(x, scope, out, d);
+            }
+        }
+        NodeEnum::BoolExpr(b) => each(&b.args, out),
+        NodeEnum::TypeCast(t) => {
+            if let Some(a) = t.arg.as_deref() {
+                collect(a, scope, out, d);
+            }
+        }
+        NodeEnum::CollateClause(c) => {
+            if let Some(a) = c.arg.as_deref() {
+                collect(a, scope, out, d);
+            }
+        }
+        NodeEnum::NamedArgExpr(a) => {
+            if let Some(a) = a.arg.as_deref() {
+                collect(a, scope, out, d);
+            }
+        }
+        NodeEnum::NullTest(t) => {
+            if let Some(a) = t.arg.as_deref() {
+                collect(a, scope, out, d);
+            }
+        }
+        NodeEnum::BooleanTest(t) => {
+            if let Some(a) = t.arg.as_deref() {
+                collect(a, scope, out, d);
+            }
+        }
+        NodeEnum::CaseExpr(c) => {
+            if let Some(a) = c.arg.as_deref() {
+                collect(a, scope, out, d);
+            }
+            each(&c.args, out);
+            if let Some(x) = c.defresult.as_deref() {
+                collect(x, scope, out, d);
+            }
+        }
+        NodeEnum::CaseWhen(w) => {
+            for x in [w.expr.as_deref(), w.result.as_deref()].into_iter().flatten() {
+                collect(x, scope, out, d);
+            }
+        }
+        NodeEnum::CoalesceExpr(c) => each(&c.args, out),
+        NodeEnum::MinMaxExpr(m) => each(&m.args, out),
+        NodeEnum::RowExpr(r) => each(&r.args, out),
+        NodeEnum::AArrayExpr(a) => each(&a.elements, out),
+        NodeEnum::List(l) => each(&l.items, out),
+        NodeEnum::AIndirection(i) => {
+            if let Some(a) = i.arg.as_deref() {
+                collect(a, scope, out, d);
+            }
+        }
+        NodeEnum::SubLink(s) => {
+            if let Some(t) = s.testexpr.as_deref() {
+                collect(t, scope, out, d);
+            }
+            if protobuf::SubLinkType::try_from(s.sub_link_type) == Ok(protobuf::SubLinkType::ExistsSublink) {
+                return;
+            }
+            if let Some(q) = s.subselect.as_deref() {
+                for o in node_outputs(q, scope) {
+                    out.extend(&o.sources);
+                }
+            }
+        }
+        NodeEnum::ResTarget(rt) => {
+            if let Some(v) = rt.val.as_deref() {
+                collect(v, scope, out, d);
+            }
+        }
+        // Anything else: follow every child generically; a nested query there is
+        // resolved in this scope (over-approximation), never skipped.
+        _ => {
+            let mut refs: Vec<protobuf::ColumnRef> = Vec::new();
+            let mut nested = false;
+            {
+                let mut visit = |x: crate::policy::walk::N<'_>| match x {
+                    crate::policy::walk::N::ColumnRef(c) => refs.push(c.clone()),
+                    crate::policy::walk::N::SelectStmt(_) | crate::policy::walk::N::RangeFunction(_) => nested = true,
+                    _ => {}
+                };
+                let mut w = crate::policy::walk::Walker { visit: &mut visit, depth: 0, too_deep: false };
+                w.node(n);
+            }
+            for c in &refs {
+                resolve_column(c, scope, out);
+            }
+            out.opaque |= nested;
+        }
+    }
+}
+
+fn item_column(item: &Item, column: &str, out: &mut Sources) {
+    match item {
+        Item::Table(t) => {
+            out.columns.insert((t.clone(), column.to_string()));
+        }
+        Item::Derived(outs) => {
+            for o in outs.iter().filter(|o| o.name == column || o.star) {
+                out.extend(&o.sources);
+            }
+        }
+        Item::Opaque => out.opaque = true,
+    }
+}
+
+fn item_whole(item: &Item, out: &mut Sources) {
+    match item {
+        Item::Table(t) => {
+            out.whole_rows.insert(t.clone());
+        }
+        Item::Derived(outs) => {
+            for o in outs {
+                out.extend(&o.sources);
+            }
+        }
+        Item::Opaque => out.opaque = true,
+    }
+}
+
+fn resolve_column(c: &protobuf::ColumnRef, scope: &Scope<'_>, out: &mut Sources) {
+    let star = c.fields.last().is_some_and(|f| matches!(f.node, Some(NodeEnum::AStar(_))));
+    let names = string_nodes(&c.fields);
+    match (names.as_slice(), star) {
+        ([], true) => {
+            for i in scope.all_items() {
+                item_whole(i, out);
+            }
+        }
+        ([alias], true) => match scope.find(alias) {
+            Some(i) => item_whole(i, out),
+            None => out.opaque = true,
+        },
+        ([col], false) => {
+            // Unqualified: any item in scope may have this column, and a FROM alias of
+            // this name is a whole-row reference.
+            for i in scope.all_items() {
+                item_column(i, col, out);
+            }
+            if let Some(i) = scope.find(col) {
+                item_whole(i, out);
+            }
+        }
+        ([alias, col], false) => match scope.find(alias) {
+            Some(i) => item_column(i, col, out),
+            None => out.opaque = true,
+        },
+        ([.., schema, table, col], false) => {
+            let rel = RelName { schema: Some(schema.clone()), name: table.clone() };
+            out.columns.insert((rel, col.clone()));
+        }
+        (_, true) => {
+            let mut parts = names.clone();
+            let table = parts.pop().unwrap_or_default();
+            let rel = RelName { schema: parts.pop(), name: table };
+            out.whole_rows.insert(rel);
+        }
+        _ => out.opaque = true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn one(sql: &str) -> Vec<Output> {
+        statement_outputs(sql).unwrap().into_iter().next().unwrap()
+    }
+
+    fn rel(s: &str) -> RelName {
+        match s.split_once('.') {
+            Some((a, b)) => RelName { schema: Some(a.into()), name: b.into() },
+            None => RelName { schema: None, name: s.into() },
+        }
+    }
+
+    fn cols(o: &Output) -> Vec<String> {
+        o.sources.columns.iter().map(|(r, c)| format!("{r}.{c}")).collect()
+    }
+
+    #[test]
+    fn computed_columns_carry_their_sources() {
+        let o = one("select upper(p.ssn) as x, p.id + 1, count(p.ssn), 'lit' from public.patients p");
+        assert_eq!(o[0].name, "x");
+        assert_eq!(cols(&o[0]), ["public.patients.ssn"]);
+        assert_eq!(o[1].name, "?column?");
+        assert_eq!(cols(&o[1]), ["public.patients.id"]);
+        assert!(o[2].sources.is_empty(), "a count reveals no values");
+        assert!(o[3].sources.is_empty());
+    }
+
+    #[test]
+    fn names_follow_figure_colname() {
+        let o = one("select lower(name), name::text, (select max(x) from t), coalesce(a, b), case when a then 1 end, t.col from t");
+        let names: Vec<&str> = o.iter().map(|x| x.name.as_str()).collect();
+        assert_eq!(names, ["lower", "name", "max", "coalesce", "case", "col"]);
+    }
+
+    #[test]
+    fn aliases_subqueries_ctes_and_unions_are_traced() {
+        let o = one("with c as (select ssn as hidden from patients) select hidden || '' as y from c");
+        assert_eq!(cols(&o[0]), ["patients.ssn"]);
+        let o = one("select s.x || '' from (select ssn as x, id from patients) s");
+        assert_eq!(cols(&o[0]), ["patients.ssn"]);
+        let o = one("select id::text from labs union all select ssn from patients");
+        assert_eq!(cols(&o[0]), ["labs.id", "patients.ssn"]);
+        let o = one("select (select p.ssn from patients p where p.id = l.patient_id) from labs l");
+        assert_eq!(cols(&o[0]), ["patients.ssn"]);
+        let o = one("select x.a from (values (1), (2)) as x(a)");
+        assert!(o[0].sources.columns.is_empty());
+    }
+
+    #[test]
+    fn whole_rows_and_unqualified_names() {
+        let o = one("select row_to_json(p), to_jsonb(e.*) from patients p join encounters e on e.pid = p.id");
+        assert!(o[0].sources.whole_rows.contains(&rel("patients")), "{o:?}");
+        assert!(o[1].sources.whole_rows.contains(&rel("encounters")));
+        let o = one("select concat(ssn, note) from patients p, encounters e");
+        assert!(
+            cols(&o[0]).contains(&"patients.ssn".to_string()) && cols(&o[0]).contains(&"encounters.note".to_string()),
+            "unqualified names could be either table's"
+        );
+        let o = one("select * from patients");
+        assert!(o[0].star && o[0].sources.whole_rows.contains(&rel("patients")));
+    }
+
+    #[test]
+    fn functions_in_from_are_opaque_and_returning_is_traced() {
+        let o = one("select f.x from get_patients() f");
+        assert!(o[0].sources.opaque);
+        let o = one("delete from patients where id = 1 returning ssn, md5(name)");
+        assert_eq!(cols(&o[0]), ["patients.ssn"]);
+        assert_eq!(cols(&o[1]), ["patients.name"]);
+        assert_eq!(o[1].name, "md5");
+    }
+
+    #[test]
+    fn view_definitions_as_pg_get_viewdef_prints_them() {
+        let o = one(" SELECT p.id,\n    p.ssn AS social,\n    lower(p.name) AS name\n   FROM public.patients p;");
+        assert_eq!(o[1].name, "social");
+        assert_eq!(cols(&o[1]), ["public.patients.ssn"]);
+        assert_eq!(cols(&o[2]), ["public.patients.name"]);
+    }
+}

@@ -1,0 +1,1037 @@
+//! PHI masking of what the database returns, as it streams: DataRows (text and
+//! binary), COPY … TO STDOUT (text, CSV, binary), and the free text of notices,
+//! errors and notifications.
+//!
+//! [`Masker`] is the per-session state machine: it watches the client's requests to
+//! know which statement each result belongs to (simple and extended protocol,
+//! statements described once and executed many times), builds a [`Plan`] per result
+//! (one strategy per column) from the profile's rules, and rewrites each row with
+//! correct lengths. Rules name columns as `schema.table.column` — resolved from the
+//! RowDescription's table OID and attribute number through the [`catalog`], so an
+//! alias or a view cannot dodge them — or by column-name pattern; columns computed
+//! from masked columns inherit their rule through [`lineage`]. Text without a rule
+//! goes through the Safe Harbor [`detect`]ors.
+//!
+//! Fail closed: a row that cannot be read or masked is never forwarded; the result
+//! ends with an ErrorResponse and the rest of it is dropped up to ReadyForQuery, so
+//! the connection stays usable.
+//!
+//! Pure: frames in, frames out. Catalog lookups are requested ([`Step::Lookup`]) and
+//! performed by the session; nothing here does I/O.
+//!
+//! # Layout
+//! - [`detect`]: free-text identifier detectors
+//! - [`strategy`]: redact / partial / hash / year / zip3 per column type and format
+//! - [`lineage`]: which table columns an output is computed from
+//! - [`catalog`]: OID → relation cache and its queries
+//! - [`copy`]: COPY row formats
+
+pub mod catalog;
+pub mod copy;
+pub mod detect;
+pub mod lineage;
+pub mod strategy;
+
+use std::{
+    collections::HashMap,
+    fmt,
+    sync::{Arc, Mutex},
+};
+
+use bytes::{Bytes, BytesMut};
+
+use crate::pg::{
+    flow::{Answer, Flow},
+    msg::{self, tag, Field},
+    Frame, PgError, SqlState,
+};
+use catalog::{Catalog, Lookup};
+use copy::{CopyFormat, CopyKind};
+use detect::{Counts, Detectors, Kind};
+use lineage::{Output, RelName, Sources};
+use strategy::{CellType, Context, Masked, Strategy, TypeClass};
+
+/// What a rule applies to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// `schema.table.column` (schema optional: any schema).
+    Column { schema: Option<String>, table: String, column: String },
+    /// A result column whose name matches the pattern (`*` and `?`, any case).
+    Name(String),
+}
+
+impl Target {
+    fn matches_column(&self, rel: &RelName, column: &str) -> bool {
+        match self {
+            Target::Column { schema, table, column: c } => {
+                c == column && table == &rel.name && (schema.is_none() || rel.schema.is_none() || schema == &rel.schema)
+            }
+            Target::Name(_) => false,
+        }
+    }
+
+    fn matches_table(&self, rel: &RelName) -> bool {
+        match self {
+            Target::Column { schema, table, .. } => table == &rel.name && (schema.is_none() || rel.schema.is_none() || schema == &rel.schema),
+            Target::Name(_) => false,
+        }
+    }
+}
+
+/// Case-insensitive glob with `*` and `?`.
+pub fn glob_matches(pattern: &str, name: &str) -> bool {
+    let (p, n): (Vec<char>, Vec<char>) = (pattern.to_lowercase().chars().collect(), name.to_lowercase().chars().collect());
+    let (mut pi, mut ni, mut star, mut mark) = (0, 0, None, 0);
+    while ni < n.len() {
+        if pi < p.len() && (p[pi] == '?' || p[pi] == n[ni]) {
+            pi += 1;
+            ni += 1;
+        } else if pi < p.len() && p[pi] == '*' {
+            star = Some(pi);
+            mark = ni;
+            pi += 1;
+        } else if let Some(s) = star {
+            pi = s + 1;
+            mark += 1;
+            ni = mark;
+        } else {
+            return false;
+        }
+    }
+    while pi < p.len() && p[pi] == '*' {
+        pi += 1;
+    }
+    pi == p.len()
+}
+
+#[derive(Debug, Clone)]
+pub struct Rule {
+    /// Stable id in summaries and audit records.
+    pub id: Arc<str>,
+    pub target: Target,
+    pub strategy: Strategy,
+}
+
+/// A masking profile: rules, detectors, and who it applies to.
+pub struct Profile {
+    pub name: String,
+    pub identities: Vec<String>,
+    pub groups: Vec<String>,
+    pub rules: Vec<Rule>,
+    pub detectors: Detectors,
+    /// Run the detectors over text columns no rule covers.
+    pub free_text: bool,
+}
+
+impl fmt::Debug for Profile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Profile({}, {} rules, {:?})", self.name, self.rules.len(), self.detectors)
+    }
+}
+
+impl Profile {
+    fn has_column_rules(&self) -> bool {
+        self.rules.iter().any(|r| matches!(r.target, Target::Column { .. }))
+    }
+}
+
+/// Masking as configured for the whole agent.
+pub struct Settings {
+    pub profiles: Vec<Arc<Profile>>,
+    /// For identities no profile names.
+    pub default_profile: Arc<Profile>,
+    /// The HMAC key of `hash` pseudonyms (only the agent holds it).
+    pub hmac_key: Arc<[u8]>,
+}
+
+impl fmt::Debug for Settings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Settings({:?}, default {}, <key redacted>)", self.profiles, self.default_profile.name)
+    }
+}
+
+impl Settings {
+    /// The first profile naming the identity or one of its groups, else the default.
+    pub fn profile_for(&self, identity: &str, groups: &[String]) -> Arc<Profile> {
+        self.profiles
+            .iter()
+            .find(|p| p.identities.iter().any(|i| i == identity) || p.groups.iter().any(|g| groups.contains(g)))
+            .cloned()
+            .unwrap_or_else(|| self.default_profile.clone())
+    }
+}
+
+/// One column of a result: how to mask it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ColumnPlan {
+    pub strategy: Strategy,
+    /// The rule that chose the strategy; None for free-text detection or nothing.
+    pub rule: Option<usize>,
+    pub ty: CellType,
+}
+
+/// How to mask the rows of one result.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    pub columns: Vec<ColumnPlan>,
+}
+
+impl Plan {
+    pub fn inspects(&self) -> bool {
+        self.columns.iter().any(|c| c.strategy != Strategy::Keep)
+    }
+}
+
+/// Masking counts of one statement, for logs and audit (never values).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Summary {
+    pub rows: u64,
+    pub cells_masked: u64,
+    /// (rule id, cells) for rules that masked something.
+    pub by_rule: Vec<(Arc<str>, u64)>,
+    /// Identifiers the detectors replaced, by kind.
+    pub by_kind: Counts,
+}
+
+/// What to do with a backend message.
+#[derive(Debug)]
+pub enum Step {
+    Forward,
+    /// Send these bytes instead (a rewritten message; empty: drop it).
+    Replace(Vec<Bytes>),
+    /// The catalog must answer this first; call `backend` again with the same frame.
+    Lookup(Lookup),
+    /// Describe this query (the columns of a COPY) on the catalog connection, then
+    /// call `described` and `backend` again.
+    Describe(String),
+}
+
+#[derive(Debug, Clone)]
+struct Stmt {
+    sql: Arc<str>,
+    fields: Option<Vec<Field>>,
+}
+
+#[derive(Debug, Clone)]
+struct Portal {
+    stmt: String,
+    formats: Vec<i16>,
+    fields: Option<Vec<Field>>,
+    plan: Option<Arc<Plan>>,
+    sql: Option<Arc<str>>,
+}
+
+struct CopyState {
+    format: CopyFormat,
+    plan: Arc<Plan>,
+    first: bool,
+}
+
+/// Parsed lineage of recent statements (text → outputs of each statement).
+const LINEAGE_CACHE: usize = 256;
+
+/// The per-session masking state machine.
+pub struct Masker {
+    profile: Arc<Profile>,
+    key: Arc<[u8]>,
+    current_year: i32,
+    catalog: Arc<Mutex<Catalog>>,
+    flow: Flow,
+    stmts: HashMap<String, Stmt>,
+    portals: HashMap<String, Portal>,
+    /// The result of the simple query being streamed.
+    current: Option<Arc<Plan>>,
+    copy: Option<CopyState>,
+    /// COPY statements of the current simple Query already answered.
+    copies_seen: usize,
+    /// The answer computed for a frame that is waiting for a lookup.
+    resume: Option<Answer>,
+    /// Columns of a COPY query, described on the catalog connection.
+    described: Option<Result<Vec<Field>, String>>,
+    /// A masking failure: drop the rest of the result up to ReadyForQuery.
+    failing: bool,
+    /// DDL ran: drop the catalog at the next ReadyForQuery.
+    ddl_seen: bool,
+    /// The session's latest `SET search_path` (replayed before describing COPY).
+    pub search_path: Option<String>,
+    lineage: HashMap<Arc<str>, Arc<Vec<Vec<Output>>>>,
+    summary: Summary,
+    rule_counts: Vec<u64>,
+    finished: Vec<Summary>,
+    out: BytesMut,
+    scratch: Vec<u8>,
+}
+
+impl fmt::Debug for Masker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Masker({})", self.profile.name)
+    }
+}
+
+fn fail(message: impl Into<String>) -> PgError {
+    PgError::error(SqlState::INTERNAL_ERROR, format!("phigate: refused to return this result: {}", message.into()))
+        .with_hint("Masking could not be applied, so nothing unmasked was sent. The session can go on; see the agent log.")
+}
+
+impl Masker {
+    pub fn new(profile: Arc<Profile>, key: Arc<[u8]>, catalog: Arc<Mutex<Catalog>>, current_year: i32) -> Self {
+        let n = profile.rules.len();
+        Self {
+            profile,
+            key,
+            current_year,
+            catalog,
+            flow: Flow::default(),
+            stmts: HashMap::new(),
+            portals: HashMap::new(),
+            current: None,
+            copy: None,
+            copies_seen: 0,
+            resume: None,
+            described: None,
+            failing: false,
+            ddl_seen: false,
+            search_path: None,
+            lineage: HashMap::new(),
+            summary: Summary::default(),
+            rule_counts: vec![0; n],
+            finished: Vec::new(),
+            out: BytesMut::new(),
+            scratch: Vec::new(),
+        }
+    }
+
+    pub fn profile(&self) -> &Profile {
+        &self.profile
+    }
+
+    /// Whether messages of this type must arrive whole.
+    pub fn needs_whole(&self, t: u8) -> bool {
+        matches!(t, tag::ROW_DESCRIPTION | tag::ERROR_RESPONSE | tag::NOTICE_RESPONSE | tag::NOTIFICATION | tag::COPY_OUT_RESPONSE)
+            || (t == tag::DATA_ROW && !self.profile_is_empty())
+            || (t == tag::COPY_DATA && !self.profile_is_empty())
+    }
+
+    fn profile_is_empty(&self) -> bool {
+        self.profile.rules.is_empty() && (self.profile.detectors.is_empty() || !self.profile.free_text)
+    }
+
+    /// Summaries of statements that finished since the last call.
+    pub fn take_finished(&mut self) -> Vec<Summary> {
+        std::mem::take(&mut self.finished)
+    }
+
+    /// A client message that was forwarded to the database.
+    pub fn frontend(&mut self, frame: &Frame) {
+        let Ok(req) = msg::request_of(frame) else { return };
+        self.flow.frontend(req.clone());
+        match frame.tag() {
+            tag::QUERY => {
+                if let crate::pg::flow::Request::Query(sql) = req {
+                    self.note_statement(sql);
+                }
+                self.copies_seen = 0;
+            }
+            tag::PARSE => {
+                if let Ok((name, sql)) = msg::parse_parse(frame.body()) {
+                    self.note_statement(sql);
+                    self.stmts.insert(name.to_string(), Stmt { sql: Arc::from(sql), fields: None });
+                }
+            }
+            tag::BIND => {
+                if let Ok((portal, stmt, formats)) = msg::parse_bind(frame.body()) {
+                    let sql = self.stmts.get(stmt).map(|s| s.sql.clone());
+                    self.portals.insert(portal.to_string(), Portal { stmt: stmt.to_string(), formats, fields: None, plan: None, sql });
+                }
+            }
+            tag::CLOSE => {
+                if let Ok((kind, name)) = msg::parse_target(frame.body(), "Close") {
+                    if kind == b'S' {
+                        self.stmts.remove(name);
+                    } else {
+                        self.portals.remove(name);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// DDL invalidates the catalog; SET search_path is remembered for COPY describes.
+    fn note_statement(&mut self, sql: &str) {
+        let lower = sql.to_ascii_lowercase();
+        if lower.contains("search_path") {
+            if let Ok(parsed) = pg_query::parse(sql, 0) {
+                for raw in &parsed.protobuf.stmts {
+                    if let Some(pg_query::NodeEnum::VariableSetStmt(v)) = raw.stmt.as_ref().and_then(|s| s.node.as_ref()) {
+                        if v.name.eq_ignore_ascii_case("search_path") && !v.is_local {
+                            let text = raw.stmt.as_ref().and_then(|s| s.node.as_ref()).and_then(|n| n.deparse(pg_query::DeparseOptions::default()).ok());
+                            self.search_path = text;
+                        }
+                    }
+                }
+            }
+        }
+        if let Ok(a) = crate::policy::cache::analyze(sql).0 {
+            use crate::policy::analyze::Kind as K;
+            if a.statements.iter().any(|f| f.kinds.iter().any(|k| matches!(k, K::Create | K::Alter | K::Drop))) {
+                self.ddl_seen = true;
+            }
+        }
+    }
+
+    /// The columns of a COPY query, from the catalog connection.
+    pub fn described(&mut self, result: Result<Vec<Field>, String>) {
+        self.described = Some(result);
+    }
+
+    /// A message from the database.
+    pub fn backend(&mut self, frame: &Frame) -> Step {
+        let t = frame.tag();
+        if t == tag::READY_FOR_QUERY {
+            self.flow.backend(t);
+            self.failing = false;
+            self.current = None;
+            self.copy = None;
+            self.resume = None;
+            if std::mem::take(&mut self.ddl_seen) {
+                self.catalog.lock().expect("invariant: lock not poisoned").clear();
+            }
+            return Step::Forward;
+        }
+        let answer = match self.resume.take() {
+            Some(a) => a,
+            None => self.flow.backend(t),
+        };
+        if self.failing && !matches!(t, tag::NOTICE_RESPONSE | tag::PARAMETER_STATUS) {
+            return Step::Replace(Vec::new());
+        }
+        match self.step(frame, &answer) {
+            Ok(s) => {
+                if matches!(s, Step::Lookup(_) | Step::Describe(_)) {
+                    self.resume = Some(answer);
+                }
+                s
+            }
+            Err(e) => {
+                tracing::warn!(error = %e.message, "masking failed; the result is withheld");
+                self.failing = true;
+                self.finish_statement();
+                Step::Replace(vec![e.to_frame().into_bytes()])
+            }
+        }
+    }
+
+    fn step(&mut self, frame: &Frame, answer: &Answer) -> Result<Step, PgError> {
+        let t = frame.tag();
+        match t {
+            tag::ROW_DESCRIPTION => {
+                let fields = msg::parse_row_description(frame.body()).map_err(|e| fail(format!("the database sent an unreadable row description: {e}")))?;
+                match answer {
+                    Answer::Simple(sql) => {
+                        let sql = sql.clone();
+                        match self.plan_for(&fields, None, Some(&sql))? {
+                            Ok(plan) => self.current = Some(Arc::new(plan)),
+                            Err(lookup) => return Ok(Step::Lookup(lookup)),
+                        }
+                    }
+                    Answer::StatementDescription(name) => {
+                        if let Some(s) = self.stmts.get_mut(name) {
+                            s.fields = Some(fields);
+                        }
+                    }
+                    Answer::PortalDescription(name) => {
+                        if let Some(p) = self.portals.get_mut(name) {
+                            p.fields = Some(fields);
+                            p.plan = None;
+                        }
+                    }
+                    _ => return Err(fail("a row description nobody asked for")),
+                }
+                Ok(Step::Forward)
+            }
+            tag::DATA_ROW => {
+                let plan = match answer {
+                    Answer::Simple(_) => self.current.clone(),
+                    Answer::Execute(portal) => match self.portal_plan(portal)? {
+                        Ok(p) => Some(p),
+                        Err(lookup) => return Ok(Step::Lookup(lookup)),
+                    },
+                    _ => None,
+                };
+                let plan = plan.ok_or_else(|| fail("rows arrived without a description phigate could match them to"))?;
+                self.summary.rows += 1;
+                self.mask_row(frame, &plan)
+            }
+            tag::COMMAND_COMPLETE | b'I' | b's' => {
+                if matches!(answer, Answer::Simple(_)) {
+                    self.current = None;
+                }
+                self.copy = None;
+                self.finish_statement();
+                Ok(Step::Forward)
+            }
+            tag::COPY_OUT_RESPONSE => self.start_copy(frame, answer),
+            tag::COPY_DATA => match &self.copy {
+                Some(_) => self.mask_copy(frame),
+                None => Ok(Step::Forward), // COPY FROM STDIN echo does not exist; nothing to do
+            },
+            tag::COPY_DONE => {
+                self.copy = None;
+                Ok(Step::Forward)
+            }
+            tag::ERROR_RESPONSE | tag::NOTICE_RESPONSE => {
+                if t == tag::ERROR_RESPONSE {
+                    self.finish_statement();
+                }
+                Ok(self.mask_fields(frame))
+            }
+            tag::NOTIFICATION => Ok(self.mask_notification(frame)),
+            _ => Ok(Step::Forward),
+        }
+    }
+
+    fn finish_statement(&mut self) {
+        let mut s = std::mem::take(&mut self.summary);
+        if s.rows == 0 && s.cells_masked == 0 && s.by_kind.is_empty() {
+            return;
+        }
+        for (i, n) in self.rule_counts.iter_mut().enumerate() {
+            if *n > 0 {
+                s.by_rule.push((self.profile.rules[i].id.clone(), *n));
+                *n = 0;
+            }
+        }
+        self.finished.push(s);
+    }
+
+    fn portal_plan(&mut self, portal: &str) -> Result<Result<Arc<Plan>, Lookup>, PgError> {
+        let Some(p) = self.portals.get(portal) else { return Err(fail(format!("rows of portal \"{portal}\", which phigate did not see bound"))) };
+        if let Some(plan) = &p.plan {
+            return Ok(Ok(plan.clone()));
+        }
+        // The portal's own description (Describe P) has its real formats; else the
+        // statement's description with the formats the Bind asked for.
+        let (fields, formats) = match &p.fields {
+            Some(f) => (f.clone(), None),
+            None => {
+                let stmt = self.stmts.get(&p.stmt).and_then(|s| s.fields.clone());
+                let fields = stmt.ok_or_else(|| fail(format!("rows of statement \"{}\", whose columns phigate never saw described", p.stmt)))?;
+                (fields, Some(p.formats.clone()))
+            }
+        };
+        let sql = p.sql.clone();
+        match self.plan_for(&fields, formats.as_deref(), sql.as_deref())? {
+            Ok(plan) => {
+                let plan = Arc::new(plan);
+                if let Some(p) = self.portals.get_mut(portal) {
+                    p.plan = Some(plan.clone());
+                }
+                Ok(Ok(plan))
+            }
+            Err(l) => Ok(Err(l)),
+        }
+    }
+
+    fn outputs(&mut self, sql: &str) -> Arc<Vec<Vec<Output>>> {
+        if let Some(o) = self.lineage.get(sql) {
+            return o.clone();
+        }
+        let parsed = Arc::new(lineage::statement_outputs(sql).unwrap_or_default());
+        if self.lineage.len() >= LINEAGE_CACHE {
+            self.lineage.clear();
+        }
+        self.lineage.insert(Arc::from(sql), parsed.clone());
+        parsed
+    }
+
+    /// A plan for these columns; `formats` overrides the fields' own format codes
+    /// (Bind's codes: none = text, one = all, else per column). `Err(lookup)` when the
+    /// catalog must be asked first.
+    fn plan_for(&mut self, fields: &[Field], formats: Option<&[i16]>, sql: Option<&str>) -> Result<Result<Plan, Lookup>, PgError> {
+        let format_of = |i: usize, f: &Field| -> Result<i16, PgError> {
+            match formats {
+                None => Ok(f.format),
+                Some([]) => Ok(0),
+                Some([one]) => Ok(*one),
+                Some(list) => list.get(i).copied().ok_or_else(|| fail("the Bind gave fewer result formats than there are columns")),
+            }
+        };
+        let column_rules = self.profile.has_column_rules();
+        let outputs = match sql {
+            Some(s) if column_rules && fields.iter().any(|f| f.table_oid == 0) => Some(self.outputs(s)),
+            _ => None,
+        };
+        let mut catalog = self.catalog.lock().expect("invariant: lock not poisoned");
+        if column_rules {
+            let missing = catalog.missing_oids(fields.iter().map(|f| f.table_oid));
+            if !missing.is_empty() {
+                return Ok(Err(Lookup::Oids(missing)));
+            }
+            // Names that may be views (their columns trace to base tables).
+            let mut names: Vec<String> = Vec::new();
+            for f in fields {
+                if let Some(rel) = catalog.relation(f.table_oid) {
+                    if let Some(view) = &rel.view {
+                        for o in view {
+                            source_names(&o.sources, &mut names);
+                        }
+                    }
+                }
+            }
+            if let Some(outs) = &outputs {
+                for o in outs.iter().flatten() {
+                    source_names(&o.sources, &mut names);
+                }
+            }
+            let missing = catalog.missing_names(names.iter().map(String::as_str));
+            if !missing.is_empty() {
+                return Ok(Err(Lookup::Names(missing)));
+            }
+        }
+        let mut columns = Vec::with_capacity(fields.len());
+        for (i, f) in fields.iter().enumerate() {
+            let ty = CellType { class: TypeClass::of(f.type_oid), binary: format_of(i, f)? == 1 };
+            let mut best: Option<usize> = None;
+            let consider = |idx: usize, best: &mut Option<usize>| {
+                if best.is_none_or(|b| self.profile.rules[idx].strategy.strength() > self.profile.rules[b].strategy.strength()) {
+                    *best = Some(idx);
+                }
+            };
+            if column_rules {
+                if f.table_oid != 0 {
+                    if let Some(rel) = catalog.relation(f.table_oid) {
+                        if let Some(col) = rel.column(f.column) {
+                            for idx in self.rules_for_column(&catalog, &rel.name, &col.name, 0) {
+                                consider(idx, &mut best);
+                            }
+                        }
+                        if let Some(view) = &rel.view {
+                            let pos = (f.column as usize).wrapping_sub(1);
+                            if let Some(o) = view.get(pos) {
+                                for idx in self.rules_for_sources(&catalog, &o.sources, 0) {
+                                    consider(idx, &mut best);
+                                }
+                            }
+                        }
+                    }
+                } else if let Some(outs) = &outputs {
+                    let all: Vec<&Output> = outs.iter().flatten().collect();
+                    let named: Vec<&Output> = all.iter().copied().filter(|o| !o.star && o.name == f.name).collect();
+                    let from = if named.is_empty() { all } else { named };
+                    for o in from {
+                        for idx in self.rules_for_sources(&catalog, &o.sources, 0) {
+                            consider(idx, &mut best);
+                        }
+                    }
+                }
+            }
+            for (idx, r) in self.profile.rules.iter().enumerate() {
+                if let Target::Name(p) = &r.target {
+                    if glob_matches(p, &f.name) {
+                        consider(idx, &mut best);
+                    }
+                }
+            }
+            let (strategy, rule) = match best {
+                Some(idx) => (self.profile.rules[idx].strategy.clone(), Some(idx)),
+                None if self.profile.free_text && !self.profile.detectors.is_empty() && ty.scannable() => (Strategy::Detect, None),
+                None => (Strategy::Keep, None),
+            };
+            columns.push(ColumnPlan { strategy, rule, ty });
+        }
+        Ok(Ok(Plan { columns }))
+    }
+
+    /// Rules for a table column, and (if the relation is a view) for what it is built from.
+    fn rules_for_column(&self, catalog: &Catalog, rel: &RelName, column: &str, depth: u32) -> Vec<usize> {
+        let mut out: Vec<usize> = self.profile.rules.iter().enumerate().filter(|(_, r)| r.target.matches_column(rel, column)).map(|(i, _)| i).collect();
+        if depth < 8 {
+            for v in catalog.views_named(rel) {
+                if let Some(view) = &v.view {
+                    for o in view.iter().filter(|o| o.name == column) {
+                        out.extend(self.rules_for_sources(catalog, &o.sources, depth + 1));
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn rules_for_sources(&self, catalog: &Catalog, s: &Sources, depth: u32) -> Vec<usize> {
+        let mut out = Vec::new();
+        for (rel, col) in &s.columns {
+            out.extend(self.rules_for_column(catalog, rel, col, depth));
+        }
+        for rel in &s.whole_rows {
+            out.extend(self.profile.rules.iter().enumerate().filter(|(_, r)| r.target.matches_table(rel)).map(|(i, _)| i));
+            if depth < 8 {
+                for v in catalog.views_named(rel) {
+                    for o in v.view.iter().flatten() {
+                        out.extend(self.rules_for_sources(catalog, &o.sources, depth + 1));
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn ctx(&self) -> Context<'_> {
+        Context { hmac_key: &self.key, detectors: &self.profile.detectors, current_year: self.current_year }
+    }
+
+    fn mask_value(&mut self, col: &ColumnPlan, value: &[u8]) -> Result<Masked, PgError> {
+        let mut counts = Counts::new();
+        let m = strategy::apply(&col.strategy, &self.ctx(), col.ty, value, &mut counts).map_err(|e| fail(e.to_string()))?;
+        if m.changed() {
+            self.summary.cells_masked += 1;
+            if let Some(r) = col.rule {
+                self.rule_counts[r] += 1;
+            }
+        }
+        for (k, n) in counts {
+            *self.summary.by_kind.entry(k).or_insert(0) += n;
+        }
+        Ok(m)
+    }
+
+    fn mask_row(&mut self, frame: &Frame, plan: &Plan) -> Result<Step, PgError> {
+        if !plan.inspects() {
+            return Ok(Step::Forward);
+        }
+        let body = frame.body();
+        let bad = |e: crate::pg::FrameError| fail(format!("the database sent an unreadable row: {e}"));
+        let cells = msg::parse_data_row(body).map_err(bad)?;
+        if cells.len() != plan.columns.len() {
+            return Err(fail(format!("a row has {} values for {} described columns", cells.len(), plan.columns.len())));
+        }
+        let mut out = std::mem::take(&mut self.scratch);
+        out.clear();
+        out.push(tag::DATA_ROW);
+        out.extend_from_slice(&[0, 0, 0, 0]);
+        out.extend_from_slice(&(cells.len() as i16).to_be_bytes());
+        let mut changed = false;
+        for (cell, col) in cells.iter().zip(&plan.columns) {
+            let masked = match cell {
+                None => Masked::Same,
+                Some(_) if col.strategy == Strategy::Keep => Masked::Same,
+                Some(v) => self.mask_value(col, v)?,
+            };
+            match (masked, cell) {
+                (Masked::Same, None) | (Masked::Null, _) => {
+                    changed |= cell.is_some();
+                    out.extend_from_slice(&(-1i32).to_be_bytes());
+                }
+                (Masked::Same, Some(v)) => {
+                    out.extend_from_slice(&(v.len() as i32).to_be_bytes());
+                    out.extend_from_slice(v);
+                }
+                (Masked::Value(nv), _) => {
+                    changed = true;
+                    out.extend_from_slice(&(nv.len() as i32).to_be_bytes());
+                    out.extend_from_slice(&nv);
+                }
+            }
+        }
+        let result = if changed {
+            let len = (out.len() - 1) as u32;
+            out[1..5].copy_from_slice(&len.to_be_bytes());
+            Step::Replace(vec![self.freeze(&out)])
+        } else {
+            Step::Forward
+        };
+        self.scratch = out;
+        Ok(result)
+    }
+
+    /// Copy into the session's output arena: one allocation per many rows.
+    fn freeze(&mut self, bytes: &[u8]) -> Bytes {
+        if self.out.capacity() - self.out.len() < bytes.len() {
+            self.out.reserve(bytes.len().max(64 * 1024));
+        }
+        self.out.extend_from_slice(bytes);
+        self.out.split().freeze()
+    }
+
+    fn start_copy(&mut self, frame: &Frame, answer: &Answer) -> Result<Step, PgError> {
+        let sql = match answer {
+            Answer::Simple(sql) => sql.clone(),
+            Answer::Execute(portal) => {
+                self.portals.get(portal).and_then(|p| p.sql.clone()).ok_or_else(|| fail("COPY of a portal phigate did not see bound"))?
+            }
+            _ => return Err(fail("a COPY nobody asked for")),
+        };
+        let (overall, formats) = msg::parse_copy_response(frame.body()).map_err(|e| fail(format!("unreadable CopyOutResponse: {e}")))?;
+        let parsed = pg_query::parse(&sql, 0).map_err(|e| fail(format!("cannot read the COPY statement: {e}")))?;
+        let copies: Vec<&pg_query::protobuf::CopyStmt> = parsed
+            .protobuf
+            .stmts
+            .iter()
+            .filter_map(|r| match r.stmt.as_ref().and_then(|s| s.node.as_ref()) {
+                Some(pg_query::NodeEnum::CopyStmt(c)) if !c.is_from => Some(c.as_ref()),
+                _ => None,
+            })
+            .collect();
+        let stmt = *copies.get(self.copies_seen).ok_or_else(|| fail("a COPY result phigate cannot match to a COPY statement"))?;
+        let format = CopyFormat::of(stmt);
+        let select = copy_query(stmt).ok_or_else(|| fail("cannot tell which columns the COPY returns"))?;
+        if self.profile_is_empty() {
+            self.copies_seen += 1;
+            self.copy = None;
+            return Ok(Step::Forward);
+        }
+        let fields = match self.described.take() {
+            None => return Ok(Step::Describe(select)),
+            Some(Err(e)) => return Err(fail(format!("cannot describe the COPY's columns: {e}"))),
+            Some(Ok(f)) => f,
+        };
+        if fields.len() != formats.len() {
+            return Err(fail(format!("the COPY returns {} columns, its description {}", formats.len(), fields.len())));
+        }
+        let binary = overall == 1;
+        let formats: Vec<i16> = vec![i16::from(binary); fields.len()];
+        match self.plan_for(&fields, Some(&formats), Some(&select))? {
+            Ok(plan) => {
+                self.copies_seen += 1;
+                let format = if binary { CopyFormat { kind: CopyKind::Binary, ..format } } else { format };
+                self.copy = Some(CopyState { format, plan: Arc::new(plan), first: true });
+                Ok(Step::Forward)
+            }
+            Err(lookup) => {
+                // Keep the description for the retry after the lookup.
+                self.described = Some(Ok(fields));
+                Ok(Step::Lookup(lookup))
+            }
+        }
+    }
+
+    fn mask_fields_of(&mut self, plan: &Plan, fields: Vec<Option<Vec<u8>>>) -> Result<(Vec<Option<Vec<u8>>>, bool), PgError> {
+        if fields.len() != plan.columns.len() {
+            return Err(fail(format!("a COPY row has {} fields for {} columns", fields.len(), plan.columns.len())));
+        }
+        let mut changed = false;
+        let mut out = Vec::with_capacity(fields.len());
+        for (f, col) in fields.into_iter().zip(&plan.columns) {
+            match f {
+                None => out.push(None),
+                Some(v) if col.strategy == Strategy::Keep => out.push(Some(v)),
+                Some(v) => match self.mask_value(col, &v)? {
+                    Masked::Same => out.push(Some(v)),
+                    Masked::Null => {
+                        changed = true;
+                        out.push(None)
+                    }
+                    Masked::Value(n) => {
+                        changed = true;
+                        out.push(Some(n))
+                    }
+                },
+            }
+        }
+        Ok((out, changed))
+    }
+
+    fn mask_copy(&mut self, frame: &Frame) -> Result<Step, PgError> {
+        let state = self.copy.take().expect("invariant: called with a COPY in progress");
+        let result = self.mask_copy_with(&state, frame);
+        self.copy = Some(CopyState { first: false, ..state });
+        result
+    }
+
+    fn mask_copy_with(&mut self, state: &CopyState, frame: &Frame) -> Result<Step, PgError> {
+        let data = frame.body();
+        let plan = state.plan.clone();
+        if !plan.inspects() {
+            return Ok(Step::Forward);
+        }
+        let bad = |e: copy::CopyError| fail(e.to_string());
+        let mut body = Vec::with_capacity(data.len() + 16);
+        let changed = match state.format.kind {
+            CopyKind::Text | CopyKind::Csv if state.first && state.format.header => false,
+            CopyKind::Text => {
+                let fields = copy::split_text(data, &state.format).map_err(bad)?;
+                self.summary.rows += 1;
+                let (fields, changed) = self.mask_fields_of(&plan, fields)?;
+                copy::join_text(&fields, &state.format, &mut body);
+                changed
+            }
+            CopyKind::Csv => {
+                let fields = copy::split_csv(data, &state.format).map_err(bad)?;
+                self.summary.rows += 1;
+                let (fields, changed) = self.mask_fields_of(&plan, fields)?;
+                copy::join_csv(&fields, &state.format, &mut body);
+                changed
+            }
+            CopyKind::Binary => {
+                let (header, tuples, trailer) = copy::split_binary(data, state.first).map_err(bad)?;
+                body.extend_from_slice(header);
+                let mut changed = false;
+                for t in tuples {
+                    self.summary.rows += 1;
+                    let owned: Vec<Option<Vec<u8>>> = t.into_iter().map(|c| c.map(<[u8]>::to_vec)).collect();
+                    let (fields, c) = self.mask_fields_of(&plan, owned)?;
+                    changed |= c;
+                    copy::join_binary_tuple(&fields, &mut body);
+                }
+                if trailer {
+                    body.extend_from_slice(&(-1i16).to_be_bytes());
+                }
+                changed
+            }
+        };
+        if !changed {
+            return Ok(Step::Forward);
+        }
+        let f = Frame::build(tag::COPY_DATA, &body);
+        Ok(Step::Replace(vec![f.into_bytes()]))
+    }
+
+    /// Notices and errors: detectors over the free-text fields, and the values a
+    /// constraint violation quotes (`Key (ssn)=(…)`, `Failing row contains (…)`)
+    /// hidden when their table has masked columns.
+    fn mask_fields(&mut self, frame: &Frame) -> Step {
+        let body = frame.body();
+        let mut fields: Vec<(u8, Vec<u8>)> = Vec::new();
+        let mut rest = body;
+        while let Some((&code, tail)) = rest.split_first() {
+            if code == 0 {
+                break;
+            }
+            let end = tail.iter().position(|b| *b == 0).unwrap_or(tail.len());
+            fields.push((code, tail[..end].to_vec()));
+            rest = tail.get(end + 1..).unwrap_or(&[]);
+        }
+        let table = fields.iter().find(|(c, _)| *c == b't').map(|(_, v)| String::from_utf8_lossy(v).into_owned());
+        let schema = fields.iter().find(|(c, _)| *c == b's').map(|(_, v)| String::from_utf8_lossy(v).into_owned());
+        let rel = table.map(|name| RelName { schema, name });
+        let mut changed = false;
+        let mut counts = Counts::new();
+        for (code, value) in fields.iter_mut() {
+            if !matches!(*code, b'M' | b'D' | b'H' | b'W' | b'q' | b'd') {
+                continue;
+            }
+            if let Some(rel) = &rel {
+                if let Some(v) = self.hide_quoted_values(rel, value) {
+                    *value = v;
+                    changed = true;
+                    self.summary.cells_masked += 1;
+                }
+            }
+            if let Some(v) = self.profile.detectors.scan(value, &mut counts) {
+                *value = v;
+                changed = true;
+            }
+        }
+        for (k, n) in counts {
+            *self.summary.by_kind.entry(k).or_insert(0) += n;
+        }
+        if !changed {
+            return Step::Forward;
+        }
+        let mut out = Vec::with_capacity(body.len());
+        for (code, value) in fields {
+            out.push(code);
+            out.extend(value.into_iter().filter(|b| *b != 0));
+            out.push(0);
+        }
+        out.push(0);
+        Step::Replace(vec![Frame::build(frame.tag(), &out).into_bytes()])
+    }
+
+    fn hide_quoted_values(&self, rel: &RelName, text: &[u8]) -> Option<Vec<u8>> {
+        let masked_cols: Vec<&str> = self
+            .profile
+            .rules
+            .iter()
+            .filter(|r| r.target.matches_table(rel) && !matches!(r.strategy, Strategy::Keep | Strategy::Detect))
+            .filter_map(|r| match &r.target {
+                Target::Column { column, .. } => Some(column.as_str()),
+                Target::Name(_) => None,
+            })
+            .collect();
+        if masked_cols.is_empty() {
+            return None;
+        }
+        let s = String::from_utf8_lossy(text).into_owned();
+        // "Key (a, b)=(x, y) …": hide the values if any named column is masked.
+        if let Some(k) = s.find("Key (") {
+            let after = &s[k + 5..];
+            if let Some(close) = after.find(")=(") {
+                let cols: Vec<&str> = after[..close].split(',').map(|c| c.trim().trim_matches('"')).collect();
+                if cols.iter().any(|c| masked_cols.contains(c)) {
+                    let vals_start = k + 5 + close + 3;
+                    if let Some(end) = s[vals_start..].rfind(')') {
+                        return Some(format!("{}masked by phigate{}", &s[..vals_start], &s[vals_start + end..]).into_bytes());
+                    }
+                }
+            }
+        }
+        if let Some(k) = s.find("Failing row contains (") {
+            let start = k + "Failing row contains (".len();
+            if let Some(end) = s.rfind(')') {
+                if end >= start {
+                    return Some(format!("{}masked by phigate{}", &s[..start], &s[end..]).into_bytes());
+                }
+            }
+        }
+        None
+    }
+
+    fn mask_notification(&mut self, frame: &Frame) -> Step {
+        let body = frame.body();
+        if body.len() < 4 {
+            return Step::Forward;
+        }
+        let mut rest = &body[4..];
+        let Ok(channel) = crate::pg::frame::take_cstr(&mut rest, "NotificationResponse") else { return Step::Forward };
+        let end = rest.iter().position(|b| *b == 0).unwrap_or(rest.len());
+        let payload = &rest[..end];
+        let mut counts = Counts::new();
+        let Some(new) = self.profile.detectors.scan(payload, &mut counts) else { return Step::Forward };
+        for (k, n) in counts {
+            *self.summary.by_kind.entry(k).or_insert(0) += n;
+        }
+        let mut out = body[..4].to_vec();
+        out.extend_from_slice(channel.as_bytes());
+        out.push(0);
+        out.extend_from_slice(&new);
+        out.push(0);
+        Step::Replace(vec![Frame::build(tag::NOTIFICATION, &out).into_bytes()])
+    }
+}
+
+fn source_names(s: &Sources, out: &mut Vec<String>) {
+    out.extend(s.columns.iter().map(|(r, _)| r.name.clone()));
+    out.extend(s.whole_rows.iter().map(|r| r.name.clone()));
+}
+
+fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+/// The query whose columns a `COPY … TO` returns.
+fn copy_query(stmt: &pg_query::protobuf::CopyStmt) -> Option<String> {
+    if let Some(q) = stmt.query.as_deref().and_then(|q| q.node.as_ref()) {
+        return q.deparse(pg_query::DeparseOptions::default()).ok();
+    }
+    let rel = stmt.relation.as_ref()?;
+    let table = if rel.schemaname.is_empty() { quote_ident(&rel.relname) } else { format!("{}.{}", quote_ident(&rel.schemaname), quote_ident(&rel.relname)) };
+    let cols: Vec<String> = stmt
+        .attlist
+        .iter()
+        .filter_map(|n| match n.node.as_ref() {
+            Some(pg_query::NodeEnum::String(s)) => Some(quote_ident(&s.sval)),
+            _ => None,
+        })
+        .collect();
+    let cols = if cols.is_empty() { "*".to_string() } else { cols.join(", ") };
+    Some(format!("SELECT {cols} FROM {table}"))
+}
+
+/// The detector kind names for logs and audit.
+pub fn kind_counts(c: &Counts) -> Vec<(&'static str, u64)> {
+    c.iter().map(|(k, n)| (Kind::name(*k), *n)).collect()
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,560 @@
+//! Masking strategies applied to one cell, producing a valid value of the column's
+//! type in the cell's format (text or binary), or NULL where no valid masked value of
+//! that type exists.
+//!
+//! | strategy | text-like columns | other types |
+//! |---|---|---|
+//! | `redact` | a fixed token (or NULL) | NULL |
+//! | `partial` | last N letters/digits kept, the others `*`, punctuation kept | NULL |
+//! | `hash` | keyed HMAC-SHA256 pseudonym, hex | int2/4/8 and uuid: a pseudonym of that type; others NULL |
+//! | `year` | dates → `YYYY`; numbers over 89 → `90+` | date/timestamp → 1 January of the year; integer ages over 89 → 90 |
+//! | `zip3` | first three digits, `000` for Safe Harbor's low-population prefixes | NULL |
+//! | `detect` | free-text detectors | unchanged |
+//! | `keep` | unchanged | unchanged |
+//!
+//! Years that imply an age over 89 are clamped to the year that makes the person 90,
+//! as Safe Harbor asks. Pure: the HMAC key and the current year come from the caller.
+
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+
+use super::detect::{Counts, Detectors};
+
+/// How a masked value is produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Strategy {
+    Redact {
+        token: String,
+        null: bool,
+    },
+    Partial {
+        keep_last: usize,
+    },
+    Hash {
+        hex_len: usize,
+        prefix: String,
+    },
+    Year,
+    Zip3,
+    /// Run the free-text detectors over the value.
+    Detect,
+    Keep,
+}
+
+impl Strategy {
+    /// How much a strategy hides; when several rules could apply to a value derived
+    /// from several columns, the strongest wins.
+    pub fn strength(&self) -> u8 {
+        match self {
+            Strategy::Redact { .. } => 6,
+            Strategy::Hash { .. } => 5,
+            Strategy::Partial { .. } => 4,
+            Strategy::Zip3 => 3,
+            Strategy::Year => 2,
+            Strategy::Detect => 1,
+            Strategy::Keep => 0,
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Strategy::Redact { .. } => "redact",
+            Strategy::Partial { .. } => "partial",
+            Strategy::Hash { .. } => "hash",
+            Strategy::Year => "year",
+            Strategy::Zip3 => "zip3",
+            Strategy::Detect => "detect",
+            Strategy::Keep => "keep",
+        }
+    }
+}
+
+/// The column types the strategies know how to produce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TypeClass {
+    /// text, varchar, bpchar, name, char, json, xml, and unknown types in text format.
+    Text,
+    Jsonb,
+    Int2,
+    Int4,
+    Int8,
+    Numeric,
+    Date,
+    Timestamp,
+    Uuid,
+    /// Anything else (bool, bytea, floats, intervals, arrays, …).
+    Other,
+}
+
+impl TypeClass {
+    pub fn of(type_oid: u32) -> Self {
+        match type_oid {
+            25 | 1043 | 1042 | 19 | 18 | 114 | 142 | 705 => TypeClass::Text,
+            3802 => TypeClass::Jsonb,
+            21 => TypeClass::Int2,
+            23 => TypeClass::Int4,
+            20 => TypeClass::Int8,
+            1700 => TypeClass::Numeric,
+            1082 => TypeClass::Date,
+            1114 | 1184 => TypeClass::Timestamp,
+            2950 => TypeClass::Uuid,
+            // Types created in the database (citext, domains over text …) have OIDs
+            // above the built-in range; their text form is text.
+            oid if oid >= 16384 => TypeClass::Text,
+            _ => TypeClass::Other,
+        }
+    }
+}
+
+/// A cell's type and wire format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CellType {
+    pub class: TypeClass,
+    pub binary: bool,
+}
+
+impl CellType {
+    /// Whether any string is a valid value (so text strategies may replace it).
+    pub fn is_text(&self) -> bool {
+        match self.class {
+            TypeClass::Text => true,
+            TypeClass::Jsonb => !self.binary,
+            _ => false,
+        }
+    }
+
+    /// Whether detectors should read it: text, and the text form of types that can
+    /// hold text (arrays, composites, ranges …), not numbers or dates.
+    pub fn scannable(&self) -> bool {
+        self.is_text() || (!self.binary && self.class == TypeClass::Other)
+    }
+}
+
+/// The result for one cell.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Masked {
+    /// Forward the value as it is.
+    Same,
+    Null,
+    Value(Vec<u8>),
+}
+
+impl Masked {
+    pub fn changed(&self) -> bool {
+        !matches!(self, Masked::Same)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StrategyError {
+    #[error("a {what} value is malformed ({len} bytes)")]
+    Malformed { what: &'static str, len: usize },
+}
+
+/// What the strategies need besides the value.
+pub struct Context<'a> {
+    pub hmac_key: &'a [u8],
+    pub detectors: &'a Detectors,
+    pub current_year: i32,
+}
+
+impl Context<'_> {
+    fn mac(&self, value: &[u8]) -> [u8; 32] {
+        let mut m = <Hmac<Sha256> as Mac>::new_from_slice(self.hmac_key).expect("invariant: HMAC takes keys of any length");
+        m.update(value);
+        m.finalize().into_bytes().into()
+    }
+
+    /// The oldest birth year that does not reveal an age over 89.
+    fn oldest_year(&self) -> i32 {
+        self.current_year - 90
+    }
+}
+
+/// Apply `strategy` to a non-NULL `value`. `counts` gets one entry per identifier the
+/// detectors replaced.
+pub fn apply(strategy: &Strategy, ctx: &Context<'_>, ty: CellType, value: &[u8], counts: &mut Counts) -> Result<Masked, StrategyError> {
+    use TypeClass as T;
+    Ok(match strategy {
+        Strategy::Keep => Masked::Same,
+        Strategy::Detect => detect(ctx, ty, value, counts),
+        Strategy::Redact { token, null } => {
+            if *null || !ty.is_text() {
+                Masked::Null
+            } else {
+                Masked::Value(token.as_bytes().to_vec())
+            }
+        }
+        Strategy::Partial { keep_last } => {
+            if !ty.is_text() {
+                Masked::Null
+            } else {
+                Masked::Value(partial(value, *keep_last))
+            }
+        }
+        Strategy::Zip3 => {
+            if !ty.is_text() {
+                Masked::Null
+            } else {
+                Masked::Value(zip3(value))
+            }
+        }
+        Strategy::Hash { hex_len, prefix } => match ty.class {
+            _ if ty.is_text() => {
+                let mac = ctx.mac(value);
+                let mut out = prefix.as_bytes().to_vec();
+                out.extend(hex(&mac).bytes().take((*hex_len).clamp(8, 64)));
+                Masked::Value(out)
+            }
+            T::Int2 | T::Int4 | T::Int8 => {
+                let canonical = integer_text(ty, value)?;
+                let mac = ctx.mac(canonical.as_bytes());
+                let raw = u64::from_be_bytes(mac[..8].try_into().expect("invariant: 8 of 32 bytes"));
+                let v: i64 = match ty.class {
+                    T::Int2 => 1 + (raw % i16::MAX as u64) as i64,
+                    T::Int4 => 1 + (raw % i32::MAX as u64) as i64,
+                    _ => 1 + (raw % i64::MAX as u64) as i64,
+                };
+                Masked::Value(integer_out(ty, v))
+            }
+            T::Uuid => {
+                let canonical = uuid_text(ty, value)?;
+                let mac = ctx.mac(canonical.as_bytes());
+                let mut b: [u8; 16] = mac[..16].try_into().expect("invariant: 16 of 32 bytes");
+                // Version 8 (custom), RFC 4122 variant: a valid UUID that says it is made up.
+                b[6] = (b[6] & 0x0f) | 0x80;
+                b[8] = (b[8] & 0x3f) | 0x80;
+                Masked::Value(if ty.binary { b.to_vec() } else { format_uuid(&b).into_bytes() })
+            }
+            _ => Masked::Null,
+        },
+        Strategy::Year => year(ctx, ty, value)?,
+    })
+}
+
+fn detect(ctx: &Context<'_>, ty: CellType, value: &[u8], counts: &mut Counts) -> Masked {
+    match ty.class {
+        TypeClass::Jsonb if ty.binary => {
+            // Binary jsonb is a version byte followed by the JSON text.
+            let Some((&version, text)) = value.split_first() else { return Masked::Same };
+            match ctx.detectors.scan(text, counts) {
+                Some(mut new) => {
+                    new.insert(0, version);
+                    Masked::Value(new)
+                }
+                None => Masked::Same,
+            }
+        }
+        _ if ty.scannable() => ctx.detectors.scan(value, counts).map(Masked::Value).unwrap_or(Masked::Same),
+        _ => Masked::Same,
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(b.len() * 2);
+    for x in b {
+        s.push(DIGITS[(x >> 4) as usize] as char);
+        s.push(DIGITS[(x & 15) as usize] as char);
+    }
+    s
+}
+
+fn format_uuid(b: &[u8; 16]) -> String {
+    let h = hex(b);
+    format!("{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..])
+}
+
+/// Keep the last `keep` letters and digits; hide the others; keep punctuation so the
+/// shape (`***-**-6789`) still reads.
+pub fn partial(value: &[u8], keep: usize) -> Vec<u8> {
+    let text = String::from_utf8_lossy(value);
+    let total = text.chars().filter(|c| c.is_alphanumeric()).count();
+    let hide = total.saturating_sub(keep);
+    let mut seen = 0;
+    let mut out = String::with_capacity(value.len());
+    for c in text.chars() {
+        if c.is_alphanumeric() {
+            out.push(if seen < hide { '*' } else { c });
+            seen += 1;
+        } else {
+            out.push(c);
+        }
+    }
+    out.into_bytes()
+}
+
+/// ZIP3 prefixes of areas with 20,000 or fewer people (2000 census), which Safe Harbor
+/// requires to become 000.
+pub const RESTRICTED_ZIP3: [&str; 17] = ["036", "059", "063", "102", "203", "556", "692", "790", "821", "823", "830", "831", "878", "879", "884", "890", "893"];
+
+pub fn zip3(value: &[u8]) -> Vec<u8> {
+    let digits: String = value.iter().filter(|b| b.is_ascii_digit()).take(3).map(|&b| b as char).collect();
+    if digits.len() < 3 || RESTRICTED_ZIP3.contains(&digits.as_str()) {
+        return b"000".to_vec();
+    }
+    digits.into_bytes()
+}
+
+fn integer_text(ty: CellType, value: &[u8]) -> Result<String, StrategyError> {
+    if !ty.binary {
+        return Ok(String::from_utf8_lossy(value).trim().to_string());
+    }
+    let what = "integer";
+    Ok(match (ty.class, value.len()) {
+        (TypeClass::Int2, 2) => i16::from_be_bytes([value[0], value[1]]).to_string(),
+        (TypeClass::Int4, 4) => i32::from_be_bytes(value.try_into().expect("invariant: length checked")).to_string(),
+        (TypeClass::Int8, 8) => i64::from_be_bytes(value.try_into().expect("invariant: length checked")).to_string(),
+        _ => return Err(StrategyError::Malformed { what, len: value.len() }),
+    })
+}
+
+fn integer_out(ty: CellType, v: i64) -> Vec<u8> {
+    if !ty.binary {
+        return v.to_string().into_bytes();
+    }
+    match ty.class {
+        TypeClass::Int2 => (v as i16).to_be_bytes().to_vec(),
+        TypeClass::Int4 => (v as i32).to_be_bytes().to_vec(),
+        _ => v.to_be_bytes().to_vec(),
+    }
+}
+
+fn uuid_text(ty: CellType, value: &[u8]) -> Result<String, StrategyError> {
+    if !ty.binary {
+        return Ok(String::from_utf8_lossy(value).to_ascii_lowercase());
+    }
+    let b: [u8; 16] = value.try_into().map_err(|_| StrategyError::Malformed { what: "uuid", len: value.len() })?;
+    Ok(format_uuid(&b))
+}
+
+/// Days from 2000-01-01 (PostgreSQL's epoch) to 1 January of `year`.
+fn days_to_new_year(year: i32) -> i32 {
+    // Days from 0000-03-01 style computation (proleptic Gregorian), via a civil-days
+    // formula: days since 1970-01-01 of y-01-01, minus 10957 (2000-01-01).
+    let y = i64::from(year) - 1; // for January, the formula counts from the previous March
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let doy = 306; // 1 January is day 306 of the March-based year
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days_1970 = era * 146_097 + doe - 719_468;
+    (days_1970 - 10_957) as i32
+}
+
+/// The calendar year of a day count from 2000-01-01.
+fn year_of_days(days: i64) -> i32 {
+    let z = days + 10_957 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    (yoe + era * 400 + i64::from(month <= 2)) as i32
+}
+
+fn year(ctx: &Context<'_>, ty: CellType, value: &[u8]) -> Result<Masked, StrategyError> {
+    use TypeClass as T;
+    let clamp = |y: i32| y.max(ctx.oldest_year());
+    Ok(match (ty.class, ty.binary) {
+        (T::Date, true) => {
+            let d: [u8; 4] = value.try_into().map_err(|_| StrategyError::Malformed { what: "date", len: value.len() })?;
+            let days = i32::from_be_bytes(d);
+            if days == i32::MAX || days == i32::MIN {
+                return Ok(Masked::Same); // infinity
+            }
+            Masked::Value(days_to_new_year(clamp(year_of_days(i64::from(days)))).to_be_bytes().to_vec())
+        }
+        (T::Timestamp, true) => {
+            let t: [u8; 8] = value.try_into().map_err(|_| StrategyError::Malformed { what: "timestamp", len: value.len() })?;
+            let micros = i64::from_be_bytes(t);
+            if micros == i64::MAX || micros == i64::MIN {
+                return Ok(Masked::Same);
+            }
+            let y = clamp(year_of_days(micros.div_euclid(86_400_000_000)));
+            Masked::Value((i64::from(days_to_new_year(y)) * 86_400_000_000).to_be_bytes().to_vec())
+        }
+        (T::Date | T::Timestamp, false) => match generalise_date_text(value, clamp) {
+            Some(v) => Masked::Value(v),
+            None => Masked::Same, // 'infinity' and friends
+        },
+        (T::Int2 | T::Int4 | T::Int8, _) => {
+            let v: i64 = integer_text(ty, value)?.parse().map_err(|_| StrategyError::Malformed { what: "integer", len: value.len() })?;
+            if v > 89 {
+                Masked::Value(integer_out(ty, 90))
+            } else {
+                Masked::Same
+            }
+        }
+        (T::Numeric, false) => {
+            let text = String::from_utf8_lossy(value);
+            match text.trim().parse::<f64>() {
+                Ok(v) if v > 89.0 => Masked::Value(b"90".to_vec()),
+                Ok(_) => Masked::Same,
+                Err(_) => Masked::Null,
+            }
+        }
+        _ if ty.is_text() => {
+            let text = String::from_utf8_lossy(value);
+            let t = text.trim();
+            if let Ok(age) = t.parse::<f64>() {
+                if age > 89.0 {
+                    Masked::Value(b"90+".to_vec())
+                } else {
+                    Masked::Same
+                }
+            } else {
+                match find_year(t) {
+                    Some(y) => Masked::Value(clamp(y).to_string().into_bytes()),
+                    None => Masked::Null,
+                }
+            }
+        }
+        _ => Masked::Null,
+    })
+}
+
+/// A four-digit year in a date written in any common style.
+fn find_year(s: &str) -> Option<i32> {
+    s.split(|c: char| !c.is_ascii_digit()).find(|g| g.len() == 4).and_then(|g| g.parse().ok())
+}
+
+/// `1961-04-17`, `04/17/1961`, `17.04.1961 13:45:00+02` → the same text with month and
+/// day set to 01 and the time to zero, the year clamped.
+fn generalise_date_text(value: &[u8], clamp: impl Fn(i32) -> i32) -> Option<Vec<u8>> {
+    let text = std::str::from_utf8(value).ok()?;
+    let year = find_year(text)?;
+    let mut out = String::with_capacity(text.len());
+    let mut group = 0;
+    let mut chars = text.char_indices().peekable();
+    let mut prev: Option<char> = None;
+    while let Some((i, c)) = chars.next() {
+        if !c.is_ascii_digit() {
+            out.push(c);
+            prev = Some(c);
+            continue;
+        }
+        let start = i;
+        let mut end = i + c.len_utf8();
+        while let Some(&(j, d)) = chars.peek() {
+            if !d.is_ascii_digit() {
+                break;
+            }
+            end = j + d.len_utf8();
+            chars.next();
+        }
+        let digits = &text[start..end];
+        group += 1;
+        let is_offset = group > 3 && matches!(prev, Some('+') | Some('-'));
+        if digits.len() == 4 && digits.parse::<i32>().ok() == Some(year) {
+            out.push_str(&format!("{:04}", clamp(year)));
+        } else if is_offset {
+            out.push_str(digits);
+        } else if group <= 3 {
+            out.push_str(&format!("{:0width$}", 1, width = digits.len()));
+        } else {
+            out.push_str(&"0".repeat(digits.len()));
+        }
+        prev = digits.chars().last();
+    }
+    Some(out.into_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mask::detect::Kind;
+
+    fn ctx(d: &Detectors) -> Context<'_> {
+        Context { hmac_key: b"test key with enough bytes......", detectors: d, current_year: 2026 }
+    }
+
+    fn run(s: &Strategy, class: TypeClass, binary: bool, v: &[u8]) -> Masked {
+        let d = Detectors::new(&Kind::ALL, &[]).unwrap();
+        apply(s, &ctx(&d), CellType { class, binary }, v, &mut Counts::new()).unwrap()
+    }
+
+    fn text(m: Masked) -> String {
+        match m {
+            Masked::Value(v) => String::from_utf8(v).unwrap(),
+            other => format!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn redact_and_partial() {
+        let r = Strategy::Redact { token: "[REDACTED]".into(), null: false };
+        assert_eq!(text(run(&r, TypeClass::Text, false, b"123-45-6789")), "[REDACTED]");
+        assert_eq!(run(&r, TypeClass::Int4, true, &7i32.to_be_bytes()), Masked::Null, "no token is a valid int4");
+        assert_eq!(run(&Strategy::Redact { token: "x".into(), null: true }, TypeClass::Text, false, b"a"), Masked::Null);
+        let p = Strategy::Partial { keep_last: 4 };
+        assert_eq!(text(run(&p, TypeClass::Text, false, b"123-45-6789")), "***-**-6789");
+        assert_eq!(text(run(&p, TypeClass::Text, true, b"4111 1111 1111 1111")), "**** **** **** 1111");
+        assert_eq!(text(run(&p, TypeClass::Text, false, b"ab")), "ab");
+    }
+
+    #[test]
+    fn hashes_are_stable_keyed_and_typed() {
+        let h = Strategy::Hash { hex_len: 16, prefix: "pt_".into() };
+        let a = text(run(&h, TypeClass::Text, false, b"Maria Garcia"));
+        assert_eq!(a, text(run(&h, TypeClass::Text, true, b"Maria Garcia")), "text and binary agree");
+        assert!(a.starts_with("pt_") && a.len() == 19, "{a}");
+        assert_ne!(a, text(run(&h, TypeClass::Text, false, b"Maria Garcio")));
+        let d = Detectors::new(&[], &[]).unwrap();
+        let other_key = Context { hmac_key: b"another key", detectors: &d, current_year: 2026 };
+        let b = apply(&h, &other_key, CellType { class: TypeClass::Text, binary: false }, b"Maria Garcia", &mut Counts::new()).unwrap();
+        assert_ne!(Masked::Value(a.clone().into_bytes()), b, "the key matters");
+        // Integers: the same pseudonym in text and binary, and a valid int4.
+        let t = text(run(&h, TypeClass::Int4, false, b"42"));
+        let Masked::Value(bin) = run(&h, TypeClass::Int4, true, &42i32.to_be_bytes()) else { panic!() };
+        assert_eq!(i32::from_be_bytes(bin.try_into().unwrap()).to_string(), t);
+        assert!(t.parse::<i32>().unwrap() > 0);
+        let Masked::Value(u) = run(&h, TypeClass::Uuid, true, &[7u8; 16]) else { panic!() };
+        assert_eq!(u.len(), 16);
+        assert_eq!(run(&h, TypeClass::Date, true, &0i32.to_be_bytes()), Masked::Null);
+    }
+
+    #[test]
+    fn year_generalises_dates_and_ages() {
+        let y = Strategy::Year;
+        assert_eq!(text(run(&y, TypeClass::Date, false, b"1961-04-17")), "1961-01-01");
+        assert_eq!(text(run(&y, TypeClass::Date, false, b"04/17/1961")), "01/01/1961");
+        assert_eq!(text(run(&y, TypeClass::Timestamp, false, b"1961-04-17 13:45:12.5+02")), "1961-01-01 00:00:00.0+02");
+        assert_eq!(text(run(&y, TypeClass::Date, false, b"1920-06-30")), "1936-01-01", "over 89: clamped to the year of 90");
+        // Binary date: days since 2000-01-01.
+        let days_1961_04_17: i32 = -14138;
+        let Masked::Value(b) = run(&y, TypeClass::Date, true, &days_1961_04_17.to_be_bytes()) else { panic!() };
+        assert_eq!(i32::from_be_bytes(b.try_into().unwrap()), days_to_new_year(1961));
+        assert_eq!(days_to_new_year(2000), 0);
+        assert_eq!(days_to_new_year(2001), 366);
+        assert_eq!(days_to_new_year(1999), -365);
+        assert_eq!(year_of_days(-14138), 1961);
+        assert_eq!(year_of_days(365), 2000);
+        assert_eq!(year_of_days(366), 2001);
+        let micros = i64::from(days_1961_04_17) * 86_400_000_000 + 3_600_000_000;
+        let Masked::Value(b) = run(&y, TypeClass::Timestamp, true, &micros.to_be_bytes()) else { panic!() };
+        assert_eq!(i64::from_be_bytes(b.try_into().unwrap()), i64::from(days_to_new_year(1961)) * 86_400_000_000);
+        assert_eq!(text(run(&y, TypeClass::Int4, false, b"93")), "90");
+        assert_eq!(run(&y, TypeClass::Int4, false, b"45"), Masked::Same);
+        assert_eq!(text(run(&y, TypeClass::Text, false, b"93")), "90+");
+        assert_eq!(text(run(&y, TypeClass::Text, false, b"born 4/17/1961")), "1961");
+    }
+
+    #[test]
+    fn zip3_follows_safe_harbor() {
+        assert_eq!(text(run(&Strategy::Zip3, TypeClass::Text, false, b"02139")), "021");
+        assert_eq!(text(run(&Strategy::Zip3, TypeClass::Text, false, b"03601-1234")), "000", "restricted prefix");
+        assert_eq!(text(run(&Strategy::Zip3, TypeClass::Text, false, b"9")), "000");
+    }
+
+    #[test]
+    fn detect_scans_text_and_binary_jsonb_only() {
+        assert_eq!(text(run(&Strategy::Detect, TypeClass::Text, false, b"call 617-555-0123")), "call [PHONE]");
+        let mut jsonb = vec![1u8];
+        jsonb.extend_from_slice(br#"{"note": "SSN 123-45-6789"}"#);
+        let Masked::Value(v) = run(&Strategy::Detect, TypeClass::Jsonb, true, &jsonb) else { panic!() };
+        assert_eq!(v, [&[1u8][..], br#"{"note": "SSN [SSN]"}"#].concat());
+        assert_eq!(run(&Strategy::Detect, TypeClass::Int4, true, &1234i32.to_be_bytes()), Masked::Same);
+        assert_eq!(run(&Strategy::Detect, TypeClass::Text, false, b"HbA1c 5.5 %"), Masked::Same);
+    }
+}

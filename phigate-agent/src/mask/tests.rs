@@ -1,0 +1,335 @@
+//! The masking state machine against hand-built protocol messages: which rows it
+//! rewrites, what the bytes look like, and that it fails closed.
+
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+
+use super::{
+    catalog::{Catalog, Column, Lookup, RelKind, Relation},
+    detect::{Detectors, Kind},
+    lineage::{self, RelName},
+    strategy::Strategy,
+    Masker, Profile, Rule, Step, Target,
+};
+use crate::pg::{
+    msg::{self, Field},
+    Frame,
+};
+
+const PATIENTS: u32 = 16400;
+const VIEW: u32 = 16500;
+const LABS: u32 = 16600;
+
+fn rel(schema: &str, name: &str) -> RelName {
+    RelName { schema: Some(schema.into()), name: name.into() }
+}
+
+fn catalog() -> Arc<Mutex<Catalog>> {
+    let cols = |names: &[(&str, u32)]| names.iter().enumerate().map(|(i, (n, t))| Column { attnum: i as i16 + 1, name: n.to_string(), type_oid: *t }).collect();
+    let mut c = Catalog::default();
+    c.insert(
+        vec![
+            Relation {
+                oid: PATIENTS,
+                name: rel("public", "patients"),
+                kind: RelKind::Table,
+                columns: cols(&[("id", 23), ("ssn", 25), ("name", 25), ("dob", 1082), ("note", 25)]),
+                view: None,
+            },
+            Relation {
+                oid: VIEW,
+                name: rel("public", "patient_view"),
+                kind: RelKind::View,
+                columns: cols(&[("who", 25), ("social", 25)]),
+                view: lineage::statement_outputs(" SELECT p.name AS who, p.ssn AS social FROM public.patients p;").unwrap().into_iter().next(),
+            },
+            Relation { oid: LABS, name: rel("public", "labs"), kind: RelKind::Table, columns: cols(&[("id", 23), ("test", 25)]), view: None },
+        ],
+        &["patients".into(), "patient_view".into(), "labs".into()],
+    );
+    Arc::new(Mutex::new(c))
+}
+
+fn profile() -> Arc<Profile> {
+    let col = |t: &str, c: &str| Target::Column { schema: Some("public".into()), table: t.into(), column: c.into() };
+    Arc::new(Profile {
+        name: "test".into(),
+        identities: vec!["agent".into()],
+        groups: Vec::new(),
+        rules: vec![
+            Rule { id: "ssn".into(), target: col("patients", "ssn"), strategy: Strategy::Partial { keep_last: 4 } },
+            Rule { id: "name".into(), target: col("patients", "name"), strategy: Strategy::Hash { hex_len: 16, prefix: "pt_".into() } },
+            Rule { id: "dob".into(), target: col("patients", "dob"), strategy: Strategy::Year },
+            Rule { id: "mrn-like".into(), target: Target::Name("*mrn*".into()), strategy: Strategy::Redact { token: "[REDACTED]".into(), null: false } },
+        ],
+        detectors: Detectors::new(&Kind::ALL, &[]).unwrap(),
+        free_text: true,
+    })
+}
+
+fn masker() -> Masker {
+    Masker::new(profile(), Arc::from(&b"0123456789abcdef0123456789abcdef"[..]), catalog(), 2026)
+}
+
+fn field(name: &str, table: u32, col: i16, ty: u32, format: i16) -> Field {
+    Field { name: name.into(), table_oid: table, column: col, type_oid: ty, type_len: -1, type_mod: -1, format }
+}
+
+fn row_description(fields: &[Field]) -> Frame {
+    let mut b = (fields.len() as i16).to_be_bytes().to_vec();
+    for f in fields {
+        b.extend_from_slice(f.name.as_bytes());
+        b.push(0);
+        b.extend_from_slice(&f.table_oid.to_be_bytes());
+        b.extend_from_slice(&f.column.to_be_bytes());
+        b.extend_from_slice(&f.type_oid.to_be_bytes());
+        b.extend_from_slice(&f.type_len.to_be_bytes());
+        b.extend_from_slice(&f.type_mod.to_be_bytes());
+        b.extend_from_slice(&f.format.to_be_bytes());
+    }
+    Frame::build(b'T', &b)
+}
+
+fn data_row(cells: &[Option<&[u8]>]) -> Frame {
+    let mut out = Vec::new();
+    msg::encode_data_row(cells.iter().copied(), &mut out);
+    Frame::from_bytes(Bytes::from(out))
+}
+
+fn query(sql: &str) -> Frame {
+    let mut b = sql.as_bytes().to_vec();
+    b.push(0);
+    Frame::build(b'Q', &b)
+}
+
+fn cstrs(parts: &[&str]) -> Vec<u8> {
+    parts.iter().flat_map(|p| p.bytes().chain([0])).collect()
+}
+
+/// The cells of what the masker sends for a DataRow (the original if forwarded).
+fn cells_after(m: &mut Masker, f: &Frame) -> Vec<Option<Vec<u8>>> {
+    match m.backend(f) {
+        Step::Forward => msg::parse_data_row(f.body()).unwrap().into_iter().map(|c| c.map(<[u8]>::to_vec)).collect(),
+        Step::Replace(parts) => {
+            assert_eq!(parts.len(), 1);
+            let frame = Frame::from_bytes(parts[0].clone());
+            assert_eq!(u32::from_be_bytes(frame.as_bytes()[1..5].try_into().unwrap()) as usize + 1, frame.len(), "the length field is right");
+            msg::parse_data_row(frame.body()).unwrap().into_iter().map(|c| c.map(<[u8]>::to_vec)).collect()
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+fn s(v: &Option<Vec<u8>>) -> String {
+    v.as_ref().map(|b| String::from_utf8_lossy(b).into_owned()).unwrap_or_else(|| "NULL".into())
+}
+
+#[test]
+fn simple_query_rows_are_masked_by_column_rule_and_detector() {
+    let mut m = masker();
+    m.frontend(&query("select id, ssn as x, name, dob, note from patients"));
+    let fields = [
+        field("id", PATIENTS, 1, 23, 0),
+        field("x", PATIENTS, 2, 25, 0),
+        field("name", PATIENTS, 3, 25, 0),
+        field("dob", PATIENTS, 4, 1082, 0),
+        field("note", PATIENTS, 5, 25, 0),
+    ];
+    assert!(matches!(m.backend(&row_description(&fields)), Step::Forward));
+    let row = data_row(&[Some(b"7"), Some(b"123-45-6789"), Some(b"Maria Garcia"), Some(b"1961-04-17"), Some(b"call 617-555-0123 re: HbA1c 5.5")]);
+    let out = cells_after(&mut m, &row);
+    assert_eq!(s(&out[0]), "7", "non-PHI columns arrive unchanged");
+    assert_eq!(s(&out[1]), "***-**-6789", "the alias does not dodge the column rule");
+    assert!(s(&out[2]).starts_with("pt_") && s(&out[2]).len() == 19);
+    assert_eq!(s(&out[3]), "1961-01-01");
+    assert_eq!(s(&out[4]), "call [PHONE] re: HbA1c 5.5");
+    // The same name hashes the same in the next row: joinable pseudonyms.
+    let again = cells_after(&mut m, &data_row(&[Some(b"8"), None, Some(b"Maria Garcia"), None, Some(b"nothing to hide")]));
+    assert_eq!(again[2], out[2]);
+    assert_eq!(again[1], None);
+    assert!(matches!(m.backend(&Frame::build(b'C', b"SELECT 2\0")), Step::Forward));
+    let summary = m.take_finished();
+    assert_eq!(summary.len(), 1);
+    assert_eq!(summary[0].rows, 2);
+    assert!(summary[0].by_rule.iter().any(|(id, n)| &**id == "name" && *n == 2));
+    assert_eq!(summary[0].by_kind.get(&Kind::Phone), Some(&1));
+    assert!(matches!(m.backend(&Frame::build(b'Z', b"I")), Step::Forward));
+}
+
+#[test]
+fn rows_without_anything_to_mask_are_forwarded_as_they_are() {
+    let mut m = masker();
+    m.frontend(&query("select id, test from labs"));
+    m.backend(&row_description(&[field("id", LABS, 1, 23, 0), field("test", LABS, 2, 25, 0)]));
+    let row = data_row(&[Some(b"1"), Some(b"A1C 5.5 mg/dL, ICD-10 E11.9")]);
+    assert!(matches!(m.backend(&row), Step::Forward), "no copy, no rewrite");
+}
+
+#[test]
+fn prepared_statement_described_once_is_masked_on_every_execute_in_binary() {
+    let mut m = masker();
+    let mut parse = cstrs(&["s1", "select ssn, dob from patients where id = $1"]);
+    parse.extend_from_slice(&0i16.to_be_bytes());
+    m.frontend(&Frame::build(b'P', &parse));
+    m.frontend(&Frame::build(b'D', &[&b"S"[..], &cstrs(&["s1"])].concat()));
+    m.frontend(&Frame::build(b'S', &[]));
+    assert!(matches!(m.backend(&Frame::build(b'1', &[])), Step::Forward));
+    assert!(matches!(m.backend(&Frame::build(b't', &[0, 0])), Step::Forward));
+    m.backend(&row_description(&[field("ssn", PATIENTS, 2, 25, 0), field("dob", PATIENTS, 4, 1082, 0)]));
+    m.backend(&Frame::build(b'Z', b"I"));
+    let days_1961_04_17: i32 = -14138;
+    for i in 0..10 {
+        let mut bind = cstrs(&["", "s1"]);
+        bind.extend_from_slice(&0i16.to_be_bytes()); // parameter formats
+        bind.extend_from_slice(&1i16.to_be_bytes()); // one parameter
+        bind.extend_from_slice(&1i32.to_be_bytes());
+        bind.push(b'1');
+        bind.extend_from_slice(&1i16.to_be_bytes()); // one result format: binary
+        bind.extend_from_slice(&1i16.to_be_bytes());
+        m.frontend(&Frame::build(b'B', &bind));
+        m.frontend(&Frame::build(b'E', &[&cstrs(&[""])[..], &0i32.to_be_bytes()].concat()));
+        m.frontend(&Frame::build(b'S', &[]));
+        m.backend(&Frame::build(b'2', &[]));
+        let out = cells_after(&mut m, &data_row(&[Some(b"123-45-6789"), Some(&days_1961_04_17.to_be_bytes())]));
+        assert_eq!(s(&out[0]), "***-**-6789", "execution {i}");
+        let days = i32::from_be_bytes(out[1].clone().unwrap().try_into().unwrap());
+        assert_eq!(days, -14244, "1961-01-01 as a binary date, execution {i}");
+        m.backend(&Frame::build(b'C', b"SELECT 1\0"));
+        m.backend(&Frame::build(b'Z', b"I"));
+    }
+}
+
+#[test]
+fn unknown_tables_are_looked_up_before_rows_pass() {
+    let mut m = masker();
+    m.frontend(&query("select * from fresh"));
+    let t = row_description(&[field("ssn", 17000, 1, 25, 0)]);
+    match m.backend(&t) {
+        Step::Lookup(Lookup::Oids(o)) => assert_eq!(o, vec![17000]),
+        other => panic!("{other:?}"),
+    }
+    // The session asks the catalog; then the same message again.
+    m.catalog.lock().unwrap().insert(
+        vec![Relation {
+            oid: 17000,
+            name: rel("public", "patients"),
+            kind: RelKind::Table,
+            columns: vec![Column { attnum: 1, name: "ssn".into(), type_oid: 25 }],
+            view: None,
+        }],
+        &[],
+    );
+    assert!(matches!(m.backend(&t), Step::Forward));
+    assert_eq!(s(&cells_after(&mut m, &data_row(&[Some(b"123-45-6789")]))[0]), "***-**-6789");
+}
+
+#[test]
+fn computed_columns_and_views_inherit_the_rules_of_what_they_read() {
+    let mut m = masker();
+    m.frontend(&query("select upper(p.ssn) as shout, translate(name, 'a', 'b'), length(note) from patients p"));
+    m.backend(&row_description(&[field("shout", 0, 0, 25, 0), field("translate", 0, 0, 25, 0), field("length", 0, 0, 23, 0)]));
+    let out = cells_after(&mut m, &data_row(&[Some(b"123-45-6789"), Some(b"Mbrib Gbrcib"), Some(b"12")]));
+    assert_eq!(s(&out[0]), "***-**-6789");
+    assert!(s(&out[1]).starts_with("pt_"), "a rewritten name is still a name: {}", s(&out[1]));
+    assert_eq!(s(&out[2]), "12", "note has no rule; an integer is no free text");
+    m.backend(&Frame::build(b'C', b"SELECT 1\0"));
+    m.backend(&Frame::build(b'Z', b"I"));
+    m.frontend(&query("select * from patient_view"));
+    m.backend(&row_description(&[field("who", VIEW, 1, 25, 0), field("social", VIEW, 2, 25, 0)]));
+    let out = cells_after(&mut m, &data_row(&[Some(b"Maria Garcia"), Some(b"123-45-6789")]));
+    assert!(s(&out[0]).starts_with("pt_"));
+    assert_eq!(s(&out[1]), "***-**-6789", "a view cannot dodge the base column's rule");
+}
+
+#[test]
+fn name_patterns_cover_computed_columns() {
+    let mut m = masker();
+    m.frontend(&query("select 'MRN-' || id as patient_mrn from labs"));
+    m.backend(&row_description(&[field("patient_mrn", 0, 0, 25, 0)]));
+    assert_eq!(s(&cells_after(&mut m, &data_row(&[Some(b"MRN-0042")]))[0]), "[REDACTED]");
+}
+
+#[test]
+fn a_row_that_cannot_be_read_ends_the_result_fail_closed() {
+    let mut m = masker();
+    m.frontend(&query("select ssn from patients"));
+    m.backend(&row_description(&[field("ssn", PATIENTS, 2, 25, 0)]));
+    let broken = Frame::build(b'D', &[0, 1, 0, 0, 0, 50, b'1']);
+    match m.backend(&broken) {
+        Step::Replace(parts) => {
+            assert_eq!(parts.len(), 1);
+            assert_eq!(parts[0][0], b'E');
+            assert!(String::from_utf8_lossy(&parts[0]).contains("phigate: refused to return this result"));
+        }
+        other => panic!("{other:?}"),
+    }
+    // The rest of the result is dropped; ReadyForQuery passes, and the next query works.
+    assert!(matches!(m.backend(&data_row(&[Some(b"123-45-6789")])), Step::Replace(p) if p.is_empty()));
+    assert!(matches!(m.backend(&Frame::build(b'C', b"SELECT 2\0")), Step::Replace(p) if p.is_empty()));
+    assert!(matches!(m.backend(&Frame::build(b'Z', b"I")), Step::Forward));
+    m.frontend(&query("select ssn from patients"));
+    m.backend(&row_description(&[field("ssn", PATIENTS, 2, 25, 0)]));
+    assert_eq!(s(&cells_after(&mut m, &data_row(&[Some(b"123-45-6789")]))[0]), "***-**-6789");
+    // Rows nobody described are never forwarded either.
+    m.backend(&Frame::build(b'C', b"SELECT 1\0"));
+    m.backend(&Frame::build(b'Z', b"I"));
+    assert!(matches!(m.backend(&data_row(&[Some(b"x")])), Step::Replace(p) if p[0][0] == b'E'));
+}
+
+#[test]
+fn copy_to_stdout_rows_are_masked() {
+    for (sql, row, want) in [
+        ("copy patients (id, ssn) to stdout", &b"1\t123-45-6789\n"[..], &b"1\t***-**-6789\n"[..]),
+        ("copy (select id, ssn from patients) to stdout with (format csv)", b"1,123-45-6789\n", b"1,***-**-6789\n"),
+    ] {
+        let mut m = masker();
+        m.frontend(&query(sql));
+        let resp = Frame::build(b'H', &[0, 0, 2, 0, 0, 0, 0]);
+        let select = match m.backend(&resp) {
+            Step::Describe(q) => q,
+            other => panic!("{other:?}"),
+        };
+        assert!(select.to_lowercase().contains("select"), "{select}");
+        m.described(Ok(vec![field("id", PATIENTS, 1, 23, 0), field("ssn", PATIENTS, 2, 25, 0)]));
+        assert!(matches!(m.backend(&resp), Step::Forward));
+        match m.backend(&Frame::build(b'd', row)) {
+            Step::Replace(parts) => assert_eq!(&parts[0][5..], want, "{sql}"),
+            other => panic!("{sql}: {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn error_details_and_notifications_are_scanned() {
+    let mut m = masker();
+    m.frontend(&query("insert into patients values (1, '123-45-6789')"));
+    let mut e = Vec::new();
+    for (c, v) in [
+        (b'S', "ERROR"),
+        (b'C', "23505"),
+        (b'M', "duplicate key value violates unique constraint \"patients_ssn_key\""),
+        (b'D', "Key (ssn)=(123-45-6789) already exists."),
+        (b's', "public"),
+        (b't', "patients"),
+    ] {
+        e.push(c);
+        e.extend_from_slice(v.as_bytes());
+        e.push(0);
+    }
+    e.push(0);
+    match m.backend(&Frame::build(b'E', &e)) {
+        Step::Replace(parts) => {
+            let text = String::from_utf8_lossy(&parts[0]);
+            assert!(!text.contains("123-45-6789"), "{text}");
+            assert!(text.contains("Key (ssn)=(masked by phigate) already exists."), "{text}");
+        }
+        other => panic!("{other:?}"),
+    }
+    let mut n = 42u32.to_be_bytes().to_vec();
+    n.extend_from_slice(b"chan\0patient Maria Garcia called from 617-555-0123\0");
+    match m.backend(&Frame::build(b'A', &n)) {
+        Step::Replace(parts) => assert!(String::from_utf8_lossy(&parts[0]).contains("patient [NAME] called from [PHONE]")),
+        other => panic!("{other:?}"),
+    }
+}
