@@ -28,6 +28,7 @@ use crate::{
         token::{IssuerConfig, JwksSource, TokenVerifier},
         IdentityDirectory,
     },
+    mask::{self, catalog::Catalog},
     net::{
         self,
         tls::{client_acceptor, UpstreamTls},
@@ -36,6 +37,7 @@ use crate::{
     policy::{approval::Broker, BaselineSettings, Policy},
     protection,
     session::guard::Guard,
+    session::masking::{CatalogAccess, MaskStage},
     session::{self, auth::AuthRuntime, cancel::CancelRegistry, DbRuntime, IdentityRuntime, Limits, Phase, Services},
 };
 
@@ -287,19 +289,77 @@ async fn build_services(config: &Config, shutdown: tokio::sync::watch::Receiver<
         };
         identities.insert(id.name.clone(), Arc::new(IdentityRuntime { name: id.name.clone(), auth, access: id.access.clone() }));
     }
+    let masking = build_masking(config)?;
+    let policy_on = config.policy.enabled;
+    if !policy_on {
+        warn!("SQL policy is DISABLED ([policy] enabled = false): no statement is checked; use only to measure overhead");
+    }
+    let dbs = databases.clone();
+    let catalogs: Arc<std::sync::Mutex<std::collections::HashMap<(String, String), Arc<std::sync::Mutex<Catalog>>>>> = Arc::default();
+    let year = mask::strategy::current_year();
+    let stages: session::StageFactory = Box::new(move |session| {
+        let mut v: Vec<Box<dyn session::stage::Stage>> = Vec::new();
+        if policy_on {
+            v.push(Box::new(Guard::new(policy.clone(), broker.clone(), session)));
+        }
+        if let (Some(m), Some(db)) = (&masking, dbs.iter().find(|d| d.name == session.database)) {
+            let groups = session.token.as_ref().map(|t| t.groups.clone()).unwrap_or_default();
+            let profile = m.profile_for(&session.workload.name, &groups);
+            let catalog = catalogs.lock().expect("invariant: lock not poisoned").entry((session.database.clone(), session.dbname.clone())).or_default().clone();
+            let access = CatalogAccess {
+                upstream: db.upstream,
+                tls: db.upstream_tls.clone(),
+                role: session.upstream_role.clone(),
+                password_file: db.credentials.get(&session.upstream_role).cloned().flatten(),
+                dbname: session.dbname.clone(),
+                options: session.options.clone(),
+            };
+            let masker = mask::Masker::new(profile, m.hmac_key.clone(), catalog.clone(), year);
+            v.push(Box::new(MaskStage::new(masker, access, catalog, session.id)));
+        }
+        v
+    });
     Ok(Services {
         databases,
         identities,
         cancel: Arc::new(CancelRegistry::default()),
         limits: Limits { max_message_bytes: config.agent.max_message_bytes, startup_timeout: config.agent.startup_timeout },
-        stages: if config.policy.enabled {
-            Box::new(move |session| vec![Box::new(Guard::new(policy.clone(), broker.clone(), session)) as Box<dyn session::stage::Stage>])
-        } else {
-            warn!("SQL policy is DISABLED ([policy] enabled = false): no statement is checked; use only to measure overhead");
-            Box::new(|_| Vec::new())
-        },
+        stages,
         shutdown,
     })
+}
+
+/// Masking profiles with the pseudonym key loaded (a missing or short key is a
+/// start-up error). None when masking is switched off.
+fn build_masking(config: &Config) -> anyhow::Result<Option<Arc<mask::Settings>>> {
+    let m = &config.masking;
+    if !m.enabled {
+        warn!("PHI masking is DISABLED ([masking] enabled = false): results reach workloads unmasked; use only to measure overhead");
+        return Ok(None);
+    }
+    let key: Arc<[u8]> = match &m.hash_key_file {
+        Some(path) => {
+            let bytes = std::fs::read(path).map_err(|e| {
+                config.invalid("masking.hash_key_file", format!("cannot read {}: {e}", path.display()), "Mount the key there, or fix the path.")
+            })?;
+            if bytes.len() < 32 {
+                return Err(config
+                    .invalid(
+                        "masking.hash_key_file",
+                        format!("{} holds {} bytes", path.display(), bytes.len()),
+                        "Use at least 32 random bytes (`head -c 32 /dev/urandom > FILE`).",
+                    )
+                    .into());
+            }
+            Arc::from(bytes.as_slice())
+        }
+        None => Arc::from(&[][..]),
+    };
+    for p in &m.profiles {
+        info!(profile = %p.name, identities = ?p.identities, groups = ?p.groups, rules = p.rules.len(), detectors = ?p.detectors, free_text = p.free_text, "masking profile");
+    }
+    info!(profile = %m.default_profile.name, "masking profile for identities no profile names");
+    Ok(Some(Arc::new(mask::Settings { profiles: m.profiles.clone(), default_profile: m.default_profile.clone(), hmac_key: key })))
 }
 
 async fn wait_for_shutdown() {

@@ -163,9 +163,11 @@ fn pgclient_at(e: &Env, cgroup: &str, scenario: &str, host: &str, extra: &str) -
         .unwrap_or_else(|err| panic!("pgclient {scenario}: {err}: {} {}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
 }
 
-/// The SQLSTATEs of the sessions the agent refused.
-fn refusal_codes(e: &Env) -> Vec<String> {
-    e.agent.events_named("session refused").iter().filter_map(|x| x["code"].as_str().map(String::from)).collect()
+/// The SQLSTATEs of the sessions the agent refused, once there are `n` of them (the
+/// agent logs a refusal just after the client has its error; bounded wait).
+fn refusal_codes(e: &Env, n: usize) -> Vec<String> {
+    let codes = || e.agent.events_named("session refused").iter().filter_map(|x| x["code"].as_str().map(String::from)).collect::<Vec<_>>();
+    wait_for(Duration::from_secs(5), || Some(codes()).filter(|c| c.len() >= n)).unwrap_or_else(codes)
 }
 
 fn session_started(e: &Env) -> Vec<Value> {
@@ -391,7 +393,7 @@ fn token_authentication_accepts_good_tokens_and_refuses_bad_ones() {
     assert!(refused("not-a-token").contains("is not a JWT"));
     // A token that does not verify is 28P01 (invalid_password); a valid token whose
     // subject lacks a required group authenticated but is not authorised: 28000.
-    assert_eq!(refusal_codes(&e), ["28P01", "28P01", "28P01", "28000", "28P01"], "forged, audience, expired, group, not a JWT");
+    assert_eq!(refusal_codes(&e, 5), ["28P01", "28P01", "28P01", "28000", "28P01"], "forged, audience, expired, group, not a JWT");
     // Tokens never reach the database as passwords: the server only ever saw app_scram
     // authenticate with the agent's secret.
     assert!(!e.pg.log().contains("password authentication failed"), "{}", e.pg.log());
@@ -449,7 +451,7 @@ fn scram_authentication_with_a_per_identity_verifier() {
     let o = psql_in(&e, "scram", &["-c", "select 1"], &[("PGPASSWORD", "wrong-pw")]);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("phigate refused the connection: password authentication failed for identity \"scram-agent\""), "{}", stderr(&o));
-    assert_eq!(refusal_codes(&e), vec!["28P01".to_string()]);
+    assert_eq!(refusal_codes(&e, 1), vec!["28P01".to_string()]);
     // tokio-postgres sees the same SQLSTATE on the wire.
     let v = pgclient_at(&e, "scram", "whoami", "127.0.0.2", "password=wrong-pw");
     assert_eq!(v["code"], "28P01", "{v}");
@@ -479,7 +481,7 @@ fn unknown_identity_and_forbidden_requests_are_refused_with_clear_errors() {
     assert!(stderr(&o).contains("startup parameter client_encoding (SJIS) may not be set"), "{}", stderr(&o));
     let v = pgclient_at(&e, "ghost", "whoami", "127.0.0.2", "");
     assert_eq!(v["code"], "28000", "an unconfigured identity is 28000 on the wire: {v}");
-    let codes = refusal_codes(&e);
+    let codes = refusal_codes(&e, 5);
     assert!(codes.iter().any(|c| c == "28000"), "{codes:?}");
     assert_eq!(codes.iter().filter(|c| *c == "42501").count(), 3, "{codes:?}");
 }

@@ -13,9 +13,11 @@
 //! - [`agent`]: [`Agent`], the `phigate` binary with a generated configuration
 //! - [`pki`]: a test CA and a JWT issuer
 //! - [`probe`]: runs `phigate-probe` (connect tricks) inside a cgroup
+//! - [`clinical`]: a seeded synthetic clinical dataset with checksum-valid identifiers
 
 pub mod agent;
 pub mod cgroup;
+pub mod clinical;
 pub mod env;
 pub mod pg;
 pub mod pki;

@@ -220,6 +220,27 @@ impl PgServer {
         Ok(String::from_utf8_lossy(&out.stdout).trim_end().to_string())
     }
 
+    /// Run a SQL file as the superuser over the Unix socket (large scripts).
+    pub fn psql_admin_script(&self, db: &str, sql: &str) -> Result<()> {
+        let file = self.dir.join(crate::unique("script") + ".sql");
+        fs::write(&file, sql)?;
+        let _ = Command::new("chown").arg("postgres").arg(&file).status();
+        let out = as_postgres(
+            Command::new(pg_bin("psql"))
+                .arg("-h")
+                .arg(&self.dir)
+                .args(["-p", &self.port().to_string(), "-U", "postgres", "-d", db, "-Xq", "-v", "ON_ERROR_STOP=1", "-f"])
+                .arg(&file),
+        )
+        .stdin(Stdio::null())
+        .output()?;
+        let _ = fs::remove_file(&file);
+        if !out.status.success() {
+            bail!("psql -f failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(())
+    }
+
     /// Wait until the server has received `n` connections (bounded).
     pub fn wait_connections(&self, n: usize, timeout: Duration) -> bool {
         wait_for(timeout, || (self.connections_received() >= n).then_some(())).is_some()

@@ -129,7 +129,7 @@ pub fn default_pattern(k: Kind) -> String {
         Kind::Device => r"\b(?:s/n|sn|serial)\s*(?:#|no\.?|number)?[:# ]*[a-z0-9][a-z0-9-]{5,20}\b".into(),
         // A capitalised name after a title or "patient", or before ", DOB". The name
         // itself is in a group (`n`, `n2`, `n3`), so only it is replaced.
-        Kind::Name => r"(?i:\b(?:mr|mrs|ms|miss|dr|prof)\.?)\s+(?P<n>[A-Z][a-z'-]+(?:\s+[A-Z][a-z'-]+)?)|(?i:\b(?:patient|pt\.?))\s+(?P<n2>[A-Z][a-z'-]+(?:\s+[A-Z][a-z'-]+)?)|\b(?P<n3>[A-Z][a-z'-]+\s+[A-Z][a-z'-]+),\s*(?i:dob|d\.o\.b\.)".into(),
+        Kind::Name => r"(?i:\b(?:mr|mrs|ms|miss|dr|prof)\.?)\s+(?P<n>[A-Z][a-zA-Z'-]*[a-z][a-zA-Z'-]*(?:\s+[A-Z][a-zA-Z'-]*[a-z][a-zA-Z'-]*)?)|(?i:\b(?:patient|pt\.?))\s+(?P<n2>[A-Z][a-zA-Z'-]*[a-z][a-zA-Z'-]*(?:\s+[A-Z][a-zA-Z'-]*[a-z][a-zA-Z'-]*)?)|\b(?P<n3>[A-Z][a-zA-Z'-]*[a-z][a-zA-Z'-]*\s+[A-Z][a-zA-Z'-]*[a-z][a-zA-Z'-]*),\s*(?i:dob|d\.o\.b\.)".into(),
     }
 }
 

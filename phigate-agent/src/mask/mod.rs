@@ -248,6 +248,8 @@ pub struct Masker {
     resume: Option<Answer>,
     /// Columns of a COPY query, described on the catalog connection.
     described: Option<Result<Vec<Field>, String>>,
+    /// The catalog lookup for the waiting message failed.
+    lookup_error: Option<String>,
     /// A masking failure: drop the rest of the result up to ReadyForQuery.
     failing: bool,
     /// DDL ran: drop the catalog at the next ReadyForQuery.
@@ -289,6 +291,7 @@ impl Masker {
             copies_seen: 0,
             resume: None,
             described: None,
+            lookup_error: None,
             failing: false,
             ddl_seen: false,
             search_path: None,
@@ -385,6 +388,11 @@ impl Masker {
         self.described = Some(result);
     }
 
+    /// The catalog lookup the waiting message needed failed: its result fails closed.
+    pub fn lookup_failed(&mut self, why: String) {
+        self.lookup_error = Some(why);
+    }
+
     /// A message from the database.
     pub fn backend(&mut self, frame: &Frame) -> Step {
         let t = frame.tag();
@@ -406,7 +414,11 @@ impl Masker {
         if self.failing && !matches!(t, tag::NOTICE_RESPONSE | tag::PARAMETER_STATUS) {
             return Step::Replace(Vec::new());
         }
-        match self.step(frame, &answer) {
+        let stepped = match self.lookup_error.take() {
+            Some(why) => Err(fail(format!("phigate could not read the database catalog to find the masking rules: {why}"))),
+            None => self.step(frame, &answer),
+        };
+        match stepped {
             Ok(s) => {
                 if matches!(s, Step::Lookup(_) | Step::Describe(_)) {
                     self.resume = Some(answer);
@@ -626,10 +638,14 @@ impl Masker {
                     }
                 }
             }
-            for (idx, r) in self.profile.rules.iter().enumerate() {
-                if let Target::Name(p) = &r.target {
-                    if glob_matches(p, &f.name) {
-                        consider(idx, &mut best);
+            // Name patterns are for what column rules cannot place (computed columns,
+            // tables without rules): a column rule that applies always wins.
+            if best.is_none() {
+                for (idx, r) in self.profile.rules.iter().enumerate() {
+                    if let Target::Name(p) = &r.target {
+                        if glob_matches(p, &f.name) {
+                            consider(idx, &mut best);
+                        }
                     }
                 }
             }

@@ -328,6 +328,12 @@ fn uuid_text(ty: CellType, value: &[u8]) -> Result<String, StrategyError> {
     Ok(format_uuid(&b))
 }
 
+/// The calendar year now (UTC).
+pub fn current_year() -> i32 {
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
+    year_of_days(secs.div_euclid(86_400) - 10_957)
+}
+
 /// Days from 2000-01-01 (PostgreSQL's epoch) to 1 January of `year`.
 fn days_to_new_year(year: i32) -> i32 {
     // Days from 0000-03-01 style computation (proleptic Gregorian), via a civil-days

@@ -13,6 +13,7 @@
 pub mod auth;
 pub mod cancel;
 pub mod guard;
+pub mod masking;
 pub mod relay;
 pub mod stage;
 pub mod startup;
@@ -209,11 +210,17 @@ async fn run(conn: Identified, db: Arc<DbRuntime>, services: &Services) -> Resul
     // packet and authenticates, so a login costs the slower of the two, not the sum.
     // Only for identities configured for this database, so an unknown workload cannot
     // make the agent hold database connection slots.
+    // Not before the client's first packet says this is a session (a CancelRequest
+    // must not touch the database).
     let may_connect = services.identities.get(&workload.name).is_some_and(|i| i.access.iter().any(|a| a.database == db.name));
-    let mut early = may_connect.then(|| EarlyUpstream::start(db.upstream, db.upstream_tls.clone()));
-
-    let (mut client_conn, hello) = match tokio::time::timeout(startup_deadline, startup::negotiate(Conn::Plain(accepted.stream), db.client_tls.as_ref())).await
-    {
+    let mut early = None;
+    let opening = || {
+        if may_connect {
+            early = Some(EarlyUpstream::start(db.upstream, db.upstream_tls.clone()));
+        }
+    };
+    let negotiated = tokio::time::timeout(startup_deadline, startup::negotiate(Conn::Plain(accepted.stream), db.client_tls.as_ref(), opening)).await;
+    let (mut client_conn, hello) = match negotiated {
         Err(_) => return Err(SessionError::StartupTimeout(startup_deadline)),
         Ok(Err((e, Some(mut conn)))) if e.can_report() => {
             let _ = send(&mut conn, PgError::fatal(SqlState::PROTOCOL_VIOLATION, format!("phigate closed the connection: {e}")).to_frame().as_bytes()).await;

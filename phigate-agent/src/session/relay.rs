@@ -220,6 +220,8 @@ impl Relay<'_> {
         let mut to_client = Outbox::default();
         let mut seq = Sequencer::default();
         let mut held: Option<Held> = None;
+        // A database message a stage holds (masking waits for the catalog).
+        let mut held_backend: Option<Held> = None;
         let mut terminated = false;
         let splice_ok = !client.is_tls() && !server.is_tls();
         let mut pending: PendingSplice = None;
@@ -247,7 +249,7 @@ impl Relay<'_> {
                 }
             }
             let backend_splice = if splice_ok && pending.is_none() { Some(&mut pending) } else { None };
-            match self.backend(&mut sdec, &mut server_buf, &mut to_client, &mut seq, backend_splice) {
+            match self.backend(&mut sdec, &mut server_buf, &mut to_client, &mut seq, backend_splice, &mut held_backend) {
                 Ok(Step::More) => more = true,
                 Ok(Step::Idle) => {}
                 Err(end) => {
@@ -296,6 +298,7 @@ impl Relay<'_> {
             // While a message is held, keep reading the client only up to a bound: it
             // is waiting for an answer and has no reason to send much more.
             let read_client = held.is_none() || client_buf.len() < self.max_message_bytes;
+            let read_server = held_backend.is_none() || server_buf.len() < self.max_message_bytes;
             // After a spliced frame the next one is likely large too (COPY data, big
             // rows): read only its header, so its body can be spliced instead of
             // copied through the agent's memory.
@@ -313,7 +316,7 @@ impl Relay<'_> {
                     Ok(_) => {}
                     Err(e) => return End::Io(e),
                 },
-                r = server.read_buf(&mut server_room) => match r {
+                r = server.read_buf(&mut server_room), if read_server => match r {
                     Ok(0) => return End::ServerClosed,
                     Ok(_) => {}
                     Err(e) => return End::Io(e),
@@ -327,6 +330,16 @@ impl Relay<'_> {
                     if let Err(end) = self.apply_frontend(action, h.frame, &mut to_server, &mut to_client, &mut seq, &mut held, &mut terminated) {
                         let _ = flush(client, &mut to_client).await;
                         let _ = server.write_all(msg::terminate().as_bytes()).await;
+                        return end;
+                    }
+                }
+                _ = async { (&mut held_backend.as_mut().expect("guarded by the condition").decision).await }, if held_backend.is_some() => {
+                    let h = held_backend.take().expect("invariant: polled only when present");
+                    // The holding stage sees the message again, now that what it
+                    // waited for is there.
+                    let action = self.pipeline.backend_through(h.stage + 1, self.session, &h.frame);
+                    if let Err(end) = apply_backend(action, h.frame, &mut to_client, &mut seq, &mut held_backend) {
+                        let _ = flush(client, &mut to_client).await;
                         return end;
                     }
                 }
@@ -427,6 +440,15 @@ impl Relay<'_> {
                 }
                 *held = Some(Held { frame, stage, decision });
             }
+            Action::Replace(parts) => {
+                for p in parts {
+                    if let Some(&pt) = p.first() {
+                        seq.forwarded(pt);
+                        *terminated |= pt == tag::TERMINATE;
+                    }
+                    out.push(p);
+                }
+            }
         }
         Ok(())
     }
@@ -512,8 +534,12 @@ impl Relay<'_> {
         out: &mut Outbox,
         seq: &mut Sequencer,
         mut splice: Option<&mut PendingSplice>,
+        held: &mut Option<Held>,
     ) -> Result<Step, End> {
         loop {
+            if held.is_some() {
+                return Ok(Step::Idle);
+            }
             let pipeline = &*self.pipeline;
             let item = match dec.decode(buf, |t| pipeline.needs_whole(Direction::Backend, t)) {
                 Ok(Some(i)) => i,
@@ -525,20 +551,10 @@ impl Relay<'_> {
                 }
             };
             match item {
-                Item::Whole(frame) => match self.pipeline.backend(self.session, &frame) {
-                    (Action::Forward, _) if frame.tag() == tag::READY_FOR_QUERY => seq.on_ready(frame, out),
-                    (Action::Forward, _) => out.push(frame.into_bytes()),
-                    (Action::Refuse(err), _) => {
-                        // Fail closed: whatever this message carried is not released.
-                        out.push(err.to_frame().into_bytes());
-                        return Err(End::Refused(err));
-                    }
-                    (Action::Hold(..), stage) => {
-                        let err = PgError::fatal(SqlState::INTERNAL_ERROR, format!("phigate: stage {stage} tried to hold a database message; session closed"));
-                        out.push(err.to_frame().into_bytes());
-                        return Err(End::Refused(err));
-                    }
-                },
+                Item::Whole(frame) => {
+                    let action = self.pipeline.backend(self.session, &frame);
+                    apply_backend(action, frame, out, seq, held)?;
+                }
                 Item::StreamStart { tag, total, chunk } => {
                     self.pipeline.streamed(self.session, Direction::Backend, tag, total);
                     out.push(chunk);
@@ -566,6 +582,35 @@ fn read_limit(expect_splice: bool, buf: &BytesMut) -> usize {
     } else {
         usize::MAX
     }
+}
+
+/// Act on the stages' decision about a whole database message.
+fn apply_backend((action, stage): (Action, usize), frame: Frame, out: &mut Outbox, seq: &mut Sequencer, held: &mut Option<Held>) -> Result<(), End> {
+    match action {
+        Action::Forward if frame.tag() == tag::READY_FOR_QUERY => seq.on_ready(frame, out),
+        Action::Forward => out.push(frame.into_bytes()),
+        Action::Replace(parts) => {
+            for p in parts {
+                if p.first() == Some(&tag::READY_FOR_QUERY) {
+                    seq.on_ready(Frame::from_bytes(p), out);
+                } else {
+                    out.push(p);
+                }
+            }
+        }
+        Action::Refuse(err) => {
+            // Fail closed: whatever this message carried is not released.
+            out.push(PgError { severity: crate::pg::error::Severity::Fatal, ..err.clone() }.to_frame().into_bytes());
+            return Err(End::Refused(err));
+        }
+        Action::Hold(decision, notice) => {
+            if let Some(n) = notice {
+                out.push(n.to_frame().into_bytes());
+            }
+            *held = Some(Held { frame, stage, decision });
+        }
+    }
+    Ok(())
 }
 
 fn reserve(buf: &mut BytesMut) {

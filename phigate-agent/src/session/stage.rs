@@ -30,10 +30,15 @@ pub enum Action {
     /// Refuse it. For a client message the relay answers in protocol terms and the
     /// session goes on; for a database message the session fails closed.
     Refuse(PgError),
-    /// Hold a client message until the future decides (approvals), telling the client
-    /// why with an optional notice. The stages after this one see the message only
-    /// once it is released.
+    /// Hold a message until the future completes, telling the client why with an
+    /// optional notice. A client message (approvals) goes on to the stages after
+    /// this one once the future says yes. A database message (a catalog lookup
+    /// masking needs) is offered to the same stage again once the future completes;
+    /// nothing more from the database is read meanwhile.
     Hold(super::relay::HoldFuture, Option<PgError>),
+    /// Send these complete messages instead (a rewritten row; none: drop it). The
+    /// stages before this one see the replacements.
+    Replace(Vec<bytes::Bytes>),
 }
 
 impl std::fmt::Debug for Action {
@@ -42,6 +47,7 @@ impl std::fmt::Debug for Action {
             Self::Forward => f.write_str("Forward"),
             Self::Refuse(e) => write!(f, "Refuse({e})"),
             Self::Hold(..) => f.write_str("Hold"),
+            Self::Replace(parts) => write!(f, "Replace({} messages)", parts.len()),
         }
     }
 }
@@ -99,9 +105,28 @@ impl Pipeline {
     }
 
     pub fn backend(&mut self, session: &Session, frame: &Frame) -> (Action, usize) {
-        for (i, s) in self.stages.iter_mut().enumerate().rev() {
-            match s.backend(session, frame) {
+        self.backend_through(self.stages.len(), session, frame)
+    }
+
+    /// Run a database message through stages `end - 1` down to 0 (after a held
+    /// message is released, `end` is the holding stage plus one: it sees it again).
+    pub fn backend_through(&mut self, end: usize, session: &Session, frame: &Frame) -> (Action, usize) {
+        for i in (0..end.min(self.stages.len())).rev() {
+            match self.stages[i].backend(session, frame) {
                 Action::Forward => {}
+                Action::Replace(parts) => {
+                    // The earlier stages see what is actually sent.
+                    let mut out = Vec::with_capacity(parts.len());
+                    for p in parts {
+                        let f = Frame::from_bytes(p);
+                        match self.backend_through(i, session, &f) {
+                            (Action::Forward, _) => out.push(f.into_bytes()),
+                            (Action::Replace(more), _) => out.extend(more),
+                            other => return other,
+                        }
+                    }
+                    return (Action::Replace(out), i);
+                }
                 other => return (other, i),
             }
         }

@@ -63,16 +63,19 @@ async fn read_packet(conn: &mut Conn) -> Result<BytesMut, StartupError> {
 /// CancelRequest. Reads exactly one packet at a time, so no plaintext sent before a
 /// TLS handshake can leak into the encrypted session.
 /// On error the connection comes back when it can still carry an ErrorResponse.
-pub async fn negotiate(conn: Conn, tls: Option<&TlsAcceptor>) -> Result<(Conn, Hello), (StartupError, Option<Conn>)> {
+/// `on_opening` hears once, as soon as the client's first packet is read, whether it
+/// is the start of a session (not a CancelRequest), so work for it can begin early.
+pub async fn negotiate(conn: Conn, tls: Option<&TlsAcceptor>, on_opening: impl FnOnce()) -> Result<(Conn, Hello), (StartupError, Option<Conn>)> {
     let mut slot = Some(conn);
-    match negotiate_inner(&mut slot, tls).await {
+    match negotiate_inner(&mut slot, tls, on_opening).await {
         Ok(hello) => Ok((slot.expect("invariant: the connection is returned with the hello"), hello)),
         Err(e) => Err((e, slot)),
     }
 }
 
-async fn negotiate_inner(slot: &mut Option<Conn>, tls: Option<&TlsAcceptor>) -> Result<Hello, StartupError> {
+async fn negotiate_inner(slot: &mut Option<Conn>, tls: Option<&TlsAcceptor>, on_opening: impl FnOnce()) -> Result<Hello, StartupError> {
     let mut conn = slot.take().expect("invariant: negotiate starts with a connection");
+    let mut on_opening = Some(on_opening);
     // SSLRequest, then GSSENCRequest (or the reverse), then the real packet.
     for _ in 0..3 {
         let packet = match read_packet(&mut conn).await {
@@ -89,6 +92,11 @@ async fn negotiate_inner(slot: &mut Option<Conn>, tls: Option<&TlsAcceptor>) -> 
                 return Err(e.into());
             }
         };
+        if !matches!(parsed, StartupPacket::Cancel { .. }) {
+            if let Some(f) = on_opening.take() {
+                f();
+            }
+        }
         match parsed {
             StartupPacket::SslRequest => match (tls, conn) {
                 (Some(acceptor), Conn::Plain(tcp)) => {

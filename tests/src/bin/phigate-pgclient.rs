@@ -11,6 +11,11 @@
 //!   whoami        current_user, session_user, database, ssl
 //!   cases FILE    run each SQL string of a JSON array over the simple and the extended
 //!                 protocol (inside BEGIN … ROLLBACK) and report what happened
+//!   rows SQL      run SQL over the extended protocol (binary results) and print the
+//!                 column types and every value's raw bytes (hex), undecoded
+//!   prepared SQL N  prepare SQL once (one parameter, an int4) and execute it N times
+//!                 with 1..=N, printing the raw values like `rows`
+//!   notify-payload TEXT  LISTEN, NOTIFY with TEXT, report what arrived
 //! ```
 
 use std::time::{Duration, Instant};
@@ -79,11 +84,67 @@ async fn transactions(conn: &str) -> Result<Value, tokio_postgres::Error> {
     Ok(json!({"ok": true, "after_rollback": after_rollback, "after_commit": after_commit, "error_in_tx": failed, "still_usable": still_usable}))
 }
 
+/// A value as it came off the wire, whatever its type (binary format).
+struct Raw(Option<Vec<u8>>);
+
+impl<'a> tokio_postgres::types::FromSql<'a> for Raw {
+    fn from_sql(_: &tokio_postgres::types::Type, raw: &'a [u8]) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        Ok(Raw(Some(raw.to_vec())))
+    }
+    fn from_sql_null(_: &tokio_postgres::types::Type) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        Ok(Raw(None))
+    }
+    fn accepts(_: &tokio_postgres::types::Type) -> bool {
+        true
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn raw_rows(rows: &[tokio_postgres::Row]) -> Value {
+    let columns: Vec<Value> =
+        rows.first().map(|r| r.columns().iter().map(|c| json!({"name": c.name(), "type": c.type_().oid()})).collect()).unwrap_or_default();
+    let data: Vec<Vec<Value>> = rows
+        .iter()
+        .map(|r| {
+            (0..r.len())
+                .map(|i| match r.get::<_, Raw>(i).0 {
+                    Some(b) => json!(hex(&b)),
+                    None => Value::Null,
+                })
+                .collect()
+        })
+        .collect();
+    json!({"ok": true, "columns": columns, "rows": data})
+}
+
+async fn rows(conn: &str, sql: &str) -> Result<Value, tokio_postgres::Error> {
+    let (client, _h) = connect(conn).await?;
+    let rows = client.query(sql, &[]).await?;
+    Ok(raw_rows(&rows))
+}
+
+async fn prepared(conn: &str, sql: &str, n: i32) -> Result<Value, tokio_postgres::Error> {
+    let (client, _h) = connect(conn).await?;
+    let stmt = client.prepare(sql).await?;
+    let mut all = Vec::new();
+    for i in 1..=n {
+        all.extend(client.query(&stmt, &[&i]).await?);
+    }
+    Ok(raw_rows(&all))
+}
+
 async fn notify(conn: &str) -> Result<Value, tokio_postgres::Error> {
+    notify_payload(conn, "hello through phigate").await
+}
+
+async fn notify_payload(conn: &str, payload: &str) -> Result<Value, tokio_postgres::Error> {
     let (listener, handle) = connect(conn).await?;
     listener.batch_execute("listen phigate_test").await?;
     let (sender, _h) = connect(conn).await?;
-    sender.batch_execute("notify phigate_test, 'hello through phigate'").await?;
+    sender.execute("select pg_notify('phigate_test', $1)", &[&payload]).await?;
     // Give the notification time to arrive, then close the listener to collect it.
     tokio::time::sleep(Duration::from_millis(300)).await;
     listener.batch_execute("select 1").await?;
@@ -166,6 +227,9 @@ async fn main() {
         "cancel" => cancel(conn).await,
         "whoami" => whoami(conn).await,
         "cases" => cases(conn, args.get(3).map(String::as_str).unwrap_or("")).await,
+        "rows" => rows(conn, args.get(3).map(String::as_str).unwrap_or("")).await,
+        "prepared" => prepared(conn, args.get(3).map(String::as_str).unwrap_or(""), args.get(4).and_then(|n| n.parse().ok()).unwrap_or(10)).await,
+        "notify-payload" => notify_payload(conn, args.get(3).map(String::as_str).unwrap_or("")).await,
         other => {
             eprintln!("unknown scenario {other}");
             std::process::exit(2);

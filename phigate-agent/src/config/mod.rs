@@ -13,6 +13,10 @@ use std::{
     time::Duration,
 };
 
+mod masking;
+
+pub use masking::{MaskingConfig, SAFE_HARBOR};
+
 use ipnet::IpNet;
 use phigate_common::{CGROUP_PATH_LEN, DB_NAME_LEN, IDENTITY_LEN};
 use serde::Deserialize;
@@ -40,6 +44,7 @@ pub struct Config {
     pub identities: Vec<IdentityConfig>,
     pub token_issuers: Vec<TokenIssuerConfig>,
     pub policy: PolicyConfig,
+    pub masking: MaskingConfig,
 }
 
 /// SQL policy settings (`[policy]`).
@@ -220,6 +225,8 @@ struct RawConfig {
     token_issuers: Vec<RawIssuer>,
     #[serde(default)]
     policy: RawPolicy,
+    #[serde(default)]
+    masking: masking::RawMasking,
 }
 
 #[derive(Deserialize, Default)]
@@ -401,7 +408,8 @@ impl Config {
             }
         }
         let policy = v.policy(raw.policy)?;
-        Ok(Self { path: path.to_path_buf(), agent, databases, protect, identities, token_issuers, policy })
+        let masking = v.masking(raw.masking, &identities)?;
+        Ok(Self { path: path.to_path_buf(), agent, databases, protect, identities, token_issuers, policy, masking })
     }
 
     pub fn identity(&self, name: &str) -> Option<&IdentityConfig> {
@@ -999,5 +1007,24 @@ create = true
         assert_eq!(c.agent.attach_cgroup, "/");
         assert!(c.agent.deny_raw_sockets);
         assert!(c.databases.is_empty());
+        assert!(c.masking.enabled, "masking is on unless switched off");
+        assert_eq!(c.masking.default_profile.name, SAFE_HARBOR);
+        assert!(!c.masking.default_profile.detectors.is_empty());
+    }
+
+    #[test]
+    fn masking_profiles_are_validated() {
+        let base = "[[masking.profile]]\nname = \"p\"\n";
+        let c = parse(&format!("{base}[[masking.profile.rule]]\ncolumn = \"public.patients.ssn\"\nstrategy = \"partial\"\nkeep_last = 2\n")).unwrap();
+        assert_eq!(c.masking.profiles[0].rules[0].strategy, crate::mask::strategy::Strategy::Partial { keep_last: 2 });
+        assert!(err(&format!("{base}[[masking.profile.rule]]\ncolumn = \"ssn\"\nstrategy = \"redact\"\n")).contains("`masking.profile[0].rule[0].column`"));
+        assert!(err(&format!("{base}[[masking.profile.rule]]\nname = \"*ssn*\"\nstrategy = \"scramble\"\n")).contains("is not a strategy"));
+        assert!(err(&format!("{base}[[masking.profile.rule]]\nname = \"x\"\nstrategy = \"redact\"\nkeep_last = 3\n")).contains("keep_last does not apply"));
+        assert!(err(&format!("{base}[[masking.profile.rule]]\nname = \"x\"\nstrategy = \"hash\"\n")).contains("`masking.hash_key_file`"));
+        assert!(err(&format!("{base}detectors = [\"email\", \"dna\"]\n")).contains("`masking.profile[0].detectors[1]`"));
+        assert!(err(&format!("{base}[masking.profile.patterns]\nmrn = \"(\"\n")).contains("`masking.profile[0].patterns.mrn`"));
+        assert!(err(&format!("{base}identities = [\"nobody\"]\n")).contains("no [[identity]] is named"));
+        assert!(err("[masking]\ndefault_profile = \"missing\"\n").contains("`masking.default_profile`"));
+        assert!(err("[masking]\nfoo = 1\n").contains("unknown field `foo`"));
     }
 }

@@ -1,0 +1,230 @@
+//! The masking stage: puts [`crate::mask::Masker`] in the session's pipeline and does
+//! the I/O it asks for — catalog lookups and COPY describes on a short-lived side
+//! connection the agent opens to the same database, as the session's role, with the
+//! agent's credentials. While a lookup runs, the database message waiting for it is
+//! held (nothing after it is read); a lookup that fails makes the result fail closed.
+//!
+//! Masking counts (never values) are logged per statement.
+
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use bytes::BytesMut;
+use tokio::io::AsyncWriteExt;
+use tracing::info;
+
+use super::{
+    read_frame,
+    stage::{Action, Direction, Stage},
+    upstream, Session,
+};
+use crate::{
+    mask::{
+        catalog::{self, Catalog, Lookup},
+        Masker, Step,
+    },
+    net::tls::UpstreamTls,
+    pg::{
+        error::parse_error_fields,
+        msg::{self, tag, Field},
+        Frame,
+    },
+};
+
+/// A lookup or describe that takes longer than this fails the result closed.
+const SIDE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How to reach the database for catalog questions.
+#[derive(Clone)]
+pub struct CatalogAccess {
+    pub upstream: SocketAddr,
+    pub tls: UpstreamTls,
+    pub role: String,
+    pub password_file: Option<PathBuf>,
+    pub dbname: String,
+    /// The session's startup `options` (a `-c search_path=…` must apply here too).
+    pub options: Option<String>,
+}
+
+/// What a finished side request left for the stage.
+#[derive(Default)]
+struct Slot {
+    described: Option<Result<Vec<Field>, String>>,
+    failed: Option<String>,
+}
+
+pub struct MaskStage {
+    masker: Masker,
+    access: CatalogAccess,
+    catalog: Arc<Mutex<Catalog>>,
+    slot: Arc<Mutex<Slot>>,
+    session_id: u32,
+}
+
+impl MaskStage {
+    pub fn new(masker: Masker, access: CatalogAccess, catalog: Arc<Mutex<Catalog>>, session_id: u32) -> Self {
+        Self { masker, access, catalog, slot: Arc::new(Mutex::new(Slot::default())), session_id }
+    }
+
+    fn log_finished(&mut self) {
+        for s in self.masker.take_finished() {
+            if s.cells_masked == 0 && s.by_kind.is_empty() {
+                continue;
+            }
+            let by_rule: Vec<String> = s.by_rule.iter().map(|(id, n)| format!("{id}={n}")).collect();
+            let by_kind: Vec<String> = crate::mask::kind_counts(&s.by_kind).iter().map(|(k, n)| format!("{k}={n}")).collect();
+            info!(session_id = self.session_id, rows = s.rows, cells_masked = s.cells_masked, by_rule = %by_rule.join(","), by_kind = %by_kind.join(","), "result masked");
+        }
+    }
+}
+
+impl Stage for MaskStage {
+    fn name(&self) -> &'static str {
+        "masking"
+    }
+
+    fn needs_whole(&self, direction: Direction, t: u8) -> bool {
+        match direction {
+            // The masker reads statement texts, names and result formats.
+            Direction::Frontend => matches!(t, tag::QUERY | tag::PARSE | tag::BIND | tag::DESCRIBE | tag::EXECUTE | tag::CLOSE),
+            Direction::Backend => self.masker.needs_whole(t),
+        }
+    }
+
+    fn frontend(&mut self, _: &Session, frame: &Frame) -> Action {
+        self.masker.frontend(frame);
+        Action::Forward
+    }
+
+    fn streamed(&mut self, _: &Session, direction: Direction, t: u8, _len: usize) {
+        // A streamed client message still counts as a request (a huge Query without
+        // the policy stage): the masker cannot read it, but must not lose its place.
+        if direction == Direction::Frontend && t == tag::QUERY {
+            let f = Frame::build(tag::QUERY, b"\0");
+            self.masker.frontend(&f);
+        }
+    }
+
+    fn backend(&mut self, _: &Session, frame: &Frame) -> Action {
+        let (described, failed) = {
+            let mut s = self.slot.lock().expect("invariant: lock not poisoned");
+            (s.described.take(), s.failed.take())
+        };
+        if let Some(d) = described {
+            self.masker.described(d);
+        }
+        if let Some(why) = failed {
+            self.masker.lookup_failed(why);
+        }
+        let action = match self.masker.backend(frame) {
+            Step::Forward => Action::Forward,
+            Step::Replace(parts) => Action::Replace(parts),
+            Step::Lookup(lookup) => {
+                let (access, catalog, slot) = (self.access.clone(), self.catalog.clone(), self.slot.clone());
+                Action::Hold(
+                    Box::pin(async move {
+                        let names = match &lookup {
+                            Lookup::Names(n) => n.clone(),
+                            Lookup::Oids(_) => Vec::new(),
+                        };
+                        match tokio::time::timeout(SIDE_TIMEOUT, lookup_relations(&access, &lookup)).await {
+                            Ok(Ok(rels)) => catalog.lock().expect("invariant: lock not poisoned").insert(rels, &names),
+                            Ok(Err(e)) => slot.lock().expect("invariant: lock not poisoned").failed = Some(e),
+                            Err(_) => slot.lock().expect("invariant: lock not poisoned").failed = Some("the catalog lookup timed out".into()),
+                        }
+                        Ok(())
+                    }),
+                    None,
+                )
+            }
+            Step::Describe(sql) => {
+                let (access, slot, search_path) = (self.access.clone(), self.slot.clone(), self.masker.search_path.clone());
+                Action::Hold(
+                    Box::pin(async move {
+                        let r = match tokio::time::timeout(SIDE_TIMEOUT, describe(&access, &sql, search_path.as_deref())).await {
+                            Ok(r) => r,
+                            Err(_) => Err("describing the COPY's columns timed out".into()),
+                        };
+                        slot.lock().expect("invariant: lock not poisoned").described = Some(r);
+                        Ok(())
+                    }),
+                    None,
+                )
+            }
+        };
+        self.log_finished();
+        action
+    }
+}
+
+/// A side connection, logged in like the session's.
+async fn side_connection(a: &CatalogAccess) -> Result<(crate::net::conn::Conn, BytesMut), String> {
+    let conn = upstream::open(a.upstream, &a.tls).await.map_err(|e| e.to_string())?;
+    let mut params = vec![("application_name".to_string(), "phigate-catalog".to_string())];
+    if let Some(o) = &a.options {
+        params.push(("options".into(), o.clone()));
+    }
+    let up = upstream::login(conn, &a.role, a.password_file.as_deref(), &params, &a.dbname).await.map_err(|e| e.to_string())?;
+    Ok((up.conn, up.leftover))
+}
+
+/// Send a message and read the answer up to ReadyForQuery: DataRows (text) and
+/// RowDescription fields; an ErrorResponse becomes the error.
+async fn exchange(conn: &mut crate::net::conn::Conn, buf: &mut BytesMut, out: &[u8]) -> Result<(Vec<Vec<Option<String>>>, Option<Vec<Field>>), String> {
+    super::send(conn, out).await.map_err(|e| e.to_string())?;
+    let mut rows = Vec::new();
+    let mut fields = None;
+    let mut error = None;
+    loop {
+        let f = read_frame(conn, buf, 64 << 20).await.map_err(|e| e.to_string())?;
+        match f.tag() {
+            tag::DATA_ROW => {
+                let cells = msg::parse_data_row(f.body()).map_err(|e| e.to_string())?;
+                rows.push(cells.into_iter().map(|c| c.map(|v| String::from_utf8_lossy(v).into_owned())).collect());
+            }
+            tag::ROW_DESCRIPTION => fields = Some(msg::parse_row_description(f.body()).map_err(|e| e.to_string())?),
+            b'n' => fields = Some(Vec::new()),
+            tag::ERROR_RESPONSE => error = Some(parse_error_fields(f.body()).message),
+            tag::READY_FOR_QUERY => break,
+            _ => {}
+        }
+    }
+    match error {
+        Some(e) => Err(e),
+        None => Ok((rows, fields)),
+    }
+}
+
+async fn lookup_relations(a: &CatalogAccess, lookup: &Lookup) -> Result<Vec<catalog::Relation>, String> {
+    let (mut conn, mut buf) = side_connection(a).await?;
+    // An empty search_path makes pg_get_viewdef qualify every relation.
+    let sql = format!("SET search_path = ''; {}", catalog::query(lookup));
+    let mut q = sql.into_bytes();
+    q.push(0);
+    let (rows, _) = exchange(&mut conn, &mut buf, Frame::build(tag::QUERY, &q).as_bytes()).await?;
+    let _ = conn.write_all(msg::terminate().as_bytes()).await;
+    catalog::parse_rows(&rows).map_err(|e| e.to_string())
+}
+
+async fn describe(a: &CatalogAccess, sql: &str, search_path: Option<&str>) -> Result<Vec<Field>, String> {
+    let (mut conn, mut buf) = side_connection(a).await?;
+    if let Some(set) = search_path {
+        let mut q = set.as_bytes().to_vec();
+        q.push(0);
+        exchange(&mut conn, &mut buf, Frame::build(tag::QUERY, &q).as_bytes()).await?;
+    }
+    let mut parse = b"\0".to_vec();
+    parse.extend_from_slice(sql.as_bytes());
+    parse.push(0);
+    parse.extend_from_slice(&0i16.to_be_bytes());
+    let mut out = Frame::build(tag::PARSE, &parse).as_bytes().to_vec();
+    out.extend_from_slice(Frame::build(tag::DESCRIBE, b"S\0").as_bytes());
+    out.extend_from_slice(Frame::build(tag::SYNC, &[]).as_bytes());
+    let (_, fields) = exchange(&mut conn, &mut buf, &out).await?;
+    let _ = conn.write_all(msg::terminate().as_bytes()).await;
+    fields.ok_or_else(|| "the database did not describe the query".into())
+}

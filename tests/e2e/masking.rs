@@ -1,0 +1,352 @@
+//! PHI masking on the wire: what a protected workload receives is masked by its
+//! identity's profile as rows stream past — in text and binary results, for
+//! statements prepared once and executed many times, through COPY TO STDOUT, aliases,
+//! views and computed columns, and in error details and notifications — while
+//! non-PHI data arrives byte-for-byte unchanged. A synthetic clinical dataset with
+//! checksum-valid identifiers, real PostgreSQL, real eBPF redirect, psql and
+//! tokio-postgres. The same queries run directly (outside the protected cgroup) give
+//! the unmasked truth to compare with.
+
+use std::{
+    path::PathBuf,
+    process::{Command, Output, Stdio},
+    time::Duration,
+};
+
+use phigate_tests::{
+    agent::{DbSpec, IdentitySpec},
+    cgroup::run_in,
+    clinical::Dataset,
+    env::skip,
+    pg::{pg_bin, PgOptions},
+    target_dir, unique, wait_for, Agent, AgentConfig, PgServer, TestCgroup,
+};
+use serde_json::Value;
+
+const PROFILE: &str = r#"
+[[masking.profile]]
+name = "care"
+identities = ["care-agent"]
+[[masking.profile.rule]]
+column = "public.patients.ssn"
+strategy = "partial"
+[[masking.profile.rule]]
+column = "public.patients.name"
+strategy = "hash"
+prefix = "pt_"
+[[masking.profile.rule]]
+column = "public.patients.dob"
+strategy = "year"
+[[masking.profile.rule]]
+column = "public.patients.zip"
+strategy = "zip3"
+[[masking.profile.rule]]
+column = "public.patients.mrn"
+strategy = "redact"
+[[masking.profile.rule]]
+column = "public.patients.email"
+strategy = "redact"
+null = true
+[[masking.profile.rule]]
+column = "public.patients.phone"
+strategy = "partial"
+keep_last = 2
+[[masking.profile.rule]]
+id = "patient-id"
+column = "public.patients.id"
+strategy = "hash"
+[[masking.profile.rule]]
+id = "patient-id"
+column = "public.encounters.patient_id"
+strategy = "hash"
+[[masking.profile.rule]]
+name = "*ssn*"
+strategy = "redact"
+"#;
+
+struct Env {
+    agent: Agent,
+    cg: TestCgroup,
+    pg: PgServer,
+    data: Dataset,
+    dir: PathBuf,
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn env() -> Env {
+    let dir = std::env::temp_dir().join(unique("phigate-mask"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let key = dir.join("masking.key");
+    std::fs::write(&key, b"0123456789abcdef0123456789abcdef-test-key").unwrap();
+    let pg = PgServer::start(PgOptions::default()).expect("PostgreSQL starts");
+    let data = Dataset::generate(0x5eed_c1a1, 200);
+    pg.psql_admin_script("postgres", &data.sql()).expect("dataset loads");
+    pg.psql_admin("postgres", "create view patient_view as select name as who, ssn as social, dob from patients").expect("view");
+    let cg = TestCgroup::new();
+    cg.child("care");
+    cg.child("plain");
+    let mut cfg = AgentConfig::new(&cg)
+        .database(DbSpec::new("clinical", &["127.0.0.2/32"], pg.port(), pg.socket_addr()))
+        .protect(&format!("{}/care", cg.rel()), "care-agent")
+        .protect(&format!("{}/plain", cg.rel()), "other-agent")
+        .identity(IdentitySpec::workload("care-agent", "clinical", "postgres"))
+        .identity(IdentitySpec::workload("other-agent", "clinical", "postgres"));
+    cfg.extra = format!("[masking]\nhash_key_file = {:?}\n{PROFILE}", key.display().to_string());
+    let agent = Agent::start(&cfg).expect("agent starts");
+    Env { agent, cg, pg, data, dir }
+}
+
+/// psql as the care agent (through phigate), or directly as the database owner.
+fn psql(e: &Env, via: Option<&str>, args: &[&str]) -> Output {
+    let mut cmd = Command::new(pg_bin("psql"));
+    cmd.args(["-h", "127.0.0.2", "-p", &e.pg.port().to_string(), "-U", "postgres", "-d", "postgres", "-XAtq"])
+        .args(args)
+        .env("PGSSLMODE", "disable")
+        .stdin(Stdio::null());
+    if let Some(c) = via {
+        run_in(&mut cmd, &e.cg.child_dir(c));
+    }
+    cmd.output().expect("psql runs")
+}
+
+fn out(o: &Output) -> String {
+    assert!(o.status.success(), "psql failed: {}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn pgclient(e: &Env, via: Option<&str>, args: &[&str]) -> Value {
+    let bin = std::env::var_os("PHIGATE_PGCLIENT_BIN").map(PathBuf::from).unwrap_or_else(|| target_dir().join("debug/phigate-pgclient"));
+    let conn = format!("host=127.0.0.2 port={} user=postgres dbname=postgres connect_timeout=10", e.pg.port());
+    let mut cmd = Command::new(bin);
+    cmd.arg(args[0]).arg(&conn).args(&args[1..]).stdin(Stdio::null());
+    if let Some(c) = via {
+        run_in(&mut cmd, &e.cg.child_dir(c));
+    }
+    let o = cmd.output().expect("phigate-pgclient runs");
+    let v: Value =
+        serde_json::from_slice(&o.stdout).unwrap_or_else(|err| panic!("{err}: {} {}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr)));
+    assert_eq!(v["ok"], true, "{v}");
+    v
+}
+
+fn assert_no_phi(e: &Env, what: &str, text: &str) {
+    let phi = e.data.phi_strings();
+    let leaked: Vec<&String> = phi.iter().filter(|s| text.contains(s.as_str())).take(5).collect();
+    assert!(leaked.is_empty(), "{what}: PHI reached the client verbatim: {leaked:?}");
+}
+
+fn unhex(s: &str) -> Vec<u8> {
+    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
+}
+
+fn cell_text(v: &Value) -> Option<String> {
+    v.as_str().map(|h| String::from_utf8(unhex(h)).unwrap())
+}
+
+#[test]
+fn psql_text_results_are_masked_by_rule_and_detector_and_non_phi_is_unchanged() {
+    if skip("psql_text_results_are_masked_by_rule_and_detector_and_non_phi_is_unchanged") {
+        return;
+    }
+    let e = env();
+    let sql = "select id, mrn, name, ssn, dob, phone, email, zip from patients order by id";
+    let masked = out(&psql(&e, Some("care"), &["-F", "|", "-c", sql]));
+    assert_no_phi(&e, "patients", &masked);
+    let rows: Vec<Vec<&str>> = masked.lines().map(|l| l.split('|').collect()).collect();
+    assert_eq!(rows.len(), e.data.patients.len(), "every row arrives");
+    let mut names = std::collections::HashSet::new();
+    for (r, p) in rows.iter().zip(&e.data.patients) {
+        assert_eq!(r.len(), 8);
+        assert_ne!(r[0], p.id.to_string(), "the id is a pseudonym");
+        assert!(r[0].parse::<i32>().unwrap() > 0, "a valid int4: {}", r[0]);
+        assert_eq!(r[1], "[REDACTED]");
+        assert!(r[2].starts_with("pt_") && r[2].len() == 19, "{}", r[2]);
+        names.insert(r[2].to_string());
+        assert_eq!(r[3], format!("***-**-{}", &p.ssn[7..]), "partial keeps the last four");
+        let year: i32 = p.dob[..4].parse().unwrap();
+        assert_eq!(r[4], format!("{}-01-01", year.max(2026 - 90)), "dates become the year; ages over 89 are clamped");
+        assert!(r[5].ends_with(&p.phone[p.phone.len() - 2..]) && r[5].contains('*'), "{}", r[5]);
+        assert_eq!(r[6], "", "email is NULL");
+        let zip3 =
+            if ["036", "059", "063", "102", "203", "556", "692", "790", "821", "823", "830", "831", "878", "879", "884", "890", "893"].contains(&&p.zip[..3]) {
+                "000"
+            } else {
+                &p.zip[..3]
+            };
+        assert_eq!(r[7], zip3);
+    }
+    assert!(names.len() > 190, "pseudonyms keep people apart");
+    // Free-text notes: every embedded identifier replaced, the clinical text kept.
+    let notes = out(&psql(&e, Some("care"), &["-c", "select note from encounters order by id"]));
+    assert_no_phi(&e, "notes", &notes);
+    for token in ["[NAME]", "[SSN]", "[PHONE]", "[EMAIL]", "[MRN]", "[DATE]", "[CARD]", "[NPI]", "[HEALTH_PLAN]", "[URL]", "[IP]", "[VIN]", "[DEVICE]"] {
+        assert!(notes.contains(token), "{token} missing from the masked notes");
+    }
+    assert!(notes.contains("recheck HbA1c 7.2 % in 3 months; ICD-10 E11.9."), "non-PHI text in a note survives");
+    // Lab results hold no PHI: byte-for-byte what the database sends.
+    let sql = "select * from labs order by id";
+    assert_eq!(out(&psql(&e, Some("care"), &["-c", sql])), out(&psql(&e, None, &["-c", sql])));
+    // Another identity gets the default profile (detectors on free text, no rules).
+    let other = out(&psql(&e, Some("plain"), &["-c", "select note from encounters order by id limit 20"]));
+    assert!(other.contains("[SSN]") && !other.contains(&e.data.patients[0].ssn));
+    let masked_events = e.agent.events_named("result masked");
+    assert!(masked_events.iter().any(|x| x["by_rule"].as_str().unwrap_or("").contains("public.patients.ssn=200")), "{masked_events:?}");
+    assert!(masked_events.iter().any(|x| x["by_kind"].as_str().unwrap_or("").contains("ssn=200")), "{masked_events:?}");
+}
+
+#[test]
+fn binary_results_are_valid_values_of_their_types_and_pseudonyms_join() {
+    if skip("binary_results_are_valid_values_of_their_types_and_pseudonyms_join") {
+        return;
+    }
+    let e = env();
+    let sql = "select p.id, p.name, p.ssn, p.dob, e.note from patients p join encounters e on e.patient_id = p.id order by p.id";
+    let masked = pgclient(&e, Some("care"), &["rows", sql]);
+    let direct = pgclient(&e, None, &["rows", sql]);
+    assert_eq!(masked["columns"], direct["columns"], "the same columns and types");
+    let (m, d) = (masked["rows"].as_array().unwrap(), direct["rows"].as_array().unwrap());
+    assert_eq!(m.len(), d.len(), "the same number of rows");
+    let texts: Vec<String> = m.iter().flat_map(|r| [1, 2, 4].map(|i| cell_text(&r[i]).unwrap_or_default())).collect();
+    assert_no_phi(&e, "binary rows", &texts.join("\n"));
+    for (mr, dr) in m.iter().zip(d) {
+        let id = unhex(mr[0].as_str().unwrap());
+        assert_eq!(id.len(), 4, "a valid binary int4");
+        assert_ne!(mr[0], dr[0]);
+        let dob = unhex(mr[3].as_str().unwrap());
+        assert_eq!(dob.len(), 4, "a valid binary date");
+        let days = i32::from_be_bytes(dob.try_into().unwrap());
+        let (y, m, dd) = civil(days);
+        assert_eq!((m, dd), (1, 1), "1 January of the year: {y}-{m}-{dd}");
+        assert!(cell_text(&mr[2]).unwrap().starts_with("***-**-"));
+    }
+    // Pseudonyms are stable across sessions and join: encounters.patient_id and
+    // patients.id hash alike.
+    let ids = pgclient(&e, Some("care"), &["rows", "select id from patients"]);
+    let again = pgclient(&e, Some("care"), &["rows", "select id from patients"]);
+    assert_eq!(ids["rows"], again["rows"], "the same pseudonyms in another session");
+    let refs = pgclient(&e, Some("care"), &["rows", "select patient_id from encounters"]);
+    let set: std::collections::HashSet<String> = ids["rows"].as_array().unwrap().iter().map(|r| r[0].to_string()).collect();
+    let joined = refs["rows"].as_array().unwrap().iter().filter(|r| set.contains(&r[0].to_string())).count();
+    assert_eq!(joined, e.data.patients.len(), "every encounter joins its patient through the pseudonym");
+}
+
+/// (year, month, day) of a PostgreSQL date (days since 2000-01-01).
+fn civil(days: i32) -> (i64, i64, i64) {
+    let z = i64::from(days) + 10_957 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+#[test]
+fn prepared_statement_described_once_is_masked_on_every_execution() {
+    if skip("prepared_statement_described_once_is_masked_on_every_execution") {
+        return;
+    }
+    let e = env();
+    let v = pgclient(&e, Some("care"), &["prepared", "select ssn, name, note from patients p join encounters e on e.patient_id = p.id where p.id = $1", "10"]);
+    let rows = v["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 10);
+    for (i, r) in rows.iter().enumerate() {
+        let p = &e.data.patients[i];
+        assert_eq!(cell_text(&r[0]).unwrap(), format!("***-**-{}", &p.ssn[7..]), "execution {}", i + 1);
+        assert!(cell_text(&r[1]).unwrap().starts_with("pt_"));
+        let note = cell_text(&r[2]).unwrap();
+        assert!(!note.contains(&p.ssn) && !note.contains(&p.email) && note.contains("[SSN]"), "execution {}: {note}", i + 1);
+    }
+}
+
+#[test]
+fn copy_to_stdout_is_masked_in_text_csv_and_binary() {
+    if skip("copy_to_stdout_is_masked_in_text_csv_and_binary") {
+        return;
+    }
+    let e = env();
+    let text = out(&psql(&e, Some("care"), &["-c", "copy patients to stdout"]));
+    assert_eq!(text.lines().count(), e.data.patients.len());
+    assert_no_phi(&e, "COPY text", &text);
+    assert!(text.lines().next().unwrap().contains("[REDACTED]"));
+    let csv = out(&psql(
+        &e,
+        Some("care"),
+        &["-c", "copy (select p.ssn, p.name, e.note from patients p join encounters e on e.patient_id = p.id) to stdout with (format csv, header)"],
+    ));
+    assert_no_phi(&e, "COPY csv", &csv);
+    assert!(csv.starts_with("ssn,name,note\n"), "the header passes: {}", &csv[..40.min(csv.len())]);
+    assert_eq!(csv.lines().count(), e.data.patients.len() + 1);
+    let o = psql(&e, Some("care"), &["-c", "copy encounters to stdout with (format binary)"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let bin = String::from_utf8_lossy(&o.stdout);
+    assert!(o.stdout.starts_with(b"PGCOPY\n\xff\r\n\0"), "a valid binary COPY stream");
+    assert_no_phi(&e, "COPY binary", &bin);
+    // \copy uses COPY TO STDOUT too.
+    let script = e.dir.join("copy.sql");
+    std::fs::write(&script, "\\copy (select ssn, email from patients) to stdout\n").unwrap();
+    let o = out(&psql(&e, Some("care"), &["-f", script.to_str().unwrap()]));
+    assert_no_phi(&e, "\\copy", &o);
+    assert!(o.lines().all(|l| l.ends_with("\t\\N")), "email is NULL");
+}
+
+#[test]
+fn aliases_views_and_computed_columns_do_not_dodge_the_rules() {
+    if skip("aliases_views_and_computed_columns_do_not_dodge_the_rules") {
+        return;
+    }
+    let e = env();
+    for sql in [
+        "select ssn as x from patients",
+        "select upper(ssn) as y, ssn || '' as z, translate(ssn, '0123456789', 'abcdefghij') as w from patients",
+        "select s.x from (select ssn as x from patients) s",
+        "with c as (select ssn as hidden, name from patients) select hidden, lower(name) from c",
+        "select row_to_json(p) from patients p",
+        "select * from patient_view",
+        "select upper(social), who from patient_view",
+        "select mrn || ':' || name from patients",
+    ] {
+        let o = out(&psql(&e, Some("care"), &["-c", sql]));
+        assert_eq!(o.lines().count(), e.data.patients.len(), "{sql}");
+        assert_no_phi(&e, sql, &o);
+        let direct = out(&psql(&e, None, &["-c", sql]));
+        assert_ne!(o, direct, "{sql}: something was masked");
+    }
+    // The obfuscated SSNs are not readable either (the rule follows the data).
+    let o = out(&psql(&e, Some("care"), &["-c", "select translate(ssn, '0123456789', 'abcdefghij') from patients"]));
+    for p in &e.data.patients {
+        let obfuscated: String = p.ssn.chars().map(|c| if c.is_ascii_digit() { (b'a' + c as u8 - b'0') as char } else { c }).collect();
+        assert!(!o.contains(&obfuscated), "{obfuscated} in {o}");
+    }
+}
+
+#[test]
+fn error_details_and_notifications_do_not_leak() {
+    if skip("error_details_and_notifications_do_not_leak") {
+        return;
+    }
+    let e = env();
+    let p = &e.data.patients[0];
+    let o = psql(&e, Some("care"), &["-c", &format!("insert into patients (id, ssn) values (99999, '{}')", p.ssn)]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("duplicate key value violates unique constraint"), "{err}");
+    assert!(err.contains("Key (ssn)=(masked by phigate) already exists."), "{err}");
+    assert!(!err.contains(&p.ssn), "{err}");
+    // The same error straight from the database does carry it.
+    let d = psql(&e, None, &["-c", &format!("insert into patients (id, ssn) values (99999, '{}')", p.ssn)]);
+    assert!(String::from_utf8_lossy(&d.stderr).contains(&p.ssn));
+    let payload = format!("patient {} {} called from {}", p.first, p.last, p.phone);
+    let v = pgclient(&e, Some("care"), &["notify-payload", &payload]);
+    let got = v["notifications"][0].as_str().unwrap_or("").to_string();
+    assert_eq!(got, "phigate_test:patient [NAME] called from [PHONE]", "{v}");
+    assert!(wait_for(Duration::from_secs(5), || e.agent.events_named("result masked").into_iter().next()).is_some(), "the masking is logged (counts only)");
+    assert!(!e.agent.raw_log().contains(&p.ssn), "no PHI in the agent's log");
+}
