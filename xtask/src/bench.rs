@@ -22,6 +22,9 @@ pub fn run(name: &str) -> Result<()> {
     if name == "policy" {
         return policy();
     }
+    if name == "detect" {
+        return detect();
+    }
     crate::build_workspace(true)?;
     // The harness starts the release binaries (or the agent binary named by
     // PHIGATE_BIN, to compare two builds).
@@ -31,7 +34,8 @@ pub fn run(name: &str) -> Result<()> {
     match name {
         "redirect" => redirect(),
         "pg" => pg(),
-        other => bail!("unknown benchmark {other:?}; available: redirect, pg, policy"),
+        "mask" => mask(),
+        other => bail!("unknown benchmark {other:?}; available: redirect, pg, policy, mask, detect"),
     }
 }
 
@@ -395,5 +399,127 @@ fn pg() -> Result<()> {
     }
     println!("(cpu µs: the proxy's own CPU time per transaction)");
     println!("targets: phigate ≥ 0.95× PgBouncer at -c 1, ≥ 1.3× PgBouncer at -c 8; policy on ≥ 0.9× policy off (TPS). Sessions through phigate: {sessions}");
+    Ok(())
+}
+
+/// Criterion: detector throughput on free-text clinical notes.
+fn detect() -> Result<()> {
+    crate::run(Command::new("cargo").current_dir(root()).args(["bench", "-p", "phigate-agent", "--bench", "mask"]))?;
+    println!("\nphigate detectors — free-text clinical notes, one core (Criterion, median)");
+    let dir = root().join("target/criterion");
+    for name in ["detect_notes with identifiers", "detect_notes without identifiers"] {
+        let est: Value = serde_json::from_str(&std::fs::read_to_string(dir.join(name).join("new/estimates.json"))?)?;
+        let bench: Value = serde_json::from_str(&std::fs::read_to_string(dir.join(name).join("new/benchmark.json"))?)?;
+        let bytes = bench["throughput"]["Bytes"].as_f64().unwrap_or(f64::NAN);
+        let ns = est["median"]["point_estimate"].as_f64().unwrap_or(f64::NAN);
+        println!("  {:<40} {:>8.0} MB/s   target ≥ 200 MB/s", name.replacen('_', "/", 1), bytes / ns * 1e3);
+    }
+    Ok(())
+}
+
+/// Peak resident memory of a process since the last reset, in KiB.
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status.lines().find_map(|l| l.strip_prefix("VmHWM:")).and_then(|v| v.split_whitespace().next()).and_then(|v| v.parse().ok()).unwrap_or(0)
+}
+
+fn reset_peak_rss(pid: u32) {
+    // Writing 5 to clear_refs resets the peak RSS counter (VmHWM).
+    let _ = std::fs::write(format!("/proc/{pid}/clear_refs"), "5");
+}
+
+fn pgclient_stream(cgroup: Option<&Path>, port: u16, sql: &str) -> Result<Value> {
+    let mut cmd = Command::new(root().join("target/release/phigate-pgclient"));
+    cmd.args(["stream", &format!("host=127.0.0.2 port={port} user=postgres dbname=postgres"), sql]).stdin(Stdio::null());
+    if let Some(c) = cgroup {
+        run_in(&mut cmd, c);
+    }
+    let out = cmd.output()?;
+    let v: Value = serde_json::from_slice(&out.stdout).with_context(|| format!("pgclient: {}", String::from_utf8_lossy(&out.stderr)))?;
+    if v["ok"] != true {
+        bail!("pgclient stream failed: {v}");
+    }
+    Ok(v)
+}
+
+/// A 1,000,000-row, 6-column result (3 PHI columns) through phigate with masking vs
+/// direct; peak agent RSS for 1,000,000 rows vs 10,000.
+fn mask() -> Result<()> {
+    if let Some(reason) = phigate_tests::env::missing_capability() {
+        bail!("the mask benchmark needs the real kernel: {reason}");
+    }
+    let reps: usize = std::env::var("PHIGATE_BENCH_REPS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
+    let server = phigate_tests::PgServer::start(Default::default())?;
+    eprintln!("bench: loading 1,000,000 rows");
+    server.psql_admin(
+        "postgres",
+        "create table bench_rows as select g as id, lpad((g % 899 + 1)::text, 3, '0') || '-' || lpad((g % 99 + 1)::text, 2, '0') || '-' || lpad((g % 9999 + 1)::text, 4, '0') as ssn, \
+         'Patient ' || g as name, date '1950-01-01' + (g % 20000) as dob, 'HbA1c ' || round(g % 90 / 10.0 + 4, 1) || ' %, ICD-10 E11.9' as lab, (g % 1000) / 10.0 as value \
+         from generate_series(1, 1000000) g",
+    )?;
+    let dir = std::env::temp_dir().join(phigate_tests::unique("phigate-bench-mask"));
+    std::fs::create_dir_all(&dir)?;
+    let key = dir.join("key");
+    std::fs::write(&key, [7u8; 32])?;
+    let cg = TestCgroup::new();
+    let prot = cg.child("protected");
+    let mut cfg = AgentConfig::new(&cg).database(DbSpec::new("bench", &["127.0.0.2/32"], server.port(), server.socket_addr())).protect(&prot, "bench-client");
+    cfg.extra = format!(
+        "[masking]\nhash_key_file = {:?}\n[[masking.profile]]\nname = \"bench\"\nidentities = [\"bench-client\"]\n\
+         [[masking.profile.rule]]\ncolumn = \"public.bench_rows.ssn\"\nstrategy = \"partial\"\n\
+         [[masking.profile.rule]]\ncolumn = \"public.bench_rows.name\"\nstrategy = \"hash\"\n\
+         [[masking.profile.rule]]\ncolumn = \"public.bench_rows.dob\"\nstrategy = \"year\"\n",
+        key.display().to_string()
+    );
+    let agent = Agent::start(&cfg)?;
+    let pid = agent.pid().context("agent pid")?;
+    let prot_dir = cg.child_dir("protected");
+    // The same relay without masking, to price the masking alone.
+    let cg_off = TestCgroup::new();
+    let prot_off = cg_off.child("protected");
+    let mut cfg_off =
+        AgentConfig::new(&cg_off).database(DbSpec::new("bench", &["127.0.0.2/32"], server.port(), server.socket_addr())).protect(&prot_off, "bench-client");
+    cfg_off.extra = "[masking]\nenabled = false\n".into();
+    let agent_off = Agent::start(&cfg_off)?;
+    let off_dir = cg_off.child_dir("protected");
+    let big = "select id, ssn, name, dob, lab, value from bench_rows";
+    let small = "select id, ssn, name, dob, lab, value from bench_rows where id <= 10000";
+    eprintln!("bench: warming up");
+    pgclient_stream(Some(&prot_dir), server.port(), small)?;
+    let (mut direct, mut masked, mut unmasked) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..reps {
+        eprintln!("bench: round {}/{reps}: 1,000,000 rows direct, through phigate, through phigate without masking", round + 1);
+        let d = pgclient_stream(None, server.port(), big)?;
+        let m = pgclient_stream(Some(&prot_dir), server.port(), big)?;
+        let u = pgclient_stream(Some(&off_dir), server.port(), big)?;
+        if d["rows"] != 1_000_000 || m["rows"] != 1_000_000 || u["rows"] != 1_000_000 {
+            bail!("row counts differ: direct {} masked {} unmasked {}", d["rows"], m["rows"], u["rows"]);
+        }
+        direct.push(d["seconds"].as_f64().unwrap_or(f64::NAN));
+        masked.push(m["seconds"].as_f64().unwrap_or(f64::NAN));
+        unmasked.push(u["seconds"].as_f64().unwrap_or(f64::NAN));
+    }
+    reset_peak_rss(pid);
+    pgclient_stream(Some(&prot_dir), server.port(), small)?;
+    let rss_small = peak_rss_kib(pid);
+    reset_peak_rss(pid);
+    pgclient_stream(Some(&prot_dir), server.port(), big)?;
+    let rss_big = peak_rss_kib(pid);
+    let masked_events = agent.events_named("result masked").len();
+    drop(agent);
+    drop(agent_off);
+    let _ = std::fs::remove_dir_all(&dir);
+    let med = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (d, m, u) = (med(direct), med(masked), med(unmasked));
+    println!("\nphigate mask benchmark — 1,000,000 rows × 6 columns (ssn partial, name hash, dob year; lab text through the detectors), tokio-postgres streaming binary results, median of {reps}");
+    println!("  direct                 {d:>8.2} s");
+    println!("  through phigate        {m:>8.2} s   ratio {:.2}×   target ≤ 1.3×", m / d);
+    println!("  … without masking      {u:>8.2} s   ratio {:.2}×   (the relay alone)", u / d);
+    println!("  agent peak RSS, 10,000 rows      {:>8} KiB", rss_small);
+    println!("  agent peak RSS, 1,000,000 rows   {:>8} KiB   ratio {:.2}×   target ≤ 1.10×", rss_big, rss_big as f64 / rss_small.max(1) as f64);
+    println!("  (results masked, as logged: {masked_events})");
     Ok(())
 }

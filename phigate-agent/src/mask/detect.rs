@@ -1,11 +1,14 @@
 //! Detectors for HIPAA Safe Harbor identifiers inside free text.
 //!
 //! One pass over the value with a single combined regular expression (a lazy DFA over
-//! bytes, ASCII mode), then, for each candidate, the detector that matched and a
-//! validator that cuts false positives: SSN area/group/serial rules, Luhn for card
-//! numbers, Luhn with the `80840` prefix for NPIs, the VIN check digit, calendar dates,
-//! NANP telephone numbers, IPv4 octet ranges, IPv6 syntax. Lab values (`5.5 mg/dL`,
-//! `120/80`) and ICD-10 codes (`E11.9`) are near misses that must not match.
+//! bytes, ASCII mode) finds every place an identifier could start; there, each
+//! enabled detector's own pattern (anchored) and a validator decide, in priority
+//! order, which identifier it is — SSN area/group/serial rules, Luhn for card numbers,
+//! Luhn with the `80840` prefix for NPIs, the VIN check digit, calendar dates, NANP
+//! telephone numbers, IPv4 octet ranges, IPv6 syntax, digits in configurable ids.
+//! Lab values (`5.5 mg/dL`, `120/80`) and ICD-10 codes (`E11.9`) are near misses that
+//! must not match. Names are found only where context says so (a title, "patient",
+//! ", DOB") and only the name itself is replaced.
 //!
 //! Pure: no I/O, no configuration files. Each detector can be switched off per profile;
 //! the patterns of the configurable identifiers (MRN, health plan, account, licence,
@@ -13,7 +16,10 @@
 
 use std::{fmt, net::Ipv6Addr, str::FromStr};
 
-use regex::bytes::{Regex, RegexBuilder};
+use regex_automata::{
+    meta::{Cache, Regex},
+    Anchored, Input, MatchKind, PatternID, PatternSet,
+};
 
 /// The identifier types phigate detects in free text. The names are stable: they
 /// appear in configuration, masking summaries and audit records.
@@ -127,9 +133,9 @@ pub fn default_pattern(k: Kind) -> String {
         Kind::Account => r"\b(?:acct|account)\s*(?:#|no\.?|number)?[:# ]*\d{6,17}\b".into(),
         Kind::License => r"\b(?:dl|license|licence)\s*(?:#|no\.?|number)[:# ]*[a-z0-9]{5,15}\b".into(),
         Kind::Device => r"\b(?:s/n|sn|serial)\s*(?:#|no\.?|number)?[:# ]*[a-z0-9][a-z0-9-]{5,20}\b".into(),
-        // A capitalised name after a title or "patient", or before ", DOB". The name
-        // itself is in a group (`n`, `n2`, `n3`), so only it is replaced.
-        Kind::Name => r"(?i:\b(?:mr|mrs|ms|miss|dr|prof)\.?)\s+(?P<n>[A-Z][a-zA-Z'-]*[a-z][a-zA-Z'-]*(?:\s+[A-Z][a-zA-Z'-]*[a-z][a-zA-Z'-]*)?)|(?i:\b(?:patient|pt\.?))\s+(?P<n2>[A-Z][a-zA-Z'-]*[a-z][a-zA-Z'-]*(?:\s+[A-Z][a-zA-Z'-]*[a-z][a-zA-Z'-]*)?)|\b(?P<n3>[A-Z][a-zA-Z'-]*[a-z][a-zA-Z'-]*\s+[A-Z][a-zA-Z'-]*[a-z][a-zA-Z'-]*),\s*(?i:dob|d\.o\.b\.)".into(),
+        // A capitalised name after a title or "patient", or before ", DOB"; only the
+        // name itself is replaced (see `name_span`).
+        Kind::Name => r"(?i:\b(?:mr|mrs|ms|miss|dr|prof)\.?)\s+(?:[A-Z][a-zA-Z'-]*[a-z][a-zA-Z'-]*(?:\s+[A-Z][a-zA-Z'-]*[a-z][a-zA-Z'-]*)?)|(?i:\b(?:patient|pt\.?))\s+(?:[A-Z][a-zA-Z'-]*[a-z][a-zA-Z'-]*(?:\s+[A-Z][a-zA-Z'-]*[a-z][a-zA-Z'-]*)?)|\b(?:[A-Z][a-zA-Z'-]*[a-z][a-zA-Z'-]*\s+[A-Z][a-zA-Z'-]*[a-z][a-zA-Z'-]*),\s*(?i:dob|d\.o\.b\.)".into(),
     }
 }
 
@@ -141,11 +147,25 @@ pub struct PatternError {
 }
 
 /// A compiled set of detectors.
+#[derive(Clone)]
 pub struct Detectors {
-    /// All enabled patterns in one alternation: one pass finds every candidate start.
+    /// Every enabled pattern in one multi-pattern automaton (leftmost-first): one pass
+    /// finds each candidate and which detector's pattern it is.
     combined: Option<Regex>,
-    /// Each enabled kind, in priority order, anchored at a candidate's start.
+    /// The same patterns matching all at once: which of them match at a position,
+    /// when the first one's validator says no.
+    all: Option<Regex>,
+    /// Each enabled kind, in priority order (the automata's pattern ids index it).
     each: Vec<(Kind, Regex)>,
+}
+
+/// Scratch space for searches, one per session: the automata are shared, their
+/// caches are not (a shared cache would be a lock on every value).
+pub struct DetectCache {
+    combined: Option<Cache>,
+    all: Option<Cache>,
+    each: Vec<Cache>,
+    set: PatternSet,
 }
 
 impl fmt::Debug for Detectors {
@@ -154,8 +174,12 @@ impl fmt::Debug for Detectors {
     }
 }
 
-fn build(pattern: &str) -> Result<Regex, String> {
-    RegexBuilder::new(pattern).unicode(false).size_limit(64 << 20).dfa_size_limit(64 << 20).build().map_err(|e| e.to_string())
+fn build_many(patterns: &[String], kind: MatchKind) -> Result<Regex, String> {
+    Regex::builder()
+        .syntax(regex_automata::util::syntax::Config::new().unicode(false).utf8(false))
+        .configure(Regex::config().match_kind(kind).nfa_size_limit(Some(64 << 20)).hybrid_cache_capacity(8 << 20))
+        .build_many(patterns)
+        .map_err(|e| e.to_string())
 }
 
 /// Counts of detected identifiers, by kind.
@@ -165,36 +189,58 @@ impl Detectors {
     /// Compile `enabled` detectors; `patterns` overrides the default pattern of a kind.
     pub fn new(enabled: &[Kind], patterns: &[(Kind, String)]) -> Result<Self, PatternError> {
         let mut each = Vec::new();
-        let mut alternation = Vec::new();
+        let mut all = Vec::new();
         for k in Kind::ALL.into_iter().filter(|k| enabled.contains(k)) {
             let pattern = patterns.iter().find(|(pk, _)| *pk == k).map(|(_, p)| p.clone()).unwrap_or_else(|| default_pattern(k));
             // Names depend on capitalisation (their pattern says where case is
             // ignored); everything else ignores case.
             let flags = if k == Kind::Name { "(?:" } else { "(?i:" };
-            let anchored = build(&format!("^{flags}{pattern})")).map_err(|err| PatternError { kind: k, err })?;
-            // The alternation must not repeat group names: strip them there.
-            alternation.push(format!("{flags}{})", pattern.replace("?P<n>", "").replace("?P<n2>", "").replace("?P<n3>", "")));
-            each.push((k, anchored));
+            let full = format!("{flags}{pattern})");
+            let one = build_many(std::slice::from_ref(&full), MatchKind::LeftmostFirst).map_err(|err| PatternError { kind: k, err })?;
+            all.push(full);
+            each.push((k, one));
         }
-        let combined = if alternation.is_empty() { None } else { Some(build(&alternation.join("|")).map_err(|err| PatternError { kind: Kind::Name, err })?) };
-        Ok(Self { combined, each })
+        let (combined, every) = if all.is_empty() {
+            (None, None)
+        } else {
+            let first = each.first().map(|(k, _)| *k).unwrap_or(Kind::Email);
+            let c = build_many(&all, MatchKind::LeftmostFirst).map_err(|err| PatternError { kind: first, err })?;
+            let a = build_many(&all, MatchKind::All).map_err(|err| PatternError { kind: first, err })?;
+            (Some(c), Some(a))
+        };
+        Ok(Self { combined, all: every, each })
     }
 
     pub fn is_empty(&self) -> bool {
         self.combined.is_none()
     }
 
+    /// Scratch space for [`Detectors::scan_with`].
+    pub fn cache(&self) -> DetectCache {
+        DetectCache {
+            combined: self.combined.as_ref().map(Regex::create_cache),
+            all: self.all.as_ref().map(Regex::create_cache),
+            each: self.each.iter().map(|(_, r)| r.create_cache()).collect(),
+            set: PatternSet::new(self.each.len()),
+        }
+    }
+
+    /// [`Detectors::scan_with`] with a fresh cache (tests, rare paths).
+    pub fn scan(&self, text: &[u8], counts: &mut Counts) -> Option<Vec<u8>> {
+        self.scan_with(&mut self.cache(), text, counts)
+    }
+
     /// Replace every identifier in `text`; `None` when nothing was found (the value
     /// passes through untouched, without a copy).
-    pub fn scan(&self, text: &[u8], counts: &mut Counts) -> Option<Vec<u8>> {
+    pub fn scan_with(&self, cache: &mut DetectCache, text: &[u8], counts: &mut Counts) -> Option<Vec<u8>> {
         let re = self.combined.as_ref()?;
         let mut out: Option<Vec<u8>> = None;
         let mut copied = 0;
         let mut at = 0;
         while at < text.len() {
-            let Some(m) = re.find_at(text, at) else { break };
+            let Some(m) = re.search_with(cache.combined.as_mut().expect("invariant: a cache per automaton"), &Input::new(text).range(at..)) else { break };
             let s = m.start();
-            let Some((kind, start, end, past)) = self.identify(text, s) else {
+            let Some((kind, start, end, past)) = self.identify(cache, text, s, m.pattern().as_usize(), m.end()) else {
                 // No identifier a validator accepts starts here (a 16-digit number that
                 // fails Luhn, …): look again one byte on.
                 at = s + 1;
@@ -212,24 +258,54 @@ impl Detectors {
         Some(buf)
     }
 
-    /// The first kind (in priority order) whose pattern matches at `s` and whose
-    /// validator accepts it: (kind, replaced span, end of the match).
-    fn identify(&self, text: &[u8], s: usize) -> Option<(Kind, usize, usize, usize)> {
-        let tail = &text[s..];
-        for (kind, re) in &self.each {
-            if *kind == Kind::Name {
-                let Some(c) = re.captures(tail) else { continue };
-                let whole = c.get(0).expect("invariant: group 0 always exists");
-                let name = c.name("n").or_else(|| c.name("n2")).or_else(|| c.name("n3")).unwrap_or(whole);
-                return Some((Kind::Name, s + name.start(), s + name.end(), s + whole.end()));
+    /// Which identifier starts at `s`: first the detector whose pattern the automaton
+    /// matched (`first`, ending at `end`), then the other detectors whose patterns
+    /// match there, in priority order. Returns (kind, replaced span, end of the match).
+    fn identify(&self, cache: &mut DetectCache, text: &[u8], s: usize, first: usize, end: usize) -> Option<(Kind, usize, usize, usize)> {
+        let accept = |kind: Kind, e: usize| -> Option<(Kind, usize, usize, usize)> {
+            let m = &text[s..e];
+            if e == s {
+                return None;
             }
-            if let Some(m) = re.find(tail) {
-                if m.end() > 0 && valid(*kind, &tail[..m.end()]) {
-                    return Some((*kind, s, s + m.end(), s + m.end()));
+            if kind == Kind::Name {
+                let (a, b) = name_span(m);
+                return Some((Kind::Name, s + a, s + b, e));
+            }
+            valid(kind, m).then_some((kind, s, e, e))
+        };
+        if let Some(hit) = accept(self.each[first].0, end) {
+            return Some(hit);
+        }
+        // Anchored at `s`, `\b` still sees the byte before it.
+        let here = Input::new(text).range(s..).anchored(Anchored::Yes);
+        cache.set.clear();
+        self.all.as_ref()?.which_overlapping_matches_with(cache.all.as_mut().expect("invariant: a cache per automaton"), &here, &mut cache.set);
+        for i in (0..self.each.len()).filter(|i| *i != first && cache.set.contains(PatternID::must(*i))) {
+            let (kind, re) = &self.each[i];
+            if let Some(m) = re.search_with(&mut cache.each[i], &here) {
+                if let Some(hit) = accept(*kind, m.end()) {
+                    return Some(hit);
                 }
             }
         }
         None
+    }
+}
+
+/// The name inside a name match: before ", DOB", or after the title / "patient"
+/// (found by hand: capture groups would cost a second, slower search).
+fn name_span(m: &[u8]) -> (usize, usize) {
+    let lower = m.to_ascii_lowercase();
+    if lower.ends_with(b"dob") || lower.ends_with(b"d.o.b.") {
+        let comma = m.iter().rposition(|b| *b == b',').unwrap_or(m.len());
+        return (0, comma);
+    }
+    match m.iter().position(u8::is_ascii_whitespace) {
+        Some(ws) => {
+            let start = ws + m[ws..].iter().take_while(|b| b.is_ascii_whitespace()).count();
+            (start, m.len())
+        }
+        None => (0, m.len()),
     }
 }
 
@@ -353,6 +429,8 @@ fn valid(k: Kind, s: &[u8]) -> bool {
         Kind::Date => valid_date(s),
         Kind::Phone => valid_phone(s),
         Kind::Ip => valid_ip(s),
+        // "serial number unknown", "member of the team": an identifier has digits.
+        Kind::HealthPlan | Kind::Account | Kind::License | Kind::Device | Kind::Mrn => s.iter().filter(|b| b.is_ascii_digit()).count() >= 2,
         _ => true,
     }
 }
@@ -428,6 +506,22 @@ mod tests {
             "the patient was stable",
             "ABCDEFGHJKLMNPRST is no VIN",
             "12345678901234567 is all digits",
+            // one near miss (or more) per detector
+            "write to user at example dot com, or @handle, or a@b",
+            "http:/broken and www. example",
+            "SSN 123-45-678 is short; 900-12-3456 is not issued",
+            "card 4111 1111 is too short",
+            "NPI 3234567893 starts with 3",
+            "call 123-555-0123 or 617-155-0123 or 555-0123",
+            "dates 13/45/2020 and 2020-13-01 and 99/99/99",
+            "addresses 999.1.1.1 and 1.2.3",
+            "VIN 1M8GDM9A1KP042788 fails its check digit; 1M8GDM9AXKP04278 is short",
+            "MRN pending, mrn 123",
+            "member of the care team; plan id: abc",
+            "account manager; acct 123",
+            "licensed nurse; license no. A1",
+            "serial number unknown",
+            "mr smith and Patient SSN pending",
         ] {
             assert_eq!(masked(text), text, "{text}");
         }

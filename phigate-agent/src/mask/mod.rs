@@ -47,7 +47,7 @@ use crate::pg::{
 };
 use catalog::{Catalog, Lookup};
 use copy::{CopyFormat, CopyKind};
-use detect::{Counts, Detectors, Kind};
+use detect::{Counts, DetectCache, Detectors, Kind};
 use lineage::{Output, RelName, Sources};
 use strategy::{CellType, Context, Masked, Strategy, TypeClass};
 
@@ -233,7 +233,8 @@ const LINEAGE_CACHE: usize = 256;
 /// The per-session masking state machine.
 pub struct Masker {
     profile: Arc<Profile>,
-    key: Arc<[u8]>,
+    mac: strategy::Keyed,
+    cache: DetectCache,
     current_year: i32,
     catalog: Arc<Mutex<Catalog>>,
     flow: Flow,
@@ -241,6 +242,8 @@ pub struct Masker {
     portals: HashMap<String, Portal>,
     /// The result of the simple query being streamed.
     current: Option<Arc<Plan>>,
+    /// The plan of the Execute whose rows are streaming.
+    executing: Option<(Arc<str>, Arc<Plan>)>,
     copy: Option<CopyState>,
     /// COPY statements of the current simple Query already answered.
     copies_seen: usize,
@@ -279,14 +282,16 @@ impl Masker {
     pub fn new(profile: Arc<Profile>, key: Arc<[u8]>, catalog: Arc<Mutex<Catalog>>, current_year: i32) -> Self {
         let n = profile.rules.len();
         Self {
+            mac: strategy::keyed(&key),
+            cache: profile.detectors.cache(),
             profile,
-            key,
             current_year,
             catalog,
             flow: Flow::default(),
             stmts: HashMap::new(),
             portals: HashMap::new(),
             current: None,
+            executing: None,
             copy: None,
             copies_seen: 0,
             resume: None,
@@ -448,12 +453,12 @@ impl Masker {
                         }
                     }
                     Answer::StatementDescription(name) => {
-                        if let Some(s) = self.stmts.get_mut(name) {
+                        if let Some(s) = self.stmts.get_mut(&**name) {
                             s.fields = Some(fields);
                         }
                     }
                     Answer::PortalDescription(name) => {
-                        if let Some(p) = self.portals.get_mut(name) {
+                        if let Some(p) = self.portals.get_mut(&**name) {
                             p.fields = Some(fields);
                             p.plan = None;
                         }
@@ -465,9 +470,16 @@ impl Masker {
             tag::DATA_ROW => {
                 let plan = match answer {
                     Answer::Simple(_) => self.current.clone(),
-                    Answer::Execute(portal) => match self.portal_plan(portal)? {
-                        Ok(p) => Some(p),
-                        Err(lookup) => return Ok(Step::Lookup(lookup)),
+                    // The same Execute's rows share its name: look the plan up once.
+                    Answer::Execute(portal) => match &self.executing {
+                        Some((p, plan)) if Arc::ptr_eq(p, portal) => Some(plan.clone()),
+                        _ => match self.portal_plan(portal)? {
+                            Ok(plan) => {
+                                self.executing = Some((portal.clone(), plan.clone()));
+                                Some(plan)
+                            }
+                            Err(lookup) => return Ok(Step::Lookup(lookup)),
+                        },
                     },
                     _ => None,
                 };
@@ -479,6 +491,7 @@ impl Masker {
                 if matches!(answer, Answer::Simple(_)) {
                     self.current = None;
                 }
+                self.executing = None;
                 self.copy = None;
                 self.finish_statement();
                 Ok(Step::Forward)
@@ -692,21 +705,14 @@ impl Masker {
         out
     }
 
-    fn ctx(&self) -> Context<'_> {
-        Context { hmac_key: &self.key, detectors: &self.profile.detectors, current_year: self.current_year }
-    }
-
     fn mask_value(&mut self, col: &ColumnPlan, value: &[u8]) -> Result<Masked, PgError> {
-        let mut counts = Counts::new();
-        let m = strategy::apply(&col.strategy, &self.ctx(), col.ty, value, &mut counts).map_err(|e| fail(e.to_string()))?;
+        let ctx = Context { mac: &self.mac, detectors: &self.profile.detectors, current_year: self.current_year };
+        let m = strategy::apply(&col.strategy, &ctx, &mut self.cache, col.ty, value, &mut self.summary.by_kind).map_err(|e| fail(e.to_string()))?;
         if m.changed() {
             self.summary.cells_masked += 1;
             if let Some(r) = col.rule {
                 self.rule_counts[r] += 1;
             }
-        }
-        for (k, n) in counts {
-            *self.summary.by_kind.entry(k).or_insert(0) += n;
         }
         Ok(m)
     }
@@ -717,17 +723,26 @@ impl Masker {
         }
         let body = frame.body();
         let bad = |e: crate::pg::FrameError| fail(format!("the database sent an unreadable row: {e}"));
-        let cells = msg::parse_data_row(body).map_err(bad)?;
-        if cells.len() != plan.columns.len() {
-            return Err(fail(format!("a row has {} values for {} described columns", cells.len(), plan.columns.len())));
+        let mut cells = msg::Cells::new(body).map_err(bad)?;
+        if cells.count() != plan.columns.len() {
+            return Err(fail(format!("a row has {} values for {} described columns", cells.count(), plan.columns.len())));
         }
         let mut out = std::mem::take(&mut self.scratch);
         out.clear();
         out.push(tag::DATA_ROW);
         out.extend_from_slice(&[0, 0, 0, 0]);
-        out.extend_from_slice(&(cells.len() as i16).to_be_bytes());
+        out.extend_from_slice(&(cells.count() as i16).to_be_bytes());
         let mut changed = false;
-        for (cell, col) in cells.iter().zip(&plan.columns) {
+        for col in &plan.columns {
+            let cell = match cells.next_cell() {
+                Ok(Some(c)) => c,
+                Ok(None) => return Err(fail("a row ended early")),
+                Err(e) => {
+                    self.scratch = out;
+                    return Err(bad(e));
+                }
+            };
+            let cell = &cell;
             let masked = match cell {
                 None => Masked::Same,
                 Some(_) if col.strategy == Strategy::Keep => Masked::Same,
@@ -748,6 +763,10 @@ impl Masker {
                     out.extend_from_slice(&nv);
                 }
             }
+        }
+        if let Err(e) = cells.next_cell() {
+            self.scratch = out;
+            return Err(bad(e));
         }
         let result = if changed {
             let len = (out.len() - 1) as u32;
@@ -773,7 +792,7 @@ impl Masker {
         let sql = match answer {
             Answer::Simple(sql) => sql.clone(),
             Answer::Execute(portal) => {
-                self.portals.get(portal).and_then(|p| p.sql.clone()).ok_or_else(|| fail("COPY of a portal phigate did not see bound"))?
+                self.portals.get(&**portal).and_then(|p| p.sql.clone()).ok_or_else(|| fail("COPY of a portal phigate did not see bound"))?
             }
             _ => return Err(fail("a COPY nobody asked for")),
         };
@@ -933,7 +952,7 @@ impl Masker {
                     self.summary.cells_masked += 1;
                 }
             }
-            if let Some(v) = self.profile.detectors.scan(value, &mut counts) {
+            if let Some(v) = self.profile.detectors.scan_with(&mut self.cache, value, &mut counts) {
                 *value = v;
                 changed = true;
             }
@@ -1003,7 +1022,7 @@ impl Masker {
         let end = rest.iter().position(|b| *b == 0).unwrap_or(rest.len());
         let payload = &rest[..end];
         let mut counts = Counts::new();
-        let Some(new) = self.profile.detectors.scan(payload, &mut counts) else { return Step::Forward };
+        let Some(new) = self.profile.detectors.scan_with(&mut self.cache, payload, &mut counts) else { return Step::Forward };
         for (k, n) in counts {
             *self.summary.by_kind.entry(k).or_insert(0) += n;
         }

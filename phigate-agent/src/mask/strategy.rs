@@ -18,7 +18,7 @@
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-use super::detect::{Counts, Detectors};
+use super::detect::{Counts, DetectCache, Detectors};
 
 /// How a masked value is produced.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -151,16 +151,24 @@ pub enum StrategyError {
     Malformed { what: &'static str, len: usize },
 }
 
+/// The keyed HMAC state, ready to clone per value (keying it costs two of the four
+/// SHA-256 blocks a short value needs).
+pub type Keyed = Hmac<Sha256>;
+
+pub fn keyed(key: &[u8]) -> Keyed {
+    <Keyed as Mac>::new_from_slice(key).expect("invariant: HMAC takes keys of any length")
+}
+
 /// What the strategies need besides the value.
 pub struct Context<'a> {
-    pub hmac_key: &'a [u8],
+    pub mac: &'a Keyed,
     pub detectors: &'a Detectors,
     pub current_year: i32,
 }
 
 impl Context<'_> {
     fn mac(&self, value: &[u8]) -> [u8; 32] {
-        let mut m = <Hmac<Sha256> as Mac>::new_from_slice(self.hmac_key).expect("invariant: HMAC takes keys of any length");
+        let mut m = self.mac.clone();
         m.update(value);
         m.finalize().into_bytes().into()
     }
@@ -173,11 +181,18 @@ impl Context<'_> {
 
 /// Apply `strategy` to a non-NULL `value`. `counts` gets one entry per identifier the
 /// detectors replaced.
-pub fn apply(strategy: &Strategy, ctx: &Context<'_>, ty: CellType, value: &[u8], counts: &mut Counts) -> Result<Masked, StrategyError> {
+pub fn apply(
+    strategy: &Strategy,
+    ctx: &Context<'_>,
+    cache: &mut DetectCache,
+    ty: CellType,
+    value: &[u8],
+    counts: &mut Counts,
+) -> Result<Masked, StrategyError> {
     use TypeClass as T;
     Ok(match strategy {
         Strategy::Keep => Masked::Same,
-        Strategy::Detect => detect(ctx, ty, value, counts),
+        Strategy::Detect => detect(ctx, cache, ty, value, counts),
         Strategy::Redact { token, null } => {
             if *null || !ty.is_text() {
                 Masked::Null
@@ -202,8 +217,15 @@ pub fn apply(strategy: &Strategy, ctx: &Context<'_>, ty: CellType, value: &[u8],
         Strategy::Hash { hex_len, prefix } => match ty.class {
             _ if ty.is_text() => {
                 let mac = ctx.mac(value);
-                let mut out = prefix.as_bytes().to_vec();
-                out.extend(hex(&mac).bytes().take((*hex_len).clamp(8, 64)));
+                let len = (*hex_len).clamp(8, 64);
+                let mut out = Vec::with_capacity(prefix.len() + len);
+                out.extend_from_slice(prefix.as_bytes());
+                const DIGITS: &[u8; 16] = b"0123456789abcdef";
+                for b in mac.iter().take(len.div_ceil(2)) {
+                    out.push(DIGITS[(b >> 4) as usize]);
+                    out.push(DIGITS[(b & 15) as usize]);
+                }
+                out.truncate(prefix.len() + len);
                 Masked::Value(out)
             }
             T::Int2 | T::Int4 | T::Int8 => {
@@ -232,12 +254,12 @@ pub fn apply(strategy: &Strategy, ctx: &Context<'_>, ty: CellType, value: &[u8],
     })
 }
 
-fn detect(ctx: &Context<'_>, ty: CellType, value: &[u8], counts: &mut Counts) -> Masked {
+fn detect(ctx: &Context<'_>, cache: &mut DetectCache, ty: CellType, value: &[u8], counts: &mut Counts) -> Masked {
     match ty.class {
         TypeClass::Jsonb if ty.binary => {
             // Binary jsonb is a version byte followed by the JSON text.
             let Some((&version, text)) = value.split_first() else { return Masked::Same };
-            match ctx.detectors.scan(text, counts) {
+            match ctx.detectors.scan_with(cache, text, counts) {
                 Some(mut new) => {
                     new.insert(0, version);
                     Masked::Value(new)
@@ -245,7 +267,7 @@ fn detect(ctx: &Context<'_>, ty: CellType, value: &[u8], counts: &mut Counts) ->
                 None => Masked::Same,
             }
         }
-        _ if ty.scannable() => ctx.detectors.scan(value, counts).map(Masked::Value).unwrap_or(Masked::Same),
+        _ if ty.scannable() => ctx.detectors.scan_with(cache, value, counts).map(Masked::Value).unwrap_or(Masked::Same),
         _ => Masked::Same,
     }
 }
@@ -268,6 +290,23 @@ fn format_uuid(b: &[u8; 16]) -> String {
 /// Keep the last `keep` letters and digits; hide the others; keep punctuation so the
 /// shape (`***-**-6789`) still reads.
 pub fn partial(value: &[u8], keep: usize) -> Vec<u8> {
+    if value.is_ascii() {
+        let total = value.iter().filter(|b| b.is_ascii_alphanumeric()).count();
+        let hide = total.saturating_sub(keep);
+        let mut seen = 0;
+        return value
+            .iter()
+            .map(|&b| {
+                if b.is_ascii_alphanumeric() {
+                    seen += 1;
+                    if seen <= hide {
+                        return b'*';
+                    }
+                }
+                b
+            })
+            .collect();
+    }
     let text = String::from_utf8_lossy(value);
     let total = text.chars().filter(|c| c.is_alphanumeric()).count();
     let hide = total.saturating_sub(keep);
@@ -471,13 +510,11 @@ mod tests {
     use super::*;
     use crate::mask::detect::Kind;
 
-    fn ctx(d: &Detectors) -> Context<'_> {
-        Context { hmac_key: b"test key with enough bytes......", detectors: d, current_year: 2026 }
-    }
-
     fn run(s: &Strategy, class: TypeClass, binary: bool, v: &[u8]) -> Masked {
         let d = Detectors::new(&Kind::ALL, &[]).unwrap();
-        apply(s, &ctx(&d), CellType { class, binary }, v, &mut Counts::new()).unwrap()
+        let mac = keyed(b"test key with enough bytes......");
+        let ctx = Context { mac: &mac, detectors: &d, current_year: 2026 };
+        apply(s, &ctx, &mut d.cache(), CellType { class, binary }, v, &mut Counts::new()).unwrap()
     }
 
     fn text(m: Masked) -> String {
@@ -507,8 +544,9 @@ mod tests {
         assert!(a.starts_with("pt_") && a.len() == 19, "{a}");
         assert_ne!(a, text(run(&h, TypeClass::Text, false, b"Maria Garcio")));
         let d = Detectors::new(&[], &[]).unwrap();
-        let other_key = Context { hmac_key: b"another key", detectors: &d, current_year: 2026 };
-        let b = apply(&h, &other_key, CellType { class: TypeClass::Text, binary: false }, b"Maria Garcia", &mut Counts::new()).unwrap();
+        let mac = keyed(b"another key");
+        let other_key = Context { mac: &mac, detectors: &d, current_year: 2026 };
+        let b = apply(&h, &other_key, &mut d.cache(), CellType { class: TypeClass::Text, binary: false }, b"Maria Garcia", &mut Counts::new()).unwrap();
         assert_ne!(Masked::Value(a.clone().into_bytes()), b, "the key matters");
         // Integers: the same pseudonym in text and binary, and a valid int4.
         let t = text(run(&h, TypeClass::Int4, false, b"42"));

@@ -22,9 +22,9 @@ enum Pending {
     Query(Arc<str>),
     Parse,
     Bind,
-    DescribeStatement(String),
-    DescribePortal(String),
-    Execute(String),
+    DescribeStatement(Arc<str>),
+    DescribePortal(Arc<str>),
+    Execute(Arc<str>),
     Close,
     Sync,
     /// A fast-path call (answered by FunctionCallResponse and ReadyForQuery).
@@ -38,13 +38,14 @@ pub enum Answer {
     /// CommandCompletes and errors.
     Simple(Arc<str>),
     /// The RowDescription (or NoData) of a prepared statement, answering Describe.
-    StatementDescription(String),
+    StatementDescription(Arc<str>),
     /// The RowDescription (or NoData) of a portal, answering Describe.
-    PortalDescription(String),
-    /// Rows or COPY data of an Execute of this portal.
-    Execute(String),
+    PortalDescription(Arc<str>),
+    /// Rows or COPY data of an Execute of this portal (the name is shared, not copied:
+    /// this is asked for every row).
+    Execute(Arc<str>),
     /// The end of an Execute: CommandComplete, EmptyQueryResponse, PortalSuspended.
-    ExecuteDone(String),
+    ExecuteDone(Arc<str>),
     /// An ErrorResponse to an extended-protocol request; the server now skips to Sync.
     ExtendedError,
     /// ReadyForQuery: everything before it is answered.
@@ -91,9 +92,9 @@ impl Flow {
             Request::Query(sql) => Pending::Query(Arc::from(sql)),
             Request::Parse => Pending::Parse,
             Request::Bind => Pending::Bind,
-            Request::Describe { portal: false, name } => Pending::DescribeStatement(name.to_string()),
-            Request::Describe { portal: true, name } => Pending::DescribePortal(name.to_string()),
-            Request::Execute { portal } => Pending::Execute(portal.to_string()),
+            Request::Describe { portal: false, name } => Pending::DescribeStatement(Arc::from(name)),
+            Request::Describe { portal: true, name } => Pending::DescribePortal(Arc::from(name)),
+            Request::Execute { portal } => Pending::Execute(Arc::from(portal)),
             Request::Close => Pending::Close,
             Request::Sync => Pending::Sync,
             Request::FunctionCall => Pending::FunctionCall,

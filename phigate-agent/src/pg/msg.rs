@@ -260,6 +260,46 @@ pub fn parse_data_row(body: &[u8]) -> Result<Vec<Option<&[u8]>>, FrameError> {
     Ok(cells)
 }
 
+/// The cells of a DataRow one by one, without collecting them: the count from the
+/// header, then each value (`None` is NULL). Errors if a length lies.
+pub struct Cells<'a> {
+    rest: &'a [u8],
+    left: usize,
+}
+
+impl<'a> Cells<'a> {
+    pub fn new(body: &'a [u8]) -> Result<Self, FrameError> {
+        let mut rest = body;
+        let n = take_i16(&mut rest, "DataRow")?;
+        Ok(Self { rest, left: n.max(0) as usize })
+    }
+
+    pub fn count(&self) -> usize {
+        self.left
+    }
+
+    pub fn next_cell(&mut self) -> Result<Option<Option<&'a [u8]>>, FrameError> {
+        if self.left == 0 {
+            if !self.rest.is_empty() {
+                return Err(FrameError::Malformed { what: "DataRow", why: "bytes after the last value".into() });
+            }
+            return Ok(None);
+        }
+        self.left -= 1;
+        let len = take_i32(&mut self.rest, "DataRow")?;
+        if len < 0 {
+            return Ok(Some(None));
+        }
+        let len = len as usize;
+        if self.rest.len() < len {
+            return Err(FrameError::Malformed { what: "DataRow", why: "a value is longer than the message".into() });
+        }
+        let (v, rest) = self.rest.split_at(len);
+        self.rest = rest;
+        Ok(Some(Some(v)))
+    }
+}
+
 /// Build a DataRow body from cells into `out` (cleared first).
 pub fn encode_data_row<'a>(cells: impl ExactSizeIterator<Item = Option<&'a [u8]>>, out: &mut Vec<u8>) {
     out.clear();

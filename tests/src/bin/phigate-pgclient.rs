@@ -16,6 +16,8 @@
 //!   prepared SQL N  prepare SQL once (one parameter, an int4) and execute it N times
 //!                 with 1..=N, printing the raw values like `rows`
 //!   notify-payload TEXT  LISTEN, NOTIFY with TEXT, report what arrived
+//!   stream SQL    stream the result of SQL row by row (binary), report rows, bytes
+//!                 and seconds (the masking benchmark's client)
 //! ```
 
 use std::time::{Duration, Instant};
@@ -136,6 +138,22 @@ async fn prepared(conn: &str, sql: &str, n: i32) -> Result<Value, tokio_postgres
     Ok(raw_rows(&all))
 }
 
+async fn stream_rows(conn: &str, sql: &str) -> Result<Value, tokio_postgres::Error> {
+    let (client, _h) = connect(conn).await?;
+    let started = Instant::now();
+    let rows = client.query_raw(sql, std::iter::empty::<i32>()).await?;
+    futures_util::pin_mut!(rows);
+    let (mut n, mut bytes) = (0u64, 0u64);
+    while let Some(row) = rows.next().await {
+        let row = row?;
+        for i in 0..row.len() {
+            bytes += row.get::<_, Raw>(i).0.map(|b| b.len() as u64).unwrap_or(0);
+        }
+        n += 1;
+    }
+    Ok(json!({"ok": true, "rows": n, "bytes": bytes, "seconds": started.elapsed().as_secs_f64()}))
+}
+
 async fn notify(conn: &str) -> Result<Value, tokio_postgres::Error> {
     notify_payload(conn, "hello through phigate").await
 }
@@ -230,6 +248,7 @@ async fn main() {
         "rows" => rows(conn, args.get(3).map(String::as_str).unwrap_or("")).await,
         "prepared" => prepared(conn, args.get(3).map(String::as_str).unwrap_or(""), args.get(4).and_then(|n| n.parse().ok()).unwrap_or(10)).await,
         "notify-payload" => notify_payload(conn, args.get(3).map(String::as_str).unwrap_or("")).await,
+        "stream" => stream_rows(conn, args.get(3).map(String::as_str).unwrap_or("")).await,
         other => {
             eprintln!("unknown scenario {other}");
             std::process::exit(2);
