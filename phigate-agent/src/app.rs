@@ -19,6 +19,7 @@ use tracing::{error, info, info_span, warn, Instrument};
 
 use crate::{
     admin,
+    audit::{record::kind as audit_kind, writer::Handle as AuditHandle},
     config::{AuthConfig, Config, Database},
     ebpf::{self, c_str, AttachPoint, EventReader, KernelState, PinLayout},
     host::{self, CgroupFs},
@@ -36,6 +37,7 @@ use crate::{
     },
     policy::{approval::Broker, BaselineSettings, Policy},
     protection,
+    session::audit::{AuditStage, Tap},
     session::guard::Guard,
     session::masking::{CatalogAccess, MaskStage},
     session::{self, auth::AuthRuntime, cancel::CancelRegistry, DbRuntime, IdentityRuntime, Limits, Phase, Services},
@@ -100,9 +102,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(Phase::Running);
+    let audit = start_audit(&config)?;
     let policy = Arc::new(build_policy(&config));
     let broker = build_broker(&config);
-    let services = Arc::new(build_services(&config, stop_rx.clone(), policy, broker.clone()).await?);
+    if let Some(a) = audit.clone() {
+        broker.subscribe(move |event| a.record(audit_kind::APPROVAL, serde_json::to_value(event).unwrap_or(serde_json::Value::Null)));
+    }
+    let services = Arc::new(build_services(&config, stop_rx.clone(), policy, broker.clone(), audit.clone()).await?);
     let admin_listener =
         admin::bind(&config.agent.admin_socket).map_err(|e| config.invalid("agent.admin_socket", e, "Choose a directory the agent can write to."))?;
 
@@ -110,6 +116,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let outcomes = ebpf::install(&layout, AttachPoint { dir: &attach.dir, id: attach.id })?;
     for (program, outcome) in &outcomes {
         info!(program, ?outcome, cgroup = %attach.dir.display(), "kernel program in place");
+    }
+    if let Some(a) = &audit {
+        let programs: Vec<serde_json::Value> = outcomes.iter().map(|(p, o)| serde_json::json!({"program": p, "outcome": format!("{o:?}")})).collect();
+        a.record(audit_kind::LIFECYCLE, serde_json::json!({"event": "attach", "cgroup": attach.dir.display().to_string(), "programs": programs}));
     }
     let state = Arc::new(KernelState::open(&layout)?);
     let flags = if config.agent.deny_raw_sockets { setting::DENY_RAW_SOCKETS } else { 0 };
@@ -141,7 +151,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         threads.push(handle);
     }
     let events = EventReader::open(&layout)?;
-    let event_task = tokio::spawn(report_events(events, kernel.clone(), stop_rx.clone()));
+    let event_task = tokio::spawn(report_events(events, kernel.clone(), stop_rx.clone(), audit.clone()));
     let admin_task = tokio::spawn(admin::serve(admin_listener, broker.clone(), workload_of(state.clone(), cgroups.clone())));
     info!(socket = %config.agent.admin_socket.display(), "admin API listening");
 
@@ -164,8 +174,67 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         s.agent_tgid = 0;
         state.set_settings(s)?;
     }
+    if let Some(a) = &audit {
+        a.record(audit_kind::LIFECYCLE, serde_json::json!({"event": "stop", "pid": pid}));
+        a.stop(Duration::from_secs(10));
+    }
     info!("stopped; kernel programs stay attached and refuse protected connections until an agent runs again");
     Ok(())
+}
+
+/// Open the audit log (creating it and its signing key on first start), start its
+/// writer, and record the start. A log that exists without its signing key is a
+/// start-up error: a new key would make its history unverifiable.
+fn start_audit(config: &Config) -> anyhow::Result<Option<AuditHandle>> {
+    let a = &config.audit;
+    if !a.enabled {
+        warn!("the AUDIT LOG is DISABLED ([audit] enabled = false): nothing is recorded; use only to measure overhead");
+        return Ok(None);
+    }
+    let fresh = crate::audit::log::segments(&a.dir).map(|s| s.is_empty()).unwrap_or(true);
+    let key = match crate::audit::crypto::load_signing_key(&a.signing_key_file) {
+        Ok(k) => k,
+        Err(crate::audit::crypto::KeyError::Read { err, .. }) if err.kind() == std::io::ErrorKind::NotFound && fresh => {
+            let k = crate::audit::crypto::create_signing_key(&a.signing_key_file)
+                .map_err(|e| config.invalid("audit.signing_key_file", e, "Make its directory writable by the agent."))?;
+            info!(key = %a.signing_key_file.display(), public_key = %crate::audit::crypto::public_hex(&k.verifying_key()), "created the audit signing key; give auditors the public key");
+            k
+        }
+        Err(e) => {
+            return Err(config
+                .invalid(
+                    "audit.signing_key_file",
+                    e,
+                    format!("Restore the key that signed the log in {} (or start a new log in another audit.dir).", a.dir.display()),
+                )
+                .into())
+        }
+    };
+    let keys = crate::audit::crypto::PeriodKeys { dir: a.key_dir.clone() };
+    let (log, opened) = crate::audit::log::Log::open(&a.dir, key, keys, a.segment_bytes)
+        .map_err(|e| config.invalid("audit.dir", e, "Make the directory writable by the agent (and only by it)."))?;
+    if let Some((segment, bytes, kept)) = &opened.torn {
+        warn!(segment = %segment, bytes, kept_in = %kept.display(), "the audit log had a torn tail (the agent stopped while writing); it was moved aside and recorded");
+    }
+    if let Some(s) = &opened.sealed_after_crash {
+        warn!(segment = %s, "the previous agent run did not seal its audit segment; sealed it now");
+    }
+    let config_sha = std::fs::read(&config.path).map(|b| crate::audit::record::hex(&<sha2::Sha256 as sha2::Digest>::digest(&b))).unwrap_or_default();
+    let handle = AuditHandle::start(log, a.head_interval);
+    handle.record(
+        audit_kind::LIFECYCLE,
+        serde_json::json!({
+            "event": "start",
+            "version": env!("CARGO_PKG_VERSION"),
+            "pid": std::process::id(),
+            "config": config.path.display().to_string(),
+            "config_sha256": config_sha,
+            "recovered_after_crash": opened.sealed_after_crash,
+            "torn_tail": opened.torn.as_ref().map(|(s, n, _)| serde_json::json!({"segment": s, "bytes": n})),
+        }),
+    );
+    info!(dir = %a.dir.display(), "audit log open");
+    Ok(Some(handle))
 }
 
 /// Turn the validated configuration into what sessions use: TLS material, credential
@@ -227,7 +296,13 @@ fn workload_of(state: Arc<KernelState>, cgroups: CgroupFs) -> admin::WorkloadOf 
     })
 }
 
-async fn build_services(config: &Config, shutdown: tokio::sync::watch::Receiver<Phase>, policy: Arc<Policy>, broker: Arc<Broker>) -> anyhow::Result<Services> {
+async fn build_services(
+    config: &Config,
+    shutdown: tokio::sync::watch::Receiver<Phase>,
+    policy: Arc<Policy>,
+    broker: Arc<Broker>,
+    audit: Option<AuditHandle>,
+) -> anyhow::Result<Services> {
     let mut databases = Vec::new();
     for (i, db) in config.databases.iter().enumerate() {
         let upstream_tls = UpstreamTls::new(&db.upstream_tls, db.upstream.ip())
@@ -297,10 +372,19 @@ async fn build_services(config: &Config, shutdown: tokio::sync::watch::Receiver<
     let dbs = databases.clone();
     let catalogs: Arc<std::sync::Mutex<std::collections::HashMap<(String, String), Arc<std::sync::Mutex<Catalog>>>>> = Arc::default();
     let year = mask::strategy::current_year();
+    let stage_audit = audit.clone();
+    let max_result_bytes = config.audit.max_result_bytes;
+    let masking_on = masking.is_some();
     let stages: session::StageFactory = Box::new(move |session| {
         let mut v: Vec<Box<dyn session::stage::Stage>> = Vec::new();
+        let tap = stage_audit.as_ref().map(|w| Tap::new(w.clone(), session, max_result_bytes, masking_on));
         if policy_on {
-            v.push(Box::new(Guard::new(policy.clone(), broker.clone(), session)));
+            v.push(Box::new(Guard::new(policy.clone(), broker.clone(), session, tap.clone())));
+        }
+        // After the policy (it sees what was allowed), before masking (it sees what
+        // the client receives).
+        if let Some(t) = &tap {
+            v.push(Box::new(AuditStage::new(t.clone(), policy_on)));
         }
         if let (Some(m), Some(db)) = (&masking, dbs.iter().find(|d| d.name == session.database)) {
             let groups = session.token.as_ref().map(|t| t.groups.clone()).unwrap_or_default();
@@ -315,7 +399,7 @@ async fn build_services(config: &Config, shutdown: tokio::sync::watch::Receiver<
                 options: session.options.clone(),
             };
             let masker = mask::Masker::new(profile, m.hmac_key.clone(), catalog.clone(), year);
-            v.push(Box::new(MaskStage::new(masker, access, catalog, session.id)));
+            v.push(Box::new(MaskStage::new(masker, access, catalog, session.id, tap.clone())));
         }
         v
     });
@@ -326,6 +410,7 @@ async fn build_services(config: &Config, shutdown: tokio::sync::watch::Receiver<
         limits: Limits { max_message_bytes: config.agent.max_message_bytes, startup_timeout: config.agent.startup_timeout },
         stages,
         shutdown,
+        audit,
     })
 }
 
@@ -471,7 +556,7 @@ async fn accept_loop(listener: Listener, db: Database, kernel: Arc<Kernel>, serv
 
 /// Log what the kernel reports: bypass attempts dropped by the egress guard, connects
 /// refused, raw sockets denied.
-async fn report_events(events: EventReader, kernel: Arc<Kernel>, mut stop: tokio::sync::watch::Receiver<Phase>) {
+async fn report_events(events: EventReader, kernel: Arc<Kernel>, mut stop: tokio::sync::watch::Receiver<Phase>, audit: Option<AuditHandle>) {
     let fd = events.as_raw_fd();
     // SAFETY: the ring buffer's fd is owned by `events`, which the AsyncFd owns until
     // it is dropped; the fd is never replaced.
@@ -495,6 +580,18 @@ async fn report_events(events: EventReader, kernel: Arc<Kernel>, mut stop: tokio
                 None => SocketAddr::new(addr.into(), ev.port),
             };
             let comm = c_str(&ev.comm);
+            if let Some(a) = &audit {
+                let kind = match ev.kind {
+                    event::BYPASS_DROPPED => "bypass_dropped",
+                    event::CONNECT_REFUSED => "connect_refused",
+                    event::RAW_SOCKET_DENIED => "raw_socket_denied",
+                    _ => "unknown",
+                };
+                a.record(
+                    audit_kind::BYPASS,
+                    serde_json::json!({"kind": kind, "identity": identity, "dst": dst.to_string(), "cgroup_id": ev.cgroup_id, "protected_cgroup_id": ev.protected_cgroup_id, "pid": ev.pid, "uid": ev.uid, "comm": comm, "reason": reason_name(ev.reason)}),
+                );
+            }
             match ev.kind {
                 event::BYPASS_DROPPED => warn!(kind = "bypass_dropped", identity = %identity, dst = %dst, cgroup_id = ev.cgroup_id, protected_cgroup_id = ev.protected_cgroup_id, uid = ev.uid, "dropped a packet to a protected database that bypassed the redirect"),
                 event::CONNECT_REFUSED => warn!(kind = "connect_refused", identity = %identity, dst = %dst, reason = reason_name(ev.reason), pid = ev.pid, uid = ev.uid, comm = %comm, "refused a protected connect that cannot be redirected"),

@@ -58,6 +58,13 @@ pub enum Command {
         #[command(subcommand)]
         command: ApprovalsCommand,
     },
+    /// The audit log: verify, query, export, replay, prune, shred. Works without a
+    /// configuration (give --dir, --public-key, --keys); with one, its [audit]
+    /// settings are the defaults.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
     /// Print a SCRAM-SHA-256 verifier for `scram_verifier` (reads the password from
     /// stdin unless --password is given). Needs no configuration.
     HashPassword {
@@ -94,6 +101,97 @@ pub enum ApprovalsCommand {
         /// Why (the workload sees it).
         #[arg(long)]
         reason: String,
+    },
+}
+
+/// Which records `query` and `export` select.
+#[derive(Debug, clap::Args, Clone, Default)]
+pub struct AuditFilter {
+    /// Records at or after this time (2026-12-02 or 2026-12-02T10:00:00Z).
+    #[arg(long)]
+    pub since: Option<String>,
+    /// Records at or before this time.
+    #[arg(long)]
+    pub until: Option<String>,
+    /// Records of sessions of this workload identity.
+    #[arg(long)]
+    pub identity: Option<String>,
+    /// Records of this session (`s-…`, as `query` shows it).
+    #[arg(long)]
+    pub session: Option<String>,
+    /// Statements decided so: blocked, allowed, approved, denied, timed_out, unchecked.
+    #[arg(long)]
+    pub decision: Option<String>,
+    /// Records of these kinds (statement, statement_end, session_start, bypass, …).
+    #[arg(long = "kind")]
+    pub kinds: Vec<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Check hashes, chain links and signatures; exit 1 naming the first bad place.
+    Verify {
+        /// The log directory (default: audit.dir of the configuration).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// The trusted public key: a file holding it in hex, or the hex (default: the
+        /// configuration's signing key, else the log's own audit.pub, with a warning).
+        #[arg(long)]
+        public_key: Option<String>,
+    },
+    /// Find records.
+    Query {
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        #[command(flatten)]
+        filter: AuditFilter,
+        /// table or json (JSON lines).
+        #[arg(long, default_value = "table")]
+        format: String,
+    },
+    /// Export records: JSON lines, or FHIR R4 AuditEvent resources.
+    Export {
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        #[command(flatten)]
+        filter: AuditFilter,
+        /// jsonl or fhir.
+        #[arg(long)]
+        format: String,
+        /// FHIR only: one Bundle instead of one resource per line.
+        #[arg(long)]
+        bundle: bool,
+    },
+    /// One session in order: statements, decisions, approvals, results as delivered.
+    Replay {
+        /// The session (`s-…`).
+        session: String,
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Also show the raw results and parameters (needs the period keys).
+        #[arg(long)]
+        raw: bool,
+        /// The period key directory (default: audit.key_dir of the configuration).
+        #[arg(long)]
+        keys: Option<PathBuf>,
+    },
+    /// Remove sealed segments older than DATE, leaving a signed tombstone.
+    Prune {
+        /// YYYY-MM-DD (UTC): segments whose last record is older go.
+        #[arg(long)]
+        before: String,
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// The signing key (default: audit.signing_key_file of the configuration).
+        #[arg(long)]
+        signing_key: Option<PathBuf>,
+    },
+    /// Destroy the period keys before DATE: their raw data becomes unreadable for good.
+    Shred {
+        #[arg(long)]
+        before: String,
+        #[arg(long)]
+        keys: Option<PathBuf>,
     },
 }
 

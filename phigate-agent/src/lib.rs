@@ -12,11 +12,13 @@
 //! - [`session`]: one task per connection
 //! - [`protection`]: what is protected, kept in sync with config and `phigate protect`
 //! - [`status`]: `phigate status`
+//! - [`audit`]: the tamper-evident audit log and the auditor's tools; no tokio
 //! - [`admin`]: the local admin API (unix socket, HTTP + JSON): approvals
 //! - [`app`]: wiring of `phigate run`
 //! - [`cli`]: command-line definitions
 pub mod admin;
 pub mod app;
+pub mod audit;
 pub mod cli;
 pub mod config;
 pub mod ebpf;

@@ -7,7 +7,8 @@ use std::process::ExitCode;
 use clap::Parser;
 use phigate_agent::{
     admin, app,
-    cli::{ApprovalsCommand, Cli, Command},
+    audit::{self, query::Filter},
+    cli::{ApprovalsCommand, AuditCommand, AuditFilter, Cli, Command},
     config::{Config, ConfigError, LogFormat},
     ebpf::{self, KernelState, PinLayout},
     host::CgroupFs,
@@ -19,6 +20,27 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Command::HashPassword { password } = &cli.command {
         return hash_password(password.clone());
+    }
+    if let Command::Audit { command } = cli.command {
+        // Auditors run these away from the node: the configuration is optional.
+        let config = if cli.config.exists() {
+            match Config::load(&cli.config) {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    eprintln!("phigate: {e}");
+                    return ExitCode::from(2);
+                }
+            }
+        } else {
+            None
+        };
+        return match audit_command(command, config.as_ref()) {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("phigate audit: {e:#}");
+                ExitCode::from(2)
+            }
+        };
     }
     let config = match Config::load(&cli.config) {
         Ok(c) => c,
@@ -55,6 +77,144 @@ fn hash_password(password: Option<String>) -> ExitCode {
     };
     println!("{}", phigate_agent::identity::scram::make_verifier(&password));
     ExitCode::SUCCESS
+}
+
+fn filter(f: AuditFilter) -> Filter {
+    Filter { since: f.since, until: f.until, identity: f.identity, session: f.session, decision: f.decision, kinds: f.kinds }
+}
+
+/// `phigate audit …`; exit 0 when all is well, 1 when verification fails.
+fn audit_command(command: AuditCommand, config: Option<&Config>) -> anyhow::Result<ExitCode> {
+    use anyhow::Context as _;
+    let dir_of = |d: Option<std::path::PathBuf>| -> anyhow::Result<std::path::PathBuf> {
+        d.or_else(|| config.map(|c| c.audit.dir.clone())).context("give --dir (no configuration to take audit.dir from)")
+    };
+    match command {
+        AuditCommand::Verify { dir, public_key } => {
+            let dir = dir_of(dir)?;
+            let key = match (public_key, config) {
+                (Some(k), _) => audit::crypto::load_public_key(&k)?,
+                (None, Some(c)) if c.audit.signing_key_file.exists() => audit::crypto::load_signing_key(&c.audit.signing_key_file)?.verifying_key(),
+                _ => {
+                    let own = dir.join(audit::log::PUBLIC_KEY_FILE);
+                    eprintln!("warning: trusting the public key stored in the log directory ({}); pass --public-key with a copy kept elsewhere", own.display());
+                    audit::crypto::load_public_key(&own.display().to_string())?
+                }
+            };
+            let mut shown = 0u64;
+            let result = audit::verify::verify(&dir, &key, |done, total| {
+                if total > 16 << 20 && (done * 20 / total.max(1)) > shown {
+                    shown = done * 20 / total.max(1);
+                    eprintln!("verify: {:>3}% ({} of {} MiB)", shown * 5, done >> 20, total >> 20);
+                }
+            });
+            match result {
+                Ok(r) => {
+                    for w in &r.warnings {
+                        println!("WARNING: {w}");
+                    }
+                    println!("OK: {} records in {} segments verify (hashes, chain, signatures), last seq {}", r.records, r.segments, r.last_seq);
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(f) => {
+                    println!("FAILED at {f}");
+                    Ok(ExitCode::from(1))
+                }
+            }
+        }
+        AuditCommand::Query { dir, filter: f, format } => {
+            let rows = audit::query::query(&dir_of(dir)?, &filter(f))?;
+            for row in &rows {
+                match format.as_str() {
+                    "json" => {
+                        let mut v = serde_json::json!({"seq": row.record.seq, "ts": row.record.ts, "kind": row.record.kind, "segment": row.segment, "identity": row.identity, "data": row.record.data, "hash": row.record.hash});
+                        if let Some(o) = v["data"].as_object_mut() {
+                            // Sealed parts stay sealed; they are opaque here.
+                            for k in ["raw", "params"] {
+                                if o.contains_key(k) {
+                                    o.insert(k.into(), serde_json::json!("<sealed>"));
+                                }
+                            }
+                        }
+                        println!("{v}");
+                    }
+                    "table" => println!("{}", audit::query::table_line(row)),
+                    other => anyhow::bail!("--format {other}: use table or json"),
+                }
+            }
+            if format == "table" {
+                eprintln!("{} records", rows.len());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        AuditCommand::Export { dir, filter: f, format, bundle } => {
+            let dir = dir_of(dir)?;
+            let rows = audit::query::query(&dir, &filter(f))?;
+            match format.as_str() {
+                "jsonl" => {
+                    for row in &rows {
+                        print!("{}", row.record.to_line());
+                    }
+                }
+                "fhir" => {
+                    let events = audit::query::fhir_events(&dir, &rows)?;
+                    if bundle {
+                        let entries: Vec<serde_json::Value> = events
+                            .into_iter()
+                            .map(|e| serde_json::json!({"fullUrl": format!("urn:phigate:{}", e["id"].as_str().unwrap_or("")), "resource": e}))
+                            .collect();
+                        println!(
+                            "{}",
+                            serde_json::json!({"resourceType": "Bundle", "type": "collection", "timestamp": audit::record::now_rfc3339(), "total": entries.len(), "entry": entries})
+                        );
+                    } else {
+                        for e in events {
+                            println!("{e}");
+                        }
+                    }
+                }
+                other => anyhow::bail!("--format {other}: use jsonl or fhir"),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        AuditCommand::Replay { session, dir, raw, keys } => {
+            let keys = if raw {
+                let dir = keys.or_else(|| config.map(|c| c.audit.key_dir.clone())).context("--raw needs the period keys: give --keys")?;
+                Some(audit::crypto::PeriodKeys { dir })
+            } else {
+                None
+            };
+            for line in audit::query::replay(&dir_of(dir)?, &session, keys.as_ref())? {
+                println!("{line}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        AuditCommand::Prune { before, dir, signing_key } => {
+            let day = audit::record::parse_ts(&before).with_context(|| format!("--before {before:?}: give a date like 2026-11-01"))?;
+            let key_path =
+                signing_key.or_else(|| config.map(|c| c.audit.signing_key_file.clone())).context("give --signing-key (pruning signs a tombstone)")?;
+            let key = audit::crypto::load_signing_key(&key_path)?;
+            let p = audit::prune::prune(&dir_of(dir)?, &audit::record::format_ts(day), &key)?;
+            if p.segments.is_empty() {
+                println!("nothing to prune: no sealed segment ends before {before}");
+            } else {
+                println!(
+                    "pruned {} segments ({}), through seq {}; a signed tombstone keeps the chain verifiable",
+                    p.segments.len(),
+                    p.segments.join(", "),
+                    p.through_seq
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        AuditCommand::Shred { before, keys } => {
+            audit::record::parse_ts(&before).with_context(|| format!("--before {before:?}: give a date like 2026-11-01"))?;
+            let dir = keys.or_else(|| config.map(|c| c.audit.key_dir.clone())).context("give --keys")?;
+            let gone = audit::crypto::PeriodKeys { dir }.shred_before(&before)?;
+            println!("destroyed the keys of {} periods: {}; their raw results and parameters can no longer be read", gone.len(), gone.join(", "));
+            Ok(ExitCode::SUCCESS)
+        }
+    }
 }
 
 fn approvals(config: &Config, command: ApprovalsCommand) -> anyhow::Result<()> {
@@ -158,7 +318,7 @@ fn dispatch(command: Command, config: Config) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::HashPassword { .. } => unreachable!("invariant: handled before the configuration is loaded"),
+        Command::HashPassword { .. } | Command::Audit { .. } => unreachable!("invariant: handled before the configuration is loaded"),
         Command::Approvals { command } => approvals(&config, command),
         Command::Detach { force } => {
             if layout.is_installed() {

@@ -125,6 +125,16 @@ impl AgentConfig {
         self
     }
 
+    /// The configuration file for an agent whose pins live in `pin_dir` and whose audit
+    /// log (unless `extra` configures `[audit]` itself) in `audit_dir`.
+    pub fn render_with_audit(&self, pin_dir: &Path, audit_dir: &Path) -> String {
+        let mut t = self.render(pin_dir);
+        if !self.extra.contains("[audit]") {
+            let _ = writeln!(t, "\n[audit]\ndir = {:?}\nhead_interval_secs = 1", audit_dir.display().to_string());
+        }
+        t
+    }
+
     pub fn render(&self, pin_dir: &Path) -> String {
         let mut t = String::new();
         let admin = pin_dir.file_name().map(|n| std::env::temp_dir().join(format!("{}.admin.sock", n.to_string_lossy()))).unwrap_or_default();
@@ -204,7 +214,7 @@ impl Agent {
         fs::create_dir_all(&dir)?;
         let pin_dir = PathBuf::from("/sys/fs/bpf").join(unique("phigate-test"));
         let config_path = dir.join("phigate.toml");
-        fs::write(&config_path, cfg.render(&pin_dir))?;
+        fs::write(&config_path, cfg.render_with_audit(&pin_dir, &dir.join("audit")))?;
         let agent_cgroup = cfg.agent_cgroup.as_ref().map(|rel| crate::env::cgroup2_mount().expect("cgroup2").join(rel));
         let mut agent = Self { child: None, agent_cgroup, log_path: dir.join("agent-0.log"), dir, config_path, pin_dir, starts: 0 };
         agent.spawn_and_wait()?;
@@ -250,6 +260,11 @@ impl Agent {
 
     pub fn config_path(&self) -> &Path {
         &self.config_path
+    }
+
+    /// The agent's audit log directory (when the test did not configure its own).
+    pub fn audit_dir(&self) -> PathBuf {
+        self.dir.join("audit")
     }
 
     pub fn pin_dir(&self) -> &Path {

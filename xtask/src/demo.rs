@@ -105,7 +105,7 @@ pub fn run() -> Result<()> {
 
     step(&format!("3. A workload in the protected cgroup /{DEMO_CGROUP} runs `psql -h 127.0.0.2 -U analyst clinical`, no password"));
     println!("   (its connection string is unchanged; the kernel carries it to phigate, which logs in upstream as phigate_clinical)");
-    let out = psql("analyst", "clinical", "select current_user as upstream_role, session_user, inet_server_addr() as server_seen", Some(&cgroup))?;
+    let out = psql("analyst", "clinical", "select current_user as upstream_role, session_user, current_database()", Some(&cgroup))?;
     println!("{out}");
     let out = psql("analyst", "clinical", "select id, mrn, name, dob from patients order by id limit 3", Some(&cgroup))?;
     println!("{out}");
@@ -150,7 +150,26 @@ pub fn run() -> Result<()> {
         println!("   {l}");
     }
 
-    step("5. The same psql from an unprotected process");
+    step("5. PHI masking: patient 2 as the database owner sees it, and as the workload receives it");
+    let sql = "select name, mrn, ssn, dob, phone, diagnosis, note from patients where id = 2";
+    let direct = psql_row("postgres", "clinical", sql, None)?;
+    let masked = psql_row("analyst", "clinical", sql, Some(&cgroup))?;
+    println!("   {:<10} {:<44} {}", "column", "direct (database owner)", "through phigate (demo-agent)");
+    for (i, col) in ["name", "mrn", "ssn", "dob", "phone", "diagnosis", "note"].iter().enumerate() {
+        let (d, m) = (direct.get(i).map(String::as_str).unwrap_or(""), masked.get(i).map(String::as_str).unwrap_or(""));
+        if col == &"note" {
+            println!("   {col:<10} {d}");
+            println!("   {:<10} → {m}", "");
+        } else {
+            println!("   {col:<10} {d:<44} {m}");
+        }
+    }
+    println!("   (name: keyed pseudonym, the same in every session; ssn and phone: partial; dob: the year; mrn: redacted;");
+    println!("    diagnosis: no PHI, unchanged; note: free text, Safe Harbor identifiers replaced)");
+    let text = fs::read_to_string(&log).unwrap_or_default();
+    print_lines(&text, &["result masked"]);
+
+    step("6. The same psql from an unprotected process");
     let before = count(&fs::read_to_string(&log).unwrap_or_default(), "connection accepted");
     let out = psql("postgres", "clinical", "select 'direct to the database' as path, current_user, count(*) from patients", None)?;
     println!("{out}");
@@ -158,7 +177,7 @@ pub fn run() -> Result<()> {
     let after = count(&fs::read_to_string(&log).unwrap_or_default(), "connection accepted");
     println!("   connections seen by phigate: before {before}, after {after} — the unprotected process was not redirected");
 
-    step("6. phigate status");
+    step("7. phigate status");
     let out = Command::new(phigate()).arg("--config").arg(&config).arg("status").output()?;
     println!("{}", String::from_utf8_lossy(&out.stdout));
     drop(demo);
@@ -176,6 +195,20 @@ fn psql(user: &str, db: &str, sql: &str, cgroup: Option<&Path>) -> Result<String
         bail!("psql failed: {}", String::from_utf8_lossy(&out.stderr));
     }
     Ok(String::from_utf8_lossy(&out.stdout).to_string())
+}
+
+/// One row, unaligned, split into its columns.
+fn psql_row(user: &str, db: &str, sql: &str, cgroup: Option<&Path>) -> Result<Vec<String>> {
+    let mut cmd = Command::new(phigate_tests::pg::pg_bin("psql"));
+    cmd.args(["-h", "127.0.0.2", "-p", "5432", "-U", user, "-d", db, "-XAt", "-F", "\x1f", "-c", sql]).env("PGSSLMODE", "disable").stdin(Stdio::null());
+    if let Some(dir) = cgroup {
+        run_in(&mut cmd, dir);
+    }
+    let out = cmd.output()?;
+    if !out.status.success() {
+        bail!("psql failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim_end().split('\x1f').map(String::from).collect())
 }
 
 fn psql_raw(user: &str, db: &str, sql: &str, cgroup: Option<&Path>) -> Result<std::process::Output> {
@@ -234,21 +267,24 @@ fn patients_sql() -> String {
     const FIRST: [&str; 8] = ["Ada", "Brook", "Cyrus", "Dana", "Elio", "Fern", "Gus", "Hale"];
     const LAST: [&str; 8] = ["Quill", "Marsh", "Okafor", "Lindqvist", "Tanaka", "Reyes", "Novak", "Ibsen"];
     const DX: [&str; 4] = ["E11.9 type 2 diabetes", "I10 hypertension", "J45.909 asthma", "M54.5 low back pain"];
-    let mut sql = String::from("drop table if exists patients; create table patients (id int primary key, mrn text, name text, dob date, ssn text, phone text, diagnosis text); insert into patients values ");
+    let mut sql = String::from(
+        "drop table if exists patients; create table patients (id int primary key, mrn text, name text, dob date, ssn text, phone text, diagnosis text, note text); insert into patients values ",
+    );
     let rows: Vec<String> = (0..24)
         .map(|i: usize| {
+            let (f, l) = (FIRST[i % 8], LAST[(i * 3) % 8]);
+            let phone = format!("(617) 555-01{:02}", i % 100);
             format!(
-                "({id}, 'MRN-{mrn:06}', '{f} {l}', date '1950-01-01' + {days}, '9{a:02}-{b:02}-{c:04}', '555-01{d:02}', '{dx}')",
+                "({id}, 'MRN-{mrn:06}', '{f} {l}', date '1950-01-01' + {days}, '{ssn}', '{phone}', '{dx}', \
+                 'Patient {f} {l} called from {phone} on 03/{day:02}/2024 about a refill; reach them at {fl}.{ll}@example.org. SSN {ssn} confirmed. A1C 7.2 %.')",
                 id = i + 1,
                 mrn = 100_000 + i * 7919 % 900_000,
-                f = FIRST[i % 8],
-                l = LAST[(i * 3) % 8],
                 days = (i * 1237) % 20_000,
-                a = (i * 7) % 100,
-                b = (i * 13) % 100 + 1,
-                c = (i * 7907) % 10_000,
-                d = i % 100,
-                dx = DX[i % 4]
+                ssn = format!("{:03}-{:02}-{:04}", 101 + (i * 37) % 600, 10 + i % 89, 1000 + (i * 7907) % 9000),
+                dx = DX[i % 4],
+                day = i % 28 + 1,
+                fl = f.to_lowercase(),
+                ll = l.to_lowercase(),
             )
         })
         .collect();

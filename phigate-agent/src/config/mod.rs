@@ -13,8 +13,10 @@ use std::{
     time::Duration,
 };
 
+mod audit;
 mod masking;
 
+pub use audit::{default_key_home, AuditConfig};
 pub use masking::{MaskingConfig, SAFE_HARBOR};
 
 use ipnet::IpNet;
@@ -45,6 +47,7 @@ pub struct Config {
     pub token_issuers: Vec<TokenIssuerConfig>,
     pub policy: PolicyConfig,
     pub masking: MaskingConfig,
+    pub audit: AuditConfig,
 }
 
 /// SQL policy settings (`[policy]`).
@@ -227,6 +230,8 @@ struct RawConfig {
     policy: RawPolicy,
     #[serde(default)]
     masking: masking::RawMasking,
+    #[serde(default)]
+    audit: audit::RawAudit,
 }
 
 #[derive(Deserialize, Default)]
@@ -409,7 +414,8 @@ impl Config {
         }
         let policy = v.policy(raw.policy)?;
         let masking = v.masking(raw.masking, &identities)?;
-        Ok(Self { path: path.to_path_buf(), agent, databases, protect, identities, token_issuers, policy, masking })
+        let audit = v.audit(raw.audit)?;
+        Ok(Self { path: path.to_path_buf(), agent, databases, protect, identities, token_issuers, policy, masking, audit })
     }
 
     pub fn identity(&self, name: &str) -> Option<&IdentityConfig> {

@@ -13,6 +13,7 @@ use std::{sync::Arc, time::Duration};
 use tracing::{info, warn};
 
 use super::{
+    audit::SharedTap,
     stage::{Action, Direction, Stage},
     Session,
 };
@@ -28,12 +29,14 @@ pub struct Guard {
     policy: Arc<Policy>,
     broker: Arc<Broker>,
     groups: Vec<String>,
+    /// Where decisions and approval outcomes are recorded.
+    audit: Option<SharedTap>,
 }
 
 impl Guard {
-    pub fn new(policy: Arc<Policy>, broker: Arc<Broker>, session: &Session) -> Self {
+    pub fn new(policy: Arc<Policy>, broker: Arc<Broker>, session: &Session, audit: Option<SharedTap>) -> Self {
         let groups = session.token.as_ref().map(|t| t.groups.clone()).unwrap_or_default();
-        Self { policy, broker, groups }
+        Self { policy, broker, groups, audit }
     }
 
     fn decide(&self, session: &Session, sql: &str) -> Decision {
@@ -43,19 +46,24 @@ impl Guard {
         }
     }
 
-    fn judge(&self, session: &Session, sql: &str) -> Action {
+    /// `name`: the prepared statement's name for a Parse, None for a simple Query.
+    fn judge(&self, session: &Session, name: Option<&str>, sql: &str) -> Action {
         let d = self.decide(session, sql);
+        let protocol = if name.is_some() { "extended" } else { "simple" };
+        if let Some(tap) = &self.audit {
+            tap.lock().expect("invariant: lock not poisoned").decided(protocol, name, sql, &d);
+        }
         match d.verdict {
             Verdict::Allow => Action::Forward,
             Verdict::Block => {
                 info!(session_id = session.id, rule = %d.rule, "statement blocked");
                 Action::Refuse(blocked(&d))
             }
-            Verdict::Approve => self.hold(session, sql, d),
+            Verdict::Approve => self.hold(session, name, sql, d),
         }
     }
 
-    fn hold(&self, session: &Session, sql: &str, d: Decision) -> Action {
+    fn hold(&self, session: &Session, name: Option<&str>, sql: &str, d: Decision) -> Action {
         // FULL_RELNAME: by default pg_query fingerprints similar table names alike, and a
         // grant for one table must not cover another.
         let fingerprint = pg_query::fingerprint(sql, 0, pg_query::FingerprintOptions::FULL_RELNAME).map(|f| f.value).unwrap_or(0);
@@ -72,6 +80,10 @@ impl Guard {
         };
         let ticket = self.broker.request(requester, &session.database, &session.dbname, sql, &d.rule, &d.reason, fingerprint);
         info!(session_id = session.id, approval_id = ticket.id, rule = %d.rule, "statement held for approval");
+        if let Some(tap) = &self.audit {
+            tap.lock().expect("invariant: lock not poisoned").held(ticket.id);
+        }
+        let audit = self.audit.clone().map(|t| (t, name.map(String::from), sql.to_string(), d.clone()));
         let timeout = self.broker.timeout;
         let notice = PgError::notice(format!(
             "phigate: statement held for approval (request {}, rule {}: {}); waiting up to {} s",
@@ -86,6 +98,14 @@ impl Guard {
             let mut pending = ExpireOnDrop { broker, id: ticket.id, done: false };
             let outcome = tokio::time::timeout(timeout, ticket.reply).await;
             pending.done = matches!(outcome, Ok(Ok(Outcome::Approved { .. } | Outcome::Denied { .. })));
+            if let Some((tap, name, sql, d)) = &audit {
+                let o = match &outcome {
+                    Ok(Ok(o)) => o.clone(),
+                    _ => Outcome::TimedOut { decided_at: crate::policy::approval::epoch_secs(std::time::SystemTime::now()) },
+                };
+                let protocol = if name.is_some() { "extended" } else { "simple" };
+                tap.lock().expect("invariant: lock not poisoned").approval(protocol, name.as_deref(), sql, d, &o);
+            }
             match outcome {
                 Ok(Ok(Outcome::Approved { by, .. })) => {
                     info!(approval_id = ticket.id, approver = %by, "statement approved");
@@ -142,15 +162,15 @@ impl Stage for Guard {
             tag::QUERY => {
                 let mut body = frame.body();
                 match take_cstr(&mut body, "Query") {
-                    Ok(sql) => self.judge(session, sql),
+                    Ok(sql) => self.judge(session, None, sql),
                     Err(e) => Action::Refuse(PgError::error(SqlState::PROTOCOL_VIOLATION, format!("phigate: blocked a malformed Query: {e}"))),
                 }
             }
             tag::PARSE => {
                 let mut body = frame.body();
-                let parsed = take_cstr(&mut body, "Parse").and_then(|_name| take_cstr(&mut body, "Parse"));
+                let parsed = take_cstr(&mut body, "Parse").and_then(|name| Ok((name, take_cstr(&mut body, "Parse")?)));
                 match parsed {
-                    Ok(sql) => self.judge(session, sql),
+                    Ok((name, sql)) => self.judge(session, Some(name), sql),
                     Err(e) => Action::Refuse(PgError::error(SqlState::PROTOCOL_VIOLATION, format!("phigate: blocked a malformed Parse: {e}"))),
                 }
             }

@@ -18,6 +18,7 @@ use tokio::io::AsyncWriteExt;
 use tracing::info;
 
 use super::{
+    audit::SharedTap,
     read_frame,
     stage::{Action, Direction, Stage},
     upstream, Session,
@@ -63,17 +64,22 @@ pub struct MaskStage {
     catalog: Arc<Mutex<Catalog>>,
     slot: Arc<Mutex<Slot>>,
     session_id: u32,
+    /// The audit hears each raw row before it is rewritten, and the summaries.
+    audit: Option<SharedTap>,
 }
 
 impl MaskStage {
-    pub fn new(masker: Masker, access: CatalogAccess, catalog: Arc<Mutex<Catalog>>, session_id: u32) -> Self {
-        Self { masker, access, catalog, slot: Arc::new(Mutex::new(Slot::default())), session_id }
+    pub fn new(masker: Masker, access: CatalogAccess, catalog: Arc<Mutex<Catalog>>, session_id: u32, audit: Option<SharedTap>) -> Self {
+        Self { masker, access, catalog, slot: Arc::new(Mutex::new(Slot::default())), session_id, audit }
     }
 
     fn log_finished(&mut self) {
         for s in self.masker.take_finished() {
             if s.cells_masked == 0 && s.by_kind.is_empty() {
                 continue;
+            }
+            if let Some(tap) = &self.audit {
+                tap.lock().expect("invariant: lock not poisoned").masked(s.clone());
             }
             let by_rule: Vec<String> = s.by_rule.iter().map(|(id, n)| format!("{id}={n}")).collect();
             let by_kind: Vec<String> = crate::mask::kind_counts(&s.by_kind).iter().map(|(k, n)| format!("{k}={n}")).collect();
@@ -156,6 +162,10 @@ impl Stage for MaskStage {
                 )
             }
         };
+        // The raw row, once (a held row comes back here after its lookup).
+        if let (Some(tap), tag::DATA_ROW | tag::COPY_DATA, false) = (&self.audit, frame.tag(), matches!(action, Action::Hold(..))) {
+            tap.lock().expect("invariant: lock not poisoned").raw_row(frame.body());
+        }
         self.log_finished();
         action
     }

@@ -10,6 +10,7 @@
 //! it does not reach back into listeners or the kernel. Refusals are PostgreSQL
 //! ErrorResponses with a SQLSTATE and a message that says phigate refused and why.
 
+pub mod audit;
 pub mod auth;
 pub mod cancel;
 pub mod guard;
@@ -92,6 +93,8 @@ pub struct Services {
     pub limits: Limits,
     pub stages: StageFactory,
     pub shutdown: tokio::sync::watch::Receiver<Phase>,
+    /// Where refused connections are recorded (sessions record through their stages).
+    pub audit: Option<crate::audit::writer::Handle>,
 }
 
 /// Everything known about an established session: who, from where, to what, as whom.
@@ -192,9 +195,26 @@ pub async fn serve(conn: Identified, services: Arc<Services>) {
         warn!(db_index, "no database runtime for this listener; closing");
         return;
     };
-    match run(conn, db, &services).await {
+    let (identity, client, orig_dst) = (conn.workload.name.clone(), conn.accepted.client.0.to_string(), conn.accepted.orig_dst.0.to_string());
+    let workload = conn.workload.clone();
+    let refused = |code: &str, message: &str| {
+        if let Some(a) = &services.audit {
+            a.record(
+                crate::audit::record::kind::CONNECTION_REFUSED,
+                serde_json::json!({"identity": identity, "cgroup": format!("/{}", workload.cgroup), "pid": workload.pid, "uid": workload.uid, "comm": workload.comm, "client": client, "orig_dst": orig_dst, "database": db.name, "code": code, "message": message}),
+            );
+        }
+    };
+    match run(conn, db.clone(), &services).await {
         Ok(()) => {}
-        Err(SessionError::Refused(e)) => warn!(code = %e.code, reason = %e.message, "session refused"),
+        Err(SessionError::Refused(e)) => {
+            refused(e.code.as_str(), &e.message);
+            warn!(code = %e.code, reason = %e.message, "session refused");
+        }
+        Err(SessionError::Upstream(e)) => {
+            refused("08006", &e.to_string());
+            warn!(error = %e, "session failed");
+        }
         Err(e) => warn!(error = %e, "session failed"),
     }
 }
@@ -387,6 +407,7 @@ async fn run(conn: Identified, db: Arc<DbRuntime>, services: &Services) -> Resul
     let mut relay = Relay { session: &session, pipeline: &mut pipeline, max_message_bytes: services.limits.max_message_bytes };
     let leftover = std::mem::take(&mut upstream.leftover);
     let end = relay.run(&mut client_conn, &mut upstream.conn, client_buf, leftover, services.shutdown.clone()).await;
+    drop(relay);
     drop(cancel_key);
 
     let s = stats.snapshot();
@@ -400,6 +421,7 @@ async fn run(conn: Identified, db: Arc<DbRuntime>, services: &Services) -> Resul
         End::Io(e) => format!("i/o error: {e}"),
         End::Shutdown => "agent shutdown".to_string(),
     };
+    pipeline.closed(&session, &how, &s);
     info!(session_id = session.id, ended = %how, duration_ms, queries = s.queries, executes = s.executes, rows = s.rows, errors = s.errors, bytes_to_server = s.bytes_to_server, bytes_to_client = s.bytes_to_client, "session ended");
     Ok(())
 }

@@ -70,6 +70,9 @@ pub trait Stage: Send {
 
     /// A frame too large to hold is being streamed through (`needs_whole` said no).
     fn streamed(&mut self, _session: &Session, _direction: Direction, _tag: u8, _len: usize) {}
+
+    /// The session is over: how it ended, and what it did.
+    fn closed(&mut self, _session: &Session, _how: &str, _stats: &Stats) {}
 }
 
 /// The stages of one session.
@@ -131,6 +134,12 @@ impl Pipeline {
             }
         }
         (Action::Forward, 0)
+    }
+
+    pub fn closed(&mut self, session: &Session, how: &str, stats: &Stats) {
+        for s in self.stages.iter_mut() {
+            s.closed(session, how, stats);
+        }
     }
 
     pub fn streamed(&mut self, session: &Session, direction: Direction, tag: u8, len: usize) {

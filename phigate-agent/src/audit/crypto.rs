@@ -1,0 +1,208 @@
+//! The audit log's keys: the Ed25519 key that signs segment seals and checkpoints
+//! (the agent holds the private half; auditors verify with the public half), and the
+//! period keys that encrypt raw results and bound parameters (XChaCha20-Poly1305, one
+//! random key per UTC day, in a key directory the agent and auditors share).
+//! Destroying a period's key makes that period's raw data unreadable while the chain
+//! still verifies: its hashes cover the ciphertext.
+
+use std::{
+    fs,
+    io::Write,
+    os::unix::fs::{OpenOptionsExt, PermissionsExt},
+    path::{Path, PathBuf},
+};
+
+use base64::{engine::general_purpose::STANDARD as B64, Engine};
+use chacha20poly1305::{
+    aead::{Aead, KeyInit, Payload},
+    XChaCha20Poly1305, XNonce,
+};
+use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
+use rand::RngCore;
+use serde_json::{json, Value};
+
+use super::record::{hex, unhex};
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("cannot read the key {path}: {err}")]
+    Read { path: PathBuf, err: std::io::Error },
+    #[error("cannot write the key {path}: {err}")]
+    Write { path: PathBuf, err: std::io::Error },
+    #[error("{path} is not a key phigate wrote ({why})")]
+    Invalid { path: PathBuf, why: String },
+    #[error("the key of period {0} is gone (crypto-shredded or never copied here); its raw data cannot be read")]
+    PeriodKeyMissing(String),
+    #[error("the sealed data does not decrypt with the key of period {0} (wrong key, or altered)")]
+    Decrypt(String),
+}
+
+/// Write `bytes` to a new file readable by its owner alone.
+fn write_private(path: &Path, bytes: &[u8]) -> Result<(), KeyError> {
+    let err = |err| KeyError::Write { path: path.to_path_buf(), err };
+    if let Some(d) = path.parent() {
+        fs::create_dir_all(d).map_err(err)?;
+        let _ = fs::set_permissions(d, fs::Permissions::from_mode(0o700));
+    }
+    let mut f = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map_err(err)?;
+    f.write_all(bytes).map_err(err)?;
+    f.sync_all().map_err(err)
+}
+
+/// The signing key: 32 bytes (the Ed25519 seed) in hex.
+pub fn load_signing_key(path: &Path) -> Result<SigningKey, KeyError> {
+    let text = fs::read_to_string(path).map_err(|err| KeyError::Read { path: path.to_path_buf(), err })?;
+    let bytes = unhex(text.trim()).ok_or_else(|| KeyError::Invalid { path: path.to_path_buf(), why: "not hex".into() })?;
+    let seed: [u8; 32] = bytes.try_into().map_err(|_| KeyError::Invalid { path: path.to_path_buf(), why: "not 32 bytes".into() })?;
+    Ok(SigningKey::from_bytes(&seed))
+}
+
+/// Create a new signing key file (fails if one exists).
+pub fn create_signing_key(path: &Path) -> Result<SigningKey, KeyError> {
+    let mut seed = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut seed);
+    write_private(path, format!("{}\n", hex(&seed)).as_bytes())?;
+    Ok(SigningKey::from_bytes(&seed))
+}
+
+pub fn public_hex(k: &VerifyingKey) -> String {
+    hex(k.as_bytes())
+}
+
+/// A public key as `phigate audit verify --public-key` takes it: a file holding the
+/// hex key, or the hex itself.
+pub fn load_public_key(arg: &str) -> Result<VerifyingKey, KeyError> {
+    let text = fs::read_to_string(arg).unwrap_or_else(|_| arg.to_string());
+    let p = PathBuf::from(arg);
+    let bytes = unhex(text.trim()).ok_or_else(|| KeyError::Invalid { path: p.clone(), why: "not a hex Ed25519 public key".into() })?;
+    let b: [u8; 32] = bytes.try_into().map_err(|_| KeyError::Invalid { path: p.clone(), why: "not 32 bytes".into() })?;
+    VerifyingKey::from_bytes(&b).map_err(|e| KeyError::Invalid { path: p, why: e.to_string() })
+}
+
+/// What a seal or checkpoint signs: a domain tag, the segment, the sequence number and
+/// the hash of the record before it.
+pub fn signed_message(what: &str, segment: &str, seq: u64, prev_hash: &str) -> Vec<u8> {
+    format!("phigate-audit-v1\0{what}\0{segment}\0{seq}\0{prev_hash}").into_bytes()
+}
+
+pub fn sign(key: &SigningKey, msg: &[u8]) -> String {
+    hex(&key.sign(msg).to_bytes())
+}
+
+pub fn verify(key: &VerifyingKey, msg: &[u8], sig_hex: &str) -> bool {
+    let Some(b) = unhex(sig_hex) else { return false };
+    let Ok(b) = <[u8; 64]>::try_from(b.as_slice()) else { return false };
+    key.verify(msg, &Signature::from_bytes(&b)).is_ok()
+}
+
+/// The period keys in one directory: `YYYY-MM-DD.key`, 32 random bytes each.
+#[derive(Debug, Clone)]
+pub struct PeriodKeys {
+    pub dir: PathBuf,
+}
+
+impl PeriodKeys {
+    fn path(&self, period: &str) -> PathBuf {
+        self.dir.join(format!("{period}.key"))
+    }
+
+    fn load(&self, period: &str) -> Result<[u8; 32], KeyError> {
+        let path = self.path(period);
+        match fs::read(&path) {
+            Ok(b) => b.try_into().map_err(|_| KeyError::Invalid { path, why: "not 32 bytes".into() }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(KeyError::PeriodKeyMissing(period.to_string())),
+            Err(err) => Err(KeyError::Read { path, err }),
+        }
+    }
+
+    /// The key of `period`, created when the period starts.
+    pub fn get_or_create(&self, period: &str) -> Result<[u8; 32], KeyError> {
+        match self.load(period) {
+            Err(KeyError::PeriodKeyMissing(_)) => {
+                let mut k = [0u8; 32];
+                rand::rngs::OsRng.fill_bytes(&mut k);
+                match write_private(&self.path(period), &k) {
+                    Ok(()) => Ok(k),
+                    // Another writer made it first: use theirs.
+                    Err(KeyError::Write { err, .. }) if err.kind() == std::io::ErrorKind::AlreadyExists => self.load(period),
+                    Err(e) => Err(e),
+                }
+            }
+            other => other,
+        }
+    }
+
+    /// Encrypt `plain`, bound to `context` (which record it belongs to).
+    pub fn seal(&self, period: &str, context: &str, plain: &[u8]) -> Result<Value, KeyError> {
+        let key = self.get_or_create(period)?;
+        let cipher = XChaCha20Poly1305::new((&key).into());
+        let mut nonce = [0u8; 24];
+        rand::rngs::OsRng.fill_bytes(&mut nonce);
+        let ct =
+            cipher.encrypt(XNonce::from_slice(&nonce), Payload { msg: plain, aad: context.as_bytes() }).map_err(|_| KeyError::Decrypt(period.to_string()))?;
+        Ok(json!({"alg": "xchacha20poly1305", "period": period, "nonce": B64.encode(nonce), "ct": B64.encode(ct)}))
+    }
+
+    pub fn open(&self, sealed: &Value, context: &str) -> Result<Vec<u8>, KeyError> {
+        let period = sealed["period"].as_str().unwrap_or_default().to_string();
+        let key = self.load(&period)?;
+        let nonce = sealed["nonce"].as_str().and_then(|n| B64.decode(n).ok()).filter(|n| n.len() == 24).ok_or_else(|| KeyError::Decrypt(period.clone()))?;
+        let ct = sealed["ct"].as_str().and_then(|c| B64.decode(c).ok()).ok_or_else(|| KeyError::Decrypt(period.clone()))?;
+        let cipher = XChaCha20Poly1305::new((&key).into());
+        cipher.decrypt(XNonce::from_slice(&nonce), Payload { msg: &ct, aad: context.as_bytes() }).map_err(|_| KeyError::Decrypt(period))
+    }
+
+    /// Delete the keys of every period before `day` (YYYY-MM-DD): crypto-shredding.
+    pub fn shred_before(&self, day: &str) -> Result<Vec<String>, KeyError> {
+        let mut gone = Vec::new();
+        let entries = fs::read_dir(&self.dir).map_err(|err| KeyError::Read { path: self.dir.clone(), err })?;
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(period) = name.strip_suffix(".key") {
+                if period < day {
+                    fs::remove_file(e.path()).map_err(|err| KeyError::Write { path: e.path(), err })?;
+                    gone.push(period.to_string());
+                }
+            }
+        }
+        gone.sort();
+        Ok(gone)
+    }
+}
+
+/// The period (UTC day) of a record timestamp.
+pub fn period_of(ts: &str) -> String {
+    ts.get(..10).unwrap_or("0000-00-00").to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seals_open_with_their_period_key_only() {
+        let dir = std::env::temp_dir().join(format!("phigate-keys-{}", std::process::id()));
+        let keys = PeriodKeys { dir: dir.clone() };
+        let sealed = keys.seal("2026-12-01", "stmt 1", b"raw rows").unwrap();
+        assert_eq!(keys.open(&sealed, "stmt 1").unwrap(), b"raw rows");
+        assert!(matches!(keys.open(&sealed, "stmt 2"), Err(KeyError::Decrypt(_))), "bound to its record");
+        assert_eq!(keys.shred_before("2026-12-02").unwrap(), vec!["2026-12-01".to_string()]);
+        assert!(matches!(keys.open(&sealed, "stmt 1"), Err(KeyError::PeriodKeyMissing(_))), "crypto-shredded");
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn signatures_verify_with_the_right_key_only() {
+        let dir = std::env::temp_dir().join(format!("phigate-sign-{}", std::process::id()));
+        let k = create_signing_key(&dir.join("signing.key")).unwrap();
+        assert_eq!(load_signing_key(&dir.join("signing.key")).unwrap().to_bytes(), k.to_bytes());
+        assert!(create_signing_key(&dir.join("signing.key")).is_err(), "never overwritten");
+        let msg = signed_message("seal", "seg-1", 9, "ab");
+        let sig = sign(&k, &msg);
+        assert!(verify(&k.verifying_key(), &msg, &sig));
+        let other = SigningKey::from_bytes(&[3u8; 32]);
+        assert!(!verify(&other.verifying_key(), &msg, &sig));
+        assert!(load_public_key(&public_hex(&k.verifying_key())).is_ok());
+        let _ = fs::remove_dir_all(&dir);
+    }
+}

@@ -1,0 +1,317 @@
+//! The audit log on disk: append-only segment files `seg-NNNNNNNN.jsonl`, one record
+//! per line, chained by hash across segments. A segment ends with a signed `seal`
+//! record; signed `checkpoint` records mark the head at intervals, and `head.json`
+//! (replaced atomically) names the latest signed head so truncation behind it shows.
+//!
+//! Writes are batched: records are appended to memory and [`Log::commit`] writes the
+//! batch with one `write` and one `fdatasync` (group commit). A batch that cannot be
+//! written is cut off the file again and forgotten — the log on disk only ever holds
+//! whole, committed records — and the error is returned.
+//!
+//! Opening a log whose last segment was left unsealed by a crash: a torn last line
+//! (or one whose hash does not match) is moved aside into `seg-….torn` (kept as
+//! evidence), a `lifecycle` record says so, and the segment is sealed. Nothing torn is
+//! ever silently accepted.
+//!
+//! Synchronous std I/O, used by the writer thread; no tokio.
+
+use std::{
+    fs::{self, File, OpenOptions},
+    io::{Read, Seek, SeekFrom, Write},
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+};
+
+use ed25519_dalek::SigningKey;
+use serde_json::{json, Value};
+
+use super::{
+    crypto::{self, PeriodKeys},
+    record::{kind, now_rfc3339, Record, GENESIS},
+};
+
+pub const HEAD_FILE: &str = "head.json";
+pub const TOMBSTONE_FILE: &str = "tombstone.json";
+pub const PUBLIC_KEY_FILE: &str = "audit.pub";
+
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    #[error("audit log {path}: {err}")]
+    Io { path: PathBuf, err: std::io::Error },
+    #[error("audit log {path}: {why}")]
+    Corrupt { path: PathBuf, why: String },
+    #[error(transparent)]
+    Key(#[from] crypto::KeyError),
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> LogError + '_ {
+    move |err| LogError::Io { path: path.to_path_buf(), err }
+}
+
+pub fn segment_name(index: u64) -> String {
+    format!("seg-{index:08}.jsonl")
+}
+
+pub fn segment_index(name: &str) -> Option<u64> {
+    name.strip_prefix("seg-")?.strip_suffix(".jsonl")?.parse().ok()
+}
+
+/// The segments in a directory, in order.
+pub fn segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, LogError> {
+    let mut v: Vec<(u64, PathBuf)> =
+        fs::read_dir(dir).map_err(io(dir))?.flatten().filter_map(|e| segment_index(&e.file_name().to_string_lossy()).map(|i| (i, e.path()))).collect();
+    v.sort();
+    Ok(v)
+}
+
+/// The signed tombstone prune leaves: where the remaining chain starts.
+pub fn read_tombstone(dir: &Path) -> Result<Option<Value>, LogError> {
+    let p = dir.join(TOMBSTONE_FILE);
+    match fs::read_to_string(&p) {
+        Ok(t) => serde_json::from_str(&t).map(Some).map_err(|e| LogError::Corrupt { path: p, why: e.to_string() }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(LogError::Io { path: p, err: e }),
+    }
+}
+
+/// What opening the log found and did.
+#[derive(Debug, Default)]
+pub struct Opened {
+    /// A torn tail that was moved aside: (segment, bytes, where they went).
+    pub torn: Option<(String, u64, PathBuf)>,
+    /// The previous run's last segment had to be sealed now (a crash).
+    pub sealed_after_crash: Option<String>,
+}
+
+pub struct Log {
+    dir: PathBuf,
+    key: SigningKey,
+    pub keys: PeriodKeys,
+    segment_bytes: u64,
+    index: u64,
+    file: File,
+    /// Bytes of the segment on disk (committed).
+    size: u64,
+    /// Committed chain state.
+    seq: u64,
+    hash: String,
+    /// Appended, not yet committed.
+    batch: Vec<u8>,
+    batch_seq: u64,
+    batch_hash: String,
+}
+
+impl Log {
+    /// Open (or create) the log in `dir`.
+    pub fn open(dir: &Path, key: SigningKey, keys: PeriodKeys, segment_bytes: u64) -> Result<(Self, Opened), LogError> {
+        fs::create_dir_all(dir).map_err(io(dir))?;
+        let _ = fs::set_permissions(dir, fs::Permissions::from_mode(0o700));
+        let pubfile = dir.join(PUBLIC_KEY_FILE);
+        if !pubfile.exists() {
+            fs::write(&pubfile, format!("{}\n", crypto::public_hex(&key.verifying_key()))).map_err(io(&pubfile))?;
+        }
+        let mut opened = Opened::default();
+        let segs = segments(dir)?;
+        let (mut seq, mut hash) = match read_tombstone(dir)? {
+            Some(t) => (t["last_seq"].as_u64().unwrap_or(0), t["last_hash"].as_str().unwrap_or(GENESIS).to_string()),
+            None => (0, GENESIS.to_string()),
+        };
+        let mut next_index = 1;
+        if let Some((idx, path)) = segs.last() {
+            next_index = idx + 1;
+            let (last, good_len, total_len) = last_good_record(path)?;
+            if let Some(r) = &last {
+                seq = r.seq;
+                hash = r.hash.clone();
+            }
+            let sealed = last.as_ref().is_some_and(|r| r.kind == kind::SEAL);
+            if good_len < total_len {
+                // A torn tail: keep it as evidence, cut it off the segment.
+                let torn_path = path.with_extension(format!("jsonl.torn-{}", std::process::id()));
+                let mut f = File::open(path).map_err(io(path))?;
+                f.seek(SeekFrom::Start(good_len)).map_err(io(path))?;
+                let mut tail = Vec::new();
+                f.read_to_end(&mut tail).map_err(io(path))?;
+                fs::write(&torn_path, &tail).map_err(io(&torn_path))?;
+                let f = OpenOptions::new().write(true).open(path).map_err(io(path))?;
+                f.set_len(good_len).map_err(io(path))?;
+                f.sync_all().map_err(io(path))?;
+                opened.torn = Some((segment_name(*idx), total_len - good_len, torn_path));
+            }
+            if !sealed {
+                // The previous run ended without sealing (a crash): say what happened
+                // in the chain, then seal that segment.
+                let file = OpenOptions::new().append(true).open(path).map_err(io(path))?;
+                let size = good_len;
+                let mut prev = Self {
+                    dir: dir.to_path_buf(),
+                    key: key.clone(),
+                    keys: keys.clone(),
+                    segment_bytes,
+                    index: *idx,
+                    file,
+                    size,
+                    seq,
+                    hash: hash.clone(),
+                    batch: Vec::new(),
+                    batch_seq: seq,
+                    batch_hash: hash.clone(),
+                };
+                let torn = opened.torn.as_ref().map(|(s, n, p)| json!({"segment": s, "bytes": n, "kept_in": p.display().to_string()}));
+                prev.append(
+                    kind::LIFECYCLE,
+                    json!({"event": "recovery", "detail": "the previous agent run ended without sealing this segment", "torn_tail": torn}),
+                );
+                prev.append_seal();
+                prev.commit()?;
+                seq = prev.seq;
+                hash = prev.hash.clone();
+                opened.sealed_after_crash = Some(segment_name(*idx));
+            }
+        }
+        let path = dir.join(segment_name(next_index));
+        let file = OpenOptions::new().create(true).append(true).open(&path).map_err(io(&path))?;
+        let size = file.metadata().map_err(io(&path))?.len();
+        let log = Self {
+            dir: dir.to_path_buf(),
+            key,
+            keys,
+            segment_bytes,
+            index: next_index,
+            file,
+            size,
+            seq,
+            hash: hash.clone(),
+            batch: Vec::new(),
+            batch_seq: seq,
+            batch_hash: hash,
+        };
+        Ok((log, opened))
+    }
+
+    fn segment(&self) -> String {
+        segment_name(self.index)
+    }
+
+    /// Append a record to the batch; returns it (with its sequence number and hash).
+    pub fn append(&mut self, kind: &str, data: Value) -> Record {
+        let r = Record::new(self.batch_seq + 1, now_rfc3339(), self.batch_hash.clone(), kind, data);
+        self.batch.extend_from_slice(r.to_line().as_bytes());
+        self.batch_seq = r.seq;
+        self.batch_hash = r.hash.clone();
+        r
+    }
+
+    fn append_signed(&mut self, what: &str) -> Record {
+        let next = self.batch_seq + 1;
+        let sig = crypto::sign(&self.key, &crypto::signed_message(what, &self.segment(), next, &self.batch_hash));
+        let data = json!({"segment": self.segment(), "signature": sig, "public_key": crypto::public_hex(&self.key.verifying_key())});
+        self.append(what, data)
+    }
+
+    fn append_seal(&mut self) -> Record {
+        self.append_signed(kind::SEAL)
+    }
+
+    /// A signed checkpoint of the head, and `head.json` naming it (after commit).
+    pub fn checkpoint(&mut self) -> Result<(), LogError> {
+        self.append_signed(kind::CHECKPOINT);
+        self.commit()?;
+        self.write_head()
+    }
+
+    fn write_head(&self) -> Result<(), LogError> {
+        let sig = crypto::sign(&self.key, &crypto::signed_message("head", &self.segment(), self.seq, &self.hash));
+        let head = json!({"segment": self.segment(), "seq": self.seq, "hash": self.hash, "ts": now_rfc3339(), "signature": sig});
+        let tmp = self.dir.join(format!("{HEAD_FILE}.tmp"));
+        fs::write(&tmp, format!("{head}\n")).map_err(io(&tmp))?;
+        let target = self.dir.join(HEAD_FILE);
+        fs::rename(&tmp, &target).map_err(io(&target))
+    }
+
+    /// Records appended but not committed.
+    pub fn pending(&self) -> usize {
+        self.batch.len()
+    }
+
+    /// Write the batch durably (one write, one fdatasync). On failure the file is cut
+    /// back to what was committed before and the batch is dropped.
+    pub fn commit(&mut self) -> Result<(), LogError> {
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        let path = self.dir.join(self.segment());
+        let result = self.file.write_all(&self.batch).and_then(|()| self.file.sync_data());
+        match result {
+            Ok(()) => {
+                self.size += self.batch.len() as u64;
+                self.seq = self.batch_seq;
+                self.hash = self.batch_hash.clone();
+                self.batch.clear();
+                Ok(())
+            }
+            Err(err) => {
+                let _ = self.file.set_len(self.size);
+                let _ = self.file.sync_data();
+                self.batch.clear();
+                self.batch_seq = self.seq;
+                self.batch_hash = self.hash.clone();
+                Err(LogError::Io { path, err })
+            }
+        }
+    }
+
+    /// Seal the segment and start the next when it is full.
+    pub fn rotate_if_full(&mut self) -> Result<(), LogError> {
+        if self.size < self.segment_bytes {
+            return Ok(());
+        }
+        self.append_seal();
+        self.commit()?;
+        self.write_head()?;
+        self.index += 1;
+        let path = self.dir.join(self.segment());
+        self.file = OpenOptions::new().create(true).append(true).open(&path).map_err(io(&path))?;
+        self.size = 0;
+        Ok(())
+    }
+
+    /// Seal the segment (clean stop).
+    pub fn seal(&mut self) -> Result<(), LogError> {
+        self.append_seal();
+        self.commit()?;
+        self.write_head()
+    }
+
+    pub fn head(&self) -> (u64, &str) {
+        (self.seq, &self.hash)
+    }
+
+    /// The segment file, to make writes fail in tests.
+    #[cfg(test)]
+    pub fn file_for_tests(&mut self) -> &mut File {
+        &mut self.file
+    }
+}
+
+/// The last complete, self-consistent record of a segment, the length of the prefix
+/// that holds only such records, and the file's length.
+fn last_good_record(path: &Path) -> Result<(Option<Record>, u64, u64), LogError> {
+    let bytes = fs::read(path).map_err(io(path))?;
+    let mut good = 0usize;
+    let mut last = None;
+    let mut at = 0usize;
+    while at < bytes.len() {
+        let Some(nl) = bytes[at..].iter().position(|b| *b == b'\n') else { break };
+        let line = &bytes[at..at + nl];
+        match std::str::from_utf8(line).ok().and_then(|l| Record::parse_checked(l).ok()) {
+            Some(r) => {
+                last = Some(r);
+                at += nl + 1;
+                good = at;
+            }
+            None => break,
+        }
+    }
+    Ok((last, good as u64, bytes.len() as u64))
+}

@@ -1,0 +1,206 @@
+//! One audit record: what it says (`kind`, `data`), where it sits in the chain (`seq`,
+//! `prev`) and its own hash — SHA-256 over the canonical encoding of everything but
+//! the hash: JSON with object keys sorted, no insignificant whitespace, as
+//! `serde_json` prints numbers and strings. Each record is one line of a segment.
+
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+
+/// The `prev` of the first record of a log.
+pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// Record kinds (stable: they appear in files and exports).
+pub mod kind {
+    pub const LIFECYCLE: &str = "lifecycle";
+    pub const SESSION_START: &str = "session_start";
+    pub const SESSION_END: &str = "session_end";
+    pub const CONNECTION_REFUSED: &str = "connection_refused";
+    pub const STATEMENT: &str = "statement";
+    pub const STATEMENT_END: &str = "statement_end";
+    pub const APPROVAL: &str = "approval";
+    pub const BYPASS: &str = "bypass";
+    pub const CHECKPOINT: &str = "checkpoint";
+    pub const SEAL: &str = "seal";
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Record {
+    pub seq: u64,
+    /// RFC 3339, UTC, microseconds.
+    pub ts: String,
+    pub prev: String,
+    pub kind: String,
+    pub data: Value,
+    pub hash: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RecordError {
+    #[error("not a JSON object: {0}")]
+    NotJson(String),
+    #[error("field {0} is missing or has the wrong type")]
+    Field(&'static str),
+    #[error("its hash does not match its content")]
+    Hash,
+}
+
+/// JSON with sorted keys and no whitespace: the same bytes for the same values,
+/// whatever order a map was built in.
+pub fn canonical(v: &Value) -> String {
+    let mut out = String::new();
+    write_canonical(v, &mut out);
+    out
+}
+
+fn write_canonical(v: &Value, out: &mut String) {
+    match v {
+        Value::Object(m) => {
+            let mut keys: Vec<&String> = m.keys().collect();
+            keys.sort();
+            out.push('{');
+            for (i, k) in keys.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push_str(&Value::String(k.clone()).to_string());
+                out.push(':');
+                write_canonical(&m[k], out);
+            }
+            out.push('}');
+        }
+        Value::Array(a) => {
+            out.push('[');
+            for (i, x) in a.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                write_canonical(x, out);
+            }
+            out.push(']');
+        }
+        other => out.push_str(&other.to_string()),
+    }
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    const D: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(D[(b >> 4) as usize] as char);
+        s.push(D[(b & 15) as usize] as char);
+    }
+    s
+}
+
+pub fn unhex(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
+}
+
+impl Record {
+    fn unhashed(&self) -> Value {
+        let mut m = Map::new();
+        m.insert("seq".into(), Value::from(self.seq));
+        m.insert("ts".into(), Value::from(self.ts.clone()));
+        m.insert("prev".into(), Value::from(self.prev.clone()));
+        m.insert("kind".into(), Value::from(self.kind.clone()));
+        m.insert("data".into(), self.data.clone());
+        Value::Object(m)
+    }
+
+    /// The hash this record must carry.
+    pub fn compute_hash(&self) -> String {
+        hex(&Sha256::digest(canonical(&self.unhashed()).as_bytes()))
+    }
+
+    /// A new record, hashed.
+    pub fn new(seq: u64, ts: String, prev: String, kind: &str, data: Value) -> Self {
+        let mut r = Self { seq, ts, prev, kind: kind.to_string(), data, hash: String::new() };
+        r.hash = r.compute_hash();
+        r
+    }
+
+    /// The line written to the segment (with its newline).
+    pub fn to_line(&self) -> String {
+        let mut v = self.unhashed();
+        v.as_object_mut().expect("invariant: an object").insert("hash".into(), Value::from(self.hash.clone()));
+        let mut s = canonical(&v);
+        s.push('\n');
+        s
+    }
+
+    /// Parse a line (without checking its place in the chain).
+    pub fn parse(line: &str) -> Result<Self, RecordError> {
+        let v: Value = serde_json::from_str(line).map_err(|e| RecordError::NotJson(e.to_string()))?;
+        let o = v.as_object().ok_or_else(|| RecordError::NotJson("not an object".into()))?;
+        let s = |k: &'static str| o.get(k).and_then(Value::as_str).map(String::from).ok_or(RecordError::Field(k));
+        Ok(Self {
+            seq: o.get("seq").and_then(Value::as_u64).ok_or(RecordError::Field("seq"))?,
+            ts: s("ts")?,
+            prev: s("prev")?,
+            kind: s("kind")?,
+            data: o.get("data").cloned().ok_or(RecordError::Field("data"))?,
+            hash: s("hash")?,
+        })
+    }
+
+    /// Parse and check the record's own hash.
+    pub fn parse_checked(line: &str) -> Result<Self, RecordError> {
+        let r = Self::parse(line)?;
+        if r.compute_hash() != r.hash {
+            return Err(RecordError::Hash);
+        }
+        Ok(r)
+    }
+}
+
+/// Now, as records write it.
+pub fn now_rfc3339() -> String {
+    let now = time::OffsetDateTime::now_utc();
+    format_ts(now)
+}
+
+pub fn format_ts(t: time::OffsetDateTime) -> String {
+    let f = time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z");
+    t.to_offset(time::UtcOffset::UTC).format(&f).unwrap_or_default()
+}
+
+/// A timestamp or date from a command line (`2026-12-02`, `2026-12-02T10:00:00Z`).
+pub fn parse_ts(s: &str) -> Option<time::OffsetDateTime> {
+    if let Ok(t) = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339) {
+        return Some(t);
+    }
+    let d = time::Date::parse(s, time::macros::format_description!("[year]-[month]-[day]")).ok()?;
+    Some(d.midnight().assume_utc())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn canonical_form_ignores_key_order_and_hashes_detect_changes() {
+        let a = json!({"b": 1, "a": {"y": [1, "x"], "x": null}});
+        let b: Value = serde_json::from_str(r#"{"a":{"x":null,"y":[1,"x"]},"b":1}"#).unwrap();
+        assert_eq!(canonical(&a), canonical(&b));
+        assert_eq!(canonical(&a), r#"{"a":{"x":null,"y":[1,"x"]},"b":1}"#);
+        let r = Record::new(1, "2026-12-02T00:00:00.000000Z".into(), GENESIS.into(), kind::LIFECYCLE, json!({"event": "start"}));
+        let line = r.to_line();
+        assert_eq!(Record::parse_checked(line.trim_end()).unwrap(), r);
+        let tampered = line.replace("start", "stort");
+        assert_eq!(Record::parse_checked(tampered.trim_end()), Err(RecordError::Hash));
+        assert!(Record::parse("{").is_err());
+    }
+
+    #[test]
+    fn timestamps_parse_and_print() {
+        assert!(parse_ts("2026-12-02").is_some());
+        assert!(parse_ts("2026-12-02T10:00:00Z").is_some());
+        assert!(parse_ts("yesterday").is_none());
+        assert!(now_rfc3339().ends_with('Z'));
+        assert_eq!(unhex(&hex(&[0, 255, 16])).unwrap(), vec![0, 255, 16]);
+    }
+}

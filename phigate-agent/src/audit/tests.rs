@@ -1,0 +1,220 @@
+//! The log against tampering, crashes and full disks: real files, the real writer
+//! code, `verify` pointing at the first bad place.
+
+use std::{fs, path::PathBuf};
+
+use ed25519_dalek::SigningKey;
+use serde_json::json;
+
+use super::{
+    crypto::PeriodKeys,
+    log::{segment_name, segments, Log},
+    prune,
+    record::{kind, Record},
+    verify::{verify, Failure},
+};
+
+struct Dir(PathBuf);
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+        let _ = fs::remove_dir_all(self.0.with_extension("keys"));
+    }
+}
+
+fn dir(name: &str) -> Dir {
+    let d = std::env::temp_dir().join(format!("phigate-audit-{name}-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&d);
+    Dir(d)
+}
+
+fn key() -> SigningKey {
+    SigningKey::from_bytes(&[7u8; 32])
+}
+
+/// A log of three sealed segments and a live one, with a checkpoint (~30 records).
+fn write_log(d: &Dir) {
+    let keys = PeriodKeys { dir: d.0.with_extension("keys") };
+    let (mut log, _) = Log::open(&d.0, key(), keys, 1500).unwrap();
+    for i in 0..24 {
+        log.append(kind::STATEMENT, json!({"session": "s-1", "stmt": i, "text": format!("select {i}")}));
+        log.commit().unwrap();
+        if i == 20 {
+            log.checkpoint().unwrap();
+        }
+        log.rotate_if_full().unwrap();
+    }
+    // The writer signs the head at intervals; end on one, as a running agent would.
+    log.checkpoint().unwrap();
+}
+
+fn seg(d: &Dir, n: u64) -> PathBuf {
+    d.0.join(segment_name(n))
+}
+
+fn lines(p: &PathBuf) -> Vec<String> {
+    fs::read_to_string(p).unwrap().lines().map(String::from).collect()
+}
+
+fn write_lines(p: &PathBuf, l: &[String]) {
+    fs::write(p, l.iter().map(|x| format!("{x}\n")).collect::<String>()).unwrap();
+}
+
+fn check(d: &Dir) -> Result<super::verify::Report, Failure> {
+    verify(&d.0, &key().verifying_key(), |_, _| {})
+}
+
+#[test]
+fn an_untouched_log_verifies() {
+    let d = dir("ok");
+    write_log(&d);
+    assert!(segments(&d.0).unwrap().len() >= 3, "several segments");
+    let r = check(&d).unwrap();
+    assert_eq!(r.records as usize, lines(&seg(&d, 1)).len() + segments(&d.0).unwrap().iter().skip(1).map(|(_, p)| lines(p).len()).sum::<usize>());
+    assert!(r.warnings.is_empty(), "{:?}", r.warnings);
+}
+
+#[test]
+fn a_flipped_byte_is_found_where_it_is() {
+    let d = dir("flip");
+    write_log(&d);
+    let p = seg(&d, 2);
+    let mut l = lines(&p);
+    l[1] = l[1].replacen("select", "selekt", 1);
+    write_lines(&p, &l);
+    let f = check(&d).unwrap_err();
+    assert_eq!((f.segment.as_str(), f.line), (segment_name(2).as_str(), 2), "{f}");
+    assert!(f.why.contains("hash does not match"), "{f}");
+}
+
+#[test]
+fn a_deleted_record_breaks_the_chain_there() {
+    let d = dir("delete");
+    write_log(&d);
+    let p = seg(&d, 2);
+    let mut l = lines(&p);
+    l.remove(1);
+    write_lines(&p, &l);
+    let f = check(&d).unwrap_err();
+    assert_eq!((f.segment.as_str(), f.line), (segment_name(2).as_str(), 2), "{f}");
+    assert!(f.why.contains("expected seq"), "{f}");
+}
+
+#[test]
+fn reordered_records_are_caught() {
+    let d = dir("reorder");
+    write_log(&d);
+    let p = seg(&d, 1);
+    let mut l = lines(&p);
+    l.swap(1, 2);
+    write_lines(&p, &l);
+    let f = check(&d).unwrap_err();
+    assert_eq!((f.segment.as_str(), f.line), (segment_name(1).as_str(), 2), "{f}");
+}
+
+#[test]
+fn a_truncated_segment_is_caught() {
+    let d = dir("truncate");
+    write_log(&d);
+    let p = seg(&d, 1);
+    let l = lines(&p);
+    write_lines(&p, &l[..l.len() - 2]);
+    let f = check(&d).unwrap_err();
+    // The seal is gone: the next segment no longer links, or this one ends unsealed.
+    assert!(f.segment == segment_name(1) || f.segment == segment_name(2), "{f}");
+    assert!(f.why.contains("seal") || f.why.contains("expected seq"), "{f}");
+    // Cutting records off the live segment behind the signed head shows too.
+    let d = dir("truncate-head");
+    write_log(&d);
+    let last = segments(&d.0).unwrap().last().unwrap().1.clone();
+    let l = lines(&last);
+    write_lines(&last, &l[..1]);
+    let f = check(&d).unwrap_err();
+    assert!(f.why.contains("signed head"), "{f}");
+}
+
+#[test]
+fn a_segment_signed_with_another_key_is_rejected() {
+    let d = dir("otherkey");
+    write_log(&d);
+    // Forge segment 2 with another key: same contents, its own chain and seal.
+    let forged = dir("forger");
+    let keys = PeriodKeys { dir: forged.0.with_extension("keys") };
+    let (mut log, _) = Log::open(&forged.0, SigningKey::from_bytes(&[9u8; 32]), keys, 1 << 20).unwrap();
+    for r in lines(&seg(&d, 1)) {
+        let r = Record::parse(&r).unwrap();
+        if r.kind != kind::SEAL {
+            log.append(&r.kind, r.data);
+        }
+    }
+    log.seal().unwrap();
+    fs::copy(seg(&forged, 1), seg(&d, 1)).unwrap();
+    let f = check(&d).unwrap_err();
+    assert_eq!(f.segment, segment_name(1), "{f}");
+    assert!(f.why.contains("another key") || f.why.contains("does not verify"), "{f}");
+}
+
+#[test]
+fn a_torn_tail_is_reported_then_recovered_into_the_chain() {
+    let d = dir("torn");
+    write_log(&d);
+    let last = segments(&d.0).unwrap().last().unwrap().1.clone();
+    let mut text = fs::read_to_string(&last).unwrap();
+    text.push_str("{\"data\":{\"session\":\"s-1\",\"te");
+    fs::write(&last, &text).unwrap();
+    let r = check(&d).unwrap();
+    assert!(r.warnings.iter().any(|w| w.contains("torn")), "{:?}", r.warnings);
+    // The next writer moves the torn bytes aside and says so in the chain.
+    let keys = PeriodKeys { dir: d.0.with_extension("keys") };
+    let (mut log, opened) = Log::open(&d.0, key(), keys, 1500).unwrap();
+    assert!(opened.torn.is_some() && opened.sealed_after_crash.is_some());
+    log.append(kind::LIFECYCLE, json!({"event": "start"}));
+    log.commit().unwrap();
+    log.checkpoint().unwrap();
+    let r = check(&d).unwrap();
+    assert!(r.warnings.is_empty(), "{:?}", r.warnings);
+    let recovery = lines(&last).iter().filter_map(|l| Record::parse(l).ok()).find(|r| r.data["event"] == "recovery").expect("a recovery record");
+    assert!(recovery.data["torn_tail"]["bytes"].as_u64().unwrap() > 0);
+}
+
+#[test]
+fn a_failed_commit_leaves_the_file_as_it_was() {
+    let d = dir("enospc");
+    write_log(&d);
+    let keys = PeriodKeys { dir: d.0.with_extension("keys") };
+    let (mut log, _) = Log::open(&d.0, key(), keys, 1 << 20).unwrap();
+    log.append(kind::LIFECYCLE, json!({"event": "start"}));
+    log.commit().unwrap();
+    // Make the segment unwritable underneath the log: the commit fails, nothing half
+    // written stays, the chain state rolls back, and the next commit works again.
+    let live = segments(&d.0).unwrap().last().unwrap().1.clone();
+    let before = fs::read(&live).unwrap();
+    let (seq, hash) = (log.head().0, log.head().1.to_string());
+    // A read-only file descriptor in place of the writer's: emulate EBADF on write.
+    let ro = fs::File::open(&live).unwrap();
+    let saved = std::mem::replace(log.file_for_tests(), ro);
+    log.append(kind::STATEMENT, json!({"text": "lost"}));
+    assert!(log.commit().is_err());
+    assert_eq!(fs::read(&live).unwrap(), before, "nothing of the failed batch on disk");
+    assert_eq!(log.head(), (seq, hash.as_str()));
+    *log.file_for_tests() = saved;
+    log.append(kind::STATEMENT, json!({"text": "kept"}));
+    log.commit().unwrap();
+    log.checkpoint().unwrap();
+    check(&d).unwrap();
+}
+
+#[test]
+fn prune_leaves_a_tombstone_the_rest_verifies_from() {
+    let d = dir("prune");
+    write_log(&d);
+    let before = segments(&d.0).unwrap().len();
+    let p = prune::prune(&d.0, "9999-01-01", &key()).unwrap();
+    assert_eq!(p.segments.len(), before - 1, "every sealed segment but the live one");
+    check(&d).unwrap();
+    // The tombstone is signed: one made with another key does not verify.
+    let t = d.0.join(super::log::TOMBSTONE_FILE);
+    let text = fs::read_to_string(&t).unwrap().replace(&p.through_seq.to_string(), &(p.through_seq + 1).to_string());
+    fs::write(&t, text).unwrap();
+    assert!(check(&d).is_err());
+}

@@ -1,0 +1,230 @@
+//! The audit writer: one thread owns the [`Log`]; sessions and the agent send it
+//! records through a channel. It takes whatever has queued up, appends it, and makes
+//! it durable with one fdatasync (group commit), then tells each waiting sender.
+//! Signed checkpoints go in at an interval; full segments are sealed and rotated.
+//!
+//! When a write fails (disk full, permissions) the writer marks the log unhealthy:
+//! callers refuse new statements while [`Handle::healthy`] says so. It keeps trying,
+//! once a second, to write a `lifecycle` record saying it failed; when that succeeds
+//! the log is healthy again.
+//!
+//! std threads and channels; no tokio.
+
+use std::{
+    sync::{
+        mpsc::{self, RecvTimeoutError},
+        Arc, Mutex,
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use serde_json::{json, Value};
+
+use super::{
+    crypto::period_of,
+    log::{Log, LogError},
+    record::now_rfc3339,
+};
+
+/// Told once the record is durable (its sequence number) or could not be written.
+pub type Durable = Box<dyn FnOnce(Result<u64, String>) + Send>;
+
+/// Raw data to store encrypted with the period key, bound to `context`.
+pub struct Secret {
+    pub context: String,
+    pub field: &'static str,
+    pub plain: Vec<u8>,
+}
+
+enum Entry {
+    Record { kind: &'static str, data: Value, secrets: Vec<Secret>, done: Option<Durable> },
+    Flush(Durable),
+    Stop(mpsc::Sender<()>),
+}
+
+/// Whether the log can be written, and why not.
+#[derive(Default)]
+struct Health {
+    failure: Mutex<Option<String>>,
+}
+
+/// A handle on the writer; cheap to clone.
+#[derive(Clone)]
+pub struct Handle {
+    tx: mpsc::Sender<Entry>,
+    health: Arc<Health>,
+}
+
+impl std::fmt::Debug for Handle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("audit::Handle")
+    }
+}
+
+/// Most records one commit takes (bounds the batch's memory and latency).
+const MAX_BATCH: usize = 4096;
+
+impl Handle {
+    /// Start the writer thread on an opened log.
+    pub fn start(log: Log, head_interval: Duration) -> Self {
+        let (tx, rx) = mpsc::channel::<Entry>();
+        let health = Arc::new(Health::default());
+        let h = health.clone();
+        thread::Builder::new().name("phigate-audit".into()).spawn(move || run(log, rx, h, head_interval)).expect("invariant: the audit thread starts");
+        Self { tx, health }
+    }
+
+    /// Ok if records can be written; else why not.
+    pub fn healthy(&self) -> Result<(), String> {
+        match &*self.health.failure.lock().expect("invariant: lock not poisoned") {
+            None => Ok(()),
+            Some(e) => Err(e.clone()),
+        }
+    }
+
+    /// Queue a record; nobody waits for it.
+    pub fn record(&self, kind: &'static str, data: Value) {
+        let _ = self.tx.send(Entry::Record { kind, data, secrets: Vec::new(), done: None });
+    }
+
+    /// Queue a record with encrypted parts, and be told when it is durable.
+    pub fn record_durable(&self, kind: &'static str, data: Value, secrets: Vec<Secret>, done: Durable) {
+        if let Err(mpsc::SendError(Entry::Record { done: Some(d), .. })) = self.tx.send(Entry::Record { kind, data, secrets, done: Some(done) }) {
+            d(Err("the audit writer has stopped".into()));
+        }
+    }
+
+    /// Queue a record with encrypted parts; nobody waits for it.
+    pub fn record_sealed(&self, kind: &'static str, data: Value, secrets: Vec<Secret>) {
+        let _ = self.tx.send(Entry::Record { kind, data, secrets, done: None });
+    }
+
+    /// Be told when everything queued so far is durable.
+    pub fn flush(&self, done: Durable) {
+        if let Err(mpsc::SendError(Entry::Flush(d))) = self.tx.send(Entry::Flush(done)) {
+            d(Err("the audit writer has stopped".into()));
+        }
+    }
+
+    /// Seal the current segment and stop (bounded wait).
+    pub fn stop(&self, within: Duration) {
+        let (tx, rx) = mpsc::channel();
+        if self.tx.send(Entry::Stop(tx)).is_ok() {
+            let _ = rx.recv_timeout(within);
+        }
+    }
+}
+
+fn seal_secrets(log: &Log, data: &mut Value, secrets: Vec<Secret>) -> Result<(), LogError> {
+    let period = period_of(&now_rfc3339());
+    for s in secrets {
+        let sealed = log.keys.seal(&period, &s.context, &s.plain)?;
+        if let Some(o) = data.as_object_mut() {
+            o.insert(s.field.to_string(), sealed);
+        }
+    }
+    Ok(())
+}
+
+fn run(mut log: Log, rx: mpsc::Receiver<Entry>, health: Arc<Health>, head_interval: Duration) {
+    let mut last_checkpoint = Instant::now();
+    let mut dirty = false;
+    loop {
+        let failing = health.failure.lock().expect("invariant: lock not poisoned").is_some();
+        let wait = if failing { Duration::from_secs(1) } else { head_interval.saturating_sub(last_checkpoint.elapsed()).max(Duration::from_millis(1)) };
+        let first = match rx.recv_timeout(wait) {
+            Ok(e) => Some(e),
+            Err(RecvTimeoutError::Timeout) => None,
+            Err(RecvTimeoutError::Disconnected) => {
+                let _ = log.seal();
+                return;
+            }
+        };
+        let mut entries: Vec<Entry> = first.into_iter().collect();
+        while entries.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(e) => entries.push(e),
+                Err(_) => break,
+            }
+        }
+        if failing {
+            // Try to come back: a record saying what went wrong.
+            let why = health.failure.lock().expect("invariant: lock not poisoned").clone().unwrap_or_default();
+            log.append("lifecycle", json!({"event": "audit_resumed", "after": why}));
+            if log.commit().is_ok() {
+                *health.failure.lock().expect("invariant: lock not poisoned") = None;
+                tracing::warn!("the audit log can be written again; statements are accepted again");
+            }
+        }
+        let mut waiting: Vec<(Durable, u64)> = Vec::new();
+        let mut flushes: Vec<Durable> = Vec::new();
+        let mut stop: Option<mpsc::Sender<()>> = None;
+        let mut seal_error: Option<String> = None;
+        for e in entries {
+            match e {
+                Entry::Record { kind, mut data, secrets, done } => {
+                    if let Err(err) = seal_secrets(&log, &mut data, secrets) {
+                        // Fail closed: a record whose secret part cannot be sealed is
+                        // not written half; its waiter hears why.
+                        seal_error = Some(err.to_string());
+                        if let Some(d) = done {
+                            d(Err(format!("cannot encrypt the record's raw data: {err}")));
+                        }
+                        continue;
+                    }
+                    let r = log.append(kind, data);
+                    if let Some(d) = done {
+                        waiting.push((d, r.seq));
+                    }
+                }
+                Entry::Flush(d) => flushes.push(d),
+                Entry::Stop(tx) => stop = Some(tx),
+            }
+        }
+        let had = log.pending() > 0;
+        let committed = log.commit();
+        match committed {
+            Ok(()) => {
+                dirty |= had;
+                for (d, seq) in waiting {
+                    d(Ok(seq));
+                }
+                let (seq, _) = log.head();
+                for d in flushes {
+                    d(Ok(seq));
+                }
+                if let Some(e) = seal_error {
+                    tracing::error!(error = %e, "audit: a record could not be encrypted; its statement was refused");
+                }
+            }
+            Err(e) => {
+                let why = e.to_string();
+                tracing::error!(error = %why, "the audit log cannot be written; new statements are refused until it can");
+                *health.failure.lock().expect("invariant: lock not poisoned") = Some(why.clone());
+                for (d, _) in waiting {
+                    d(Err(why.clone()));
+                }
+                for d in flushes {
+                    d(Err(why.clone()));
+                }
+            }
+        }
+        if dirty && last_checkpoint.elapsed() >= head_interval && health.failure.lock().expect("invariant: lock not poisoned").is_none() {
+            if let Err(e) = log.checkpoint() {
+                tracing::error!(error = %e, "audit checkpoint failed");
+            }
+            last_checkpoint = Instant::now();
+            dirty = false;
+        }
+        if let Err(e) = log.rotate_if_full() {
+            tracing::error!(error = %e, "audit segment rotation failed");
+            *health.failure.lock().expect("invariant: lock not poisoned") = Some(e.to_string());
+        }
+        if let Some(tx) = stop {
+            let _ = log.seal();
+            let _ = tx.send(());
+            return;
+        }
+    }
+}

@@ -1,0 +1,564 @@
+//! The audit stage and the session's audit tap: every session, statement, decision,
+//! approval, masking summary and result goes to the audit log.
+//!
+//! The [`Tap`] is shared by the stages that know things the audit needs: the policy
+//! stage posts each decision (blocked statements never reach the database, so their
+//! record is written right away) and approval outcomes; the masking stage posts each
+//! raw row before it rewrites it, and its masking summaries. The [`AuditStage`] sits
+//! between them in the pipeline: it sees the client's messages the policy let through
+//! and the database's messages as masking left them — what the client receives.
+//!
+//! Durability: the record of a statement is written when the statement goes to the
+//! database, and nothing the database answers to it is released to the client until
+//! that record is durable (the writer's group commit usually finishes while the
+//! database works). The statement's end — outcome, masking summary, the result as
+//! delivered and, encrypted, as the database sent it — follows without holding the
+//! client. When the log cannot be written, new statements are refused.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Instant,
+};
+
+use base64::{engine::general_purpose::STANDARD as B64, Engine};
+use serde_json::{json, Map, Value};
+use sha2::{Digest, Sha256};
+use tokio::sync::oneshot;
+
+use super::{
+    stage::{Action, Direction, Stage},
+    Session,
+};
+use crate::{
+    audit::{
+        record::{hex, kind},
+        writer::{Handle, Secret},
+    },
+    mask::Summary,
+    pg::{
+        error::parse_error_fields,
+        flow::{Answer, Flow, Request},
+        msg::{self, tag},
+        Frame, PgError, SqlState,
+    },
+    policy::{approval::Outcome, Decision, Verdict},
+};
+
+/// The session's start record (also used by `connection_refused`).
+pub fn session_data(s: &Session, audit_id: &str) -> Value {
+    let w = &s.workload;
+    json!({
+        "session": audit_id,
+        "session_pid": s.id,
+        "identity": {"name": w.name, "cgroup": format!("/{}", w.cgroup), "protected_cgroup_id": w.protected_cgroup_id, "cgroup_id": w.cgroup_id, "pid": w.pid, "uid": w.uid, "gid": w.gid, "comm": w.comm},
+        "token": s.token.as_ref().map(|t| json!({"subject": t.subject, "groups": t.groups})),
+        "auth": s.auth_method.as_str(),
+        "client": s.client.0.to_string(),
+        "orig_dst": s.orig_dst.0.to_string(),
+        "database": s.database,
+        "dbname": s.dbname,
+        "client_user": s.client_user,
+        "application_name": s.application_name,
+        "upstream_role": s.upstream_role,
+        "client_tls": s.client_tls,
+        "upstream_tls": s.upstream_tls,
+        "accepted_at": crate::audit::record::format_ts(s.accepted_at.into()),
+        "started_at": crate::audit::record::format_ts(s.started_at.into()),
+    })
+}
+
+fn decision_json(d: &Decision) -> Value {
+    json!({"verdict": d.verdict.to_string(), "rule": d.rule, "reason": d.reason})
+}
+
+fn outcome_json(o: &Outcome, id: u64) -> Value {
+    let mut v = serde_json::to_value(o).unwrap_or(Value::Null);
+    if let Some(m) = v.as_object_mut() {
+        m.insert("id".into(), Value::from(id));
+    }
+    v
+}
+
+/// One statement on its way through the database.
+struct Running {
+    stmt: u64,
+    started: Instant,
+    rows: u64,
+    bytes: u64,
+    columns: Option<Value>,
+    command: Option<String>,
+    error: Option<Value>,
+    delivered: Vec<String>,
+    delivered_bytes: usize,
+    delivered_hash: Sha256,
+    raw: Vec<String>,
+    raw_bytes: usize,
+    raw_hash: Sha256,
+    raw_differs: bool,
+    truncated: bool,
+    masking: Option<Summary>,
+}
+
+impl Running {
+    fn new(stmt: u64) -> Self {
+        Self {
+            stmt,
+            started: Instant::now(),
+            rows: 0,
+            bytes: 0,
+            columns: None,
+            command: None,
+            error: None,
+            delivered: Vec::new(),
+            delivered_bytes: 0,
+            delivered_hash: Sha256::new(),
+            raw: Vec::new(),
+            raw_bytes: 0,
+            raw_hash: Sha256::new(),
+            raw_differs: false,
+            truncated: false,
+            masking: None,
+        }
+    }
+}
+
+/// What the stages tell the audit about one session.
+pub struct Tap {
+    writer: Handle,
+    pub audit_id: String,
+    max_result_bytes: usize,
+    masking_on: bool,
+    next_stmt: u64,
+    /// The policy's decision about the Query the audit stage is about to see.
+    pending_simple: Option<(Decision, Option<Value>)>,
+    /// Prepared statements: name → (text, decision).
+    prepared: HashMap<String, (Arc<str>, Option<Decision>, Option<Value>)>,
+    /// Portals: name → (statement name, bound parameters).
+    portals: HashMap<String, (String, Vec<u8>, usize)>,
+    /// An approval the policy is waiting for: (id, requested_at).
+    held: Option<u64>,
+    /// The durability of the latest statement record; results wait for it.
+    durable: Option<oneshot::Receiver<Result<u64, String>>>,
+    durable_failed: Option<String>,
+    /// Raw rows posted by masking, not yet paired with what was delivered.
+    raw_rows: std::collections::VecDeque<Vec<u8>>,
+    running: std::collections::VecDeque<Running>,
+    statements: u64,
+    rows: u64,
+}
+
+pub type SharedTap = Arc<Mutex<Tap>>;
+
+impl Tap {
+    pub fn new(writer: Handle, session: &Session, max_result_bytes: usize, masking_on: bool) -> SharedTap {
+        let audit_id = format!("s-{:016x}", rand::random::<u64>());
+        writer.record(kind::SESSION_START, session_data(session, &audit_id));
+        Arc::new(Mutex::new(Self {
+            writer,
+            audit_id,
+            max_result_bytes,
+            masking_on,
+            next_stmt: 1,
+            pending_simple: None,
+            prepared: HashMap::new(),
+            portals: HashMap::new(),
+            held: None,
+            durable: None,
+            durable_failed: None,
+            raw_rows: Default::default(),
+            running: Default::default(),
+            statements: 0,
+            rows: 0,
+        }))
+    }
+
+    fn take_stmt(&mut self) -> u64 {
+        let n = self.next_stmt;
+        self.next_stmt += 1;
+        n
+    }
+
+    /// The policy decided about a simple Query or a Parse (`name` for Parse).
+    pub fn decided(&mut self, protocol: &str, name: Option<&str>, sql: &str, d: &Decision) {
+        match d.verdict {
+            Verdict::Block => {
+                let stmt = self.take_stmt();
+                let mut data = self.statement_data(stmt, protocol, sql, name, None, Some(d), None);
+                data["outcome"] = Value::from("blocked");
+                self.writer.record(kind::STATEMENT, data);
+            }
+            _ => match name {
+                Some(n) => {
+                    self.prepared.insert(n.to_string(), (Arc::from(sql), Some(d.clone()), None));
+                }
+                None => self.pending_simple = Some((d.clone(), None)),
+            },
+        }
+    }
+
+    /// The policy holds the statement for approval `id`.
+    pub fn held(&mut self, id: u64) {
+        self.held = Some(id);
+    }
+
+    /// The approval's outcome. Approved statements go on (the stage records them
+    /// when it sees them); denied or timed out ones are recorded now.
+    pub fn approval(&mut self, protocol: &str, name: Option<&str>, sql: &str, d: &Decision, o: &Outcome) {
+        let id = self.held.take().unwrap_or(0);
+        let approval = outcome_json(o, id);
+        match o {
+            Outcome::Approved { .. } => match name {
+                Some(n) => {
+                    if let Some(p) = self.prepared.get_mut(n) {
+                        p.2 = Some(approval);
+                    }
+                }
+                None => {
+                    if let Some(p) = self.pending_simple.as_mut() {
+                        p.1 = Some(approval);
+                    }
+                }
+            },
+            _ => {
+                let stmt = self.take_stmt();
+                let mut data = self.statement_data(stmt, protocol, sql, name, None, Some(d), Some(approval));
+                data["outcome"] = Value::from(if matches!(o, Outcome::Denied { .. }) { "denied" } else { "not_approved_in_time" });
+                self.writer.record(kind::STATEMENT, data);
+                if name.is_some() {
+                    self.prepared.remove(name.unwrap_or_default());
+                } else {
+                    self.pending_simple = None;
+                }
+            }
+        }
+    }
+
+    /// Masking is about to rewrite this row.
+    pub fn raw_row(&mut self, body: &[u8]) {
+        if self.running.is_empty() {
+            return;
+        }
+        self.raw_rows.push_back(body.to_vec());
+    }
+
+    pub fn masked(&mut self, summary: Summary) {
+        if let Some(r) = self.running.front_mut() {
+            match &mut r.masking {
+                Some(m) => {
+                    m.cells_masked += summary.cells_masked;
+                    m.rows += summary.rows;
+                    m.by_rule.extend(summary.by_rule);
+                    for (k, n) in summary.by_kind {
+                        *m.by_kind.entry(k).or_insert(0) += n;
+                    }
+                }
+                None => r.masking = Some(summary),
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments, reason = "a statement record is these facts")]
+    fn statement_data(
+        &self,
+        stmt: u64,
+        protocol: &str,
+        sql: &str,
+        name: Option<&str>,
+        portal: Option<&str>,
+        d: Option<&Decision>,
+        approval: Option<Value>,
+    ) -> Value {
+        json!({
+            "session": self.audit_id,
+            "stmt": stmt,
+            "protocol": protocol,
+            "text": sql,
+            "statement_name": name,
+            "portal": portal,
+            "decision": d.map(decision_json).unwrap_or_else(|| json!({"verdict": "unchecked", "rule": "policy-disabled", "reason": "the SQL policy is disabled"})),
+            "approval": approval,
+        })
+    }
+
+    /// A statement goes to the database: record it; its answer waits for the record.
+    fn start(
+        &mut self,
+        protocol: &str,
+        sql: &str,
+        name: Option<&str>,
+        portal: Option<&str>,
+        d: Option<Decision>,
+        approval: Option<Value>,
+        params: Option<(Vec<u8>, usize)>,
+    ) {
+        let stmt = self.take_stmt();
+        let mut data = self.statement_data(stmt, protocol, sql, name, portal, d.as_ref(), approval);
+        data["outcome"] = Value::from("sent");
+        let mut secrets = Vec::new();
+        if let Some((p, count)) = params {
+            data["param_count"] = Value::from(count);
+            if count > 0 {
+                secrets.push(Secret { context: format!("{}:{stmt}:params", self.audit_id), field: "params", plain: p });
+            }
+        }
+        let (tx, rx) = oneshot::channel();
+        self.writer.record_durable(
+            kind::STATEMENT,
+            data,
+            secrets,
+            Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        );
+        self.durable = Some(rx);
+        self.statements += 1;
+        self.running.push_back(Running::new(stmt));
+    }
+
+    fn end_front(&mut self) {
+        let Some(r) = self.running.pop_front() else { return };
+        self.raw_rows.clear();
+        self.rows += r.rows;
+        let masking = r.masking.as_ref().map(|m| {
+            let by_rule: Map<String, Value> = m.by_rule.iter().map(|(k, n)| (k.to_string(), Value::from(*n))).collect();
+            let by_kind: Map<String, Value> = crate::mask::kind_counts(&m.by_kind).into_iter().map(|(k, n)| (k.to_string(), Value::from(n))).collect();
+            json!({"cells": m.cells_masked, "by_rule": by_rule, "by_kind": by_kind})
+        });
+        let delivered_sha = hex(&r.delivered_hash.finalize());
+        let raw_sha = hex(&r.raw_hash.finalize());
+        let mut data = json!({
+            "session": self.audit_id,
+            "stmt": r.stmt,
+            "rows": r.rows,
+            "bytes": r.bytes,
+            "duration_ms": r.started.elapsed().as_secs_f64() * 1e3,
+            "command": r.command,
+            "error": r.error,
+            "masking": masking,
+            "result": {"columns": r.columns, "rows": r.delivered, "truncated": r.truncated, "sha256": delivered_sha},
+            "raw_differs": r.raw_differs,
+        });
+        let mut secrets = Vec::new();
+        if r.raw_differs {
+            let raw = json!({"rows": r.raw, "sha256": raw_sha}).to_string().into_bytes();
+            secrets.push(Secret { context: format!("{}:{}:raw", self.audit_id, r.stmt), field: "raw", plain: raw });
+        } else if let Some(o) = data.as_object_mut() {
+            o.insert("raw_sha256".into(), Value::from(raw_sha));
+        }
+        self.writer.record_sealed(kind::STATEMENT_END, data, secrets);
+    }
+
+    fn end(&mut self, how: &str, stats: Value) {
+        while !self.running.is_empty() {
+            self.end_front();
+        }
+        self.writer
+            .record(kind::SESSION_END, json!({"session": self.audit_id, "ended": how, "statements": self.statements, "rows": self.rows, "stats": stats}));
+    }
+}
+
+/// The audit stage (see the module doc).
+pub struct AuditStage {
+    tap: SharedTap,
+    flow: Flow,
+    policy_on: bool,
+}
+
+impl AuditStage {
+    pub fn new(tap: SharedTap, policy_on: bool) -> Self {
+        Self { tap, flow: Flow::default(), policy_on }
+    }
+}
+
+fn refused_by_audit(why: &str) -> PgError {
+    let code = if why.contains("No space left") { SqlState::new(b"53100") } else { SqlState::new(b"58030") };
+    PgError::error(code, format!("phigate refused the statement: the audit log cannot be written ({why}); the statement was not run"))
+        .with_hint("Free space or fix the audit directory; phigate accepts statements again as soon as it can record them.")
+}
+
+fn b64(b: &[u8]) -> String {
+    B64.encode(b)
+}
+
+impl Stage for AuditStage {
+    fn name(&self) -> &'static str {
+        "audit"
+    }
+
+    fn needs_whole(&self, direction: Direction, t: u8) -> bool {
+        match direction {
+            Direction::Frontend => matches!(t, tag::QUERY | tag::PARSE | tag::BIND | tag::EXECUTE | tag::DESCRIBE | tag::CLOSE),
+            // Rows are kept (up to a limit) for replay; larger ones stream and are
+            // recorded by size.
+            Direction::Backend => matches!(t, tag::ROW_DESCRIPTION | tag::COMMAND_COMPLETE | tag::ERROR_RESPONSE),
+        }
+    }
+
+    fn frontend(&mut self, _: &Session, frame: &Frame) -> Action {
+        let Ok(req) = msg::request_of(frame) else { return Action::Forward };
+        let mut tap = self.tap.lock().expect("invariant: lock not poisoned");
+        let starts = matches!(req, Request::Query(_) | Request::Execute { .. });
+        if starts {
+            if let Err(why) = tap.writer.healthy() {
+                return Action::Refuse(refused_by_audit(&why));
+            }
+        }
+        match frame.tag() {
+            tag::QUERY => {
+                if let Request::Query(sql) = &req {
+                    let (d, approval) = match tap.pending_simple.take() {
+                        Some((d, a)) => (Some(d), a),
+                        None if self.policy_on => (None, None),
+                        None => (None, None),
+                    };
+                    tap.start("simple", sql, None, None, d, approval, None);
+                }
+            }
+            tag::PARSE => {
+                if let Ok((name, sql)) = msg::parse_parse(frame.body()) {
+                    if !self.policy_on {
+                        tap.prepared.insert(name.to_string(), (Arc::from(sql), None, None));
+                    }
+                }
+            }
+            tag::BIND => {
+                if let (Ok((portal, stmt, _)), Ok((_, values))) = (msg::parse_bind(frame.body()), msg::bind_parameters(frame.body())) {
+                    let count = values.len();
+                    let params = json!(values.iter().map(|v| v.map(b64)).collect::<Vec<_>>()).to_string().into_bytes();
+                    tap.portals.insert(portal.to_string(), (stmt.to_string(), params, count));
+                }
+            }
+            tag::EXECUTE => {
+                if let Request::Execute { portal } = &req {
+                    let (stmt, params, count) = tap.portals.get(*portal).cloned().unwrap_or_default();
+                    let (sql, d, approval) = tap.prepared.get(&stmt).cloned().unwrap_or((Arc::from(""), None, None));
+                    tap.start("extended", &sql, Some(&stmt), Some(portal), d, approval, Some((params, count)));
+                }
+            }
+            tag::CLOSE => {
+                if let Ok((k, name)) = msg::parse_target(frame.body(), "Close") {
+                    if k == b'S' {
+                        tap.prepared.remove(name);
+                    } else {
+                        tap.portals.remove(name);
+                    }
+                }
+            }
+            _ => {}
+        }
+        drop(tap);
+        self.flow.frontend(req);
+        Action::Forward
+    }
+
+    fn backend(&mut self, _: &Session, frame: &Frame) -> Action {
+        let t = frame.tag();
+        let mut tap = self.tap.lock().expect("invariant: lock not poisoned");
+        // Nothing the database says about a statement reaches the client before the
+        // statement's record is durable.
+        if let Some(why) = tap.durable_failed.take() {
+            return Action::Refuse(PgError::fatal(
+                SqlState::new(b"58030"),
+                format!("phigate withheld the result: the statement's audit record could not be written ({why})"),
+            ));
+        }
+        if let Some(mut rx) = tap.durable.take() {
+            match rx.try_recv() {
+                Ok(Ok(_)) => {}
+                Ok(Err(why)) => {
+                    return Action::Refuse(PgError::fatal(
+                        SqlState::new(b"58030"),
+                        format!("phigate withheld the result: the statement's audit record could not be written ({why})"),
+                    ))
+                }
+                Err(oneshot::error::TryRecvError::Empty) => {
+                    let tap2 = self.tap.clone();
+                    return Action::Hold(
+                        Box::pin(async move {
+                            let r = rx.await.unwrap_or_else(|_| Err("the audit writer stopped".into()));
+                            if let Err(why) = r {
+                                tap2.lock().expect("invariant: lock not poisoned").durable_failed = Some(why);
+                            }
+                            Ok(())
+                        }),
+                        None,
+                    );
+                }
+                Err(oneshot::error::TryRecvError::Closed) => {
+                    return Action::Refuse(PgError::fatal(SqlState::new(b"58030"), "phigate withheld the result: the audit writer stopped"))
+                }
+            }
+        }
+        let answer = self.flow.backend(t);
+        let limit = tap.max_result_bytes;
+        let masking_on = tap.masking_on;
+        let raw = if matches!(t, tag::DATA_ROW | tag::COPY_DATA) && masking_on { tap.raw_rows.pop_front() } else { None };
+        let Some(r) = tap.running.front_mut() else { return Action::Forward };
+        r.bytes += frame.len() as u64;
+        match t {
+            tag::ROW_DESCRIPTION => {
+                if let Ok(fields) = msg::parse_row_description(frame.body()) {
+                    r.columns = Some(json!(fields.iter().map(|f| json!({"name": f.name, "type": f.type_oid, "format": f.format})).collect::<Vec<_>>()));
+                }
+            }
+            tag::DATA_ROW | tag::COPY_DATA => {
+                if t == tag::DATA_ROW {
+                    r.rows += 1;
+                }
+                let body = frame.body();
+                r.delivered_hash.update(body);
+                let raw_body: &[u8] = raw.as_deref().unwrap_or(body);
+                r.raw_hash.update(raw_body);
+                r.raw_differs |= raw_body != body;
+                if r.delivered_bytes + body.len() <= limit {
+                    r.delivered_bytes += body.len();
+                    r.delivered.push(b64(body));
+                } else {
+                    r.truncated = true;
+                }
+                if r.raw_bytes + raw_body.len() <= limit {
+                    r.raw_bytes += raw_body.len();
+                    r.raw.push(b64(raw_body));
+                }
+            }
+            tag::COMMAND_COMPLETE => {
+                let mut rest = frame.body();
+                r.command = crate::pg::frame::take_cstr(&mut rest, "CommandComplete").ok().map(String::from);
+            }
+            tag::ERROR_RESPONSE => {
+                let e = parse_error_fields(frame.body());
+                r.error = Some(json!({"code": e.code, "message": e.message}));
+            }
+            _ => {}
+        }
+        let ends = match &answer {
+            Answer::ExecuteDone(_) => true,
+            Answer::ExtendedError => true,
+            Answer::Ready => true,
+            _ => false,
+        };
+        if ends {
+            tap.end_front();
+        }
+        Action::Forward
+    }
+
+    fn streamed(&mut self, _: &Session, direction: Direction, t: u8, len: usize) {
+        if direction == Direction::Backend {
+            let mut tap = self.tap.lock().expect("invariant: lock not poisoned");
+            if let Some(r) = tap.running.front_mut() {
+                r.bytes += len as u64;
+                if t == tag::DATA_ROW {
+                    r.rows += 1;
+                    r.truncated = true;
+                }
+            }
+        }
+    }
+
+    fn closed(&mut self, _: &Session, how: &str, stats: &super::stage::Stats) {
+        let stats = json!({"queries": stats.queries, "executes": stats.executes, "rows": stats.rows, "errors": stats.errors, "bytes_to_server": stats.bytes_to_server, "bytes_to_client": stats.bytes_to_client});
+        self.tap.lock().expect("invariant: lock not poisoned").end(how, stats);
+    }
+}
