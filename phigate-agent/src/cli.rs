@@ -186,6 +186,19 @@ pub enum AuditCommand {
         #[arg(long)]
         signing_key: Option<PathBuf>,
     },
+    /// Measure durable records per second on this disk (`cargo xtask bench audit`).
+    #[command(hide = true)]
+    Bench {
+        /// An empty directory to write a throwaway log into.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Records to write.
+        #[arg(long, default_value_t = 200_000)]
+        records: u64,
+        /// Concurrent writers, each waiting for its record to be durable.
+        #[arg(long, default_value_t = 64)]
+        writers: u64,
+    },
     /// Destroy the period keys before DATE: their raw data becomes unreadable for good.
     Shred {
         #[arg(long)]

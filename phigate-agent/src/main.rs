@@ -207,6 +207,41 @@ fn audit_command(command: AuditCommand, config: Option<&Config>) -> anyhow::Resu
             }
             Ok(ExitCode::SUCCESS)
         }
+        AuditCommand::Bench { dir, records, writers } => {
+            if audit::log::segments(&dir).map(|s| !s.is_empty()).unwrap_or(false) {
+                anyhow::bail!("{} already holds a log; give an empty directory", dir.display());
+            }
+            let key = ed25519_dalek::SigningKey::from_bytes(&rand::random::<[u8; 32]>());
+            let keys = audit::crypto::PeriodKeys { dir: phigate_agent::config::default_key_home(&dir).join("periods") };
+            let (log, _) = audit::log::Log::open(&dir, key, keys, 64 << 20)?;
+            let handle = audit::writer::Handle::start(log, std::time::Duration::from_secs(10));
+            let per = records / writers.max(1);
+            let started = std::time::Instant::now();
+            let threads: Vec<_> = (0..writers)
+                .map(|w| {
+                    let h = handle.clone();
+                    std::thread::spawn(move || {
+                        for i in 0..per {
+                            let (tx, rx) = std::sync::mpsc::channel();
+                            let data = serde_json::json!({"session": format!("s-{w:016x}"), "stmt": i, "protocol": "extended", "text": "SELECT abalance FROM pgbench_accounts WHERE aid = $1", "decision": {"verdict": "allow", "rule": "default", "reason": "default for identity bench"}, "outcome": "sent"});
+                            h.record_durable(audit::record::kind::STATEMENT, data, Vec::new(), Box::new(move |r| {
+                                let _ = tx.send(r);
+                            }));
+                            if !matches!(rx.recv(), Ok(Ok(_))) {
+                                return false;
+                            }
+                        }
+                        true
+                    })
+                })
+                .collect();
+            let ok = threads.into_iter().all(|t| t.join().unwrap_or(false));
+            let secs = started.elapsed().as_secs_f64();
+            handle.stop(std::time::Duration::from_secs(10));
+            let total = per * writers;
+            println!("{}", serde_json::json!({"ok": ok, "records": total, "writers": writers, "seconds": secs, "records_per_sec": total as f64 / secs}));
+            Ok(ExitCode::SUCCESS)
+        }
         AuditCommand::Shred { before, keys } => {
             audit::record::parse_ts(&before).with_context(|| format!("--before {before:?}: give a date like 2026-11-01"))?;
             let dir = keys.or_else(|| config.map(|c| c.audit.key_dir.clone())).context("give --keys")?;

@@ -35,7 +35,8 @@ pub fn run(name: &str) -> Result<()> {
         "redirect" => redirect(),
         "pg" => pg(),
         "mask" => mask(),
-        other => bail!("unknown benchmark {other:?}; available: redirect, pg, policy, mask, detect"),
+        "audit" => audit(),
+        other => bail!("unknown benchmark {other:?}; available: redirect, pg, policy, mask, detect, audit"),
     }
 }
 
@@ -338,6 +339,15 @@ fn pg() -> Result<()> {
     cfg_off.agent_extra = cfg.agent_extra.clone();
     let agent_off = Agent::start(&cfg_off)?;
     let off_dir = cg_off.child_dir("protected");
+    // And without the audit log, to price the audit alone.
+    let cg_na = TestCgroup::new();
+    let prot_na = cg_na.child("protected");
+    let mut cfg_na =
+        AgentConfig::new(&cg_na).database(DbSpec::new("bench", &["127.0.0.2/32"], server.port(), server.socket_addr())).protect(&prot_na, "bench-client");
+    cfg_na.extra = "[audit]\nenabled = false\n".into();
+    cfg_na.agent_extra = cfg.agent_extra.clone();
+    let agent_na = Agent::start(&cfg_na)?;
+    let na_dir = cg_na.child_dir("protected");
     let tmp = std::env::temp_dir().join(phigate_tests::unique("phigate-bench-pgbouncer"));
     std::fs::create_dir_all(&tmp)?;
     let (bouncer, bouncer_port) = start_pgbouncer(&tmp, server.port())?;
@@ -351,8 +361,10 @@ fn pg() -> Result<()> {
     let mut rows = Vec::new();
     for mode in modes.iter().map(String::as_str) {
         for clients in client_counts.iter().copied() {
-            eprintln!("bench: -M {mode} -c {clients} ({reps} × {seconds} s each: direct, PgBouncer, phigate, phigate without policy, alternating)");
-            let (mut ds, mut bs, mut ps, mut os) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            eprintln!(
+                "bench: -M {mode} -c {clients} ({reps} × {seconds} s each: direct, PgBouncer, phigate, phigate without policy, without audit, alternating)"
+            );
+            let (mut ds, mut bs, mut ps, mut os, mut ns) = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
             for _ in 0..reps {
                 ds.push(pgbench(&direct_dir, "127.0.0.2", server.port(), "postgres", "postgres", mode, clients, seconds)?);
                 bs.push(measured(
@@ -362,14 +374,16 @@ fn pg() -> Result<()> {
                 )?);
                 ps.push(measured(agent.pid(), || pgbench(&prot_dir, "127.0.0.2", server.port(), "postgres", "postgres", mode, clients, seconds), seconds)?);
                 os.push(measured(agent_off.pid(), || pgbench(&off_dir, "127.0.0.2", server.port(), "postgres", "postgres", mode, clients, seconds), seconds)?);
+                ns.push(measured(agent_na.pid(), || pgbench(&na_dir, "127.0.0.2", server.port(), "postgres", "postgres", mode, clients, seconds), seconds)?);
             }
-            rows.push((mode, clients, median(ds), median(bs), median(ps), median(os)));
+            rows.push((mode, clients, median(ds), median(bs), median(ps), median(os), median(ns)));
         }
     }
     let sessions = agent.events_named("session started").len();
     drop(bouncer);
     drop(agent);
     drop(agent_off);
+    drop(agent_na);
     let _ = std::fs::remove_dir_all(&tmp);
 
     println!(
@@ -377,12 +391,27 @@ fn pg() -> Result<()> {
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
     );
     println!(
-        "{:<9} {:>3} | {:>9} {:>8} | {:>9} {:>8} {:>7} | {:>9} {:>8} {:>7} | {:>9} | {:>8} {:>8} {:>9}",
-        "mode", "-c", "direct", "lat ms", "pgbouncer", "lat ms", "cpu µs", "phigate", "lat ms", "cpu µs", "no policy", "÷direct", "÷bouncer", "÷nopolicy"
+        "{:<9} {:>3} | {:>9} {:>8} | {:>9} {:>8} {:>7} | {:>9} {:>8} {:>7} | {:>9} {:>9} | {:>8} {:>8} {:>9} {:>8}",
+        "mode",
+        "-c",
+        "direct",
+        "lat ms",
+        "pgbouncer",
+        "lat ms",
+        "cpu µs",
+        "phigate",
+        "lat ms",
+        "cpu µs",
+        "no policy",
+        "no audit",
+        "÷direct",
+        "÷bouncer",
+        "÷nopolicy",
+        "÷noaudit"
     );
-    for (mode, c, d, b, p, o) in &rows {
+    for (mode, c, d, b, p, o, n) in &rows {
         println!(
-            "{mode:<9} {c:>3} | {:>9.0} {:>8.3} | {:>9.0} {:>8.3} {:>7.1} | {:>9.0} {:>8.3} {:>7.1} | {:>9.0} | {:>7.2}× {:>7.2}× {:>8.2}×",
+            "{mode:<9} {c:>3} | {:>9.0} {:>8.3} | {:>9.0} {:>8.3} {:>7.1} | {:>9.0} {:>8.3} {:>7.1} | {:>9.0} {:>9.0} | {:>7.2}× {:>7.2}× {:>8.2}× {:>7.2}×",
             d.tps,
             d.latency_ms,
             b.tps,
@@ -392,13 +421,15 @@ fn pg() -> Result<()> {
             p.latency_ms,
             p.proxy_cpu_us,
             o.tps,
+            n.tps,
             p.tps / d.tps,
             p.tps / b.tps,
-            p.tps / o.tps
+            p.tps / o.tps,
+            p.tps / n.tps
         );
     }
-    println!("(cpu µs: the proxy's own CPU time per transaction)");
-    println!("targets: phigate ≥ 0.95× PgBouncer at -c 1, ≥ 1.3× PgBouncer at -c 8; policy on ≥ 0.9× policy off (TPS). Sessions through phigate: {sessions}");
+    println!("(cpu µs: the proxy's own CPU time per transaction; phigate runs with its defaults: policy, safe-harbor masking, audit)");
+    println!("targets: phigate ≥ 0.95× PgBouncer at -c 1, ≥ 1.3× PgBouncer at -c 8; policy on ≥ 0.9× policy off; audit on ≥ 0.85× audit off (TPS). Sessions through phigate: {sessions}");
     Ok(())
 }
 
@@ -521,5 +552,32 @@ fn mask() -> Result<()> {
     println!("  agent peak RSS, 10,000 rows      {:>8} KiB", rss_small);
     println!("  agent peak RSS, 1,000,000 rows   {:>8} KiB   ratio {:.2}×   target ≤ 1.10×", rss_big, rss_big as f64 / rss_small.max(1) as f64);
     println!("  (results masked, as logged: {masked_events})");
+    Ok(())
+}
+
+/// Durable audit records per second with group commit, on the disk under target/.
+fn audit() -> Result<()> {
+    let mut rows = Vec::new();
+    for writers in [1u64, 8, 64] {
+        let dir = root().join("target").join(phigate_tests::unique("bench-audit"));
+        let records = if writers == 1 { 5_000 } else { 200_000 };
+        eprintln!("bench: {records} durable records from {writers} concurrent writers into {}", dir.display());
+        let out = Command::new(root().join("target/release/phigate"))
+            .args(["audit", "bench", "--dir"])
+            .arg(&dir)
+            .args(["--records", &records.to_string(), "--writers", &writers.to_string()])
+            .output()?;
+        let _ = std::fs::remove_dir_all(&dir);
+        let _ = std::fs::remove_dir_all(phigate_tests::unique_sibling(&dir, ".keys"));
+        let v: Value = serde_json::from_slice(&out.stdout).with_context(|| format!("phigate audit bench: {}", String::from_utf8_lossy(&out.stderr)))?;
+        if v["ok"] != true {
+            bail!("the audit bench failed: {v}");
+        }
+        rows.push((writers, v["records_per_sec"].as_f64().unwrap_or(f64::NAN), v["seconds"].as_f64().unwrap_or(f64::NAN), v["records"].as_u64().unwrap_or(0)));
+    }
+    println!("\nphigate audit benchmark — durable records (each writer waits for fdatasync before its next record), group commit, {} disk", root().display());
+    for (w, rps, secs, n) in rows {
+        println!("  {w:>3} writers   {rps:>10.0} records/s   ({n} records in {secs:.2} s){}", if w == 64 { "   target ≥ 50,000/s" } else { "" });
+    }
     Ok(())
 }

@@ -193,23 +193,24 @@ impl Log {
         segment_name(self.index)
     }
 
-    /// Append a record to the batch; returns it (with its sequence number and hash).
-    pub fn append(&mut self, kind: &str, data: Value) -> Record {
-        let r = Record::new(self.batch_seq + 1, now_rfc3339(), self.batch_hash.clone(), kind, data);
-        self.batch.extend_from_slice(r.to_line().as_bytes());
-        self.batch_seq = r.seq;
-        self.batch_hash = r.hash.clone();
-        r
+    /// Append a record to the batch; returns its sequence number.
+    pub fn append(&mut self, kind: &str, data: Value) -> u64 {
+        let seq = self.batch_seq + 1;
+        let (hash, line) = super::record::encode(seq, &now_rfc3339(), &self.batch_hash, kind, &data);
+        self.batch.extend_from_slice(line.as_bytes());
+        self.batch_seq = seq;
+        self.batch_hash = hash;
+        seq
     }
 
-    fn append_signed(&mut self, what: &str) -> Record {
+    fn append_signed(&mut self, what: &str) -> u64 {
         let next = self.batch_seq + 1;
         let sig = crypto::sign(&self.key, &crypto::signed_message(what, &self.segment(), next, &self.batch_hash));
         let data = json!({"segment": self.segment(), "signature": sig, "public_key": crypto::public_hex(&self.key.verifying_key())});
         self.append(what, data)
     }
 
-    fn append_seal(&mut self) -> Record {
+    fn append_seal(&mut self) -> u64 {
         self.append_signed(kind::SEAL)
     }
 

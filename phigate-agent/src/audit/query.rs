@@ -414,7 +414,7 @@ pub fn replay(dir: &Path, session: &str, keys: Option<&PeriodKeys>) -> Result<Ve
                     d["stmt"],
                     d["rows"],
                     d["bytes"],
-                    d["duration_ms"].as_f64().unwrap_or(0.0),
+                    d["duration_us"].as_u64().unwrap_or(0) as f64 / 1e3,
                     d["command"].as_str().map(|c| format!(", {c}")).unwrap_or_default(),
                     d["error"]["code"].as_str().map(|c| format!(", error {c}: {}", d["error"]["message"].as_str().unwrap_or(""))).unwrap_or_default(),
                     d["masking"]["cells"].as_u64().map(|n| format!(", {n} cells masked {}", d["masking"]["by_rule"])).unwrap_or_default(),

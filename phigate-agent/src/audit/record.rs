@@ -2,6 +2,8 @@
 //! `prev`) and its own hash — SHA-256 over the canonical encoding of everything but
 //! the hash: JSON with object keys sorted, no insignificant whitespace, as
 //! `serde_json` prints numbers and strings. Each record is one line of a segment.
+//! Records hold no floating-point numbers (their text does not round-trip exactly):
+//! durations are integer microseconds.
 
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
@@ -117,9 +119,8 @@ impl Record {
 
     /// A new record, hashed.
     pub fn new(seq: u64, ts: String, prev: String, kind: &str, data: Value) -> Self {
-        let mut r = Self { seq, ts, prev, kind: kind.to_string(), data, hash: String::new() };
-        r.hash = r.compute_hash();
-        r
+        let (hash, _) = encode(seq, &ts, &prev, kind, &data);
+        Self { seq, ts, prev, kind: kind.to_string(), data, hash }
     }
 
     /// The line written to the segment (with its newline).
@@ -156,6 +157,19 @@ impl Record {
     }
 }
 
+/// The hash and the line (with its newline) of a record, built straight from its
+/// parts: the same bytes as [`Record::to_line`], without copying `data` into a map.
+/// Keys in canonical (sorted) order: data, hash, kind, prev, seq, ts.
+pub fn encode(seq: u64, ts: &str, prev: &str, kind: &str, data: &Value) -> (String, String) {
+    let data = canonical(data);
+    let s = |v: &str| Value::String(v.to_string()).to_string();
+    let rest = format!("\"kind\":{},\"prev\":{},\"seq\":{seq},\"ts\":{}}}", s(kind), s(prev), s(ts));
+    let unhashed = format!("{{\"data\":{data},{rest}");
+    let hash = hex(&Sha256::digest(unhashed.as_bytes()));
+    let line = format!("{{\"data\":{data},\"hash\":\"{hash}\",{rest}\n");
+    (hash, line)
+}
+
 /// Now, as records write it.
 pub fn now_rfc3339() -> String {
     let now = time::OffsetDateTime::now_utc();
@@ -190,6 +204,7 @@ mod tests {
         let r = Record::new(1, "2026-12-02T00:00:00.000000Z".into(), GENESIS.into(), kind::LIFECYCLE, json!({"event": "start"}));
         let line = r.to_line();
         assert_eq!(Record::parse_checked(line.trim_end()).unwrap(), r);
+        assert_eq!(encode(r.seq, &r.ts, &r.prev, &r.kind, &r.data).1, line, "the fast encoding is the canonical one");
         let tampered = line.replace("start", "stort");
         assert_eq!(Record::parse_checked(tampered.trim_end()), Err(RecordError::Hash));
         assert!(Record::parse("{").is_err());

@@ -173,9 +173,9 @@ fn run(mut log: Log, rx: mpsc::Receiver<Entry>, health: Arc<Health>, head_interv
                         }
                         continue;
                     }
-                    let r = log.append(kind, data);
+                    let seq = log.append(kind, data);
                     if let Some(d) = done {
-                        waiting.push((d, r.seq));
+                        waiting.push((d, seq));
                     }
                 }
                 Entry::Flush(d) => flushes.push(d),

@@ -332,7 +332,9 @@ impl Tap {
             "stmt": r.stmt,
             "rows": r.rows,
             "bytes": r.bytes,
-            "duration_ms": r.started.elapsed().as_secs_f64() * 1e3,
+            // Integers only in records: JSON floats do not round-trip exactly, and
+            // the hash is over the canonical text.
+            "duration_us": r.started.elapsed().as_micros() as u64,
             "command": r.command,
             "error": r.error,
             "masking": masking,
