@@ -152,6 +152,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     let events = EventReader::open(&layout)?;
     let event_task = tokio::spawn(report_events(events, kernel.clone(), stop_rx.clone(), audit.clone()));
+    let watch_task = tokio::spawn(watch_protection(state.clone(), layout.clone(), stop_rx.clone(), audit.clone()));
     let admin_task = tokio::spawn(admin::serve(admin_listener, broker.clone(), workload_of(state.clone(), cgroups.clone())));
     info!(socket = %config.agent.admin_socket.display(), "admin API listening");
 
@@ -167,6 +168,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
     }
     event_task.abort();
+    watch_task.abort();
     admin_task.abort();
     let _ = std::fs::remove_file(&config.agent.admin_socket);
     let mut s = state.settings()?;
@@ -552,6 +554,54 @@ async fn accept_loop(listener: Listener, db: Database, kernel: Arc<Kernel>, serv
     // Stop accepting, then let this listener's sessions finish (the caller bounds it).
     drop(listener);
     while sessions.join_next().await.is_some() {}
+}
+
+/// Record every change to what is protected, however it was made (`phigate protect` /
+/// `unprotect` write the pinned map directly, and so could anything else with the
+/// right to), and a detach of the kernel programs under a running agent. The kernel
+/// map is the truth, so it is compared with what was seen a second earlier.
+async fn watch_protection(state: Arc<KernelState>, layout: PinLayout, mut stop: tokio::sync::watch::Receiver<Phase>, audit: Option<AuditHandle>) {
+    let snapshot = |state: &KernelState| -> Option<std::collections::BTreeMap<u64, protection::ProtectedEntry>> {
+        protection::entries(state).ok().map(|v| v.into_iter().map(|e| (e.cgroup_id, e)).collect())
+    };
+    let entry_json = |e: &protection::ProtectedEntry| serde_json::json!({"cgroup": format!("/{}", e.cgroup), "cgroup_id": e.cgroup_id, "identity": e.identity, "source": e.source});
+    let Some(mut seen) = snapshot(&state) else { return };
+    if let Some(a) = &audit {
+        a.record(audit_kind::LIFECYCLE, serde_json::json!({"event": "protected", "cgroups": seen.values().map(entry_json).collect::<Vec<_>>()}));
+    }
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => return,
+        }
+        if !layout.is_installed() {
+            error!(pin_dir = %layout.root().display(), "the kernel programs were detached under the running agent: protected workloads are NOT redirected any more; restart the agent");
+            if let Some(a) = &audit {
+                a.record(audit_kind::LIFECYCLE, serde_json::json!({"event": "detached", "pin_dir": layout.root().display().to_string()}));
+            }
+            return;
+        }
+        let Some(now) = snapshot(&state) else { continue };
+        for (id, e) in &now {
+            if seen.get(id).map(|o| (&o.identity, &o.cgroup)) != Some((&e.identity, &e.cgroup)) {
+                info!(cgroup = %format!("/{}", e.cgroup), cgroup_id = id, identity = %e.identity, source = e.source, "cgroup protected");
+                if let Some(a) = &audit {
+                    a.record(audit_kind::LIFECYCLE, serde_json::json!({"event": "protect", "entry": entry_json(e)}));
+                }
+            }
+        }
+        for (id, e) in &seen {
+            if !now.contains_key(id) {
+                info!(cgroup = %format!("/{}", e.cgroup), cgroup_id = id, identity = %e.identity, "cgroup unprotected");
+                if let Some(a) = &audit {
+                    a.record(audit_kind::LIFECYCLE, serde_json::json!({"event": "unprotect", "entry": entry_json(e)}));
+                }
+            }
+        }
+        seen = now;
+    }
 }
 
 /// Log what the kernel reports: bypass attempts dropped by the egress guard, connects

@@ -201,10 +201,16 @@ pub enum AuditCommand {
     },
     /// Destroy the period keys before DATE: their raw data becomes unreadable for good.
     Shred {
+        /// Periods (UTC days) before this date lose their keys.
         #[arg(long)]
         before: String,
+        /// The period key directory (default: the config's `[audit] keys`/periods).
         #[arg(long)]
         keys: Option<PathBuf>,
+        /// Also destroy today's key. A running agent keeps today's key in memory, so
+        /// stop it first, or what it seals later today becomes unreadable too.
+        #[arg(long)]
+        include_today: bool,
     },
 }
 

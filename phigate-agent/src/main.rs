@@ -216,34 +216,49 @@ fn audit_command(command: AuditCommand, config: Option<&Config>) -> anyhow::Resu
             let (log, _) = audit::log::Log::open(&dir, key, keys, 64 << 20)?;
             let handle = audit::writer::Handle::start(log, std::time::Duration::from_secs(10));
             let per = records / writers.max(1);
+            // Writers are tasks on a multi-threaded runtime, as sessions are in the
+            // agent: each waits for its record to be durable before the next.
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             let started = std::time::Instant::now();
-            let threads: Vec<_> = (0..writers)
-                .map(|w| {
-                    let h = handle.clone();
-                    std::thread::spawn(move || {
-                        for i in 0..per {
-                            let (tx, rx) = std::sync::mpsc::channel();
-                            let data = serde_json::json!({"session": format!("s-{w:016x}"), "stmt": i, "protocol": "extended", "text": "SELECT abalance FROM pgbench_accounts WHERE aid = $1", "decision": {"verdict": "allow", "rule": "default", "reason": "default for identity bench"}, "outcome": "sent"});
-                            h.record_durable(audit::record::kind::STATEMENT, data, Vec::new(), Box::new(move |r| {
-                                let _ = tx.send(r);
-                            }));
-                            if !matches!(rx.recv(), Ok(Ok(_))) {
-                                return false;
+            let ok = runtime.block_on(async {
+                let tasks: Vec<_> = (0..writers)
+                    .map(|w| {
+                        let h = handle.clone();
+                        tokio::spawn(async move {
+                            for i in 0..per {
+                                let (tx, rx) = tokio::sync::oneshot::channel();
+                                let data = serde_json::json!({"session": format!("s-{w:016x}"), "stmt": i, "protocol": "extended", "text": "SELECT abalance FROM pgbench_accounts WHERE aid = $1", "decision": {"verdict": "allow", "rule": "default", "reason": "default for identity bench"}, "outcome": "sent"});
+                                h.record_durable(audit::record::kind::STATEMENT, data, Vec::new(), Box::new(move |r| {
+                                    let _ = tx.send(r);
+                                }));
+                                if !matches!(rx.await, Ok(Ok(_))) {
+                                    return false;
+                                }
                             }
-                        }
-                        true
+                            true
+                        })
                     })
-                })
-                .collect();
-            let ok = threads.into_iter().all(|t| t.join().unwrap_or(false));
+                    .collect();
+                let mut ok = true;
+                for t in tasks {
+                    ok &= t.await.unwrap_or(false);
+                }
+                ok
+            });
             let secs = started.elapsed().as_secs_f64();
             handle.stop(std::time::Duration::from_secs(10));
             let total = per * writers;
             println!("{}", serde_json::json!({"ok": ok, "records": total, "writers": writers, "seconds": secs, "records_per_sec": total as f64 / secs}));
             Ok(ExitCode::SUCCESS)
         }
-        AuditCommand::Shred { before, keys } => {
-            audit::record::parse_ts(&before).with_context(|| format!("--before {before:?}: give a date like 2026-11-01"))?;
+        AuditCommand::Shred { before, keys, include_today } => {
+            let day = audit::record::parse_ts(&before).with_context(|| format!("--before {before:?}: give a date like 2026-11-01"))?;
+            let today = audit::crypto::period_of(&audit::record::now_rfc3339());
+            if audit::crypto::period_of(&audit::record::format_ts(day)) > today && !include_today {
+                anyhow::bail!(
+                    "--before {before} includes today ({today}), whose key a running agent is using; give --before {today} to shred only past periods, or stop the agent and add --include-today"
+                );
+            }
             let dir = keys.or_else(|| config.map(|c| c.audit.key_dir.clone())).context("give --keys")?;
             let gone = audit::crypto::PeriodKeys { dir }.shred_before(&before)?;
             println!("destroyed the keys of {} periods: {}; their raw results and parameters can no longer be read", gone.len(), gone.join(", "));

@@ -102,7 +102,7 @@ fn an_auditor_can_answer_who_what_when_masked_approved_and_replay() {
     let blocked = psql(&e, "drop table patients");
     assert!(String::from_utf8_lossy(&blocked.stderr).contains("blocked by rule baseline.drop-phi"));
     // Held for approval, approved by a human through the CLI.
-    let mut held = {
+    let held = {
         let mut cmd = Command::new(pg_bin("psql"));
         cmd.args([
             "-h",
@@ -170,6 +170,13 @@ fn an_auditor_can_answer_who_what_when_masked_approved_and_replay() {
     assert_eq!(approved[0]["data"]["approval"]["by"], "unix:root");
     assert_eq!(approved[0]["data"]["approval"]["reason"], "census, ticket 9");
     assert_eq!(approved[0]["data"]["approval"]["outcome"], "approved");
+    // The request and the decision, found by the requester's identity, in its session.
+    let approval_session = approved[0]["data"]["session"].as_str().unwrap();
+    let approvals = json_lines(&audit(&e, &["query", "--kind", "approval", "--identity", "care-agent", "--format", "json"]));
+    assert_eq!(approvals.len(), 2, "{approvals:?}");
+    assert!(approvals.iter().all(|a| a["data"]["approval"]["requester"]["audit_session"] == approval_session), "{approvals:?}");
+    let replay = text(&audit(&e, &["replay", approval_session]));
+    assert!(replay.contains("approval_requested #") && replay.contains("approved by unix:root: census, ticket 9"), "{replay}");
     // What came back, what was masked.
     let ends = json_lines(&audit(&e, &["query", "--kind", "statement_end", "--format", "json"]));
     let first = ends.iter().find(|x| x["data"]["rows"] == 3).expect("the 3-row result");
@@ -382,6 +389,9 @@ fn shredding_a_period_key_makes_raw_results_unreadable_but_the_log_verifies() {
     let session = ends.iter().find(|x| x["data"]["rows"] == 1).unwrap()["data"]["session"].as_str().unwrap().to_string();
     assert!(text(&audit(&e, &["replay", &session, "--raw"])).contains("107-45-0007"));
     let o = audit(&e, &["shred", "--before", "9999-01-01"]);
+    assert!(!o.status.success() && text(&o).contains("--include-today"), "today's key is not shredded by accident: {}", text(&o));
+    assert!(text(&audit(&e, &["replay", &session, "--raw"])).contains("107-45-0007"), "a refused shred destroys nothing");
+    let o = audit(&e, &["shred", "--before", "9999-01-01", "--include-today"]);
     assert!(o.status.success(), "{}", text(&o));
     let raw = text(&audit(&e, &["replay", &session, "--raw"]));
     assert!(raw.contains("unreadable") && raw.contains("crypto-shredded") && !raw.contains("107-45-0007"), "{raw}");

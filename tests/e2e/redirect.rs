@@ -348,8 +348,16 @@ fn protect_and_unprotect_take_effect_for_new_connections() {
     assert_eq!(entry["source"], "runtime");
     assert_eq!(entry["identity"], "late-agent");
 
+    let slash_late = format!("/{late}");
+    let rec = s.agent.wait_audit("lifecycle", |d| d["event"] == "protect" && d["entry"]["cgroup"] == slash_late.as_str());
+    assert_eq!(rec.expect("the runtime protection is in the audit log")["data"]["entry"]["identity"], "late-agent");
+
     let out = s.agent.cli(&["unprotect", "--cgroup", &late]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        s.agent.wait_audit("lifecycle", |d| d["event"] == "unprotect" && d["entry"]["cgroup"] == slash_late.as_str()).is_some(),
+        "the unprotection is in the audit log"
+    );
     let after = probe(Some(&dir), &["connect", &db(&s)]);
     assert_reached_pg(&after);
     std::thread::sleep(Duration::from_millis(100));
@@ -399,6 +407,23 @@ fn detach_removes_every_program_and_pin() {
     let v = probe(Some(&s.cg.child_dir("prot")), &["connect", &db(&s)]);
     assert_reached_pg(&v);
     assert_eq!(v["peer"], db(&s));
+}
+
+#[test]
+fn detach_under_a_running_agent_needs_force_and_is_recorded() {
+    if skip("detach_under_a_running_agent_needs_force_and_is_recorded") {
+        return;
+    }
+    let s = setup();
+    let out = s.agent.cli(&["detach"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--force"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(attached_programs(&s.cg).len(), 7, "a refused detach leaves everything attached");
+    let out = s.agent.cli(&["detach", "--force"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(attached_programs(&s.cg).is_empty());
+    assert!(s.agent.wait_audit("lifecycle", |d| d["event"] == "detached").is_some(), "the running agent records the detach");
+    assert!(s.agent.raw_log().contains("detached under the running agent"), "and says so loudly");
 }
 
 /// Programs attached to the test cgroup, as bpftool (an independent observer) sees them.

@@ -322,12 +322,12 @@ impl Agent {
         self.events_named("interceptor listening").first().and_then(|e| e["listen"].as_str()?.parse().ok())
     }
 
-    /// Run a `phigate` CLI command against this agent's configuration.
     /// The admin API socket of this agent.
     pub fn admin_socket(&self) -> PathBuf {
         std::env::temp_dir().join(format!("{}.admin.sock", self.pin_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()))
     }
 
+    /// Run a `phigate` CLI command against this agent's configuration.
     pub fn cli(&self, args: &[&str]) -> Output {
         Command::new(phigate_bin()).arg("--config").arg(&self.config_path).args(args).stdin(Stdio::null()).output().expect("phigate runs")
     }
@@ -337,6 +337,18 @@ impl Agent {
         let out = self.cli(&["status", "--json"]);
         assert!(out.status.success(), "phigate status failed: {}", String::from_utf8_lossy(&out.stderr));
         serde_json::from_slice(&out.stdout).expect("status prints JSON")
+    }
+
+    /// Audit records of one kind (`phigate audit query --kind K --format json`).
+    pub fn audit_records(&self, kind: &str) -> Vec<Value> {
+        let out = self.cli(&["audit", "query", "--kind", kind, "--format", "json"]);
+        assert!(out.status.success(), "phigate audit query failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
+    }
+
+    /// Wait (bounded, 10 s) for an audit record of `kind` whose data satisfies `pred`.
+    pub fn wait_audit(&self, kind: &str, pred: impl Fn(&Value) -> bool) -> Option<Value> {
+        wait_for(Duration::from_secs(10), || self.audit_records(kind).into_iter().find(|r| pred(&r["data"])))
     }
 
     pub fn counter(&self, name: &str) -> u64 {

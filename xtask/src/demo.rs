@@ -18,6 +18,13 @@ use phigate_tests::{cgroup::run_in, pg::PgOptions, wait_for, PgServer};
 use crate::root;
 
 const DEMO_CGROUP: &str = "phigate-demo";
+/// `[audit] dir` of config/local.toml; its keys live in `<dir>.keys`.
+const DEMO_AUDIT: &str = "/tmp/phigate-demo-audit";
+
+fn remove_demo_audit() {
+    let _ = fs::remove_dir_all(DEMO_AUDIT);
+    let _ = fs::remove_dir_all(format!("{DEMO_AUDIT}.keys"));
+}
 
 struct Demo {
     agent: Option<Child>,
@@ -39,7 +46,8 @@ impl Drop for Demo {
         let _ = Command::new(phigate()).arg("--config").arg(&self.config).arg("detach").stdout(Stdio::null()).status();
         let _ = fs::remove_dir(&self.cgroup);
         let _ = fs::remove_file(&self.log);
-        println!("\ndemo: cleaned up (agent stopped, programs detached, PostgreSQL stopped, cgroup removed)");
+        remove_demo_audit();
+        println!("\ndemo: cleaned up (agent stopped, programs detached, PostgreSQL stopped, cgroup and audit log removed)");
     }
 }
 
@@ -64,6 +72,7 @@ pub fn run() -> Result<()> {
         }
     }
     let config = root().join("config/local.toml");
+    remove_demo_audit();
     let cgroup = phigate_tests::env::cgroup2_mount().context("no cgroup v2 mount")?.join(DEMO_CGROUP);
 
     step("1. A throwaway PostgreSQL on 127.0.0.2:5432 with synthetic patients");
@@ -180,6 +189,36 @@ pub fn run() -> Result<()> {
     step("7. phigate status");
     let out = Command::new(phigate()).arg("--config").arg(&config).arg("status").output()?;
     println!("{}", String::from_utf8_lossy(&out.stdout));
+
+    step(&format!("8. The audit log in {DEMO_AUDIT}: what an auditor can answer"));
+    let audit = |args: &[&str]| -> Result<std::process::Output> { Ok(Command::new(phigate()).arg("--config").arg(&config).arg("audit").args(args).output()?) };
+    let show = |args: &[&str]| -> Result<bool> {
+        println!("\n   $ phigate audit {}", args.join(" "));
+        let out = audit(args)?;
+        for l in String::from_utf8_lossy(&out.stdout).lines().chain(String::from_utf8_lossy(&out.stderr).lines()) {
+            println!("   {l}");
+        }
+        Ok(out.status.success())
+    };
+    // The session of step 5's masked read, once its end record (after the rows) is in.
+    let records = |kind: &str| -> Vec<serde_json::Value> {
+        let out = audit(&["query", "--kind", kind, "--format", "json"]).map(|o| o.stdout).unwrap_or_default();
+        String::from_utf8_lossy(&out).lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
+    };
+    let session = wait_for(Duration::from_secs(10), || {
+        let stmt = records("statement").into_iter().find(|r| r["data"]["text"].as_str().is_some_and(|t| t.contains("where id = 2") && t.contains("note")))?;
+        let session = stmt["data"]["session"].as_str()?.to_string();
+        records("statement_end").iter().any(|r| r["data"]["session"] == session.as_str()).then_some(session)
+    })
+    .context("the masked read of step 5 is not in the audit log")?;
+    show(&["query", "--decision", "blocked"])?;
+    show(&["query", "--kind", "approval"])?;
+    if !show(&["verify"])? {
+        bail!("phigate audit verify failed on the demo's own log");
+    }
+    show(&["replay", &session])?;
+    println!("\n   (with the period keys an auditor holds, the raw result: the paired proof that masking happened)");
+    show(&["replay", &session, "--raw"])?;
     drop(demo);
     Ok(())
 }

@@ -134,13 +134,7 @@ impl PeriodKeys {
 
     /// Encrypt `plain`, bound to `context` (which record it belongs to).
     pub fn seal(&self, period: &str, context: &str, plain: &[u8]) -> Result<Value, KeyError> {
-        let key = self.get_or_create(period)?;
-        let cipher = XChaCha20Poly1305::new((&key).into());
-        let mut nonce = [0u8; 24];
-        rand::rngs::OsRng.fill_bytes(&mut nonce);
-        let ct =
-            cipher.encrypt(XNonce::from_slice(&nonce), Payload { msg: plain, aad: context.as_bytes() }).map_err(|_| KeyError::Decrypt(period.to_string()))?;
-        Ok(json!({"alg": "xchacha20poly1305", "period": period, "nonce": B64.encode(nonce), "ct": B64.encode(ct)}))
+        seal_with(&self.get_or_create(period)?, period, context, plain)
     }
 
     pub fn open(&self, sealed: &Value, context: &str) -> Result<Vec<u8>, KeyError> {
@@ -167,6 +161,50 @@ impl PeriodKeys {
         }
         gone.sort();
         Ok(gone)
+    }
+}
+
+fn seal_with(key: &[u8; 32], period: &str, context: &str, plain: &[u8]) -> Result<Value, KeyError> {
+    let cipher = XChaCha20Poly1305::new(key.into());
+    let mut nonce = [0u8; 24];
+    rand::rngs::OsRng.fill_bytes(&mut nonce);
+    let ct = cipher.encrypt(XNonce::from_slice(&nonce), Payload { msg: plain, aad: context.as_bytes() }).map_err(|_| KeyError::Decrypt(period.to_string()))?;
+    Ok(json!({"alg": "xchacha20poly1305", "period": period, "nonce": B64.encode(nonce), "ct": B64.encode(ct)}))
+}
+
+/// Period keys for sealing, with the current period's key held in memory so that
+/// sealing a result reads no file; a new period loads (or creates) its key once.
+/// `phigate audit shred` only destroys past periods, so the held key stays valid.
+pub struct SealingKeys {
+    keys: PeriodKeys,
+    current: std::sync::Mutex<Option<(String, [u8; 32])>>,
+}
+
+impl std::fmt::Debug for SealingKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SealingKeys({})", self.keys.dir.display())
+    }
+}
+
+impl SealingKeys {
+    pub fn new(keys: PeriodKeys) -> Self {
+        Self { keys, current: std::sync::Mutex::new(None) }
+    }
+
+    /// [`PeriodKeys::seal`], with the key of the current period cached.
+    pub fn seal(&self, period: &str, context: &str, plain: &[u8]) -> Result<Value, KeyError> {
+        let key = {
+            let mut current = self.current.lock().expect("invariant: lock not poisoned");
+            match &*current {
+                Some((p, k)) if p == period => *k,
+                _ => {
+                    let k = self.keys.get_or_create(period)?;
+                    *current = Some((period.to_string(), k));
+                    k
+                }
+            }
+        };
+        seal_with(&key, period, context, plain)
     }
 }
 

@@ -195,8 +195,13 @@ impl Log {
 
     /// Append a record to the batch; returns its sequence number.
     pub fn append(&mut self, kind: &str, data: Value) -> u64 {
+        self.append_canonical(kind, &super::record::canonical(&data))
+    }
+
+    /// [`Log::append`] for data already in canonical form.
+    pub fn append_canonical(&mut self, kind: &str, data: &str) -> u64 {
         let seq = self.batch_seq + 1;
-        let (hash, line) = super::record::encode(seq, &now_rfc3339(), &self.batch_hash, kind, &data);
+        let (hash, line) = super::record::encode_canonical(seq, &now_rfc3339(), &self.batch_hash, kind, data);
         self.batch.extend_from_slice(line.as_bytes());
         self.batch_seq = seq;
         self.batch_hash = hash;

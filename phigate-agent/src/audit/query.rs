@@ -101,8 +101,13 @@ pub fn query(dir: &Path, filter: &Filter) -> Result<Vec<Row>, QueryError> {
                 identities.insert(s.to_string(), i.to_string());
             }
         }
-        let session = r.data["session"].as_str();
-        let identity = session.and_then(|s| identities.get(s).cloned()).or_else(|| r.data["identity"].as_str().map(String::from));
+        // Approval records name their session and identity through the requester.
+        let requester = &r.data["approval"]["requester"];
+        let session = r.data["session"].as_str().or_else(|| requester["audit_session"].as_str());
+        let identity = session
+            .and_then(|s| identities.get(s).cloned())
+            .or_else(|| r.data["identity"].as_str().map(String::from))
+            .or_else(|| requester["identity"].as_str().map(String::from));
         if since.as_ref().is_some_and(|s| r.ts.as_str() < s.as_str()) || until.as_ref().is_some_and(|u| r.ts.as_str() > u.as_str()) {
             return;
         }
@@ -153,12 +158,40 @@ pub fn table_line(row: &Row) -> String {
             r.data["upstream_role"].as_str().unwrap_or("")
         ),
         kind::BYPASS => format!("{} {} pid {}", r.data["kind"].as_str().unwrap_or(""), r.data["dst"].as_str().unwrap_or(""), r.data["pid"]),
-        kind::APPROVAL => {
-            format!("{} #{} by {}", r.data["event"].as_str().unwrap_or(""), r.data["approval"]["id"], r.data["decision"]["by"].as_str().unwrap_or("-"))
-        }
+        kind::APPROVAL => approval_line(&r.data),
         _ => one_line(&r.data.to_string(), 100),
     };
     format!("{:>8}  {}  {:<18} {:<20} {}", r.seq, r.ts, r.kind, who, what)
+}
+
+/// `approval_requested #3 s-… rule=… <statement>` or `approval_decided #3 approved by
+/// unix:alice: <reason>`.
+fn approval_line(d: &Value) -> String {
+    let a = &d["approval"];
+    match d["event"].as_str().unwrap_or("") {
+        "approval_requested" => format!(
+            "approval_requested #{} {} rule={} {}",
+            a["id"],
+            a["requester"]["audit_session"].as_str().unwrap_or(""),
+            a["rule"].as_str().unwrap_or(""),
+            one_line(a["statement"].as_str().unwrap_or(""), 80)
+        ),
+        event => {
+            let o = &d["decision"];
+            format!(
+                "{event} #{} {}{}{}",
+                a["id"],
+                o["outcome"].as_str().unwrap_or(""),
+                o["by"].as_str().map(|b| format!(" by {b}")).unwrap_or_default(),
+                o["reason"].as_str().map(|r| format!(": {}", one_line(r, 80))).unwrap_or_default()
+            )
+        }
+    }
+}
+
+/// A unix time (seconds) as records print timestamps.
+fn unix_time(v: &Value) -> String {
+    v.as_i64().and_then(|t| time::OffsetDateTime::from_unix_timestamp(t).ok()).map(super::record::format_ts).unwrap_or_else(|| v.to_string())
 }
 
 fn one_line(s: &str, max: usize) -> String {
@@ -387,14 +420,15 @@ pub fn replay(dir: &Path, session: &str, keys: Option<&PeriodKeys>) -> Result<Ve
                     d["decision"]["rule"].as_str().unwrap_or(""),
                     d["decision"]["reason"].as_str().unwrap_or("")
                 ));
-                if d["approval"].is_object() {
+                let a = &d["approval"];
+                if a.is_object() {
                     out.push(format!(
-                        "      approval #{}: {} by {} at {}: {}",
-                        d["approval"]["id"],
-                        d["approval"]["outcome"].as_str().unwrap_or(""),
-                        d["approval"]["by"].as_str().unwrap_or("-"),
-                        d["approval"]["decided_at"],
-                        d["approval"]["reason"].as_str().unwrap_or("")
+                        "      approval{}: {}{}{}{}",
+                        a["id"].as_u64().map(|i| format!(" #{i}")).unwrap_or_default(),
+                        a["outcome"].as_str().unwrap_or(""),
+                        a["by"].as_str().map(|b| format!(" by {b}")).unwrap_or_default(),
+                        if a["decided_at"].is_null() { String::new() } else { format!(" at {}", unix_time(&a["decided_at"])) },
+                        a["reason"].as_str().map(|r| format!(": {r}")).unwrap_or_default()
                     ));
                 }
                 if let (Some(k), true) = (keys, d["params"].is_object()) {
@@ -417,7 +451,10 @@ pub fn replay(dir: &Path, session: &str, keys: Option<&PeriodKeys>) -> Result<Ve
                     d["duration_us"].as_u64().unwrap_or(0) as f64 / 1e3,
                     d["command"].as_str().map(|c| format!(", {c}")).unwrap_or_default(),
                     d["error"]["code"].as_str().map(|c| format!(", error {c}: {}", d["error"]["message"].as_str().unwrap_or(""))).unwrap_or_default(),
-                    d["masking"]["cells"].as_u64().map(|n| format!(", {n} cells masked {}", d["masking"]["by_rule"])).unwrap_or_default(),
+                    d["masking"]["cells"]
+                        .as_u64()
+                        .map(|n| format!(", {n} cells masked: by rule {}, by detector {}", d["masking"]["by_rule"], d["masking"]["by_kind"]))
+                        .unwrap_or_default(),
                 ));
                 if !names.is_empty() {
                     out.push(format!("      | {}", names.join(" | ")));
@@ -446,6 +483,7 @@ pub fn replay(dir: &Path, session: &str, keys: Option<&PeriodKeys>) -> Result<Ve
                     }
                 }
             }
+            kind::APPROVAL => out.push(format!("{}       {}", r.ts, approval_line(d))),
             kind::SESSION_END => out.push(format!(
                 "{} session {} ended ({}): {} statements, {} rows",
                 r.ts,

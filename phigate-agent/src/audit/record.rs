@@ -161,7 +161,12 @@ impl Record {
 /// parts: the same bytes as [`Record::to_line`], without copying `data` into a map.
 /// Keys in canonical (sorted) order: data, hash, kind, prev, seq, ts.
 pub fn encode(seq: u64, ts: &str, prev: &str, kind: &str, data: &Value) -> (String, String) {
-    let data = canonical(data);
+    encode_canonical(seq, ts, prev, kind, &canonical(data))
+}
+
+/// [`encode`] for `data` already in canonical form (see [`canonical`]); the writer
+/// thread gets records this way so that the encoding work stays with their senders.
+pub fn encode_canonical(seq: u64, ts: &str, prev: &str, kind: &str, data: &str) -> (String, String) {
     let s = |v: &str| Value::String(v.to_string()).to_string();
     let rest = format!("\"kind\":{},\"prev\":{},\"seq\":{seq},\"ts\":{}}}", s(kind), s(prev), s(ts));
     let unhashed = format!("{{\"data\":{data},{rest}");

@@ -218,3 +218,43 @@ fn prune_leaves_a_tombstone_the_rest_verifies_from() {
     fs::write(&t, text).unwrap();
     assert!(check(&d).is_err());
 }
+
+/// Through the writer thread: a sealed record is durable and opens with the period key;
+/// when the key cannot be made, the waiter hears why and nothing half-written lands.
+#[test]
+fn the_writer_seals_raw_data_and_refuses_what_it_cannot_seal() {
+    use super::writer::{Handle, Secret};
+    use std::sync::mpsc;
+    let wait = |h: &Handle, secrets: Vec<Secret>| {
+        let (tx, rx) = mpsc::channel();
+        h.record_durable(kind::STATEMENT_END, json!({"session": "s-1", "stmt": 1}), secrets, Box::new(move |r| tx.send(r).unwrap()));
+        rx.recv_timeout(std::time::Duration::from_secs(10)).unwrap()
+    };
+    let secret = || vec![Secret { context: "s-1/1".into(), field: "raw", plain: b"107-45-0007".to_vec() }];
+
+    let d = dir("writer-seal");
+    let keys = PeriodKeys { dir: d.0.with_extension("keys") };
+    let (log, _) = Log::open(&d.0, key(), keys.clone(), 1 << 20).unwrap();
+    let h = Handle::start(log, std::time::Duration::from_secs(60));
+    let seq = wait(&h, secret()).expect("durable");
+    h.stop(std::time::Duration::from_secs(10));
+    let records: Vec<Record> = segments(&d.0).unwrap().iter().flat_map(|(_, p)| lines(p)).map(|l| Record::parse_checked(&l).unwrap()).collect();
+    let r = records.iter().find(|r| r.seq == seq).unwrap();
+    assert!(!r.to_line().contains("107-45-0007"), "the raw data is not in clear");
+    assert_eq!(keys.open(&r.data["raw"], "s-1/1").unwrap(), b"107-45-0007");
+    assert!(keys.open(&r.data["raw"], "s-1/2").is_err(), "bound to its record");
+
+    let d = dir("writer-nokey");
+    // The key directory's place is taken by a file: no period key can be created.
+    fs::create_dir_all(&d.0).unwrap();
+    fs::write(d.0.with_extension("keys"), b"not a directory").unwrap();
+    let keys = PeriodKeys { dir: d.0.with_extension("keys").join("periods") };
+    let (log, _) = Log::open(&d.0, key(), keys, 1 << 20).unwrap();
+    let h = Handle::start(log, std::time::Duration::from_secs(60));
+    let err = wait(&h, secret()).unwrap_err();
+    assert!(err.contains("cannot encrypt"), "{err}");
+    wait(&h, Vec::new()).expect("records without raw data are still written");
+    h.stop(std::time::Duration::from_secs(10));
+    assert!(check(&d).is_ok());
+    let _ = fs::remove_file(d.0.with_extension("keys"));
+}

@@ -8,6 +8,10 @@
 //! once a second, to write a `lifecycle` record saying it failed; when that succeeds
 //! the log is healthy again.
 //!
+//! Senders do the per-record work themselves — sealing raw data with the period key
+//! and the canonical encoding of the record's data — so that the one writer thread
+//! only chains, hashes and writes: its time per record bounds the log's throughput.
+//!
 //! std threads and channels; no tokio.
 
 use std::{
@@ -22,9 +26,9 @@ use std::{
 use serde_json::{json, Value};
 
 use super::{
-    crypto::period_of,
-    log::{Log, LogError},
-    record::now_rfc3339,
+    crypto::{period_of, SealingKeys},
+    log::Log,
+    record::{canonical, now_rfc3339},
 };
 
 /// Told once the record is durable (its sequence number) or could not be written.
@@ -38,7 +42,12 @@ pub struct Secret {
 }
 
 enum Entry {
-    Record { kind: &'static str, data: Value, secrets: Vec<Secret>, done: Option<Durable> },
+    /// `data` in canonical form.
+    Record {
+        kind: &'static str,
+        data: String,
+        done: Option<Durable>,
+    },
     Flush(Durable),
     Stop(mpsc::Sender<()>),
 }
@@ -54,6 +63,7 @@ struct Health {
 pub struct Handle {
     tx: mpsc::Sender<Entry>,
     health: Arc<Health>,
+    keys: Arc<SealingKeys>,
 }
 
 impl std::fmt::Debug for Handle {
@@ -71,8 +81,9 @@ impl Handle {
         let (tx, rx) = mpsc::channel::<Entry>();
         let health = Arc::new(Health::default());
         let h = health.clone();
+        let keys = Arc::new(SealingKeys::new(log.keys.clone()));
         thread::Builder::new().name("phigate-audit".into()).spawn(move || run(log, rx, h, head_interval)).expect("invariant: the audit thread starts");
-        Self { tx, health }
+        Self { tx, health, keys }
     }
 
     /// Ok if records can be written; else why not.
@@ -85,19 +96,44 @@ impl Handle {
 
     /// Queue a record; nobody waits for it.
     pub fn record(&self, kind: &'static str, data: Value) {
-        let _ = self.tx.send(Entry::Record { kind, data, secrets: Vec::new(), done: None });
+        let _ = self.tx.send(Entry::Record { kind, data: canonical(&data), done: None });
     }
 
     /// Queue a record with encrypted parts, and be told when it is durable.
     pub fn record_durable(&self, kind: &'static str, data: Value, secrets: Vec<Secret>, done: Durable) {
-        if let Err(mpsc::SendError(Entry::Record { done: Some(d), .. })) = self.tx.send(Entry::Record { kind, data, secrets, done: Some(done) }) {
-            d(Err("the audit writer has stopped".into()));
+        match self.prepare(data, secrets) {
+            Ok(data) => {
+                if let Err(mpsc::SendError(Entry::Record { done: Some(d), .. })) = self.tx.send(Entry::Record { kind, data, done: Some(done) }) {
+                    d(Err("the audit writer has stopped".into()));
+                }
+            }
+            Err(why) => done(Err(why)),
         }
     }
 
     /// Queue a record with encrypted parts; nobody waits for it.
     pub fn record_sealed(&self, kind: &'static str, data: Value, secrets: Vec<Secret>) {
-        let _ = self.tx.send(Entry::Record { kind, data, secrets, done: None });
+        if let Ok(data) = self.prepare(data, secrets) {
+            let _ = self.tx.send(Entry::Record { kind, data, done: None });
+        }
+    }
+
+    /// Seal the secrets into `data` and encode it. Fail closed: a record whose secret
+    /// part cannot be sealed is not written half; the caller hears why.
+    fn prepare(&self, mut data: Value, secrets: Vec<Secret>) -> Result<String, String> {
+        if !secrets.is_empty() {
+            let period = period_of(&now_rfc3339());
+            for s in secrets {
+                let sealed = self.keys.seal(&period, &s.context, &s.plain).map_err(|err| {
+                    tracing::error!(error = %err, "audit: a record's raw data could not be encrypted; its statement is refused");
+                    format!("cannot encrypt the record's raw data: {err}")
+                })?;
+                if let Some(o) = data.as_object_mut() {
+                    o.insert(s.field.to_string(), sealed);
+                }
+            }
+        }
+        Ok(canonical(&data))
     }
 
     /// Be told when everything queued so far is durable.
@@ -114,17 +150,6 @@ impl Handle {
             let _ = rx.recv_timeout(within);
         }
     }
-}
-
-fn seal_secrets(log: &Log, data: &mut Value, secrets: Vec<Secret>) -> Result<(), LogError> {
-    let period = period_of(&now_rfc3339());
-    for s in secrets {
-        let sealed = log.keys.seal(&period, &s.context, &s.plain)?;
-        if let Some(o) = data.as_object_mut() {
-            o.insert(s.field.to_string(), sealed);
-        }
-    }
-    Ok(())
 }
 
 fn run(mut log: Log, rx: mpsc::Receiver<Entry>, health: Arc<Health>, head_interval: Duration) {
@@ -160,20 +185,10 @@ fn run(mut log: Log, rx: mpsc::Receiver<Entry>, health: Arc<Health>, head_interv
         let mut waiting: Vec<(Durable, u64)> = Vec::new();
         let mut flushes: Vec<Durable> = Vec::new();
         let mut stop: Option<mpsc::Sender<()>> = None;
-        let mut seal_error: Option<String> = None;
         for e in entries {
             match e {
-                Entry::Record { kind, mut data, secrets, done } => {
-                    if let Err(err) = seal_secrets(&log, &mut data, secrets) {
-                        // Fail closed: a record whose secret part cannot be sealed is
-                        // not written half; its waiter hears why.
-                        seal_error = Some(err.to_string());
-                        if let Some(d) = done {
-                            d(Err(format!("cannot encrypt the record's raw data: {err}")));
-                        }
-                        continue;
-                    }
-                    let seq = log.append(kind, data);
+                Entry::Record { kind, data, done } => {
+                    let seq = log.append_canonical(kind, &data);
                     if let Some(d) = done {
                         waiting.push((d, seq));
                     }
@@ -193,9 +208,6 @@ fn run(mut log: Log, rx: mpsc::Receiver<Entry>, health: Arc<Health>, head_interv
                 let (seq, _) = log.head();
                 for d in flushes {
                     d(Ok(seq));
-                }
-                if let Some(e) = seal_error {
-                    tracing::error!(error = %e, "audit: a record could not be encrypted; its statement was refused");
                 }
             }
             Err(e) => {

@@ -26,6 +26,8 @@ pub struct Requester {
     /// The token subject, when the workload authenticated with a token.
     pub token_subject: Option<String>,
     pub session_id: u32,
+    /// The session in the audit log.
+    pub audit_session: String,
     pub pid: u32,
     pub cgroup: String,
 }
@@ -278,7 +280,7 @@ mod tests {
     use super::*;
 
     fn requester(identity: &str) -> Requester {
-        Requester { identity: identity.into(), token_subject: None, session_id: 1, pid: 2, cgroup: "c".into() }
+        Requester { identity: identity.into(), token_subject: None, session_id: 1, audit_session: "s-1".into(), pid: 2, cgroup: "c".into() }
     }
 
     fn human() -> Approver {

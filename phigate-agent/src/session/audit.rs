@@ -152,7 +152,7 @@ pub type SharedTap = Arc<Mutex<Tap>>;
 
 impl Tap {
     pub fn new(writer: Handle, session: &Session, max_result_bytes: usize, masking_on: bool) -> SharedTap {
-        let audit_id = format!("s-{:016x}", rand::random::<u64>());
+        let audit_id = session.audit_id.clone();
         writer.record(kind::SESSION_START, session_data(session, &audit_id));
         Arc::new(Mutex::new(Self {
             writer,
@@ -208,18 +208,7 @@ impl Tap {
         let id = self.held.take().unwrap_or(0);
         let approval = outcome_json(o, id);
         match o {
-            Outcome::Approved { .. } => match name {
-                Some(n) => {
-                    if let Some(p) = self.prepared.get_mut(n) {
-                        p.2 = Some(approval);
-                    }
-                }
-                None => {
-                    if let Some(p) = self.pending_simple.as_mut() {
-                        p.1 = Some(approval);
-                    }
-                }
-            },
+            Outcome::Approved { .. } => self.attach_approval(name, approval),
             _ => {
                 let stmt = self.take_stmt();
                 let mut data = self.statement_data(stmt, protocol, sql, name, None, Some(d), Some(approval));
@@ -229,6 +218,27 @@ impl Tap {
                     self.prepared.remove(name.unwrap_or_default());
                 } else {
                     self.pending_simple = None;
+                }
+            }
+        }
+    }
+
+    /// The statement runs without asking under an approval window `by` granted.
+    pub fn granted(&mut self, name: Option<&str>, by: &str) {
+        self.attach_approval(name, json!({"outcome": "approved_by_window", "by": by}));
+    }
+
+    /// The approval goes with the statement's record when the stage sees it run.
+    fn attach_approval(&mut self, name: Option<&str>, approval: Value) {
+        match name {
+            Some(n) => {
+                if let Some(p) = self.prepared.get_mut(n) {
+                    p.2 = Some(approval);
+                }
+            }
+            None => {
+                if let Some(p) = self.pending_simple.as_mut() {
+                    p.1 = Some(approval);
                 }
             }
         }

@@ -69,12 +69,16 @@ impl Guard {
         let fingerprint = pg_query::fingerprint(sql, 0, pg_query::FingerprintOptions::FULL_RELNAME).map(|f| f.value).unwrap_or(0);
         if let Some(by) = self.broker.granted(&session.workload.name, fingerprint) {
             info!(session_id = session.id, rule = %d.rule, granted_by = %by, "statement allowed by an approval window");
+            if let Some(tap) = &self.audit {
+                tap.lock().expect("invariant: lock not poisoned").granted(name, &by);
+            }
             return Action::Forward;
         }
         let requester = Requester {
             identity: session.workload.name.clone(),
             token_subject: session.token.as_ref().map(|t| t.subject.clone()),
             session_id: session.id,
+            audit_session: session.audit_id.clone(),
             pid: session.workload.pid,
             cgroup: session.workload.cgroup.clone(),
         };

@@ -102,6 +102,9 @@ pub struct Services {
 pub struct Session {
     /// Unique per agent run; also the client-facing backend pid.
     pub id: u32,
+    /// The session's name in the audit log (`s-` and 16 hex digits, random: unique
+    /// across agent runs and nodes); logs carry it as `audit_session`.
+    pub audit_id: String,
     pub workload: Workload,
     pub client: ClientAddr,
     pub orig_dst: OrigDstAddr,
@@ -364,6 +367,7 @@ async fn run(conn: Identified, db: Arc<DbRuntime>, services: &Services) -> Resul
     });
     let session = Session {
         id: cancel_key.pid,
+        audit_id: format!("s-{:016x}", rand::random::<u64>()),
         workload,
         client,
         orig_dst,
@@ -392,7 +396,7 @@ async fn run(conn: Identified, db: Arc<DbRuntime>, services: &Services) -> Resul
     send(&mut client_conn, &hello_out).await?;
 
     info!(
-        session_id = session.id, user = %session.client_user, dbname = %session.dbname, upstream_role = %session.upstream_role,
+        session_id = session.id, audit_session = %session.audit_id, user = %session.client_user, dbname = %session.dbname, upstream_role = %session.upstream_role,
         auth = session.auth_method.as_str(), token_subject = session.token.as_ref().map(|t| t.subject.as_str()).unwrap_or(""),
         token_groups = ?session.token.as_ref().map(|t| t.groups.clone()).unwrap_or_default(),
         application_name = session.application_name.as_deref().unwrap_or(""), options = session.options.as_deref().unwrap_or(""),
@@ -422,7 +426,7 @@ async fn run(conn: Identified, db: Arc<DbRuntime>, services: &Services) -> Resul
         End::Shutdown => "agent shutdown".to_string(),
     };
     pipeline.closed(&session, &how, &s);
-    info!(session_id = session.id, ended = %how, duration_ms, queries = s.queries, executes = s.executes, rows = s.rows, errors = s.errors, bytes_to_server = s.bytes_to_server, bytes_to_client = s.bytes_to_client, "session ended");
+    info!(session_id = session.id, audit_session = %session.audit_id, ended = %how, duration_ms, queries = s.queries, executes = s.executes, rows = s.rows, errors = s.errors, bytes_to_server = s.bytes_to_server, bytes_to_client = s.bytes_to_client, "session ended");
     Ok(())
 }
 
