@@ -79,8 +79,39 @@ fn hash_password(password: Option<String>) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn filter(f: AuditFilter) -> Filter {
-    Filter { since: f.since, until: f.until, identity: f.identity, session: f.session, decision: f.decision, kinds: f.kinds }
+/// The filter of `query`/`export`, its values checked: a filter that cannot match
+/// (a mistyped date or decision) is an error, not an empty answer.
+fn filter(f: AuditFilter) -> anyhow::Result<Filter> {
+    for (flag, value) in [("--since", &f.since), ("--until", &f.until)] {
+        if let Some(v) = value {
+            if audit::record::parse_ts(v).is_none() {
+                anyhow::bail!("{flag} {v:?}: give a date (2026-12-02) or an RFC 3339 time (2026-12-02T10:00:00Z)");
+            }
+        }
+    }
+    const DECISIONS: [&str; 6] = ["allowed", "blocked", "approved", "denied", "timed_out", "unchecked"];
+    if let Some(d) = &f.decision {
+        if !DECISIONS.contains(&d.as_str()) {
+            anyhow::bail!("--decision {d:?}: use one of {}", DECISIONS.join(", "));
+        }
+    }
+    use audit::record::kind;
+    let kinds = [
+        kind::LIFECYCLE,
+        kind::SESSION_START,
+        kind::SESSION_END,
+        kind::CONNECTION_REFUSED,
+        kind::STATEMENT,
+        kind::STATEMENT_END,
+        kind::APPROVAL,
+        kind::BYPASS,
+        kind::CHECKPOINT,
+        kind::SEAL,
+    ];
+    if let Some(k) = f.kinds.iter().find(|k| !kinds.contains(&k.as_str())) {
+        anyhow::bail!("--kind {k:?}: use one of {}", kinds.join(", "));
+    }
+    Ok(Filter { since: f.since, until: f.until, identity: f.identity, session: f.session, decision: f.decision, kinds: f.kinds })
 }
 
 /// `phigate audit …`; exit 0 when all is well, 1 when verification fails.
@@ -123,7 +154,10 @@ fn audit_command(command: AuditCommand, config: Option<&Config>) -> anyhow::Resu
             }
         }
         AuditCommand::Query { dir, filter: f, format } => {
-            let rows = audit::query::query(&dir_of(dir)?, &filter(f))?;
+            if !matches!(format.as_str(), "table" | "json") {
+                anyhow::bail!("--format {format}: use table or json");
+            }
+            let rows = audit::query::query(&dir_of(dir)?, &filter(f)?)?;
             for row in &rows {
                 match format.as_str() {
                     "json" => {
@@ -149,7 +183,10 @@ fn audit_command(command: AuditCommand, config: Option<&Config>) -> anyhow::Resu
         }
         AuditCommand::Export { dir, filter: f, format, bundle } => {
             let dir = dir_of(dir)?;
-            let rows = audit::query::query(&dir, &filter(f))?;
+            if !matches!(format.as_str(), "jsonl" | "fhir") {
+                anyhow::bail!("--format {format}: use jsonl or fhir");
+            }
+            let rows = audit::query::query(&dir, &filter(f)?)?;
             match format.as_str() {
                 "jsonl" => {
                     for row in &rows {

@@ -149,6 +149,14 @@ fn an_auditor_can_answer_who_what_when_masked_approved_and_replay() {
     assert!(o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("OK:"), "{}", text(&o));
 
+    // A filter that cannot match is an error, not an empty answer.
+    for (bad, flag) in
+        [(["query", "--since", "yesterday"], "--since"), (["query", "--decision", "blockd"], "--decision"), (["query", "--kind", "statements"], "--kind")]
+    {
+        let o = audit(&e, &bad);
+        assert!(!o.status.success() && text(&o).contains(flag), "{bad:?}: {}", text(&o));
+    }
+
     // Who, when, from where: the session start names the kernel-attested workload.
     let starts = json_lines(&audit(&e, &["query", "--kind", "session_start", "--format", "json"]));
     assert!(!starts.is_empty());

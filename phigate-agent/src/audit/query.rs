@@ -1,6 +1,7 @@
 //! Reading the log for auditors: `query` (filter records by time, identity, session,
-//! decision), `export` (JSON lines, or FHIR R4 AuditEvent resources with the IHE
-//! Basic Audit Log Patterns' codes) and `replay` (one session in order, with the
+//! decision), `export` (JSON lines, or FHIR R4 AuditEvent resources coded with the
+//! DICOM audit event types IHE ATNA and BALP use; no BALP profile is claimed, since
+//! those profile RESTful interactions, not SQL) and `replay` (one session in order, with the
 //! results as the client saw them and, with the period keys, as the database sent
 //! them).
 
@@ -287,7 +288,8 @@ pub fn fhir_event(row: &Row, sessions: &HashMap<String, Value>) -> Option<Value>
         _ => return None,
     };
     let mut agents = vec![who(true)];
-    if let Some(by) = r.data["approval"]["by"].as_str() {
+    // The approver: on a statement its approval, on an approval record the decision.
+    if let Some(by) = r.data["approval"]["by"].as_str().or_else(|| r.data["decision"]["by"].as_str()) {
         agents.push(json!({
             "type": {"coding": [coding("http://terminology.hl7.org/CodeSystem/v3-ParticipationType", "AUTHEN", "authenticator")]},
             "who": {"display": by},
@@ -317,7 +319,6 @@ pub fn fhir_event(row: &Row, sessions: &HashMap<String, Value>) -> Option<Value>
     Some(json!({
         "resourceType": "AuditEvent",
         "id": format!("phigate-{}", r.seq),
-        "meta": {"profile": ["https://profiles.ihe.net/ITI/BALP/StructureDefinition/IHE.BasicAudit.Query"]},
         "type": ty,
         "subtype": subtype,
         "action": action,
