@@ -372,7 +372,9 @@ async fn build_services(
         warn!("SQL policy is DISABLED ([policy] enabled = false): no statement is checked; use only to measure overhead");
     }
     let dbs = databases.clone();
-    let catalogs: Arc<std::sync::Mutex<std::collections::HashMap<(String, String), Arc<std::sync::Mutex<Catalog>>>>> = Arc::default();
+    // One catalog per (database, role): what a role may see of the catalog is its own.
+    type Catalogs = std::collections::HashMap<(String, String), Arc<std::sync::Mutex<Catalog>>>;
+    let catalogs: Arc<std::sync::Mutex<Catalogs>> = Arc::default();
     let year = mask::strategy::current_year();
     let stage_audit = audit.clone();
     let max_result_bytes = config.audit.max_result_bytes;

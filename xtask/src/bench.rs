@@ -226,6 +226,7 @@ fn measured(proxy: Option<u32>, run: impl FnOnce() -> Result<PgbenchResult>, sec
     Ok(r)
 }
 
+#[allow(clippy::too_many_arguments, reason = "pgbench's own options, one by one")]
 fn pgbench(cgroup: &Path, host: &str, port: u16, user: &str, db: &str, mode: &str, clients: u32, seconds: u32) -> Result<PgbenchResult> {
     let mut cmd = Command::new(phigate_tests::pg::pg_bin("pgbench"));
     cmd.args([

@@ -163,7 +163,7 @@ pub fn run() -> Result<()> {
     let sql = "select name, mrn, ssn, dob, phone, diagnosis, note from patients where id = 2";
     let direct = psql_row("postgres", "clinical", sql, None)?;
     let masked = psql_row("analyst", "clinical", sql, Some(&cgroup))?;
-    println!("   {:<10} {:<44} {}", "column", "direct (database owner)", "through phigate (demo-agent)");
+    println!("   {:<10} {:<44} through phigate (demo-agent)", "column", "direct (database owner)");
     for (i, col) in ["name", "mrn", "ssn", "dob", "phone", "diagnosis", "note"].iter().enumerate() {
         let (d, m) = (direct.get(i).map(String::as_str).unwrap_or(""), masked.get(i).map(String::as_str).unwrap_or(""));
         if col == &"note" {

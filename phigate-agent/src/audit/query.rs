@@ -359,8 +359,7 @@ fn show_cell(bytes: Option<&[u8]>, ty: u64, format: u64) -> String {
         (25 | 1043 | 1042 | 19, _) => String::from_utf8_lossy(b).into_owned(),
         (1082, 4) => {
             let days = i32::from_be_bytes([b[0], b[1], b[2], b[3]]);
-            let d = time::Date::from_julian_day(2_451_545 + days).map(|d| d.to_string()).unwrap_or_else(|_| days.to_string());
-            d
+            time::Date::from_julian_day(2_451_545 + days).map(|d| d.to_string()).unwrap_or_else(|_| days.to_string())
         }
         _ => format!("\\x{}", super::record::hex(b)),
     }

@@ -326,7 +326,7 @@ pub fn luhn(d: &[u8]) -> bool {
         }
         sum += v;
     }
-    !d.is_empty() && sum % 10 == 0
+    !d.is_empty() && sum.is_multiple_of(10)
 }
 
 /// SSA rules: area not 000, 666 or 900-999; group not 00; serial not 0000.

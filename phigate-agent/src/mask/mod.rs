@@ -230,6 +230,9 @@ struct CopyState {
 /// Parsed lineage of recent statements (text → outputs of each statement).
 const LINEAGE_CACHE: usize = 256;
 
+/// The cells of one row, `None` for NULL.
+type Fields = Vec<Option<Vec<u8>>>;
+
 /// The per-session masking state machine.
 pub struct Masker {
     profile: Arc<Profile>,
@@ -840,7 +843,7 @@ impl Masker {
         }
     }
 
-    fn mask_fields_of(&mut self, plan: &Plan, fields: Vec<Option<Vec<u8>>>) -> Result<(Vec<Option<Vec<u8>>>, bool), PgError> {
+    fn mask_fields_of(&mut self, plan: &Plan, fields: Fields) -> Result<(Fields, bool), PgError> {
         if fields.len() != plan.columns.len() {
             return Err(fail(format!("a COPY row has {} fields for {} columns", fields.len(), plan.columns.len())));
         }

@@ -356,8 +356,11 @@ pub fn parse_bind(body: &[u8]) -> Result<(&str, &str, Vec<i16>), FrameError> {
     Ok((portal, statement, formats))
 }
 
+/// The format codes and the values (`None` is NULL) of a Bind's parameters.
+pub type BoundParameters<'a> = (Vec<i16>, Vec<Option<&'a [u8]>>);
+
 /// The bound parameter values of a Bind (`None` is NULL), with their format codes.
-pub fn bind_parameters(body: &[u8]) -> Result<(Vec<i16>, Vec<Option<&[u8]>>), FrameError> {
+pub fn bind_parameters(body: &[u8]) -> Result<BoundParameters<'_>, FrameError> {
     let mut rest = body;
     take_cstr(&mut rest, "Bind")?;
     take_cstr(&mut rest, "Bind")?;

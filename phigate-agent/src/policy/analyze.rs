@@ -909,7 +909,7 @@ mod tests {
         assert_eq!(one("copy patients to stdout").copy, Some(CopyFacts { to: true, target: CopyTarget::Client }));
         assert_eq!(one("copy patients to '/tmp/x'").copy, Some(CopyFacts { to: true, target: CopyTarget::File }));
         assert_eq!(one("copy patients from program 'cat /etc/passwd'").copy, Some(CopyFacts { to: false, target: CopyTarget::Program }));
-        assert_eq!(one("copy (select * from patients) to stdout").copy.unwrap().to, true);
+        assert!(one("copy (select * from patients) to stdout").copy.unwrap().to);
     }
 
     #[test]

@@ -18,6 +18,9 @@ use std::{
 use serde::Serialize;
 use tokio::sync::oneshot;
 
+/// Told about each request and decision (webhook, audit).
+type Listener = Box<dyn Fn(&Event) + Send>;
+
 /// Who asked.
 #[derive(Debug, Clone, Serialize)]
 pub struct Requester {
@@ -128,7 +131,7 @@ pub struct Broker {
     grants: Mutex<HashMap<(String, u64), (Instant, String)>>,
     pub timeout: Duration,
     pub max_window: Duration,
-    events: Mutex<Vec<Box<dyn Fn(&Event) + Send>>>,
+    events: Mutex<Vec<Listener>>,
 }
 
 impl fmt::Debug for Broker {

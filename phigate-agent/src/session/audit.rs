@@ -123,6 +123,9 @@ impl Running {
     }
 }
 
+/// A prepared statement as the audit sees it: text, decision, approval.
+type PreparedStatement = (Arc<str>, Option<Decision>, Option<Value>);
+
 /// What the stages tell the audit about one session.
 pub struct Tap {
     writer: Handle,
@@ -133,7 +136,7 @@ pub struct Tap {
     /// The policy's decision about the Query the audit stage is about to see.
     pending_simple: Option<(Decision, Option<Value>)>,
     /// Prepared statements: name → (text, decision).
-    prepared: HashMap<String, (Arc<str>, Option<Decision>, Option<Value>)>,
+    prepared: HashMap<String, PreparedStatement>,
     /// Portals: name → (statement name, bound parameters).
     portals: HashMap<String, (String, Vec<u8>, usize)>,
     /// An approval the policy is waiting for: (id, requested_at).
@@ -292,6 +295,7 @@ impl Tap {
     }
 
     /// A statement goes to the database: record it; its answer waits for the record.
+    #[allow(clippy::too_many_arguments, reason = "the facts of one statement record; a struct would only rename them")]
     fn start(
         &mut self,
         protocol: &str,
@@ -544,12 +548,7 @@ impl Stage for AuditStage {
             }
             _ => {}
         }
-        let ends = match &answer {
-            Answer::ExecuteDone(_) => true,
-            Answer::ExtendedError => true,
-            Answer::Ready => true,
-            _ => false,
-        };
+        let ends = matches!(&answer, Answer::ExecuteDone(_) | Answer::ExtendedError | Answer::Ready);
         if ends {
             tap.end_front();
         }

@@ -408,10 +408,10 @@ async fn run(conn: Identified, db: Arc<DbRuntime>, services: &Services) -> Resul
     let mut stages: Vec<Box<dyn Stage>> = (services.stages)(&session);
     stages.insert(0, Box::new(Accounting::new(stats.clone())));
     let mut pipeline = Pipeline::new(stages);
-    let mut relay = Relay { session: &session, pipeline: &mut pipeline, max_message_bytes: services.limits.max_message_bytes };
     let leftover = std::mem::take(&mut upstream.leftover);
-    let end = relay.run(&mut client_conn, &mut upstream.conn, client_buf, leftover, services.shutdown.clone()).await;
-    drop(relay);
+    let end = Relay { session: &session, pipeline: &mut pipeline, max_message_bytes: services.limits.max_message_bytes }
+        .run(&mut client_conn, &mut upstream.conn, client_buf, leftover, services.shutdown.clone())
+        .await;
     drop(cancel_key);
 
     let s = stats.snapshot();
