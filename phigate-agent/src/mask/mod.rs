@@ -42,6 +42,7 @@ use bytes::{Bytes, BytesMut};
 
 use crate::pg::{
     flow::{Answer, Flow},
+    frame::Messages,
     msg::{self, tag, Field},
     Frame, PgError, SqlState,
 };
@@ -198,7 +199,7 @@ pub struct Summary {
 pub enum Step {
     Forward,
     /// Send these bytes instead (a rewritten message; empty: drop it).
-    Replace(Vec<Bytes>),
+    Replace(Messages),
     /// The catalog must answer this first; call `backend` again with the same frame.
     Lookup(Lookup),
     /// Describe this query (the columns of a COPY) on the catalog connection, then
@@ -420,7 +421,7 @@ impl Masker {
             None => self.flow.backend(t),
         };
         if self.failing && !matches!(t, tag::NOTICE_RESPONSE | tag::PARAMETER_STATUS) {
-            return Step::Replace(Vec::new());
+            return Step::Replace(Messages::new());
         }
         let stepped = match self.lookup_error.take() {
             Some(why) => Err(fail(format!("phigate could not read the database catalog to find the masking rules: {why}"))),
@@ -437,7 +438,7 @@ impl Masker {
                 tracing::warn!(error = %e.message, "masking failed; the result is withheld");
                 self.failing = true;
                 self.finish_statement();
-                Step::Replace(vec![e.to_frame().into_bytes()])
+                Step::Replace(smallvec::smallvec![e.to_frame().into_bytes()])
             }
         }
     }
@@ -774,7 +775,7 @@ impl Masker {
         let result = if changed {
             let len = (out.len() - 1) as u32;
             out[1..5].copy_from_slice(&len.to_be_bytes());
-            Step::Replace(vec![self.freeze(&out)])
+            Step::Replace(smallvec::smallvec![self.freeze(&out)])
         } else {
             Step::Forward
         };
@@ -861,7 +862,7 @@ impl Masker {
                     }
                     Masked::Value(n) => {
                         changed = true;
-                        out.push(Some(n))
+                        out.push(Some(n.into_vec()))
                     }
                 },
             }
@@ -921,7 +922,7 @@ impl Masker {
             return Ok(Step::Forward);
         }
         let f = Frame::build(tag::COPY_DATA, &body);
-        Ok(Step::Replace(vec![f.into_bytes()]))
+        Ok(Step::Replace(smallvec::smallvec![f.into_bytes()]))
     }
 
     /// Notices and errors: detectors over the free-text fields, and the values a
@@ -973,7 +974,7 @@ impl Masker {
             out.push(0);
         }
         out.push(0);
-        Step::Replace(vec![Frame::build(frame.tag(), &out).into_bytes()])
+        Step::Replace(smallvec::smallvec![Frame::build(frame.tag(), &out).into_bytes()])
     }
 
     fn hide_quoted_values(&self, rel: &RelName, text: &[u8]) -> Option<Vec<u8>> {
@@ -1034,7 +1035,7 @@ impl Masker {
         out.push(0);
         out.extend_from_slice(&new);
         out.push(0);
-        Step::Replace(vec![Frame::build(tag::NOTIFICATION, &out).into_bytes()])
+        Step::Replace(smallvec::smallvec![Frame::build(tag::NOTIFICATION, &out).into_bytes()])
     }
 }
 

@@ -130,13 +130,17 @@ impl CellType {
     }
 }
 
+/// A masked value: short ones (pseudonyms, partial identifiers, years) stay inline,
+/// so masking a row allocates nothing.
+pub type CellBytes = smallvec::SmallVec<[u8; 64]>;
+
 /// The result for one cell.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Masked {
     /// Forward the value as it is.
     Same,
     Null,
-    Value(Vec<u8>),
+    Value(CellBytes),
 }
 
 impl Masked {
@@ -197,7 +201,7 @@ pub fn apply(
             if *null || !ty.is_text() {
                 Masked::Null
             } else {
-                Masked::Value(token.as_bytes().to_vec())
+                Masked::Value(token.as_bytes().into())
             }
         }
         Strategy::Partial { keep_last } => {
@@ -218,7 +222,7 @@ pub fn apply(
             _ if ty.is_text() => {
                 let mac = ctx.mac(value);
                 let len = (*hex_len).clamp(8, 64);
-                let mut out = Vec::with_capacity(prefix.len() + len);
+                let mut out = CellBytes::with_capacity(prefix.len() + len);
                 out.extend_from_slice(prefix.as_bytes());
                 const DIGITS: &[u8; 16] = b"0123456789abcdef";
                 for b in mac.iter().take(len.div_ceil(2)) {
@@ -246,7 +250,7 @@ pub fn apply(
                 // Version 8 (custom), RFC 4122 variant: a valid UUID that says it is made up.
                 b[6] = (b[6] & 0x0f) | 0x80;
                 b[8] = (b[8] & 0x3f) | 0x80;
-                Masked::Value(if ty.binary { b.to_vec() } else { format_uuid(&b).into_bytes() })
+                Masked::Value(if ty.binary { b[..].into() } else { format_uuid(&b).into_bytes().into() })
             }
             _ => Masked::Null,
         },
@@ -262,12 +266,12 @@ fn detect(ctx: &Context<'_>, cache: &mut DetectCache, ty: CellType, value: &[u8]
             match ctx.detectors.scan_with(cache, text, counts) {
                 Some(mut new) => {
                     new.insert(0, version);
-                    Masked::Value(new)
+                    Masked::Value(new.into())
                 }
                 None => Masked::Same,
             }
         }
-        _ if ty.scannable() => ctx.detectors.scan_with(cache, value, counts).map(Masked::Value).unwrap_or(Masked::Same),
+        _ if ty.scannable() => ctx.detectors.scan_with(cache, value, counts).map(|v| Masked::Value(v.into())).unwrap_or(Masked::Same),
         _ => Masked::Same,
     }
 }
@@ -289,7 +293,7 @@ fn format_uuid(b: &[u8; 16]) -> String {
 
 /// Keep the last `keep` letters and digits; hide the others; keep punctuation so the
 /// shape (`***-**-6789`) still reads.
-pub fn partial(value: &[u8], keep: usize) -> Vec<u8> {
+pub fn partial(value: &[u8], keep: usize) -> CellBytes {
     if value.is_ascii() {
         let total = value.iter().filter(|b| b.is_ascii_alphanumeric()).count();
         let hide = total.saturating_sub(keep);
@@ -320,19 +324,19 @@ pub fn partial(value: &[u8], keep: usize) -> Vec<u8> {
             out.push(c);
         }
     }
-    out.into_bytes()
+    out.into_bytes().into()
 }
 
 /// ZIP3 prefixes of areas with 20,000 or fewer people (2000 census), which Safe Harbor
 /// requires to become 000.
 pub const RESTRICTED_ZIP3: [&str; 17] = ["036", "059", "063", "102", "203", "556", "692", "790", "821", "823", "830", "831", "878", "879", "884", "890", "893"];
 
-pub fn zip3(value: &[u8]) -> Vec<u8> {
-    let digits: String = value.iter().filter(|b| b.is_ascii_digit()).take(3).map(|&b| b as char).collect();
-    if digits.len() < 3 || RESTRICTED_ZIP3.contains(&digits.as_str()) {
-        return b"000".to_vec();
+pub fn zip3(value: &[u8]) -> CellBytes {
+    let digits: CellBytes = value.iter().copied().filter(u8::is_ascii_digit).take(3).collect();
+    if digits.len() < 3 || RESTRICTED_ZIP3.iter().any(|z| z.as_bytes() == &digits[..]) {
+        return b"000"[..].into();
     }
-    digits.into_bytes()
+    digits
 }
 
 fn integer_text(ty: CellType, value: &[u8]) -> Result<String, StrategyError> {
@@ -348,14 +352,14 @@ fn integer_text(ty: CellType, value: &[u8]) -> Result<String, StrategyError> {
     })
 }
 
-fn integer_out(ty: CellType, v: i64) -> Vec<u8> {
+fn integer_out(ty: CellType, v: i64) -> CellBytes {
     if !ty.binary {
-        return v.to_string().into_bytes();
+        return v.to_string().into_bytes().into();
     }
     match ty.class {
-        TypeClass::Int2 => (v as i16).to_be_bytes().to_vec(),
-        TypeClass::Int4 => (v as i32).to_be_bytes().to_vec(),
-        _ => v.to_be_bytes().to_vec(),
+        TypeClass::Int2 => (v as i16).to_be_bytes()[..].into(),
+        TypeClass::Int4 => (v as i32).to_be_bytes()[..].into(),
+        _ => v.to_be_bytes()[..].into(),
     }
 }
 
@@ -408,7 +412,7 @@ fn year(ctx: &Context<'_>, ty: CellType, value: &[u8]) -> Result<Masked, Strateg
             if days == i32::MAX || days == i32::MIN {
                 return Ok(Masked::Same); // infinity
             }
-            Masked::Value(days_to_new_year(clamp(year_of_days(i64::from(days)))).to_be_bytes().to_vec())
+            Masked::Value(days_to_new_year(clamp(year_of_days(i64::from(days)))).to_be_bytes()[..].into())
         }
         (T::Timestamp, true) => {
             let t: [u8; 8] = value.try_into().map_err(|_| StrategyError::Malformed { what: "timestamp", len: value.len() })?;
@@ -417,10 +421,10 @@ fn year(ctx: &Context<'_>, ty: CellType, value: &[u8]) -> Result<Masked, Strateg
                 return Ok(Masked::Same);
             }
             let y = clamp(year_of_days(micros.div_euclid(86_400_000_000)));
-            Masked::Value((i64::from(days_to_new_year(y)) * 86_400_000_000).to_be_bytes().to_vec())
+            Masked::Value((i64::from(days_to_new_year(y)) * 86_400_000_000).to_be_bytes()[..].into())
         }
         (T::Date | T::Timestamp, false) => match generalise_date_text(value, clamp) {
-            Some(v) => Masked::Value(v),
+            Some(v) => Masked::Value(v.into()),
             None => Masked::Same, // 'infinity' and friends
         },
         (T::Int2 | T::Int4 | T::Int8, _) => {
@@ -434,7 +438,7 @@ fn year(ctx: &Context<'_>, ty: CellType, value: &[u8]) -> Result<Masked, Strateg
         (T::Numeric, false) => {
             let text = String::from_utf8_lossy(value);
             match text.trim().parse::<f64>() {
-                Ok(v) if v > 89.0 => Masked::Value(b"90".to_vec()),
+                Ok(v) if v > 89.0 => Masked::Value(b"90"[..].into()),
                 Ok(_) => Masked::Same,
                 Err(_) => Masked::Null,
             }
@@ -444,13 +448,13 @@ fn year(ctx: &Context<'_>, ty: CellType, value: &[u8]) -> Result<Masked, Strateg
             let t = text.trim();
             if let Ok(age) = t.parse::<f64>() {
                 if age > 89.0 {
-                    Masked::Value(b"90+".to_vec())
+                    Masked::Value(b"90+"[..].into())
                 } else {
                     Masked::Same
                 }
             } else {
                 match find_year(t) {
-                    Some(y) => Masked::Value(clamp(y).to_string().into_bytes()),
+                    Some(y) => Masked::Value(clamp(y).to_string().into_bytes().into()),
                     None => Masked::Null,
                 }
             }
@@ -519,7 +523,7 @@ mod tests {
 
     fn text(m: Masked) -> String {
         match m {
-            Masked::Value(v) => String::from_utf8(v).unwrap(),
+            Masked::Value(v) => String::from_utf8(v.into_vec()).unwrap(),
             other => format!("{other:?}"),
         }
     }
@@ -547,11 +551,11 @@ mod tests {
         let mac = keyed(b"another key");
         let other_key = Context { mac: &mac, detectors: &d, current_year: 2026 };
         let b = apply(&h, &other_key, &mut d.cache(), CellType { class: TypeClass::Text, binary: false }, b"Maria Garcia", &mut Counts::new()).unwrap();
-        assert_ne!(Masked::Value(a.clone().into_bytes()), b, "the key matters");
+        assert_ne!(Masked::Value(a.clone().into_bytes().into()), b, "the key matters");
         // Integers: the same pseudonym in text and binary, and a valid int4.
         let t = text(run(&h, TypeClass::Int4, false, b"42"));
         let Masked::Value(bin) = run(&h, TypeClass::Int4, true, &42i32.to_be_bytes()) else { panic!() };
-        assert_eq!(i32::from_be_bytes(bin.try_into().unwrap()).to_string(), t);
+        assert_eq!(i32::from_be_bytes(bin[..].try_into().unwrap()).to_string(), t);
         assert!(t.parse::<i32>().unwrap() > 0);
         let Masked::Value(u) = run(&h, TypeClass::Uuid, true, &[7u8; 16]) else { panic!() };
         assert_eq!(u.len(), 16);
@@ -568,7 +572,7 @@ mod tests {
         // Binary date: days since 2000-01-01.
         let days_1961_04_17: i32 = -14138;
         let Masked::Value(b) = run(&y, TypeClass::Date, true, &days_1961_04_17.to_be_bytes()) else { panic!() };
-        assert_eq!(i32::from_be_bytes(b.try_into().unwrap()), days_to_new_year(1961));
+        assert_eq!(i32::from_be_bytes(b[..].try_into().unwrap()), days_to_new_year(1961));
         assert_eq!(days_to_new_year(2000), 0);
         assert_eq!(days_to_new_year(2001), 366);
         assert_eq!(days_to_new_year(1999), -365);
@@ -577,7 +581,7 @@ mod tests {
         assert_eq!(year_of_days(366), 2001);
         let micros = i64::from(days_1961_04_17) * 86_400_000_000 + 3_600_000_000;
         let Masked::Value(b) = run(&y, TypeClass::Timestamp, true, &micros.to_be_bytes()) else { panic!() };
-        assert_eq!(i64::from_be_bytes(b.try_into().unwrap()), i64::from(days_to_new_year(1961)) * 86_400_000_000);
+        assert_eq!(i64::from_be_bytes(b[..].try_into().unwrap()), i64::from(days_to_new_year(1961)) * 86_400_000_000);
         assert_eq!(text(run(&y, TypeClass::Int4, false, b"93")), "90");
         assert_eq!(run(&y, TypeClass::Int4, false, b"45"), Masked::Same);
         assert_eq!(text(run(&y, TypeClass::Text, false, b"93")), "90+");
@@ -597,7 +601,7 @@ mod tests {
         let mut jsonb = vec![1u8];
         jsonb.extend_from_slice(br#"{"note": "SSN 123-45-6789"}"#);
         let Masked::Value(v) = run(&Strategy::Detect, TypeClass::Jsonb, true, &jsonb) else { panic!() };
-        assert_eq!(v, [&[1u8][..], br#"{"note": "SSN [SSN]"}"#].concat());
+        assert_eq!(v.to_vec(), [&[1u8][..], br#"{"note": "SSN [SSN]"}"#].concat());
         assert_eq!(run(&Strategy::Detect, TypeClass::Int4, true, &1234i32.to_be_bytes()), Masked::Same);
         assert_eq!(run(&Strategy::Detect, TypeClass::Text, false, b"HbA1c 5.5 %"), Masked::Same);
     }

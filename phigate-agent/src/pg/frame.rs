@@ -17,6 +17,10 @@ pub const HEADER_LEN: usize = 5;
 /// PostgreSQL itself refuses messages over 1 GiB; anything claiming more is garbage.
 pub const PROTOCOL_MAX: usize = 1 << 30;
 
+/// Encoded messages sent in place of one: almost always one or two, so they live
+/// inline (no allocation per rewritten row).
+pub type Messages = smallvec::SmallVec<[Bytes; 2]>;
+
 /// A complete typed message. `bytes` is the whole frame, header included, so it can be
 /// forwarded as is.
 #[derive(Clone, PartialEq, Eq)]

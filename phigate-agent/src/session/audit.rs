@@ -144,8 +144,10 @@ pub struct Tap {
     /// The durability of the latest statement record; results wait for it.
     durable: Option<oneshot::Receiver<Result<u64, String>>>,
     durable_failed: Option<String>,
-    /// Raw rows posted by masking, not yet paired with what was delivered.
-    raw_rows: std::collections::VecDeque<Vec<u8>>,
+    /// Rows masking rewrote whose raw form is already accounted for (hashed and
+    /// kept); the audit stage pairs each with the rewritten row it sees next, so it
+    /// must not count them as raw again. Counting, not copying: no allocation per row.
+    raw_pending: usize,
     running: std::collections::VecDeque<Running>,
     statements: u64,
     rows: u64,
@@ -169,7 +171,7 @@ impl Tap {
             held: None,
             durable: None,
             durable_failed: None,
-            raw_rows: Default::default(),
+            raw_pending: 0,
             running: Default::default(),
             statements: 0,
             rows: 0,
@@ -247,12 +249,18 @@ impl Tap {
         }
     }
 
-    /// Masking is about to rewrite this row.
+    /// Masking is about to rewrite this row: account for its raw form now (hash and
+    /// snapshot), so the row need not be copied until the rewritten one arrives.
     pub fn raw_row(&mut self, body: &[u8]) {
-        if self.running.is_empty() {
-            return;
+        let limit = self.max_result_bytes;
+        let Some(r) = self.running.front_mut() else { return };
+        r.raw_hash.update(body);
+        r.raw_differs = true;
+        if r.raw_bytes + body.len() <= limit {
+            r.raw_bytes += body.len();
+            r.raw.push(b64(body));
         }
-        self.raw_rows.push_back(body.to_vec());
+        self.raw_pending += 1;
     }
 
     pub fn masked(&mut self, summary: Summary) {
@@ -332,7 +340,7 @@ impl Tap {
 
     fn end_front(&mut self) {
         let Some(r) = self.running.pop_front() else { return };
-        self.raw_rows.clear();
+        self.raw_pending = 0;
         self.rows += r.rows;
         let masking = r.masking.as_ref().map(|m| {
             let by_rule: Map<String, Value> = m.by_rule.iter().map(|(k, n)| (k.to_string(), Value::from(*n))).collect();
@@ -509,7 +517,11 @@ impl Stage for AuditStage {
         let answer = self.flow.backend(t);
         let limit = tap.max_result_bytes;
         let masking_on = tap.masking_on;
-        let raw = if matches!(t, tag::DATA_ROW | tag::COPY_DATA) && masking_on { tap.raw_rows.pop_front() } else { None };
+        // A row masking rewrote had its raw form accounted for already.
+        let raw_done = matches!(t, tag::DATA_ROW | tag::COPY_DATA) && masking_on && tap.raw_pending > 0;
+        if raw_done {
+            tap.raw_pending -= 1;
+        }
         let Some(r) = tap.running.front_mut() else { return Action::Forward };
         r.bytes += frame.len() as u64;
         match t {
@@ -524,18 +536,19 @@ impl Stage for AuditStage {
                 }
                 let body = frame.body();
                 r.delivered_hash.update(body);
-                let raw_body: &[u8] = raw.as_deref().unwrap_or(body);
-                r.raw_hash.update(raw_body);
-                r.raw_differs |= raw_body != body;
                 if r.delivered_bytes + body.len() <= limit {
                     r.delivered_bytes += body.len();
                     r.delivered.push(b64(body));
                 } else {
                     r.truncated = true;
                 }
-                if r.raw_bytes + raw_body.len() <= limit {
-                    r.raw_bytes += raw_body.len();
-                    r.raw.push(b64(raw_body));
+                // A row masking left alone is its own raw form.
+                if !raw_done {
+                    r.raw_hash.update(body);
+                    if r.raw_bytes + body.len() <= limit {
+                        r.raw_bytes += body.len();
+                        r.raw.push(b64(body));
+                    }
                 }
             }
             tag::COMMAND_COMPLETE => {

@@ -162,8 +162,9 @@ impl Stage for MaskStage {
                 )
             }
         };
-        // The raw row, once (a held row comes back here after its lookup).
-        if let (Some(tap), tag::DATA_ROW | tag::COPY_DATA, false) = (&self.audit, frame.tag(), matches!(action, Action::Hold(..))) {
+        // The raw form of a row about to be rewritten (a held row comes back here
+        // after its lookup, and is told once, when it is rewritten).
+        if let (Some(tap), tag::DATA_ROW | tag::COPY_DATA, true) = (&self.audit, frame.tag(), matches!(action, Action::Replace(..))) {
             tap.lock().expect("invariant: lock not poisoned").raw_row(frame.body());
         }
         self.log_finished();

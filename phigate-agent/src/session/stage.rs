@@ -38,7 +38,7 @@ pub enum Action {
     Hold(super::relay::HoldFuture, Option<PgError>),
     /// Send these complete messages instead (a rewritten row; none: drop it). The
     /// stages before this one see the replacements.
-    Replace(Vec<bytes::Bytes>),
+    Replace(crate::pg::frame::Messages),
 }
 
 impl std::fmt::Debug for Action {
@@ -119,7 +119,7 @@ impl Pipeline {
                 Action::Forward => {}
                 Action::Replace(parts) => {
                     // The earlier stages see what is actually sent.
-                    let mut out = Vec::with_capacity(parts.len());
+                    let mut out = crate::pg::frame::Messages::new();
                     for p in parts {
                         let f = Frame::from_bytes(p);
                         match self.backend_through(i, session, &f) {
