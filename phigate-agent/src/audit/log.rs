@@ -4,9 +4,12 @@
 //! (replaced atomically) names the latest signed head so truncation behind it shows.
 //!
 //! Writes are batched: records are appended to memory and [`Log::commit`] writes the
-//! batch with one `write` and one `fdatasync` (group commit). A batch that cannot be
-//! written is cut off the file again and forgotten — the log on disk only ever holds
-//! whole, committed records — and the error is returned.
+//! batch with one `write` and one `fdatasync` (group commit). [`Log::write_batch`]
+//! with `sync = false` writes without the fdatasync, for records nobody waits for:
+//! they are in the kernel's page cache at once (an agent crash loses none of them) and
+//! made durable by the next sync. A batch that cannot be written is cut off the file
+//! again and forgotten — the log on disk only ever holds whole records — and the error
+//! is returned.
 //!
 //! Opening a log whose last segment was left unsealed by a crash: a torn last line
 //! (or one whose hash does not match) is moved aside into `seg-….torn` (kept as
@@ -99,6 +102,8 @@ pub struct Log {
     batch: Vec<u8>,
     batch_seq: u64,
     batch_hash: String,
+    /// Since when records have been written but not yet fdatasync'ed.
+    unsynced_since: Option<std::time::Instant>,
 }
 
 impl Log {
@@ -156,6 +161,7 @@ impl Log {
                     batch: Vec::new(),
                     batch_seq: seq,
                     batch_hash: hash.clone(),
+                    unsynced_since: None,
                 };
                 let torn = opened.torn.as_ref().map(|(s, n, p)| json!({"segment": s, "bytes": n, "kept_in": p.display().to_string()}));
                 prev.append(
@@ -185,6 +191,7 @@ impl Log {
             batch: Vec::new(),
             batch_seq: seq,
             batch_hash: hash,
+            unsynced_since: None,
         };
         Ok((log, opened))
     }
@@ -243,16 +250,33 @@ impl Log {
     /// Write the batch durably (one write, one fdatasync). On failure the file is cut
     /// back to what was committed before and the batch is dropped.
     pub fn commit(&mut self) -> Result<(), LogError> {
-        if self.batch.is_empty() {
+        self.write_batch(true)
+    }
+
+    /// Since when written records wait for their fdatasync (None: all durable).
+    pub fn unsynced_since(&self) -> Option<std::time::Instant> {
+        self.unsynced_since
+    }
+
+    /// Write the batch (one write); with `sync`, make it and everything written before
+    /// durable (one fdatasync). On failure the file is cut back to what was written
+    /// before and the batch is dropped.
+    pub fn write_batch(&mut self, sync: bool) -> Result<(), LogError> {
+        if self.batch.is_empty() && !(sync && self.unsynced_since.is_some()) {
             return Ok(());
         }
         let path = self.dir.join(self.segment());
-        let result = self.file.write_all(&self.batch).and_then(|()| self.file.sync_data());
+        let result = self.file.write_all(&self.batch).and_then(|()| if sync { self.file.sync_data() } else { Ok(()) });
         match result {
             Ok(()) => {
                 self.size += self.batch.len() as u64;
                 self.seq = self.batch_seq;
                 self.hash = self.batch_hash.clone();
+                if sync {
+                    self.unsynced_since = None;
+                } else if !self.batch.is_empty() {
+                    self.unsynced_since.get_or_insert_with(std::time::Instant::now);
+                }
                 self.batch.clear();
                 Ok(())
             }

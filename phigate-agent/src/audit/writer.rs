@@ -1,6 +1,12 @@
 //! The audit writer: one thread owns the [`Log`]; sessions and the agent send it
 //! records through a channel. It takes whatever has queued up, appends it, and makes
 //! it durable with one fdatasync (group commit), then tells each waiting sender.
+//! A batch nobody waits for (statement outcomes, session ends, bypass and lifecycle
+//! events) is written at once but synced with the next batch someone waits for, or
+//! within [`SYNC_WITHIN`]: one fdatasync per statement, not two, so a lone client's
+//! statement pays for one disk flush. A crash of the agent loses none of those
+//! records (they are in the page cache); a power loss at most the last
+//! [`SYNC_WITHIN`] of them — never a statement record whose result was released.
 //! Signed checkpoints go in at an interval; full segments are sealed and rotated.
 //!
 //! When a write fails (disk full, permissions) the writer marks the log unhealthy:
@@ -74,6 +80,9 @@ impl std::fmt::Debug for Handle {
 
 /// Most records one commit takes (bounds the batch's memory and latency).
 const MAX_BATCH: usize = 4096;
+
+/// Longest a written record nobody waits for stays without its fdatasync.
+pub const SYNC_WITHIN: Duration = Duration::from_millis(10);
 
 impl Handle {
     /// Start the writer thread on an opened log.
@@ -157,7 +166,17 @@ fn run(mut log: Log, rx: mpsc::Receiver<Entry>, health: Arc<Health>, head_interv
     let mut dirty = false;
     loop {
         let failing = health.failure.lock().expect("invariant: lock not poisoned").is_some();
-        let wait = if failing { Duration::from_secs(1) } else { head_interval.saturating_sub(last_checkpoint.elapsed()).max(Duration::from_millis(1)) };
+        // Wake for the next signed head only when there is something new to sign: an
+        // idle log sleeps.
+        let mut wait = match (failing, dirty) {
+            (true, _) => Duration::from_secs(1),
+            (false, true) => head_interval.saturating_sub(last_checkpoint.elapsed()),
+            (false, false) => head_interval,
+        };
+        if let Some(since) = log.unsynced_since() {
+            wait = wait.min(SYNC_WITHIN.saturating_sub(since.elapsed()));
+        }
+        let wait = wait.max(Duration::from_micros(100));
         let first = match rx.recv_timeout(wait) {
             Ok(e) => Some(e),
             Err(RecvTimeoutError::Timeout) => None,
@@ -198,7 +217,8 @@ fn run(mut log: Log, rx: mpsc::Receiver<Entry>, health: Arc<Health>, head_interv
             }
         }
         let had = log.pending() > 0;
-        let committed = log.commit();
+        let sync = !waiting.is_empty() || !flushes.is_empty() || stop.is_some() || log.unsynced_since().is_some_and(|t| t.elapsed() >= SYNC_WITHIN);
+        let committed = log.write_batch(sync);
         match committed {
             Ok(()) => {
                 dirty |= had;
