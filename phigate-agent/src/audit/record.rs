@@ -49,39 +49,48 @@ pub enum RecordError {
 /// JSON with sorted keys and no whitespace: the same bytes for the same values,
 /// whatever order a map was built in.
 pub fn canonical(v: &Value) -> String {
-    let mut out = String::new();
+    let mut out = Vec::with_capacity(256);
     write_canonical(v, &mut out);
-    out
+    String::from_utf8(out).expect("invariant: serde_json writes UTF-8")
 }
 
-fn write_canonical(v: &Value, out: &mut String) {
+/// Straight into one buffer: every record passes through here on its session's
+/// thread, so no string per key or value.
+fn write_canonical(v: &Value, out: &mut Vec<u8>) {
     match v {
         Value::Object(m) => {
-            let mut keys: Vec<&String> = m.keys().collect();
-            keys.sort();
-            out.push('{');
-            for (i, k) in keys.into_iter().enumerate() {
+            let mut entries: Vec<(&String, &Value)> = m.iter().collect();
+            // Already sorted unless serde_json keeps insertion order; sorting a
+            // sorted run is one pass.
+            entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
+            out.push(b'{');
+            for (i, (k, x)) in entries.into_iter().enumerate() {
                 if i > 0 {
-                    out.push(',');
+                    out.push(b',');
                 }
-                out.push_str(&Value::String(k.clone()).to_string());
-                out.push(':');
-                write_canonical(&m[k], out);
+                scalar(k, out);
+                out.push(b':');
+                write_canonical(x, out);
             }
-            out.push('}');
+            out.push(b'}');
         }
         Value::Array(a) => {
-            out.push('[');
+            out.push(b'[');
             for (i, x) in a.iter().enumerate() {
                 if i > 0 {
-                    out.push(',');
+                    out.push(b',');
                 }
                 write_canonical(x, out);
             }
-            out.push(']');
+            out.push(b']');
         }
-        other => out.push_str(&other.to_string()),
+        other => scalar(other, out),
     }
+}
+
+/// A JSON scalar (or key) written the way serde_json writes it.
+fn scalar<T: serde::Serialize + ?Sized>(x: &T, out: &mut Vec<u8>) {
+    serde_json::to_writer(out, x).expect("invariant: writing JSON to memory cannot fail");
 }
 
 pub fn hex(bytes: &[u8]) -> String {
@@ -181,9 +190,20 @@ pub fn now_rfc3339() -> String {
     format_ts(now)
 }
 
+/// `2026-12-02T07:30:00.123456Z` (every record has one: written by hand, not through
+/// a format description).
 pub fn format_ts(t: time::OffsetDateTime) -> String {
-    let f = time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z");
-    t.to_offset(time::UtcOffset::UTC).format(&f).unwrap_or_default()
+    let t = t.to_offset(time::UtcOffset::UTC);
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second(),
+        t.microsecond()
+    )
 }
 
 /// A timestamp or date from a command line (`2026-12-02`, `2026-12-02T10:00:00Z`).
@@ -213,6 +233,9 @@ mod tests {
         let tampered = line.replace("start", "stort");
         assert_eq!(Record::parse_checked(tampered.trim_end()), Err(RecordError::Hash));
         assert!(Record::parse("{").is_err());
+        // Strings, keys and numbers exactly as serde_json writes them.
+        let odd = json!({"q\"k\n": "tab\t\u{1}é", "n": -1.5, "big": u64::MAX, "t": true});
+        assert_eq!(canonical(&odd), r#"{"big":18446744073709551615,"n":-1.5,"q\"k\n":"tab\t\u0001é","t":true}"#);
     }
 
     #[test]
@@ -221,6 +244,9 @@ mod tests {
         assert!(parse_ts("2026-12-02T10:00:00Z").is_some());
         assert!(parse_ts("yesterday").is_none());
         assert!(now_rfc3339().ends_with('Z'));
+        let t = parse_ts("2026-03-04T05:06:07.000089Z").unwrap();
+        assert_eq!(format_ts(t), "2026-03-04T05:06:07.000089Z");
+        assert_eq!(parse_ts(&now_rfc3339()).map(|t| t.year()), Some(time::OffsetDateTime::now_utc().year()));
         assert_eq!(unhex(&hex(&[0, 255, 16])).unwrap(), vec![0, 255, 16]);
     }
 }
