@@ -1,5 +1,6 @@
 //! The audit writer: one thread owns the [`Log`]; sessions and the agent send it
-//! records through a channel. It takes whatever has queued up, appends it, and makes
+//! records through a channel. It takes whatever has queued up (giving the senders the
+//! last flush released up to [`GATHER_WITHIN`] to come back), appends it, and makes
 //! it durable with one fdatasync (group commit), then tells each waiting sender.
 //! A batch nobody waits for (statement outcomes, session ends, bypass and lifecycle
 //! events) is written at once but synced with the next batch someone waits for, or
@@ -84,6 +85,12 @@ const MAX_BATCH: usize = 4096;
 /// Longest a written record nobody waits for stays without its fdatasync.
 pub const SYNC_WITHIN: Duration = Duration::from_millis(10);
 
+/// How long a batch may wait for the senders the last flush released to come back
+/// (PostgreSQL's `commit_delay`, bounded by how many there were): less than one
+/// flush (235 µs on the build machine's disk), so their records share the next flush
+/// instead of waiting for the one after. Measured: 8 writers 10.5k → 17.5k records/s.
+const GATHER_WITHIN: Duration = Duration::from_micros(200);
+
 impl Handle {
     /// Start the writer thread on an opened log.
     pub fn start(log: Log, head_interval: Duration) -> Self {
@@ -164,6 +171,8 @@ impl Handle {
 fn run(mut log: Log, rx: mpsc::Receiver<Entry>, health: Arc<Health>, head_interval: Duration) {
     let mut last_checkpoint = Instant::now();
     let mut dirty = false;
+    // Senders the last flush released: as many are likely to be back soon.
+    let mut last_waiters = 0usize;
     loop {
         let failing = health.failure.lock().expect("invariant: lock not poisoned").is_some();
         // Wake for the next signed head only when there is something new to sign: an
@@ -191,6 +200,26 @@ fn run(mut log: Log, rx: mpsc::Receiver<Entry>, health: Arc<Health>, head_interv
                 Ok(e) => entries.push(e),
                 Err(_) => break,
             }
+        }
+        // Group commit: when several senders were released together, give the rest
+        // of them a moment to join this batch (a lone sender never waits).
+        let awaited = |e: &Entry| matches!(e, Entry::Record { done: Some(_), .. });
+        let mut waiters = entries.iter().filter(|e| awaited(e)).count();
+        if waiters > 0 && last_waiters > 1 {
+            let until = Instant::now() + GATHER_WITHIN;
+            while waiters < last_waiters && entries.len() < MAX_BATCH {
+                let Some(left) = until.checked_duration_since(Instant::now()) else { break };
+                match rx.recv_timeout(left) {
+                    Ok(e) => {
+                        waiters += usize::from(awaited(&e));
+                        entries.push(e);
+                    }
+                    Err(_) => break,
+                }
+            }
+        }
+        if waiters > 0 {
+            last_waiters = waiters;
         }
         if failing {
             // Try to come back: a record saying what went wrong.
