@@ -204,8 +204,7 @@ fn psql_simple_protocol_multi_statement_copy_and_errors() {
     assert!(stderr(&o).contains("division by zero"), "{}", stderr(&o));
     assert_eq!(stdout(&o), "still here");
     // Large messages in both directions: a 3 MB literal in a Query, a 3 MB value in
-    // a DataRow, and 300 KB rows through COPY FROM STDIN (streamed and, between plain
-    // sockets, spliced).
+    // a DataRow, and 300 KB rows through COPY FROM STDIN (streamed in pieces).
     let big = "x".repeat(3_000_000);
     let script = e.dir.file("big.sql", &format!("select length('{big}') as n, md5('{big}');\n"));
     let out = ok(&psql_in(&e, "prot", &["-f", script.to_str().unwrap()], &[]));

@@ -88,6 +88,13 @@ fn redirect() -> Result<()> {
     let mut line = String::new();
     BufReader::new(child.stdout.as_mut().expect("piped")).read_line(&mut line)?;
     let _server = Server(child);
+    // A plain byte relay in front of the same server: what any userspace hop costs on
+    // this machine, the reference for the COPY throughput ratio.
+    let relay_addr = format!("{addr}:{}", free_port(addr));
+    let mut relay = Command::new(bench_bin()).args(["relay", &relay_addr, &target]).stdout(Stdio::piped()).spawn().context("starting the reference relay")?;
+    let mut line = String::new();
+    BufReader::new(relay.stdout.as_mut().expect("piped")).read_line(&mut line)?;
+    let _relay = Server(relay);
     // A real PostgreSQL too: its login (a forked backend) is what workloads wait for.
     let pg = phigate_tests::PgServer::start(Default::default())?;
     let pg_target = pg.socket_addr().to_string();
@@ -122,6 +129,7 @@ fn redirect() -> Result<()> {
     // report the median of the rounds.
     let mut d_runs = Vec::new();
     let mut p_runs = Vec::new();
+    let mut relay_runs = Vec::new();
     for round in 0..rounds {
         eprintln!("bench: round {}/{rounds}: {connects} logins to the bench server, {PG_CONNECTS} to PostgreSQL and a 1 GiB stream, each way", round + 1);
         let order: [(&Path, bool); 2] = if round % 2 == 0 { [(&direct_dir, false), (&prot_dir, true)] } else { [(&prot_dir, true), (&direct_dir, false)] };
@@ -137,6 +145,7 @@ fn redirect() -> Result<()> {
                 d_runs.push(run)
             }
         }
+        relay_runs.push(client(&direct_dir, &["stream", &relay_addr, BYTES, WRITE])?["gbytes_per_sec"].as_f64().unwrap_or(f64::NAN));
     }
     let redirected = agent.counter("redirected");
     drop(agent);
@@ -165,6 +174,15 @@ fn redirect() -> Result<()> {
     row("login, PostgreSQL p50", pg_setup, "ready_p50_us", "µs", "(a forked backend, as workloads see it)");
     row("login, PostgreSQL p99", pg_setup, "ready_p99_us", "µs", "");
     row("COPY FROM STDIN throughput", stream, "gbytes_per_sec", "GB/s", "≥ 0.8×");
+    relay_runs.sort_by(f64::total_cmp);
+    let (direct_stream, relay_stream) = (median(&d_runs, stream, "gbytes_per_sec"), relay_runs[relay_runs.len() / 2]);
+    println!(
+        "{:<34} {:>9.1} GB/s {:>11.1} GB/s {:>7.2}×   (reference: a plain byte relay, no protocol, no phigate)",
+        "COPY through a plain relay",
+        direct_stream,
+        relay_stream,
+        relay_stream / direct_stream
+    );
     let failures: u64 = d_runs.iter().chain(&p_runs).map(|r| r.setup["failures"].as_u64().unwrap_or(0) + r.pg_setup["failures"].as_u64().unwrap_or(0)).sum();
     println!("(connections through the agent: {redirected}; failed connections: {failures})");
     Ok(())

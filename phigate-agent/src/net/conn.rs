@@ -24,14 +24,6 @@ impl Conn {
     pub fn is_tls(&self) -> bool {
         !matches!(self, Self::Plain(_))
     }
-
-    pub fn tcp(&self) -> &TcpStream {
-        match self {
-            Self::Plain(s) => s,
-            Self::ServerTls(s) => s.get_ref().0,
-            Self::ClientTls(s) => s.get_ref().0,
-        }
-    }
 }
 
 impl AsyncRead for Conn {

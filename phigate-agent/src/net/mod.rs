@@ -15,7 +15,6 @@ use std::{
 };
 
 pub mod conn;
-pub mod splice;
 pub mod tls;
 
 use phigate_common::{ConnectRecord, OrigDstKey};

@@ -107,30 +107,11 @@ pub struct Decoder {
     /// Frames that must be whole may be at most this large.
     max_whole: usize,
     streaming_remaining: usize,
-    /// The latest frame was streamed (not delivered whole): the next one is likely
-    /// large too, which lets the relay read just its header and splice the body.
-    last_streamed: bool,
 }
 
 impl Decoder {
     pub fn new(stream_threshold: usize, max_whole: usize) -> Self {
-        Self { stream_threshold, max_whole: max_whole.max(stream_threshold), streaming_remaining: 0, last_streamed: false }
-    }
-
-    /// Whether a streamed frame is in progress.
-    pub fn is_streaming(&self) -> bool {
-        self.streaming_remaining > 0
-    }
-
-    /// The caller moves the rest of the streamed frame itself (zero-copy): returns how
-    /// many bytes that is and resumes decoding at the next frame.
-    pub fn take_stream(&mut self) -> usize {
-        std::mem::take(&mut self.streaming_remaining)
-    }
-
-    /// Whether the latest frame decoded was streamed rather than delivered whole.
-    pub fn last_streamed(&self) -> bool {
-        self.last_streamed
+        Self { stream_threshold, max_whole: max_whole.max(stream_threshold), streaming_remaining: 0 }
     }
 
     /// Take the next item from `buf`, or `Ok(None)` when more bytes are needed.
@@ -154,13 +135,11 @@ impl Decoder {
         }
         let total = len as usize + 1;
         if buf.len() >= total && total <= self.max_whole.max(self.stream_threshold) {
-            self.last_streamed = false;
             return Ok(Some(Item::Whole(Frame { bytes: buf.split_to(total).freeze() })));
         }
         if total > self.stream_threshold && !needs_whole(tag) {
             let n = total.min(buf.len());
             self.streaming_remaining = total - n;
-            self.last_streamed = true;
             return Ok(Some(Item::StreamStart { tag, total, chunk: buf.split_to(n).freeze() }));
         }
         if total > self.max_whole {

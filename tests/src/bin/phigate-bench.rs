@@ -7,6 +7,9 @@
 //!                                                time to ReadyForQuery (µs)
 //! phigate-bench stream ADDR:PORT BYTES WRITE     COPY FROM STDIN of BYTES in WRITE-sized
 //!                                                CopyData messages; prints throughput
+//! phigate-bench relay  ADDR:PORT TARGET          a plain byte relay (two threads per
+//!                                                connection, 256 KiB reads): the cost of
+//!                                                any userspace hop, for reference
 //! ```
 
 use std::{
@@ -113,6 +116,33 @@ fn server(addr: SocketAddr) {
     }
 }
 
+/// Copy one direction until EOF, then pass the close on.
+fn pump(mut from: TcpStream, mut to: TcpStream) {
+    let mut buf = vec![0u8; 256 * 1024];
+    while let Ok(n) = from.read(&mut buf) {
+        if n == 0 || to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown(std::net::Shutdown::Write);
+}
+
+fn relay(addr: SocketAddr, target: SocketAddr) {
+    let listener = TcpListener::bind(addr).expect("bind");
+    println!("{}", json!({"listening": listener.local_addr().unwrap().to_string()}));
+    std::io::stdout().flush().ok();
+    for conn in listener.incoming() {
+        let Ok(client) = conn else { continue };
+        let Ok(server) = TcpStream::connect(target) else { continue };
+        for s in [&client, &server] {
+            s.set_nodelay(true).ok();
+        }
+        let (c2, s2) = (client.try_clone().expect("clone"), server.try_clone().expect("clone"));
+        std::thread::spawn(move || pump(client, server));
+        std::thread::spawn(move || pump(s2, c2));
+    }
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
@@ -192,10 +222,11 @@ fn main() {
     let addr: SocketAddr = args.get(2).and_then(|a| a.parse().ok()).expect("ADDR:PORT");
     match args.get(1).map(String::as_str) {
         Some("server") => server(addr),
+        Some("relay") => relay(addr, args.get(3).and_then(|a| a.parse().ok()).expect("TARGET ADDR:PORT")),
         Some("setup") => setup(addr, args.get(3).and_then(|c| c.parse().ok()).unwrap_or(1000)),
         Some("stream") => stream(addr, args.get(3).and_then(|c| c.parse().ok()).unwrap_or(1 << 30), args.get(4).and_then(|c| c.parse().ok()).unwrap_or(65536)),
         _ => {
-            eprintln!("usage: phigate-bench server|setup|stream ADDR:PORT [...]");
+            eprintln!("usage: phigate-bench server|setup|stream|relay ADDR:PORT [...]");
             std::process::exit(2);
         }
     }
