@@ -52,8 +52,9 @@ fn seg(d: &Dir, n: u64) -> PathBuf {
     d.0.join(segment_name(n))
 }
 
+/// The record lines of a segment (the live one's preallocated zeros are not a line).
 fn lines(p: &PathBuf) -> Vec<String> {
-    fs::read_to_string(p).unwrap().lines().map(String::from).collect()
+    fs::read_to_string(p).unwrap().lines().filter(|l| !l.bytes().all(|b| b == 0)).map(String::from).collect()
 }
 
 fn write_lines(p: &PathBuf, l: &[String]) {
@@ -276,4 +277,49 @@ fn records_nobody_waits_for_reach_the_file_at_once_and_are_synced_later() {
     assert!(log.unsynced_since().is_none());
     log.seal().unwrap();
     assert!(check(&d).is_ok());
+}
+
+#[test]
+fn the_live_segment_is_preallocated_and_a_sealed_one_holds_only_records() {
+    let d = dir("prealloc");
+    write_log(&d);
+    let live = segments(&d.0).unwrap().last().unwrap().1.clone();
+    let bytes = fs::read(&live).unwrap();
+    let records = bytes.iter().rposition(|b| *b == b'\n').unwrap() + 1;
+    assert!(bytes.len() > records && bytes[records..].iter().all(|b| *b == 0), "zeros after the live segment's records");
+    // A live log verifies with no warning about its unwritten space.
+    let r = check(&d).unwrap();
+    assert!(r.warnings.is_empty(), "{:?}", r.warnings);
+    for (_, p) in segments(&d.0).unwrap().iter().rev().skip(1) {
+        assert!(fs::read(p).unwrap().ends_with(b"\n"), "{} is cut back to its records", p.display());
+    }
+    // The agent stopped without sealing (a crash): the next one seals the segment,
+    // cut back to its records, and reports nothing torn.
+    let keys = PeriodKeys { dir: d.0.with_extension("keys") };
+    let (mut log, opened) = Log::open(&d.0, key(), keys, 1500).unwrap();
+    assert!(opened.torn.is_none(), "zeros are not a torn tail: {:?}", opened.torn);
+    assert!(opened.sealed_after_crash.is_some());
+    assert!(fs::read(&live).unwrap().ends_with(b"\n"));
+    log.seal().unwrap();
+    let r = check(&d).unwrap();
+    assert!(r.warnings.is_empty(), "{:?}", r.warnings);
+}
+
+#[test]
+fn a_torn_record_inside_the_preallocated_space_is_kept_without_the_zeros() {
+    let d = dir("torn-prealloc");
+    write_log(&d);
+    let live = segments(&d.0).unwrap().last().unwrap().1.clone();
+    let mut bytes = fs::read(&live).unwrap();
+    let records = bytes.iter().rposition(|b| *b == b'\n').unwrap() + 1;
+    let torn = b"{\"data\":{\"session\":\"s-1\",\"te";
+    bytes[records..records + torn.len()].copy_from_slice(torn);
+    fs::write(&live, &bytes).unwrap();
+    let r = check(&d).unwrap();
+    assert!(r.warnings.iter().any(|w| w.contains(&format!("torn last record ({} bytes)", torn.len()))), "{:?}", r.warnings);
+    let keys = PeriodKeys { dir: d.0.with_extension("keys") };
+    let (_log, opened) = Log::open(&d.0, key(), keys, 1500).unwrap();
+    let (_, n, kept) = opened.torn.expect("the torn record is reported");
+    assert_eq!(n, torn.len() as u64);
+    assert_eq!(fs::read(kept).unwrap(), torn);
 }

@@ -220,15 +220,7 @@ impl Relay<'_> {
         loop {
             let mut more = false;
             if held.is_none() {
-                match self.frontend(
-                    &mut cdec,
-                    &mut client_buf,
-                    &mut to_server,
-                    &mut to_client,
-                    &mut seq,
-                    &mut held,
-                    &mut terminated,
-                ) {
+                match self.frontend(&mut cdec, &mut client_buf, &mut to_server, &mut to_client, &mut seq, &mut held, &mut terminated) {
                     Ok(Step::More) => more = true,
                     Ok(Step::Idle) => {}
                     Err(end) => {
@@ -438,14 +430,7 @@ impl Relay<'_> {
     }
 
     /// Decode and judge database frames.
-    fn backend(
-        &mut self,
-        dec: &mut Decoder,
-        buf: &mut BytesMut,
-        out: &mut Outbox,
-        seq: &mut Sequencer,
-        held: &mut Option<Held>,
-    ) -> Result<Step, End> {
+    fn backend(&mut self, dec: &mut Decoder, buf: &mut BytesMut, out: &mut Outbox, seq: &mut Sequencer, held: &mut Option<Held>) -> Result<Step, End> {
         loop {
             if held.is_some() {
                 return Ok(Step::Idle);
