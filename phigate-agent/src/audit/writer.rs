@@ -168,25 +168,7 @@ impl Handle {
     }
 }
 
-/// The writer's nice value. Every statement's result waits for this thread's next
-/// flush, and it needs little CPU, so it should run the moment its disk flush returns
-/// rather than queue behind the workloads and the database on a busy node: measured on
-/// the 2-core build machine, pgbench -S -M prepared -c 8 with the audit on went from
-/// 5,095 to 7,161 TPS.
-const WRITER_NICE: libc::c_int = -10;
-
-/// Raise this thread's scheduling priority (needs CAP_SYS_NICE, which the agent has
-/// as root); without it the writer runs at normal priority and says so.
-fn prioritize_this_thread() {
-    // SAFETY: gettid and setpriority take plain integers and touch no memory of ours.
-    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, WRITER_NICE) };
-    if rc != 0 {
-        tracing::info!(error = %std::io::Error::last_os_error(), "the audit writer runs at normal priority (setpriority failed)");
-    }
-}
-
 fn run(mut log: Log, rx: mpsc::Receiver<Entry>, health: Arc<Health>, head_interval: Duration) {
-    prioritize_this_thread();
     let mut last_checkpoint = Instant::now();
     let mut dirty = false;
     // Senders the last flush released: as many are likely to be back soon.
