@@ -45,6 +45,19 @@ fn bench_bin() -> std::path::PathBuf {
 }
 
 struct Server(Child);
+
+impl Server {
+    /// Start `phigate-bench ARGS` and wait until it says it is listening.
+    fn listening(args: &[&str]) -> Result<Self> {
+        let mut child = Command::new(bench_bin()).args(args).stdout(Stdio::piped()).spawn().with_context(|| format!("starting phigate-bench {}", args[0]))?;
+        let stdout = child.stdout.take().expect("invariant: piped");
+        let server = Self(child);
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line)?;
+        Ok(server)
+    }
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -76,6 +89,11 @@ struct RedirectRun {
     stream: Value,
 }
 
+fn median_of(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
 /// Connection set-up time and relay throughput, direct vs through phigate.
 fn redirect() -> Result<()> {
     if let Some(reason) = phigate_tests::env::missing_capability() {
@@ -84,17 +102,11 @@ fn redirect() -> Result<()> {
     let addr = Ipv4Addr::new(127, 0, 0, 3);
     let port = free_port(addr);
     let target = format!("{addr}:{port}");
-    let mut child = Command::new(bench_bin()).args(["server", &target]).stdout(Stdio::piped()).spawn().context("starting the bench server")?;
-    let mut line = String::new();
-    BufReader::new(child.stdout.as_mut().expect("piped")).read_line(&mut line)?;
-    let _server = Server(child);
+    let _server = Server::listening(&["server", &target])?;
     // A plain byte relay in front of the same server: what any userspace hop costs on
     // this machine, the reference for the COPY throughput ratio.
     let relay_addr = format!("{addr}:{}", free_port(addr));
-    let mut relay = Command::new(bench_bin()).args(["relay", &relay_addr, &target]).stdout(Stdio::piped()).spawn().context("starting the reference relay")?;
-    let mut line = String::new();
-    BufReader::new(relay.stdout.as_mut().expect("piped")).read_line(&mut line)?;
-    let _relay = Server(relay);
+    let _relay = Server::listening(&["relay", &relay_addr, &target])?;
     // A real PostgreSQL too: its login (a forked backend) is what workloads wait for.
     let pg = phigate_tests::PgServer::start(Default::default())?;
     let pg_target = pg.socket_addr().to_string();
@@ -150,11 +162,8 @@ fn redirect() -> Result<()> {
     let redirected = agent.counter("redirected");
     drop(agent);
 
-    let median = |runs: &[RedirectRun], pick: fn(&RedirectRun) -> &Value, k: &str| {
-        let mut v: Vec<f64> = runs.iter().map(|r| pick(r)[k].as_f64().unwrap_or(f64::NAN)).collect();
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
+    let median =
+        |runs: &[RedirectRun], pick: fn(&RedirectRun) -> &Value, k: &str| median_of(runs.iter().map(|r| pick(r)[k].as_f64().unwrap_or(f64::NAN)).collect());
     println!(
         "\nphigate redirect benchmark — loopback, median of {rounds} alternating rounds; each round {connects} sequential logins to a minimal server, {PG_CONNECTS} to PostgreSQL {}, and 1 GiB of COPY data in 64 KiB CopyData messages",
         phigate_tests::pg::pg_bin_dir().display()
@@ -174,8 +183,7 @@ fn redirect() -> Result<()> {
     row("login, PostgreSQL p50", pg_setup, "ready_p50_us", "µs", "(a forked backend, as workloads see it)");
     row("login, PostgreSQL p99", pg_setup, "ready_p99_us", "µs", "");
     row("COPY FROM STDIN throughput", stream, "gbytes_per_sec", "GB/s", "≥ 0.8×");
-    relay_runs.sort_by(f64::total_cmp);
-    let (direct_stream, relay_stream) = (median(&d_runs, stream, "gbytes_per_sec"), relay_runs[relay_runs.len() / 2]);
+    let (direct_stream, relay_stream) = (median(&d_runs, stream, "gbytes_per_sec"), median_of(relay_runs));
     println!(
         "{:<34} {:>9.1} GB/s {:>11.1} GB/s {:>7.2}×   (reference: a plain byte relay, no protocol, no phigate)",
         "COPY through a plain relay",

@@ -165,25 +165,7 @@ impl Log {
             if !sealed {
                 // The previous run ended without sealing (a crash): say what happened
                 // in the chain, then seal that segment.
-                let file = OpenOptions::new().write(true).open(path).map_err(io(path))?;
-                let size = good_len;
-                let mut prev = Self {
-                    dir: dir.to_path_buf(),
-                    key: key.clone(),
-                    keys: keys.clone(),
-                    segment_bytes,
-                    index: *idx,
-                    file,
-                    size,
-                    allocated: size,
-                    preallocate_after: 0,
-                    seq,
-                    hash: hash.clone(),
-                    batch: Vec::new(),
-                    batch_seq: seq,
-                    batch_hash: hash.clone(),
-                    unsynced_since: None,
-                };
+                let mut prev = Self::at_segment(dir, key.clone(), keys.clone(), segment_bytes, *idx, seq, hash.clone())?;
                 let torn = opened.torn.as_ref().map(|(s, n, p)| json!({"segment": s, "bytes": n, "kept_in": p.display().to_string()}));
                 prev.append(
                     kind::LIFECYCLE,
@@ -197,15 +179,19 @@ impl Log {
                 opened.sealed_after_crash = Some(segment_name(*idx));
             }
         }
-        let path = dir.join(segment_name(next_index));
-        let file = OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(io(&path))?;
-        let size = file.metadata().map_err(io(&path))?.len();
-        let log = Self {
+        let log = Self::at_segment(dir, key, keys, segment_bytes, next_index, seq, hash)?;
+        Ok((log, opened))
+    }
+
+    /// A log writing segment `index` (created if missing), after the record `seq`/`hash`.
+    fn at_segment(dir: &Path, key: SigningKey, keys: PeriodKeys, segment_bytes: u64, index: u64, seq: u64, hash: String) -> Result<Self, LogError> {
+        let (file, size) = open_segment(&dir.join(segment_name(index)))?;
+        Ok(Self {
             dir: dir.to_path_buf(),
             key,
             keys,
             segment_bytes,
-            index: next_index,
+            index,
             file,
             size,
             allocated: size,
@@ -216,8 +202,7 @@ impl Log {
             batch_seq: seq,
             batch_hash: hash,
             unsynced_since: None,
-        };
-        Ok((log, opened))
+        })
     }
 
     fn segment(&self) -> String {
@@ -362,9 +347,7 @@ impl Log {
         self.trim()?;
         self.write_head()?;
         self.index += 1;
-        let path = self.dir.join(self.segment());
-        self.file = OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(io(&path))?;
-        self.size = self.file.metadata().map_err(io(&path))?.len();
+        (self.file, self.size) = open_segment(&self.dir.join(self.segment()))?;
         self.allocated = self.size;
         self.preallocate_after = 0;
         Ok(())
@@ -387,6 +370,14 @@ impl Log {
     pub fn file_for_tests(&mut self) -> &mut File {
         &mut self.file
     }
+}
+
+/// Open a segment for positioned writes (not O_APPEND: records overwrite the
+/// preallocated zeros), creating it if missing; with its length.
+fn open_segment(path: &Path) -> Result<(File, u64), LogError> {
+    let file = OpenOptions::new().create(true).truncate(false).write(true).open(path).map_err(io(path))?;
+    let size = file.metadata().map_err(io(path))?.len();
+    Ok((file, size))
 }
 
 /// The last complete, self-consistent record of a segment, the length of the prefix

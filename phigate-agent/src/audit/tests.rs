@@ -48,6 +48,11 @@ fn write_log(d: &Dir) {
     log.checkpoint().unwrap();
 }
 
+/// The segment being written (the last one).
+fn live_segment(d: &Dir) -> PathBuf {
+    segments(&d.0).unwrap().last().unwrap().1.clone()
+}
+
 fn seg(d: &Dir, n: u64) -> PathBuf {
     d.0.join(segment_name(n))
 }
@@ -127,7 +132,7 @@ fn a_truncated_segment_is_caught() {
     // Cutting records off the live segment behind the signed head shows too.
     let d = dir("truncate-head");
     write_log(&d);
-    let last = segments(&d.0).unwrap().last().unwrap().1.clone();
+    let last = live_segment(&d);
     let l = lines(&last);
     write_lines(&last, &l[..1]);
     let f = check(&d).unwrap_err();
@@ -159,7 +164,7 @@ fn a_segment_signed_with_another_key_is_rejected() {
 fn a_torn_tail_is_reported_then_recovered_into_the_chain() {
     let d = dir("torn");
     write_log(&d);
-    let last = segments(&d.0).unwrap().last().unwrap().1.clone();
+    let last = live_segment(&d);
     let mut text = fs::read_to_string(&last).unwrap();
     text.push_str("{\"data\":{\"session\":\"s-1\",\"te");
     fs::write(&last, &text).unwrap();
@@ -188,7 +193,7 @@ fn a_failed_commit_leaves_the_file_as_it_was() {
     log.commit().unwrap();
     // Make the segment unwritable underneath the log: the commit fails, nothing half
     // written stays, the chain state rolls back, and the next commit works again.
-    let live = segments(&d.0).unwrap().last().unwrap().1.clone();
+    let live = live_segment(&d);
     let before = fs::read(&live).unwrap();
     let (seq, hash) = (log.head().0, log.head().1.to_string());
     // A read-only file descriptor in place of the writer's: emulate EBADF on write.
@@ -283,7 +288,7 @@ fn records_nobody_waits_for_reach_the_file_at_once_and_are_synced_later() {
 fn the_live_segment_is_preallocated_and_a_sealed_one_holds_only_records() {
     let d = dir("prealloc");
     write_log(&d);
-    let live = segments(&d.0).unwrap().last().unwrap().1.clone();
+    let live = live_segment(&d);
     let bytes = fs::read(&live).unwrap();
     let records = bytes.iter().rposition(|b| *b == b'\n').unwrap() + 1;
     assert!(bytes.len() > records && bytes[records..].iter().all(|b| *b == 0), "zeros after the live segment's records");
@@ -309,7 +314,7 @@ fn the_live_segment_is_preallocated_and_a_sealed_one_holds_only_records() {
 fn a_torn_record_inside_the_preallocated_space_is_kept_without_the_zeros() {
     let d = dir("torn-prealloc");
     write_log(&d);
-    let live = segments(&d.0).unwrap().last().unwrap().1.clone();
+    let live = live_segment(&d);
     let mut bytes = fs::read(&live).unwrap();
     let records = bytes.iter().rposition(|b| *b == b'\n').unwrap() + 1;
     let torn = b"{\"data\":{\"session\":\"s-1\",\"te";
