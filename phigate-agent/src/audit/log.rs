@@ -312,7 +312,7 @@ impl Log {
     fn preallocate(&mut self, end: u64) {
         let step = PREALLOCATE.min(self.segment_bytes.next_power_of_two()).max(4096);
         let target = end.div_ceil(step) * step;
-        const ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
+        static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
         let mut at = self.allocated.max(self.size);
         while at < target {
             let n = (target - at).min(ZEROS.len() as u64) as usize;

@@ -28,7 +28,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::{
-    stage::{Action, Direction, Pipeline},
+    stage::{Action, Backend, BackendStop, Direction, HeldBackend, Pipeline},
     Session,
 };
 use crate::{
@@ -214,8 +214,9 @@ impl Relay<'_> {
         let mut to_client = Outbox::default();
         let mut seq = Sequencer::default();
         let mut held: Option<Held> = None;
-        // A database message a stage holds (masking waits for the catalog).
-        let mut held_backend: Option<Held> = None;
+        // A database message a stage holds (masking waits for the catalog, the audit
+        // for its record to be durable).
+        let mut held_backend: Option<HeldBackend> = None;
         let mut terminated = false;
         loop {
             let mut more = false;
@@ -286,9 +287,9 @@ impl Relay<'_> {
                 _ = async { (&mut held_backend.as_mut().expect("guarded by the condition").decision).await }, if held_backend.is_some() => {
                     let h = held_backend.take().expect("invariant: polled only when present");
                     // The holding stage sees the message again, now that what it
-                    // waited for is there.
-                    let action = self.pipeline.backend_through(h.stage + 1, self.session, &h.frame);
-                    if let Err(end) = apply_backend(action, h.frame, &mut to_client, &mut seq, &mut held_backend) {
+                    // waited for is there; the messages queued behind it follow.
+                    let result = self.pipeline.backend_resume(self.session, h.resume());
+                    if let Err(end) = apply_backend(result, &mut to_client, &mut seq, &mut held_backend) {
                         let _ = flush(client, &mut to_client).await;
                         return end;
                     }
@@ -430,7 +431,7 @@ impl Relay<'_> {
     }
 
     /// Decode and judge database frames.
-    fn backend(&mut self, dec: &mut Decoder, buf: &mut BytesMut, out: &mut Outbox, seq: &mut Sequencer, held: &mut Option<Held>) -> Result<Step, End> {
+    fn backend(&mut self, dec: &mut Decoder, buf: &mut BytesMut, out: &mut Outbox, seq: &mut Sequencer, held: &mut Option<HeldBackend>) -> Result<Step, End> {
         loop {
             if held.is_some() {
                 return Ok(Step::Idle);
@@ -447,8 +448,8 @@ impl Relay<'_> {
             };
             match item {
                 Item::Whole(frame) => {
-                    let action = self.pipeline.backend(self.session, &frame);
-                    apply_backend(action, frame, out, seq, held)?;
+                    let result = self.pipeline.backend(self.session, frame);
+                    apply_backend(result, out, seq, held)?;
                 }
                 Item::StreamStart { tag, total, chunk } => {
                     self.pipeline.streamed(self.session, Direction::Backend, tag, total);
@@ -463,30 +464,27 @@ impl Relay<'_> {
     }
 }
 
-/// Act on the stages' decision about a whole database message.
-fn apply_backend((action, stage): (Action, usize), frame: Frame, out: &mut Outbox, seq: &mut Sequencer, held: &mut Option<Held>) -> Result<(), End> {
-    match action {
-        Action::Forward if frame.tag() == tag::READY_FOR_QUERY => seq.on_ready(frame, out),
-        Action::Forward => out.push(frame.into_bytes()),
-        Action::Replace(parts) => {
-            for p in parts {
-                if p.first() == Some(&tag::READY_FOR_QUERY) {
-                    seq.on_ready(Frame::from_bytes(p), out);
-                } else {
-                    out.push(p);
-                }
-            }
+/// Send what the stages let through and act on what stopped them.
+fn apply_backend(result: Backend, out: &mut Outbox, seq: &mut Sequencer, held: &mut Option<HeldBackend>) -> Result<(), End> {
+    for p in result.out {
+        if p.first() == Some(&tag::READY_FOR_QUERY) {
+            seq.on_ready(Frame::from_bytes(p), out);
+        } else {
+            out.push(p);
         }
-        Action::Refuse(err) => {
+    }
+    match result.stop {
+        None => {}
+        Some(BackendStop::Refuse(err)) => {
             // Fail closed: whatever this message carried is not released.
             out.push(PgError { severity: crate::pg::error::Severity::Fatal, ..err.clone() }.to_frame().into_bytes());
             return Err(End::Refused(err));
         }
-        Action::Hold(decision, notice) => {
-            if let Some(n) = notice {
+        Some(BackendStop::Hold(h)) => {
+            if let Some(n) = &h.notice {
                 out.push(n.to_frame().into_bytes());
             }
-            *held = Some(Held { frame, stage, decision });
+            *held = Some(h);
         }
     }
     Ok(())

@@ -52,6 +52,41 @@ impl std::fmt::Debug for Action {
     }
 }
 
+/// What the stages made of database messages: the messages to send to the client
+/// now, in order, and what stopped the run, if anything did.
+pub struct Backend {
+    pub out: crate::pg::frame::Messages,
+    pub stop: Option<BackendStop>,
+}
+
+pub enum BackendStop {
+    /// A stage refused a database message: the session fails closed.
+    Refuse(PgError),
+    /// A stage holds a database message until its future completes.
+    Hold(HeldBackend),
+}
+
+/// A database message a stage holds, and the messages queued behind it.
+pub struct HeldBackend {
+    /// The message as the holding stage saw it (already rewritten by later stages).
+    pub frame: Frame,
+    /// The holding stage: it sees `frame` again on release.
+    pub stage: usize,
+    pub decision: super::relay::HoldFuture,
+    pub notice: Option<PgError>,
+    /// Messages not yet through the pipeline, as a [`Pipeline::backend_resume`] stack.
+    pub rest: Vec<(Frame, usize)>,
+}
+
+impl HeldBackend {
+    /// The work to resume with once the decision is in.
+    pub fn resume(self) -> Vec<(Frame, usize)> {
+        let mut work = self.rest;
+        work.push((self.frame, self.stage + 1));
+        work
+    }
+}
+
 pub trait Stage: Send {
     fn name(&self) -> &'static str;
 
@@ -107,33 +142,42 @@ impl Pipeline {
         (Action::Forward, self.stages.len())
     }
 
-    pub fn backend(&mut self, session: &Session, frame: &Frame) -> (Action, usize) {
-        self.backend_through(self.stages.len(), session, frame)
+    /// Run a database message through the stages, last to first.
+    pub fn backend(&mut self, session: &Session, frame: Frame) -> Backend {
+        let end = self.stages.len();
+        self.backend_resume(session, vec![(frame, end)])
     }
 
-    /// Run a database message through stages `end - 1` down to 0 (after a held
-    /// message is released, `end` is the holding stage plus one: it sees it again).
-    pub fn backend_through(&mut self, end: usize, session: &Session, frame: &Frame) -> (Action, usize) {
-        for i in (0..end.min(self.stages.len())).rev() {
-            match self.stages[i].backend(session, frame) {
-                Action::Forward => {}
-                Action::Replace(parts) => {
-                    // The earlier stages see what is actually sent.
-                    let mut out = crate::pg::frame::Messages::new();
-                    for p in parts {
-                        let f = Frame::from_bytes(p);
-                        match self.backend_through(i, session, &f) {
-                            (Action::Forward, _) => out.push(f.into_bytes()),
-                            (Action::Replace(more), _) => out.extend(more),
-                            other => return other,
-                        }
+    /// Run database messages through the stages. `work` is a stack (the last entry
+    /// goes first) of messages, each with the number of stages still to pass, counted
+    /// from stage 0: `end` means stages `end - 1` down to 0.
+    ///
+    /// A stage's replacements pass through the stages before it only, in order. When
+    /// a stage holds a message, the hold names *that* message — a replacement if an
+    /// earlier-running stage rewrote it — and everything not yet processed waits in
+    /// `rest`: a released hold must never resume with the original of a rewritten
+    /// message (that would send unmasked data once the audit lets it go).
+    pub fn backend_resume(&mut self, session: &Session, mut work: Vec<(Frame, usize)>) -> Backend {
+        let mut out = crate::pg::frame::Messages::new();
+        'messages: while let Some((frame, end)) = work.pop() {
+            for i in (0..end.min(self.stages.len())).rev() {
+                match self.stages[i].backend(session, &frame) {
+                    Action::Forward => {}
+                    Action::Replace(parts) => {
+                        // The earlier stages see what is actually sent.
+                        work.extend(parts.into_iter().rev().map(|p| (Frame::from_bytes(p), i)));
+                        continue 'messages;
                     }
-                    return (Action::Replace(out), i);
+                    Action::Refuse(err) => return Backend { out, stop: Some(BackendStop::Refuse(err)) },
+                    Action::Hold(decision, notice) => {
+                        let stop = BackendStop::Hold(HeldBackend { frame, stage: i, decision, notice, rest: work });
+                        return Backend { out, stop: Some(stop) };
+                    }
                 }
-                other => return (other, i),
             }
+            out.push(frame.into_bytes());
         }
-        (Action::Forward, 0)
+        Backend { out, stop: None }
     }
 
     pub fn closed(&mut self, session: &Session, how: &str, stats: &Stats) {
@@ -245,5 +289,108 @@ impl Stage for Accounting {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        net::SocketAddr,
+        sync::{Arc, Mutex},
+        time::SystemTime,
+    };
+
+    use super::*;
+    use crate::{
+        identity::Workload,
+        net::{ClientAddr, OrigDstAddr},
+        session::auth::AuthMethod,
+    };
+
+    fn session() -> Session {
+        let addr: SocketAddr = "127.0.0.1:5432".parse().expect("invariant: literal address");
+        Session {
+            id: 1,
+            audit_id: "s-0000000000000000".into(),
+            workload: Workload { name: "w".into(), cgroup: "c".into(), protected_cgroup_id: 1, cgroup_id: 1, pid: 1, uid: 0, gid: 0, comm: "t".into() },
+            client: ClientAddr(addr),
+            orig_dst: OrigDstAddr(addr),
+            database: "db".into(),
+            dbname: "db".into(),
+            client_user: "u".into(),
+            application_name: None,
+            options: None,
+            upstream_role: "r".into(),
+            auth_method: AuthMethod::Workload,
+            token: None,
+            client_tls: false,
+            upstream_tls: false,
+            accepted_at: SystemTime::now(),
+            started_at: SystemTime::now(),
+        }
+    }
+
+    /// Rewrites every DataRow body to "masked" (runs first on database messages).
+    struct Rewriter;
+    impl Stage for Rewriter {
+        fn name(&self) -> &'static str {
+            "rewriter"
+        }
+        fn backend(&mut self, _: &Session, f: &Frame) -> Action {
+            if f.tag() == tag::DATA_ROW && f.body() != b"masked" {
+                Action::Replace(smallvec::smallvec![Frame::build(tag::DATA_ROW, b"masked").into_bytes(), Frame::build(b'N', b"note").into_bytes()])
+            } else {
+                Action::Forward
+            }
+        }
+    }
+
+    /// Holds the first message it sees once; records every body it sees.
+    struct Gate {
+        held: bool,
+        seen: Arc<Mutex<Vec<Vec<u8>>>>,
+    }
+    impl Stage for Gate {
+        fn name(&self) -> &'static str {
+            "gate"
+        }
+        fn backend(&mut self, _: &Session, f: &Frame) -> Action {
+            if !self.held {
+                self.held = true;
+                return Action::Hold(Box::pin(async { Ok(()) }), None);
+            }
+            self.seen.lock().expect("invariant: lock not poisoned").push(f.body().to_vec());
+            Action::Forward
+        }
+    }
+
+    #[test]
+    fn a_held_replacement_is_released_as_the_replacement_not_the_original() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        // Order: [gate, rewriter]; database messages meet the rewriter first.
+        let mut p = Pipeline::new(vec![Box::new(Gate { held: false, seen: seen.clone() }), Box::new(Rewriter)]);
+        let s = session();
+        let first = p.backend(&s, Frame::build(tag::DATA_ROW, b"raw secret"));
+        assert!(first.out.is_empty(), "nothing is sent while the gate holds");
+        let Some(BackendStop::Hold(h)) = first.stop else { panic!("the gate holds") };
+        assert_eq!(h.frame.body(), b"masked", "the held message is the rewritten one");
+        assert_eq!(h.rest.len(), 1, "the second replacement waits behind it");
+        let released = p.backend_resume(&s, h.resume());
+        assert!(released.stop.is_none());
+        let bodies: Vec<&[u8]> = released.out.iter().map(|b| &b[crate::pg::frame::HEADER_LEN..]).collect();
+        assert_eq!(bodies, vec![&b"masked"[..], &b"note"[..]], "released in order, never the original");
+        assert_eq!(*seen.lock().expect("invariant: lock not poisoned"), vec![b"masked".to_vec(), b"note".to_vec()]);
+    }
+
+    #[test]
+    fn replacements_pass_only_the_stages_before_the_replacing_one() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let mut p = Pipeline::new(vec![Box::new(Gate { held: true, seen: seen.clone() }), Box::new(Rewriter)]);
+        let r = p.backend(&session(), Frame::build(tag::DATA_ROW, b"raw"));
+        assert!(r.stop.is_none());
+        assert_eq!(r.out.len(), 2);
+        assert_eq!(seen.lock().expect("invariant: lock not poisoned").len(), 2);
+        let r = p.backend(&session(), Frame::build(b'C', b"SELECT 1\0"));
+        assert_eq!(r.out.len(), 1, "an untouched message is forwarded as is");
     }
 }
