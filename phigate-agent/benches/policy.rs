@@ -31,6 +31,7 @@ fn bench(c: &mut Criterion) {
         })
     });
     c.bench_function("parse/pg_query::parse join (for comparison)", |b| b.iter(|| black_box(pg_query::parse(black_box(JOIN), 0).unwrap())));
+    c.bench_function("parse/sql::parse join (the tree only)", |b| b.iter(|| black_box(phigate_agent::sql::parse(black_box(JOIN)).unwrap())));
     cache::analyze(JOIN).0.unwrap();
     c.bench_function("decide/cached join (same text)", |b| {
         b.iter(|| {

@@ -6,6 +6,7 @@
 //! - [`ebpf`]: load, attach, pin and adopt the kernel programs; map access (only module using aya)
 //! - [`net`]: interceptor listeners, address newtypes, original-destination recovery, TLS
 //! - [`pg`]: the PostgreSQL wire protocol (framing, messages, errors); no I/O
+//! - [`sql`]: PostgreSQL's parser, returning only the parse tree
 //! - [`policy`]: SQL analysis (pg_query), rules, the hipaa-baseline pack, approvals; no I/O
 //! - [`mask`]: PHI masking of results, COPY and messages as they stream; no I/O
 //! - [`identity`]: kernel record → named workload
@@ -30,4 +31,5 @@ pub mod pg;
 pub mod policy;
 pub mod protection;
 pub mod session;
+pub mod sql;
 pub mod status;

@@ -71,8 +71,8 @@ pub struct Output {
 
 /// The outputs of every statement in `sql` (empty for statements without a result).
 pub fn statement_outputs(sql: &str) -> Result<Vec<Vec<Output>>, String> {
-    let parsed = pg_query::parse(sql, 0).map_err(|e| e.to_string())?;
-    Ok(parsed.protobuf.stmts.iter().map(|raw| raw.stmt.as_deref().map(|n| node_outputs(n, &Scope::root())).unwrap_or_default()).collect())
+    let parsed = crate::sql::parse(sql).map_err(|e| e.to_string())?;
+    Ok(parsed.stmts.iter().map(|raw| raw.stmt.as_deref().map(|n| node_outputs(n, &Scope::root())).unwrap_or_default()).collect())
 }
 
 /// The outputs of a query node (SELECT, or DML with RETURNING, EXPLAIN-less).

@@ -373,8 +373,8 @@ impl Masker {
     fn note_statement(&mut self, sql: &str) {
         let lower = sql.to_ascii_lowercase();
         if lower.contains("search_path") {
-            if let Ok(parsed) = pg_query::parse(sql, 0) {
-                for raw in &parsed.protobuf.stmts {
+            if let Ok(parsed) = crate::sql::parse(sql) {
+                for raw in &parsed.stmts {
                     if let Some(pg_query::NodeEnum::VariableSetStmt(v)) = raw.stmt.as_ref().and_then(|s| s.node.as_ref()) {
                         if v.name.eq_ignore_ascii_case("search_path") && !v.is_local {
                             let text = raw.stmt.as_ref().and_then(|s| s.node.as_ref()).and_then(|n| n.deparse(pg_query::DeparseOptions::default()).ok());
@@ -801,9 +801,8 @@ impl Masker {
             _ => return Err(fail("a COPY nobody asked for")),
         };
         let (overall, formats) = msg::parse_copy_response(frame.body()).map_err(|e| fail(format!("unreadable CopyOutResponse: {e}")))?;
-        let parsed = pg_query::parse(&sql, 0).map_err(|e| fail(format!("cannot read the COPY statement: {e}")))?;
+        let parsed = crate::sql::parse(&sql).map_err(|e| fail(format!("cannot read the COPY statement: {e}")))?;
         let copies: Vec<&pg_query::protobuf::CopyStmt> = parsed
-            .protobuf
             .stmts
             .iter()
             .filter_map(|r| match r.stmt.as_ref().and_then(|s| s.node.as_ref()) {

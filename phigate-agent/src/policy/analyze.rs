@@ -229,9 +229,9 @@ const UNSAFE_ENCODINGS: &[&str] = &[
 ];
 
 pub fn analyze(sql: &str) -> Result<Analysis, ParseError> {
-    let parsed = pg_query::parse(sql, 0).map_err(|e| ParseError(e.to_string()))?;
-    let mut statements = Vec::with_capacity(parsed.protobuf.stmts.len());
-    for raw in &parsed.protobuf.stmts {
+    let parsed = crate::sql::parse(sql).map_err(|e| ParseError(e.0))?;
+    let mut statements = Vec::with_capacity(parsed.stmts.len());
+    for raw in &parsed.stmts {
         let Some(node) = raw.stmt.as_ref().and_then(|n| n.node.as_ref()) else { continue };
         let kind = kind_of(node);
         let mut facts = Facts { kind: Some(kind), kinds: BTreeSet::from([kind]), ..Facts::default() };
