@@ -491,6 +491,8 @@ fn worker(id: usize, group: Vec<BoundListener>, dbs: Vec<Database>, kernel: Arc<
         }
     };
     rt.block_on(async move {
+        // This worker commits its sessions' audit records and wakes them together.
+        tokio::spawn(session::durable::WakeHub::install(services.audit.clone()));
         let mut loops = JoinSet::new();
         for bound in group {
             let db = dbs[bound.addr_db_index()].clone();

@@ -166,8 +166,10 @@ impl PeriodKeys {
 
 fn seal_with(key: &[u8; 32], period: &str, context: &str, plain: &[u8]) -> Result<Value, KeyError> {
     let cipher = XChaCha20Poly1305::new(key.into());
+    // 192-bit random nonces from the thread's CSPRNG (ChaCha, seeded and reseeded
+    // from the OS): no system call per sealed record, and no realistic collision.
     let mut nonce = [0u8; 24];
-    rand::rngs::OsRng.fill_bytes(&mut nonce);
+    rand::thread_rng().fill_bytes(&mut nonce);
     let ct = cipher.encrypt(XNonce::from_slice(&nonce), Payload { msg: plain, aad: context.as_bytes() }).map_err(|_| KeyError::Decrypt(period.to_string()))?;
     Ok(json!({"alg": "xchacha20poly1305", "period": period, "nonce": B64.encode(nonce), "ct": B64.encode(ct)}))
 }
@@ -213,6 +215,12 @@ pub fn period_of(ts: &str) -> String {
     ts.get(..10).unwrap_or("0000-00-00").to_string()
 }
 
+/// The current period (UTC day), without formatting a whole timestamp.
+pub fn current_period() -> String {
+    let d = time::OffsetDateTime::now_utc().date();
+    format!("{:04}-{:02}-{:02}", d.year(), u8::from(d.month()), d.day())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -227,6 +235,11 @@ mod tests {
         assert_eq!(keys.shred_before("2026-12-02").unwrap(), vec!["2026-12-01".to_string()]);
         assert!(matches!(keys.open(&sealed, "stmt 1"), Err(KeyError::PeriodKeyMissing(_))), "crypto-shredded");
         let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_current_period_is_todays_utc_date() {
+        assert_eq!(current_period(), period_of(&super::super::record::now_rfc3339()));
     }
 
     #[test]

@@ -217,8 +217,7 @@ impl Log {
     /// [`Log::append`] for data already in canonical form.
     pub fn append_canonical(&mut self, kind: &str, data: &str) -> u64 {
         let seq = self.batch_seq + 1;
-        let (hash, line) = super::record::encode_canonical(seq, &now_rfc3339(), &self.batch_hash, kind, data);
-        self.batch.extend_from_slice(line.as_bytes());
+        let hash = super::record::append_canonical(&mut self.batch, seq, &now_rfc3339(), &self.batch_hash, kind, data);
         self.batch_seq = seq;
         self.batch_hash = hash;
         seq

@@ -176,12 +176,51 @@ pub fn encode(seq: u64, ts: &str, prev: &str, kind: &str, data: &Value) -> (Stri
 /// [`encode`] for `data` already in canonical form (see [`canonical`]); the writer
 /// thread gets records this way so that the encoding work stays with their senders.
 pub fn encode_canonical(seq: u64, ts: &str, prev: &str, kind: &str, data: &str) -> (String, String) {
-    let s = |v: &str| Value::String(v.to_string()).to_string();
-    let rest = format!("\"kind\":{},\"prev\":{},\"seq\":{seq},\"ts\":{}}}", s(kind), s(prev), s(ts));
-    let unhashed = format!("{{\"data\":{data},{rest}");
-    let hash = hex(&Sha256::digest(unhashed.as_bytes()));
-    let line = format!("{{\"data\":{data},\"hash\":\"{hash}\",{rest}\n");
-    (hash, line)
+    let mut line = Vec::new();
+    let hash = append_canonical(&mut line, seq, ts, prev, kind, data);
+    (hash, String::from_utf8(line).expect("invariant: built from UTF-8 strings"))
+}
+
+/// [`encode_canonical`] appending the line to `out` (the writer's batch buffer:
+/// one copy of `data`, no intermediate strings); returns the record's hash.
+pub fn append_canonical(out: &mut Vec<u8>, seq: u64, ts: &str, prev: &str, kind: &str, data: &str) -> String {
+    use std::fmt::Write as _;
+    // Everything after `data`, the same in the hashed text and in the line.
+    let mut rest = String::with_capacity(160);
+    rest.push_str("\"kind\":");
+    json_str(kind, &mut rest);
+    rest.push_str(",\"prev\":");
+    json_str(prev, &mut rest);
+    let _ = write!(rest, ",\"seq\":{seq},\"ts\":");
+    json_str(ts, &mut rest);
+    rest.push('}');
+    let mut h = Sha256::new();
+    h.update(b"{\"data\":");
+    h.update(data.as_bytes());
+    h.update(b",");
+    h.update(rest.as_bytes());
+    let hash = hex(&h.finalize());
+    out.reserve(data.len() + rest.len() + 96);
+    out.extend_from_slice(b"{\"data\":");
+    out.extend_from_slice(data.as_bytes());
+    out.extend_from_slice(b",\"hash\":\"");
+    out.extend_from_slice(hash.as_bytes());
+    out.extend_from_slice(b"\",");
+    out.extend_from_slice(rest.as_bytes());
+    out.push(b'\n');
+    hash
+}
+
+/// A JSON string as serde_json writes it (plain ASCII without quotes or escapes, as
+/// kinds, hashes and timestamps are, is copied as is).
+fn json_str(s: &str, out: &mut String) {
+    if s.bytes().all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\') {
+        out.push('"');
+        out.push_str(s);
+        out.push('"');
+    } else {
+        out.push_str(&Value::String(s.to_string()).to_string());
+    }
 }
 
 /// Now, as records write it.
@@ -221,6 +260,8 @@ mod tests {
         let line = r.to_line();
         assert_eq!(Record::parse_checked(line.trim_end()).unwrap(), r);
         assert_eq!(encode(r.seq, &r.ts, &r.prev, &r.kind, &r.data).1, line, "the fast encoding is the canonical one");
+        let odd_kind = Record::new(2, r.ts.clone(), r.hash.clone(), "k\"ind\u{1}", json!({"x": 1}));
+        assert_eq!(encode(2, &odd_kind.ts, &odd_kind.prev, &odd_kind.kind, &odd_kind.data).1, odd_kind.to_line(), "escaped like serde_json");
         let tampered = line.replace("start", "stort");
         assert_eq!(Record::parse_checked(tampered.trim_end()), Err(RecordError::Hash));
         assert!(Record::parse("{").is_err());

@@ -328,3 +328,46 @@ fn a_torn_record_inside_the_preallocated_space_is_kept_without_the_zeros() {
     assert_eq!(n, torn.len() as u64);
     assert_eq!(fs::read(kept).unwrap(), torn);
 }
+
+/// A caller that commits its own records makes them durable on its thread, before
+/// `commit_here` returns; records nobody waits for reach the file on their own within
+/// the lazy bound; stopping seals everything.
+#[test]
+fn callers_commit_their_own_records_and_lazy_records_still_reach_the_file() {
+    use super::writer::{Handle, LAZY_WITHIN};
+    use std::sync::{Arc, Mutex};
+    let d = dir("commit-here");
+    let keys = PeriodKeys { dir: d.0.with_extension("keys") };
+    let (log, _) = Log::open(&d.0, key(), keys, 1 << 20).unwrap();
+    let h = Handle::start(log, std::time::Duration::from_secs(60));
+    let got: Arc<Mutex<Vec<(std::thread::ThreadId, Result<u64, String>)>>> = Arc::default();
+    for i in 0..3 {
+        let g = got.clone();
+        h.record_durable_deferred(
+            kind::STATEMENT,
+            json!({"session": "s-1", "stmt": i}),
+            Vec::new(),
+            Box::new(move |r| g.lock().unwrap().push((std::thread::current().id(), r))),
+        );
+    }
+    h.commit_here();
+    let done = got.lock().unwrap().clone();
+    assert_eq!(done.len(), 3, "durable before commit_here returned");
+    assert!(done.iter().all(|(t, r)| *t == std::thread::current().id() && r.is_ok()), "on the caller's thread: {done:?}");
+    let count = |text: &str| lines(&live_segment(&d)).iter().filter(|l| l.contains(text)).count();
+    assert_eq!(count("\"kind\":\"statement\""), 3);
+    // Nobody waits for this one and nothing else comes: it is written anyway.
+    h.record(kind::SESSION_END, json!({"session": "s-1", "ended": "client closed"}));
+    let written = (0..200).any(|_| {
+        std::thread::sleep(LAZY_WITHIN.max(std::time::Duration::from_millis(5)));
+        count("session_end") == 1
+    });
+    assert!(written, "a record nobody waits for reaches the file");
+    h.stop(std::time::Duration::from_secs(10));
+    assert!(check(&d).is_ok());
+    // After the stop, records are refused at once (no waiter hangs).
+    let (tx, rx) = std::sync::mpsc::channel();
+    h.record_durable_deferred(kind::STATEMENT, json!({"stmt": 9}), Vec::new(), Box::new(move |r| tx.send(r).unwrap()));
+    h.commit_here();
+    assert!(rx.recv_timeout(std::time::Duration::from_secs(5)).unwrap().is_err());
+}

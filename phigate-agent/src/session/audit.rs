@@ -24,7 +24,6 @@ use std::{
 use base64::{engine::general_purpose::STANDARD as B64, Engine};
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
-use tokio::sync::oneshot;
 
 use super::{
     stage::{Action, Direction, Stage},
@@ -129,6 +128,9 @@ type PreparedStatement = (Arc<str>, Option<Decision>, Option<Value>);
 /// What the stages tell the audit about one session.
 pub struct Tap {
     writer: Handle,
+    /// The worker thread's hub: records are committed there, at the end of the
+    /// worker's turn, instead of waking the writer thread for each.
+    hub: Option<Arc<super::durable::WakeHub>>,
     pub audit_id: String,
     max_result_bytes: usize,
     masking_on: bool,
@@ -142,7 +144,7 @@ pub struct Tap {
     /// An approval the policy is waiting for: (id, requested_at).
     held: Option<u64>,
     /// The durability of the latest statement record; results wait for it.
-    durable: Option<oneshot::Receiver<Result<u64, String>>>,
+    durable: Option<super::durable::Slot>,
     durable_failed: Option<String>,
     /// Rows masking rewrote whose raw form is already accounted for (hashed and
     /// kept); the audit stage pairs each with the rewritten row it sees next, so it
@@ -158,9 +160,10 @@ pub type SharedTap = Arc<Mutex<Tap>>;
 impl Tap {
     pub fn new(writer: Handle, session: &Session, max_result_bytes: usize, masking_on: bool) -> SharedTap {
         let audit_id = session.audit_id.clone();
-        writer.record(kind::SESSION_START, session_data(session, &audit_id));
-        Arc::new(Mutex::new(Self {
+        let hub = super::durable::WakeHub::current();
+        let tap = Self {
             writer,
+            hub,
             audit_id,
             max_result_bytes,
             masking_on,
@@ -175,7 +178,31 @@ impl Tap {
             running: Default::default(),
             statements: 0,
             rows: 0,
-        }))
+        };
+        tap.emit(kind::SESSION_START, session_data(session, &tap.audit_id));
+        Arc::new(Mutex::new(tap))
+    }
+
+    /// Queue a record nobody waits for.
+    fn emit(&self, kind: &'static str, data: Value) {
+        match &self.hub {
+            Some(hub) => {
+                self.writer.record_deferred(kind, data);
+                hub.request_commit();
+            }
+            None => self.writer.record(kind, data),
+        }
+    }
+
+    /// Queue a record with encrypted parts nobody waits for.
+    fn emit_sealed(&self, kind: &'static str, data: Value, secrets: Vec<Secret>) {
+        match &self.hub {
+            Some(hub) => {
+                self.writer.record_sealed_deferred(kind, data, secrets);
+                hub.request_commit();
+            }
+            None => self.writer.record_sealed(kind, data, secrets),
+        }
     }
 
     fn take_stmt(&mut self) -> u64 {
@@ -191,7 +218,7 @@ impl Tap {
                 let stmt = self.take_stmt();
                 let mut data = self.statement_data(stmt, protocol, sql, name, None, Some(d), None);
                 data["outcome"] = Value::from("blocked");
-                self.writer.record(kind::STATEMENT, data);
+                self.emit(kind::STATEMENT, data);
             }
             _ => match name {
                 Some(n) => {
@@ -218,7 +245,7 @@ impl Tap {
                 let stmt = self.take_stmt();
                 let mut data = self.statement_data(stmt, protocol, sql, name, None, Some(d), Some(approval));
                 data["outcome"] = Value::from(if matches!(o, Outcome::Denied { .. }) { "denied" } else { "not_approved_in_time" });
-                self.writer.record(kind::STATEMENT, data);
+                self.emit(kind::STATEMENT, data);
                 if name.is_some() {
                     self.prepared.remove(name.unwrap_or_default());
                 } else {
@@ -324,16 +351,9 @@ impl Tap {
                 secrets.push(Secret { context: format!("{}:{stmt}:params", self.audit_id), field: "params", plain: p });
             }
         }
-        let (tx, rx) = oneshot::channel();
-        self.writer.record_durable(
-            kind::STATEMENT,
-            data,
-            secrets,
-            Box::new(move |r| {
-                let _ = tx.send(r);
-            }),
-        );
-        self.durable = Some(rx);
+        let slot = super::durable::Slot::new();
+        slot.record(&self.writer, kind::STATEMENT, data, secrets);
+        self.durable = Some(slot);
         self.statements += 1;
         self.running.push_back(Running::new(stmt));
     }
@@ -370,7 +390,7 @@ impl Tap {
         } else if let Some(o) = data.as_object_mut() {
             o.insert("raw_sha256".into(), Value::from(raw_sha));
         }
-        self.writer.record_sealed(kind::STATEMENT_END, data, secrets);
+        self.emit_sealed(kind::STATEMENT_END, data, secrets);
     }
 
     fn end(&mut self, how: &str, stats: Value) {
@@ -487,30 +507,26 @@ impl Stage for AuditStage {
                 format!("phigate withheld the result: the statement's audit record could not be written ({why})"),
             ));
         }
-        if let Some(mut rx) = tap.durable.take() {
-            match rx.try_recv() {
-                Ok(Ok(_)) => {}
-                Ok(Err(why)) => {
+        if let Some(slot) = tap.durable.take() {
+            match slot.try_take() {
+                Some(Ok(_)) => {}
+                Some(Err(why)) => {
                     return Action::Refuse(PgError::fatal(
                         SqlState::new(b"58030"),
                         format!("phigate withheld the result: the statement's audit record could not be written ({why})"),
                     ))
                 }
-                Err(oneshot::error::TryRecvError::Empty) => {
+                None => {
                     let tap2 = self.tap.clone();
                     return Action::Hold(
                         Box::pin(async move {
-                            let r = rx.await.unwrap_or_else(|_| Err("the audit writer stopped".into()));
-                            if let Err(why) = r {
+                            if let Err(why) = slot.wait().await {
                                 tap2.lock().expect("invariant: lock not poisoned").durable_failed = Some(why);
                             }
                             Ok(())
                         }),
                         None,
                     );
-                }
-                Err(oneshot::error::TryRecvError::Closed) => {
-                    return Action::Refuse(PgError::fatal(SqlState::new(b"58030"), "phigate withheld the result: the audit writer stopped"))
                 }
             }
         }

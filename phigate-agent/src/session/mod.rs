@@ -13,6 +13,7 @@
 pub mod audit;
 pub mod auth;
 pub mod cancel;
+pub mod durable;
 pub mod guard;
 pub mod masking;
 pub mod relay;
