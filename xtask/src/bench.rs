@@ -465,12 +465,17 @@ fn detect() -> Result<()> {
     crate::run(Command::new("cargo").current_dir(root()).args(["bench", "-p", "phigate-agent", "--bench", "mask"]))?;
     println!("\nphigate detectors — free-text clinical notes, one core (Criterion, median)");
     let dir = root().join("target/criterion");
-    for name in ["detect_notes with identifiers", "detect_notes without identifiers"] {
-        let est: Value = serde_json::from_str(&std::fs::read_to_string(dir.join(name).join("new/estimates.json"))?)?;
-        let bench: Value = serde_json::from_str(&std::fs::read_to_string(dir.join(name).join("new/benchmark.json"))?)?;
+    // Criterion keeps a benchmark group's results under the group's directory.
+    for name in ["notes with identifiers", "notes without identifiers"] {
+        let at = dir.join("detect").join(name).join("new");
+        let read = |f: &str| -> Result<Value> {
+            let p = at.join(f);
+            Ok(serde_json::from_str(&std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?)?)
+        };
+        let (est, bench) = (read("estimates.json")?, read("benchmark.json")?);
         let bytes = bench["throughput"]["Bytes"].as_f64().unwrap_or(f64::NAN);
         let ns = est["median"]["point_estimate"].as_f64().unwrap_or(f64::NAN);
-        println!("  {:<40} {:>8.0} MB/s   target ≥ 200 MB/s", name.replacen('_', "/", 1), bytes / ns * 1e3);
+        println!("  detect/{name:<33} {:>8.0} MB/s   target ≥ 200 MB/s", bytes / ns * 1e3);
     }
     Ok(())
 }

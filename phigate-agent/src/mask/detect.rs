@@ -295,8 +295,8 @@ impl Detectors {
 /// The name inside a name match: before ", DOB", or after the title / "patient"
 /// (found by hand: capture groups would cost a second, slower search).
 fn name_span(m: &[u8]) -> (usize, usize) {
-    let lower = m.to_ascii_lowercase();
-    if lower.ends_with(b"dob") || lower.ends_with(b"d.o.b.") {
+    let ends_with = |suffix: &[u8]| m.len() >= suffix.len() && m[m.len() - suffix.len()..].eq_ignore_ascii_case(suffix);
+    if ends_with(b"dob") || ends_with(b"d.o.b.") {
         let comma = m.iter().rposition(|b| *b == b',').unwrap_or(m.len());
         return (0, comma);
     }
@@ -309,7 +309,9 @@ fn name_span(m: &[u8]) -> (usize, usize) {
     }
 }
 
-fn digits(s: &[u8]) -> Vec<u8> {
+/// The decimal digits of a candidate, as values (inline: validators run on every
+/// candidate the automaton finds, so no allocation).
+fn digits(s: &[u8]) -> smallvec::SmallVec<[u8; 24]> {
     s.iter().filter(|b| b.is_ascii_digit()).map(|b| b - b'0').collect()
 }
 
@@ -344,8 +346,8 @@ pub fn valid_npi(d: &[u8]) -> bool {
     if d.len() != 10 || !(d[0] == 1 || d[0] == 2) {
         return false;
     }
-    let mut full = vec![8, 0, 8, 4, 0];
-    full.extend_from_slice(d);
+    let mut full = [8, 0, 8, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+    full[5..].copy_from_slice(d);
     luhn(&full)
 }
 
@@ -388,13 +390,26 @@ pub fn valid_vin(s: &[u8]) -> bool {
 }
 
 fn valid_date(s: &[u8]) -> bool {
-    let text = String::from_utf8_lossy(s).to_ascii_lowercase();
-    let nums: Vec<u32> = text.split(|c: char| !c.is_ascii_digit()).filter(|p| !p.is_empty()).filter_map(|p| p.parse().ok()).collect();
+    // The numbers in the candidate (at most three matter), without allocating.
+    let mut nums = [0u32; 3];
+    let mut count = 0;
+    let mut current: Option<u32> = None;
+    for &b in s.iter().chain(std::iter::once(&b' ')) {
+        if b.is_ascii_digit() {
+            current = Some(current.unwrap_or(0).saturating_mul(10).saturating_add(u32::from(b - b'0')));
+        } else if let Some(n) = current.take() {
+            if count == nums.len() {
+                return false;
+            }
+            nums[count] = n;
+            count += 1;
+        }
+    }
     let year_ok = |y: u32| (1900..=2100).contains(&y) || y < 100;
-    let has_month_name = text.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
-        || text.split_whitespace().nth(1).is_some_and(|w| w.starts_with(|c: char| c.is_ascii_alphabetic()));
-    match nums.as_slice() {
-        [a, b, c] if s.len() >= 4 && s[4] == b'-' => year_ok(*a) && (1..=12).contains(b) && (1..=31).contains(c),
+    let second_word_alpha = s.split(u8::is_ascii_whitespace).filter(|w| !w.is_empty()).nth(1).is_some_and(|w| w[0].is_ascii_alphabetic());
+    let has_month_name = s.first().is_some_and(u8::is_ascii_alphabetic) || second_word_alpha;
+    match &nums[..count] {
+        [a, b, c] if s.len() >= 5 && s[4] == b'-' => year_ok(*a) && (1..=12).contains(b) && (1..=31).contains(c),
         [a, b, c] => (1..=12).contains(a) && (1..=31).contains(b) && year_ok(*c),
         [a, b] if has_month_name => ((1..=31).contains(a) && year_ok(*b)) || ((1..=31).contains(b) && year_ok(*a)),
         _ => false,
