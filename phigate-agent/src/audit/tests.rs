@@ -340,7 +340,8 @@ fn callers_commit_their_own_records_and_lazy_records_still_reach_the_file() {
     let keys = PeriodKeys { dir: d.0.with_extension("keys") };
     let (log, _) = Log::open(&d.0, key(), keys, 1 << 20).unwrap();
     let h = Handle::start(log, std::time::Duration::from_secs(60));
-    let got: Arc<Mutex<Vec<(std::thread::ThreadId, Result<u64, String>)>>> = Arc::default();
+    type Answers = Arc<Mutex<Vec<(std::thread::ThreadId, Result<u64, String>)>>>;
+    let got: Answers = Arc::default();
     for i in 0..3 {
         let g = got.clone();
         h.record_durable_deferred(
