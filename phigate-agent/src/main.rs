@@ -290,7 +290,7 @@ fn audit_command(command: AuditCommand, config: Option<&Config>) -> anyhow::Resu
         }
         AuditCommand::Shred { before, keys, include_today } => {
             let day = audit::record::parse_ts(&before).with_context(|| format!("--before {before:?}: give a date like 2026-11-01"))?;
-            let today = audit::crypto::period_of(&audit::record::now_rfc3339());
+            let today = audit::crypto::current_period();
             if audit::crypto::period_of(&audit::record::format_ts(day)) > today && !include_today {
                 anyhow::bail!(
                     "--before {before} includes today ({today}), whose key a running agent is using; give --before {today} to shred only past periods, or stop the agent and add --include-today"

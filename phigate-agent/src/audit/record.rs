@@ -184,21 +184,21 @@ pub fn encode_canonical(seq: u64, ts: &str, prev: &str, kind: &str, data: &str) 
 /// [`encode_canonical`] appending the line to `out` (the writer's batch buffer:
 /// one copy of `data`, no intermediate strings); returns the record's hash.
 pub fn append_canonical(out: &mut Vec<u8>, seq: u64, ts: &str, prev: &str, kind: &str, data: &str) -> String {
-    use std::fmt::Write as _;
+    use std::io::Write as _;
     // Everything after `data`, the same in the hashed text and in the line.
-    let mut rest = String::with_capacity(160);
-    rest.push_str("\"kind\":");
-    json_str(kind, &mut rest);
-    rest.push_str(",\"prev\":");
-    json_str(prev, &mut rest);
+    let mut rest = Vec::with_capacity(160);
+    rest.extend_from_slice(b"\"kind\":");
+    scalar(kind, &mut rest);
+    rest.extend_from_slice(b",\"prev\":");
+    scalar(prev, &mut rest);
     let _ = write!(rest, ",\"seq\":{seq},\"ts\":");
-    json_str(ts, &mut rest);
-    rest.push('}');
+    scalar(ts, &mut rest);
+    rest.push(b'}');
     let mut h = Sha256::new();
     h.update(b"{\"data\":");
     h.update(data.as_bytes());
     h.update(b",");
-    h.update(rest.as_bytes());
+    h.update(&rest);
     let hash = hex(&h.finalize());
     out.reserve(data.len() + rest.len() + 96);
     out.extend_from_slice(b"{\"data\":");
@@ -206,21 +206,9 @@ pub fn append_canonical(out: &mut Vec<u8>, seq: u64, ts: &str, prev: &str, kind:
     out.extend_from_slice(b",\"hash\":\"");
     out.extend_from_slice(hash.as_bytes());
     out.extend_from_slice(b"\",");
-    out.extend_from_slice(rest.as_bytes());
+    out.extend_from_slice(&rest);
     out.push(b'\n');
     hash
-}
-
-/// A JSON string as serde_json writes it (plain ASCII without quotes or escapes, as
-/// kinds, hashes and timestamps are, is copied as is).
-fn json_str(s: &str, out: &mut String) {
-    if s.bytes().all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\') {
-        out.push('"');
-        out.push_str(s);
-        out.push('"');
-    } else {
-        out.push_str(&Value::String(s.to_string()).to_string());
-    }
 }
 
 /// Now, as records write it.

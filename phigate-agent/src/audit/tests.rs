@@ -334,7 +334,7 @@ fn a_torn_record_inside_the_preallocated_space_is_kept_without_the_zeros() {
 /// the lazy bound; stopping seals everything.
 #[test]
 fn callers_commit_their_own_records_and_lazy_records_still_reach_the_file() {
-    use super::writer::{Handle, LAZY_WITHIN};
+    use super::writer::{Commit, Handle, LAZY_WITHIN};
     use std::sync::{Arc, Mutex};
     let d = dir("commit-here");
     let keys = PeriodKeys { dir: d.0.with_extension("keys") };
@@ -344,11 +344,12 @@ fn callers_commit_their_own_records_and_lazy_records_still_reach_the_file() {
     let got: Answers = Arc::default();
     for i in 0..3 {
         let g = got.clone();
-        h.record_durable_deferred(
+        h.submit(
             kind::STATEMENT,
             json!({"session": "s-1", "stmt": i}),
             Vec::new(),
-            Box::new(move |r| g.lock().unwrap().push((std::thread::current().id(), r))),
+            Some(Box::new(move |r| g.lock().unwrap().push((std::thread::current().id(), r)))),
+            Commit::Caller,
         );
     }
     h.commit_here();
@@ -368,7 +369,7 @@ fn callers_commit_their_own_records_and_lazy_records_still_reach_the_file() {
     assert!(check(&d).is_ok());
     // After the stop, records are refused at once (no waiter hangs).
     let (tx, rx) = std::sync::mpsc::channel();
-    h.record_durable_deferred(kind::STATEMENT, json!({"stmt": 9}), Vec::new(), Box::new(move |r| tx.send(r).unwrap()));
+    h.submit(kind::STATEMENT, json!({"stmt": 9}), Vec::new(), Some(Box::new(move |r| tx.send(r).unwrap())), Commit::Caller);
     h.commit_here();
     assert!(rx.recv_timeout(std::time::Duration::from_secs(5)).unwrap().is_err());
 }

@@ -130,6 +130,13 @@ impl Queue {
         }
     }
 
+    /// Take every queued entry, appending them to `into`.
+    fn drain(q: &mut QueueState, into: &mut Vec<Entry>) {
+        into.append(&mut q.entries);
+        q.awaited = 0;
+        q.lazy_since = None;
+    }
+
     /// Wake the writer thread if it sleeps (it looks at the queue again).
     fn wake_writer(&self, q: &mut QueueState) {
         if q.writer_asleep {
@@ -180,6 +187,15 @@ impl std::fmt::Debug for Handle {
     }
 }
 
+/// Who makes a queued record's batch durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Commit {
+    /// The writer thread (woken if it sleeps).
+    Writer,
+    /// The caller, soon, with [`Handle::commit_here`].
+    Caller,
+}
+
 /// Most records one commit takes (bounds the batch's memory and latency).
 const MAX_BATCH: usize = 4096;
 
@@ -224,30 +240,27 @@ impl Handle {
 
     /// Queue a record; nobody waits for it.
     pub fn record(&self, kind: &'static str, data: Value) {
-        self.senders.0.queue.push(Entry::Record { kind, data: canonical(&data), done: None }, true);
-    }
-
-    /// [`Handle::record`] for a caller that calls [`Handle::commit_here`] soon.
-    pub fn record_deferred(&self, kind: &'static str, data: Value) {
-        self.senders.0.queue.push(Entry::Record { kind, data: canonical(&data), done: None }, false);
+        self.submit(kind, data, Vec::new(), None, Commit::Writer);
     }
 
     /// Queue a record with encrypted parts, and be told when it is durable.
     pub fn record_durable(&self, kind: &'static str, data: Value, secrets: Vec<Secret>, done: Durable) {
-        match self.prepare(data, secrets) {
-            Ok(data) => self.senders.0.queue.push(Entry::Record { kind, data, done: Some(done) }, true),
-            Err(why) => done(Err(why)),
-        }
+        self.submit(kind, data, secrets, Some(done), Commit::Writer);
     }
 
-    /// [`Handle::record_durable`] for a caller that will make the record durable
-    /// itself with [`Handle::commit_here`] (soon: until then nothing writes it). The
-    /// writer thread is not woken: a worker that commits its sessions' records once
-    /// per turn saves the two thread switches per statement a hand-off costs.
-    pub fn record_durable_deferred(&self, kind: &'static str, data: Value, secrets: Vec<Secret>, done: Durable) {
+    /// Queue a record, with encrypted parts (`secrets`) and a waiter (`done`) if it
+    /// has them. Fail closed: a record whose secret part cannot be sealed is not
+    /// written half; its waiter hears why. With [`Commit::Caller`] the writer thread
+    /// is not woken: a worker that commits its sessions' records once per turn saves
+    /// the two thread switches per statement a hand-off costs.
+    pub fn submit(&self, kind: &'static str, data: Value, secrets: Vec<Secret>, done: Option<Durable>, commit: Commit) {
         match self.prepare(data, secrets) {
-            Ok(data) => self.senders.0.queue.push(Entry::Record { kind, data, done: Some(done) }, false),
-            Err(why) => done(Err(why)),
+            Ok(data) => self.senders.0.queue.push(Entry::Record { kind, data, done }, commit == Commit::Writer),
+            Err(why) => {
+                if let Some(d) = done {
+                    d(Err(why));
+                }
+            }
         }
     }
 
@@ -272,13 +285,9 @@ impl Handle {
             }
         }
         if let Ok(mut w) = sh.writing.try_lock() {
-            let entries = {
-                let mut q = sh.queue.lock();
-                q.awaited = 0;
-                q.lazy_since = None;
-                std::mem::take(&mut q.entries)
-            };
-            let waiters = entries.iter().filter(|e| matches!(e, Entry::Record { done: Some(_), .. })).count();
+            let mut entries = Vec::new();
+            Queue::drain(&mut sh.queue.lock(), &mut entries);
+            let waiters = waiters(&entries);
             if waiters > 0 {
                 sh.last_waiters.store(waiters, Relaxed);
             }
@@ -296,24 +305,7 @@ impl Handle {
         }
     }
 
-    /// Queue a record with encrypted parts; nobody waits for it.
-    pub fn record_sealed(&self, kind: &'static str, data: Value, secrets: Vec<Secret>) {
-        self.record_sealed_as(kind, data, secrets, true);
-    }
-
-    /// [`Handle::record_sealed`] for a caller that calls [`Handle::commit_here`] soon.
-    pub fn record_sealed_deferred(&self, kind: &'static str, data: Value, secrets: Vec<Secret>) {
-        self.record_sealed_as(kind, data, secrets, false);
-    }
-
-    fn record_sealed_as(&self, kind: &'static str, data: Value, secrets: Vec<Secret>, wake: bool) {
-        if let Ok(data) = self.prepare(data, secrets) {
-            self.senders.0.queue.push(Entry::Record { kind, data, done: None }, wake);
-        }
-    }
-
-    /// Seal the secrets into `data` and encode it. Fail closed: a record whose secret
-    /// part cannot be sealed is not written half; the caller hears why.
+    /// Seal the secrets into `data` and encode it.
     fn prepare(&self, mut data: Value, secrets: Vec<Secret>) -> Result<String, String> {
         if !secrets.is_empty() {
             let period = current_period();
@@ -360,9 +352,7 @@ fn take(queue: &Queue, wait: Duration, spare: &mut Vec<Entry>) -> bool {
         q = queue.wake.wait_timeout(q, until - now).expect("invariant: lock not poisoned").0;
         q.writer_asleep = false;
     }
-    std::mem::swap(&mut q.entries, spare);
-    q.awaited = 0;
-    q.lazy_since = None;
+    Queue::drain(&mut q, spare);
     q.senders_gone || q.closed
 }
 
@@ -381,9 +371,12 @@ fn gather(queue: &Queue, want: usize, have: usize, entries: &mut Vec<Entry>) {
             break;
         }
     }
-    entries.append(&mut q.entries);
-    q.awaited = 0;
-    q.lazy_since = None;
+    Queue::drain(&mut q, entries);
+}
+
+/// Records in `entries` whose senders wait for them.
+fn waiters(entries: &[Entry]) -> usize {
+    entries.iter().filter(|e| matches!(e, Entry::Record { done: Some(_), .. })).count()
 }
 
 fn run(sh: &Shared, head_interval: Duration) {
@@ -414,15 +407,14 @@ fn run(sh: &Shared, head_interval: Duration) {
         let gone = take(queue, wait, &mut entries);
         // Group commit: when several senders were released together, give the rest
         // of them a moment to join this batch (a lone sender never waits).
-        let awaited = |e: &Entry| matches!(e, Entry::Record { done: Some(_), .. });
-        let waiters = entries.iter().filter(|e| awaited(e)).count();
-        if !gone && waiters > 0 && last_waiters > 1 && waiters < last_waiters {
-            gather(queue, last_waiters, waiters, &mut entries);
+        let mut waiting = waiters(&entries);
+        if !gone && waiting > 0 && last_waiters > 1 && waiting < last_waiters {
+            gather(queue, last_waiters, waiting, &mut entries);
+            waiting = waiters(&entries);
         }
-        let waiters = entries.iter().filter(|e| awaited(e)).count();
-        if waiters > 0 {
-            last_waiters = waiters;
-            sh.last_waiters.store(waiters, std::sync::atomic::Ordering::Relaxed);
+        if waiting > 0 {
+            last_waiters = waiting;
+            sh.last_waiters.store(waiting, std::sync::atomic::Ordering::Relaxed);
         }
         let mut w = sh.writing.lock().expect("invariant: lock not poisoned");
         if queue.lock().closed {

@@ -520,7 +520,7 @@ impl Validator<'_> {
         let mut addresses = Vec::new();
         for (j, a) in raw.addresses.iter().enumerate() {
             let net = parse_prefix(a)
-                .map_err(|p| self.err(format!("database[{i}].addresses[{j}]"), p, "Write an address (10.1.2.3, ::1) or a prefix (10.1.0.0/16)."))?;
+                .map_err(|p| self.err(format!("database[{i}].addresses[{j}]"), p, "Write an address (127.0.0.2, ::1) or a prefix (127.0.0.0/24, ::1/128)."))?;
             addresses.push(net);
         }
         if raw.port == 0 {

@@ -32,7 +32,7 @@ use super::{
 use crate::{
     audit::{
         record::{hex, kind},
-        writer::{Handle, Secret},
+        writer::{Commit, Durable, Handle, Secret},
     },
     mask::Summary,
     pg::{
@@ -179,29 +179,19 @@ impl Tap {
             statements: 0,
             rows: 0,
         };
-        tap.emit(kind::SESSION_START, session_data(session, &tap.audit_id));
+        tap.send(kind::SESSION_START, session_data(session, &tap.audit_id), Vec::new(), None);
         Arc::new(Mutex::new(tap))
     }
 
-    /// Queue a record nobody waits for.
-    fn emit(&self, kind: &'static str, data: Value) {
+    /// Queue a record (with a waiter, if given): committed by this worker's hub at
+    /// the end of its turn when there is one, else by the writer thread.
+    fn send(&self, kind: &'static str, data: Value, secrets: Vec<Secret>, done: Option<Durable>) {
         match &self.hub {
             Some(hub) => {
-                self.writer.record_deferred(kind, data);
+                self.writer.submit(kind, data, secrets, done, Commit::Caller);
                 hub.request_commit();
             }
-            None => self.writer.record(kind, data),
-        }
-    }
-
-    /// Queue a record with encrypted parts nobody waits for.
-    fn emit_sealed(&self, kind: &'static str, data: Value, secrets: Vec<Secret>) {
-        match &self.hub {
-            Some(hub) => {
-                self.writer.record_sealed_deferred(kind, data, secrets);
-                hub.request_commit();
-            }
-            None => self.writer.record_sealed(kind, data, secrets),
+            None => self.writer.submit(kind, data, secrets, done, Commit::Writer),
         }
     }
 
@@ -218,7 +208,7 @@ impl Tap {
                 let stmt = self.take_stmt();
                 let mut data = self.statement_data(stmt, protocol, sql, name, None, Some(d), None);
                 data["outcome"] = Value::from("blocked");
-                self.emit(kind::STATEMENT, data);
+                self.send(kind::STATEMENT, data, Vec::new(), None);
             }
             _ => match name {
                 Some(n) => {
@@ -245,7 +235,7 @@ impl Tap {
                 let stmt = self.take_stmt();
                 let mut data = self.statement_data(stmt, protocol, sql, name, None, Some(d), Some(approval));
                 data["outcome"] = Value::from(if matches!(o, Outcome::Denied { .. }) { "denied" } else { "not_approved_in_time" });
-                self.emit(kind::STATEMENT, data);
+                self.send(kind::STATEMENT, data, Vec::new(), None);
                 if name.is_some() {
                     self.prepared.remove(name.unwrap_or_default());
                 } else {
@@ -352,7 +342,7 @@ impl Tap {
             }
         }
         let slot = super::durable::Slot::new();
-        slot.record(&self.writer, kind::STATEMENT, data, secrets);
+        self.send(kind::STATEMENT, data, secrets, Some(slot.durable()));
         self.durable = Some(slot);
         self.statements += 1;
         self.running.push_back(Running::new(stmt));
@@ -390,7 +380,7 @@ impl Tap {
         } else if let Some(o) = data.as_object_mut() {
             o.insert("raw_sha256".into(), Value::from(raw_sha));
         }
-        self.emit_sealed(kind::STATEMENT_END, data, secrets);
+        self.send(kind::STATEMENT_END, data, secrets, None);
     }
 
     fn end(&mut self, how: &str, stats: Value) {

@@ -16,7 +16,7 @@
 //!
 //! Knows nothing about what the record says: only "done, with this result".
 
-use crate::audit::writer::{Durable, Handle, Secret};
+use crate::audit::writer::Handle;
 
 use std::{
     cell::RefCell,
@@ -116,25 +116,17 @@ impl Slot {
         Self { state: Arc::default(), hub: HUB.with(|h| h.borrow().clone()) }
     }
 
-    /// Queue `data` as a durable record completing this slot: committed by this
-    /// thread's hub when it has one, else by the writer thread.
-    pub fn record(&self, writer: &Handle, kind: &'static str, data: serde_json::Value, secrets: Vec<Secret>) {
-        let done = self.completer();
-        let done: Durable = Box::new(move |r| done.complete(r));
-        match self.hub.as_ref().filter(|h| h.audit.is_some()) {
-            Some(hub) => {
-                writer.record_durable_deferred(kind, data, secrets, done);
-                hub.commit.notify_one();
-            }
-            None => writer.record_durable(kind, data, secrets, done),
-        }
-    }
-
     /// What the writer completes the slot with. Dropped without an answer (the
     /// writer went away), it answers that the writer stopped: a waiting session is
     /// never left hanging.
     pub fn completer(&self) -> Completer {
         Completer(Some(self.clone()))
+    }
+
+    /// [`Slot::completer`] as the writer's callback.
+    pub fn durable(&self) -> crate::audit::writer::Durable {
+        let done = self.completer();
+        Box::new(move |r| done.complete(r))
     }
 
     fn complete(&self, outcome: Outcome) {
