@@ -10,6 +10,7 @@
 
 mod bench;
 mod demo;
+mod gen;
 mod setup;
 
 use std::{
@@ -41,6 +42,9 @@ enum Cmd {
     },
     /// Run the demo: local PostgreSQL with synthetic patients, the agent, a protected psql.
     Demo,
+    /// Regenerate `phigate-agent/src/sql/schema.rs` from pg_query's .proto (after
+    /// upgrading pg_query).
+    GenSqlSchema,
     /// Run a benchmark: `redirect`.
     Bench {
         /// Which benchmark.
@@ -56,6 +60,7 @@ fn main() {
         Cmd::Test { args } => test(&args),
         Cmd::Demo => demo::run(),
         Cmd::Bench { name } => bench::run(&name),
+        Cmd::GenSqlSchema => gen::run(),
     };
     if let Err(e) = result {
         eprintln!("xtask: error: {e:#}");
