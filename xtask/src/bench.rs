@@ -334,6 +334,28 @@ fn start_pgbouncer(dir: &Path, upstream_port: u16) -> Result<(Bouncer, u16)> {
     Ok((bouncer, port))
 }
 
+/// An agent protecting its own cgroup's `protected` child, for `bench pg`.
+struct BenchAgent {
+    // Declared before `cg`: the agent stops (and detaches) before its cgroup goes.
+    agent: Agent,
+    cg: TestCgroup,
+    dir: std::path::PathBuf,
+}
+
+impl BenchAgent {
+    /// `agent_extra`: `[agent]` settings; `extra`: further config sections.
+    fn start(db: &DbSpec, agent_extra: &str, extra: &str) -> Result<Self> {
+        let cg = TestCgroup::new();
+        let protected = cg.child("protected");
+        let mut cfg = AgentConfig::new(&cg).database(db.clone()).protect(&protected, "bench-client");
+        cfg.agent_extra = agent_extra.to_string();
+        cfg.extra = extra.to_string();
+        let agent = Agent::start(&cfg)?;
+        let dir = cg.child_dir("protected");
+        Ok(Self { agent, cg, dir })
+    }
+}
+
 /// pgbench select-only through direct PostgreSQL, PgBouncer (session mode) and phigate.
 fn pg() -> Result<()> {
     if let Some(reason) = phigate_tests::env::missing_capability() {
@@ -349,40 +371,30 @@ fn pg() -> Result<()> {
     if !init.status.success() {
         bail!("pgbench -i failed: {}", String::from_utf8_lossy(&init.stderr));
     }
-    let cg = TestCgroup::new();
-    cg.child("direct");
-    let prot = cg.child("protected");
-    let cfg = AgentConfig::new(&cg).database(DbSpec::new("bench", &["127.0.0.2/32"], server.port(), server.socket_addr())).protect(&prot, "bench-client");
-    let mut cfg = cfg;
-    if let Ok(w) = std::env::var("PHIGATE_BENCH_WORKERS") {
-        cfg.agent_extra = format!("workers = {w}\n");
-    }
-    let agent = Agent::start(&cfg)?;
-    // Without the SQL policy stage and without the audit log, to price the policy
-    // alone against the "no audit" agent below: with the audit on in both, each
-    // statement waits for a disk flush and the group-commit cycle's run-to-run spread
-    // (±15% here) is larger than the policy's cost (under 1 µs per cached statement).
-    let cg_off = TestCgroup::new();
-    let prot_off = cg_off.child("protected");
-    let mut cfg_off =
-        AgentConfig::new(&cg_off).database(DbSpec::new("bench", &["127.0.0.2/32"], server.port(), server.socket_addr())).protect(&prot_off, "bench-client");
-    cfg_off.extra = "[policy]\nenabled = false\n[audit]\nenabled = false\n".into();
-    cfg_off.agent_extra = cfg.agent_extra.clone();
-    let agent_off = Agent::start(&cfg_off)?;
-    let off_dir = cg_off.child_dir("protected");
-    // And without the audit log, to price the audit alone.
-    let cg_na = TestCgroup::new();
-    let prot_na = cg_na.child("protected");
-    let mut cfg_na =
-        AgentConfig::new(&cg_na).database(DbSpec::new("bench", &["127.0.0.2/32"], server.port(), server.socket_addr())).protect(&prot_na, "bench-client");
-    cfg_na.extra = "[audit]\nenabled = false\n".into();
-    cfg_na.agent_extra = cfg.agent_extra.clone();
-    let agent_na = Agent::start(&cfg_na)?;
-    let na_dir = cg_na.child_dir("protected");
+    let workers = std::env::var("PHIGATE_BENCH_WORKERS").map(|w| format!("workers = {w}\n")).unwrap_or_default();
+    let db = DbSpec::new("bench", &["127.0.0.2/32"], server.port(), server.socket_addr());
+    // phigate with its defaults; without the audit log, to price the audit alone; and
+    // without the audit log and the SQL policy stage, to price the policy alone
+    // against the one before: with the audit on in both, each statement waits for a
+    // disk flush and the group-commit cycle's run-to-run spread (±15% here) is larger
+    // than the policy's cost (under 1 µs per cached statement).
+    let phigate = BenchAgent::start(&db, &workers, "")?;
+    let no_audit = BenchAgent::start(&db, &workers, "[audit]\nenabled = false\n")?;
+    let no_audit_policy = BenchAgent::start(&db, &workers, "[policy]\nenabled = false\n[audit]\nenabled = false\n")?;
+    phigate.cg.child("direct");
+    let direct_dir = phigate.cg.child_dir("direct");
     let tmp = std::env::temp_dir().join(phigate_tests::unique("phigate-bench-pgbouncer"));
     std::fs::create_dir_all(&tmp)?;
     let (bouncer, bouncer_port) = start_pgbouncer(&tmp, server.port())?;
-    let (direct_dir, prot_dir) = (cg.child_dir("direct"), cg.child_dir("protected"));
+    // In the order of the table's columns: (cgroup, address, port, database, process
+    // whose CPU time is measured).
+    let targets: [(&Path, &str, u16, &str, Option<u32>); 5] = [
+        (&direct_dir, "127.0.0.2", server.port(), "postgres", None),
+        (&direct_dir, "127.0.0.4", bouncer_port, "bench", Some(bouncer.0.id())),
+        (&phigate.dir, "127.0.0.2", server.port(), "postgres", phigate.agent.pid()),
+        (&no_audit.dir, "127.0.0.2", server.port(), "postgres", no_audit.agent.pid()),
+        (&no_audit_policy.dir, "127.0.0.2", server.port(), "postgres", no_audit_policy.agent.pid()),
+    ];
 
     // PHIGATE_BENCH_MODES=prepared PHIGATE_BENCH_CLIENTS=1,8 narrow the run.
     let modes: Vec<String> =
@@ -395,45 +407,23 @@ fn pg() -> Result<()> {
             eprintln!(
                 "bench: -M {mode} -c {clients} ({reps} × {seconds} s each: direct, PgBouncer, phigate, phigate without audit, without audit and policy, in rotating order)"
             );
-            let (mut ds, mut bs, mut ps, mut os, mut ns) = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            let mut runs: [Vec<PgbenchResult>; 5] = Default::default();
             for rep in 0..reps {
                 // Each round starts one later in the list, so no configuration always
                 // runs right after the audit-on one (whose disk writes may still be
                 // settling) or first after a quiet spell.
-                for which in (0..5).map(|i| (i + rep) % 5) {
-                    match which {
-                        0 => ds.push(pgbench(&direct_dir, "127.0.0.2", server.port(), "postgres", "postgres", mode, clients, seconds)?),
-                        1 => bs.push(measured(
-                            Some(bouncer.0.id()),
-                            || pgbench(&direct_dir, "127.0.0.4", bouncer_port, "postgres", "bench", mode, clients, seconds),
-                            seconds,
-                        )?),
-                        2 => ps.push(measured(
-                            agent.pid(),
-                            || pgbench(&prot_dir, "127.0.0.2", server.port(), "postgres", "postgres", mode, clients, seconds),
-                            seconds,
-                        )?),
-                        3 => ns.push(measured(
-                            agent_na.pid(),
-                            || pgbench(&na_dir, "127.0.0.2", server.port(), "postgres", "postgres", mode, clients, seconds),
-                            seconds,
-                        )?),
-                        _ => os.push(measured(
-                            agent_off.pid(),
-                            || pgbench(&off_dir, "127.0.0.2", server.port(), "postgres", "postgres", mode, clients, seconds),
-                            seconds,
-                        )?),
-                    }
+                for which in (0..targets.len()).map(|i| (i + rep) % targets.len()) {
+                    let (dir, host, port, db, pid) = targets[which];
+                    runs[which].push(measured(pid, || pgbench(dir, host, port, "postgres", db, mode, clients, seconds), seconds)?);
                 }
             }
-            rows.push((mode, clients, median(ds), median(bs), median(ps), median(os), median(ns)));
+            let [d, b, p, n, o] = runs.map(median);
+            rows.push((mode, clients, d, b, p, o, n));
         }
     }
-    let sessions = agent.events_named("session started").len();
+    let sessions = phigate.agent.events_named("session started").len();
     drop(bouncer);
-    drop(agent);
-    drop(agent_off);
-    drop(agent_na);
+    drop((phigate, no_audit, no_audit_policy));
     let _ = std::fs::remove_dir_all(&tmp);
 
     println!(

@@ -4,8 +4,9 @@
 //! phigate reads libpg_query's JSON parse output and re-encodes it as the protobuf the
 //! `pg_query` crate's types decode (see `phigate-agent/src/sql/json.rs` for why). That
 //! needs, per message, each field's JSON name, number and type — which only the .proto
-//! says. The table is generated, committed, and checked by the differential test in
-//! `sql::json`; run this again after upgrading pg_query.
+//! says. The table is generated, committed, and checked by the tests in `sql`
+//! (the JSON and protobuf paths give the same trees; the table's pg_query version is
+//! Cargo.lock's); run this again after upgrading pg_query.
 
 use std::{collections::BTreeMap, fmt::Write as _, process::Command};
 

@@ -8,9 +8,9 @@
 //! output of the same tree comes from hand-written output functions (≈ 9 µs), and its
 //! keys are exactly the .proto's JSON names (libpg_query generates both from one
 //! source). Re-encoding that JSON, driven by the generated field table
-//! ([`super::schema`]), gives byte-for-byte the tree the protobuf path gives — the
-//! differential test below holds the two paths equal on every statement of the policy
-//! and masking test suites.
+//! ([`super::schema`]), gives the tree the protobuf path gives (not the same bytes:
+//! lengths are padded varints) — the differential test in `sql` holds the two trees
+//! equal on every statement of the policy and masking test suites.
 //!
 //! Owns: the transcoding only. Anything unexpected (a key the table does not know, a
 //! value of the wrong JSON type) is an error, and `sql::parse` then takes the protobuf

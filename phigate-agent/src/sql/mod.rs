@@ -73,7 +73,20 @@ pub struct ParseError(pub String);
 /// Parse `sql` with PostgreSQL's grammar (the standard top-level mode).
 pub fn parse(sql: &str) -> Result<ParseResult, ParseError> {
     let input = CString::new(sql).map_err(|_| ParseError("the statement contains a NUL byte".into()))?;
-    let mut encoded = Vec::with_capacity(sql.len() * 4 + 64);
+    match parse_json(&input)? {
+        Ok(tree) => Ok(tree),
+        // Not logged: the reason may quote a literal of the statement (PHI).
+        Err(_) => {
+            tracing::debug!("sql: the JSON parse output did not match the field table; using the protobuf output");
+            parse_protobuf(&input)
+        }
+    }
+}
+
+/// The tree through libpg_query's JSON output ([`json`]). The outer error is the
+/// parser's; the inner one says why the JSON could not be re-encoded or decoded.
+fn parse_json(input: &CStr) -> Result<Result<ParseResult, String>, ParseError> {
+    let mut encoded = Vec::with_capacity(input.count_bytes() * 4 + 64);
     // SAFETY: `input` is a valid NUL-terminated string that outlives the call. The
     // result is ours until `pg_query_free_parse_result`, called exactly once below
     // after every pointer in it has been read; `parse_tree` is a NUL-terminated JSON
@@ -83,20 +96,14 @@ pub fn parse(sql: &str) -> Result<ParseResult, ParseError> {
         let out = if !result.error.is_null() {
             Err(error_message(result.error))
         } else if result.parse_tree.is_null() {
-            Ok(false)
+            Ok(Err("libpg_query returned no tree".to_string()))
         } else {
-            Ok(json::transcode(CStr::from_ptr(result.parse_tree).to_bytes(), &mut encoded).is_ok())
+            Ok(json::transcode(CStr::from_ptr(result.parse_tree).to_bytes(), &mut encoded).map_err(|e| e.to_string()))
         };
         pg_query_free_parse_result(result);
         out?
     };
-    if transcoded {
-        if let Ok(tree) = ParseResult::decode(encoded.as_slice()) {
-            return Ok(tree);
-        }
-    }
-    tracing::debug!("sql: the JSON parse output did not match the field table; using the protobuf output");
-    parse_protobuf(&input)
+    Ok(transcoded.and_then(|()| ParseResult::decode(encoded.as_slice()).map_err(|e| e.to_string())))
 }
 
 /// PostgreSQL's message from a libpg_query error.
@@ -235,17 +242,7 @@ mod tests {
         for sql in &corpus {
             let input = CString::new(sql.as_str()).expect("no NUL");
             let expected = parse_protobuf(&input).unwrap_or_else(|e| panic!("{sql}: {e}"));
-            // SAFETY: as in `parse`.
-            let json = unsafe {
-                let r = pg_query_parse_opts(input.as_ptr(), 0);
-                assert!(r.error.is_null(), "{sql}");
-                let text = CStr::from_ptr(r.parse_tree).to_bytes().to_vec();
-                pg_query_free_parse_result(r);
-                text
-            };
-            let mut encoded = Vec::new();
-            json::transcode(&json, &mut encoded).unwrap_or_else(|e| panic!("{sql}: {e}"));
-            let got = ParseResult::decode(encoded.as_slice()).unwrap_or_else(|e| panic!("{sql}: {e}"));
+            let got = parse_json(&input).unwrap_or_else(|e| panic!("{sql}: {e}")).unwrap_or_else(|e| panic!("{sql}: {e}"));
             assert_eq!(got, expected, "{sql}");
         }
     }
