@@ -164,14 +164,22 @@ impl PeriodKeys {
     }
 }
 
+const ALG: &str = "xchacha20poly1305";
+
 fn seal_with(key: &[u8; 32], period: &str, context: &str, plain: &[u8]) -> Result<Value, KeyError> {
+    let (nonce, ct) = encrypt(key, period, context, plain)?;
+    Ok(json!({"alg": ALG, "period": period, "nonce": B64.encode(nonce), "ct": B64.encode(ct)}))
+}
+
+/// Encrypt `plain` bound to `context`: (nonce, ciphertext).
+fn encrypt(key: &[u8; 32], period: &str, context: &str, plain: &[u8]) -> Result<([u8; 24], Vec<u8>), KeyError> {
     let cipher = XChaCha20Poly1305::new(key.into());
     // 192-bit random nonces from the thread's CSPRNG (ChaCha, seeded and reseeded
     // from the OS): no system call per sealed record, and no realistic collision.
     let mut nonce = [0u8; 24];
     rand::thread_rng().fill_bytes(&mut nonce);
     let ct = cipher.encrypt(XNonce::from_slice(&nonce), Payload { msg: plain, aad: context.as_bytes() }).map_err(|_| KeyError::Decrypt(period.to_string()))?;
-    Ok(json!({"alg": "xchacha20poly1305", "period": period, "nonce": B64.encode(nonce), "ct": B64.encode(ct)}))
+    Ok((nonce, ct))
 }
 
 /// Period keys for sealing, with the current period's key held in memory so that
@@ -195,7 +203,21 @@ impl SealingKeys {
 
     /// [`PeriodKeys::seal`], with the key of the current period cached.
     pub fn seal(&self, period: &str, context: &str, plain: &[u8]) -> Result<Value, KeyError> {
-        let key = {
+        seal_with(&self.key(period)?, period, context, plain)
+    }
+
+    /// [`SealingKeys::seal`] of the current period, as canonical JSON text (the same
+    /// bytes as the sealed object's canonical form).
+    pub fn seal_canonical(&self, context: &str, plain: &[u8]) -> Result<String, KeyError> {
+        let period = current_period();
+        let (nonce, ct) = encrypt(&self.key(&period)?, &period, context, plain)?;
+        Ok(super::record::object(|o| {
+            o.str("alg", ALG).str("ct", &B64.encode(ct)).str("nonce", &B64.encode(nonce)).str("period", &period);
+        }))
+    }
+
+    fn key(&self, period: &str) -> Result<[u8; 32], KeyError> {
+        Ok({
             let mut current = self.current.lock().expect("invariant: lock not poisoned");
             match &*current {
                 Some((p, k)) if p == period => *k,
@@ -205,8 +227,7 @@ impl SealingKeys {
                     k
                 }
             }
-        };
-        seal_with(&key, period, context, plain)
+        })
     }
 }
 

@@ -93,6 +93,130 @@ fn scalar<T: serde::Serialize + ?Sized>(x: &T, out: &mut Vec<u8>) {
     serde_json::to_writer(out, x).expect("invariant: writing JSON to memory cannot fail");
 }
 
+/// One JSON object written straight in canonical form, for the records every
+/// statement produces: no map, no string per key or value on the way. Keys must come
+/// in sorted (byte) order — debug builds check it, and the tests compare each record
+/// built this way with [`canonical`] of the same record built as a `Value`.
+pub struct Obj<'a> {
+    out: &'a mut Vec<u8>,
+    empty: bool,
+    #[cfg(debug_assertions)]
+    last: &'static str,
+}
+
+impl<'a> Obj<'a> {
+    /// Start an object at the end of `out`.
+    pub fn new(out: &'a mut Vec<u8>) -> Self {
+        out.push(b'{');
+        Self {
+            out,
+            empty: true,
+            #[cfg(debug_assertions)]
+            last: "",
+        }
+    }
+
+    fn key(&mut self, k: &'static str) -> &mut Vec<u8> {
+        #[cfg(debug_assertions)]
+        {
+            debug_assert!(self.empty || self.last < k, "keys out of canonical order: {:?} after {:?}", k, self.last);
+            self.last = k;
+        }
+        if !self.empty {
+            self.out.push(b',');
+        }
+        self.empty = false;
+        scalar(k, self.out);
+        self.out.push(b':');
+        self.out
+    }
+
+    pub fn str(&mut self, k: &'static str, v: &str) -> &mut Self {
+        let out = self.key(k);
+        scalar(v, out);
+        self
+    }
+
+    /// A string, or `null`.
+    pub fn opt_str(&mut self, k: &'static str, v: Option<&str>) -> &mut Self {
+        let out = self.key(k);
+        match v {
+            Some(v) => scalar(v, out),
+            None => out.extend_from_slice(b"null"),
+        }
+        self
+    }
+
+    pub fn u64(&mut self, k: &'static str, v: u64) -> &mut Self {
+        use std::io::Write as _;
+        let out = self.key(k);
+        let _ = write!(out, "{v}");
+        self
+    }
+
+    pub fn i64(&mut self, k: &'static str, v: i64) -> &mut Self {
+        use std::io::Write as _;
+        let out = self.key(k);
+        let _ = write!(out, "{v}");
+        self
+    }
+
+    pub fn bool(&mut self, k: &'static str, v: bool) -> &mut Self {
+        let out = self.key(k);
+        out.extend_from_slice(if v { b"true" } else { b"false" });
+        self
+    }
+
+    /// Any value (in canonical form), or `null`.
+    pub fn value(&mut self, k: &'static str, v: Option<&Value>) -> &mut Self {
+        let out = self.key(k);
+        match v {
+            Some(v) => write_canonical(v, out),
+            None => out.extend_from_slice(b"null"),
+        }
+        self
+    }
+
+    /// JSON already in canonical form, or `null`.
+    pub fn raw(&mut self, k: &'static str, canonical_json: Option<&str>) -> &mut Self {
+        let out = self.key(k);
+        out.extend_from_slice(canonical_json.unwrap_or("null").as_bytes());
+        self
+    }
+
+    /// An array of strings.
+    pub fn strs<S: AsRef<str>>(&mut self, k: &'static str, v: &[S]) -> &mut Self {
+        let out = self.key(k);
+        out.push(b'[');
+        for (i, x) in v.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            scalar(x.as_ref(), out);
+        }
+        out.push(b']');
+        self
+    }
+
+    /// A nested object under `k`: fill it, then [`Obj::end`] it.
+    pub fn obj(&mut self, k: &'static str) -> Obj<'_> {
+        Obj::new(self.key(k))
+    }
+
+    pub fn end(self) {
+        self.out.push(b'}');
+    }
+}
+
+/// Build one canonical object into a new string.
+pub fn object(build: impl FnOnce(&mut Obj<'_>)) -> String {
+    let mut out = Vec::with_capacity(256);
+    let mut o = Obj::new(&mut out);
+    build(&mut o);
+    o.end();
+    String::from_utf8(out).expect("invariant: built from UTF-8 strings")
+}
+
 pub fn hex(bytes: &[u8]) -> String {
     const D: &[u8; 16] = b"0123456789abcdef";
     let mut s = String::with_capacity(bytes.len() * 2);

@@ -5,7 +5,8 @@
 //!
 //! Only what someone waits for wakes the writer: a statement record (its result is
 //! held until it is durable), a flush, a stop. Records nobody waits for (statement
-//! outcomes, session ends, bypass and lifecycle events) queue without waking it and go
+//! outcomes, session ends, bypass and lifecycle events) queue without waking it (but
+//! for the first of a run, which shortens the writer's sleep to [`LAZY_WITHIN`]) and go
 //! to the file with the next batch, or within [`LAZY_WITHIN`] when none comes: waking
 //! a sleeping thread costs two context switches, which on the 2-core build machine was
 //! a larger share of a statement's audit cost than the disk flush. They are synced
@@ -92,6 +93,11 @@ struct QueueState {
     lazy_since: Option<Instant>,
     /// The writer sleeps on the condition variable: an awaited entry must wake it.
     writer_asleep: bool,
+    /// How many awaited entries must be queued before a sender wakes the writer: 1,
+    /// or while it gathers a batch, as many as it waits for — not one wake-up (two
+    /// thread switches) per arriving record. Measured at pgbench -c 8: the writer's
+    /// context switches 10.3k → 5.7k/s, its CPU 28% → 21% of a core.
+    wake_at: usize,
     /// Every handle is gone: the writer seals and stops.
     senders_gone: bool,
     /// The writer has stopped: entries are refused at once.
@@ -119,14 +125,17 @@ impl Queue {
             e.refuse();
             return;
         }
+        // The first record nobody waits for wakes the writer too, so that its sleep
+        // ends in time to write it within LAZY_WITHIN.
+        let first_lazy = !e.awaited() && q.lazy_since.is_none();
         if e.awaited() {
             q.awaited += 1;
-        } else if q.lazy_since.is_none() {
+        } else if first_lazy {
             q.lazy_since = Some(Instant::now());
         }
         q.entries.push(e);
-        if wake {
-            self.wake_writer(&mut q);
+        if wake && (first_lazy || q.awaited >= q.wake_at) {
+            Self::wake(&self.wake, &mut q);
         }
     }
 
@@ -137,11 +146,17 @@ impl Queue {
         q.lazy_since = None;
     }
 
-    /// Wake the writer thread if it sleeps (it looks at the queue again).
+    /// Wake the writer thread if it sleeps and enough is queued for it.
     fn wake_writer(&self, q: &mut QueueState) {
+        if q.awaited >= q.wake_at {
+            Self::wake(&self.wake, q);
+        }
+    }
+
+    fn wake(cv: &Condvar, q: &mut QueueState) {
         if q.writer_asleep {
             q.writer_asleep = false;
-            self.wake.notify_one();
+            cv.notify_one();
         }
     }
 }
@@ -254,7 +269,14 @@ impl Handle {
     /// is not woken: a worker that commits its sessions' records once per turn saves
     /// the two thread switches per statement a hand-off costs.
     pub fn submit(&self, kind: &'static str, data: Value, secrets: Vec<Secret>, done: Option<Durable>, commit: Commit) {
-        match self.prepare(data, secrets) {
+        self.submit_canonical(kind, self.prepare(data, secrets), done, commit);
+    }
+
+    /// [`Handle::submit`] for data already in canonical form (built with
+    /// [`super::record::Obj`]), or the reason it could not be built (its waiter hears
+    /// it; nothing is written).
+    pub fn submit_canonical(&self, kind: &'static str, data: Result<String, String>, done: Option<Durable>, commit: Commit) {
+        match data {
             Ok(data) => self.senders.0.queue.push(Entry::Record { kind, data, done }, commit == Commit::Writer),
             Err(why) => {
                 if let Some(d) = done {
@@ -262,6 +284,15 @@ impl Handle {
                 }
             }
         }
+    }
+
+    /// Seal raw data with the current period's key, as canonical JSON for a record's
+    /// field. Fail closed: the error is the reason to give the statement's waiter.
+    pub fn seal_canonical(&self, context: &str, plain: &[u8]) -> Result<String, String> {
+        self.keys.seal_canonical(context, plain).map_err(|err| {
+            tracing::error!(error = %err, "audit: a record's raw data could not be encrypted; its statement is refused");
+            format!("cannot encrypt the record's raw data: {err}")
+        })
     }
 
     /// Write, on the calling thread, everything queued, and make it durable if someone
@@ -349,6 +380,7 @@ fn take(queue: &Queue, wait: Duration, spare: &mut Vec<Entry>) -> bool {
         }
         let until = lazy_due.map_or(deadline, |t| t.min(deadline));
         q.writer_asleep = true;
+        q.wake_at = 1;
         q = queue.wake.wait_timeout(q, until - now).expect("invariant: lock not poisoned").0;
         q.writer_asleep = false;
     }
@@ -364,6 +396,7 @@ fn gather(queue: &Queue, want: usize, have: usize, entries: &mut Vec<Entry>) {
     while have + q.awaited < want && entries.len() + q.entries.len() < MAX_BATCH {
         let Some(left) = until.checked_duration_since(Instant::now()) else { break };
         q.writer_asleep = true;
+        q.wake_at = want - have;
         let (g, timeout) = queue.wake.wait_timeout(q, left).expect("invariant: lock not poisoned");
         q = g;
         q.writer_asleep = false;
@@ -371,6 +404,7 @@ fn gather(queue: &Queue, want: usize, have: usize, entries: &mut Vec<Entry>) {
             break;
         }
     }
+    q.wake_at = 1;
     Queue::drain(&mut q, entries);
 }
 

@@ -31,8 +31,8 @@ use super::{
 };
 use crate::{
     audit::{
-        record::{hex, kind},
-        writer::{Commit, Durable, Handle, Secret},
+        record::{canonical, hex, kind, object},
+        writer::{Commit, Durable, Handle},
     },
     mask::Summary,
     pg::{
@@ -67,10 +67,6 @@ pub fn session_data(s: &Session, audit_id: &str) -> Value {
     })
 }
 
-fn decision_json(d: &Decision) -> Value {
-    json!({"verdict": d.verdict.to_string(), "rule": d.rule, "reason": d.reason})
-}
-
 fn outcome_json(o: &Outcome, id: u64) -> Value {
     let mut v = serde_json::to_value(o).unwrap_or(Value::Null);
     if let Some(m) = v.as_object_mut() {
@@ -79,13 +75,62 @@ fn outcome_json(o: &Outcome, id: u64) -> Value {
     v
 }
 
+/// A statement record's data in canonical form. `params`: how many parameters were
+/// bound and, sealed, their values (when there were any).
+fn statement_record(audit_id: &str, f: &StatementFacts<'_>, outcome: &str, params: Option<(usize, Option<&str>)>) -> String {
+    object(|o| {
+        o.value("approval", f.approval);
+        {
+            let mut d = o.obj("decision");
+            match f.decision {
+                Some(x) => d.str("reason", &x.reason).str("rule", &x.rule).str("verdict", verdict_name(x.verdict)),
+                None => d.str("reason", "the SQL policy is disabled").str("rule", "policy-disabled").str("verdict", "unchecked"),
+            };
+            d.end();
+        }
+        o.str("outcome", outcome);
+        if let Some((count, sealed)) = params {
+            o.u64("param_count", count as u64);
+            if let Some(sealed) = sealed {
+                o.raw("params", Some(sealed));
+            }
+        }
+        o.opt_str("portal", f.portal).str("protocol", f.protocol).str("session", audit_id).opt_str("statement_name", f.name).u64("stmt", f.stmt).str("text", f.sql);
+    })
+}
+
+/// A statement's end record in canonical form: outcome, masking summary, the result
+/// as delivered, and the raw result sealed (`sealed`) or, when masking left it
+/// alone, its hash.
+fn statement_end_record(audit_id: &str, r: &Running, duration_us: u64, masking: Option<&Value>, sealed: Option<&str>, delivered_sha: &str, raw_sha: &str) -> String {
+    object(|o| {
+        // Integers only in records: JSON floats do not round-trip exactly, and the
+        // hash is over the canonical text.
+        o.u64("bytes", r.bytes).opt_str("command", r.command.as_deref()).u64("duration_us", duration_us).value("error", r.error.as_ref()).value("masking", masking);
+        if sealed.is_some() {
+            o.raw("raw", sealed);
+        }
+        o.bool("raw_differs", r.raw_differs);
+        if sealed.is_none() {
+            o.str("raw_sha256", raw_sha);
+        }
+        {
+            let mut res = o.obj("result");
+            res.raw("columns", r.columns.as_deref()).strs("rows", &r.delivered).str("sha256", delivered_sha).bool("truncated", r.truncated);
+            res.end();
+        }
+        o.u64("rows", r.rows).str("session", audit_id).u64("stmt", r.stmt);
+    })
+}
+
 /// One statement on its way through the database.
 struct Running {
     stmt: u64,
     started: Instant,
     rows: u64,
     bytes: u64,
-    columns: Option<Value>,
+    /// The RowDescription as canonical JSON: `[{"format":…,"name":…,"type":…}]`.
+    columns: Option<String>,
     command: Option<String>,
     error: Option<Value>,
     delivered: Vec<String>,
@@ -123,7 +168,27 @@ impl Running {
 }
 
 /// A prepared statement as the audit sees it: text, decision, approval.
-type PreparedStatement = (Arc<str>, Option<Decision>, Option<Value>);
+type PreparedStatement = Arc<(Arc<str>, Option<Decision>, Option<Value>)>;
+
+/// What a statement record says besides its outcome and parameters.
+struct StatementFacts<'a> {
+    stmt: u64,
+    protocol: &'a str,
+    sql: &'a str,
+    name: Option<&'a str>,
+    portal: Option<&'a str>,
+    decision: Option<&'a Decision>,
+    approval: Option<&'a Value>,
+}
+
+/// The verdict as records spell it (`Verdict`'s `Display`, without formatting).
+fn verdict_name(v: Verdict) -> &'static str {
+    match v {
+        Verdict::Allow => "allow",
+        Verdict::Approve => "approve",
+        Verdict::Block => "block",
+    }
+}
 
 /// What the stages tell the audit about one session.
 pub struct Tap {
@@ -140,7 +205,7 @@ pub struct Tap {
     /// Prepared statements: name → (text, decision).
     prepared: HashMap<String, PreparedStatement>,
     /// Portals: name → (statement name, bound parameters).
-    portals: HashMap<String, (String, Vec<u8>, usize)>,
+    portals: HashMap<String, Arc<(String, Vec<u8>, usize)>>,
     /// An approval the policy is waiting for: (id, requested_at).
     held: Option<u64>,
     /// The durability of the latest statement record; results wait for it.
@@ -179,19 +244,24 @@ impl Tap {
             statements: 0,
             rows: 0,
         };
-        tap.send(kind::SESSION_START, session_data(session, &tap.audit_id), Vec::new(), None);
+        tap.send(kind::SESSION_START, session_data(session, &tap.audit_id), None);
         Arc::new(Mutex::new(tap))
     }
 
     /// Queue a record (with a waiter, if given): committed by this worker's hub at
     /// the end of its turn when there is one, else by the writer thread.
-    fn send(&self, kind: &'static str, data: Value, secrets: Vec<Secret>, done: Option<Durable>) {
+    fn send(&self, kind: &'static str, data: Value, done: Option<Durable>) {
+        self.send_canonical(kind, Ok(canonical(&data)), done);
+    }
+
+    /// [`Tap::send`] for a record built in canonical form (or why it could not be).
+    fn send_canonical(&self, kind: &'static str, data: Result<String, String>, done: Option<Durable>) {
         match &self.hub {
             Some(hub) => {
-                self.writer.submit(kind, data, secrets, done, Commit::Caller);
+                self.writer.submit_canonical(kind, data, done, Commit::Caller);
                 hub.request_commit();
             }
-            None => self.writer.submit(kind, data, secrets, done, Commit::Writer),
+            None => self.writer.submit_canonical(kind, data, done, Commit::Writer),
         }
     }
 
@@ -206,13 +276,12 @@ impl Tap {
         match d.verdict {
             Verdict::Block => {
                 let stmt = self.take_stmt();
-                let mut data = self.statement_data(stmt, protocol, sql, name, None, Some(d), None);
-                data["outcome"] = Value::from("blocked");
-                self.send(kind::STATEMENT, data, Vec::new(), None);
+                let data = statement_record(&self.audit_id, &StatementFacts { stmt, protocol, sql, name, portal: None, decision: Some(d), approval: None }, "blocked", None);
+                self.send_canonical(kind::STATEMENT, Ok(data), None);
             }
             _ => match name {
                 Some(n) => {
-                    self.prepared.insert(n.to_string(), (Arc::from(sql), Some(d.clone()), None));
+                    self.prepared.insert(n.to_string(), Arc::new((Arc::from(sql), Some(d.clone()), None)));
                 }
                 None => self.pending_simple = Some((d.clone(), None)),
             },
@@ -233,9 +302,9 @@ impl Tap {
             Outcome::Approved { .. } => self.attach_approval(name, approval),
             _ => {
                 let stmt = self.take_stmt();
-                let mut data = self.statement_data(stmt, protocol, sql, name, None, Some(d), Some(approval));
-                data["outcome"] = Value::from(if matches!(o, Outcome::Denied { .. }) { "denied" } else { "not_approved_in_time" });
-                self.send(kind::STATEMENT, data, Vec::new(), None);
+                let outcome = if matches!(o, Outcome::Denied { .. }) { "denied" } else { "not_approved_in_time" };
+                let data = statement_record(&self.audit_id, &StatementFacts { stmt, protocol, sql, name, portal: None, decision: Some(d), approval: Some(&approval) }, outcome, None);
+                self.send_canonical(kind::STATEMENT, Ok(data), None);
                 if name.is_some() {
                     self.prepared.remove(name.unwrap_or_default());
                 } else {
@@ -255,7 +324,7 @@ impl Tap {
         match name {
             Some(n) => {
                 if let Some(p) = self.prepared.get_mut(n) {
-                    p.2 = Some(approval);
+                    Arc::make_mut(p).2 = Some(approval);
                 }
             }
             None => {
@@ -296,29 +365,6 @@ impl Tap {
         }
     }
 
-    #[allow(clippy::too_many_arguments, reason = "a statement record is these facts")]
-    fn statement_data(
-        &self,
-        stmt: u64,
-        protocol: &str,
-        sql: &str,
-        name: Option<&str>,
-        portal: Option<&str>,
-        d: Option<&Decision>,
-        approval: Option<Value>,
-    ) -> Value {
-        json!({
-            "session": self.audit_id,
-            "stmt": stmt,
-            "protocol": protocol,
-            "text": sql,
-            "statement_name": name,
-            "portal": portal,
-            "decision": d.map(decision_json).unwrap_or_else(|| json!({"verdict": "unchecked", "rule": "policy-disabled", "reason": "the SQL policy is disabled"})),
-            "approval": approval,
-        })
-    }
-
     /// A statement goes to the database: record it; its answer waits for the record.
     #[allow(clippy::too_many_arguments, reason = "the facts of one statement record; a struct would only rename them")]
     fn start(
@@ -327,29 +373,29 @@ impl Tap {
         sql: &str,
         name: Option<&str>,
         portal: Option<&str>,
-        d: Option<Decision>,
-        approval: Option<Value>,
-        params: Option<(Vec<u8>, usize)>,
+        decision: Option<&Decision>,
+        approval: Option<&Value>,
+        params: Option<(&[u8], usize)>,
     ) {
         let stmt = self.take_stmt();
-        let mut data = self.statement_data(stmt, protocol, sql, name, portal, d.as_ref(), approval);
-        data["outcome"] = Value::from("sent");
-        let mut secrets = Vec::new();
-        if let Some((p, count)) = params {
-            data["param_count"] = Value::from(count);
-            if count > 0 {
-                secrets.push(Secret { context: format!("{}:{stmt}:params", self.audit_id), field: "params", plain: p });
-            }
-        }
+        let facts = StatementFacts { stmt, protocol, sql, name, portal, decision, approval };
+        let data = match params {
+            Some((p, count)) if count > 0 => self
+                .writer
+                .seal_canonical(&format!("{}:{stmt}:params", self.audit_id), p)
+                .map(|sealed| statement_record(&self.audit_id, &facts, "sent", Some((count, Some(&sealed))))),
+            Some((_, count)) => Ok(statement_record(&self.audit_id, &facts, "sent", Some((count, None)))),
+            None => Ok(statement_record(&self.audit_id, &facts, "sent", None)),
+        };
         let slot = super::durable::Slot::new();
-        self.send(kind::STATEMENT, data, secrets, Some(slot.durable()));
+        self.send_canonical(kind::STATEMENT, data, Some(slot.durable()));
         self.durable = Some(slot);
         self.statements += 1;
         self.running.push_back(Running::new(stmt));
     }
 
     fn end_front(&mut self) {
-        let Some(r) = self.running.pop_front() else { return };
+        let Some(mut r) = self.running.pop_front() else { return };
         self.raw_pending = 0;
         self.rows += r.rows;
         let masking = r.masking.as_ref().map(|m| {
@@ -357,30 +403,24 @@ impl Tap {
             let by_kind: Map<String, Value> = crate::mask::kind_counts(&m.by_kind).into_iter().map(|(k, n)| (k.to_string(), Value::from(n))).collect();
             json!({"cells": m.cells_masked, "by_rule": by_rule, "by_kind": by_kind})
         });
-        let delivered_sha = hex(&r.delivered_hash.finalize());
-        let raw_sha = hex(&r.raw_hash.finalize());
-        let mut data = json!({
-            "session": self.audit_id,
-            "stmt": r.stmt,
-            "rows": r.rows,
-            "bytes": r.bytes,
-            // Integers only in records: JSON floats do not round-trip exactly, and
-            // the hash is over the canonical text.
-            "duration_us": r.started.elapsed().as_micros() as u64,
-            "command": r.command,
-            "error": r.error,
-            "masking": masking,
-            "result": {"columns": r.columns, "rows": r.delivered, "truncated": r.truncated, "sha256": delivered_sha},
-            "raw_differs": r.raw_differs,
+        let delivered_sha = hex(&std::mem::take(&mut r.delivered_hash).finalize());
+        let raw_sha = hex(&std::mem::take(&mut r.raw_hash).finalize());
+        // The raw result, sealed, when masking changed it (else its hash says it is the
+        // delivered one).
+        let raw = r.raw_differs.then(|| {
+            let plain = object(|o| {
+                o.strs("rows", &r.raw).str("sha256", &raw_sha);
+            });
+            self.writer.seal_canonical(&format!("{}:{}:raw", self.audit_id, r.stmt), plain.as_bytes())
         });
-        let mut secrets = Vec::new();
-        if r.raw_differs {
-            let raw = json!({"rows": r.raw, "sha256": raw_sha}).to_string().into_bytes();
-            secrets.push(Secret { context: format!("{}:{}:raw", self.audit_id, r.stmt), field: "raw", plain: raw });
-        } else if let Some(o) = data.as_object_mut() {
-            o.insert("raw_sha256".into(), Value::from(raw_sha));
-        }
-        self.send(kind::STATEMENT_END, data, secrets, None);
+        let sealed = match raw {
+            Some(Err(why)) => return self.send_canonical(kind::STATEMENT_END, Err(why), None),
+            Some(Ok(s)) => Some(s),
+            None => None,
+        };
+        let duration_us = r.started.elapsed().as_micros() as u64;
+        let data = statement_end_record(&self.audit_id, &r, duration_us, masking.as_ref(), sealed.as_deref(), &delivered_sha, &raw_sha);
+        self.send_canonical(kind::STATEMENT_END, Ok(data), None);
     }
 
     fn end(&mut self, how: &str, stats: Value) {
@@ -415,6 +455,32 @@ fn b64(b: &[u8]) -> String {
     B64.encode(b)
 }
 
+/// Bound parameter values as a JSON array of base64 strings (null for NULL): what
+/// the record seals as `params`.
+fn params_json(values: &[Option<&[u8]>]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(2 + values.iter().map(|v| v.map_or(4, |b| b.len().div_ceil(3) * 4 + 3)).sum::<usize>());
+    out.push(b'[');
+    for (i, v) in values.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        match v {
+            Some(b) => {
+                // Base64 needs no JSON escaping.
+                out.push(b'"');
+                let at = out.len();
+                out.resize(at + b.len().div_ceil(3) * 4, 0);
+                let n = B64.encode_slice(b, &mut out[at..]).expect("invariant: sized for the encoding");
+                out.truncate(at + n);
+                out.push(b'"');
+            }
+            None => out.extend_from_slice(b"null"),
+        }
+    }
+    out.push(b']');
+    out
+}
+
 impl Stage for AuditStage {
     fn name(&self) -> &'static str {
         "audit"
@@ -441,33 +507,31 @@ impl Stage for AuditStage {
         match frame.tag() {
             tag::QUERY => {
                 if let Request::Query(sql) = &req {
-                    let (d, approval) = match tap.pending_simple.take() {
-                        Some((d, a)) => (Some(d), a),
-                        None if self.policy_on => (None, None),
-                        None => (None, None),
-                    };
+                    let pending = tap.pending_simple.take();
+                    let (d, approval) = pending.as_ref().map_or((None, None), |(d, a)| (Some(d), a.as_ref()));
                     tap.start("simple", sql, None, None, d, approval, None);
                 }
             }
             tag::PARSE => {
                 if let Ok((name, sql)) = msg::parse_parse(frame.body()) {
                     if !self.policy_on {
-                        tap.prepared.insert(name.to_string(), (Arc::from(sql), None, None));
+                        tap.prepared.insert(name.to_string(), Arc::new((Arc::from(sql), None, None)));
                     }
                 }
             }
             tag::BIND => {
                 if let (Ok((portal, stmt, _)), Ok((_, values))) = (msg::parse_bind(frame.body()), msg::bind_parameters(frame.body())) {
                     let count = values.len();
-                    let params = json!(values.iter().map(|v| v.map(b64)).collect::<Vec<_>>()).to_string().into_bytes();
-                    tap.portals.insert(portal.to_string(), (stmt.to_string(), params, count));
+                    tap.portals.insert(portal.to_string(), Arc::new((stmt.to_string(), params_json(&values), count)));
                 }
             }
             tag::EXECUTE => {
                 if let Request::Execute { portal } = &req {
-                    let (stmt, params, count) = tap.portals.get(*portal).cloned().unwrap_or_default();
-                    let (sql, d, approval) = tap.prepared.get(&stmt).cloned().unwrap_or((Arc::from(""), None, None));
-                    tap.start("extended", &sql, Some(&stmt), Some(portal), d, approval, Some((params, count)));
+                    let bound = tap.portals.get(*portal).cloned().unwrap_or_default();
+                    let (stmt, params, count) = &*bound;
+                    let prepared = tap.prepared.get(stmt).cloned();
+                    let (sql, d, approval) = prepared.as_deref().map_or(("", None, None), |(sql, d, a)| (&**sql, d.as_ref(), a.as_ref()));
+                    tap.start("extended", sql, Some(stmt), Some(portal), d, approval, Some((params, *count)));
                 }
             }
             tag::CLOSE => {
@@ -533,7 +597,18 @@ impl Stage for AuditStage {
         match t {
             tag::ROW_DESCRIPTION => {
                 if let Ok(fields) = msg::parse_row_description(frame.body()) {
-                    r.columns = Some(json!(fields.iter().map(|f| json!({"name": f.name, "type": f.type_oid, "format": f.format})).collect::<Vec<_>>()));
+                    let mut out = Vec::with_capacity(2 + fields.len() * 40);
+                    out.push(b'[');
+                    for (i, f) in fields.iter().enumerate() {
+                        if i > 0 {
+                            out.push(b',');
+                        }
+                        let mut o = crate::audit::record::Obj::new(&mut out);
+                        o.i64("format", i64::from(f.format)).str("name", &f.name).u64("type", u64::from(f.type_oid));
+                        o.end();
+                    }
+                    out.push(b']');
+                    r.columns = String::from_utf8(out).ok();
                 }
             }
             tag::DATA_ROW | tag::COPY_DATA => {
@@ -590,5 +665,96 @@ impl Stage for AuditStage {
     fn closed(&mut self, _: &Session, how: &str, stats: &super::stage::Stats) {
         let stats = json!({"queries": stats.queries, "executes": stats.executes, "rows": stats.rows, "errors": stats.errors, "bytes_to_server": stats.bytes_to_server, "bytes_to_client": stats.bytes_to_client});
         self.tap.lock().expect("invariant: lock not poisoned").end(how, stats);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The records every statement writes are built straight in canonical form; each
+    //! must be byte-for-byte what `canonical` makes of the same record built as a
+    //! `Value` (the form `verify` recomputes hashes from).
+    use super::*;
+
+    fn decision(verdict: Verdict) -> Decision {
+        Decision { verdict, rule: "hipaa.\"no-ddl\"".into(), reason: "DDL changes the schema — é\n\u{1}".into() }
+    }
+
+    /// A statement's facts, its outcome, and its parameter count and sealed values.
+    type Case<'a> = (StatementFacts<'a>, &'a str, Option<(usize, Option<Value>)>);
+
+    fn statement_as_value(audit_id: &str, f: &StatementFacts<'_>, outcome: &str, params: Option<(usize, Option<Value>)>) -> Value {
+        let decision = match f.decision {
+            Some(d) => json!({"verdict": d.verdict.to_string(), "rule": d.rule, "reason": d.reason}),
+            None => json!({"verdict": "unchecked", "rule": "policy-disabled", "reason": "the SQL policy is disabled"}),
+        };
+        let mut v = json!({
+            "session": audit_id, "stmt": f.stmt, "protocol": f.protocol, "text": f.sql, "statement_name": f.name,
+            "portal": f.portal, "decision": decision, "approval": f.approval, "outcome": outcome,
+        });
+        if let Some((count, sealed)) = params {
+            v["param_count"] = Value::from(count);
+            if let Some(s) = sealed {
+                v["params"] = s;
+            }
+        }
+        v
+    }
+
+    #[test]
+    fn statement_records_are_canonical() {
+        let allow = decision(Verdict::Allow);
+        let block = decision(Verdict::Block);
+        let approval = json!({"outcome": "approved", "by": "dr \"who\"", "reason": "ok", "window_secs": null, "decided_at": 1, "id": 7});
+        let sealed = json!({"alg": "xchacha20poly1305", "ct": "AAAA", "nonce": "BBBB", "period": "2026-12-07"});
+        let sealed_text = canonical(&sealed);
+        let sql = "select \"ssn\" from patients where note = 'tab\there\u{7f}' -- é";
+        let cases: Vec<Case<'_>> = vec![
+            (StatementFacts { stmt: 1, protocol: "simple", sql, name: None, portal: None, decision: None, approval: None }, "sent", None),
+            (StatementFacts { stmt: 2, protocol: "simple", sql, name: None, portal: None, decision: Some(&block), approval: None }, "blocked", None),
+            (StatementFacts { stmt: 3, protocol: "extended", sql, name: Some("s1"), portal: None, decision: Some(&allow), approval: Some(&approval) }, "denied", None),
+            (StatementFacts { stmt: u64::MAX, protocol: "extended", sql: "", name: Some(""), portal: Some("p\"1"), decision: Some(&allow), approval: None }, "sent", Some((0, None))),
+            (StatementFacts { stmt: 5, protocol: "extended", sql, name: Some("P0_1"), portal: Some(""), decision: None, approval: Some(&approval) }, "sent", Some((3, Some(sealed.clone())))),
+        ];
+        for (facts, outcome, params) in cases {
+            let direct = statement_record("s-1", &facts, outcome, params.as_ref().map(|(c, s)| (*c, s.as_ref().map(|_| sealed_text.as_str()))));
+            assert_eq!(direct, canonical(&statement_as_value("s-1", &facts, outcome, params)), "statement {}", facts.stmt);
+        }
+    }
+
+    #[test]
+    fn statement_end_records_are_canonical() {
+        let mut r = Running::new(9);
+        r.rows = 2;
+        r.bytes = 123;
+        r.command = Some("SELECT 2".into());
+        r.columns = Some(r#"[{"format":0,"name":"ssn \"x\"","type":25},{"format":1,"name":"n","type":23}]"#.into());
+        r.delivered = vec!["AAEC".into(), "Aw==".into()];
+        r.truncated = true;
+        let masking = json!({"cells": 2, "by_rule": {"ssn": 2}, "by_kind": {}});
+        let error = json!({"code": "23505", "message": "duplicate key \"x\""});
+        for (sealed, masking, error, raw_differs) in [(None, None, None, false), (Some(json!({"alg": "a", "ct": "c", "nonce": "n", "period": "p"})), Some(&masking), Some(&error), true)] {
+            r.raw_differs = raw_differs;
+            r.error = error.cloned();
+            let sealed_text = sealed.as_ref().map(canonical);
+            let direct = statement_end_record("s-2", &r, 42, masking, sealed_text.as_deref(), "dd", "rr");
+            let columns: Value = serde_json::from_str(r.columns.as_deref().unwrap()).unwrap();
+            let mut v = json!({
+                "session": "s-2", "stmt": 9, "rows": 2, "bytes": 123, "duration_us": 42, "command": r.command, "error": r.error,
+                "masking": masking, "result": {"columns": columns, "rows": r.delivered, "truncated": true, "sha256": "dd"}, "raw_differs": raw_differs,
+            });
+            match sealed {
+                Some(s) => v["raw"] = s,
+                None => v["raw_sha256"] = Value::from("rr"),
+            }
+            assert_eq!(direct, canonical(&v));
+        }
+    }
+
+    #[test]
+    fn bound_parameters_are_the_json_serde_would_write() {
+        let values: [Option<&[u8]>; 5] = [Some(b"abc"), None, Some(b""), Some(&[0xff; 7]), Some(b"a")];
+        let expected = json!(values.iter().map(|v| v.map(b64)).collect::<Vec<_>>()).to_string();
+        assert_eq!(String::from_utf8(params_json(&values)).unwrap(), expected);
+        assert_eq!(params_json(&[]), b"[]");
     }
 }
