@@ -211,8 +211,8 @@ impl SealingKeys {
     pub fn seal_canonical(&self, context: &str, plain: &[u8]) -> Result<String, KeyError> {
         let period = current_period();
         let (nonce, ct) = encrypt(&self.key(&period)?, &period, context, plain)?;
-        Ok(super::record::object(|o| {
-            o.str("alg", ALG).str("ct", &B64.encode(ct)).str("nonce", &B64.encode(nonce)).str("period", &period);
+        Ok(super::record::object_sized(ct.len().div_ceil(3) * 4 + 128, |o| {
+            o.str("alg", ALG).b64("ct", &ct).b64("nonce", &nonce).str("period", &period);
         }))
     }
 

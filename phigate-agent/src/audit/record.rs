@@ -184,6 +184,20 @@ impl<'a> Obj<'a> {
         self
     }
 
+    /// Bytes as a base64 string (written straight into the object: base64 needs no
+    /// escaping).
+    pub fn b64(&mut self, k: &'static str, v: &[u8]) -> &mut Self {
+        use base64::{engine::general_purpose::STANDARD, Engine as _};
+        let out = self.key(k);
+        out.push(b'"');
+        let at = out.len();
+        out.resize(at + v.len().div_ceil(3) * 4, 0);
+        let n = STANDARD.encode_slice(v, &mut out[at..]).expect("invariant: sized for the encoding");
+        out.truncate(at + n);
+        out.push(b'"');
+        self
+    }
+
     /// An array of strings.
     pub fn strs<S: AsRef<str>>(&mut self, k: &'static str, v: &[S]) -> &mut Self {
         let out = self.key(k);
@@ -210,7 +224,13 @@ impl<'a> Obj<'a> {
 
 /// Build one canonical object into a new string.
 pub fn object(build: impl FnOnce(&mut Obj<'_>)) -> String {
-    let mut out = Vec::with_capacity(256);
+    object_sized(256, build)
+}
+
+/// [`object`] into a buffer of `capacity` bytes: a record that carries a result is
+/// sized once, not grown by doubling (which would hold twice its size at the peak).
+pub fn object_sized(capacity: usize, build: impl FnOnce(&mut Obj<'_>)) -> String {
+    let mut out = Vec::with_capacity(capacity);
     let mut o = Obj::new(&mut out);
     build(&mut o);
     o.end();

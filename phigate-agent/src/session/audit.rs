@@ -31,7 +31,7 @@ use super::{
 };
 use crate::{
     audit::{
-        record::{canonical, hex, kind, object},
+        record::{canonical, hex, kind, object, object_sized},
         writer::{Commit, Durable, Handle},
     },
     mask::Summary,
@@ -103,7 +103,8 @@ fn statement_record(audit_id: &str, f: &StatementFacts<'_>, outcome: &str, param
 /// as delivered, and the raw result sealed (`sealed`) or, when masking left it
 /// alone, its hash.
 fn statement_end_record(audit_id: &str, r: &Running, duration_us: u64, masking: Option<&Value>, sealed: Option<&str>, delivered_sha: &str, raw_sha: &str) -> String {
-    object(|o| {
+    let size = 512 + audit_id.len() + r.columns.as_ref().map_or(0, String::len) + sealed.map_or(0, str::len) + r.delivered.iter().map(|d| d.len() + 3).sum::<usize>();
+    object_sized(size, |o| {
         // Integers only in records: JSON floats do not round-trip exactly, and the
         // hash is over the canonical text.
         o.u64("bytes", r.bytes).opt_str("command", r.command.as_deref()).u64("duration_us", duration_us).value("error", r.error.as_ref()).value("masking", masking);
@@ -407,10 +408,14 @@ impl Tap {
         let raw_sha = hex(&std::mem::take(&mut r.raw_hash).finalize());
         // The raw result, sealed, when masking changed it (else its hash says it is the
         // delivered one).
+        // Each copy of a kept result is dropped as soon as the next one exists: the
+        // peak memory of a statement's end is bounded by a few times the limit.
+        let raw_rows = std::mem::take(&mut r.raw);
         let raw = r.raw_differs.then(|| {
-            let plain = object(|o| {
-                o.strs("rows", &r.raw).str("sha256", &raw_sha);
+            let plain = object_sized(128 + raw_rows.iter().map(|d| d.len() + 3).sum::<usize>(), |o| {
+                o.strs("rows", &raw_rows).str("sha256", &raw_sha);
             });
+            drop(raw_rows);
             self.writer.seal_canonical(&format!("{}:{}:raw", self.audit_id, r.stmt), plain.as_bytes())
         });
         let sealed = match raw {
