@@ -265,9 +265,10 @@ fn audit_command(command: AuditCommand, config: Option<&Config>) -> anyhow::Resu
                             for i in 0..per {
                                 let (tx, rx) = tokio::sync::oneshot::channel();
                                 let data = serde_json::json!({"session": format!("s-{w:016x}"), "stmt": i, "protocol": "extended", "text": "SELECT abalance FROM pgbench_accounts WHERE aid = $1", "decision": {"verdict": "allow", "rule": "default", "reason": "default for identity bench"}, "outcome": "sent"});
-                                h.record_durable(audit::record::kind::STATEMENT, data, Vec::new(), Box::new(move |r| {
+                                let done: audit::writer::Durable = Box::new(move |r| {
                                     let _ = tx.send(r);
-                                }));
+                                });
+                                h.submit(audit::record::kind::STATEMENT, data, Some(done), audit::writer::Commit::Writer);
                                 if !matches!(rx.await, Ok(Ok(_))) {
                                     return false;
                                 }

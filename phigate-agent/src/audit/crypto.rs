@@ -201,13 +201,8 @@ impl SealingKeys {
         Self { keys, current: std::sync::Mutex::new(None) }
     }
 
-    /// [`PeriodKeys::seal`], with the key of the current period cached.
-    pub fn seal(&self, period: &str, context: &str, plain: &[u8]) -> Result<Value, KeyError> {
-        seal_with(&self.key(period)?, period, context, plain)
-    }
-
-    /// [`SealingKeys::seal`] of the current period, as canonical JSON text (the same
-    /// bytes as the sealed object's canonical form).
+    /// [`PeriodKeys::seal`] with the current period's key (cached), as canonical JSON
+    /// text (the same bytes as the sealed object's canonical form).
     pub fn seal_canonical(&self, context: &str, plain: &[u8]) -> Result<String, KeyError> {
         let period = current_period();
         let (nonce, ct) = encrypt(&self.key(&period)?, &period, context, plain)?;

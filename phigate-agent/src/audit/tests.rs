@@ -229,14 +229,29 @@ fn prune_leaves_a_tombstone_the_rest_verifies_from() {
 /// when the key cannot be made, the waiter hears why and nothing half-written lands.
 #[test]
 fn the_writer_seals_raw_data_and_refuses_what_it_cannot_seal() {
-    use super::writer::{Handle, Secret};
+    use super::{
+        record::object,
+        writer::{Commit, Handle},
+    };
     use std::sync::mpsc;
-    let wait = |h: &Handle, secrets: Vec<Secret>| {
+    // As a session's statement end: the raw data sealed into the record, or the
+    // reason it could not be, handed to the writer with the record's waiter.
+    let wait = |h: &Handle, raw: Option<&[u8]>| {
         let (tx, rx) = mpsc::channel();
-        h.record_durable(kind::STATEMENT_END, json!({"session": "s-1", "stmt": 1}), secrets, Box::new(move |r| tx.send(r).unwrap()));
+        let data = match raw {
+            Some(plain) => h.seal_canonical("s-1/1", plain).map(|sealed| {
+                object(|o| {
+                    o.raw("raw", Some(&sealed)).str("session", "s-1").u64("stmt", 1);
+                })
+            }),
+            None => Ok(object(|o| {
+                o.str("session", "s-1").u64("stmt", 1);
+            })),
+        };
+        h.submit_canonical(kind::STATEMENT_END, data, Some(Box::new(move |r| tx.send(r).unwrap())), Commit::Writer);
         rx.recv_timeout(std::time::Duration::from_secs(10)).unwrap()
     };
-    let secret = || vec![Secret { context: "s-1/1".into(), field: "raw", plain: b"107-45-0007".to_vec() }];
+    let secret = || Some(&b"107-45-0007"[..]);
 
     let d = dir("writer-seal");
     let keys = PeriodKeys { dir: d.0.with_extension("keys") };
@@ -259,7 +274,7 @@ fn the_writer_seals_raw_data_and_refuses_what_it_cannot_seal() {
     let h = Handle::start(log, std::time::Duration::from_secs(60));
     let err = wait(&h, secret()).unwrap_err();
     assert!(err.contains("cannot encrypt"), "{err}");
-    wait(&h, Vec::new()).expect("records without raw data are still written");
+    wait(&h, None).expect("records without raw data are still written");
     h.stop(std::time::Duration::from_secs(10));
     assert!(check(&d).is_ok());
     let _ = fs::remove_file(d.0.with_extension("keys"));
@@ -347,7 +362,6 @@ fn callers_commit_their_own_records_and_lazy_records_still_reach_the_file() {
         h.submit(
             kind::STATEMENT,
             json!({"session": "s-1", "stmt": i}),
-            Vec::new(),
             Some(Box::new(move |r| g.lock().unwrap().push((std::thread::current().id(), r)))),
             Commit::Caller,
         );
@@ -369,7 +383,7 @@ fn callers_commit_their_own_records_and_lazy_records_still_reach_the_file() {
     assert!(check(&d).is_ok());
     // After the stop, records are refused at once (no waiter hangs).
     let (tx, rx) = std::sync::mpsc::channel();
-    h.submit(kind::STATEMENT, json!({"stmt": 9}), Vec::new(), Some(Box::new(move |r| tx.send(r).unwrap())), Commit::Caller);
+    h.submit(kind::STATEMENT, json!({"stmt": 9}), Some(Box::new(move |r| tx.send(r).unwrap())), Commit::Caller);
     h.commit_here();
     assert!(rx.recv_timeout(std::time::Duration::from_secs(5)).unwrap().is_err());
 }

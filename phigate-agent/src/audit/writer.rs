@@ -36,20 +36,13 @@ use std::{
 use serde_json::{json, Value};
 
 use super::{
-    crypto::{current_period, SealingKeys},
+    crypto::SealingKeys,
     log::Log,
     record::canonical,
 };
 
 /// Told once the record is durable (its sequence number) or could not be written.
 pub type Durable = Box<dyn FnOnce(Result<u64, String>) + Send>;
-
-/// Raw data to store encrypted with the period key, bound to `context`.
-pub struct Secret {
-    pub context: String,
-    pub field: &'static str,
-    pub plain: Vec<u8>,
-}
 
 enum Entry {
     /// `data` in canonical form.
@@ -255,21 +248,14 @@ impl Handle {
 
     /// Queue a record; nobody waits for it.
     pub fn record(&self, kind: &'static str, data: Value) {
-        self.submit(kind, data, Vec::new(), None, Commit::Writer);
+        self.submit(kind, data, None, Commit::Writer);
     }
 
-    /// Queue a record with encrypted parts, and be told when it is durable.
-    pub fn record_durable(&self, kind: &'static str, data: Value, secrets: Vec<Secret>, done: Durable) {
-        self.submit(kind, data, secrets, Some(done), Commit::Writer);
-    }
-
-    /// Queue a record, with encrypted parts (`secrets`) and a waiter (`done`) if it
-    /// has them. Fail closed: a record whose secret part cannot be sealed is not
-    /// written half; its waiter hears why. With [`Commit::Caller`] the writer thread
-    /// is not woken: a worker that commits its sessions' records once per turn saves
-    /// the two thread switches per statement a hand-off costs.
-    pub fn submit(&self, kind: &'static str, data: Value, secrets: Vec<Secret>, done: Option<Durable>, commit: Commit) {
-        self.submit_canonical(kind, self.prepare(data, secrets), done, commit);
+    /// Queue a record, with a waiter (`done`) if it has one. With [`Commit::Caller`]
+    /// the writer thread is not woken: a worker that commits its sessions' records
+    /// once per turn saves the two thread switches per statement a hand-off costs.
+    pub fn submit(&self, kind: &'static str, data: Value, done: Option<Durable>, commit: Commit) {
+        self.submit_canonical(kind, Ok(canonical(&data)), done, commit);
     }
 
     /// [`Handle::submit`] for data already in canonical form (built with
@@ -287,7 +273,8 @@ impl Handle {
     }
 
     /// Seal raw data with the current period's key, as canonical JSON for a record's
-    /// field. Fail closed: the error is the reason to give the statement's waiter.
+    /// field. Fail closed: the error is the reason to give the statement's waiter (a
+    /// record whose raw data cannot be sealed is not written half).
     pub fn seal_canonical(&self, context: &str, plain: &[u8]) -> Result<String, String> {
         self.keys.seal_canonical(context, plain).map_err(|err| {
             tracing::error!(error = %err, "audit: a record's raw data could not be encrypted; its statement is refused");
@@ -334,23 +321,6 @@ impl Handle {
         if !q.entries.is_empty() {
             sh.queue.wake_writer(&mut q);
         }
-    }
-
-    /// Seal the secrets into `data` and encode it.
-    fn prepare(&self, mut data: Value, secrets: Vec<Secret>) -> Result<String, String> {
-        if !secrets.is_empty() {
-            let period = current_period();
-            for s in secrets {
-                let sealed = self.keys.seal(&period, &s.context, &s.plain).map_err(|err| {
-                    tracing::error!(error = %err, "audit: a record's raw data could not be encrypted; its statement is refused");
-                    format!("cannot encrypt the record's raw data: {err}")
-                })?;
-                if let Some(o) = data.as_object_mut() {
-                    o.insert(s.field.to_string(), sealed);
-                }
-            }
-        }
-        Ok(canonical(&data))
     }
 
     /// Be told when everything queued so far is durable.
