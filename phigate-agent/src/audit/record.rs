@@ -148,13 +148,15 @@ impl<'a> Obj<'a> {
     }
 
     pub fn u64(&mut self, k: &'static str, v: u64) -> &mut Self {
-        use std::io::Write as _;
-        let out = self.key(k);
-        let _ = write!(out, "{v}");
-        self
+        self.integer(k, v)
     }
 
     pub fn i64(&mut self, k: &'static str, v: i64) -> &mut Self {
+        self.integer(k, v)
+    }
+
+    /// An integer as serde_json writes it (plain decimal digits).
+    fn integer(&mut self, k: &'static str, v: impl std::fmt::Display) -> &mut Self {
         use std::io::Write as _;
         let out = self.key(k);
         let _ = write!(out, "{v}");
@@ -187,27 +189,16 @@ impl<'a> Obj<'a> {
     /// Bytes as a base64 string (written straight into the object: base64 needs no
     /// escaping).
     pub fn b64(&mut self, k: &'static str, v: &[u8]) -> &mut Self {
-        use base64::{engine::general_purpose::STANDARD, Engine as _};
-        let out = self.key(k);
-        out.push(b'"');
-        let at = out.len();
-        out.resize(at + v.len().div_ceil(3) * 4, 0);
-        let n = STANDARD.encode_slice(v, &mut out[at..]).expect("invariant: sized for the encoding");
-        out.truncate(at + n);
-        out.push(b'"');
+        json_b64(self.key(k), v);
         self
     }
 
-    /// An array of strings.
-    pub fn strs<S: AsRef<str>>(&mut self, k: &'static str, v: &[S]) -> &mut Self {
+    /// An array whose elements (comma-separated, in canonical form) are already
+    /// written.
+    pub fn array(&mut self, k: &'static str, elements: &[u8]) -> &mut Self {
         let out = self.key(k);
         out.push(b'[');
-        for (i, x) in v.iter().enumerate() {
-            if i > 0 {
-                out.push(b',');
-            }
-            scalar(x.as_ref(), out);
-        }
+        out.extend_from_slice(elements);
         out.push(b']');
         self
     }
@@ -220,6 +211,18 @@ impl<'a> Obj<'a> {
     pub fn end(self) {
         self.out.push(b'}');
     }
+}
+
+/// Append `v` as a JSON string of its base64 (standard alphabet, padded): encoded
+/// straight into `out`, as base64 needs no escaping.
+pub fn json_b64(out: &mut Vec<u8>, v: &[u8]) {
+    use base64::{engine::general_purpose::STANDARD, Engine as _};
+    out.push(b'"');
+    let at = out.len();
+    out.resize(at + v.len().div_ceil(3) * 4, 0);
+    let n = STANDARD.encode_slice(v, &mut out[at..]).expect("invariant: sized for the encoding");
+    out.truncate(at + n);
+    out.push(b'"');
 }
 
 /// Build one canonical object into a new string.

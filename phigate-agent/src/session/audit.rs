@@ -21,7 +21,6 @@ use std::{
     time::Instant,
 };
 
-use base64::{engine::general_purpose::STANDARD as B64, Engine};
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 
@@ -31,7 +30,7 @@ use super::{
 };
 use crate::{
     audit::{
-        record::{canonical, hex, kind, object, object_sized},
+        record::{canonical, hex, json_b64, kind, object, object_sized},
         writer::{Commit, Durable, Handle},
     },
     mask::Summary,
@@ -103,7 +102,7 @@ fn statement_record(audit_id: &str, f: &StatementFacts<'_>, outcome: &str, param
 /// as delivered, and the raw result sealed (`sealed`) or, when masking left it
 /// alone, its hash.
 fn statement_end_record(audit_id: &str, r: &Running, duration_us: u64, masking: Option<&Value>, sealed: Option<&str>, delivered_sha: &str, raw_sha: &str) -> String {
-    let size = 512 + audit_id.len() + r.columns.as_ref().map_or(0, String::len) + sealed.map_or(0, str::len) + r.delivered.iter().map(|d| d.len() + 3).sum::<usize>();
+    let size = 512 + audit_id.len() + r.columns.as_ref().map_or(0, String::len) + sealed.map_or(0, str::len) + r.delivered.kept.len();
     object_sized(size, |o| {
         // Integers only in records: JSON floats do not round-trip exactly, and the
         // hash is over the canonical text.
@@ -117,7 +116,7 @@ fn statement_end_record(audit_id: &str, r: &Running, duration_us: u64, masking: 
         }
         {
             let mut res = o.obj("result");
-            res.raw("columns", r.columns.as_deref()).strs("rows", &r.delivered).str("sha256", delivered_sha).bool("truncated", r.truncated);
+            res.raw("columns", r.columns.as_deref()).array("rows", &r.delivered.kept).str("sha256", delivered_sha).bool("truncated", r.truncated);
             res.end();
         }
         o.u64("rows", r.rows).str("session", audit_id).u64("stmt", r.stmt);
@@ -134,12 +133,10 @@ struct Running {
     columns: Option<String>,
     command: Option<String>,
     error: Option<Value>,
-    delivered: Vec<String>,
-    delivered_bytes: usize,
-    delivered_hash: Sha256,
-    raw: Vec<String>,
-    raw_bytes: usize,
-    raw_hash: Sha256,
+    /// The result as the client receives it.
+    delivered: ResultCopy,
+    /// The result as the database sent it (masking's input).
+    raw: ResultCopy,
     raw_differs: bool,
     truncated: bool,
     masking: Option<Summary>,
@@ -155,16 +152,43 @@ impl Running {
             columns: None,
             command: None,
             error: None,
-            delivered: Vec::new(),
-            delivered_bytes: 0,
-            delivered_hash: Sha256::new(),
-            raw: Vec::new(),
-            raw_bytes: 0,
-            raw_hash: Sha256::new(),
+            delivered: ResultCopy::default(),
+            raw: ResultCopy::default(),
             raw_differs: false,
             truncated: false,
             masking: None,
         }
+    }
+}
+
+/// One form of a statement's result: the hash of every row, and the rows kept for
+/// replay (up to the limit, counted in row bytes) as the elements of a JSON array of
+/// base64 strings, encoded once into one buffer — no string per row.
+#[derive(Default)]
+struct ResultCopy {
+    hash: Sha256,
+    kept: Vec<u8>,
+    kept_bytes: usize,
+}
+
+impl ResultCopy {
+    /// Hash a row and keep it if it fits; false when it did not.
+    fn add(&mut self, body: &[u8], limit: usize) -> bool {
+        self.hash.update(body);
+        if self.kept_bytes + body.len() > limit {
+            return false;
+        }
+        self.kept_bytes += body.len();
+        if !self.kept.is_empty() {
+            self.kept.push(b',');
+        }
+        json_b64(&mut self.kept, body);
+        true
+    }
+
+    /// The hash of every row, hex.
+    fn sha256(&mut self) -> String {
+        hex(&std::mem::take(&mut self.hash).finalize())
     }
 }
 
@@ -341,12 +365,8 @@ impl Tap {
     pub fn raw_row(&mut self, body: &[u8]) {
         let limit = self.max_result_bytes;
         let Some(r) = self.running.front_mut() else { return };
-        r.raw_hash.update(body);
+        r.raw.add(body, limit);
         r.raw_differs = true;
-        if r.raw_bytes + body.len() <= limit {
-            r.raw_bytes += body.len();
-            r.raw.push(b64(body));
-        }
         self.raw_pending += 1;
     }
 
@@ -404,16 +424,16 @@ impl Tap {
             let by_kind: Map<String, Value> = crate::mask::kind_counts(&m.by_kind).into_iter().map(|(k, n)| (k.to_string(), Value::from(n))).collect();
             json!({"cells": m.cells_masked, "by_rule": by_rule, "by_kind": by_kind})
         });
-        let delivered_sha = hex(&std::mem::take(&mut r.delivered_hash).finalize());
-        let raw_sha = hex(&std::mem::take(&mut r.raw_hash).finalize());
+        let delivered_sha = r.delivered.sha256();
+        let raw_sha = r.raw.sha256();
         // The raw result, sealed, when masking changed it (else its hash says it is the
         // delivered one).
         // Each copy of a kept result is dropped as soon as the next one exists: the
         // peak memory of a statement's end is bounded by a few times the limit.
-        let raw_rows = std::mem::take(&mut r.raw);
+        let raw_rows = std::mem::take(&mut r.raw.kept);
         let raw = r.raw_differs.then(|| {
-            let plain = object_sized(128 + raw_rows.iter().map(|d| d.len() + 3).sum::<usize>(), |o| {
-                o.strs("rows", &raw_rows).str("sha256", &raw_sha);
+            let plain = object_sized(128 + raw_rows.len(), |o| {
+                o.array("rows", &raw_rows).str("sha256", &raw_sha);
             });
             drop(raw_rows);
             self.writer.seal_canonical(&format!("{}:{}:raw", self.audit_id, r.stmt), plain.as_bytes())
@@ -456,10 +476,6 @@ fn refused_by_audit(why: &str) -> PgError {
         .with_hint("Free space or fix the audit directory; phigate accepts statements again as soon as it can record them.")
 }
 
-fn b64(b: &[u8]) -> String {
-    B64.encode(b)
-}
-
 /// Bound parameter values as a JSON array of base64 strings (null for NULL): what
 /// the record seals as `params`.
 fn params_json(values: &[Option<&[u8]>]) -> Vec<u8> {
@@ -470,15 +486,7 @@ fn params_json(values: &[Option<&[u8]>]) -> Vec<u8> {
             out.push(b',');
         }
         match v {
-            Some(b) => {
-                // Base64 needs no JSON escaping.
-                out.push(b'"');
-                let at = out.len();
-                out.resize(at + b.len().div_ceil(3) * 4, 0);
-                let n = B64.encode_slice(b, &mut out[at..]).expect("invariant: sized for the encoding");
-                out.truncate(at + n);
-                out.push(b'"');
-            }
+            Some(b) => json_b64(&mut out, b),
             None => out.extend_from_slice(b"null"),
         }
     }
@@ -621,20 +629,12 @@ impl Stage for AuditStage {
                     r.rows += 1;
                 }
                 let body = frame.body();
-                r.delivered_hash.update(body);
-                if r.delivered_bytes + body.len() <= limit {
-                    r.delivered_bytes += body.len();
-                    r.delivered.push(b64(body));
-                } else {
+                if !r.delivered.add(body, limit) {
                     r.truncated = true;
                 }
                 // A row masking left alone is its own raw form.
                 if !raw_done {
-                    r.raw_hash.update(body);
-                    if r.raw_bytes + body.len() <= limit {
-                        r.raw_bytes += body.len();
-                        r.raw.push(b64(body));
-                    }
+                    r.raw.add(body, limit);
                 }
             }
             tag::COMMAND_COMPLETE => {
@@ -679,6 +679,11 @@ mod tests {
     //! must be byte-for-byte what `canonical` makes of the same record built as a
     //! `Value` (the form `verify` recomputes hashes from).
     use super::*;
+    use base64::{engine::general_purpose::STANDARD as B64, Engine};
+
+    fn b64(b: &[u8]) -> String {
+        B64.encode(b)
+    }
 
     fn decision(verdict: Verdict) -> Decision {
         Decision { verdict, rule: "hipaa.\"no-ddl\"".into(), reason: "DDL changes the schema — é\n\u{1}".into() }
@@ -733,7 +738,10 @@ mod tests {
         r.bytes = 123;
         r.command = Some("SELECT 2".into());
         r.columns = Some(r#"[{"format":0,"name":"ssn \"x\"","type":25},{"format":1,"name":"n","type":23}]"#.into());
-        r.delivered = vec!["AAEC".into(), "Aw==".into()];
+        for row in [&[0u8, 1, 2][..], &[3]] {
+            assert!(r.delivered.add(row, 1 << 20));
+        }
+        let delivered_rows = vec!["AAEC", "Aw=="];
         r.truncated = true;
         let masking = json!({"cells": 2, "by_rule": {"ssn": 2}, "by_kind": {}});
         let error = json!({"code": "23505", "message": "duplicate key \"x\""});
@@ -745,7 +753,7 @@ mod tests {
             let columns: Value = serde_json::from_str(r.columns.as_deref().unwrap()).unwrap();
             let mut v = json!({
                 "session": "s-2", "stmt": 9, "rows": 2, "bytes": 123, "duration_us": 42, "command": r.command, "error": r.error,
-                "masking": masking, "result": {"columns": columns, "rows": r.delivered, "truncated": true, "sha256": "dd"}, "raw_differs": raw_differs,
+                "masking": masking, "result": {"columns": columns, "rows": delivered_rows, "truncated": true, "sha256": "dd"}, "raw_differs": raw_differs,
             });
             match sealed {
                 Some(s) => v["raw"] = s,
