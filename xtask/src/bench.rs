@@ -386,11 +386,17 @@ fn pg() -> Result<()> {
     let tmp = std::env::temp_dir().join(phigate_tests::unique("phigate-bench-pgbouncer"));
     std::fs::create_dir_all(&tmp)?;
     let (bouncer, bouncer_port) = start_pgbouncer(&tmp, server.port())?;
+    // The floor of any proxy on this machine: a plain byte relay (a thread per
+    // direction, no protocol, nothing checked or recorded) in front of the same server.
+    let relay_ip = Ipv4Addr::new(127, 0, 0, 5);
+    let relay_port = free_port(relay_ip);
+    let relay = Server::listening(&["relay", &format!("{relay_ip}:{relay_port}"), &server.socket_addr().to_string()])?;
     // In the order of the table's columns: (cgroup, address, port, database, process
     // whose CPU time is measured).
-    let targets: [(&Path, &str, u16, &str, Option<u32>); 5] = [
+    let targets: [(&Path, &str, u16, &str, Option<u32>); 6] = [
         (&direct_dir, "127.0.0.2", server.port(), "postgres", None),
         (&direct_dir, "127.0.0.4", bouncer_port, "bench", Some(bouncer.0.id())),
+        (&direct_dir, "127.0.0.5", relay_port, "postgres", Some(relay.0.id())),
         (&phigate.dir, "127.0.0.2", server.port(), "postgres", phigate.agent.pid()),
         (&no_audit.dir, "127.0.0.2", server.port(), "postgres", no_audit.agent.pid()),
         (&no_audit_policy.dir, "127.0.0.2", server.port(), "postgres", no_audit_policy.agent.pid()),
@@ -405,9 +411,9 @@ fn pg() -> Result<()> {
     for mode in modes.iter().map(String::as_str) {
         for clients in client_counts.iter().copied() {
             eprintln!(
-                "bench: -M {mode} -c {clients} ({reps} × {seconds} s each: direct, PgBouncer, phigate, phigate without audit, without audit and policy, in rotating order)"
+                "bench: -M {mode} -c {clients} ({reps} × {seconds} s each: direct, PgBouncer, a plain relay, phigate, phigate without audit, without audit and policy, in rotating order)"
             );
-            let mut runs: [Vec<PgbenchResult>; 5] = Default::default();
+            let mut runs: [Vec<PgbenchResult>; 6] = Default::default();
             for rep in 0..reps {
                 // Each round starts one later in the list, so no configuration always
                 // runs right after the audit-on one (whose disk writes may still be
@@ -417,12 +423,12 @@ fn pg() -> Result<()> {
                     runs[which].push(measured(pid, || pgbench(dir, host, port, "postgres", db, mode, clients, seconds), seconds)?);
                 }
             }
-            let [d, b, p, n, o] = runs.map(median);
-            rows.push((mode, clients, d, b, p, o, n));
+            let [d, b, r, p, n, o] = runs.map(median);
+            rows.push((mode, clients, d, b, r, p, n, o));
         }
     }
     let sessions = phigate.agent.events_named("session started").len();
-    drop(bouncer);
+    drop((bouncer, relay));
     drop((phigate, no_audit, no_audit_policy));
     let _ = std::fs::remove_dir_all(&tmp);
 
@@ -431,13 +437,15 @@ fn pg() -> Result<()> {
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
     );
     println!(
-        "{:<9} {:>3} | {:>9} {:>8} | {:>9} {:>8} {:>7} | {:>9} {:>8} {:>7} | {:>9} {:>7} {:>10} {:>7} | {:>8} {:>8} {:>10} {:>8} {:>8}",
+        "{:<9} {:>3} | {:>9} {:>8} | {:>9} {:>8} {:>7} | {:>9} {:>7} | {:>9} {:>8} {:>7} | {:>9} {:>7} {:>10} {:>7} | {:>8} {:>8} {:>10} {:>10} {:>8} {:>8}",
         "mode",
         "-c",
         "direct",
         "lat ms",
         "pgbouncer",
         "lat ms",
+        "cpu µs",
+        "relay",
         "cpu µs",
         "phigate",
         "lat ms",
@@ -449,17 +457,20 @@ fn pg() -> Result<()> {
         "÷direct",
         "÷bouncer",
         "noau÷bncr",
+        "relay÷bncr",
         "policy",
         "audit"
     );
-    for (mode, c, d, b, p, o, n) in &rows {
+    for (mode, c, d, b, r, p, n, o) in &rows {
         println!(
-            "{mode:<9} {c:>3} | {:>9.0} {:>8.3} | {:>9.0} {:>8.3} {:>7.1} | {:>9.0} {:>8.3} {:>7.1} | {:>9.0} {:>7.1} {:>10.0} {:>7.1} | {:>7.2}× {:>7.2}× {:>9.2}× {:>7.2}× {:>7.2}×",
+            "{mode:<9} {c:>3} | {:>9.0} {:>8.3} | {:>9.0} {:>8.3} {:>7.1} | {:>9.0} {:>7.1} | {:>9.0} {:>8.3} {:>7.1} | {:>9.0} {:>7.1} {:>10.0} {:>7.1} | {:>7.2}× {:>7.2}× {:>9.2}× {:>9.2}× {:>7.2}× {:>7.2}×",
             d.tps,
             d.latency_ms,
             b.tps,
             b.latency_ms,
             b.proxy_cpu_us,
+            r.tps,
+            r.proxy_cpu_us,
             p.tps,
             p.latency_ms,
             p.proxy_cpu_us,
@@ -470,11 +481,13 @@ fn pg() -> Result<()> {
             p.tps / d.tps,
             p.tps / b.tps,
             n.tps / b.tps,
+            r.tps / b.tps,
             n.tps / o.tps,
             p.tps / n.tps
         );
     }
     println!("(cpu µs: the proxy's own CPU time per transaction; phigate runs with its defaults: policy, safe-harbor masking, audit;");
+    println!(" relay: a plain byte relay (a thread per direction; no protocol, nothing checked or recorded), the floor of any proxy here;");
     println!(" no audit: the audit log off; no au+pol: the audit log and the SQL policy off; noau÷bncr: no audit ÷ PgBouncer;");
     println!(" policy: no audit ÷ no au+pol, the policy's price; audit: phigate ÷ no audit, the audit's price)");
     println!("targets: phigate ≥ 0.95× PgBouncer at -c 1, ≥ 1.3× PgBouncer at -c 8; policy ≥ 0.9×; audit ≥ 0.85× (TPS). Sessions through phigate: {sessions}");
@@ -565,22 +578,49 @@ fn mask() -> Result<()> {
     cfg_off.extra = "[masking]\nenabled = false\n".into();
     let agent_off = Agent::start(&cfg_off)?;
     let off_dir = cg_off.child_dir("protected");
+    // Masking with the audit log off: the masking's own price, apart from the audit's
+    // (which hashes every raw and delivered row and keeps and seals the first MiB).
+    let cg_noaudit = TestCgroup::new();
+    let prot_noaudit = cg_noaudit.child("protected");
+    let mut cfg_noaudit = AgentConfig::new(&cg_noaudit)
+        .database(DbSpec::new("bench", &["127.0.0.2/32"], server.port(), server.socket_addr()))
+        .protect(&prot_noaudit, "bench-client");
+    cfg_noaudit.extra = format!("[audit]\nenabled = false\n{}", cfg.extra);
+    let agent_noaudit = Agent::start(&cfg_noaudit)?;
+    let noaudit_dir = cg_noaudit.child_dir("protected");
+    // The floor of any proxy: a plain byte relay in front of the same server.
+    let relay_port = free_port(Ipv4Addr::new(127, 0, 0, 2));
+    let relay = Server::listening(&["relay", &format!("127.0.0.2:{relay_port}"), &server.socket_addr().to_string()])?;
     let big = "select id, ssn, name, dob, lab, value from bench_rows";
     let small = "select id, ssn, name, dob, lab, value from bench_rows where id <= 10000";
     eprintln!("bench: warming up");
     pgclient_stream(Some(&prot_dir), server.port(), small)?;
-    let (mut direct, mut masked, mut unmasked) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut direct, mut masked, mut unmasked, mut masked_noaudit, mut relayed) = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for round in 0..reps {
-        eprintln!("bench: round {}/{reps}: 1,000,000 rows direct, through phigate, through phigate without masking", round + 1);
+        eprintln!(
+            "bench: round {}/{reps}: 1,000,000 rows direct, through phigate, without masking, without the audit log, through a plain relay",
+            round + 1
+        );
         let d = pgclient_stream(None, server.port(), big)?;
         let m = pgclient_stream(Some(&prot_dir), server.port(), big)?;
         let u = pgclient_stream(Some(&off_dir), server.port(), big)?;
-        if d["rows"] != 1_000_000 || m["rows"] != 1_000_000 || u["rows"] != 1_000_000 {
-            bail!("row counts differ: direct {} masked {} unmasked {}", d["rows"], m["rows"], u["rows"]);
+        let n = pgclient_stream(Some(&noaudit_dir), server.port(), big)?;
+        let r = pgclient_stream(None, relay_port, big)?;
+        if [&d, &m, &u, &n, &r].iter().any(|r| r["rows"] != 1_000_000) {
+            bail!(
+                "row counts differ: direct {} masked {} unmasked {} masked without audit {} plain relay {}",
+                d["rows"],
+                m["rows"],
+                u["rows"],
+                n["rows"],
+                r["rows"]
+            );
         }
+        relayed.push(r["seconds"].as_f64().unwrap_or(f64::NAN));
         direct.push(d["seconds"].as_f64().unwrap_or(f64::NAN));
         masked.push(m["seconds"].as_f64().unwrap_or(f64::NAN));
         unmasked.push(u["seconds"].as_f64().unwrap_or(f64::NAN));
+        masked_noaudit.push(n["seconds"].as_f64().unwrap_or(f64::NAN));
     }
     let masked_events = agent.events_named("result masked").len();
     drop(agent);
@@ -597,17 +637,19 @@ fn mask() -> Result<()> {
     };
     let rss_small = peak_of(small)?;
     let rss_big = peak_of(big)?;
-    drop(agent_off);
+    drop((agent_off, agent_noaudit, relay));
     let _ = std::fs::remove_dir_all(&dir);
     let med = |mut v: Vec<f64>| {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
-    let (d, m, u) = (med(direct), med(masked), med(unmasked));
+    let (d, m, u, n, r) = (med(direct), med(masked), med(unmasked), med(masked_noaudit), med(relayed));
     println!("\nphigate mask benchmark — 1,000,000 rows × 6 columns (ssn partial, name hash, dob year; lab text through the detectors), tokio-postgres streaming binary results, median of {reps}");
     println!("  direct                 {d:>8.2} s");
     println!("  through phigate        {m:>8.2} s   ratio {:.2}×   target ≤ 1.3×", m / d);
-    println!("  … without masking      {u:>8.2} s   ratio {:.2}×   (the relay alone)", u / d);
+    println!("  … without masking      {u:>8.2} s   ratio {:.2}×   (the relay and the audit, no masking)", u / d);
+    println!("  … without the audit    {n:>8.2} s   ratio {:.2}×   (the relay and the masking, no audit log)", n / d);
+    println!("  a plain byte relay     {r:>8.2} s   ratio {:.2}×   (reference: no protocol, no phigate — the floor of any proxy here)", r / d);
     println!("  agent peak RSS, 10,000 rows      {:>8} KiB", rss_small);
     println!("  agent peak RSS, 1,000,000 rows   {:>8} KiB   ratio {:.2}×   target ≤ 1.10×", rss_big, rss_big as f64 / rss_small.max(1) as f64);
     println!("  (results masked, as logged: {masked_events})");

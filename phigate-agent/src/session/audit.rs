@@ -135,7 +135,8 @@ struct Running {
     error: Option<Value>,
     /// The result as the client receives it.
     delivered: ResultCopy,
-    /// The result as the database sent it (masking's input).
+    /// The result as the database sent it (masking's input), once a row differs;
+    /// until then `delivered` is the raw result too, and each row is hashed once.
     raw: ResultCopy,
     raw_differs: bool,
     truncated: bool,
@@ -159,12 +160,42 @@ impl Running {
             masking: None,
         }
     }
+
+    /// The raw form of a row masking rewrote (before its delivered form arrives).
+    fn raw_row(&mut self, body: &[u8], limit: usize) {
+        if !self.raw_differs {
+            // Every row before this one reached the client as the database sent it.
+            self.raw = self.delivered.clone();
+            self.raw_differs = true;
+        }
+        self.raw.add(body, limit);
+    }
+
+    /// A row as the client receives it; `rewritten`: its raw form came through
+    /// [`Running::raw_row`].
+    fn delivered_row(&mut self, body: &[u8], limit: usize, rewritten: bool) {
+        if !self.delivered.add(body, limit) {
+            self.truncated = true;
+        }
+        // A row masking left alone is its own raw form, kept apart only once the two
+        // results differ.
+        if !rewritten && self.raw_differs {
+            self.raw.add(body, limit);
+        }
+    }
+
+    /// The hashes of the delivered and the raw result, hex.
+    fn result_hashes(&mut self) -> (String, String) {
+        let delivered = self.delivered.sha256();
+        let raw = if self.raw_differs { self.raw.sha256() } else { delivered.clone() };
+        (delivered, raw)
+    }
 }
 
 /// One form of a statement's result: the hash of every row, and the rows kept for
 /// replay (up to the limit, counted in row bytes) as the elements of a JSON array of
 /// base64 strings, encoded once into one buffer — no string per row.
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct ResultCopy {
     hash: Sha256,
     kept: Vec<u8>,
@@ -365,8 +396,7 @@ impl Tap {
     pub fn raw_row(&mut self, body: &[u8]) {
         let limit = self.max_result_bytes;
         let Some(r) = self.running.front_mut() else { return };
-        r.raw.add(body, limit);
-        r.raw_differs = true;
+        r.raw_row(body, limit);
         self.raw_pending += 1;
     }
 
@@ -424,8 +454,7 @@ impl Tap {
             let by_kind: Map<String, Value> = crate::mask::kind_counts(&m.by_kind).into_iter().map(|(k, n)| (k.to_string(), Value::from(n))).collect();
             json!({"cells": m.cells_masked, "by_rule": by_rule, "by_kind": by_kind})
         });
-        let delivered_sha = r.delivered.sha256();
-        let raw_sha = r.raw.sha256();
+        let (delivered_sha, raw_sha) = r.result_hashes();
         // The raw result, sealed, when masking changed it (else its hash says it is the
         // delivered one).
         // Each copy of a kept result is dropped as soon as the next one exists: the
@@ -628,14 +657,7 @@ impl Stage for AuditStage {
                 if t == tag::DATA_ROW {
                     r.rows += 1;
                 }
-                let body = frame.body();
-                if !r.delivered.add(body, limit) {
-                    r.truncated = true;
-                }
-                // A row masking left alone is its own raw form.
-                if !raw_done {
-                    r.raw.add(body, limit);
-                }
+                r.delivered_row(frame.body(), limit, raw_done);
             }
             tag::COMMAND_COMPLETE => {
                 let mut rest = frame.body();
@@ -761,6 +783,40 @@ mod tests {
             }
             assert_eq!(direct, canonical(&v));
         }
+    }
+
+    #[test]
+    fn the_raw_result_is_every_row_as_the_database_sent_it() {
+        let sha = |rows: &[&[u8]]| {
+            let mut h = Sha256::new();
+            rows.iter().for_each(|r| h.update(r));
+            hex(&h.finalize())
+        };
+        let kept = |rows: &[&[u8]]| rows.iter().map(|r| format!("\"{}\"", b64(r))).collect::<Vec<_>>().join(",").into_bytes();
+        // Nothing rewritten: one copy serves as both.
+        let mut r = Running::new(1);
+        r.delivered_row(b"a", 1 << 20, false);
+        r.delivered_row(b"c", 1 << 20, false);
+        assert!(!r.raw_differs);
+        assert_eq!(r.result_hashes(), (sha(&[b"a", b"c"]), sha(&[b"a", b"c"])));
+        // The second row rewritten: the raw result still has the first and third rows.
+        let mut r = Running::new(2);
+        r.delivered_row(b"a", 1 << 20, false);
+        r.raw_row(b"SECRET", 1 << 20);
+        r.delivered_row(b"******", 1 << 20, true);
+        r.delivered_row(b"c", 1 << 20, false);
+        assert!(r.raw_differs);
+        assert_eq!(r.raw.kept, kept(&[b"a", b"SECRET", b"c"]));
+        assert_eq!(r.delivered.kept, kept(&[b"a", b"******", b"c"]));
+        assert_eq!(r.result_hashes(), (sha(&[b"a", b"******", b"c"]), sha(&[b"a", b"SECRET", b"c"])));
+        // Over the limit: hashed, not kept, and the delivered result says truncated.
+        let mut r = Running::new(3);
+        r.delivered_row(b"aaaa", 6, false);
+        r.raw_row(b"SECRET", 6);
+        r.delivered_row(b"***", 6, true);
+        assert!(r.truncated);
+        assert_eq!(r.raw.kept, kept(&[b"aaaa"]));
+        assert_eq!(r.result_hashes(), (sha(&[b"aaaa", b"***"]), sha(&[b"aaaa", b"SECRET"])));
     }
 
     #[test]

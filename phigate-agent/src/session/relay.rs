@@ -143,14 +143,41 @@ impl Sequencer {
 #[derive(Default)]
 pub struct Outbox {
     parts: VecDeque<Bytes>,
+    /// Small messages copied end to end, sealed into `parts` before a write or a large
+    /// part: a result of short rows then goes out in writes of tens of kilobytes, not
+    /// one iovec (and at most [`MAX_IOV`] rows per system call) per row.
+    tail: BytesMut,
     len: usize,
 }
 
+/// Messages shorter than this are copied into the outbox's tail; longer ones are
+/// queued as they are (copying them would cost more than the iovec they take).
+const COALESCE_BELOW: usize = 2048;
+/// How much the tail allocates at a time.
+const TAIL_CHUNK: usize = 64 * 1024;
+
 impl Outbox {
     pub fn push(&mut self, b: Bytes) {
-        if !b.is_empty() {
-            self.len += b.len();
+        if b.is_empty() {
+            return;
+        }
+        self.len += b.len();
+        if b.len() < COALESCE_BELOW {
+            if self.tail.capacity() - self.tail.len() < b.len() {
+                self.seal_tail();
+                self.tail.reserve(TAIL_CHUNK);
+            }
+            self.tail.extend_from_slice(&b);
+        } else {
+            self.seal_tail();
             self.parts.push_back(b);
+        }
+    }
+
+    /// Queue what the tail holds as one part.
+    fn seal_tail(&mut self) {
+        if !self.tail.is_empty() {
+            self.parts.push_back(self.tail.split().freeze());
         }
     }
 
@@ -504,6 +531,7 @@ async fn flush(conn: &mut Conn, out: &mut Outbox) -> std::io::Result<()> {
     if out.is_empty() {
         return Ok(());
     }
+    out.seal_tail();
     while !out.parts.is_empty() {
         let n = {
             let mut slices = [IoSlice::new(&[]); MAX_IOV];
@@ -538,8 +566,31 @@ async fn flush(conn: &mut Conn, out: &mut Outbox) -> std::io::Result<()> {
 mod tests {
     use super::*;
 
+    /// The type of each message queued, in order (small ones share a part).
     fn tags(out: &Outbox) -> String {
-        out.parts.iter().map(|b| b[0] as char).collect()
+        let bytes: Vec<u8> = out.parts.iter().flat_map(|p| p.iter()).chain(out.tail.iter()).copied().collect();
+        let mut rest = &bytes[..];
+        let mut tags = String::new();
+        while let [tag, a, b, c, d, ..] = *rest {
+            tags.push(tag as char);
+            rest = &rest[1 + u32::from_be_bytes([a, b, c, d]) as usize..];
+        }
+        assert!(rest.is_empty(), "the outbox holds whole messages");
+        tags
+    }
+
+    #[test]
+    fn small_messages_share_a_part_and_large_ones_keep_their_place() {
+        let mut out = Outbox::default();
+        for _ in 0..100 {
+            out.push(Frame::build(b'D', &[7; 100]).into_bytes());
+        }
+        out.push(Frame::build(b'd', &[1; COALESCE_BELOW]).into_bytes());
+        out.push(Frame::build(b'C', b"SELECT 100\0").into_bytes());
+        out.seal_tail();
+        assert_eq!(out.parts.len(), 3, "100 rows in one part, the large message, the rest");
+        assert_eq!(out.len(), out.parts.iter().map(Bytes::len).sum::<usize>());
+        assert_eq!(tags(&out), format!("{}dC", "D".repeat(100)));
     }
 
     #[test]

@@ -114,11 +114,13 @@ pub trait Stage: Send {
 #[derive(Default)]
 pub struct Pipeline {
     stages: Vec<Box<dyn Stage>>,
+    /// The empty work stack of [`Pipeline::backend_resume`], kept between messages.
+    work: Vec<(Frame, usize)>,
 }
 
 impl Pipeline {
     pub fn new(stages: Vec<Box<dyn Stage>>) -> Self {
-        Self { stages }
+        Self { stages, work: Vec::new() }
     }
 
     pub fn needs_whole(&self, direction: Direction, tag: u8) -> bool {
@@ -145,7 +147,9 @@ impl Pipeline {
     /// Run a database message through the stages, last to first.
     pub fn backend(&mut self, session: &Session, frame: Frame) -> Backend {
         let end = self.stages.len();
-        self.backend_resume(session, vec![(frame, end)])
+        let mut work = std::mem::take(&mut self.work);
+        work.push((frame, end));
+        self.backend_resume(session, work)
     }
 
     /// Run database messages through the stages. `work` is a stack (the last entry
@@ -177,6 +181,8 @@ impl Pipeline {
             }
             out.push(frame.into_bytes());
         }
+        // Kept for the next message: no allocation per row.
+        self.work = work;
         Backend { out, stop: None }
     }
 
