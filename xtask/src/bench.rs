@@ -558,92 +558,71 @@ fn mask() -> Result<()> {
     std::fs::create_dir_all(&dir)?;
     let key = dir.join("key");
     std::fs::write(&key, [7u8; 32])?;
-    let cg = TestCgroup::new();
-    let prot = cg.child("protected");
-    let mut cfg = AgentConfig::new(&cg).database(DbSpec::new("bench", &["127.0.0.2/32"], server.port(), server.socket_addr())).protect(&prot, "bench-client");
-    cfg.extra = format!(
+    let db = DbSpec::new("bench", &["127.0.0.2/32"], server.port(), server.socket_addr());
+    let masking = format!(
         "[masking]\nhash_key_file = {:?}\n[[masking.profile]]\nname = \"bench\"\nidentities = [\"bench-client\"]\n\
          [[masking.profile.rule]]\ncolumn = \"public.bench_rows.ssn\"\nstrategy = \"partial\"\n\
          [[masking.profile.rule]]\ncolumn = \"public.bench_rows.name\"\nstrategy = \"hash\"\n\
          [[masking.profile.rule]]\ncolumn = \"public.bench_rows.dob\"\nstrategy = \"year\"\n",
         key.display().to_string()
     );
-    let agent = Agent::start(&cfg)?;
-    let prot_dir = cg.child_dir("protected");
+    let masked = BenchAgent::start(&db, "", &masking)?;
     // The same relay without masking, to price the masking alone.
-    let cg_off = TestCgroup::new();
-    let prot_off = cg_off.child("protected");
-    let mut cfg_off =
-        AgentConfig::new(&cg_off).database(DbSpec::new("bench", &["127.0.0.2/32"], server.port(), server.socket_addr())).protect(&prot_off, "bench-client");
-    cfg_off.extra = "[masking]\nenabled = false\n".into();
-    let agent_off = Agent::start(&cfg_off)?;
-    let off_dir = cg_off.child_dir("protected");
+    let unmasked = BenchAgent::start(&db, "", "[masking]\nenabled = false\n")?;
     // Masking with the audit log off: the masking's own price, apart from the audit's
     // (which hashes every raw and delivered row and keeps and seals the first MiB).
-    let cg_noaudit = TestCgroup::new();
-    let prot_noaudit = cg_noaudit.child("protected");
-    let mut cfg_noaudit = AgentConfig::new(&cg_noaudit)
-        .database(DbSpec::new("bench", &["127.0.0.2/32"], server.port(), server.socket_addr()))
-        .protect(&prot_noaudit, "bench-client");
-    cfg_noaudit.extra = format!("[audit]\nenabled = false\n{}", cfg.extra);
-    let agent_noaudit = Agent::start(&cfg_noaudit)?;
-    let noaudit_dir = cg_noaudit.child_dir("protected");
+    let masked_noaudit = BenchAgent::start(&db, "", &format!("[audit]\nenabled = false\n{masking}"))?;
     // The floor of any proxy: a plain byte relay in front of the same server.
     let relay_port = free_port(Ipv4Addr::new(127, 0, 0, 2));
     let relay = Server::listening(&["relay", &format!("127.0.0.2:{relay_port}"), &server.socket_addr().to_string()])?;
     let big = "select id, ssn, name, dob, lab, value from bench_rows";
     let small = "select id, ssn, name, dob, lab, value from bench_rows where id <= 10000";
     eprintln!("bench: warming up");
-    pgclient_stream(Some(&prot_dir), server.port(), small)?;
-    let (mut direct, mut masked, mut unmasked, mut masked_noaudit, mut relayed) = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    pgclient_stream(Some(&masked.dir), server.port(), small)?;
+    // In the order of the printed rows: (name, cgroup the client runs in, port).
+    let targets: [(&str, Option<&Path>, u16); 5] = [
+        ("direct", None, server.port()),
+        ("through phigate", Some(&masked.dir), server.port()),
+        ("without masking", Some(&unmasked.dir), server.port()),
+        ("without the audit log", Some(&masked_noaudit.dir), server.port()),
+        ("through a plain relay", None, relay_port),
+    ];
+    let mut runs: [Vec<f64>; 5] = Default::default();
     for round in 0..reps {
         eprintln!(
             "bench: round {}/{reps}: 1,000,000 rows direct, through phigate, without masking, without the audit log, through a plain relay",
             round + 1
         );
-        let d = pgclient_stream(None, server.port(), big)?;
-        let m = pgclient_stream(Some(&prot_dir), server.port(), big)?;
-        let u = pgclient_stream(Some(&off_dir), server.port(), big)?;
-        let n = pgclient_stream(Some(&noaudit_dir), server.port(), big)?;
-        let r = pgclient_stream(None, relay_port, big)?;
-        if [&d, &m, &u, &n, &r].iter().any(|r| r["rows"] != 1_000_000) {
-            bail!(
-                "row counts differ: direct {} masked {} unmasked {} masked without audit {} plain relay {}",
-                d["rows"],
-                m["rows"],
-                u["rows"],
-                n["rows"],
-                r["rows"]
-            );
+        for (i, (name, dir, port)) in targets.iter().enumerate() {
+            let run = pgclient_stream(*dir, *port, big)?;
+            if run["rows"] != 1_000_000 {
+                bail!("row counts differ: {name} returned {} rows, not 1,000,000", run["rows"]);
+            }
+            runs[i].push(run["seconds"].as_f64().unwrap_or(f64::NAN));
         }
-        relayed.push(r["seconds"].as_f64().unwrap_or(f64::NAN));
-        direct.push(d["seconds"].as_f64().unwrap_or(f64::NAN));
-        masked.push(m["seconds"].as_f64().unwrap_or(f64::NAN));
-        unmasked.push(u["seconds"].as_f64().unwrap_or(f64::NAN));
-        masked_noaudit.push(n["seconds"].as_f64().unwrap_or(f64::NAN));
     }
-    let masked_events = agent.events_named("result masked").len();
-    drop(agent);
+    let masked_events = masked.agent.events_named("result masked").len();
+    drop(masked);
     // Peak RSS of each result size on a fresh agent: memory the allocator kept from
     // the timed runs would otherwise hide the smaller result's own peak. One row
     // first, so start-up's transient memory is not counted as the query's.
     let peak_of = |sql: &str| -> Result<u64> {
-        let agent = Agent::start(&cfg)?;
-        let pid = agent.pid().context("agent pid")?;
-        pgclient_stream(Some(&prot_dir), server.port(), "select id, ssn, name, dob, lab, value from bench_rows where id = 1")?;
+        let fresh = BenchAgent::start(&db, "", &masking)?;
+        let pid = fresh.agent.pid().context("agent pid")?;
+        pgclient_stream(Some(&fresh.dir), server.port(), "select id, ssn, name, dob, lab, value from bench_rows where id = 1")?;
         reset_peak_rss(pid);
-        pgclient_stream(Some(&prot_dir), server.port(), sql)?;
+        pgclient_stream(Some(&fresh.dir), server.port(), sql)?;
         Ok(peak_rss_kib(pid))
     };
     let rss_small = peak_of(small)?;
     let rss_big = peak_of(big)?;
-    drop((agent_off, agent_noaudit, relay));
+    drop((unmasked, masked_noaudit, relay));
     let _ = std::fs::remove_dir_all(&dir);
     let med = |mut v: Vec<f64>| {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
-    let (d, m, u, n, r) = (med(direct), med(masked), med(unmasked), med(masked_noaudit), med(relayed));
+    let [d, m, u, n, r] = runs.map(med);
     println!("\nphigate mask benchmark — 1,000,000 rows × 6 columns (ssn partial, name hash, dob year; lab text through the detectors), tokio-postgres streaming binary results, median of {reps}");
     println!("  direct                 {d:>8.2} s");
     println!("  through phigate        {m:>8.2} s   ratio {:.2}×   target ≤ 1.3×", m / d);

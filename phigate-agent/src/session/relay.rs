@@ -568,14 +568,16 @@ mod tests {
 
     /// The type of each message queued, in order (small ones share a part).
     fn tags(out: &Outbox) -> String {
-        let bytes: Vec<u8> = out.parts.iter().flat_map(|p| p.iter()).chain(out.tail.iter()).copied().collect();
-        let mut rest = &bytes[..];
+        let mut bytes: BytesMut = out.parts.iter().flat_map(|p| p.iter()).chain(out.tail.iter()).copied().collect();
+        let mut decoder = Decoder::new(usize::MAX, usize::MAX);
         let mut tags = String::new();
-        while let [tag, a, b, c, d, ..] = *rest {
-            tags.push(tag as char);
-            rest = &rest[1 + u32::from_be_bytes([a, b, c, d]) as usize..];
+        while let Some(item) = decoder.decode(&mut bytes, |_| true).expect("the outbox holds valid frames") {
+            match item {
+                Item::Whole(f) => tags.push(f.tag() as char),
+                other => panic!("a whole frame was expected, got {other:?}"),
+            }
         }
-        assert!(rest.is_empty(), "the outbox holds whole messages");
+        assert!(bytes.is_empty(), "the outbox holds whole messages");
         tags
     }
 
