@@ -1,9 +1,29 @@
 //! Detector throughput on free-text clinical notes (`cargo xtask bench detect`): one
 //! pass of every Safe Harbor detector over notes that embed identifiers, and over
 //! notes that hold none (the common case). Target: ≥ 200 MB/s per core.
+//!
+//! Also the masking state machine's CPU per row on rows shaped like `cargo xtask bench
+//! mask`'s (binary results; ssn `partial`, name `hash`, dob `year`, lab text through
+//! the detectors): the part of that benchmark's agent time that is masking, apart
+//! from the relay and the audit.
 
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
-use phigate_agent::mask::detect::{Counts, Detectors, Kind};
+use phigate_agent::{
+    mask::{
+        catalog::{Catalog, Column, RelKind, Relation},
+        detect::{Counts, Detectors, Kind},
+        lineage::RelName,
+        strategy::Strategy,
+        Masker, Profile, Rule, Step, Target,
+    },
+    pg::{
+        msg::{self, Field},
+        Frame,
+    },
+};
 
 const PROSE: [&str; 8] = [
     "Follow-up visit for type 2 diabetes mellitus without complications. ",
@@ -57,5 +77,88 @@ fn bench(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, bench);
+const ROWS_OID: u32 = 16400;
+
+/// A masker for `public.bench_rows` as `bench mask` configures it, after the query
+/// and its RowDescription (binary results, as tokio-postgres asks for).
+fn bench_rows_masker() -> Masker {
+    let columns = [("id", 23), ("ssn", 25), ("name", 25), ("dob", 1082), ("lab", 25), ("value", 1700)];
+    let mut catalog = Catalog::default();
+    catalog.insert(
+        vec![Relation {
+            oid: ROWS_OID,
+            name: RelName { schema: Some("public".into()), name: "bench_rows".into() },
+            kind: RelKind::Table,
+            columns: columns.iter().enumerate().map(|(i, (n, t))| Column { attnum: i as i16 + 1, name: n.to_string(), type_oid: *t }).collect(),
+            view: None,
+        }],
+        &["bench_rows".into()],
+    );
+    let col = |c: &str| Target::Column { schema: Some("public".into()), table: "bench_rows".into(), column: c.into() };
+    let profile = Arc::new(Profile {
+        name: "bench".into(),
+        identities: vec!["bench-client".into()],
+        groups: Vec::new(),
+        rules: vec![
+            Rule { id: "ssn".into(), target: col("ssn"), strategy: Strategy::Partial { keep_last: 4 } },
+            Rule { id: "name".into(), target: col("name"), strategy: Strategy::Hash { hex_len: 16, prefix: "pt_".into() } },
+            Rule { id: "dob".into(), target: col("dob"), strategy: Strategy::Year },
+        ],
+        detectors: Detectors::new(&Kind::ALL, &[]).unwrap(),
+        free_text: true,
+    });
+    let mut m = Masker::new(profile, Arc::from(&[7u8; 32][..]), Arc::new(Mutex::new(catalog)), 2026);
+    m.frontend(&Frame::build(b'Q', b"select id, ssn, name, dob, lab, value from bench_rows\0"));
+    let mut rd = (columns.len() as i16).to_be_bytes().to_vec();
+    for (i, (name, ty)) in columns.iter().enumerate() {
+        let f = Field { name: name.to_string(), table_oid: ROWS_OID, column: i as i16 + 1, type_oid: *ty, type_len: -1, type_mod: -1, format: 1 };
+        rd.extend_from_slice(f.name.as_bytes());
+        rd.push(0);
+        rd.extend_from_slice(&f.table_oid.to_be_bytes());
+        rd.extend_from_slice(&f.column.to_be_bytes());
+        rd.extend_from_slice(&f.type_oid.to_be_bytes());
+        rd.extend_from_slice(&f.type_len.to_be_bytes());
+        rd.extend_from_slice(&f.type_mod.to_be_bytes());
+        rd.extend_from_slice(&f.format.to_be_bytes());
+    }
+    assert!(matches!(m.backend(&Frame::build(b'T', &rd)), Step::Forward));
+    m
+}
+
+/// DataRows as PostgreSQL sends `bench mask`'s table in binary.
+fn bench_rows(n: i32) -> Vec<Frame> {
+    (1..=n)
+        .map(|g| {
+            let ssn = format!("{:03}-{:02}-{:04}", g % 899 + 1, g % 99 + 1, g % 9999 + 1);
+            let name = format!("Patient {g}");
+            let dob = (g % 20000 - 18262).to_be_bytes(); // days from 2000-01-01: 1950-01-01 + g % 20000
+            let lab = format!("HbA1c {:.1} %, ICD-10 E11.9", f64::from(g % 90) / 10.0 + 4.0);
+            let value = [0, 2, 0, 0, 0, 0, 0, 1, 0, 12, 19, 136]; // numeric 12.5000, as binary
+            let mut out = Vec::new();
+            msg::encode_data_row([Some(&g.to_be_bytes()[..]), Some(ssn.as_bytes()), Some(name.as_bytes()), Some(&dob[..]), Some(lab.as_bytes()), Some(&value[..])].into_iter(), &mut out);
+            Frame::from_bytes(Bytes::from(out))
+        })
+        .collect()
+}
+
+fn rows(c: &mut Criterion) {
+    let rows = bench_rows(10_000);
+    let mut m = bench_rows_masker();
+    let mut g = c.benchmark_group("mask");
+    g.throughput(Throughput::Elements(rows.len() as u64));
+    g.bench_function("rows of bench mask", |b| {
+        b.iter(|| {
+            let mut rewritten = 0;
+            for r in &rows {
+                if let Step::Replace(parts) = m.backend(black_box(r)) {
+                    rewritten += parts.len();
+                }
+            }
+            assert_eq!(rewritten, rows.len(), "every row has a masked column");
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench, rows);
 criterion_main!(benches);

@@ -231,6 +231,14 @@ fn median(mut runs: Vec<PgbenchResult>) -> PgbenchResult {
     runs[runs.len() / 2]
 }
 
+/// (idle, total) ticks of all CPUs since boot, from /proc/stat.
+fn machine_ticks() -> (f64, f64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let f: Vec<f64> = stat.lines().next().unwrap_or("").split_whitespace().skip(1).filter_map(|v| v.parse().ok()).collect();
+    // user nice system idle iowait irq softirq steal …: idle and iowait are idle.
+    (f.get(3).copied().unwrap_or(0.0) + f.get(4).copied().unwrap_or(0.0), f.iter().take(8).sum())
+}
+
 /// utime + stime of a process, in seconds.
 fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -494,7 +502,8 @@ fn pg() -> Result<()> {
     Ok(())
 }
 
-/// Criterion: detector throughput on free-text clinical notes.
+/// Criterion: detector throughput on free-text clinical notes, and the masker's CPU per
+/// row on bench mask's rows.
 fn detect() -> Result<()> {
     crate::run(Command::new("cargo").current_dir(root()).args(["bench", "-p", "phigate-agent", "--bench", "mask"]))?;
     println!("\nphigate detectors — free-text clinical notes, one core (Criterion, median)");
@@ -511,6 +520,12 @@ fn detect() -> Result<()> {
         let ns = est["median"]["point_estimate"].as_f64().unwrap_or(f64::NAN);
         println!("  detect/{name:<33} {:>8.0} MB/s   target ≥ 200 MB/s", bytes / ns * 1e3);
     }
+    // The masking state machine alone on bench mask's rows (no relay, no audit).
+    let at = dir.join("mask").join("rows of bench mask").join("new");
+    let est: Value = serde_json::from_str(&std::fs::read_to_string(at.join("estimates.json")).context("reading the row benchmark's estimates")?)?;
+    let bench: Value = serde_json::from_str(&std::fs::read_to_string(at.join("benchmark.json")).context("reading the row benchmark's settings")?)?;
+    let rows = bench["throughput"]["Elements"].as_f64().unwrap_or(f64::NAN);
+    println!("  mask/rows of bench mask              {:>8.0} ns/row (the masker alone: 3 column rules and the detectors on one text column)", est["median"]["point_estimate"].as_f64().unwrap_or(f64::NAN) / rows);
     Ok(())
 }
 
@@ -579,26 +594,33 @@ fn mask() -> Result<()> {
     let small = "select id, ssn, name, dob, lab, value from bench_rows where id <= 10000";
     eprintln!("bench: warming up");
     pgclient_stream(Some(&masked.dir), server.port(), small)?;
-    // In the order of the printed rows: (name, cgroup the client runs in, port).
-    let targets: [(&str, Option<&Path>, u16); 5] = [
-        ("direct", None, server.port()),
-        ("through phigate", Some(&masked.dir), server.port()),
-        ("without masking", Some(&unmasked.dir), server.port()),
-        ("without the audit log", Some(&masked_noaudit.dir), server.port()),
-        ("through a plain relay", None, relay_port),
+    // In the order of the printed rows: (name, cgroup the client runs in, port, the
+    // proxy's pid).
+    let targets: [(&str, Option<&Path>, u16, Option<u32>); 5] = [
+        ("direct", None, server.port(), None),
+        ("through phigate", Some(&masked.dir), server.port(), masked.agent.pid()),
+        ("without masking", Some(&unmasked.dir), server.port(), unmasked.agent.pid()),
+        ("without the audit log", Some(&masked_noaudit.dir), server.port(), masked_noaudit.agent.pid()),
+        ("through a plain relay", None, relay_port, Some(relay.0.id())),
     ];
-    let mut runs: [Vec<f64>; 5] = Default::default();
+    // Per configuration and round: wall seconds, the proxy's CPU seconds, and the
+    // share of both cores left idle (is the proxy's one session thread the bottleneck,
+    // or are the cores full?).
+    let mut runs: [Vec<(f64, f64, f64)>; 5] = Default::default();
     for round in 0..reps {
         eprintln!(
             "bench: round {}/{reps}: 1,000,000 rows direct, through phigate, without masking, without the audit log, through a plain relay",
             round + 1
         );
-        for (i, (name, dir, port)) in targets.iter().enumerate() {
+        for (i, (name, dir, port, pid)) in targets.iter().enumerate() {
+            let (cpu_before, idle_before) = (pid.map(cpu_seconds).unwrap_or(0.0), machine_ticks());
             let run = pgclient_stream(*dir, *port, big)?;
+            let (cpu, idle_after) = (pid.map(cpu_seconds).unwrap_or(0.0) - cpu_before, machine_ticks());
             if run["rows"] != 1_000_000 {
                 bail!("row counts differ: {name} returned {} rows, not 1,000,000", run["rows"]);
             }
-            runs[i].push(run["seconds"].as_f64().unwrap_or(f64::NAN));
+            let idle = (idle_after.0 - idle_before.0) / (idle_after.1 - idle_before.1).max(1.0);
+            runs[i].push((run["seconds"].as_f64().unwrap_or(f64::NAN), cpu, idle));
         }
     }
     let masked_events = masked.agent.events_named("result masked").len();
@@ -618,17 +640,24 @@ fn mask() -> Result<()> {
     let rss_big = peak_of(big)?;
     drop((unmasked, masked_noaudit, relay));
     let _ = std::fs::remove_dir_all(&dir);
-    let med = |mut v: Vec<f64>| {
-        v.sort_by(f64::total_cmp);
+    // The round with the median wall time.
+    let med = |mut v: Vec<(f64, f64, f64)>| {
+        v.sort_by(|a, b| a.0.total_cmp(&b.0));
         v[v.len() / 2]
     };
     let [d, m, u, n, r] = runs.map(med);
+    let cpu = |(_, c, idle): (f64, f64, f64)| format!("proxy CPU {:>4.0} ns/row, cores idle {:>3.0} %", c * 1e9 / 1e6, idle * 100.0);
     println!("\nphigate mask benchmark — 1,000,000 rows × 6 columns (ssn partial, name hash, dob year; lab text through the detectors), tokio-postgres streaming binary results, median of {reps}");
-    println!("  direct                 {d:>8.2} s");
-    println!("  through phigate        {m:>8.2} s   ratio {:.2}×   target ≤ 1.3×", m / d);
-    println!("  … without masking      {u:>8.2} s   ratio {:.2}×   (the relay and the audit, no masking)", u / d);
-    println!("  … without the audit    {n:>8.2} s   ratio {:.2}×   (the relay and the masking, no audit log)", n / d);
-    println!("  a plain byte relay     {r:>8.2} s   ratio {:.2}×   (reference: no protocol, no phigate — the floor of any proxy here)", r / d);
+    println!("  direct                 {:>8.2} s                    cores idle {:>3.0} %", d.0, d.2 * 100.0);
+    println!("  through phigate        {:>8.2} s   ratio {:.2}×   {}   target ≤ 1.3×", m.0, m.0 / d.0, cpu(m));
+    println!("  … without masking      {:>8.2} s   ratio {:.2}×   {}   (the relay and the audit, no masking)", u.0, u.0 / d.0, cpu(u));
+    println!("  … without the audit    {:>8.2} s   ratio {:.2}×   {}   (the relay and the masking, no audit log)", n.0, n.0 / d.0, cpu(n));
+    println!(
+        "  a plain byte relay     {:>8.2} s   ratio {:.2}×   {}   (reference: no protocol, no phigate — the floor of any proxy here)",
+        r.0,
+        r.0 / d.0,
+        cpu(r)
+    );
     println!("  agent peak RSS, 10,000 rows      {:>8} KiB", rss_small);
     println!("  agent peak RSS, 1,000,000 rows   {:>8} KiB   ratio {:.2}×   target ≤ 1.10×", rss_big, rss_big as f64 / rss_small.max(1) as f64);
     println!("  (results masked, as logged: {masked_events})");

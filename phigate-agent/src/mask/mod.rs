@@ -50,7 +50,7 @@ use catalog::{Catalog, Lookup};
 use copy::{CopyFormat, CopyKind};
 use detect::{Counts, DetectCache, Detectors, Kind};
 use lineage::{Output, RelName, Sources};
-use strategy::{CellType, Context, Masked, Strategy, TypeClass};
+use strategy::{CellType, Context, Outcome, Strategy, TypeClass};
 
 /// What a rule applies to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -709,10 +709,11 @@ impl Masker {
         out
     }
 
-    fn mask_value(&mut self, col: &ColumnPlan, value: &[u8]) -> Result<Masked, PgError> {
+    /// Mask one non-NULL value, appending the masked form (if any) to `out`.
+    fn mask_value(&mut self, col: &ColumnPlan, value: &[u8], out: &mut Vec<u8>) -> Result<Outcome, PgError> {
         let ctx = Context { mac: &self.mac, detectors: &self.profile.detectors, current_year: self.current_year };
-        let m = strategy::apply(&col.strategy, &ctx, &mut self.cache, col.ty, value, &mut self.summary.by_kind).map_err(|e| fail(e.to_string()))?;
-        if m.changed() {
+        let m = strategy::apply_into(&col.strategy, &ctx, &mut self.cache, col.ty, value, &mut self.summary.by_kind, out).map_err(|e| fail(e.to_string()))?;
+        if m != Outcome::Same {
             self.summary.cells_masked += 1;
             if let Some(r) = col.rule {
                 self.rule_counts[r] += 1;
@@ -731,56 +732,54 @@ impl Masker {
         if cells.count() != plan.columns.len() {
             return Err(fail(format!("a row has {} values for {} described columns", cells.count(), plan.columns.len())));
         }
+        // The row is rebuilt in place: each cell's length, then its value as it came
+        // or as the strategy appended it.
         let mut out = std::mem::take(&mut self.scratch);
         out.clear();
         out.push(tag::DATA_ROW);
         out.extend_from_slice(&[0, 0, 0, 0]);
         out.extend_from_slice(&(cells.count() as i16).to_be_bytes());
         let mut changed = false;
-        for col in &plan.columns {
-            let cell = match cells.next_cell() {
-                Ok(Some(c)) => c,
-                Ok(None) => return Err(fail("a row ended early")),
-                Err(e) => {
-                    self.scratch = out;
-                    return Err(bad(e));
-                }
-            };
-            let cell = &cell;
-            let masked = match cell {
-                None => Masked::Same,
-                Some(_) if col.strategy == Strategy::Keep => Masked::Same,
-                Some(v) => self.mask_value(col, v)?,
-            };
-            match (masked, cell) {
-                (Masked::Same, None) | (Masked::Null, _) => {
-                    changed |= cell.is_some();
+        let result = (|| {
+            for col in &plan.columns {
+                let cell = cells.next_cell().map_err(bad)?.ok_or_else(|| fail("a row ended early"))?;
+                let Some(v) = cell else {
                     out.extend_from_slice(&(-1i32).to_be_bytes());
-                }
-                (Masked::Same, Some(v)) => {
-                    out.extend_from_slice(&(v.len() as i32).to_be_bytes());
-                    out.extend_from_slice(v);
-                }
-                (Masked::Value(nv), _) => {
-                    changed = true;
-                    out.extend_from_slice(&(nv.len() as i32).to_be_bytes());
-                    out.extend_from_slice(&nv);
+                    continue;
+                };
+                let at = out.len();
+                out.extend_from_slice(&[0, 0, 0, 0]);
+                let outcome = if col.strategy == Strategy::Keep { Outcome::Same } else { self.mask_value(col, v, &mut out)? };
+                match outcome {
+                    Outcome::Same => {
+                        out[at..at + 4].copy_from_slice(&(v.len() as i32).to_be_bytes());
+                        out.extend_from_slice(v);
+                    }
+                    Outcome::Null => {
+                        changed = true;
+                        out[at..at + 4].copy_from_slice(&(-1i32).to_be_bytes());
+                    }
+                    Outcome::Written => {
+                        changed = true;
+                        let len = out.len() - at - 4;
+                        out[at..at + 4].copy_from_slice(&(len as i32).to_be_bytes());
+                    }
                 }
             }
-        }
-        if let Err(e) = cells.next_cell() {
-            self.scratch = out;
-            return Err(bad(e));
-        }
-        let result = if changed {
-            let len = (out.len() - 1) as u32;
-            out[1..5].copy_from_slice(&len.to_be_bytes());
-            Step::Replace(smallvec::smallvec![self.freeze(&out)])
-        } else {
-            Step::Forward
+            cells.next_cell().map_err(bad)?;
+            Ok(())
+        })();
+        let step = match result {
+            Ok(()) if changed => {
+                let len = (out.len() - 1) as u32;
+                out[1..5].copy_from_slice(&len.to_be_bytes());
+                Ok(Step::Replace(smallvec::smallvec![self.freeze(&out)]))
+            }
+            Ok(()) => Ok(Step::Forward),
+            Err(e) => Err(e),
         };
         self.scratch = out;
-        Ok(result)
+        step
     }
 
     /// Copy into the session's output arena: one allocation per many rows.
@@ -853,17 +852,20 @@ impl Masker {
             match f {
                 None => out.push(None),
                 Some(v) if col.strategy == Strategy::Keep => out.push(Some(v)),
-                Some(v) => match self.mask_value(col, &v)? {
-                    Masked::Same => out.push(Some(v)),
-                    Masked::Null => {
-                        changed = true;
-                        out.push(None)
+                Some(v) => {
+                    let mut masked = Vec::new();
+                    match self.mask_value(col, &v, &mut masked)? {
+                        Outcome::Same => out.push(Some(v)),
+                        Outcome::Null => {
+                            changed = true;
+                            out.push(None)
+                        }
+                        Outcome::Written => {
+                            changed = true;
+                            out.push(Some(masked))
+                        }
                     }
-                    Masked::Value(n) => {
-                        changed = true;
-                        out.push(Some(n.into_vec()))
-                    }
-                },
+                }
             }
         }
         Ok((out, changed))

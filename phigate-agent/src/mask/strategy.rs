@@ -130,24 +130,8 @@ impl CellType {
     }
 }
 
-/// A masked value: short ones (pseudonyms, partial identifiers, years) stay inline,
-/// so masking a row allocates nothing.
-pub type CellBytes = smallvec::SmallVec<[u8; 64]>;
-
-/// The result for one cell.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Masked {
-    /// Forward the value as it is.
-    Same,
-    Null,
-    Value(CellBytes),
-}
-
-impl Masked {
-    pub fn changed(&self) -> bool {
-        !matches!(self, Masked::Same)
-    }
-}
+/// A short value built apart (a ZIP3, an integer): inline, no allocation.
+type CellBytes = smallvec::SmallVec<[u8; 64]>;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StrategyError {
@@ -183,54 +167,76 @@ impl Context<'_> {
     }
 }
 
-/// Apply `strategy` to a non-NULL `value`. `counts` gets one entry per identifier the
-/// detectors replaced.
-pub fn apply(
+/// What [`apply_into`] did with a value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Forward the value as it is (nothing was appended).
+    Same,
+    /// Send NULL instead (nothing was appended).
+    Null,
+    /// The masked value was appended to the output.
+    Written,
+}
+
+fn written(out: &mut Vec<u8>, bytes: &[u8]) -> Outcome {
+    out.extend_from_slice(bytes);
+    Outcome::Written
+}
+
+/// Apply `strategy` to a non-NULL `value`, appending the masked value (if any) to
+/// `out` — the row being rebuilt, so a masked cell is written once, where it goes,
+/// rather than built apart and copied in. `counts` gets one entry per identifier the
+/// detectors replaced. On an error, `out` may hold part of a value: the caller
+/// discards the row.
+pub fn apply_into(
     strategy: &Strategy,
     ctx: &Context<'_>,
     cache: &mut DetectCache,
     ty: CellType,
     value: &[u8],
     counts: &mut Counts,
-) -> Result<Masked, StrategyError> {
+    out: &mut Vec<u8>,
+) -> Result<Outcome, StrategyError> {
     use TypeClass as T;
     Ok(match strategy {
-        Strategy::Keep => Masked::Same,
-        Strategy::Detect => detect(ctx, cache, ty, value, counts),
+        Strategy::Keep => Outcome::Same,
+        Strategy::Detect => detect(ctx, cache, ty, value, counts, out),
         Strategy::Redact { token, null } => {
             if *null || !ty.is_text() {
-                Masked::Null
+                Outcome::Null
             } else {
-                Masked::Value(token.as_bytes().into())
+                written(out, token.as_bytes())
             }
         }
         Strategy::Partial { keep_last } => {
             if !ty.is_text() {
-                Masked::Null
+                Outcome::Null
             } else {
-                Masked::Value(partial(value, *keep_last))
+                partial_into(value, *keep_last, out);
+                Outcome::Written
             }
         }
         Strategy::Zip3 => {
             if !ty.is_text() {
-                Masked::Null
+                Outcome::Null
             } else {
-                Masked::Value(zip3(value))
+                written(out, &zip3(value))
             }
         }
         Strategy::Hash { hex_len, prefix } => match ty.class {
             _ if ty.is_text() => {
                 let mac = ctx.mac(value);
                 let len = (*hex_len).clamp(8, 64);
-                let mut out = CellBytes::with_capacity(prefix.len() + len);
                 out.extend_from_slice(prefix.as_bytes());
                 const DIGITS: &[u8; 16] = b"0123456789abcdef";
-                for b in mac.iter().take(len.div_ceil(2)) {
+                // Two digits per byte, the last byte's second digit cut for odd lengths.
+                for (i, b) in mac.iter().take(len.div_ceil(2)).enumerate() {
                     out.push(DIGITS[(b >> 4) as usize]);
-                    out.push(DIGITS[(b & 15) as usize]);
+                    if 2 * i + 1 < len {
+                        out.push(DIGITS[(b & 15) as usize]);
+                    }
                 }
-                out.truncate(prefix.len() + len);
-                Masked::Value(out)
+                Outcome::Written
             }
             T::Int2 | T::Int4 | T::Int8 => {
                 let canonical = integer_text(ty, value)?;
@@ -241,7 +247,7 @@ pub fn apply(
                     T::Int4 => 1 + (raw % i32::MAX as u64) as i64,
                     _ => 1 + (raw % i64::MAX as u64) as i64,
                 };
-                Masked::Value(integer_out(ty, v))
+                written(out, &integer_out(ty, v))
             }
             T::Uuid => {
                 let canonical = uuid_text(ty, value)?;
@@ -250,29 +256,36 @@ pub fn apply(
                 // Version 8 (custom), RFC 4122 variant: a valid UUID that says it is made up.
                 b[6] = (b[6] & 0x0f) | 0x80;
                 b[8] = (b[8] & 0x3f) | 0x80;
-                Masked::Value(if ty.binary { b[..].into() } else { format_uuid(&b).into_bytes().into() })
+                if ty.binary {
+                    written(out, &b)
+                } else {
+                    written(out, format_uuid(&b).as_bytes())
+                }
             }
-            _ => Masked::Null,
+            _ => Outcome::Null,
         },
-        Strategy::Year => year(ctx, ty, value)?,
+        Strategy::Year => year(ctx, ty, value, out)?,
     })
 }
 
-fn detect(ctx: &Context<'_>, cache: &mut DetectCache, ty: CellType, value: &[u8], counts: &mut Counts) -> Masked {
+fn detect(ctx: &Context<'_>, cache: &mut DetectCache, ty: CellType, value: &[u8], counts: &mut Counts, out: &mut Vec<u8>) -> Outcome {
     match ty.class {
         TypeClass::Jsonb if ty.binary => {
             // Binary jsonb is a version byte followed by the JSON text.
-            let Some((&version, text)) = value.split_first() else { return Masked::Same };
+            let Some((&version, text)) = value.split_first() else { return Outcome::Same };
             match ctx.detectors.scan_with(cache, text, counts) {
-                Some(mut new) => {
-                    new.insert(0, version);
-                    Masked::Value(new.into())
+                Some(new) => {
+                    out.push(version);
+                    written(out, &new)
                 }
-                None => Masked::Same,
+                None => Outcome::Same,
             }
         }
-        _ if ty.scannable() => ctx.detectors.scan_with(cache, value, counts).map(|v| Masked::Value(v.into())).unwrap_or(Masked::Same),
-        _ => Masked::Same,
+        _ if ty.scannable() => match ctx.detectors.scan_with(cache, value, counts) {
+            Some(new) => written(out, &new),
+            None => Outcome::Same,
+        },
+        _ => Outcome::Same,
     }
 }
 
@@ -293,45 +306,45 @@ fn format_uuid(b: &[u8; 16]) -> String {
 
 /// Keep the last `keep` letters and digits; hide the others; keep punctuation so the
 /// shape (`***-**-6789`) still reads.
-pub fn partial(value: &[u8], keep: usize) -> CellBytes {
+/// All but the last `keep` letters and digits replaced by `*`, punctuation kept.
+fn partial_into(value: &[u8], keep: usize, out: &mut Vec<u8>) {
     if value.is_ascii() {
         let total = value.iter().filter(|b| b.is_ascii_alphanumeric()).count();
-        let hide = total.saturating_sub(keep);
-        let mut seen = 0;
-        return value
-            .iter()
-            .map(|&b| {
-                if b.is_ascii_alphanumeric() {
-                    seen += 1;
-                    if seen <= hide {
-                        return b'*';
-                    }
-                }
-                b
-            })
-            .collect();
+        let mut hide = total.saturating_sub(keep);
+        out.extend(value.iter().map(|&b| {
+            if hide > 0 && b.is_ascii_alphanumeric() {
+                hide -= 1;
+                return b'*';
+            }
+            b
+        }));
+        return;
     }
     let text = String::from_utf8_lossy(value);
     let total = text.chars().filter(|c| c.is_alphanumeric()).count();
     let hide = total.saturating_sub(keep);
     let mut seen = 0;
-    let mut out = String::with_capacity(value.len());
+    let mut buf = [0u8; 4];
     for c in text.chars() {
-        if c.is_alphanumeric() {
-            out.push(if seen < hide { '*' } else { c });
+        let c = if c.is_alphanumeric() {
             seen += 1;
+            if seen <= hide {
+                '*'
+            } else {
+                c
+            }
         } else {
-            out.push(c);
-        }
+            c
+        };
+        out.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
     }
-    out.into_bytes().into()
 }
 
 /// ZIP3 prefixes of areas with 20,000 or fewer people (2000 census), which Safe Harbor
 /// requires to become 000.
 pub const RESTRICTED_ZIP3: [&str; 17] = ["036", "059", "063", "102", "203", "556", "692", "790", "821", "823", "830", "831", "878", "879", "884", "890", "893"];
 
-pub fn zip3(value: &[u8]) -> CellBytes {
+fn zip3(value: &[u8]) -> CellBytes {
     let digits: CellBytes = value.iter().copied().filter(u8::is_ascii_digit).take(3).collect();
     if digits.len() < 3 || RESTRICTED_ZIP3.iter().any(|z| z.as_bytes() == &digits[..]) {
         return b"000"[..].into();
@@ -402,7 +415,7 @@ fn year_of_days(days: i64) -> i32 {
     (yoe + era * 400 + i64::from(month <= 2)) as i32
 }
 
-fn year(ctx: &Context<'_>, ty: CellType, value: &[u8]) -> Result<Masked, StrategyError> {
+fn year(ctx: &Context<'_>, ty: CellType, value: &[u8], out: &mut Vec<u8>) -> Result<Outcome, StrategyError> {
     use TypeClass as T;
     let clamp = |y: i32| y.max(ctx.oldest_year());
     Ok(match (ty.class, ty.binary) {
@@ -410,37 +423,37 @@ fn year(ctx: &Context<'_>, ty: CellType, value: &[u8]) -> Result<Masked, Strateg
             let d: [u8; 4] = value.try_into().map_err(|_| StrategyError::Malformed { what: "date", len: value.len() })?;
             let days = i32::from_be_bytes(d);
             if days == i32::MAX || days == i32::MIN {
-                return Ok(Masked::Same); // infinity
+                return Ok(Outcome::Same); // infinity
             }
-            Masked::Value(days_to_new_year(clamp(year_of_days(i64::from(days)))).to_be_bytes()[..].into())
+            written(out, &days_to_new_year(clamp(year_of_days(i64::from(days)))).to_be_bytes())
         }
         (T::Timestamp, true) => {
             let t: [u8; 8] = value.try_into().map_err(|_| StrategyError::Malformed { what: "timestamp", len: value.len() })?;
             let micros = i64::from_be_bytes(t);
             if micros == i64::MAX || micros == i64::MIN {
-                return Ok(Masked::Same);
+                return Ok(Outcome::Same);
             }
             let y = clamp(year_of_days(micros.div_euclid(86_400_000_000)));
-            Masked::Value((i64::from(days_to_new_year(y)) * 86_400_000_000).to_be_bytes()[..].into())
+            written(out, &(i64::from(days_to_new_year(y)) * 86_400_000_000).to_be_bytes())
         }
         (T::Date | T::Timestamp, false) => match generalise_date_text(value, clamp) {
-            Some(v) => Masked::Value(v.into()),
-            None => Masked::Same, // 'infinity' and friends
+            Some(v) => written(out, v.as_ref()),
+            None => Outcome::Same, // 'infinity' and friends
         },
         (T::Int2 | T::Int4 | T::Int8, _) => {
             let v: i64 = integer_text(ty, value)?.parse().map_err(|_| StrategyError::Malformed { what: "integer", len: value.len() })?;
             if v > 89 {
-                Masked::Value(integer_out(ty, 90))
+                written(out, &integer_out(ty, 90))
             } else {
-                Masked::Same
+                Outcome::Same
             }
         }
         (T::Numeric, false) => {
             let text = String::from_utf8_lossy(value);
             match text.trim().parse::<f64>() {
-                Ok(v) if v > 89.0 => Masked::Value(b"90"[..].into()),
-                Ok(_) => Masked::Same,
-                Err(_) => Masked::Null,
+                Ok(v) if v > 89.0 => written(out, b"90"),
+                Ok(_) => Outcome::Same,
+                Err(_) => Outcome::Null,
             }
         }
         _ if ty.is_text() => {
@@ -448,18 +461,18 @@ fn year(ctx: &Context<'_>, ty: CellType, value: &[u8]) -> Result<Masked, Strateg
             let t = text.trim();
             if let Ok(age) = t.parse::<f64>() {
                 if age > 89.0 {
-                    Masked::Value(b"90+"[..].into())
+                    written(out, b"90+")
                 } else {
-                    Masked::Same
+                    Outcome::Same
                 }
             } else {
                 match find_year(t) {
-                    Some(y) => Masked::Value(clamp(y).to_string().into_bytes().into()),
-                    None => Masked::Null,
+                    Some(y) => written(out, clamp(y).to_string().as_bytes()),
+                    None => Outcome::Null,
                 }
             }
         }
-        _ => Masked::Null,
+        _ => Outcome::Null,
     })
 }
 
@@ -514,16 +527,38 @@ mod tests {
     use super::*;
     use crate::mask::detect::Kind;
 
+    /// What a strategy made of one value.
+    #[derive(Debug, PartialEq, Eq)]
+    enum Masked {
+        Same,
+        Null,
+        Value(Vec<u8>),
+    }
+
     fn run(s: &Strategy, class: TypeClass, binary: bool, v: &[u8]) -> Masked {
         let d = Detectors::new(&Kind::ALL, &[]).unwrap();
         let mac = keyed(b"test key with enough bytes......");
         let ctx = Context { mac: &mac, detectors: &d, current_year: 2026 };
-        apply(s, &ctx, &mut d.cache(), CellType { class, binary }, v, &mut Counts::new()).unwrap()
+        let mut out = b"row so far".to_vec();
+        let outcome = apply_into(s, &ctx, &mut d.cache(), CellType { class, binary }, v, &mut Counts::new(), &mut out).unwrap();
+        let value = out.split_off(10);
+        assert_eq!(out, b"row so far", "only appended to");
+        match outcome {
+            Outcome::Same | Outcome::Null => {
+                assert!(value.is_empty(), "nothing appended for {outcome:?}");
+                if outcome == Outcome::Same {
+                    Masked::Same
+                } else {
+                    Masked::Null
+                }
+            }
+            Outcome::Written => Masked::Value(value),
+        }
     }
 
     fn text(m: Masked) -> String {
         match m {
-            Masked::Value(v) => String::from_utf8(v.into_vec()).unwrap(),
+            Masked::Value(v) => String::from_utf8(v).unwrap(),
             other => format!("{other:?}"),
         }
     }
@@ -538,6 +573,7 @@ mod tests {
         assert_eq!(text(run(&p, TypeClass::Text, false, b"123-45-6789")), "***-**-6789");
         assert_eq!(text(run(&p, TypeClass::Text, true, b"4111 1111 1111 1111")), "**** **** **** 1111");
         assert_eq!(text(run(&p, TypeClass::Text, false, b"ab")), "ab");
+        assert_eq!(text(run(&Strategy::Partial { keep_last: 2 }, TypeClass::Text, false, "Zoë-12".as_bytes())), "***-12", "letters beyond ASCII count as letters");
     }
 
     #[test]
@@ -550,8 +586,11 @@ mod tests {
         let d = Detectors::new(&[], &[]).unwrap();
         let mac = keyed(b"another key");
         let other_key = Context { mac: &mac, detectors: &d, current_year: 2026 };
-        let b = apply(&h, &other_key, &mut d.cache(), CellType { class: TypeClass::Text, binary: false }, b"Maria Garcia", &mut Counts::new()).unwrap();
-        assert_ne!(Masked::Value(a.clone().into_bytes().into()), b, "the key matters");
+        let mut b = Vec::new();
+        apply_into(&h, &other_key, &mut d.cache(), CellType { class: TypeClass::Text, binary: false }, b"Maria Garcia", &mut Counts::new(), &mut b).unwrap();
+        assert_ne!(a.as_bytes(), b, "the key matters");
+        let odd = text(run(&Strategy::Hash { hex_len: 9, prefix: String::new() }, TypeClass::Text, false, b"Maria Garcia"));
+        assert_eq!(odd, a[3..12], "an odd length cuts the last digit");
         // Integers: the same pseudonym in text and binary, and a valid int4.
         let t = text(run(&h, TypeClass::Int4, false, b"42"));
         let Masked::Value(bin) = run(&h, TypeClass::Int4, true, &42i32.to_be_bytes()) else { panic!() };

@@ -9,7 +9,10 @@
 use std::{
     net::SocketAddr,
     path::PathBuf,
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
     time::Duration,
 };
 
@@ -58,11 +61,34 @@ struct Slot {
     failed: Option<String>,
 }
 
+/// The slot, and whether anything is in it: the stage looks at the flag on every
+/// message and takes the lock only when a side request has left something.
+#[derive(Default)]
+struct Side {
+    filled: AtomicBool,
+    slot: Mutex<Slot>,
+}
+
+impl Side {
+    fn put(&self, f: impl FnOnce(&mut Slot)) {
+        f(&mut self.slot.lock().expect("invariant: lock not poisoned"));
+        self.filled.store(true, Ordering::Release);
+    }
+
+    fn take(&self) -> (Option<Result<Vec<Field>, String>>, Option<String>) {
+        if !self.filled.swap(false, Ordering::Acquire) {
+            return (None, None);
+        }
+        let mut s = self.slot.lock().expect("invariant: lock not poisoned");
+        (s.described.take(), s.failed.take())
+    }
+}
+
 pub struct MaskStage {
     masker: Masker,
     access: CatalogAccess,
     catalog: Arc<Mutex<Catalog>>,
-    slot: Arc<Mutex<Slot>>,
+    slot: Arc<Side>,
     session_id: u32,
     /// The audit hears each raw row before it is rewritten, and the summaries.
     audit: Option<SharedTap>,
@@ -70,7 +96,7 @@ pub struct MaskStage {
 
 impl MaskStage {
     pub fn new(masker: Masker, access: CatalogAccess, catalog: Arc<Mutex<Catalog>>, session_id: u32, audit: Option<SharedTap>) -> Self {
-        Self { masker, access, catalog, slot: Arc::new(Mutex::new(Slot::default())), session_id, audit }
+        Self { masker, access, catalog, slot: Arc::new(Side::default()), session_id, audit }
     }
 
     fn log_finished(&mut self) {
@@ -116,10 +142,7 @@ impl Stage for MaskStage {
     }
 
     fn backend(&mut self, _: &Session, frame: &Frame) -> Action {
-        let (described, failed) = {
-            let mut s = self.slot.lock().expect("invariant: lock not poisoned");
-            (s.described.take(), s.failed.take())
-        };
+        let (described, failed) = self.slot.take();
         if let Some(d) = described {
             self.masker.described(d);
         }
@@ -139,8 +162,8 @@ impl Stage for MaskStage {
                         };
                         match tokio::time::timeout(SIDE_TIMEOUT, lookup_relations(&access, &lookup)).await {
                             Ok(Ok(rels)) => catalog.lock().expect("invariant: lock not poisoned").insert(rels, &names),
-                            Ok(Err(e)) => slot.lock().expect("invariant: lock not poisoned").failed = Some(e),
-                            Err(_) => slot.lock().expect("invariant: lock not poisoned").failed = Some("the catalog lookup timed out".into()),
+                            Ok(Err(e)) => slot.put(|s| s.failed = Some(e)),
+                            Err(_) => slot.put(|s| s.failed = Some("the catalog lookup timed out".into())),
                         }
                         Ok(())
                     }),
@@ -155,7 +178,7 @@ impl Stage for MaskStage {
                             Ok(r) => r,
                             Err(_) => Err("describing the COPY's columns timed out".into()),
                         };
-                        slot.lock().expect("invariant: lock not poisoned").described = Some(r);
+                        slot.put(|s| s.described = Some(r));
                         Ok(())
                     }),
                     None,
