@@ -101,7 +101,7 @@ fn bench_rows_masker() -> Masker {
         groups: Vec::new(),
         rules: vec![
             Rule { id: "ssn".into(), target: col("ssn"), strategy: Strategy::Partial { keep_last: 4 } },
-            Rule { id: "name".into(), target: col("name"), strategy: Strategy::Hash { hex_len: 16, prefix: "pt_".into() } },
+            Rule { id: "name".into(), target: col("name"), strategy: Strategy::Hash { hex_len: 16, prefix: String::new() } },
             Rule { id: "dob".into(), target: col("dob"), strategy: Strategy::Year },
         ],
         detectors: Detectors::new(&Kind::ALL, &[]).unwrap(),
@@ -133,7 +133,7 @@ fn bench_rows(n: i32) -> Vec<Frame> {
             let name = format!("Patient {g}");
             let dob = (g % 20000 - 18262).to_be_bytes(); // days from 2000-01-01: 1950-01-01 + g % 20000
             let lab = format!("HbA1c {:.1} %, ICD-10 E11.9", f64::from(g % 90) / 10.0 + 4.0);
-            let value = [0, 2, 0, 0, 0, 0, 0, 1, 0, 12, 19, 136]; // numeric 12.5000, as binary
+            let value = [0, 2, 0, 0, 0, 0, 0, 1, 0, 12, 19, 136]; // numeric 12.5, as binary
             let mut out = Vec::new();
             msg::encode_data_row([Some(&g.to_be_bytes()[..]), Some(ssn.as_bytes()), Some(name.as_bytes()), Some(&dob[..]), Some(lab.as_bytes()), Some(&value[..])].into_iter(), &mut out);
             Frame::from_bytes(Bytes::from(out))

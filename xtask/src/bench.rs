@@ -525,7 +525,7 @@ fn detect() -> Result<()> {
     let est: Value = serde_json::from_str(&std::fs::read_to_string(at.join("estimates.json")).context("reading the row benchmark's estimates")?)?;
     let bench: Value = serde_json::from_str(&std::fs::read_to_string(at.join("benchmark.json")).context("reading the row benchmark's settings")?)?;
     let rows = bench["throughput"]["Elements"].as_f64().unwrap_or(f64::NAN);
-    println!("  mask/rows of bench mask              {:>8.0} ns/row (the masker alone: 3 column rules and the detectors on one text column)", est["median"]["point_estimate"].as_f64().unwrap_or(f64::NAN) / rows);
+    println!("  mask/rows of bench mask                  {:>8.0} ns/row (the masker alone: 3 column rules and the detectors on one text column)", est["median"]["point_estimate"].as_f64().unwrap_or(f64::NAN) / rows);
     Ok(())
 }
 
@@ -604,8 +604,8 @@ fn mask() -> Result<()> {
         ("through a plain relay", None, relay_port, Some(relay.0.id())),
     ];
     // Per configuration and round: wall seconds, the proxy's CPU seconds, and the
-    // share of both cores left idle (is the proxy's one session thread the bottleneck,
-    // or are the cores full?).
+    // share of all CPUs left idle (is the proxy's one session thread the bottleneck,
+    // or are the cores full?), over the client's whole run (connecting included).
     let mut runs: [Vec<(f64, f64, f64)>; 5] = Default::default();
     for round in 0..reps {
         eprintln!(
@@ -648,7 +648,7 @@ fn mask() -> Result<()> {
     let [d, m, u, n, r] = runs.map(med);
     let cpu = |(_, c, idle): (f64, f64, f64)| format!("proxy CPU {:>4.0} ns/row, cores idle {:>3.0} %", c * 1e9 / 1e6, idle * 100.0);
     println!("\nphigate mask benchmark — 1,000,000 rows × 6 columns (ssn partial, name hash, dob year; lab text through the detectors), tokio-postgres streaming binary results, median of {reps}");
-    println!("  direct                 {:>8.2} s                    cores idle {:>3.0} %", d.0, d.2 * 100.0);
+    println!("  direct                 {:>8.2} s                                        cores idle {:>3.0} %", d.0, d.2 * 100.0);
     println!("  through phigate        {:>8.2} s   ratio {:.2}×   {}   target ≤ 1.3×", m.0, m.0 / d.0, cpu(m));
     println!("  … without masking      {:>8.2} s   ratio {:.2}×   {}   (the relay and the audit, no masking)", u.0, u.0 / d.0, cpu(u));
     println!("  … without the audit    {:>8.2} s   ratio {:.2}×   {}   (the relay and the masking, no audit log)", n.0, n.0 / d.0, cpu(n));

@@ -732,8 +732,8 @@ impl Masker {
         if cells.count() != plan.columns.len() {
             return Err(fail(format!("a row has {} values for {} described columns", cells.count(), plan.columns.len())));
         }
-        // The row is rebuilt in place: each cell's length, then its value as it came
-        // or as the strategy appended it.
+        // The row is rebuilt in the scratch buffer: each cell's length, then its value
+        // as it came or as the strategy appended it.
         let mut out = std::mem::take(&mut self.scratch);
         out.clear();
         out.push(tag::DATA_ROW);

@@ -186,8 +186,7 @@ fn written(out: &mut Vec<u8>, bytes: &[u8]) -> Outcome {
 /// Apply `strategy` to a non-NULL `value`, appending the masked value (if any) to
 /// `out` — the row being rebuilt, so a masked cell is written once, where it goes,
 /// rather than built apart and copied in. `counts` gets one entry per identifier the
-/// detectors replaced. On an error, `out` may hold part of a value: the caller
-/// discards the row.
+/// detectors replaced. On an error nothing is appended.
 pub fn apply_into(
     strategy: &Strategy,
     ctx: &Context<'_>,
@@ -306,7 +305,6 @@ fn format_uuid(b: &[u8; 16]) -> String {
 
 /// Keep the last `keep` letters and digits; hide the others; keep punctuation so the
 /// shape (`***-**-6789`) still reads.
-/// All but the last `keep` letters and digits replaced by `*`, punctuation kept.
 fn partial_into(value: &[u8], keep: usize, out: &mut Vec<u8>) {
     if value.is_ascii() {
         let total = value.iter().filter(|b| b.is_ascii_alphanumeric()).count();
