@@ -109,19 +109,12 @@ fn bench_rows_masker() -> Masker {
     });
     let mut m = Masker::new(profile, Arc::from(&[7u8; 32][..]), Arc::new(Mutex::new(catalog)), 2026);
     m.frontend(&Frame::build(b'Q', b"select id, ssn, name, dob, lab, value from bench_rows\0"));
-    let mut rd = (columns.len() as i16).to_be_bytes().to_vec();
-    for (i, (name, ty)) in columns.iter().enumerate() {
-        let f = Field { name: name.to_string(), table_oid: ROWS_OID, column: i as i16 + 1, type_oid: *ty, type_len: -1, type_mod: -1, format: 1 };
-        rd.extend_from_slice(f.name.as_bytes());
-        rd.push(0);
-        rd.extend_from_slice(&f.table_oid.to_be_bytes());
-        rd.extend_from_slice(&f.column.to_be_bytes());
-        rd.extend_from_slice(&f.type_oid.to_be_bytes());
-        rd.extend_from_slice(&f.type_len.to_be_bytes());
-        rd.extend_from_slice(&f.type_mod.to_be_bytes());
-        rd.extend_from_slice(&f.format.to_be_bytes());
-    }
-    assert!(matches!(m.backend(&Frame::build(b'T', &rd)), Step::Forward));
+    let fields: Vec<Field> = columns
+        .iter()
+        .enumerate()
+        .map(|(i, (name, ty))| Field { name: name.to_string(), table_oid: ROWS_OID, column: i as i16 + 1, type_oid: *ty, type_len: -1, type_mod: -1, format: 1 })
+        .collect();
+    assert!(matches!(m.backend(&msg::row_description(&fields)), Step::Forward));
     m
 }
 

@@ -208,9 +208,7 @@ fn policy() -> Result<()> {
         ("decide_cached join (same text)", "≤ 2 µs"),
         ("decide_cached pgbench select (other constants)", "≤ 2 µs"),
     ] {
-        let file = dir.join(name).join("new/estimates.json");
-        let est: Value = serde_json::from_str(&std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?)?;
-        let ns = est["median"]["point_estimate"].as_f64().unwrap_or(f64::NAN);
+        let ns = criterion_result(&dir.join(name))?.median_ns;
         println!("  {:<50} {:>9.2} µs   target {target}", name.replacen('_', "/", 1), ns / 1000.0);
     }
     Ok(())
@@ -510,23 +508,37 @@ fn detect() -> Result<()> {
     let dir = root().join("target/criterion");
     // Criterion keeps a benchmark group's results under the group's directory.
     for name in ["notes with identifiers", "notes without identifiers"] {
-        let at = dir.join("detect").join(name).join("new");
-        let read = |f: &str| -> Result<Value> {
-            let p = at.join(f);
-            Ok(serde_json::from_str(&std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?)?)
-        };
-        let (est, bench) = (read("estimates.json")?, read("benchmark.json")?);
-        let bytes = bench["throughput"]["Bytes"].as_f64().unwrap_or(f64::NAN);
-        let ns = est["median"]["point_estimate"].as_f64().unwrap_or(f64::NAN);
-        println!("  detect/{name:<33} {:>8.0} MB/s   target ≥ 200 MB/s", bytes / ns * 1e3);
+        let r = criterion_result(&dir.join("detect").join(name))?;
+        println!("  detect/{name:<33} {:>8.0} MB/s   target ≥ 200 MB/s", r.per("Bytes") * 1e-6);
     }
     // The masking state machine alone on bench mask's rows (no relay, no audit).
-    let at = dir.join("mask").join("rows of bench mask").join("new");
-    let est: Value = serde_json::from_str(&std::fs::read_to_string(at.join("estimates.json")).context("reading the row benchmark's estimates")?)?;
-    let bench: Value = serde_json::from_str(&std::fs::read_to_string(at.join("benchmark.json")).context("reading the row benchmark's settings")?)?;
-    let rows = bench["throughput"]["Elements"].as_f64().unwrap_or(f64::NAN);
-    println!("  mask/rows of bench mask                  {:>8.0} ns/row (the masker alone: 3 column rules and the detectors on one text column)", est["median"]["point_estimate"].as_f64().unwrap_or(f64::NAN) / rows);
+    let r = criterion_result(&dir.join("mask").join("rows of bench mask"))?;
+    println!("  mask/rows of bench mask                  {:>8.0} ns/row (the masker alone: 3 column rules and the detectors on one text column)", 1e9 / r.per("Elements"));
     Ok(())
+}
+
+/// One Criterion benchmark's latest result.
+struct CriterionResult {
+    median_ns: f64,
+    /// What one iteration processes: `{"Bytes": n}` or `{"Elements": n}`, if set.
+    throughput: Value,
+}
+
+impl CriterionResult {
+    /// Units of `kind` ("Bytes", "Elements") per second, at the median.
+    fn per(&self, kind: &str) -> f64 {
+        self.throughput[kind].as_f64().unwrap_or(f64::NAN) / self.median_ns * 1e9
+    }
+}
+
+/// The result Criterion left in `dir` (a benchmark's directory under target/criterion).
+fn criterion_result(dir: &Path) -> Result<CriterionResult> {
+    let read = |f: &str| -> Result<Value> {
+        let p = dir.join("new").join(f);
+        Ok(serde_json::from_str(&std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?)?)
+    };
+    let (est, bench) = (read("estimates.json")?, read("benchmark.json")?);
+    Ok(CriterionResult { median_ns: est["median"]["point_estimate"].as_f64().unwrap_or(f64::NAN), throughput: bench["throughput"].clone() })
 }
 
 /// Peak resident memory of a process since the last reset, in KiB.

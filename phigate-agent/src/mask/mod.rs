@@ -735,10 +735,7 @@ impl Masker {
         // The row is rebuilt in the scratch buffer: each cell's length, then its value
         // as it came or as the strategy appended it.
         let mut out = std::mem::take(&mut self.scratch);
-        out.clear();
-        out.push(tag::DATA_ROW);
-        out.extend_from_slice(&[0, 0, 0, 0]);
-        out.extend_from_slice(&(cells.count() as i16).to_be_bytes());
+        msg::begin_data_row(&mut out, cells.count());
         let mut changed = false;
         let result = (|| {
             for col in &plan.columns {
@@ -771,8 +768,7 @@ impl Masker {
         })();
         let step = match result {
             Ok(()) if changed => {
-                let len = (out.len() - 1) as u32;
-                out[1..5].copy_from_slice(&len.to_be_bytes());
+                msg::finish_data_row(&mut out);
                 Ok(Step::Replace(smallvec::smallvec![self.freeze(&out)]))
             }
             Ok(()) => Ok(Step::Forward),

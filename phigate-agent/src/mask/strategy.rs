@@ -541,15 +541,10 @@ mod tests {
         let outcome = apply_into(s, &ctx, &mut d.cache(), CellType { class, binary }, v, &mut Counts::new(), &mut out).unwrap();
         let value = out.split_off(10);
         assert_eq!(out, b"row so far", "only appended to");
+        assert!(outcome == Outcome::Written || value.is_empty(), "nothing appended for {outcome:?}");
         match outcome {
-            Outcome::Same | Outcome::Null => {
-                assert!(value.is_empty(), "nothing appended for {outcome:?}");
-                if outcome == Outcome::Same {
-                    Masked::Same
-                } else {
-                    Masked::Null
-                }
-            }
+            Outcome::Same => Masked::Same,
+            Outcome::Null => Masked::Null,
             Outcome::Written => Masked::Value(value),
         }
     }

@@ -76,21 +76,6 @@ fn field(name: &str, table: u32, col: i16, ty: u32, format: i16) -> Field {
     Field { name: name.into(), table_oid: table, column: col, type_oid: ty, type_len: -1, type_mod: -1, format }
 }
 
-fn row_description(fields: &[Field]) -> Frame {
-    let mut b = (fields.len() as i16).to_be_bytes().to_vec();
-    for f in fields {
-        b.extend_from_slice(f.name.as_bytes());
-        b.push(0);
-        b.extend_from_slice(&f.table_oid.to_be_bytes());
-        b.extend_from_slice(&f.column.to_be_bytes());
-        b.extend_from_slice(&f.type_oid.to_be_bytes());
-        b.extend_from_slice(&f.type_len.to_be_bytes());
-        b.extend_from_slice(&f.type_mod.to_be_bytes());
-        b.extend_from_slice(&f.format.to_be_bytes());
-    }
-    Frame::build(b'T', &b)
-}
-
 fn data_row(cells: &[Option<&[u8]>]) -> Frame {
     let mut out = Vec::new();
     msg::encode_data_row(cells.iter().copied(), &mut out);
@@ -136,7 +121,7 @@ fn simple_query_rows_are_masked_by_column_rule_and_detector() {
         field("dob", PATIENTS, 4, 1082, 0),
         field("note", PATIENTS, 5, 25, 0),
     ];
-    assert!(matches!(m.backend(&row_description(&fields)), Step::Forward));
+    assert!(matches!(m.backend(&msg::row_description(&fields)), Step::Forward));
     let row = data_row(&[Some(b"7"), Some(b"123-45-6789"), Some(b"Maria Garcia"), Some(b"1961-04-17"), Some(b"call 617-555-0123 re: HbA1c 5.5")]);
     let out = cells_after(&mut m, &row);
     assert_eq!(s(&out[0]), "7", "non-PHI columns arrive unchanged");
@@ -161,7 +146,7 @@ fn simple_query_rows_are_masked_by_column_rule_and_detector() {
 fn rows_without_anything_to_mask_are_forwarded_as_they_are() {
     let mut m = masker();
     m.frontend(&query("select id, test from labs"));
-    m.backend(&row_description(&[field("id", LABS, 1, 23, 0), field("test", LABS, 2, 25, 0)]));
+    m.backend(&msg::row_description(&[field("id", LABS, 1, 23, 0), field("test", LABS, 2, 25, 0)]));
     let row = data_row(&[Some(b"1"), Some(b"A1C 5.5 mg/dL, ICD-10 E11.9")]);
     assert!(matches!(m.backend(&row), Step::Forward), "no copy, no rewrite");
 }
@@ -176,7 +161,7 @@ fn prepared_statement_described_once_is_masked_on_every_execute_in_binary() {
     m.frontend(&Frame::build(b'S', &[]));
     assert!(matches!(m.backend(&Frame::build(b'1', &[])), Step::Forward));
     assert!(matches!(m.backend(&Frame::build(b't', &[0, 0])), Step::Forward));
-    m.backend(&row_description(&[field("ssn", PATIENTS, 2, 25, 0), field("dob", PATIENTS, 4, 1082, 0)]));
+    m.backend(&msg::row_description(&[field("ssn", PATIENTS, 2, 25, 0), field("dob", PATIENTS, 4, 1082, 0)]));
     m.backend(&Frame::build(b'Z', b"I"));
     let days_1961_04_17: i32 = -14138;
     for i in 0..10 {
@@ -204,7 +189,7 @@ fn prepared_statement_described_once_is_masked_on_every_execute_in_binary() {
 fn unknown_tables_are_looked_up_before_rows_pass() {
     let mut m = masker();
     m.frontend(&query("select * from fresh"));
-    let t = row_description(&[field("ssn", 17000, 1, 25, 0)]);
+    let t = msg::row_description(&[field("ssn", 17000, 1, 25, 0)]);
     match m.backend(&t) {
         Step::Lookup(Lookup::Oids(o)) => assert_eq!(o, vec![17000]),
         other => panic!("{other:?}"),
@@ -228,7 +213,7 @@ fn unknown_tables_are_looked_up_before_rows_pass() {
 fn computed_columns_and_views_inherit_the_rules_of_what_they_read() {
     let mut m = masker();
     m.frontend(&query("select upper(p.ssn) as shout, translate(name, 'a', 'b'), length(note) from patients p"));
-    m.backend(&row_description(&[field("shout", 0, 0, 25, 0), field("translate", 0, 0, 25, 0), field("length", 0, 0, 23, 0)]));
+    m.backend(&msg::row_description(&[field("shout", 0, 0, 25, 0), field("translate", 0, 0, 25, 0), field("length", 0, 0, 23, 0)]));
     let out = cells_after(&mut m, &data_row(&[Some(b"123-45-6789"), Some(b"Mbrib Gbrcib"), Some(b"12")]));
     assert_eq!(s(&out[0]), "***-**-6789");
     assert!(s(&out[1]).starts_with("pt_"), "a rewritten name is still a name: {}", s(&out[1]));
@@ -236,7 +221,7 @@ fn computed_columns_and_views_inherit_the_rules_of_what_they_read() {
     m.backend(&Frame::build(b'C', b"SELECT 1\0"));
     m.backend(&Frame::build(b'Z', b"I"));
     m.frontend(&query("select * from patient_view"));
-    m.backend(&row_description(&[field("who", VIEW, 1, 25, 0), field("social", VIEW, 2, 25, 0)]));
+    m.backend(&msg::row_description(&[field("who", VIEW, 1, 25, 0), field("social", VIEW, 2, 25, 0)]));
     let out = cells_after(&mut m, &data_row(&[Some(b"Maria Garcia"), Some(b"123-45-6789")]));
     assert!(s(&out[0]).starts_with("pt_"));
     assert_eq!(s(&out[1]), "***-**-6789", "a view cannot dodge the base column's rule");
@@ -246,7 +231,7 @@ fn computed_columns_and_views_inherit_the_rules_of_what_they_read() {
 fn name_patterns_cover_computed_columns() {
     let mut m = masker();
     m.frontend(&query("select 'MRN-' || id as patient_mrn from labs"));
-    m.backend(&row_description(&[field("patient_mrn", 0, 0, 25, 0)]));
+    m.backend(&msg::row_description(&[field("patient_mrn", 0, 0, 25, 0)]));
     assert_eq!(s(&cells_after(&mut m, &data_row(&[Some(b"MRN-0042")]))[0]), "[REDACTED]");
 }
 
@@ -254,7 +239,7 @@ fn name_patterns_cover_computed_columns() {
 fn a_row_that_cannot_be_read_ends_the_result_fail_closed() {
     let mut m = masker();
     m.frontend(&query("select ssn from patients"));
-    m.backend(&row_description(&[field("ssn", PATIENTS, 2, 25, 0)]));
+    m.backend(&msg::row_description(&[field("ssn", PATIENTS, 2, 25, 0)]));
     let broken = Frame::build(b'D', &[0, 1, 0, 0, 0, 50, b'1']);
     match m.backend(&broken) {
         Step::Replace(parts) => {
@@ -269,7 +254,7 @@ fn a_row_that_cannot_be_read_ends_the_result_fail_closed() {
     assert!(matches!(m.backend(&Frame::build(b'C', b"SELECT 2\0")), Step::Replace(p) if p.is_empty()));
     assert!(matches!(m.backend(&Frame::build(b'Z', b"I")), Step::Forward));
     m.frontend(&query("select ssn from patients"));
-    m.backend(&row_description(&[field("ssn", PATIENTS, 2, 25, 0)]));
+    m.backend(&msg::row_description(&[field("ssn", PATIENTS, 2, 25, 0)]));
     assert_eq!(s(&cells_after(&mut m, &data_row(&[Some(b"123-45-6789")]))[0]), "***-**-6789");
     // Rows nobody described are never forwarded either.
     m.backend(&Frame::build(b'C', b"SELECT 1\0"));

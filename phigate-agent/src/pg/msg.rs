@@ -300,12 +300,9 @@ impl<'a> Cells<'a> {
     }
 }
 
-/// Build a DataRow body from cells into `out` (cleared first).
+/// Build a DataRow message from cells into `out` (cleared first).
 pub fn encode_data_row<'a>(cells: impl ExactSizeIterator<Item = Option<&'a [u8]>>, out: &mut Vec<u8>) {
-    out.clear();
-    out.push(tag::DATA_ROW);
-    out.extend_from_slice(&[0, 0, 0, 0]);
-    out.extend_from_slice(&(cells.len() as i16).to_be_bytes());
+    begin_data_row(out, cells.len());
     for c in cells {
         match c {
             None => out.extend_from_slice(&(-1i32).to_be_bytes()),
@@ -315,8 +312,38 @@ pub fn encode_data_row<'a>(cells: impl ExactSizeIterator<Item = Option<&'a [u8]>
             }
         }
     }
+    finish_data_row(out);
+}
+
+/// Start a DataRow message of `cells` cells in `out` (cleared first). The cells follow
+/// (each a length, -1 for NULL, and its bytes), then [`finish_data_row`].
+pub fn begin_data_row(out: &mut Vec<u8>, cells: usize) {
+    out.clear();
+    out.push(tag::DATA_ROW);
+    out.extend_from_slice(&[0, 0, 0, 0]);
+    out.extend_from_slice(&(cells as i16).to_be_bytes());
+}
+
+/// Write the length of the DataRow [`begin_data_row`] started in `out`.
+pub fn finish_data_row(out: &mut [u8]) {
     let len = (out.len() - 1) as u32;
     out[1..5].copy_from_slice(&len.to_be_bytes());
+}
+
+/// A RowDescription message with these fields (what [`parse_row_description`] reads).
+pub fn row_description(fields: &[Field]) -> Frame {
+    let mut b = (fields.len() as i16).to_be_bytes().to_vec();
+    for f in fields {
+        b.extend_from_slice(f.name.as_bytes());
+        b.push(0);
+        b.extend_from_slice(&f.table_oid.to_be_bytes());
+        b.extend_from_slice(&f.column.to_be_bytes());
+        b.extend_from_slice(&f.type_oid.to_be_bytes());
+        b.extend_from_slice(&f.type_len.to_be_bytes());
+        b.extend_from_slice(&f.type_mod.to_be_bytes());
+        b.extend_from_slice(&f.format.to_be_bytes());
+    }
+    Frame::build(tag::ROW_DESCRIPTION, &b)
 }
 
 /// Parse: statement name and query text.
@@ -437,7 +464,25 @@ pub fn request_of(frame: &Frame) -> Result<super::flow::Request<'_>, FrameError>
 
 #[cfg(test)]
 mod tests {
+    use bytes::Bytes;
+
     use super::*;
+
+    #[test]
+    fn row_descriptions_and_data_rows_round_trip() {
+        let fields = vec![
+            Field { name: "id".into(), table_oid: 16400, column: 1, type_oid: 23, type_len: 4, type_mod: -1, format: 1 },
+            Field { name: "note".into(), table_oid: 0, column: 0, type_oid: 25, type_len: -1, type_mod: -1, format: 0 },
+        ];
+        let rd = row_description(&fields);
+        assert_eq!(rd.tag(), tag::ROW_DESCRIPTION);
+        assert_eq!(parse_row_description(rd.body()).unwrap(), fields);
+        let mut out = b"left over".to_vec();
+        encode_data_row([Some(&b"7"[..]), None, Some(&b""[..])].into_iter(), &mut out);
+        let row = Frame::from_bytes(Bytes::from(out));
+        assert_eq!(u32::from_be_bytes(row.as_bytes()[1..5].try_into().unwrap()) as usize + 1, row.len());
+        assert_eq!(parse_data_row(row.body()).unwrap(), vec![Some(&b"7"[..]), None, Some(&b""[..])]);
+    }
 
     #[test]
     fn auth_requests_round_trip() {
