@@ -350,3 +350,41 @@ fn error_details_and_notifications_do_not_leak() {
     assert!(wait_for(Duration::from_secs(5), || e.agent.events_named("result masked").into_iter().next()).is_some(), "the masking is logged (counts only)");
     assert!(!e.agent.raw_log().contains(&p.ssn), "no PHI in the agent's log");
 }
+
+/// PostgreSQL ignores a Sync inside COPY FROM STDIN. phigate used to count it as a
+/// request still owed a ReadyForQuery, which shifted every later answer onto the
+/// statement before it — masking the next query's rows with the previous query's
+/// (empty) lineage.
+#[test]
+fn a_sync_inside_copy_from_stdin_does_not_shift_masking() {
+    if skip("a_sync_inside_copy_from_stdin_does_not_shift_masking") {
+        return;
+    }
+    let e = env();
+    let sql = "select name || '' as v from patients order by id limit 5";
+    let v = pgclient(&e, Some("care"), &["raw-copy", "sync", sql]);
+    assert_eq!(v["open"], true, "{v}");
+    assert_eq!(v["errors"], serde_json::json!([]), "{v}");
+    let queries = v["queries"].as_array().unwrap();
+    assert_eq!(queries[0]["rows"], serde_json::json!([["x"]]), "{v}");
+    let names: Vec<&str> = queries[1]["rows"].as_array().unwrap().iter().map(|r| r[0].as_str().unwrap()).collect();
+    assert_eq!(names.len(), 5, "{v}");
+    for n in &names {
+        assert!(n.starts_with("pt_"), "a computed column of patients.name arrives masked: {v}");
+        assert!(!e.data.patients.iter().any(|p| n.contains(&p.last)), "no real name: {v}");
+    }
+}
+
+/// Anything but COPY messages inside COPY FROM STDIN ends the session: whether the
+/// server consumed it as a COPY error or ran it is timing phigate cannot see.
+#[test]
+fn a_query_inside_copy_from_stdin_ends_the_session() {
+    if skip("a_query_inside_copy_from_stdin_ends_the_session") {
+        return;
+    }
+    let e = env();
+    let v = pgclient(&e, Some("care"), &["raw-copy", "query", "select 1"]);
+    assert_eq!(v["open"], false, "{v}");
+    let errors = v["errors"].to_string();
+    assert!(errors.contains("FATAL") && errors.contains("08P01") && errors.contains("inside COPY FROM STDIN"), "{v}");
+}

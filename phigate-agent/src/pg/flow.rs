@@ -7,6 +7,16 @@
 //! rows of a simple query or of an Execute, and so on. Stages that need to know
 //! "whose rows are these" (masking, audit) each keep one.
 //!
+//! COPY FROM STDIN changes how the server reads the client: from its CopyInResponse
+//! until CopyDone or CopyFail it takes CopyData, ignores Sync and Flush (libpq sends a
+//! Sync behind an Execute before it knows the statement was a COPY), and ends the COPY
+//! with an error on anything else, consuming that message. [`Flow`] follows the same
+//! rules ([`Flow::copy_in`]); a Sync queued behind the COPY before its CopyInResponse
+//! is dropped from the queue when that response arrives (the server ignored it), and
+//! anything else queued there makes the CopyInResponse [`Answer::Unexpected`]: what
+//! the server did with it depends on timing phigate cannot see. Without this, one
+//! ignored Sync shifted every later answer onto the previous statement.
+//!
 //! Pure: frames in, answers out; no I/O. Misalignments (a message that answers
 //! nothing phigate saw) are reported as [`Answer::Unexpected`] so callers can fail
 //! closed rather than guess.
@@ -29,6 +39,9 @@ enum Pending {
     Sync,
     /// A fast-path call (answered by FunctionCallResponse and ReadyForQuery).
     FunctionCall,
+    /// CopyData, CopyDone or CopyFail sent while no COPY FROM STDIN was known to run:
+    /// ignored by the server unless a request before it starts one (see the module doc).
+    CopyMessage,
 }
 
 /// What one backend message answers.
@@ -63,6 +76,10 @@ pub enum Answer {
 #[derive(Debug, Default)]
 pub struct Flow {
     queue: VecDeque<Pending>,
+    /// The server reads what is forwarded next as part of a COPY FROM STDIN.
+    copy_in: bool,
+    /// Syncs dropped from the queue because the server ignored them inside a COPY.
+    ignored_syncs: u64,
 }
 
 /// A request as [`Flow::frontend`] needs to know it.
@@ -81,24 +98,71 @@ pub enum Request<'a> {
     Close,
     Sync,
     FunctionCall,
-    /// Flush, CopyData, CopyDone, CopyFail, Terminate: no answer of their own.
+    Flush,
+    CopyData,
+    /// CopyDone or CopyFail.
+    CopyEnd,
+    /// Terminate and anything else: no answer of its own.
     Other,
+}
+
+impl Request<'static> {
+    /// The request a message of this type is, without its names (for callers that
+    /// only follow the protocol's shape, and for frames streamed past unparsed).
+    pub fn of_tag(t: u8) -> Self {
+        match t {
+            tag::QUERY => Request::Query(""),
+            tag::PARSE => Request::Parse,
+            tag::BIND => Request::Bind,
+            tag::DESCRIBE => Request::Describe { portal: false, name: "" },
+            tag::EXECUTE => Request::Execute { portal: "" },
+            tag::CLOSE => Request::Close,
+            tag::SYNC => Request::Sync,
+            tag::FUNCTION_CALL => Request::FunctionCall,
+            tag::FLUSH => Request::Flush,
+            tag::COPY_DATA => Request::CopyData,
+            tag::COPY_DONE | tag::COPY_FAIL => Request::CopyEnd,
+            _ => Request::Other,
+        }
+    }
+}
+
+/// A name as the queue keeps it; the unnamed statement and portal, which most
+/// drivers use for every statement, share one allocation.
+fn shared(name: &str) -> Arc<str> {
+    static UNNAMED: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| Arc::from(""));
+    if name.is_empty() {
+        UNNAMED.clone()
+    } else {
+        Arc::from(name)
+    }
 }
 
 impl Flow {
     /// A client request was forwarded to the server.
     pub fn frontend(&mut self, request: Request<'_>) {
+        if self.copy_in {
+            match request {
+                // Part of the COPY; the server ignores Sync and Flush inside it.
+                Request::CopyData | Request::Sync | Request::Flush => {}
+                Request::CopyEnd => self.copy_in = false,
+                // The server ends the COPY with an error and consumes the message.
+                _ => self.copy_in = false,
+            }
+            return;
+        }
         let p = match request {
-            Request::Query(sql) => Pending::Query(Arc::from(sql)),
+            Request::Query(sql) => Pending::Query(shared(sql)),
             Request::Parse => Pending::Parse,
             Request::Bind => Pending::Bind,
-            Request::Describe { portal: false, name } => Pending::DescribeStatement(Arc::from(name)),
-            Request::Describe { portal: true, name } => Pending::DescribePortal(Arc::from(name)),
-            Request::Execute { portal } => Pending::Execute(Arc::from(portal)),
+            Request::Describe { portal: false, name } => Pending::DescribeStatement(shared(name)),
+            Request::Describe { portal: true, name } => Pending::DescribePortal(shared(name)),
+            Request::Execute { portal } => Pending::Execute(shared(portal)),
             Request::Close => Pending::Close,
             Request::Sync => Pending::Sync,
             Request::FunctionCall => Pending::FunctionCall,
-            Request::Other => return,
+            Request::CopyData | Request::CopyEnd => Pending::CopyMessage,
+            Request::Flush | Request::Other => return,
         };
         self.queue.push_back(p);
     }
@@ -108,7 +172,12 @@ impl Flow {
         if matches!(t, tag::NOTICE_RESPONSE | tag::NOTIFICATION | tag::PARAMETER_STATUS) {
             return Answer::Asynchronous;
         }
+        // COPY messages nothing turned out to read were ignored by the server.
+        while self.queue.front() == Some(&Pending::CopyMessage) {
+            self.queue.pop_front();
+        }
         if t == tag::READY_FOR_QUERY {
+            self.copy_in = false;
             // Everything up to the Sync (or Query, or fast-path call) it ends is done.
             while let Some(p) = self.queue.pop_front() {
                 if matches!(p, Pending::Sync | Pending::Query(_) | Pending::FunctionCall) {
@@ -117,6 +186,58 @@ impl Flow {
             }
             return Answer::Ready;
         }
+        if t == tag::ERROR_RESPONSE {
+            // An error inside a COPY FROM STDIN ends it.
+            self.copy_in = false;
+        }
+        let answer = self.answer(t);
+        if t == tag::COPY_IN_RESPONSE && matches!(answer, Answer::Simple(_) | Answer::Execute(_)) {
+            return self.start_copy_in(answer);
+        }
+        answer
+    }
+
+    /// [`Flow::backend`] for a caller that only follows the protocol's shape: false
+    /// when a CopyInResponse cannot be matched (see the module doc). Rows, the bulk of
+    /// the traffic, cost a look at the queue's front and nothing else.
+    pub fn observe(&mut self, t: u8) -> bool {
+        if matches!(t, tag::DATA_ROW | tag::COPY_DATA) && matches!(self.queue.front(), Some(Pending::Query(_) | Pending::Execute(_))) {
+            return true;
+        }
+        !(self.backend(t) == Answer::Unexpected && t == tag::COPY_IN_RESPONSE)
+    }
+
+    /// The server started a COPY FROM STDIN for the request in front: it read what
+    /// was queued behind that request as part of the COPY.
+    fn start_copy_in(&mut self, answer: Answer) -> Answer {
+        while self.queue.len() > 1 {
+            if self.queue[1] != Pending::Sync {
+                // Requests or COPY messages pipelined behind the COPY: whether the
+                // server took them as COPY input or after an error is a matter of
+                // timing.
+                return Answer::Unexpected;
+            }
+            self.queue.remove(1);
+            self.ignored_syncs += 1;
+        }
+        self.copy_in = true;
+        answer
+    }
+
+    /// Whether the server reads what is forwarded next as part of a COPY FROM STDIN
+    /// (in which it ignores Sync and Flush, and anything but CopyData, CopyDone and
+    /// CopyFail ends it with an error).
+    pub fn copy_in(&self) -> bool {
+        self.copy_in
+    }
+
+    /// How many forwarded Syncs the server ignored inside a COPY (they get no
+    /// ReadyForQuery); counted since the last call.
+    pub fn take_ignored_syncs(&mut self) -> u64 {
+        std::mem::take(&mut self.ignored_syncs)
+    }
+
+    fn answer(&mut self, t: u8) -> Answer {
         let Some(front) = self.queue.front() else { return Answer::Unexpected };
         match front {
             Pending::Query(sql) => Answer::Simple(sql.clone()),
@@ -210,6 +331,104 @@ mod tests {
         f.frontend(Request::Parse);
         f.frontend(Request::Bind);
         assert_eq!(f.backend(b'1'), Answer::Bookkeeping);
+        assert_eq!(f.backend(b'Z'), Answer::Ready);
+        assert_eq!(f.outstanding(), 0);
+    }
+
+    #[test]
+    fn syncs_inside_copy_from_stdin_get_no_ready_for_query() {
+        // psql: the COPY, then a stray Sync and CopyDone inside it (PostgreSQL ignores
+        // the Sync), then the next query, whose answer must not be taken for the
+        // COPY's.
+        let mut f = Flow::default();
+        f.frontend(Request::Query("copy t from stdin"));
+        assert_eq!(f.backend(b'G'), Answer::Simple("copy t from stdin".into()));
+        assert!(f.copy_in());
+        for r in [Request::CopyData, Request::Sync, Request::Flush, Request::CopyData, Request::CopyEnd] {
+            f.frontend(r);
+        }
+        assert!(!f.copy_in());
+        f.frontend(Request::Query("select ssn from patients"));
+        assert_eq!(f.backend(b'C'), Answer::Simple("copy t from stdin".into()));
+        assert_eq!(f.backend(b'Z'), Answer::Ready);
+        assert_eq!(f.backend(b'T'), Answer::Simple("select ssn from patients".into()));
+        assert_eq!(f.backend(b'Z'), Answer::Ready);
+        assert_eq!(f.outstanding(), 0);
+        assert_eq!(f.take_ignored_syncs(), 0, "the Sync inside the COPY was never queued");
+    }
+
+    #[test]
+    fn libpq_extended_copy_drops_the_sync_sent_before_the_copy_began() {
+        // PQexecParams("COPY … FROM STDIN"): Parse/Bind/Describe/Execute/Sync at once;
+        // the server ignores that Sync inside the COPY, and PQputCopyEnd sends another.
+        let mut f = Flow::default();
+        for r in [Request::Parse, Request::Bind, Request::Describe { portal: true, name: "" }, Request::Execute { portal: "" }, Request::Sync] {
+            f.frontend(r);
+        }
+        assert_eq!(f.backend(b'1'), Answer::Bookkeeping);
+        assert_eq!(f.backend(b'2'), Answer::Bookkeeping);
+        assert_eq!(f.backend(b'n'), Answer::PortalDescription("".into()));
+        assert_eq!(f.backend(b'G'), Answer::Execute("".into()));
+        assert_eq!(f.take_ignored_syncs(), 1);
+        f.frontend(Request::CopyData);
+        f.frontend(Request::CopyEnd);
+        f.frontend(Request::Sync);
+        f.frontend(Request::Query("select 1"));
+        assert_eq!(f.backend(b'C'), Answer::ExecuteDone("".into()));
+        assert_eq!(f.backend(b'Z'), Answer::Ready);
+        assert_eq!(f.backend(b'T'), Answer::Simple("select 1".into()), "the next query is not shifted");
+        assert_eq!(f.backend(b'Z'), Answer::Ready);
+        assert_eq!(f.outstanding(), 0);
+    }
+
+    #[test]
+    fn a_message_inside_copy_ends_it_and_is_consumed() {
+        let mut f = Flow::default();
+        f.frontend(Request::Query("copy t from stdin"));
+        assert_eq!(f.backend(b'G'), Answer::Simple("copy t from stdin".into()));
+        // PostgreSQL: "unexpected message type 0x51 during COPY from stdin".
+        f.frontend(Request::Query("select 'decoy'"));
+        assert!(!f.copy_in());
+        f.frontend(Request::Query("select ssn from patients"));
+        assert_eq!(f.backend(b'E'), Answer::Simple("copy t from stdin".into()));
+        assert_eq!(f.backend(b'Z'), Answer::Ready);
+        assert_eq!(f.backend(b'T'), Answer::Simple("select ssn from patients".into()));
+    }
+
+    #[test]
+    fn a_server_error_inside_copy_ends_it() {
+        let mut f = Flow::default();
+        f.frontend(Request::Query("copy t from stdin"));
+        f.backend(b'G');
+        f.frontend(Request::CopyData);
+        assert_eq!(f.backend(b'E'), Answer::Simple("copy t from stdin".into()));
+        assert!(!f.copy_in(), "the server left the COPY");
+        f.frontend(Request::CopyEnd);
+        assert_eq!(f.backend(b'Z'), Answer::Ready);
+        f.frontend(Request::Query("select 1"));
+        assert_eq!(f.backend(b'T'), Answer::Simple("select 1".into()), "the stale CopyDone answers nothing");
+    }
+
+    #[test]
+    fn requests_pipelined_behind_a_copy_are_unexpected() {
+        // Whether the server read them inside the COPY or after an error in it is
+        // timing phigate cannot see: callers fail closed.
+        let mut f = Flow::default();
+        f.frontend(Request::Query("copy t from stdin"));
+        f.frontend(Request::Query("select 1"));
+        assert_eq!(f.backend(b'G'), Answer::Unexpected);
+        let mut f = Flow::default();
+        f.frontend(Request::Query("copy t from stdin"));
+        f.frontend(Request::CopyData);
+        assert_eq!(f.backend(b'G'), Answer::Unexpected);
+    }
+
+    #[test]
+    fn copy_messages_outside_copy_are_ignored() {
+        let mut f = Flow::default();
+        f.frontend(Request::CopyEnd);
+        f.frontend(Request::Query("select 1"));
+        assert_eq!(f.backend(b'T'), Answer::Simple("select 1".into()));
         assert_eq!(f.backend(b'Z'), Answer::Ready);
         assert_eq!(f.outstanding(), 0);
     }

@@ -457,8 +457,7 @@ pub fn request_of(frame: &Frame) -> Result<super::flow::Request<'_>, FrameError>
         tag::EXECUTE => Request::Execute { portal: parse_execute(body)? },
         tag::CLOSE => Request::Close,
         tag::SYNC => Request::Sync,
-        tag::FUNCTION_CALL => Request::FunctionCall,
-        _ => Request::Other,
+        t => Request::of_tag(t),
     })
 }
 

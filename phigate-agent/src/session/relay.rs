@@ -33,7 +33,12 @@ use super::{
 };
 use crate::{
     net::conn::Conn,
-    pg::{msg, msg::tag, Decoder, Frame, FrameError, Item, PgError, SqlState},
+    pg::{
+        flow::{Flow, Request},
+        msg,
+        msg::tag,
+        Decoder, Frame, FrameError, Item, PgError, SqlState,
+    },
 };
 
 /// Read buffer growth step.
@@ -81,10 +86,22 @@ pub struct Sequencer {
     skip: Option<Option<PgError>>,
     /// Something of the current extended-protocol batch reached the server.
     batch_forwarded: bool,
+    /// The rest of a large client message discarded while skipping to Sync.
+    dropping_stream: bool,
+    /// The protocol's shape as the server sees it, for COPY FROM STDIN: inside one
+    /// the server ignores Sync (no ReadyForQuery is owed) and must get nothing but
+    /// COPY messages ([`Relay::copy_gate`]).
+    flow: Flow,
 }
 
 impl Sequencer {
     fn forwarded(&mut self, t: u8) {
+        let copy_in = self.flow.copy_in();
+        self.flow.frontend(Request::of_tag(t));
+        if copy_in {
+            // Read by the server as part of the COPY.
+            return;
+        }
         match t {
             tag::QUERY | tag::FUNCTION_CALL => self.expected += 1,
             tag::SYNC => {
@@ -419,6 +436,21 @@ impl Relay<'_> {
                     return Err(End::ClientProtocol(e));
                 }
             };
+            let t = match &item {
+                Item::Whole(frame) => Some(frame.tag()),
+                Item::StreamStart { tag, .. } => Some(*tag),
+                Item::StreamChunk { .. } => None,
+            };
+            if let Some(t) = t {
+                match copy_gate(seq, t) {
+                    Gate::Pass => {}
+                    Gate::Drop => continue,
+                    Gate::Refuse(err) => {
+                        to_client.push(err.to_frame().into_bytes());
+                        return Err(End::Refused(err));
+                    }
+                }
+            }
             match item {
                 Item::Whole(frame) => {
                     if let Some(pending) = seq.skip.take() {
@@ -445,10 +477,23 @@ impl Relay<'_> {
                     self.apply_frontend(action, frame, out, to_client, seq, held, terminated)?;
                 }
                 Item::StreamStart { tag, total, chunk } => {
+                    if seq.skip.is_some() {
+                        // Discarded up to Sync like a whole message (Sync is never
+                        // this large, so the skip goes on).
+                        seq.dropping_stream = true;
+                        continue;
+                    }
                     self.pipeline.streamed(self.session, Direction::Frontend, tag, total);
+                    seq.forwarded(tag);
                     out.push(chunk);
                 }
-                Item::StreamChunk { chunk, .. } => out.push(chunk),
+                Item::StreamChunk { chunk, last } => {
+                    if seq.dropping_stream {
+                        seq.dropping_stream = !last;
+                    } else {
+                        out.push(chunk);
+                    }
+                }
             }
             // Bound the write buffer: let the caller flush before decoding more.
             if out.len() >= READ_CHUNK * 4 {
@@ -473,6 +518,23 @@ impl Relay<'_> {
                     return Err(End::ServerProtocol(e));
                 }
             };
+            let t = match &item {
+                Item::Whole(frame) => Some(frame.tag()),
+                Item::StreamStart { tag, .. } => Some(*tag),
+                Item::StreamChunk { .. } => None,
+            };
+            if let Some(t) = t {
+                if !seq.flow.observe(t) {
+                    let err = PgError::fatal(
+                        SqlState::PROTOCOL_VIOLATION,
+                        "phigate closed the session: messages were sent behind COPY FROM STDIN before the server started the COPY; send COPY data only after the server's CopyInResponse",
+                    );
+                    out.push(err.to_frame().into_bytes());
+                    return Err(End::Refused(err));
+                }
+                // Syncs the server ignored inside the COPY owe no ReadyForQuery.
+                seq.expected -= seq.flow.take_ignored_syncs();
+            }
             match item {
                 Item::Whole(frame) => {
                     let result = self.pipeline.backend(self.session, frame);
@@ -488,6 +550,36 @@ impl Relay<'_> {
                 return Ok(Step::More);
             }
         }
+    }
+}
+
+/// What the relay does with a client message, given the COPY state.
+enum Gate {
+    Pass,
+    /// Sync or Flush inside COPY FROM STDIN: the server would ignore it, and not
+    /// forwarding it keeps a ReadyForQuery from appearing if the COPY already failed.
+    Drop,
+    Refuse(PgError),
+}
+
+/// Inside COPY FROM STDIN only COPY messages (and Terminate) go to the server. Any
+/// other message would end the COPY with an error and be consumed — or, if the COPY
+/// already failed, be executed — and which one depends on timing phigate cannot see,
+/// so the stages could no longer tell whose answer is whose.
+fn copy_gate(seq: &Sequencer, t: u8) -> Gate {
+    if !seq.flow.copy_in() {
+        return Gate::Pass;
+    }
+    match t {
+        tag::COPY_DATA | tag::COPY_DONE | tag::COPY_FAIL | tag::TERMINATE => Gate::Pass,
+        tag::SYNC | tag::FLUSH => Gate::Drop,
+        other => Gate::Refuse(PgError::fatal(
+            SqlState::PROTOCOL_VIOLATION,
+            format!(
+                "phigate closed the session: the client sent a message of type '{}' inside COPY FROM STDIN; end the COPY with CopyDone or CopyFail first",
+                (other as char).escape_default()
+            ),
+        )),
     }
 }
 
@@ -612,6 +704,36 @@ mod tests {
         let frames = seq.refusal(&PgError::error(SqlState::INSUFFICIENT_PRIVILEGE, "no"));
         seq.respond(frames, &mut client);
         assert_eq!(tags(&client), "EZ");
+    }
+
+    #[test]
+    fn inside_copy_from_stdin_only_copy_messages_pass() {
+        // libpq's PQexecParams("COPY … FROM STDIN"): the Sync behind the Execute is
+        // ignored by the server, so no ReadyForQuery is owed for it.
+        let mut seq = Sequencer::default();
+        for t in [tag::PARSE, tag::BIND, tag::DESCRIBE, tag::EXECUTE, tag::SYNC] {
+            seq.forwarded(t);
+        }
+        assert_eq!(seq.expected, 1);
+        for t in [b'1', b'2', b'n', tag::COPY_IN_RESPONSE] {
+            assert!(seq.flow.observe(t));
+        }
+        seq.expected -= seq.flow.take_ignored_syncs();
+        assert_eq!(seq.expected, 0);
+        assert!(matches!(copy_gate(&seq, tag::COPY_DATA), Gate::Pass));
+        assert!(matches!(copy_gate(&seq, tag::SYNC), Gate::Drop));
+        assert!(matches!(copy_gate(&seq, tag::FLUSH), Gate::Drop));
+        assert!(matches!(copy_gate(&seq, tag::QUERY), Gate::Refuse(e) if e.message.contains("inside COPY FROM STDIN")));
+        seq.forwarded(tag::COPY_DATA);
+        seq.forwarded(tag::COPY_DONE);
+        assert!(matches!(copy_gate(&seq, tag::QUERY), Gate::Pass), "the COPY is over");
+        seq.forwarded(tag::SYNC);
+        assert_eq!(seq.expected, 1, "the Sync after CopyDone is answered");
+        // Something pipelined behind a COPY before it began: the session cannot go on.
+        let mut seq = Sequencer::default();
+        seq.forwarded(tag::QUERY);
+        seq.forwarded(tag::QUERY);
+        assert!(!seq.flow.observe(tag::COPY_IN_RESPONSE));
     }
 
     #[test]

@@ -18,6 +18,10 @@
 //!   notify-payload TEXT  LISTEN, NOTIFY with TEXT, report what arrived
 //!   stream SQL    stream the result of SQL row by row (binary), report rows, bytes
 //!                 and seconds (the masking benchmark's client)
+//!   raw-copy MODE SQL  hand-written protocol (no driver): COPY FROM STDIN into a temp
+//!                 table, sending inside it a Sync (MODE sync, which PostgreSQL
+//!                 ignores) or a Query (MODE query), then `select 'x'` and SQL; report
+//!                 every query's text rows and every error
 //! ```
 
 use std::time::{Duration, Instant};
@@ -249,6 +253,7 @@ async fn main() {
         "prepared" => prepared(conn, args.get(3).map(String::as_str).unwrap_or(""), args.get(4).and_then(|n| n.parse().ok()).unwrap_or(10)).await,
         "notify-payload" => notify_payload(conn, args.get(3).map(String::as_str).unwrap_or("")).await,
         "stream" => stream_rows(conn, args.get(3).map(String::as_str).unwrap_or("")).await,
+        "raw-copy" => Ok(raw_copy(conn, args.get(3).map(String::as_str).unwrap_or(""), args.get(4).map(String::as_str).unwrap_or(""))),
         other => {
             eprintln!("unknown scenario {other}");
             std::process::exit(2);
@@ -256,4 +261,106 @@ async fn main() {
     };
     let out = result.unwrap_or_else(|e| err_json(&e));
     println!("{out}");
+}
+
+/// One protocol message: type byte and body.
+fn raw_message(t: u8, body: &[u8]) -> Vec<u8> {
+    let mut m = vec![t];
+    m.extend_from_slice(&(body.len() as i32 + 4).to_be_bytes());
+    m.extend_from_slice(body);
+    m
+}
+
+fn raw_query(sql: &str) -> Vec<u8> {
+    raw_message(b'Q', format!("{sql}\0").as_bytes())
+}
+
+/// Read messages until one of type `until` (or the connection ends), collecting
+/// the text of DataRows and the messages of ErrorResponses.
+fn raw_read_until(s: &mut std::net::TcpStream, until: u8, rows: &mut Vec<Value>, errors: &mut Vec<Value>) -> bool {
+    use std::io::Read;
+    for _ in 0..100_000 {
+        let mut head = [0u8; 5];
+        if s.read_exact(&mut head).is_err() {
+            return false;
+        }
+        let len = i32::from_be_bytes([head[1], head[2], head[3], head[4]]).max(4) as usize - 4;
+        let mut body = vec![0u8; len];
+        if s.read_exact(&mut body).is_err() {
+            return false;
+        }
+        match head[0] {
+            b'D' => {
+                let n = u16::from_be_bytes([body[0], body[1]]) as usize;
+                let mut at = 2;
+                let mut row = Vec::new();
+                for _ in 0..n {
+                    let l = i32::from_be_bytes([body[at], body[at + 1], body[at + 2], body[at + 3]]);
+                    at += 4;
+                    if l < 0 {
+                        row.push(Value::Null);
+                    } else {
+                        row.push(Value::from(String::from_utf8_lossy(&body[at..at + l as usize]).into_owned()));
+                        at += l as usize;
+                    }
+                }
+                rows.push(Value::from(row));
+            }
+            b'E' => {
+                let fields: Vec<String> = body.split(|b| *b == 0).filter(|f| !f.is_empty()).map(|f| String::from_utf8_lossy(f).into_owned()).collect();
+                errors.push(Value::from(fields.join(" | ")));
+            }
+            _ => {}
+        }
+        if head[0] == until {
+            return true;
+        }
+    }
+    false
+}
+
+fn raw_copy(conn: &str, mode: &str, sql: &str) -> Value {
+    use std::io::Write;
+    let field = |k: &str| conn.split_whitespace().find_map(|kv| kv.strip_prefix(&format!("{k}="))).unwrap_or("").to_string();
+    let addr = format!("{}:{}", field("host"), field("port"));
+    let mut s = match std::net::TcpStream::connect(&addr) {
+        Ok(s) => s,
+        Err(e) => return json!({"ok": false, "error": format!("connect {addr}: {e}")}),
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(20)));
+    let mut startup = Vec::new();
+    startup.extend_from_slice(&196608i32.to_be_bytes());
+    startup.extend_from_slice(format!("user\0{}\0database\0{}\0\0", field("user"), field("dbname")).as_bytes());
+    let mut packet = ((startup.len() + 4) as i32).to_be_bytes().to_vec();
+    packet.extend_from_slice(&startup);
+    let (mut rows, mut errors) = (Vec::new(), Vec::new());
+    let mut queries = Vec::new();
+    let mut send = |s: &mut std::net::TcpStream, bytes: &[u8]| s.write_all(bytes).is_ok();
+    if !send(&mut s, &packet) || !raw_read_until(&mut s, b'Z', &mut rows, &mut errors) {
+        return json!({"ok": false, "error": "login failed", "errors": errors});
+    }
+    let mut copy = raw_query("create temp table scratch (a text)");
+    copy.extend(raw_query("copy scratch from stdin"));
+    send(&mut s, &copy);
+    let mut open = raw_read_until(&mut s, b'Z', &mut rows, &mut errors) && raw_read_until(&mut s, b'G', &mut rows, &mut errors);
+    if open {
+        let mut inside = raw_message(b'd', b"one\n");
+        match mode {
+            "sync" => inside.extend(raw_message(b'S', b"")),
+            _ => inside.extend(raw_query("select 'decoy'")),
+        }
+        inside.extend(raw_message(b'c', b""));
+        send(&mut s, &inside);
+        open = raw_read_until(&mut s, b'Z', &mut rows, &mut errors);
+    }
+    for q in ["select 'x' as v", sql] {
+        if !open {
+            break;
+        }
+        let mut got = Vec::new();
+        send(&mut s, &raw_query(q));
+        open = raw_read_until(&mut s, b'Z', &mut got, &mut errors);
+        queries.push(json!({"sql": q, "rows": got}));
+    }
+    json!({"ok": true, "queries": queries, "errors": errors, "open": open})
 }
