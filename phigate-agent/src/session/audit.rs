@@ -265,7 +265,10 @@ pub struct Tap {
     /// An approval the policy is waiting for: (id, requested_at).
     held: Option<u64>,
     /// The durability of the latest statement record; results wait for it.
-    durable: Option<super::durable::Slot>,
+    /// The durability of every statement record sent and not yet seen durable, in
+    /// order: with pipelined statements, each one's answer waits for its own record
+    /// (and, conservatively, for those sent after it), not only the latest.
+    durable: std::collections::VecDeque<super::durable::Slot>,
     durable_failed: Option<String>,
     /// Rows masking rewrote whose raw form is already accounted for (hashed and
     /// kept); the audit stage pairs each with the rewritten row it sees next, so it
@@ -293,7 +296,7 @@ impl Tap {
             prepared: HashMap::new(),
             portals: HashMap::new(),
             held: None,
-            durable: None,
+            durable: std::collections::VecDeque::new(),
             durable_failed: None,
             raw_pending: 0,
             running: Default::default(),
@@ -427,8 +430,8 @@ impl Tap {
         decision: Option<&Decision>,
         approval: Option<&Value>,
         params: Option<(&[u8], usize)>,
-    ) {
-        let stmt = self.take_stmt();
+    ) -> Result<(), String> {
+        let stmt = self.next_stmt;
         let facts = StatementFacts { stmt, protocol, sql, name, portal, decision, approval };
         let data = match params {
             Some((p, count)) if count > 0 => self
@@ -438,11 +441,16 @@ impl Tap {
             Some((_, count)) => Ok(statement_record(&self.audit_id, &facts, "sent", Some((count, None)))),
             None => Ok(statement_record(&self.audit_id, &facts, "sent", None)),
         };
+        // A statement whose record cannot be made is refused before it runs (not run
+        // and then withheld).
+        let data = data?;
+        self.take_stmt();
         let slot = super::durable::Slot::new();
-        self.send_canonical(kind::STATEMENT, data, Some(slot.durable()));
-        self.durable = Some(slot);
+        self.send_canonical(kind::STATEMENT, Ok(data), Some(slot.durable()));
+        self.durable.push_back(slot);
         self.statements += 1;
         self.running.push_back(Running::new(stmt));
+        Ok(())
     }
 
     fn end_front(&mut self) {
@@ -533,7 +541,13 @@ impl Stage for AuditStage {
             Direction::Frontend => matches!(t, tag::QUERY | tag::PARSE | tag::BIND | tag::EXECUTE | tag::DESCRIBE | tag::CLOSE),
             // Rows are kept (up to a limit) for replay; larger ones stream and are
             // recorded by size.
-            Direction::Backend => matches!(t, tag::ROW_DESCRIPTION | tag::COMMAND_COMPLETE | tag::ERROR_RESPONSE),
+            // While a statement record is not yet known durable, a large message
+            // (asked about only when it does not fit what was read) must not stream
+            // past the check in `backend`.
+            Direction::Backend => {
+                matches!(t, tag::ROW_DESCRIPTION | tag::COMMAND_COMPLETE | tag::ERROR_RESPONSE)
+                    || !self.tap.lock().expect("invariant: lock not poisoned").durable.is_empty()
+            }
         }
     }
 
@@ -551,7 +565,9 @@ impl Stage for AuditStage {
                 if let Request::Query(sql) = &req {
                     let pending = tap.pending_simple.take();
                     let (d, approval) = pending.as_ref().map_or((None, None), |(d, a)| (Some(d), a.as_ref()));
-                    tap.start("simple", sql, None, None, d, approval, None);
+                    if let Err(why) = tap.start("simple", sql, None, None, d, approval, None) {
+                        return Action::Refuse(refused_by_audit(&why));
+                    }
                 }
             }
             tag::PARSE => {
@@ -573,7 +589,9 @@ impl Stage for AuditStage {
                     let (stmt, params, count) = &*bound;
                     let prepared = tap.prepared.get(stmt).cloned();
                     let (sql, d, approval) = prepared.as_deref().map_or(("", None, None), |(sql, d, a)| (&**sql, d.as_ref(), a.as_ref()));
-                    tap.start("extended", sql, Some(stmt), Some(portal), d, approval, Some((params, *count)));
+                    if let Err(why) = tap.start("extended", sql, Some(stmt), Some(portal), d, approval, Some((params, *count))) {
+                        return Action::Refuse(refused_by_audit(&why));
+                    }
                 }
             }
             tag::CLOSE => {
@@ -603,7 +621,7 @@ impl Stage for AuditStage {
                 format!("phigate withheld the result: the statement's audit record could not be written ({why})"),
             ));
         }
-        if let Some(slot) = tap.durable.take() {
+        while let Some(slot) = tap.durable.pop_front() {
             match slot.try_take() {
                 Some(Ok(_)) => {}
                 Some(Err(why)) => {
@@ -730,6 +748,37 @@ mod tests {
             }
         }
         v
+    }
+
+    #[test]
+    fn each_pipelined_statements_answer_waits_for_its_own_record() {
+        let dir = std::env::temp_dir().join(format!("phigate-audit-pipelined-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let keys = crate::audit::crypto::PeriodKeys { dir: dir.join("keys") };
+        let (log, _) = crate::audit::log::Log::open(&dir.join("log"), ed25519_dalek::SigningKey::from_bytes(&[3u8; 32]), keys, 1 << 20).expect("log opens");
+        let writer = Handle::start(log, std::time::Duration::from_secs(10));
+        let s = crate::session::stage::tests::session();
+        let tap = Tap::new(writer.clone(), &s, 1 << 20, false);
+        let mut stage = AuditStage::new(tap.clone(), false);
+        let query = |sql: &str| Frame::build(tag::QUERY, format!("{sql}\0").as_bytes());
+        assert!(matches!(stage.frontend(&s, &query("select 1")), Action::Forward));
+        assert!(matches!(stage.frontend(&s, &query("select 2")), Action::Forward));
+        assert!(stage.needs_whole(Direction::Backend, tag::DATA_ROW), "a large row must not stream past the durability check");
+        {
+            // The second statement's record became durable, the first one's failed
+            // (e.g. its batch hit a full disk): the first one's rows must not go out.
+            let mut t = tap.lock().expect("invariant: lock not poisoned");
+            assert_eq!(t.durable.len(), 2, "one slot per statement");
+            t.durable.clear();
+            let (first, second) = (crate::session::durable::Slot::new(), crate::session::durable::Slot::new());
+            first.completer().complete(Err("no space".into()));
+            second.completer().complete(Ok(2));
+            t.durable.extend([first, second]);
+        }
+        let answer = stage.backend(&s, &msg::row_description(&[]));
+        assert!(matches!(answer, Action::Refuse(e) if e.message.contains("could not be written (no space)")));
+        writer.stop(std::time::Duration::from_secs(5));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

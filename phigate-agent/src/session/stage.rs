@@ -305,7 +305,7 @@ impl Stage for Accounting {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::{
         net::SocketAddr,
         sync::{Arc, Mutex},
@@ -319,7 +319,8 @@ mod tests {
         session::auth::AuthMethod,
     };
 
-    fn session() -> Session {
+    /// A session as stage tests need one.
+    pub(crate) fn session() -> Session {
         let addr: SocketAddr = "127.0.0.1:5432".parse().expect("invariant: literal address");
         Session {
             id: 1,

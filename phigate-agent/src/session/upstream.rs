@@ -119,6 +119,9 @@ pub async fn login(mut conn: Conn, role: &str, password_file: Option<&Path>, par
         let f = read_frame(&mut conn, &mut buf, MAX_STARTUP_MESSAGE).await?;
         match f.tag() {
             tag::AUTHENTICATION => match msg::parse_auth_request(f.body()).map_err(ReadError::Frame)? {
+                // A server that skips SCRAM's final message never proved it knows
+                // the verifier: an impostor could say "Ok" right after our proof.
+                AuthRequest::Ok if scram.is_some() => return Err(UpstreamError::ServerNotAuthenticated),
                 AuthRequest::Ok => {}
                 AuthRequest::CleartextPassword => {
                     conn.write_all(msg::password_message(&password()?).as_bytes()).await.map_err(UpstreamError::Write)?;
@@ -164,5 +167,61 @@ pub async fn login(mut conn: Conn, role: &str, password_file: Option<&Path>, par
             }
             other => return Err(UpstreamError::UnsupportedAuth(format!("unexpected message {:?} during login", other as char))),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    /// One authentication message of a fake server.
+    fn auth(code: i32, data: &[u8]) -> Vec<u8> {
+        let mut body = code.to_be_bytes().to_vec();
+        body.extend_from_slice(data);
+        Frame::build(tag::AUTHENTICATION, &body).into_bytes().to_vec()
+    }
+
+    /// Read one message from the client (the startup packet has no type byte).
+    async fn read_message(s: &mut TcpStream, typed: bool) -> Vec<u8> {
+        if typed {
+            s.read_u8().await.expect("type byte");
+        }
+        let len = s.read_i32().await.expect("length") as usize;
+        let mut body = vec![0u8; len - 4];
+        s.read_exact(&mut body).await.expect("body");
+        body
+    }
+
+    #[tokio::test]
+    async fn a_server_that_skips_the_scram_final_message_is_not_trusted() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let server = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.expect("accept");
+            read_message(&mut s, false).await;
+            s.write_all(&auth(10, b"SCRAM-SHA-256\0\0")).await.expect("write");
+            let first = read_message(&mut s, true).await;
+            // SASLInitialResponse: mechanism, length, "n,,n=,r=<client nonce>".
+            let text = String::from_utf8_lossy(&first).into_owned();
+            let nonce = text.rsplit("r=").next().expect("client nonce").to_string();
+            let server_first = format!("r={nonce}srv,s=c2FsdHNhbHQ=,i=4096");
+            s.write_all(&auth(11, server_first.as_bytes())).await.expect("write");
+            read_message(&mut s, true).await;
+            // AuthenticationOk instead of SASLFinal: the impostor never proves it
+            // knows the verifier.
+            let mut ok = auth(0, b"");
+            ok.extend_from_slice(&Frame::build(tag::READY_FOR_QUERY, b"I").into_bytes());
+            s.write_all(&ok).await.expect("write");
+            let _ = s.read_u8().await;
+        });
+        let secret = std::env::temp_dir().join(format!("phigate-upstream-secret-{}", std::process::id()));
+        std::fs::write(&secret, "pw\n").expect("secret");
+        let conn = Conn::Plain(TcpStream::connect(addr).await.expect("connect"));
+        let result = login(conn, "agent", Some(&secret), &[], "db").await;
+        let _ = std::fs::remove_file(&secret);
+        assert!(matches!(result, Err(UpstreamError::ServerNotAuthenticated)), "{:?}", result.err());
+        server.abort();
     }
 }
