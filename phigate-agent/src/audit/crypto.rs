@@ -37,16 +37,36 @@ pub enum KeyError {
     Decrypt(String),
 }
 
-/// Write `bytes` to a new file readable by its owner alone.
+/// Write `bytes` to a new file readable by its owner alone (fails with
+/// `AlreadyExists` if there is one).
 fn write_private(path: &Path, bytes: &[u8]) -> Result<(), KeyError> {
+    write_private_with(path, |f| f.write_all(bytes))
+}
+
+/// [`write_private`] with what `fill` writes. The key is written whole into a
+/// temporary file beside `path` and synced, then linked into place: a write that
+/// fails (a full disk) leaves no partial key that would block creating it again
+/// (the temporary file is removed). `link` rather than `rename`: it never replaces a
+/// key another writer made first, whose data may already be sealed with it.
+fn write_private_with(path: &Path, fill: impl FnOnce(&mut fs::File) -> std::io::Result<()>) -> Result<(), KeyError> {
     let err = |err| KeyError::Write { path: path.to_path_buf(), err };
-    if let Some(d) = path.parent() {
-        fs::create_dir_all(d).map_err(err)?;
-        let _ = fs::set_permissions(d, fs::Permissions::from_mode(0o700));
-    }
-    let mut f = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map_err(err)?;
-    f.write_all(bytes).map_err(err)?;
-    f.sync_all().map_err(err)
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    fs::create_dir_all(dir).map_err(err)?;
+    let _ = fs::set_permissions(dir, fs::Permissions::from_mode(0o700));
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    // Unique per process and call: threads and agents creating the same key at once
+    // each write their own, and a temporary file a crash left behind is in nobody's way.
+    let tmp = dir.join(format!(".{name}.tmp-{}-{:016x}", std::process::id(), rand::random::<u64>()));
+    let written = (|| {
+        let mut f = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
+        fill(&mut f)?;
+        f.sync_all()?;
+        fs::hard_link(&tmp, path)
+    })();
+    let _ = fs::remove_file(&tmp);
+    written.map_err(err)?;
+    // The new name is durable once the directory is.
+    fs::File::open(dir).and_then(|d| d.sync_all()).map_err(err)
 }
 
 /// The signing key: 32 bytes (the Ed25519 seed) in hex.
@@ -118,6 +138,12 @@ impl PeriodKeys {
     /// The key of `period`, created when the period starts.
     pub fn get_or_create(&self, period: &str) -> Result<[u8; 32], KeyError> {
         match self.load(period) {
+            // An empty key file is what a failed write of an earlier version left (no
+            // key in it, so nothing was sealed with it): made again.
+            Err(KeyError::Invalid { path, .. }) if fs::metadata(&path).is_ok_and(|m| m.len() == 0) => {
+                fs::remove_file(&path).map_err(|err| KeyError::Write { path: path.clone(), err })?;
+                self.get_or_create(period)
+            }
             Err(KeyError::PeriodKeyMissing(_)) => {
                 let mut k = [0u8; 32];
                 rand::rngs::OsRng.fill_bytes(&mut k);
@@ -250,6 +276,31 @@ mod tests {
         assert!(matches!(keys.open(&sealed, "stmt 2"), Err(KeyError::Decrypt(_))), "bound to its record");
         assert_eq!(keys.shred_before("2026-12-02").unwrap(), vec!["2026-12-01".to_string()]);
         assert!(matches!(keys.open(&sealed, "stmt 1"), Err(KeyError::PeriodKeyMissing(_))), "crypto-shredded");
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_key_write_that_fails_leaves_nothing_in_the_way() {
+        let dir = std::env::temp_dir().join(format!("phigate-keys-enospc-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let keys = PeriodKeys { dir: dir.clone() };
+        // The disk fills while the key is written.
+        let full = write_private_with(&keys.path("2026-12-03"), |f| {
+            f.write_all(&[1; 7])?;
+            Err(std::io::Error::new(std::io::ErrorKind::StorageFull, "no space left on device"))
+        });
+        assert!(matches!(full, Err(KeyError::Write { .. })), "{full:?}");
+        assert_eq!(fs::read_dir(&dir).unwrap().count(), 0, "no key file and no temporary file left");
+        let k = keys.get_or_create("2026-12-03").unwrap();
+        assert_eq!(keys.get_or_create("2026-12-03").unwrap(), k, "created once, then loaded");
+        assert_eq!(fs::metadata(keys.path("2026-12-03")).unwrap().permissions().mode() & 0o777, 0o600);
+        // An empty key file an earlier version left after such a failure: made again.
+        fs::write(keys.path("2026-12-04"), b"").unwrap();
+        let sealed = keys.seal("2026-12-04", "stmt 1", b"raw rows").unwrap();
+        assert_eq!(keys.open(&sealed, "stmt 1").unwrap(), b"raw rows");
+        // A key another writer made is never replaced.
+        assert!(matches!(write_private(&keys.path("2026-12-03"), &[2; 32]), Err(KeyError::Write { err, .. }) if err.kind() == std::io::ErrorKind::AlreadyExists));
+        assert_eq!(keys.get_or_create("2026-12-03").unwrap(), k);
         let _ = fs::remove_dir_all(&dir);
     }
 
