@@ -44,6 +44,8 @@ pub enum RecordError {
     Field(&'static str),
     #[error("its hash does not match its content")]
     Hash,
+    #[error("its bytes are not the canonical encoding of its content (altered: whitespace, escapes or repeated keys)")]
+    NotCanonical,
 }
 
 /// JSON with sorted keys and no whitespace: the same bytes for the same values,
@@ -303,13 +305,25 @@ impl Record {
         })
     }
 
-    /// Parse and check the record's own hash.
+    /// Parse and check the record's own hash and that the line is exactly the bytes
+    /// the agent writes for it.
     pub fn parse_checked(line: &str) -> Result<Self, RecordError> {
         let r = Self::parse(line)?;
         if r.compute_hash() != r.hash {
             return Err(RecordError::Hash);
         }
+        if !r.is_line(line) {
+            return Err(RecordError::NotCanonical);
+        }
         Ok(r)
+    }
+
+    /// Whether `line` (without its newline) is this record's canonical encoding, as
+    /// every line is written. The hash covers the parsed value, so an edit that keeps
+    /// the value (whitespace, an escape spelled differently, a repeated key) leaves it
+    /// matching: only comparing the bytes shows such an edit.
+    pub fn is_line(&self, line: &str) -> bool {
+        self.to_line().strip_suffix('\n') == Some(line)
     }
 }
 
@@ -400,6 +414,15 @@ mod tests {
         let tampered = line.replace("start", "stort");
         assert_eq!(Record::parse_checked(tampered.trim_end()), Err(RecordError::Hash));
         assert!(Record::parse("{").is_err());
+        // The same value in other bytes: the hash still matches, the line does not.
+        for edited in [line.trim_end().replacen(",", ", ", 1), line.trim_end().replacen("{", "{\"seq\":9,", 1)] {
+            let r = Record::parse(&edited).unwrap();
+            assert_eq!(r.compute_hash(), r.hash, "{edited}");
+            assert_eq!(Record::parse_checked(&edited), Err(RecordError::NotCanonical), "{edited}");
+        }
+        let escaped = Record::new(3, r.ts.clone(), r.hash.clone(), kind::LIFECYCLE, json!({"x": "\u{1f}"})).to_line();
+        assert!(escaped.contains("\\u001f"), "{escaped}");
+        assert_eq!(Record::parse_checked(escaped.trim_end().replace("\\u001f", "\\u001F").as_str()), Err(RecordError::NotCanonical));
         // Strings, keys and numbers exactly as serde_json writes them.
         let odd = json!({"q\"k\n": "tab\t\u{1}é", "n": -1.5, "big": u64::MAX, "t": true});
         assert_eq!(canonical(&odd), r#"{"big":18446744073709551615,"n":-1.5,"q\"k\n":"tab\t\u0001é","t":true}"#);

@@ -387,3 +387,16 @@ fn callers_commit_their_own_records_and_lazy_records_still_reach_the_file() {
     h.commit_here();
     assert!(rx.recv_timeout(std::time::Duration::from_secs(5)).unwrap().is_err());
 }
+
+#[test]
+fn a_record_with_the_same_value_in_other_bytes_is_caught() {
+    let d = dir("noncanonical");
+    write_log(&d);
+    let p = seg(&d, 2);
+    let mut l = lines(&p);
+    l[1] = l[1].replacen(",", ", ", 1);
+    write_lines(&p, &l);
+    let f = check(&d).unwrap_err();
+    assert_eq!((f.segment.as_str(), f.line), (segment_name(2).as_str(), 2), "{f}");
+    assert!(f.why.contains("canonical"), "{f}");
+}

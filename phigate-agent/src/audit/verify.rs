@@ -1,4 +1,5 @@
-//! `phigate audit verify`: prove the log was not altered. Every record's own hash,
+//! `phigate audit verify`: prove the log was not altered. Every record's own hash and
+//! bytes (each line exactly the canonical encoding the agent writes),
 //! every link to the record before (across segments and across a prune's tombstone),
 //! gapless sequence numbers and segment numbers, every seal and checkpoint signature
 //! against a trusted public key, every segment but the last sealed, and the signed
@@ -135,6 +136,9 @@ pub fn verify(dir: &Path, key: &VerifyingKey, mut progress: impl FnMut(u64, u64)
             }
             if r.compute_hash() != r.hash {
                 return Err(fail(&name, line_no, Some(r.seq), "its hash does not match its content (altered)"));
+            }
+            if !r.is_line(buf.trim_end_matches('\n')) {
+                return Err(fail(&name, line_no, Some(r.seq), "its bytes are not the canonical encoding of its content (altered: whitespace, escapes or repeated keys)"));
             }
             if r.seq != seq + 1 {
                 return Err(fail(&name, line_no, Some(r.seq), format!("expected seq {} here: records were deleted, added or reordered", seq + 1)));
