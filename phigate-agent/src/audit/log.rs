@@ -22,7 +22,13 @@
 //! Opening a log whose last segment was left unsealed by a crash: a torn last line
 //! (or one whose hash does not match) is moved aside into `seg-….torn` (kept as
 //! evidence), a `lifecycle` record says so, and the segment is sealed. Nothing torn is
-//! ever silently accepted.
+//! ever silently accepted. A bad line with whole records after it is not a crash's
+//! doing: the log is refused, not cut back. A last segment with no whole record (a
+//! crash right after a rotation) continues the chain from the previous segment's seal.
+//!
+//! Rotation seals the full segment before anything else; once the seal is durable
+//! records only ever go to the next segment, even when writing `head.json` or opening
+//! the next file fails (the next write opens it then).
 //!
 //! Synchronous std I/O, used by the writer thread; no tokio.
 
@@ -104,6 +110,9 @@ pub struct Log {
     segment_bytes: u64,
     index: u64,
     file: File,
+    /// `file` is the segment before `index` (sealed), because opening segment `index`
+    /// failed after a rotation: the next write opens it first.
+    file_stale: bool,
     /// Bytes of the segment on disk (committed).
     size: u64,
     /// Bytes of the segment file that exist (records, then zeros).
@@ -140,10 +149,15 @@ impl Log {
         let mut next_index = 1;
         if let Some((idx, path)) = segs.last() {
             next_index = idx + 1;
-            let (last, good_len, data_len, total_len) = last_good_record(path)?;
+            let Scan { last, good: good_len, data: data_len, total: total_len } = scan_segment(path)?;
             if let Some(r) = &last {
                 seq = r.seq;
                 hash = r.hash.clone();
+            } else if let Some((_, prev)) = segs.len().checked_sub(2).map(|i| &segs[i]) {
+                // No whole record here: a crash right after a rotation, before (or while)
+                // the first record reached this segment. The chain goes on from the seal
+                // that ended the segment before, not from the start of the log.
+                (seq, hash) = previous_seal(prev)?;
             }
             let sealed = last.as_ref().is_some_and(|r| r.kind == kind::SEAL);
             if good_len < data_len {
@@ -171,9 +185,7 @@ impl Log {
                     kind::LIFECYCLE,
                     json!({"event": "recovery", "detail": "the previous agent run ended without sealing this segment", "torn_tail": torn}),
                 );
-                prev.append_seal();
-                prev.commit()?;
-                prev.trim()?;
+                prev.seal_segment()?;
                 seq = prev.seq;
                 hash = prev.hash.clone();
                 opened.sealed_after_crash = Some(segment_name(*idx));
@@ -193,6 +205,7 @@ impl Log {
             segment_bytes,
             index,
             file,
+            file_stale: false,
             size,
             allocated: size,
             preallocate_after: 0,
@@ -274,6 +287,19 @@ impl Log {
             return Ok(());
         }
         let path = self.dir.join(self.segment());
+        if self.file_stale {
+            match open_segment(&path) {
+                Ok((file, size)) => {
+                    (self.file, self.size, self.allocated, self.file_stale) = (file, size, size, false);
+                }
+                // Never into the sealed segment still open: the batch is dropped, as
+                // for any write that fails.
+                Err(e) => {
+                    self.drop_batch();
+                    return Err(e);
+                }
+            }
+        }
         let end = self.size + self.batch.len() as u64;
         if end > self.allocated && self.size >= self.preallocate_after {
             self.preallocate(end);
@@ -297,12 +323,17 @@ impl Log {
                 let _ = self.file.set_len(self.size);
                 let _ = self.file.sync_data();
                 self.allocated = self.size;
-                self.batch.clear();
-                self.batch_seq = self.seq;
-                self.batch_hash = self.hash.clone();
+                self.drop_batch();
                 Err(LogError::Io { path, err })
             }
         }
+    }
+
+    /// Forget the batch: the chain goes on from the last record written.
+    fn drop_batch(&mut self) {
+        self.batch.clear();
+        self.batch_seq = self.seq;
+        self.batch_hash = self.hash.clone();
     }
 
     /// Fill the file with zeros past `end`, up to the next step. Best effort: when the
@@ -336,27 +367,44 @@ impl Log {
         Ok(())
     }
 
-    /// Seal the segment and start the next when it is full.
+    /// Append the seal (after whatever is batched) and commit. The zeros are cut off
+    /// first and the seal is written without new ones, so a durable seal is the last
+    /// byte of its file: nothing failing afterwards can leave zeros after a seal. On
+    /// failure the segment is not sealed and takes records as before.
+    fn seal_segment(&mut self) -> Result<(), LogError> {
+        self.trim()?;
+        let preallocate_after = std::mem::replace(&mut self.preallocate_after, u64::MAX);
+        self.append_seal();
+        let committed = self.commit();
+        self.preallocate_after = preallocate_after;
+        committed
+    }
+
+    /// Seal the segment and start the next when it is full. Once the seal is durable
+    /// the log has moved on, whatever fails after it: records go to the next segment
+    /// (opened by the next write if it cannot be opened now), never after the seal. An
+    /// error after that point (`head.json`, the next file) is still returned, for the
+    /// writer to report, but needs no undoing.
     pub fn rotate_if_full(&mut self) -> Result<(), LogError> {
         if self.size < self.segment_bytes {
             return Ok(());
         }
-        self.append_seal();
-        self.commit()?;
-        self.trim()?;
-        self.write_head()?;
+        self.seal_segment()?;
+        // The head names the seal; a failed head write leaves the previous (older)
+        // head, which still verifies, and the next checkpoint writes a new one.
+        let head = self.write_head();
         self.index += 1;
-        (self.file, self.size) = open_segment(&self.dir.join(self.segment()))?;
-        self.allocated = self.size;
-        self.preallocate_after = 0;
-        Ok(())
+        (self.size, self.allocated, self.preallocate_after, self.file_stale) = (0, 0, 0, true);
+        let path = self.dir.join(self.segment());
+        let next = open_segment(&path).map(|(file, size)| {
+            (self.file, self.size, self.allocated, self.file_stale) = (file, size, size, false);
+        });
+        head.and(next)
     }
 
     /// Seal the segment (clean stop).
     pub fn seal(&mut self) -> Result<(), LogError> {
-        self.append_seal();
-        self.commit()?;
-        self.trim()?;
+        self.seal_segment()?;
         self.write_head()
     }
 
@@ -379,26 +427,64 @@ fn open_segment(path: &Path) -> Result<(File, u64), LogError> {
     Ok((file, size))
 }
 
-/// The last complete, self-consistent record of a segment, the length of the prefix
-/// that holds only such records, the length without trailing zeros (preallocated
-/// space), and the file's length.
-fn last_good_record(path: &Path) -> Result<(Option<Record>, u64, u64, u64), LogError> {
+/// What a segment holds.
+struct Scan {
+    /// The last whole, self-consistent record.
+    last: Option<Record>,
+    /// The length of the prefix that holds only such records.
+    good: u64,
+    /// The length without trailing zeros (preallocated space).
+    data: u64,
+    /// The file's length.
+    total: u64,
+}
+
+/// Read a segment's records. A crash can only damage what was being written when it
+/// happened — the end: the first line that is not a whole record (torn, partly
+/// zeros, or not matching its hash) starts a torn tail when no whole record follows
+/// it. When one does, that line was altered or damaged after it was written: the
+/// segment is refused (an error naming the line), not cut back, because cutting it
+/// would drop durable records from the chain without a trace.
+fn scan_segment(path: &Path) -> Result<Scan, LogError> {
     let bytes = fs::read(path).map_err(io(path))?;
-    let mut good = 0usize;
-    let mut last = None;
-    let mut at = 0usize;
-    while at < bytes.len() {
-        let Some(nl) = bytes[at..].iter().position(|b| *b == b'\n') else { break };
-        let line = &bytes[at..at + nl];
-        match std::str::from_utf8(line).ok().and_then(|l| Record::parse_checked(l).ok()) {
-            Some(r) => {
+    let data = bytes.iter().rposition(|b| *b != 0).map_or(0, |i| i + 1);
+    let (mut good, mut last, mut bad_line) = (0usize, None, None);
+    for (n, line) in bytes[..data].split_inclusive(|b| *b == b'\n').enumerate() {
+        let record = line.strip_suffix(b"\n").and_then(|l| std::str::from_utf8(l).ok()).and_then(|l| Record::parse_checked(l).ok());
+        match (record, bad_line) {
+            (Some(r), None) => {
+                good += line.len();
                 last = Some(r);
-                at += nl + 1;
-                good = at;
             }
-            None => break,
+            (None, None) => bad_line = Some(n + 1),
+            (None, Some(_)) => {}
+            (Some(r), Some(bad)) => {
+                return Err(LogError::Corrupt {
+                    path: path.to_path_buf(),
+                    why: format!(
+                        "line {bad} is not a whole record, yet whole records follow it (seq {} on line {}): it was altered or damaged after it was written, which a crash does not do. \
+                         The agent changed nothing and does not start on it: run `phigate audit verify` on this directory, and keep the directory as it is (copy it aside as evidence) before starting a new log in another audit.dir.",
+                        r.seq,
+                        n + 1
+                    ),
+                })
+            }
         }
     }
-    let data = bytes.iter().rposition(|b| *b != 0).map_or(0, |i| i + 1).max(good);
-    Ok((last, good as u64, data as u64, bytes.len() as u64))
+    Ok(Scan { last, good: good as u64, data: data as u64, total: bytes.len() as u64 })
+}
+
+/// The chain state (seq, hash) after the seal that ends the segment at `path` — not
+/// the last one, so it must be sealed and whole.
+fn previous_seal(path: &Path) -> Result<(u64, String), LogError> {
+    let scan = scan_segment(path)?;
+    match scan.last {
+        Some(r) if r.kind == kind::SEAL && scan.good == scan.data => Ok((r.seq, r.hash)),
+        _ => Err(LogError::Corrupt {
+            path: path.to_path_buf(),
+            why: "a later segment exists but this one does not end with its seal, so the chain cannot go on. \
+                  The agent changed nothing: run `phigate audit verify` on this directory, and keep the directory as it is (copy it aside as evidence) before starting a new log in another audit.dir."
+                .into(),
+        }),
+    }
 }

@@ -388,6 +388,136 @@ fn callers_commit_their_own_records_and_lazy_records_still_reach_the_file() {
     assert!(rx.recv_timeout(std::time::Duration::from_secs(5)).unwrap().is_err());
 }
 
+/// A log whose segment just rotated, then the agent was killed before a whole record
+/// reached the new segment: returns the new (last) segment.
+fn rotate_then_crash(d: &Dir) -> PathBuf {
+    let keys = PeriodKeys { dir: d.0.with_extension("keys") };
+    let (mut log, _) = Log::open(&d.0, key(), keys, 1500).unwrap();
+    let mut i = 0;
+    while segments(&d.0).unwrap().len() < 2 {
+        assert!(i < 100, "the segment rotates");
+        log.append(kind::STATEMENT, json!({"session": "s-1", "stmt": i, "text": format!("select {i}")}));
+        log.commit().unwrap();
+        log.rotate_if_full().unwrap();
+        i += 1;
+    }
+    drop(log);
+    live_segment(d)
+}
+
+#[test]
+fn a_crash_right_after_a_rotation_continues_the_chain_from_the_seal() {
+    let torn: &[u8] = b"{\"data\":{\"session\":\"s-1\",\"te";
+    // The new segment: empty, only preallocated zeros, a torn first record (in zeros).
+    for (name, content) in [("empty", None), ("zeros", Some(vec![0u8; 4096])), ("torn", Some([torn, &[0u8; 4096][..]].concat()))] {
+        let d = dir(&format!("rotate-crash-{name}"));
+        let last = rotate_then_crash(&d);
+        if let Some(c) = &content {
+            fs::write(&last, c).unwrap();
+        }
+        let r = check(&d).unwrap();
+        assert_eq!(r.warnings.iter().any(|w| w.contains("torn")), name == "torn", "{name}: {:?}", r.warnings);
+        let keys = PeriodKeys { dir: d.0.with_extension("keys") };
+        let (mut log, opened) = Log::open(&d.0, key(), keys, 1500).unwrap();
+        assert_eq!(opened.torn.as_ref().map(|t| t.1), (name == "torn").then_some(torn.len() as u64), "{name}");
+        assert!(opened.sealed_after_crash.is_some(), "{name}");
+        log.append(kind::LIFECYCLE, json!({"event": "start"}));
+        log.commit().unwrap();
+        log.checkpoint().unwrap();
+        let r = check(&d).unwrap_or_else(|f| panic!("{name}: {f}"));
+        assert!(r.warnings.is_empty(), "{name}: {:?}", r.warnings);
+        let recovery = lines(&last).iter().map(|l| Record::parse(l).unwrap()).find(|r| r.data["event"] == "recovery").expect("a recovery record");
+        assert!(recovery.seq > 1, "{name}: continues the chain, not a new one");
+    }
+}
+
+#[test]
+fn a_failed_head_write_during_rotation_still_moves_to_the_next_segment() {
+    let d = dir("rotate-head");
+    let keys = PeriodKeys { dir: d.0.with_extension("keys") };
+    let (mut log, _) = Log::open(&d.0, key(), keys, 1500).unwrap();
+    // A directory in the way of head.json.tmp: head.json cannot be written.
+    let blocker = d.0.join(format!("{}.tmp", super::log::HEAD_FILE));
+    fs::create_dir(&blocker).unwrap();
+    let mut failed = 0;
+    for i in 0..24 {
+        log.append(kind::STATEMENT, json!({"session": "s-1", "stmt": i, "text": format!("select {i}")}));
+        log.commit().unwrap();
+        failed += usize::from(log.rotate_if_full().is_err());
+    }
+    assert!(failed >= 2, "rotations ran and reported the head they could not write");
+    assert!(segments(&d.0).unwrap().len() > failed, "each rotation moved on");
+    fs::remove_dir(&blocker).unwrap();
+    log.checkpoint().unwrap();
+    let r = check(&d).unwrap();
+    assert!(r.warnings.is_empty(), "{:?}", r.warnings);
+}
+
+#[test]
+fn a_next_segment_that_cannot_be_opened_is_opened_by_the_next_write() {
+    let d = dir("rotate-open");
+    let keys = PeriodKeys { dir: d.0.with_extension("keys") };
+    let (mut log, _) = Log::open(&d.0, key(), keys, 1500).unwrap();
+    // A directory in the way of segment 2: it cannot be opened as a file.
+    fs::create_dir(seg(&d, 2)).unwrap();
+    let mut i = 0;
+    let err = loop {
+        log.append(kind::STATEMENT, json!({"session": "s-1", "stmt": i, "text": format!("select {i}")}));
+        log.commit().unwrap();
+        i += 1;
+        if let Err(e) = log.rotate_if_full() {
+            break e;
+        }
+    };
+    assert!(err.to_string().contains(&segment_name(2)), "{err}");
+    let sealed = fs::read(seg(&d, 1)).unwrap();
+    // Nothing goes after segment 1's seal: the write fails (its batch dropped) ...
+    log.append(kind::STATEMENT, json!({"text": "refused"}));
+    assert!(log.commit().is_err());
+    assert_eq!(fs::read(seg(&d, 1)).unwrap(), sealed, "the sealed segment is untouched");
+    // ... until segment 2 can be opened.
+    fs::remove_dir(seg(&d, 2)).unwrap();
+    log.append(kind::STATEMENT, json!({"text": "kept"}));
+    log.commit().unwrap();
+    log.checkpoint().unwrap();
+    assert_eq!(fs::read(seg(&d, 1)).unwrap(), sealed);
+    assert!(lines(&seg(&d, 2)).iter().any(|l| l.contains("kept")));
+    let r = check(&d).unwrap();
+    assert!(r.warnings.is_empty(), "{:?}", r.warnings);
+}
+
+#[test]
+fn a_bad_record_before_good_ones_stops_the_agent_instead_of_cutting_the_log() {
+    let d = dir("bad-mid");
+    write_log(&d);
+    let last = live_segment(&d);
+    let mut l = lines(&last);
+    assert!(l.len() >= 3);
+    l[1] = l[1].replacen("select", "selekt", 1);
+    write_lines(&last, &l);
+    let before = fs::read(&last).unwrap();
+    let keys = PeriodKeys { dir: d.0.with_extension("keys") };
+    let err = Log::open(&d.0, key(), keys, 1500).err().expect("refused");
+    let msg = err.to_string();
+    assert!(msg.contains(&segment_name(segments(&d.0).unwrap().last().unwrap().0)) && msg.contains("line 2"), "{msg}");
+    assert!(msg.contains("phigate audit verify"), "{msg}");
+    assert_eq!(fs::read(&last).unwrap(), before, "nothing cut or moved");
+    assert!(check(&d).is_err(), "verify still sees it");
+    // A bad last line with nothing after it (but zeros) is a torn tail: recovered.
+    let d = dir("bad-last");
+    write_log(&d);
+    let last = live_segment(&d);
+    let mut bytes = fs::read(&last).unwrap();
+    let end = bytes.iter().rposition(|b| *b == b'\n').unwrap();
+    let start = bytes[..end].iter().rposition(|b| *b == b'\n').unwrap() + 1;
+    bytes[start + 10] ^= 1;
+    let torn = end + 1 - start;
+    fs::write(&last, &bytes).unwrap();
+    let keys = PeriodKeys { dir: d.0.with_extension("keys") };
+    let (_log, opened) = Log::open(&d.0, key(), keys, 1500).unwrap();
+    assert_eq!(opened.torn.map(|t| t.1), Some(torn as u64));
+}
+
 #[test]
 fn a_record_with_the_same_value_in_other_bytes_is_caught() {
     let d = dir("noncanonical");
