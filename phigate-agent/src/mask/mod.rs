@@ -587,15 +587,21 @@ impl Masker {
             }
         };
         let column_rules = self.profile.has_column_rules();
-        let outputs = match sql {
-            Some(s) if column_rules && fields.iter().any(|f| f.table_oid == 0) => Some(self.outputs(s)),
-            _ => None,
-        };
-        let mut catalog = self.catalog.lock().expect("invariant: lock not poisoned");
+        // A clone of the handle, so the statement's lineage (`&mut self`) can be read
+        // while the catalog is locked.
+        let shared = self.catalog.clone();
+        let mut catalog = shared.lock().expect("invariant: lock not poisoned");
+        let mut outputs = None;
         if column_rules {
             let missing = catalog.missing_oids(fields.iter().map(|f| f.table_oid));
             if !missing.is_empty() {
                 return Ok(Err(Lookup::Oids(missing)));
+            }
+            // Columns the catalog cannot place (computed, or a whole-row reference with
+            // attribute number 0) are traced through the statement's text.
+            let unplaced = fields.iter().any(|f| catalog.relation(f.table_oid).is_none_or(|r| r.column(f.column).is_none()));
+            if let (Some(s), true) = (sql, unplaced) {
+                outputs = Some(self.outputs(s));
             }
             // Names that may be views (their columns trace to base tables).
             let mut names: Vec<String> = Vec::new();
@@ -628,29 +634,48 @@ impl Masker {
                 }
             };
             if column_rules {
-                if f.table_oid != 0 {
-                    if let Some(rel) = catalog.relation(f.table_oid) {
-                        if let Some(col) = rel.column(f.column) {
-                            for idx in self.rules_for_column(&catalog, &rel.name, &col.name, 0) {
+                let rel = catalog.relation(f.table_oid);
+                match (&rel, rel.as_ref().and_then(|r| r.column(f.column))) {
+                    (Some(rel), Some(col)) => {
+                        for idx in self.rules_for_column(&catalog, &rel.name, &col.name, 0) {
+                            consider(idx, &mut best);
+                        }
+                        // A view's attribute n is its n-th output (attnum ≥ 1 here).
+                        let pos = usize::try_from(f.column).ok().and_then(|c| c.checked_sub(1));
+                        if let Some(o) = rel.view.as_ref().zip(pos).and_then(|(v, p)| v.get(p)) {
+                            for idx in self.rules_for_sources(&catalog, &o.sources, 0) {
                                 consider(idx, &mut best);
                             }
                         }
-                        if let Some(view) = &rel.view {
-                            let pos = (f.column as usize).wrapping_sub(1);
-                            if let Some(o) = view.get(pos) {
-                                for idx in self.rules_for_sources(&catalog, &o.sources, 0) {
-                                    consider(idx, &mut best);
-                                }
+                    }
+                    (Some(rel), None) => {
+                        // A column of a known relation the catalog does not list: a
+                        // whole-row reference (`SELECT p FROM patients p`, `RETURNING
+                        // patients`; PostgreSQL reports attribute number 0) or a column
+                        // newer than the cache. The value may hold any column of the
+                        // relation, so every rule of the relation (and of what a view
+                        // reads) applies, the strongest winning.
+                        let whole = Sources { whole_rows: [rel.name.clone()].into(), ..Sources::default() };
+                        for idx in self.rules_for_sources(&catalog, &whole, 0) {
+                            consider(idx, &mut best);
+                        }
+                        for o in rel.view.iter().flatten() {
+                            for idx in self.rules_for_sources(&catalog, &o.sources, 0) {
+                                consider(idx, &mut best);
                             }
                         }
                     }
-                } else if let Some(outs) = &outputs {
-                    let all: Vec<&Output> = outs.iter().flatten().collect();
-                    let named: Vec<&Output> = all.iter().copied().filter(|o| !o.star && o.name == f.name).collect();
-                    let from = if named.is_empty() { all } else { named };
-                    for o in from {
-                        for idx in self.rules_for_sources(&catalog, &o.sources, 0) {
-                            consider(idx, &mut best);
+                    (None, _) => {}
+                }
+                if rel.as_ref().is_none_or(|r| r.column(f.column).is_none()) {
+                    if let Some(outs) = &outputs {
+                        let all: Vec<&Output> = outs.iter().flatten().collect();
+                        let named: Vec<&Output> = all.iter().copied().filter(|o| !o.star && o.name == f.name).collect();
+                        let from = if named.is_empty() { all } else { named };
+                        for o in from {
+                            for idx in self.rules_for_sources(&catalog, &o.sources, 0) {
+                                consider(idx, &mut best);
+                            }
                         }
                     }
                 }

@@ -318,3 +318,28 @@ fn error_details_and_notifications_are_scanned() {
         other => panic!("{other:?}"),
     }
 }
+
+#[test]
+fn whole_row_references_get_the_strongest_rule_of_their_relation() {
+    // PostgreSQL reports a whole-row Var with the relation's OID and attribute 0.
+    const PATIENTS_ROW: u32 = 16402;
+    let record = &b"(7,123-45-6789,\"Maria Garcia\",1961-04-17,hi)"[..];
+    for (sql, table, name) in [
+        ("select p from patients p", PATIENTS, "p"),
+        ("insert into patients values (7) returning patients", PATIENTS, "patients"),
+        ("select v from patient_view v", VIEW, "v"),
+    ] {
+        let mut m = masker();
+        m.frontend(&query(sql));
+        assert!(matches!(m.backend(&msg::row_description(&[field(name, table, 0, PATIENTS_ROW, 0)])), Step::Forward), "{sql}");
+        let out = s(&cells_after(&mut m, &data_row(&[Some(record)]))[0]);
+        // The strongest of ssn (partial), name (hash) and dob (year) is the hash.
+        assert!(out.starts_with("pt_") && !out.contains("6789") && !out.contains("Maria"), "{sql}: {out}");
+    }
+    // Without the statement's text (a portal phigate saw no Parse for) the catalog
+    // alone decides, and attribute numbers no relation has do not wrap around.
+    let mut m = masker();
+    let fields = [field("p", PATIENTS, 0, PATIENTS_ROW, 0), field("v", VIEW, -1, PATIENTS_ROW, 0)];
+    let plan = m.plan_for(&fields, None, None).unwrap().unwrap();
+    assert!(plan.columns.iter().all(|c| matches!(c.strategy, Strategy::Hash { .. })), "{plan:?}");
+}
