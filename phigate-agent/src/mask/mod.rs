@@ -33,15 +33,15 @@ pub mod lineage;
 pub mod strategy;
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     fmt,
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, MutexGuard},
 };
 
 use bytes::{Bytes, BytesMut};
 
 use crate::pg::{
-    flow::{Answer, Flow},
+    flow::{Answer, Flow, Request},
     frame::Messages,
     msg::{self, tag, Field},
     Frame, PgError, SqlState,
@@ -207,19 +207,45 @@ pub enum Step {
     Describe(String),
 }
 
-#[derive(Debug, Clone)]
+/// A prepared statement as the client's Parse defined it. Shared with the portals
+/// bound to it and the Describes sent for it: its description reaches them even when
+/// the client closes or reuses the name before the server answers.
+#[derive(Debug)]
 struct Stmt {
+    name: String,
     sql: Arc<str>,
-    fields: Option<Vec<Field>>,
+    fields: Mutex<Option<Vec<Field>>>,
 }
 
-#[derive(Debug, Clone)]
+/// A portal as the client's Bind created it (shared with the Describes and Executes
+/// sent for it, for the same reason).
+#[derive(Debug)]
 struct Portal {
-    stmt: String,
+    /// None: bound to a statement phigate never saw prepared.
+    stmt: Option<Arc<Stmt>>,
     formats: Vec<i16>,
-    fields: Option<Vec<Field>>,
-    plan: Option<Arc<Plan>>,
-    sql: Option<Arc<str>>,
+    /// Its own description (Describe P), with the result formats it really has.
+    fields: Mutex<Option<Vec<Field>>>,
+    plan: Mutex<Option<Arc<Plan>>>,
+}
+
+/// What a client request the server has yet to answer will need then, captured when
+/// the client sent it, in the order sent: the server answers in that order, while
+/// names may be rebound (`Bind ""` again, Close then Parse) before it does.
+#[derive(Debug, Clone)]
+enum Pending {
+    /// Describe S (None: a statement phigate never saw prepared).
+    Statement(Option<Arc<Stmt>>),
+    /// Describe P (None: a portal phigate never saw bound).
+    Portal(Option<Arc<Portal>>),
+    /// Execute (None: a portal phigate never saw bound).
+    Execute(Option<Arc<Portal>>),
+    /// Sync, Query or a fast-path call: a ReadyForQuery ends everything up to here.
+    Boundary,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().expect("invariant: lock not poisoned")
 }
 
 struct CopyState {
@@ -242,17 +268,21 @@ pub struct Masker {
     current_year: i32,
     catalog: Arc<Mutex<Catalog>>,
     flow: Flow,
-    stmts: HashMap<String, Stmt>,
-    portals: HashMap<String, Portal>,
+    /// Statements and portals by name, as the client last defined them.
+    stmts: HashMap<String, Arc<Stmt>>,
+    portals: HashMap<String, Arc<Portal>>,
+    /// Describes and Executes (and the Syncs between them) still to be answered.
+    pending: VecDeque<Pending>,
     /// The result of the simple query being streamed.
     current: Option<Arc<Plan>>,
-    /// The plan of the Execute whose rows are streaming.
-    executing: Option<(Arc<str>, Arc<Plan>)>,
+    /// The plan of the Execute whose rows are streaming (the front of `pending`).
+    executing: Option<Arc<Plan>>,
     copy: Option<CopyState>,
     /// COPY statements of the current simple Query already answered.
     copies_seen: usize,
-    /// The answer computed for a frame that is waiting for a lookup.
-    resume: Option<Answer>,
+    /// The answer (and what its request captured) computed for a frame that is
+    /// waiting for a lookup.
+    resume: Option<(Answer, Option<Pending>)>,
     /// Columns of a COPY query, described on the catalog connection.
     described: Option<Result<Vec<Field>, String>>,
     /// The catalog lookup for the waiting message failed.
@@ -294,6 +324,7 @@ impl Masker {
             flow: Flow::default(),
             stmts: HashMap::new(),
             portals: HashMap::new(),
+            pending: VecDeque::new(),
             current: None,
             executing: None,
             copy: None,
@@ -337,23 +368,29 @@ impl Masker {
     pub fn frontend(&mut self, frame: &Frame) {
         let Ok(req) = msg::request_of(frame) else { return };
         self.flow.frontend(req.clone());
-        match frame.tag() {
-            tag::QUERY => {
-                if let crate::pg::flow::Request::Query(sql) = req {
-                    self.note_statement(sql);
-                }
+        match req {
+            Request::Query(sql) => {
+                self.note_statement(sql);
                 self.copies_seen = 0;
+                self.pending.push_back(Pending::Boundary);
             }
+            Request::Sync | Request::FunctionCall => self.pending.push_back(Pending::Boundary),
+            Request::Describe { portal: false, name } => self.pending.push_back(Pending::Statement(self.stmts.get(name).cloned())),
+            Request::Describe { portal: true, name } => self.pending.push_back(Pending::Portal(self.portals.get(name).cloned())),
+            Request::Execute { portal } => self.pending.push_back(Pending::Execute(self.portals.get(portal).cloned())),
+            _ => {}
+        }
+        match frame.tag() {
             tag::PARSE => {
                 if let Ok((name, sql)) = msg::parse_parse(frame.body()) {
                     self.note_statement(sql);
-                    self.stmts.insert(name.to_string(), Stmt { sql: Arc::from(sql), fields: None });
+                    self.stmts.insert(name.to_string(), Arc::new(Stmt { name: name.to_string(), sql: Arc::from(sql), fields: Mutex::new(None) }));
                 }
             }
             tag::BIND => {
                 if let Ok((portal, stmt, formats)) = msg::parse_bind(frame.body()) {
-                    let sql = self.stmts.get(stmt).map(|s| s.sql.clone());
-                    self.portals.insert(portal.to_string(), Portal { stmt: stmt.to_string(), formats, fields: None, plan: None, sql });
+                    let stmt = self.stmts.get(stmt).cloned();
+                    self.portals.insert(portal.to_string(), Arc::new(Portal { stmt, formats, fields: Mutex::new(None), plan: Mutex::new(None) }));
                 }
             }
             tag::CLOSE => {
@@ -407,6 +444,7 @@ impl Masker {
         let t = frame.tag();
         if t == tag::READY_FOR_QUERY {
             self.flow.backend(t);
+            self.settle(&Answer::Ready);
             self.failing = false;
             self.current = None;
             self.copy = None;
@@ -416,21 +454,25 @@ impl Masker {
             }
             return Step::Forward;
         }
-        let answer = match self.resume.take() {
+        let (answer, owner) = match self.resume.take() {
             Some(a) => a,
-            None => self.flow.backend(t),
+            None => {
+                let a = self.flow.backend(t);
+                let owner = self.settle(&a);
+                (a, owner)
+            }
         };
         if self.failing && !matches!(t, tag::NOTICE_RESPONSE | tag::PARAMETER_STATUS) {
             return Step::Replace(Messages::new());
         }
         let stepped = match self.lookup_error.take() {
             Some(why) => Err(fail(format!("phigate could not read the database catalog to find the masking rules: {why}"))),
-            None => self.step(frame, &answer),
+            None => self.step(frame, &answer, owner.as_ref()),
         };
         match stepped {
             Ok(s) => {
                 if matches!(s, Step::Lookup(_) | Step::Describe(_)) {
-                    self.resume = Some(answer);
+                    self.resume = Some((answer, owner));
                 }
                 s
             }
@@ -443,7 +485,49 @@ impl Masker {
         }
     }
 
-    fn step(&mut self, frame: &Frame, answer: &Answer) -> Result<Step, PgError> {
+    /// Match a backend message's answer to the front of `pending`: the request it
+    /// answers, as captured when it was sent (for descriptions and rows), and drop
+    /// what the answer completes.
+    fn settle(&mut self, answer: &Answer) -> Option<Pending> {
+        match answer {
+            Answer::StatementDescription(_) | Answer::PortalDescription(_) => match self.pending.front() {
+                Some(Pending::Statement(_) | Pending::Portal(_)) => self.pending.pop_front(),
+                _ => None,
+            },
+            Answer::Execute(_) => match self.pending.front() {
+                Some(p @ Pending::Execute(_)) => Some(p.clone()),
+                _ => None,
+            },
+            Answer::ExecuteDone(_) => {
+                self.executing = None;
+                if matches!(self.pending.front(), Some(Pending::Execute(_))) {
+                    self.pending.pop_front();
+                }
+                None
+            }
+            Answer::ExtendedError => {
+                // The server skips the rest of the batch up to its Sync.
+                self.executing = None;
+                while self.pending.front().is_some_and(|p| !matches!(p, Pending::Boundary)) {
+                    self.pending.pop_front();
+                }
+                None
+            }
+            Answer::Ready => {
+                self.executing = None;
+                while let Some(p) = self.pending.pop_front() {
+                    if matches!(p, Pending::Boundary) {
+                        break;
+                    }
+                }
+                None
+            }
+            _ => None,
+        }
+    }
+
+    /// `owner`: what the request this message answers captured when it was sent.
+    fn step(&mut self, frame: &Frame, answer: &Answer, owner: Option<&Pending>) -> Result<Step, PgError> {
         let t = frame.tag();
         match t {
             tag::ROW_DESCRIPTION => {
@@ -456,17 +540,20 @@ impl Masker {
                             Err(lookup) => return Ok(Step::Lookup(lookup)),
                         }
                     }
-                    Answer::StatementDescription(name) => {
-                        if let Some(s) = self.stmts.get_mut(&**name) {
-                            s.fields = Some(fields);
+                    // Unknown statements and portals stay undescribed: their rows fail closed.
+                    Answer::StatementDescription(_) => match owner {
+                        Some(Pending::Statement(Some(s))) => *lock(&s.fields) = Some(fields),
+                        Some(Pending::Statement(None)) => {}
+                        _ => return Err(fail("a statement description phigate cannot match to a Describe")),
+                    },
+                    Answer::PortalDescription(_) => match owner {
+                        Some(Pending::Portal(Some(p))) => {
+                            *lock(&p.fields) = Some(fields);
+                            *lock(&p.plan) = None;
                         }
-                    }
-                    Answer::PortalDescription(name) => {
-                        if let Some(p) = self.portals.get_mut(&**name) {
-                            p.fields = Some(fields);
-                            p.plan = None;
-                        }
-                    }
+                        Some(Pending::Portal(None)) => {}
+                        _ => return Err(fail("a portal description phigate cannot match to a Describe")),
+                    },
                     _ => return Err(fail("a row description nobody asked for")),
                 }
                 Ok(Step::Forward)
@@ -474,12 +561,12 @@ impl Masker {
             tag::DATA_ROW => {
                 let plan = match answer {
                     Answer::Simple(_) => self.current.clone(),
-                    // The same Execute's rows share its name: look the plan up once.
-                    Answer::Execute(portal) => match &self.executing {
-                        Some((p, plan)) if Arc::ptr_eq(p, portal) => Some(plan.clone()),
-                        _ => match self.portal_plan(portal)? {
+                    // The rows of one Execute share its plan: made once, at the first row.
+                    Answer::Execute(_) => match &self.executing {
+                        Some(plan) => Some(plan.clone()),
+                        None => match self.portal_plan(owner)? {
                             Ok(plan) => {
-                                self.executing = Some((portal.clone(), plan.clone()));
+                                self.executing = Some(plan.clone());
                                 Some(plan)
                             }
                             Err(lookup) => return Ok(Step::Lookup(lookup)),
@@ -500,7 +587,7 @@ impl Masker {
                 self.finish_statement();
                 Ok(Step::Forward)
             }
-            tag::COPY_OUT_RESPONSE => self.start_copy(frame, answer),
+            tag::COPY_OUT_RESPONSE => self.start_copy(frame, answer, owner),
             tag::COPY_DATA => match &self.copy {
                 Some(_) => self.mask_copy(frame),
                 None => Ok(Step::Forward), // COPY FROM STDIN echo does not exist; nothing to do
@@ -534,28 +621,33 @@ impl Masker {
         self.finished.push(s);
     }
 
-    fn portal_plan(&mut self, portal: &str) -> Result<Result<Arc<Plan>, Lookup>, PgError> {
-        let Some(p) = self.portals.get(portal) else { return Err(fail(format!("rows of portal \"{portal}\", which phigate did not see bound"))) };
-        if let Some(plan) = &p.plan {
-            return Ok(Ok(plan.clone()));
+    /// The plan of the portal an Execute ran, as bound when the Execute was sent.
+    fn portal_plan(&mut self, owner: Option<&Pending>) -> Result<Result<Arc<Plan>, Lookup>, PgError> {
+        let p = match owner {
+            Some(Pending::Execute(Some(p))) => p.clone(),
+            Some(Pending::Execute(None)) => return Err(fail("rows of a portal phigate did not see bound")),
+            _ => return Err(fail("rows phigate cannot match to an Execute")),
+        };
+        if let Some(plan) = lock(&p.plan).clone() {
+            return Ok(Ok(plan));
         }
         // The portal's own description (Describe P) has its real formats; else the
         // statement's description with the formats the Bind asked for.
-        let (fields, formats) = match &p.fields {
-            Some(f) => (f.clone(), None),
+        let described = lock(&p.fields).clone();
+        let (fields, formats) = match described {
+            Some(f) => (f, None),
             None => {
-                let stmt = self.stmts.get(&p.stmt).and_then(|s| s.fields.clone());
-                let fields = stmt.ok_or_else(|| fail(format!("rows of statement \"{}\", whose columns phigate never saw described", p.stmt)))?;
+                let stmt = p.stmt.as_ref().ok_or_else(|| fail("rows of a portal bound to a statement phigate did not see prepared"))?;
+                let fields = lock(&stmt.fields).clone();
+                let fields = fields.ok_or_else(|| fail(format!("rows of statement \"{}\", whose columns phigate never saw described", stmt.name)))?;
                 (fields, Some(p.formats.clone()))
             }
         };
-        let sql = p.sql.clone();
+        let sql = p.stmt.as_ref().map(|s| s.sql.clone());
         match self.plan_for(&fields, formats.as_deref(), sql.as_deref())? {
             Ok(plan) => {
                 let plan = Arc::new(plan);
-                if let Some(p) = self.portals.get_mut(portal) {
-                    p.plan = Some(plan.clone());
-                }
+                *lock(&p.plan) = Some(plan.clone());
                 Ok(Ok(plan))
             }
             Err(l) => Ok(Err(l)),
@@ -812,11 +904,11 @@ impl Masker {
         self.out.split().freeze()
     }
 
-    fn start_copy(&mut self, frame: &Frame, answer: &Answer) -> Result<Step, PgError> {
-        let sql = match answer {
-            Answer::Simple(sql) => sql.clone(),
-            Answer::Execute(portal) => {
-                self.portals.get(&**portal).and_then(|p| p.sql.clone()).ok_or_else(|| fail("COPY of a portal phigate did not see bound"))?
+    fn start_copy(&mut self, frame: &Frame, answer: &Answer, owner: Option<&Pending>) -> Result<Step, PgError> {
+        let sql = match (answer, owner) {
+            (Answer::Simple(sql), _) => sql.clone(),
+            (Answer::Execute(_), Some(Pending::Execute(p))) => {
+                p.as_ref().and_then(|p| p.stmt.as_ref()).map(|s| s.sql.clone()).ok_or_else(|| fail("COPY of a portal phigate did not see bound"))?
             }
             _ => return Err(fail("a COPY nobody asked for")),
         };

@@ -343,3 +343,133 @@ fn whole_row_references_get_the_strongest_rule_of_their_relation() {
     let plan = m.plan_for(&fields, None, None).unwrap().unwrap();
     assert!(plan.columns.iter().all(|c| matches!(c.strategy, Strategy::Hash { .. })), "{plan:?}");
 }
+
+fn parse(name: &str, sql: &str) -> Frame {
+    let mut b = cstrs(&[name, sql]);
+    b.extend_from_slice(&0i16.to_be_bytes());
+    Frame::build(b'P', &b)
+}
+
+/// A Bind without parameters, all results in text.
+fn bind(portal: &str, stmt: &str) -> Frame {
+    let mut b = cstrs(&[portal, stmt]);
+    b.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+    Frame::build(b'B', &b)
+}
+
+fn describe(kind: u8, name: &str) -> Frame {
+    Frame::build(b'D', &[&[kind][..], &cstrs(&[name])].concat())
+}
+
+fn execute(portal: &str) -> Frame {
+    Frame::build(b'E', &[&cstrs(&[portal])[..], &0i32.to_be_bytes()].concat())
+}
+
+fn close(kind: u8, name: &str) -> Frame {
+    Frame::build(b'C', &[&[kind][..], &cstrs(&[name])].concat())
+}
+
+fn sync() -> Frame {
+    Frame::build(b'S', &[])
+}
+
+/// The client sends these messages (forwarded to the server).
+fn send(m: &mut Masker, frames: &[Frame]) {
+    for f in frames {
+        m.frontend(f);
+    }
+}
+
+/// The server sends these answers without data (ParseComplete, BindComplete, …);
+/// each passes unchanged.
+fn bookkeeping(m: &mut Masker, tags: &[u8]) {
+    for t in tags {
+        let body: &[u8] = if *t == b't' { &[0, 0] } else { &[] };
+        assert!(matches!(m.backend(&Frame::build(*t, body)), Step::Forward), "{}", *t as char);
+    }
+}
+
+const SSN_NAME: &str = "select ssn, name from patients";
+const LAB: &str = "select id, test from labs";
+
+fn ssn_name() -> Vec<Field> {
+    vec![field("ssn", PATIENTS, 2, 25, 0), field("name", PATIENTS, 3, 25, 0)]
+}
+
+fn lab() -> Vec<Field> {
+    vec![field("id", LABS, 1, 23, 0), field("test", LABS, 2, 25, 0)]
+}
+
+fn assert_patient_row_masked(m: &mut Masker, what: &str) {
+    let out = cells_after(m, &data_row(&[Some(b"123-45-6789"), Some(b"Maria Garcia")]));
+    assert_eq!(s(&out[0]), "***-**-6789", "{what}");
+    assert!(s(&out[1]).starts_with("pt_"), "{what}: {}", s(&out[1]));
+}
+
+#[test]
+fn pipelined_executes_of_one_portal_name_keep_their_own_statements() {
+    let mut m = masker();
+    send(&mut m, &[parse("s1", SSN_NAME), describe(b'S', "s1"), parse("s2", LAB), describe(b'S', "s2"), sync()]);
+    bookkeeping(&mut m, b"1t");
+    m.backend(&msg::row_description(&ssn_name()));
+    bookkeeping(&mut m, b"1t");
+    m.backend(&msg::row_description(&lab()));
+    bookkeeping(&mut m, b"Z");
+    // One batch: the unnamed portal is bound to s1, then rebound to s2, before the
+    // server answers the first Execute.
+    send(&mut m, &[bind("", "s1"), execute(""), bind("", "s2"), execute(""), sync()]);
+    bookkeeping(&mut m, b"2");
+    assert_patient_row_masked(&mut m, "rows of s1 are masked with s1's plan");
+    bookkeeping(&mut m, b"C2");
+    assert!(matches!(m.backend(&data_row(&[Some(b"1"), Some(b"A1C 5.5")])), Step::Forward), "s2's rows by s2's plan");
+    bookkeeping(&mut m, b"CZ");
+}
+
+#[test]
+fn pipelined_unnamed_statements_with_portal_describes_keep_their_own_text() {
+    // pgjdbc: Parse "" / Bind / Describe P / Execute, twice in one batch. Computed
+    // columns are placed by the statement's text, so the text must be the right one.
+    let mut m = masker();
+    send(&mut m, &[parse("", "select upper(ssn) as shout from patients"), bind("", ""), describe(b'P', ""), execute("")]);
+    send(&mut m, &[parse("", "select upper(test) as shout from labs"), bind("", ""), describe(b'P', ""), execute(""), sync()]);
+    let computed = [field("shout", 0, 0, 25, 0)];
+    bookkeeping(&mut m, b"12");
+    m.backend(&msg::row_description(&computed));
+    assert_eq!(s(&cells_after(&mut m, &data_row(&[Some(b"123-45-6789")]))[0]), "***-**-6789");
+    bookkeeping(&mut m, b"C12");
+    m.backend(&msg::row_description(&computed));
+    assert!(matches!(m.backend(&data_row(&[Some(b"A1C 5.5")])), Step::Forward));
+    bookkeeping(&mut m, b"CZ");
+}
+
+#[test]
+fn a_portal_keeps_its_statement_when_the_name_is_closed_and_reused() {
+    let mut m = masker();
+    send(&mut m, &[parse("s1", SSN_NAME), describe(b'S', "s1"), sync()]);
+    bookkeeping(&mut m, b"1t");
+    m.backend(&msg::row_description(&ssn_name()));
+    bookkeeping(&mut m, b"Z");
+    send(&mut m, &[bind("p", "s1"), close(b'S', "s1"), parse("s1", LAB), describe(b'S', "s1"), execute("p"), sync()]);
+    bookkeeping(&mut m, b"231t");
+    m.backend(&msg::row_description(&lab()));
+    assert_patient_row_masked(&mut m, "portal p still runs the old s1");
+    bookkeeping(&mut m, b"CZ");
+}
+
+#[test]
+fn an_error_drops_what_its_batch_still_owed() {
+    let mut m = masker();
+    send(&mut m, &[parse("s1", SSN_NAME), describe(b'S', "s1"), parse("s2", LAB), describe(b'S', "s2"), sync()]);
+    bookkeeping(&mut m, b"1t");
+    m.backend(&msg::row_description(&ssn_name()));
+    bookkeeping(&mut m, b"1t");
+    m.backend(&msg::row_description(&lab()));
+    bookkeeping(&mut m, b"Z");
+    send(&mut m, &[bind("", "s2"), execute(""), sync(), bind("", "s1"), execute(""), sync()]);
+    // The first batch fails at its Bind; its Execute is never answered.
+    let error = Frame::build(b'E', b"SERROR\0C42P01\0Mno\0\0");
+    assert!(matches!(m.backend(&error), Step::Forward));
+    bookkeeping(&mut m, b"Z2");
+    assert_patient_row_masked(&mut m, "the second batch's rows are its own");
+    bookkeeping(&mut m, b"CZ");
+}
