@@ -257,6 +257,11 @@ struct CopyState {
 /// Parsed lineage of recent statements (text → outputs of each statement).
 const LINEAGE_CACHE: usize = 256;
 
+/// Catalog lookups one plan may ask for: OIDs, then names (views found by name can
+/// name more relations). A plan that still misses something after this many fails
+/// closed rather than opening side connections forever.
+const MAX_LOOKUPS: u32 = 8;
+
 /// The cells of one row, `None` for NULL.
 type Fields = Vec<Option<Vec<u8>>>;
 
@@ -287,6 +292,11 @@ pub struct Masker {
     described: Option<Result<Vec<Field>, String>>,
     /// The catalog lookup for the waiting message failed.
     lookup_error: Option<String>,
+    /// The plan being made: OIDs its lookups already asked for (the catalog
+    /// connection may not see them, e.g. relations created in the session's open
+    /// transaction), and how many lookups it made.
+    asked_oids: Vec<u32>,
+    lookups: u32,
     /// A masking failure: drop the rest of the result up to ReadyForQuery.
     failing: bool,
     /// DDL ran: drop the catalog at the next ReadyForQuery.
@@ -332,6 +342,8 @@ impl Masker {
             resume: None,
             described: None,
             lookup_error: None,
+            asked_oids: Vec::new(),
+            lookups: 0,
             failing: false,
             ddl_seen: false,
             search_path: None,
@@ -449,6 +461,7 @@ impl Masker {
             self.current = None;
             self.copy = None;
             self.resume = None;
+            self.end_lookups();
             if std::mem::take(&mut self.ddl_seen) {
                 self.catalog.lock().expect("invariant: lock not poisoned").clear();
             }
@@ -670,6 +683,32 @@ impl Masker {
     /// (Bind's codes: none = text, one = all, else per column). `Err(lookup)` when the
     /// catalog must be asked first.
     fn plan_for(&mut self, fields: &[Field], formats: Option<&[i16]>, sql: Option<&str>) -> Result<Result<Plan, Lookup>, PgError> {
+        let planned = self.plan_columns(fields, formats, sql);
+        if !matches!(planned, Ok(Err(_))) {
+            // Settled (a plan or a refusal): the next plan starts its own lookups.
+            self.end_lookups();
+        }
+        planned
+    }
+
+    fn end_lookups(&mut self) {
+        self.asked_oids.clear();
+        self.lookups = 0;
+    }
+
+    /// Ask the catalog, unless this plan has asked too often already.
+    fn ask(&mut self, lookup: Lookup) -> Result<Result<Plan, Lookup>, PgError> {
+        if self.lookups >= MAX_LOOKUPS {
+            return Err(fail(format!("the masking rules were still not found after {MAX_LOOKUPS} catalog lookups")));
+        }
+        self.lookups += 1;
+        if let Lookup::Oids(oids) = &lookup {
+            self.asked_oids.extend_from_slice(oids);
+        }
+        Ok(Err(lookup))
+    }
+
+    fn plan_columns(&mut self, fields: &[Field], formats: Option<&[i16]>, sql: Option<&str>) -> Result<Result<Plan, Lookup>, PgError> {
         let format_of = |i: usize, f: &Field| -> Result<i16, PgError> {
             match formats {
                 None => Ok(f.format),
@@ -685,9 +724,23 @@ impl Masker {
         let mut catalog = shared.lock().expect("invariant: lock not poisoned");
         let mut outputs = None;
         if column_rules {
-            let missing = catalog.missing_oids(fields.iter().map(|f| f.table_oid));
+            // Each OID is asked for once per plan: one the catalog connection cannot
+            // see stays unknown, and its columns are refused below.
+            let mut missing = catalog.missing_oids(fields.iter().map(|f| f.table_oid));
+            missing.retain(|o| !self.asked_oids.contains(o));
             if !missing.is_empty() {
-                return Ok(Err(Lookup::Oids(missing)));
+                return self.ask(Lookup::Oids(missing));
+            }
+            // A relation the catalog connection cannot see even after a lookup
+            // (created in the session's open transaction). Tables without rules get
+            // name patterns and detectors, but only because the catalog shows that
+            // they are tables without rules; this one could as well be a view over
+            // masked columns or a table a rule names, so nothing can be decided.
+            if let Some(f) = fields.iter().find(|f| f.table_oid != 0 && catalog.relation(f.table_oid).is_none()) {
+                return Err(fail(format!(
+                    "column \"{}\" comes from a relation (OID {}) phigate cannot see in the database catalog, such as one created in this session's open transaction, so its masking rules are unknown; commit the DDL first",
+                    f.name, f.table_oid
+                )));
             }
             // Columns the catalog cannot place (computed, or a whole-row reference with
             // attribute number 0) are traced through the statement's text.
@@ -713,7 +766,7 @@ impl Masker {
             }
             let missing = catalog.missing_names(names.iter().map(String::as_str));
             if !missing.is_empty() {
-                return Ok(Err(Lookup::Names(missing)));
+                return self.ask(Lookup::Names(missing));
             }
         }
         let mut columns = Vec::with_capacity(fields.len());

@@ -473,3 +473,49 @@ fn an_error_drops_what_its_batch_still_owed() {
     assert_patient_row_masked(&mut m, "the second batch's rows are its own");
     bookkeeping(&mut m, b"CZ");
 }
+
+#[test]
+fn a_relation_the_catalog_cannot_see_fails_closed_after_one_lookup() {
+    // BEGIN; CREATE TEMP TABLE t AS SELECT 1 AS a; SELECT * FROM t; — the catalog
+    // connection cannot see the uncommitted relation.
+    let mut m = masker();
+    m.frontend(&query("select * from t"));
+    let t = msg::row_description(&[field("a", 17100, 1, 23, 0)]);
+    assert!(matches!(m.backend(&t), Step::Lookup(Lookup::Oids(o)) if o == vec![17100]));
+    m.catalog.lock().unwrap().insert(Vec::new(), &[]);
+    match m.backend(&t) {
+        Step::Replace(parts) => {
+            assert_eq!(parts[0][0], b'E');
+            let text = String::from_utf8_lossy(&parts[0]);
+            assert!(text.contains("phigate: refused to return this result") && text.contains("OID 17100"), "{text}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(m.backend(&data_row(&[Some(b"1")])), Step::Replace(p) if p.is_empty()));
+    assert!(matches!(m.backend(&Frame::build(b'Z', b"T")), Step::Forward));
+}
+
+#[test]
+fn catalog_lookups_per_result_are_bounded() {
+    // A catalog that forgets everything between lookups (DDL elsewhere, expiry)
+    // cannot make a result wait forever.
+    let mut m = masker();
+    m.frontend(&query("select upper(x) from fresh"));
+    let t = msg::row_description(&[field("upper", 0, 0, 25, 0)]);
+    let mut lookups = 0;
+    loop {
+        match m.backend(&t) {
+            Step::Lookup(Lookup::Names(_)) => {
+                lookups += 1;
+                assert!(lookups <= 8, "lookups must stop");
+                m.catalog.lock().unwrap().clear();
+            }
+            Step::Replace(parts) => {
+                assert_eq!(parts[0][0], b'E');
+                break;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(matches!(m.backend(&Frame::build(b'Z', b"I")), Step::Forward));
+}
