@@ -371,6 +371,21 @@ impl Masker {
         self.profile.rules.is_empty() && (self.profile.detectors.is_empty() || !self.profile.free_text)
     }
 
+    /// Why masking cannot let this client message through, if it cannot. A fast-path
+    /// function call (FunctionCall) is answered with a bare value and no description
+    /// to place it by, so it cannot be masked: it is refused whenever masking has
+    /// anything to do (the policy stage refuses it too, but may be switched off). The
+    /// session goes on, as after the policy stage's refusal.
+    pub fn refusal(&self, frame: &Frame) -> Option<PgError> {
+        (frame.tag() == tag::FUNCTION_CALL && !self.profile_is_empty()).then(|| {
+            PgError::error(
+                SqlState::FEATURE_NOT_SUPPORTED,
+                "phigate: refused a fast-path function call: masking applies to this session, and a fast-path result cannot be masked",
+            )
+            .with_hint("Call the function with SQL instead (SELECT f(...)).")
+        })
+    }
+
     /// Summaries of statements that finished since the last call.
     pub fn take_finished(&mut self) -> Vec<Summary> {
         std::mem::take(&mut self.finished)
@@ -616,6 +631,11 @@ impl Masker {
                 Ok(self.mask_fields(frame))
             }
             tag::NOTIFICATION => Ok(self.mask_notification(frame)),
+            // The answer to a fast-path call that got past `refusal` (a stage that
+            // did not ask): a bare value, nothing to place it by.
+            tag::FUNCTION_CALL_RESPONSE if !self.profile_is_empty() => {
+                Err(fail("phigate refuses fast-path function calls while masking applies, since their results cannot be masked; call the function with SQL instead"))
+            }
             _ => Ok(Step::Forward),
         }
     }

@@ -519,3 +519,37 @@ fn catalog_lookups_per_result_are_bounded() {
     }
     assert!(matches!(m.backend(&Frame::build(b'Z', b"I")), Step::Forward));
 }
+
+#[test]
+fn fast_path_function_calls_are_refused_under_masking() {
+    // FunctionCall of OID 1234 without arguments, text result.
+    let call = Frame::build(b'F', &[&1234i32.to_be_bytes()[..], &[0, 0, 0, 0, 0, 0]].concat());
+    let mut m = masker();
+    let e = m.refusal(&call).expect("refused on the client side");
+    assert_eq!(e.code.to_string(), "0A000");
+    assert!(e.message.contains("phigate: refused a fast-path function call"), "{}", e.message);
+    assert!(m.refusal(&query("select 1")).is_none());
+    // Should one get through anyway, its answer fails closed and the session goes on.
+    m.frontend(&call);
+    match m.backend(&Frame::build(b'V', &[&11i32.to_be_bytes()[..], b"123-45-6789"].concat())) {
+        Step::Replace(parts) => {
+            let text = String::from_utf8_lossy(&parts[0]);
+            assert!(parts[0][0] == b'E' && !text.contains("123-45-6789") && text.contains("fast-path"), "{text}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(m.backend(&Frame::build(b'Z', b"I")), Step::Forward));
+    // A profile with nothing to mask lets fast-path calls be.
+    let empty = Arc::new(Profile {
+        name: "none".into(),
+        identities: Vec::new(),
+        groups: Vec::new(),
+        rules: Vec::new(),
+        detectors: Detectors::new(&Kind::ALL, &[]).unwrap(),
+        free_text: false,
+    });
+    let mut m = Masker::new(empty, Arc::from(&b"0123456789abcdef0123456789abcdef"[..]), catalog(), 2026);
+    assert!(m.refusal(&call).is_none());
+    m.frontend(&call);
+    assert!(matches!(m.backend(&Frame::build(b'V', &[&1i32.to_be_bytes()[..], b"7"].concat())), Step::Forward));
+}

@@ -122,12 +122,16 @@ impl Stage for MaskStage {
     fn needs_whole(&self, direction: Direction, t: u8) -> bool {
         match direction {
             // The masker reads statement texts, names and result formats.
-            Direction::Frontend => matches!(t, tag::QUERY | tag::PARSE | tag::BIND | tag::DESCRIBE | tag::EXECUTE | tag::CLOSE),
+            // FunctionCall: to refuse it, and keep its place in the request order.
+            Direction::Frontend => matches!(t, tag::QUERY | tag::PARSE | tag::BIND | tag::DESCRIBE | tag::EXECUTE | tag::CLOSE | tag::FUNCTION_CALL),
             Direction::Backend => self.masker.needs_whole(t),
         }
     }
 
     fn frontend(&mut self, _: &Session, frame: &Frame) -> Action {
+        if let Some(e) = self.masker.refusal(frame) {
+            return Action::Refuse(e);
+        }
         self.masker.frontend(frame);
         Action::Forward
     }
