@@ -114,6 +114,11 @@ impl Catalog {
             .unwrap_or_default()
     }
 
+    /// Whether a relation or a column of a cached relation has this name.
+    pub fn knows_identifier(&self, name: &str) -> bool {
+        self.by_name.get(name).is_some_and(|v| !v.is_empty()) || self.by_oid.values().any(|r| r.columns.iter().any(|c| c.name == name))
+    }
+
     /// Relations a reference could name.
     pub fn named(&self, r: &RelName) -> Vec<Arc<Relation>> {
         self.by_name
@@ -237,6 +242,7 @@ mod tests {
         assert_eq!(c.missing_names(["patients", "nothing", "labs"]), vec!["labs".to_string()]);
         assert_eq!(c.views_named(&RelName { schema: None, name: "pv".into() }).len(), 1);
         assert!(c.views_named(&RelName { schema: Some("other".into()), name: "pv".into() }).is_empty());
+        assert!(c.knows_identifier("patients") && c.knows_identifier("ssn") && !c.knows_identifier("nothing") && !c.knows_identifier("Jane Doe"));
         assert!(parse_rows(&[row(&[Some("x")])]).is_err());
     }
 

@@ -1113,8 +1113,12 @@ impl Masker {
     }
 
     /// Notices and errors: detectors over the free-text fields, and the values a
-    /// constraint violation quotes (`Key (ssn)=(…)`, `Failing row contains (…)`)
-    /// hidden when their table has masked columns.
+    /// constraint violation quotes (`Key (ssn)=(…)`) hidden when their table has
+    /// masked columns. With column rules, also the values any table's rows show in
+    /// `Failing row contains (…)` and that data exceptions (SQLSTATE class 22: `invalid
+    /// input syntax for type integer: "Jane Doe"`) quote: those can come from masked
+    /// columns of any table (`SELECT name::int FROM patients`), and only detectors
+    /// would see them otherwise.
     fn mask_fields(&mut self, frame: &Frame) -> Step {
         let body = frame.body();
         let mut fields: Vec<(u8, Vec<u8>)> = Vec::new();
@@ -1130,6 +1134,11 @@ impl Masker {
         let table = fields.iter().find(|(c, _)| *c == b't').map(|(_, v)| String::from_utf8_lossy(v).into_owned());
         let schema = fields.iter().find(|(c, _)| *c == b's').map(|(_, v)| String::from_utf8_lossy(v).into_owned());
         let rel = table.map(|name| RelName { schema, name });
+        let column_rules = self.profile.has_column_rules();
+        let data_exception = fields.iter().any(|(c, v)| *c == b'C' && v.starts_with(b"22"));
+        // Quoted names that are not values: the objects the error itself names, and
+        // relations and columns the catalog knows.
+        let named: Vec<Vec<u8>> = fields.iter().filter(|(c, _)| matches!(c, b's' | b't' | b'c' | b'd' | b'n')).map(|(_, v)| v.clone()).collect();
         let mut changed = false;
         let mut counts = Counts::new();
         for (code, value) in fields.iter_mut() {
@@ -1138,6 +1147,22 @@ impl Masker {
             }
             if let Some(rel) = &rel {
                 if let Some(v) = self.hide_quoted_values(rel, value) {
+                    *value = v;
+                    changed = true;
+                    self.summary.cells_masked += 1;
+                }
+            }
+            if column_rules {
+                if let Some(v) = hide_failing_row(value) {
+                    *value = v;
+                    changed = true;
+                    self.summary.cells_masked += 1;
+                }
+            }
+            if column_rules && data_exception && matches!(*code, b'M' | b'D') {
+                let catalog = self.catalog.lock().expect("invariant: lock not poisoned");
+                let known = |q: &[u8]| named.iter().any(|n| n == q) || std::str::from_utf8(q).is_ok_and(|q| catalog.knows_identifier(q));
+                if let Some(v) = hide_quoted(value, known) {
                     *value = v;
                     changed = true;
                     self.summary.cells_masked += 1;
@@ -1192,14 +1217,6 @@ impl Masker {
                 }
             }
         }
-        if let Some(k) = s.find("Failing row contains (") {
-            let start = k + "Failing row contains (".len();
-            if let Some(end) = s.rfind(')') {
-                if end >= start {
-                    return Some(format!("{}masked by phigate{}", &s[..start], &s[end..]).into_bytes());
-                }
-            }
-        }
         None
     }
 
@@ -1224,6 +1241,42 @@ impl Masker {
         out.push(0);
         Step::Replace(smallvec::smallvec![Frame::build(tag::NOTIFICATION, &out).into_bytes()])
     }
+}
+
+/// `Failing row contains (…)` with the row's values hidden.
+fn hide_failing_row(text: &[u8]) -> Option<Vec<u8>> {
+    let s = String::from_utf8_lossy(text);
+    let k = s.find("Failing row contains (")?;
+    let start = k + "Failing row contains (".len();
+    let end = s.rfind(')').filter(|e| *e >= start)?;
+    Some(format!("{}masked by phigate{}", &s[..start], &s[end..]).into_bytes())
+}
+
+/// The text with each double-quoted value hidden (`"masked by phigate"`); quoted
+/// names `known` says are identifiers stay. PostgreSQL does not escape quotes inside
+/// a quoted value, so an unknown one is hidden up to the last quote of the text.
+fn hide_quoted(text: &[u8], known: impl Fn(&[u8]) -> bool) -> Option<Vec<u8>> {
+    const HIDDEN: &[u8] = b"masked by phigate";
+    let last = text.iter().rposition(|b| *b == b'"')?;
+    let mut out = Vec::with_capacity(text.len());
+    let mut at = 0;
+    let mut changed = false;
+    while let Some(open) = text[at..].iter().position(|b| *b == b'"').map(|p| at + p) {
+        let Some(close) = text[open + 1..].iter().position(|b| *b == b'"').map(|p| open + 1 + p) else { break };
+        let quoted = &text[open + 1..close];
+        out.extend_from_slice(&text[at..=open]);
+        if known(quoted) || quoted == HIDDEN {
+            out.extend_from_slice(&text[open + 1..=close]);
+            at = close + 1;
+        } else {
+            out.extend_from_slice(HIDDEN);
+            out.push(b'"');
+            at = last + 1;
+            changed = true;
+        }
+    }
+    out.extend_from_slice(&text[at..]);
+    changed.then_some(out)
 }
 
 fn source_names(s: &Sources, out: &mut Vec<String>) {

@@ -553,3 +553,57 @@ fn fast_path_function_calls_are_refused_under_masking() {
     m.frontend(&call);
     assert!(matches!(m.backend(&Frame::build(b'V', &[&1i32.to_be_bytes()[..], b"7"].concat())), Step::Forward));
 }
+
+fn error_response(fields: &[(u8, &str)]) -> Frame {
+    let mut e = Vec::new();
+    for (c, v) in fields {
+        e.push(*c);
+        e.extend_from_slice(v.as_bytes());
+        e.push(0);
+    }
+    e.push(0);
+    Frame::build(b'E', &e)
+}
+
+/// The fields of what the masker sends for an ErrorResponse.
+fn error_after(m: &mut Masker, f: &Frame) -> Vec<(u8, String)> {
+    let bytes = match m.backend(f) {
+        Step::Forward => f.as_bytes().to_vec(),
+        Step::Replace(parts) => parts[0].to_vec(),
+        other => panic!("{other:?}"),
+    };
+    bytes[5..].split(|b| *b == 0).filter(|p| !p.is_empty()).map(|p| (p[0], String::from_utf8_lossy(&p[1..]).into_owned())).collect()
+}
+
+#[test]
+fn data_exceptions_and_failing_rows_do_not_echo_values() {
+    let mut m = masker();
+    m.frontend(&query("select name::int from patients"));
+    let out = error_after(&mut m, &error_response(&[(b'S', "ERROR"), (b'C', "22P02"), (b'M', "invalid input syntax for type integer: \"Jane Doe\"")]));
+    assert!(out.contains(&(b'C', "22P02".into())), "{out:?}");
+    assert!(out.contains(&(b'M', "invalid input syntax for type integer: \"masked by phigate\"".into())), "{out:?}");
+    m.backend(&Frame::build(b'Z', b"I"));
+    // Quoted identifiers stay; a value with quotes inside is hidden to its last quote.
+    m.frontend(&query("select 1"));
+    let out = error_after(
+        &mut m,
+        &error_response(&[(b'S', "ERROR"), (b'C', "22023"), (b'M', "column \"note\" of \"patients\" cannot hold \"Jane \"D\" Doe\" here")]),
+    );
+    assert!(out.contains(&(b'M', "column \"note\" of \"patients\" cannot hold \"masked by phigate\" here".into())), "{out:?}");
+    m.backend(&Frame::build(b'Z', b"I"));
+    // Any table's failing row: its values may be copied from masked columns.
+    m.frontend(&query("insert into labs select id, name from patients"));
+    let out = error_after(
+        &mut m,
+        &error_response(&[
+            (b'S', "ERROR"),
+            (b'C', "23514"),
+            (b'M', "new row for relation \"labs\" violates check constraint \"labs_test_check\""),
+            (b'D', "Failing row contains (7, Jane Doe)."),
+            (b's', "public"),
+            (b't', "labs"),
+        ]),
+    );
+    assert!(out.contains(&(b'D', "Failing row contains (masked by phigate).".into())), "{out:?}");
+    assert!(out.iter().any(|(c, v)| *c == b'M' && v.contains("\"labs\"")), "other classes keep their quoted names: {out:?}");
+}
