@@ -522,6 +522,8 @@ impl Masker {
                 Some(Pending::Statement(_) | Pending::Portal(_)) => self.pending.pop_front(),
                 _ => None,
             },
+            // Rows after the first use the plan the first one made.
+            Answer::Execute(_) if self.executing.is_some() => None,
             Answer::Execute(_) => match self.pending.front() {
                 Some(p @ Pending::Execute(_)) => Some(p.clone()),
                 _ => None,
@@ -764,7 +766,7 @@ impl Masker {
             }
             // Columns the catalog cannot place (computed, or a whole-row reference with
             // attribute number 0) are traced through the statement's text.
-            let unplaced = fields.iter().any(|f| catalog.relation(f.table_oid).is_none_or(|r| r.column(f.column).is_none()));
+            let unplaced = fields.iter().any(|f| f.column >= 0 && catalog.relation(f.table_oid).is_none_or(|r| r.column(f.column).is_none()));
             if let (Some(s), true) = (sql, unplaced) {
                 outputs = Some(self.outputs(s));
             }
@@ -813,6 +815,9 @@ impl Masker {
                             }
                         }
                     }
+                    // System columns (ctid, xmin, tableoid: negative attribute numbers)
+                    // hold no table data; no table rule applies to them.
+                    (Some(_), None) if f.column < 0 => {}
                     (Some(rel), None) => {
                         // A column of a known relation the catalog does not list: a
                         // whole-row reference (`SELECT p FROM patients p`, `RETURNING
