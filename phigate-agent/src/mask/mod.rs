@@ -635,9 +635,9 @@ impl Masker {
             tag::NOTIFICATION => Ok(self.mask_notification(frame)),
             // The answer to a fast-path call that got past `refusal` (a stage that
             // did not ask): a bare value, nothing to place it by.
-            tag::FUNCTION_CALL_RESPONSE if !self.profile_is_empty() => {
-                Err(fail("phigate refuses fast-path function calls while masking applies, since their results cannot be masked; call the function with SQL instead"))
-            }
+            tag::FUNCTION_CALL_RESPONSE if !self.profile_is_empty() => Err(fail(
+                "phigate refuses fast-path function calls while masking applies, since their results cannot be masked; call the function with SQL instead",
+            )),
             _ => Ok(Step::Forward),
         }
     }
