@@ -394,7 +394,12 @@ impl Masker {
     /// A client message that was forwarded to the database.
     pub fn frontend(&mut self, frame: &Frame) {
         let Ok(req) = msg::request_of(frame) else { return };
+        let in_copy = self.flow.copy_in();
         self.flow.frontend(req.clone());
+        if in_copy {
+            // COPY FROM STDIN input: the server answers none of it on its own.
+            return;
+        }
         match req {
             Request::Query(sql) => {
                 self.note_statement(sql);
@@ -486,6 +491,7 @@ impl Masker {
             Some(a) => a,
             None => {
                 let a = self.flow.backend(t);
+                self.drop_ignored_syncs();
                 let owner = self.settle(&a);
                 (a, owner)
             }
@@ -509,6 +515,17 @@ impl Masker {
                 self.failing = true;
                 self.finish_statement();
                 Step::Replace(smallvec::smallvec![e.to_frame().into_bytes()])
+            }
+        }
+    }
+
+    /// Syncs the server ignored inside a COPY FROM STDIN (sent behind the COPY before
+    /// it began, as libpq does) close no batch: drop their boundaries, which follow
+    /// the COPY's own entry at the front.
+    fn drop_ignored_syncs(&mut self) {
+        for _ in 0..self.flow.take_ignored_syncs() {
+            if let Some(i) = self.pending.iter().skip(1).position(|p| matches!(p, Pending::Boundary)) {
+                self.pending.remove(i + 1);
             }
         }
     }

@@ -615,3 +615,21 @@ fn data_exceptions_and_failing_rows_do_not_echo_values() {
     assert!(out.contains(&(b'D', "Failing row contains (masked by phigate).".into())), "{out:?}");
     assert!(out.iter().any(|(c, v)| *c == b'M' && v.contains("\"labs\"")), "other classes keep their quoted names: {out:?}");
 }
+
+#[test]
+fn a_sync_the_server_ignored_inside_copy_closes_no_batch() {
+    // libpq's PQexecParams("COPY … FROM STDIN") sends Sync behind the Execute before it
+    // knows the statement is a COPY; PostgreSQL ignores it, and PQputCopyEnd sends
+    // another. Counted as a batch of its own, it shifted every later batch by one.
+    let mut m = masker();
+    send(&mut m, &[parse("", "copy scratch from stdin"), bind("", ""), describe(b'P', ""), execute(""), sync()]);
+    bookkeeping(&mut m, b"12n");
+    m.backend(&Frame::build(b'G', &[0, 0, 0]));
+    send(&mut m, &[Frame::build(b'd', b"x\n"), Frame::build(b'c', &[]), sync()]);
+    bookkeeping(&mut m, b"CZ");
+    send(&mut m, &[parse("s1", SSN_NAME), bind("", "s1"), describe(b'P', ""), execute(""), sync()]);
+    bookkeeping(&mut m, b"12");
+    m.backend(&msg::row_description(&ssn_name()));
+    assert_patient_row_masked(&mut m, "rows of the batch after an extended COPY FROM STDIN");
+    bookkeeping(&mut m, b"CZ");
+}

@@ -335,7 +335,7 @@ fn raw_copy(conn: &str, mode: &str, sql: &str) -> Value {
     packet.extend_from_slice(&startup);
     let (mut rows, mut errors) = (Vec::new(), Vec::new());
     let mut queries = Vec::new();
-    let mut send = |s: &mut std::net::TcpStream, bytes: &[u8]| s.write_all(bytes).is_ok();
+    let send = |s: &mut std::net::TcpStream, bytes: &[u8]| s.write_all(bytes).is_ok();
     if !send(&mut s, &packet) || !raw_read_until(&mut s, b'Z', &mut rows, &mut errors) {
         return json!({"ok": false, "error": "login failed", "errors": errors});
     }
