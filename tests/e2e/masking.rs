@@ -388,3 +388,19 @@ fn a_query_inside_copy_from_stdin_ends_the_session() {
     let errors = v["errors"].to_string();
     assert!(errors.contains("FATAL") && errors.contains("08P01") && errors.contains("inside COPY FROM STDIN"), "{v}");
 }
+
+/// A request phigate cannot read is refused in place and never forwarded: the
+/// server would have answered it, and the stages' view of whose answer is whose
+/// would have slipped by one.
+#[test]
+fn a_malformed_query_is_refused_and_the_session_goes_on() {
+    if skip("a_malformed_query_is_refused_and_the_session_goes_on") {
+        return;
+    }
+    let e = env();
+    let v = pgclient(&e, Some("care"), &["raw-malformed"]);
+    assert_eq!(v["open"], true, "{v}");
+    assert_eq!(v["rows"], serde_json::json!([["x"]]), "{v}");
+    let errors = v["errors"].to_string();
+    assert!(errors.contains("08P01") && errors.contains("phigate refused a malformed message"), "{v}");
+}

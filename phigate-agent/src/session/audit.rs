@@ -538,7 +538,7 @@ impl Stage for AuditStage {
 
     fn needs_whole(&self, direction: Direction, t: u8) -> bool {
         match direction {
-            Direction::Frontend => matches!(t, tag::QUERY | tag::PARSE | tag::BIND | tag::EXECUTE | tag::DESCRIBE | tag::CLOSE),
+            Direction::Frontend => matches!(t, tag::QUERY | tag::PARSE | tag::BIND | tag::EXECUTE | tag::DESCRIBE | tag::CLOSE | tag::FUNCTION_CALL),
             // Rows are kept (up to a limit) for replay; larger ones stream and are
             // recorded by size.
             // While a statement record is not yet known durable, a large message
@@ -553,6 +553,14 @@ impl Stage for AuditStage {
 
     fn frontend(&mut self, _: &Session, frame: &Frame) -> Action {
         let Ok(req) = msg::request_of(frame) else { return Action::Forward };
+        if req == Request::FunctionCall {
+            // A fast-path call names a function by OID and carries no SQL: nothing an
+            // auditor could read as a statement (the policy stage refuses it too, when on).
+            return Action::Refuse(
+                PgError::error(SqlState::FEATURE_NOT_SUPPORTED, "phigate refused a fast-path function call: the audit log records SQL statements, and a fast-path call has none")
+                    .with_hint("Call the function with SQL instead (SELECT f(...))."),
+            );
+        }
         let mut tap = self.tap.lock().expect("invariant: lock not poisoned");
         let starts = matches!(req, Request::Query(_) | Request::Execute { .. });
         if starts {
@@ -777,6 +785,8 @@ mod tests {
         }
         let answer = stage.backend(&s, &msg::row_description(&[]));
         assert!(matches!(answer, Action::Refuse(e) if e.message.contains("could not be written (no space)")));
+        let call = Frame::build(tag::FUNCTION_CALL, &[0, 0, 4, 0, 0, 0, 0, 0, 0, 0, 0]);
+        assert!(matches!(stage.frontend(&s, &call), Action::Refuse(e) if e.code == SqlState::FEATURE_NOT_SUPPORTED), "a fast-path call has no statement to record");
         writer.stop(std::time::Duration::from_secs(5));
         let _ = std::fs::remove_dir_all(&dir);
     }

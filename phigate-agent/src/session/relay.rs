@@ -473,7 +473,13 @@ impl Relay<'_> {
                         }
                         continue;
                     }
-                    let action = self.pipeline.frontend(self.session, &frame);
+                    let action = match msg::request_of(&frame) {
+                        // Refused, never forwarded: the server would answer it with an
+                        // error, but the stages could not tell what it was, and their
+                        // view of whose answer is whose would slip by one.
+                        Err(e) => (Action::Refuse(PgError::error(SqlState::PROTOCOL_VIOLATION, format!("phigate refused a malformed message: {e}"))), 0),
+                        Ok(_) => self.pipeline.frontend(self.session, &frame),
+                    };
                     self.apply_frontend(action, frame, out, to_client, seq, held, terminated)?;
                 }
                 Item::StreamStart { tag, total, chunk } => {

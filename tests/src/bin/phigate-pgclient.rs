@@ -22,6 +22,8 @@
 //!                 table, sending inside it a Sync (MODE sync, which PostgreSQL
 //!                 ignores) or a Query (MODE query), then `select 'x'` and SQL; report
 //!                 every query's text rows and every error
+//!   raw-malformed  hand-written protocol: a Query without its NUL terminator, then
+//!                 `select 'x'`; report rows, errors and whether the session stayed open
 //! ```
 
 use std::time::{Duration, Instant};
@@ -253,6 +255,7 @@ async fn main() {
         "prepared" => prepared(conn, args.get(3).map(String::as_str).unwrap_or(""), args.get(4).and_then(|n| n.parse().ok()).unwrap_or(10)).await,
         "notify-payload" => notify_payload(conn, args.get(3).map(String::as_str).unwrap_or("")).await,
         "stream" => stream_rows(conn, args.get(3).map(String::as_str).unwrap_or("")).await,
+        "raw-malformed" => Ok(raw_malformed(conn)),
         "raw-copy" => Ok(raw_copy(conn, args.get(3).map(String::as_str).unwrap_or(""), args.get(4).map(String::as_str).unwrap_or(""))),
         other => {
             eprintln!("unknown scenario {other}");
@@ -319,14 +322,12 @@ fn raw_read_until(s: &mut std::net::TcpStream, until: u8, rows: &mut Vec<Value>,
     false
 }
 
-fn raw_copy(conn: &str, mode: &str, sql: &str) -> Value {
+/// Connect and log in by hand (the agent authenticates the workload by its cgroup).
+fn raw_login(conn: &str) -> Result<std::net::TcpStream, Value> {
     use std::io::Write;
     let field = |k: &str| conn.split_whitespace().find_map(|kv| kv.strip_prefix(&format!("{k}="))).unwrap_or("").to_string();
     let addr = format!("{}:{}", field("host"), field("port"));
-    let mut s = match std::net::TcpStream::connect(&addr) {
-        Ok(s) => s,
-        Err(e) => return json!({"ok": false, "error": format!("connect {addr}: {e}")}),
-    };
+    let mut s = std::net::TcpStream::connect(&addr).map_err(|e| json!({"ok": false, "error": format!("connect {addr}: {e}")}))?;
     let _ = s.set_read_timeout(Some(Duration::from_secs(20)));
     let mut startup = Vec::new();
     startup.extend_from_slice(&196608i32.to_be_bytes());
@@ -334,11 +335,35 @@ fn raw_copy(conn: &str, mode: &str, sql: &str) -> Value {
     let mut packet = ((startup.len() + 4) as i32).to_be_bytes().to_vec();
     packet.extend_from_slice(&startup);
     let (mut rows, mut errors) = (Vec::new(), Vec::new());
+    if s.write_all(&packet).is_err() || !raw_read_until(&mut s, b'Z', &mut rows, &mut errors) {
+        return Err(json!({"ok": false, "error": "login failed", "errors": errors}));
+    }
+    Ok(s)
+}
+
+fn raw_malformed(conn: &str) -> Value {
+    use std::io::Write;
+    let mut s = match raw_login(conn) {
+        Ok(s) => s,
+        Err(e) => return e,
+    };
+    let (mut rows, mut errors) = (Vec::new(), Vec::new());
+    let mut bytes = raw_message(b'Q', b"select 'unterminated'");
+    bytes.extend(raw_query("select 'x' as v"));
+    let _ = s.write_all(&bytes);
+    let open = raw_read_until(&mut s, b'Z', &mut rows, &mut errors) && raw_read_until(&mut s, b'Z', &mut rows, &mut errors);
+    json!({"ok": true, "rows": rows, "errors": errors, "open": open})
+}
+
+fn raw_copy(conn: &str, mode: &str, sql: &str) -> Value {
+    use std::io::Write;
+    let (mut rows, mut errors) = (Vec::new(), Vec::new());
+    let mut s = match raw_login(conn) {
+        Ok(s) => s,
+        Err(e) => return e,
+    };
     let mut queries = Vec::new();
     let send = |s: &mut std::net::TcpStream, bytes: &[u8]| s.write_all(bytes).is_ok();
-    if !send(&mut s, &packet) || !raw_read_until(&mut s, b'Z', &mut rows, &mut errors) {
-        return json!({"ok": false, "error": "login failed", "errors": errors});
-    }
     let mut copy = raw_query("create temp table scratch (a text)");
     copy.extend(raw_query("copy scratch from stdin"));
     send(&mut s, &copy);
