@@ -404,3 +404,32 @@ fn a_malformed_query_is_refused_and_the_session_goes_on() {
     let errors = v["errors"].to_string();
     assert!(errors.contains("08P01") && errors.contains("phigate refused a malformed message"), "{v}");
 }
+
+/// A COPY's columns are described on phigate's side connection, which follows the
+/// session's `SET search_path` but cannot see `set_config` (or a function's SET
+/// clause): a relation name that exists in more than one schema could be described
+/// as another relation than the one the session copies. Such a COPY is refused; named
+/// with its schema it is masked as usual.
+#[test]
+fn a_copy_of_a_name_in_several_schemas_is_refused_unless_qualified() {
+    if skip("a_copy_of_a_name_in_several_schemas_is_refused_unless_qualified") {
+        return;
+    }
+    let e = env();
+    e.pg.psql_admin("postgres", "create schema decoy; create table decoy.patients as select id, mrn, name, ssn, dob, phone, email, zip from public.patients where false")
+        .expect("decoy schema");
+    // phigate follows the SET (decoy first) but not set_config (back to public): the
+    // session copies public.patients while the side connection would describe
+    // decoy.patients, which no rule covers.
+    let o = psql(
+        &e,
+        Some("care"),
+        &["-c", "set search_path = decoy, public", "-c", "select set_config('search_path', 'public', false)", "-c", "copy patients to stdout"],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("exists in more than one schema") && err.contains("patients"), "{err}");
+    assert_no_phi(&e, "refused COPY", &String::from_utf8_lossy(&o.stdout));
+    let text = out(&psql(&e, Some("care"), &["-c", "copy public.patients to stdout"]));
+    assert_eq!(text.lines().count(), e.data.patients.len());
+    assert_no_phi(&e, "qualified COPY", &text);
+}

@@ -1013,7 +1013,10 @@ impl Masker {
             .stmts
             .iter()
             .filter_map(|r| match r.stmt.as_ref().and_then(|s| s.node.as_ref()) {
-                Some(pg_query::NodeEnum::CopyStmt(c)) if !c.is_from => Some(c.as_ref()),
+                // Only COPY … TO STDOUT answers with CopyOutResponse; a COPY to a
+                // server file or program sends none, and counting it would match
+                // this response to the wrong statement.
+                Some(pg_query::NodeEnum::CopyStmt(c)) if !c.is_from && !c.is_program && c.filename.is_empty() => Some(c.as_ref()),
                 _ => None,
             })
             .collect();

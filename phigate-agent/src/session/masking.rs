@@ -248,8 +248,54 @@ async fn lookup_relations(a: &CatalogAccess, lookup: &Lookup) -> Result<Vec<cata
     catalog::parse_rows(&rows).map_err(|e| e.to_string())
 }
 
+/// Relation names a COPY's query uses without a schema. The side connection resolves
+/// them with the search_path phigate saw the session set, but a session can change
+/// its search_path in ways phigate cannot follow (`set_config`, a function's `SET`
+/// clause, a rolled-back `SET`): if such a name exists in more than one schema
+/// (temporary ones included), the side connection might describe another relation
+/// than the one the session reads, and mask its rows by the wrong rules.
+fn unqualified_relations(sql: &str) -> Vec<String> {
+    let Ok(parsed) = crate::sql::parse(sql) else { return Vec::new() };
+    let mut names: Vec<String> = parsed
+        .stmts
+        .iter()
+        .filter_map(|r| r.stmt.as_ref().and_then(|s| s.node.as_ref()))
+        .flat_map(|n| n.nodes())
+        .filter_map(|(node, ..)| match node {
+            pg_query::NodeRef::RangeVar(rv) if rv.schemaname.is_empty() => Some(rv.relname.clone()),
+            _ => None,
+        })
+        .collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
+/// The query that lists which of `names` exist in more than one schema.
+fn ambiguous_relations_query(names: &[String]) -> String {
+    let list: Vec<String> = names.iter().map(|n| format!("'{}'", n.replace('\'', "''"))).collect();
+    format!(
+        "SELECT relname FROM pg_catalog.pg_class WHERE relkind IN ('r','v','m','p','f') AND relname IN ({}) GROUP BY relname HAVING count(*) > 1",
+        list.join(", ")
+    )
+}
+
 async fn describe(a: &CatalogAccess, sql: &str, search_path: Option<&str>) -> Result<Vec<Field>, String> {
     let (mut conn, mut buf) = side_connection(a).await?;
+    let names = unqualified_relations(sql);
+    if !names.is_empty() {
+        let mut q = ambiguous_relations_query(&names).into_bytes();
+        q.push(0);
+        let (rows, _) = exchange(&mut conn, &mut buf, Frame::build(tag::QUERY, &q).as_bytes()).await?;
+        let ambiguous: Vec<String> = rows.into_iter().filter_map(|r| r.into_iter().next().flatten()).collect();
+        if !ambiguous.is_empty() {
+            let _ = conn.write_all(msg::terminate().as_bytes()).await;
+            return Err(format!(
+                "the COPY names {} without a schema, and a relation of that name exists in more than one schema; name it with its schema (schema.table)",
+                ambiguous.join(", ")
+            ));
+        }
+    }
     if let Some(set) = search_path {
         let mut q = set.as_bytes().to_vec();
         q.push(0);
@@ -265,4 +311,15 @@ async fn describe(a: &CatalogAccess, sql: &str, search_path: Option<&str>) -> Re
     let (_, fields) = exchange(&mut conn, &mut buf, &out).await?;
     let _ = conn.write_all(msg::terminate().as_bytes()).await;
     fields.ok_or_else(|| "the database did not describe the query".into())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn unqualified_relations_of_a_copy_query() {
+        let names = super::unqualified_relations("SELECT p.ssn FROM patients p JOIN public.encounters e ON e.patient_id = p.id, (SELECT 1 FROM labs) l");
+        assert_eq!(names, vec!["labs".to_string(), "patients".to_string()]);
+        let q = super::ambiguous_relations_query(&["o'brien".to_string()]);
+        assert!(q.contains("IN ('o''brien')"), "{q}");
+    }
 }
