@@ -11,6 +11,12 @@
 //! again and forgotten — the log on disk only ever holds whole records — and the error
 //! is returned.
 //!
+//! A failed fdatasync is worse: Linux may have dropped the dirty pages of everything
+//! written since the last successful one (and a later fdatasync can then succeed
+//! without them — "fsyncgate"), so whether those records are on disk is unknown. The
+//! file is cut back to its size at the last successful sync and the chain goes on
+//! from there: every record written since then is treated as lost, never as durable.
+//!
 //! The live segment is preallocated ahead of its records, [`PREALLOCATE`] bytes of
 //! zeros at a time, and records overwrite those zeros: an fdatasync then flushes data
 //! only, with no file-size change for the filesystem's journal to commit. On the build
@@ -60,6 +66,12 @@ pub enum LogError {
     Io { path: PathBuf, err: std::io::Error },
     #[error("audit log {path}: {why}")]
     Corrupt { path: PathBuf, why: String },
+    #[error(
+        "audit log {path}: fdatasync failed ({err}); records seq {first} to {last}, written since the last successful sync, may not be on disk, \
+         so they were cut off the file and the chain goes on from seq {}. Check the disk and the kernel log (dmesg); the agent retries every second",
+        .first - 1
+    )]
+    SyncFailed { path: PathBuf, err: std::io::Error, first: u64, last: u64 },
     #[error(transparent)]
     Key(#[from] crypto::KeyError),
 }
@@ -129,6 +141,14 @@ pub struct Log {
     batch_hash: String,
     /// Since when records have been written but not yet fdatasync'ed.
     unsynced_since: Option<std::time::Instant>,
+    /// The segment's size and the chain state at the last successful sync: what a
+    /// failed sync falls back to (see the module doc).
+    synced_size: u64,
+    synced_seq: u64,
+    synced_hash: String,
+    /// Syncs still to fail, to test what a failed fdatasync does.
+    #[cfg(test)]
+    fail_syncs: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Log {
@@ -213,8 +233,13 @@ impl Log {
             hash: hash.clone(),
             batch: Vec::new(),
             batch_seq: seq,
-            batch_hash: hash,
+            batch_hash: hash.clone(),
             unsynced_since: None,
+            synced_size: size,
+            synced_seq: seq,
+            synced_hash: hash,
+            #[cfg(test)]
+            fail_syncs: Default::default(),
         })
     }
 
@@ -290,7 +315,7 @@ impl Log {
         if self.file_stale {
             match open_segment(&path) {
                 Ok((file, size)) => {
-                    (self.file, self.size, self.allocated, self.file_stale) = (file, size, size, false);
+                    (self.file, self.size, self.allocated, self.synced_size, self.file_stale) = (file, size, size, size, false);
                 }
                 // Never into the sealed segment still open: the batch is dropped, as
                 // for any write that fails.
@@ -304,29 +329,73 @@ impl Log {
         if end > self.allocated && self.size >= self.preallocate_after {
             self.preallocate(end);
         }
-        let result = self.file.write_all_at(&self.batch, self.size).and_then(|()| if sync { self.file.sync_data() } else { Ok(()) });
-        match result {
-            Ok(()) => {
-                self.size = end;
-                self.allocated = self.allocated.max(end);
-                self.seq = self.batch_seq;
-                self.hash = self.batch_hash.clone();
-                if sync {
-                    self.unsynced_since = None;
-                } else if !self.batch.is_empty() {
-                    self.unsynced_since.get_or_insert_with(std::time::Instant::now);
-                }
-                self.batch.clear();
-                Ok(())
+        if let Err(err) = self.file.write_all_at(&self.batch, self.size) {
+            let _ = self.file.set_len(self.size);
+            self.allocated = self.size;
+            // This sync makes the cut durable; if it fails, what was written before
+            // the batch is in doubt too.
+            if let Err(err) = self.sync(false) {
+                return Err(self.lose_unsynced(path, err));
             }
-            Err(err) => {
-                let _ = self.file.set_len(self.size);
-                let _ = self.file.sync_data();
-                self.allocated = self.size;
-                self.drop_batch();
-                Err(LogError::Io { path, err })
+            self.drop_batch();
+            return Err(LogError::Io { path, err });
+        }
+        if sync {
+            if let Err(err) = self.sync(false) {
+                return Err(self.lose_unsynced(path, err));
             }
         }
+        self.size = end;
+        self.allocated = self.allocated.max(end);
+        self.seq = self.batch_seq;
+        self.hash = self.batch_hash.clone();
+        if sync {
+            self.unsynced_since = None;
+            self.mark_synced();
+        } else if !self.batch.is_empty() {
+            self.unsynced_since.get_or_insert_with(std::time::Instant::now);
+        }
+        self.batch.clear();
+        Ok(())
+    }
+
+    /// fdatasync (`all`: fsync, for a size change) the segment.
+    fn sync(&self, all: bool) -> std::io::Result<()> {
+        #[cfg(test)]
+        if self.fail_syncs.fetch_update(std::sync::atomic::Ordering::SeqCst, std::sync::atomic::Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
+            return Err(std::io::Error::other("Input/output error (injected by a test)"));
+        }
+        if all {
+            self.file.sync_all()
+        } else {
+            self.file.sync_data()
+        }
+    }
+
+    /// Everything written is durable: a later failed sync falls back to here.
+    fn mark_synced(&mut self) {
+        self.synced_size = self.size;
+        self.synced_seq = self.seq;
+        self.synced_hash = self.hash.clone();
+    }
+
+    /// After a failed sync: whatever was written since the last successful one may be
+    /// gone from the disk while the page cache (and a later, successful sync) no
+    /// longer knows it. Cut the file back to what that sync made durable and go on
+    /// from its record; the batch is dropped. Returns the error naming what was lost.
+    fn lose_unsynced(&mut self, path: PathBuf, err: std::io::Error) -> LogError {
+        let (first, last) = (self.synced_seq + 1, self.batch_seq);
+        // Best effort: should these fail too, the next records overwrite the same
+        // place (positioned writes), and a restart treats what follows as a torn tail.
+        let _ = self.file.set_len(self.synced_size);
+        let _ = self.sync(true);
+        self.size = self.synced_size;
+        self.allocated = self.synced_size;
+        self.seq = self.synced_seq;
+        self.hash = self.synced_hash.clone();
+        self.unsynced_since = None;
+        self.drop_batch();
+        LogError::SyncFailed { path, err, first, last }
     }
 
     /// Forget the batch: the chain goes on from the last record written.
@@ -361,8 +430,13 @@ impl Log {
     fn trim(&mut self) -> Result<(), LogError> {
         if self.allocated > self.size {
             let path = self.dir.join(self.segment());
-            self.file.set_len(self.size).and_then(|()| self.file.sync_all()).map_err(io(&path))?;
+            self.file.set_len(self.size).map_err(io(&path))?;
             self.allocated = self.size;
+            if let Err(err) = self.sync(true) {
+                return Err(self.lose_unsynced(path, err));
+            }
+            self.unsynced_since = None;
+            self.mark_synced();
         }
         Ok(())
     }
@@ -394,10 +468,10 @@ impl Log {
         // head, which still verifies, and the next checkpoint writes a new one.
         let head = self.write_head();
         self.index += 1;
-        (self.size, self.allocated, self.preallocate_after, self.file_stale) = (0, 0, 0, true);
+        (self.size, self.allocated, self.synced_size, self.preallocate_after, self.file_stale) = (0, 0, 0, 0, true);
         let path = self.dir.join(self.segment());
         let next = open_segment(&path).map(|(file, size)| {
-            (self.file, self.size, self.allocated, self.file_stale) = (file, size, size, false);
+            (self.file, self.size, self.allocated, self.synced_size, self.file_stale) = (file, size, size, size, false);
         });
         head.and(next)
     }
@@ -416,6 +490,13 @@ impl Log {
     #[cfg(test)]
     pub fn file_for_tests(&mut self) -> &mut File {
         &mut self.file
+    }
+
+    /// How many of the next syncs fail (with EIO's message), to test a failed
+    /// fdatasync; shared, so it can be set after the log moved into the writer.
+    #[cfg(test)]
+    pub fn sync_failures_for_tests(&self) -> std::sync::Arc<std::sync::atomic::AtomicUsize> {
+        self.fail_syncs.clone()
     }
 }
 

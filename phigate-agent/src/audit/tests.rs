@@ -8,7 +8,7 @@ use serde_json::json;
 
 use super::{
     crypto::PeriodKeys,
-    log::{segment_name, segments, Log},
+    log::{segment_name, segments, Log, LogError},
     prune,
     record::{kind, Record},
     verify::{verify, Failure},
@@ -529,4 +529,77 @@ fn a_record_with_the_same_value_in_other_bytes_is_caught() {
     let f = check(&d).unwrap_err();
     assert_eq!((f.segment.as_str(), f.line), (segment_name(2).as_str(), 2), "{f}");
     assert!(f.why.contains("canonical"), "{f}");
+}
+
+#[test]
+fn a_failed_fdatasync_cuts_back_to_the_last_successful_one() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let d = dir("fsyncgate");
+    let keys = PeriodKeys { dir: d.0.with_extension("keys") };
+    let (mut log, _) = Log::open(&d.0, key(), keys, 1 << 20).unwrap();
+    log.append(kind::LIFECYCLE, json!({"event": "start"}));
+    log.commit().unwrap();
+    let live = live_segment(&d);
+    let durable = lines(&live);
+    let (seq, hash) = (log.head().0, log.head().1.to_string());
+    let fail = log.sync_failures_for_tests();
+    // Records nobody waits for, written but not yet synced, then a sync that fails:
+    // their pages may be gone, so they are no longer counted as written.
+    log.append(kind::STATEMENT_END, json!({"session": "s-1", "stmt": 1}));
+    log.write_batch(false).unwrap();
+    log.append(kind::SESSION_END, json!({"session": "s-1"}));
+    log.write_batch(false).unwrap();
+    assert_eq!(lines(&live).len(), durable.len() + 2);
+    fail.store(1, SeqCst);
+    log.append(kind::STATEMENT, json!({"session": "s-2", "stmt": 1}));
+    let err = log.commit().unwrap_err();
+    assert!(matches!(err, LogError::SyncFailed { first, last, .. } if (first, last) == (seq + 1, seq + 3)), "{err}");
+    assert!(err.to_string().contains("dmesg"), "says what to do: {err}");
+    assert_eq!(lines(&live), durable, "cut back to the last successful sync");
+    assert_eq!(log.head(), (seq, hash.as_str()), "the chain goes on from there");
+    assert!(log.unsynced_since().is_none());
+    // A sync with nothing new to write fails the same way.
+    log.append(kind::STATEMENT_END, json!({"session": "s-1", "stmt": 2}));
+    log.write_batch(false).unwrap();
+    fail.store(1, SeqCst);
+    assert!(matches!(log.write_batch(true), Err(LogError::SyncFailed { .. })));
+    assert_eq!(lines(&live), durable);
+    // The next records continue the chain and the log verifies.
+    log.append(kind::LIFECYCLE, json!({"event": "audit_resumed"}));
+    log.commit().unwrap();
+    log.checkpoint().unwrap();
+    let r = check(&d).unwrap();
+    assert!(r.warnings.is_empty(), "{:?}", r.warnings);
+    assert_eq!(r.last_seq, seq + 2, "the resumed record and the checkpoint follow the last durable one");
+}
+
+/// Through the writer: a failed fdatasync fails the waiting record, takes the lazy
+/// records written before it off the file, and marks the log unhealthy.
+#[test]
+fn the_writer_treats_a_failed_fdatasync_as_losing_the_unsynced_records() {
+    use super::writer::{Commit, Handle};
+    use std::sync::atomic::Ordering::SeqCst;
+    let d = dir("fsyncgate-writer");
+    let keys = PeriodKeys { dir: d.0.with_extension("keys") };
+    let (log, _) = Log::open(&d.0, key(), keys, 1 << 20).unwrap();
+    let fail = log.sync_failures_for_tests();
+    let h = Handle::start(log, std::time::Duration::from_secs(60));
+    // Let the writer thread settle into its sleep: the commits below then run on this
+    // thread, in this order (the writer would sync the lazy record within 10 ms).
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    h.submit(kind::STATEMENT_END, json!({"session": "s-1", "stmt": 1}), None, Commit::Caller);
+    h.commit_here();
+    let count = |text: &str| lines(&live_segment(&d)).iter().filter(|l| l.contains(text)).count();
+    assert_eq!(count("statement_end"), 1, "written, not yet synced");
+    fail.store(1, SeqCst);
+    let (tx, rx) = std::sync::mpsc::channel();
+    h.submit(kind::STATEMENT, json!({"session": "s-1", "stmt": 2}), Some(Box::new(move |r| tx.send(r).unwrap())), Commit::Caller);
+    h.commit_here();
+    let err = rx.recv_timeout(std::time::Duration::from_secs(5)).unwrap().unwrap_err();
+    assert!(err.contains("fdatasync failed"), "{err}");
+    assert!(h.healthy().is_err(), "new statements are refused");
+    assert_eq!(count("statement_end"), 0, "the unsynced record is not counted as written");
+    assert_eq!(count("\"kind\":\"statement\""), 0);
+    h.stop(std::time::Duration::from_secs(10));
+    assert!(check(&d).is_ok());
 }

@@ -19,7 +19,11 @@
 //! When a write fails (disk full, permissions) the writer marks the log unhealthy:
 //! callers refuse new statements while [`Handle::healthy`] says so. It keeps trying,
 //! once a second, to write a `lifecycle` record saying it failed; when that succeeds
-//! the log is healthy again.
+//! the log is healthy again. A failed fdatasync is such a failure too, and a wider
+//! one: the [`Log`] cuts off everything written since the last successful sync (the
+//! records nobody waits for among them), because a later sync may succeed without
+//! them. Their waiters all wait in the failed batch — a waiter hears of its record
+//! only after a successful sync — and are told it failed.
 //!
 //! Senders do the per-record work themselves — sealing raw data with the period key
 //! and the canonical encoding of the record's data — so that the one writer thread
