@@ -1,7 +1,8 @@
 //! The audit log on disk: append-only segment files `seg-NNNNNNNN.jsonl`, one record
 //! per line, chained by hash across segments. A segment ends with a signed `seal`
 //! record; signed `checkpoint` records mark the head at intervals, and `head.json`
-//! (replaced atomically) names the latest signed head so truncation behind it shows.
+//! (replaced atomically and durably) names the latest signed head so truncation behind
+//! it shows; it is rewritten after every seal and checkpoint, which verify relies on.
 //!
 //! Writes are batched: records are appended to memory and [`Log::commit`] writes the
 //! batch with one `write` and one `fdatasync` (group commit). [`Log::write_batch`]
@@ -27,7 +28,8 @@
 //!
 //! Opening a log whose last segment was left unsealed by a crash: a torn last line
 //! (or one whose hash does not match) is moved aside into `seg-….torn` (kept as
-//! evidence), a `lifecycle` record says so, and the segment is sealed. Nothing torn is
+//! evidence), a `lifecycle` record says so, and the segment is sealed (and `head.json`
+//! rewritten to name the seal). Nothing torn is
 //! ever silently accepted. A bad line with whole records after it is not a crash's
 //! doing: the log is refused, not cut back. A last segment with no whole record (a
 //! crash right after a rotation) continues the chain from the previous segment's seal.
@@ -206,6 +208,9 @@ impl Log {
                     json!({"event": "recovery", "detail": "the previous agent run ended without sealing this segment", "torn_tail": torn}),
                 );
                 prev.seal_segment()?;
+                // A sealed segment has a signed head naming it (verify insists), as
+                // after a rotation or a clean stop.
+                prev.write_head()?;
                 seq = prev.seq;
                 hash = prev.hash.clone();
                 opened.sealed_after_crash = Some(segment_name(*idx));
@@ -282,10 +287,7 @@ impl Log {
     fn write_head(&self) -> Result<(), LogError> {
         let sig = crypto::sign(&self.key, &crypto::signed_message("head", &self.segment(), self.seq, &self.hash));
         let head = json!({"segment": self.segment(), "seq": self.seq, "hash": self.hash, "ts": now_rfc3339(), "signature": sig});
-        let tmp = self.dir.join(format!("{HEAD_FILE}.tmp"));
-        fs::write(&tmp, format!("{head}\n")).map_err(io(&tmp))?;
-        let target = self.dir.join(HEAD_FILE);
-        fs::rename(&tmp, &target).map_err(io(&target))
+        replace_file(&self.dir, HEAD_FILE, &format!("{head}\n"))
     }
 
     /// Records appended but not committed.
@@ -498,6 +500,19 @@ impl Log {
     pub fn sync_failures_for_tests(&self) -> std::sync::Arc<std::sync::atomic::AtomicUsize> {
         self.fail_syncs.clone()
     }
+}
+
+/// Replace `dir/name` with `text` atomically and durably: written to `name.tmp` and
+/// synced, renamed over `name`, then the directory synced — without the syncs a power
+/// loss can leave an empty file, or the old one, after the rename was reported done.
+pub fn replace_file(dir: &Path, name: &str, text: &str) -> Result<(), LogError> {
+    use std::io::Write;
+    let tmp = dir.join(format!("{name}.tmp"));
+    let mut f = File::create(&tmp).map_err(io(&tmp))?;
+    f.write_all(text.as_bytes()).and_then(|()| f.sync_all()).map_err(io(&tmp))?;
+    let target = dir.join(name);
+    fs::rename(&tmp, &target).map_err(io(&target))?;
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))
 }
 
 /// Open a segment for positioned writes (not O_APPEND: records overwrite the

@@ -10,7 +10,7 @@ use serde_json::json;
 
 use super::{
     crypto,
-    log::{segment_name, segments, LogError, TOMBSTONE_FILE},
+    log::{replace_file, segment_name, segments, LogError, TOMBSTONE_FILE},
     record::{kind, now_rfc3339, Record},
 };
 
@@ -53,9 +53,8 @@ pub fn prune(dir: &Path, before: &str, key: &SigningKey) -> Result<Pruned, LogEr
     });
     // The tombstone first (atomically), then the segments it accounts for: a crash in
     // between leaves segments the tombstone already covers, which verify skips.
-    let tmp = dir.join(format!("{TOMBSTONE_FILE}.tmp"));
-    fs::write(&tmp, format!("{tomb}\n")).map_err(|err| LogError::Io { path: tmp.clone(), err })?;
-    fs::rename(&tmp, dir.join(TOMBSTONE_FILE)).map_err(|err| LogError::Io { path: dir.join(TOMBSTONE_FILE), err })?;
+    // Durably, too: segments are removed only once the tombstone survives a power loss.
+    replace_file(dir, TOMBSTONE_FILE, &format!("{tomb}\n"))?;
     for (_, p) in &removed {
         fs::remove_file(p).map_err(|err| LogError::Io { path: p.clone(), err })?;
     }

@@ -603,3 +603,76 @@ fn the_writer_treats_a_failed_fdatasync_as_losing_the_unsynced_records() {
     h.stop(std::time::Duration::from_secs(10));
     assert!(check(&d).is_ok());
 }
+
+#[test]
+fn a_missing_or_unreadable_head_fails_once_the_log_has_a_seal_or_checkpoint() {
+    let head = |d: &Dir| d.0.join(super::log::HEAD_FILE);
+    // Without head.json, deleting the live segment leaves a log of sealed segments
+    // whose chain is whole: only the missing head shows the cut.
+    let d = dir("nohead");
+    write_log(&d);
+    fs::remove_file(head(&d)).unwrap();
+    fs::remove_file(live_segment(&d)).unwrap();
+    let f = check(&d).unwrap_err();
+    assert_eq!(f.segment, super::log::HEAD_FILE, "{f}");
+    assert!(f.why.contains("missing") && f.why.contains("Restore head.json"), "{f}");
+    // An unreadable head fails too.
+    let d = dir("badhead");
+    write_log(&d);
+    fs::write(head(&d), b"{\"seq\": 3, \"hash\"").unwrap();
+    let f = check(&d).unwrap_err();
+    assert!(f.segment == super::log::HEAD_FILE && f.why.contains("unreadable"), "{f}");
+    // A pruned log had a head: without it, it fails.
+    let d = dir("nohead-pruned");
+    write_log(&d);
+    prune::prune(&d.0, "9999-01-01", &key()).unwrap();
+    check(&d).unwrap();
+    fs::remove_file(head(&d)).unwrap();
+    let f = check(&d).unwrap_err();
+    assert!(f.segment == super::log::HEAD_FILE && f.why.contains("missing"), "{f}");
+    // A log too young for a seal or checkpoint passes, with a warning.
+    let d = dir("young");
+    let keys = PeriodKeys { dir: d.0.with_extension("keys") };
+    let (mut log, _) = Log::open(&d.0, key(), keys, 1 << 20).unwrap();
+    log.append(kind::LIFECYCLE, json!({"event": "start"}));
+    log.commit().unwrap();
+    let r = check(&d).unwrap();
+    assert!(r.warnings.iter().any(|w| w.contains("no signed head")), "{:?}", r.warnings);
+    // After a crash, the restart seals that segment and writes the head naming it.
+    drop(log);
+    let keys = PeriodKeys { dir: d.0.with_extension("keys") };
+    let (_log, opened) = Log::open(&d.0, key(), keys, 1 << 20).unwrap();
+    assert!(opened.sealed_after_crash.is_some());
+    let r = check(&d).unwrap();
+    assert!(r.warnings.is_empty(), "{:?}", r.warnings);
+}
+
+#[test]
+fn a_head_older_than_the_last_checkpoint_is_reported() {
+    let d = dir("oldhead");
+    let keys = PeriodKeys { dir: d.0.with_extension("keys") };
+    let (mut log, _) = Log::open(&d.0, key(), keys, 1 << 20).unwrap();
+    let head = d.0.join(super::log::HEAD_FILE);
+    log.append(kind::STATEMENT, json!({"stmt": 1}));
+    log.checkpoint().unwrap();
+    let old = fs::read(&head).unwrap();
+    log.append(kind::STATEMENT, json!({"stmt": 2}));
+    log.checkpoint().unwrap();
+    let last = log.head().0;
+    assert!(check(&d).unwrap().warnings.is_empty());
+    // The older (validly signed) head put back: the log still verifies, but says so.
+    fs::write(&head, &old).unwrap();
+    let r = check(&d).unwrap();
+    assert!(r.warnings.iter().any(|w| w.contains("older than the last checkpoint") && w.contains(&format!("seq {last}"))), "{:?}", r.warnings);
+    // A head naming records the log no longer has fails (truncation).
+    let newer = dir("oldhead-newer");
+    let keys = PeriodKeys { dir: newer.0.with_extension("keys") };
+    let (mut log, _) = Log::open(&newer.0, key(), keys, 1 << 20).unwrap();
+    for i in 0..4 {
+        log.append(kind::STATEMENT, json!({"stmt": i}));
+    }
+    log.checkpoint().unwrap();
+    fs::copy(newer.0.join(super::log::HEAD_FILE), &head).unwrap();
+    let f = check(&d).unwrap_err();
+    assert!(f.why.contains("signed head") && f.why.contains("records were removed"), "{f}");
+}

@@ -7,6 +7,17 @@
 //! its segment, line and sequence number. A torn last line of the last segment (a
 //! crash while writing it: no client was told it was durable) is reported as a
 //! warning, not accepted silently.
+//!
+//! The tail: records can be cut off the end of a chain without breaking it, so only
+//! the signed head shows such a cut. The agent rewrites `head.json` after every seal
+//! and checkpoint, so once the log has one (or a prune's tombstone) a missing or
+//! unreadable `head.json` fails verification — else whole sealed segments could be
+//! deleted from the end unnoticed. A log too young for either passes with a warning.
+//! A head older than the last seal or checkpoint in the log is a warning, not a
+//! failure: a crash or a failed write between committing a checkpoint and replacing
+//! `head.json` leaves exactly that, and nothing is lost by it — the newer signed
+//! records are in the chain and verified. (An old head put back *and* the records
+//! after it removed cannot be told from an older log without a head kept elsewhere.)
 
 use std::{
     fs::File,
@@ -62,7 +73,24 @@ pub fn verify(dir: &Path, key: &VerifyingKey, mut progress: impl FnMut(u64, u64)
         }
         None => (0, GENESIS.to_string(), 1),
     };
+    let tombstoned = expect_index > 1;
+    let head_path = dir.join(HEAD_FILE);
+    let head = match std::fs::read_to_string(&head_path) {
+        Ok(t) => Some(serde_json::from_str::<serde_json::Value>(&t).map_err(|e| {
+            let why = format!("the signed head is unreadable ({e}): the agent replaces it whole, so it was altered or damaged; keep the directory as evidence");
+            fail(HEAD_FILE, 1, None, why)
+        })?),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => {
+            let why = format!("the signed head cannot be read ({e}): fix its permissions (run verify as the agent's user) and verify again");
+            return Err(fail(HEAD_FILE, 0, None, why));
+        }
+    };
     if segs.is_empty() {
+        if head.is_some() || tombstoned {
+            let why = "head.json or tombstone.json names records, but the log has no segments: they were deleted; keep the directory as evidence";
+            return Err(fail(&dirname, 0, None, why));
+        }
         return Ok(Report { segments: 0, records: 0, last_seq: seq, warnings: vec!["the log has no segments".into()] });
     }
     let mut warnings = Vec::new();
@@ -73,7 +101,8 @@ pub fn verify(dir: &Path, key: &VerifyingKey, mut progress: impl FnMut(u64, u64)
     let mut hashes_by_seq_tail: Option<(u64, String)> = None;
     let pruned_through = seq;
     let pruned_hash = hash.clone();
-    let head = std::fs::read_to_string(dir.join(HEAD_FILE)).ok().and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok());
+    // The last seal or checkpoint: (seq, kind). The agent writes head.json after each.
+    let mut last_signed: Option<(u64, String)> = None;
     let first_kept = expect_index;
     let segs: Vec<_> = segs
         .into_iter()
@@ -158,6 +187,7 @@ pub fn verify(dir: &Path, key: &VerifyingKey, mut progress: impl FnMut(u64, u64)
                     return Err(fail(&name, line_no, Some(r.seq), format!("the {} signature does not verify", r.kind)));
                 }
                 sealed = r.kind == kind::SEAL;
+                last_signed = Some((r.seq, r.kind.clone()));
             }
             if let Some(h) = &head {
                 if h["seq"].as_u64() == Some(r.seq) {
@@ -196,8 +226,31 @@ pub fn verify(dir: &Path, key: &VerifyingKey, mut progress: impl FnMut(u64, u64)
                 ))
             }
         }
+        if let Some((lseq, lkind)) = last_signed.filter(|(l, _)| *l > hseq) {
+            warnings.push(format!(
+                "the signed head (seq {hseq}) is older than the last {lkind} in the log (seq {lseq}): head.json was put back from before, or the agent could not replace it (its log says why); \
+                 the records after seq {lseq} are protected by the hash chain only"
+            ));
+        }
+    } else if let Some((lseq, lkind)) = &last_signed {
+        return Err(fail(
+            HEAD_FILE,
+            0,
+            None,
+            format!(
+                "the signed head is missing, but the log has a {lkind} (seq {lseq}) and the agent writes head.json after each: without it, records or whole segments at the end could have been removed unnoticed. \
+                 Restore head.json from a copy kept elsewhere and verify again; if the agent's log says it could not write head.json, keep the directory as evidence"
+            ),
+        ));
+    } else if tombstoned {
+        return Err(fail(
+            HEAD_FILE,
+            0,
+            None,
+            "the signed head is missing, but the log was pruned, so the agent had written one: records at the end could have been removed unnoticed. Restore head.json from a copy kept elsewhere and verify again",
+        ));
     } else {
-        warnings.push("no signed head (head.json) yet".into());
+        warnings.push("no signed head (head.json) yet: the log has no seal or checkpoint so far, so its records are protected by the hash chain only".into());
     }
     Ok(Report { segments: segs.len(), records, last_seq: seq, warnings })
 }
