@@ -317,6 +317,13 @@ impl Handle {
             if finish(&mut w, sh, stop) {
                 return;
             }
+            if sh.health.failure.lock().expect("invariant: lock not poisoned").is_some() {
+                // The writer thread retries, but sleeps until something awaited is
+                // queued, and statements are refused meanwhile: give it that now.
+                drop(w);
+                self.flush(Box::new(|_| {}));
+                return;
+            }
         }
         // Whatever is queued now — records of callers that found the lock taken, or
         // of this one if it did — is the writer thread's: it gathers them (and
