@@ -7,9 +7,16 @@
 //! The answer over-approximates on purpose: a column that *might* come from a masked
 //! column is treated as if it does (an unqualified name matches that name in every
 //! table in scope; a whole-row reference carries every column of its table). Only
-//! `count(…)` is exempt, since a count reveals no value. Sources it cannot see (a
-//! set-returning function, a table function) are reported as `opaque`; the free-text
-//! detectors still read those values.
+//! `count(…)` is exempt, since a count reveals no value. A function in FROM carries
+//! its arguments to every column it returns; one that may read tables of its own (any
+//! but a few built-ins that only unfold their arguments) is also `opaque`, as are other
+//! sources it cannot see through. A subquery inside an expression is traced with its own
+//! FROM. Masking does not leave opaque columns to the detectors (see `plan_columns`).
+//!
+//! [`statements`] also says what it cannot trace at all (FETCH, EXECUTE, CALL …: the
+//! text does not say what the rows hold), which relations a statement names, and the
+//! cursors and prepared statements it defines or drops, so that masking can trace a
+//! FETCH or EXECUTE through the query it remembered by name.
 //!
 //! Pure: SQL text in, sources out. Knows nothing about rules or catalogs.
 
@@ -75,6 +82,114 @@ pub fn statement_outputs(sql: &str) -> Result<Vec<Vec<Output>>, String> {
     Ok(parsed.stmts.iter().map(|raw| raw.stmt.as_deref().map(|n| node_outputs(n, &Scope::root())).unwrap_or_default()).collect())
 }
 
+/// What phigate can tell about one statement of a query string.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Statement {
+    /// Its result columns; None when its text does not say what they hold (FETCH,
+    /// EXECUTE, CALL, MERGE, any statement this module does not know).
+    pub outputs: Option<Vec<Output>>,
+    /// Every relation the text names anywhere (tables and views; a CTE's name too,
+    /// which only costs a catalog lookup that finds nothing).
+    pub reads: BTreeSet<RelName>,
+    /// FETCH / EXECUTE: the cursor or prepared statement whose rows it returns.
+    pub uses: Option<Named>,
+    /// What it does to the session's cursors and prepared statements, if it succeeds.
+    pub effect: Option<Effect>,
+}
+
+/// A cursor or an SQL-level prepared statement, by name.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Named {
+    Cursor(String),
+    Prepared(String),
+}
+
+/// A change to the session's named cursors and prepared statements.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Effect {
+    /// DECLARE / PREPARE: `hold` for cursors that outlive their transaction (WITH HOLD;
+    /// prepared statements always do).
+    Define { name: Named, hold: bool, query: Box<Statement> },
+    /// CLOSE / DEALLOCATE of one name.
+    Forget(Named),
+    /// CLOSE ALL, DEALLOCATE ALL, DISCARD.
+    ForgetAll { cursors: bool, prepared: bool },
+}
+
+/// `CURSOR_OPT_HOLD` of PostgreSQL's parsenodes.h.
+const CURSOR_OPT_HOLD: i32 = 0x0020;
+
+/// What phigate can tell about each statement of `sql`.
+pub fn statements(sql: &str) -> Result<Vec<Statement>, String> {
+    let parsed = crate::sql::parse(sql).map_err(|e| e.to_string())?;
+    Ok(parsed.stmts.iter().map(|raw| raw.stmt.as_deref().map(statement).unwrap_or_default()).collect())
+}
+
+fn statement(n: &Node) -> Statement {
+    let mut st = Statement { reads: relations_named(n), ..Statement::default() };
+    st.outputs = match n.node.as_ref() {
+        Some(NodeEnum::SelectStmt(_) | NodeEnum::InsertStmt(_) | NodeEnum::UpdateStmt(_) | NodeEnum::DeleteStmt(_)) => Some(node_outputs(n, &Scope::root())),
+        // A plan or a setting: text about the query or the server, not table values.
+        Some(NodeEnum::ExplainStmt(_) | NodeEnum::VariableShowStmt(_)) => Some(Vec::new()),
+        Some(NodeEnum::FetchStmt(f)) => {
+            st.uses = Some(Named::Cursor(f.portalname.clone()));
+            None
+        }
+        Some(NodeEnum::ExecuteStmt(e)) => {
+            st.uses = Some(Named::Prepared(e.name.clone()));
+            None
+        }
+        Some(NodeEnum::DeclareCursorStmt(d)) => {
+            let query = d.query.as_deref().map(statement).unwrap_or_default();
+            st.effect = Some(Effect::Define { name: Named::Cursor(d.portalname.clone()), hold: d.options & CURSOR_OPT_HOLD != 0, query: Box::new(query) });
+            Some(Vec::new())
+        }
+        Some(NodeEnum::PrepareStmt(p)) => {
+            let query = p.query.as_deref().map(statement).unwrap_or_default();
+            st.effect = Some(Effect::Define { name: Named::Prepared(p.name.clone()), hold: true, query: Box::new(query) });
+            Some(Vec::new())
+        }
+        Some(NodeEnum::ClosePortalStmt(c)) => {
+            // An empty name is CLOSE ALL.
+            st.effect = Some(if c.portalname.is_empty() {
+                Effect::ForgetAll { cursors: true, prepared: false }
+            } else {
+                Effect::Forget(Named::Cursor(c.portalname.clone()))
+            });
+            Some(Vec::new())
+        }
+        Some(NodeEnum::DeallocateStmt(d)) => {
+            st.effect = Some(if d.isall || d.name.is_empty() {
+                Effect::ForgetAll { cursors: false, prepared: true }
+            } else {
+                Effect::Forget(Named::Prepared(d.name.clone()))
+            });
+            Some(Vec::new())
+        }
+        // DISCARD PLANS / SEQUENCES / TEMP keep cursors and statements; forgetting them
+        // anyway only makes a later FETCH or EXECUTE untraceable (masked harder).
+        Some(NodeEnum::DiscardStmt(_)) => {
+            st.effect = Some(Effect::ForgetAll { cursors: true, prepared: true });
+            Some(Vec::new())
+        }
+        _ => None,
+    };
+    st
+}
+
+/// Every relation named anywhere in a statement.
+fn relations_named(n: &Node) -> BTreeSet<RelName> {
+    let mut out = BTreeSet::new();
+    let mut visit = |x: crate::policy::walk::N<'_>| {
+        if let crate::policy::walk::N::RangeVar(rv) = x {
+            out.insert(rel_name(rv));
+        }
+    };
+    let mut w = crate::policy::walk::Walker { visit: &mut visit, depth: 0, too_deep: false };
+    w.node(n);
+    out
+}
+
 /// The outputs of a query node (SELECT, or DML with RETURNING, EXPLAIN-less).
 pub fn node_outputs(node: &Node, scope: &Scope<'_>) -> Vec<Output> {
     match node.node.as_ref() {
@@ -93,6 +208,8 @@ enum Item {
     Table(RelName),
     /// A subquery or CTE, with its outputs.
     Derived(Vec<Output>),
+    /// A function in FROM: each of its columns may hold any of these sources.
+    Function(Sources),
     /// A function or anything else whose columns phigate cannot trace.
     Opaque,
 }
@@ -201,11 +318,85 @@ fn add_from_item(n: &Node, scope: &mut Scope<'_>) {
             }
         }
         Some(NodeEnum::RangeFunction(f)) => {
+            // Functions in FROM are implicitly LATERAL: their arguments may name the
+            // FROM items before them (seeing more is only more conservative).
+            let sources = {
+                let view = Scope { items: scope.items.clone(), ctes: HashMap::new(), parent: Some(scope) };
+                range_function_sources(f, &view)
+            };
             let alias = f.alias.as_ref().map(|a| a.aliasname.clone()).unwrap_or_default();
-            scope.items.push((alias, Item::Opaque));
+            scope.items.push((alias, Item::Function(sources)));
         }
         _ => scope.items.push((String::new(), Item::Opaque)),
     }
+}
+
+/// Built-in set-returning functions whose rows are made of their arguments only
+/// (they read no table): their columns carry the arguments' sources and nothing else.
+/// Any other function in FROM may read tables of its own, which phigate cannot see.
+const UNFOLDING_FUNCTIONS: &[&str] = &[
+    "generate_series",
+    "generate_subscripts",
+    "unnest",
+    "json_each",
+    "json_each_text",
+    "jsonb_each",
+    "jsonb_each_text",
+    "json_array_elements",
+    "json_array_elements_text",
+    "jsonb_array_elements",
+    "jsonb_array_elements_text",
+    "json_object_keys",
+    "jsonb_object_keys",
+    "json_populate_record",
+    "json_populate_recordset",
+    "jsonb_populate_record",
+    "jsonb_populate_recordset",
+    "json_to_record",
+    "json_to_recordset",
+    "jsonb_to_record",
+    "jsonb_to_recordset",
+    "jsonb_path_query",
+    "regexp_matches",
+    "regexp_split_to_table",
+    "string_to_table",
+];
+
+/// The sources of every column a function in FROM (or `ROWS FROM (…)`) returns: all
+/// of its arguments (a whole-row argument carries its whole row), opaque unless every
+/// function only unfolds its arguments.
+fn range_function_sources(f: &protobuf::RangeFunction, scope: &Scope<'_>) -> Sources {
+    let mut out = Sources::default();
+    for item in &f.functions {
+        // Each entry is a list: the call, then its column definitions.
+        let call = match item.node.as_ref() {
+            Some(NodeEnum::List(l)) => l.items.first(),
+            _ => Some(item),
+        };
+        match call.and_then(|c| c.node.as_ref()) {
+            Some(NodeEnum::FuncCall(fc)) => {
+                let names = string_nodes(&fc.funcname);
+                let builtin = match names.as_slice() {
+                    [name] | [_, name] if names.len() == 1 || names[0] == "pg_catalog" => UNFOLDING_FUNCTIONS.contains(&name.to_ascii_lowercase().as_str()),
+                    _ => false,
+                };
+                out.opaque |= !builtin;
+                for a in &fc.args {
+                    collect(a, scope, &mut out, 0);
+                }
+            }
+            // Anything else (a SQL-value function, a cast …): its column references,
+            // and opaque since phigate does not know what it returns.
+            Some(_) => {
+                out.opaque = true;
+                if let Some(c) = call {
+                    collect(c, scope, &mut out, 0);
+                }
+            }
+            None => out.opaque = true,
+        }
+    }
+    out
 }
 
 fn select_outputs(s: &protobuf::SelectStmt, outer: &Scope<'_>) -> Vec<Output> {
@@ -296,6 +487,8 @@ fn column_name(n: &Node) -> String {
             Some(NodeEnum::String(s)) => s.sval.clone(),
             _ => i.arg.as_deref().map(column_name).unwrap_or_else(q),
         },
+        // PostgreSQL names `x COLLATE "C"` after x.
+        Some(NodeEnum::CollateClause(c)) => c.arg.as_deref().map(column_name).unwrap_or_else(q),
         Some(NodeEnum::CaseExpr(_)) => "case".into(),
         Some(NodeEnum::CoalesceExpr(_)) => "coalesce".into(),
         Some(NodeEnum::AArrayExpr(_)) => "array".into(),
@@ -430,25 +623,57 @@ fn collect(n: &Node, scope: &Scope<'_>, out: &mut Sources, depth: u32) {
                 collect(v, scope, out, d);
             }
         }
-        // Anything else: follow every child generically; a nested query there is
-        // resolved in this scope (over-approximation), never skipped.
-        _ => {
-            let mut refs: Vec<protobuf::ColumnRef> = Vec::new();
-            let mut nested = false;
-            {
-                let mut visit = |x: crate::policy::walk::N<'_>| match x {
-                    crate::policy::walk::N::ColumnRef(c) => refs.push(c.clone()),
-                    crate::policy::walk::N::SelectStmt(_) | crate::policy::walk::N::RangeFunction(_) => nested = true,
-                    _ => {}
-                };
-                let mut w = crate::policy::walk::Walker { visit: &mut visit, depth: 0, too_deep: false };
-                w.node(n);
-            }
-            for c in &refs {
-                resolve_column(c, scope, out);
-            }
-            out.opaque |= nested;
+        // Anything else (XMLELEMENT, JSON constructors, …): follow every child
+        // generically. A query nested there (`xmlelement(name x, (select …))`,
+        // `JSON_ARRAY(select …)`) is traced with its own FROM; its column references
+        // belong to it, not to this scope.
+        _ => generic_sources(n, scope, out),
+    }
+}
+
+fn generic_sources(n: &Node, scope: &Scope<'_>, out: &mut Sources) {
+    use crate::policy::walk::{Walker, N};
+    type Seen<'a> = (Vec<&'a protobuf::ColumnRef>, Vec<&'a Node>, Vec<*const protobuf::SelectStmt>, bool);
+    // Column references, the query nodes of subqueries, and every SELECT below `root`.
+    fn walk<'a>(root: &'a Node) -> Seen<'a> {
+        let (mut refs, mut queries, mut selects) = (Vec::new(), Vec::new(), Vec::new());
+        let deep = {
+            let mut visit = |x: N<'a>| match x {
+                N::ColumnRef(c) => refs.push(c),
+                N::SubLink(s) => queries.extend(s.subselect.as_deref()),
+                N::JsonArrayQueryConstructor(j) => queries.extend(j.query.as_deref()),
+                N::SelectStmt(s) => selects.push(s as *const _),
+                _ => {}
+            };
+            let mut w = Walker { visit: &mut visit, depth: 0, too_deep: false };
+            w.node(root);
+            w.too_deep
+        };
+        (refs, queries, selects, deep)
+    }
+    let (refs, queries, selects, deep) = walk(n);
+    out.opaque |= deep;
+    // What lies inside some subquery (the subqueries' own nodes excluded).
+    let mut inner_refs: Vec<*const protobuf::ColumnRef> = Vec::new();
+    let mut inner_queries: Vec<*const Node> = Vec::new();
+    let mut covered: Vec<*const protobuf::SelectStmt> = Vec::new();
+    for q in &queries {
+        let (r, qs, ss, _) = walk(q);
+        inner_refs.extend(r.into_iter().map(|c| c as *const _));
+        inner_queries.extend(qs.into_iter().map(|x| x as *const _));
+        covered.extend(ss);
+    }
+    for c in refs.into_iter().filter(|c| !inner_refs.contains(&(*c as *const _))) {
+        resolve_column(c, scope, out);
+    }
+    for q in queries.iter().filter(|q| !inner_queries.contains(&(**q as *const _))) {
+        for o in node_outputs(q, scope) {
+            out.extend(&o.sources);
         }
+    }
+    // A query phigate found no way into (not under a subquery node it knows).
+    if selects.iter().any(|s| !covered.contains(s)) {
+        out.opaque = true;
     }
 }
 
@@ -462,6 +687,7 @@ fn item_column(item: &Item, column: &str, out: &mut Sources) {
                 out.extend(&o.sources);
             }
         }
+        Item::Function(s) => out.extend(s),
         Item::Opaque => out.opaque = true,
     }
 }
@@ -476,6 +702,7 @@ fn item_whole(item: &Item, out: &mut Sources) {
                 out.extend(&o.sources);
             }
         }
+        Item::Function(s) => out.extend(s),
         Item::Opaque => out.opaque = true,
     }
 }
@@ -594,6 +821,65 @@ mod tests {
         assert_eq!(cols(&o[0]), ["patients.ssn"]);
         assert_eq!(cols(&o[1]), ["patients.name"]);
         assert_eq!(o[1].name, "md5");
+    }
+
+    #[test]
+    fn functions_in_from_carry_their_arguments() {
+        let o = one("select kv.v from patients p, jsonb_each_text(to_jsonb(p)) kv(k, v)");
+        assert!(o[0].sources.whole_rows.contains(&rel("patients")), "{o:?}");
+        assert!(!o[0].sources.opaque, "jsonb_each_text only unfolds its argument");
+        let o = one("select f.u from patients p, unnest(array[p.ssn, p.name]) f(u)");
+        assert_eq!(cols(&o[0]), ["patients.name", "patients.ssn"]);
+        let o = one("select g from generate_series(1, 3) g");
+        assert!(o[0].sources.is_empty(), "constants in, constants out: {o:?}");
+        let o = one("select * from patients p, my_lookup(p.id) f");
+        assert!(o[0].sources.opaque && o[0].sources.whole_rows.contains(&rel("patients")), "{o:?}");
+    }
+
+    #[test]
+    fn subqueries_inside_expressions_resolve_their_own_from() {
+        let o = one("select xmlelement(name x, (select string_agg(name, ',') from patients))");
+        assert_eq!(cols(&o[0]), ["patients.name"]);
+        assert!(!o[0].sources.opaque);
+        let o = one("select (select name from patients limit 1) as n");
+        assert_eq!(cols(&o[0]), ["patients.name"]);
+        let o = one("select json_array(select name from patients)");
+        assert_eq!(cols(&o[0]), ["patients.name"]);
+        let o = one("select xmlelement(name x, l.test, (select p.ssn from patients p where p.id = l.id)) from labs l");
+        assert_eq!(cols(&o[0]), ["labs.test", "patients.ssn"], "outer references stay outer, inner ones inner");
+    }
+
+    #[test]
+    fn collate_is_named_after_its_argument() {
+        let o = one("select p.name collate \"C\", 0 as name from patients p");
+        assert_eq!(o[0].name, "name");
+        assert_eq!(cols(&o[0]), ["patients.name"]);
+    }
+
+    #[test]
+    fn statements_say_what_they_cannot_trace_and_what_they_define() {
+        let s = statements("declare c cursor with hold for select upper(name) as n from patients; fetch all from c; execute q(1); call p(); show search_path")
+            .unwrap();
+        match &s[0].effect {
+            Some(Effect::Define { name: Named::Cursor(c), hold: true, query }) => {
+                assert_eq!(c, "c");
+                assert_eq!(cols(&query.outputs.as_ref().unwrap()[0]), ["patients.name"]);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!((s[1].outputs.as_ref(), s[1].uses.as_ref()), (None, Some(&Named::Cursor("c".into()))));
+        assert_eq!((s[2].outputs.as_ref(), s[2].uses.as_ref()), (None, Some(&Named::Prepared("q".into()))));
+        assert_eq!(s[3].outputs, None, "a procedure's output is not traceable");
+        assert_eq!(s[4].outputs, Some(Vec::new()), "a setting is no table data");
+        let s = statements("prepare q as select ssn from patients p join labs l on l.id = p.id; close all").unwrap();
+        match &s[0].effect {
+            Some(Effect::Define { name: Named::Prepared(q), query, .. }) => {
+                assert_eq!(q, "q");
+                assert_eq!(query.reads, [rel("labs"), rel("patients")].into());
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(s[1].effect, Some(Effect::ForgetAll { cursors: true, prepared: false }));
     }
 
     #[test]
