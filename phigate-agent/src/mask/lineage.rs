@@ -55,7 +55,7 @@ pub struct Sources {
 }
 
 impl Sources {
-    fn extend(&mut self, o: &Sources) {
+    pub fn extend(&mut self, o: &Sources) {
         self.columns.extend(o.columns.iter().cloned());
         self.whole_rows.extend(o.whole_rows.iter().cloned());
         self.opaque |= o.opaque;

@@ -10,7 +10,10 @@
 //! RowDescription's table OID and attribute number through the [`catalog`], so an
 //! alias or a view cannot dodge them — or by column-name pattern; columns computed
 //! from masked columns inherit their rule through [`lineage`]. Text without a rule
-//! goes through the Safe Harbor [`detect`]ors.
+//! goes through the Safe Harbor [`detect`]ors. A computed column whose lineage is
+//! unknown (an opaque source, FETCH of a cursor or EXECUTE of a prepared statement
+//! phigate did not see defined, text it cannot read) is not left to the detectors: it
+//! gets the strongest rule of the relations the statement reads, else it is redacted.
 //!
 //! Fail closed: a row that cannot be read or masked is never forwarded; the result
 //! ends with an ErrorResponse and the rest of it is dropped up to ReadyForQuery, so
@@ -49,7 +52,7 @@ use crate::pg::{
 use catalog::{Catalog, Lookup};
 use copy::{CopyFormat, CopyKind};
 use detect::{Counts, DetectCache, Detectors, Kind};
-use lineage::{Output, RelName, Sources};
+use lineage::{Effect, Named, Output, RelName, Sources, Statement};
 use strategy::{CellType, Context, Outcome, Strategy, TypeClass};
 
 /// What a rule applies to.
@@ -303,7 +306,14 @@ pub struct Masker {
     ddl_seen: bool,
     /// The session's latest `SET search_path` (replayed before describing COPY).
     pub search_path: Option<String>,
-    lineage: HashMap<Arc<str>, Arc<Vec<Vec<Output>>>>,
+    lineage: HashMap<Arc<str>, Arc<Vec<Statement>>>,
+    /// Which statement of the simple query being answered comes next (one
+    /// CommandComplete ends each), to match a RowDescription to its statement.
+    statement_no: usize,
+    /// The session's cursors and SQL-level prepared statements, as the DECLARE or
+    /// PREPARE that the server accepted defined them (`bool`: survives the end of its
+    /// transaction), so a FETCH or EXECUTE can be traced through their query.
+    named: HashMap<Named, (bool, Arc<Statement>)>,
     summary: Summary,
     rule_counts: Vec<u64>,
     finished: Vec<Summary>,
@@ -348,6 +358,8 @@ impl Masker {
             ddl_seen: false,
             search_path: None,
             lineage: HashMap::new(),
+            statement_no: 0,
+            named: HashMap::new(),
             summary: Summary::default(),
             rule_counts: vec![0; n],
             finished: Vec::new(),
@@ -477,6 +489,11 @@ impl Masker {
         if t == tag::READY_FOR_QUERY {
             self.flow.backend(t);
             self.settle(&Answer::Ready);
+            self.statement_no = 0;
+            // Idle: any transaction is over, and its cursors without HOLD with it.
+            if frame.body().first() == Some(&b'I') {
+                self.named.retain(|n, (hold, _)| *hold || !matches!(n, Named::Cursor(_)));
+            }
             self.failing = false;
             self.current = None;
             self.copy = None;
@@ -496,6 +513,11 @@ impl Masker {
                 (a, owner)
             }
         };
+        if t == tag::COMMAND_COMPLETE {
+            // Even in a result being dropped: the server did run the statement, and a
+            // CLOSE or DEALLOCATE missed would leave a stale definition behind.
+            self.statement_done(&answer, owner.as_ref());
+        }
         if self.failing && !matches!(t, tag::NOTICE_RESPONSE | tag::PARAMETER_STATUS) {
             return Step::Replace(Messages::new());
         }
@@ -548,7 +570,8 @@ impl Masker {
             Answer::ExecuteDone(_) => {
                 self.executing = None;
                 if matches!(self.pending.front(), Some(Pending::Execute(_))) {
-                    self.pending.pop_front();
+                    // Its portal's statement says what the completed statement defined.
+                    return self.pending.pop_front();
                 }
                 None
             }
@@ -582,7 +605,7 @@ impl Masker {
                 match answer {
                     Answer::Simple(sql) => {
                         let sql = sql.clone();
-                        match self.plan_for(&fields, None, Some(&sql))? {
+                        match self.plan_for(&fields, None, Some(&sql), self.statement_no)? {
                             Ok(plan) => self.current = Some(Arc::new(plan)),
                             Err(lookup) => return Ok(Step::Lookup(lookup)),
                         }
@@ -696,7 +719,8 @@ impl Masker {
             }
         };
         let sql = p.stmt.as_ref().map(|s| s.sql.clone());
-        match self.plan_for(&fields, formats.as_deref(), sql.as_deref())? {
+        // A Parse holds one statement.
+        match self.plan_for(&fields, formats.as_deref(), sql.as_deref(), 0)? {
             Ok(plan) => {
                 let plan = Arc::new(plan);
                 *lock(&p.plan) = Some(plan.clone());
@@ -706,11 +730,51 @@ impl Masker {
         }
     }
 
-    fn outputs(&mut self, sql: &str) -> Arc<Vec<Vec<Output>>> {
+    /// A statement the server completed: remember or forget the cursors and prepared
+    /// statements it defined or dropped.
+    fn statement_done(&mut self, answer: &Answer, owner: Option<&Pending>) {
+        let (sql, index) = match (answer, owner) {
+            (Answer::Simple(sql), _) => {
+                let i = self.statement_no;
+                self.statement_no += 1;
+                (sql.clone(), i)
+            }
+            (Answer::ExecuteDone(_), Some(Pending::Execute(Some(p)))) => match &p.stmt {
+                Some(s) => (s.sql.clone(), 0),
+                None => return,
+            },
+            _ => return,
+        };
+        // Most statements define nothing: skip parsing them (a keyword in a string
+        // literal only costs a parse).
+        const KEYWORDS: [&[u8]; 5] = [b"declare", b"prepare", b"close", b"deallocate", b"discard"];
+        if !KEYWORDS.iter().any(|k| sql.as_bytes().windows(k.len()).any(|w| w.eq_ignore_ascii_case(k))) {
+            return;
+        }
+        let all = self.statements(&sql);
+        match all.get(index).and_then(|s| s.effect.as_ref()) {
+            Some(Effect::Define { name, hold, query }) => {
+                self.named.insert(name.clone(), (*hold, Arc::new((**query).clone())));
+            }
+            Some(Effect::Forget(name)) => {
+                self.named.remove(name);
+            }
+            Some(Effect::ForgetAll { cursors, prepared }) => {
+                self.named.retain(|n, _| match n {
+                    Named::Cursor(_) => !cursors,
+                    Named::Prepared(_) => !prepared,
+                });
+            }
+            None => {}
+        }
+    }
+
+    fn statements(&mut self, sql: &str) -> Arc<Vec<Statement>> {
         if let Some(o) = self.lineage.get(sql) {
             return o.clone();
         }
-        let parsed = Arc::new(lineage::statement_outputs(sql).unwrap_or_default());
+        // Unreadable text: no statements, so its computed columns count as untraced.
+        let parsed = Arc::new(lineage::statements(sql).unwrap_or_default());
         if self.lineage.len() >= LINEAGE_CACHE {
             self.lineage.clear();
         }
@@ -721,8 +785,9 @@ impl Masker {
     /// A plan for these columns; `formats` overrides the fields' own format codes
     /// (Bind's codes: none = text, one = all, else per column). `Err(lookup)` when the
     /// catalog must be asked first.
-    fn plan_for(&mut self, fields: &[Field], formats: Option<&[i16]>, sql: Option<&str>) -> Result<Result<Plan, Lookup>, PgError> {
-        let planned = self.plan_columns(fields, formats, sql);
+    /// `index`: which statement of `sql` the result belongs to.
+    fn plan_for(&mut self, fields: &[Field], formats: Option<&[i16]>, sql: Option<&str>, index: usize) -> Result<Result<Plan, Lookup>, PgError> {
+        let planned = self.plan_columns(fields, formats, sql, index);
         if !matches!(planned, Ok(Err(_))) {
             // Settled (a plan or a refusal): the next plan starts its own lookups.
             self.end_lookups();
@@ -747,7 +812,20 @@ impl Masker {
         Ok(Err(lookup))
     }
 
-    fn plan_columns(&mut self, fields: &[Field], formats: Option<&[i16]>, sql: Option<&str>) -> Result<Result<Plan, Lookup>, PgError> {
+    /// What the statement of a result says about its columns: its own lineage, or for
+    /// FETCH and EXECUTE the lineage of the cursor's or prepared statement's query
+    /// (`true`: through a name, whose definition the server may have replaced in ways
+    /// phigate did not see, e.g. a cursor opened by a function). None: untraceable.
+    fn statement_for(&mut self, sql: Option<&str>, index: usize) -> Option<(Statement, bool)> {
+        let all = self.statements(sql?);
+        let st = all.get(index)?;
+        match &st.uses {
+            None => Some((st.clone(), false)),
+            Some(n) => self.named.get(n).map(|(_, q)| ((**q).clone(), true)),
+        }
+    }
+
+    fn plan_columns(&mut self, fields: &[Field], formats: Option<&[i16]>, sql: Option<&str>, index: usize) -> Result<Result<Plan, Lookup>, PgError> {
         let format_of = |i: usize, f: &Field| -> Result<i16, PgError> {
             match formats {
                 None => Ok(f.format),
@@ -761,7 +839,7 @@ impl Masker {
         // while the catalog is locked.
         let shared = self.catalog.clone();
         let mut catalog = shared.lock().expect("invariant: lock not poisoned");
-        let mut outputs = None;
+        let mut statement: Option<(Statement, bool)> = None;
         if column_rules {
             // Each OID is asked for once per plan: one the catalog connection cannot
             // see stays unknown, and its columns are refused below.
@@ -784,8 +862,8 @@ impl Masker {
             // Columns the catalog cannot place (computed, or a whole-row reference with
             // attribute number 0) are traced through the statement's text.
             let unplaced = fields.iter().any(|f| f.column >= 0 && catalog.relation(f.table_oid).is_none_or(|r| r.column(f.column).is_none()));
-            if let (Some(s), true) = (sql, unplaced) {
-                outputs = Some(self.outputs(s));
+            if unplaced {
+                statement = self.statement_for(sql, index);
             }
             // Names that may be views (their columns trace to base tables).
             let mut names: Vec<String> = Vec::new();
@@ -798,10 +876,11 @@ impl Masker {
                     }
                 }
             }
-            if let Some(outs) = &outputs {
-                for o in outs.iter().flatten() {
+            if let Some((st, _)) = &statement {
+                for o in st.outputs.iter().flatten() {
                     source_names(&o.sources, &mut names);
                 }
+                names.extend(st.reads.iter().map(|r| r.name.clone()));
             }
             let missing = catalog.missing_names(names.iter().map(String::as_str));
             if !missing.is_empty() {
@@ -812,6 +891,7 @@ impl Masker {
         for (i, f) in fields.iter().enumerate() {
             let ty = CellType { class: TypeClass::of(f.type_oid), binary: format_of(i, f)? == 1 };
             let mut best: Option<usize> = None;
+            let mut untraced = false;
             let consider = |idx: usize, best: &mut Option<usize>| {
                 if best.is_none_or(|b| self.profile.rules[idx].strategy.strength() > self.profile.rules[b].strategy.strength()) {
                     *best = Some(idx);
@@ -855,13 +935,25 @@ impl Masker {
                     (None, _) => {}
                 }
                 if rel.as_ref().is_none_or(|r| r.column(f.column).is_none()) {
-                    if let Some(outs) = &outputs {
-                        let all: Vec<&Output> = outs.iter().flatten().collect();
-                        let named: Vec<&Output> = all.iter().copied().filter(|o| !o.star && o.name == f.name).collect();
-                        let from = if named.is_empty() { all } else { named };
-                        for o in from {
-                            for idx in self.rules_for_sources(&catalog, &o.sources, 0) {
-                                consider(idx, &mut best);
+                    let sources = statement.as_ref().and_then(|(st, via_name)| column_sources(st.outputs.as_deref()?, fields, i, *via_name));
+                    if let Some(src) = &sources {
+                        for idx in self.rules_for_sources(&catalog, src, 0) {
+                            consider(idx, &mut best);
+                        }
+                    }
+                    // A computed column phigate cannot trace (an opaque source, or no
+                    // lineage at all: FETCH of a cursor it did not see declared, CALL,
+                    // text it cannot read) is not left to the detectors: it gets the
+                    // strongest rule of the relations the statement reads, or, when
+                    // those have none or cannot be known, the profile's redaction.
+                    untraced = f.table_oid == 0 && sources.as_ref().is_none_or(|s| s.opaque);
+                    if untraced {
+                        if let Some((st, _)) = statement.as_ref().filter(|(st, _)| st.outputs.is_some()) {
+                            let read = Sources { whole_rows: st.reads.clone(), ..Sources::default() };
+                            for idx in self.rules_for_sources(&catalog, &read, 0) {
+                                if self.profile.rules[idx].strategy.strength() > Strategy::Detect.strength() {
+                                    consider(idx, &mut best);
+                                }
                             }
                         }
                     }
@@ -878,14 +970,33 @@ impl Masker {
                     }
                 }
             }
+            let detecting = self.profile.free_text && !self.profile.detectors.is_empty();
             let (strategy, rule) = match best {
-                Some(idx) => (self.profile.rules[idx].strategy.clone(), Some(idx)),
-                None if self.profile.free_text && !self.profile.detectors.is_empty() && ty.scannable() => (Strategy::Detect, None),
-                None => (Strategy::Keep, None),
+                Some(idx) if !untraced || self.profile.rules[idx].strategy.strength() > Strategy::Detect.strength() => {
+                    (self.profile.rules[idx].strategy.clone(), Some(idx))
+                }
+                _ if untraced => (self.redaction(), None),
+                None if detecting && ty.scannable() => (Strategy::Detect, None),
+                // A binary value of a type that can hold text (an array, a record,
+                // bytea): the detectors cannot read it, so it is not sent as it is.
+                // NULL is a valid value of every type.
+                None if detecting && ty.binary && strategy::may_hold_text(f.type_oid) => (Strategy::Redact { token: String::new(), null: true }, None),
+                _ => (Strategy::Keep, None),
             };
             columns.push(ColumnPlan { strategy, rule, ty });
         }
         Ok(Ok(Plan { columns }))
+    }
+
+    /// How an untraceable column is redacted: as the profile's first `redact` rule
+    /// does, else with the default token (NULL where a token is no valid value).
+    fn redaction(&self) -> Strategy {
+        self.profile
+            .rules
+            .iter()
+            .find(|r| matches!(r.strategy, Strategy::Redact { .. }))
+            .map(|r| r.strategy.clone())
+            .unwrap_or_else(|| Strategy::Redact { token: "[REDACTED]".into(), null: false })
     }
 
     /// Rules for a table column, and (if the relation is a view) for what it is built from.
@@ -1038,7 +1149,7 @@ impl Masker {
         }
         let binary = overall == 1;
         let formats: Vec<i16> = vec![i16::from(binary); fields.len()];
-        match self.plan_for(&fields, Some(&formats), Some(&select))? {
+        match self.plan_for(&fields, Some(&formats), Some(&select), 0)? {
             Ok(plan) => {
                 self.copies_seen += 1;
                 let format = if binary { CopyFormat { kind: CopyKind::Binary, ..format } } else { format };
@@ -1302,6 +1413,30 @@ fn hide_quoted(text: &[u8], known: impl Fn(&[u8]) -> bool) -> Option<Vec<u8>> {
     }
     out.extend_from_slice(&text[at..]);
     changed.then_some(out)
+}
+
+/// The sources of result column `i` among a statement's outputs. By position when
+/// the outputs line up with the fields one to one (no `*`): a name can be shared by a
+/// decoy (`SELECT p.name COLLATE "C", 0 AS name`). Else by name, else all outputs
+/// together. Through a cursor's or prepared statement's name, only by position and
+/// only when the names agree too; None otherwise (untraceable).
+fn column_sources(outs: &[Output], fields: &[Field], i: usize, via_name: bool) -> Option<Sources> {
+    let lined_up = outs.len() == fields.len() && outs.iter().all(|o| !o.star);
+    if via_name {
+        let agree = lined_up && outs.iter().zip(fields).all(|(o, f)| o.name == f.name || o.name == "?column?");
+        return agree.then(|| outs[i].sources.clone());
+    }
+    if lined_up {
+        return Some(outs[i].sources.clone());
+    }
+    let f = &fields[i];
+    let named: Vec<&Output> = outs.iter().filter(|o| !o.star && o.name == f.name).collect();
+    let from: Vec<&Output> = if named.is_empty() { outs.iter().collect() } else { named };
+    let mut s = Sources::default();
+    for o in from {
+        s.extend(&o.sources);
+    }
+    Some(s)
 }
 
 fn source_names(s: &Sources, out: &mut Vec<String>) {

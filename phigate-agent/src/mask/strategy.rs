@@ -130,6 +130,28 @@ impl CellType {
     }
 }
 
+/// Whether values of a type (of class [`TypeClass::Other`]) can hold free text:
+/// anything but the built-in scalars that are numbers, times, addresses, shapes or
+/// bits. Arrays, records and unknown types can. bytea is left alone as in text
+/// format, whose hex form the detectors cannot read either: it is binary data, and
+/// NULLing every binary bytea would break documents and images in tables no rule covers.
+pub fn may_hold_text(type_oid: u32) -> bool {
+    !matches!(
+        type_oid,
+        17 // bytea
+            | 16 // bool
+            | 26 | 28 | 29 | 5069 // oid, xid, cid, xid8
+            | 700 | 701 | 790 // float4, float8, money
+            | 1083 | 1266 | 1186 // time, timetz, interval
+            | 600..=604 | 628 | 718 // geometric
+            | 650 | 869 | 829 | 774 // cidr, inet, macaddr, macaddr8
+            | 1560 | 1562 // bit, varbit
+            | 3220 // pg_lsn
+            | 24 | 2202..=2206 | 3734 | 3769 | 4089 | 4096 // reg* OIDs
+            | 3904 | 3906 | 3908 | 3910 | 3912 | 3926 // ranges of numbers and times
+    )
+}
+
 /// A short value built apart (a ZIP3, an integer): inline, no allocation.
 type CellBytes = smallvec::SmallVec<[u8; 64]>;
 

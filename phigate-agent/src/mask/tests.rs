@@ -350,7 +350,7 @@ fn whole_row_references_get_the_strongest_rule_of_their_relation() {
         field("ctid", PATIENTS, -1, 27, 0),
         field("ctid", VIEW, -1, 27, 0),
     ];
-    let plan = m.plan_for(&fields, None, None).unwrap().unwrap();
+    let plan = m.plan_for(&fields, None, None, 0).unwrap().unwrap();
     assert!(plan.columns[..3].iter().all(|c| matches!(c.strategy, Strategy::Hash { .. })), "{plan:?}");
     assert!(plan.columns[3..].iter().all(|c| c.rule.is_none()), "{plan:?}");
 }
@@ -635,4 +635,127 @@ fn a_sync_the_server_ignored_inside_copy_closes_no_batch() {
     m.backend(&msg::row_description(&ssn_name()));
     assert_patient_row_masked(&mut m, "rows of the batch after an extended COPY FROM STDIN");
     bookkeeping(&mut m, b"CZ");
+}
+
+/// Run a simple query through the masker: the RowDescription, one row, the rest.
+fn one_row(m: &mut Masker, sql: &str, fields: &[Field], row: &[Option<&[u8]>]) -> Vec<String> {
+    m.frontend(&query(sql));
+    assert!(matches!(m.backend(&msg::row_description(fields)), Step::Forward), "{sql}");
+    let out = cells_after(m, &data_row(row)).iter().map(s).collect();
+    m.backend(&Frame::build(b'C', b"SELECT 1\0"));
+    m.backend(&Frame::build(b'Z', b"I"));
+    out
+}
+
+/// A statement without rows, answered by the server.
+fn completed(m: &mut Masker, sql: &str, tags: &[&str], status: &[u8]) {
+    m.frontend(&query(sql));
+    for t in tags {
+        m.backend(&Frame::build(b'C', &cstrs(&[t])));
+    }
+    m.backend(&Frame::build(b'Z', status));
+}
+
+#[test]
+fn untraceable_computed_columns_are_not_left_to_the_detectors() {
+    let mut m = masker();
+    let text = |name: &str| field(name, 0, 0, 25, 0);
+    let maria = Some(&b"Maria Garcia"[..]);
+    // A built-in function in FROM carries its argument: the whole patient row.
+    let out = one_row(&mut m, "select kv.v from patients p, jsonb_each_text(to_jsonb(p)) kv(k, v)", &[text("v")], &[maria]);
+    assert!(out[0].starts_with("pt_"), "{out:?}");
+    // A function that may read tables of its own: the strongest rule of what the
+    // statement reads, or the redaction when that is nothing with rules.
+    let out = one_row(&mut m, "select f.x from patients p, my_lookup(p.id) f", &[text("x")], &[maria]);
+    assert!(out[0].starts_with("pt_"), "{out:?}");
+    for sql in ["select f.x from get_patients() f", "select f.x from labs l, lab_detail(l.id) f", "call get_patient(1)", "this is not sql"] {
+        assert_eq!(one_row(&mut m, sql, &[text("x")], &[maria]), ["[REDACTED]"], "{sql}");
+    }
+    // No statement text at all (a portal phigate never saw parsed).
+    let plan = m.plan_for(&[text("x"), field("n", 0, 0, 23, 1)], None, None, 0).unwrap().unwrap();
+    assert!(plan.columns.iter().all(|c| matches!(c.strategy, Strategy::Redact { .. })), "{plan:?}");
+    // Constants and what is computed from columns without rules pass unchanged.
+    for (sql, ty, v) in [
+        ("select 1", 23, &b"1"[..]),
+        ("select count(*) from patients", 20, b"3"),
+        ("select upper(test) from labs", 25, b"A1C"),
+        ("select g from generate_series(1, 3) g", 23, b"2"),
+        ("show search_path", 25, b"public"),
+    ] {
+        assert_eq!(one_row(&mut m, sql, &[field("x", 0, 0, ty, 0)], &[Some(v)]), [String::from_utf8_lossy(v)], "{sql}");
+    }
+}
+
+#[test]
+fn subqueries_inside_expressions_take_the_rules_of_what_they_read() {
+    let mut m = masker();
+    let out = one_row(
+        &mut m,
+        "select xmlelement(name x, (select string_agg(name, ',') from patients))",
+        &[field("xmlelement", 0, 0, 142, 0)],
+        &[Some(b"<x>Maria Garcia</x>")],
+    );
+    assert!(out[0].starts_with("pt_"), "{out:?}");
+    let out = one_row(&mut m, "select (select name from patients limit 1) as n", &[field("n", 0, 0, 25, 0)], &[Some(b"Maria Garcia")]);
+    assert!(out[0].starts_with("pt_"), "{out:?}");
+    let out = one_row(&mut m, "select json_array(select ssn from patients)", &[field("json_array", 0, 0, 114, 0)], &[Some(b"[\"123-45-6789\"]")]);
+    assert!(!out[0].contains("45-6789"), "{out:?}");
+}
+
+#[test]
+fn fetch_and_execute_are_traced_through_the_declare_and_prepare_phigate_saw() {
+    let mut m = masker();
+    let n = [field("n", 0, 0, 25, 0)];
+    let maria = Some(&b"Maria Garcia"[..]);
+    completed(&mut m, "begin; declare c cursor for select upper(name) as n from patients", &["BEGIN", "DECLARE CURSOR"], b"T");
+    assert!(one_row(&mut m, "fetch all from c", &n, &[maria])[0].starts_with("pt_"));
+    // A cursor phigate did not see declared (a function opened it): untraceable.
+    assert_eq!(one_row(&mut m, "fetch all from \"<unnamed portal 1>\"", &n, &[maria]), ["[REDACTED]"]);
+    // The transaction ended (ReadyForQuery idle above): its cursor is gone.
+    assert_eq!(one_row(&mut m, "fetch all from c", &n, &[maria]), ["[REDACTED]"]);
+    // Declared and fetched in one query string.
+    m.frontend(&query("declare h cursor with hold for select upper(ssn) as n from patients; fetch all from h"));
+    m.backend(&Frame::build(b'C', &cstrs(&["DECLARE CURSOR"])));
+    m.backend(&msg::row_description(&n));
+    assert_eq!(s(&cells_after(&mut m, &data_row(&[Some(b"123-45-6789")]))[0]), "***-**-6789");
+    m.backend(&Frame::build(b'C', b"FETCH 1\0"));
+    m.backend(&Frame::build(b'Z', b"I"));
+    // A closed cursor's definition is forgotten.
+    completed(&mut m, "close h", &["CLOSE CURSOR"], b"I");
+    assert_eq!(one_row(&mut m, "fetch all from h", &n, &[Some(b"123-45-6789")]), ["[REDACTED]"]);
+    // PREPARE / EXECUTE: columns without rules pass, PHI does not.
+    completed(&mut m, "prepare q as select upper(test) as n from labs", &["PREPARE"], b"I");
+    assert_eq!(one_row(&mut m, "execute q", &n, &[Some(b"A1C")]), ["A1C"]);
+    completed(&mut m, "prepare r as select upper(name) as n from patients", &["PREPARE"], b"I");
+    assert!(one_row(&mut m, "execute r", &n, &[maria])[0].starts_with("pt_"));
+    // A definition whose columns do not match what the server sent is not trusted.
+    assert_eq!(one_row(&mut m, "execute q", &[field("other", 0, 0, 25, 0)], &[maria]), ["[REDACTED]"]);
+    completed(&mut m, "deallocate all", &["DEALLOCATE ALL"], b"I");
+    assert_eq!(one_row(&mut m, "execute q", &n, &[Some(b"A1C")]), ["[REDACTED]"]);
+}
+
+#[test]
+fn a_decoy_sharing_a_column_name_does_not_override_the_columns_position() {
+    let mut m = masker();
+    let fields = [field("name", 0, 0, 25, 0), field("name", 0, 0, 23, 0)];
+    let out = one_row(&mut m, "select p.name collate \"C\", 0 as name from patients p", &fields, &[Some(b"Maria Garcia"), Some(b"0")]);
+    assert!(out[0].starts_with("pt_"), "{out:?}");
+    assert_eq!(out[1], "0");
+}
+
+#[test]
+fn binary_values_the_detectors_cannot_read_are_not_sent_as_they_are() {
+    let mut m = masker();
+    // text[] in binary: no rule (labs), but it could hold free text.
+    let array = [0u8, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 25, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 3, b'A', b'1', b'C'];
+    assert_eq!(one_row(&mut m, "select array_agg(test) from labs", &[field("array_agg", 0, 0, 1009, 1)], &[Some(&array)]), ["NULL"]);
+    // …and from a masked column.
+    assert_eq!(one_row(&mut m, "select array_agg(name) from patients", &[field("array_agg", 0, 0, 1009, 1)], &[Some(&array)]), ["NULL"]);
+    // Binary numbers and booleans hold no free text.
+    let out =
+        one_row(&mut m, "select 1.5::float8, true", &[field("float8", 0, 0, 701, 1), field("bool", 0, 0, 16, 1)], &[Some(&1.5f64.to_be_bytes()), Some(&[1])]);
+    assert_eq!(out[1], "\u{1}");
+    // bytea is binary data, passed as in text format (where the detectors see hex).
+    let out = one_row(&mut m, "select convert_to(test, 'UTF8') as payload from labs", &[field("payload", 0, 0, 17, 1)], &[Some(b"\x89PNG")]);
+    assert_eq!(out[0], String::from_utf8_lossy(b"\x89PNG"), "passed as it is");
 }
