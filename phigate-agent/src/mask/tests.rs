@@ -759,3 +759,16 @@ fn binary_values_the_detectors_cannot_read_are_not_sent_as_they_are() {
     let out = one_row(&mut m, "select convert_to(test, 'UTF8') as payload from labs", &[field("payload", 0, 0, 17, 1)], &[Some(b"\x89PNG")]);
     assert_eq!(out[0], String::from_utf8_lossy(b"\x89PNG"), "passed as it is");
 }
+
+#[test]
+fn a_cursor_declared_and_fetched_over_the_extended_protocol_is_traced() {
+    let mut m = masker();
+    send(&mut m, &[parse("", "declare e cursor with hold for select upper(name) as n from patients"), bind("", ""), execute(""), sync()]);
+    bookkeeping(&mut m, b"12CZ");
+    send(&mut m, &[parse("", "fetch all from e"), bind("", ""), describe(b'P', ""), execute(""), sync()]);
+    bookkeeping(&mut m, b"12");
+    m.backend(&msg::row_description(&[field("n", 0, 0, 25, 0)]));
+    let out = cells_after(&mut m, &data_row(&[Some(b"MARIA GARCIA")]));
+    assert!(s(&out[0]).starts_with("pt_"), "{}", s(&out[0]));
+    bookkeeping(&mut m, b"CZ");
+}
