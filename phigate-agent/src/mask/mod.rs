@@ -980,7 +980,9 @@ impl Masker {
                 // A binary value of a type that can hold text (an array, a record,
                 // bytea): the detectors cannot read it, so it is not sent as it is.
                 // NULL is a valid value of every type.
-                None if detecting && ty.binary && strategy::may_hold_text(f.type_oid) => (Strategy::Redact { token: String::new(), null: true }, None),
+                None if detecting && ty.binary && ty.class == TypeClass::Other && strategy::may_hold_text(f.type_oid) => {
+                    (Strategy::Redact { token: String::new(), null: true }, None)
+                }
                 _ => (Strategy::Keep, None),
             };
             columns.push(ColumnPlan { strategy, rule, ty });

@@ -772,3 +772,21 @@ fn a_cursor_declared_and_fetched_over_the_extended_protocol_is_traced() {
     assert!(s(&out[0]).starts_with("pt_"), "{}", s(&out[0]));
     bookkeeping(&mut m, b"CZ");
 }
+
+#[test]
+fn tokio_postgres_unnamed_statement_of_a_constant_passes() {
+    // tokio-postgres: Parse "" + Describe S "" + Sync, then Bind (binary results) +
+    // Execute + Sync.
+    let mut m = masker();
+    send(&mut m, &[parse("", "select 1"), describe(b'S', ""), sync()]);
+    bookkeeping(&mut m, b"1t");
+    m.backend(&msg::row_description(&[field("?column?", 0, 0, 23, 0)]));
+    bookkeeping(&mut m, b"Z");
+    let mut b = cstrs(&["", ""]);
+    b.extend_from_slice(&[0, 0, 0, 0, 0, 1, 0, 1]);
+    send(&mut m, &[Frame::build(b'B', &b), execute(""), sync()]);
+    bookkeeping(&mut m, b"2");
+    let step = m.backend(&data_row(&[Some(&1i32.to_be_bytes())]));
+    assert!(matches!(step, Step::Forward), "select 1 passes: {step:?}");
+    bookkeeping(&mut m, b"CZ");
+}
