@@ -407,10 +407,25 @@ fn select_outputs(s: &protobuf::SelectStmt, outer: &Scope<'_>) -> Vec<Output> {
         add_ctes(s.with_clause.as_ref(), &mut scope);
         let mut left = s.larg.as_deref().map(|l| select_outputs(l, &scope)).unwrap_or_default();
         let right = s.rarg.as_deref().map(|r| select_outputs(r, &scope)).unwrap_or_default();
+        // A `*` on either side stands for any number of columns, so which of the
+        // other side's columns it lines up with is unknown: its sources go to every
+        // column (`SELECT 1, 'a' UNION ALL SELECT * FROM patients`).
+        let mut star = Sources::default();
+        for o in left.iter().chain(&right).filter(|o| o.star) {
+            star.extend(&o.sources);
+        }
         for (i, r) in right.iter().enumerate() {
             match left.get_mut(i) {
-                Some(l) => l.sources.extend(&r.sources),
+                Some(l) => {
+                    l.sources.extend(&r.sources);
+                    l.star |= r.star;
+                }
                 None => left.push(r.clone()),
+            }
+        }
+        if !star.is_empty() {
+            for l in &mut left {
+                l.sources.extend(&star);
             }
         }
         return left;
@@ -459,7 +474,12 @@ fn targets(list: &[Node], scope: &Scope<'_>) -> Vec<Output> {
     for t in list {
         let Some(NodeEnum::ResTarget(rt)) = t.node.as_ref() else { continue };
         let Some(val) = rt.val.as_deref() else { continue };
-        let star = matches!(val.node.as_ref(), Some(NodeEnum::ColumnRef(c)) if c.fields.last().is_some_and(|f| matches!(f.node, Some(NodeEnum::AStar(_)))));
+        // `t.*` and `(expr).*` both expand to any number of columns.
+        let star = match val.node.as_ref() {
+            Some(NodeEnum::ColumnRef(c)) => c.fields.last().is_some_and(|f| matches!(f.node, Some(NodeEnum::AStar(_)))),
+            Some(NodeEnum::AIndirection(i)) => i.indirection.last().is_some_and(|f| matches!(f.node, Some(NodeEnum::AStar(_)))),
+            _ => false,
+        };
         let name = if rt.name.is_empty() { column_name(val) } else { rt.name.clone() };
         outs.push(Output { name, star, sources: expr_sources(val, scope) });
     }

@@ -314,6 +314,8 @@ pub struct Masker {
     /// PREPARE that the server accepted defined them (`bool`: survives the end of its
     /// transaction), so a FETCH or EXECUTE can be traced through their query.
     named: HashMap<Named, (bool, Arc<Statement>)>,
+    /// Whether the text last looked at names DECLARE, PREPARE, CLOSE, … at all.
+    keyword_scan: Option<(Arc<str>, bool)>,
     summary: Summary,
     rule_counts: Vec<u64>,
     finished: Vec<Summary>,
@@ -360,6 +362,7 @@ impl Masker {
             lineage: HashMap::new(),
             statement_no: 0,
             named: HashMap::new(),
+            keyword_scan: None,
             summary: Summary::default(),
             rule_counts: vec![0; n],
             finished: Vec::new(),
@@ -428,11 +431,16 @@ impl Masker {
             tag::PARSE => {
                 if let Ok((name, sql)) = msg::parse_parse(frame.body()) {
                     self.note_statement(sql);
+                    // SQL PREPARE and the protocol's Parse share one namespace (as
+                    // DECLARE and Bind do for portals): whatever the name meant to an
+                    // EXECUTE or FETCH before is gone.
+                    self.named.remove(&Named::Prepared(name.to_string()));
                     self.stmts.insert(name.to_string(), Arc::new(Stmt { name: name.to_string(), sql: Arc::from(sql), fields: Mutex::new(None) }));
                 }
             }
             tag::BIND => {
                 if let Ok((portal, stmt, formats)) = msg::parse_bind(frame.body()) {
+                    self.named.remove(&Named::Cursor(portal.to_string()));
                     let stmt = self.stmts.get(stmt).cloned();
                     self.portals.insert(portal.to_string(), Arc::new(Portal { stmt, formats, fields: Mutex::new(None), plan: Mutex::new(None) }));
                 }
@@ -441,8 +449,10 @@ impl Masker {
                 if let Ok((kind, name)) = msg::parse_target(frame.body(), "Close") {
                     if kind == b'S' {
                         self.stmts.remove(name);
+                        self.named.remove(&Named::Prepared(name.to_string()));
                     } else {
                         self.portals.remove(name);
+                        self.named.remove(&Named::Cursor(name.to_string()));
                     }
                 }
             }
@@ -746,9 +756,20 @@ impl Masker {
             _ => return,
         };
         // Most statements define nothing: skip parsing them (a keyword in a string
-        // literal only costs a parse).
+        // literal only costs a parse). The answer is kept for the text last looked at:
+        // every statement of one Query string, and every Execute of one prepared
+        // statement, share that text, so a string of K statements is scanned once,
+        // not K times.
         const KEYWORDS: [&[u8]; 5] = [b"declare", b"prepare", b"close", b"deallocate", b"discard"];
-        if !KEYWORDS.iter().any(|k| sql.as_bytes().windows(k.len()).any(|w| w.eq_ignore_ascii_case(k))) {
+        let may_define = match &self.keyword_scan {
+            Some((text, found)) if Arc::ptr_eq(text, &sql) => *found,
+            _ => {
+                let found = KEYWORDS.iter().any(|k| sql.as_bytes().windows(k.len()).any(|w| w.eq_ignore_ascii_case(k)));
+                self.keyword_scan = Some((sql.clone(), found));
+                found
+            }
+        };
+        if !may_define {
             return;
         }
         let all = self.statements(&sql);
@@ -841,10 +862,12 @@ impl Masker {
         let mut catalog = shared.lock().expect("invariant: lock not poisoned");
         let mut statement: Option<(Statement, bool)> = None;
         if column_rules {
-            // Each OID is asked for once per plan: one the catalog connection cannot
-            // see stays unknown, and its columns are refused below.
+            // Each OID is asked for at most twice per plan (the catalog is shared, and
+            // another session's DDL may clear it between a lookup and its use): one
+            // the catalog connection cannot see stays unknown, and its columns are
+            // refused below.
             let mut missing = catalog.missing_oids(fields.iter().map(|f| f.table_oid));
-            missing.retain(|o| !self.asked_oids.contains(o));
+            missing.retain(|o| self.asked_oids.iter().filter(|a| *a == o).count() < 2);
             if !missing.is_empty() {
                 return self.ask(Lookup::Oids(missing));
             }

@@ -130,25 +130,19 @@ impl CellType {
     }
 }
 
-/// Whether values of a type (of class [`TypeClass::Other`]) can hold free text:
-/// anything but the built-in scalars that are numbers, times, addresses, shapes or
-/// bits. Arrays, records and unknown types can. bytea is left alone as in text
-/// format, whose hex form the detectors cannot read either: it is binary data, and
-/// NULLing every binary bytea would break documents and images in tables no rule covers.
+/// Whether binary values of a type (of class [`TypeClass::Other`]) can hold free text
+/// the detectors cannot read in that form: arrays of text-like types, records,
+/// tsvector/tsquery (words of the text they index) and anyarray (pg_stats' sample
+/// values). Arrays of numbers, times or identifiers cannot, nor can bytea (its text
+/// form is hex, which the detectors cannot read either: it is left alone in both).
 pub fn may_hold_text(type_oid: u32) -> bool {
-    !matches!(
+    matches!(
         type_oid,
-        17 // bytea
-            | 16 // bool
-            | 26 | 28 | 29 | 5069 // oid, xid, cid, xid8
-            | 700 | 701 | 790 // float4, float8, money
-            | 1083 | 1266 | 1186 // time, timetz, interval
-            | 600..=604 | 628 | 718 // geometric
-            | 650 | 869 | 829 | 774 // cidr, inet, macaddr, macaddr8
-            | 1560 | 1562 // bit, varbit
-            | 3220 // pg_lsn
-            | 24 | 2202..=2206 | 3734 | 3769 | 4089 | 4096 // reg* OIDs
-            | 3904 | 3906 | 3908 | 3910 | 3912 | 3926 // ranges of numbers and times
+        1009 | 1015 | 1014 | 1003 | 1002 // text[], varchar[], bpchar[], name[], char[]
+            | 199 | 3807 | 143 // json[], jsonb[], xml[]
+            | 2249 | 2287 // record, record[]
+            | 3614 | 3615 | 3643 | 3645 // tsvector, tsquery and their arrays
+            | 2277 // anyarray
     )
 }
 

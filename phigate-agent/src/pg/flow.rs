@@ -11,11 +11,14 @@
 //! until CopyDone or CopyFail it takes CopyData, ignores Sync and Flush (libpq sends a
 //! Sync behind an Execute before it knows the statement was a COPY), and ends the COPY
 //! with an error on anything else, consuming that message. [`Flow`] follows the same
-//! rules ([`Flow::copy_in`]); a Sync queued behind the COPY before its CopyInResponse
-//! is dropped from the queue when that response arrives (the server ignored it), and
-//! anything else queued there makes the CopyInResponse [`Answer::Unexpected`]: what
-//! the server did with it depends on timing phigate cannot see. Without this, one
-//! ignored Sync shifted every later answer onto the previous statement.
+//! rules ([`Flow::copy_in`]). What was queued behind the COPY before its
+//! CopyInResponse is settled when that response arrives: a Sync before any data is
+//! dropped (the server ignored it), CopyData is COPY input (pgx sends it without
+//! waiting) and CopyDone or CopyFail ends the COPY; anything else — a request, or a
+//! Sync after data — makes the CopyInResponse [`Answer::Unexpected`], since whether
+//! the server consumed it or answered it depends on whether the data failed the COPY.
+//! Without this, one ignored Sync shifted every later answer onto the previous
+//! statement.
 //!
 //! Pure: frames in, answers out; no I/O. Misalignments (a message that answers
 //! nothing phigate saw) are reported as [`Answer::Unexpected`] so callers can fail
@@ -39,9 +42,11 @@ enum Pending {
     Sync,
     /// A fast-path call (answered by FunctionCallResponse and ReadyForQuery).
     FunctionCall,
-    /// CopyData, CopyDone or CopyFail sent while no COPY FROM STDIN was known to run:
-    /// ignored by the server unless a request before it starts one (see the module doc).
-    CopyMessage,
+    /// CopyData sent while no COPY FROM STDIN was known to run: ignored by the server
+    /// unless a request before it starts one (see the module doc).
+    CopyData,
+    /// CopyDone or CopyFail, likewise.
+    CopyEnd,
 }
 
 /// What one backend message answers.
@@ -161,7 +166,8 @@ impl Flow {
             Request::Close => Pending::Close,
             Request::Sync => Pending::Sync,
             Request::FunctionCall => Pending::FunctionCall,
-            Request::CopyData | Request::CopyEnd => Pending::CopyMessage,
+            Request::CopyData => Pending::CopyData,
+            Request::CopyEnd => Pending::CopyEnd,
             Request::Flush | Request::Other => return,
         };
         self.queue.push_back(p);
@@ -173,7 +179,7 @@ impl Flow {
             return Answer::Asynchronous;
         }
         // COPY messages nothing turned out to read were ignored by the server.
-        while self.queue.front() == Some(&Pending::CopyMessage) {
+        while matches!(self.queue.front(), Some(Pending::CopyData | Pending::CopyEnd)) {
             self.queue.pop_front();
         }
         if t == tag::READY_FOR_QUERY {
@@ -210,15 +216,23 @@ impl Flow {
     /// The server started a COPY FROM STDIN for the request in front: it read what
     /// was queued behind that request as part of the COPY.
     fn start_copy_in(&mut self, answer: Answer) -> Answer {
+        let mut data_sent = false;
         while self.queue.len() > 1 {
-            if self.queue[1] != Pending::Sync {
-                // Requests or COPY messages pipelined behind the COPY: whether the
-                // server took them as COPY input or after an error is a matter of
-                // timing.
-                return Answer::Unexpected;
+            match self.queue[1] {
+                // Ignored inside the COPY — unless data before it already failed the
+                // COPY, after which the server answers it: that depends on the data.
+                Pending::Sync if !data_sent => self.ignored_syncs += 1,
+                // COPY input, sent before the server asked for it (pgx does).
+                Pending::CopyData => data_sent = true,
+                Pending::CopyEnd => {
+                    self.queue.remove(1);
+                    return answer;
+                }
+                // Consumed as a COPY error, or run after the data failed the COPY:
+                // that depends on the data too.
+                _ => return Answer::Unexpected,
             }
             self.queue.remove(1);
-            self.ignored_syncs += 1;
         }
         self.copy_in = true;
         answer
@@ -420,7 +434,31 @@ mod tests {
         let mut f = Flow::default();
         f.frontend(Request::Query("copy t from stdin"));
         f.frontend(Request::CopyData);
-        assert_eq!(f.backend(b'G'), Answer::Unexpected);
+        f.frontend(Request::Sync);
+        assert_eq!(f.backend(b'G'), Answer::Unexpected, "answered only if the data failed the COPY");
+    }
+
+    #[test]
+    fn copy_data_sent_before_the_server_asked_for_it_is_copy_input() {
+        // pgx's CopyFrom: the COPY, its data and CopyDone without waiting for
+        // CopyInResponse.
+        let mut f = Flow::default();
+        for r in [Request::Query("copy t from stdin"), Request::CopyData, Request::CopyData, Request::CopyEnd, Request::Query("select 1")] {
+            f.frontend(r);
+        }
+        assert_eq!(f.backend(b'G'), Answer::Simple("copy t from stdin".into()));
+        assert!(!f.copy_in(), "the queued CopyDone ended it");
+        assert_eq!(f.backend(b'C'), Answer::Simple("copy t from stdin".into()));
+        assert_eq!(f.backend(b'Z'), Answer::Ready);
+        assert_eq!(f.backend(b'T'), Answer::Simple("select 1".into()));
+        assert_eq!(f.backend(b'Z'), Answer::Ready);
+        assert_eq!(f.outstanding(), 0);
+        // Data queued, the end still to come.
+        let mut f = Flow::default();
+        f.frontend(Request::Query("copy t from stdin"));
+        f.frontend(Request::CopyData);
+        assert_eq!(f.backend(b'G'), Answer::Simple("copy t from stdin".into()));
+        assert!(f.copy_in());
     }
 
     #[test]

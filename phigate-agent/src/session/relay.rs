@@ -485,8 +485,9 @@ impl Relay<'_> {
                 Item::StreamStart { tag, total, chunk } => {
                     if seq.skip.is_some() {
                         // Discarded up to Sync like a whole message (Sync is never
-                        // this large, so the skip goes on).
-                        seq.dropping_stream = true;
+                        // this large, so the skip goes on), with the chunks still to
+                        // come, if any.
+                        seq.dropping_stream = chunk.len() < total;
                         continue;
                     }
                     self.pipeline.streamed(self.session, Direction::Frontend, tag, total);
@@ -570,7 +571,7 @@ enum Gate {
 
 /// Inside COPY FROM STDIN only COPY messages (and Terminate) go to the server. Any
 /// other message would end the COPY with an error and be consumed — or, if the COPY
-/// already failed, be executed — and which one depends on timing phigate cannot see,
+/// already failed, be executed — and which one depends on the data, which phigate cannot judge,
 /// so the stages could no longer tell whose answer is whose.
 fn copy_gate(seq: &Sequencer, t: u8) -> Gate {
     if !seq.flow.copy_in() {
