@@ -232,6 +232,12 @@ struct Portal {
     plan: Mutex<Option<Arc<Plan>>>,
 }
 
+/// What a name meant before a Parse or Bind replaced it (see `Masker::tentative`).
+enum Prior {
+    Stmt(Option<Arc<Stmt>>),
+    Portal(Option<Arc<Portal>>),
+}
+
 /// What a client request the server has yet to answer will need then, captured when
 /// the client sent it, in the order sent: the server answers in that order, while
 /// names may be rebound (`Bind ""` again, Close then Parse) before it does.
@@ -279,6 +285,11 @@ pub struct Masker {
     /// Statements and portals by name, as the client last defined them.
     stmts: HashMap<String, Arc<Stmt>>,
     portals: HashMap<String, Arc<Portal>>,
+    /// Parse and Bind definitions the server has not confirmed yet, in the order sent,
+    /// with what the name meant before; `None` marks a Sync. A Parse or Bind the
+    /// server refused (a name already in use: 42P05, 42P03) or skipped after an
+    /// error changed nothing there, so its name goes back to what it was.
+    tentative: VecDeque<Option<(String, Prior)>>,
     /// Describes and Executes (and the Syncs between them) still to be answered.
     pending: VecDeque<Pending>,
     /// The result of the simple query being streamed.
@@ -346,6 +357,7 @@ impl Masker {
             flow: Flow::default(),
             stmts: HashMap::new(),
             portals: HashMap::new(),
+            tentative: VecDeque::new(),
             pending: VecDeque::new(),
             current: None,
             executing: None,
@@ -420,8 +432,12 @@ impl Masker {
                 self.note_statement(sql);
                 self.copies_seen = 0;
                 self.pending.push_back(Pending::Boundary);
+                self.tentative.push_back(None);
             }
-            Request::Sync | Request::FunctionCall => self.pending.push_back(Pending::Boundary),
+            Request::Sync | Request::FunctionCall => {
+                self.pending.push_back(Pending::Boundary);
+                self.tentative.push_back(None);
+            }
             Request::Describe { portal: false, name } => self.pending.push_back(Pending::Statement(self.stmts.get(name).cloned())),
             Request::Describe { portal: true, name } => self.pending.push_back(Pending::Portal(self.portals.get(name).cloned())),
             Request::Execute { portal } => self.pending.push_back(Pending::Execute(self.portals.get(portal).cloned())),
@@ -435,12 +451,16 @@ impl Masker {
                     // DECLARE and Bind do for portals): whatever the name meant to an
                     // EXECUTE or FETCH before is gone.
                     self.named.remove(&Named::Prepared(name.to_string()));
+                    let prior = self.stmts.get(name).cloned();
+                    self.tentative.push_back(Some((name.to_string(), Prior::Stmt(prior))));
                     self.stmts.insert(name.to_string(), Arc::new(Stmt { name: name.to_string(), sql: Arc::from(sql), fields: Mutex::new(None) }));
                 }
             }
             tag::BIND => {
                 if let Ok((portal, stmt, formats)) = msg::parse_bind(frame.body()) {
                     self.named.remove(&Named::Cursor(portal.to_string()));
+                    let prior = self.portals.get(portal).cloned();
+                    self.tentative.push_back(Some((portal.to_string(), Prior::Portal(prior))));
                     let stmt = self.stmts.get(stmt).cloned();
                     self.portals.insert(portal.to_string(), Arc::new(Portal { stmt, formats, fields: Mutex::new(None), plan: Mutex::new(None) }));
                 }
@@ -498,6 +518,7 @@ impl Masker {
         let t = frame.tag();
         if t == tag::READY_FOR_QUERY {
             self.flow.backend(t);
+            self.settle_definitions(t, &Answer::Ready);
             self.settle(&Answer::Ready);
             self.statement_no = 0;
             // Idle: any transaction is over, and its cursors without HOLD with it.
@@ -519,6 +540,7 @@ impl Masker {
             None => {
                 let a = self.flow.backend(t);
                 self.drop_ignored_syncs();
+                self.settle_definitions(t, &a);
                 let owner = self.settle(&a);
                 (a, owner)
             }
@@ -559,6 +581,42 @@ impl Masker {
             if let Some(i) = self.pending.iter().skip(1).position(|p| matches!(p, Pending::Boundary)) {
                 self.pending.remove(i + 1);
             }
+            // The COPY's batch's Parse and Bind were confirmed before it began.
+            if let Some(i) = self.tentative.iter().position(Option::is_none) {
+                self.tentative.remove(i);
+            }
+        }
+    }
+
+    /// Follow the server's verdict on the Parse and Bind messages sent: confirmed by
+    /// ParseComplete / BindComplete, or (an error) not carried out up to the batch's
+    /// Sync, whose names then mean what they meant before.
+    fn settle_definitions(&mut self, t: u8, answer: &Answer) {
+        match (t, answer) {
+            (b'1' | b'2', _) => {
+                if matches!(self.tentative.front(), Some(Some(_))) {
+                    self.tentative.pop_front();
+                }
+            }
+            (_, Answer::ExtendedError) => {
+                let end = self.tentative.iter().position(Option::is_none).unwrap_or(self.tentative.len());
+                for (name, prior) in self.tentative.drain(..end).rev().flatten() {
+                    match prior {
+                        Prior::Stmt(Some(s)) => drop(self.stmts.insert(name, s)),
+                        Prior::Stmt(None) => drop(self.stmts.remove(&name)),
+                        Prior::Portal(Some(p)) => drop(self.portals.insert(name, p)),
+                        Prior::Portal(None) => drop(self.portals.remove(&name)),
+                    }
+                }
+            }
+            (_, Answer::Ready) => {
+                while let Some(entry) = self.tentative.pop_front() {
+                    if entry.is_none() {
+                        break;
+                    }
+                }
+            }
+            _ => {}
         }
     }
 

@@ -814,3 +814,21 @@ fn a_star_in_a_union_reaches_every_column() {
     assert_ne!(out[1], "Maria Garcia", "{out:?}");
     assert_ne!(out[2], "123-45-6789", "{out:?}");
 }
+
+#[test]
+fn a_parse_the_server_refused_leaves_the_name_as_it_was() {
+    // Parse of a name in use fails (42P05) and the server keeps the old statement;
+    // phigate must not trace that statement's results through the refused text.
+    let mut m = masker();
+    send(&mut m, &[parse("s1", "select upper(name) as n from patients"), sync()]);
+    bookkeeping(&mut m, b"1Z");
+    send(&mut m, &[parse("s1", "select upper(test) as n from labs"), sync()]);
+    m.backend(&error_response(&[(b'S', "ERROR"), (b'C', "42P05"), (b'M', "prepared statement \"s1\" already exists")]));
+    bookkeeping(&mut m, b"Z");
+    send(&mut m, &[bind("", "s1"), describe(b'P', ""), execute(""), sync()]);
+    bookkeeping(&mut m, b"2");
+    m.backend(&msg::row_description(&[field("n", 0, 0, 25, 0)]));
+    let out = cells_after(&mut m, &data_row(&[Some(b"MARIA GARCIA")]));
+    assert!(s(&out[0]).starts_with("pt_"), "traced through the statement the server kept: {}", s(&out[0]));
+    bookkeeping(&mut m, b"CZ");
+}
