@@ -226,6 +226,12 @@ impl ResultCopy {
 /// A prepared statement as the audit sees it: text, decision, approval.
 type PreparedStatement = Arc<(Arc<str>, Option<Decision>, Option<Value>)>;
 
+/// What a name meant before a Parse or Bind replaced it (see `Tap::tentative`).
+enum Prior {
+    Prepared(Option<PreparedStatement>),
+    Portal(Option<Arc<(String, Vec<u8>, usize)>>),
+}
+
 /// What a statement record says besides its outcome and parameters.
 struct StatementFacts<'a> {
     stmt: u64,
@@ -262,6 +268,13 @@ pub struct Tap {
     prepared: HashMap<String, PreparedStatement>,
     /// Portals: name → (statement name, bound parameters).
     portals: HashMap<String, Arc<(String, Vec<u8>, usize)>>,
+    /// Parse and Bind definitions the server has not confirmed yet, in the order
+    /// sent, with what the name meant before; `None` marks a Sync, Query or
+    /// fast-path call. One the server refused (a name in use: 42P05, 42P03) or skipped
+    /// after an error goes back, so executions are recorded with the text that ran.
+    tentative: std::collections::VecDeque<Option<(String, Prior)>>,
+    /// What a Parse's name meant before the policy's decision replaced it.
+    parse_prior: Option<(String, Option<PreparedStatement>)>,
     /// An approval the policy is waiting for: (id, requested_at).
     held: Option<u64>,
     /// The durability of the latest statement record; results wait for it.
@@ -295,6 +308,8 @@ impl Tap {
             pending_simple: None,
             prepared: HashMap::new(),
             portals: HashMap::new(),
+            tentative: std::collections::VecDeque::new(),
+            parse_prior: None,
             held: None,
             durable: std::collections::VecDeque::new(),
             durable_failed: None,
@@ -324,6 +339,45 @@ impl Tap {
         }
     }
 
+    /// Follow the server's verdict on the Parse and Bind messages sent: confirmed by
+    /// ParseComplete / BindComplete, or (an error in their batch) not carried out, so
+    /// their names mean what they meant before. `ignored_syncs`: Syncs the server
+    /// ignored inside a COPY FROM STDIN, which close no batch.
+    fn settle_definitions(&mut self, t: u8, answer: &Answer, ignored_syncs: u64) {
+        for _ in 0..ignored_syncs {
+            if let Some(i) = self.tentative.iter().position(Option::is_none) {
+                self.tentative.remove(i);
+            }
+        }
+        match (t, answer) {
+            (b'1' | b'2', _) => {
+                if matches!(self.tentative.front(), Some(Some(_))) {
+                    self.tentative.pop_front();
+                }
+            }
+            (_, Answer::ExtendedError) => {
+                let end = self.tentative.iter().position(Option::is_none).unwrap_or(self.tentative.len());
+                let undone: Vec<_> = self.tentative.drain(..end).flatten().collect();
+                for (name, prior) in undone.into_iter().rev() {
+                    match prior {
+                        Prior::Prepared(Some(p)) => drop(self.prepared.insert(name, p)),
+                        Prior::Prepared(None) => drop(self.prepared.remove(&name)),
+                        Prior::Portal(Some(p)) => drop(self.portals.insert(name, p)),
+                        Prior::Portal(None) => drop(self.portals.remove(&name)),
+                    }
+                }
+            }
+            (_, Answer::Ready) => {
+                while let Some(entry) = self.tentative.pop_front() {
+                    if entry.is_none() {
+                        break;
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
     fn take_stmt(&mut self) -> u64 {
         let n = self.next_stmt;
         self.next_stmt += 1;
@@ -340,7 +394,8 @@ impl Tap {
             }
             _ => match name {
                 Some(n) => {
-                    self.prepared.insert(n.to_string(), Arc::new((Arc::from(sql), Some(d.clone()), None)));
+                    let prior = self.prepared.insert(n.to_string(), Arc::new((Arc::from(sql), Some(d.clone()), None)));
+                    self.parse_prior = Some((n.to_string(), prior));
                 }
                 None => self.pending_simple = Some((d.clone(), None)),
             },
@@ -364,8 +419,12 @@ impl Tap {
                 let outcome = if matches!(o, Outcome::Denied { .. }) { "denied" } else { "not_approved_in_time" };
                 let data = statement_record(&self.audit_id, &StatementFacts { stmt, protocol, sql, name, portal: None, decision: Some(d), approval: Some(&approval) }, outcome, None);
                 self.send_canonical(kind::STATEMENT, Ok(data), None);
-                if name.is_some() {
-                    self.prepared.remove(name.unwrap_or_default());
+                if let Some(n) = name {
+                    // Not sent: the name means what it meant before.
+                    match self.parse_prior.take().filter(|(p, _)| p == n) {
+                        Some((_, Some(prior))) => drop(self.prepared.insert(n.to_string(), prior)),
+                        _ => drop(self.prepared.remove(n)),
+                    }
                 } else {
                     self.pending_simple = None;
                 }
@@ -570,6 +629,7 @@ impl Stage for AuditStage {
         }
         match frame.tag() {
             tag::QUERY => {
+                tap.tentative.push_back(None);
                 if let Request::Query(sql) = &req {
                     let pending = tap.pending_simple.take();
                     let (d, approval) = pending.as_ref().map_or((None, None), |(d, a)| (Some(d), a.as_ref()));
@@ -580,17 +640,22 @@ impl Stage for AuditStage {
             }
             tag::PARSE => {
                 if let Ok((name, sql)) = msg::parse_parse(frame.body()) {
-                    if !self.policy_on {
-                        tap.prepared.insert(name.to_string(), Arc::new((Arc::from(sql), None, None)));
-                    }
+                    let prior = if self.policy_on {
+                        tap.parse_prior.take().filter(|(n, _)| n == name).and_then(|(_, p)| p)
+                    } else {
+                        tap.prepared.insert(name.to_string(), Arc::new((Arc::from(sql), None, None)))
+                    };
+                    tap.tentative.push_back(Some((name.to_string(), Prior::Prepared(prior))));
                 }
             }
             tag::BIND => {
                 if let (Ok((portal, stmt, _)), Ok((_, values))) = (msg::parse_bind(frame.body()), msg::bind_parameters(frame.body())) {
                     let count = values.len();
-                    tap.portals.insert(portal.to_string(), Arc::new((stmt.to_string(), params_json(&values), count)));
+                    let prior = tap.portals.insert(portal.to_string(), Arc::new((stmt.to_string(), params_json(&values), count)));
+                    tap.tentative.push_back(Some((portal.to_string(), Prior::Portal(prior))));
                 }
             }
+            tag::SYNC | tag::FUNCTION_CALL => tap.tentative.push_back(None),
             tag::EXECUTE => {
                 if let Request::Execute { portal } = &req {
                     let bound = tap.portals.get(*portal).cloned().unwrap_or_default();
@@ -653,6 +718,7 @@ impl Stage for AuditStage {
             }
         }
         let answer = self.flow.backend(t);
+        tap.settle_definitions(t, &answer, self.flow.take_ignored_syncs());
         let limit = tap.max_result_bytes;
         let masking_on = tap.masking_on;
         // A row masking rewrote had its raw form accounted for already.
@@ -787,6 +853,35 @@ mod tests {
         assert!(matches!(answer, Action::Refuse(e) if e.message.contains("could not be written (no space)")));
         let call = Frame::build(tag::FUNCTION_CALL, &[0, 0, 4, 0, 0, 0, 0, 0, 0, 0, 0]);
         assert!(matches!(stage.frontend(&s, &call), Action::Refuse(e) if e.code == SqlState::FEATURE_NOT_SUPPORTED), "a fast-path call has no statement to record");
+        writer.stop(std::time::Duration::from_secs(5));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_parse_the_server_refused_leaves_the_recorded_text_as_it_was() {
+        let dir = std::env::temp_dir().join(format!("phigate-audit-reparse-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let keys = crate::audit::crypto::PeriodKeys { dir: dir.join("keys") };
+        let (log, _) = crate::audit::log::Log::open(&dir.join("log"), ed25519_dalek::SigningKey::from_bytes(&[4u8; 32]), keys, 1 << 20).expect("log opens");
+        let writer = Handle::start(log, std::time::Duration::from_secs(10));
+        let s = crate::session::stage::tests::session();
+        let tap = Tap::new(writer.clone(), &s, 1 << 20, false);
+        let mut stage = AuditStage::new(tap.clone(), false);
+        let parse = |name: &str, sql: &str| Frame::build(tag::PARSE, format!("{name}\0{sql}\0\0\0").as_bytes());
+        let sync = Frame::build(tag::SYNC, b"");
+        for f in [parse("s1", "select 1"), sync.clone()] {
+            stage.frontend(&s, &f);
+        }
+        stage.backend(&s, &Frame::build(b'1', b""));
+        stage.backend(&s, &msg::ready_for_query(b'I'));
+        // The same name again: PostgreSQL refuses it (42P05) and keeps "select 1".
+        for f in [parse("s1", "select 'decoy'"), sync] {
+            stage.frontend(&s, &f);
+        }
+        stage.backend(&s, &Frame::build(tag::ERROR_RESPONSE, b"SERROR\0C42P05\0Mprepared statement \"s1\" already exists\0\0"));
+        stage.backend(&s, &msg::ready_for_query(b'I'));
+        let text = tap.lock().expect("invariant: lock not poisoned").prepared.get("s1").map(|p| p.0.to_string());
+        assert_eq!(text.as_deref(), Some("select 1"), "executions of s1 are recorded with the text that runs");
         writer.stop(std::time::Duration::from_secs(5));
         let _ = std::fs::remove_dir_all(&dir);
     }

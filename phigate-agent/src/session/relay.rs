@@ -463,6 +463,9 @@ impl Relay<'_> {
                         if seq.batch_forwarded {
                             // Earlier parts of the batch reached the server: let it
                             // answer them, and put the error before its ReadyForQuery.
+                            // The stages see this Sync go (they follow which batch
+                            // each answer ends); none of them acts on a Sync.
+                            let _ = self.pipeline.frontend(self.session, &frame);
                             seq.forwarded(tag::SYNC);
                             let err = pending.map(|e| vec![e.to_frame().into_bytes()]).unwrap_or_default();
                             seq.injections.push_back((seq.expected, true, err));
