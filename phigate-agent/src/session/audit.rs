@@ -126,6 +126,8 @@ fn statement_end_record(audit_id: &str, r: &Running, duration_us: u64, masking: 
 /// One statement on its way through the database.
 struct Running {
     stmt: u64,
+    /// Which batch it belongs to (see `Tap::batches_sent`).
+    batch: u64,
     started: Instant,
     rows: u64,
     bytes: u64,
@@ -147,6 +149,7 @@ impl Running {
     fn new(stmt: u64) -> Self {
         Self {
             stmt,
+            batch: 0,
             started: Instant::now(),
             rows: 0,
             bytes: 0,
@@ -288,6 +291,12 @@ pub struct Tap {
     /// must not count them as raw again. Counting, not copying: no allocation per row.
     raw_pending: usize,
     running: std::collections::VecDeque<Running>,
+    /// Requests sent that end in a ReadyForQuery (Sync, Query, fast-path call), and
+    /// ReadyForQuery messages seen (plus Syncs the server ignored inside a COPY): a
+    /// statement of batch n is over once more than n have ended, even if an error
+    /// made the server skip it (a batch of three Executes whose first fails).
+    batches_sent: u64,
+    batches_done: u64,
     statements: u64,
     rows: u64,
 }
@@ -315,6 +324,8 @@ impl Tap {
             durable_failed: None,
             raw_pending: 0,
             running: Default::default(),
+            batches_sent: 0,
+            batches_done: 0,
             statements: 0,
             rows: 0,
         };
@@ -508,7 +519,7 @@ impl Tap {
         self.send_canonical(kind::STATEMENT, Ok(data), Some(slot.durable()));
         self.durable.push_back(slot);
         self.statements += 1;
-        self.running.push_back(Running::new(stmt));
+        self.running.push_back(Running { batch: self.batches_sent, ..Running::new(stmt) });
         Ok(())
     }
 
@@ -629,7 +640,6 @@ impl Stage for AuditStage {
         }
         match frame.tag() {
             tag::QUERY => {
-                tap.tentative.push_back(None);
                 if let Request::Query(sql) = &req {
                     let pending = tap.pending_simple.take();
                     let (d, approval) = pending.as_ref().map_or((None, None), |(d, a)| (Some(d), a.as_ref()));
@@ -637,6 +647,8 @@ impl Stage for AuditStage {
                         return Action::Refuse(refused_by_audit(&why));
                     }
                 }
+                tap.tentative.push_back(None);
+                tap.batches_sent += 1;
             }
             tag::PARSE => {
                 if let Ok((name, sql)) = msg::parse_parse(frame.body()) {
@@ -655,7 +667,10 @@ impl Stage for AuditStage {
                     tap.tentative.push_back(Some((portal.to_string(), Prior::Portal(prior))));
                 }
             }
-            tag::SYNC | tag::FUNCTION_CALL => tap.tentative.push_back(None),
+            tag::SYNC | tag::FUNCTION_CALL => {
+                tap.tentative.push_back(None);
+                tap.batches_sent += 1;
+            }
             tag::EXECUTE => {
                 if let Request::Execute { portal } = &req {
                     let bound = tap.portals.get(*portal).cloned().unwrap_or_default();
@@ -718,7 +733,9 @@ impl Stage for AuditStage {
             }
         }
         let answer = self.flow.backend(t);
-        tap.settle_definitions(t, &answer, self.flow.take_ignored_syncs());
+        let ignored_syncs = self.flow.take_ignored_syncs();
+        tap.batches_done += ignored_syncs + u64::from(answer == Answer::Ready);
+        tap.settle_definitions(t, &answer, ignored_syncs);
         let limit = tap.max_result_bytes;
         let masking_on = tap.masking_on;
         // A row masking rewrote had its raw form accounted for already.
@@ -761,9 +778,14 @@ impl Stage for AuditStage {
             }
             _ => {}
         }
-        let ends = matches!(&answer, Answer::ExecuteDone(_) | Answer::ExtendedError | Answer::Ready);
-        if ends {
-            tap.end_front();
+        match &answer {
+            Answer::ExecuteDone(_) | Answer::ExtendedError => tap.end_front(),
+            Answer::Ready => {
+                while tap.running.front().is_some_and(|r| r.batch < tap.batches_done) {
+                    tap.end_front();
+                }
+            }
+            _ => {}
         }
         Action::Forward
     }
@@ -882,6 +904,40 @@ mod tests {
         stage.backend(&s, &msg::ready_for_query(b'I'));
         let text = tap.lock().expect("invariant: lock not poisoned").prepared.get("s1").map(|p| p.0.to_string());
         assert_eq!(text.as_deref(), Some("select 1"), "executions of s1 are recorded with the text that runs");
+        writer.stop(std::time::Duration::from_secs(5));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn statements_an_error_made_the_server_skip_end_with_their_batch() {
+        let dir = std::env::temp_dir().join(format!("phigate-audit-skipped-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let keys = crate::audit::crypto::PeriodKeys { dir: dir.join("keys") };
+        let (log, _) = crate::audit::log::Log::open(&dir.join("log"), ed25519_dalek::SigningKey::from_bytes(&[5u8; 32]), keys, 1 << 20).expect("log opens");
+        let writer = Handle::start(log, std::time::Duration::from_secs(10));
+        let s = crate::session::stage::tests::session();
+        let tap = Tap::new(writer.clone(), &s, 1 << 20, false);
+        let mut stage = AuditStage::new(tap.clone(), false);
+        let parse = Frame::build(tag::PARSE, b"\0select 1\0\0\0");
+        let bind = Frame::build(tag::BIND, b"\0\0\0\0\0\0\0\0");
+        let execute = Frame::build(tag::EXECUTE, b"\0\0\0\0\0");
+        // Three statements in one batch; the first fails, the server skips the rest.
+        for _ in 0..3 {
+            for f in [&parse, &bind, &execute] {
+                stage.frontend(&s, f);
+            }
+        }
+        stage.frontend(&s, &Frame::build(tag::SYNC, b""));
+        stage.frontend(&s, &Frame::build(tag::QUERY, b"select 2\0"));
+        assert_eq!(tap.lock().expect("invariant: lock not poisoned").running.len(), 4);
+        // Not about durability here: the answers pass.
+        tap.lock().expect("invariant: lock not poisoned").durable.clear();
+        stage.backend(&s, &Frame::build(tag::ERROR_RESPONSE, b"SERROR\0C22012\0Mdivision by zero\0\0"));
+        stage.backend(&s, &msg::ready_for_query(b'I'));
+        {
+            let t = tap.lock().expect("invariant: lock not poisoned");
+            assert_eq!(t.running.iter().map(|r| r.stmt).collect::<Vec<_>>(), vec![4], "the skipped two ended with their batch; the Query is next");
+        }
         writer.stop(std::time::Duration::from_secs(5));
         let _ = std::fs::remove_dir_all(&dir);
     }
