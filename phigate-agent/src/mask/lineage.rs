@@ -857,6 +857,18 @@ mod tests {
     }
 
     #[test]
+    fn expanded_composites_are_stars() {
+        // `(expr).*` expands to any number of columns, like `t.*`: positions after it
+        // cannot be trusted to line up.
+        let o = one("select (null::pair).*, upper(p.name) as x from patients p");
+        assert!(o[0].star, "{o:?}");
+        assert!(!o[1].star);
+        // A star on either side of a UNION reaches every column.
+        let o = one("select 1, 'a' union all select * from patients");
+        assert!(o.iter().all(|c| c.sources.whole_rows.contains(&rel("patients"))), "{o:?}");
+    }
+
+    #[test]
     fn subqueries_inside_expressions_resolve_their_own_from() {
         let o = one("select xmlelement(name x, (select string_agg(name, ',') from patients))");
         assert_eq!(cols(&o[0]), ["patients.name"]);
