@@ -747,6 +747,31 @@ mod tests {
     }
 
     #[test]
+    fn a_large_message_skipped_whole_leaves_later_ones_intact() {
+        // Skipping to Sync after a refusal, a message larger than the whole-message
+        // limit that arrived complete is dropped in one piece; the next large message
+        // must still go out whole.
+        let session = crate::session::stage::tests::session();
+        let mut pipeline = Pipeline::new(Vec::new());
+        let mut relay = Relay { session: &session, pipeline: &mut pipeline, max_message_bytes: STREAM_THRESHOLD };
+        let mut dec = Decoder::new(STREAM_THRESHOLD, STREAM_THRESHOLD);
+        let (mut out, mut to_client, mut seq) = (Outbox::default(), Outbox::default(), Sequencer::default());
+        let (mut held, mut terminated) = (None, false);
+        seq.skip = Some(None);
+        let big = |t: u8| Frame::build(t, &vec![7u8; 40 * 1024]).into_bytes();
+        let mut buf = BytesMut::new();
+        buf.extend_from_slice(&big(tag::BIND));
+        buf.extend_from_slice(Frame::build(tag::SYNC, b"").as_bytes());
+        let copy = big(tag::COPY_DATA);
+        buf.extend_from_slice(&copy[..1000]);
+        relay.frontend(&mut dec, &mut buf, &mut out, &mut to_client, &mut seq, &mut held, &mut terminated).ok();
+        buf.extend_from_slice(&copy[1000..]);
+        relay.frontend(&mut dec, &mut buf, &mut out, &mut to_client, &mut seq, &mut held, &mut terminated).ok();
+        assert!(seq.skip.is_none(), "the Sync ended the skip");
+        assert_eq!(out.len(), copy.len(), "the CopyData went out whole, and nothing of the Bind");
+    }
+
+    #[test]
     fn batch_error_goes_before_the_servers_ready_for_query() {
         let mut seq = Sequencer::default();
         seq.forwarded(tag::PARSE);
