@@ -218,6 +218,9 @@ struct Stmt {
     name: String,
     sql: Arc<str>,
     fields: Mutex<Option<Vec<Field>>>,
+    /// The server refused or skipped this statement's Parse: a portal bound to it
+    /// (sent before phigate knew) runs whatever the name meant on the server.
+    refused: std::sync::atomic::AtomicBool,
 }
 
 /// A portal as the client's Bind created it (shared with the Describes and Executes
@@ -290,6 +293,9 @@ pub struct Masker {
     /// server refused (a name already in use: 42P05, 42P03) or skipped after an
     /// error changed nothing there, so its name goes back to what it was.
     tentative: VecDeque<Option<(String, Prior)>>,
+    /// The batch being answered failed: its Parse and Bind messages sent after the
+    /// error was seen are undone at its ReadyForQuery too (the server skipped them).
+    batch_failed: bool,
     /// Describes and Executes (and the Syncs between them) still to be answered.
     pending: VecDeque<Pending>,
     /// The result of the simple query being streamed.
@@ -358,6 +364,7 @@ impl Masker {
             stmts: HashMap::new(),
             portals: HashMap::new(),
             tentative: VecDeque::new(),
+            batch_failed: false,
             pending: VecDeque::new(),
             current: None,
             executing: None,
@@ -453,7 +460,7 @@ impl Masker {
                     self.named.remove(&Named::Prepared(name.to_string()));
                     let prior = self.stmts.get(name).cloned();
                     self.tentative.push_back(Some((name.to_string(), Prior::Stmt(prior))));
-                    self.stmts.insert(name.to_string(), Arc::new(Stmt { name: name.to_string(), sql: Arc::from(sql), fields: Mutex::new(None) }));
+                    self.stmts.insert(name.to_string(), Arc::new(Stmt { name: name.to_string(), sql: Arc::from(sql), fields: Mutex::new(None), refused: Default::default() }));
                 }
             }
             tag::BIND => {
@@ -588,6 +595,29 @@ impl Masker {
         }
     }
 
+    /// Undo the Parse and Bind messages of the batch being answered, which failed:
+    /// their names mean what they meant before, and what was bound to a refused
+    /// statement meanwhile is marked so that its rows fail closed.
+    fn undo_failed_batch(&mut self) {
+        let end = self.tentative.iter().position(Option::is_none).unwrap_or(self.tentative.len());
+        let undone: Vec<(String, Prior)> = self.tentative.drain(..end).flatten().collect();
+        for (name, prior) in undone.into_iter().rev() {
+            match prior {
+                Prior::Stmt(prior) => {
+                    if let Some(refused) = self.stmts.get(&name) {
+                        refused.refused.store(true, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    match prior {
+                        Some(s) => drop(self.stmts.insert(name, s)),
+                        None => drop(self.stmts.remove(&name)),
+                    }
+                }
+                Prior::Portal(Some(p)) => drop(self.portals.insert(name, p)),
+                Prior::Portal(None) => drop(self.portals.remove(&name)),
+            }
+        }
+    }
+
     /// Follow the server's verdict on the Parse and Bind messages sent: confirmed by
     /// ParseComplete / BindComplete, or (an error) not carried out up to the batch's
     /// Sync, whose names then mean what they meant before.
@@ -599,17 +629,13 @@ impl Masker {
                 }
             }
             (_, Answer::ExtendedError) => {
-                let end = self.tentative.iter().position(Option::is_none).unwrap_or(self.tentative.len());
-                for (name, prior) in self.tentative.drain(..end).rev().flatten() {
-                    match prior {
-                        Prior::Stmt(Some(s)) => drop(self.stmts.insert(name, s)),
-                        Prior::Stmt(None) => drop(self.stmts.remove(&name)),
-                        Prior::Portal(Some(p)) => drop(self.portals.insert(name, p)),
-                        Prior::Portal(None) => drop(self.portals.remove(&name)),
-                    }
-                }
+                self.batch_failed = true;
+                self.undo_failed_batch();
             }
             (_, Answer::Ready) => {
+                if std::mem::take(&mut self.batch_failed) {
+                    self.undo_failed_batch();
+                }
                 while let Some(entry) = self.tentative.pop_front() {
                     if entry.is_none() {
                         break;
@@ -776,6 +802,9 @@ impl Masker {
         }
         // The portal's own description (Describe P) has its real formats; else the
         // statement's description with the formats the Bind asked for.
+        if p.stmt.as_ref().is_some_and(|s| s.refused.load(std::sync::atomic::Ordering::Relaxed)) {
+            return Err(fail("rows of a portal bound to a statement the server refused to prepare (its name kept an earlier statement phigate cannot be sure of)"));
+        }
         let described = lock(&p.fields).clone();
         let (fields, formats) = match described {
             Some(f) => (f, None),
@@ -1513,8 +1542,9 @@ fn column_sources(outs: &[Output], fields: &[Field], i: usize, via_name: bool) -
         return Some(outs[i].sources.clone());
     }
     let f = &fields[i];
+    // A `*` may stand for a column of the same name: its sources count too.
     let named: Vec<&Output> = outs.iter().filter(|o| !o.star && o.name == f.name).collect();
-    let from: Vec<&Output> = if named.is_empty() { outs.iter().collect() } else { named };
+    let from: Vec<&Output> = if named.is_empty() { outs.iter().collect() } else { named.into_iter().chain(outs.iter().filter(|o| o.star)).collect() };
     let mut s = Sources::default();
     for o in from {
         s.extend(&o.sources);

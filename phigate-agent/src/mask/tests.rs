@@ -832,3 +832,46 @@ fn a_parse_the_server_refused_leaves_the_name_as_it_was() {
     assert!(s(&out[0]).starts_with("pt_"), "traced through the statement the server kept: {}", s(&out[0]));
     bookkeeping(&mut m, b"CZ");
 }
+
+#[test]
+fn a_refused_parse_fails_what_later_batches_bound_to_it() {
+    // The next batch was sent before the server refused the Parse: its Bind took the
+    // refused text, while the server runs the earlier statement of that name.
+    let mut m = masker();
+    send(&mut m, &[parse("s1", "select upper(name) as n from patients"), sync()]);
+    bookkeeping(&mut m, b"1Z");
+    send(&mut m, &[parse("s1", "select 'x' as n"), sync(), describe(b'S', "s1"), bind("p", "s1"), execute("p"), sync()]);
+    m.backend(&error_response(&[(b'S', "ERROR"), (b'C', "42P05"), (b'M', "prepared statement \"s1\" already exists")]));
+    bookkeeping(&mut m, b"Z");
+    bookkeeping(&mut m, b"t");
+    m.backend(&msg::row_description(&[field("n", 0, 0, 25, 0)]));
+    bookkeeping(&mut m, b"2");
+    let out = m.backend(&data_row(&[Some(b"MARIA GARCIA")]));
+    assert!(matches!(&out, Step::Replace(p) if p.first().is_some_and(|f| f[0] == b'E')), "fails closed: {out:?}");
+}
+
+#[test]
+fn a_parse_sent_after_its_batch_failed_is_undone_too() {
+    // Pipeline mode: the error arrives (and is handled) before the rest of the batch
+    // is sent; the server skips the rest up to Sync.
+    let mut m = masker();
+    send(&mut m, &[parse("s1", "select upper(name) as n from patients"), sync()]);
+    bookkeeping(&mut m, b"1Z");
+    send(&mut m, &[parse("bad", "select nonsense")]);
+    m.backend(&error_response(&[(b'S', "ERROR"), (b'C', "42601"), (b'M', "syntax error")]));
+    send(&mut m, &[parse("s1", "select 'x' as n"), sync()]);
+    bookkeeping(&mut m, b"Z");
+    send(&mut m, &[bind("", "s1"), describe(b'P', ""), execute(""), sync()]);
+    bookkeeping(&mut m, b"2");
+    m.backend(&msg::row_description(&[field("n", 0, 0, 25, 0)]));
+    let out = cells_after(&mut m, &data_row(&[Some(b"MARIA GARCIA")]));
+    assert!(s(&out[0]).starts_with("pt_"), "traced through the statement the server kept: {}", s(&out[0]));
+}
+
+#[test]
+fn a_star_counts_when_a_computed_column_is_matched_by_name() {
+    let mut m = masker();
+    let fields = [field("n", 0, 0, 23, 0), field("n", 0, 0, 25, 0)];
+    let out = one_row(&mut m, "select 0 as n, p.* from (select upper(name) as n from patients) p", &fields, &[Some(b"0"), Some(b"MARIA GARCIA")]);
+    assert!(out[1].starts_with("pt_"), "{out:?}");
+}
