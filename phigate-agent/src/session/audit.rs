@@ -128,6 +128,11 @@ struct Running {
     stmt: u64,
     /// Which batch it belongs to (see `Tap::batches_sent`).
     batch: u64,
+    /// The prepared statement it executes (extended protocol).
+    name: Option<String>,
+    /// Recorded with the text of a Parse the server then refused: what ran is not
+    /// what the record says, so its result is withheld.
+    unattributable: bool,
     started: Instant,
     rows: u64,
     bytes: u64,
@@ -150,6 +155,8 @@ impl Running {
         Self {
             stmt,
             batch: 0,
+            name: None,
+            unattributable: false,
             started: Instant::now(),
             rows: 0,
             bytes: 0,
@@ -278,6 +285,9 @@ pub struct Tap {
     tentative: std::collections::VecDeque<Option<(String, Prior)>>,
     /// What a Parse's name meant before the policy's decision replaced it.
     parse_prior: Option<(String, Option<PreparedStatement>)>,
+    /// The batch being answered failed: its Parse and Bind messages sent after the
+    /// error was seen are undone at its ReadyForQuery too.
+    batch_failed: bool,
     /// An approval the policy is waiting for: (id, requested_at).
     held: Option<u64>,
     /// The durability of the latest statement record; results wait for it.
@@ -319,6 +329,7 @@ impl Tap {
             portals: HashMap::new(),
             tentative: std::collections::VecDeque::new(),
             parse_prior: None,
+            batch_failed: false,
             held: None,
             durable: std::collections::VecDeque::new(),
             durable_failed: None,
@@ -367,18 +378,13 @@ impl Tap {
                 }
             }
             (_, Answer::ExtendedError) => {
-                let end = self.tentative.iter().position(Option::is_none).unwrap_or(self.tentative.len());
-                let undone: Vec<_> = self.tentative.drain(..end).flatten().collect();
-                for (name, prior) in undone.into_iter().rev() {
-                    match prior {
-                        Prior::Prepared(Some(p)) => drop(self.prepared.insert(name, p)),
-                        Prior::Prepared(None) => drop(self.prepared.remove(&name)),
-                        Prior::Portal(Some(p)) => drop(self.portals.insert(name, p)),
-                        Prior::Portal(None) => drop(self.portals.remove(&name)),
-                    }
-                }
+                self.batch_failed = true;
+                self.undo_failed_batch();
             }
             (_, Answer::Ready) => {
+                if std::mem::take(&mut self.batch_failed) {
+                    self.undo_failed_batch();
+                }
                 while let Some(entry) = self.tentative.pop_front() {
                     if entry.is_none() {
                         break;
@@ -386,6 +392,30 @@ impl Tap {
                 }
             }
             _ => {}
+        }
+    }
+
+    /// Undo the Parse and Bind messages of the batch being answered, which failed.
+    /// Statements of later batches sent before phigate knew, and recorded with a
+    /// refused Parse's text, cannot be attributed: their results are withheld.
+    fn undo_failed_batch(&mut self) {
+        let end = self.tentative.iter().position(Option::is_none).unwrap_or(self.tentative.len());
+        let undone: Vec<_> = self.tentative.drain(..end).flatten().collect();
+        for (name, prior) in undone.into_iter().rev() {
+            match prior {
+                Prior::Prepared(prior) => {
+                    let batch = self.batches_done;
+                    for r in self.running.iter_mut().filter(|r| r.batch > batch && r.name.as_deref() == Some(name.as_str())) {
+                        r.unattributable = true;
+                    }
+                    match prior {
+                        Some(p) => drop(self.prepared.insert(name, p)),
+                        None => drop(self.prepared.remove(&name)),
+                    }
+                }
+                Prior::Portal(Some(p)) => drop(self.portals.insert(name, p)),
+                Prior::Portal(None) => drop(self.portals.remove(&name)),
+            }
         }
     }
 
@@ -519,7 +549,7 @@ impl Tap {
         self.send_canonical(kind::STATEMENT, Ok(data), Some(slot.durable()));
         self.durable.push_back(slot);
         self.statements += 1;
-        self.running.push_back(Running { batch: self.batches_sent, ..Running::new(stmt) });
+        self.running.push_back(Running { batch: self.batches_sent, name: name.map(str::to_string), ..Running::new(stmt) });
         Ok(())
     }
 
@@ -743,7 +773,14 @@ impl Stage for AuditStage {
         if raw_done {
             tap.raw_pending -= 1;
         }
+        let batch = tap.batches_done;
         let Some(r) = tap.running.front_mut() else { return Action::Forward };
+        if r.unattributable && r.batch == batch && answer != Answer::Ready {
+            return Action::Refuse(PgError::fatal(
+                SqlState::new(b"58030"),
+                "phigate withheld the result: the statement's audit record names a statement the server refused to prepare (the name was in use), so what ran cannot be attributed; do not re-prepare a name in use",
+            ));
+        }
         r.bytes += frame.len() as u64;
         match t {
             tag::ROW_DESCRIPTION => {
@@ -779,7 +816,13 @@ impl Stage for AuditStage {
             _ => {}
         }
         match &answer {
-            Answer::ExecuteDone(_) | Answer::ExtendedError => tap.end_front(),
+            // Only a statement of the batch being answered: an error in a batch that
+            // ran none (a Parse that failed) must not end the next batch's.
+            Answer::ExecuteDone(_) | Answer::ExtendedError => {
+                if tap.running.front().is_some_and(|r| r.batch == tap.batches_done) {
+                    tap.end_front();
+                }
+            }
             Answer::Ready => {
                 while tap.running.front().is_some_and(|r| r.batch < tap.batches_done) {
                     tap.end_front();
@@ -938,6 +981,58 @@ mod tests {
             let t = tap.lock().expect("invariant: lock not poisoned");
             assert_eq!(t.running.iter().map(|r| r.stmt).collect::<Vec<_>>(), vec![4], "the skipped two ended with their batch; the Query is next");
         }
+        writer.stop(std::time::Duration::from_secs(5));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// An audit stage on a fresh log, with durability out of the way.
+    fn audit_stage(tag_: &str) -> (AuditStage, SharedTap, Handle, std::path::PathBuf, Session) {
+        let dir = std::env::temp_dir().join(format!("phigate-audit-{tag_}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let keys = crate::audit::crypto::PeriodKeys { dir: dir.join("keys") };
+        let (log, _) = crate::audit::log::Log::open(&dir.join("log"), ed25519_dalek::SigningKey::from_bytes(&[6u8; 32]), keys, 1 << 20).expect("log opens");
+        let writer = Handle::start(log, std::time::Duration::from_secs(10));
+        let s = crate::session::stage::tests::session();
+        let tap = Tap::new(writer.clone(), &s, 1 << 20, false);
+        (AuditStage::new(tap.clone(), false), tap, writer, dir, s)
+    }
+
+    #[test]
+    fn an_error_in_a_batch_without_statements_ends_none_of_the_next() {
+        let (mut stage, tap, writer, dir, s) = audit_stage("errbatch");
+        for f in [Frame::build(tag::PARSE, b"bad\0select nonsense\0\0\0"), Frame::build(tag::SYNC, b""), Frame::build(tag::QUERY, b"select 1\0")] {
+            stage.frontend(&s, &f);
+        }
+        tap.lock().expect("invariant: lock not poisoned").durable.clear();
+        stage.backend(&s, &Frame::build(tag::ERROR_RESPONSE, b"SERROR\0C42601\0Msyntax error\0\0"));
+        stage.backend(&s, &msg::ready_for_query(b'I'));
+        assert_eq!(tap.lock().expect("invariant: lock not poisoned").running.len(), 1, "the Query is still running");
+        stage.backend(&s, &msg::row_description(&[]));
+        stage.backend(&s, &msg::ready_for_query(b'I'));
+        assert!(tap.lock().expect("invariant: lock not poisoned").running.is_empty());
+        writer.stop(std::time::Duration::from_secs(5));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn an_execute_recorded_with_a_refused_parses_text_is_withheld() {
+        let (mut stage, tap, writer, dir, s) = audit_stage("refusedtext");
+        let parse = |sql: &str| Frame::build(tag::PARSE, format!("s1\0{sql}\0\0\0").as_bytes());
+        let sync = Frame::build(tag::SYNC, b"");
+        for f in [parse("select 1"), sync.clone()] {
+            stage.frontend(&s, &f);
+        }
+        stage.backend(&s, &Frame::build(b'1', b""));
+        stage.backend(&s, &msg::ready_for_query(b'I'));
+        // The client re-prepares s1 and executes it before the refusal arrives.
+        for f in [parse("select 'decoy'"), sync.clone(), Frame::build(tag::BIND, b"p\0s1\0\0\0\0\0\0\0"), Frame::build(tag::EXECUTE, b"p\0\0\0\0\0"), sync] {
+            stage.frontend(&s, &f);
+        }
+        tap.lock().expect("invariant: lock not poisoned").durable.clear();
+        stage.backend(&s, &Frame::build(tag::ERROR_RESPONSE, b"SERROR\0C42P05\0Mprepared statement \"s1\" already exists\0\0"));
+        stage.backend(&s, &msg::ready_for_query(b'I'));
+        let answer = stage.backend(&s, &Frame::build(b'2', b""));
+        assert!(matches!(answer, Action::Refuse(e) if e.message.contains("cannot be attributed")), "the record says 'decoy', the server ran 'select 1'");
         writer.stop(std::time::Duration::from_secs(5));
         let _ = std::fs::remove_dir_all(&dir);
     }
