@@ -818,11 +818,7 @@ impl Stage for AuditStage {
         match &answer {
             // Only a statement of the batch being answered: an error in a batch that
             // ran none (a Parse that failed) must not end the next batch's.
-            Answer::ExecuteDone(_) | Answer::ExtendedError => {
-                if tap.running.front().is_some_and(|r| r.batch == tap.batches_done) {
-                    tap.end_front();
-                }
-            }
+            Answer::ExecuteDone(_) | Answer::ExtendedError if tap.running.front().is_some_and(|r| r.batch == tap.batches_done) => tap.end_front(),
             Answer::Ready => {
                 while tap.running.front().is_some_and(|r| r.batch < tap.batches_done) {
                     tap.end_front();
