@@ -337,6 +337,8 @@ struct Unmount(PathBuf);
 impl Drop for Unmount {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        // The mount point itself, now an empty directory again.
+        let _ = std::fs::remove_dir(&self.0);
     }
 }
 
