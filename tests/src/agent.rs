@@ -366,6 +366,8 @@ impl Drop for Agent {
         if self.pin_dir.exists() {
             let _ = fs::remove_dir_all(&self.pin_dir);
         }
+        // A killed agent leaves its admin socket file behind.
+        let _ = fs::remove_file(self.admin_socket());
         if std::thread::panicking() {
             eprintln!("--- phigate log ({}) ---\n{}", self.log_path.display(), self.raw_log());
         }
