@@ -80,28 +80,31 @@ fn an_untouched_log_verifies() {
     assert!(r.warnings.is_empty(), "{:?}", r.warnings);
 }
 
-#[test]
-fn a_flipped_byte_is_found_where_it_is() {
-    let d = dir("flip");
+/// Write a log, edit the lines of its second segment, and return where verify fails.
+fn verify_after_editing_segment_2(name: &str, edit: impl FnOnce(&mut Vec<String>)) -> Failure {
+    let d = dir(name);
     write_log(&d);
     let p = seg(&d, 2);
     let mut l = lines(&p);
-    l[1] = l[1].replacen("select", "selekt", 1);
+    edit(&mut l);
     write_lines(&p, &l);
-    let f = check(&d).unwrap_err();
+    check(&d).unwrap_err()
+}
+
+#[test]
+fn a_flipped_byte_is_found_where_it_is() {
+    let f = verify_after_editing_segment_2("flip", |l| {
+        l[1] = l[1].replacen("select", "selekt", 1);
+    });
     assert_eq!((f.segment.as_str(), f.line), (segment_name(2).as_str(), 2), "{f}");
     assert!(f.why.contains("hash does not match"), "{f}");
 }
 
 #[test]
 fn a_deleted_record_breaks_the_chain_there() {
-    let d = dir("delete");
-    write_log(&d);
-    let p = seg(&d, 2);
-    let mut l = lines(&p);
-    l.remove(1);
-    write_lines(&p, &l);
-    let f = check(&d).unwrap_err();
+    let f = verify_after_editing_segment_2("delete", |l| {
+        l.remove(1);
+    });
     assert_eq!((f.segment.as_str(), f.line), (segment_name(2).as_str(), 2), "{f}");
     assert!(f.why.contains("expected seq"), "{f}");
 }
@@ -520,13 +523,9 @@ fn a_bad_record_before_good_ones_stops_the_agent_instead_of_cutting_the_log() {
 
 #[test]
 fn a_record_with_the_same_value_in_other_bytes_is_caught() {
-    let d = dir("noncanonical");
-    write_log(&d);
-    let p = seg(&d, 2);
-    let mut l = lines(&p);
-    l[1] = l[1].replacen(",", ", ", 1);
-    write_lines(&p, &l);
-    let f = check(&d).unwrap_err();
+    let f = verify_after_editing_segment_2("noncanonical", |l| {
+        l[1] = l[1].replacen(",", ", ", 1);
+    });
     assert_eq!((f.segment.as_str(), f.line), (segment_name(2).as_str(), 2), "{f}");
     assert!(f.why.contains("canonical"), "{f}");
 }

@@ -44,7 +44,7 @@ use std::{
 use bytes::{Bytes, BytesMut};
 
 use crate::pg::{
-    flow::{Answer, Flow, Request},
+    flow::{Answer, Definitions, Flow, Request},
     frame::Messages,
     msg::{self, tag, Field},
     Frame, PgError, SqlState,
@@ -235,7 +235,7 @@ struct Portal {
     plan: Mutex<Option<Arc<Plan>>>,
 }
 
-/// What a name meant before a Parse or Bind replaced it (see `Masker::tentative`).
+/// What a name meant before a Parse or Bind replaced it (see `Masker::definitions`).
 enum Prior {
     Stmt(Option<Arc<Stmt>>),
     Portal(Option<Arc<Portal>>),
@@ -288,14 +288,9 @@ pub struct Masker {
     /// Statements and portals by name, as the client last defined them.
     stmts: HashMap<String, Arc<Stmt>>,
     portals: HashMap<String, Arc<Portal>>,
-    /// Parse and Bind definitions the server has not confirmed yet, in the order sent,
-    /// with what the name meant before; `None` marks a Sync. A Parse or Bind the
-    /// server refused (a name already in use: 42P05, 42P03) or skipped after an
-    /// error changed nothing there, so its name goes back to what it was.
-    tentative: VecDeque<Option<(String, Prior)>>,
-    /// The batch being answered failed: its Parse and Bind messages sent after the
-    /// error was seen are undone at its ReadyForQuery too (the server skipped them).
-    batch_failed: bool,
+    /// Parse and Bind definitions the server has not confirmed yet, with what each
+    /// name meant before: one the server refused or skipped goes back.
+    definitions: Definitions<(String, Prior)>,
     /// Describes and Executes (and the Syncs between them) still to be answered.
     pending: VecDeque<Pending>,
     /// The result of the simple query being streamed.
@@ -363,8 +358,7 @@ impl Masker {
             flow: Flow::default(),
             stmts: HashMap::new(),
             portals: HashMap::new(),
-            tentative: VecDeque::new(),
-            batch_failed: false,
+            definitions: Definitions::default(),
             pending: VecDeque::new(),
             current: None,
             executing: None,
@@ -439,11 +433,11 @@ impl Masker {
                 self.note_statement(sql);
                 self.copies_seen = 0;
                 self.pending.push_back(Pending::Boundary);
-                self.tentative.push_back(None);
+                self.definitions.batch_end();
             }
             Request::Sync | Request::FunctionCall => {
                 self.pending.push_back(Pending::Boundary);
-                self.tentative.push_back(None);
+                self.definitions.batch_end();
             }
             Request::Describe { portal: false, name } => self.pending.push_back(Pending::Statement(self.stmts.get(name).cloned())),
             Request::Describe { portal: true, name } => self.pending.push_back(Pending::Portal(self.portals.get(name).cloned())),
@@ -459,7 +453,7 @@ impl Masker {
                     // EXECUTE or FETCH before is gone.
                     self.named.remove(&Named::Prepared(name.to_string()));
                     let prior = self.stmts.get(name).cloned();
-                    self.tentative.push_back(Some((name.to_string(), Prior::Stmt(prior))));
+                    self.definitions.sent((name.to_string(), Prior::Stmt(prior)));
                     self.stmts.insert(name.to_string(), Arc::new(Stmt { name: name.to_string(), sql: Arc::from(sql), fields: Mutex::new(None), refused: Default::default() }));
                 }
             }
@@ -467,7 +461,7 @@ impl Masker {
                 if let Ok((portal, stmt, formats)) = msg::parse_bind(frame.body()) {
                     self.named.remove(&Named::Cursor(portal.to_string()));
                     let prior = self.portals.get(portal).cloned();
-                    self.tentative.push_back(Some((portal.to_string(), Prior::Portal(prior))));
+                    self.definitions.sent((portal.to_string(), Prior::Portal(prior)));
                     let stmt = self.stmts.get(stmt).cloned();
                     self.portals.insert(portal.to_string(), Arc::new(Portal { stmt, formats, fields: Mutex::new(None), plan: Mutex::new(None) }));
                 }
@@ -525,7 +519,8 @@ impl Masker {
         let t = frame.tag();
         if t == tag::READY_FOR_QUERY {
             self.flow.backend(t);
-            self.settle_definitions(t, &Answer::Ready);
+            let undone = self.definitions.answered(t, &Answer::Ready, 0);
+            self.undo(undone);
             self.settle(&Answer::Ready);
             self.statement_no = 0;
             // Idle: any transaction is over, and its cursors without HOLD with it.
@@ -546,8 +541,10 @@ impl Masker {
             Some(a) => a,
             None => {
                 let a = self.flow.backend(t);
-                self.drop_ignored_syncs();
-                self.settle_definitions(t, &a);
+                let ignored_syncs = self.flow.take_ignored_syncs();
+                self.drop_ignored_syncs(ignored_syncs);
+                let undone = self.definitions.answered(t, &a, ignored_syncs);
+                self.undo(undone);
                 let owner = self.settle(&a);
                 (a, owner)
             }
@@ -583,25 +580,19 @@ impl Masker {
     /// Syncs the server ignored inside a COPY FROM STDIN (sent behind the COPY before
     /// it began, as libpq does) close no batch: drop their boundaries, which follow
     /// the COPY's own entry at the front.
-    fn drop_ignored_syncs(&mut self) {
-        for _ in 0..self.flow.take_ignored_syncs() {
+    fn drop_ignored_syncs(&mut self, ignored: u64) {
+        for _ in 0..ignored {
             if let Some(i) = self.pending.iter().skip(1).position(|p| matches!(p, Pending::Boundary)) {
                 self.pending.remove(i + 1);
-            }
-            // The COPY's batch's Parse and Bind were confirmed before it began.
-            if let Some(i) = self.tentative.iter().position(Option::is_none) {
-                self.tentative.remove(i);
             }
         }
     }
 
-    /// Undo the Parse and Bind messages of the batch being answered, which failed:
+    /// Undo the Parse and Bind messages the server did not carry out (newest first):
     /// their names mean what they meant before, and what was bound to a refused
     /// statement meanwhile is marked so that its rows fail closed.
-    fn undo_failed_batch(&mut self) {
-        let end = self.tentative.iter().position(Option::is_none).unwrap_or(self.tentative.len());
-        let undone: Vec<(String, Prior)> = self.tentative.drain(..end).flatten().collect();
-        for (name, prior) in undone.into_iter().rev() {
+    fn undo(&mut self, undone: Vec<(String, Prior)>) {
+        for (name, prior) in undone {
             match prior {
                 Prior::Stmt(prior) => {
                     if let Some(refused) = self.stmts.get(&name) {
@@ -615,34 +606,6 @@ impl Masker {
                 Prior::Portal(Some(p)) => drop(self.portals.insert(name, p)),
                 Prior::Portal(None) => drop(self.portals.remove(&name)),
             }
-        }
-    }
-
-    /// Follow the server's verdict on the Parse and Bind messages sent: confirmed by
-    /// ParseComplete / BindComplete, or (an error) not carried out up to the batch's
-    /// Sync, whose names then mean what they meant before.
-    fn settle_definitions(&mut self, t: u8, answer: &Answer) {
-        match (t, answer) {
-            (b'1' | b'2', _) => {
-                if matches!(self.tentative.front(), Some(Some(_))) {
-                    self.tentative.pop_front();
-                }
-            }
-            (_, Answer::ExtendedError) => {
-                self.batch_failed = true;
-                self.undo_failed_batch();
-            }
-            (_, Answer::Ready) => {
-                if std::mem::take(&mut self.batch_failed) {
-                    self.undo_failed_batch();
-                }
-                while let Some(entry) = self.tentative.pop_front() {
-                    if entry.is_none() {
-                        break;
-                    }
-                }
-            }
-            _ => {}
         }
     }
 

@@ -773,6 +773,24 @@ fn binary_values_the_detectors_cannot_read_are_not_sent_as_they_are() {
     assert_eq!(out[0], String::from_utf8_lossy(b"\x89PNG"), "passed as it is");
 }
 
+/// The row description of one computed text column `n`, then one row whose value
+/// is a name: what the client receives for it.
+fn computed_name(m: &mut Masker) -> String {
+    m.backend(&msg::row_description(&[field("n", 0, 0, 25, 0)]));
+    s(&cells_after(m, &data_row(&[Some(b"MARIA GARCIA")]))[0])
+}
+
+/// `s1` prepared (and confirmed) as a computed column of patients.name.
+fn prepare_s1_over_patients(m: &mut Masker) {
+    send(m, &[parse("s1", "select upper(name) as n from patients"), sync()]);
+    bookkeeping(m, b"1Z");
+}
+
+/// The server's answer to a Parse of `s1` while `s1` exists.
+fn s1_in_use() -> Frame {
+    error_response(&[(b'S', "ERROR"), (b'C', "42P05"), (b'M', "prepared statement \"s1\" already exists")])
+}
+
 #[test]
 fn a_cursor_declared_and_fetched_over_the_extended_protocol_is_traced() {
     let mut m = masker();
@@ -780,9 +798,8 @@ fn a_cursor_declared_and_fetched_over_the_extended_protocol_is_traced() {
     bookkeeping(&mut m, b"12CZ");
     send(&mut m, &[parse("", "fetch all from e"), bind("", ""), describe(b'P', ""), execute(""), sync()]);
     bookkeeping(&mut m, b"12");
-    m.backend(&msg::row_description(&[field("n", 0, 0, 25, 0)]));
-    let out = cells_after(&mut m, &data_row(&[Some(b"MARIA GARCIA")]));
-    assert!(s(&out[0]).starts_with("pt_"), "{}", s(&out[0]));
+    let n = computed_name(&mut m);
+    assert!(n.starts_with("pt_"), "{n}");
     bookkeeping(&mut m, b"CZ");
 }
 
@@ -820,16 +837,14 @@ fn a_parse_the_server_refused_leaves_the_name_as_it_was() {
     // Parse of a name in use fails (42P05) and the server keeps the old statement;
     // phigate must not trace that statement's results through the refused text.
     let mut m = masker();
-    send(&mut m, &[parse("s1", "select upper(name) as n from patients"), sync()]);
-    bookkeeping(&mut m, b"1Z");
+    prepare_s1_over_patients(&mut m);
     send(&mut m, &[parse("s1", "select upper(test) as n from labs"), sync()]);
-    m.backend(&error_response(&[(b'S', "ERROR"), (b'C', "42P05"), (b'M', "prepared statement \"s1\" already exists")]));
+    m.backend(&s1_in_use());
     bookkeeping(&mut m, b"Z");
     send(&mut m, &[bind("", "s1"), describe(b'P', ""), execute(""), sync()]);
     bookkeeping(&mut m, b"2");
-    m.backend(&msg::row_description(&[field("n", 0, 0, 25, 0)]));
-    let out = cells_after(&mut m, &data_row(&[Some(b"MARIA GARCIA")]));
-    assert!(s(&out[0]).starts_with("pt_"), "traced through the statement the server kept: {}", s(&out[0]));
+    let n = computed_name(&mut m);
+    assert!(n.starts_with("pt_"), "traced through the statement the server kept: {n}");
     bookkeeping(&mut m, b"CZ");
 }
 
@@ -838,10 +853,9 @@ fn a_refused_parse_fails_what_later_batches_bound_to_it() {
     // The next batch was sent before the server refused the Parse: its Bind took the
     // refused text, while the server runs the earlier statement of that name.
     let mut m = masker();
-    send(&mut m, &[parse("s1", "select upper(name) as n from patients"), sync()]);
-    bookkeeping(&mut m, b"1Z");
+    prepare_s1_over_patients(&mut m);
     send(&mut m, &[parse("s1", "select 'x' as n"), sync(), describe(b'S', "s1"), bind("p", "s1"), execute("p"), sync()]);
-    m.backend(&error_response(&[(b'S', "ERROR"), (b'C', "42P05"), (b'M', "prepared statement \"s1\" already exists")]));
+    m.backend(&s1_in_use());
     bookkeeping(&mut m, b"Z");
     bookkeeping(&mut m, b"t");
     m.backend(&msg::row_description(&[field("n", 0, 0, 25, 0)]));
@@ -855,17 +869,15 @@ fn a_parse_sent_after_its_batch_failed_is_undone_too() {
     // Pipeline mode: the error arrives (and is handled) before the rest of the batch
     // is sent; the server skips the rest up to Sync.
     let mut m = masker();
-    send(&mut m, &[parse("s1", "select upper(name) as n from patients"), sync()]);
-    bookkeeping(&mut m, b"1Z");
+    prepare_s1_over_patients(&mut m);
     send(&mut m, &[parse("bad", "select nonsense")]);
     m.backend(&error_response(&[(b'S', "ERROR"), (b'C', "42601"), (b'M', "syntax error")]));
     send(&mut m, &[parse("s1", "select 'x' as n"), sync()]);
     bookkeeping(&mut m, b"Z");
     send(&mut m, &[bind("", "s1"), describe(b'P', ""), execute(""), sync()]);
     bookkeeping(&mut m, b"2");
-    m.backend(&msg::row_description(&[field("n", 0, 0, 25, 0)]));
-    let out = cells_after(&mut m, &data_row(&[Some(b"MARIA GARCIA")]));
-    assert!(s(&out[0]).starts_with("pt_"), "traced through the statement the server kept: {}", s(&out[0]));
+    let n = computed_name(&mut m);
+    assert!(n.starts_with("pt_"), "traced through the statement the server kept: {n}");
 }
 
 #[test]

@@ -297,6 +297,80 @@ impl Flow {
     }
 }
 
+/// Parse and Bind definitions the server has not confirmed yet, for a stage that
+/// keeps its own map of statement and portal names. A definition counts once the
+/// server answers ParseComplete / BindComplete; one the server refused (a name in
+/// use: 42P05, 42P03) or skipped after an error in its batch — including those sent
+/// after the error arrived, up to the batch's Sync — is handed back to be undone.
+/// `T` is what the stage needs to undo one (the name and what it meant before).
+#[derive(Debug)]
+pub struct Definitions<T> {
+    /// In the order sent; `None` ends a batch (Sync, Query, fast-path call).
+    queue: VecDeque<Option<T>>,
+    /// The batch being answered failed.
+    batch_failed: bool,
+}
+
+impl<T> Default for Definitions<T> {
+    fn default() -> Self {
+        Self { queue: VecDeque::new(), batch_failed: false }
+    }
+}
+
+impl<T> Definitions<T> {
+    /// A Parse or Bind went to the server.
+    pub fn sent(&mut self, undo: T) {
+        self.queue.push_back(Some(undo));
+    }
+
+    /// A Sync, Query or fast-path call went: the end of a batch.
+    pub fn batch_end(&mut self) {
+        self.queue.push_back(None);
+    }
+
+    /// A backend message of type `t`, with what [`Flow`] said it answers and the
+    /// Syncs it reported ignored ([`Flow::take_ignored_syncs`]; they end no batch).
+    /// Returns the definitions that did not happen, newest first (the order to undo
+    /// them in); empty, without allocating, for everything else.
+    pub fn answered(&mut self, t: u8, answer: &Answer, ignored_syncs: u64) -> Vec<T> {
+        for _ in 0..ignored_syncs {
+            if let Some(i) = self.queue.iter().position(Option::is_none) {
+                self.queue.remove(i);
+            }
+        }
+        match (t, answer) {
+            (b'1' | b'2', _) => {
+                if matches!(self.queue.front(), Some(Some(_))) {
+                    self.queue.pop_front();
+                }
+                Vec::new()
+            }
+            (_, Answer::ExtendedError) => {
+                self.batch_failed = true;
+                self.take_failed()
+            }
+            (_, Answer::Ready) => {
+                let undone = if std::mem::take(&mut self.batch_failed) { self.take_failed() } else { Vec::new() };
+                while let Some(entry) = self.queue.pop_front() {
+                    if entry.is_none() {
+                        break;
+                    }
+                }
+                undone
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    /// The unconfirmed definitions of the batch being answered, newest first.
+    fn take_failed(&mut self) -> Vec<T> {
+        let end = self.queue.iter().position(Option::is_none).unwrap_or(self.queue.len());
+        let mut undone: Vec<T> = self.queue.drain(..end).flatten().collect();
+        undone.reverse();
+        undone
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -469,6 +543,26 @@ mod tests {
         assert_eq!(f.backend(b'T'), Answer::Simple("select 1".into()));
         assert_eq!(f.backend(b'Z'), Answer::Ready);
         assert_eq!(f.outstanding(), 0);
+    }
+
+    #[test]
+    fn definitions_are_undone_when_their_batch_fails() {
+        let mut d = Definitions::default();
+        d.sent("s1");
+        d.batch_end();
+        assert!(d.answered(b'1', &Answer::Bookkeeping, 0).is_empty(), "confirmed");
+        assert!(d.answered(b'Z', &Answer::Ready, 0).is_empty());
+        // A failed batch: what was sent before the error and after it, up to Sync.
+        d.sent("a");
+        d.sent("b");
+        assert_eq!(d.answered(b'E', &Answer::ExtendedError, 0), ["b", "a"]);
+        d.sent("late");
+        d.batch_end();
+        d.sent("next batch");
+        d.batch_end();
+        assert_eq!(d.answered(b'Z', &Answer::Ready, 0), ["late"]);
+        assert!(d.answered(b'1', &Answer::Bookkeeping, 0).is_empty());
+        assert!(d.answered(b'Z', &Answer::Ready, 0).is_empty(), "the next batch is not touched");
     }
 
     #[test]

@@ -36,7 +36,7 @@ use crate::{
     mask::Summary,
     pg::{
         error::parse_error_fields,
-        flow::{Answer, Flow, Request},
+        flow::{Answer, Definitions, Flow, Request},
         msg::{self, tag},
         Frame, PgError, SqlState,
     },
@@ -236,7 +236,7 @@ impl ResultCopy {
 /// A prepared statement as the audit sees it: text, decision, approval.
 type PreparedStatement = Arc<(Arc<str>, Option<Decision>, Option<Value>)>;
 
-/// What a name meant before a Parse or Bind replaced it (see `Tap::tentative`).
+/// What a name meant before a Parse or Bind replaced it (see `Tap::definitions`).
 enum Prior {
     Prepared(Option<PreparedStatement>),
     Portal(Option<Arc<(String, Vec<u8>, usize)>>),
@@ -278,16 +278,12 @@ pub struct Tap {
     prepared: HashMap<String, PreparedStatement>,
     /// Portals: name → (statement name, bound parameters).
     portals: HashMap<String, Arc<(String, Vec<u8>, usize)>>,
-    /// Parse and Bind definitions the server has not confirmed yet, in the order
-    /// sent, with what the name meant before; `None` marks a Sync, Query or
-    /// fast-path call. One the server refused (a name in use: 42P05, 42P03) or skipped
-    /// after an error goes back, so executions are recorded with the text that ran.
-    tentative: std::collections::VecDeque<Option<(String, Prior)>>,
+    /// Parse and Bind definitions the server has not confirmed yet, with what each
+    /// name meant before: one the server refused or skipped goes back, so executions
+    /// are recorded with the text that ran.
+    definitions: Definitions<(String, Prior)>,
     /// What a Parse's name meant before the policy's decision replaced it.
     parse_prior: Option<(String, Option<PreparedStatement>)>,
-    /// The batch being answered failed: its Parse and Bind messages sent after the
-    /// error was seen are undone at its ReadyForQuery too.
-    batch_failed: bool,
     /// An approval the policy is waiting for: (id, requested_at).
     held: Option<u64>,
     /// The durability of the latest statement record; results wait for it.
@@ -327,9 +323,8 @@ impl Tap {
             pending_simple: None,
             prepared: HashMap::new(),
             portals: HashMap::new(),
-            tentative: std::collections::VecDeque::new(),
+            definitions: Definitions::default(),
             parse_prior: None,
-            batch_failed: false,
             held: None,
             durable: std::collections::VecDeque::new(),
             durable_failed: None,
@@ -361,47 +356,11 @@ impl Tap {
         }
     }
 
-    /// Follow the server's verdict on the Parse and Bind messages sent: confirmed by
-    /// ParseComplete / BindComplete, or (an error in their batch) not carried out, so
-    /// their names mean what they meant before. `ignored_syncs`: Syncs the server
-    /// ignored inside a COPY FROM STDIN, which close no batch.
-    fn settle_definitions(&mut self, t: u8, answer: &Answer, ignored_syncs: u64) {
-        for _ in 0..ignored_syncs {
-            if let Some(i) = self.tentative.iter().position(Option::is_none) {
-                self.tentative.remove(i);
-            }
-        }
-        match (t, answer) {
-            (b'1' | b'2', _) => {
-                if matches!(self.tentative.front(), Some(Some(_))) {
-                    self.tentative.pop_front();
-                }
-            }
-            (_, Answer::ExtendedError) => {
-                self.batch_failed = true;
-                self.undo_failed_batch();
-            }
-            (_, Answer::Ready) => {
-                if std::mem::take(&mut self.batch_failed) {
-                    self.undo_failed_batch();
-                }
-                while let Some(entry) = self.tentative.pop_front() {
-                    if entry.is_none() {
-                        break;
-                    }
-                }
-            }
-            _ => {}
-        }
-    }
-
-    /// Undo the Parse and Bind messages of the batch being answered, which failed.
+    /// Undo the Parse and Bind messages the server did not carry out (newest first).
     /// Statements of later batches sent before phigate knew, and recorded with a
     /// refused Parse's text, cannot be attributed: their results are withheld.
-    fn undo_failed_batch(&mut self) {
-        let end = self.tentative.iter().position(Option::is_none).unwrap_or(self.tentative.len());
-        let undone: Vec<_> = self.tentative.drain(..end).flatten().collect();
-        for (name, prior) in undone.into_iter().rev() {
+    fn undo(&mut self, undone: Vec<(String, Prior)>) {
+        for (name, prior) in undone {
             match prior {
                 Prior::Prepared(prior) => {
                     let batch = self.batches_done;
@@ -677,7 +636,7 @@ impl Stage for AuditStage {
                         return Action::Refuse(refused_by_audit(&why));
                     }
                 }
-                tap.tentative.push_back(None);
+                tap.definitions.batch_end();
                 tap.batches_sent += 1;
             }
             tag::PARSE => {
@@ -687,18 +646,18 @@ impl Stage for AuditStage {
                     } else {
                         tap.prepared.insert(name.to_string(), Arc::new((Arc::from(sql), None, None)))
                     };
-                    tap.tentative.push_back(Some((name.to_string(), Prior::Prepared(prior))));
+                    tap.definitions.sent((name.to_string(), Prior::Prepared(prior)));
                 }
             }
             tag::BIND => {
                 if let (Ok((portal, stmt, _)), Ok((_, values))) = (msg::parse_bind(frame.body()), msg::bind_parameters(frame.body())) {
                     let count = values.len();
                     let prior = tap.portals.insert(portal.to_string(), Arc::new((stmt.to_string(), params_json(&values), count)));
-                    tap.tentative.push_back(Some((portal.to_string(), Prior::Portal(prior))));
+                    tap.definitions.sent((portal.to_string(), Prior::Portal(prior)));
                 }
             }
             tag::SYNC | tag::FUNCTION_CALL => {
-                tap.tentative.push_back(None);
+                tap.definitions.batch_end();
                 tap.batches_sent += 1;
             }
             tag::EXECUTE => {
@@ -765,7 +724,8 @@ impl Stage for AuditStage {
         let answer = self.flow.backend(t);
         let ignored_syncs = self.flow.take_ignored_syncs();
         tap.batches_done += ignored_syncs + u64::from(answer == Answer::Ready);
-        tap.settle_definitions(t, &answer, ignored_syncs);
+        let undone = tap.definitions.answered(t, &answer, ignored_syncs);
+        tap.undo(undone);
         let limit = tap.max_result_bytes;
         let masking_on = tap.masking_on;
         // A row masking rewrote had its raw form accounted for already.
@@ -885,16 +845,35 @@ mod tests {
         v
     }
 
-    #[test]
-    fn each_pipelined_statements_answer_waits_for_its_own_record() {
-        let dir = std::env::temp_dir().join(format!("phigate-audit-pipelined-{}", std::process::id()));
+    /// The log under an [`audit_stage`]: the writer is stopped and the directory
+    /// removed when the test ends, passed or not.
+    struct TestLog {
+        writer: Handle,
+        dir: std::path::PathBuf,
+    }
+
+    impl Drop for TestLog {
+        fn drop(&mut self) {
+            self.writer.stop(std::time::Duration::from_secs(5));
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    /// An audit stage (policy off) on a fresh log in a temporary directory.
+    fn audit_stage(name: &str) -> (AuditStage, SharedTap, Session, TestLog) {
+        let dir = std::env::temp_dir().join(format!("phigate-audit-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let keys = crate::audit::crypto::PeriodKeys { dir: dir.join("keys") };
-        let (log, _) = crate::audit::log::Log::open(&dir.join("log"), ed25519_dalek::SigningKey::from_bytes(&[3u8; 32]), keys, 1 << 20).expect("log opens");
+        let (log, _) = crate::audit::log::Log::open(&dir.join("log"), ed25519_dalek::SigningKey::from_bytes(&[6u8; 32]), keys, 1 << 20).expect("log opens");
         let writer = Handle::start(log, std::time::Duration::from_secs(10));
         let s = crate::session::stage::tests::session();
         let tap = Tap::new(writer.clone(), &s, 1 << 20, false);
-        let mut stage = AuditStage::new(tap.clone(), false);
+        (AuditStage::new(tap.clone(), false), tap, s, TestLog { writer, dir })
+    }
+
+    #[test]
+    fn each_pipelined_statements_answer_waits_for_its_own_record() {
+        let (mut stage, tap, s, _log) = audit_stage("pipelined");
         let query = |sql: &str| Frame::build(tag::QUERY, format!("{sql}\0").as_bytes());
         assert!(matches!(stage.frontend(&s, &query("select 1")), Action::Forward));
         assert!(matches!(stage.frontend(&s, &query("select 2")), Action::Forward));
@@ -914,20 +893,11 @@ mod tests {
         assert!(matches!(answer, Action::Refuse(e) if e.message.contains("could not be written (no space)")));
         let call = Frame::build(tag::FUNCTION_CALL, &[0, 0, 4, 0, 0, 0, 0, 0, 0, 0, 0]);
         assert!(matches!(stage.frontend(&s, &call), Action::Refuse(e) if e.code == SqlState::FEATURE_NOT_SUPPORTED), "a fast-path call has no statement to record");
-        writer.stop(std::time::Duration::from_secs(5));
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
     fn a_parse_the_server_refused_leaves_the_recorded_text_as_it_was() {
-        let dir = std::env::temp_dir().join(format!("phigate-audit-reparse-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let keys = crate::audit::crypto::PeriodKeys { dir: dir.join("keys") };
-        let (log, _) = crate::audit::log::Log::open(&dir.join("log"), ed25519_dalek::SigningKey::from_bytes(&[4u8; 32]), keys, 1 << 20).expect("log opens");
-        let writer = Handle::start(log, std::time::Duration::from_secs(10));
-        let s = crate::session::stage::tests::session();
-        let tap = Tap::new(writer.clone(), &s, 1 << 20, false);
-        let mut stage = AuditStage::new(tap.clone(), false);
+        let (mut stage, tap, s, _log) = audit_stage("reparse");
         let parse = |name: &str, sql: &str| Frame::build(tag::PARSE, format!("{name}\0{sql}\0\0\0").as_bytes());
         let sync = Frame::build(tag::SYNC, b"");
         for f in [parse("s1", "select 1"), sync.clone()] {
@@ -943,20 +913,11 @@ mod tests {
         stage.backend(&s, &msg::ready_for_query(b'I'));
         let text = tap.lock().expect("invariant: lock not poisoned").prepared.get("s1").map(|p| p.0.to_string());
         assert_eq!(text.as_deref(), Some("select 1"), "executions of s1 are recorded with the text that runs");
-        writer.stop(std::time::Duration::from_secs(5));
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
     fn statements_an_error_made_the_server_skip_end_with_their_batch() {
-        let dir = std::env::temp_dir().join(format!("phigate-audit-skipped-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let keys = crate::audit::crypto::PeriodKeys { dir: dir.join("keys") };
-        let (log, _) = crate::audit::log::Log::open(&dir.join("log"), ed25519_dalek::SigningKey::from_bytes(&[5u8; 32]), keys, 1 << 20).expect("log opens");
-        let writer = Handle::start(log, std::time::Duration::from_secs(10));
-        let s = crate::session::stage::tests::session();
-        let tap = Tap::new(writer.clone(), &s, 1 << 20, false);
-        let mut stage = AuditStage::new(tap.clone(), false);
+        let (mut stage, tap, s, _log) = audit_stage("skipped");
         let parse = Frame::build(tag::PARSE, b"\0select 1\0\0\0");
         let bind = Frame::build(tag::BIND, b"\0\0\0\0\0\0\0\0");
         let execute = Frame::build(tag::EXECUTE, b"\0\0\0\0\0");
@@ -977,25 +938,11 @@ mod tests {
             let t = tap.lock().expect("invariant: lock not poisoned");
             assert_eq!(t.running.iter().map(|r| r.stmt).collect::<Vec<_>>(), vec![4], "the skipped two ended with their batch; the Query is next");
         }
-        writer.stop(std::time::Duration::from_secs(5));
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-
-    /// An audit stage on a fresh log, with durability out of the way.
-    fn audit_stage(tag_: &str) -> (AuditStage, SharedTap, Handle, std::path::PathBuf, Session) {
-        let dir = std::env::temp_dir().join(format!("phigate-audit-{tag_}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let keys = crate::audit::crypto::PeriodKeys { dir: dir.join("keys") };
-        let (log, _) = crate::audit::log::Log::open(&dir.join("log"), ed25519_dalek::SigningKey::from_bytes(&[6u8; 32]), keys, 1 << 20).expect("log opens");
-        let writer = Handle::start(log, std::time::Duration::from_secs(10));
-        let s = crate::session::stage::tests::session();
-        let tap = Tap::new(writer.clone(), &s, 1 << 20, false);
-        (AuditStage::new(tap.clone(), false), tap, writer, dir, s)
     }
 
     #[test]
     fn an_error_in_a_batch_without_statements_ends_none_of_the_next() {
-        let (mut stage, tap, writer, dir, s) = audit_stage("errbatch");
+        let (mut stage, tap, s, _log) = audit_stage("errbatch");
         for f in [Frame::build(tag::PARSE, b"bad\0select nonsense\0\0\0"), Frame::build(tag::SYNC, b""), Frame::build(tag::QUERY, b"select 1\0")] {
             stage.frontend(&s, &f);
         }
@@ -1006,13 +953,11 @@ mod tests {
         stage.backend(&s, &msg::row_description(&[]));
         stage.backend(&s, &msg::ready_for_query(b'I'));
         assert!(tap.lock().expect("invariant: lock not poisoned").running.is_empty());
-        writer.stop(std::time::Duration::from_secs(5));
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
     fn an_execute_recorded_with_a_refused_parses_text_is_withheld() {
-        let (mut stage, tap, writer, dir, s) = audit_stage("refusedtext");
+        let (mut stage, tap, s, _log) = audit_stage("refusedtext");
         let parse = |sql: &str| Frame::build(tag::PARSE, format!("s1\0{sql}\0\0\0").as_bytes());
         let sync = Frame::build(tag::SYNC, b"");
         for f in [parse("select 1"), sync.clone()] {
@@ -1029,8 +974,6 @@ mod tests {
         stage.backend(&s, &msg::ready_for_query(b'I'));
         let answer = stage.backend(&s, &Frame::build(b'2', b""));
         assert!(matches!(answer, Action::Refuse(e) if e.message.contains("cannot be attributed")), "the record says 'decoy', the server ran 'select 1'");
-        writer.stop(std::time::Duration::from_secs(5));
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
