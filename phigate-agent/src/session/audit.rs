@@ -723,9 +723,11 @@ impl Stage for AuditStage {
         }
         let answer = self.flow.backend(t);
         let ignored_syncs = self.flow.take_ignored_syncs();
-        tap.batches_done += ignored_syncs + u64::from(answer == Answer::Ready);
+        // Undone before the batch counts as done: `undo` tells the failed batch's
+        // statements from those of later batches by it.
         let undone = tap.definitions.answered(t, &answer, ignored_syncs);
         tap.undo(undone);
+        tap.batches_done += ignored_syncs + u64::from(answer == Answer::Ready);
         let limit = tap.max_result_bytes;
         let masking_on = tap.masking_on;
         // A row masking rewrote had its raw form accounted for already.
@@ -974,6 +976,25 @@ mod tests {
         stage.backend(&s, &msg::ready_for_query(b'I'));
         let answer = stage.backend(&s, &Frame::build(b'2', b""));
         assert!(matches!(answer, Action::Refuse(e) if e.message.contains("cannot be attributed")), "the record says 'decoy', the server ran 'select 1'");
+    }
+
+    #[test]
+    fn an_execute_behind_a_late_refused_parse_is_withheld() {
+        // Pipeline mode: the batch's error arrives before its re-Parse of s1 is sent
+        // (the server skips it), and the next batch executes s1 before the
+        // ReadyForQuery that undoes the re-Parse.
+        let (mut stage, tap, s, _log) = audit_stage("lateparse");
+        let parse = |name: &str, sql: &str| Frame::build(tag::PARSE, format!("{name}\0{sql}\0\0\0").as_bytes());
+        stage.frontend(&s, &parse("bad", "select nonsense"));
+        tap.lock().expect("invariant: lock not poisoned").durable.clear();
+        stage.backend(&s, &Frame::build(tag::ERROR_RESPONSE, b"SERROR\0C42601\0Msyntax error\0\0"));
+        for f in [parse("s1", "select 'decoy'"), Frame::build(tag::SYNC, b""), Frame::build(tag::BIND, b"p\0s1\0\0\0\0\0\0\0"), Frame::build(tag::EXECUTE, b"p\0\0\0\0\0"), Frame::build(tag::SYNC, b"")] {
+            stage.frontend(&s, &f);
+        }
+        tap.lock().expect("invariant: lock not poisoned").durable.clear();
+        stage.backend(&s, &msg::ready_for_query(b'I'));
+        let answer = stage.backend(&s, &Frame::build(b'2', b""));
+        assert!(matches!(answer, Action::Refuse(e) if e.message.contains("cannot be attributed")));
     }
 
     #[test]
