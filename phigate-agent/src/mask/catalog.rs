@@ -1,7 +1,8 @@
 //! What masking knows about the database's relations: OID → schema, name, kind,
 //! columns, and for views their definition traced to base columns (see
-//! [`super::lineage`]). Also the catalog queries that fill it and the parsing of
-//! their rows.
+//! [`super::lineage`]); and about types created in the database, how their values
+//! travel in binary format ([`BinaryForm`]). Also the catalog queries that fill it
+//! and the parsing of their rows.
 //!
 //! One cache per protected database and database name, shared by its sessions
 //! (OIDs are per database). Entries expire (`TTL`) and the whole cache is dropped
@@ -55,18 +56,39 @@ impl Relation {
     }
 }
 
+/// The first OID PostgreSQL gives to objects created in a database (types of
+/// extensions, enums, composite types, every table's row type).
+pub const FIRST_USER_OID: u32 = 16384;
+
+/// How values of a type created in the database travel in binary format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BinaryForm {
+    /// Its text, as is: enums (`enum_send`) and base types whose send function is a
+    /// text one (citext).
+    Text,
+    /// Anything else — a composite (a row), an array, a range, a base type with its
+    /// own layout (hstore, geometry) — or a type the catalog does not show. Its
+    /// layout is unknown to phigate, so it can be neither read nor rewritten.
+    Opaque,
+}
+
+/// Send functions whose binary form is the value's text.
+const TEXT_SEND_FUNCTIONS: &[&str] = &["textsend", "varcharsend", "bpcharsend", "namesend", "enum_send", "citextsend"];
+
 /// The cache.
 #[derive(Debug)]
 pub struct Catalog {
     by_oid: HashMap<u32, Arc<Relation>>,
     /// relname → every relation of that name (any schema); empty when none exists.
     by_name: HashMap<String, Vec<Arc<Relation>>>,
+    /// Types created in the database (OID ≥ [`FIRST_USER_OID`]) looked up so far.
+    types: HashMap<u32, BinaryForm>,
     since: Instant,
 }
 
 impl Default for Catalog {
     fn default() -> Self {
-        Self { by_oid: HashMap::new(), by_name: HashMap::new(), since: Instant::now() }
+        Self { by_oid: HashMap::new(), by_name: HashMap::new(), types: HashMap::new(), since: Instant::now() }
     }
 }
 
@@ -81,7 +103,39 @@ impl Catalog {
     pub fn clear(&mut self) {
         self.by_oid.clear();
         self.by_name.clear();
+        self.types.clear();
         self.since = Instant::now();
+    }
+
+    /// How a type travels in binary format: built-in types are not looked up (None
+    /// for them, as for a type not looked up yet).
+    pub fn binary_form(&self, type_oid: u32) -> Option<BinaryForm> {
+        self.types.get(&type_oid).copied()
+    }
+
+    /// The types created in the database among `oids` the cache does not know.
+    pub fn missing_types(&mut self, oids: impl IntoIterator<Item = u32>) -> Vec<u32> {
+        self.expire();
+        let mut v: Vec<u32> = oids.into_iter().filter(|o| *o >= FIRST_USER_OID && !self.types.contains_key(o)).collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+
+    /// Store what a lookup found; types it asked for that the catalog does not show
+    /// are remembered as [`BinaryForm::Opaque`] (nothing is known of them).
+    pub fn store(&mut self, lookup: &Lookup, found: Found) {
+        match (lookup, found) {
+            (Lookup::Types(asked), Found::Types(types)) => {
+                for oid in asked {
+                    self.types.insert(*oid, BinaryForm::Opaque);
+                }
+                self.types.extend(types);
+            }
+            (Lookup::Names(names), Found::Relations(rels)) => self.insert(rels, names),
+            (_, Found::Relations(rels)) => self.insert(rels, &[]),
+            (_, Found::Types(types)) => self.types.extend(types),
+        }
     }
 
     pub fn relation(&self, oid: u32) -> Option<Arc<Relation>> {
@@ -146,8 +200,19 @@ impl Catalog {
 /// One catalog lookup to make on the database.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Lookup {
+    /// Relations by OID.
     Oids(Vec<u32>),
+    /// Relations by name (any schema).
     Names(Vec<String>),
+    /// Types created in the database, by OID.
+    Types(Vec<u32>),
+}
+
+/// What a lookup's rows say.
+#[derive(Debug, Clone)]
+pub enum Found {
+    Relations(Vec<Relation>),
+    Types(Vec<(u32, BinaryForm)>),
 }
 
 fn quote_literal(s: &str) -> String {
@@ -157,9 +222,19 @@ fn quote_literal(s: &str) -> String {
 /// The query for a lookup. Run with an empty search_path, so view definitions come
 /// back with every relation schema-qualified.
 pub fn query(lookup: &Lookup) -> String {
+    let oid_list = |oids: &[u32]| oids.iter().map(|o| o.to_string()).collect::<Vec<_>>().join(", ");
     let filter = match lookup {
-        Lookup::Oids(oids) => format!("c.oid IN ({})", oids.iter().map(|o| o.to_string()).collect::<Vec<_>>().join(", ")),
+        Lookup::Oids(oids) => format!("c.oid IN ({})", oid_list(oids)),
         Lookup::Names(names) => format!("c.relname IN ({})", names.iter().map(|n| quote_literal(n)).collect::<Vec<_>>().join(", ")),
+        // The send function's name, not `typsend::regproc` (whose text depends on the
+        // search_path).
+        Lookup::Types(oids) => {
+            return format!(
+                "SELECT t.oid::pg_catalog.int8, t.typtype::pg_catalog.text, p.proname::pg_catalog.text \
+                 FROM pg_catalog.pg_type t LEFT JOIN pg_catalog.pg_proc p ON p.oid = t.typsend WHERE t.oid IN ({}) ORDER BY t.oid",
+                oid_list(oids)
+            )
+        }
     };
     format!(
         "SELECT c.oid::pg_catalog.int8, n.nspname, c.relname, c.relkind::pg_catalog.text, a.attnum, a.attname, a.atttypid::pg_catalog.int8, \
@@ -173,6 +248,31 @@ pub fn query(lookup: &Lookup) -> String {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("unexpected catalog row: {0}")]
 pub struct RowError(pub String);
+
+/// What the rows of [`query`] for `lookup` say (text format; `None` is NULL).
+pub fn parse(lookup: &Lookup, rows: &[Vec<Option<String>>]) -> Result<Found, RowError> {
+    match lookup {
+        Lookup::Types(_) => parse_type_rows(rows).map(Found::Types),
+        _ => parse_rows(rows).map(Found::Relations),
+    }
+}
+
+/// Types from the rows of a [`Lookup::Types`] query. Binary text only for an enum or
+/// a base type with a text send function; everything else is opaque.
+fn parse_type_rows(rows: &[Vec<Option<String>>]) -> Result<Vec<(u32, BinaryForm)>, RowError> {
+    rows.iter()
+        .map(|row| {
+            let get = |i: usize| row.get(i).cloned().flatten();
+            let oid = get(0).and_then(|v| v.parse::<u32>().ok()).ok_or_else(|| RowError("a type row without an OID".into()))?;
+            let send = get(2).unwrap_or_default();
+            let form = match get(1).as_deref() {
+                Some("e" | "b") if TEXT_SEND_FUNCTIONS.contains(&send.as_str()) => BinaryForm::Text,
+                _ => BinaryForm::Opaque,
+            };
+            Ok((oid, form))
+        })
+        .collect()
+}
 
 /// Relations from the rows of [`query`] (text format; `None` is NULL).
 pub fn parse_rows(rows: &[Vec<Option<String>>]) -> Result<Vec<Relation>, RowError> {
@@ -244,6 +344,31 @@ mod tests {
         assert!(c.views_named(&RelName { schema: Some("other".into()), name: "pv".into() }).is_empty());
         assert!(c.knows_identifier("patients") && c.knows_identifier("ssn") && !c.knows_identifier("nothing") && !c.knows_identifier("Jane Doe"));
         assert!(parse_rows(&[row(&[Some("x")])]).is_err());
+    }
+
+    #[test]
+    fn types_are_text_in_binary_only_with_a_text_send_function() {
+        let rows = vec![
+            row(&[Some("16500"), Some("e"), Some("enum_send")]),
+            row(&[Some("16501"), Some("b"), Some("citextsend")]),
+            row(&[Some("16502"), Some("c"), Some("record_send")]),
+            row(&[Some("16503"), Some("b"), Some("array_send")]),
+            row(&[Some("16504"), Some("b"), Some("hstore_send")]),
+            row(&[Some("16505"), Some("r"), Some("range_send")]),
+        ];
+        let lookup = Lookup::Types(vec![16500, 16501, 16502, 16503, 16504, 16505, 16506]);
+        let found = parse(&lookup, &rows).unwrap();
+        let mut c = Catalog::default();
+        assert_eq!(c.missing_types([16500, 16506, 25, 0]), vec![16500, 16506], "built-in types are never looked up");
+        c.store(&lookup, found);
+        let forms: Vec<_> = (16500..=16506).map(|o| c.binary_form(o)).collect();
+        use BinaryForm::*;
+        assert_eq!(forms, [Text, Text, Opaque, Opaque, Opaque, Opaque, Opaque].map(Some), "one the catalog does not show is opaque");
+        assert!(c.missing_types([16500, 16506]).is_empty());
+        assert!(query(&lookup).contains("t.oid IN (16500, 16501"));
+        assert!(parse(&lookup, &[row(&[Some("x"), None, None])]).is_err());
+        c.clear();
+        assert_eq!(c.binary_form(16500), None, "DDL forgets types too");
     }
 
     #[test]

@@ -454,7 +454,10 @@ impl Masker {
                     self.named.remove(&Named::Prepared(name.to_string()));
                     let prior = self.stmts.get(name).cloned();
                     self.definitions.sent((name.to_string(), Prior::Stmt(prior)));
-                    self.stmts.insert(name.to_string(), Arc::new(Stmt { name: name.to_string(), sql: Arc::from(sql), fields: Mutex::new(None), refused: Default::default() }));
+                    self.stmts.insert(
+                        name.to_string(),
+                        Arc::new(Stmt { name: name.to_string(), sql: Arc::from(sql), fields: Mutex::new(None), refused: Default::default() }),
+                    );
                 }
             }
             tag::BIND => {
@@ -766,7 +769,9 @@ impl Masker {
         // The portal's own description (Describe P) has its real formats; else the
         // statement's description with the formats the Bind asked for.
         if p.stmt.as_ref().is_some_and(|s| s.refused.load(std::sync::atomic::Ordering::Relaxed)) {
-            return Err(fail("rows of a portal bound to a statement the server refused to prepare (its name kept an earlier statement phigate cannot be sure of)"));
+            return Err(fail(
+                "rows of a portal bound to a statement the server refused to prepare (its name kept an earlier statement phigate cannot be sure of)",
+            ));
         }
         let described = lock(&p.fields).clone();
         let (fields, formats) = match described {
@@ -960,9 +965,27 @@ impl Masker {
                 return self.ask(Lookup::Names(missing));
             }
         }
+        // A type created in the database (an enum, citext, a composite, an array of
+        // one …) sent in binary: only the catalog tells whether that is its text or
+        // a layout of its own, which a strategy must not write text into.
+        let mut binary_user_types = Vec::new();
+        for (i, f) in fields.iter().enumerate() {
+            if f.type_oid >= catalog::FIRST_USER_OID && format_of(i, f)? == 1 {
+                binary_user_types.push(f.type_oid);
+            }
+        }
+        let missing = catalog.missing_types(binary_user_types);
+        if !missing.is_empty() {
+            return self.ask(Lookup::Types(missing));
+        }
         let mut columns = Vec::with_capacity(fields.len());
         for (i, f) in fields.iter().enumerate() {
-            let ty = CellType { class: TypeClass::of(f.type_oid), binary: format_of(i, f)? == 1 };
+            let binary = format_of(i, f)? == 1;
+            // Opaque: a binary value of a database-made type whose layout phigate
+            // cannot read (a row, an array, a range …); NULL is its only safe mask.
+            let opaque = binary && f.type_oid >= catalog::FIRST_USER_OID && catalog.binary_form(f.type_oid) != Some(catalog::BinaryForm::Text);
+            let class = if opaque { TypeClass::Other } else { TypeClass::of(f.type_oid) };
+            let ty = CellType { class, binary };
             let mut best: Option<usize> = None;
             let mut untraced = false;
             let consider = |idx: usize, best: &mut Option<usize>| {
@@ -1053,7 +1076,7 @@ impl Masker {
                 // A binary value of a type that can hold text (an array, a record,
                 // bytea): the detectors cannot read it, so it is not sent as it is.
                 // NULL is a valid value of every type.
-                None if detecting && ty.binary && ty.class == TypeClass::Other && strategy::may_hold_text(f.type_oid) => {
+                None if detecting && ty.binary && ty.class == TypeClass::Other && (opaque || strategy::may_hold_text(f.type_oid)) => {
                     (Strategy::Redact { token: String::new(), null: true }, None)
                 }
                 _ => (Strategy::Keep, None),

@@ -98,8 +98,9 @@ impl TypeClass {
             1082 => TypeClass::Date,
             1114 | 1184 => TypeClass::Timestamp,
             2950 => TypeClass::Uuid,
-            // Types created in the database (citext, domains over text …) have OIDs
-            // above the built-in range; their text form is text.
+            // Types created in the database (citext, enums, composites …) have OIDs
+            // above the built-in range; their text form is text. Their binary form may
+            // not be: the masker asks the catalog and treats opaque ones as `Other`.
             oid if oid >= 16384 => TypeClass::Text,
             _ => TypeClass::Other,
         }
@@ -582,7 +583,11 @@ mod tests {
         assert_eq!(text(run(&p, TypeClass::Text, false, b"123-45-6789")), "***-**-6789");
         assert_eq!(text(run(&p, TypeClass::Text, true, b"4111 1111 1111 1111")), "**** **** **** 1111");
         assert_eq!(text(run(&p, TypeClass::Text, false, b"ab")), "ab");
-        assert_eq!(text(run(&Strategy::Partial { keep_last: 2 }, TypeClass::Text, false, "Zoë-12".as_bytes())), "***-12", "letters beyond ASCII count as letters");
+        assert_eq!(
+            text(run(&Strategy::Partial { keep_last: 2 }, TypeClass::Text, false, "Zoë-12".as_bytes())),
+            "***-12",
+            "letters beyond ASCII count as letters"
+        );
     }
 
     #[test]

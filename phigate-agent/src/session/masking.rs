@@ -160,12 +160,8 @@ impl Stage for MaskStage {
                 let (access, catalog, slot) = (self.access.clone(), self.catalog.clone(), self.slot.clone());
                 Action::Hold(
                     Box::pin(async move {
-                        let names = match &lookup {
-                            Lookup::Names(n) => n.clone(),
-                            Lookup::Oids(_) => Vec::new(),
-                        };
-                        match tokio::time::timeout(SIDE_TIMEOUT, lookup_relations(&access, &lookup)).await {
-                            Ok(Ok(rels)) => catalog.lock().expect("invariant: lock not poisoned").insert(rels, &names),
+                        match tokio::time::timeout(SIDE_TIMEOUT, look_up(&access, &lookup)).await {
+                            Ok(Ok(found)) => catalog.lock().expect("invariant: lock not poisoned").store(&lookup, found),
                             Ok(Err(e)) => slot.put(|s| s.failed = Some(e)),
                             Err(_) => slot.put(|s| s.failed = Some("the catalog lookup timed out".into())),
                         }
@@ -237,7 +233,7 @@ async fn exchange(conn: &mut crate::net::conn::Conn, buf: &mut BytesMut, out: &[
     }
 }
 
-async fn lookup_relations(a: &CatalogAccess, lookup: &Lookup) -> Result<Vec<catalog::Relation>, String> {
+async fn look_up(a: &CatalogAccess, lookup: &Lookup) -> Result<catalog::Found, String> {
     let (mut conn, mut buf) = side_connection(a).await?;
     // An empty search_path makes pg_get_viewdef qualify every relation.
     let sql = format!("SET search_path = ''; {}", catalog::query(lookup));
@@ -245,7 +241,7 @@ async fn lookup_relations(a: &CatalogAccess, lookup: &Lookup) -> Result<Vec<cata
     q.push(0);
     let (rows, _) = exchange(&mut conn, &mut buf, Frame::build(tag::QUERY, &q).as_bytes()).await?;
     let _ = conn.write_all(msg::terminate().as_bytes()).await;
-    catalog::parse_rows(&rows).map_err(|e| e.to_string())
+    catalog::parse(lookup, &rows).map_err(|e| e.to_string())
 }
 
 /// Relation names a COPY's query uses without a schema. The side connection resolves
