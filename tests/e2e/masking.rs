@@ -478,3 +478,39 @@ fn binary_values_of_database_made_types_stay_valid() {
     assert!(!String::from_utf8_lossy(&unhex(m[1].as_str().unwrap_or(""))).contains(&p.phone), "the phone number does not pass");
     assert_eq!(cell_text(&m[2]).as_deref(), Some("sad"), "an enum passes as it is");
 }
+
+#[test]
+fn binary_text_arrays_are_masked_element_by_element() {
+    if skip("binary_text_arrays_are_masked_element_by_element") {
+        return;
+    }
+    let e = env();
+    let p = &e.data.patients[0];
+    // tokio-postgres reads text[] in binary: each element through the detectors, the
+    // array still a valid one (its direct form decodes element by element).
+    let sql = format!("select array['stable', null, 'call {} after six', '']::text[] as notes", p.phone);
+    let masked = pgclient(&e, Some("care"), &["rows", &sql]);
+    let direct = pgclient(&e, None, &["rows", &sql]);
+    let elements = |hex: &str| -> Vec<Option<String>> {
+        let b = unhex(hex);
+        let int = |at: usize| i32::from_be_bytes(b[at..at + 4].try_into().unwrap());
+        assert_eq!((int(0), int(8), int(12)), (1, 25, 4), "one dimension of 4 text elements");
+        let mut at = 20;
+        let out = (0..4)
+            .map(|_| {
+                let len = int(at);
+                at += 4;
+                (len >= 0).then(|| {
+                    at += len as usize;
+                    String::from_utf8(b[at - len as usize..at].to_vec()).unwrap()
+                })
+            })
+            .collect();
+        assert_eq!(at, b.len(), "the array reads to its end");
+        out
+    };
+    let d = elements(direct["rows"][0][0].as_str().unwrap());
+    let m = elements(masked["rows"][0][0].as_str().unwrap());
+    assert_eq!(d[2].as_deref(), Some(format!("call {} after six", p.phone).as_str()));
+    assert_eq!(m, [Some("stable".to_string()), None, Some("call [PHONE] after six".into()), Some(String::new())]);
+}

@@ -82,7 +82,11 @@ pub enum TypeClass {
     Date,
     Timestamp,
     Uuid,
-    /// Anything else (bool, bytea, floats, intervals, arrays, …).
+    /// Arrays of text, varchar, bpchar, name, char, json or xml (`jsonb`: of jsonb,
+    /// whose elements start with a version byte). In binary format their elements
+    /// are read one by one, each one's text through the detectors.
+    TextArray { jsonb: bool },
+    /// Anything else (bool, bytea, floats, intervals, other arrays, …).
     Other,
 }
 
@@ -98,6 +102,8 @@ impl TypeClass {
             1082 => TypeClass::Date,
             1114 | 1184 => TypeClass::Timestamp,
             2950 => TypeClass::Uuid,
+            1009 | 1015 | 1014 | 1003 | 1002 | 199 | 143 => TypeClass::TextArray { jsonb: false },
+            3807 => TypeClass::TextArray { jsonb: true },
             // Types created in the database (citext, enums, composites …) have OIDs
             // above the built-in range; their text form is text. Their binary form may
             // not be: the masker asks the catalog and treats opaque ones as `Other`.
@@ -124,24 +130,23 @@ impl CellType {
         }
     }
 
-    /// Whether detectors should read it: text, and the text form of types that can
-    /// hold text (arrays, composites, ranges …), not numbers or dates.
+    /// Whether detectors should read it: text, the elements of text arrays, and the
+    /// text form of types that can hold text (arrays, composites, ranges …), not
+    /// numbers or dates.
     pub fn scannable(&self) -> bool {
-        self.is_text() || (!self.binary && self.class == TypeClass::Other)
+        self.is_text() || matches!(self.class, TypeClass::TextArray { .. }) || (!self.binary && self.class == TypeClass::Other)
     }
 }
 
 /// Whether binary values of a type (of class [`TypeClass::Other`]) can hold free text
-/// the detectors cannot read in that form: arrays of text-like types, records,
-/// tsvector/tsquery (words of the text they index) and anyarray (pg_stats' sample
-/// values). Arrays of numbers, times or identifiers cannot, nor can bytea (its text
+/// the detectors cannot read in that form: records, tsvector/tsquery (words of the text they index) and anyarray (pg_stats' sample
+/// values). Arrays of text-like types are [`TypeClass::TextArray`], read element by
+/// element. Arrays of numbers, times or identifiers cannot, nor can bytea (its text
 /// form is hex, which the detectors cannot read either: it is left alone in both).
 pub fn may_hold_text(type_oid: u32) -> bool {
     matches!(
         type_oid,
-        1009 | 1015 | 1014 | 1003 | 1002 // text[], varchar[], bpchar[], name[], char[]
-            | 199 | 3807 | 143 // json[], jsonb[], xml[]
-            | 2249 | 2287 // record, record[]
+        2249 | 2287 // record, record[]
             | 3614 | 3615 | 3643 | 3645 // tsvector, tsquery and their arrays
             | 2277 // anyarray
     )
@@ -216,7 +221,10 @@ pub fn apply_into(
     use TypeClass as T;
     Ok(match strategy {
         Strategy::Keep => Outcome::Same,
-        Strategy::Detect => detect(ctx, cache, ty, value, counts, out),
+        Strategy::Detect => match ty.class {
+            TypeClass::TextArray { jsonb } if ty.binary => detect_in_array(ctx, cache, jsonb, value, counts, out)?,
+            _ => detect(ctx, cache, ty, value, counts, out),
+        },
         Strategy::Redact { token, null } => {
             if *null || !ty.is_text() {
                 Outcome::Null
@@ -282,6 +290,79 @@ pub fn apply_into(
         },
         Strategy::Year => year(ctx, ty, value, out)?,
     })
+}
+
+/// The detectors over each element of a binary array of text-like elements
+/// (`array_send`: the number of dimensions, a has-NULLs flag, the element type, each
+/// dimension's size and lower bound, then each element's length — -1 for NULL — and
+/// bytes). The header is kept; changed elements get their new lengths. A value that
+/// does not read to its end exactly is malformed (the result is refused).
+fn detect_in_array(
+    ctx: &Context<'_>,
+    cache: &mut DetectCache,
+    jsonb: bool,
+    value: &[u8],
+    counts: &mut Counts,
+    out: &mut Vec<u8>,
+) -> Result<Outcome, StrategyError> {
+    let start = out.len();
+    let scanned = (|| {
+        let malformed = || StrategyError::Malformed { what: "array", len: value.len() };
+        let int = |at: usize| value.get(at..at + 4).map(|b| i32::from_be_bytes(b.try_into().expect("invariant: 4 bytes")));
+        let dims = usize::try_from(int(0).ok_or_else(malformed)?).map_err(|_| malformed())?;
+        // PostgreSQL allows at most 6 dimensions (MAXDIM).
+        if dims > 6 {
+            return Err(malformed());
+        }
+        let header = 12 + 8 * dims;
+        let mut elements: usize = usize::from(dims > 0);
+        for d in 0..dims {
+            let size = usize::try_from(int(12 + 8 * d).ok_or_else(malformed)?).map_err(|_| malformed())?;
+            elements = elements.checked_mul(size).ok_or_else(malformed)?;
+        }
+        out.extend_from_slice(value.get(..header).ok_or_else(malformed)?);
+        let mut at = header;
+        let mut changed = false;
+        // Each element takes at least its 4-byte length: a declared count larger
+        // than the value ends at the first missing length.
+        for _ in 0..elements {
+            let len = int(at).ok_or_else(malformed)?;
+            at += 4;
+            let Ok(len) = usize::try_from(len) else {
+                out.extend_from_slice(&(-1i32).to_be_bytes());
+                continue;
+            };
+            let element = value.get(at..at + len).ok_or_else(malformed)?;
+            at += len;
+            let (version, text) = match jsonb {
+                true => element.split_first().map(|(v, t)| (Some(*v), t)).ok_or_else(malformed)?,
+                false => (None, element),
+            };
+            match ctx.detectors.scan_with(cache, text, counts) {
+                Some(new) => {
+                    changed = true;
+                    let new_len = i32::try_from(new.len() + usize::from(version.is_some())).map_err(|_| malformed())?;
+                    out.extend_from_slice(&new_len.to_be_bytes());
+                    out.extend(version);
+                    out.extend_from_slice(&new);
+                }
+                None => {
+                    out.extend_from_slice(&value[at - len - 4..at]);
+                }
+            }
+        }
+        if at != value.len() {
+            return Err(malformed());
+        }
+        Ok(changed)
+    })();
+    match scanned {
+        Ok(true) => Ok(Outcome::Written),
+        other => {
+            out.truncate(start);
+            other.map(|_| Outcome::Same)
+        }
+    }
 }
 
 fn detect(ctx: &Context<'_>, cache: &mut DetectCache, ty: CellType, value: &[u8], counts: &mut Counts, out: &mut Vec<u8>) -> Outcome {
@@ -570,6 +651,75 @@ mod tests {
         match m {
             Masked::Value(v) => String::from_utf8(v).unwrap(),
             other => format!("{other:?}"),
+        }
+    }
+
+    /// A one-dimensional binary array (`array_send`) of `elements` of type `elem`.
+    fn binary_array(elem: u32, elements: &[Option<&[u8]>]) -> Vec<u8> {
+        let mut v = Vec::new();
+        for x in [1, i32::from(elements.iter().any(Option::is_none)), elem as i32, elements.len() as i32, 1] {
+            v.extend_from_slice(&x.to_be_bytes());
+        }
+        for e in elements {
+            match e {
+                Some(b) => {
+                    v.extend_from_slice(&(b.len() as i32).to_be_bytes());
+                    v.extend_from_slice(b);
+                }
+                None => v.extend_from_slice(&(-1i32).to_be_bytes()),
+            }
+        }
+        v
+    }
+
+    #[test]
+    fn binary_text_arrays_have_each_element_scanned_and_stay_valid() {
+        let text = TypeClass::of(1009);
+        assert_eq!(text, TypeClass::TextArray { jsonb: false });
+        assert!(CellType { class: text, binary: true }.scannable());
+        let phone = b"call 617-555-0134 after six";
+        let v = binary_array(25, &[Some(b"stable"), None, Some(phone), Some(b"")]);
+        let Masked::Value(out) = run(&Strategy::Detect, text, true, &v) else { panic!("the phone number is masked") };
+        let masked = String::from_utf8_lossy(b"call [PHONE] after six").into_owned();
+        assert_eq!(out, binary_array(25, &[Some(b"stable"), None, Some(masked.as_bytes()), Some(b"")]), "header kept, lengths rewritten");
+        // Nothing to mask: forwarded as it is. An empty array has no dimensions.
+        assert_eq!(run(&Strategy::Detect, text, true, &binary_array(25, &[Some(b"stable")])), Masked::Same);
+        assert_eq!(run(&Strategy::Detect, text, true, &[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 25]), Masked::Same);
+        // jsonb[]: each element is a version byte, then the JSON text.
+        let json = [&[1u8][..], br#"{"phone": "617-555-0134"}"#].concat();
+        let Masked::Value(out) = run(&Strategy::Detect, TypeClass::of(3807), true, &binary_array(3802, &[Some(&json)])) else { panic!() };
+        assert_eq!(out, binary_array(3802, &[Some(&[&[1u8][..], br#"{"phone": "[PHONE]"}"#].concat())]));
+        // A rule with no array form: NULL, as before.
+        assert_eq!(run(&Strategy::Partial { keep_last: 4 }, text, true, &v), Masked::Null);
+    }
+
+    #[test]
+    fn malformed_binary_arrays_are_refused() {
+        let d = Detectors::new(&Kind::ALL, &[]).unwrap();
+        let mac = keyed(b"test key with enough bytes......");
+        let ctx = Context { mac: &mac, detectors: &d, current_year: 2026 };
+        let good = binary_array(25, &[Some(b"617-555-0134")]);
+        let mut huge = good.clone();
+        huge[12..16].copy_from_slice(&i32::MAX.to_be_bytes()); // more elements than bytes
+        let mut negative = good.clone();
+        negative[0..4].copy_from_slice(&(-1i32).to_be_bytes());
+        let mut deep = good.clone();
+        deep[0..4].copy_from_slice(&7i32.to_be_bytes());
+        let mut long = good.clone();
+        long[20..24].copy_from_slice(&1000i32.to_be_bytes()); // an element past the end
+        for (what, v) in [
+            ("truncated", &good[..good.len() - 1]),
+            ("trailing bytes", &[&good[..], b"x"].concat()[..]),
+            ("more elements than bytes", &huge[..]),
+            ("negative dimensions", &negative[..]),
+            ("more than 6 dimensions", &deep[..]),
+            ("an element past the end", &long[..]),
+            ("no header", &[0, 0, 0, 1][..]),
+        ] {
+            let mut out = b"row".to_vec();
+            let r = apply_into(&Strategy::Detect, &ctx, &mut d.cache(), CellType { class: TypeClass::of(1009), binary: true }, v, &mut Counts::new(), &mut out);
+            assert!(r.is_err(), "{what}: {r:?}");
+            assert_eq!(out, b"row", "{what}: nothing appended");
         }
     }
 

@@ -755,10 +755,16 @@ fn a_decoy_sharing_a_column_name_does_not_override_the_columns_position() {
 #[test]
 fn binary_values_the_detectors_cannot_read_are_not_sent_as_they_are() {
     let mut m = masker();
-    // text[] in binary: no rule (labs), but it could hold free text.
+    // A record in binary: no rule (labs), but it could hold free text.
+    let record = [0u8, 0, 0, 1, 0, 0, 0, 25, 0, 0, 0, 3, b'A', b'1', b'C'];
+    assert_eq!(one_row(&mut m, "select row(test) from labs", &[field("row", 0, 0, 2249, 1)], &[Some(&record)]), ["NULL"]);
+    // text[] in binary: each element goes through the detectors.
     let array = [0u8, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 25, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 3, b'A', b'1', b'C'];
-    assert_eq!(one_row(&mut m, "select array_agg(test) from labs", &[field("array_agg", 0, 0, 1009, 1)], &[Some(&array)]), ["NULL"]);
-    // …and from a masked column.
+    assert_eq!(one_row(&mut m, "select array_agg(test) from labs", &[field("array_agg", 0, 0, 1009, 1)], &[Some(&array)]), [String::from_utf8_lossy(&array)]);
+    let phone = [&[0u8, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 25, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 12][..], b"617-555-0134"].concat();
+    let masked = [&[0u8, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 25, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 7][..], b"[PHONE]"].concat();
+    assert_eq!(one_row(&mut m, "select array_agg(test) from labs", &[field("array_agg", 0, 0, 1009, 1)], &[Some(&phone)]), [String::from_utf8_lossy(&masked)]);
+    // …and from a masked column: the rule (a hash) has no array form.
     assert_eq!(one_row(&mut m, "select array_agg(name) from patients", &[field("array_agg", 0, 0, 1009, 1)], &[Some(&array)]), ["NULL"]);
     // Binary numbers and booleans hold no free text.
     let out =
