@@ -171,7 +171,33 @@ pub struct ColumnPlan {
     pub strategy: Strategy,
     /// The rule that chose the strategy; None for free-text detection or nothing.
     pub rule: Option<usize>,
+    /// Why a column no rule chose is masked anyway (its cells are counted under
+    /// [`Fallback::id`]).
+    pub fallback: Option<Fallback>,
     pub ty: CellType,
+}
+
+/// Masking that no rule of the profile asked for, but that failing closed needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fallback {
+    /// A computed column whose sources phigate cannot trace got the profile's
+    /// redaction.
+    Untraceable,
+    /// A binary value the detectors cannot read (a record, a tsvector, a type of the
+    /// database's own layout) was sent as NULL.
+    Unreadable,
+}
+
+impl Fallback {
+    const ALL: [Fallback; 2] = [Fallback::Untraceable, Fallback::Unreadable];
+
+    /// The id its cells are counted under, beside the profile's rule ids.
+    pub fn id(self) -> &'static str {
+        match self {
+            Fallback::Untraceable => "phigate.untraceable-column",
+            Fallback::Unreadable => "phigate.unreadable-binary",
+        }
+    }
 }
 
 /// How to mask the rows of one result.
@@ -377,7 +403,7 @@ impl Masker {
             named: HashMap::new(),
             keyword_scan: None,
             summary: Summary::default(),
-            rule_counts: vec![0; n],
+            rule_counts: vec![0; n + Fallback::ALL.len()],
             finished: Vec::new(),
             out: BytesMut::new(),
             scratch: Vec::new(),
@@ -747,9 +773,14 @@ impl Masker {
         if s.rows == 0 && s.cells_masked == 0 && s.by_kind.is_empty() {
             return;
         }
+        let rules = self.profile.rules.len();
         for (i, n) in self.rule_counts.iter_mut().enumerate() {
             if *n > 0 {
-                s.by_rule.push((self.profile.rules[i].id.clone(), *n));
+                let id = match i.checked_sub(rules) {
+                    None => self.profile.rules[i].id.clone(),
+                    Some(f) => Arc::from(Fallback::ALL[f].id()),
+                };
+                s.by_rule.push((id, *n));
                 *n = 0;
             }
         }
@@ -1067,21 +1098,26 @@ impl Masker {
                 }
             }
             let detecting = self.profile.free_text && !self.profile.detectors.is_empty();
+            let mut fallback = None;
             let (strategy, rule) = match best {
                 Some(idx) if !untraced || self.profile.rules[idx].strategy.strength() > Strategy::Detect.strength() => {
                     (self.profile.rules[idx].strategy.clone(), Some(idx))
                 }
-                _ if untraced => (self.redaction(), None),
+                _ if untraced => {
+                    fallback = Some(Fallback::Untraceable);
+                    (self.redaction(), None)
+                }
                 None if detecting && ty.scannable() => (Strategy::Detect, None),
                 // A binary value of a type that can hold text (an array, a record,
                 // bytea): the detectors cannot read it, so it is not sent as it is.
                 // NULL is a valid value of every type.
                 None if detecting && ty.binary && ty.class == TypeClass::Other && (opaque || strategy::may_hold_text(f.type_oid)) => {
+                    fallback = Some(Fallback::Unreadable);
                     (Strategy::Redact { token: String::new(), null: true }, None)
                 }
                 _ => (Strategy::Keep, None),
             };
-            columns.push(ColumnPlan { strategy, rule, ty });
+            columns.push(ColumnPlan { strategy, rule, fallback, ty });
         }
         Ok(Ok(Plan { columns }))
     }
@@ -1138,6 +1174,8 @@ impl Masker {
             self.summary.cells_masked += 1;
             if let Some(r) = col.rule {
                 self.rule_counts[r] += 1;
+            } else if let Some(f) = col.fallback {
+                self.rule_counts[self.profile.rules.len() + f as usize] += 1;
             }
         }
         Ok(m)
