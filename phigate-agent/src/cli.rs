@@ -138,6 +138,11 @@ pub enum AuditCommand {
         /// configuration's signing key, else the log's own audit.pub, with a warning).
         #[arg(long)]
         public_key: Option<String>,
+        /// A copy of head.json kept off the node (repeatable): its record must be in
+        /// the log, so a head put back from before with the records after it
+        /// removed is found.
+        #[arg(long, value_name = "FILE")]
+        anchor: Vec<PathBuf>,
     },
     /// Find records.
     Query {

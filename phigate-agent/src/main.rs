@@ -121,8 +121,16 @@ fn audit_command(command: AuditCommand, config: Option<&Config>) -> anyhow::Resu
         d.or_else(|| config.map(|c| c.audit.dir.clone())).context("give --dir (no configuration to take audit.dir from)")
     };
     match command {
-        AuditCommand::Verify { dir, public_key } => {
+        AuditCommand::Verify { dir, public_key, anchor } => {
             let dir = dir_of(dir)?;
+            let anchors = anchor
+                .iter()
+                .map(|p| {
+                    let text = std::fs::read_to_string(p).with_context(|| format!("reading the anchor {}: give a copy of head.json", p.display()))?;
+                    let head = serde_json::from_str(&text).with_context(|| format!("the anchor {} is not a copy of head.json (not JSON)", p.display()))?;
+                    Ok(audit::verify::Anchor { source: p.display().to_string(), head })
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
             let key = match (public_key, config) {
                 (Some(k), _) => audit::crypto::load_public_key(&k)?,
                 (None, Some(c)) if c.audit.signing_key_file.exists() => audit::crypto::load_signing_key(&c.audit.signing_key_file)?.verifying_key(),
@@ -133,7 +141,7 @@ fn audit_command(command: AuditCommand, config: Option<&Config>) -> anyhow::Resu
                 }
             };
             let mut shown = 0u64;
-            let result = audit::verify::verify(&dir, &key, |done, total| {
+            let result = audit::verify::verify_anchored(&dir, &key, &anchors, |done, total| {
                 if total > 16 << 20 && (done * 20 / total.max(1)) > shown {
                     shown = done * 20 / total.max(1);
                     eprintln!("verify: {:>3}% ({} of {} MiB)", shown * 5, done >> 20, total >> 20);
@@ -145,6 +153,9 @@ fn audit_command(command: AuditCommand, config: Option<&Config>) -> anyhow::Resu
                         println!("WARNING: {w}");
                     }
                     println!("OK: {} records in {} segments verify (hashes, chain, signatures), last seq {}", r.records, r.segments, r.last_seq);
+                    if !anchors.is_empty() {
+                        println!("OK: the log holds the records of {} anchored head(s)", anchors.len());
+                    }
                     Ok(ExitCode::SUCCESS)
                 }
                 Err(f) => {

@@ -148,6 +148,15 @@ fn an_auditor_can_answer_who_what_when_masked_approved_and_replay() {
     let o = audit(&e, &["verify"]);
     assert!(o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("OK:"), "{}", text(&o));
+    // With a copy of the signed head kept elsewhere as an anchor; an anchor that is
+    // not a copy of head.json is a clear error.
+    let anchor = e.agent.audit_dir().with_extension("anchor.json");
+    std::fs::copy(e.agent.audit_dir().join("head.json"), &anchor).unwrap();
+    let o = audit(&e, &["verify", "--anchor", anchor.to_str().unwrap()]);
+    let _ = std::fs::remove_file(&anchor);
+    assert!(o.status.success() && text(&o).contains("anchored head"), "{}", text(&o));
+    let o = audit(&e, &["verify", "--anchor", e.agent.config_path().to_str().unwrap()]);
+    assert!(!o.status.success() && text(&o).contains("not a copy of head.json"), "{}", text(&o));
 
     // A filter that cannot match is an error, not an empty answer.
     for (bad, flag) in

@@ -11,7 +11,7 @@ use super::{
     log::{segment_name, segments, Log, LogError},
     prune,
     record::{kind, Record},
-    verify::{verify, Failure},
+    verify::{verify, verify_anchored, Anchor, Failure},
 };
 
 struct Dir(PathBuf);
@@ -681,4 +681,45 @@ fn a_head_older_than_the_last_checkpoint_is_reported() {
     fs::copy(newer.0.join(super::log::HEAD_FILE), &head).unwrap();
     let f = check(&d).unwrap_err();
     assert!(f.why.contains("signed head") && f.why.contains("records were removed"), "{f}");
+}
+
+#[test]
+fn an_anchor_kept_elsewhere_shows_a_head_put_back_with_the_records_after_it_removed() {
+    let d = dir("anchor");
+    let keys = PeriodKeys { dir: d.0.with_extension("keys") };
+    let (mut log, _) = Log::open(&d.0, key(), keys, 1 << 20).unwrap();
+    let head = d.0.join(super::log::HEAD_FILE);
+    let read_head = || serde_json::from_slice::<serde_json::Value>(&fs::read(&head).unwrap()).unwrap();
+    for i in 0..3 {
+        log.append(kind::STATEMENT, json!({"stmt": i}));
+    }
+    log.checkpoint().unwrap();
+    let (old_head, old_segment) = (fs::read(&head).unwrap(), fs::read(live_segment(&d)).unwrap());
+    for i in 3..6 {
+        log.append(kind::STATEMENT, json!({"stmt": i}));
+    }
+    log.checkpoint().unwrap();
+    // A copy of head.json taken off the node, e.g. by a job that collects it hourly.
+    let anchor = Anchor { source: "anchors/head-1.json".into(), head: read_head() };
+    let anchored = |d: &Dir, anchors: &[Anchor]| verify_anchored(&d.0, &key().verifying_key(), anchors, |_, _| {});
+    let r = anchored(&d, std::slice::from_ref(&anchor)).unwrap();
+    assert!(r.warnings.is_empty(), "{:?}", r.warnings);
+    drop(log);
+    // Someone with the disk puts the older head back and cuts the log to match it:
+    // the directory alone verifies, as an older log would.
+    fs::write(&head, &old_head).unwrap();
+    fs::write(live_segment(&d), &old_segment).unwrap();
+    let alone = check(&d).unwrap();
+    assert!(alone.warnings.is_empty(), "{:?}", alone.warnings);
+    // The anchor shows the cut.
+    let f = anchored(&d, std::slice::from_ref(&anchor)).unwrap_err();
+    assert!(f.why.contains("anchors/head-1.json") && f.why.contains("records were removed"), "{f}");
+    // An anchor not signed by the trusted key proves nothing and fails.
+    let mut forged = anchor.clone();
+    forged.head["seq"] = json!(2);
+    let f = anchored(&d, &[forged]).unwrap_err();
+    assert!(f.segment == "anchors/head-1.json" && f.why.contains("does not verify with the trusted key"), "{f}");
+    // An older anchor the log still holds passes.
+    let older = Anchor { source: "anchors/head-0.json".into(), head: serde_json::from_slice(&old_head).unwrap() };
+    assert!(anchored(&d, &[older]).is_ok());
 }

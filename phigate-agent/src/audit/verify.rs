@@ -16,8 +16,11 @@
 //! A head older than the last seal or checkpoint in the log is a warning, not a
 //! failure: a crash or a failed write between committing a checkpoint and replacing
 //! `head.json` leaves exactly that, and nothing is lost by it — the newer signed
-//! records are in the chain and verified. (An old head put back *and* the records
-//! after it removed cannot be told from an older log without a head kept elsewhere.)
+//! records are in the chain and verified. An old head put back *and* the records
+//! after it removed cannot be told from an older log from the directory alone: that is
+//! what anchors are for — copies of `head.json` taken off the node (`--anchor FILE`,
+//! any number). Each must verify with the trusted key and name a record of the chain
+//! with its hash; a log that ends before an anchor's record fails.
 
 use std::{
     fs::File,
@@ -55,8 +58,20 @@ fn fail(segment: &str, line: usize, seq: Option<u64>, why: impl Into<String>) ->
     Failure { segment: segment.to_string(), line, seq, why: why.into() }
 }
 
+/// A signed head kept elsewhere (a copy of `head.json`), and where it came from.
+#[derive(Debug, Clone)]
+pub struct Anchor {
+    pub source: String,
+    pub head: serde_json::Value,
+}
+
 /// Verify the log in `dir` against `key`. `progress(done, total)` hears about bytes.
-pub fn verify(dir: &Path, key: &VerifyingKey, mut progress: impl FnMut(u64, u64)) -> Result<Report, Failure> {
+pub fn verify(dir: &Path, key: &VerifyingKey, progress: impl FnMut(u64, u64)) -> Result<Report, Failure> {
+    verify_anchored(dir, key, &[], progress)
+}
+
+/// [`verify`], and each anchor's record must be in the chain (see the module doc).
+pub fn verify_anchored(dir: &Path, key: &VerifyingKey, anchors: &[Anchor], mut progress: impl FnMut(u64, u64)) -> Result<Report, Failure> {
     let dirname = dir.display().to_string();
     let segs = segments(dir).map_err(|e| fail(&dirname, 0, None, e.to_string()))?;
     let trusted = crypto::public_hex(key);
@@ -97,8 +112,9 @@ pub fn verify(dir: &Path, key: &VerifyingKey, mut progress: impl FnMut(u64, u64)
     let total: u64 = segs.iter().filter_map(|(_, p)| p.metadata().ok()).map(|m| m.len()).sum();
     let mut done = 0u64;
     let mut records = 0u64;
-    // The tombstone's record counts as seen (a head signed before a prune names it).
-    let mut hashes_by_seq_tail: Option<(u64, String)> = None;
+    // The hashes of the records the signed head and the anchors name, as found.
+    let mut named: std::collections::HashMap<u64, String> = std::collections::HashMap::new();
+    let wanted: Vec<u64> = head.iter().chain(anchors.iter().map(|a| &a.head)).filter_map(|h| h["seq"].as_u64()).collect();
     let pruned_through = seq;
     let pruned_hash = hash.clone();
     // The last seal or checkpoint: (seq, kind). The agent writes head.json after each.
@@ -189,10 +205,8 @@ pub fn verify(dir: &Path, key: &VerifyingKey, mut progress: impl FnMut(u64, u64)
                 sealed = r.kind == kind::SEAL;
                 last_signed = Some((r.seq, r.kind.clone()));
             }
-            if let Some(h) = &head {
-                if h["seq"].as_u64() == Some(r.seq) {
-                    hashes_by_seq_tail = Some((r.seq, r.hash.clone()));
-                }
+            if wanted.contains(&r.seq) {
+                named.insert(r.seq, r.hash.clone());
             }
             seq = r.seq;
             hash = r.hash;
@@ -203,29 +217,31 @@ pub fn verify(dir: &Path, key: &VerifyingKey, mut progress: impl FnMut(u64, u64)
         }
     }
     progress(total, total);
-    if let Some(h) = head {
+    // The tombstone's record counts as seen (a head signed before a prune names it).
+    if pruned_through > 0 {
+        named.entry(pruned_through).or_insert(pruned_hash);
+    }
+    // Whether the log holds the record a signed head names, with its hash.
+    let check_head = |h: &serde_json::Value, what: &str, file: &str, warnings: &mut Vec<String>| -> Result<u64, Failure> {
         let (hseq, hhash, hseg) = (h["seq"].as_u64().unwrap_or(0), h["hash"].as_str().unwrap_or(""), h["segment"].as_str().unwrap_or(""));
         let msg = crypto::signed_message("head", hseg, hseq, hhash);
         if !crypto::verify(key, &msg, h["signature"].as_str().unwrap_or("")) {
-            return Err(fail(HEAD_FILE, 1, Some(hseq), "the signed head does not verify with the trusted key"));
+            return Err(fail(file, 1, Some(hseq), format!("{what} does not verify with the trusted key")));
         }
-        if hashes_by_seq_tail.is_none() && hseq == pruned_through && pruned_through > 0 {
-            hashes_by_seq_tail = Some((hseq, pruned_hash.clone()));
+        match named.get(&hseq) {
+            None if hseq < pruned_through => warnings.push(format!("{what} predates the latest prune")),
+            Some(found) if found == hhash => {}
+            Some(_) => return Err(fail(hseg, 0, Some(hseq), format!("the record {what} names was altered"))),
+            None if hseq <= seq => return Err(fail(hseg, 0, Some(hseq), format!("the record {what} names is not in the log"))),
+            None => return Err(fail(hseg, 0, Some(hseq), format!("the log ends at seq {seq}, but {what} says seq {hseq} was written: records were removed"))),
         }
-        match hashes_by_seq_tail {
-            None if hseq < pruned_through => warnings.push("the signed head predates the latest prune".into()),
-            Some((_, found)) if found == hhash => {}
-            Some(_) => return Err(fail(hseg, 0, Some(hseq), "the record the signed head names was altered")),
-            None if hseq <= seq => return Err(fail(hseg, 0, Some(hseq), "the record the signed head names is not in the log")),
-            None => {
-                return Err(fail(
-                    hseg,
-                    0,
-                    Some(hseq),
-                    format!("the log ends at seq {seq}, but the signed head says seq {hseq} was written: records were removed"),
-                ))
-            }
-        }
+        Ok(hseq)
+    };
+    for a in anchors {
+        check_head(&a.head, &format!("the anchored head {}", a.source), &a.source, &mut warnings)?;
+    }
+    if let Some(h) = head {
+        let hseq = check_head(&h, "the signed head", HEAD_FILE, &mut warnings)?;
         if let Some((lseq, lkind)) = last_signed.filter(|(l, _)| *l > hseq) {
             warnings.push(format!(
                 "the signed head (seq {hseq}) is older than the last {lkind} in the log (seq {lseq}): head.json was put back from before, or the agent could not replace it (its log says why); \
