@@ -160,8 +160,11 @@ pub fn upstream_params(msg: &StartupMessage) -> Result<Vec<(String, String)>, St
 
 /// `options` carries backend command-line switches (`-c name=value`, `--name=value`);
 /// the same settings are forbidden there, and so is anything that is not a setting.
+/// The switches are read as the server reads them (see [`split_options`]), so an
+/// escape cannot make the server see a name this check did not.
 fn check_options(options: &str) -> Result<(), String> {
-    let mut words = options.split_whitespace();
+    let words = split_options(options);
+    let mut words = words.iter();
     while let Some(w) = words.next() {
         let setting = if w == "-c" {
             words.next().ok_or_else(|| "options".to_string())?
@@ -174,11 +177,40 @@ fn check_options(options: &str) -> Result<(), String> {
         };
         let (name, value) = setting.split_once('=').unwrap_or((setting, ""));
         let name = name.replace('-', "_").to_ascii_lowercase();
-        if FORBIDDEN_SETTINGS.contains(&name.as_str()) || setting_changes_parsing(&name, value) {
+        // Setting names are identifiers (a dot for extension settings); anything
+        // else is not a name this check can vouch for.
+        let plain = !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.');
+        if !plain || FORBIDDEN_SETTINGS.contains(&name.as_str()) || setting_changes_parsing(&name, value) {
             return Err(format!("options ({name})"));
         }
     }
     Ok(())
+}
+
+/// Split `options` into words as PostgreSQL does (`pg_split_opts`): at ASCII
+/// whitespace, where a backslash makes the next character literal (an escaped space
+/// joins two words; `rol\e` is `role`) and is itself dropped.
+fn split_options(options: &str) -> Vec<String> {
+    let mut words = Vec::new();
+    let mut chars = options.chars().peekable();
+    loop {
+        while chars.next_if(|c| c.is_ascii_whitespace() || *c == '\u{0b}').is_some() {}
+        if chars.peek().is_none() {
+            return words;
+        }
+        let mut word = String::new();
+        while let Some(c) = chars.next_if(|c| !(c.is_ascii_whitespace() || *c == '\u{0b}')) {
+            if c == '\\' {
+                // The escaped character, whatever it is (a trailing backslash is dropped).
+                if let Some(escaped) = chars.next() {
+                    word.push(escaped);
+                }
+            } else {
+                word.push(c);
+            }
+        }
+        words.push(word);
+    }
 }
 
 /// `_pq_.*` protocol options the client asked for (none are supported).
@@ -218,6 +250,22 @@ mod tests {
         assert!(upstream_params(&msg(&[("user", "x"), ("options", "-D /tmp")])).is_err(), "non-setting switches");
         assert!(upstream_params(&msg(&[("user", "x"), ("replication", "database")])).is_err());
         assert!(upstream_params(&msg(&[("user", "x"), ("replication", "false")])).is_ok());
+    }
+
+    #[test]
+    fn backslash_escapes_in_options_cannot_hide_a_forbidden_setting() {
+        // PostgreSQL splits `options` on whitespace and drops a backslash before any
+        // character (pg_split_opts): `rol\e` reaches the server as `role`.
+        assert!(upstream_params(&msg(&[("user", "x"), ("options", r"-c rol\e=admin")])).is_err());
+        assert!(upstream_params(&msg(&[("user", "x"), ("options", r"-crol\e=admin")])).is_err());
+        assert!(upstream_params(&msg(&[("user", "x"), ("options", r"--session\_authorization=admin")])).is_err());
+        assert!(upstream_params(&msg(&[("user", "x"), ("options", r"-c standard_conforming_string\s=off")])).is_err());
+        assert!(upstream_params(&msg(&[("user", "x"), ("options", r"-c client_encoding=SJ\IS")])).is_err());
+        // An escaped space joins two words into one switch, as the server sees it.
+        assert!(upstream_params(&msg(&[("user", "x"), ("options", r"-c\ role=admin")])).is_err());
+        assert!(upstream_params(&msg(&[("user", "x"), ("options", r"\-c role=admin")])).is_err());
+        // Escapes that hide nothing still pass.
+        assert!(upstream_params(&msg(&[("user", "x"), ("options", r"-c search_path=my\ schema,public")])).is_ok());
     }
 
     #[test]
