@@ -32,8 +32,28 @@ use tracing::{info, warn};
 
 use crate::policy::approval::{ApprovalError, Approver, Broker};
 
-/// Finds the workload identity of a process (by pid), if it runs in a protected cgroup.
-pub type WorkloadOf = Arc<dyn Fn(u32) -> Option<String> + Send + Sync>;
+/// Finds the workload identity of a process (by pid): `Ok(Some)` if it runs in a
+/// protected cgroup, `Ok(None)` if it does not, `Err` if that cannot be told (the
+/// process is gone, its cgroup unreadable).
+pub type WorkloadOf = Arc<dyn Fn(u32) -> Result<Option<String>, String> + Send + Sync>;
+
+/// The workload identity of process `pid`: its cgroup (from `/proc`) and each
+/// ancestor up to the root, asking `protected` (cgroup path relative to the cgroup2
+/// root) which identity protects it. A process whose cgroup cannot be read (it exited
+/// after connecting) is an error, never "not a workload": it may be the requester.
+pub fn caller_workload(pid: u32, protected: &dyn Fn(&str) -> Option<String>) -> Result<Option<String>, String> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).map_err(|e| format!("cannot read the cgroup of pid {pid}: {e}"))?;
+    let mut rel = text.lines().find_map(|l| l.strip_prefix("0::")).ok_or_else(|| format!("pid {pid} has no cgroup2 membership"))?.trim_matches('/').to_string();
+    loop {
+        if let Some(identity) = protected(&rel) {
+            return Ok(Some(identity));
+        }
+        if rel.is_empty() {
+            return Ok(None);
+        }
+        rel = rel.rsplit_once('/').map(|(a, _)| a.to_string()).unwrap_or_default();
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
@@ -95,8 +115,20 @@ pub async fn serve(listener: UnixListener, broker: Arc<Broker>, workload_of: Wor
                     .flatten()
                     .map(|u| u.name)
                     .unwrap_or_else(|| cred.uid().to_string());
-                let workload = cred.pid().and_then(|p| u32::try_from(p).ok()).and_then(|p| workload_of(p));
-                Approver { name: format!("unix:{user}"), workload }
+                // Whether the caller runs in a protected cgroup decides whether it may
+                // approve; a caller nobody can place (gone, or in another pid namespace:
+                // pid 0) is refused rather than taken for a person.
+                let workload = match cred.pid().and_then(|p| u32::try_from(p).ok()).filter(|p| *p != 0) {
+                    Some(pid) => workload_of(pid),
+                    None => Err("the caller's pid is not visible to the agent".into()),
+                };
+                match workload {
+                    Ok(workload) => Approver { name: format!("unix:{user}"), workload },
+                    Err(e) => {
+                        warn!(error = %e, user = %user, "cannot tell whether an admin API caller runs in a protected cgroup; refusing");
+                        continue;
+                    }
+                }
             }
             Err(e) => {
                 warn!(error = %e, "cannot identify an admin API caller; refusing");
@@ -180,4 +212,60 @@ pub async fn call(socket: &Path, method: Method, path: &str, body: Option<serde_
     let bytes = resp.into_body().collect().await.map_err(|e| AdminError::Http(e.to_string()))?.to_bytes();
     let json = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
     Ok((status, json))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::approval::{Requester, Status};
+
+    const SOCKET_ENV: &str = "PHIGATE_TEST_ADMIN_SOCKET";
+
+    /// Run in a child process by `a_caller_whose_cgroup_cannot_be_read_may_not_decide`:
+    /// connect, send an approval, and exit before the agent looks at who called.
+    #[test]
+    #[ignore = "helper: runs in a child process"]
+    fn helper_approve_and_exit() {
+        let Ok(path) = std::env::var(SOCKET_ENV) else { return };
+        use std::io::Write;
+        let mut s = std::os::unix::net::UnixStream::connect(path).expect("connect");
+        let body = r#"{"reason": "mine"}"#;
+        write!(s, "POST /v1/approvals/1/approve HTTP/1.1\r\nhost: phigate\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}", body.len()).expect("write");
+    }
+
+    #[tokio::test]
+    async fn a_caller_whose_cgroup_cannot_be_read_may_not_decide() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("admin.sock");
+        let listener = bind(&path).expect("bind");
+        let broker = Arc::new(Broker::new(Duration::from_secs(60), Duration::from_secs(3600)));
+        let requester = Requester { identity: "billing".into(), token_subject: None, session_id: 1, audit_session: "s-1".into(), pid: 2, cgroup: "c".into() };
+        let ticket = broker.request(requester, "clinical", "clinical", "select * from patients", "baseline.unbounded-phi-read", "r", 7);
+        assert_eq!(ticket.id, 1);
+        // Every other process on this machine runs in a cgroup protected for
+        // "billing"; this test process is a person's.
+        let workload_of: WorkloadOf = Arc::new(|pid| if pid == std::process::id() { Ok(None) } else { caller_workload(pid, &|_| Some("billing".into())) });
+        // The caller (a "billing" process) has exited, and been reaped, before the
+        // agent accepts its connection: its cgroup can no longer be read.
+        let status = std::process::Command::new(std::env::current_exe().expect("test binary"))
+            .args(["admin::tests::helper_approve_and_exit", "--exact", "--ignored", "--quiet"])
+            .env(SOCKET_ENV, &path)
+            .stdout(std::process::Stdio::null())
+            .status()
+            .expect("run the helper");
+        assert!(status.success());
+        let server = tokio::spawn(serve(listener, broker.clone(), workload_of));
+        for _ in 0..20 {
+            if !matches!(broker.show(1).map(|r| r.status), Some(Status::Pending { .. })) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let record = broker.show(1).expect("the request is known");
+        assert!(matches!(record.status, Status::Pending { .. }), "a caller that may be the requester decided: {:?}", record.status);
+        // A caller the agent can place still decides.
+        let (status, _) = call(&path, Method::POST, "/v1/approvals/1/approve", Some(json!({"reason": "ticket 1"}))).await.expect("call");
+        assert_eq!(status, StatusCode::OK);
+        server.abort();
+    }
 }

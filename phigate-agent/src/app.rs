@@ -290,19 +290,10 @@ fn build_broker(config: &Config) -> Arc<Broker> {
 /// the protected-cgroup map (for the admin API's self-approval check).
 fn workload_of(state: Arc<KernelState>, cgroups: CgroupFs) -> admin::WorkloadOf {
     Arc::new(move |pid| {
-        let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
-        let mut rel = text.lines().find_map(|l| l.strip_prefix("0::"))?.trim_matches('/').to_string();
-        loop {
-            if let Ok(cg) = cgroups.resolve(&rel) {
-                if let Some(v) = state.protected_cgroup(cg.id) {
-                    return Some(c_str(&v.identity));
-                }
-            }
-            if rel.is_empty() {
-                return None;
-            }
-            rel = rel.rsplit_once('/').map(|(a, _)| a.to_string()).unwrap_or_default();
-        }
+        admin::caller_workload(pid, &|rel| {
+            let cg = cgroups.resolve(rel).ok()?;
+            state.protected_cgroup(cg.id).map(|v| c_str(&v.identity))
+        })
     })
 }
 
