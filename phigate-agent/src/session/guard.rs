@@ -64,9 +64,12 @@ impl Guard {
     }
 
     fn hold(&self, session: &Session, name: Option<&str>, sql: &str, d: Decision) -> Action {
-        // FULL_RELNAME: by default pg_query fingerprints similar table names alike, and a
-        // grant for one table must not cover another.
-        let fingerprint = pg_query::fingerprint(sql, 0, pg_query::FingerprintOptions::FULL_RELNAME).map(|f| f.value).unwrap_or(0);
+        // A grant for one table must not cover another. By default pg_query
+        // fingerprints similar table names alike (FULL_RELNAME), and, in SELECT and
+        // DML, an aliased table by its alias alone and any table without its schema
+        // (RANGEVAR_PG17_COMPAT): `FROM patients p` and `FROM encounters p` would match.
+        let options = pg_query::FingerprintOptions::FULL_RELNAME | pg_query::FingerprintOptions::RANGEVAR_PG17_COMPAT;
+        let fingerprint = pg_query::fingerprint(sql, 0, options).map(|f| f.value).unwrap_or(0);
         if let Some(by) = self.broker.granted(&session.workload.name, fingerprint) {
             info!(session_id = session.id, rule = %d.rule, granted_by = %by, "statement allowed by an approval window");
             if let Some(tap) = &self.audit {
@@ -190,3 +193,46 @@ impl Stage for Guard {
 
 /// How long `phigate approvals` may wait for the agent's answer.
 pub const ADMIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+    use crate::policy::{approval::Approver, BaselineSettings};
+
+    /// A guard for identity "w" whose every statement needs approval.
+    fn guard() -> (Guard, Arc<Broker>) {
+        let policy = Policy {
+            baseline: BaselineSettings { enabled: false, phi_tables: Vec::new(), unbounded_read_limit: 1000 },
+            rules: Vec::new(),
+            defaults: HashMap::from([("w".to_string(), Verdict::Approve)]),
+        };
+        let broker = Arc::new(Broker::new(Duration::from_secs(60), Duration::from_secs(3600)));
+        (Guard::new(Arc::new(policy), broker.clone(), &crate::session::stage::tests::session(), None), broker)
+    }
+
+    fn query(sql: &str) -> Frame {
+        let mut body = sql.as_bytes().to_vec();
+        body.push(0);
+        Frame::build(tag::QUERY, &body)
+    }
+
+    #[tokio::test]
+    async fn a_grant_window_covers_the_same_statement_only() {
+        let (mut guard, broker) = guard();
+        let session = crate::session::stage::tests::session();
+        let Action::Hold(decision, _) = guard.frontend(&session, &query("SELECT * FROM patients p WHERE p.id = 1")) else { panic!("held") };
+        let id = broker.list()[0].id;
+        let person = Approver { name: "unix:alice".into(), workload: None };
+        broker.decide(id, &person, true, "ticket 1", Some(Duration::from_secs(600))).expect("approve");
+        assert!(decision.await.is_ok());
+        // Constants aside, the same statement runs without asking.
+        assert!(matches!(guard.frontend(&session, &query("SELECT * FROM patients p WHERE p.id = 2")), Action::Forward));
+        // Another table (under the same alias, or in another schema) is another
+        // statement.
+        for other in ["SELECT * FROM encounters p WHERE p.id = 1", "SELECT * FROM archive.patients p WHERE p.id = 1"] {
+            assert!(matches!(guard.frontend(&session, &query(other)), Action::Hold(..)), "{other} ran under the grant for patients");
+        }
+    }
+}
