@@ -121,14 +121,24 @@ pub fn epoch_secs(t: SystemTime) -> u64 {
     t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
+/// What an approval window covers: the statement (by fingerprint) from one identity,
+/// against the database service and PostgreSQL database the approver was shown.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct GrantKey {
+    pub identity: String,
+    pub database: String,
+    pub dbname: String,
+    pub fingerprint: u64,
+}
+
 /// The approval state of one agent.
 pub struct Broker {
     next_id: AtomicU64,
     pending: Mutex<HashMap<u64, Pending>>,
     /// The latest decisions, oldest first (bounded).
     decided: Mutex<std::collections::VecDeque<Record>>,
-    /// (identity, fingerprint) → expiry.
-    grants: Mutex<HashMap<(String, u64), (Instant, String)>>,
+    /// What a window covers → expiry and approver.
+    grants: Mutex<HashMap<GrantKey, (Instant, String)>>,
     pub timeout: Duration,
     pub max_window: Duration,
     events: Mutex<Vec<Listener>>,
@@ -170,14 +180,13 @@ impl Broker {
         }
     }
 
-    /// A live grant for this identity and statement fingerprint, with who granted it.
-    pub fn granted(&self, identity: &str, fingerprint: u64) -> Option<String> {
+    /// A live grant covering `key`, with who granted it.
+    pub fn granted(&self, key: &GrantKey) -> Option<String> {
         let mut g = self.grants.lock().expect("invariant: lock not poisoned");
-        let key = (identity.to_string(), fingerprint);
-        match g.get(&key) {
+        match g.get(key) {
             Some((until, by)) if *until > Instant::now() => Some(by.clone()),
             Some(_) => {
-                g.remove(&key);
+                g.remove(key);
                 None
             }
             None => None,
@@ -250,10 +259,13 @@ impl Broker {
         let now = epoch_secs(SystemTime::now());
         let outcome = if approve {
             if let Some(w) = window.filter(|w| !w.is_zero()) {
-                self.grants
-                    .lock()
-                    .expect("invariant: lock not poisoned")
-                    .insert((p.view.requester.identity.clone(), p.fingerprint), (Instant::now() + w, approver.name.clone()));
+                let key = GrantKey {
+                    identity: p.view.requester.identity.clone(),
+                    database: p.view.database.clone(),
+                    dbname: p.view.dbname.clone(),
+                    fingerprint: p.fingerprint,
+                };
+                self.grants.lock().expect("invariant: lock not poisoned").insert(key, (Instant::now() + w, approver.name.clone()));
             }
             Outcome::Approved { by: approver.name.clone(), reason: reason.into(), window_secs: window.map(|w| w.as_secs()), decided_at: now }
         } else {
@@ -319,11 +331,13 @@ mod tests {
         let t = b.request(requester("billing"), "d", "d", "s", "r", "r", 99);
         assert!(b.decide(t.id, &human(), true, "ok", Some(Duration::from_secs(7200))).is_err(), "over the maximum");
         b.decide(t.id, &human(), true, "ok", Some(Duration::from_millis(200))).unwrap();
-        assert_eq!(b.granted("billing", 99).as_deref(), Some("unix:alice"));
-        assert_eq!(b.granted("billing", 98), None, "another statement");
-        assert_eq!(b.granted("other", 99), None, "another identity");
+        let key = |identity: &str, fingerprint| GrantKey { identity: identity.into(), database: "d".into(), dbname: "d".into(), fingerprint };
+        assert_eq!(b.granted(&key("billing", 99)).as_deref(), Some("unix:alice"));
+        assert_eq!(b.granted(&key("billing", 98)), None, "another statement");
+        assert_eq!(b.granted(&key("other", 99)), None, "another identity");
+        assert_eq!(b.granted(&GrantKey { dbname: "e".into(), ..key("billing", 99) }), None, "another database");
         std::thread::sleep(Duration::from_millis(250));
-        assert_eq!(b.granted("billing", 99), None, "expired");
+        assert_eq!(b.granted(&key("billing", 99)), None, "expired");
     }
 
     #[test]

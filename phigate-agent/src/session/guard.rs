@@ -20,7 +20,7 @@ use super::{
 use crate::{
     pg::{frame::take_cstr, msg::tag, Frame, PgError, SqlState},
     policy::{
-        approval::{Broker, Outcome, Requester},
+        approval::{Broker, GrantKey, Outcome, Requester},
         cache, unparseable, Decision, Policy, Subject, Verdict,
     },
 };
@@ -70,7 +70,8 @@ impl Guard {
         // (RANGEVAR_PG17_COMPAT): `FROM patients p` and `FROM encounters p` would match.
         let options = pg_query::FingerprintOptions::FULL_RELNAME | pg_query::FingerprintOptions::RANGEVAR_PG17_COMPAT;
         let fingerprint = pg_query::fingerprint(sql, 0, options).map(|f| f.value).unwrap_or(0);
-        if let Some(by) = self.broker.granted(&session.workload.name, fingerprint) {
+        let grant = GrantKey { identity: session.workload.name.clone(), database: session.database.clone(), dbname: session.dbname.clone(), fingerprint };
+        if let Some(by) = self.broker.granted(&grant) {
             info!(session_id = session.id, rule = %d.rule, granted_by = %by, "statement allowed by an approval window");
             if let Some(tap) = &self.audit {
                 tap.lock().expect("invariant: lock not poisoned").granted(name, &by);
@@ -234,5 +235,23 @@ mod tests {
         for other in ["SELECT * FROM encounters p WHERE p.id = 1", "SELECT * FROM archive.patients p WHERE p.id = 1"] {
             assert!(matches!(guard.frontend(&session, &query(other)), Action::Hold(..)), "{other} ran under the grant for patients");
         }
+    }
+
+    #[tokio::test]
+    async fn a_grant_window_covers_the_database_it_was_approved_for_only() {
+        let (mut guard, broker) = guard();
+        let session = crate::session::stage::tests::session();
+        let Action::Hold(decision, _) = guard.frontend(&session, &query("SELECT * FROM patients")) else { panic!("held") };
+        let id = broker.list()[0].id;
+        let person = Approver { name: "unix:alice".into(), workload: None };
+        broker.decide(id, &person, true, "ticket 1", Some(Duration::from_secs(600))).expect("approve");
+        assert!(decision.await.is_ok());
+        assert!(matches!(guard.frontend(&session, &query("SELECT * FROM patients")), Action::Forward));
+        // The same identity and statement against another PostgreSQL database, or
+        // another protected database service: the approver did not see that one.
+        let other_dbname = Session { dbname: "db_prod".into(), ..session.clone() };
+        assert!(matches!(guard.frontend(&other_dbname, &query("SELECT * FROM patients")), Action::Hold(..)), "ran in another database");
+        let other_service = Session { database: "research".into(), ..session };
+        assert!(matches!(guard.frontend(&other_service, &query("SELECT * FROM patients")), Action::Hold(..)), "ran on another database service");
     }
 }
