@@ -14,7 +14,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use jsonwebtoken::{decode, decode_header, errors::ErrorKind, jwk::JwkSet, Algorithm, DecodingKey, Validation};
+use jsonwebtoken::{
+    decode, decode_header,
+    errors::ErrorKind,
+    jwk::{Jwk, JwkSet, KeyOperations, PublicKeyUse},
+    Algorithm, DecodingKey, Validation,
+};
 use serde_json::Value;
 
 /// Where an issuer's signing keys come from.
@@ -167,8 +172,8 @@ impl TokenVerifier {
         let mut keys = self.keys(false).await?;
         let jwk = loop {
             let found = match &header.kid {
-                Some(kid) => keys.find(kid).cloned(),
-                None if keys.keys.len() == 1 => keys.keys.first().cloned(),
+                Some(kid) => signing_key(&keys, Some(kid), header.alg),
+                None if keys.keys.len() == 1 => signing_key(&keys, None, header.alg),
                 None => return Err(TokenError::UnknownKey("<no kid in token>".into())),
             };
             match found {
@@ -176,7 +181,7 @@ impl TokenVerifier {
                 None => {
                     let refreshed = self.keys(true).await?;
                     let kid = header.kid.clone().unwrap_or_default();
-                    if refreshed.find(&kid).is_none() {
+                    if signing_key(&refreshed, header.kid.as_deref(), header.alg).is_none() {
                         return Err(TokenError::UnknownKey(kid));
                     }
                     keys = refreshed;
@@ -210,6 +215,24 @@ impl TokenVerifier {
         };
         Ok(TokenClaims { issuer: self.config.issuer.clone(), subject, groups, expires_at: claims["exp"].as_u64().unwrap_or(0) })
     }
+}
+
+/// The key that may verify a token signed with `alg`: the one with that `kid` (or the
+/// only key, for a token without one) that is published for signatures (`use`,
+/// `key_ops`) and, if it names an algorithm, for this one. An encryption key or a key
+/// meant for another algorithm never verifies a signature, even under the right kid.
+fn signing_key(keys: &JwkSet, kid: Option<&str>, alg: Algorithm) -> Option<Jwk> {
+    keys.keys
+        .iter()
+        .filter(|k| kid.is_none_or(|kid| k.common.key_id.as_deref() == Some(kid)))
+        .find(|k| {
+            let c = &k.common;
+            let for_signatures = matches!(c.public_key_use, None | Some(PublicKeyUse::Signature));
+            let verifies = c.key_operations.as_ref().is_none_or(|ops| ops.contains(&KeyOperations::Verify));
+            let this_alg = c.key_algorithm.is_none_or(|a| a.to_string().parse::<Algorithm>().is_ok_and(|a| a == alg));
+            for_signatures && verifies && this_alg
+        })
+        .cloned()
 }
 
 /// JWKS over plain HTTP could be swapped by anyone on the path: only HTTPS, except
@@ -314,6 +337,32 @@ mod tests {
         assert_eq!(v.verify("not-a-jwt").await, Err(TokenError::Malformed));
         let hs = encode(&Header::new(Algorithm::HS256), &good_claims(), &EncodingKey::from_secret(b"k")).unwrap();
         assert_eq!(v.verify(&hs).await, Err(TokenError::AlgorithmNotAllowed(Algorithm::HS256)));
+    }
+
+    #[tokio::test]
+    async fn keys_not_meant_for_verifying_this_algorithm_are_not_used() {
+        let (key, jwks) = keypair("k1");
+        let edit = |f: &dyn Fn(&mut Value)| {
+            let mut j = jwks.clone();
+            f(&mut j["keys"][0]);
+            j
+        };
+        // An encryption key, a key whose key_ops do not include verify, a key
+        // published for another algorithm: none verifies a signature.
+        for (what, set) in [
+            ("use: enc", edit(&|k| k["use"] = json!("enc"))),
+            ("key_ops without verify", edit(&|k| k["key_ops"] = json!(["encrypt"]))),
+            ("alg: ES384", edit(&|k| k["alg"] = json!("ES384"))),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let v = verifier(&set, dir.path());
+            assert!(v.verify(&token(&key, "k1", good_claims())).await.is_err(), "a key with {what} verified a token");
+        }
+        // Two keys under one kid (an encryption key first): the signing key is used.
+        let dir = tempfile::tempdir().unwrap();
+        let enc = edit(&|k| k["use"] = json!("enc"))["keys"][0].clone();
+        let v = verifier(&json!({"keys": [enc, jwks["keys"][0].clone()]}), dir.path());
+        assert_eq!(v.verify(&token(&key, "k1", good_claims())).await.map(|c| c.subject), Ok("svc-billing".into()));
     }
 
     #[test]
