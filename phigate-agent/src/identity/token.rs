@@ -8,7 +8,6 @@
 
 use std::{
     collections::HashSet,
-    net::IpAddr,
     path::PathBuf,
     sync::Mutex,
     time::{Duration, Instant},
@@ -236,17 +235,23 @@ fn signing_key(keys: &JwkSet, kid: Option<&str>, alg: Algorithm) -> Option<Jwk> 
 }
 
 /// JWKS over plain HTTP could be swapped by anyone on the path: only HTTPS, except
-/// to a loopback address (a local sidecar, tests).
+/// to a loopback address (a local sidecar, tests). The URL is parsed as the HTTP client
+/// parses it, so the host checked is the host connected to (in
+/// `http://localhost:80@idp.example/` that is idp.example).
 pub fn check_url(url: &str) -> Result<(), String> {
-    if url.starts_with("https://") {
-        return Ok(());
+    let parsed = url::Url::parse(url).map_err(|e| format!("{url:?} is not a URL: {e}"))?;
+    match parsed.scheme() {
+        "https" => return Ok(()),
+        "http" => {}
+        _ => return Err(format!("{url:?} is not an http(s) URL")),
     }
-    let Some(rest) = url.strip_prefix("http://") else {
-        return Err(format!("{url:?} is not an http(s) URL"));
+    let loopback = match parsed.host() {
+        Some(url::Host::Domain(d)) => d == "localhost",
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
     };
-    let host = rest.split(['/', '?']).next().unwrap_or("");
-    let host = host.rsplit_once(':').map(|(h, _)| h).unwrap_or(host).trim_start_matches('[').trim_end_matches(']');
-    if host == "localhost" || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback()) {
+    if loopback {
         return Ok(());
     }
     Err(format!("{url:?} uses plain HTTP to a non-loopback host; use https://"))
@@ -373,5 +378,10 @@ mod tests {
         assert!(check_url("http://localhost/jwks").is_ok());
         assert!(check_url("http://idp.example/jwks").is_err());
         assert!(check_url("ftp://x").is_err());
+        // The host is what follows the userinfo: these go to idp.example in plain HTTP.
+        assert!(check_url("http://localhost:80@idp.example/jwks").is_err());
+        assert!(check_url("http://127.0.0.1:8080@idp.example/jwks").is_err());
+        assert!(check_url("http://[::1]:1@idp.example/jwks").is_err());
+        assert!(check_url("http://localhost@idp.example:80/jwks").is_err());
     }
 }
