@@ -795,8 +795,10 @@ impl Validator<'_> {
             return Err(self.err("policy.max_grant_window_secs", format!("{window} is more than a day"), "Use at most 86400."));
         }
         if let Some(url) = &raw.webhook_url {
-            if !(url.starts_with("https://") || url.starts_with("http://")) {
-                return Err(self.err("policy.webhook_url", format!("{url:?} is not an http(s) URL"), "Write e.g. https://approvals.example/phigate."));
+            // Each request carries the held statement's text (PHI in its literals):
+            // plain HTTP only to a loopback address, as for an issuer's keys.
+            if let Err(p) = crate::identity::token::check_url(url) {
+                return Err(self.err("policy.webhook_url", p, "Write e.g. https://approvals.example/phigate."));
             }
         }
         const WAIVABLE: [&str; 2] = ["baseline.unbounded-phi-read", "baseline.bulk-export"];
@@ -990,6 +992,16 @@ create = true
         assert!(err(&GOOD.replace("demo-agent", "bad name")).contains("`protect[0].identity`"));
         assert!(err(&GOOD.replace("\ncgroup = \"phigate-demo\"", "\ncgroup = \"../etc\"")).contains("`protect[0].cgroup`"));
         assert!(err(&GOOD.replace("attach_cgroup = \"phigate-demo\"", "attach_cgroup = \"../etc\"")).contains("`agent.attach_cgroup`"));
+    }
+
+    #[test]
+    fn the_approval_webhook_is_https_unless_loopback() {
+        // Requests carry the held statement's text (PHI in its literals) and who asked.
+        let with = |url: &str| format!("{GOOD}\n[policy]\nwebhook_url = {url:?}\n");
+        assert!(err(&with("http://approvals.example/phigate")).contains("`policy.webhook_url`"));
+        assert!(err(&with("http://localhost:80@approvals.example/phigate")).contains("`policy.webhook_url`"));
+        assert!(parse(&with("https://approvals.example/phigate")).is_ok());
+        assert!(parse(&with("http://127.0.0.1:8080/hook")).is_ok());
     }
 
     #[test]
