@@ -41,11 +41,22 @@ pub type WorkloadOf = Arc<dyn Fn(u32) -> Result<Option<String>, String> + Send +
 /// ancestor up to the root, asking `protected` (cgroup path relative to the cgroup2
 /// root) which identity protects it. A process whose cgroup cannot be read (it exited
 /// after connecting) is an error, never "not a workload": it may be the requester.
-pub fn caller_workload(pid: u32, protected: &dyn Fn(&str) -> Option<String>) -> Result<Option<String>, String> {
+pub fn caller_workload(pid: u32, protected: &dyn Fn(&str) -> Result<Option<String>, String>) -> Result<Option<String>, String> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).map_err(|e| format!("cannot read the cgroup of pid {pid}: {e}"))?;
-    let mut rel = text.lines().find_map(|l| l.strip_prefix("0::")).ok_or_else(|| format!("pid {pid} has no cgroup2 membership"))?.trim_matches('/').to_string();
+    workload_in(&text, protected).map_err(|e| format!("pid {pid}: {e}"))
+}
+
+/// [`caller_workload`] for the text of a `/proc/<pid>/cgroup` file.
+fn workload_in(cgroup_file: &str, protected: &dyn Fn(&str) -> Result<Option<String>, String>) -> Result<Option<String>, String> {
+    let mut rel = cgroup_file.lines().find_map(|l| l.strip_prefix("0::")).ok_or("no cgroup2 membership")?.trim_matches('/').to_string();
+    // "/../.." is how a process outside the agent's cgroup namespace shows: walking
+    // that path up would end at the root, "not protected", whoever it is.
+    if rel.split('/').any(|c| c == "..") {
+        return Err(format!("its cgroup /{rel} lies outside the agent's cgroup namespace"));
+    }
     loop {
-        if let Some(identity) = protected(&rel) {
+        // A cgroup on the way up that cannot be looked at may be the protected one.
+        if let Some(identity) = protected(&rel).map_err(|e| format!("cgroup /{rel}: {e}"))? {
             return Ok(Some(identity));
         }
         if rel.is_empty() {
@@ -233,6 +244,21 @@ mod tests {
         write!(s, "POST /v1/approvals/1/approve HTTP/1.1\r\nhost: phigate\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}", body.len()).expect("write");
     }
 
+    #[test]
+    fn a_caller_that_cannot_be_placed_is_not_taken_for_a_person() {
+        let protected = |rel: &str| Ok((rel == "kubepods/pod1").then(|| "billing".to_string()));
+        assert_eq!(workload_in("0::/kubepods/pod1/c1\n", &protected), Ok(Some("billing".into())));
+        assert_eq!(workload_in("0::/system.slice/sshd.service\n", &protected), Ok(None));
+        // Outside the agent's cgroup namespace (an agent in a container with its own
+        // cgroupns sees the workload's cgroup as "/../.."): the path says nothing about
+        // which cgroup it is.
+        assert!(workload_in("0::/../../kubepods/pod1/c1\n", &protected).is_err());
+        // A cgroup on the way up that cannot be looked at may be the protected one.
+        let unreadable = |rel: &str| if rel == "kubepods/pod1" { Err("cannot stat".to_string()) } else { Ok(None) };
+        assert!(workload_in("0::/kubepods/pod1/c1\n", &unreadable).is_err());
+        assert!(workload_in("1:name=systemd:/\n", &protected).is_err(), "no cgroup2 line");
+    }
+
     #[tokio::test]
     async fn a_caller_whose_cgroup_cannot_be_read_may_not_decide() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -244,7 +270,7 @@ mod tests {
         assert_eq!(ticket.id, 1);
         // Every other process on this machine runs in a cgroup protected for
         // "billing"; this test process is a person's.
-        let workload_of: WorkloadOf = Arc::new(|pid| if pid == std::process::id() { Ok(None) } else { caller_workload(pid, &|_| Some("billing".into())) });
+        let workload_of: WorkloadOf = Arc::new(|pid| if pid == std::process::id() { Ok(None) } else { caller_workload(pid, &|_| Ok(Some("billing".into()))) });
         // The caller (a "billing" process) has exited, and been reaped, before the
         // agent accepts its connection: its cgroup can no longer be read.
         let status = std::process::Command::new(std::env::current_exe().expect("test binary"))

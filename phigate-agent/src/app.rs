@@ -291,8 +291,8 @@ fn build_broker(config: &Config) -> Arc<Broker> {
 fn workload_of(state: Arc<KernelState>, cgroups: CgroupFs) -> admin::WorkloadOf {
     Arc::new(move |pid| {
         admin::caller_workload(pid, &|rel| {
-            let cg = cgroups.resolve(rel).ok()?;
-            state.protected_cgroup(cg.id).map(|v| c_str(&v.identity))
+            let cg = cgroups.resolve(rel).map_err(|e| e.to_string())?;
+            Ok(state.protected_cgroup(cg.id).map(|v| c_str(&v.identity)))
         })
     })
 }
