@@ -81,6 +81,23 @@ pub enum TokenError {
 struct Cached {
     keys: JwkSet,
     fetched: Instant,
+    /// For a file source: the file as it was when read.
+    stamp: Option<FileStamp>,
+}
+
+/// Identifies a version of a JWKS file: a rewrite, or a Kubernetes volume's swap of
+/// the file behind a symlink, changes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileStamp {
+    modified: Option<std::time::SystemTime>,
+    len: u64,
+    inode: u64,
+}
+
+async fn file_stamp(path: &std::path::Path) -> Option<FileStamp> {
+    use std::os::unix::fs::MetadataExt;
+    let m = tokio::fs::metadata(path).await.ok()?;
+    Some(FileStamp { modified: m.modified().ok(), len: m.len(), inode: m.ino() })
 }
 
 /// Verifies tokens of one issuer.
@@ -104,10 +121,19 @@ impl TokenVerifier {
 
     /// Load the keys now (at agent start), so a bad JWKS is reported early.
     pub async fn preload(&self) -> Result<usize, TokenError> {
+        let stamp = self.stamp().await;
         let keys = self.fetch().await?;
         let n = keys.keys.len();
-        *self.cache.lock().expect("invariant: lock not poisoned") = Some(Cached { keys, fetched: Instant::now() });
+        *self.cache.lock().expect("invariant: lock not poisoned") = Some(Cached { keys, fetched: Instant::now(), stamp });
         Ok(n)
+    }
+
+    /// The JWKS file's current stamp (None for a URL source, or a file that is gone).
+    async fn stamp(&self) -> Option<FileStamp> {
+        match &self.config.jwks {
+            JwksSource::File(path) => file_stamp(path).await,
+            JwksSource::Url { .. } => None,
+        }
     }
 
     async fn fetch(&self) -> Result<JwkSet, TokenError> {
@@ -128,12 +154,15 @@ impl TokenVerifier {
         serde_json::from_str::<JwkSet>(&text).map_err(|e| TokenError::KeysUnavailable(format!("not a JWKS document: {e}")))
     }
 
-    /// The current key set, fetching when absent or stale (URL sources), or when
-    /// `force` (an unknown key id: the issuer may have rotated keys).
+    /// The current key set, fetching when absent or stale (a URL source after its
+    /// refresh interval, a file as soon as it changed: a key the operator removed must
+    /// stop verifying), or when `force` (an unknown key id: the issuer may have
+    /// rotated keys).
     async fn keys(&self, force: bool) -> Result<JwkSet, TokenError> {
+        let stamp = self.stamp().await;
         let stale = |c: &Cached| match &self.config.jwks {
             JwksSource::Url { refresh, .. } => c.fetched.elapsed() > *refresh,
-            JwksSource::File(_) => false,
+            JwksSource::File(_) => c.stamp != stamp,
         };
         {
             let cache = self.cache.lock().expect("invariant: lock not poisoned");
@@ -155,7 +184,7 @@ impl TokenVerifier {
         }
         match self.fetch().await {
             Ok(keys) => {
-                *self.cache.lock().expect("invariant: lock not poisoned") = Some(Cached { keys: keys.clone(), fetched: Instant::now() });
+                *self.cache.lock().expect("invariant: lock not poisoned") = Some(Cached { keys: keys.clone(), fetched: Instant::now(), stamp });
                 Ok(keys)
             }
             // A failed refresh keeps serving the last good keys; with none, fail closed.
@@ -368,6 +397,19 @@ mod tests {
         let enc = edit(&|k| k["use"] = json!("enc"))["keys"][0].clone();
         let v = verifier(&json!({"keys": [enc, jwks["keys"][0].clone()]}), dir.path());
         assert_eq!(v.verify(&token(&key, "k1", good_claims())).await.map(|c| c.subject), Ok("svc-billing".into()));
+    }
+
+    #[tokio::test]
+    async fn a_key_removed_from_the_jwks_file_no_longer_verifies() {
+        let dir = tempfile::tempdir().unwrap();
+        let (k1, jwks1) = keypair("k1");
+        let (_, jwks2) = keypair("k2");
+        let v = verifier(&jwks1, dir.path());
+        v.preload().await.unwrap();
+        assert!(v.verify(&token(&k1, "k1", good_claims())).await.is_ok());
+        // The operator rotates k1 out (it leaked): the file now holds only k2.
+        std::fs::write(dir.path().join("jwks.json"), jwks2.to_string()).unwrap();
+        assert_eq!(v.verify(&token(&k1, "k1", good_claims())).await, Err(TokenError::UnknownKey("k1".into())));
     }
 
     #[test]
