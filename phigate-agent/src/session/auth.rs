@@ -5,12 +5,13 @@
 use std::sync::Arc;
 
 use bytes::BytesMut;
+use tracing::warn;
 
 use super::{read_frame, ReadError};
 use crate::{
     identity::{
         scram::{self, Exchange, ScramError, Verifier},
-        token::{TokenClaims, TokenVerifier},
+        token::{TokenClaims, TokenError, TokenVerifier},
     },
     net::conn::Conn,
     pg::{msg, PgError, SqlState},
@@ -87,6 +88,15 @@ pub async fn authenticate(conn: &mut Conn, buf: &mut BytesMut, identity: &str, a
             let f = expect_password_message(conn, buf).await?;
             let token = msg::parse_password(f.body()).map_err(malformed)?;
             let claims = verifier.verify(token).await.map_err(|e| {
+                if let TokenError::KeysUnavailable(why) = &e {
+                    // Not the token's fault, and the reason names the agent's files,
+                    // URLs and network: for the operator's log, not the workload.
+                    warn!(identity, issuer = %verifier.config().name, error = %why, "token issuer keys unavailable; refusing the token");
+                    return AuthFailure::Refused(PgError::fatal(
+                        SqlState::INVALID_PASSWORD,
+                        format!("phigate refused the connection: cannot check the token for identity \"{identity}\": the issuer's signing keys are unavailable (see the agent log)"),
+                    ));
+                }
                 AuthFailure::Refused(
                     PgError::fatal(SqlState::INVALID_PASSWORD, format!("phigate refused the connection: invalid token for identity \"{identity}\": {e}"))
                         .with_hint("Present a current access token from the configured issuer as the password."),
@@ -131,5 +141,49 @@ pub async fn authenticate(conn: &mut Conn, buf: &mut BytesMut, identity: &str, a
             super::send(conn, msg::auth_sasl_final(&server_final).as_bytes()).await?;
             Ok(AuthOutcome { method: AuthMethod::Scram, token: None })
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::{io::AsyncWriteExt, net::TcpStream};
+
+    use super::*;
+    use crate::identity::token::{IssuerConfig, JwksSource};
+
+    /// Run a token exchange in which the client answers with `password`.
+    async fn token_exchange(verifier: TokenVerifier, password: &str) -> Result<AuthOutcome, AuthFailure> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let mut client = TcpStream::connect(listener.local_addr().expect("address")).await.expect("connect");
+        let (server, _) = listener.accept().await.expect("accept");
+        client.write_all(msg::password_message(password.as_bytes()).as_bytes()).await.expect("write");
+        let auth = AuthRuntime::Token { verifier: Arc::new(verifier), allowed_subjects: Vec::new(), required_groups: Vec::new() };
+        authenticate(&mut Conn::Plain(server), &mut BytesMut::new(), "billing", &auth).await
+    }
+
+    #[tokio::test]
+    async fn the_client_does_not_learn_where_the_issuer_keys_live() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let jwks = dir.path().join("internal-idp-keys.json");
+        let verifier = TokenVerifier::new(IssuerConfig {
+            name: "corp".into(),
+            issuer: "https://idp.test/".into(),
+            audiences: vec!["phigate".into()],
+            algorithms: vec![jsonwebtoken::Algorithm::ES256],
+            leeway_secs: 0,
+            groups_claim: "groups".into(),
+            jwks: JwksSource::File(jwks.clone()),
+        });
+        // A syntactically fine token (header {"alg":"ES256","kid":"k1"}); the keys
+        // cannot be loaded.
+        let token = "eyJhbGciOiJFUzI1NiIsImtpZCI6ImsxIn0.eyJzdWIiOiJ4In0.c2ln";
+        let Err(AuthFailure::Refused(e)) = tokio::time::timeout(Duration::from_secs(10), token_exchange(verifier, token)).await.expect("in time") else {
+            panic!("refused")
+        };
+        let said = format!("{} {:?} {:?}", e.message, e.detail, e.hint);
+        assert!(said.contains("signing keys are unavailable"), "{said}");
+        assert!(!said.contains("internal-idp-keys"), "the client was told where the keys live: {said}");
     }
 }
