@@ -142,13 +142,7 @@ impl TokenVerifier {
             JwksSource::Url { url, .. } => {
                 check_url(url).map_err(TokenError::KeysUnavailable)?;
                 let url = url.clone();
-                tokio::task::spawn_blocking(move || {
-                    let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(5)).build();
-                    agent.get(&url).call().map_err(|e| e.to_string())?.into_string().map_err(|e| e.to_string())
-                })
-                .await
-                .map_err(|e| TokenError::KeysUnavailable(e.to_string()))?
-                .map_err(TokenError::KeysUnavailable)?
+                tokio::task::spawn_blocking(move || fetch_url(&url)).await.map_err(|e| TokenError::KeysUnavailable(e.to_string()))?.map_err(TokenError::KeysUnavailable)?
             }
         };
         serde_json::from_str::<JwkSet>(&text).map_err(|e| TokenError::KeysUnavailable(format!("not a JWKS document: {e}")))
@@ -243,6 +237,28 @@ impl TokenVerifier {
         };
         Ok(TokenClaims { issuer: self.config.issuer.clone(), subject, groups, expires_at: claims["exp"].as_u64().unwrap_or(0) })
     }
+}
+
+/// Redirects a JWKS URL may take.
+const MAX_REDIRECTS: usize = 5;
+
+/// GET a JWKS document. Redirects are followed here rather than by the HTTP client,
+/// so each target passes [`check_url`] too: an HTTPS endpoint answering with a
+/// redirect to plain HTTP elsewhere would otherwise hand the keys to the path.
+fn fetch_url(url: &str) -> Result<String, String> {
+    let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(5)).redirects(0).build();
+    let mut url = url.to_string();
+    for _ in 0..=MAX_REDIRECTS {
+        let response = agent.get(&url).call().map_err(|e| e.to_string())?;
+        if !(300..400).contains(&response.status()) {
+            return response.into_string().map_err(|e| e.to_string());
+        }
+        let location = response.header("location").ok_or_else(|| format!("{url}: a redirect without a location"))?;
+        let next = url::Url::parse(&url).and_then(|base| base.join(location)).map_err(|e| format!("{url}: redirect to {location:?}: {e}"))?.to_string();
+        check_url(&next).map_err(|e| format!("{url} redirects to {next}, refused: {e}"))?;
+        url = next;
+    }
+    Err(format!("{url}: more than {MAX_REDIRECTS} redirects"))
 }
 
 /// The key that may verify a token signed with `alg`: the one with that `kid` (or the
@@ -410,6 +426,49 @@ mod tests {
         // The operator rotates k1 out (it leaked): the file now holds only k2.
         std::fs::write(dir.path().join("jwks.json"), jwks2.to_string()).unwrap();
         assert_eq!(v.verify(&token(&k1, "k1", good_claims())).await, Err(TokenError::UnknownKey("k1".into())));
+    }
+
+    /// Serve HTTP on loopback: each connection gets `answer` (as long as the test runs).
+    fn http_server(answer: String) -> std::net::SocketAddr {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for mut c in listener.incoming().flatten().take(10) {
+                let mut buf = [0u8; 4096];
+                let _ = c.read(&mut buf);
+                let _ = c.write_all(answer.as_bytes());
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn a_jwks_url_cannot_redirect_to_plain_http_elsewhere() {
+        let (key, jwks) = keypair("k1");
+        let body = jwks.to_string();
+        let keys = http_server(format!("HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len()));
+        // check_url refuses this one (an IPv4-mapped address is not a loopback address
+        // to it); it stands for a plain-HTTP host elsewhere that the test can reach.
+        let elsewhere = format!("http://[::ffff:127.0.0.1]:{}/jwks", keys.port());
+        assert!(check_url(&elsewhere).is_err());
+        let redirecting_to = |target: &str| {
+            let redirect = http_server(format!("HTTP/1.1 302 Found\r\nlocation: {target}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"));
+            TokenVerifier::new(IssuerConfig {
+                name: "test".into(),
+                issuer: "https://idp.test/".into(),
+                audiences: vec!["phigate".into()],
+                algorithms: vec![Algorithm::ES256],
+                leeway_secs: 0,
+                groups_claim: "groups".into(),
+                jwks: JwksSource::Url { url: format!("http://127.0.0.1:{}/jwks", redirect.port()), refresh: Duration::from_secs(300) },
+            })
+        };
+        let got = redirecting_to(&elsewhere).verify(&token(&key, "k1", good_claims())).await;
+        assert!(matches!(got, Err(TokenError::KeysUnavailable(_))), "keys were taken from {elsewhere}: {got:?}");
+        // A redirect to a URL check_url allows is followed.
+        let allowed = format!("http://127.0.0.1:{}/jwks", keys.port());
+        assert!(redirecting_to(&allowed).verify(&token(&key, "k1", good_claims())).await.is_ok());
     }
 
     #[test]
