@@ -228,5 +228,25 @@ pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
         Some((i, 'h')) => (&s[..i], 3600),
         _ => (s, 1),
     };
-    num.parse::<u64>().map(|n| std::time::Duration::from_secs(n * mult)).map_err(|_| format!("{s:?} is not a duration like 90s, 30m or 2h"))
+    // Checked: a wrapped product would turn an absurd window into a plausible one.
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .map(std::time::Duration::from_secs)
+        .ok_or_else(|| format!("{s:?} is not a duration like 90s, 30m or 2h"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_and_overflow_is_an_error() {
+        assert_eq!(parse_duration("90s"), Ok(std::time::Duration::from_secs(90)));
+        assert_eq!(parse_duration("30m"), Ok(std::time::Duration::from_secs(1800)));
+        assert_eq!(parse_duration("2h"), Ok(std::time::Duration::from_secs(7200)));
+        assert!(parse_duration("x").is_err());
+        // 5124095576030432 h is 2^64 s + 3584 s: it must not wrap to an hour's window.
+        assert!(parse_duration("5124095576030432h").is_err());
+    }
 }
