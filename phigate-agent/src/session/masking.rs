@@ -202,7 +202,7 @@ async fn side_connection(a: &CatalogAccess) -> Result<(crate::net::conn::Conn, B
     if let Some(o) = &a.options {
         params.push(("options".into(), o.clone()));
     }
-    let up = upstream::login(conn, &a.role, a.password_file.as_deref(), &params, &a.dbname).await.map_err(|e| e.to_string())?;
+    let up = upstream::login(conn, &a.tls, &a.role, a.password_file.as_deref(), &params, &a.dbname).await.map_err(|e| e.to_string())?;
     Ok((up.conn, up.leftover))
 }
 

@@ -331,7 +331,7 @@ async fn run(conn: Identified, db: Arc<DbRuntime>, services: &Services) -> Resul
         None => upstream::open(db.upstream, &db.upstream_tls).await,
     };
     let logged_in = match opened {
-        Ok(conn) => upstream::login(conn, &role, password_file.as_deref(), &params, &dbname).await,
+        Ok(conn) => upstream::login(conn, &db.upstream_tls, &role, password_file.as_deref(), &params, &dbname).await,
         Err(e) => Err(e),
     };
     let mut upstream = match logged_in {
@@ -347,6 +347,7 @@ async fn run(conn: Identified, db: Arc<DbRuntime>, services: &Services) -> Resul
                 | UpstreamError::NoPassword(_)
                 | UpstreamError::Secret { .. }
                 | UpstreamError::ServerNotAuthenticated
+                | UpstreamError::PasswordToUnverifiedServer { .. }
                 | UpstreamError::UnsupportedAuth(_) => {
                     PgError::fatal(SqlState::INVALID_AUTHORIZATION, format!("phigate could not log in to the database as role \"{role}\""))
                         .with_hint("The agent's credentials for this role were rejected or are missing; see the agent log.")

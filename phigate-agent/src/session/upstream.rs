@@ -62,6 +62,12 @@ pub enum UpstreamError {
     UnsupportedAuth(String),
     #[error("the database's SCRAM answer did not verify: it does not know the role's password")]
     ServerNotAuthenticated,
+    #[error(
+        "the database asked for the {method} password of role {role:?} over a connection whose server phigate has not verified; phigate does not send the credential \
+         where a machine in between could ask for it. Use SCRAM-SHA-256 on the database (password_encryption = 'scram-sha-256' and a scram-sha-256 line in pg_hba.conf), \
+         or set upstream_tls.mode to verify-full (or verify-ca) with the database's CA"
+    )]
+    PasswordToUnverifiedServer { method: &'static str, role: String },
     #[error(transparent)]
     Read(#[from] ReadError),
     #[error("write to the database failed: {0}")]
@@ -101,8 +107,37 @@ pub async fn open(addr: SocketAddr, tls: &UpstreamTls) -> Result<Conn, UpstreamE
     }
 }
 
-/// Log in as `role` over a connection from [`open`].
-pub async fn login(mut conn: Conn, role: &str, password_file: Option<&Path>, params: &[(String, String)], dbname: &str) -> Result<Upstream, UpstreamError> {
+/// Whether the password itself (cleartext, or md5, which a listener can replay or
+/// crack) may be sent on `conn`: only to a server TLS verified with the configured CA,
+/// or over loopback (nothing in between). SCRAM needs neither: it never reveals the
+/// password, and the server proves it knows the verifier.
+fn may_send_password(conn: &Conn, tls: &UpstreamTls) -> bool {
+    match conn {
+        Conn::ClientTls(_) => password_path_trusted(Some(tls.mode), None),
+        Conn::Plain(tcp) => password_path_trusted(None, tcp.peer_addr().ok()),
+        Conn::ServerTls(_) => false,
+    }
+}
+
+/// [`may_send_password`] on what it knows: the sslmode a TLS connection was made
+/// with (None: no TLS) and the plain connection's peer.
+fn password_path_trusted(tls_mode: Option<SslMode>, plain_peer: Option<SocketAddr>) -> bool {
+    match tls_mode {
+        Some(mode) => matches!(mode, SslMode::VerifyCa | SslMode::VerifyFull),
+        None => plain_peer.is_some_and(|a| a.ip().is_loopback()),
+    }
+}
+
+/// Log in as `role` over a connection from [`open`] (made with `tls`).
+pub async fn login(
+    mut conn: Conn,
+    tls: &UpstreamTls,
+    role: &str,
+    password_file: Option<&Path>,
+    params: &[(String, String)],
+    dbname: &str,
+) -> Result<Upstream, UpstreamError> {
+    let password_allowed = may_send_password(&conn, tls);
     let mut startup_params: Vec<(&str, &str)> = vec![("user", role), ("database", dbname)];
     startup_params.extend(params.iter().map(|(k, v)| (k.as_str(), v.as_str())));
     conn.write_all(&startup::encode_startup(&startup_params)).await.map_err(UpstreamError::Write)?;
@@ -123,6 +158,12 @@ pub async fn login(mut conn: Conn, role: &str, password_file: Option<&Path>, par
                 // the verifier: an impostor could say "Ok" right after our proof.
                 AuthRequest::Ok if scram.is_some() => return Err(UpstreamError::ServerNotAuthenticated),
                 AuthRequest::Ok => {}
+                AuthRequest::CleartextPassword if !password_allowed => {
+                    return Err(UpstreamError::PasswordToUnverifiedServer { method: "cleartext", role: role.into() })
+                }
+                AuthRequest::Md5Password { .. } if !password_allowed => {
+                    return Err(UpstreamError::PasswordToUnverifiedServer { method: "md5", role: role.into() })
+                }
                 AuthRequest::CleartextPassword => {
                     conn.write_all(msg::password_message(&password()?).as_bytes()).await.map_err(UpstreamError::Write)?;
                 }
@@ -219,9 +260,56 @@ mod tests {
         let secret = std::env::temp_dir().join(format!("phigate-upstream-secret-{}", std::process::id()));
         std::fs::write(&secret, "pw\n").expect("secret");
         let conn = Conn::Plain(TcpStream::connect(addr).await.expect("connect"));
-        let result = login(conn, "agent", Some(&secret), &[], "db").await;
+        let result = login(conn, &plain_tls(), "agent", Some(&secret), &[], "db").await;
         let _ = std::fs::remove_file(&secret);
         assert!(matches!(result, Err(UpstreamError::ServerNotAuthenticated)), "{:?}", result.err());
         server.abort();
+    }
+
+    fn plain_tls() -> UpstreamTls {
+        let cfg = crate::config::UpstreamTlsConfig { mode: SslMode::Disable, ca_file: None, server_name: None };
+        UpstreamTls::new(&cfg, std::net::Ipv4Addr::LOCALHOST.into()).expect("no TLS")
+    }
+
+    #[test]
+    fn the_password_itself_goes_only_to_a_verified_server_or_over_loopback() {
+        let remote: SocketAddr = "10.1.2.3:5432".parse().unwrap();
+        let local: SocketAddr = "127.0.0.2:5432".parse().unwrap();
+        // TLS whose server was not verified (prefer/require): a machine in between
+        // can terminate it and ask for the password in clear.
+        assert!(!password_path_trusted(Some(SslMode::Prefer), None));
+        assert!(!password_path_trusted(Some(SslMode::Require), None));
+        assert!(password_path_trusted(Some(SslMode::VerifyCa), None));
+        assert!(password_path_trusted(Some(SslMode::VerifyFull), None));
+        // No TLS: only loopback, where nothing sits in between.
+        assert!(!password_path_trusted(None, Some(remote)));
+        assert!(!password_path_trusted(None, None));
+        assert!(password_path_trusted(None, Some(local)));
+        assert!(password_path_trusted(None, Some("[::1]:5432".parse().unwrap())));
+        let e = UpstreamError::PasswordToUnverifiedServer { method: "md5", role: "agent".into() }.to_string();
+        assert!(e.contains("md5") && e.contains("SCRAM-SHA-256") && e.contains("verify-full"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_cleartext_password_goes_to_a_loopback_server() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let server = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.expect("accept");
+            read_message(&mut s, false).await;
+            s.write_all(&auth(3, b"")).await.expect("write");
+            let password = read_message(&mut s, true).await;
+            let mut ok = auth(0, b"");
+            ok.extend_from_slice(&Frame::build(tag::READY_FOR_QUERY, b"I").into_bytes());
+            s.write_all(&ok).await.expect("write");
+            password
+        });
+        let secret = std::env::temp_dir().join(format!("phigate-upstream-cleartext-{}", std::process::id()));
+        std::fs::write(&secret, "pw\n").expect("secret");
+        let conn = Conn::Plain(TcpStream::connect(addr).await.expect("connect"));
+        let result = login(conn, &plain_tls(), "agent", Some(&secret), &[], "db").await;
+        let _ = std::fs::remove_file(&secret);
+        assert!(result.is_ok(), "{:?}", result.err());
+        assert_eq!(server.await.expect("server"), b"pw\0");
     }
 }
