@@ -113,19 +113,16 @@ pub async fn open(addr: SocketAddr, tls: &UpstreamTls) -> Result<Conn, UpstreamE
 /// password, and the server proves it knows the verifier.
 fn may_send_password(conn: &Conn, tls: &UpstreamTls) -> bool {
     match conn {
-        Conn::ClientTls(_) => password_path_trusted(Some(tls.mode), None),
+        Conn::ClientTls(t) => password_path_trusted(Some(tls.mode), t.get_ref().0.peer_addr().ok()),
         Conn::Plain(tcp) => password_path_trusted(None, tcp.peer_addr().ok()),
         Conn::ServerTls(_) => false,
     }
 }
 
 /// [`may_send_password`] on what it knows: the sslmode a TLS connection was made
-/// with (None: no TLS) and the plain connection's peer.
-fn password_path_trusted(tls_mode: Option<SslMode>, plain_peer: Option<SocketAddr>) -> bool {
-    match tls_mode {
-        Some(mode) => matches!(mode, SslMode::VerifyCa | SslMode::VerifyFull),
-        None => plain_peer.is_some_and(|a| a.ip().is_loopback()),
-    }
+/// with (None: no TLS) and the connection's peer.
+fn password_path_trusted(tls_mode: Option<SslMode>, peer: Option<SocketAddr>) -> bool {
+    tls_mode.is_some_and(|mode| matches!(mode, SslMode::VerifyCa | SslMode::VerifyFull)) || peer.is_some_and(|a| a.ip().is_loopback())
 }
 
 /// Log in as `role` over a connection from [`open`] (made with `tls`).
@@ -277,10 +274,11 @@ mod tests {
         let local: SocketAddr = "127.0.0.2:5432".parse().unwrap();
         // TLS whose server was not verified (prefer/require): a machine in between
         // can terminate it and ask for the password in clear.
-        assert!(!password_path_trusted(Some(SslMode::Prefer), None));
-        assert!(!password_path_trusted(Some(SslMode::Require), None));
-        assert!(password_path_trusted(Some(SslMode::VerifyCa), None));
-        assert!(password_path_trusted(Some(SslMode::VerifyFull), None));
+        assert!(!password_path_trusted(Some(SslMode::Prefer), Some(remote)));
+        assert!(!password_path_trusted(Some(SslMode::Require), Some(remote)));
+        assert!(password_path_trusted(Some(SslMode::VerifyCa), Some(remote)));
+        assert!(password_path_trusted(Some(SslMode::VerifyFull), Some(remote)));
+        assert!(password_path_trusted(Some(SslMode::Require), Some(local)), "loopback, TLS or not");
         // No TLS: only loopback, where nothing sits in between.
         assert!(!password_path_trusted(None, Some(remote)));
         assert!(!password_path_trusted(None, None));
