@@ -146,7 +146,7 @@ pub struct Facts {
     /// DELETE/UPDATE targets with no WHERE or a WHERE that is always true.
     pub unfiltered_writes: Vec<TableRef>,
     /// SELECT levels that read these relations with neither WHERE nor a LIMIT at or
-    /// below `limit` (None: no LIMIT, or one that is not a constant).
+    /// below `limit` (None: no LIMIT, one that is not a constant, or `WITH TIES`).
     pub unbounded_reads: Vec<(TableRef, Option<i64>)>,
     pub copy: Option<CopyFacts>,
     /// Relations a new table or view copies from (SELECT INTO, CREATE TABLE AS,
@@ -603,8 +603,12 @@ fn visit(n: N<'_>, facts: &mut Facts) {
             // `WHERE true` or `WHERE id = id` bounds nothing.
             let unfiltered = s.where_clause.as_deref().is_none_or(|w| always_true(w, facts));
             if unfiltered && !rels.is_empty() && !only_aggregates(s) {
+                // `FETCH FIRST n ROWS WITH TIES` also returns every row that ties with
+                // the n-th: ordered by a constant, that is all of them. It bounds nothing.
+                let with_ties = protobuf::LimitOption::try_from(s.limit_option) == Ok(protobuf::LimitOption::WithTies);
                 let limit = match s.limit_count.as_deref() {
                     None => None,
+                    Some(_) if with_ties => None,
                     Some(l) => {
                         facts.literal_sensitive = true;
                         match const_value(l) {

@@ -215,3 +215,22 @@ fn statement_kind_rules_see_nested_statements() {
     assert_eq!(decide(&p, "locked", "with d as (delete from labs where id = 1 returning 1) select * from d").verdict, Verdict::Block);
     assert_eq!(decide(&p, "locked", "insert into labs select * from labs where id = 1").verdict, Verdict::Block);
 }
+
+/// Asserts each statement's decision under the plain baseline policy.
+fn assert_decisions(cases: &[(&str, Verdict, &str)]) {
+    let p = policy(Vec::new());
+    for (sql, verdict, rule) in cases {
+        let d = decide(&p, "agent", sql);
+        assert_eq!((d.verdict, d.rule.as_str()), (*verdict, *rule), "{sql}: {}", d.reason);
+    }
+}
+
+#[test]
+fn fetch_with_ties_is_not_a_bound() {
+    // `FETCH FIRST 1 ROWS WITH TIES` returns every row that ties with the first: ordered
+    // by a constant, that is the whole table.
+    assert_decisions(&[
+        ("select * from patients order by id * 0 fetch first 1 rows with ties", Verdict::Approve, "baseline.unbounded-phi-read"),
+        ("select * from patients order by id fetch first 10 rows only", Verdict::Allow, "default"),
+    ]);
+}
