@@ -571,6 +571,8 @@ fn from_relations(items: &[protobuf::Node], out: &mut Vec<TableRef>) {
     for item in items {
         match item.node.as_ref() {
             Some(NodeEnum::RangeVar(rv)) => out.push(table(rv)),
+            // `patients TABLESAMPLE SYSTEM (100)` reads the table like a plain reference.
+            Some(NodeEnum::RangeTableSample(t)) => from_relations(t.relation.as_deref().map(std::slice::from_ref).unwrap_or_default(), out),
             Some(NodeEnum::JoinExpr(j)) => {
                 let sides: Vec<protobuf::Node> = [j.larg.as_deref(), j.rarg.as_deref()].into_iter().flatten().cloned().collect();
                 from_relations(&sides, out);

@@ -234,3 +234,12 @@ fn fetch_with_ties_is_not_a_bound() {
         ("select * from patients order by id fetch first 10 rows only", Verdict::Allow, "default"),
     ]);
 }
+
+#[test]
+fn tablesample_reads_the_table() {
+    assert_decisions(&[
+        ("select * from patients tablesample system (100)", Verdict::Approve, "baseline.unbounded-phi-read"),
+        ("select * from labs l join public.encounters e tablesample bernoulli (100) on e.id = l.eid", Verdict::Approve, "baseline.unbounded-phi-read"),
+        ("select * from patients tablesample system (100) where id = 1", Verdict::Allow, "default"),
+    ]);
+}
