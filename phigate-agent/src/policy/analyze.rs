@@ -146,7 +146,8 @@ pub struct Facts {
     /// DELETE/UPDATE targets with no WHERE or a WHERE that is always true.
     pub unfiltered_writes: Vec<TableRef>,
     /// SELECT levels that read these relations with neither WHERE nor a LIMIT at or
-    /// below `limit` (None: no LIMIT, one that is not a constant, or `WITH TIES`).
+    /// below `limit` (None: no LIMIT, one that is not a constant, or `WITH TIES`);
+    /// also COPY … TO of a table and the source table of a MERGE that takes all of it.
     pub unbounded_reads: Vec<(TableRef, Option<i64>)>,
     pub copy: Option<CopyFacts>,
     /// Relations a new table or view copies from (SELECT INTO, CREATE TABLE AS,
@@ -566,13 +567,18 @@ fn null_or_not_null(args: &[protobuf::Node]) -> bool {
     tests.iter().any(|(x, t)| tests.iter().any(|(y, u)| t != u && same_column(x, y)))
 }
 
+/// An optional node as a list of none or one.
+fn optional(n: Option<&protobuf::Node>) -> &[protobuf::Node] {
+    n.map(std::slice::from_ref).unwrap_or_default()
+}
+
 /// Relations directly in a FROM list (through joins, not subqueries).
 fn from_relations(items: &[protobuf::Node], out: &mut Vec<TableRef>) {
     for item in items {
         match item.node.as_ref() {
             Some(NodeEnum::RangeVar(rv)) => out.push(table(rv)),
             // `patients TABLESAMPLE SYSTEM (100)` reads the table like a plain reference.
-            Some(NodeEnum::RangeTableSample(t)) => from_relations(t.relation.as_deref().map(std::slice::from_ref).unwrap_or_default(), out),
+            Some(NodeEnum::RangeTableSample(t)) => from_relations(optional(t.relation.as_deref()), out),
             Some(NodeEnum::JoinExpr(j)) => {
                 let sides: Vec<protobuf::Node> = [j.larg.as_deref(), j.rarg.as_deref()].into_iter().flatten().cloned().collect();
                 from_relations(&sides, out);
@@ -672,6 +678,29 @@ fn visit(n: N<'_>, facts: &mut Facts) {
                 });
                 if changes_matched && m.join_condition.as_deref().is_none_or(|j| always_true(j, facts)) {
                     facts.unfiltered_writes.push(table(r));
+                }
+            }
+            // The source is read like a SELECT level whose WHERE is the join condition,
+            // except that WHEN NOT MATCHED [BY TARGET] takes every source row the join
+            // does not match: with such a clause (and no condition of its own limiting
+            // it) the whole source is read, and can be inserted or returned.
+            let mut sources = Vec::new();
+            from_relations(optional(m.source_relation.as_deref()), &mut sources);
+            if !sources.is_empty() {
+                let join_all = m.join_condition.as_deref().is_none_or(|j| always_true(j, facts));
+                let mut reads_all = false;
+                for c in &m.merge_when_clauses {
+                    let Some(NodeEnum::MergeWhenClause(w)) = c.node.as_ref() else { continue };
+                    let unconditional = w.condition.as_deref().is_none_or(|c| always_true(c, facts));
+                    reads_all |= unconditional
+                        && match protobuf::MergeMatchKind::try_from(w.match_kind) {
+                            Ok(protobuf::MergeMatchKind::MergeWhenNotMatchedByTarget) => true,
+                            Ok(protobuf::MergeMatchKind::MergeWhenMatched) => join_all,
+                            _ => false,
+                        };
+                }
+                if reads_all {
+                    facts.unbounded_reads.extend(sources.into_iter().map(|t| (t, None)));
                 }
             }
         }

@@ -243,3 +243,19 @@ fn tablesample_reads_the_table() {
         ("select * from patients tablesample system (100) where id = 1", Verdict::Allow, "default"),
     ]);
 }
+
+#[test]
+fn merge_reads_its_whole_source() {
+    // WHEN NOT MATCHED [BY TARGET] takes every source row the join condition does not
+    // match: a MERGE USING a PHI table with one copies all of it (like INSERT …
+    // SELECT without WHERE).
+    assert_decisions(&[
+        ("merge into sink s using patients p on false when not matched then insert values (p.id, p.ssn)", Verdict::Approve, "baseline.unbounded-phi-read"),
+        ("merge into sink s using patients p on s.id = p.id when not matched then insert values (p.id, p.ssn)", Verdict::Approve, "baseline.unbounded-phi-read"),
+        ("merge into sink s using public.patients tablesample system (100) on true when matched then do nothing", Verdict::Approve, "baseline.unbounded-phi-read"),
+        ("merge into sink s using (select * from patients where id = 1) p on s.id = p.id when not matched then insert values (p.id)", Verdict::Allow, "default"),
+        // Like UPDATE … FROM patients WHERE …: the join condition limits the rows.
+        ("merge into labs l using patients p on l.pid = p.id when matched then update set x = 1", Verdict::Allow, "default"),
+        ("merge into sink s using patients p on s.id = p.id when not matched and p.id = 7 then insert values (p.id)", Verdict::Allow, "default"),
+    ]);
+}
