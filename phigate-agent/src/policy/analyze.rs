@@ -245,12 +245,6 @@ pub fn analyze(sql: &str) -> Result<Analysis, ParseError> {
         };
         facts.merge(found);
         facts.too_deep = too_deep;
-        if facts.creates_relation {
-            // Whatever the new relation's query reads, through subqueries, CTEs and
-            // set operations alike, ends up in it.
-            let sources: Vec<TableRef> = facts.tables.difference(&facts.writes).cloned().collect();
-            facts.copied_into_new_relation.extend(sources);
-        }
         statements.push(facts);
     }
     Ok(Analysis { statements })
@@ -567,6 +561,23 @@ fn null_or_not_null(args: &[protobuf::Node]) -> bool {
     tests.iter().any(|(x, t)| tests.iter().any(|(y, u)| t != u && same_column(x, y)))
 }
 
+/// Every relation a new table's or view's query reads, through subqueries, CTEs and
+/// set operations alike: all of it can end up in the new relation. Written tables
+/// count too — the rows a data-modifying CTE returns are theirs — and so does a read
+/// of the new relation's own name (search_path can make the read `public.patients`
+/// and the new table another schema's `patients`).
+fn relations_read(query: &protobuf::Node) -> Vec<TableRef> {
+    let mut out = Vec::new();
+    let mut visit = |n: N<'_>| {
+        if let N::RangeVar(rv) = n {
+            out.push(table(rv));
+        }
+    };
+    let mut w = Walker { visit: &mut visit, depth: 0, too_deep: false };
+    w.node(query);
+    out
+}
+
 /// An optional node as a list of none or one.
 fn optional(n: Option<&protobuf::Node>) -> &[protobuf::Node] {
     n.map(std::slice::from_ref).unwrap_or_default()
@@ -637,6 +648,9 @@ fn visit(n: N<'_>, facts: &mut Facts) {
                 }
                 facts.kinds.insert(Kind::Create);
                 facts.creates_relation = true;
+                // The query is the statement without its INTO target.
+                let query = protobuf::SelectStmt { into_clause: None, ..s.clone() };
+                facts.copied_into_new_relation.extend(relations_read(&protobuf::Node { node: Some(NodeEnum::SelectStmt(Box::new(query))) }));
             }
         }
         N::InsertStmt(i) => {
@@ -794,12 +808,18 @@ fn visit(n: N<'_>, facts: &mut Facts) {
             if let Some(rel) = c.into.as_ref().and_then(|i| i.rel.as_ref()) {
                 facts.writes.insert(table(rel));
             }
+            if let Some(q) = c.query.as_deref() {
+                facts.copied_into_new_relation.extend(relations_read(q));
+            }
         }
         N::ViewStmt(v) => {
             facts.kinds.insert(Kind::Create);
             facts.creates_relation = true;
             if let Some(rel) = v.view.as_ref() {
                 facts.writes.insert(table(rel));
+            }
+            if let Some(q) = v.query.as_deref() {
+                facts.copied_into_new_relation.extend(relations_read(q));
             }
         }
         N::DropdbStmt(_) => facts.drops_database = true,

@@ -259,3 +259,17 @@ fn merge_reads_its_whole_source() {
         ("merge into sink s using patients p on s.id = p.id when not matched and p.id = 7 then insert values (p.id)", Verdict::Allow, "default"),
     ]);
 }
+
+#[test]
+fn phi_copied_into_a_new_relation_through_a_data_modifying_cte() {
+    // The rows an UPDATE/DELETE … RETURNING on a PHI table returns are PHI.
+    assert_decisions(&[
+        ("with u as (update patients set name = name where id > 0 returning *) select * into copied from u", Verdict::Block, "baseline.copy-phi-relation"),
+        ("create table copied as with d as (delete from patients where id = 1 returning *) select * from d", Verdict::Block, "baseline.copy-phi-relation"),
+        // The new table's name is no source, but the same name read in its query is
+        // (search_path can make the read public.patients and the new one another schema's).
+        ("create table patients as select * from patients where id > 0", Verdict::Block, "baseline.copy-phi-relation"),
+        ("create table x as select * from labs where id = 1", Verdict::Allow, "default"),
+        ("create table patients as select 1 as id", Verdict::Allow, "default"),
+    ]);
+}
