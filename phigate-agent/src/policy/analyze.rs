@@ -141,7 +141,8 @@ pub struct Facts {
     pub ddl: Vec<(DdlVerb, TableRef)>,
     /// Schemas dropped (DROP SCHEMA).
     pub dropped_schemas: Vec<String>,
-    /// Functions called, lower-cased, without schema.
+    /// Functions called, lower-cased, without schema; also names selected from a
+    /// value in column notation (`(x).f`), which may call f(x).
     pub functions: BTreeSet<String>,
     /// DELETE/UPDATE targets with no WHERE or a WHERE that is always true.
     pub unfiltered_writes: Vec<TableRef>,
@@ -851,6 +852,15 @@ fn visit(n: N<'_>, facts: &mut Facts) {
                     }
                 }
                 facts.functions.insert(name);
+            }
+        }
+        // `(x).f` is PostgreSQL's column notation: when x has no field f it calls f(x)
+        // (`('/etc/passwd'::text).pg_read_file`). Each name selected may be a call.
+        N::AIndirection(a) => {
+            for i in &a.indirection {
+                if let Some(NodeEnum::String(s)) = i.node.as_ref() {
+                    facts.functions.insert(s.sval.to_ascii_lowercase());
+                }
             }
         }
         N::VariableSetStmt(v) => {

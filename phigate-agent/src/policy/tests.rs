@@ -273,3 +273,13 @@ fn phi_copied_into_a_new_relation_through_a_data_modifying_cte() {
         ("create table patients as select 1 as id", Verdict::Allow, "default"),
     ]);
 }
+
+#[test]
+fn functions_called_in_column_notation() {
+    // `(x).f` calls f(x) when x has no field f (PostgreSQL's functional notation).
+    assert_decisions(&[
+        ("select ('/etc/passwd'::text).pg_read_file", Verdict::Block, "baseline.dangerous-function"),
+        ("select (t.f).pg_read_file from (select '/etc/passwd'::text as f) t", Verdict::Block, "baseline.dangerous-function"),
+        ("select (p).name from labs p where id = 1", Verdict::Allow, "default"),
+    ]);
+}
