@@ -166,8 +166,8 @@ pub struct Facts {
     /// SET ROLE / SET SESSION AUTHORIZATION, or set_config() of those.
     pub changes_role: bool,
     /// Settings that change how statements parse (standard_conforming_strings,
-    /// backslash_quote, an unsafe client_encoding): the policy's parser and the
-    /// server's would disagree.
+    /// backslash_quote, an unsafe client_encoding, or any UPDATE of pg_settings): the
+    /// policy's parser and the server's would disagree.
     pub changes_parser: bool,
     pub alter_system: bool,
     /// CREATE/ALTER/DROP ROLE, role membership, ALTER … SET for roles/databases.
@@ -664,6 +664,12 @@ fn visit(n: N<'_>, facts: &mut Facts) {
             facts.kinds.insert(Kind::Update);
             if let Some(r) = u.relation.as_ref() {
                 facts.writes.insert(table(r));
+                // pg_settings has a rule turning an UPDATE into set_config(name,
+                // setting): like set_config() of a setting phigate cannot pin down
+                // (role and session_authorization are not in the view).
+                if r.relname == "pg_settings" && matches!(r.schemaname.as_str(), "" | "pg_catalog") {
+                    facts.changes_parser = true;
+                }
                 if u.where_clause.as_deref().is_none_or(|w| always_true(w, facts)) {
                     facts.unfiltered_writes.push(table(r));
                 }

@@ -283,3 +283,12 @@ fn functions_called_in_column_notation() {
         ("select (p).name from labs p where id = 1", Verdict::Allow, "default"),
     ]);
 }
+
+#[test]
+fn settings_changed_through_pg_settings() {
+    // pg_settings has an UPDATE rule that calls set_config(name, setting).
+    assert_decisions(&[
+        ("update pg_settings set setting = 'off' where name = 'standard_conforming_strings'", Verdict::Block, "baseline.parser-settings"),
+        ("update pg_catalog.pg_settings set setting = 'SJIS' where name = 'client_encoding'", Verdict::Block, "baseline.parser-settings"),
+    ]);
+}
