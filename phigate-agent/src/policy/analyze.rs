@@ -406,20 +406,22 @@ fn scalar(n: &protobuf::Node) -> Option<Scalar> {
     })
 }
 
-/// Whether an expression is the same for every row: it refers to no column, no
-/// parameter, no subquery and calls no function (a function could read anything).
+/// Whether a condition refers to no column, so that it cannot pick rows by their
+/// contents: it holds for every row or for none (`true`, `(SELECT true)`, `$1`,
+/// `coalesce(NULL, true)`, an uncorrelated EXISTS), or for rows picked blindly
+/// (`random() < 0.5`). Parameters, function calls and subqueries without columns are
+/// all such conditions. A bare `*` (`EXISTS (SELECT * FROM t)`) names no column of
+/// the row; `WHERE CURRENT OF c` picks one row.
 fn row_independent(n: &protobuf::Node) -> bool {
-    let Some(node) = n.node.as_ref() else { return true };
-    match node {
-        NodeEnum::AConst(_) => true,
-        NodeEnum::TypeCast(t) => t.arg.as_deref().is_some_and(row_independent),
-        NodeEnum::AExpr(e) => e.lexpr.as_deref().is_none_or(row_independent) && e.rexpr.as_deref().is_none_or(row_independent),
-        NodeEnum::BoolExpr(b) => b.args.iter().all(row_independent),
-        NodeEnum::NullTest(t) => t.arg.as_deref().is_some_and(row_independent),
-        NodeEnum::BooleanTest(t) => t.arg.as_deref().is_some_and(row_independent),
-        NodeEnum::List(l) => l.items.iter().all(row_independent),
-        _ => false,
-    }
+    let mut refers = false;
+    let mut visit = |x: N<'_>| match x {
+        N::ColumnRef(c) => refers |= !matches!(c.fields.as_slice(), [f] if matches!(f.node, Some(NodeEnum::AStar(_)))),
+        N::CurrentOfExpr(_) => refers = true,
+        _ => {}
+    };
+    let mut w = Walker { visit: &mut visit, depth: 0, too_deep: false };
+    w.node(n);
+    !refers
 }
 
 /// The value of a row-independent condition, where phigate can work it out.

@@ -292,3 +292,20 @@ fn settings_changed_through_pg_settings() {
         ("update pg_catalog.pg_settings set setting = 'SJIS' where name = 'client_encoding'", Verdict::Block, "baseline.parser-settings"),
     ]);
 }
+
+#[test]
+fn conditions_without_columns_are_always_true() {
+    assert_decisions(&[
+        ("delete from labs where (select true)", Verdict::Block, "baseline.unfiltered-write"),
+        ("delete from labs where coalesce(null, true)", Verdict::Block, "baseline.unfiltered-write"),
+        ("delete from labs where exists (select 1 from other)", Verdict::Block, "baseline.unfiltered-write"),
+        ("update labs set x = 1 where $1", Verdict::Block, "baseline.unfiltered-write"),
+        ("update labs set x = 1 where now() is not null", Verdict::Block, "baseline.unfiltered-write"),
+        ("delete from labs where case when true then true end", Verdict::Block, "baseline.unfiltered-write"),
+        ("select * from patients where (select true)", Verdict::Approve, "baseline.unbounded-phi-read"),
+        ("delete from labs where id = $1", Verdict::Allow, "default"),
+        ("delete from labs where id in (select lab_id from other where flagged)", Verdict::Allow, "default"),
+        ("delete from labs where current of c", Verdict::Allow, "default"),
+        ("delete from labs where false", Verdict::Allow, "default"),
+    ]);
+}
