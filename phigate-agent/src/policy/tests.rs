@@ -309,3 +309,16 @@ fn conditions_without_columns_are_always_true() {
         ("delete from labs where false", Verdict::Allow, "default"),
     ]);
 }
+
+#[test]
+fn a_column_compared_with_itself_through_aliases_and_casts() {
+    assert_decisions(&[
+        ("delete from labs l where l.id = id", Verdict::Block, "baseline.unfiltered-write"),
+        ("delete from labs where labs.id = public.labs.id", Verdict::Block, "baseline.unfiltered-write"),
+        ("delete from labs where id::text = id::text", Verdict::Block, "baseline.unfiltered-write"),
+        ("delete from labs where coalesce(id, 0) = coalesce(id, 0)", Verdict::Block, "baseline.unfiltered-write"),
+        ("update labs set x = 1 where id is null or labs.id is not null", Verdict::Block, "baseline.unfiltered-write"),
+        ("delete from labs l using other o where o.id = l.id", Verdict::Allow, "default"),
+        ("delete from labs where id::text = id2::text", Verdict::Allow, "default"),
+    ]);
+}
