@@ -72,8 +72,10 @@ pub const DANGEROUS_FUNCTIONS: &[&str] = &[
     "database_to_xml_and_xmlschema",
 ];
 
+/// The listed functions, dblink*, and every pg_ls_*dir (new server directories get
+/// one in new releases: pg_ls_summariesdir in PostgreSQL 17).
 fn dangerous(name: &str) -> bool {
-    name.starts_with("dblink") || DANGEROUS_FUNCTIONS.contains(&name)
+    name.starts_with("dblink") || (name.starts_with("pg_ls_") && name.ends_with("dir")) || DANGEROUS_FUNCTIONS.contains(&name)
 }
 
 fn block(rule: &str, reason: String) -> Finding {

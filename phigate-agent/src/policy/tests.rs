@@ -322,3 +322,8 @@ fn a_column_compared_with_itself_through_aliases_and_casts() {
         ("delete from labs where id::text = id2::text", Verdict::Allow, "default"),
     ]);
 }
+
+#[test]
+fn every_pg_ls_dir_function_is_dangerous() {
+    assert_decisions(&[("select * from pg_ls_summariesdir()", Verdict::Block, "baseline.dangerous-function")]);
+}
