@@ -613,6 +613,56 @@ fn relations_read(query: &protobuf::Node) -> Vec<TableRef> {
     out
 }
 
+/// Whether a DELETE/UPDATE/MERGE condition picks target rows: false when it is
+/// always true, and false too when it refers to columns of other relations only
+/// (`DELETE FROM labs USING other o WHERE o.id = 1`, an uncorrelated `EXISTS (SELECT
+/// 1 FROM other o WHERE o.flag)`): such a condition is the same for every target row
+/// and keeps all of them or none. A column reference counts as the target's unless it
+/// is qualified by the name of another relation — of `others` (USING, FROM, the MERGE
+/// source) or of a subquery in the condition — that is not the target's own name.
+fn filters_target(cond: &protobuf::Node, target: &protobuf::RangeVar, others: &[protobuf::Node], facts: &mut Facts) -> bool {
+    if always_true(cond, facts) {
+        return false;
+    }
+    if row_independent(cond) {
+        // Not always true, so provably false (`1 = 2`): it keeps no row.
+        return true;
+    }
+    let own = target.alias.as_ref().map_or(target.relname.as_str(), |a| a.aliasname.as_str());
+    let mut names = BTreeSet::new();
+    {
+        let mut visit = |n: N<'_>| match n {
+            N::Alias(a) => {
+                names.insert(a.aliasname.clone());
+            }
+            N::RangeVar(rv) if rv.alias.is_none() => {
+                names.insert(rv.relname.clone());
+            }
+            _ => {}
+        };
+        let mut w = Walker { visit: &mut visit, depth: 0, too_deep: false };
+        others.iter().for_each(|o| w.node(o));
+        w.node(cond);
+    }
+    let mut refers = false;
+    let mut visit = |n: N<'_>| match n {
+        // WHERE CURRENT OF c: the cursor's row.
+        N::CurrentOfExpr(_) => refers = true,
+        N::ColumnRef(c) => {
+            let qualifier = c.fields.len().checked_sub(2).and_then(|i| match c.fields[i].node.as_ref() {
+                Some(NodeEnum::String(s)) => Some(s.sval.as_str()),
+                _ => None,
+            });
+            let bare_star = matches!(c.fields.as_slice(), [f] if matches!(f.node, Some(NodeEnum::AStar(_))));
+            refers |= !bare_star && qualifier.is_none_or(|q| q == own || !names.contains(q));
+        }
+        _ => {}
+    };
+    let mut w = Walker { visit: &mut visit, depth: 0, too_deep: false };
+    w.node(cond);
+    refers
+}
+
 /// An optional node as a list of none or one.
 fn optional(n: Option<&protobuf::Node>) -> &[protobuf::Node] {
     n.map(std::slice::from_ref).unwrap_or_default()
@@ -704,7 +754,7 @@ fn visit(n: N<'_>, facts: &mut Facts) {
                 if r.relname == "pg_settings" && matches!(r.schemaname.as_str(), "" | "pg_catalog") {
                     facts.changes_parser = true;
                 }
-                if u.where_clause.as_deref().is_none_or(|w| always_true(w, facts)) {
+                if u.where_clause.as_deref().is_none_or(|w| !filters_target(w, r, &u.from_clause, facts)) {
                     facts.unfiltered_writes.push(table(r));
                 }
             }
@@ -713,7 +763,7 @@ fn visit(n: N<'_>, facts: &mut Facts) {
             facts.kinds.insert(Kind::Delete);
             if let Some(r) = d.relation.as_ref() {
                 facts.writes.insert(table(r));
-                if d.where_clause.as_deref().is_none_or(|w| always_true(w, facts)) {
+                if d.where_clause.as_deref().is_none_or(|w| !filters_target(w, r, &d.using_clause, facts)) {
                     facts.unfiltered_writes.push(table(r));
                 }
             }
@@ -731,7 +781,7 @@ fn visit(n: N<'_>, facts: &mut Facts) {
                     }
                     _ => false,
                 });
-                if changes_matched && m.join_condition.as_deref().is_none_or(|j| always_true(j, facts)) {
+                if changes_matched && m.join_condition.as_deref().is_none_or(|j| !filters_target(j, r, optional(m.source_relation.as_deref()), facts)) {
                     facts.unfiltered_writes.push(table(r));
                 }
             }

@@ -327,3 +327,23 @@ fn a_column_compared_with_itself_through_aliases_and_casts() {
 fn every_pg_ls_dir_function_is_dangerous() {
     assert_decisions(&[("select * from pg_ls_summariesdir()", Verdict::Block, "baseline.dangerous-function")]);
 }
+
+#[test]
+fn a_where_on_other_relations_only_keeps_every_target_row() {
+    // A condition that refers to no column of the target row is the same for every
+    // target row: it keeps all of them or none.
+    assert_decisions(&[
+        ("delete from labs using other o where o.id = 1", Verdict::Block, "baseline.unfiltered-write"),
+        ("update labs set x = 1 from other o where o.flag", Verdict::Block, "baseline.unfiltered-write"),
+        ("delete from labs where exists (select 1 from other o where o.flag)", Verdict::Block, "baseline.unfiltered-write"),
+        ("merge into labs l using other o on o.id = 1 when matched then delete", Verdict::Block, "baseline.unfiltered-write"),
+        ("delete from labs l using other o where o.id = l.id", Verdict::Allow, "default"),
+        ("delete from labs using other o where o.id = lab_id", Verdict::Allow, "default"),
+        ("update labs set x = 1 from other o where o.id = labs.id and o.flag", Verdict::Allow, "default"),
+        ("update labs set x = 1 from other o where o.id = public.labs.id", Verdict::Allow, "default"),
+        ("delete from labs where exists (select 1 from other o where o.lab_id = labs.id)", Verdict::Allow, "default"),
+        ("delete from labs where addr.city = 'x'", Verdict::Allow, "default"),
+        ("merge into labs l using other o on o.id = l.id when matched then delete", Verdict::Allow, "default"),
+        ("delete from labs using other o where 1 = 2", Verdict::Allow, "default"),
+    ]);
+}
