@@ -385,37 +385,45 @@ fn const_bool(n: &protobuf::Node) -> Option<bool> {
 /// column, or the same operator, function, cast or COALESCE of such operands
 /// (`id::text` and `id::text`, `coalesce(id, 0)` twice). A column is the same when one
 /// name is a suffix of the other (`id`, `l.id`, `labs.id`, `public.labs.id`): any
-/// other reading of the pair PostgreSQL rejects as ambiguous or unknown.
-fn same_expr(a: &protobuf::Node, b: &protobuf::Node) -> bool {
-    let all = |x: &[protobuf::Node], y: &[protobuf::Node]| x.len() == y.len() && x.iter().zip(y).all(|(a, b)| same_expr(a, b));
+/// other reading of the pair PostgreSQL rejects as ambiguous or unknown. Sets
+/// `consts` when constants were compared: then the answer depends on their values.
+fn same_expr(a: &protobuf::Node, b: &protobuf::Node, consts: &mut bool) -> bool {
+    fn all(x: &[protobuf::Node], y: &[protobuf::Node], consts: &mut bool) -> bool {
+        x.len() == y.len() && x.iter().zip(y).all(|(a, b)| same_expr(a, b, consts))
+    }
+    fn side(p: Option<&protobuf::Node>, q: Option<&protobuf::Node>, consts: &mut bool) -> bool {
+        match (p, q) {
+            (None, None) => true,
+            (Some(p), Some(q)) => same_expr(p, q, consts),
+            _ => false,
+        }
+    }
     match (a.node.as_ref(), b.node.as_ref()) {
         (Some(NodeEnum::ColumnRef(x)), Some(NodeEnum::ColumnRef(y))) => {
             let (short, long) = if x.fields.len() <= y.fields.len() { (&x.fields, &y.fields) } else { (&y.fields, &x.fields) };
             !short.is_empty() && long.ends_with(short)
         }
-        (Some(NodeEnum::AConst(_)), Some(NodeEnum::AConst(_))) => scalar(a).is_some_and(|x| Some(x) == scalar(b)),
+        (Some(NodeEnum::AConst(_)), Some(NodeEnum::AConst(_))) => {
+            *consts = true;
+            scalar(a).is_some_and(|x| Some(x) == scalar(b))
+        }
         (Some(NodeEnum::TypeCast(x)), Some(NodeEnum::TypeCast(y))) => {
             let same_type = match (&x.type_name, &y.type_name) {
                 (Some(s), Some(t)) => {
-                    s.names == t.names && s.array_bounds == t.array_bounds && s.setof == t.setof && s.pct_type == t.pct_type && all(&s.typmods, &t.typmods)
+                    s.names == t.names && s.array_bounds == t.array_bounds && s.setof == t.setof && s.pct_type == t.pct_type && all(&s.typmods, &t.typmods, consts)
                 }
                 _ => false,
             };
-            same_type && matches!((x.arg.as_deref(), y.arg.as_deref()), (Some(p), Some(q)) if same_expr(p, q))
+            same_type && x.arg.is_some() && side(x.arg.as_deref(), y.arg.as_deref(), consts)
         }
         (Some(NodeEnum::AExpr(x)), Some(NodeEnum::AExpr(y))) => {
-            let side = |p: Option<&protobuf::Node>, q: Option<&protobuf::Node>| match (p, q) {
-                (None, None) => true,
-                (Some(p), Some(q)) => same_expr(p, q),
-                _ => false,
-            };
-            x.kind == y.kind && x.name == y.name && side(x.lexpr.as_deref(), y.lexpr.as_deref()) && side(x.rexpr.as_deref(), y.rexpr.as_deref())
+            x.kind == y.kind && x.name == y.name && side(x.lexpr.as_deref(), y.lexpr.as_deref(), consts) && side(x.rexpr.as_deref(), y.rexpr.as_deref(), consts)
         }
         (Some(NodeEnum::FuncCall(x)), Some(NodeEnum::FuncCall(y))) => {
             let plain = |f: &protobuf::FuncCall| f.agg_order.is_empty() && f.agg_filter.is_none() && f.over.is_none() && !f.agg_star && !f.agg_distinct && !f.func_variadic;
-            plain(x) && plain(y) && x.funcname == y.funcname && all(&x.args, &y.args)
+            plain(x) && plain(y) && x.funcname == y.funcname && all(&x.args, &y.args, consts)
         }
-        (Some(NodeEnum::CoalesceExpr(x)), Some(NodeEnum::CoalesceExpr(y))) => all(&x.args, &y.args),
+        (Some(NodeEnum::CoalesceExpr(x)), Some(NodeEnum::CoalesceExpr(y))) => all(&x.args, &y.args, consts),
         _ => false,
     }
 }
@@ -551,10 +559,10 @@ fn always_true(n: &protobuf::Node, facts: &mut Facts) -> bool {
             let (Some(l), Some(r)) = (e.lexpr.as_deref(), e.rexpr.as_deref()) else { return false };
             let self_compare = matches!(op.last().map(String::as_str), Some("=" | "<=" | ">="))
                 || protobuf::AExprKind::try_from(e.kind) == Ok(protobuf::AExprKind::AexprNotDistinct);
-            self_compare && same_expr(l, r)
+            self_compare && same_expr(l, r, &mut facts.literal_sensitive)
         }
         NodeEnum::BoolExpr(b) => match protobuf::BoolExprType::try_from(b.boolop) {
-            Ok(protobuf::BoolExprType::OrExpr) => b.args.iter().any(|a| always_true(a, facts)) || null_or_not_null(&b.args),
+            Ok(protobuf::BoolExprType::OrExpr) => b.args.iter().any(|a| always_true(a, facts)) || null_or_not_null(&b.args, facts),
             Ok(protobuf::BoolExprType::AndExpr) => !b.args.is_empty() && b.args.iter().all(|a| always_true(a, facts)),
             Ok(protobuf::BoolExprType::NotExpr) => b.args.first().is_some_and(|a| always_false(a, facts)),
             _ => false,
@@ -578,14 +586,14 @@ fn always_false(n: &protobuf::Node, facts: &mut Facts) -> bool {
         Some(NodeEnum::AExpr(e)) => {
             let op = name_list(&e.name);
             matches!(op.last().map(String::as_str), Some("<>" | "!=" | "<" | ">"))
-                && e.lexpr.as_deref().zip(e.rexpr.as_deref()).is_some_and(|(l, r)| same_expr(l, r))
+                && e.lexpr.as_deref().zip(e.rexpr.as_deref()).is_some_and(|(l, r)| same_expr(l, r, &mut facts.literal_sensitive))
         }
         _ => false,
     }
 }
 
 /// `x IS NULL OR x IS NOT NULL` (in either order) among OR arguments.
-fn null_or_not_null(args: &[protobuf::Node]) -> bool {
+fn null_or_not_null(args: &[protobuf::Node], facts: &mut Facts) -> bool {
     let tests: Vec<(&protobuf::Node, i32)> = args
         .iter()
         .filter_map(|a| match a.node.as_ref() {
@@ -593,7 +601,7 @@ fn null_or_not_null(args: &[protobuf::Node]) -> bool {
             _ => None,
         })
         .collect();
-    tests.iter().any(|(x, t)| tests.iter().any(|(y, u)| t != u && same_expr(x, y)))
+    tests.iter().any(|(x, t)| tests.iter().any(|(y, u)| t != u && same_expr(x, y, &mut facts.literal_sensitive)))
 }
 
 /// Every relation a new table's or view's query reads, through subqueries, CTEs and

@@ -347,3 +347,13 @@ fn a_where_on_other_relations_only_keeps_every_target_row() {
         ("delete from labs using other o where 1 = 2", Verdict::Allow, "default"),
     ]);
 }
+
+#[test]
+fn self_comparisons_decided_by_constants_are_not_shared_in_the_cache() {
+    // `coalesce(id, 0) = coalesce(id, 1)` and `… = coalesce(id, 0)` normalise alike;
+    // only the second compares a column with itself.
+    let first = crate::policy::cache::analyze("delete from labs where coalesce(id, 0) = coalesce(id, 1)").0.unwrap();
+    assert!(first.statements[0].unfiltered_writes.is_empty());
+    let second = crate::policy::cache::analyze("delete from labs where coalesce(id, 0) = coalesce(id, 0)").0.unwrap();
+    assert_eq!(second.statements[0].unfiltered_writes.len(), 1);
+}
