@@ -885,6 +885,35 @@ fn visit(n: N<'_>, facts: &mut Facts) {
                 facts.ddl.push((DdlVerb::Alter, table(r)));
             }
         }
+        // Row-level security on a PHI table: a new permissive policy is ORed with the
+        // others (`USING (true)` opens every row) and an altered one can say anything,
+        // so either is like dropping a policy on the table.
+        N::CreatePolicyStmt(p) => {
+            if let Some(t) = p.table.as_ref() {
+                facts.ddl.push((DdlVerb::Alter, table(t)));
+            }
+        }
+        N::AlterPolicyStmt(p) => {
+            if let Some(t) = p.table.as_ref() {
+                facts.ddl.push((DdlVerb::Alter, table(t)));
+            }
+        }
+        // ATTACH/DETACH PARTITION moves a table under another parent or out of one:
+        // its rows are then read by a name that is not the PHI table's.
+        N::PartitionCmd(c) => {
+            if let Some(t) = c.name.as_ref() {
+                facts.ddl.push((DdlVerb::Alter, table(t)));
+            }
+        }
+        // `CREATE TABLE p2 PARTITION OF patients`: PHI rows are then stored, and read,
+        // under the new partition's name.
+        N::CreateStmt(c) if c.partbound.is_some() => {
+            for parent in &c.inh_relations {
+                if let Some(NodeEnum::RangeVar(rv)) = parent.node.as_ref() {
+                    facts.ddl.push((DdlVerb::Alter, table(rv)));
+                }
+            }
+        }
         N::RenameStmt(r) => {
             if let Some(rel) = r.relation.as_ref() {
                 facts.ddl.push((DdlVerb::Alter, table(rel)));

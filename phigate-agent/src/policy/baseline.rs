@@ -6,7 +6,7 @@
 //! |---|---|---|
 //! | `baseline.drop-phi` | block | DROP of a PHI table, of a policy/trigger/rule on one, of a schema or database holding one |
 //! | `baseline.truncate-phi` | block | TRUNCATE of a PHI table |
-//! | `baseline.alter-phi` | block | ALTER / rename / move of a PHI table |
+//! | `baseline.alter-phi` | block | ALTER / rename / move of a PHI table, its row-level security policies and partitions |
 //! | `baseline.unfiltered-write` | block | DELETE/UPDATE without WHERE, or with an always-true WHERE |
 //! | `baseline.copy-server-side` | block | COPY to or from a server file or program |
 //! | `baseline.copy-phi-relation` | block | SELECT INTO / CREATE TABLE AS / CREATE VIEW from PHI tables |

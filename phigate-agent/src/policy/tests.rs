@@ -357,3 +357,20 @@ fn self_comparisons_decided_by_constants_are_not_shared_in_the_cache() {
     let second = crate::policy::cache::analyze("delete from labs where coalesce(id, 0) = coalesce(id, 0)").0.unwrap();
     assert_eq!(second.statements[0].unfiltered_writes.len(), 1);
 }
+
+#[test]
+fn row_level_security_and_partitions_of_phi_tables() {
+    // Permissive policies are ORed: `USING (true)` opens every row, like dropping the
+    // restrictive one. Attached under another parent, a PHI table is read by that
+    // parent's name; a new partition of one holds PHI rows under its own.
+    assert_decisions(&[
+        ("create policy all_rows on patients for select using (true)", Verdict::Block, "baseline.alter-phi"),
+        ("alter policy own_rows on public.patients using (true)", Verdict::Block, "baseline.alter-phi"),
+        ("alter table evil_parent attach partition patients for values from (0) to (100)", Verdict::Block, "baseline.alter-phi"),
+        ("alter table clinical detach partition public.encounters", Verdict::Block, "baseline.alter-phi"),
+        ("create table p2 partition of patients for values from (100) to (200)", Verdict::Block, "baseline.alter-phi"),
+        ("create policy own on labs using (owner = current_user)", Verdict::Allow, "default"),
+        ("create table l2 partition of labs for values from (1) to (2)", Verdict::Allow, "default"),
+        ("create table l3 (like patients)", Verdict::Allow, "default"),
+    ]);
+}
