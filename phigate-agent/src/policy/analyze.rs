@@ -158,6 +158,12 @@ pub struct Facts {
     pub creates_relation: bool,
     /// DROP DATABASE: every table in it goes, PHI included.
     pub drops_database: bool,
+    /// TRUNCATE … CASCADE: every table with a foreign key to the named ones is
+    /// emptied too, and phigate cannot see which.
+    pub truncate_cascades: bool,
+    /// DROP … CASCADE: dependent objects on any table go too (columns of a dropped
+    /// type, policies using a dropped table or function, …).
+    pub drop_cascades: bool,
     /// … from a prepared statement (`CREATE TABLE x AS EXECUTE p`): its source
     /// cannot be seen.
     pub creates_relation_from_execute: bool,
@@ -265,6 +271,8 @@ impl Facts {
         self.copied_into_new_relation.extend(o.copied_into_new_relation);
         self.creates_relation |= o.creates_relation;
         self.drops_database |= o.drops_database;
+        self.truncate_cascades |= o.truncate_cascades;
+        self.drop_cascades |= o.drop_cascades;
         self.creates_relation_from_execute |= o.creates_relation_from_execute;
         self.opaque_code |= o.opaque_code;
         self.changes_role |= o.changes_role;
@@ -837,6 +845,7 @@ fn visit(n: N<'_>, facts: &mut Facts) {
             }
         }
         N::TruncateStmt(t) => {
+            facts.truncate_cascades |= t.behavior == protobuf::DropBehavior::DropCascade as i32;
             for r in &t.relations {
                 if let Some(NodeEnum::RangeVar(rv)) = r.node.as_ref() {
                     facts.writes.insert(table(rv));
@@ -845,6 +854,7 @@ fn visit(n: N<'_>, facts: &mut Facts) {
             }
         }
         N::DropStmt(d) => {
+            facts.drop_cascades |= d.behavior == protobuf::DropBehavior::DropCascade as i32;
             let ty = ObjectType::try_from(d.remove_type).unwrap_or(ObjectType::Undefined);
             for o in &d.objects {
                 let parts = match o.node.as_ref() {

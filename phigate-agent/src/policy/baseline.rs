@@ -4,8 +4,8 @@
 //!
 //! | rule | verdict | what |
 //! |---|---|---|
-//! | `baseline.drop-phi` | block | DROP of a PHI table, of a policy/trigger/rule on one, of a schema or database holding one |
-//! | `baseline.truncate-phi` | block | TRUNCATE of a PHI table |
+//! | `baseline.drop-phi` | block | DROP of a PHI table, of a policy/trigger/rule on one, of a schema or database holding one, DROP … CASCADE |
+//! | `baseline.truncate-phi` | block | TRUNCATE of a PHI table, TRUNCATE … CASCADE |
 //! | `baseline.alter-phi` | block | ALTER / rename / move of a PHI table, its row-level security policies and partitions |
 //! | `baseline.unfiltered-write` | block | DELETE/UPDATE without WHERE, or with an always-true WHERE |
 //! | `baseline.copy-server-side` | block | COPY to or from a server file or program |
@@ -96,6 +96,15 @@ pub fn findings(p: &Policy, f: &Facts) -> Vec<Finding> {
     }
     if f.drops_database && !p.baseline.phi_tables.is_empty() {
         out.push(block("baseline.drop-phi", "DROP DATABASE would drop the PHI tables in it".into()));
+    }
+    // CASCADE reaches objects the statement does not name: the tables with a
+    // foreign key to a truncated one, the columns of a dropped type, the policies
+    // using a dropped table or function. Which ones only the catalog knows.
+    if f.truncate_cascades && !p.baseline.phi_tables.is_empty() {
+        out.push(block("baseline.truncate-phi", "TRUNCATE … CASCADE also empties tables that refer to these, PHI tables possibly".into()));
+    }
+    if f.drop_cascades && !p.baseline.phi_tables.is_empty() {
+        out.push(block("baseline.drop-phi", "DROP … CASCADE also drops what depends on it, columns or policies of PHI tables possibly".into()));
     }
     for s in &f.dropped_schemas {
         if p.baseline.phi_tables.iter().any(|pt| pt.schema().is_none_or(|ps| ps == s)) {

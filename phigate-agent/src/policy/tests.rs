@@ -374,3 +374,23 @@ fn row_level_security_and_partitions_of_phi_tables() {
         ("create table l3 (like patients)", Verdict::Allow, "default"),
     ]);
 }
+
+#[test]
+fn cascades_reach_phi_tables_phigate_cannot_see() {
+    // TRUNCATE … CASCADE empties every table with a foreign key to the named ones;
+    // DROP … CASCADE drops columns of a dropped type, policies using a dropped table
+    // or function, and more, on any table.
+    assert_decisions(&[
+        ("truncate clinics cascade", Verdict::Block, "baseline.truncate-phi"),
+        ("drop type mood cascade", Verdict::Block, "baseline.drop-phi"),
+        ("drop table allowed_ids cascade", Verdict::Block, "baseline.drop-phi"),
+        ("drop function check_access(int) cascade", Verdict::Block, "baseline.drop-phi"),
+        ("truncate clinics", Verdict::Allow, "default"),
+        ("drop type mood", Verdict::Allow, "default"),
+        ("drop table allowed_ids", Verdict::Allow, "default"),
+    ]);
+    let mut p = policy(Vec::new());
+    p.baseline.phi_tables.clear();
+    let d = decide(&p, "agent", "truncate clinics cascade");
+    assert_eq!(d.verdict, Verdict::Allow, "no PHI tables, nothing to reach");
+}
