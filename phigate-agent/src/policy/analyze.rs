@@ -786,6 +786,19 @@ fn visit(n: N<'_>, facts: &mut Facts) {
         }
         N::MergeStmt(m) => {
             facts.kinds.insert(Kind::Merge);
+            // Each WHEN clause's action is a statement of its own kind: a MERGE that
+            // deletes is a DELETE for rules naming kinds, like a DELETE in a CTE.
+            for c in &m.merge_when_clauses {
+                if let Some(NodeEnum::MergeWhenClause(w)) = c.node.as_ref() {
+                    let kind = match protobuf::CmdType::try_from(w.command_type) {
+                        Ok(protobuf::CmdType::CmdInsert) => Some(Kind::Insert),
+                        Ok(protobuf::CmdType::CmdUpdate) => Some(Kind::Update),
+                        Ok(protobuf::CmdType::CmdDelete) => Some(Kind::Delete),
+                        _ => None,
+                    };
+                    facts.kinds.extend(kind);
+                }
+            }
             if let Some(r) = m.relation.as_ref() {
                 facts.writes.insert(table(r));
                 // `MERGE … ON true WHEN MATCHED THEN DELETE/UPDATE` touches every row.

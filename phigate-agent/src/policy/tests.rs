@@ -394,3 +394,29 @@ fn cascades_reach_phi_tables_phigate_cannot_see() {
     let d = decide(&p, "agent", "truncate clinics cascade");
     assert_eq!(d.verdict, Verdict::Allow, "no PHI tables, nothing to reach");
 }
+
+#[test]
+fn merge_actions_are_statement_kinds() {
+    // README's billing.read-only: a MERGE that deletes, updates or inserts changes data.
+    let read_only = Rule {
+        id: "billing.read-only".into(),
+        reason: "the billing agent reads; it does not change data".into(),
+        verdict: Verdict::Block,
+        identities: vec!["agent".into()],
+        groups: Vec::new(),
+        statements: vec![Kind::Insert, Kind::Update, Kind::Delete],
+        tables: Vec::new(),
+        functions: Vec::new(),
+        overrides: Vec::new(),
+    };
+    let p = policy(vec![read_only]);
+    for sql in [
+        "merge into labs l using src s on l.id = s.id when matched then delete",
+        "merge into labs l using src s on l.id = s.id when matched and s.x > 1 then update set x = s.x",
+        "merge into labs l using src s on l.id = s.id when not matched then insert values (s.id)",
+        "with m as (merge into labs l using src s on l.id = s.id when matched then delete returning l.*) select * from m",
+    ] {
+        assert_eq!(decide(&p, "agent", sql).rule, "billing.read-only", "{sql}");
+    }
+    assert_eq!(decide(&p, "agent", "merge into labs l using src s on l.id = s.id when matched then do nothing").rule, "default");
+}
