@@ -629,13 +629,64 @@ fn relations_read(query: &protobuf::Node) -> Vec<TableRef> {
     out
 }
 
+/// The column references of some conditions, for telling which relations they can
+/// refer to: a column counts as a relation's unless it is qualified by the name of
+/// another relation (of the FROM/USING list or of a subquery in the conditions).
+struct Mentions {
+    /// Relation names and aliases in scope somewhere in the conditions.
+    names: BTreeSet<String>,
+    /// The qualifiers the column references use (`p` of `p.id`).
+    qualifiers: BTreeSet<String>,
+    /// Some column reference is unqualified (or CURRENT OF): it could be anyone's.
+    unqualified: bool,
+}
+
+impl Mentions {
+    fn of(conds: &[&protobuf::Node], from: &[protobuf::Node]) -> Self {
+        let mut m = Mentions { names: BTreeSet::new(), qualifiers: BTreeSet::new(), unqualified: false };
+        let mut visit = |n: N<'_>| match n {
+            N::Alias(a) => {
+                m.names.insert(a.aliasname.clone());
+            }
+            N::RangeVar(rv) if rv.alias.is_none() => {
+                m.names.insert(rv.relname.clone());
+            }
+            // WHERE CURRENT OF c: the cursor's row.
+            N::CurrentOfExpr(_) => m.unqualified = true,
+            N::ColumnRef(c) => match c.fields.len().checked_sub(2).map(|i| c.fields[i].node.as_ref()) {
+                Some(Some(NodeEnum::String(q))) => {
+                    m.qualifiers.insert(q.sval.clone());
+                }
+                // A bare `*` (`EXISTS (SELECT * FROM t)`) names no column.
+                None if matches!(c.fields.as_slice(), [f] if matches!(f.node, Some(NodeEnum::AStar(_)))) => {}
+                _ => m.unqualified = true,
+            },
+            _ => {}
+        };
+        let mut w = Walker { visit: &mut visit, depth: 0, too_deep: false };
+        from.iter().for_each(|o| w.node(o));
+        conds.iter().for_each(|c| w.node(c));
+        m
+    }
+
+    /// Whether a column of the relation called `own` (its alias, or its name) may be
+    /// referred to: unqualified, qualified by `own`, or by a name that is no
+    /// relation's (`addr.city`: a field of a composite column).
+    fn may_refer_to(&self, own: &str) -> bool {
+        self.unqualified || self.qualifiers.contains(own) || self.qualifiers.iter().any(|q| !self.names.contains(q))
+    }
+}
+
+/// The name a relation's columns are qualified with: its alias, or its name.
+fn own_name(rv: &protobuf::RangeVar) -> &str {
+    rv.alias.as_ref().map_or(rv.relname.as_str(), |a| a.aliasname.as_str())
+}
+
 /// Whether a DELETE/UPDATE/MERGE condition picks target rows: false when it is
 /// always true, and false too when it refers to columns of other relations only
 /// (`DELETE FROM labs USING other o WHERE o.id = 1`, an uncorrelated `EXISTS (SELECT
 /// 1 FROM other o WHERE o.flag)`): such a condition is the same for every target row
-/// and keeps all of them or none. A column reference counts as the target's unless it
-/// is qualified by the name of another relation — of `others` (USING, FROM, the MERGE
-/// source) or of a subquery in the condition — that is not the target's own name.
+/// and keeps all of them or none (see [`Mentions`]).
 fn filters_target(cond: &protobuf::Node, target: &protobuf::RangeVar, others: &[protobuf::Node], facts: &mut Facts) -> bool {
     if always_true(cond, facts) {
         return false;
@@ -644,39 +695,23 @@ fn filters_target(cond: &protobuf::Node, target: &protobuf::RangeVar, others: &[
         // Not always true, so provably false (`1 = 2`): it keeps no row.
         return true;
     }
-    let own = target.alias.as_ref().map_or(target.relname.as_str(), |a| a.aliasname.as_str());
-    let mut names = BTreeSet::new();
-    {
-        let mut visit = |n: N<'_>| match n {
-            N::Alias(a) => {
-                names.insert(a.aliasname.clone());
+    Mentions::of(&[cond], others).may_refer_to(own_name(target))
+}
+
+/// The ON conditions of the joins in a FROM list. Returns whether a join is USING
+/// (cols) or NATURAL: those compare columns by bare name, which may be anyone's.
+fn join_quals<'a>(items: &'a [protobuf::Node], out: &mut Vec<&'a protobuf::Node>) -> bool {
+    let mut by_name = false;
+    for item in items {
+        if let Some(NodeEnum::JoinExpr(j)) = item.node.as_ref() {
+            out.extend(j.quals.as_deref());
+            by_name |= j.is_natural || !j.using_clause.is_empty();
+            for side in [j.larg.as_deref(), j.rarg.as_deref()].into_iter().flatten() {
+                by_name |= join_quals(std::slice::from_ref(side), out);
             }
-            N::RangeVar(rv) if rv.alias.is_none() => {
-                names.insert(rv.relname.clone());
-            }
-            _ => {}
-        };
-        let mut w = Walker { visit: &mut visit, depth: 0, too_deep: false };
-        others.iter().for_each(|o| w.node(o));
-        w.node(cond);
-    }
-    let mut refers = false;
-    let mut visit = |n: N<'_>| match n {
-        // WHERE CURRENT OF c: the cursor's row.
-        N::CurrentOfExpr(_) => refers = true,
-        N::ColumnRef(c) => {
-            let qualifier = c.fields.len().checked_sub(2).and_then(|i| match c.fields[i].node.as_ref() {
-                Some(NodeEnum::String(s)) => Some(s.sval.as_str()),
-                _ => None,
-            });
-            let bare_star = matches!(c.fields.as_slice(), [f] if matches!(f.node, Some(NodeEnum::AStar(_))));
-            refers |= !bare_star && qualifier.is_none_or(|q| q == own || !names.contains(q));
         }
-        _ => {}
-    };
-    let mut w = Walker { visit: &mut visit, depth: 0, too_deep: false };
-    w.node(cond);
-    refers
+    }
+    by_name
 }
 
 /// An optional node as a list of none or one.
@@ -685,15 +720,16 @@ fn optional(n: Option<&protobuf::Node>) -> &[protobuf::Node] {
 }
 
 /// Relations directly in a FROM list (through joins, not subqueries).
-fn from_relations(items: &[protobuf::Node], out: &mut Vec<TableRef>) {
+fn from_relations<'a>(items: &'a [protobuf::Node], out: &mut Vec<&'a protobuf::RangeVar>) {
     for item in items {
         match item.node.as_ref() {
-            Some(NodeEnum::RangeVar(rv)) => out.push(table(rv)),
+            Some(NodeEnum::RangeVar(rv)) => out.push(rv),
             // `patients TABLESAMPLE SYSTEM (100)` reads the table like a plain reference.
             Some(NodeEnum::RangeTableSample(t)) => from_relations(optional(t.relation.as_deref()), out),
             Some(NodeEnum::JoinExpr(j)) => {
-                let sides: Vec<protobuf::Node> = [j.larg.as_deref(), j.rarg.as_deref()].into_iter().flatten().cloned().collect();
-                from_relations(&sides, out);
+                for side in [j.larg.as_deref(), j.rarg.as_deref()].into_iter().flatten() {
+                    from_relations(std::slice::from_ref(side), out);
+                }
             }
             _ => {}
         }
@@ -720,9 +756,23 @@ fn visit(n: N<'_>, facts: &mut Facts) {
         N::SelectStmt(s) => {
             let mut rels = Vec::new();
             from_relations(&s.from_clause, &mut rels);
-            // `WHERE true` or `WHERE id = id` bounds nothing.
-            let unfiltered = s.where_clause.as_deref().is_none_or(|w| always_true(w, facts));
-            if unfiltered && !rels.is_empty() && !only_aggregates(s) {
+            // `WHERE true` or `WHERE id = id` bounds nothing, and neither does a WHERE
+            // that refers to no column of a relation (`FROM patients p, labs l WHERE
+            // l.id = 1`, an uncorrelated EXISTS): it keeps all of that relation's rows
+            // or none. The joins' ON conditions count with the WHERE.
+            let rels: Vec<&protobuf::RangeVar> = match s.where_clause.as_deref() {
+                None => rels,
+                Some(w) if always_true(w, facts) => rels,
+                // Not always true, so provably false (`1 = 2`): no row.
+                Some(w) if row_independent(w) => Vec::new(),
+                Some(w) => {
+                    let mut conds = vec![w];
+                    let by_name = join_quals(&s.from_clause, &mut conds);
+                    let m = Mentions::of(&conds, &s.from_clause);
+                    rels.into_iter().filter(|rv| !by_name && !m.may_refer_to(own_name(rv))).collect()
+                }
+            };
+            if !rels.is_empty() && !only_aggregates(s) {
                 // `FETCH FIRST n ROWS WITH TIES` also returns every row that ties with
                 // the n-th: ordered by a constant, that is all of them. It bounds nothing.
                 let with_ties = protobuf::LimitOption::try_from(s.limit_option) == Ok(protobuf::LimitOption::WithTies);
@@ -740,7 +790,7 @@ fn visit(n: N<'_>, facts: &mut Facts) {
                     }
                 };
                 for r in rels {
-                    facts.unbounded_reads.push((r, limit));
+                    facts.unbounded_reads.push((table(r), limit));
                 }
             }
             if let Some(into) = s.into_clause.as_ref() {
@@ -834,7 +884,7 @@ fn visit(n: N<'_>, facts: &mut Facts) {
                         };
                 }
                 if reads_all {
-                    facts.unbounded_reads.extend(sources.into_iter().map(|t| (t, None)));
+                    facts.unbounded_reads.extend(sources.into_iter().map(|t| (table(t), None)));
                 }
             }
         }

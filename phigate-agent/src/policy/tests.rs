@@ -420,3 +420,23 @@ fn merge_actions_are_statement_kinds() {
     }
     assert_eq!(decide(&p, "agent", "merge into labs l using src s on l.id = s.id when matched then do nothing").rule, "default");
 }
+
+#[test]
+fn a_where_on_other_relations_only_does_not_bound_a_phi_read() {
+    // A condition that refers to no column of the PHI table (in WHERE or the joins'
+    // ON) keeps all of its rows or none.
+    assert_decisions(&[
+        ("select p.* from patients p, (select 1 as x) s where s.x = 1", Verdict::Approve, "baseline.unbounded-phi-read"),
+        ("select p.* from patients p join labs l on true where l.id = 1", Verdict::Approve, "baseline.unbounded-phi-read"),
+        ("select * from patients p where exists (select 1 from labs l where l.flag)", Verdict::Approve, "baseline.unbounded-phi-read"),
+        ("select * from labs l join patients p on p.id = l.pid where l.id = 1", Verdict::Allow, "default"),
+        ("select * from labs l, patients p where p.id = l.pid and l.id = 1", Verdict::Allow, "default"),
+        ("select * from patients p join labs l using (pid) where l.id = 1", Verdict::Allow, "default"),
+        ("select * from patients p natural join labs l where l.id = 1", Verdict::Allow, "default"),
+        ("select * from patients p where exists (select 1 from labs l where l.pid = p.id)", Verdict::Allow, "default"),
+        ("select * from patients p, labs l where flagged", Verdict::Allow, "default"),
+        ("select * from patients where 1 = 2", Verdict::Allow, "default"),
+        ("select p.* from patients p, (select 1 as x) s where s.x = 1 limit 10", Verdict::Allow, "default"),
+    ]);
+}
+
