@@ -563,11 +563,33 @@ fn always_true(n: &protobuf::Node, facts: &mut Facts) -> bool {
     }
     match node {
         NodeEnum::AExpr(e) => {
+            use protobuf::AExprKind as K;
             let op = name_list(&e.name);
+            let op = op.last().map(String::as_str);
             let (Some(l), Some(r)) = (e.lexpr.as_deref(), e.rexpr.as_deref()) else { return false };
-            let self_compare = matches!(op.last().map(String::as_str), Some("=" | "<=" | ">="))
-                || protobuf::AExprKind::try_from(e.kind) == Ok(protobuf::AExprKind::AexprNotDistinct);
-            self_compare && same_expr(l, r, &mut facts.literal_sensitive)
+            fn items(n: &protobuf::Node) -> &[protobuf::Node] {
+                match n.node.as_ref() {
+                    Some(NodeEnum::List(l)) => &l.items,
+                    Some(NodeEnum::AArrayExpr(a)) => &a.elements,
+                    _ => &[],
+                }
+            }
+            match K::try_from(e.kind) {
+                Ok(K::AexprOp) if matches!(op, Some("=" | "<=" | ">=")) => {
+                    same_expr(l, r, &mut facts.literal_sensitive) || (op == Some("=") && compared_with_bool(l, r, true, facts))
+                }
+                // `(cond) <> false`: the condition itself.
+                Ok(K::AexprOp) if matches!(op, Some("<>" | "!=")) => compared_with_bool(l, r, false, facts),
+                Ok(K::AexprNotDistinct) => same_expr(l, r, &mut facts.literal_sensitive) || compared_with_bool(l, r, true, facts),
+                // `id IN (…, id, …)`, `id = ANY(ARRAY[…, id, …])`.
+                Ok(K::AexprIn | K::AexprOpAny) if op == Some("=") => items(r).iter().any(|i| same_expr(l, i, &mut facts.literal_sensitive)),
+                // `id BETWEEN id AND id`.
+                Ok(K::AexprBetween | K::AexprBetweenSym) => {
+                    let bounds = items(r);
+                    !bounds.is_empty() && bounds.iter().all(|b| same_expr(l, b, &mut facts.literal_sensitive))
+                }
+                _ => false,
+            }
         }
         NodeEnum::BoolExpr(b) => match protobuf::BoolExprType::try_from(b.boolop) {
             Ok(protobuf::BoolExprType::OrExpr) => b.args.iter().any(|a| always_true(a, facts)) || null_or_not_null(&b.args, facts),
@@ -580,6 +602,19 @@ fn always_true(n: &protobuf::Node, facts: &mut Facts) -> bool {
             _ => false,
         },
         _ => false,
+    }
+}
+
+/// `cond = true` (or `true = cond`, or with `value` false `cond <> false`) where cond
+/// is always true.
+fn compared_with_bool(l: &protobuf::Node, r: &protobuf::Node, value: bool, facts: &mut Facts) -> bool {
+    let (cond, other) = if const_bool(r).is_some() { (l, r) } else { (r, l) };
+    match const_bool(other) {
+        Some(v) => {
+            facts.literal_sensitive = true;
+            v == value && always_true(cond, facts)
+        }
+        None => false,
     }
 }
 

@@ -440,3 +440,21 @@ fn a_where_on_other_relations_only_does_not_bound_a_phi_read() {
     ]);
 }
 
+
+#[test]
+fn a_column_compared_with_itself_in_other_shapes() {
+    assert_decisions(&[
+        ("delete from labs where (id = id) = true", Verdict::Block, "baseline.unfiltered-write"),
+        ("delete from labs where (id = id) <> false", Verdict::Block, "baseline.unfiltered-write"),
+        ("delete from labs where id in (id)", Verdict::Block, "baseline.unfiltered-write"),
+        ("delete from labs where id in (1, 2, labs.id)", Verdict::Block, "baseline.unfiltered-write"),
+        ("delete from labs where id between id and id", Verdict::Block, "baseline.unfiltered-write"),
+        ("delete from labs where id = any(array[id])", Verdict::Block, "baseline.unfiltered-write"),
+        ("select * from patients where id in (id)", Verdict::Approve, "baseline.unbounded-phi-read"),
+        ("delete from labs where (id = 5) = true", Verdict::Allow, "default"),
+        ("delete from labs where id in (1, 2)", Verdict::Allow, "default"),
+        ("delete from labs where id not in (id)", Verdict::Allow, "default"),
+        ("delete from labs where id between 1 and id", Verdict::Allow, "default"),
+        ("delete from labs where id = any(array[1, 2])", Verdict::Allow, "default"),
+    ]);
+}
