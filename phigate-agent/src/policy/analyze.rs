@@ -150,6 +150,7 @@ pub struct Facts {
     /// below `limit` (None: no LIMIT, one that is not a constant, or `WITH TIES`);
     /// also COPY … TO of a table and the source table of a MERGE that takes all of it.
     pub unbounded_reads: Vec<(TableRef, Option<i64>)>,
+    /// COPY, or a foreign table reading a server file or program (file_fdw).
     pub copy: Option<CopyFacts>,
     /// Relations a new table or view copies from (SELECT INTO, CREATE TABLE AS,
     /// CREATE [MATERIALIZED] VIEW): every relation its query reads, at any depth.
@@ -749,6 +750,22 @@ fn join_quals<'a>(items: &'a [protobuf::Node], out: &mut Vec<&'a protobuf::Node>
     by_name
 }
 
+/// file_fdw's `filename` and `program` options make a foreign table a COPY FROM a
+/// file or a program on the database server (`OPTIONS (program 'id')`), read each
+/// time the table is.
+fn foreign_table_options(options: &[protobuf::Node], facts: &mut Facts) {
+    for o in options {
+        if let Some(NodeEnum::DefElem(d)) = o.node.as_ref() {
+            let target = match d.defname.as_str() {
+                "program" => CopyTarget::Program,
+                "filename" => CopyTarget::File,
+                _ => continue,
+            };
+            facts.copy = Some(CopyFacts { to: false, target });
+        }
+    }
+}
+
 /// An optional node as a list of none or one.
 fn optional(n: Option<&protobuf::Node>) -> &[protobuf::Node] {
     n.map(std::slice::from_ref).unwrap_or_default()
@@ -992,7 +1009,17 @@ fn visit(n: N<'_>, facts: &mut Facts) {
             if let Some(r) = a.relation.as_ref() {
                 facts.ddl.push((DdlVerb::Alter, table(r)));
             }
+            if ObjectType::try_from(a.objtype) == Ok(ObjectType::ObjectForeignTable) {
+                for c in &a.cmds {
+                    if let Some(NodeEnum::AlterTableCmd(cmd)) = c.node.as_ref() {
+                        if let Some(NodeEnum::List(l)) = cmd.def.as_deref().and_then(|d| d.node.as_ref()) {
+                            foreign_table_options(&l.items, facts);
+                        }
+                    }
+                }
+            }
         }
+        N::CreateForeignTableStmt(f) => foreign_table_options(&f.options, facts),
         // Row-level security on a PHI table: a new permissive policy is ORed with the
         // others (`USING (true)` opens every row) and an altered one can say anything,
         // so either is like dropping a policy on the table.

@@ -458,3 +458,15 @@ fn a_column_compared_with_itself_in_other_shapes() {
         ("delete from labs where id = any(array[1, 2])", Verdict::Allow, "default"),
     ]);
 }
+
+#[test]
+fn file_fdw_reads_server_files_and_runs_server_programs() {
+    // file_fdw's `filename` / `program` options are COPY FROM a server file or program.
+    assert_decisions(&[
+        ("create foreign table ft (l text) server files options (program 'id')", Verdict::Block, "baseline.copy-server-side"),
+        ("create foreign table ft (l text) server files options (filename '/etc/passwd', format 'csv')", Verdict::Block, "baseline.copy-server-side"),
+        ("alter foreign table ft options (set program 'id')", Verdict::Block, "baseline.copy-server-side"),
+        ("alter foreign table ft options (add filename '/etc/passwd')", Verdict::Block, "baseline.copy-server-side"),
+        ("create foreign table ft (l text) server remote options (table_name 'x')", Verdict::Allow, "default"),
+    ]);
+}
