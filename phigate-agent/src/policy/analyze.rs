@@ -147,7 +147,8 @@ pub struct Facts {
     /// DELETE/UPDATE targets with no WHERE or a WHERE that is always true.
     pub unfiltered_writes: Vec<TableRef>,
     /// SELECT levels that read these relations with neither WHERE nor a LIMIT at or
-    /// below `limit` (None: no LIMIT, one that is not a constant, or `WITH TIES`);
+    /// below `limit` (None: no LIMIT, one that is not a constant, `WITH TIES`, or an
+    /// OFFSET with a column);
     /// also COPY … TO of a table and the source table of a MERGE that takes all of it.
     pub unbounded_reads: Vec<(TableRef, Option<i64>)>,
     /// COPY, or a foreign table reading a server file or program (file_fdw).
@@ -828,9 +829,13 @@ fn visit(n: N<'_>, facts: &mut Facts) {
                 // `FETCH FIRST n ROWS WITH TIES` also returns every row that ties with
                 // the n-th: ordered by a constant, that is all of them. It bounds nothing.
                 let with_ties = protobuf::LimitOption::try_from(s.limit_option) == Ok(protobuf::LimitOption::WithTies);
+                // An OFFSET that refers to a column moves with the outer row the level is
+                // evaluated for (LATERAL, a correlated subquery): `OFFSET g LIMIT 1` over
+                // g = 0, 1, 2, … reads every row. It bounds nothing either.
+                let moving_offset = s.limit_offset.as_deref().is_some_and(|o| !row_independent(o));
                 let limit = match s.limit_count.as_deref() {
                     None => None,
-                    Some(_) if with_ties => None,
+                    Some(_) if with_ties || moving_offset => None,
                     Some(l) => {
                         facts.literal_sensitive = true;
                         match const_value(l) {

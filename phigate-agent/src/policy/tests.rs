@@ -470,3 +470,15 @@ fn file_fdw_reads_server_files_and_runs_server_programs() {
         ("create foreign table ft (l text) server remote options (table_name 'x')", Verdict::Allow, "default"),
     ]);
 }
+
+#[test]
+fn a_limit_with_a_column_offset_bounds_nothing() {
+    // Re-evaluated for each outer row (LATERAL, a correlated subquery), a LIMIT 1 at
+    // OFFSET g reads a different row each time: all of them.
+    assert_decisions(&[
+        ("select p.* from generate_series(0, 99999) g, lateral (select * from patients offset g limit 1) p", Verdict::Approve, "baseline.unbounded-phi-read"),
+        ("select (select ssn from patients offset g limit 1) from generate_series(0, 99999) g", Verdict::Approve, "baseline.unbounded-phi-read"),
+        ("select * from patients limit 10 offset 20", Verdict::Allow, "default"),
+        ("select * from patients limit 10 offset $1", Verdict::Allow, "default"),
+    ]);
+}
