@@ -420,7 +420,11 @@ fn same_expr(a: &protobuf::Node, b: &protobuf::Node, consts: &mut bool) -> bool 
         (Some(NodeEnum::TypeCast(x)), Some(NodeEnum::TypeCast(y))) => {
             let same_type = match (&x.type_name, &y.type_name) {
                 (Some(s), Some(t)) => {
-                    s.names == t.names && s.array_bounds == t.array_bounds && s.setof == t.setof && s.pct_type == t.pct_type && all(&s.typmods, &t.typmods, consts)
+                    s.names == t.names
+                        && s.array_bounds == t.array_bounds
+                        && s.setof == t.setof
+                        && s.pct_type == t.pct_type
+                        && all(&s.typmods, &t.typmods, consts)
                 }
                 _ => false,
             };
@@ -430,7 +434,9 @@ fn same_expr(a: &protobuf::Node, b: &protobuf::Node, consts: &mut bool) -> bool 
             x.kind == y.kind && x.name == y.name && side(x.lexpr.as_deref(), y.lexpr.as_deref(), consts) && side(x.rexpr.as_deref(), y.rexpr.as_deref(), consts)
         }
         (Some(NodeEnum::FuncCall(x)), Some(NodeEnum::FuncCall(y))) => {
-            let plain = |f: &protobuf::FuncCall| f.agg_order.is_empty() && f.agg_filter.is_none() && f.over.is_none() && !f.agg_star && !f.agg_distinct && !f.func_variadic;
+            let plain = |f: &protobuf::FuncCall| {
+                f.agg_order.is_empty() && f.agg_filter.is_none() && f.over.is_none() && !f.agg_star && !f.agg_distinct && !f.func_variadic
+            };
             plain(x) && plain(y) && x.funcname == y.funcname && all(&x.args, &y.args, consts)
         }
         (Some(NodeEnum::CoalesceExpr(x)), Some(NodeEnum::CoalesceExpr(y))) => all(&x.args, &y.args, consts),

@@ -251,9 +251,21 @@ fn merge_reads_its_whole_source() {
     // SELECT without WHERE).
     assert_decisions(&[
         ("merge into sink s using patients p on false when not matched then insert values (p.id, p.ssn)", Verdict::Approve, "baseline.unbounded-phi-read"),
-        ("merge into sink s using patients p on s.id = p.id when not matched then insert values (p.id, p.ssn)", Verdict::Approve, "baseline.unbounded-phi-read"),
-        ("merge into sink s using public.patients tablesample system (100) on true when matched then do nothing", Verdict::Approve, "baseline.unbounded-phi-read"),
-        ("merge into sink s using (select * from patients where id = 1) p on s.id = p.id when not matched then insert values (p.id)", Verdict::Allow, "default"),
+        (
+            "merge into sink s using patients p on s.id = p.id when not matched then insert values (p.id, p.ssn)",
+            Verdict::Approve,
+            "baseline.unbounded-phi-read",
+        ),
+        (
+            "merge into sink s using public.patients tablesample system (100) on true when matched then do nothing",
+            Verdict::Approve,
+            "baseline.unbounded-phi-read",
+        ),
+        (
+            "merge into sink s using (select * from patients where id = 1) p on s.id = p.id when not matched then insert values (p.id)",
+            Verdict::Allow,
+            "default",
+        ),
         // Like UPDATE … FROM patients WHERE …: the join condition limits the rows.
         ("merge into labs l using patients p on l.pid = p.id when matched then update set x = 1", Verdict::Allow, "default"),
         ("merge into sink s using patients p on s.id = p.id when not matched and p.id = 7 then insert values (p.id)", Verdict::Allow, "default"),
@@ -439,7 +451,6 @@ fn a_where_on_other_relations_only_does_not_bound_a_phi_read() {
         ("select p.* from patients p, (select 1 as x) s where s.x = 1 limit 10", Verdict::Allow, "default"),
     ]);
 }
-
 
 #[test]
 fn a_column_compared_with_itself_in_other_shapes() {
