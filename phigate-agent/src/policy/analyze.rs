@@ -392,7 +392,7 @@ fn const_bool(n: &protobuf::Node) -> Option<bool> {
 }
 
 /// Whether two expressions compute the same value from the same row: the same
-/// column, or the same operator, function, cast or COALESCE of such operands
+/// column, or the same operator, function, cast, COALESCE or row of such operands
 /// (`id::text` and `id::text`, `coalesce(id, 0)` twice). A column is the same when one
 /// name is a suffix of the other (`id`, `l.id`, `labs.id`, `public.labs.id`): any
 /// other reading of the pair PostgreSQL rejects as ambiguous or unknown. Sets
@@ -440,6 +440,8 @@ fn same_expr(a: &protobuf::Node, b: &protobuf::Node, consts: &mut bool) -> bool 
             plain(x) && plain(y) && x.funcname == y.funcname && all(&x.args, &y.args, consts)
         }
         (Some(NodeEnum::CoalesceExpr(x)), Some(NodeEnum::CoalesceExpr(y))) => all(&x.args, &y.args, consts),
+        // `(id, x)`, `ROW(id)`.
+        (Some(NodeEnum::RowExpr(x)), Some(NodeEnum::RowExpr(y))) => all(&x.args, &y.args, consts),
         _ => false,
     }
 }

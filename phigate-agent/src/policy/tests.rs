@@ -493,3 +493,12 @@ fn a_limit_with_a_column_offset_bounds_nothing() {
         ("select * from patients limit 10 offset $1", Verdict::Allow, "default"),
     ]);
 }
+
+#[test]
+fn a_row_compared_with_itself() {
+    assert_decisions(&[
+        ("delete from labs where (id, x) = (id, x)", Verdict::Block, "baseline.unfiltered-write"),
+        ("delete from labs where row(id) = row(labs.id)", Verdict::Block, "baseline.unfiltered-write"),
+        ("delete from labs where (id, x) = (id, 1)", Verdict::Allow, "default"),
+    ]);
+}
