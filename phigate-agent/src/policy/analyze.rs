@@ -5,7 +5,10 @@
 //!
 //! Pure and synchronous; knows nothing about identities or rules.
 
-use std::{collections::BTreeSet, fmt};
+use std::{
+    collections::{BTreeSet, HashSet},
+    fmt,
+};
 
 use pg_query::{
     protobuf::{self, a_const::Val, ObjectType, VariableSetKind},
@@ -147,8 +150,8 @@ pub struct Facts {
     /// DELETE/UPDATE targets with no WHERE or a WHERE that is always true.
     pub unfiltered_writes: Vec<TableRef>,
     /// SELECT levels that read these relations with neither WHERE nor a LIMIT at or
-    /// below `limit` (None: no LIMIT, one that is not a constant, `WITH TIES`, or an
-    /// OFFSET with a column);
+    /// below `limit` (None: no LIMIT, one that is not a constant, `WITH TIES`, or one
+    /// of a level run once per outer row);
     /// also COPY … TO of a table and the source table of a MERGE that takes all of it.
     pub unbounded_reads: Vec<(TableRef, Option<i64>)>,
     /// COPY, or a foreign table reading a server file or program (file_fdw).
@@ -247,7 +250,8 @@ pub fn analyze(sql: &str) -> Result<Analysis, ParseError> {
         let mut facts = Facts { kind: Some(kind), kinds: BTreeSet::from([kind]), ..Facts::default() };
         let mut found = Facts::default();
         let too_deep = {
-            let mut visit = |n: N<'_>| visit(n, &mut found);
+            let mut per_row = HashSet::new();
+            let mut visit = |n: N<'_>| visit(n, &mut found, &mut per_row);
             let mut w = Walker { visit: &mut visit, depth: 0, too_deep: false };
             w.raw_stmt(raw);
             w.too_deep
@@ -809,7 +813,27 @@ fn only_aggregates(s: &protobuf::SelectStmt) -> bool {
         })
 }
 
-fn visit(n: N<'_>, facts: &mut Facts) {
+/// `per_row`: the SELECT levels (by address) that run once per row of an outer level
+/// and return its values — LATERAL subqueries, scalar and ARRAY subqueries — noted
+/// when their parent is visited (the walk is pre-order).
+fn visit(n: N<'_>, facts: &mut Facts, per_row: &mut HashSet<*const protobuf::SelectStmt>) {
+    let mut note = |q: Option<&protobuf::Node>| {
+        if let Some(NodeEnum::SelectStmt(s)) = q.and_then(|q| q.node.as_ref()) {
+            per_row.insert(std::ptr::from_ref(&**s));
+        }
+    };
+    match n {
+        N::RangeSubselect(r) if r.lateral => note(r.subquery.as_deref()),
+        N::SubLink(l)
+            if matches!(
+                protobuf::SubLinkType::try_from(l.sub_link_type),
+                Ok(protobuf::SubLinkType::ExprSublink | protobuf::SubLinkType::ArraySublink | protobuf::SubLinkType::MultiexprSublink)
+            ) =>
+        {
+            note(l.subselect.as_deref())
+        }
+        _ => {}
+    }
     match n {
         N::RangeVar(rv) => {
             facts.tables.insert(table(rv));
@@ -837,13 +861,14 @@ fn visit(n: N<'_>, facts: &mut Facts) {
                 // `FETCH FIRST n ROWS WITH TIES` also returns every row that ties with
                 // the n-th: ordered by a constant, that is all of them. It bounds nothing.
                 let with_ties = protobuf::LimitOption::try_from(s.limit_option) == Ok(protobuf::LimitOption::WithTies);
-                // An OFFSET that refers to a column moves with the outer row the level is
-                // evaluated for (LATERAL, a correlated subquery): `OFFSET g LIMIT 1` over
-                // g = 0, 1, 2, … reads every row. It bounds nothing either.
-                let moving_offset = s.limit_offset.as_deref().is_some_and(|o| !row_independent(o));
+                // Nor does the LIMIT of a level run once per row of an outer level whose
+                // values it returns (LATERAL, a scalar or ARRAY subquery): `OFFSET g
+                // LIMIT 1` or `ORDER BY abs(id - g) LIMIT 1` takes another row for each
+                // g, all of them in the end.
+                let runs_per_row = per_row.contains(&std::ptr::from_ref(s));
                 let limit = match s.limit_count.as_deref() {
                     None => None,
-                    Some(_) if with_ties || moving_offset => None,
+                    Some(_) if with_ties || runs_per_row => None,
                     Some(l) => {
                         facts.literal_sensitive = true;
                         match const_value(l) {

@@ -502,3 +502,21 @@ fn a_row_compared_with_itself() {
         ("delete from labs where (id, x) = (id, 1)", Verdict::Allow, "default"),
     ]);
 }
+
+#[test]
+fn a_limit_evaluated_once_per_outer_row_bounds_nothing() {
+    // LATERAL subqueries and scalar/ARRAY subqueries run once per outer row: LIMIT 1
+    // ordered by distance to the outer row's g picks a different row each time.
+    assert_decisions(&[
+        (
+            "select p.* from generate_series(1, 100000) g, lateral (select * from patients order by abs(id - g) limit 1) p",
+            Verdict::Approve,
+            "baseline.unbounded-phi-read",
+        ),
+        ("select (select ssn from patients order by abs(id - g) limit 1) from generate_series(1, 100000) g", Verdict::Approve, "baseline.unbounded-phi-read"),
+        ("select array(select ssn from patients order by abs(id - g) limit 1) from generate_series(1, 9) g", Verdict::Approve, "baseline.unbounded-phi-read"),
+        ("select * from labs where exists (select 1 from patients limit 1)", Verdict::Allow, "default"),
+        ("select * from (select * from patients limit 10) p", Verdict::Allow, "default"),
+        ("select * from labs l, lateral (select * from patients p where p.id = l.pid limit 1) x where l.id = 1", Verdict::Allow, "default"),
+    ]);
+}
