@@ -172,8 +172,11 @@ pub struct Facts {
     /// … from a prepared statement (`CREATE TABLE x AS EXECUTE p`): its source
     /// cannot be seen.
     pub creates_relation_from_execute: bool,
-    /// DO blocks, CREATE FUNCTION/PROCEDURE/TRIGGER/RULE, LOAD, CREATE EXTENSION.
+    /// DO blocks, CREATE FUNCTION/PROCEDURE/TRIGGER/RULE, LOAD, CREATE/ALTER EXTENSION.
     pub opaque_code: bool,
+    /// Foreign data wrappers, foreign servers, user mappings, foreign tables, IMPORT
+    /// FOREIGN SCHEMA: connections from the database to elsewhere.
+    pub foreign_data: bool,
     /// SET ROLE / SET SESSION AUTHORIZATION, or set_config() of those.
     pub changes_role: bool,
     /// Settings that change how statements parse (standard_conforming_strings,
@@ -281,6 +284,7 @@ impl Facts {
         self.drop_cascades |= o.drop_cascades;
         self.creates_relation_from_execute |= o.creates_relation_from_execute;
         self.opaque_code |= o.opaque_code;
+        self.foreign_data |= o.foreign_data;
         self.changes_role |= o.changes_role;
         self.changes_parser |= o.changes_parser;
         self.alter_system |= o.alter_system;
@@ -1057,7 +1061,10 @@ fn visit(n: N<'_>, facts: &mut Facts, per_row: &mut HashSet<*const protobuf::Sel
                 }
             }
         }
-        N::CreateForeignTableStmt(f) => foreign_table_options(&f.options, facts),
+        N::CreateForeignTableStmt(f) => {
+            facts.foreign_data = true;
+            foreign_table_options(&f.options, facts)
+        }
         // Row-level security on a PHI table: a new permissive policy is ORed with the
         // others (`USING (true)` opens every row) and an altered one can say anything,
         // so either is like dropping a policy on the table.
@@ -1199,7 +1206,19 @@ fn visit(n: N<'_>, facts: &mut Facts, per_row: &mut HashSet<*const protobuf::Sel
         | N::RuleStmt(_)
         | N::LoadStmt(_)
         | N::CreateExtensionStmt(_)
+        // ALTER EXTENSION … UPDATE runs the extension's update scripts.
+        | N::AlterExtensionStmt(_)
+        | N::AlterExtensionContentsStmt(_)
         | N::CreateEventTrigStmt(_) => facts.opaque_code = true,
+        // A foreign server (postgres_fdw and the like) is a way out of the database,
+        // as dblink is: `INSERT INTO remote_table SELECT … FROM patients`.
+        N::CreateFdwStmt(_)
+        | N::AlterFdwStmt(_)
+        | N::CreateForeignServerStmt(_)
+        | N::AlterForeignServerStmt(_)
+        | N::CreateUserMappingStmt(_)
+        | N::AlterUserMappingStmt(_)
+        | N::ImportForeignSchemaStmt(_) => facts.foreign_data = true,
         _ => {}
     }
 }

@@ -16,7 +16,8 @@
 //! | `baseline.alter-system` | block | ALTER SYSTEM |
 //! | `baseline.role-ddl` | block | CREATE/ALTER/DROP ROLE, role membership, per-role/database settings |
 //! | `baseline.grants` | block | GRANT/REVOKE of privileges |
-//! | `baseline.opaque-code` | block | DO, CREATE FUNCTION/PROCEDURE/TRIGGER/RULE/EXTENSION, LOAD |
+//! | `baseline.opaque-code` | block | DO, CREATE FUNCTION/PROCEDURE/TRIGGER/RULE/EXTENSION, ALTER EXTENSION, LOAD |
+//! | `baseline.foreign-data` | block | CREATE/ALTER FOREIGN DATA WRAPPER, SERVER, USER MAPPING, CREATE FOREIGN TABLE, IMPORT FOREIGN SCHEMA |
 //! | `baseline.bulk-export` | approve | COPY … TO STDOUT reading PHI |
 //! | `baseline.unbounded-phi-read` | approve | SELECT from a PHI table with neither WHERE nor a LIMIT ≤ the threshold |
 //!
@@ -57,6 +58,13 @@ pub const DANGEROUS_FUNCTIONS: &[&str] = &[
     "pg_create_restore_point",
     "pg_backup_start",
     "pg_backup_stop",
+    // Logical decoding hands out every change to every table (PHI included) as text.
+    "pg_logical_slot_get_changes",
+    "pg_logical_slot_peek_changes",
+    "pg_logical_slot_get_binary_changes",
+    "pg_logical_slot_peek_binary_changes",
+    "pg_create_logical_replication_slot",
+    "pg_replication_slot_advance",
     // ts_stat runs the SQL text it is given: dynamic SQL the policy never sees.
     "ts_stat",
     "ts_rewrite",
@@ -151,6 +159,12 @@ pub fn findings(p: &Policy, f: &Facts) -> Vec<Finding> {
         out.push(block(
             "baseline.opaque-code",
             "DO blocks and new functions, procedures, triggers, rules or extensions run code phigate cannot inspect".into(),
+        ));
+    }
+    if f.foreign_data {
+        out.push(block(
+            "baseline.foreign-data",
+            "foreign data wrappers, servers, user mappings and foreign tables connect the database to elsewhere, a way to copy PHI out".into(),
         ));
     }
     let phi_read = f.unbounded_reads.iter().find(|(t, limit)| p.is_phi(t) && limit.is_none_or(|l| l > p.baseline.unbounded_read_limit));

