@@ -514,3 +514,17 @@ fn binary_text_arrays_are_masked_element_by_element() {
     assert_eq!(d[2].as_deref(), Some(format!("call {} after six", p.phone).as_str()));
     assert_eq!(m, [Some("stable".to_string()), None, Some("call [PHONE] after six".into()), Some(String::new())]);
 }
+
+#[test]
+fn a_password_message_after_login_ends_the_session_and_never_reaches_the_database() {
+    if skip("a_password_message_after_login_ends_the_session_and_never_reaches_the_database") {
+        return;
+    }
+    let e = env();
+    let v = pgclient(&e, Some("care"), &["raw-password"]);
+    assert_eq!(v["open"], false, "{v}");
+    let errors = v["errors"].to_string();
+    assert!(errors.contains("FATAL") && errors.contains("08P01") && errors.contains("password message after login"), "{v}");
+    // PostgreSQL never saw it (it would log an invalid frontend message type 112).
+    assert!(!e.pg.log().contains("message type 112"), "{}", e.pg.log());
+}

@@ -441,6 +441,17 @@ impl Relay<'_> {
                 Item::StreamStart { tag, .. } => Some(*tag),
                 Item::StreamChunk { .. } => None,
             };
+            if t == Some(tag::PASSWORD) {
+                // Authentication ended at startup (phigate did it); a password message
+                // now is one PostgreSQL would end the session for, and the client's
+                // password or token never goes to the database.
+                let err = PgError::fatal(
+                    SqlState::PROTOCOL_VIOLATION,
+                    "phigate closed the session: the client sent a password message after login (authentication is over; its content is never passed to the database)",
+                );
+                to_client.push(err.to_frame().into_bytes());
+                return Err(End::Refused(err));
+            }
             if let Some(t) = t {
                 match copy_gate(seq, t) {
                     Gate::Pass => {}

@@ -24,6 +24,8 @@
 //!                 every query's text rows and every error
 //!   raw-malformed  hand-written protocol: a Query without its NUL terminator, then
 //!                 `select 'x'`; report rows, errors and whether the session stayed open
+//!   raw-password  hand-written protocol: a PasswordMessage after login, then
+//!                 `select 'x'`; report rows, errors and whether the session stayed open
 //! ```
 
 use std::time::{Duration, Instant};
@@ -256,6 +258,7 @@ async fn main() {
         "notify-payload" => notify_payload(conn, args.get(3).map(String::as_str).unwrap_or("")).await,
         "stream" => stream_rows(conn, args.get(3).map(String::as_str).unwrap_or("")).await,
         "raw-malformed" => Ok(raw_malformed(conn)),
+        "raw-password" => Ok(raw_password(conn)),
         "raw-copy" => Ok(raw_copy(conn, args.get(3).map(String::as_str).unwrap_or(""), args.get(4).map(String::as_str).unwrap_or(""))),
         other => {
             eprintln!("unknown scenario {other}");
@@ -352,6 +355,20 @@ fn raw_malformed(conn: &str) -> Value {
     bytes.extend(raw_query("select 'x' as v"));
     let _ = s.write_all(&bytes);
     let open = raw_read_until(&mut s, b'Z', &mut rows, &mut errors) && raw_read_until(&mut s, b'Z', &mut rows, &mut errors);
+    json!({"ok": true, "rows": rows, "errors": errors, "open": open})
+}
+
+fn raw_password(conn: &str) -> Value {
+    use std::io::Write;
+    let mut s = match raw_login(conn) {
+        Ok(s) => s,
+        Err(e) => return e,
+    };
+    let (mut rows, mut errors) = (Vec::new(), Vec::new());
+    let mut bytes = raw_message(b'p', b"late-secret-7f3a\0");
+    bytes.extend(raw_query("select 'x' as v"));
+    let _ = s.write_all(&bytes);
+    let open = raw_read_until(&mut s, b'Z', &mut rows, &mut errors);
     json!({"ok": true, "rows": rows, "errors": errors, "open": open})
 }
 
