@@ -994,6 +994,9 @@ fn visit(n: N<'_>, facts: &mut Facts, per_row: &mut HashSet<*const protobuf::Sel
             if let Some(r) = c.relation.as_ref() {
                 if c.is_from {
                     facts.writes.insert(table(r));
+                    // COPY … FROM inserts rows: a rule naming INSERT (a read-only
+                    // rule) covers it, as it covers an INSERT in a CTE.
+                    facts.kinds.insert(Kind::Insert);
                 }
                 if !c.is_from {
                     // COPY table TO: the whole table is read.

@@ -529,3 +529,24 @@ fn a_limit_evaluated_once_per_outer_row_bounds_nothing() {
         ("select * from labs l, lateral (select * from patients p where p.id = l.pid limit 1) x where l.id = 1", Verdict::Allow, "default"),
     ]);
 }
+
+#[test]
+fn copy_from_is_an_insert_for_rules_naming_statement_kinds() {
+    // The README's read-only rule (insert, update, delete) covers COPY … FROM STDIN,
+    // which inserts rows as INSERT does; COPY … TO is a read.
+    let read_only = Rule {
+        id: "billing.read-only".into(),
+        reason: "the billing agent reads; it does not change data".into(),
+        verdict: Verdict::Block,
+        identities: vec!["agent".into()],
+        groups: Vec::new(),
+        statements: vec![Kind::Insert, Kind::Update, Kind::Delete],
+        tables: Vec::new(),
+        functions: Vec::new(),
+        overrides: Vec::new(),
+    };
+    let p = policy(vec![read_only]);
+    assert_eq!(decide(&p, "agent", "copy labs from stdin").rule, "billing.read-only");
+    assert_eq!(decide(&p, "agent", "copy labs (id, test) from stdin with (format csv)").rule, "billing.read-only");
+    assert_eq!(decide(&p, "agent", "copy labs to stdout").verdict, Verdict::Allow);
+}
