@@ -81,8 +81,26 @@ pub enum TokenError {
 struct Cached {
     keys: JwkSet,
     fetched: Instant,
+    /// After a failed refresh of a URL source: no new attempt before this, so logins
+    /// meanwhile are answered from the cache instead of each waiting for the issuer.
+    retry_at: Option<Instant>,
     /// For a file source: the file as it was when read.
     stamp: Option<FileStamp>,
+}
+
+/// How long after a failed refresh of a URL source the next attempt waits.
+const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(30);
+
+/// Keys fetched from a URL longer ago than this are not used: an issuer unreachable
+/// for a day may have revoked them. Tokens are refused until it answers again.
+const MAX_STALE: Duration = Duration::from_secs(24 * 3600);
+
+/// The cached keys, unless they are too old to trust.
+fn usable(c: &Cached) -> Result<JwkSet, TokenError> {
+    if c.fetched.elapsed() > MAX_STALE {
+        return Err(TokenError::KeysUnavailable(format!("the issuer's keys were last fetched {} h ago and cannot be refreshed", c.fetched.elapsed().as_secs() / 3600)));
+    }
+    Ok(c.keys.clone())
 }
 
 /// Identifies a version of a JWKS file: a rewrite, or a Kubernetes volume's swap of
@@ -124,7 +142,7 @@ impl TokenVerifier {
         let stamp = self.stamp().await;
         let keys = self.fetch().await?;
         let n = keys.keys.len();
-        *self.cache.lock().expect("invariant: lock not poisoned") = Some(Cached { keys, fetched: Instant::now(), stamp });
+        *self.cache.lock().expect("invariant: lock not poisoned") = Some(Cached { keys, fetched: Instant::now(), retry_at: None, stamp });
         Ok(n)
     }
 
@@ -155,14 +173,14 @@ impl TokenVerifier {
     async fn keys(&self, force: bool) -> Result<JwkSet, TokenError> {
         let stamp = self.stamp().await;
         let stale = |c: &Cached| match &self.config.jwks {
-            JwksSource::Url { refresh, .. } => c.fetched.elapsed() > *refresh,
+            JwksSource::Url { refresh, .. } => c.fetched.elapsed() > *refresh && c.retry_at.is_none_or(|t| Instant::now() >= t),
             JwksSource::File(_) => c.stamp != stamp,
         };
         {
             let cache = self.cache.lock().expect("invariant: lock not poisoned");
             if let Some(c) = cache.as_ref() {
                 if !force && !stale(c) {
-                    return Ok(c.keys.clone());
+                    return usable(c);
                 }
             }
         }
@@ -172,17 +190,33 @@ impl TokenVerifier {
                 // Refreshed very recently: answer from the cache rather than letting
                 // a stream of bogus key ids hammer the issuer.
                 let cache = self.cache.lock().expect("invariant: lock not poisoned");
-                return cache.as_ref().map(|c| c.keys.clone()).ok_or_else(|| TokenError::KeysUnavailable("no keys loaded".into()));
+                return cache.as_ref().ok_or_else(|| TokenError::KeysUnavailable("no keys loaded".into())).and_then(usable);
             }
             *last = Some(Instant::now());
         }
         match self.fetch().await {
             Ok(keys) => {
-                *self.cache.lock().expect("invariant: lock not poisoned") = Some(Cached { keys: keys.clone(), fetched: Instant::now(), stamp });
+                *self.cache.lock().expect("invariant: lock not poisoned") = Some(Cached { keys: keys.clone(), fetched: Instant::now(), retry_at: None, stamp });
                 Ok(keys)
             }
-            // A failed refresh keeps serving the last good keys; with none, fail closed.
-            Err(e) => self.cache.lock().expect("invariant: lock not poisoned").as_ref().map(|c| c.keys.clone()).ok_or(e),
+            Err(e) => {
+                let mut cache = self.cache.lock().expect("invariant: lock not poisoned");
+                match (cache.as_mut(), &self.config.jwks) {
+                    // An issuer that cannot be reached keeps its last good keys for a
+                    // while (up to MAX_STALE), retried every RETRY_AFTER_FAILURE.
+                    (Some(c), JwksSource::Url { .. }) => {
+                        c.retry_at = Some(Instant::now() + RETRY_AFTER_FAILURE);
+                        tracing::warn!(issuer = %self.config.name, error = %e, "the issuer's keys could not be refreshed; using the last ones fetched");
+                        usable(c)
+                    }
+                    // A JWKS file that cannot be read (deleted to revoke every key, or
+                    // broken) verifies nothing: fail closed, as with no keys at all.
+                    _ => {
+                        *cache = None;
+                        Err(e)
+                    }
+                }
+            }
         }
     }
 
@@ -469,6 +503,60 @@ mod tests {
         // A redirect to a URL check_url allows is followed.
         let allowed = format!("http://127.0.0.1:{}/jwks", keys.port());
         assert!(redirecting_to(&allowed).verify(&token(&key, "k1", good_claims())).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_deleted_jwks_file_verifies_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (k1, jwks1) = keypair("k1");
+        let v = verifier(&jwks1, dir.path());
+        assert!(v.verify(&token(&k1, "k1", good_claims())).await.is_ok());
+        // The operator deletes the file to revoke every key.
+        std::fs::remove_file(dir.path().join("jwks.json")).unwrap();
+        assert!(matches!(v.verify(&token(&k1, "k1", good_claims())).await, Err(TokenError::KeysUnavailable(_))));
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_issuer_is_retried_at_intervals_and_its_keys_expire() {
+        use std::{
+            io::{Read, Write},
+            sync::atomic::{AtomicUsize, Ordering},
+        };
+        let (key, jwks) = keypair("k1");
+        let body = jwks.to_string();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let requests = std::sync::Arc::new(AtomicUsize::new(0));
+        let seen = requests.clone();
+        // The keys once, then errors: the issuer is down.
+        std::thread::spawn(move || {
+            for mut c in listener.incoming().flatten().take(10) {
+                let mut buf = [0u8; 4096];
+                let _ = c.read(&mut buf);
+                let answer = match seen.fetch_add(1, Ordering::SeqCst) {
+                    0 => format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len()),
+                    _ => "HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n".to_string(),
+                };
+                let _ = c.write_all(answer.as_bytes());
+            }
+        });
+        let v = TokenVerifier::new(IssuerConfig {
+            name: "test".into(),
+            issuer: "https://idp.test/".into(),
+            audiences: vec!["phigate".into()],
+            algorithms: vec![Algorithm::ES256],
+            leeway_secs: 0,
+            groups_claim: "groups".into(),
+            // Stale at once: every login would refresh.
+            jwks: JwksSource::Url { url: format!("http://127.0.0.1:{port}/jwks"), refresh: Duration::ZERO },
+        });
+        for _ in 0..4 {
+            assert!(v.verify(&token(&key, "k1", good_claims())).await.is_ok(), "the last good keys verify while the issuer is down");
+        }
+        assert_eq!(requests.load(Ordering::SeqCst), 2, "one fetch, one failed refresh, then no attempt before the retry interval");
+        // Keys a day old are not trusted any more.
+        let old = Cached { keys: JwkSet { keys: Vec::new() }, fetched: Instant::now().checked_sub(MAX_STALE + Duration::from_secs(60)).unwrap(), retry_at: None, stamp: None };
+        assert!(matches!(usable(&old), Err(TokenError::KeysUnavailable(_))));
     }
 
     #[test]
