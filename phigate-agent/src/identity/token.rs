@@ -355,6 +355,11 @@ mod tests {
     fn verifier(jwks: &Value, dir: &std::path::Path) -> TokenVerifier {
         let path = dir.join("jwks.json");
         std::fs::write(&path, jwks.to_string()).unwrap();
+        verifier_from(JwksSource::File(path))
+    }
+
+    /// The test issuer, its keys from `jwks`.
+    fn verifier_from(jwks: JwksSource) -> TokenVerifier {
         TokenVerifier::new(IssuerConfig {
             name: "test".into(),
             issuer: "https://idp.test/".into(),
@@ -362,7 +367,7 @@ mod tests {
             algorithms: vec![Algorithm::ES256, Algorithm::RS256],
             leeway_secs: 0,
             groups_claim: "groups".into(),
-            jwks: JwksSource::File(path),
+            jwks,
         })
     }
 
@@ -464,17 +469,26 @@ mod tests {
 
     /// Serve HTTP on loopback: each connection gets `answer` (as long as the test runs).
     fn http_server(answer: String) -> std::net::SocketAddr {
+        http_server_counting(move |_| answer.clone()).0
+    }
+
+    /// Serve HTTP on loopback (up to 10 connections): the n-th connection (from 0)
+    /// gets `answer(n)`; the counter says how many came.
+    fn http_server_counting(answer: impl Fn(usize) -> String + Send + 'static) -> (std::net::SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
         use std::io::{Read, Write};
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
+        let requests = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let seen = requests.clone();
         std::thread::spawn(move || {
             for mut c in listener.incoming().flatten().take(10) {
                 let mut buf = [0u8; 4096];
                 let _ = c.read(&mut buf);
-                let _ = c.write_all(answer.as_bytes());
+                let n = seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let _ = c.write_all(answer(n).as_bytes());
             }
         });
-        addr
+        (addr, requests)
     }
 
     #[tokio::test]
@@ -488,15 +502,7 @@ mod tests {
         assert!(check_url(&elsewhere).is_err());
         let redirecting_to = |target: &str| {
             let redirect = http_server(format!("HTTP/1.1 302 Found\r\nlocation: {target}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"));
-            TokenVerifier::new(IssuerConfig {
-                name: "test".into(),
-                issuer: "https://idp.test/".into(),
-                audiences: vec!["phigate".into()],
-                algorithms: vec![Algorithm::ES256],
-                leeway_secs: 0,
-                groups_claim: "groups".into(),
-                jwks: JwksSource::Url { url: format!("http://127.0.0.1:{}/jwks", redirect.port()), refresh: Duration::from_secs(300) },
-            })
+            verifier_from(JwksSource::Url { url: format!("http://127.0.0.1:{}/jwks", redirect.port()), refresh: Duration::from_secs(300) })
         };
         let got = redirecting_to(&elsewhere).verify(&token(&key, "k1", good_claims())).await;
         assert!(matches!(got, Err(TokenError::KeysUnavailable(_))), "keys were taken from {elsewhere}: {got:?}");
@@ -518,42 +524,20 @@ mod tests {
 
     #[tokio::test]
     async fn an_unreachable_issuer_is_retried_at_intervals_and_its_keys_expire() {
-        use std::{
-            io::{Read, Write},
-            sync::atomic::{AtomicUsize, Ordering},
-        };
         let (key, jwks) = keypair("k1");
         let body = jwks.to_string();
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let requests = std::sync::Arc::new(AtomicUsize::new(0));
-        let seen = requests.clone();
         // The keys once, then errors: the issuer is down.
-        std::thread::spawn(move || {
-            for mut c in listener.incoming().flatten().take(10) {
-                let mut buf = [0u8; 4096];
-                let _ = c.read(&mut buf);
-                let answer = match seen.fetch_add(1, Ordering::SeqCst) {
-                    0 => format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len()),
-                    _ => "HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n".to_string(),
-                };
-                let _ = c.write_all(answer.as_bytes());
-            }
+        let (addr, requests) = http_server_counting(move |n| match n {
+            0 => format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len()),
+            _ => "HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n".to_string(),
         });
-        let v = TokenVerifier::new(IssuerConfig {
-            name: "test".into(),
-            issuer: "https://idp.test/".into(),
-            audiences: vec!["phigate".into()],
-            algorithms: vec![Algorithm::ES256],
-            leeway_secs: 0,
-            groups_claim: "groups".into(),
-            // Stale at once: every login would refresh.
-            jwks: JwksSource::Url { url: format!("http://127.0.0.1:{port}/jwks"), refresh: Duration::ZERO },
-        });
+        let port = addr.port();
+        // Stale at once: every login would refresh.
+        let v = verifier_from(JwksSource::Url { url: format!("http://127.0.0.1:{port}/jwks"), refresh: Duration::ZERO });
         for _ in 0..4 {
             assert!(v.verify(&token(&key, "k1", good_claims())).await.is_ok(), "the last good keys verify while the issuer is down");
         }
-        assert_eq!(requests.load(Ordering::SeqCst), 2, "one fetch, one failed refresh, then no attempt before the retry interval");
+        assert_eq!(requests.load(std::sync::atomic::Ordering::SeqCst), 2, "one fetch, one failed refresh, then no attempt before the retry interval");
         // Keys a day old are not trusted any more.
         let old = Cached { keys: JwkSet { keys: Vec::new() }, fetched: Instant::now().checked_sub(MAX_STALE + Duration::from_secs(60)).unwrap(), retry_at: None, stamp: None };
         assert!(matches!(usable(&old), Err(TokenError::KeysUnavailable(_))));

@@ -127,14 +127,13 @@ impl Catalog {
     pub fn store(&mut self, lookup: &Lookup, found: Found) {
         match (lookup, found) {
             (Lookup::Types(asked), Found::Types(types)) => {
-                for oid in asked {
-                    self.types.insert(*oid, BinaryForm::Opaque);
-                }
+                self.types.extend(asked.iter().map(|oid| (*oid, BinaryForm::Opaque)));
                 self.types.extend(types);
             }
             (Lookup::Names(names), Found::Relations(rels)) => self.insert(rels, names),
-            (_, Found::Relations(rels)) => self.insert(rels, &[]),
-            (_, Found::Types(types)) => self.types.extend(types),
+            (Lookup::Oids(_), Found::Relations(rels)) => self.insert(rels, &[]),
+            // parse() answers each lookup with its own kind of rows.
+            _ => {}
         }
     }
 

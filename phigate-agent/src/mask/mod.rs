@@ -999,19 +999,14 @@ impl Masker {
         // A type created in the database (an enum, citext, a composite, an array of
         // one …) sent in binary: only the catalog tells whether that is its text or
         // a layout of its own, which a strategy must not write text into.
-        let mut binary_user_types = Vec::new();
-        for (i, f) in fields.iter().enumerate() {
-            if f.type_oid >= catalog::FIRST_USER_OID && format_of(i, f)? == 1 {
-                binary_user_types.push(f.type_oid);
-            }
-        }
-        let missing = catalog.missing_types(binary_user_types);
+        let binary: Vec<bool> = fields.iter().enumerate().map(|(i, f)| format_of(i, f).map(|fmt| fmt == 1)).collect::<Result<_, _>>()?;
+        let missing = catalog.missing_types(fields.iter().zip(&binary).filter(|(_, b)| **b).map(|(f, _)| f.type_oid));
         if !missing.is_empty() {
             return self.ask(Lookup::Types(missing));
         }
         let mut columns = Vec::with_capacity(fields.len());
         for (i, f) in fields.iter().enumerate() {
-            let binary = format_of(i, f)? == 1;
+            let binary = binary[i];
             // Opaque: a binary value of a database-made type whose layout phigate
             // cannot read (a row, an array, a range …); NULL is its only safe mask.
             let opaque = binary && f.type_oid >= catalog::FIRST_USER_OID && catalog.binary_form(f.type_oid) != Some(catalog::BinaryForm::Text);

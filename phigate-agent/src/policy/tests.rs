@@ -191,19 +191,25 @@ fn evasions_are_seen_through() {
     }
 }
 
-#[test]
-fn statement_kind_rules_see_nested_statements() {
-    let mut no_deletes = Rule {
-        id: "no-deletes".into(),
-        reason: "the agent does not delete".into(),
+/// A rule blocking the statement kinds `kinds` for identity "agent" (as the README's
+/// `billing.read-only` does).
+fn kinds_rule(id: &str, kinds: &[Kind]) -> Rule {
+    Rule {
+        id: id.into(),
+        reason: "the agent does not change these".into(),
         verdict: Verdict::Block,
         identities: vec!["agent".into()],
         groups: Vec::new(),
-        statements: vec![Kind::Delete],
+        statements: kinds.to_vec(),
         tables: Vec::new(),
         functions: Vec::new(),
         overrides: Vec::new(),
-    };
+    }
+}
+
+#[test]
+fn statement_kind_rules_see_nested_statements() {
+    let mut no_deletes = kinds_rule("no-deletes", &[Kind::Delete]);
     let p = policy(vec![no_deletes.clone()]);
     for sql in [
         "delete from labs where id = 1",
@@ -419,18 +425,7 @@ fn cascades_reach_phi_tables_phigate_cannot_see() {
 #[test]
 fn merge_actions_are_statement_kinds() {
     // README's billing.read-only: a MERGE that deletes, updates or inserts changes data.
-    let read_only = Rule {
-        id: "billing.read-only".into(),
-        reason: "the billing agent reads; it does not change data".into(),
-        verdict: Verdict::Block,
-        identities: vec!["agent".into()],
-        groups: Vec::new(),
-        statements: vec![Kind::Insert, Kind::Update, Kind::Delete],
-        tables: Vec::new(),
-        functions: Vec::new(),
-        overrides: Vec::new(),
-    };
-    let p = policy(vec![read_only]);
+    let p = policy(vec![kinds_rule("billing.read-only", &[Kind::Insert, Kind::Update, Kind::Delete])]);
     for sql in [
         "merge into labs l using src s on l.id = s.id when matched then delete",
         "merge into labs l using src s on l.id = s.id when matched and s.x > 1 then update set x = s.x",
@@ -534,18 +529,7 @@ fn a_limit_evaluated_once_per_outer_row_bounds_nothing() {
 fn copy_from_is_an_insert_for_rules_naming_statement_kinds() {
     // The README's read-only rule (insert, update, delete) covers COPY … FROM STDIN,
     // which inserts rows as INSERT does; COPY … TO is a read.
-    let read_only = Rule {
-        id: "billing.read-only".into(),
-        reason: "the billing agent reads; it does not change data".into(),
-        verdict: Verdict::Block,
-        identities: vec!["agent".into()],
-        groups: Vec::new(),
-        statements: vec![Kind::Insert, Kind::Update, Kind::Delete],
-        tables: Vec::new(),
-        functions: Vec::new(),
-        overrides: Vec::new(),
-    };
-    let p = policy(vec![read_only]);
+    let p = policy(vec![kinds_rule("billing.read-only", &[Kind::Insert, Kind::Update, Kind::Delete])]);
     assert_eq!(decide(&p, "agent", "copy labs from stdin").rule, "billing.read-only");
     assert_eq!(decide(&p, "agent", "copy labs (id, test) from stdin with (format csv)").rule, "billing.read-only");
     assert_eq!(decide(&p, "agent", "copy labs to stdout").verdict, Verdict::Allow);

@@ -219,15 +219,20 @@ mod tests {
         Frame::build(tag::QUERY, &body)
     }
 
-    #[tokio::test]
-    async fn a_grant_window_covers_the_same_statement_only() {
-        let (mut guard, broker) = guard();
-        let session = crate::session::stage::tests::session();
-        let Action::Hold(decision, _) = guard.frontend(&session, &query("SELECT * FROM patients p WHERE p.id = 1")) else { panic!("held") };
+    /// `sql` is held, and a person approves it with a ten-minute grant window.
+    async fn approve_for_ten_minutes(guard: &mut Guard, broker: &Broker, session: &Session, sql: &str) {
+        let Action::Hold(decision, _) = guard.frontend(session, &query(sql)) else { panic!("held") };
         let id = broker.list()[0].id;
         let person = Approver { name: "unix:alice".into(), workload: None };
         broker.decide(id, &person, true, "ticket 1", Some(Duration::from_secs(600))).expect("approve");
         assert!(decision.await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_grant_window_covers_the_same_statement_only() {
+        let (mut guard, broker) = guard();
+        let session = crate::session::stage::tests::session();
+        approve_for_ten_minutes(&mut guard, &broker, &session, "SELECT * FROM patients p WHERE p.id = 1").await;
         // Constants aside, the same statement runs without asking.
         assert!(matches!(guard.frontend(&session, &query("SELECT * FROM patients p WHERE p.id = 2")), Action::Forward));
         // Another table (under the same alias, or in another schema) is another
@@ -241,11 +246,7 @@ mod tests {
     async fn a_grant_window_covers_the_database_it_was_approved_for_only() {
         let (mut guard, broker) = guard();
         let session = crate::session::stage::tests::session();
-        let Action::Hold(decision, _) = guard.frontend(&session, &query("SELECT * FROM patients")) else { panic!("held") };
-        let id = broker.list()[0].id;
-        let person = Approver { name: "unix:alice".into(), workload: None };
-        broker.decide(id, &person, true, "ticket 1", Some(Duration::from_secs(600))).expect("approve");
-        assert!(decision.await.is_ok());
+        approve_for_ten_minutes(&mut guard, &broker, &session, "SELECT * FROM patients").await;
         assert!(matches!(guard.frontend(&session, &query("SELECT * FROM patients")), Action::Forward));
         // The same identity and statement against another PostgreSQL database, or
         // another protected database service: the approver did not see that one.

@@ -113,16 +113,20 @@ pub async fn open(addr: SocketAddr, tls: &UpstreamTls) -> Result<Conn, UpstreamE
 /// password, and the server proves it knows the verifier.
 fn may_send_password(conn: &Conn, tls: &UpstreamTls) -> bool {
     match conn {
-        Conn::ClientTls(t) => password_path_trusted(Some(tls.mode), t.get_ref().0.peer_addr().ok()),
-        Conn::Plain(tcp) => password_path_trusted(None, tcp.peer_addr().ok()),
+        Conn::ClientTls(t) => password_path_trusted(Some(tls.mode), is_loopback(t.get_ref().0)),
+        Conn::Plain(tcp) => password_path_trusted(None, is_loopback(tcp)),
         Conn::ServerTls(_) => false,
     }
 }
 
+fn is_loopback(tcp: &TcpStream) -> bool {
+    tcp.peer_addr().is_ok_and(|a| a.ip().is_loopback())
+}
+
 /// [`may_send_password`] on what it knows: the sslmode a TLS connection was made
-/// with (None: no TLS) and the connection's peer.
-fn password_path_trusted(tls_mode: Option<SslMode>, peer: Option<SocketAddr>) -> bool {
-    tls_mode.is_some_and(|mode| matches!(mode, SslMode::VerifyCa | SslMode::VerifyFull)) || peer.is_some_and(|a| a.ip().is_loopback())
+/// with (None: no TLS) and whether the peer is on loopback.
+fn password_path_trusted(tls_mode: Option<SslMode>, peer_is_loopback: bool) -> bool {
+    tls_mode.is_some_and(|mode| matches!(mode, SslMode::VerifyCa | SslMode::VerifyFull)) || peer_is_loopback
 }
 
 /// Log in as `role` over a connection from [`open`] (made with `tls`).
@@ -232,13 +236,39 @@ mod tests {
         body
     }
 
-    #[tokio::test]
-    async fn a_server_that_skips_the_scram_final_message_is_not_trusted() {
+    /// AuthenticationOk and ReadyForQuery: the end of a successful login.
+    fn ok_and_ready() -> Vec<u8> {
+        let mut ok = auth(0, b"");
+        ok.extend_from_slice(&Frame::build(tag::READY_FOR_QUERY, b"I").into_bytes());
+        ok
+    }
+
+    /// Log in as "agent" (password "pw") to a fake server on loopback that plays
+    /// `script` on the accepted connection (after the startup message).
+    async fn login_against<T, F>(script: impl FnOnce(TcpStream) -> F + Send + 'static) -> (Result<Upstream, UpstreamError>, tokio::task::JoinHandle<T>)
+    where
+        T: Send + 'static,
+        F: std::future::Future<Output = T> + Send + 'static,
+    {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("address");
         let server = tokio::spawn(async move {
             let (mut s, _) = listener.accept().await.expect("accept");
             read_message(&mut s, false).await;
+            script(s).await
+        });
+        let dir = tempfile::tempdir().expect("temp dir");
+        let secret = dir.path().join("password");
+        std::fs::write(&secret, "pw\n").expect("secret");
+        let conn = Conn::Plain(TcpStream::connect(addr).await.expect("connect"));
+        let cfg = crate::config::UpstreamTlsConfig { mode: SslMode::Disable, ca_file: None, server_name: None };
+        let tls = UpstreamTls::new(&cfg, std::net::Ipv4Addr::LOCALHOST.into()).expect("no TLS");
+        (login(conn, &tls, "agent", Some(&secret), &[], "db").await, server)
+    }
+
+    #[tokio::test]
+    async fn a_server_that_skips_the_scram_final_message_is_not_trusted() {
+        let (result, server) = login_against(|mut s| async move {
             s.write_all(&auth(10, b"SCRAM-SHA-256\0\0")).await.expect("write");
             let first = read_message(&mut s, true).await;
             // SASLInitialResponse: mechanism, length, "n,,n=,r=<client nonce>".
@@ -249,64 +279,39 @@ mod tests {
             read_message(&mut s, true).await;
             // AuthenticationOk instead of SASLFinal: the impostor never proves it
             // knows the verifier.
-            let mut ok = auth(0, b"");
-            ok.extend_from_slice(&Frame::build(tag::READY_FOR_QUERY, b"I").into_bytes());
-            s.write_all(&ok).await.expect("write");
+            s.write_all(&ok_and_ready()).await.expect("write");
             let _ = s.read_u8().await;
-        });
-        let secret = std::env::temp_dir().join(format!("phigate-upstream-secret-{}", std::process::id()));
-        std::fs::write(&secret, "pw\n").expect("secret");
-        let conn = Conn::Plain(TcpStream::connect(addr).await.expect("connect"));
-        let result = login(conn, &plain_tls(), "agent", Some(&secret), &[], "db").await;
-        let _ = std::fs::remove_file(&secret);
+        })
+        .await;
         assert!(matches!(result, Err(UpstreamError::ServerNotAuthenticated)), "{:?}", result.err());
         server.abort();
     }
 
-    fn plain_tls() -> UpstreamTls {
-        let cfg = crate::config::UpstreamTlsConfig { mode: SslMode::Disable, ca_file: None, server_name: None };
-        UpstreamTls::new(&cfg, std::net::Ipv4Addr::LOCALHOST.into()).expect("no TLS")
-    }
-
     #[test]
     fn the_password_itself_goes_only_to_a_verified_server_or_over_loopback() {
-        let remote: SocketAddr = "10.1.2.3:5432".parse().unwrap();
-        let local: SocketAddr = "127.0.0.2:5432".parse().unwrap();
         // TLS whose server was not verified (prefer/require): a machine in between
         // can terminate it and ask for the password in clear.
-        assert!(!password_path_trusted(Some(SslMode::Prefer), Some(remote)));
-        assert!(!password_path_trusted(Some(SslMode::Require), Some(remote)));
-        assert!(password_path_trusted(Some(SslMode::VerifyCa), Some(remote)));
-        assert!(password_path_trusted(Some(SslMode::VerifyFull), Some(remote)));
-        assert!(password_path_trusted(Some(SslMode::Require), Some(local)), "loopback, TLS or not");
+        assert!(!password_path_trusted(Some(SslMode::Prefer), false));
+        assert!(!password_path_trusted(Some(SslMode::Require), false));
+        assert!(password_path_trusted(Some(SslMode::VerifyCa), false));
+        assert!(password_path_trusted(Some(SslMode::VerifyFull), false));
+        assert!(password_path_trusted(Some(SslMode::Require), true), "loopback, TLS or not");
         // No TLS: only loopback, where nothing sits in between.
-        assert!(!password_path_trusted(None, Some(remote)));
-        assert!(!password_path_trusted(None, None));
-        assert!(password_path_trusted(None, Some(local)));
-        assert!(password_path_trusted(None, Some("[::1]:5432".parse().unwrap())));
+        assert!(!password_path_trusted(None, false));
+        assert!(password_path_trusted(None, true));
         let e = UpstreamError::PasswordToUnverifiedServer { method: "md5", role: "agent".into() }.to_string();
         assert!(e.contains("md5") && e.contains("SCRAM-SHA-256") && e.contains("verify-full"), "{e}");
     }
 
     #[tokio::test]
     async fn a_cleartext_password_goes_to_a_loopback_server() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("address");
-        let server = tokio::spawn(async move {
-            let (mut s, _) = listener.accept().await.expect("accept");
-            read_message(&mut s, false).await;
+        let (result, server) = login_against(|mut s| async move {
             s.write_all(&auth(3, b"")).await.expect("write");
             let password = read_message(&mut s, true).await;
-            let mut ok = auth(0, b"");
-            ok.extend_from_slice(&Frame::build(tag::READY_FOR_QUERY, b"I").into_bytes());
-            s.write_all(&ok).await.expect("write");
+            s.write_all(&ok_and_ready()).await.expect("write");
             password
-        });
-        let secret = std::env::temp_dir().join(format!("phigate-upstream-cleartext-{}", std::process::id()));
-        std::fs::write(&secret, "pw\n").expect("secret");
-        let conn = Conn::Plain(TcpStream::connect(addr).await.expect("connect"));
-        let result = login(conn, &plain_tls(), "agent", Some(&secret), &[], "db").await;
-        let _ = std::fs::remove_file(&secret);
+        })
+        .await;
         assert!(result.is_ok(), "{:?}", result.err());
         assert_eq!(server.await.expect("server"), b"pw\0");
     }

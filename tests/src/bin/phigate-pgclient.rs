@@ -344,32 +344,29 @@ fn raw_login(conn: &str) -> Result<std::net::TcpStream, Value> {
     Ok(s)
 }
 
-fn raw_malformed(conn: &str) -> Value {
+/// Log in, send `first` and then `select 'x'`, and read up to `answers`
+/// ReadyForQuery messages: rows, errors and whether the session stayed open.
+fn raw_then_select(conn: &str, first: Vec<u8>, answers: usize) -> Value {
     use std::io::Write;
     let mut s = match raw_login(conn) {
         Ok(s) => s,
         Err(e) => return e,
     };
     let (mut rows, mut errors) = (Vec::new(), Vec::new());
-    let mut bytes = raw_message(b'Q', b"select 'unterminated'");
+    let mut bytes = first;
     bytes.extend(raw_query("select 'x' as v"));
     let _ = s.write_all(&bytes);
-    let open = raw_read_until(&mut s, b'Z', &mut rows, &mut errors) && raw_read_until(&mut s, b'Z', &mut rows, &mut errors);
+    let open = (0..answers).all(|_| raw_read_until(&mut s, b'Z', &mut rows, &mut errors));
     json!({"ok": true, "rows": rows, "errors": errors, "open": open})
 }
 
+fn raw_malformed(conn: &str) -> Value {
+    // Answered in place: one ReadyForQuery for it, one for the select.
+    raw_then_select(conn, raw_message(b'Q', b"select 'unterminated'"), 2)
+}
+
 fn raw_password(conn: &str) -> Value {
-    use std::io::Write;
-    let mut s = match raw_login(conn) {
-        Ok(s) => s,
-        Err(e) => return e,
-    };
-    let (mut rows, mut errors) = (Vec::new(), Vec::new());
-    let mut bytes = raw_message(b'p', b"late-secret-7f3a\0");
-    bytes.extend(raw_query("select 'x' as v"));
-    let _ = s.write_all(&bytes);
-    let open = raw_read_until(&mut s, b'Z', &mut rows, &mut errors);
-    json!({"ok": true, "rows": rows, "errors": errors, "open": open})
+    raw_then_select(conn, raw_message(b'p', b"late-secret-7f3a\0"), 1)
 }
 
 fn raw_copy(conn: &str, mode: &str, sql: &str) -> Value {
