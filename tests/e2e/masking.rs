@@ -451,6 +451,41 @@ fn valid_binary_record(b: &[u8]) -> bool {
 }
 
 #[test]
+fn functions_the_database_owners_wrote_do_not_dodge_the_rules() {
+    if skip("functions_the_database_owners_wrote_do_not_dodge_the_rules") {
+        return;
+    }
+    let e = env();
+    // Functions that read PHI themselves: from a constant, a column without a rule, or
+    // the whole row through PostgreSQL's column notation (`p.label` is `label(p)`).
+    e.pg.psql_admin(
+        "postgres",
+        "create function patient_name(pid int) returns text language sql stable as $$ select name from patients where id = pid $$; \
+         create function label(p patients) returns text language sql as $$ select p.name || ' ' || p.ssn $$",
+    )
+    .expect("functions");
+    let first = e.data.patients[0].id;
+    let one = format!("select patient_name({first})");
+    for (sql, rows) in [
+        (one.as_str(), 1),
+        ("select patient_name(patient_id) from labs", e.data.labs.len()),
+        ("select p.label from patients p", e.data.patients.len()),
+        ("select s.label from (select * from patients) s", e.data.patients.len()),
+        ("select xmlelement(name x, patient_name(l.patient_id)) from labs l", e.data.labs.len()),
+    ] {
+        let direct = out(&psql(&e, None, &["-c", sql]));
+        assert!(e.data.patients.iter().any(|p| direct.contains(&p.last)), "{sql}: the function returns names: {direct}");
+        let o = out(&psql(&e, Some("care"), &["-c", sql]));
+        assert_eq!(o.lines().count(), rows, "{sql}");
+        assert_no_phi(&e, sql, &o);
+    }
+    // Built-ins are still traced through their arguments: a column without a rule
+    // passes unchanged.
+    let sql = "select upper(test), value + 1 from labs";
+    assert_eq!(out(&psql(&e, Some("care"), &["-c", sql])), out(&psql(&e, None, &["-c", sql])), "{sql}");
+}
+
+#[test]
 fn binary_values_of_database_made_types_stay_valid() {
     if skip("binary_values_of_database_made_types_stay_valid") {
         return;

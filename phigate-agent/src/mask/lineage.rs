@@ -7,10 +7,14 @@
 //! The answer over-approximates on purpose: a column that *might* come from a masked
 //! column is treated as if it does (an unqualified name matches that name in every
 //! table in scope; a whole-row reference carries every column of its table). Only
-//! `count(…)` is exempt, since a count reveals no value. A function in FROM carries
-//! its arguments to every column it returns; one that may read tables of its own (any
-//! but a few built-ins that only unfold their arguments) is also `opaque`, as are other
-//! sources it cannot see through. A subquery inside an expression is traced with its own
+//! `count(…)` is exempt, since a count reveals no value. A function call carries its
+//! arguments; one that is not a PostgreSQL built-in (a function the database's owners
+//! wrote may read any table: `get_patient_name(7)`) is also `opaque`. A function in
+//! FROM carries its arguments to every column it returns, and is opaque unless it is
+//! one of a few built-ins that only unfold their arguments; other sources phigate
+//! cannot see through are opaque too. `p.f` may be the call `f(p)` (PostgreSQL's
+//! column notation) when `p`'s table has no column `f`: such references are kept in
+//! [`Sources::qualified`] for masking to check against the catalog. A subquery inside an expression is traced with its own
 //! FROM. Masking does not leave opaque columns to the detectors (see `plan_columns`).
 //!
 //! [`statements`] also says what it cannot trace at all (FETCH, EXECUTE, CALL …: the
@@ -52,6 +56,10 @@ pub struct Sources {
     pub whole_rows: BTreeSet<RelName>,
     /// It reads something phigate cannot see through (a function in FROM, …).
     pub opaque: bool,
+    /// The entries of `columns` written `alias.column`: if the table has no such
+    /// column, PostgreSQL reads it as the function call `column(alias)` (opaque, over
+    /// the whole row). Only the catalog can tell which.
+    pub qualified: BTreeSet<(RelName, String)>,
 }
 
 impl Sources {
@@ -59,6 +67,7 @@ impl Sources {
         self.columns.extend(o.columns.iter().cloned());
         self.whole_rows.extend(o.whole_rows.iter().cloned());
         self.opaque |= o.opaque;
+        self.qualified.extend(o.qualified.iter().cloned());
     }
 
     pub fn is_empty(&self) -> bool {
@@ -362,6 +371,22 @@ const UNFOLDING_FUNCTIONS: &[&str] = &[
     "string_to_table",
 ];
 
+/// Whether a call of `funcname` (as the parser wrote it) is a PostgreSQL built-in, whose
+/// result is computed from its arguments alone: unqualified or `pg_catalog.`, and named
+/// in PostgreSQL 15's pg_catalog. Any other function (the database's own, or a
+/// built-in of a later version) is opaque. Workloads cannot create functions
+/// (`baseline.opaque-code`), so an unqualified built-in name is PostgreSQL's, unless
+/// the database's owners gave one of theirs the same name (the README says not to).
+fn is_builtin(funcname: &[Node]) -> bool {
+    static NAMES: std::sync::LazyLock<std::collections::HashSet<&'static str>> =
+        std::sync::LazyLock::new(|| include_str!("builtin_functions.txt").lines().filter(|l| !l.starts_with('#')).collect());
+    match string_nodes(funcname).as_slice() {
+        [name] => NAMES.contains(name.as_str()),
+        [schema, name] if schema == "pg_catalog" => NAMES.contains(name.as_str()),
+        _ => false,
+    }
+}
+
 /// The sources of every column a function in FROM (or `ROWS FROM (…)`) returns: all
 /// of its arguments (a whole-row argument carries its whole row), opaque unless every
 /// function only unfolds its arguments.
@@ -560,11 +585,13 @@ fn collect(n: &Node, scope: &Scope<'_>, out: &mut Sources, depth: u32) {
         NodeEnum::ColumnRef(c) => resolve_column(c, scope, out),
         NodeEnum::AConst(_) | NodeEnum::ParamRef(_) | NodeEnum::SqlvalueFunction(_) | NodeEnum::SetToDefault(_) => {}
         NodeEnum::FuncCall(f) => {
-            let name = string_nodes(&f.funcname).last().map(|s| s.to_ascii_lowercase());
+            let builtin = is_builtin(&f.funcname);
             // A count says how many, never what: it carries no value of its arguments.
-            if name.as_deref() == Some("count") {
+            if builtin && string_nodes(&f.funcname).last().is_some_and(|n| n == "count") {
                 return;
             }
+            // Not a built-in: it may read tables of its own, whatever its arguments.
+            out.opaque |= !builtin;
             each(&f.args, out);
             if let Some(filter) = f.agg_filter.as_deref() {
                 collect(filter, scope, out, d);
@@ -657,9 +684,11 @@ fn generic_sources(n: &Node, scope: &Scope<'_>, out: &mut Sources) {
     // Column references, the query nodes of subqueries, and every SELECT below `root`.
     fn walk<'a>(root: &'a Node) -> Seen<'a> {
         let (mut refs, mut queries, mut selects) = (Vec::new(), Vec::new(), Vec::new());
+        let mut foreign_call = false;
         let deep = {
             let mut visit = |x: N<'a>| match x {
                 N::ColumnRef(c) => refs.push(c),
+                N::FuncCall(f) => foreign_call |= !is_builtin(&f.funcname),
                 N::SubLink(s) => queries.extend(s.subselect.as_deref()),
                 N::JsonArrayQueryConstructor(j) => queries.extend(j.query.as_deref()),
                 N::SelectStmt(s) => selects.push(s as *const _),
@@ -669,7 +698,7 @@ fn generic_sources(n: &Node, scope: &Scope<'_>, out: &mut Sources) {
             w.node(root);
             w.too_deep
         };
-        (refs, queries, selects, deep)
+        (refs, queries, selects, deep || foreign_call)
     }
     let (refs, queries, selects, deep) = walk(n);
     out.opaque |= deep;
@@ -703,8 +732,15 @@ fn item_column(item: &Item, column: &str, out: &mut Sources) {
             out.columns.insert((t.clone(), column.to_string()));
         }
         Item::Derived(outs) => {
+            let mut found = false;
             for o in outs.iter().filter(|o| o.name == column || o.star) {
                 out.extend(&o.sources);
+                found = true;
+            }
+            if !found {
+                // No such column: `alias.f` is the call `f(alias)` over the whole row.
+                item_whole(item, out);
+                out.opaque = true;
             }
         }
         Item::Function(s) => out.extend(s),
@@ -751,7 +787,12 @@ fn resolve_column(c: &protobuf::ColumnRef, scope: &Scope<'_>, out: &mut Sources)
             }
         }
         ([alias, col], false) => match scope.find(alias) {
-            Some(i) => item_column(i, col, out),
+            Some(i) => {
+                if let Item::Table(t) = i {
+                    out.qualified.insert((t.clone(), col.clone()));
+                }
+                item_column(i, col, out)
+            }
             None => out.opaque = true,
         },
         ([.., schema, table, col], false) => {
@@ -831,6 +872,32 @@ mod tests {
         );
         let o = one("select * from patients");
         assert!(o[0].star && o[0].sources.whole_rows.contains(&rel("patients")));
+    }
+
+    #[test]
+    fn only_built_in_functions_are_traced_through_their_arguments() {
+        let o = one("select lower(name), pg_catalog.upper(ssn), count(ssn), get_name(7), public.lower(name), app.count(ssn) from patients");
+        let opaque: Vec<bool> = o.iter().map(|x| x.sources.opaque).collect();
+        assert_eq!(opaque, [false, false, false, true, true, true], "{o:?}");
+        assert_eq!(cols(&o[0]), ["patients.name"]);
+        assert!(o[2].sources.is_empty(), "a built-in count reveals no value");
+        assert_eq!(cols(&o[5]), ["patients.ssn"], "a count of another schema is any function");
+        // Calls under expressions followed generically, and in subqueries.
+        let o = one("select xmlelement(name x, get_name(id)), (select get_name(1)) from labs");
+        assert!(o[0].sources.opaque && o[1].sources.opaque, "{o:?}");
+        let o = one("select x.a from (values (1), (2)) as x(a)");
+        assert!(!o[0].sources.opaque, "{o:?}");
+    }
+
+    #[test]
+    fn column_notation_may_be_a_call_of_the_whole_row() {
+        // `p.label` is the column label, or the call label(p): masking asks the catalog.
+        let o = one("select p.label, name from patients p");
+        assert!(o[0].sources.qualified.contains(&(rel("patients"), "label".into())), "{o:?}");
+        assert!(o[1].sources.qualified.is_empty(), "unqualified names are never calls");
+        // A derived table has no such output: it is the call, over the whole row.
+        let o = one("select s.label from (select id, name from patients) s");
+        assert!(o[0].sources.opaque && cols(&o[0]) == ["patients.id", "patients.name"], "{o:?}");
     }
 
     #[test]

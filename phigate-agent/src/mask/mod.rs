@@ -1057,7 +1057,7 @@ impl Masker {
                     (None, _) => {}
                 }
                 if rel.as_ref().is_none_or(|r| r.column(f.column).is_none()) {
-                    let sources = statement.as_ref().and_then(|(st, via_name)| column_sources(st.outputs.as_deref()?, fields, i, *via_name));
+                    let sources = statement.as_ref().and_then(|(st, via_name)| column_sources(st.outputs.as_deref()?, fields, i, *via_name)).map(|s| column_notation(&catalog, s));
                     if let Some(src) = &sources {
                         for idx in self.rules_for_sources(&catalog, src, 0) {
                             consider(idx, &mut best);
@@ -1569,6 +1569,20 @@ fn column_sources(outs: &[Output], fields: &[Field], i: usize, via_name: bool) -
         s.extend(&o.sources);
     }
     Some(s)
+}
+
+/// `p.f` where `p`'s table has no column `f` is PostgreSQL's column notation for the
+/// call `f(p)`: a function of the whole row that may return anything, so opaque.
+/// A table the catalog does not know is judged the same way.
+fn column_notation(catalog: &Catalog, mut s: Sources) -> Sources {
+    for (rel, col) in std::mem::take(&mut s.qualified) {
+        let candidates = catalog.named(&rel);
+        if candidates.is_empty() || candidates.iter().any(|r| !r.columns.iter().any(|c| c.name == col)) {
+            s.whole_rows.insert(rel);
+            s.opaque = true;
+        }
+    }
+    s
 }
 
 fn source_names(s: &Sources, out: &mut Vec<String>) {
