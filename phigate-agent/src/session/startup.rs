@@ -163,6 +163,13 @@ pub fn upstream_params(msg: &StartupMessage) -> Result<Vec<(String, String)>, St
 /// The switches are read as the server reads them (see [`split_options`]), so an
 /// escape cannot make the server see a name this check did not.
 fn check_options(options: &str) -> Result<(), String> {
+    // The server splits at whatever its locale's isspace() says, and in a Latin-1
+    // locale that includes byte 0xA0 (inside `\u{a0}` and many other characters in
+    // UTF-8): `-capplication_name=x\u{a0}-crole=admin` would be one setting here and
+    // two there. Only ASCII splits the same everywhere.
+    if !options.is_ascii() {
+        return Err("options (characters other than ASCII)".to_string());
+    }
     let words = split_options(options);
     let mut words = words.iter();
     while let Some(w) = words.next() {
@@ -250,6 +257,15 @@ mod tests {
         assert!(upstream_params(&msg(&[("user", "x"), ("options", "-D /tmp")])).is_err(), "non-setting switches");
         assert!(upstream_params(&msg(&[("user", "x"), ("replication", "database")])).is_err());
         assert!(upstream_params(&msg(&[("user", "x"), ("replication", "false")])).is_ok());
+    }
+
+    #[test]
+    fn options_that_a_latin1_server_would_split_elsewhere_are_refused() {
+        // In UTF-8 U+00A0 is C2 A0; a server whose locale is Latin-1 splits at A0.
+        let hidden = "-capplication_name=x\u{a0}-crole=admin";
+        assert_eq!(upstream_params(&msg(&[("user", "x"), ("options", hidden)])), Err("options (characters other than ASCII)".into()));
+        assert!(upstream_params(&msg(&[("user", "x"), ("options", "-c search_path=caf\u{e9}")])).is_err());
+        assert!(upstream_params(&msg(&[("user", "x"), ("application_name", "caf\u{e9}"), ("options", "-c search_path=app")])).is_ok());
     }
 
     #[test]
