@@ -266,7 +266,7 @@ mod tests {
         let listener = bind(&path).expect("bind");
         let broker = Arc::new(Broker::new(Duration::from_secs(60), Duration::from_secs(3600)));
         let requester = Requester { identity: "billing".into(), token_subject: None, session_id: 1, audit_session: "s-1".into(), pid: 2, cgroup: "c".into() };
-        let ticket = broker.request(requester, "clinical", "clinical", "select * from patients", "baseline.unbounded-phi-read", "r", 7);
+        let ticket = broker.request(requester, "clinical", "clinical", "select * from patients", "baseline.unbounded-phi-read", "r", Some(7));
         assert_eq!(ticket.id, 1);
         // Every other process on this machine runs in a cgroup protected for
         // "billing"; this test process is a person's.

@@ -71,7 +71,8 @@ pub struct RequestView {
 
 struct Pending {
     view: RequestView,
-    fingerprint: u64,
+    /// None: the statement could not be fingerprinted, so no window can name it.
+    fingerprint: Option<u64>,
     since: Instant,
     reply: oneshot::Sender<Outcome>,
 }
@@ -194,7 +195,7 @@ impl Broker {
     }
 
     #[allow(clippy::too_many_arguments, reason = "a request is these facts; a struct would only rename them")]
-    pub fn request(&self, requester: Requester, database: &str, dbname: &str, statement: &str, rule: &str, reason: &str, fingerprint: u64) -> Ticket {
+    pub fn request(&self, requester: Requester, database: &str, dbname: &str, statement: &str, rule: &str, reason: &str, fingerprint: Option<u64>) -> Ticket {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         let view = RequestView {
@@ -258,12 +259,14 @@ impl Broker {
         drop(pending);
         let now = epoch_secs(SystemTime::now());
         let outcome = if approve {
-            if let Some(w) = window.filter(|w| !w.is_zero()) {
+            // A statement without a fingerprint gets no window: it is approved once.
+            let window = window.filter(|_| p.fingerprint.is_some());
+            if let Some((w, fingerprint)) = window.filter(|w| !w.is_zero()).zip(p.fingerprint) {
                 let key = GrantKey {
                     identity: p.view.requester.identity.clone(),
                     database: p.view.database.clone(),
                     dbname: p.view.dbname.clone(),
-                    fingerprint: p.fingerprint,
+                    fingerprint,
                 };
                 self.grants.lock().expect("invariant: lock not poisoned").insert(key, (Instant::now() + w, approver.name.clone()));
             }
@@ -305,7 +308,7 @@ mod tests {
     #[test]
     fn approve_deny_and_self_approval() {
         let b = Broker::new(Duration::from_secs(60), Duration::from_secs(3600));
-        let mut t = b.request(requester("billing"), "clinical", "clinical", "select * from patients", "baseline.unbounded-phi-read", "r", 7);
+        let mut t = b.request(requester("billing"), "clinical", "clinical", "select * from patients", "baseline.unbounded-phi-read", "r", Some(7));
         assert_eq!(b.list().len(), 1);
         let me = Approver { name: "unix:root".into(), workload: Some("billing".into()) };
         assert_eq!(b.decide(t.id, &me, true, "ok", None), Err(ApprovalError::SelfApproval("billing".into())));
@@ -321,14 +324,14 @@ mod tests {
         assert_eq!(shown["reason"], "ticket 42");
         assert!(shown["decided_at"].as_u64().unwrap() >= shown["requested_at"].as_u64().unwrap());
         assert_eq!(shown["statement"], "select * from patients");
-        let t2 = b.request(requester("billing"), "clinical", "clinical", "x", "r", "r", 7);
+        let t2 = b.request(requester("billing"), "clinical", "clinical", "x", "r", "r", Some(7));
         assert!(matches!(b.decide(t2.id, &human(), false, "no", None).unwrap(), Outcome::Denied { .. }));
     }
 
     #[test]
     fn windows_grant_the_same_fingerprint_and_expire() {
         let b = Broker::new(Duration::from_secs(60), Duration::from_secs(3600));
-        let t = b.request(requester("billing"), "d", "d", "s", "r", "r", 99);
+        let t = b.request(requester("billing"), "d", "d", "s", "r", "r", Some(99));
         assert!(b.decide(t.id, &human(), true, "ok", Some(Duration::from_secs(7200))).is_err(), "over the maximum");
         b.decide(t.id, &human(), true, "ok", Some(Duration::from_millis(200))).unwrap();
         let key = |identity: &str, fingerprint| GrantKey { identity: identity.into(), database: "d".into(), dbname: "d".into(), fingerprint };
@@ -341,12 +344,21 @@ mod tests {
     }
 
     #[test]
+    fn a_statement_without_a_fingerprint_is_approved_once_without_a_window() {
+        let b = Broker::new(Duration::from_secs(60), Duration::from_secs(3600));
+        let t = b.request(requester("billing"), "d", "d", "s", "r", "r", None);
+        let o = b.decide(t.id, &human(), true, "ok", Some(Duration::from_secs(600))).unwrap();
+        assert!(matches!(o, Outcome::Approved { window_secs: None, .. }), "{o:?}");
+        assert!(b.grants.lock().unwrap().is_empty(), "no window names it (nor every other statement without one)");
+    }
+
+    #[test]
     fn events_are_emitted() {
         let b = Broker::new(Duration::from_secs(60), Duration::from_secs(3600));
         let seen = std::sync::Arc::new(Mutex::new(Vec::new()));
         let s = seen.clone();
         b.subscribe(move |e| s.lock().unwrap().push(serde_json::to_value(e).unwrap()["event"].as_str().unwrap().to_string()));
-        let t = b.request(requester("a"), "d", "d", "s", "r", "r", 1);
+        let t = b.request(requester("a"), "d", "d", "s", "r", "r", Some(1));
         b.expire(t.id);
         assert_eq!(*seen.lock().unwrap(), vec!["approval_requested", "approval_decided"]);
     }

@@ -69,9 +69,15 @@ impl Guard {
         // DML, an aliased table by its alias alone and any table without its schema
         // (RANGEVAR_PG17_COMPAT): `FROM patients p` and `FROM encounters p` would match.
         let options = pg_query::FingerprintOptions::FULL_RELNAME | pg_query::FingerprintOptions::RANGEVAR_PG17_COMPAT;
-        let fingerprint = pg_query::fingerprint(sql, 0, options).map(|f| f.value).unwrap_or(0);
-        let grant = GrantKey { identity: session.workload.name.clone(), database: session.database.clone(), dbname: session.dbname.clone(), fingerprint };
-        if let Some(by) = self.broker.granted(&grant) {
+        // Text pg_query cannot fingerprint is held every time: no window can name it.
+        let fingerprint = pg_query::fingerprint(sql, 0, options).ok().map(|f| f.value);
+        let grant = fingerprint.map(|fingerprint| GrantKey {
+            identity: session.workload.name.clone(),
+            database: session.database.clone(),
+            dbname: session.dbname.clone(),
+            fingerprint,
+        });
+        if let Some(by) = grant.as_ref().and_then(|g| self.broker.granted(g)) {
             info!(session_id = session.id, rule = %d.rule, granted_by = %by, "statement allowed by an approval window");
             if let Some(tap) = &self.audit {
                 tap.lock().expect("invariant: lock not poisoned").granted(name, &by);
