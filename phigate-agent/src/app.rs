@@ -277,13 +277,31 @@ fn build_broker(config: &Config) -> Arc<Broker> {
                 handle.spawn_blocking(move || {
                     let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(5)).build();
                     if let Err(e) = agent.post(&url).set("content-type", "application/json").send_string(&body) {
-                        warn!(error = %e, "approval webhook failed");
+                        warn!(webhook = %origin_of(&url), error = %webhook_failure(&e), "approval webhook failed");
                     }
                 });
             }
         });
     }
     broker
+}
+
+/// Where a webhook goes, for logs: scheme, host and port. Webhook URLs often carry
+/// their secret in the path or query (and may carry credentials), which a log line
+/// must not show.
+fn origin_of(url: &str) -> String {
+    url::Url::parse(url).map(|u| u.origin().ascii_serialization()).unwrap_or_else(|_| "<unparsable URL>".into())
+}
+
+/// Why a webhook call failed, without the URL (ureq's own message includes it).
+fn webhook_failure(e: &ureq::Error) -> String {
+    match e {
+        ureq::Error::Status(code, _) => format!("HTTP status {code}"),
+        ureq::Error::Transport(t) => match t.message() {
+            Some(m) => format!("{}: {m}", t.kind()),
+            None => t.kind().to_string(),
+        },
+    }
 }
 
 /// The workload identity of a process, by walking its cgroup and ancestors through
@@ -663,5 +681,35 @@ fn reason_name(r: u32) -> &'static str {
         reason::NO_STORAGE => "no socket storage for the record",
         reason::NOT_REDIRECTED => "not redirected",
         _ => "unspecified",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn webhook_failures_are_logged_without_the_urls_secret() {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = std::thread::spawn(move || {
+            let (mut c, _) = listener.accept().unwrap();
+            c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut buf = [0u8; 4096];
+            let _ = c.read(&mut buf);
+            c.write_all(b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").unwrap();
+        });
+        let url = format!("http://hook:s3cret-pass@127.0.0.1:{port}/hooks/T0KEN-abc?sig=s3cret-sig");
+        let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(5)).build();
+        let e = agent.post(&url).send_string("{}").unwrap_err();
+        server.join().unwrap();
+        assert!(e.to_string().contains("T0KEN"), "ureq's own message names the URL: {e}");
+        let logged = format!("{} {}", origin_of(&url), webhook_failure(&e));
+        assert_eq!(logged, format!("http://127.0.0.1:{port} HTTP status 500"));
+        // Nothing listens on the port now: a transport error.
+        let e = agent.post(&url).send_string("{}").unwrap_err();
+        let logged = webhook_failure(&e);
+        assert!(!logged.contains("T0KEN") && !logged.contains("s3cret"), "{logged}");
     }
 }
