@@ -6,7 +6,7 @@
 //! Pure and synchronous; knows nothing about identities or rules.
 
 use std::{
-    collections::{BTreeSet, HashSet},
+    collections::{BTreeSet, HashMap, HashSet},
     fmt,
 };
 
@@ -159,6 +159,10 @@ pub struct Facts {
     /// Relations a new table or view copies from (SELECT INTO, CREATE TABLE AS,
     /// CREATE [MATERIALIZED] VIEW): every relation its query reads, at any depth.
     pub copied_into_new_relation: BTreeSet<TableRef>,
+    /// Tables written with values computed from other relations, and those relations:
+    /// INSERT … SELECT (and ON CONFLICT DO UPDATE), UPDATE … SET/FROM, MERGE … USING.
+    /// A WHERE or join condition only picks rows, so it does not count.
+    pub copied_into_table: Vec<(TableRef, Vec<TableRef>)>,
     /// A new relation is filled from a query.
     pub creates_relation: bool,
     /// DROP DATABASE: every table in it goes, PHI included.
@@ -278,6 +282,7 @@ impl Facts {
         self.unbounded_reads.extend(o.unbounded_reads);
         self.copy = self.copy.take().or(o.copy);
         self.copied_into_new_relation.extend(o.copied_into_new_relation);
+        self.copied_into_table.extend(o.copied_into_table);
         self.creates_relation |= o.creates_relation;
         self.drops_database |= o.drops_database;
         self.truncate_cascades |= o.truncate_cascades;
@@ -682,6 +687,81 @@ fn relations_read(query: &protobuf::Node) -> Vec<TableRef> {
     out
 }
 
+/// The relations the values written into `target` may come from. `values`: the
+/// expressions written (SET, MERGE's WHEN clauses, an INSERT's query); `from`: the
+/// FROM / USING items they may name. A table of `from` counts when a value names it
+/// (by alias or name) or names a column without a qualifier; a relation a value
+/// reads itself (a subquery) always counts; a CTE counts as everything it reads.
+/// Only conditions that pick rows (WHERE, ON) are left out: they copy no value.
+fn copied_from(values: &[&protobuf::Node], from: &[&protobuf::Node], with: Option<&protobuf::WithClause>, target: &TableRef) -> Vec<TableRef> {
+    let ctes: HashMap<String, Vec<TableRef>> = with
+        .map(|w| {
+            w.ctes
+                .iter()
+                .filter_map(|c| match c.node.as_ref() {
+                    Some(NodeEnum::CommonTableExpr(cte)) => Some((cte.ctename.clone(), cte.ctequery.as_deref().map(relations_read).unwrap_or_default())),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let expand = |t: TableRef| -> Vec<TableRef> {
+        match (&t.schema, ctes.get(&t.name)) {
+            (None, Some(read)) => read.clone(),
+            _ => vec![t],
+        }
+    };
+    // FROM items by the name a value would qualify a column with.
+    let mut scope: Vec<(String, Vec<TableRef>)> = Vec::new();
+    fn add(n: &protobuf::Node, scope: &mut Vec<(String, Vec<TableRef>)>, expand: &dyn Fn(TableRef) -> Vec<TableRef>) {
+        match n.node.as_ref() {
+            Some(NodeEnum::RangeVar(rv)) => {
+                let name = rv.alias.as_ref().map_or_else(|| rv.relname.clone(), |a| a.aliasname.clone());
+                scope.push((name, expand(table(rv))));
+            }
+            Some(NodeEnum::JoinExpr(j)) => {
+                for side in [j.larg.as_deref(), j.rarg.as_deref()].into_iter().flatten() {
+                    add(side, scope, expand);
+                }
+            }
+            Some(NodeEnum::RangeSubselect(r)) => {
+                let name = r.alias.as_ref().map(|a| a.aliasname.clone()).unwrap_or_default();
+                let read = r.subquery.as_deref().map(relations_read).unwrap_or_default().into_iter().flat_map(expand).collect();
+                scope.push((name, read));
+            }
+            // Functions in FROM and the rest: everything they read, under any name.
+            _ => scope.push((String::new(), relations_read(n).into_iter().flat_map(expand).collect())),
+        }
+    }
+    for f in from {
+        add(f, &mut scope, &expand);
+    }
+    let mut out: Vec<TableRef> = Vec::new();
+    for v in values {
+        let mut visit = |n: N<'_>| match n {
+            N::RangeVar(rv) => out.extend(expand(table(rv))),
+            N::ColumnRef(c) => {
+                let qualifier = c.fields.len().checked_sub(2).and_then(|i| match c.fields[i].node.as_ref() {
+                    Some(NodeEnum::String(q)) => Some(q.sval.as_str()),
+                    _ => None,
+                });
+                for (name, read) in &scope {
+                    if qualifier.is_none_or(|q| q == name) || name.is_empty() {
+                        out.extend(read.iter().cloned());
+                    }
+                }
+            }
+            _ => {}
+        };
+        let mut w = Walker { visit: &mut visit, depth: 0, too_deep: false };
+        w.node(v);
+    }
+    out.retain(|t| t != target);
+    out.sort();
+    out.dedup();
+    out
+}
+
 /// The column references of some conditions, for telling which relations they can
 /// refer to: a column counts as a relation's unless it is qualified by the name of
 /// another relation (of the FROM/USING list or of a subquery in the conditions).
@@ -902,6 +982,15 @@ fn visit(n: N<'_>, facts: &mut Facts, per_row: &mut HashSet<*const protobuf::Sel
             facts.kinds.insert(Kind::Insert);
             if let Some(r) = i.relation.as_ref() {
                 facts.writes.insert(table(r));
+                // The query's rows are the values (its WHERE may as well pick them:
+                // counted too); ON CONFLICT's SET may read through subqueries.
+                let mut values: Vec<&protobuf::Node> = i.select_stmt.as_deref().into_iter().collect();
+                values.extend(i.on_conflict_clause.as_deref().into_iter().flat_map(|c| &c.target_list));
+                let target = table(r);
+                let read = copied_from(&values, &[], i.with_clause.as_ref(), &target);
+                if !read.is_empty() {
+                    facts.copied_into_table.push((target, read));
+                }
             }
         }
         N::UpdateStmt(u) => {
@@ -917,6 +1006,13 @@ fn visit(n: N<'_>, facts: &mut Facts, per_row: &mut HashSet<*const protobuf::Sel
                 if u.where_clause.as_deref().is_none_or(|w| !filters_target(w, r, &u.from_clause, facts)) {
                     facts.unfiltered_writes.push(table(r));
                 }
+                let target = table(r);
+                let values: Vec<&protobuf::Node> = u.target_list.iter().collect();
+                let from: Vec<&protobuf::Node> = u.from_clause.iter().collect();
+                let read = copied_from(&values, &from, u.with_clause.as_ref(), &target);
+                if !read.is_empty() {
+                    facts.copied_into_table.push((target, read));
+                }
             }
         }
         N::DeleteStmt(d) => {
@@ -930,6 +1026,15 @@ fn visit(n: N<'_>, facts: &mut Facts, per_row: &mut HashSet<*const protobuf::Sel
         }
         N::MergeStmt(m) => {
             facts.kinds.insert(Kind::Merge);
+            if let Some(r) = m.relation.as_ref() {
+                let target = table(r);
+                let values: Vec<&protobuf::Node> = m.merge_when_clauses.iter().collect();
+                let from: Vec<&protobuf::Node> = m.source_relation.as_deref().into_iter().collect();
+                let read = copied_from(&values, &from, m.with_clause.as_ref(), &target);
+                if !read.is_empty() {
+                    facts.copied_into_table.push((target, read));
+                }
+            }
             // Each WHEN clause's action is a statement of its own kind: a MERGE that
             // deletes is a DELETE for rules naming kinds, like a DELETE in a CTE.
             for c in &m.merge_when_clauses {

@@ -9,7 +9,7 @@
 //! | `baseline.alter-phi` | block | ALTER / rename / move of a PHI table, its row-level security policies and partitions |
 //! | `baseline.unfiltered-write` | block | DELETE/UPDATE without WHERE, or with an always-true WHERE |
 //! | `baseline.copy-server-side` | block | COPY to or from a server file or program |
-//! | `baseline.copy-phi-relation` | block | SELECT INTO / CREATE TABLE AS / CREATE VIEW from PHI tables |
+//! | `baseline.copy-phi-relation` | block | SELECT INTO / CREATE TABLE AS / CREATE VIEW from PHI tables; INSERT … SELECT, UPDATE … SET/FROM, MERGE … USING that copy from a PHI table into a table not certainly in `phi_tables` |
 //! | `baseline.dangerous-function` | block | file access, large-object import/export, dblink, backend signalling, XML dumps of whole tables/queries |
 //! | `baseline.role-change` | block | SET ROLE, SET SESSION AUTHORIZATION, set_config() of those |
 //! | `baseline.parser-settings` | block | standard_conforming_strings, backslash_quote, unsafe client encodings |
@@ -131,6 +131,20 @@ pub fn findings(p: &Policy, f: &Facts) -> Vec<Finding> {
         out.push(block("baseline.copy-phi-relation", format!("copying PHI table {t} into a new table or view")));
     } else if f.creates_relation_from_execute && !p.baseline.phi_tables.is_empty() {
         out.push(block("baseline.copy-phi-relation", "CREATE TABLE AS EXECUTE fills a table from a prepared statement phigate cannot see here".into()));
+    }
+    // Into an existing table: masking rules name PHI columns, so a copy into a table
+    // they do not cover is read back unmasked. The target counts as PHI only if it
+    // certainly is one (an unqualified name may resolve, through search_path, to
+    // another schema's table of that name).
+    let certainly_phi = |t: &super::TableRef| p.baseline.phi_tables.iter().any(|pt| pt.matches_strict(t));
+    for (target, read) in &f.copied_into_table {
+        if let Some(source) = read.iter().find(|t| p.is_phi(t)).filter(|_| !certainly_phi(target)) {
+            out.push(block(
+                "baseline.copy-phi-relation",
+                format!("copying from PHI table {source} into {target}, which is not one of phi_tables (write its schema if it is one)"),
+            ));
+            break;
+        }
     }
     if let Some(name) = f.functions.iter().find(|n| dangerous(n)) {
         out.push(block("baseline.dangerous-function", format!("function {name}() is not allowed")));

@@ -98,6 +98,28 @@ fn baseline_table() {
         ),
         ("create table x as execute fetch_patients", Verdict::Block, "baseline.copy-phi-relation"),
         ("create table x as select * from labs where id = 1", Verdict::Allow, "default"),
+        // Existing tables filled from PHI: masking rules do not cover what lands there.
+        ("insert into labs (comment) select name from patients where id = 1", Verdict::Block, "baseline.copy-phi-relation"),
+        ("insert into labs select * from labs l join public.patients p on p.id = l.id where l.id = 1", Verdict::Block, "baseline.copy-phi-relation"),
+        ("with p as (select ssn from patients where id = 1) insert into labs (comment) select ssn from p", Verdict::Block, "baseline.copy-phi-relation"),
+        ("insert into labs (id) values (1) on conflict (id) do update set comment = (select ssn from patients where id = 1)", Verdict::Block, "baseline.copy-phi-relation"),
+        ("update labs set comment = (select ssn from patients p where p.id = labs.id) where id = 1", Verdict::Block, "baseline.copy-phi-relation"),
+        ("update labs l set comment = p.ssn from patients p where p.id = l.id", Verdict::Block, "baseline.copy-phi-relation"),
+        ("with p as (select * from patients) update labs l set comment = q.ssn from p q where q.id = l.id", Verdict::Block, "baseline.copy-phi-relation"),
+        ("update labs l set comment = ssn from patients p where p.id = l.id", Verdict::Block, "baseline.copy-phi-relation"),
+        ("merge into labs l using patients p on p.id = l.id when matched then update set comment = p.ssn", Verdict::Block, "baseline.copy-phi-relation"),
+        ("merge into labs l using (select * from patients where id < 9) p on p.id = l.id when not matched then insert (comment) values (p.name)", Verdict::Block, "baseline.copy-phi-relation"),
+        ("with c as (insert into labs (comment) select ssn from patients where id = 1 returning 1) select * from c", Verdict::Block, "baseline.copy-phi-relation"),
+        // An unqualified target could be another schema's table of that name.
+        ("insert into encounters (note) select name from patients where id = 1", Verdict::Block, "baseline.copy-phi-relation"),
+        ("insert into public.encounters (note) select name from patients where id = 1", Verdict::Allow, "default"),
+        ("update public.encounters e set note = p.name from patients p where p.id = e.patient_id", Verdict::Allow, "default"),
+        // Rows picked by a PHI table, values from elsewhere: nothing is copied.
+        ("update labs set comment = 'reviewed' where id in (select id from patients where id < 9)", Verdict::Allow, "default"),
+        ("update labs l set comment = 'seen' from patients p where p.id = l.id", Verdict::Allow, "default"),
+        ("merge into labs l using patients p on l.pid = p.id when matched then update set comment = l.comment || '.'", Verdict::Allow, "default"),
+        ("insert into labs (id, comment) select id, comment from labs where id = 1", Verdict::Allow, "default"),
+        ("insert into labs (id) values (1)", Verdict::Allow, "default"),
         ("drop policy own_rows on patients", Verdict::Block, "baseline.drop-phi"),
         ("drop trigger audit_trg on public.patients", Verdict::Block, "baseline.drop-phi"),
         ("drop database clinical", Verdict::Block, "baseline.drop-phi"),
@@ -265,9 +287,9 @@ fn merge_reads_its_whole_source() {
     // match: a MERGE USING a PHI table with one copies all of it (like INSERT …
     // SELECT without WHERE).
     assert_decisions(&[
-        ("merge into sink s using patients p on false when not matched then insert values (p.id, p.ssn)", Verdict::Approve, "baseline.unbounded-phi-read"),
+        ("merge into public.encounters s using patients p on false when not matched then insert values (p.id, p.ssn)", Verdict::Approve, "baseline.unbounded-phi-read"),
         (
-            "merge into sink s using patients p on s.id = p.id when not matched then insert values (p.id, p.ssn)",
+            "merge into public.encounters s using patients p on s.id = p.id when not matched then insert values (p.id, p.ssn)",
             Verdict::Approve,
             "baseline.unbounded-phi-read",
         ),
@@ -277,13 +299,13 @@ fn merge_reads_its_whole_source() {
             "baseline.unbounded-phi-read",
         ),
         (
-            "merge into sink s using (select * from patients where id = 1) p on s.id = p.id when not matched then insert values (p.id)",
+            "merge into public.encounters s using (select * from patients where id = 1) p on s.id = p.id when not matched then insert values (p.id)",
             Verdict::Allow,
             "default",
         ),
         // Like UPDATE … FROM patients WHERE …: the join condition limits the rows.
         ("merge into labs l using patients p on l.pid = p.id when matched then update set x = 1", Verdict::Allow, "default"),
-        ("merge into sink s using patients p on s.id = p.id when not matched and p.id = 7 then insert values (p.id)", Verdict::Allow, "default"),
+        ("merge into public.encounters s using patients p on s.id = p.id when not matched and p.id = 7 then insert values (p.id)", Verdict::Allow, "default"),
     ]);
 }
 
