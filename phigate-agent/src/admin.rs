@@ -9,7 +9,8 @@
 //! POST /v1/approvals/{id}/deny     {"reason": "..."}
 //! ```
 //!
-//! The approver is identified by the kernel (SO_PEERCRED): the unix user, and — if the
+//! The approver is identified by the kernel (SO_PEERCRED, and SO_PEERPIDFD where the
+//! kernel has it, so a reused pid is not taken for the caller): the unix user, and — if the
 //! calling process runs in a protected cgroup — its workload identity, which may never
 //! approve its own requests. Owns the socket and HTTP plumbing only; the rules are in
 //! `policy::approval`.
@@ -64,6 +65,28 @@ fn workload_in(cgroup_file: &str, protected: &dyn Fn(&str) -> Result<Option<Stri
         }
         rel = rel.rsplit_once('/').map(|(a, _)| a.to_string()).unwrap_or_default();
     }
+}
+
+/// A pidfd of the process at the other end of a unix socket (SO_PEERPIDFD, Linux 6.5+;
+/// None on older kernels, where the pid alone identifies the caller).
+fn peer_pidfd(stream: &impl std::os::fd::AsRawFd) -> Option<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // The value on x86, arm and most other architectures (not mips/sparc/parisc).
+    const SO_PEERPIDFD: libc::c_int = 77;
+    let mut fd: libc::c_int = -1;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: a valid socket fd and an int-sized buffer with its length.
+    let rc = unsafe { libc::getsockopt(stream.as_raw_fd(), libc::SOL_SOCKET, SO_PEERPIDFD, (&mut fd as *mut libc::c_int).cast(), &mut len) };
+    // SAFETY: on success the kernel gave us this new descriptor to own.
+    (rc == 0 && fd >= 0).then(|| unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+}
+
+/// Whether the process a pidfd refers to is still running (signal 0 checks without
+/// sending anything). While it runs, its pid cannot have been given to another.
+fn process_alive(pidfd: &impl std::os::fd::AsRawFd) -> bool {
+    // SAFETY: pidfd_send_signal with signal 0, no siginfo, no flags.
+    let rc = unsafe { libc::syscall(libc::SYS_pidfd_send_signal, pidfd.as_raw_fd(), 0, std::ptr::null::<libc::siginfo_t>(), 0) };
+    rc == 0
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -129,8 +152,15 @@ pub async fn serve(listener: UnixListener, broker: Arc<Broker>, workload_of: Wor
                 // Whether the caller runs in a protected cgroup decides whether it may
                 // approve; a caller nobody can place (gone, or in another pid namespace:
                 // pid 0) is refused rather than taken for a person.
+                // The pid could belong to another process by the time /proc is read
+                // (the caller exited, the pid was reused): the caller's pidfd, taken
+                // first, tells whether the caller itself still holds it.
+                let pidfd = peer_pidfd(&stream);
                 let workload = match cred.pid().and_then(|p| u32::try_from(p).ok()).filter(|p| *p != 0) {
-                    Some(pid) => workload_of(pid),
+                    Some(pid) => workload_of(pid).and_then(|w| match &pidfd {
+                        Some(fd) if !process_alive(fd) => Err(format!("the caller (pid {pid}) exited before its cgroup was read")),
+                        _ => Ok(w),
+                    }),
                     None => Err("the caller's pid is not visible to the agent".into()),
                 };
                 match workload {
@@ -232,7 +262,7 @@ mod tests {
 
     const SOCKET_ENV: &str = "PHIGATE_TEST_ADMIN_SOCKET";
 
-    /// Run in a child process by `a_caller_whose_cgroup_cannot_be_read_may_not_decide`:
+    /// Run in a child process by `approve_from_a_caller_that_exited`:
     /// connect, send an approval, and exit before the agent looks at who called.
     #[test]
     #[ignore = "helper: runs in a child process"]
@@ -259,8 +289,11 @@ mod tests {
         assert!(workload_in("1:name=systemd:/\n", &protected).is_err(), "no cgroup2 line");
     }
 
-    #[tokio::test]
-    async fn a_caller_whose_cgroup_cannot_be_read_may_not_decide() {
+    /// A request from "billing", and an approval of it sent by a child process that
+    /// exits (and is reaped) before the agent, judging callers by `workload_of`,
+    /// accepts the connection. Returns the request's state after that and a way to
+    /// call again.
+    async fn approve_from_a_caller_that_exited(workload_of: WorkloadOf) -> (Status, tempfile::TempDir, PathBuf, tokio::task::JoinHandle<()>) {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("admin.sock");
         let listener = bind(&path).expect("bind");
@@ -268,11 +301,6 @@ mod tests {
         let requester = Requester { identity: "billing".into(), token_subject: None, session_id: 1, audit_session: "s-1".into(), pid: 2, cgroup: "c".into() };
         let ticket = broker.request(requester, "clinical", "clinical", "select * from patients", "baseline.unbounded-phi-read", "r", Some(7));
         assert_eq!(ticket.id, 1);
-        // Every other process on this machine runs in a cgroup protected for
-        // "billing"; this test process is a person's.
-        let workload_of: WorkloadOf = Arc::new(|pid| if pid == std::process::id() { Ok(None) } else { caller_workload(pid, &|_| Ok(Some("billing".into()))) });
-        // The caller (a "billing" process) has exited, and been reaped, before the
-        // agent accepts its connection: its cgroup can no longer be read.
         let status = std::process::Command::new(std::env::current_exe().expect("test binary"))
             .args(["admin::tests::helper_approve_and_exit", "--exact", "--ignored", "--quiet"])
             .env(SOCKET_ENV, &path)
@@ -287,9 +315,30 @@ mod tests {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let record = broker.show(1).expect("the request is known");
-        assert!(matches!(record.status, Status::Pending { .. }), "a caller that may be the requester decided: {:?}", record.status);
+        (broker.show(1).expect("the request is known").status, dir, path, server)
+    }
+
+    #[tokio::test]
+    async fn a_caller_whose_cgroup_cannot_be_read_may_not_decide() {
+        // Every other process on this machine runs in a cgroup protected for
+        // "billing"; this test process is a person's. The exited caller's cgroup can
+        // no longer be read.
+        let workload_of: WorkloadOf = Arc::new(|pid| if pid == std::process::id() { Ok(None) } else { caller_workload(pid, &|_| Ok(Some("billing".into()))) });
+        let (status, _dir, path, server) = approve_from_a_caller_that_exited(workload_of).await;
+        assert!(matches!(status, Status::Pending { .. }), "a caller that may be the requester decided: {status:?}");
         // A caller the agent can place still decides.
+        let (status, _) = call(&path, Method::POST, "/v1/approvals/1/approve", Some(json!({"reason": "ticket 1"}))).await.expect("call");
+        assert_eq!(status, StatusCode::OK);
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn a_caller_whose_pid_went_to_another_process_may_not_decide() {
+        // The exited caller's pid was given to a person's process: /proc/<pid>/cgroup
+        // reads as nobody's workload.
+        let (status, _dir, path, server) = approve_from_a_caller_that_exited(Arc::new(|_| Ok(None))).await;
+        assert!(matches!(status, Status::Pending { .. }), "the caller's pid was taken for the caller: {status:?}");
+        // A caller that is still running decides.
         let (status, _) = call(&path, Method::POST, "/v1/approvals/1/approve", Some(json!({"reason": "ticket 1"}))).await.expect("call");
         assert_eq!(status, StatusCode::OK);
         server.abort();
