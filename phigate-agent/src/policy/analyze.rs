@@ -711,9 +711,12 @@ fn copied_from(values: &[&protobuf::Node], from: &[&protobuf::Node], with: Optio
             _ => vec![t],
         }
     };
-    // FROM items by the name a value would qualify a column with.
+    // FROM items by the name a value would qualify a column with. A subquery or a
+    // function in FROM may be LATERAL over the other items (`lateral (select p.name)`,
+    // `jsonb_each_text(to_jsonb(p))`): what it returns may come from any of them.
+    let everything: Vec<TableRef> = from.iter().flat_map(|f| relations_read(f)).flat_map(&expand).collect();
     let mut scope: Vec<(String, Vec<TableRef>)> = Vec::new();
-    fn add(n: &protobuf::Node, scope: &mut Vec<(String, Vec<TableRef>)>, expand: &dyn Fn(TableRef) -> Vec<TableRef>) {
+    fn add(n: &protobuf::Node, scope: &mut Vec<(String, Vec<TableRef>)>, expand: &dyn Fn(TableRef) -> Vec<TableRef>, everything: &[TableRef]) {
         match n.node.as_ref() {
             Some(NodeEnum::RangeVar(rv)) => {
                 let name = rv.alias.as_ref().map_or_else(|| rv.relname.clone(), |a| a.aliasname.clone());
@@ -721,20 +724,23 @@ fn copied_from(values: &[&protobuf::Node], from: &[&protobuf::Node], with: Optio
             }
             Some(NodeEnum::JoinExpr(j)) => {
                 for side in [j.larg.as_deref(), j.rarg.as_deref()].into_iter().flatten() {
-                    add(side, scope, expand);
+                    add(side, scope, expand, everything);
                 }
             }
             Some(NodeEnum::RangeSubselect(r)) => {
                 let name = r.alias.as_ref().map(|a| a.aliasname.clone()).unwrap_or_default();
-                let read = r.subquery.as_deref().map(relations_read).unwrap_or_default().into_iter().flat_map(expand).collect();
-                scope.push((name, read));
+                scope.push((name, everything.to_vec()));
             }
-            // Functions in FROM and the rest: everything they read, under any name.
-            _ => scope.push((String::new(), relations_read(n).into_iter().flat_map(expand).collect())),
+            Some(NodeEnum::RangeFunction(f)) => {
+                let name = f.alias.as_ref().map(|a| a.aliasname.clone()).unwrap_or_default();
+                scope.push((name, everything.to_vec()));
+            }
+            // Anything else: everything, under any name.
+            _ => scope.push((String::new(), everything.to_vec())),
         }
     }
     for f in from {
-        add(f, &mut scope, &expand);
+        add(f, &mut scope, &expand, &everything);
     }
     let mut out: Vec<TableRef> = Vec::new();
     for v in values {
