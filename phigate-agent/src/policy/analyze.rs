@@ -6,7 +6,7 @@
 //! Pure and synchronous; knows nothing about identities or rules.
 
 use std::{
-    collections::{BTreeSet, HashMap, HashSet},
+    collections::{BTreeSet, HashSet},
     fmt,
 };
 
@@ -163,6 +163,13 @@ pub struct Facts {
     /// INSERT … SELECT (and ON CONFLICT DO UPDATE), UPDATE … SET/FROM, MERGE … USING.
     /// A WHERE or join condition only picks rows, so it does not count.
     pub copied_into_table: Vec<(TableRef, Vec<TableRef>)>,
+    /// Every CTE of the statement, at any level, by name: the relations it reads
+    /// (CTE names among them are expanded where the facts are judged, since a CTE
+    /// may read one of an enclosing statement, or a later one in WITH RECURSIVE).
+    pub ctes: std::collections::BTreeMap<String, BTreeSet<TableRef>>,
+    /// set_config() or pg_notify() given a value that is not a constant: it keeps
+    /// that value outside any result (a setting read back later, a notification).
+    pub stores_computed_value: bool,
     /// A new relation is filled from a query.
     pub creates_relation: bool,
     /// DROP DATABASE: every table in it goes, PHI included.
@@ -283,6 +290,10 @@ impl Facts {
         self.copy = self.copy.take().or(o.copy);
         self.copied_into_new_relation.extend(o.copied_into_new_relation);
         self.copied_into_table.extend(o.copied_into_table);
+        for (name, read) in o.ctes {
+            self.ctes.entry(name).or_default().extend(read);
+        }
+        self.stores_computed_value |= o.stores_computed_value;
         self.creates_relation |= o.creates_relation;
         self.drops_database |= o.drops_database;
         self.truncate_cascades |= o.truncate_cascades;
@@ -687,44 +698,57 @@ fn relations_read(query: &protobuf::Node) -> Vec<TableRef> {
     out
 }
 
+impl Facts {
+    /// `read` with each name of a CTE of the statement replaced by the relations that
+    /// CTE reads, transitively (the name itself stays too: a table may share it).
+    pub fn through_ctes<'a>(&self, read: impl IntoIterator<Item = &'a TableRef>) -> BTreeSet<TableRef> {
+        let mut out: BTreeSet<TableRef> = BTreeSet::new();
+        let mut todo: Vec<TableRef> = read.into_iter().cloned().collect();
+        while let Some(t) = todo.pop() {
+            if !out.insert(t.clone()) {
+                continue;
+            }
+            if t.schema.is_none() {
+                if let Some(more) = self.ctes.get(&t.name) {
+                    todo.extend(more.iter().cloned());
+                }
+            }
+        }
+        out
+    }
+}
+
 /// The relations the values written into `target` may come from. `values`: the
 /// expressions written (SET, MERGE's WHEN clauses, an INSERT's query); `from`: the
 /// FROM / USING items they may name. A table of `from` counts when a value names it
 /// (by alias or name) or names a column without a qualifier; a relation a value
-/// reads itself (a subquery) always counts; a CTE counts as everything it reads.
+/// reads itself (a subquery) always counts; a CTE is named as a relation here and
+/// counts as everything it reads ([`Facts::through_ctes`]).
 /// Only conditions that pick rows (WHERE, ON) are left out: they copy no value.
-fn copied_from(values: &[&protobuf::Node], from: &[&protobuf::Node], with: Option<&protobuf::WithClause>, target: &TableRef) -> Vec<TableRef> {
-    let ctes: HashMap<String, Vec<TableRef>> = with
-        .map(|w| {
-            w.ctes
-                .iter()
-                .filter_map(|c| match c.node.as_ref() {
-                    Some(NodeEnum::CommonTableExpr(cte)) => Some((cte.ctename.clone(), cte.ctequery.as_deref().map(relations_read).unwrap_or_default())),
-                    _ => None,
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    let expand = |t: TableRef| -> Vec<TableRef> {
-        match (&t.schema, ctes.get(&t.name)) {
-            (None, Some(read)) => read.clone(),
-            _ => vec![t],
-        }
-    };
+fn copied_from(values: &[&protobuf::Node], from: &[&protobuf::Node], target: &TableRef) -> Vec<TableRef> {
+    // A CTE's name stays here as a relation name: [`Facts::through_ctes`] resolves it.
     // FROM items by the name a value would qualify a column with. A subquery or a
     // function in FROM may be LATERAL over the other items (`lateral (select p.name)`,
     // `jsonb_each_text(to_jsonb(p))`): what it returns may come from any of them.
-    let everything: Vec<TableRef> = from.iter().flat_map(|f| relations_read(f)).flat_map(&expand).collect();
+    let everything: Vec<TableRef> = from.iter().flat_map(|f| relations_read(f)).collect();
     let mut scope: Vec<(String, Vec<TableRef>)> = Vec::new();
-    fn add(n: &protobuf::Node, scope: &mut Vec<(String, Vec<TableRef>)>, expand: &dyn Fn(TableRef) -> Vec<TableRef>, everything: &[TableRef]) {
+    fn add(n: &protobuf::Node, scope: &mut Vec<(String, Vec<TableRef>)>, everything: &[TableRef]) {
         match n.node.as_ref() {
             Some(NodeEnum::RangeVar(rv)) => {
                 let name = rv.alias.as_ref().map_or_else(|| rv.relname.clone(), |a| a.aliasname.clone());
-                scope.push((name, expand(table(rv))));
+                scope.push((name, vec![table(rv)]));
             }
             Some(NodeEnum::JoinExpr(j)) => {
                 for side in [j.larg.as_deref(), j.rarg.as_deref()].into_iter().flatten() {
-                    add(side, scope, expand, everything);
+                    add(side, scope, everything);
+                }
+                // `(a join b) j`: j names the columns of both sides.
+                if let Some(alias) = &j.alias {
+                    let mut both = Vec::new();
+                    for side in [j.larg.as_deref(), j.rarg.as_deref()].into_iter().flatten() {
+                        both.extend(relations_read(side));
+                    }
+                    scope.push((alias.aliasname.clone(), both));
                 }
             }
             Some(NodeEnum::RangeSubselect(r)) => {
@@ -740,12 +764,12 @@ fn copied_from(values: &[&protobuf::Node], from: &[&protobuf::Node], with: Optio
         }
     }
     for f in from {
-        add(f, &mut scope, &expand, &everything);
+        add(f, &mut scope, &everything);
     }
     let mut out: Vec<TableRef> = Vec::new();
     for v in values {
         let mut visit = |n: N<'_>| match n {
-            N::RangeVar(rv) => out.extend(expand(table(rv))),
+            N::RangeVar(rv) => out.push(table(rv)),
             N::ColumnRef(c) => {
                 let qualifier = c.fields.len().checked_sub(2).and_then(|i| match c.fields[i].node.as_ref() {
                     Some(NodeEnum::String(q)) => Some(q.sval.as_str()),
@@ -993,7 +1017,7 @@ fn visit(n: N<'_>, facts: &mut Facts, per_row: &mut HashSet<*const protobuf::Sel
                 let mut values: Vec<&protobuf::Node> = i.select_stmt.as_deref().into_iter().collect();
                 values.extend(i.on_conflict_clause.as_deref().into_iter().flat_map(|c| &c.target_list));
                 let target = table(r);
-                let read = copied_from(&values, &[], i.with_clause.as_ref(), &target);
+                let read = copied_from(&values, &[], &target);
                 if !read.is_empty() {
                     facts.copied_into_table.push((target, read));
                 }
@@ -1015,7 +1039,7 @@ fn visit(n: N<'_>, facts: &mut Facts, per_row: &mut HashSet<*const protobuf::Sel
                 let target = table(r);
                 let values: Vec<&protobuf::Node> = u.target_list.iter().collect();
                 let from: Vec<&protobuf::Node> = u.from_clause.iter().collect();
-                let read = copied_from(&values, &from, u.with_clause.as_ref(), &target);
+                let read = copied_from(&values, &from, &target);
                 if !read.is_empty() {
                     facts.copied_into_table.push((target, read));
                 }
@@ -1036,7 +1060,7 @@ fn visit(n: N<'_>, facts: &mut Facts, per_row: &mut HashSet<*const protobuf::Sel
                 let target = table(r);
                 let values: Vec<&protobuf::Node> = m.merge_when_clauses.iter().collect();
                 let from: Vec<&protobuf::Node> = m.source_relation.as_deref().into_iter().collect();
-                let read = copied_from(&values, &from, m.with_clause.as_ref(), &target);
+                let read = copied_from(&values, &from, &target);
                 if !read.is_empty() {
                     facts.copied_into_table.push((target, read));
                 }
@@ -1245,10 +1269,18 @@ fn visit(n: N<'_>, facts: &mut Facts, per_row: &mut HashSet<*const protobuf::Sel
             }
         }
         N::DropdbStmt(_) => facts.drops_database = true,
+        N::CommonTableExpr(cte) => {
+            let read = cte.ctequery.as_deref().map(relations_read).unwrap_or_default();
+            facts.ctes.entry(cte.ctename.clone()).or_default().extend(read);
+        }
         N::FuncCall(f) => {
             let names = name_list(&f.funcname);
             if let Some(name) = names.last() {
                 let name = name.to_ascii_lowercase();
+                // The value argument (set_config's 2nd, pg_notify's 2nd).
+                if matches!(name.as_str(), "set_config" | "pg_notify") && f.args.get(1).is_some_and(|v| const_value(v).is_none()) {
+                    facts.stores_computed_value = true;
+                }
                 if name == "set_config" {
                     facts.literal_sensitive = true;
                     let setting = f.args.first().and_then(const_value).and_then(|v| match v {

@@ -138,12 +138,22 @@ pub fn findings(p: &Policy, f: &Facts) -> Vec<Finding> {
     // another schema's table of that name).
     let certainly_phi = |t: &super::TableRef| p.baseline.phi_tables.iter().any(|pt| pt.matches_strict(t));
     for (target, read) in &f.copied_into_table {
-        if let Some(source) = read.iter().find(|t| p.is_phi(t)).filter(|_| !certainly_phi(target)) {
+        if let Some(source) = f.through_ctes(read).into_iter().find(|t| p.is_phi(t) && t != target).filter(|_| !certainly_phi(target)) {
             out.push(block(
                 "baseline.copy-phi-relation",
                 format!("copying from PHI table {source} into {target}, which is not one of phi_tables (write its schema if it is one)"),
             ));
             break;
+        }
+    }
+    // A value kept in a setting or sent as a notification reaches the client outside
+    // any result's columns, where column rules cannot follow it.
+    if f.stores_computed_value {
+        if let Some(t) = f.through_ctes(&f.tables).into_iter().find(|t| p.is_phi(t)) {
+            out.push(block(
+                "baseline.copy-phi-relation",
+                format!("set_config() or pg_notify() with a computed value in a statement reading PHI table {t}: the value would leave unmasked"),
+            ));
         }
     }
     if let Some(name) = f.functions.iter().find(|n| dangerous(n)) {

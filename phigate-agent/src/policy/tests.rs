@@ -126,16 +126,41 @@ fn baseline_table() {
         ("merge into labs l using patients p on l.pid = p.id when matched then update set comment = l.comment || '.'", Verdict::Allow, "default"),
         ("insert into labs (id, comment) select id, comment from labs where id = 1", Verdict::Allow, "default"),
         ("insert into labs (id) values (1)", Verdict::Allow, "default"),
+        // Review: bypasses of copy-phi-relation (each is valid PostgreSQL 15 and copies PHI into labs).
+        // A CTE of an enclosing statement is not expanded for a DML nested in a CTE.
+        ("with p as (select ssn from patients where id = 1), c as (insert into labs (comment) select ssn from p returning 1) select * from c", Verdict::Block, "baseline.copy-phi-relation"),
+        ("with p as (select id, ssn from patients where id = 1), u as (update labs l set comment = q.ssn from p q where q.id = l.id returning 1) select * from u", Verdict::Block, "baseline.copy-phi-relation"),
+        ("explain analyze with p as (select ssn from patients where id = 1), c as (insert into labs (comment) select ssn from p returning 1) select * from c", Verdict::Block, "baseline.copy-phi-relation"),
+        // A CTE that reads another CTE is expanded one level only.
+        ("with a as (select ssn from patients where id = 1), b as (select ssn from a) insert into labs (comment) select ssn from b", Verdict::Block, "baseline.copy-phi-relation"),
+        ("with d as (update patients set name = name where id = 1 returning ssn), e as (select ssn from d) insert into labs (comment) select ssn from e", Verdict::Block, "baseline.copy-phi-relation"),
+        ("with recursive b as (select ssn from a), a as (select ssn from patients where id = 1) insert into labs (comment) select ssn from b", Verdict::Block, "baseline.copy-phi-relation"),
+        ("with a as (select ssn from patients where id = 1), b as (select ssn from a) merge into labs l using b on false when not matched then insert (comment) values (b.ssn)", Verdict::Block, "baseline.copy-phi-relation"),
+        // The alias of a parenthesised join names its columns; the scope only knows the inner aliases.
+        ("update labs l set comment = j.ssn from (patients p join encounters e on e.patient_id = p.id) j where l.id = 1", Verdict::Block, "baseline.copy-phi-relation"),
+        ("merge into labs l using (patients p join encounters e on e.patient_id = p.id) j on j.patient_id = l.id when matched then update set comment = j.ssn", Verdict::Block, "baseline.copy-phi-relation"),
+        // Values kept outside any result: a custom setting read back later, a notification.
+        ("select set_config('x.v', (select ssn from patients where id = 1), false)", Verdict::Block, "baseline.copy-phi-relation"),
+        ("select set_config('x.v', p.name, false) from patients p where p.id = 1", Verdict::Block, "baseline.copy-phi-relation"),
+        ("select pg_notify('c', name) from patients where id = 1", Verdict::Block, "baseline.copy-phi-relation"),
+        ("with p as (select name from patients where id = 1) select pg_notify('c', name) from p", Verdict::Block, "baseline.copy-phi-relation"),
+        ("select set_config('x.v', 'on', false) from patients where id = 1", Verdict::Allow, "default"),
+        ("select pg_notify('c', comment) from labs where id = 1", Verdict::Allow, "default"),
         ("drop policy own_rows on patients", Verdict::Block, "baseline.drop-phi"),
         ("drop trigger audit_trg on public.patients", Verdict::Block, "baseline.drop-phi"),
         ("drop database clinical", Verdict::Block, "baseline.drop-phi"),
         ("select ts_stat('select body from encounters')", Verdict::Block, "baseline.dangerous-function"),
         ("", Verdict::Allow, "empty"),
     ];
+    // Review: every mismatch is listed, not only the first.
+    let mut failures = Vec::new();
     for (sql, verdict, rule) in cases {
         let d = decide(&p, "agent", sql);
-        assert_eq!((d.verdict, d.rule.as_str()), (*verdict, *rule), "{sql}: {}", d.reason);
+        if (d.verdict, d.rule.as_str()) != (*verdict, *rule) {
+            failures.push(format!("{sql}: got {:?} {} ({}), want {verdict:?} {rule}", d.verdict, d.rule, d.reason));
+        }
     }
+    assert!(failures.is_empty(), "{} case(s) failed:\n{}", failures.len(), failures.join("\n"));
 }
 
 #[test]
