@@ -9,7 +9,7 @@
 //! | `baseline.alter-phi` | block | ALTER / rename / move of a PHI table, its row-level security policies and partitions |
 //! | `baseline.unfiltered-write` | block | DELETE/UPDATE without WHERE, or with an always-true WHERE |
 //! | `baseline.copy-server-side` | block | COPY to or from a server file or program |
-//! | `baseline.copy-phi-relation` | block | SELECT INTO / CREATE TABLE AS / CREATE VIEW from PHI tables; INSERT … SELECT, UPDATE … SET/FROM, MERGE … USING that copy from a PHI table into a table not certainly in `phi_tables` |
+//! | `baseline.copy-phi-relation` | block | SELECT INTO / CREATE TABLE AS / CREATE VIEW from PHI tables; INSERT … SELECT, UPDATE … SET/FROM, MERGE … USING that copy from a PHI table into a table not certainly in `phi_tables`; set_config()/pg_notify() of a computed value in a statement reading PHI |
 //! | `baseline.dangerous-function` | block | file access, large-object import/export, dblink, backend signalling, XML dumps of whole tables/queries |
 //! | `baseline.role-change` | block | SET ROLE, SET SESSION AUTHORIZATION, set_config() of those |
 //! | `baseline.parser-settings` | block | standard_conforming_strings, backslash_quote, unsafe client encodings |
