@@ -461,7 +461,9 @@ fn functions_the_database_owners_wrote_do_not_dodge_the_rules() {
     e.pg.psql_admin(
         "postgres",
         "create function patient_name(pid int) returns text language sql stable as $$ select name from patients where id = pid $$; \
-         create function label(p patients) returns text language sql as $$ select p.name || ' ' || p.ssn $$",
+         create function label(p patients) returns text language sql as $$ select p.name || ' ' || p.ssn $$; \
+         create function name_of(pid int, unused int) returns text language sql stable as $$ select name from patients where id = pid $$; \
+         create operator ### (leftarg = int, rightarg = int, function = name_of)",
     )
     .expect("functions");
     let first = e.data.patients[0].id;
@@ -471,6 +473,9 @@ fn functions_the_database_owners_wrote_do_not_dodge_the_rules() {
         ("select patient_name(patient_id) from labs", e.data.labs.len()),
         ("select p.label from patients p", e.data.patients.len()),
         ("select s.label from (select * from patients) s", e.data.patients.len()),
+        ("select (p).label from patients p", e.data.patients.len()),
+        ("select patient_id ### 0 from labs", e.data.labs.len()),
+        ("select percentile_disc(0.5) within group (order by name) from patients", 1),
         ("select xmlelement(name x, patient_name(l.patient_id)) from labs l", e.data.labs.len()),
     ] {
         let direct = out(&psql(&e, None, &["-c", sql]));
