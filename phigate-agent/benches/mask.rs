@@ -112,7 +112,15 @@ fn bench_rows_masker() -> Masker {
     let fields: Vec<Field> = columns
         .iter()
         .enumerate()
-        .map(|(i, (name, ty))| Field { name: name.to_string(), table_oid: ROWS_OID, column: i as i16 + 1, type_oid: *ty, type_len: -1, type_mod: -1, format: 1 })
+        .map(|(i, (name, ty))| Field {
+            name: name.to_string(),
+            table_oid: ROWS_OID,
+            column: i as i16 + 1,
+            type_oid: *ty,
+            type_len: -1,
+            type_mod: -1,
+            format: 1,
+        })
         .collect();
     assert!(matches!(m.backend(&msg::row_description(&fields)), Step::Forward));
     m
@@ -128,7 +136,10 @@ fn bench_rows(n: i32) -> Vec<Frame> {
             let lab = format!("HbA1c {:.1} %, ICD-10 E11.9", f64::from(g % 90) / 10.0 + 4.0);
             let value = [0, 2, 0, 0, 0, 0, 0, 1, 0, 12, 19, 136]; // numeric 12.5, as binary
             let mut out = Vec::new();
-            msg::encode_data_row([Some(&g.to_be_bytes()[..]), Some(ssn.as_bytes()), Some(name.as_bytes()), Some(&dob[..]), Some(lab.as_bytes()), Some(&value[..])].into_iter(), &mut out);
+            msg::encode_data_row(
+                [Some(&g.to_be_bytes()[..]), Some(ssn.as_bytes()), Some(name.as_bytes()), Some(&dob[..]), Some(lab.as_bytes()), Some(&value[..])].into_iter(),
+                &mut out,
+            );
             Frame::from_bytes(Bytes::from(out))
         })
         .collect()

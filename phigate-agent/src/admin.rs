@@ -271,7 +271,8 @@ mod tests {
         use std::io::Write;
         let mut s = std::os::unix::net::UnixStream::connect(path).expect("connect");
         let body = r#"{"reason": "mine"}"#;
-        write!(s, "POST /v1/approvals/1/approve HTTP/1.1\r\nhost: phigate\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}", body.len()).expect("write");
+        write!(s, "POST /v1/approvals/1/approve HTTP/1.1\r\nhost: phigate\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}", body.len())
+            .expect("write");
     }
 
     #[test]

@@ -213,16 +213,15 @@ fn start_audit(config: &Config) -> anyhow::Result<Option<AuditHandle>> {
         }
     };
     let keys = crate::audit::crypto::PeriodKeys { dir: a.key_dir.clone() };
-    let (log, opened) = crate::audit::log::Log::open(&a.dir, key, keys, a.segment_bytes)
-        .map_err(|e| {
-            let next = match &e {
-                crate::audit::log::LogError::Corrupt { .. } => {
-                    "Run `phigate audit verify` on the directory and keep it as evidence; start the agent with a new audit.dir to resume service."
-                }
-                _ => "Make the directory writable by the agent (and only by it).",
-            };
-            config.invalid("audit.dir", e, next)
-        })?;
+    let (log, opened) = crate::audit::log::Log::open(&a.dir, key, keys, a.segment_bytes).map_err(|e| {
+        let next = match &e {
+            crate::audit::log::LogError::Corrupt { .. } => {
+                "Run `phigate audit verify` on the directory and keep it as evidence; start the agent with a new audit.dir to resume service."
+            }
+            _ => "Make the directory writable by the agent (and only by it).",
+        };
+        config.invalid("audit.dir", e, next)
+    })?;
     if let Some((segment, bytes, kept)) = &opened.torn {
         warn!(segment = %segment, bytes, kept_in = %kept.display(), "the audit log had a torn tail (the agent stopped while writing); it was moved aside and recorded");
     }

@@ -513,7 +513,10 @@ fn detect() -> Result<()> {
     }
     // The masking state machine alone on bench mask's rows (no relay, no audit).
     let r = criterion_result(&dir.join("mask").join("rows of bench mask"))?;
-    println!("  mask/rows of bench mask                  {:>8.0} ns/row (the masker alone: 3 column rules and the detectors on one text column)", 1e9 / r.per("Elements"));
+    println!(
+        "  mask/rows of bench mask                  {:>8.0} ns/row (the masker alone: 3 column rules and the detectors on one text column)",
+        1e9 / r.per("Elements")
+    );
     Ok(())
 }
 
@@ -620,10 +623,7 @@ fn mask() -> Result<()> {
     // or are the cores full?), over the client's whole run (connecting included).
     let mut runs: [Vec<(f64, f64, f64)>; 5] = Default::default();
     for round in 0..reps {
-        eprintln!(
-            "bench: round {}/{reps}: 1,000,000 rows direct, through phigate, without masking, without the audit log, through a plain relay",
-            round + 1
-        );
+        eprintln!("bench: round {}/{reps}: 1,000,000 rows direct, through phigate, without masking, without the audit log, through a plain relay", round + 1);
         for (i, (name, dir, port, pid)) in targets.iter().enumerate() {
             let (cpu_before, idle_before) = (pid.map(cpu_seconds).unwrap_or(0.0), machine_ticks());
             let run = pgclient_stream(*dir, *port, big)?;

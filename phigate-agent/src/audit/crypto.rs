@@ -299,7 +299,9 @@ mod tests {
         let sealed = keys.seal("2026-12-04", "stmt 1", b"raw rows").unwrap();
         assert_eq!(keys.open(&sealed, "stmt 1").unwrap(), b"raw rows");
         // A key another writer made is never replaced.
-        assert!(matches!(write_private(&keys.path("2026-12-03"), &[2; 32]), Err(KeyError::Write { err, .. }) if err.kind() == std::io::ErrorKind::AlreadyExists));
+        assert!(
+            matches!(write_private(&keys.path("2026-12-03"), &[2; 32]), Err(KeyError::Write { err, .. }) if err.kind() == std::io::ErrorKind::AlreadyExists)
+        );
         assert_eq!(keys.get_or_create("2026-12-03").unwrap(), k);
         let _ = fs::remove_dir_all(&dir);
     }

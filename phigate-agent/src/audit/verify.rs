@@ -183,7 +183,12 @@ pub fn verify_anchored(dir: &Path, key: &VerifyingKey, anchors: &[Anchor], mut p
                 return Err(fail(&name, line_no, Some(r.seq), "its hash does not match its content (altered)"));
             }
             if !r.is_line(buf.trim_end_matches('\n')) {
-                return Err(fail(&name, line_no, Some(r.seq), "its bytes are not the canonical encoding of its content (altered: whitespace, escapes or repeated keys)"));
+                return Err(fail(
+                    &name,
+                    line_no,
+                    Some(r.seq),
+                    "its bytes are not the canonical encoding of its content (altered: whitespace, escapes or repeated keys)",
+                ));
             }
             if r.seq != seq + 1 {
                 return Err(fail(&name, line_no, Some(r.seq), format!("expected seq {} here: records were deleted, added or reordered", seq + 1)));

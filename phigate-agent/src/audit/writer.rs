@@ -39,11 +39,7 @@ use std::{
 
 use serde_json::{json, Value};
 
-use super::{
-    crypto::SealingKeys,
-    log::Log,
-    record::canonical,
-};
+use super::{crypto::SealingKeys, log::Log, record::canonical};
 
 /// Told once the record is durable (its sequence number) or could not be written.
 pub type Durable = Box<dyn FnOnce(Result<u64, String>) + Send>;

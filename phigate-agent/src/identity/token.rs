@@ -98,7 +98,10 @@ const MAX_STALE: Duration = Duration::from_secs(24 * 3600);
 /// The cached keys, unless they are too old to trust.
 fn usable(c: &Cached) -> Result<JwkSet, TokenError> {
     if c.fetched.elapsed() > MAX_STALE {
-        return Err(TokenError::KeysUnavailable(format!("the issuer's keys were last fetched {} h ago and cannot be refreshed", c.fetched.elapsed().as_secs() / 3600)));
+        return Err(TokenError::KeysUnavailable(format!(
+            "the issuer's keys were last fetched {} h ago and cannot be refreshed",
+            c.fetched.elapsed().as_secs() / 3600
+        )));
     }
     Ok(c.keys.clone())
 }
@@ -160,7 +163,10 @@ impl TokenVerifier {
             JwksSource::Url { url, .. } => {
                 check_url(url).map_err(TokenError::KeysUnavailable)?;
                 let url = url.clone();
-                tokio::task::spawn_blocking(move || fetch_url(&url)).await.map_err(|e| TokenError::KeysUnavailable(e.to_string()))?.map_err(TokenError::KeysUnavailable)?
+                tokio::task::spawn_blocking(move || fetch_url(&url))
+                    .await
+                    .map_err(|e| TokenError::KeysUnavailable(e.to_string()))?
+                    .map_err(TokenError::KeysUnavailable)?
             }
         };
         serde_json::from_str::<JwkSet>(&text).map_err(|e| TokenError::KeysUnavailable(format!("not a JWKS document: {e}")))
@@ -495,7 +501,8 @@ mod tests {
     async fn a_jwks_url_cannot_redirect_to_plain_http_elsewhere() {
         let (key, jwks) = keypair("k1");
         let body = jwks.to_string();
-        let keys = http_server(format!("HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len()));
+        let keys =
+            http_server(format!("HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len()));
         // check_url refuses this one (an IPv4-mapped address is not a loopback address
         // to it); it stands for a plain-HTTP host elsewhere that the test can reach.
         let elsewhere = format!("http://[::ffff:127.0.0.1]:{}/jwks", keys.port());
@@ -539,7 +546,12 @@ mod tests {
         }
         assert_eq!(requests.load(std::sync::atomic::Ordering::SeqCst), 2, "one fetch, one failed refresh, then no attempt before the retry interval");
         // Keys a day old are not trusted any more.
-        let old = Cached { keys: JwkSet { keys: Vec::new() }, fetched: Instant::now().checked_sub(MAX_STALE + Duration::from_secs(60)).unwrap(), retry_at: None, stamp: None };
+        let old = Cached {
+            keys: JwkSet { keys: Vec::new() },
+            fetched: Instant::now().checked_sub(MAX_STALE + Duration::from_secs(60)).unwrap(),
+            retry_at: None,
+            stamp: None,
+        };
         assert!(matches!(usable(&old), Err(TokenError::KeysUnavailable(_))));
     }
 

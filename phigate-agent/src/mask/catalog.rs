@@ -56,9 +56,12 @@ impl Relation {
     }
 }
 
-/// The first OID PostgreSQL gives to objects created in a database (types of
-/// extensions, enums, composite types, every table's row type).
-pub const FIRST_USER_OID: u32 = 16384;
+/// Below this OID are PostgreSQL's hand-numbered built-in types, which
+/// [`super::TypeClass`] knows. From it up are types given OIDs as they are created:
+/// at initdb (10000–16383: the row types of system views such as pg_stats and
+/// pg_stat_activity, information_schema's) and later in the database (extensions,
+/// enums, composites, every table's row type). Those are looked up.
+pub const FIRST_ASSIGNED_OID: u32 = 10_000;
 
 /// How values of a type created in the database travel in binary format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,7 +84,7 @@ pub struct Catalog {
     by_oid: HashMap<u32, Arc<Relation>>,
     /// relname → every relation of that name (any schema); empty when none exists.
     by_name: HashMap<String, Vec<Arc<Relation>>>,
-    /// Types created in the database (OID ≥ [`FIRST_USER_OID`]) looked up so far.
+    /// Types with assigned OIDs (≥ [`FIRST_ASSIGNED_OID`]) looked up so far.
     types: HashMap<u32, BinaryForm>,
     since: Instant,
 }
@@ -116,7 +119,7 @@ impl Catalog {
     /// The types created in the database among `oids` the cache does not know.
     pub fn missing_types(&mut self, oids: impl IntoIterator<Item = u32>) -> Vec<u32> {
         self.expire();
-        let mut v: Vec<u32> = oids.into_iter().filter(|o| *o >= FIRST_USER_OID && !self.types.contains_key(o)).collect();
+        let mut v: Vec<u32> = oids.into_iter().filter(|o| *o >= FIRST_ASSIGNED_OID && !self.types.contains_key(o)).collect();
         v.sort_unstable();
         v.dedup();
         v

@@ -17,6 +17,9 @@ pub struct CopyFormat {
     pub quote: u8,
     pub escape: u8,
     pub header: bool,
+    /// An ENCODING option other than UTF8: rows are then not split here (a multibyte
+    /// character of SJIS, BIG5 … may hold a quote or delimiter byte).
+    pub foreign_encoding: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,7 +31,7 @@ pub enum CopyKind {
 
 impl CopyFormat {
     pub fn text() -> Self {
-        Self { kind: CopyKind::Text, delimiter: b'\t', null: b"\\N".to_vec(), quote: b'"', escape: b'"', header: false }
+        Self { kind: CopyKind::Text, delimiter: b'\t', null: b"\\N".to_vec(), quote: b'"', escape: b'"', header: false, foreign_encoding: false }
     }
 
     /// Read the options of a parsed `COPY … TO STDOUT` statement.
@@ -58,6 +61,11 @@ impl CopyFormat {
                 "quote" => f.quote = value.and_then(|v| v.bytes().next()).unwrap_or(b'"'),
                 "escape" => explicit_escape = value.and_then(|v| v.bytes().next()),
                 "header" => f.header = value.is_none_or(|v| !matches!(v.to_ascii_lowercase().as_str(), "false" | "off" | "0")),
+                // PostgreSQL ignores case and punctuation in encoding names.
+                "encoding" => {
+                    let name: String = value.unwrap_or_default().chars().filter(char::is_ascii_alphanumeric).collect::<String>().to_ascii_lowercase();
+                    f.foreign_encoding = !matches!(name.as_str(), "utf8" | "unicode");
+                }
                 _ => {}
             }
         }
@@ -80,13 +88,36 @@ impl CopyFormat {
 pub enum CopyError {
     #[error("a COPY row is malformed: {0}")]
     Malformed(&'static str),
+    #[error("a COPY with an ENCODING other than UTF8 cannot be split into columns to mask them; drop the ENCODING option")]
+    ForeignEncoding,
 }
+
+const FOREIGN_ENCODING: CopyError = CopyError::ForeignEncoding;
 
 /// Split a text-format row (without its newline) into fields: `None` is NULL.
 pub fn split_text(row: &[u8], f: &CopyFormat) -> Result<Vec<Option<Vec<u8>>>, CopyError> {
+    if f.foreign_encoding {
+        return Err(FOREIGN_ENCODING);
+    }
     let row = row.strip_suffix(b"\n").unwrap_or(row);
     let mut fields = Vec::new();
-    for raw in row.split(|b| *b == f.delimiter) {
+    // A delimiter inside a value is written backslash-escaped (`x\|y`): fields end at
+    // delimiters that are not.
+    let mut raws: Vec<&[u8]> = Vec::new();
+    let (mut start, mut i) = (0, 0);
+    while i < row.len() {
+        if row[i] == b'\\' {
+            i += 2;
+        } else if row[i] == f.delimiter {
+            raws.push(&row[start..i]);
+            i += 1;
+            start = i;
+        } else {
+            i += 1;
+        }
+    }
+    raws.push(&row[start.min(row.len())..]);
+    for raw in raws {
         if raw == f.null.as_slice() {
             fields.push(None);
             continue;
@@ -179,6 +210,9 @@ pub fn join_text(fields: &[Option<Vec<u8>>], f: &CopyFormat, out: &mut Vec<u8>) 
 
 /// Split a CSV row. Unquoted fields equal to the NULL string are NULL; quoted ones never.
 pub fn split_csv(row: &[u8], f: &CopyFormat) -> Result<Vec<Option<Vec<u8>>>, CopyError> {
+    if f.foreign_encoding {
+        return Err(FOREIGN_ENCODING);
+    }
     let row = row.strip_suffix(b"\n").unwrap_or(row);
     let row = row.strip_suffix(b"\r").unwrap_or(row);
     let mut fields = Vec::new();
@@ -193,8 +227,11 @@ pub fn split_csv(row: &[u8], f: &CopyFormat) -> Result<Vec<Option<Vec<u8>>>, Cop
                 i += 1;
                 loop {
                     let c = *row.get(i).ok_or(CopyError::Malformed("an unterminated quoted CSV field"))?;
-                    if c == f.escape && f.escape != f.quote && row.get(i + 1) == Some(&f.quote) {
-                        v.push(f.quote);
+                    // Inside quotes PostgreSQL's escape character escapes the quote
+                    // and itself (CopyReadAttributesCSV).
+                    let escaped = row.get(i + 1).filter(|n| **n == f.quote || **n == f.escape);
+                    if let Some(&n) = escaped.filter(|_| c == f.escape && f.escape != f.quote) {
+                        v.push(n);
                         i += 2;
                     } else if c == f.quote {
                         if row.get(i + 1) == Some(&f.quote) && f.escape == f.quote {
@@ -383,5 +420,53 @@ mod tests {
         assert!(split_binary(&(-1i16).to_be_bytes(), false).unwrap().2);
         assert!(split_binary(&msg[..msg.len() - 1], true).is_err());
         assert!(split_binary(b"nope", true).is_err());
+    }
+}
+
+#[cfg(test)]
+mod reviewed_inputs {
+    use super::*;
+
+    fn stmt(sql: &str) -> protobuf::CopyStmt {
+        match pg_query::parse(sql, 0).unwrap().protobuf.stmts[0].stmt.as_ref().unwrap().node.clone().unwrap() {
+            NodeEnum::CopyStmt(c) => *c,
+            _ => panic!(),
+        }
+    }
+
+    fn some(v: &[&[u8]]) -> Vec<Option<Vec<u8>>> {
+        v.iter().map(|x| Some(x.to_vec())).collect()
+    }
+
+    #[test]
+    fn csv_escape_escapes_itself_inside_quotes() {
+        // PostgreSQL 15 output of (',a\', 'Maria Garcia', ',b,c"') with ESCAPE '\'.
+        let f = CopyFormat::of(&stmt("copy t to stdout (format csv, escape '\\')"));
+        let row = b"\",a\\\\\",Maria Garcia,\",b,c\\\"\"\n";
+        assert_eq!(split_csv(row, &f).unwrap(), some(&[b",a\\", b"Maria Garcia", b",b,c\""]));
+    }
+
+    #[test]
+    fn csv_in_a_client_only_encoding_is_not_split_byte_by_byte() {
+        // `copy j to stdout (format csv, encoding 'SJIS', quote '@')` of
+        // (E'x\u3000', 'Maria Garcia', E',b,c\u3000x'): U+3000 is 0x81 0x40 ('@') in
+        // SJIS, which PostgreSQL skips as one character. Byte by byte the row still
+        // has three fields, the name inside the first. The COPY ENCODING option is
+        // not covered by the policy's client_encoding check; such a COPY should be
+        // refused (or parsed in its encoding).
+        let f = CopyFormat::of(&stmt("copy j to stdout (format csv, encoding 'SJIS', quote '@')"));
+        let row = b"x\x81@,Maria Garcia,@,b,c\x81@x@\n";
+        let fields = split_csv(row, &f);
+        assert!(fields.is_err() || fields.as_ref().unwrap()[1] == Some(b"Maria Garcia".to_vec()), "{fields:?}");
+    }
+
+    #[test]
+    fn text_format_escaped_delimiter_is_not_a_field_boundary() {
+        // `copy t to stdout (delimiter '|')` of ('x|y', 'Bob', 'z') is `x\|y|Bob|z`
+        // (checked with psql): the delimiter inside a value is backslash-escaped.
+        // split_text splits before unescaping, gets `x\` and refuses ("a trailing
+        // backslash"): every such COPY fails.
+        let f = CopyFormat::of(&stmt("copy t to stdout (delimiter '|')"));
+        assert_eq!(split_text(b"x\\|y|Bob|z\n", &f).unwrap(), some(&[b"x|y", b"Bob", b"z"]));
     }
 }

@@ -276,10 +276,12 @@ fn rel_name(rv: &protobuf::RangeVar) -> RelName {
 
 fn add_ctes(with: Option<&protobuf::WithClause>, scope: &mut Scope<'_>) {
     let Some(w) = with else { return };
-    let ctes = || w.ctes.iter().filter_map(|c| match c.node.as_ref() {
-        Some(NodeEnum::CommonTableExpr(cte)) => Some(cte),
-        _ => None,
-    });
+    let ctes = || {
+        w.ctes.iter().filter_map(|c| match c.node.as_ref() {
+            Some(NodeEnum::CommonTableExpr(cte)) => Some(cte),
+            _ => None,
+        })
+    };
     if w.recursive {
         // WITH RECURSIVE: a CTE may read itself or one defined after it. Until its
         // turn comes, each stands for everything any of them reads directly.
@@ -775,10 +777,12 @@ fn collect(n: &Node, scope: &Scope<'_>, out: &mut Sources, depth: u32) {
                 .collect();
             if let Some(first) = fields.first() {
                 let row_of = match i.arg.as_deref().and_then(|a| a.node.as_ref()) {
-                    Some(NodeEnum::ColumnRef(c)) => match (string_nodes(&c.fields).as_slice(), c.fields.last().map(|f| matches!(f.node, Some(NodeEnum::AStar(_))))) {
-                        ([alias], Some(_)) => scope.find(alias),
-                        _ => None,
-                    },
+                    Some(NodeEnum::ColumnRef(c)) => {
+                        match (string_nodes(&c.fields).as_slice(), c.fields.last().map(|f| matches!(f.node, Some(NodeEnum::AStar(_))))) {
+                            ([alias], Some(_)) => scope.find(alias),
+                            _ => None,
+                        }
+                    }
                     _ => None,
                 };
                 match row_of {
@@ -1211,7 +1215,11 @@ mod tests {
         // An operator that is not PostgreSQL's runs a function of its own: no
         // different from app.f(x). (Casts made with CREATE CAST … WITH FUNCTION are
         // not looked into: the README says so.)
-        let bad = not_opaque(&["select l.pid operator(app.###) 1 from labs l", "select l.pid ### 1 from labs l", "select xmlelement(name x, l.pid ### 1) from labs l"]);
+        let bad = not_opaque(&[
+            "select l.pid operator(app.###) 1 from labs l",
+            "select l.pid ### 1 from labs l",
+            "select xmlelement(name x, l.pid ### 1) from labs l",
+        ]);
         assert!(bad.is_empty(), "{bad:#?}");
         assert!(!one("select l.pid + 1, l.pid operator(pg_catalog.+) 1 from labs l")[0].sources.opaque);
     }

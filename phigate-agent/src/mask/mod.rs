@@ -1009,7 +1009,7 @@ impl Masker {
             let binary = binary[i];
             // Opaque: a binary value of a database-made type whose layout phigate
             // cannot read (a row, an array, a range …); NULL is its only safe mask.
-            let opaque = binary && f.type_oid >= catalog::FIRST_USER_OID && catalog.binary_form(f.type_oid) != Some(catalog::BinaryForm::Text);
+            let opaque = binary && f.type_oid >= catalog::FIRST_ASSIGNED_OID && catalog.binary_form(f.type_oid) != Some(catalog::BinaryForm::Text);
             let class = if opaque { TypeClass::Other } else { TypeClass::of(f.type_oid) };
             let ty = CellType { class, binary };
             let mut best: Option<usize> = None;
@@ -1057,7 +1057,10 @@ impl Masker {
                     (None, _) => {}
                 }
                 if rel.as_ref().is_none_or(|r| r.column(f.column).is_none()) {
-                    let sources = statement.as_ref().and_then(|(st, via_name)| column_sources(st.outputs.as_deref()?, fields, i, *via_name)).map(|s| column_notation(&catalog, s));
+                    let sources = statement
+                        .as_ref()
+                        .and_then(|(st, via_name)| column_sources(st.outputs.as_deref()?, fields, i, *via_name))
+                        .map(|s| column_notation(&catalog, s));
                     if let Some(src) = &sources {
                         for idx in self.rules_for_sources(&catalog, src, 0) {
                             consider(idx, &mut best);

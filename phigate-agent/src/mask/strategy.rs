@@ -72,8 +72,13 @@ impl Strategy {
 /// The column types the strategies know how to produce.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TypeClass {
-    /// text, varchar, bpchar, name, char, json, xml, and unknown types in text format.
+    /// text, varchar, bpchar, name, and types with assigned OIDs in text format.
     Text,
+    /// json and xml: text with a grammar of its own. The detectors read it (their
+    /// tokens stay inside its strings), but a token or a hash would not be a valid
+    /// value: other rules make it NULL.
+    Structured,
+    /// jsonb: like [`TypeClass::Structured`]; in binary a version byte, then the text.
     Jsonb,
     Int2,
     Int4,
@@ -85,7 +90,9 @@ pub enum TypeClass {
     /// Arrays of text, varchar, bpchar, name, char, json or xml (`jsonb`: of jsonb,
     /// whose elements start with a version byte). In binary format their elements
     /// are read one by one, each one's text through the detectors.
-    TextArray { jsonb: bool },
+    TextArray {
+        jsonb: bool,
+    },
     /// Anything else (bool, bytea, floats, intervals, other arrays, …).
     Other,
 }
@@ -93,7 +100,8 @@ pub enum TypeClass {
 impl TypeClass {
     pub fn of(type_oid: u32) -> Self {
         match type_oid {
-            25 | 1043 | 1042 | 19 | 18 | 114 | 142 | 705 => TypeClass::Text,
+            25 | 1043 | 1042 | 19 | 705 => TypeClass::Text,
+            114 | 142 => TypeClass::Structured,
             3802 => TypeClass::Jsonb,
             21 => TypeClass::Int2,
             23 => TypeClass::Int4,
@@ -104,10 +112,10 @@ impl TypeClass {
             2950 => TypeClass::Uuid,
             1009 | 1015 | 1014 | 1003 | 1002 | 199 | 143 => TypeClass::TextArray { jsonb: false },
             3807 => TypeClass::TextArray { jsonb: true },
-            // Types created in the database (citext, enums, composites …) have OIDs
-            // above the built-in range; their text form is text. Their binary form may
+            // Types with assigned OIDs (citext, enums, composites, system views' row
+            // types …) are above the built-in range; their text form is text. Their binary form may
             // not be: the masker asks the catalog and treats opaque ones as `Other`.
-            oid if oid >= 16384 => TypeClass::Text,
+            oid if oid >= super::catalog::FIRST_ASSIGNED_OID => TypeClass::Text,
             _ => TypeClass::Other,
         }
     }
@@ -122,19 +130,18 @@ pub struct CellType {
 
 impl CellType {
     /// Whether any string is a valid value (so text strategies may replace it).
+    /// Whether any text written is a valid value (a token, a hash, a partial form).
     pub fn is_text(&self) -> bool {
-        match self.class {
-            TypeClass::Text => true,
-            TypeClass::Jsonb => !self.binary,
-            _ => false,
-        }
+        self.class == TypeClass::Text
     }
 
     /// Whether detectors should read it: text, the elements of text arrays, and the
     /// text form of types that can hold text (arrays, composites, ranges …), not
     /// numbers or dates.
     pub fn scannable(&self) -> bool {
-        self.is_text() || matches!(self.class, TypeClass::TextArray { .. }) || (!self.binary && self.class == TypeClass::Other)
+        self.is_text()
+            || matches!(self.class, TypeClass::Structured | TypeClass::TextArray { .. })
+            || (!self.binary && matches!(self.class, TypeClass::Other | TypeClass::Jsonb))
     }
 }
 
@@ -328,6 +335,10 @@ fn detect_in_array(
         for _ in 0..elements {
             let len = int(at).ok_or_else(malformed)?;
             at += 4;
+            // -1 is a NULL element; PostgreSQL's array_recv refuses anything below.
+            if len < -1 {
+                return Err(malformed());
+            }
             let Ok(len) = usize::try_from(len) else {
                 out.extend_from_slice(&(-1i32).to_be_bytes());
                 continue;
@@ -534,7 +545,9 @@ fn year(ctx: &Context<'_>, ty: CellType, value: &[u8], out: &mut Vec<u8>) -> Res
         }
         (T::Date | T::Timestamp, false) => match generalise_date_text(value, clamp) {
             Some(v) => written(out, v.as_ref()),
-            None => Outcome::Same, // 'infinity' and friends
+            None if matches!(value, b"infinity" | b"-infinity") => Outcome::Same,
+            // A form it cannot generalise (fail closed).
+            None => Outcome::Null,
         },
         (T::Int2 | T::Int4 | T::Int8, _) => {
             let v: i64 = integer_text(ty, value)?.parse().map_err(|_| StrategyError::Malformed { what: "integer", len: value.len() })?;
@@ -581,6 +594,12 @@ fn find_year(s: &str) -> Option<i32> {
 /// day set to 01 and the time to zero, the year clamped.
 fn generalise_date_text(value: &[u8], clamp: impl Fn(i32) -> i32) -> Option<Vec<u8>> {
     let text = std::str::from_utf8(value).ok()?;
+    // Words other than an era (BC/AD) or a time zone abbreviation (upper case) are
+    // month or day names (`SET datestyle = 'Postgres'`: `Mon Apr 17 … 1961`): not a
+    // form whose digits alone carry the date.
+    if text.split(|c: char| !c.is_ascii_alphabetic()).any(|w| !w.is_empty() && !w.bytes().all(|b| b.is_ascii_uppercase())) {
+        return None;
+    }
     let year = find_year(text)?;
     let mut out = String::with_capacity(text.len());
     let mut group = 0;
@@ -807,5 +826,86 @@ mod tests {
         assert_eq!(v.to_vec(), [&[1u8][..], br#"{"note": "SSN [SSN]"}"#].concat());
         assert_eq!(run(&Strategy::Detect, TypeClass::Int4, true, &1234i32.to_be_bytes()), Masked::Same);
         assert_eq!(run(&Strategy::Detect, TypeClass::Text, false, b"HbA1c 5.5 %"), Masked::Same);
+    }
+}
+
+#[cfg(test)]
+mod reviewed_inputs {
+    use super::*;
+    use crate::mask::detect::Kind;
+
+    fn run(s: &Strategy, class: TypeClass, binary: bool, v: &[u8]) -> Result<Option<Option<Vec<u8>>>, StrategyError> {
+        let d = Detectors::new(&Kind::ALL, &[]).unwrap();
+        let mac = keyed(b"test key with enough bytes......");
+        let ctx = Context { mac: &mac, detectors: &d, current_year: 2026 };
+        let mut out = Vec::new();
+        // None: unchanged; Some(None): NULL; Some(Some(v)): v.
+        Ok(match apply_into(s, &ctx, &mut d.cache(), CellType { class, binary }, v, &mut Counts::new(), &mut out)? {
+            Outcome::Same => None,
+            Outcome::Null => Some(None),
+            Outcome::Written => Some(Some(out)),
+        })
+    }
+
+    #[test]
+    fn year_hides_month_and_weekday_in_postgres_datestyle() {
+        // `SET datestyle = 'Postgres'` (any client may) makes timestamp/timestamptz
+        // text `Mon Apr 17 13:45:12.5 1961` (checked with psql). generalise_date_text
+        // zeroes digits only: the month name and weekday pass.
+        for v in [&b"Mon Apr 17 13:45:12.5 1961"[..], b"Mon Apr 17 11:45:12.5 1961 UTC"] {
+            let out = run(&Strategy::Year, TypeClass::Timestamp, false, v).unwrap();
+            let out = String::from_utf8_lossy(out.flatten().as_deref().unwrap_or(b"")).into_owned();
+            assert!(!out.contains("Apr") && !out.contains("Mon"), "{out}");
+        }
+    }
+
+    #[test]
+    fn text_like_types_with_a_grammar_get_valid_values_or_null() {
+        // json (114) and xml (142) are TypeClass::Text, and jsonb in text format is
+        // is_text(): the token, hash, zip3 and partial are written as their value,
+        // which is not valid JSON/XML (psycopg json.loads's every json/jsonb cell).
+        // "char" (18) is one byte in binary (charsend): a 10-byte token is invalid.
+        // In binary jsonb gets NULL for the same rules: the formats disagree.
+        let redact = Strategy::Redact { token: "[REDACTED]".into(), null: false };
+        let hash = Strategy::Hash { hex_len: 16, prefix: "pt_".into() };
+        let mut bad = Vec::new();
+        for (what, s, oid, binary, v) in [
+            ("json redact", &redact, 114u32, false, &br#"{"ssn":"123-45-6789"}"#[..]),
+            ("jsonb text redact", &redact, 3802, false, br#"{"ssn": "123-45-6789"}"#),
+            ("json hash", &hash, 114, true, br#""Maria Garcia""#),
+            ("json zip3", &Strategy::Zip3, 114, false, b"\"02139\""),
+            ("json partial", &Strategy::Partial { keep_last: 4 }, 114, false, br#"{"n": true, "z": 12345}"#),
+        ] {
+            if let Ok(Some(Some(out))) = run(s, TypeClass::of(oid), binary, v) {
+                if serde_json::from_slice::<serde_json::Value>(&out).is_err() {
+                    bad.push(format!("{what}: {}", String::from_utf8_lossy(&out)));
+                }
+            }
+        }
+        if let Ok(Some(Some(out))) = run(&Strategy::Partial { keep_last: 4 }, TypeClass::of(142), false, b"<name>Maria</name>") {
+            if out != b"<name>Maria</name>" && !out.starts_with(b"<name>") {
+                bad.push(format!("xml partial: {}", String::from_utf8_lossy(&out)));
+            }
+        }
+        for (what, s) in [("\"char\" redact", &redact), ("\"char\" hash", &hash)] {
+            if let Ok(Some(Some(out))) = run(s, TypeClass::of(18), true, b"F") {
+                if out.len() != 1 {
+                    bad.push(format!("{what}: {} bytes in binary", out.len()));
+                }
+            }
+        }
+        assert!(bad.is_empty(), "invalid values of the column's type: {bad:#?}");
+    }
+
+    #[test]
+    fn binary_array_element_lengths_below_minus_one_are_refused() {
+        // array_recv refuses an element length < -1; detect_in_array turns it into
+        // a NULL element (-1) and accepts the value.
+        let mut v = Vec::new();
+        for x in [1i32, 0, 25, 1, 1, -2] {
+            v.extend_from_slice(&x.to_be_bytes());
+        }
+        let r = run(&Strategy::Detect, TypeClass::of(1009), true, &v);
+        assert!(r.is_err(), "{r:?}");
     }
 }

@@ -262,12 +262,8 @@ impl Broker {
             // A statement without a fingerprint gets no window: it is approved once.
             let window = window.filter(|_| p.fingerprint.is_some());
             if let Some((w, fingerprint)) = window.filter(|w| !w.is_zero()).zip(p.fingerprint) {
-                let key = GrantKey {
-                    identity: p.view.requester.identity.clone(),
-                    database: p.view.database.clone(),
-                    dbname: p.view.dbname.clone(),
-                    fingerprint,
-                };
+                let key =
+                    GrantKey { identity: p.view.requester.identity.clone(), database: p.view.database.clone(), dbname: p.view.dbname.clone(), fingerprint };
                 self.grants.lock().expect("invariant: lock not poisoned").insert(key, (Instant::now() + w, approver.name.clone()));
             }
             Outcome::Approved { by: approver.name.clone(), reason: reason.into(), window_secs: window.map(|w| w.as_secs()), decided_at: now }

@@ -318,7 +318,11 @@ fn merge_reads_its_whole_source() {
     // match: a MERGE USING a PHI table with one copies all of it (like INSERT …
     // SELECT without WHERE).
     assert_decisions(&[
-        ("merge into public.encounters s using patients p on false when not matched then insert values (p.id, p.ssn)", Verdict::Approve, "baseline.unbounded-phi-read"),
+        (
+            "merge into public.encounters s using patients p on false when not matched then insert values (p.id, p.ssn)",
+            Verdict::Approve,
+            "baseline.unbounded-phi-read",
+        ),
         (
             "merge into public.encounters s using patients p on s.id = p.id when not matched then insert values (p.id, p.ssn)",
             Verdict::Approve,

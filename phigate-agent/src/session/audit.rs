@@ -94,19 +94,36 @@ fn statement_record(audit_id: &str, f: &StatementFacts<'_>, outcome: &str, param
                 o.raw("params", Some(sealed));
             }
         }
-        o.opt_str("portal", f.portal).str("protocol", f.protocol).str("session", audit_id).opt_str("statement_name", f.name).u64("stmt", f.stmt).str("text", f.sql);
+        o.opt_str("portal", f.portal)
+            .str("protocol", f.protocol)
+            .str("session", audit_id)
+            .opt_str("statement_name", f.name)
+            .u64("stmt", f.stmt)
+            .str("text", f.sql);
     })
 }
 
 /// A statement's end record in canonical form: outcome, masking summary, the result
 /// as delivered, and the raw result sealed (`sealed`) or, when masking left it
 /// alone, its hash.
-fn statement_end_record(audit_id: &str, r: &Running, duration_us: u64, masking: Option<&Value>, sealed: Option<&str>, delivered_sha: &str, raw_sha: &str) -> String {
+fn statement_end_record(
+    audit_id: &str,
+    r: &Running,
+    duration_us: u64,
+    masking: Option<&Value>,
+    sealed: Option<&str>,
+    delivered_sha: &str,
+    raw_sha: &str,
+) -> String {
     let size = 512 + audit_id.len() + r.columns.as_ref().map_or(0, String::len) + sealed.map_or(0, str::len) + r.delivered.kept.len();
     object_sized(size, |o| {
         // Integers only in records: JSON floats do not round-trip exactly, and the
         // hash is over the canonical text.
-        o.u64("bytes", r.bytes).opt_str("command", r.command.as_deref()).u64("duration_us", duration_us).value("error", r.error.as_ref()).value("masking", masking);
+        o.u64("bytes", r.bytes)
+            .opt_str("command", r.command.as_deref())
+            .u64("duration_us", duration_us)
+            .value("error", r.error.as_ref())
+            .value("masking", masking);
         if sealed.is_some() {
             o.raw("raw", sealed);
         }
@@ -389,7 +406,12 @@ impl Tap {
         match d.verdict {
             Verdict::Block => {
                 let stmt = self.take_stmt();
-                let data = statement_record(&self.audit_id, &StatementFacts { stmt, protocol, sql, name, portal: None, decision: Some(d), approval: None }, "blocked", None);
+                let data = statement_record(
+                    &self.audit_id,
+                    &StatementFacts { stmt, protocol, sql, name, portal: None, decision: Some(d), approval: None },
+                    "blocked",
+                    None,
+                );
                 self.send_canonical(kind::STATEMENT, Ok(data), None);
             }
             _ => match name {
@@ -417,7 +439,12 @@ impl Tap {
             _ => {
                 let stmt = self.take_stmt();
                 let outcome = if matches!(o, Outcome::Denied { .. }) { "denied" } else { "not_approved_in_time" };
-                let data = statement_record(&self.audit_id, &StatementFacts { stmt, protocol, sql, name, portal: None, decision: Some(d), approval: Some(&approval) }, outcome, None);
+                let data = statement_record(
+                    &self.audit_id,
+                    &StatementFacts { stmt, protocol, sql, name, portal: None, decision: Some(d), approval: Some(&approval) },
+                    outcome,
+                    None,
+                );
                 self.send_canonical(kind::STATEMENT, Ok(data), None);
                 if let Some(n) = name {
                     // Not sent: the name means what it meant before.
@@ -616,8 +643,11 @@ impl Stage for AuditStage {
             // A fast-path call names a function by OID and carries no SQL: nothing an
             // auditor could read as a statement (the policy stage refuses it too, when on).
             return Action::Refuse(
-                PgError::error(SqlState::FEATURE_NOT_SUPPORTED, "phigate refused a fast-path function call: the audit log records SQL statements, and a fast-path call has none")
-                    .with_hint("Call the function with SQL instead (SELECT f(...))."),
+                PgError::error(
+                    SqlState::FEATURE_NOT_SUPPORTED,
+                    "phigate refused a fast-path function call: the audit log records SQL statements, and a fast-path call has none",
+                )
+                .with_hint("Call the function with SQL instead (SELECT f(...))."),
             );
         }
         let mut tap = self.tap.lock().expect("invariant: lock not poisoned");
@@ -894,7 +924,10 @@ mod tests {
         let answer = stage.backend(&s, &msg::row_description(&[]));
         assert!(matches!(answer, Action::Refuse(e) if e.message.contains("could not be written (no space)")));
         let call = Frame::build(tag::FUNCTION_CALL, &[0, 0, 4, 0, 0, 0, 0, 0, 0, 0, 0]);
-        assert!(matches!(stage.frontend(&s, &call), Action::Refuse(e) if e.code == SqlState::FEATURE_NOT_SUPPORTED), "a fast-path call has no statement to record");
+        assert!(
+            matches!(stage.frontend(&s, &call), Action::Refuse(e) if e.code == SqlState::FEATURE_NOT_SUPPORTED),
+            "a fast-path call has no statement to record"
+        );
     }
 
     #[test]
@@ -988,7 +1021,13 @@ mod tests {
         stage.frontend(&s, &parse("bad", "select nonsense"));
         tap.lock().expect("invariant: lock not poisoned").durable.clear();
         stage.backend(&s, &Frame::build(tag::ERROR_RESPONSE, b"SERROR\0C42601\0Msyntax error\0\0"));
-        for f in [parse("s1", "select 'decoy'"), Frame::build(tag::SYNC, b""), Frame::build(tag::BIND, b"p\0s1\0\0\0\0\0\0\0"), Frame::build(tag::EXECUTE, b"p\0\0\0\0\0"), Frame::build(tag::SYNC, b"")] {
+        for f in [
+            parse("s1", "select 'decoy'"),
+            Frame::build(tag::SYNC, b""),
+            Frame::build(tag::BIND, b"p\0s1\0\0\0\0\0\0\0"),
+            Frame::build(tag::EXECUTE, b"p\0\0\0\0\0"),
+            Frame::build(tag::SYNC, b""),
+        ] {
             stage.frontend(&s, &f);
         }
         tap.lock().expect("invariant: lock not poisoned").durable.clear();
@@ -1008,9 +1047,21 @@ mod tests {
         let cases: Vec<Case<'_>> = vec![
             (StatementFacts { stmt: 1, protocol: "simple", sql, name: None, portal: None, decision: None, approval: None }, "sent", None),
             (StatementFacts { stmt: 2, protocol: "simple", sql, name: None, portal: None, decision: Some(&block), approval: None }, "blocked", None),
-            (StatementFacts { stmt: 3, protocol: "extended", sql, name: Some("s1"), portal: None, decision: Some(&allow), approval: Some(&approval) }, "denied", None),
-            (StatementFacts { stmt: u64::MAX, protocol: "extended", sql: "", name: Some(""), portal: Some("p\"1"), decision: Some(&allow), approval: None }, "sent", Some((0, None))),
-            (StatementFacts { stmt: 5, protocol: "extended", sql, name: Some("P0_1"), portal: Some(""), decision: None, approval: Some(&approval) }, "sent", Some((3, Some(sealed.clone())))),
+            (
+                StatementFacts { stmt: 3, protocol: "extended", sql, name: Some("s1"), portal: None, decision: Some(&allow), approval: Some(&approval) },
+                "denied",
+                None,
+            ),
+            (
+                StatementFacts { stmt: u64::MAX, protocol: "extended", sql: "", name: Some(""), portal: Some("p\"1"), decision: Some(&allow), approval: None },
+                "sent",
+                Some((0, None)),
+            ),
+            (
+                StatementFacts { stmt: 5, protocol: "extended", sql, name: Some("P0_1"), portal: Some(""), decision: None, approval: Some(&approval) },
+                "sent",
+                Some((3, Some(sealed.clone()))),
+            ),
         ];
         for (facts, outcome, params) in cases {
             let direct = statement_record("s-1", &facts, outcome, params.as_ref().map(|(c, s)| (*c, s.as_ref().map(|_| sealed_text.as_str()))));
@@ -1032,7 +1083,9 @@ mod tests {
         r.truncated = true;
         let masking = json!({"cells": 2, "by_rule": {"ssn": 2}, "by_kind": {}});
         let error = json!({"code": "23505", "message": "duplicate key \"x\""});
-        for (sealed, masking, error, raw_differs) in [(None, None, None, false), (Some(json!({"alg": "a", "ct": "c", "nonce": "n", "period": "p"})), Some(&masking), Some(&error), true)] {
+        for (sealed, masking, error, raw_differs) in
+            [(None, None, None, false), (Some(json!({"alg": "a", "ct": "c", "nonce": "n", "period": "p"})), Some(&masking), Some(&error), true)]
+        {
             r.raw_differs = raw_differs;
             r.error = error.cloned();
             let sealed_text = sealed.as_ref().map(canonical);
