@@ -146,8 +146,9 @@ impl CellType {
 }
 
 /// Whether binary values of a type (of class [`TypeClass::Other`]) can hold free text
-/// the detectors cannot read in that form: records, tsvector/tsquery (words of the text they index) and anyarray (pg_stats' sample
-/// values). Arrays of text-like types are [`TypeClass::TextArray`], read element by
+/// the detectors cannot read in that form: records, tsvector/tsquery (words of the text
+/// they index), anyarray and pg_mcv_list (pg_stats' sample values), and types whose
+/// binary form is text of their own (jsonpath, pg_node_tree, refcursor, cstring). Arrays of text-like types are [`TypeClass::TextArray`], read element by
 /// element. Arrays of numbers, times or identifiers cannot, nor can bytea (its text
 /// form is hex, which the detectors cannot read either: it is left alone in both).
 pub fn may_hold_text(type_oid: u32) -> bool {
@@ -156,6 +157,10 @@ pub fn may_hold_text(type_oid: u32) -> bool {
         2249 | 2287 // record, record[]
             | 3614 | 3615 | 3643 | 3645 // tsvector, tsquery and their arrays
             | 2277 // anyarray
+            | 4072 | 4073 // jsonpath (its literals) and its array
+            | 2275 | 1263 // cstring and its array
+            | 1790 | 2201 // refcursor (a cursor's name) and its array
+            | 194 | 5017 // pg_node_tree (constants of stored expressions), pg_mcv_list (sampled values)
     )
 }
 

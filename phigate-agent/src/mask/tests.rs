@@ -758,6 +758,11 @@ fn binary_values_the_detectors_cannot_read_are_not_sent_as_they_are() {
     // A record in binary: no rule (labs), but it could hold free text.
     let record = [0u8, 0, 0, 1, 0, 0, 0, 25, 0, 0, 0, 3, b'A', b'1', b'C'];
     assert_eq!(one_row(&mut m, "select row(test) from labs", &[field("row", 0, 0, 2249, 1)], &[Some(&record)]), ["NULL"]);
+    // Built-in types whose binary form is text of their own: a jsonpath's literals,
+    // a stored expression's constants (pg_node_tree), a cursor's name.
+    for (ty, v) in [(4072u32, &b"\x01$.name ? (@ == \"Maria Garcia\")"[..]), (194, b"{CONST :constvalue 12 [ Maria Garcia ]}"), (1790, b"maria_garcia")] {
+        assert_eq!(one_row(&mut m, "select x from labs", &[field("x", 0, 0, ty, 1)], &[Some(v)]), ["NULL"], "type {ty}");
+    }
     // text[] in binary: each element goes through the detectors.
     let array = [0u8, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 25, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 3, b'A', b'1', b'C'];
     assert_eq!(one_row(&mut m, "select array_agg(test) from labs", &[field("array_agg", 0, 0, 1009, 1)], &[Some(&array)]), [String::from_utf8_lossy(&array)]);
