@@ -66,9 +66,11 @@ pub const FIRST_ASSIGNED_OID: u32 = 10_000;
 /// How values of a type created in the database travel in binary format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BinaryForm {
-    /// Its text, as is: enums (`enum_send`) and base types whose send function is a
+    /// Its text, as is, and any text is a value: base types whose send function is a
     /// text one (citext).
     Text,
+    /// An enum: its label, as text in either format, but only its labels are values.
+    Label,
     /// Anything else — a composite (a row), an array, a range, a base type with its
     /// own layout (hstore, geometry) — or a type the catalog does not show. Its
     /// layout is unknown to phigate, so it can be neither read nor rewritten.
@@ -268,7 +270,8 @@ fn parse_type_rows(rows: &[Vec<Option<String>>]) -> Result<Vec<(u32, BinaryForm)
             let oid = get(0).and_then(|v| v.parse::<u32>().ok()).ok_or_else(|| RowError("a type row without an OID".into()))?;
             let send = get(2).unwrap_or_default();
             let form = match get(1).as_deref() {
-                Some("e" | "b") if TEXT_SEND_FUNCTIONS.contains(&send.as_str()) => BinaryForm::Text,
+                Some("e") if send == "enum_send" => BinaryForm::Label,
+                Some("b") if TEXT_SEND_FUNCTIONS.contains(&send.as_str()) => BinaryForm::Text,
                 _ => BinaryForm::Opaque,
             };
             Ok((oid, form))
@@ -349,7 +352,7 @@ mod tests {
     }
 
     #[test]
-    fn types_are_text_in_binary_only_with_a_text_send_function() {
+    fn types_are_text_labels_or_opaque_by_their_send_function() {
         let rows = vec![
             row(&[Some("16500"), Some("e"), Some("enum_send")]),
             row(&[Some("16501"), Some("b"), Some("citextsend")]),
@@ -365,7 +368,7 @@ mod tests {
         c.store(&lookup, found);
         let forms: Vec<_> = (16500..=16506).map(|o| c.binary_form(o)).collect();
         use BinaryForm::*;
-        assert_eq!(forms, [Text, Text, Opaque, Opaque, Opaque, Opaque, Opaque].map(Some), "one the catalog does not show is opaque");
+        assert_eq!(forms, [Label, Text, Opaque, Opaque, Opaque, Opaque, Opaque].map(Some), "one the catalog does not show is opaque");
         assert!(c.missing_types([16500, 16506]).is_empty());
         assert!(query(&lookup).contains("t.oid IN (16500, 16501"));
         assert!(parse(&lookup, &[row(&[Some("x"), None, None])]).is_err());

@@ -1000,17 +1000,26 @@ impl Masker {
         // one …) sent in binary: only the catalog tells whether that is its text or
         // a layout of its own, which a strategy must not write text into.
         let binary: Vec<bool> = fields.iter().enumerate().map(|(i, f)| format_of(i, f).map(|fmt| fmt == 1)).collect::<Result<_, _>>()?;
-        let missing = catalog.missing_types(fields.iter().zip(&binary).filter(|(_, b)| **b).map(|(f, _)| f.type_oid));
+        // In text format too: a token or a hash is a valid value of citext, but not of
+        // an enum, a record or a range.
+        let missing = catalog.missing_types(fields.iter().map(|f| f.type_oid));
         if !missing.is_empty() {
             return self.ask(Lookup::Types(missing));
         }
         let mut columns = Vec::with_capacity(fields.len());
         for (i, f) in fields.iter().enumerate() {
             let binary = binary[i];
-            // Opaque: a binary value of a database-made type whose layout phigate
-            // cannot read (a row, an array, a range …); NULL is its only safe mask.
-            let opaque = binary && f.type_oid >= catalog::FIRST_ASSIGNED_OID && catalog.binary_form(f.type_oid) != Some(catalog::BinaryForm::Text);
-            let class = if opaque { TypeClass::Other } else { TypeClass::of(f.type_oid) };
+            // A type with an assigned OID is what the catalog says: text (citext), an
+            // enum's label (read by the detectors, NULL under other rules), or else
+            // a form of its own — opaque in binary (a row, an array, a range …: NULL
+            // is its only safe mask), and in text readable by the detectors only.
+            let form = (f.type_oid >= catalog::FIRST_ASSIGNED_OID).then(|| catalog.binary_form(f.type_oid));
+            let (class, opaque) = match form {
+                None => (TypeClass::of(f.type_oid), false),
+                Some(Some(catalog::BinaryForm::Text)) => (TypeClass::Text, false),
+                Some(Some(catalog::BinaryForm::Label)) => (TypeClass::Structured, false),
+                Some(_) => (TypeClass::Other, binary),
+            };
             let ty = CellType { class, binary };
             let mut best: Option<usize> = None;
             let mut untraced = false;
