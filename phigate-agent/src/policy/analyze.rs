@@ -1058,7 +1058,16 @@ fn visit(n: N<'_>, facts: &mut Facts, per_row: &mut HashSet<*const protobuf::Sel
             facts.kinds.insert(Kind::Merge);
             if let Some(r) = m.relation.as_ref() {
                 let target = table(r);
-                let values: Vec<&protobuf::Node> = m.merge_when_clauses.iter().collect();
+                // What each WHEN clause writes (SET targets, INSERT values); its
+                // AND condition only picks rows.
+                let values: Vec<&protobuf::Node> = m
+                    .merge_when_clauses
+                    .iter()
+                    .flat_map(|c| match c.node.as_ref() {
+                        Some(NodeEnum::MergeWhenClause(w)) => w.target_list.iter().chain(&w.values).collect(),
+                        _ => vec![c],
+                    })
+                    .collect();
                 let from: Vec<&protobuf::Node> = m.source_relation.as_deref().into_iter().collect();
                 let read = copied_from(&values, &from, &target);
                 if !read.is_empty() {

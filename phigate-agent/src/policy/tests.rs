@@ -124,6 +124,8 @@ fn baseline_table() {
         ("update labs set comment = 'reviewed' where id in (select id from patients where id < 9)", Verdict::Allow, "default"),
         ("update labs l set comment = 'seen' from patients p where p.id = l.id", Verdict::Allow, "default"),
         ("merge into labs l using patients p on l.pid = p.id when matched then update set comment = l.comment || '.'", Verdict::Allow, "default"),
+        ("merge into labs l using patients p on l.pid = p.id when matched and p.name = 'x' then update set comment = 'flag'", Verdict::Allow, "default"),
+        ("merge into labs l using patients p on l.pid = p.id when matched and p.id > 0 then update set comment = p.name", Verdict::Block, "baseline.copy-phi-relation"),
         ("insert into labs (id, comment) select id, comment from labs where id = 1", Verdict::Allow, "default"),
         ("insert into labs (id) values (1)", Verdict::Allow, "default"),
         // Review: bypasses of copy-phi-relation (each is valid PostgreSQL 15 and copies PHI into labs).
