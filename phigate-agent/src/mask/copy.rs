@@ -4,7 +4,8 @@
 //!
 //! PostgreSQL sends one row per CopyData message (binary: the file header with the
 //! first row, the trailer on its own); a message that does not hold whole rows is an
-//! error here, and masking fails closed on it. Pure.
+//! error here, and masking fails closed on it. Rows are split byte by byte, which is
+//! right for UTF-8 only: a COPY with another ENCODING option is refused. Pure.
 
 use pg_query::{protobuf, NodeEnum};
 
