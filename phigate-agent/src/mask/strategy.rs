@@ -86,6 +86,8 @@ pub enum TypeClass {
     Numeric,
     Date,
     Timestamp,
+    /// timestamptz: like [`TypeClass::Timestamp`], but clients show it in their zone.
+    TimestampTz,
     Uuid,
     /// Arrays of text, varchar, bpchar, name, char, json or xml (`jsonb`: of jsonb,
     /// whose elements start with a version byte). In binary format their elements
@@ -108,7 +110,8 @@ impl TypeClass {
             20 => TypeClass::Int8,
             1700 => TypeClass::Numeric,
             1082 => TypeClass::Date,
-            1114 | 1184 => TypeClass::Timestamp,
+            1114 => TypeClass::Timestamp,
+            1184 => TypeClass::TimestampTz,
             2950 => TypeClass::Uuid,
             1009 | 1015 | 1014 | 1003 | 1002 | 199 | 143 => TypeClass::TextArray { jsonb: false },
             3807 => TypeClass::TextArray { jsonb: true },
@@ -539,16 +542,20 @@ fn year(ctx: &Context<'_>, ty: CellType, value: &[u8], out: &mut Vec<u8>) -> Res
             }
             written(out, &days_to_new_year(clamp(year_of_days(i64::from(days)))).to_be_bytes())
         }
-        (T::Timestamp, true) => {
+        (T::Timestamp | T::TimestampTz, true) => {
             let t: [u8; 8] = value.try_into().map_err(|_| StrategyError::Malformed { what: "timestamp", len: value.len() })?;
             let micros = i64::from_be_bytes(t);
             if micros == i64::MAX || micros == i64::MIN {
                 return Ok(Outcome::Same);
             }
             let y = clamp(year_of_days(micros.div_euclid(86_400_000_000)));
-            written(out, &(i64::from(days_to_new_year(y)) * 86_400_000_000).to_be_bytes())
+            // A timestamptz is shown in the client's zone (UTC−12 … UTC+14): noon UTC
+            // of 1 January is in the same year in every one; midnight would be the
+            // previous year west of UTC.
+            let noon = if ty.class == T::TimestampTz { 12 * 3_600_000_000 } else { 0 };
+            written(out, &(i64::from(days_to_new_year(y)) * 86_400_000_000 + noon).to_be_bytes())
         }
-        (T::Date | T::Timestamp, false) => match generalise_date_text(value, clamp) {
+        (T::Date | T::Timestamp | T::TimestampTz, false) => match generalise_date_text(value, clamp) {
             Some(v) => written(out, v.as_ref()),
             None if matches!(value, b"infinity" | b"-infinity") => Outcome::Same,
             // A form it cannot generalise (fail closed).
@@ -809,6 +816,13 @@ mod tests {
         let micros = i64::from(days_1961_04_17) * 86_400_000_000 + 3_600_000_000;
         let Masked::Value(b) = run(&y, TypeClass::Timestamp, true, &micros.to_be_bytes()) else { panic!() };
         assert_eq!(i64::from_be_bytes(b[..].try_into().unwrap()), i64::from(days_to_new_year(1961)) * 86_400_000_000);
+        // timestamptz: noon UTC, 1961 in every zone a client may show it in.
+        let Masked::Value(b) = run(&y, TypeClass::of(1184), true, &micros.to_be_bytes()) else { panic!() };
+        let noon = i64::from_be_bytes(b[..].try_into().unwrap());
+        assert_eq!(noon, i64::from(days_to_new_year(1961)) * 86_400_000_000 + 12 * 3_600_000_000);
+        for zone_hours in [-12i64, 14] {
+            assert_eq!(year_of_days((noon + zone_hours * 3_600_000_000).div_euclid(86_400_000_000)), 1961, "UTC{zone_hours:+}");
+        }
         assert_eq!(text(run(&y, TypeClass::Int4, false, b"93")), "90");
         assert_eq!(run(&y, TypeClass::Int4, false, b"45"), Masked::Same);
         assert_eq!(text(run(&y, TypeClass::Text, false, b"93")), "90+");
