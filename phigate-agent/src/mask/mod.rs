@@ -416,7 +416,7 @@ impl Masker {
 
     /// Whether messages of this type must arrive whole.
     pub fn needs_whole(&self, t: u8) -> bool {
-        matches!(t, tag::ROW_DESCRIPTION | tag::ERROR_RESPONSE | tag::NOTICE_RESPONSE | tag::NOTIFICATION | tag::COPY_OUT_RESPONSE)
+        matches!(t, tag::ROW_DESCRIPTION | tag::ERROR_RESPONSE | tag::NOTICE_RESPONSE | tag::NOTIFICATION | tag::COPY_OUT_RESPONSE | tag::PARAMETER_STATUS)
             || (t == tag::DATA_ROW && !self.profile_is_empty())
             || (t == tag::COPY_DATA && !self.profile_is_empty())
     }
@@ -759,6 +759,7 @@ impl Masker {
                 Ok(self.mask_fields(frame))
             }
             tag::NOTIFICATION => Ok(self.mask_notification(frame)),
+            tag::PARAMETER_STATUS => Ok(self.mask_parameter_status(frame)),
             // The answer to a fast-path call that got past `refusal` (a stage that
             // did not ask): a bare value, nothing to place it by.
             tag::FUNCTION_CALL_RESPONSE if !self.profile_is_empty() => Err(fail(
@@ -1410,11 +1411,13 @@ impl Masker {
             fields.push((code, tail[..end].to_vec()));
             rest = tail.get(end + 1..).unwrap_or(&[]);
         }
-        let table = fields.iter().find(|(c, _)| *c == b't').map(|(_, v)| String::from_utf8_lossy(v).into_owned());
-        let schema = fields.iter().find(|(c, _)| *c == b's').map(|(_, v)| String::from_utf8_lossy(v).into_owned());
-        let rel = table.map(|name| RelName { schema, name });
         let column_rules = self.profile.has_column_rules();
-        let data_exception = fields.iter().any(|(c, v)| *c == b'C' && v.starts_with(b"22"));
+        let sqlstate = fields.iter().find(|(c, _)| *c == b'C').map(|(_, v)| v.clone()).unwrap_or_default();
+        // libxml's complaint quotes the offending line of the input, unquoted.
+        let xml_error = sqlstate.len() == 5 && sqlstate.starts_with(b"2200") && matches!(sqlstate[4], b'L' | b'M' | b'N' | b'S' | b'T');
+        // RAISE in a function: its message, detail and hint are the function's own
+        // text, built from whatever it read.
+        let raised = fields.iter().any(|(c, v)| *c == b'W' && v.windows(8).any(|w| w == b"at RAISE"));
         // Quoted names that are not values: the objects the error itself names, and
         // relations and columns the catalog knows.
         let named: Vec<Vec<u8>> = fields.iter().filter(|(c, _)| matches!(c, b's' | b't' | b'c' | b'd' | b'n')).map(|(_, v)| v.clone()).collect();
@@ -1424,24 +1427,36 @@ impl Masker {
             if !matches!(*code, b'M' | b'D' | b'H' | b'W' | b'q' | b'd') {
                 continue;
             }
-            if let Some(rel) = &rel {
-                if let Some(v) = self.hide_quoted_values(rel, value) {
-                    *value = v;
-                    changed = true;
-                    self.summary.cells_masked += 1;
-                }
-            }
+            // With column rules, values the server echoes are hidden whatever the
+            // table or column (an index on an expression, a partition, the other
+            // table of a foreign key, a copy in a table without rules), and so is any
+            // quoted text that is not a name the error or the catalog knows: many
+            // errors quote a value they were given (`relation "garcia"`, a tsquery,
+            // a setting name), not only data exceptions.
             if column_rules {
-                if let Some(v) = hide_failing_row(value) {
-                    *value = v;
-                    changed = true;
-                    self.summary.cells_masked += 1;
-                }
-            }
-            if column_rules && data_exception && matches!(*code, b'M' | b'D') {
-                let catalog = self.catalog.lock().expect("invariant: lock not poisoned");
-                let known = |q: &[u8]| named.iter().any(|n| n == q) || std::str::from_utf8(q).is_ok_and(|q| catalog.knows_identifier(q));
-                if let Some(v) = hide_quoted(value, known) {
+                let hidden = if raised && matches!(*code, b'M' | b'D' | b'H') {
+                    Some(b"masked by phigate (text of a function, which may hold what it read)".to_vec())
+                } else {
+                    let mut v = None;
+                    for hide in [hide_key_values, hide_failing_row, hide_json_context] {
+                        if let Some(new) = hide(v.as_deref().unwrap_or(value.as_slice())) {
+                            v = Some(new);
+                        }
+                    }
+                    if xml_error && *code == b'D' {
+                        let first = value.split(|b| *b == b'\n').next().unwrap_or_default();
+                        v = Some([first, b"\n(the input is masked by phigate)"].concat());
+                    }
+                    if matches!(*code, b'M' | b'D' | b'W' | b'q') {
+                        let catalog = self.catalog.lock().expect("invariant: lock not poisoned");
+                        let known = |q: &[u8]| named.iter().any(|n| n == q) || std::str::from_utf8(q).is_ok_and(|q| catalog.knows_identifier(q));
+                        if let Some(new) = hide_quoted(v.as_deref().unwrap_or(value.as_slice()), known) {
+                            v = Some(new);
+                        }
+                    }
+                    v
+                };
+                if let Some(v) = hidden {
                     *value = v;
                     changed = true;
                     self.summary.cells_masked += 1;
@@ -1468,37 +1483,6 @@ impl Masker {
         Step::Replace(smallvec::smallvec![Frame::build(frame.tag(), &out).into_bytes()])
     }
 
-    fn hide_quoted_values(&self, rel: &RelName, text: &[u8]) -> Option<Vec<u8>> {
-        let masked_cols: Vec<&str> = self
-            .profile
-            .rules
-            .iter()
-            .filter(|r| r.target.matches_table(rel) && !matches!(r.strategy, Strategy::Keep | Strategy::Detect))
-            .filter_map(|r| match &r.target {
-                Target::Column { column, .. } => Some(column.as_str()),
-                Target::Name(_) => None,
-            })
-            .collect();
-        if masked_cols.is_empty() {
-            return None;
-        }
-        let s = String::from_utf8_lossy(text).into_owned();
-        // "Key (a, b)=(x, y) …": hide the values if any named column is masked.
-        if let Some(k) = s.find("Key (") {
-            let after = &s[k + 5..];
-            if let Some(close) = after.find(")=(") {
-                let cols: Vec<&str> = after[..close].split(',').map(|c| c.trim().trim_matches('"')).collect();
-                if cols.iter().any(|c| masked_cols.contains(c)) {
-                    let vals_start = k + 5 + close + 3;
-                    if let Some(end) = s[vals_start..].rfind(')') {
-                        return Some(format!("{}masked by phigate{}", &s[..vals_start], &s[vals_start + end..]).into_bytes());
-                    }
-                }
-            }
-        }
-        None
-    }
-
     fn mask_notification(&mut self, frame: &Frame) -> Step {
         let body = frame.body();
         if body.len() < 4 {
@@ -1509,7 +1493,15 @@ impl Masker {
         let end = rest.iter().position(|b| *b == 0).unwrap_or(rest.len());
         let payload = &rest[..end];
         let mut counts = Counts::new();
-        let Some(new) = self.profile.detectors.scan_with(&mut self.cache, payload, &mut counts) else { return Step::Forward };
+        // With column rules, a payload is hidden: a trigger or function may send what
+        // it read, and the detectors do not see a bare name.
+        let new = if self.profile.has_column_rules() && !payload.is_empty() {
+            self.summary.cells_masked += 1;
+            b"masked by phigate".to_vec()
+        } else {
+            let Some(new) = self.profile.detectors.scan_with(&mut self.cache, payload, &mut counts) else { return Step::Forward };
+            new
+        };
         for (k, n) in counts {
             *self.summary.by_kind.entry(k).or_insert(0) += n;
         }
@@ -1520,6 +1512,35 @@ impl Masker {
         out.push(0);
         Step::Replace(smallvec::smallvec![Frame::build(tag::NOTIFICATION, &out).into_bytes()])
     }
+
+    /// application_name is the one free-text setting the server reports by default:
+    /// `set_config('application_name', name, false)` would report a value it read.
+    /// With column rules a change of it is reported hidden.
+    fn mask_parameter_status(&mut self, frame: &Frame) -> Step {
+        let mut rest = frame.body();
+        if !self.profile.has_column_rules() || !matches!(crate::pg::frame::take_cstr(&mut rest, "ParameterStatus"), Ok("application_name")) {
+            return Step::Forward;
+        }
+        Step::Replace(smallvec::smallvec![msg::parameter_status("application_name", "masked by phigate").into_bytes()])
+    }
+}
+
+/// `Key (a, b)=(x, y) …` (unique, foreign key, exclusion) and `Partition key of the
+/// failing row contains (a) = (x)` with the values hidden.
+fn hide_key_values(text: &[u8]) -> Option<Vec<u8>> {
+    let s = String::from_utf8_lossy(text);
+    let (k, sep) = [("Key (", ")=("), ("contains (", ") = (")].into_iter().find_map(|(open, sep)| s.find(open).map(|k| (k + open.len(), sep)))?;
+    let start = k + s[k..].find(sep)? + sep.len();
+    let end = s.rfind(')').filter(|e| *e >= start)?;
+    Some(format!("{}masked by phigate{}", &s[..start], &s[end..]).into_bytes())
+}
+
+/// A JSON error's context quotes the input up to the bad token: `JSON data, line 1: …`.
+fn hide_json_context(text: &[u8]) -> Option<Vec<u8>> {
+    let s = String::from_utf8_lossy(text);
+    let k = s.find("JSON data, line ")?;
+    let colon = k + s[k..].find(": ")? + 2;
+    Some(format!("{}masked by phigate", &s[..colon]).into_bytes())
 }
 
 /// `Failing row contains (…)` with the row's values hidden.
