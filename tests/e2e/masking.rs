@@ -510,11 +510,14 @@ fn rows_of_system_views_and_copy_options_do_not_carry_phi_past_the_rules() {
     assert_eq!(masked["rows"][0][0], Value::Null, "{masked}");
     // COPY CSV with an escape of its own: each value stays in its column, masked by
     // its rule; an ENCODING phigate cannot split is refused.
-    let o = psql(&e, Some("care"), &["-c", "copy (select ',a\\' as note, name, ',b,c\"' as extra from patients) to stdout (format csv, escape '\\')"]);
-    let text = String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
+    // What psql printed and what it complained of.
+    let everything = |sql: &str| {
+        let o = psql(&e, Some("care"), &["-c", sql]);
+        String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr)
+    };
+    let text = everything("copy (select ',a\\' as note, name, ',b,c\"' as extra from patients) to stdout (format csv, escape '\\')");
     assert_no_phi(&e, "COPY CSV with ESCAPE", &text);
-    let o = psql(&e, Some("care"), &["-c", "copy (select name from patients) to stdout (format csv, encoding 'SJIS')"]);
-    let text = String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
+    let text = everything("copy (select name from patients) to stdout (format csv, encoding 'SJIS')");
     assert_no_phi(&e, "COPY with ENCODING", &text);
     assert!(text.contains("ENCODING"), "the refusal says why: {text}");
 }

@@ -93,12 +93,10 @@ pub enum CopyError {
     ForeignEncoding,
 }
 
-const FOREIGN_ENCODING: CopyError = CopyError::ForeignEncoding;
-
 /// Split a text-format row (without its newline) into fields: `None` is NULL.
 pub fn split_text(row: &[u8], f: &CopyFormat) -> Result<Vec<Option<Vec<u8>>>, CopyError> {
     if f.foreign_encoding {
-        return Err(FOREIGN_ENCODING);
+        return Err(CopyError::ForeignEncoding);
     }
     let row = row.strip_suffix(b"\n").unwrap_or(row);
     let mut fields = Vec::new();
@@ -212,7 +210,7 @@ pub fn join_text(fields: &[Option<Vec<u8>>], f: &CopyFormat, out: &mut Vec<u8>) 
 /// Split a CSV row. Unquoted fields equal to the NULL string are NULL; quoted ones never.
 pub fn split_csv(row: &[u8], f: &CopyFormat) -> Result<Vec<Option<Vec<u8>>>, CopyError> {
     if f.foreign_encoding {
-        return Err(FOREIGN_ENCODING);
+        return Err(CopyError::ForeignEncoding);
     }
     let row = row.strip_suffix(b"\n").unwrap_or(row);
     let row = row.strip_suffix(b"\r").unwrap_or(row);

@@ -417,32 +417,41 @@ const UNFOLDING_FUNCTIONS: &[&str] = &[
     "string_to_table",
 ];
 
-/// Whether a call of `funcname` (as the parser wrote it) is a PostgreSQL built-in, whose
-/// result is computed from its arguments alone: unqualified or `pg_catalog.`, and named
-/// in PostgreSQL 15's pg_catalog. Any other function (the database's own, or a
-/// built-in of a later version) is opaque. Workloads cannot create functions
-/// (`baseline.opaque-code`), so an unqualified built-in name is PostgreSQL's, unless
-/// the database's owners gave one of theirs the same name (the README says not to).
-fn is_builtin(funcname: &[Node]) -> bool {
-    static NAMES: std::sync::LazyLock<std::collections::HashSet<&'static str>> =
-        std::sync::LazyLock::new(|| include_str!("builtin_functions.txt").lines().filter(|l| !l.starts_with("// ")).collect());
-    match string_nodes(funcname).as_slice() {
-        [name] => NAMES.contains(name.as_str()),
-        [schema, name] if schema == "pg_catalog" => NAMES.contains(name.as_str()),
-        _ => false,
-    }
+/// Names of PostgreSQL 15's pg_catalog, from one of the lists beside this file.
+fn catalog_names(list: &'static str) -> std::collections::HashSet<&'static str> {
+    list.lines().filter(|l| !l.starts_with("// ")).collect()
 }
 
-/// Whether an operator (as the parser wrote its name) is one of PostgreSQL 15's
-/// pg_catalog operators; any other runs a function the database's owners wrote.
-fn is_builtin_operator(name: &[Node]) -> bool {
-    static NAMES: std::sync::LazyLock<std::collections::HashSet<&'static str>> =
-        std::sync::LazyLock::new(|| include_str!("builtin_operators.txt").lines().filter(|l| !l.starts_with("// ")).collect());
-    match string_nodes(name).as_slice() {
-        [op] => NAMES.contains(op.as_str()),
-        [schema, op] if schema == "pg_catalog" => NAMES.contains(op.as_str()),
+/// Functions whose result is computed from their arguments alone.
+static FUNCTIONS: std::sync::LazyLock<std::collections::HashSet<&'static str>> =
+    std::sync::LazyLock::new(|| catalog_names(include_str!("builtin_functions.txt")));
+static OPERATORS: std::sync::LazyLock<std::collections::HashSet<&'static str>> =
+    std::sync::LazyLock::new(|| catalog_names(include_str!("builtin_operators.txt")));
+
+/// The built-in a name (as the parser wrote it) stands for: unqualified or
+/// `pg_catalog.`, and in `builtins`. Anything else — the database's own, or a built-in
+/// of a later version — is opaque. Workloads cannot create functions or operators
+/// (`baseline.opaque-code`), so an unqualified built-in name is PostgreSQL's, unless
+/// the database's owners gave one of theirs the same name (the README says not to).
+fn builtin(names: &[Node], builtins: &std::collections::HashSet<&str>) -> Option<String> {
+    let mut names = string_nodes(names);
+    let plain = match names.as_slice() {
+        [_] => true,
+        [schema, _] => schema == "pg_catalog",
         _ => false,
-    }
+    };
+    names.pop().filter(|n| plain && builtins.contains(n.as_str()))
+}
+
+fn is_builtin(funcname: &[Node]) -> bool {
+    builtin(funcname, &FUNCTIONS).is_some()
+}
+
+/// An operator that is not one of PostgreSQL's runs a function of its own.
+fn foreign_operator(e: &protobuf::AExpr) -> bool {
+    let by_name =
+        matches!(protobuf::AExprKind::try_from(e.kind), Ok(protobuf::AExprKind::AexprOp | protobuf::AExprKind::AexprOpAny | protobuf::AExprKind::AexprOpAll));
+    by_name && builtin(&e.name, &OPERATORS).is_none()
 }
 
 /// The sources of every column a function in FROM (or `ROWS FROM (…)`) returns: all
@@ -682,16 +691,16 @@ fn collect(n: &Node, scope: &Scope<'_>, out: &mut Sources, depth: u32) {
         NodeEnum::ColumnRef(c) => resolve_column(c, scope, out),
         NodeEnum::AConst(_) | NodeEnum::ParamRef(_) | NodeEnum::SqlvalueFunction(_) | NodeEnum::SetToDefault(_) => {}
         NodeEnum::FuncCall(f) => {
-            let builtin = is_builtin(&f.funcname);
+            let name = builtin(&f.funcname, &FUNCTIONS);
             // A count says how many, never what: it carries no value of its arguments.
-            if builtin && string_nodes(&f.funcname).last().is_some_and(|n| n == "count") {
+            if name.as_deref() == Some("count") {
                 return;
             }
             // Not a built-in: it may read tables of its own, whatever its arguments.
-            out.opaque |= !builtin;
+            out.opaque |= name.is_none();
             // current_setting() of a custom setting returns what set_config() stored,
             // which may be anything.
-            if builtin && string_nodes(&f.funcname).last().is_some_and(|n| n == "current_setting") {
+            if name.as_deref() == Some("current_setting") {
                 let known = match f.args.first().and_then(|a| a.node.as_ref()) {
                     Some(NodeEnum::AConst(c)) => matches!(&c.val, Some(protobuf::a_const::Val::Sval(s)) if !s.sval.contains('.')),
                     _ => false,
@@ -706,11 +715,7 @@ fn collect(n: &Node, scope: &Scope<'_>, out: &mut Sources, depth: u32) {
             }
         }
         NodeEnum::AExpr(e) => {
-            let by_name = matches!(
-                protobuf::AExprKind::try_from(e.kind),
-                Ok(protobuf::AExprKind::AexprOp | protobuf::AExprKind::AexprOpAny | protobuf::AExprKind::AexprOpAll)
-            );
-            out.opaque |= by_name && !is_builtin_operator(&e.name);
+            out.opaque |= foreign_operator(e);
             for x in [e.lexpr.as_deref(), e.rexpr.as_deref()].into_iter().flatten() {
                 collect(x, scope, out, d);
             }
@@ -830,13 +835,7 @@ fn generic_sources(n: &Node, scope: &Scope<'_>, out: &mut Sources) {
             let mut visit = |x: N<'a>| match x {
                 N::ColumnRef(c) => refs.push(c),
                 N::FuncCall(f) => foreign_call |= !is_builtin(&f.funcname),
-                N::AExpr(e) => {
-                    let by_name = matches!(
-                        protobuf::AExprKind::try_from(e.kind),
-                        Ok(protobuf::AExprKind::AexprOp | protobuf::AExprKind::AexprOpAny | protobuf::AExprKind::AexprOpAll)
-                    );
-                    foreign_call |= by_name && !is_builtin_operator(&e.name);
-                }
+                N::AExpr(e) => foreign_call |= foreign_operator(e),
                 // `(x).f` may be the call f(x).
                 N::AIndirection(a) => foreign_call |= a.indirection.iter().any(|i| matches!(i.node, Some(NodeEnum::String(_)))),
                 N::SubLink(s) => queries.extend(s.subselect.as_deref()),

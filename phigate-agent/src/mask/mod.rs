@@ -1434,30 +1434,34 @@ impl Masker {
             // errors quote a value they were given (`relation "garcia"`, a tsquery,
             // a setting name), not only data exceptions.
             if column_rules {
-                let hidden = if raised && matches!(*code, b'M' | b'D' | b'H') {
-                    Some(b"masked by phigate (text of a function, which may hold what it read)".to_vec())
+                // Each step rewrites what the previous ones left.
+                let mut hidden = false;
+                let mut apply = |value: &mut Vec<u8>, new: Option<Vec<u8>>| {
+                    if let Some(new) = new {
+                        *value = new;
+                        hidden = true;
+                    }
+                };
+                if raised && matches!(*code, b'M' | b'D' | b'H') {
+                    apply(value, Some(b"masked by phigate (text of a function, which may hold what it read)".to_vec()));
                 } else {
-                    let mut v = None;
                     for hide in [hide_key_values, hide_failing_row, hide_json_context] {
-                        if let Some(new) = hide(v.as_deref().unwrap_or(value.as_slice())) {
-                            v = Some(new);
-                        }
+                        let new = hide(value);
+                        apply(value, new);
                     }
                     if xml_error && *code == b'D' {
                         let first = value.split(|b| *b == b'\n').next().unwrap_or_default();
-                        v = Some([first, b"\n(the input is masked by phigate)"].concat());
+                        let new = [first, b"\n(the input is masked by phigate)"].concat();
+                        apply(value, Some(new));
                     }
                     if matches!(*code, b'M' | b'D' | b'W' | b'q') {
                         let catalog = self.catalog.lock().expect("invariant: lock not poisoned");
                         let known = |q: &[u8]| named.iter().any(|n| n == q) || std::str::from_utf8(q).is_ok_and(|q| catalog.knows_identifier(q));
-                        if let Some(new) = hide_quoted(v.as_deref().unwrap_or(value.as_slice()), known) {
-                            v = Some(new);
-                        }
+                        let new = hide_quoted(value, known);
+                        apply(value, new);
                     }
-                    v
-                };
-                if let Some(v) = hidden {
-                    *value = v;
+                }
+                if hidden {
                     changed = true;
                     self.summary.cells_masked += 1;
                 }

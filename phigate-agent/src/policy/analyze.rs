@@ -162,7 +162,7 @@ pub struct Facts {
     /// Tables written with values computed from other relations, and those relations:
     /// INSERT … SELECT (and ON CONFLICT DO UPDATE), UPDATE … SET/FROM, MERGE … USING.
     /// A WHERE or join condition only picks rows, so it does not count.
-    pub copied_into_table: Vec<(TableRef, Vec<TableRef>)>,
+    pub copied_into_table: Vec<(TableRef, BTreeSet<TableRef>)>,
     /// Every CTE of the statement, at any level, by name: the relations it reads
     /// (CTE names among them are expanded where the facts are judged, since a CTE
     /// may read one of an enclosing statement, or a later one in WITH RECURSIVE).
@@ -718,19 +718,19 @@ impl Facts {
     }
 }
 
-/// The relations the values written into `target` may come from. `values`: the
-/// expressions written (SET, MERGE's WHEN clauses, an INSERT's query); `from`: the
-/// FROM / USING items they may name. A table of `from` counts when a value names it
-/// (by alias or name) or names a column without a qualifier; a relation a value
-/// reads itself (a subquery) always counts; a CTE is named as a relation here and
-/// counts as everything it reads ([`Facts::through_ctes`]).
-/// Only conditions that pick rows (WHERE, ON) are left out: they copy no value.
-fn copied_from(values: &[&protobuf::Node], from: &[&protobuf::Node], target: &TableRef) -> Vec<TableRef> {
-    // A CTE's name stays here as a relation name: [`Facts::through_ctes`] resolves it.
+/// Record in `facts` the relations the values written into `target` may come from.
+/// `values`: the expressions written (SET, MERGE's WHEN clauses, an INSERT's query);
+/// `from`: the FROM / USING items they may name. A table of `from` counts when a value
+/// names it (by alias or name) or names a column without a qualifier; a relation a
+/// value reads itself (a subquery) always counts; a CTE is named as a relation here
+/// and counts as everything it reads ([`Facts::through_ctes`]). Only conditions that
+/// pick rows (WHERE, ON) are left out: they copy no value.
+fn note_copy(facts: &mut Facts, target: &protobuf::RangeVar, values: &[&protobuf::Node], from: &[protobuf::Node]) {
+    let target = table(target);
     // FROM items by the name a value would qualify a column with. A subquery or a
     // function in FROM may be LATERAL over the other items (`lateral (select p.name)`,
     // `jsonb_each_text(to_jsonb(p))`): what it returns may come from any of them.
-    let everything: Vec<TableRef> = from.iter().flat_map(|f| relations_read(f)).collect();
+    let everything: Vec<TableRef> = from.iter().flat_map(relations_read).collect();
     let mut scope: Vec<(String, Vec<TableRef>)> = Vec::new();
     fn add(n: &protobuf::Node, scope: &mut Vec<(String, Vec<TableRef>)>, everything: &[TableRef]) {
         match n.node.as_ref() {
@@ -751,25 +751,27 @@ fn copied_from(values: &[&protobuf::Node], from: &[&protobuf::Node], target: &Ta
                     scope.push((alias.aliasname.clone(), both));
                 }
             }
-            Some(NodeEnum::RangeSubselect(r)) => {
-                let name = r.alias.as_ref().map(|a| a.aliasname.clone()).unwrap_or_default();
-                scope.push((name, everything.to_vec()));
+            // A subquery or a function (under its alias), anything else (under any
+            // name): everything.
+            other => {
+                let alias = match other {
+                    Some(NodeEnum::RangeSubselect(r)) => r.alias.as_ref(),
+                    Some(NodeEnum::RangeFunction(f)) => f.alias.as_ref(),
+                    _ => None,
+                };
+                scope.push((alias.map(|a| a.aliasname.clone()).unwrap_or_default(), everything.to_vec()));
             }
-            Some(NodeEnum::RangeFunction(f)) => {
-                let name = f.alias.as_ref().map(|a| a.aliasname.clone()).unwrap_or_default();
-                scope.push((name, everything.to_vec()));
-            }
-            // Anything else: everything, under any name.
-            _ => scope.push((String::new(), everything.to_vec())),
         }
     }
     for f in from {
         add(f, &mut scope, &everything);
     }
-    let mut out: Vec<TableRef> = Vec::new();
+    let mut out: BTreeSet<TableRef> = BTreeSet::new();
     for v in values {
         let mut visit = |n: N<'_>| match n {
-            N::RangeVar(rv) => out.push(table(rv)),
+            N::RangeVar(rv) => {
+                out.insert(table(rv));
+            }
             N::ColumnRef(c) => {
                 let qualifier = c.fields.len().checked_sub(2).and_then(|i| match c.fields[i].node.as_ref() {
                     Some(NodeEnum::String(q)) => Some(q.sval.as_str()),
@@ -786,10 +788,10 @@ fn copied_from(values: &[&protobuf::Node], from: &[&protobuf::Node], target: &Ta
         let mut w = Walker { visit: &mut visit, depth: 0, too_deep: false };
         w.node(v);
     }
-    out.retain(|t| t != target);
-    out.sort();
-    out.dedup();
-    out
+    out.remove(&target);
+    if !out.is_empty() {
+        facts.copied_into_table.push((target, out));
+    }
 }
 
 /// The column references of some conditions, for telling which relations they can
@@ -1016,11 +1018,7 @@ fn visit(n: N<'_>, facts: &mut Facts, per_row: &mut HashSet<*const protobuf::Sel
                 // counted too); ON CONFLICT's SET may read through subqueries.
                 let mut values: Vec<&protobuf::Node> = i.select_stmt.as_deref().into_iter().collect();
                 values.extend(i.on_conflict_clause.as_deref().into_iter().flat_map(|c| &c.target_list));
-                let target = table(r);
-                let read = copied_from(&values, &[], &target);
-                if !read.is_empty() {
-                    facts.copied_into_table.push((target, read));
-                }
+                note_copy(facts, r, &values, &[]);
             }
         }
         N::UpdateStmt(u) => {
@@ -1036,13 +1034,8 @@ fn visit(n: N<'_>, facts: &mut Facts, per_row: &mut HashSet<*const protobuf::Sel
                 if u.where_clause.as_deref().is_none_or(|w| !filters_target(w, r, &u.from_clause, facts)) {
                     facts.unfiltered_writes.push(table(r));
                 }
-                let target = table(r);
                 let values: Vec<&protobuf::Node> = u.target_list.iter().collect();
-                let from: Vec<&protobuf::Node> = u.from_clause.iter().collect();
-                let read = copied_from(&values, &from, &target);
-                if !read.is_empty() {
-                    facts.copied_into_table.push((target, read));
-                }
+                note_copy(facts, r, &values, &u.from_clause);
             }
         }
         N::DeleteStmt(d) => {
@@ -1057,7 +1050,6 @@ fn visit(n: N<'_>, facts: &mut Facts, per_row: &mut HashSet<*const protobuf::Sel
         N::MergeStmt(m) => {
             facts.kinds.insert(Kind::Merge);
             if let Some(r) = m.relation.as_ref() {
-                let target = table(r);
                 // What each WHEN clause writes (SET targets, INSERT values); its
                 // AND condition only picks rows.
                 let values: Vec<&protobuf::Node> = m
@@ -1068,11 +1060,7 @@ fn visit(n: N<'_>, facts: &mut Facts, per_row: &mut HashSet<*const protobuf::Sel
                         _ => vec![c],
                     })
                     .collect();
-                let from: Vec<&protobuf::Node> = m.source_relation.as_deref().into_iter().collect();
-                let read = copied_from(&values, &from, &target);
-                if !read.is_empty() {
-                    facts.copied_into_table.push((target, read));
-                }
+                note_copy(facts, r, &values, m.source_relation.as_deref().map(std::slice::from_ref).unwrap_or_default());
             }
             // Each WHEN clause's action is a statement of its own kind: a MERGE that
             // deletes is a DELETE for rules naming kinds, like a DELETE in a CTE.
