@@ -465,7 +465,14 @@ fn functions_the_database_owners_wrote_do_not_dodge_the_rules() {
         "create function patient_name(pid int) returns text language sql stable as $$ select name from patients where id = pid $$; \
          create function label(p patients) returns text language sql as $$ select p.name || ' ' || p.ssn $$; \
          create function name_of(pid int, unused int) returns text language sql stable as $$ select name from patients where id = pid $$; \
-         create operator ### (leftarg = int, rightarg = int, function = name_of)",
+         create operator ### (leftarg = int, rightarg = int, function = name_of); \
+         create view labs_named as select l.id, patient_name(l.patient_id) as who from labs l; \
+         create type pid_t as (id int); \
+         create function pid_name(p pid_t) returns text language sql stable as $$ select name from patients where id = p.id $$; \
+         create cast (pid_t as text) with function pid_name(pid_t); \
+         create type pname as (v text); \
+         create function to_pname(pid int) returns pname language sql stable as $$ select row(name)::pname from patients where id = pid $$; \
+         create cast (int as pname) with function to_pname(int)",
     )
     .expect("functions");
     let first = e.data.patients[0].id;
@@ -479,6 +486,10 @@ fn functions_the_database_owners_wrote_do_not_dodge_the_rules() {
         ("select patient_id ### 0 from labs", e.data.labs.len()),
         ("select percentile_disc(0.5) within group (order by name) from patients", 1),
         ("select xmlelement(name x, patient_name(l.patient_id)) from labs l", e.data.labs.len()),
+        // A view over such a function, and casts made with one.
+        ("select who from labs_named", e.data.labs.len()),
+        ("select row(patient_id)::pid_t::text from labs", e.data.labs.len()),
+        ("select patient_id::pname from labs", e.data.labs.len()),
     ] {
         let direct = out(&psql(&e, None, &["-c", sql]));
         assert!(e.data.patients.iter().any(|p| direct.contains(&p.last)), "{sql}: the function returns names: {direct}");

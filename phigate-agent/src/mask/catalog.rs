@@ -77,6 +77,29 @@ pub enum BinaryForm {
     Opaque,
 }
 
+/// A type as the cast lookup names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TypeRef {
+    pub oid: u32,
+    /// The OID of its array type (0: none).
+    pub array: u32,
+    /// Schema and name.
+    pub name: RelName,
+}
+
+/// A cast the database's owners made `WITH FUNCTION` a function that is not one of
+/// PostgreSQL's (OID from 16384 up): casting runs that function, which may read any
+/// table, so a value cast this way is as opaque as a call of it. Casting from or to a
+/// domain runs the cast of its base type: the lookup lists each domain (at any
+/// depth) as a cast of its own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserCast {
+    pub target: TypeRef,
+    pub source: TypeRef,
+    /// PostgreSQL applies it where nobody wrote a cast (castcontext `i` or `a`).
+    pub implicit: bool,
+}
+
 /// Send functions whose binary form is the value's text.
 const TEXT_SEND_FUNCTIONS: &[&str] = &["textsend", "varcharsend", "bpcharsend", "namesend", "enum_send", "citextsend"];
 
@@ -88,12 +111,14 @@ pub struct Catalog {
     by_name: HashMap<String, Vec<Arc<Relation>>>,
     /// Types with assigned OIDs (≥ [`FIRST_ASSIGNED_OID`]) looked up so far.
     types: HashMap<u32, BinaryForm>,
+    /// The database's casts that run a function of its own (None: not looked up).
+    casts: Option<Vec<UserCast>>,
     since: Instant,
 }
 
 impl Default for Catalog {
     fn default() -> Self {
-        Self { by_oid: HashMap::new(), by_name: HashMap::new(), types: HashMap::new(), since: Instant::now() }
+        Self { by_oid: HashMap::new(), by_name: HashMap::new(), types: HashMap::new(), casts: None, since: Instant::now() }
     }
 }
 
@@ -109,7 +134,19 @@ impl Catalog {
         self.by_oid.clear();
         self.by_name.clear();
         self.types.clear();
+        self.casts = None;
         self.since = Instant::now();
+    }
+
+    /// Whether the database's own casts are still to be looked up.
+    pub fn casts_missing(&mut self) -> bool {
+        self.expire();
+        self.casts.is_none()
+    }
+
+    /// The database's casts that run a function of its own (None: not looked up).
+    pub fn own_casts(&self) -> Option<&[UserCast]> {
+        self.casts.as_deref()
     }
 
     /// How a type travels in binary format: built-in types are not looked up (None
@@ -137,6 +174,7 @@ impl Catalog {
             }
             (Lookup::Names(names), Found::Relations(rels)) => self.insert(rels, names),
             (Lookup::Oids(_), Found::Relations(rels)) => self.insert(rels, &[]),
+            (Lookup::Casts, Found::Casts(casts)) => self.casts = Some(casts),
             // parse() answers each lookup with its own kind of rows.
             _ => {}
         }
@@ -210,6 +248,8 @@ pub enum Lookup {
     Names(Vec<String>),
     /// Types created in the database, by OID.
     Types(Vec<u32>),
+    /// The casts that run a function of the database's own.
+    Casts,
 }
 
 /// What a lookup's rows say.
@@ -217,6 +257,7 @@ pub enum Lookup {
 pub enum Found {
     Relations(Vec<Relation>),
     Types(Vec<(u32, BinaryForm)>),
+    Casts(Vec<UserCast>),
 }
 
 fn quote_literal(s: &str) -> String {
@@ -239,6 +280,22 @@ pub fn query(lookup: &Lookup) -> String {
                 oid_list(oids)
             )
         }
+        // Domains over a cast's target or source (at any depth) are casts too.
+        Lookup::Casts => {
+            return "WITH RECURSIVE target(oid, source, context) AS ( \
+                 SELECT c.casttarget, c.castsource, c.castcontext FROM pg_catalog.pg_cast c \
+                 WHERE c.castmethod = 'f' AND c.castfunc >= 16384::pg_catalog.oid \
+                 UNION SELECT d.oid, t.source, t.context FROM pg_catalog.pg_type d JOIN target t ON d.typbasetype = t.oid WHERE d.typtype = 'd'), \
+                 source(base, oid) AS (SELECT t.source, t.source FROM target t \
+                 UNION SELECT s.base, d.oid FROM pg_catalog.pg_type d JOIN source s ON d.typbasetype = s.oid WHERE d.typtype = 'd') \
+                 SELECT tn.nspname, tt.typname::pg_catalog.text, tt.oid::pg_catalog.int8, tt.typarray::pg_catalog.int8, \
+                 sn.nspname, st.typname::pg_catalog.text, st.oid::pg_catalog.int8, st.typarray::pg_catalog.int8, t.context::pg_catalog.text \
+                 FROM target t JOIN source s ON s.base = t.source \
+                 JOIN pg_catalog.pg_type tt ON tt.oid = t.oid JOIN pg_catalog.pg_namespace tn ON tn.oid = tt.typnamespace \
+                 JOIN pg_catalog.pg_type st ON st.oid = s.oid JOIN pg_catalog.pg_namespace sn ON sn.oid = st.typnamespace \
+                 ORDER BY 3, 7"
+                .to_string()
+        }
     };
     format!(
         "SELECT c.oid::pg_catalog.int8, n.nspname, c.relname, c.relkind::pg_catalog.text, a.attnum, a.attname, a.atttypid::pg_catalog.int8, \
@@ -257,6 +314,7 @@ pub struct RowError(pub String);
 pub fn parse(lookup: &Lookup, rows: &[Vec<Option<String>>]) -> Result<Found, RowError> {
     match lookup {
         Lookup::Types(_) => parse_type_rows(rows).map(Found::Types),
+        Lookup::Casts => parse_cast_rows(rows).map(Found::Casts),
         _ => parse_rows(rows).map(Found::Relations),
     }
 }
@@ -275,6 +333,24 @@ fn parse_type_rows(rows: &[Vec<Option<String>>]) -> Result<Vec<(u32, BinaryForm)
                 _ => BinaryForm::Opaque,
             };
             Ok((oid, form))
+        })
+        .collect()
+}
+
+/// Casts from the rows of a [`Lookup::Casts`] query.
+fn parse_cast_rows(rows: &[Vec<Option<String>>]) -> Result<Vec<UserCast>, RowError> {
+    rows.iter()
+        .map(|row| {
+            let get = |i: usize| row.get(i).cloned().flatten();
+            let ty = |at: usize| -> Result<TypeRef, RowError> {
+                let num = |i: usize| get(i).and_then(|v| v.parse::<u32>().ok()).ok_or_else(|| RowError(format!("cast column {i} is not an OID")));
+                Ok(TypeRef {
+                    oid: num(at + 2)?,
+                    array: num(at + 3)?,
+                    name: RelName { schema: get(at), name: get(at + 1).ok_or_else(|| RowError("a cast row without a type name".into()))? },
+                })
+            };
+            Ok(UserCast { target: ty(0)?, source: ty(4)?, implicit: matches!(get(8).as_deref(), Some("i" | "a")) })
         })
         .collect()
 }
@@ -374,6 +450,23 @@ mod tests {
         assert!(parse(&lookup, &[row(&[Some("x"), None, None])]).is_err());
         c.clear();
         assert_eq!(c.binary_form(16500), None, "DDL forgets types too");
+    }
+
+    #[test]
+    fn cast_rows_name_both_types() {
+        let rows =
+            vec![row(&[Some("public"), Some("pname"), Some("16800"), Some("16799"), Some("pg_catalog"), Some("int4"), Some("23"), Some("1007"), Some("e")])];
+        let mut c = Catalog::default();
+        assert!(c.casts_missing() && c.own_casts().is_none());
+        c.store(&Lookup::Casts, parse(&Lookup::Casts, &rows).unwrap());
+        assert!(!c.casts_missing());
+        let cast = &c.own_casts().unwrap()[0];
+        assert_eq!((cast.target.oid, cast.target.array, cast.target.name.name.as_str()), (16800, 16799, "pname"));
+        assert_eq!((cast.source.oid, cast.source.name.schema.as_deref(), cast.implicit), (23, Some("pg_catalog"), false));
+        assert!(query(&Lookup::Casts).contains("castfunc >= 16384"));
+        assert!(parse(&Lookup::Casts, &[row(&[Some("public"), Some("t"), Some("x")])]).is_err());
+        c.clear();
+        assert!(c.casts_missing(), "DDL forgets casts too");
     }
 
     #[test]

@@ -61,6 +61,10 @@ pub struct Sources {
     /// column, PostgreSQL reads it as the function call `column(alias)` (opaque, over
     /// the whole row). Only the catalog can tell which.
     pub qualified: BTreeSet<(RelName, String)>,
+    /// Types it is cast to (`x::t`, `CAST(x AS t)`, `t(x)`): a cast the database's
+    /// owners made `WITH FUNCTION` runs that function, which may read any table. Only
+    /// the catalog can tell which.
+    pub casts: BTreeSet<RelName>,
 }
 
 impl Sources {
@@ -69,10 +73,11 @@ impl Sources {
         self.whole_rows.extend(o.whole_rows.iter().cloned());
         self.opaque |= o.opaque;
         self.qualified.extend(o.qualified.iter().cloned());
+        self.casts.extend(o.casts.iter().cloned());
     }
 
     pub fn is_empty(&self) -> bool {
-        self.columns.is_empty() && self.whole_rows.is_empty() && !self.opaque
+        self.columns.is_empty() && self.whole_rows.is_empty() && !self.opaque && self.casts.is_empty()
     }
 }
 
@@ -698,6 +703,11 @@ fn collect(n: &Node, scope: &Scope<'_>, out: &mut Sources, depth: u32) {
             }
             // Not a built-in: it may read tables of its own, whatever its arguments.
             out.opaque |= name.is_none();
+            // `int4(x)` is a function or, where PostgreSQL has none taking x's type,
+            // the cast `x::int4`.
+            if let (Some(n), [_]) = (&name, f.args.as_slice()) {
+                out.casts.insert(RelName { schema: None, name: n.clone() });
+            }
             // current_setting() of a custom setting returns what set_config() stored,
             // which may be anything.
             if name.as_deref() == Some("current_setting") {
@@ -722,6 +732,12 @@ fn collect(n: &Node, scope: &Scope<'_>, out: &mut Sources, depth: u32) {
         }
         NodeEnum::BoolExpr(b) => each(&b.args, out),
         NodeEnum::TypeCast(t) => {
+            if let Some(tn) = &t.type_name {
+                let mut names = string_nodes(&tn.names);
+                if let Some(name) = names.pop() {
+                    out.casts.insert(RelName { schema: names.pop(), name });
+                }
+            }
             if let Some(a) = t.arg.as_deref() {
                 collect(a, scope, out, d);
             }

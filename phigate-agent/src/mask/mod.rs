@@ -36,7 +36,7 @@ pub mod lineage;
 pub mod strategy;
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::{BTreeSet, HashMap, VecDeque},
     fmt,
     sync::{Arc, Mutex, MutexGuard},
 };
@@ -958,6 +958,11 @@ impl Masker {
             if !missing.is_empty() {
                 return self.ask(Lookup::Oids(missing));
             }
+            // Which casts run a function of the database's own (in the statement or a
+            // view's definition): one lookup for every session, until DDL or the TTL.
+            if catalog.casts_missing() {
+                return self.ask(Lookup::Casts);
+            }
             // A relation the catalog connection cannot see even after a lookup
             // (created in the session's open transaction). Tables without rules get
             // name patterns and detectors, but only because the catalog shows that
@@ -1031,17 +1036,14 @@ impl Masker {
             };
             if column_rules {
                 let rel = catalog.relation(f.table_oid);
+                let mut trace = Trace::default();
                 match (&rel, rel.as_ref().and_then(|r| r.column(f.column))) {
                     (Some(rel), Some(col)) => {
-                        for idx in self.rules_for_column(&catalog, &rel.name, &col.name, 0) {
-                            consider(idx, &mut best);
-                        }
+                        self.rules_for_column(&catalog, &rel.name, &col.name, 0, &mut trace);
                         // A view's attribute n is its n-th output (attnum ≥ 1 here).
                         let pos = usize::try_from(f.column).ok().and_then(|c| c.checked_sub(1));
                         if let Some(o) = rel.view.as_ref().zip(pos).and_then(|(v, p)| v.get(p)) {
-                            for idx in self.rules_for_sources(&catalog, &o.sources, 0) {
-                                consider(idx, &mut best);
-                            }
+                            self.rules_for_sources(&catalog, &o.sources, 0, &mut trace);
                         }
                     }
                     // System columns (ctid, xmin, tableoid: negative attribute numbers)
@@ -1055,41 +1057,45 @@ impl Masker {
                         // relation, so every rule of the relation (and of what a view
                         // reads) applies, the strongest winning.
                         let whole = Sources { whole_rows: [rel.name.clone()].into(), ..Sources::default() };
-                        for idx in self.rules_for_sources(&catalog, &whole, 0) {
-                            consider(idx, &mut best);
-                        }
+                        self.rules_for_sources(&catalog, &whole, 0, &mut trace);
                         for o in rel.view.iter().flatten() {
-                            for idx in self.rules_for_sources(&catalog, &o.sources, 0) {
-                                consider(idx, &mut best);
-                            }
+                            self.rules_for_sources(&catalog, &o.sources, 0, &mut trace);
                         }
                     }
                     (None, _) => {}
                 }
+                let mut reads = std::mem::take(&mut trace.reads);
                 if rel.as_ref().is_none_or(|r| r.column(f.column).is_none()) {
                     let sources = statement
                         .as_ref()
                         .and_then(|(st, via_name)| column_sources(st.outputs.as_deref()?, fields, i, *via_name))
                         .map(|s| column_notation(&catalog, s));
                     if let Some(src) = &sources {
-                        for idx in self.rules_for_sources(&catalog, src, 0) {
-                            consider(idx, &mut best);
-                        }
+                        self.rules_for_sources(&catalog, src, 0, &mut trace);
                     }
                     // A computed column phigate cannot trace (an opaque source, or no
                     // lineage at all: FETCH of a cursor it did not see declared, CALL,
-                    // text it cannot read) is not left to the detectors: it gets the
-                    // strongest rule of the relations the statement reads, or, when
-                    // those have none or cannot be known, the profile's redaction.
-                    untraced = f.table_oid == 0 && sources.as_ref().is_none_or(|s| s.opaque);
-                    if untraced {
-                        if let Some((st, _)) = statement.as_ref().filter(|(st, _)| st.outputs.is_some()) {
-                            let read = Sources { whole_rows: st.reads.clone(), ..Sources::default() };
-                            for idx in self.rules_for_sources(&catalog, &read, 0) {
-                                if self.profile.rules[idx].strategy.strength() > Strategy::Detect.strength() {
-                                    consider(idx, &mut best);
-                                }
-                            }
+                    // text it cannot read) is not left to the detectors.
+                    trace.opaque |= f.table_oid == 0 && sources.is_none();
+                    if let Some((st, _)) = statement.as_ref().filter(|(st, _)| st.outputs.is_some()) {
+                        reads.extend(st.reads.iter().cloned());
+                    }
+                }
+                for idx in trace.rules {
+                    consider(idx, &mut best);
+                }
+                // Untraceable (a function of the database's own, here or in a view's
+                // definition, …): the column gets the strongest rule of the relations
+                // the statement (or the view) reads, or, when those have none or
+                // cannot be known, the profile's redaction.
+                untraced = trace.opaque;
+                if untraced {
+                    let read = Sources { whole_rows: reads, ..Sources::default() };
+                    let mut around = Trace::default();
+                    self.rules_for_sources(&catalog, &read, 0, &mut around);
+                    for idx in around.rules {
+                        if self.profile.rules[idx].strategy.strength() > Strategy::Detect.strength() {
+                            consider(idx, &mut best);
                         }
                     }
                 }
@@ -1142,36 +1148,47 @@ impl Masker {
     }
 
     /// Rules for a table column, and (if the relation is a view) for what it is built from.
-    fn rules_for_column(&self, catalog: &Catalog, rel: &RelName, column: &str, depth: u32) -> Vec<usize> {
-        let mut out: Vec<usize> = self.profile.rules.iter().enumerate().filter(|(_, r)| r.target.matches_column(rel, column)).map(|(i, _)| i).collect();
-        if depth < 8 {
-            for v in catalog.views_named(rel) {
-                if let Some(view) = &v.view {
-                    for o in view.iter().filter(|o| o.name == column) {
-                        out.extend(self.rules_for_sources(catalog, &o.sources, depth + 1));
-                    }
+    fn rules_for_column(&self, catalog: &Catalog, rel: &RelName, column: &str, depth: u32, trace: &mut Trace) {
+        trace.rules.extend(self.profile.rules.iter().enumerate().filter(|(_, r)| r.target.matches_column(rel, column)).map(|(i, _)| i));
+        for v in catalog.views_named(rel) {
+            if let Some(view) = &v.view {
+                for o in view.iter().filter(|o| o.name == column) {
+                    self.rules_for_view_output(catalog, &o.sources, depth, trace);
                 }
             }
         }
-        out
     }
 
-    fn rules_for_sources(&self, catalog: &Catalog, s: &Sources, depth: u32) -> Vec<usize> {
-        let mut out = Vec::new();
+    /// Rules for a value computed from `s`; what cannot be traced (an opaque source, a
+    /// cast running a function of the database's own, views nested too deep) marks
+    /// the trace opaque, with the relations read beside it.
+    fn rules_for_sources(&self, catalog: &Catalog, s: &Sources, depth: u32, trace: &mut Trace) {
+        if s.opaque || own_cast_applies(catalog, s) {
+            trace.opaque = true;
+            trace.reads.extend(s.columns.iter().map(|(r, _)| r.clone()));
+            trace.reads.extend(s.whole_rows.iter().cloned());
+        }
         for (rel, col) in &s.columns {
-            out.extend(self.rules_for_column(catalog, rel, col, depth));
+            self.rules_for_column(catalog, rel, col, depth, trace);
         }
         for rel in &s.whole_rows {
-            out.extend(self.profile.rules.iter().enumerate().filter(|(_, r)| r.target.matches_table(rel)).map(|(i, _)| i));
-            if depth < 8 {
-                for v in catalog.views_named(rel) {
-                    for o in v.view.iter().flatten() {
-                        out.extend(self.rules_for_sources(catalog, &o.sources, depth + 1));
-                    }
+            trace.rules.extend(self.profile.rules.iter().enumerate().filter(|(_, r)| r.target.matches_table(rel)).map(|(i, _)| i));
+            for v in catalog.views_named(rel) {
+                for o in v.view.iter().flatten() {
+                    self.rules_for_view_output(catalog, &o.sources, depth, trace);
                 }
             }
         }
-        out
+    }
+
+    /// One level down into a view's definition; views nested deeper than phigate
+    /// follows are untraceable.
+    fn rules_for_view_output(&self, catalog: &Catalog, s: &Sources, depth: u32, trace: &mut Trace) {
+        if depth < MAX_VIEW_DEPTH {
+            self.rules_for_sources(catalog, s, depth + 1, trace);
+        } else {
+            trace.opaque = true;
+        }
     }
 
     /// Mask one non-NULL value, appending the masked form (if any) to `out`.
@@ -1606,6 +1623,51 @@ fn column_sources(outs: &[Output], fields: &[Field], i: usize, via_name: bool) -
         s.extend(&o.sources);
     }
     Some(s)
+}
+
+/// Whether a value computed from `s` may have gone through a cast the database's
+/// owners made with a function of their own ([`catalog::UserCast`]; all casts are
+/// suspect until the catalog has been asked).
+///
+/// A written cast (`x::t`, `t(x)`) to a cast's target is one when its source is a
+/// built-in type (any value may be one) or the value shows signs of the source type.
+/// An unwritten (implicit or assignment) one applies only where a value of its
+/// source type meets something expecting its target type, so signs of either
+/// (created in the database) make it one; between two built-in types it may apply
+/// anywhere. Signs of a type created in the database: a column of it or of its
+/// array, a cast to it, a whole row (a table's row type), an opaque part.
+fn own_cast_applies(catalog: &Catalog, s: &Sources) -> bool {
+    let Some(casts) = catalog.own_casts() else { return true };
+    if casts.is_empty() {
+        return false;
+    }
+    let column_types: Vec<u32> = s
+        .columns
+        .iter()
+        .flat_map(|(rel, col)| catalog.named(rel).into_iter().flat_map(|r| r.columns.iter().filter(|c| c.name == *col).map(|c| c.type_oid).collect::<Vec<_>>()))
+        .collect();
+    let written = |t: &RelName| s.casts.iter().any(|w| w.name == t.name && w.schema.as_ref().is_none_or(|ws| t.schema.as_ref() == Some(ws)));
+    let built_in = |t: &catalog::TypeRef| t.oid < catalog::FIRST_ASSIGNED_OID;
+    let signs_of = |t: &catalog::TypeRef| {
+        !built_in(t) && (s.opaque || !s.whole_rows.is_empty() || column_types.iter().any(|c| *c == t.oid || *c == t.array) || written(&t.name))
+    };
+    casts.iter().any(|c| {
+        (written(&c.target.name) && (built_in(&c.source) || signs_of(&c.source)))
+            || (c.implicit && (signs_of(&c.source) || signs_of(&c.target) || (built_in(&c.source) && built_in(&c.target))))
+    })
+}
+
+/// How deep views over views are followed.
+const MAX_VIEW_DEPTH: u32 = 8;
+
+/// What the rules for a value's sources found.
+#[derive(Default)]
+struct Trace {
+    rules: Vec<usize>,
+    /// Part of the value is computed by something phigate cannot see through.
+    opaque: bool,
+    /// The relations read beside what is opaque.
+    reads: BTreeSet<RelName>,
 }
 
 /// `p.f` where `p`'s table has no column `f` is PostgreSQL's column notation for the

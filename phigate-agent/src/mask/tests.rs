@@ -48,6 +48,7 @@ fn catalog() -> Arc<Mutex<Catalog>> {
         ],
         &["patients".into(), "patient_view".into(), "labs".into()],
     );
+    c.store(&Lookup::Casts, catalog::Found::Casts(Vec::new()));
     Arc::new(Mutex::new(c))
 }
 
@@ -528,7 +529,7 @@ fn catalog_lookups_per_result_are_bounded() {
     let mut lookups = 0;
     loop {
         match m.backend(&t) {
-            Step::Lookup(Lookup::Names(_)) => {
+            Step::Lookup(Lookup::Names(_) | Lookup::Casts) => {
                 lookups += 1;
                 assert!(lookups <= 8, "lookups must stop");
                 m.catalog.lock().unwrap().clear();
@@ -1232,4 +1233,141 @@ fn parameter_status_carries_data() {
     m.frontend(&query("select set_config('application_name', name, false) from patients where id = 7"));
     let out = sent(&mut m, &msg::parameter_status("application_name", "Maria Garcia"));
     assert!(!out.contains("Maria Garcia"), "{out}");
+}
+
+/// A view over a function of the database's own (`patient_name(l.id)` may read any
+/// table) is as untraceable as the call itself: its column is not left to the
+/// detectors, which do not catch a bare name.
+#[test]
+fn a_view_column_computed_by_an_opaque_function_is_redacted() {
+    const NAMED: u32 = 16700;
+    let m0 = masker();
+    let cat = m0.catalog.clone();
+    let def = " SELECT l.id, patient_name(l.id) AS who, upper(l.test) AS test FROM public.labs l;";
+    cat.lock().unwrap().insert(
+        vec![Relation {
+            oid: NAMED,
+            name: rel("public", "labs_named"),
+            kind: RelKind::View,
+            columns: vec![
+                Column { attnum: 1, name: "id".into(), type_oid: 23 },
+                Column { attnum: 2, name: "who".into(), type_oid: 25 },
+                Column { attnum: 3, name: "test".into(), type_oid: 25 },
+            ],
+            view: lineage::statement_outputs(def).unwrap().into_iter().next(),
+        }],
+        &["labs_named".into()],
+    );
+    let mut m = m0;
+    m.frontend(&query("select who, test, id from labs_named"));
+    m.backend(&msg::row_description(&[field("who", NAMED, 2, 25, 0), field("test", NAMED, 3, 25, 0), field("id", NAMED, 1, 23, 0)]));
+    let out = cells_after(&mut m, &data_row(&[Some(b"Garcia"), Some(b"HBA1C"), Some(b"7")]));
+    assert_eq!(s(&out[0]), "[REDACTED]", "the function's result has no rule to trace to");
+    assert_eq!(s(&out[1]), "HBA1C", "a traced view column keeps what its sources say");
+    assert_eq!(s(&out[2]), "7");
+    m.backend(&Frame::build(b'C', b"SELECT 1\0"));
+    m.backend(&Frame::build(b'Z', b"I"));
+    // The whole row of such a view holds the function's result too.
+    m.frontend(&query("select v from labs_named v"));
+    m.backend(&msg::row_description(&[field("v", NAMED, 0, 2249, 0)]));
+    let out = cells_after(&mut m, &data_row(&[Some(b"(7,Garcia,HBA1C)")]));
+    assert_ne!(s(&out[0]), "(7,Garcia,HBA1C)");
+}
+
+/// A masker whose catalog shows casts of the database's own.
+fn masker_with_casts(casts: Vec<catalog::UserCast>) -> Masker {
+    let m = masker();
+    m.catalog.lock().unwrap().store(&Lookup::Casts, catalog::Found::Casts(casts));
+    m
+}
+
+/// The first cell a statement's single computed text column delivers.
+fn computed_cell(m: &mut Masker, sql: &str, value: &[u8]) -> String {
+    m.frontend(&query(sql));
+    m.backend(&msg::row_description(&[field("x", 0, 0, 25, 0)]));
+    let out = s(&cells_after(m, &data_row(&[Some(value)]))[0]);
+    m.backend(&Frame::build(b'C', b"SELECT 1\0"));
+    m.backend(&Frame::build(b'Z', b"I"));
+    out
+}
+
+fn type_ref(schema: &str, name: &str, oid: u32) -> catalog::TypeRef {
+    catalog::TypeRef { oid, array: oid + 1, name: rel(schema, name) }
+}
+
+const INT4: (&str, &str, u32) = ("pg_catalog", "int4", 23);
+const TEXT: (&str, &str, u32) = ("pg_catalog", "text", 25);
+const PATIENT_REF: (&str, &str, u32) = ("public", "patient_ref", 16800);
+const GEOMETRY: (&str, &str, u32) = ("public", "geometry", 16900);
+const LABEL: (&str, &str, u32) = ("public", "label_t", 16950);
+
+fn own_cast(source: (&str, &str, u32), target: (&str, &str, u32), implicit: bool) -> catalog::UserCast {
+    catalog::UserCast { source: type_ref(source.0, source.1, source.2), target: type_ref(target.0, target.1, target.2), implicit }
+}
+
+/// A table with columns of types created in the database.
+fn add_table(m: &Masker, oid: u32, name: &str, columns: &[(&str, u32)]) {
+    let columns = columns.iter().enumerate().map(|(i, (n, t))| Column { attnum: i as i16 + 1, name: n.to_string(), type_oid: *t }).collect();
+    m.catalog.lock().unwrap().insert(vec![Relation { oid, name: rel("public", name), kind: RelKind::Table, columns, view: None }], &[name.into()]);
+}
+
+/// `CREATE CAST (int AS patient_ref) WITH FUNCTION patient_name(int)`: casting runs
+/// the database's own function, which may read any table, so the value is as opaque
+/// as a call of it; casts PostgreSQL itself defines are traced through.
+#[test]
+fn casts_that_run_a_function_of_the_databases_own_are_opaque() {
+    let mut m = masker_with_casts(vec![own_cast(INT4, PATIENT_REF, false)]);
+    for sql in [
+        "select id::patient_ref as x from labs",
+        "select cast(id as public.patient_ref) as x from labs",
+        "select upper(id::patient_ref::text) as x from labs",
+        "select patient_ref(id) as x from labs",
+        "select 7::patient_ref as x",
+    ] {
+        assert_eq!(computed_cell(&mut m, sql, b"Garcia"), "[REDACTED]", "{sql}");
+    }
+    for sql in ["select id::text as x from labs", "select id::other.patient_ref as x from labs", "select upper(test) as x from labs"] {
+        assert_eq!(computed_cell(&mut m, sql, b"HBA1C"), "HBA1C", "{sql}");
+    }
+    // A view whose definition casts that way.
+    const CAST_VIEW: u32 = 16701;
+    let def = " SELECT (l.id)::public.patient_ref AS who, l.test FROM public.labs l;";
+    m.catalog.lock().unwrap().insert(
+        vec![Relation {
+            oid: CAST_VIEW,
+            name: rel("public", "labs_ref"),
+            kind: RelKind::View,
+            columns: vec![Column { attnum: 1, name: "who".into(), type_oid: 25 }, Column { attnum: 2, name: "test".into(), type_oid: 25 }],
+            view: lineage::statement_outputs(def).unwrap().into_iter().next(),
+        }],
+        &["labs_ref".into()],
+    );
+    m.frontend(&query("select * from labs_ref"));
+    m.backend(&msg::row_description(&[field("who", CAST_VIEW, 1, 25, 0), field("test", CAST_VIEW, 2, 25, 0)]));
+    let out = cells_after(&mut m, &data_row(&[Some(b"Garcia"), Some(b"HBA1C")]));
+    assert_eq!((s(&out[0]).as_str(), s(&out[1]).as_str()), ("[REDACTED]", "HBA1C"));
+}
+
+/// A cast from a type created in the database (PostGIS's `geometry AS text`) runs
+/// only on values of that type; an unwritten one applies only where a value of its
+/// source meets its target; one between two built-in types may apply anywhere.
+#[test]
+fn own_casts_apply_where_their_types_are() {
+    let mut m = masker_with_casts(vec![own_cast(GEOMETRY, TEXT, true), own_cast(TEXT, GEOMETRY, true), own_cast(INT4, LABEL, true)]);
+    add_table(&m, 16703, "sites", &[("id", 23), ("shape", GEOMETRY.2), ("shapes", GEOMETRY.2 + 1)]);
+    add_table(&m, 16704, "tagged", &[("id", 23), ("tag", LABEL.2)]);
+    for sql in [
+        "select shape::text as x from sites",
+        "select upper(shape) as x from sites",
+        "select shapes[1]::text as x from sites",
+        "select 'POINT(0 0)'::geometry::text as x",
+        "select coalesce(tag, 5) as x from tagged",
+    ] {
+        assert_eq!(computed_cell(&mut m, sql, b"Garcia"), "[REDACTED]", "{sql}");
+    }
+    for sql in ["select id::text as x from labs", "select upper(test) as x from labs", "select coalesce(id, 0)::text as x from tagged"] {
+        assert_eq!(computed_cell(&mut m, sql, b"HBA1C"), "HBA1C", "{sql}");
+    }
+    let mut m = masker_with_casts(vec![own_cast(INT4, ("pg_catalog", "date", 1082), true)]);
+    assert_eq!(computed_cell(&mut m, "select upper(test) as x from labs", b"HBA1C"), "[REDACTED]", "between built-ins: anywhere");
 }
