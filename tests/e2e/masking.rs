@@ -519,6 +519,18 @@ fn rows_of_system_views_and_copy_options_do_not_carry_phi_past_the_rules() {
     assert!(e.data.patients.iter().any(|p| raw.contains(&p.last)), "pg_stats holds sampled names: {raw}");
     let masked = pgclient(&e, Some("care"), &["rows", sql]);
     assert_eq!(masked["rows"][0][0], Value::Null, "{masked}");
+    // In text too: its sampled values (anyarray columns, of whatever table a row
+    // describes), and the extended statistics' lists of them.
+    e.pg.psql_admin("postgres", "create statistics patients_mcv (mcv) on name, zip from patients; analyze patients").expect("statistics");
+    for sql in [
+        "select most_common_vals, histogram_bounds from pg_stats where tablename = 'patients' and attname = 'name'",
+        "select most_common_vals from pg_stats_ext where tablename = 'patients'",
+        "select v from pg_stats, unnest(histogram_bounds::text::text[]) v where tablename = 'patients' and attname = 'name'",
+    ] {
+        let direct = out(&psql(&e, None, &["-c", sql]));
+        assert!(e.data.patients.iter().any(|p| direct.contains(&p.last)), "{sql}: the statistics hold names: {direct}");
+        assert_no_phi(&e, sql, &out(&psql(&e, Some("care"), &["-c", sql])));
+    }
     // COPY CSV with an escape of its own: each value stays in its column, masked by
     // its rule; an ENCODING phigate cannot split is refused.
     // What psql printed and what it complained of.

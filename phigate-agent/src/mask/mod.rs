@@ -1150,6 +1150,13 @@ impl Masker {
     /// Rules for a table column, and (if the relation is a view) for what it is built from.
     fn rules_for_column(&self, catalog: &Catalog, rel: &RelName, column: &str, depth: u32, trace: &mut Trace) {
         trace.rules.extend(self.profile.rules.iter().enumerate().filter(|(_, r)| r.target.matches_column(rel, column)).map(|(i, _)| i));
+        // An anyarray column holds values of whichever table column its row names
+        // (pg_statistic's samples behind pg_stats' most_common_vals and
+        // histogram_bounds): no rule of its own can place them.
+        if catalog.named(rel).iter().any(|r| r.columns.iter().any(|c| c.name == column && c.type_oid == ANYARRAY)) {
+            trace.opaque = true;
+            trace.reads.insert(rel.clone());
+        }
         for v in catalog.views_named(rel) {
             if let Some(view) = &v.view {
                 for o in view.iter().filter(|o| o.name == column) {
@@ -1656,6 +1663,9 @@ fn own_cast_applies(catalog: &Catalog, s: &Sources) -> bool {
             || (c.implicit && (signs_of(&c.source) || signs_of(&c.target) || (built_in(&c.source) && built_in(&c.target))))
     })
 }
+
+/// PostgreSQL's `anyarray` pseudo-type, which only the statistics catalogs store.
+const ANYARRAY: u32 = 2277;
 
 /// How deep views over views are followed.
 const MAX_VIEW_DEPTH: u32 = 8;

@@ -1371,3 +1371,29 @@ fn own_casts_apply_where_their_types_are() {
     let mut m = masker_with_casts(vec![own_cast(INT4, ("pg_catalog", "date", 1082), true)]);
     assert_eq!(computed_cell(&mut m, "select upper(test) as x from labs", b"HBA1C"), "[REDACTED]", "between built-ins: anywhere");
 }
+
+/// pg_statistic's `stavalues` (and pg_stats' most_common_vals, histogram_bounds over
+/// them) are anyarray: samples of whichever column a row names. Seen on PostgreSQL
+/// 15: `select histogram_bounds from pg_stats where attname = 'name'` lists names.
+#[test]
+fn anyarray_statistics_samples_are_untraceable() {
+    const STATS: u32 = 2619;
+    let mut m = masker();
+    m.catalog.lock().unwrap().insert(
+        vec![Relation {
+            oid: STATS,
+            name: rel("pg_catalog", "pg_statistic"),
+            kind: RelKind::Table,
+            columns: vec![Column { attnum: 1, name: "starelid".into(), type_oid: 26 }, Column { attnum: 2, name: "stavalues1".into(), type_oid: 2277 }],
+            view: None,
+        }],
+        &["pg_statistic".into()],
+    );
+    m.frontend(&query("select starelid, stavalues1 from pg_statistic"));
+    m.backend(&msg::row_description(&[field("starelid", STATS, 1, 26, 0), field("stavalues1", STATS, 2, 2277, 0)]));
+    let out = cells_after(&mut m, &data_row(&[Some(b"16400"), Some(b"{\"Maria Garcia\",\"Mabel Smith\"}")]));
+    assert_eq!((s(&out[0]).as_str(), s(&out[1]).as_str()), ("16400", "NULL"), "a token is no anyarray");
+    m.backend(&Frame::build(b'C', b"SELECT 1\0"));
+    m.backend(&Frame::build(b'Z', b"I"));
+    assert_eq!(computed_cell(&mut m, "select v from pg_statistic, unnest(stavalues1::text::text[]) v", b"Maria Garcia"), "[REDACTED]");
+}
