@@ -1153,7 +1153,7 @@ impl Masker {
         // An anyarray column holds values of whichever table column its row names
         // (pg_statistic's samples behind pg_stats' most_common_vals and
         // histogram_bounds): no rule of its own can place them.
-        if catalog.named(rel).iter().any(|r| r.columns.iter().any(|c| c.name == column && c.type_oid == ANYARRAY)) {
+        if catalog.has_column_of_type(rel, column, ANYARRAY) {
             trace.opaque = true;
             trace.reads.insert(rel.clone());
         }
