@@ -144,6 +144,11 @@ pub struct Facts {
     pub ddl: Vec<(DdlVerb, TableRef)>,
     /// Schemas dropped (DROP SCHEMA).
     pub dropped_schemas: Vec<String>,
+    /// Schemas renamed (ALTER SCHEMA … RENAME TO): their tables change names.
+    pub renamed_schemas: Vec<String>,
+    /// ALTER TABLE ALL IN TABLESPACE: moves every table of a tablespace (or of a
+    /// role there), whichever they are.
+    pub moves_all_tables: bool,
     /// Functions called, lower-cased, without schema; also names selected from a
     /// value in column notation (`(x).f`), which may call f(x).
     pub functions: BTreeSet<String>,
@@ -225,7 +230,7 @@ pub fn setting_changes_parsing(name: &str, value: &str) -> bool {
     match name.to_ascii_lowercase().replace('-', "_").as_str() {
         "standard_conforming_strings" => !matches!(value.as_str(), "on" | "true" | "yes" | "1"),
         "backslash_quote" => true,
-        "client_encoding" => UNSAFE_ENCODINGS.contains(&value.replace('-', "_").as_str()),
+        "client_encoding" => unsafe_client_encoding(&value),
         _ => false,
     }
 }
@@ -233,27 +238,85 @@ pub fn setting_changes_parsing(name: &str, value: &str) -> bool {
 /// Functions whose values are one row whatever the input size.
 const AGGREGATES: &[&str] = &["count", "sum", "avg", "min", "max", "bool_and", "bool_or", "every", "bit_and", "bit_or", "stddev", "variance"];
 
-/// Client encodings PostgreSQL accepts only on the client side because a multibyte
-/// character may contain a backslash byte: the server would split strings
-/// differently from the policy's parser.
-const UNSAFE_ENCODINGS: &[&str] = &[
-    "sjis",
-    "shift_jis",
-    "big5",
-    "gbk",
-    "uhc",
-    "gb18030",
-    "johab",
-    "mskanji",
-    "windows932",
-    "windows936",
-    "windows949",
-    "windows950",
-    "cp932",
-    "cp936",
-    "cp949",
-    "cp950",
+/// Client encoding names (as PostgreSQL compares them: letters and digits only,
+/// lower case) of the encodings whose multibyte characters never contain an ASCII
+/// byte, so the server splits strings as the policy's parser does. Every name of
+/// PostgreSQL 15's table except those of SJIS, SHIFT_JIS_2004, BIG5, GBK, UHC,
+/// GB18030 and JOHAB (client-only encodings whose second byte may be a backslash).
+/// A list of what is safe, not of what is not: a name missing here is refused.
+const SAFE_ENCODINGS: &[&str] = &[
+    "abc",
+    "alt",
+    "euccn",
+    "eucjis2004",
+    "eucjp",
+    "euckr",
+    "euctw",
+    "iso88591",
+    "iso885910",
+    "iso885913",
+    "iso885914",
+    "iso885915",
+    "iso885916",
+    "iso88592",
+    "iso88593",
+    "iso88594",
+    "iso88595",
+    "iso88596",
+    "iso88597",
+    "iso88598",
+    "iso88599",
+    "koi8",
+    "koi8r",
+    "koi8u",
+    "latin1",
+    "latin10",
+    "latin2",
+    "latin3",
+    "latin4",
+    "latin5",
+    "latin6",
+    "latin7",
+    "latin8",
+    "latin9",
+    "muleinternal",
+    "sqlascii",
+    "tcvn",
+    "tcvn5712",
+    "unicode",
+    "utf8",
+    "vscii",
+    "win",
+    "win1250",
+    "win1251",
+    "win1252",
+    "win1253",
+    "win1254",
+    "win1255",
+    "win1256",
+    "win1257",
+    "win1258",
+    "win866",
+    "win874",
+    "windows1250",
+    "windows1251",
+    "windows1252",
+    "windows1253",
+    "windows1254",
+    "windows1255",
+    "windows1256",
+    "windows1257",
+    "windows1258",
+    "windows866",
+    "windows874",
 ];
+
+/// Whether a client encoding name (any spelling PostgreSQL accepts: `Big-5`, `B.I.G.5`)
+/// may name an encoding that hides a backslash in a multibyte character.
+fn unsafe_client_encoding(name: &str) -> bool {
+    let clean: String = name.chars().filter(char::is_ascii_alphanumeric).map(|c| c.to_ascii_lowercase()).collect();
+    !SAFE_ENCODINGS.contains(&clean.as_str())
+}
 
 pub fn analyze(sql: &str) -> Result<Analysis, ParseError> {
     let parsed = crate::sql::parse(sql).map_err(|e| ParseError(e.0))?;
@@ -284,6 +347,8 @@ impl Facts {
         self.writes.extend(o.writes);
         self.ddl.extend(o.ddl);
         self.dropped_schemas.extend(o.dropped_schemas);
+        self.renamed_schemas.extend(o.renamed_schemas);
+        self.moves_all_tables |= o.moves_all_tables;
         self.functions.extend(o.functions);
         self.unfiltered_writes.extend(o.unfiltered_writes);
         self.unbounded_reads.extend(o.unbounded_reads);
@@ -610,13 +675,19 @@ fn always_true(n: &protobuf::Node, facts: &mut Facts) -> bool {
             }
             match K::try_from(e.kind) {
                 Ok(K::AexprOp) if matches!(op, Some("=" | "<=" | ">=")) => {
-                    same_expr(l, r, &mut facts.literal_sensitive) || (op == Some("=") && compared_with_bool(l, r, true, facts))
+                    same_expr(l, r, &mut facts.literal_sensitive) || (op == Some("=") && compared_with_bool(l, r, true, true, facts))
                 }
-                // `(cond) <> false`: the condition itself.
-                Ok(K::AexprOp) if matches!(op, Some("<>" | "!=")) => compared_with_bool(l, r, false, facts),
-                Ok(K::AexprNotDistinct) => same_expr(l, r, &mut facts.literal_sensitive) || compared_with_bool(l, r, true, facts),
+                // `(cond) <> false`: the condition itself; `(cond) <> true`: its negation.
+                Ok(K::AexprOp) if matches!(op, Some("<>" | "!=")) => compared_with_bool(l, r, false, true, facts),
+                Ok(K::AexprNotDistinct) => same_expr(l, r, &mut facts.literal_sensitive) || compared_with_bool(l, r, true, true, facts),
+                Ok(K::AexprDistinct) => compared_with_bool(l, r, false, true, facts),
                 // `id IN (…, id, …)`, `id = ANY(ARRAY[…, id, …])`.
                 Ok(K::AexprIn | K::AexprOpAny) if op == Some("=") => items(r).iter().any(|i| same_expr(l, i, &mut facts.literal_sensitive)),
+                // `id = ALL(ARRAY[id])`, `id <= ALL(ARRAY[id, id])`.
+                Ok(K::AexprOpAll) if matches!(op, Some("=" | "<=" | ">=")) => {
+                    let all = items(r);
+                    !all.is_empty() && all.iter().all(|i| same_expr(l, i, &mut facts.literal_sensitive))
+                }
                 // `id BETWEEN id AND id`.
                 Ok(K::AexprBetween | K::AexprBetweenSym) => {
                     let bounds = items(r);
@@ -633,27 +704,39 @@ fn always_true(n: &protobuf::Node, facts: &mut Facts) -> bool {
         },
         NodeEnum::BooleanTest(t) => match (protobuf::BoolTestType::try_from(t.booltesttype), t.arg.as_deref()) {
             (Ok(protobuf::BoolTestType::IsTrue | protobuf::BoolTestType::IsNotFalse), Some(a)) => always_true(a, facts),
+            // `(id <> id) IS FALSE`, `… IS NOT TRUE`.
+            (Ok(protobuf::BoolTestType::IsFalse | protobuf::BoolTestType::IsNotTrue), Some(a)) => always_false(a, facts),
             _ => false,
         },
         _ => false,
     }
 }
 
-/// `cond = true` (or `true = cond`, or with `value` false `cond <> false`) where cond
-/// is always true.
-fn compared_with_bool(l: &protobuf::Node, r: &protobuf::Node, value: bool, facts: &mut Facts) -> bool {
+/// `cond = b`, `b = cond`, `cond <> b`, `cond IS [NOT] DISTINCT FROM b` with b a
+/// boolean constant: the condition itself or its negation. `equal`: the comparison
+/// holds when both sides are equal. Whether that is always (`want` true) or never
+/// (`want` false) true.
+fn compared_with_bool(l: &protobuf::Node, r: &protobuf::Node, equal: bool, want: bool, facts: &mut Facts) -> bool {
     let (cond, other) = if const_bool(r).is_some() { (l, r) } else { (r, l) };
     match const_bool(other) {
         Some(v) => {
             facts.literal_sensitive = true;
-            v == value && always_true(cond, facts)
+            // Equal to true, or unequal to false: the condition; else its negation.
+            if (v == equal) == want {
+                always_true(cond, facts)
+            } else {
+                always_false(cond, facts)
+            }
         }
         None => false,
     }
 }
 
-/// The mirror of [`always_true`] for NOT: constants that are false, `x <> x` is not
-/// (NULLs aside it is never true), so only constants count.
+/// The mirror of [`always_true`]: whether a condition is never true. Row-independent
+/// ones count unless they are provably true (the worst case for a NOT around them);
+/// with columns: a column compared with itself by `<>`, `<`, `>` or IS DISTINCT FROM
+/// (NULLs aside, never true), `x IS NULL AND x IS NOT NULL`, and NOT/AND/OR and
+/// boolean tests of these.
 fn always_false(n: &protobuf::Node, facts: &mut Facts) -> bool {
     if row_independent(n) {
         facts.literal_sensitive = true;
@@ -661,15 +744,37 @@ fn always_false(n: &protobuf::Node, facts: &mut Facts) -> bool {
     }
     match n.node.as_ref() {
         Some(NodeEnum::AExpr(e)) => {
+            use protobuf::AExprKind as K;
             let op = name_list(&e.name);
-            matches!(op.last().map(String::as_str), Some("<>" | "!=" | "<" | ">"))
-                && e.lexpr.as_deref().zip(e.rexpr.as_deref()).is_some_and(|(l, r)| same_expr(l, r, &mut facts.literal_sensitive))
+            let op = op.last().map(String::as_str);
+            let (Some(l), Some(r)) = (e.lexpr.as_deref(), e.rexpr.as_deref()) else { return false };
+            match K::try_from(e.kind) {
+                Ok(K::AexprOp) if matches!(op, Some("<>" | "!=" | "<" | ">")) => {
+                    same_expr(l, r, &mut facts.literal_sensitive) || (matches!(op, Some("<>" | "!=")) && compared_with_bool(l, r, false, false, facts))
+                }
+                Ok(K::AexprOp) if op == Some("=") => compared_with_bool(l, r, true, false, facts),
+                Ok(K::AexprDistinct) => same_expr(l, r, &mut facts.literal_sensitive) || compared_with_bool(l, r, false, false, facts),
+                Ok(K::AexprNotDistinct) => compared_with_bool(l, r, true, false, facts),
+                _ => false,
+            }
         }
+        Some(NodeEnum::BoolExpr(b)) => match protobuf::BoolExprType::try_from(b.boolop) {
+            Ok(protobuf::BoolExprType::AndExpr) => b.args.iter().any(|a| always_false(a, facts)) || null_or_not_null(&b.args, facts),
+            Ok(protobuf::BoolExprType::OrExpr) => !b.args.is_empty() && b.args.iter().all(|a| always_false(a, facts)),
+            Ok(protobuf::BoolExprType::NotExpr) => b.args.first().is_some_and(|a| always_true(a, facts)),
+            _ => false,
+        },
+        Some(NodeEnum::BooleanTest(t)) => match (protobuf::BoolTestType::try_from(t.booltesttype), t.arg.as_deref()) {
+            (Ok(protobuf::BoolTestType::IsTrue | protobuf::BoolTestType::IsNotFalse), Some(a)) => always_false(a, facts),
+            (Ok(protobuf::BoolTestType::IsFalse | protobuf::BoolTestType::IsNotTrue), Some(a)) => always_true(a, facts),
+            _ => false,
+        },
         _ => false,
     }
 }
 
-/// `x IS NULL OR x IS NOT NULL` (in either order) among OR arguments.
+/// `x IS NULL OR x IS NOT NULL` (in either order) among OR arguments (the same pair
+/// among AND arguments is never true).
 fn null_or_not_null(args: &[protobuf::Node], facts: &mut Facts) -> bool {
     let tests: Vec<(&protobuf::Node, i32)> = args
         .iter()
@@ -853,6 +958,13 @@ fn own_name(rv: &protobuf::RangeVar) -> &str {
 /// 1 FROM other o WHERE o.flag)`): such a condition is the same for every target row
 /// and keeps all of them or none (see [`Mentions`]).
 fn filters_target(cond: &protobuf::Node, target: &protobuf::RangeVar, others: &[protobuf::Node], facts: &mut Facts) -> bool {
+    limits(cond, own_name(target), others, facts)
+}
+
+/// Whether a condition may pick rows of the relation known as `own`: not when it is
+/// always true, nor when it refers to no column of that relation. An OR picks only if each of its branches
+/// does (`id = 5 OR o.flag` keeps every row when o.flag holds), an AND if any does.
+fn limits(cond: &protobuf::Node, own: &str, from: &[protobuf::Node], facts: &mut Facts) -> bool {
     if always_true(cond, facts) {
         return false;
     }
@@ -860,7 +972,14 @@ fn filters_target(cond: &protobuf::Node, target: &protobuf::RangeVar, others: &[
         // Not always true, so provably false (`1 = 2`): it keeps no row.
         return true;
     }
-    Mentions::of(&[cond], others).may_refer_to(own_name(target))
+    if let Some(NodeEnum::BoolExpr(b)) = cond.node.as_ref() {
+        match protobuf::BoolExprType::try_from(b.boolop) {
+            Ok(protobuf::BoolExprType::OrExpr) => return b.args.iter().all(|a| limits(a, own, from, facts)),
+            Ok(protobuf::BoolExprType::AndExpr) => return b.args.iter().any(|a| limits(a, own, from, facts)),
+            _ => {}
+        }
+    }
+    Mentions::of(&[cond], from).may_refer_to(own)
 }
 
 /// The ON conditions of the joins in a FROM list. Returns whether a join is USING
@@ -893,6 +1012,33 @@ fn foreign_table_options(options: &[protobuf::Node], facts: &mut Facts) {
             facts.copy = Some(CopyFacts { to: false, target });
         }
     }
+}
+
+/// The INTO of a SELECT, or of a set operation (its leftmost arm's).
+fn leftmost_into(s: &protobuf::SelectStmt) -> Option<&protobuf::IntoClause> {
+    let mut at = s;
+    loop {
+        if let Some(into) = at.into_clause.as_deref() {
+            return Some(into);
+        }
+        at = at.larg.as_deref()?;
+    }
+}
+
+/// The statement without the INTO [`leftmost_into`] found.
+fn without_into(s: &protobuf::SelectStmt) -> protobuf::SelectStmt {
+    let mut query = s.clone();
+    let mut at = &mut query;
+    loop {
+        if at.into_clause.take().is_some() {
+            break;
+        }
+        match at.larg.as_deref_mut() {
+            Some(l) => at = l,
+            None => break,
+        }
+    }
+    query
 }
 
 /// An optional node as a list of none or one.
@@ -969,8 +1115,7 @@ fn visit(n: N<'_>, facts: &mut Facts, per_row: &mut HashSet<*const protobuf::Sel
                 Some(w) => {
                     let mut conds = vec![w];
                     let by_name = join_quals(&s.from_clause, &mut conds);
-                    let m = Mentions::of(&conds, &s.from_clause);
-                    rels.into_iter().filter(|rv| !by_name && !m.may_refer_to(own_name(rv))).collect()
+                    rels.into_iter().filter(|rv| !by_name && !conds.iter().any(|c| limits(c, own_name(rv), &s.from_clause, facts))).collect()
                 }
             };
             if !rels.is_empty() && !only_aggregates(s) {
@@ -999,14 +1144,16 @@ fn visit(n: N<'_>, facts: &mut Facts, per_row: &mut HashSet<*const protobuf::Sel
                     facts.unbounded_reads.push((table(r), limit));
                 }
             }
-            if let Some(into) = s.into_clause.as_ref() {
+            // PostgreSQL takes the leftmost arm's INTO for a whole UNION / INTERSECT /
+            // EXCEPT: the new table gets every arm's rows.
+            if let Some(into) = leftmost_into(s) {
                 if let Some(rel) = into.rel.as_ref() {
                     facts.writes.insert(table(rel));
                 }
                 facts.kinds.insert(Kind::Create);
                 facts.creates_relation = true;
                 // The query is the statement without its INTO target.
-                let query = protobuf::SelectStmt { into_clause: None, ..s.clone() };
+                let query = without_into(s);
                 facts.copied_into_new_relation.extend(relations_read(&protobuf::Node { node: Some(NodeEnum::SelectStmt(Box::new(query))) }));
             }
         }
@@ -1186,12 +1333,12 @@ fn visit(n: N<'_>, facts: &mut Facts, per_row: &mut HashSet<*const protobuf::Sel
             if let Some(r) = a.relation.as_ref() {
                 facts.ddl.push((DdlVerb::Alter, table(r)));
             }
-            if ObjectType::try_from(a.objtype) == Ok(ObjectType::ObjectForeignTable) {
-                for c in &a.cmds {
-                    if let Some(NodeEnum::AlterTableCmd(cmd)) = c.node.as_ref() {
-                        if let Some(NodeEnum::List(l)) = cmd.def.as_deref().and_then(|d| d.node.as_ref()) {
-                            foreign_table_options(&l.items, facts);
-                        }
+            // Whatever the statement calls the relation: ALTER TABLE changes a foreign
+            // table's OPTIONS as ALTER FOREIGN TABLE does.
+            for c in &a.cmds {
+                if let Some(NodeEnum::AlterTableCmd(cmd)) = c.node.as_ref() {
+                    if let Some(NodeEnum::List(l)) = cmd.def.as_deref().and_then(|d| d.node.as_ref()) {
+                        foreign_table_options(&l.items, facts);
                     }
                 }
             }
@@ -1233,9 +1380,14 @@ fn visit(n: N<'_>, facts: &mut Facts, per_row: &mut HashSet<*const protobuf::Sel
             if let Some(rel) = r.relation.as_ref() {
                 facts.ddl.push((DdlVerb::Alter, table(rel)));
             }
-            if ObjectType::try_from(r.rename_type) == Ok(ObjectType::ObjectRole) {
-                facts.role_ddl = true;
+            match ObjectType::try_from(r.rename_type) {
+                Ok(ObjectType::ObjectRole) => facts.role_ddl = true,
+                Ok(ObjectType::ObjectSchema) => facts.renamed_schemas.push(r.subname.clone()),
+                _ => {}
             }
+        }
+        N::AlterTableMoveAllStmt(m) => {
+            facts.moves_all_tables |= matches!(ObjectType::try_from(m.objtype), Ok(ObjectType::ObjectTable | ObjectType::ObjectMatview));
         }
         N::AlterObjectSchemaStmt(a) => {
             if let Some(rel) = a.relation.as_ref() {
@@ -1262,7 +1414,13 @@ fn visit(n: N<'_>, facts: &mut Facts, per_row: &mut HashSet<*const protobuf::Sel
                 facts.writes.insert(table(rel));
             }
             if let Some(q) = v.query.as_deref() {
-                facts.copied_into_new_relation.extend(relations_read(q));
+                let read = relations_read(q);
+                // A view over pg_settings is updatable into it, and its rule calls
+                // set_config(): an UPDATE of the view changes any setting.
+                if read.iter().any(|t| t.name == "pg_settings" && t.schema.as_deref().is_none_or(|s| s == "pg_catalog")) {
+                    facts.changes_parser = true;
+                }
+                facts.copied_into_new_relation.extend(read);
             }
         }
         N::DropdbStmt(_) => facts.drops_database = true,
@@ -1292,7 +1450,7 @@ fn visit(n: N<'_>, facts: &mut Facts, per_row: &mut HashSet<*const protobuf::Sel
                                 Val::Sval(s) => Some(s.sval.to_ascii_lowercase()),
                                 _ => None,
                             });
-                            if value.as_deref().is_none_or(|v| UNSAFE_ENCODINGS.contains(&v.replace('-', "_").as_str())) {
+                            if value.as_deref().is_none_or(unsafe_client_encoding) {
                                 facts.changes_parser = true;
                             }
                         }
@@ -1326,7 +1484,7 @@ fn visit(n: N<'_>, facts: &mut Facts, per_row: &mut HashSet<*const protobuf::Sel
                         Val::Sval(s) => Some(s.sval.to_ascii_lowercase()),
                         _ => None,
                     });
-                    if sets && value.as_deref().is_none_or(|val| UNSAFE_ENCODINGS.contains(&val.replace('-', "_").as_str())) {
+                    if sets && value.as_deref().is_none_or(unsafe_client_encoding) {
                         facts.changes_parser = true;
                     }
                 }
@@ -1352,7 +1510,33 @@ fn visit(n: N<'_>, facts: &mut Facts, per_row: &mut HashSet<*const protobuf::Sel
         // ALTER EXTENSION … UPDATE runs the extension's update scripts.
         | N::AlterExtensionStmt(_)
         | N::AlterExtensionContentsStmt(_)
-        | N::CreateEventTrigStmt(_) => facts.opaque_code = true,
+        | N::CreateEventTrigStmt(_)
+        // These name existing functions without calling them, to be called later under
+        // another name or implicitly: an aggregate's state function (`sfunc =
+        // set_config`), an operator's (`function = pg_read_file`), a cast's, an
+        // operator class's support functions, a conversion, a language's handler, an
+        // access method's, a transform's, a type's input/output functions. Calls
+        // through them never show the function's own name.
+        | N::CreateCastStmt(_)
+        | N::CreateConversionStmt(_)
+        | N::CreateOpClassStmt(_)
+        | N::AlterOpFamilyStmt(_)
+        | N::AlterOperatorStmt(_)
+        | N::CreatePlangStmt(_)
+        | N::CreateAmStmt(_)
+        | N::CreateTransformStmt(_)
+        | N::AlterTypeStmt(_) => facts.opaque_code = true,
+        N::DefineStmt(d) => {
+            let kind = ObjectType::try_from(d.kind).unwrap_or(ObjectType::Undefined);
+            // Collations and text search dictionaries and configurations name no
+            // function; a shell type (`CREATE TYPE t`) has no definition.
+            let names_functions = match kind {
+                ObjectType::ObjectCollation | ObjectType::ObjectTsdictionary | ObjectType::ObjectTsconfiguration => false,
+                ObjectType::ObjectType => !d.definition.is_empty(),
+                _ => true,
+            };
+            facts.opaque_code |= names_functions;
+        }
         // A foreign server (postgres_fdw and the like) is a way out of the database,
         // as dblink is: `INSERT INTO remote_table SELECT … FROM patients`.
         N::CreateFdwStmt(_)

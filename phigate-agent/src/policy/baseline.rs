@@ -6,7 +6,7 @@
 //! |---|---|---|
 //! | `baseline.drop-phi` | block | DROP of a PHI table, of a policy/trigger/rule on one, of a schema or database holding one, DROP … CASCADE |
 //! | `baseline.truncate-phi` | block | TRUNCATE of a PHI table, TRUNCATE … CASCADE |
-//! | `baseline.alter-phi` | block | ALTER / rename / move of a PHI table, its row-level security policies and partitions |
+//! | `baseline.alter-phi` | block | ALTER / rename / move of a PHI table (also by renaming its schema or moving a whole tablespace), its row-level security policies and partitions |
 //! | `baseline.unfiltered-write` | block | DELETE/UPDATE without WHERE, or with an always-true WHERE |
 //! | `baseline.copy-server-side` | block | COPY to or from a server file or program |
 //! | `baseline.copy-phi-relation` | block | SELECT INTO / CREATE TABLE AS / CREATE VIEW from PHI tables; INSERT … SELECT, UPDATE … SET/FROM, MERGE … USING that copy from a PHI table into a table not certainly in `phi_tables`; set_config()/pg_notify() of a computed value in a statement reading PHI |
@@ -101,6 +101,14 @@ pub fn findings(p: &Policy, f: &Facts) -> Vec<Finding> {
             };
             out.push(block(rule, format!("{what} of PHI table {t}")));
         }
+    }
+    for s in &f.renamed_schemas {
+        if p.baseline.phi_tables.iter().any(|pt| pt.schema().is_none_or(|ps| ps == s)) {
+            out.push(block("baseline.alter-phi", format!("renaming schema {s} would rename the PHI tables in it")));
+        }
+    }
+    if f.moves_all_tables && !p.baseline.phi_tables.is_empty() {
+        out.push(block("baseline.alter-phi", "ALTER TABLE ALL IN TABLESPACE also moves PHI tables".into()));
     }
     if f.drops_database && !p.baseline.phi_tables.is_empty() {
         out.push(block("baseline.drop-phi", "DROP DATABASE would drop the PHI tables in it".into()));

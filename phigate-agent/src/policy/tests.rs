@@ -593,3 +593,158 @@ fn copy_from_is_an_insert_for_rules_naming_statement_kinds() {
     assert_eq!(decide(&p, "agent", "copy labs (id, test) from stdin with (format csv)").rule, "billing.read-only");
     assert_eq!(decide(&p, "agent", "copy labs to stdout").verdict, Verdict::Allow);
 }
+
+/// Each case is a statement the README says its rule catches, checked against
+/// a real PostgreSQL 15 by a review; every mismatch is listed.
+fn expect_each(cases: &[(&str, Verdict, &str)]) {
+    let p = policy(Vec::new());
+    let mut failures = Vec::new();
+    for (sql, verdict, rule) in cases {
+        let d = decide(&p, "agent", sql);
+        if (d.verdict, d.rule.as_str()) != (*verdict, *rule) {
+            failures.push(format!("{sql}: got {:?} {} ({}), want {verdict:?} {rule}", d.verdict, d.rule, d.reason));
+        }
+    }
+    assert!(failures.is_empty(), "{} case(s) failed:\n{}", failures.len(), failures.join("\n"));
+}
+
+#[test]
+fn client_encoding_spellings_postgresql_accepts() {
+    // PostgreSQL strips every character that is not a letter or digit from an encoding
+    // name and knows aliases phigate's list lacks: each of these sets BIG5, SJIS or
+    // SHIFT_JIS_2004 (client-only encodings whose second byte may be 0x5C).
+    expect_each(&[
+        ("set client_encoding = 'big-5'", Verdict::Block, "baseline.parser-settings"),
+        ("set client_encoding = 'Big 5'", Verdict::Block, "baseline.parser-settings"),
+        ("set names 'B.I.G.5'", Verdict::Block, "baseline.parser-settings"),
+        ("set client_encoding = 'shiftjis'", Verdict::Block, "baseline.parser-settings"),
+        ("set client_encoding = 'SHIFT_JIS_2004'", Verdict::Block, "baseline.parser-settings"),
+        ("set client_encoding = 'win950'", Verdict::Block, "baseline.parser-settings"),
+        ("set client_encoding = 'win932'", Verdict::Block, "baseline.parser-settings"),
+        ("select set_config('client_encoding', 'Big 5', false)", Verdict::Block, "baseline.parser-settings"),
+    ]);
+    assert!(analyze::setting_changes_parsing("client_encoding", "big-5"), "startup parameter client_encoding=big-5");
+}
+
+#[test]
+fn functions_named_by_aggregates_and_operators_are_called() {
+    // CREATE AGGREGATE / CREATE OPERATOR name a function without a call: the later
+    // `select sc('off', false)` or `select ### '/etc/passwd'` calls it under another name.
+    let p = policy(Vec::new());
+    let mut failures = Vec::new();
+    for sql in [
+        // set_config('standard_conforming_strings', 'off', false) as `select sc('off', false)`
+        "create aggregate sc(text, boolean) (sfunc = set_config, stype = text, initcond = 'standard_conforming_strings')",
+        // set_config('role', 'phi_admin', false) as `select sr('phi_admin', false)`
+        "create aggregate sr(text, boolean) (sfunc = pg_catalog.set_config, stype = text, initcond = 'role')",
+        // pg_read_file('/etc/passwd') as `select ### '/etc/passwd'`
+        "create operator ### (function = pg_read_file, rightarg = text)",
+        "create aggregate rf(boolean) (sfunc = pg_read_file, stype = text, initcond = '/etc/passwd')",
+    ] {
+        let d = decide(&p, "agent", sql);
+        if d.verdict != Verdict::Block {
+            failures.push(format!("{sql}: got {:?} {}", d.verdict, d.rule));
+        }
+    }
+    assert!(failures.is_empty(), "{} case(s) failed:\n{}", failures.len(), failures.join("\n"));
+}
+
+#[test]
+fn a_user_aggregate_named_like_a_single_row_one_reads_every_row() {
+    // sum(text) does not exist in pg_catalog: the agent's own sum concatenates every ssn
+    // into the one row the unbounded-read rule exempts (count(text) likewise wins over
+    // count("any") as the closer match). Workloads cannot create one.
+    expect_each(&[(
+        "create aggregate sum(text) (sfunc = textcat, stype = text, initcond = ''); select sum(ssn || ';') from patients",
+        Verdict::Block,
+        "baseline.opaque-code",
+    )]);
+}
+
+#[test]
+fn file_fdw_options_through_alter_table() {
+    // ALTER TABLE (not ALTER FOREIGN TABLE) works on a foreign table, OPTIONS included.
+    expect_each(&[
+        ("alter table ft options (drop filename, add program 'id > /tmp/pwned')", Verdict::Block, "baseline.copy-server-side"),
+        ("alter table ft options (set filename '/etc/passwd')", Verdict::Block, "baseline.copy-server-side"),
+    ]);
+}
+
+#[test]
+fn pg_settings_updated_through_a_view() {
+    // A view over pg_settings is auto-updatable into pg_settings, whose rule calls
+    // set_config(name, setting).
+    let p = policy(Vec::new());
+    let sql = "create view v as select * from pg_settings; update v set setting = 'off' where name = 'standard_conforming_strings'";
+    let d = decide(&p, "agent", sql);
+    assert_eq!((d.verdict, d.rule.as_str()), (Verdict::Block, "baseline.parser-settings"), "{sql}");
+}
+
+#[test]
+fn always_true_conditions_under_negation_and_boolean_tests() {
+    // A column compared with itself under NOT/IS FALSE/= false, `= ALL`, De Morgan, and
+    // an OR with a condition on other relations only: each deletes every row of labs
+    // (PostgreSQL 15: DELETE 5 of 5) or reads every patient.
+    expect_each(&[
+        ("delete from labs where not not (id = id)", Verdict::Block, "baseline.unfiltered-write"),
+        ("delete from labs where not (id is distinct from id)", Verdict::Block, "baseline.unfiltered-write"),
+        ("delete from labs where (id <> id) is false", Verdict::Block, "baseline.unfiltered-write"),
+        ("delete from labs where (id <> id) is not true", Verdict::Block, "baseline.unfiltered-write"),
+        ("delete from labs where (id <> id) = false", Verdict::Block, "baseline.unfiltered-write"),
+        ("delete from labs where id = all(array[id])", Verdict::Block, "baseline.unfiltered-write"),
+        ("delete from labs where not (id is null and id is not null)", Verdict::Block, "baseline.unfiltered-write"),
+        ("delete from labs where id = 5 or exists (select 1 from other o where o.flag)", Verdict::Block, "baseline.unfiltered-write"),
+        ("delete from labs using other o where labs.id = 5 or o.id = 1", Verdict::Block, "baseline.unfiltered-write"),
+        ("merge into labs l using other o on not not (l.id = l.id) when matched then delete", Verdict::Block, "baseline.unfiltered-write"),
+        ("select * from patients where not not (id = id)", Verdict::Approve, "baseline.unbounded-phi-read"),
+        ("select * from patients where not (id is distinct from id)", Verdict::Approve, "baseline.unbounded-phi-read"),
+        ("select * from patients where id = all(array[id])", Verdict::Approve, "baseline.unbounded-phi-read"),
+        ("select * from patients p, other o where p.id = 5 or o.id = 1", Verdict::Approve, "baseline.unbounded-phi-read"),
+        (
+            "select * from patients p join other o on true where p.id = 5 or exists (select 1 from other x where x.flag)",
+            Verdict::Approve,
+            "baseline.unbounded-phi-read",
+        ),
+        // Still limits: each branch picks patients rows, or one AND side does.
+        ("select * from patients p, other o where p.id = 5 or p.id = 6", Verdict::Allow, "default"),
+        ("select * from patients p, other o where (p.id = 5 or p.id = 6) and o.id = 1", Verdict::Allow, "default"),
+        ("delete from labs where id = 5 or id = 6", Verdict::Allow, "default"),
+        ("delete from labs where not (id <> 5)", Verdict::Allow, "default"),
+        ("delete from labs where (id = 5) is true", Verdict::Allow, "default"),
+    ]);
+}
+
+#[test]
+fn phi_tables_moved_by_alter_table_all_in_tablespace() {
+    // Moves every table the role owns, patients included (PostgreSQL 15: pg_tables
+    // shows patients in ts2 afterwards).
+    expect_each(&[("alter table all in tablespace pg_default owned by agent set tablespace ts2", Verdict::Block, "baseline.alter-phi")]);
+}
+
+#[test]
+fn select_into_reads_every_arm_of_a_set_operation() {
+    // PostgreSQL moves the leftmost arm's INTO to the whole UNION/INTERSECT/EXCEPT
+    // (transformOptionalSelectInto): the new table gets every arm's rows. PostgreSQL 15:
+    // `select * from x` returns both patients' ssn.
+    expect_each(&[
+        ("select * into x from labs where id < 0 union all select id, id, ssn from patients where id > 0", Verdict::Block, "baseline.copy-phi-relation"),
+        (
+            "with p as (select id, id, ssn from patients where id > 0) select * into x2 from labs where id < 0 union all select * from p",
+            Verdict::Block,
+            "baseline.copy-phi-relation",
+        ),
+        ("select * into x from labs where id < 0 intersect select id, id, ssn from patients where id > 0", Verdict::Block, "baseline.copy-phi-relation"),
+    ]);
+}
+
+#[test]
+fn renaming_the_schema_of_phi_tables() {
+    // PostgreSQL 15: the database owner owns schema public (pg_database_owner) and may
+    // rename it; public.patients is then clinic.patients, which no rule treats as PHI.
+    expect_each(&[
+        ("alter schema public rename to clinic", Verdict::Block, "baseline.alter-phi"),
+        // The rename is refused first, so the DROP never names the moved table.
+        ("alter schema public rename to clinic; drop table clinic.patients", Verdict::Block, "baseline.alter-phi"),
+        ("alter schema billing rename to billing2", Verdict::Allow, "default"),
+    ]);
+}
