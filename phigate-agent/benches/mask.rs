@@ -102,7 +102,7 @@ fn bench_rows_masker() -> Masker {
         rules: vec![
             Rule { id: "ssn".into(), target: col("ssn"), strategy: Strategy::Partial { keep_last: 4 } },
             Rule { id: "name".into(), target: col("name"), strategy: Strategy::Hash { hex_len: 16, prefix: String::new() } },
-            Rule { id: "dob".into(), target: col("dob"), strategy: Strategy::Year },
+            Rule { id: "dob".into(), target: col("dob"), strategy: Strategy::Year { ages: true } },
         ],
         detectors: Detectors::new(&Kind::ALL, &[]).unwrap(),
         free_text: true,

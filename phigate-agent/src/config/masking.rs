@@ -234,7 +234,7 @@ impl Validator<'_> {
                 }
                 Strategy::Hash { hex_len: len, prefix: r.prefix.unwrap_or_default() }
             }
-            "year" => Strategy::Year,
+            "year" => Strategy::Year { ages: true },
             "zip3" => Strategy::Zip3,
             "detect" => Strategy::Detect,
             "keep" => Strategy::Keep,

@@ -145,7 +145,19 @@ fn statement(n: &Node) -> Statement {
     st.outputs = match n.node.as_ref() {
         Some(NodeEnum::SelectStmt(_) | NodeEnum::InsertStmt(_) | NodeEnum::UpdateStmt(_) | NodeEnum::DeleteStmt(_)) => Some(node_outputs(n, &Scope::root())),
         // A plan or a setting: text about the query or the server, not table values.
-        Some(NodeEnum::ExplainStmt(_) | NodeEnum::VariableShowStmt(_)) => Some(Vec::new()),
+        Some(NodeEnum::ExplainStmt(_)) => Some(Vec::new()),
+        // SHOW of a setting that can hold any text (application_name, search_path, a
+        // custom one, as set_config() stored it) is as untraceable as its
+        // current_setting(); SHOW ALL lists such values too.
+        Some(NodeEnum::VariableShowStmt(v)) => {
+            let opaque = |o: bool| Sources { opaque: o, ..Sources::default() };
+            let out = |name: &str, o: bool| Output { name: name.to_string(), star: false, sources: opaque(o) };
+            Some(if v.name.eq_ignore_ascii_case("all") {
+                vec![out("name", false), out("setting", true), out("description", false)]
+            } else {
+                vec![out(&v.name, !fixed_value_setting(&v.name))]
+            })
+        }
         Some(NodeEnum::FetchStmt(f)) => {
             st.uses = Some(Named::Cursor(f.portalname.clone()));
             None
@@ -322,8 +334,24 @@ fn add_from_item(n: &Node, scope: &mut Scope<'_>) {
     match n.node.as_ref() {
         Some(NodeEnum::RangeVar(rv)) => {
             let alias = rv.alias.as_ref().map(|a| a.aliasname.clone()).unwrap_or_else(|| rv.relname.clone());
+            let renamed = rv.alias.as_ref().map(|a| string_nodes(&a.colnames)).unwrap_or_default();
             let item = match (rv.schemaname.is_empty(), scope.cte(&rv.relname)) {
-                (true, Some(outs)) => Item::Derived(outs.clone()),
+                (true, Some(outs)) => {
+                    // `FROM c AS c2(k, n)`: the CTE's columns by position, renamed.
+                    let mut outs = outs.clone();
+                    for (o, name) in outs.iter_mut().zip(renamed) {
+                        o.name = name;
+                    }
+                    Item::Derived(outs)
+                }
+                // `FROM patients AS p(x, y, z)` renames the table's first columns in
+                // their catalog order, which phigate does not know here: any column
+                // of it may be any of the table's.
+                _ if !renamed.is_empty() => Item::Derived(vec![Output {
+                    name: String::new(),
+                    star: true,
+                    sources: Sources { whole_rows: [rel_name(rv)].into(), ..Sources::default() },
+                }]),
                 _ => Item::Table(rel_name(rv)),
             };
             scope.items.push((alias, item));
@@ -432,6 +460,30 @@ static FUNCTIONS: std::sync::LazyLock<std::collections::HashSet<&'static str>> =
     std::sync::LazyLock::new(|| catalog_names(include_str!("builtin_functions.txt")));
 static OPERATORS: std::sync::LazyLock<std::collections::HashSet<&'static str>> =
     std::sync::LazyLock::new(|| catalog_names(include_str!("builtin_operators.txt")));
+
+/// See their use in [`collect`].
+const STORED_TEXT_FUNCTIONS: &[&str] = &[
+    "lo_get",
+    "loread",
+    "pg_stat_get_activity",
+    "pg_stat_get_backend_activity",
+    "pg_prepared_statement",
+    "pg_cursor",
+    "pg_show_all_settings",
+    "pg_show_all_file_settings",
+    "pg_mcv_list_items",
+];
+
+/// Settings whose values cannot carry free text (see the list's header).
+static SETTINGS: std::sync::LazyLock<std::collections::HashSet<&'static str>> =
+    std::sync::LazyLock::new(|| catalog_names(include_str!("builtin_settings.txt")));
+
+/// Whether a setting's value is one PostgreSQL checks against a fixed set (a number,
+/// a boolean, an enum, an encoding …), not text set_config() could fill with data:
+/// application_name, search_path and custom (dotted) settings are not.
+fn fixed_value_setting(name: &str) -> bool {
+    SETTINGS.contains(name.to_ascii_lowercase().as_str())
+}
 
 /// The built-in a name (as the parser wrote it) stands for: unqualified or
 /// `pg_catalog.`, and in `builtins`. Anything else — the database's own, or a built-in
@@ -708,11 +760,18 @@ fn collect(n: &Node, scope: &Scope<'_>, out: &mut Sources, depth: u32) {
             if let (Some(n), [_]) = (&name, f.args.as_slice()) {
                 out.casts.insert(RelName { schema: None, name: n.clone() });
             }
+            // Built-ins returning what is stored outside any table column: a large
+            // object (whatever lo_from_bytea wrote), other sessions' statements, the
+            // session's prepared statements and cursors, the settings, the
+            // planner's sampled values.
+            if name.as_deref().is_some_and(|n| STORED_TEXT_FUNCTIONS.contains(&n)) {
+                out.opaque = true;
+            }
             // current_setting() of a custom setting returns what set_config() stored,
             // which may be anything.
             if name.as_deref() == Some("current_setting") {
                 let known = match f.args.first().and_then(|a| a.node.as_ref()) {
-                    Some(NodeEnum::AConst(c)) => matches!(&c.val, Some(protobuf::a_const::Val::Sval(s)) if !s.sval.contains('.')),
+                    Some(NodeEnum::AConst(c)) => matches!(&c.val, Some(protobuf::a_const::Val::Sval(s)) if fixed_value_setting(&s.sval)),
                     _ => false,
                 };
                 out.opaque |= !known;
@@ -1146,7 +1205,14 @@ mod tests {
         assert_eq!((s[1].outputs.as_ref(), s[1].uses.as_ref()), (None, Some(&Named::Cursor("c".into()))));
         assert_eq!((s[2].outputs.as_ref(), s[2].uses.as_ref()), (None, Some(&Named::Prepared("q".into()))));
         assert_eq!(s[3].outputs, None, "a procedure's output is not traceable");
-        assert_eq!(s[4].outputs, Some(Vec::new()), "a setting is no table data");
+        let shown = s[4].outputs.as_ref().expect("SHOW has one column");
+        assert!(shown.len() == 1 && shown[0].name == "search_path" && shown[0].sources.opaque, "search_path holds what set_config() stored");
+        let s = statements("show work_mem; show all; select current_setting('TimeZone'), current_setting('application_name')").unwrap();
+        assert!(!s[0].outputs.as_ref().unwrap()[0].sources.opaque, "a number is no table data");
+        let all: Vec<bool> = s[1].outputs.as_ref().unwrap().iter().map(|o| o.sources.opaque).collect();
+        assert_eq!(all, [false, true, false], "SHOW ALL's setting column");
+        let set: Vec<bool> = s[2].outputs.as_ref().unwrap().iter().map(|o| o.sources.opaque).collect();
+        assert_eq!(set, [false, true]);
         let s = statements("prepare q as select ssn from patients p join labs l on l.id = p.id; close all").unwrap();
         match &s[0].effect {
             Some(Effect::Define { name: Named::Prepared(q), query, .. }) => {

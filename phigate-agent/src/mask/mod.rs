@@ -457,6 +457,7 @@ impl Masker {
         match req {
             Request::Query(sql) => {
                 self.note_statement(sql);
+                self.forget_protocol_names(sql);
                 self.copies_seen = 0;
                 self.pending.push_back(Pending::Boundary);
                 self.definitions.batch_end();
@@ -467,7 +468,13 @@ impl Masker {
             }
             Request::Describe { portal: false, name } => self.pending.push_back(Pending::Statement(self.stmts.get(name).cloned())),
             Request::Describe { portal: true, name } => self.pending.push_back(Pending::Portal(self.portals.get(name).cloned())),
-            Request::Execute { portal } => self.pending.push_back(Pending::Execute(self.portals.get(portal).cloned())),
+            Request::Execute { portal } => {
+                let p = self.portals.get(portal).cloned();
+                if let Some(sql) = p.as_ref().and_then(|p| p.stmt.as_ref()).map(|s| s.sql.clone()) {
+                    self.forget_protocol_names(&sql);
+                }
+                self.pending.push_back(Pending::Execute(p));
+            }
             _ => {}
         }
         match frame.tag() {
@@ -529,6 +536,35 @@ impl Masker {
             use crate::policy::analyze::Kind as K;
             if a.statements.iter().any(|f| f.kinds.iter().any(|k| matches!(k, K::Create | K::Alter | K::Drop))) {
                 self.ddl_seen = true;
+            }
+        }
+    }
+
+    /// SQL's PREPARE / DEALLOCATE and DECLARE / CLOSE / DISCARD act on the names the
+    /// protocol's Parse and Bind define (one namespace each): a statement or portal
+    /// of that name is no longer the one phigate saw described. Forgotten when the
+    /// SQL is sent, ahead of any Bind or Execute pipelined behind it; should the SQL
+    /// fail, the name's rows are refused, never masked with a stale plan.
+    fn forget_protocol_names(&mut self, sql: &str) {
+        const KEYWORDS: [&[u8]; 5] = [b"declare", b"prepare", b"close", b"deallocate", b"discard"];
+        if !KEYWORDS.iter().any(|k| sql.as_bytes().windows(k.len()).any(|w| w.eq_ignore_ascii_case(k))) {
+            return;
+        }
+        for st in self.statements(sql).iter() {
+            match &st.effect {
+                Some(Effect::Define { name, .. } | Effect::Forget(name)) => match name {
+                    Named::Prepared(n) => drop(self.stmts.remove(n)),
+                    Named::Cursor(n) => drop(self.portals.remove(n)),
+                },
+                Some(Effect::ForgetAll { cursors, prepared }) => {
+                    if *cursors {
+                        self.portals.clear();
+                    }
+                    if *prepared {
+                        self.stmts.clear();
+                    }
+                }
+                None => {}
             }
         }
     }
@@ -1029,6 +1065,8 @@ impl Masker {
             let ty = CellType { class, binary };
             let mut best: Option<usize> = None;
             let mut untraced = false;
+            // The table column itself (not a value computed from it, nor a view's).
+            let mut direct: Option<(RelName, String)> = None;
             let consider = |idx: usize, best: &mut Option<usize>| {
                 if best.is_none_or(|b| self.profile.rules[idx].strategy.strength() > self.profile.rules[b].strategy.strength()) {
                     *best = Some(idx);
@@ -1039,6 +1077,7 @@ impl Masker {
                 let mut trace = Trace::default();
                 match (&rel, rel.as_ref().and_then(|r| r.column(f.column))) {
                     (Some(rel), Some(col)) => {
+                        direct = Some((rel.name.clone(), col.name.clone()));
                         self.rules_for_column(&catalog, &rel.name, &col.name, 0, &mut trace);
                         // A view's attribute n is its n-th output (attnum ≥ 1 here).
                         let pos = usize::try_from(f.column).ok().and_then(|c| c.checked_sub(1));
@@ -1131,6 +1170,16 @@ impl Masker {
                 }
                 _ => (Strategy::Keep, None),
             };
+            // `year` reads a number as an age only on the column its rule names: a
+            // number computed from a date (`extract(day from dob)`) is part of it.
+            let strategy = match strategy {
+                Strategy::Year { ages: true }
+                    if !rule.is_some_and(|r| direct.as_ref().is_some_and(|(rel, col)| self.profile.rules[r].target.matches_column(rel, col))) =>
+                {
+                    Strategy::Year { ages: false }
+                }
+                other => other,
+            };
             columns.push(ColumnPlan { strategy, rule, fallback, ty });
         }
         Ok(Ok(Plan { columns }))
@@ -1152,8 +1201,11 @@ impl Masker {
         trace.rules.extend(self.profile.rules.iter().enumerate().filter(|(_, r)| r.target.matches_column(rel, column)).map(|(i, _)| i));
         // An anyarray column holds values of whichever table column its row names
         // (pg_statistic's samples behind pg_stats' most_common_vals and
-        // histogram_bounds): no rule of its own can place them.
-        if catalog.has_column_of_type(rel, column, ANYARRAY) {
+        // histogram_bounds), and so do a pg_mcv_list (extended statistics' most
+        // common values) and pg_statistic_ext_data's `stxdexpr` (pg_statistic rows
+        // of expressions): no rule of their own can place them.
+        let expression_samples = rel.name == "pg_statistic_ext_data" && column == "stxdexpr" && rel.schema.as_deref().is_none_or(|s| s == "pg_catalog");
+        if expression_samples || catalog.has_column_of_type(rel, column, ANYARRAY) || catalog.has_column_of_type(rel, column, PG_MCV_LIST) {
             trace.opaque = true;
             trace.reads.insert(rel.clone());
         }
@@ -1439,6 +1491,10 @@ impl Masker {
         let sqlstate = fields.iter().find(|(c, _)| *c == b'C').map(|(_, v)| v.clone()).unwrap_or_default();
         // libxml's complaint quotes the offending line of the input, unquoted.
         let xml_error = sqlstate.len() == 5 && sqlstate.starts_with(b"2200") && matches!(sqlstate[4], b'L' | b'M' | b'N' | b'S' | b'T');
+        // Data exceptions, program limits (`chr()` of a number too large), and
+        // undefined objects named by a value (`::regoper`, `::regtype` of a name)
+        // echo the value they were given.
+        let echoes_input = sqlstate.starts_with(b"22") || sqlstate.starts_with(b"54") || sqlstate == b"42883" || sqlstate == b"42704";
         // RAISE in a function: its message, detail and hint are the function's own
         // text, built from whatever it read.
         let raised = fields.iter().any(|(c, v)| *c == b'W' && v.windows(8).any(|w| w == b"at RAISE"));
@@ -1471,6 +1527,10 @@ impl Masker {
                 } else {
                     for hide in [hide_key_values, hide_failing_row, hide_json_context] {
                         let new = hide(value);
+                        apply(value, new);
+                    }
+                    if echoes_input && matches!(*code, b'M' | b'D') {
+                        let new = hide_echoed_input(value);
                         apply(value, new);
                     }
                     if xml_error && *code == b'D' {
@@ -1571,6 +1631,33 @@ fn hide_json_context(text: &[u8]) -> Option<Vec<u8>> {
     Some(format!("{}masked by phigate", &s[..colon]).into_bytes())
 }
 
+/// Errors about a value echo it unquoted, too: `date out of range: 10001936-06-09`,
+/// `requested character too large for encoding: 710571746`, `index 710571746 out of
+/// valid range, 0..7`, `operator does not exist: Garcia` (a value cast to regoper).
+/// In such errors (data exceptions, and an undefined object or function named by a
+/// value) what follows the first `: ` is hidden unless it is quoted (quoted values
+/// are [`hide_quoted`]'s), and so is every run of three or more digits.
+fn hide_echoed_input(text: &[u8]) -> Option<Vec<u8>> {
+    let s = String::from_utf8_lossy(text);
+    let kept = match s.find(": ") {
+        Some(k) if !s[k + 2..].starts_with('"') => format!("{}masked by phigate", &s[..k + 2]),
+        _ => s.into_owned(),
+    };
+    let chars: Vec<char> = kept.chars().collect();
+    let mut out = String::with_capacity(kept.len());
+    let mut i = 0;
+    while i < chars.len() {
+        let run = chars[i..].iter().take_while(|c| c.is_ascii_digit()).count();
+        match run {
+            0 => out.push(chars[i]),
+            1 | 2 => out.extend(&chars[i..i + run]),
+            _ => out.extend(std::iter::repeat_n('#', run)),
+        }
+        i += run.max(1);
+    }
+    (out.as_bytes() != text).then(|| out.into_bytes())
+}
+
 /// `Failing row contains (…)` with the row's values hidden.
 fn hide_failing_row(text: &[u8]) -> Option<Vec<u8>> {
     let s = String::from_utf8_lossy(text);
@@ -1666,6 +1753,8 @@ fn own_cast_applies(catalog: &Catalog, s: &Sources) -> bool {
 
 /// PostgreSQL's `anyarray` pseudo-type, which only the statistics catalogs store.
 const ANYARRAY: u32 = 2277;
+/// `pg_mcv_list`: extended statistics' most common values.
+const PG_MCV_LIST: u32 = 5017;
 
 /// How deep views over views are followed.
 const MAX_VIEW_DEPTH: u32 = 8;

@@ -34,7 +34,12 @@ pub enum Strategy {
         hex_len: usize,
         prefix: String,
     },
-    Year,
+    /// Dates to their year. `ages`: a number is an age (over 89 becomes 90); false for
+    /// a value computed from a date column, where a number may be its month, day or
+    /// day count, so numbers are NULL.
+    Year {
+        ages: bool,
+    },
     Zip3,
     /// Run the free-text detectors over the value.
     Detect,
@@ -50,7 +55,7 @@ impl Strategy {
             Strategy::Hash { .. } => 5,
             Strategy::Partial { .. } => 4,
             Strategy::Zip3 => 3,
-            Strategy::Year => 2,
+            Strategy::Year { .. } => 2,
             Strategy::Detect => 1,
             Strategy::Keep => 0,
         }
@@ -61,7 +66,7 @@ impl Strategy {
             Strategy::Redact { .. } => "redact",
             Strategy::Partial { .. } => "partial",
             Strategy::Hash { .. } => "hash",
-            Strategy::Year => "year",
+            Strategy::Year { .. } => "year",
             Strategy::Zip3 => "zip3",
             Strategy::Detect => "detect",
             Strategy::Keep => "keep",
@@ -303,7 +308,7 @@ pub fn apply_into(
             }
             _ => Outcome::Null,
         },
-        Strategy::Year => year(ctx, ty, value, out)?,
+        Strategy::Year { ages } => year(ctx, ty, *ages, value, out)?,
     })
 }
 
@@ -423,9 +428,13 @@ fn format_uuid(b: &[u8; 16]) -> String {
 /// Keep the last `keep` letters and digits; hide the others; keep punctuation so the
 /// shape (`***-**-6789`) still reads.
 fn partial_into(value: &[u8], keep: usize, out: &mut Vec<u8>) {
+    // A value with no more than twice `keep` letters and digits is hidden whole: it
+    // is a piece (`substr(ssn, 1, 3)`, `substr(ssn, 8, 4)`), and pieces kept whole
+    // would put the value together again.
+    let hidden = |total: usize| if total > 2 * keep { total - keep } else { total };
     if value.is_ascii() {
         let total = value.iter().filter(|b| b.is_ascii_alphanumeric()).count();
-        let mut hide = total.saturating_sub(keep);
+        let mut hide = hidden(total);
         out.extend(value.iter().map(|&b| {
             if hide > 0 && b.is_ascii_alphanumeric() {
                 hide -= 1;
@@ -437,7 +446,7 @@ fn partial_into(value: &[u8], keep: usize, out: &mut Vec<u8>) {
     }
     let text = String::from_utf8_lossy(value);
     let total = text.chars().filter(|c| c.is_alphanumeric()).count();
-    let hide = total.saturating_sub(keep);
+    let hide = hidden(total);
     let mut seen = 0;
     let mut buf = [0u8; 4];
     for c in text.chars() {
@@ -530,7 +539,7 @@ fn year_of_days(days: i64) -> i32 {
     (yoe + era * 400 + i64::from(month <= 2)) as i32
 }
 
-fn year(ctx: &Context<'_>, ty: CellType, value: &[u8], out: &mut Vec<u8>) -> Result<Outcome, StrategyError> {
+fn year(ctx: &Context<'_>, ty: CellType, ages: bool, value: &[u8], out: &mut Vec<u8>) -> Result<Outcome, StrategyError> {
     use TypeClass as T;
     let clamp = |y: i32| y.max(ctx.oldest_year());
     Ok(match (ty.class, ty.binary) {
@@ -561,6 +570,8 @@ fn year(ctx: &Context<'_>, ty: CellType, value: &[u8], out: &mut Vec<u8>) -> Res
             // A form it cannot generalise (fail closed).
             None => Outcome::Null,
         },
+        // Not an age: a number computed from a date (its month, its day) is NULL.
+        (T::Int2 | T::Int4 | T::Int8 | T::Numeric, _) if !ages => Outcome::Null,
         (T::Int2 | T::Int4 | T::Int8, _) => {
             let v: i64 = integer_text(ty, value)?.parse().map_err(|_| StrategyError::Malformed { what: "integer", len: value.len() })?;
             if v > 89 {
@@ -581,7 +592,9 @@ fn year(ctx: &Context<'_>, ty: CellType, value: &[u8], out: &mut Vec<u8>) -> Res
             let text = String::from_utf8_lossy(value);
             let t = text.trim();
             if let Ok(age) = t.parse::<f64>() {
-                if age > 89.0 {
+                if !ages {
+                    Outcome::Null
+                } else if age > 89.0 {
                     written(out, b"90+")
                 } else {
                     Outcome::Same
@@ -763,12 +776,16 @@ mod tests {
         let p = Strategy::Partial { keep_last: 4 };
         assert_eq!(text(run(&p, TypeClass::Text, false, b"123-45-6789")), "***-**-6789");
         assert_eq!(text(run(&p, TypeClass::Text, true, b"4111 1111 1111 1111")), "**** **** **** 1111");
-        assert_eq!(text(run(&p, TypeClass::Text, false, b"ab")), "ab");
+        // Pieces (no more than twice keep_last letters and digits) are hidden whole.
+        assert_eq!(text(run(&p, TypeClass::Text, false, b"ab")), "**");
+        assert_eq!(text(run(&p, TypeClass::Text, false, b"123-45-67")), "***-**-**");
+        assert_eq!(text(run(&p, TypeClass::Text, false, b"6789")), "****");
         assert_eq!(
-            text(run(&Strategy::Partial { keep_last: 2 }, TypeClass::Text, false, "Zoë-12".as_bytes())),
-            "***-12",
+            text(run(&Strategy::Partial { keep_last: 2 }, TypeClass::Text, false, "Zoë-125".as_bytes())),
+            "***-*25",
             "letters beyond ASCII count as letters"
         );
+        assert_eq!(text(run(&Strategy::Partial { keep_last: 2 }, TypeClass::Text, false, "Zoë-1".as_bytes())), "***-*");
     }
 
     #[test]
@@ -798,7 +815,7 @@ mod tests {
 
     #[test]
     fn year_generalises_dates_and_ages() {
-        let y = Strategy::Year;
+        let y = Strategy::Year { ages: true };
         assert_eq!(text(run(&y, TypeClass::Date, false, b"1961-04-17")), "1961-01-01");
         assert_eq!(text(run(&y, TypeClass::Date, false, b"04/17/1961")), "01/01/1961");
         assert_eq!(text(run(&y, TypeClass::Timestamp, false, b"1961-04-17 13:45:12.5+02")), "1961-01-01 00:00:00.0+02");
@@ -872,7 +889,7 @@ mod reviewed_inputs {
         // text `Mon Apr 17 13:45:12.5 1961` (checked with psql). generalise_date_text
         // zeroes digits only: the month name and weekday pass.
         for v in [&b"Mon Apr 17 13:45:12.5 1961"[..], b"Mon Apr 17 11:45:12.5 1961 UTC"] {
-            let out = run(&Strategy::Year, TypeClass::Timestamp, false, v).unwrap();
+            let out = run(&Strategy::Year { ages: true }, TypeClass::Timestamp, false, v).unwrap();
             let out = String::from_utf8_lossy(out.flatten().as_deref().unwrap_or(b"")).into_owned();
             assert!(!out.contains("Apr") && !out.contains("Mon"), "{out}");
         }

@@ -61,7 +61,7 @@ fn profile() -> Arc<Profile> {
         rules: vec![
             Rule { id: "ssn".into(), target: col("patients", "ssn"), strategy: Strategy::Partial { keep_last: 4 } },
             Rule { id: "name".into(), target: col("patients", "name"), strategy: Strategy::Hash { hex_len: 16, prefix: "pt_".into() } },
-            Rule { id: "dob".into(), target: col("patients", "dob"), strategy: Strategy::Year },
+            Rule { id: "dob".into(), target: col("patients", "dob"), strategy: Strategy::Year { ages: true } },
             Rule { id: "mrn-like".into(), target: Target::Name("*mrn*".into()), strategy: Strategy::Redact { token: "[REDACTED]".into(), null: false } },
         ],
         detectors: Detectors::new(&Kind::ALL, &[]).unwrap(),
@@ -658,7 +658,8 @@ fn a_sync_the_server_ignored_inside_copy_closes_no_batch() {
 /// Run a simple query through the masker: the RowDescription, one row, the rest.
 fn one_row(m: &mut Masker, sql: &str, fields: &[Field], row: &[Option<&[u8]>]) -> Vec<String> {
     m.frontend(&query(sql));
-    assert!(matches!(m.backend(&msg::row_description(fields)), Step::Forward), "{sql}");
+    let step = m.backend(&msg::row_description(fields));
+    assert!(matches!(step, Step::Forward), "{sql}: {step:?}");
     let out = cells_after(m, &data_row(row)).iter().map(s).collect();
     m.backend(&Frame::build(b'C', b"SELECT 1\0"));
     m.backend(&Frame::build(b'Z', b"I"));
@@ -698,7 +699,7 @@ fn untraceable_computed_columns_are_not_left_to_the_detectors() {
         ("select count(*) from patients", 20, b"3"),
         ("select upper(test) from labs", 25, b"A1C"),
         ("select g from generate_series(1, 3) g", 23, b"2"),
-        ("show search_path", 25, b"public"),
+        ("show work_mem", 25, b"4MB"),
     ] {
         assert_eq!(one_row(&mut m, sql, &[field("x", 0, 0, ty, 0)], &[Some(v)]), [String::from_utf8_lossy(v)], "{sql}");
     }
@@ -1396,4 +1397,142 @@ fn anyarray_statistics_samples_are_untraceable() {
     m.backend(&Frame::build(b'C', b"SELECT 1\0"));
     m.backend(&Frame::build(b'Z', b"I"));
     assert_eq!(computed_cell(&mut m, "select v from pg_statistic, unnest(stavalues1::text::text[]) v", b"Maria Garcia"), "[REDACTED]");
+}
+
+// Masking paths found by a review (each failed before its fix).
+
+/// SQL `DEALLOCATE q` drops a protocol-level statement too (one namespace), and SQL
+/// `PREPARE q` then redefines it. phigate used to forget only its SQL-level record, so
+/// a later Bind to `q` without a Describe was masked by the old statement's
+/// description (labs.test: detectors only); now the name is forgotten and its rows
+/// refused.
+#[test]
+fn a_protocol_statement_redefined_by_sql_prepare_is_not_masked_by_its_old_plan() {
+    let mut m = masker();
+    send(&mut m, &[parse("q", "select test from labs"), describe(b'S', "q"), sync()]);
+    bookkeeping(&mut m, b"1t");
+    m.backend(&msg::row_description(&[field("test", LABS, 2, 25, 0)]));
+    bookkeeping(&mut m, b"Z");
+    completed(&mut m, "deallocate q; prepare q as select name from patients where id = 1", &["DEALLOCATE", "PREPARE"], b"I");
+    send(&mut m, &[bind("", "q"), execute(""), sync()]);
+    bookkeeping(&mut m, b"2");
+    // What the server now sends: patients.name, for a statement phigate never saw
+    // described: refused, not masked by the old plan.
+    assert_refused(m.backend(&data_row(&[Some(b"Maria Garcia")])));
+}
+
+/// The masker answered a row with its refusal (an ErrorResponse), not with data.
+fn assert_refused(step: Step) {
+    match step {
+        Step::Replace(parts) => {
+            let text = String::from_utf8_lossy(&parts[0]).into_owned();
+            assert!(parts[0][0] == b'E' && text.contains("phigate: refused to return this result") && !text.contains("Maria Garcia"), "{text}");
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+/// SQL `CLOSE c` closes a protocol-level portal too, and `DECLARE c` reopens the
+/// name; an Execute of `c` was masked by the old portal's plan, and is refused now.
+#[test]
+fn a_protocol_portal_reopened_by_sql_declare_is_not_masked_by_its_old_plan() {
+    let mut m = masker();
+    completed(&mut m, "begin", &["BEGIN"], b"T");
+    send(&mut m, &[parse("s", "select test from labs"), bind("c", "s"), describe(b'P', "c"), execute("c"), sync()]);
+    bookkeeping(&mut m, b"12");
+    m.backend(&msg::row_description(&[field("test", LABS, 2, 25, 0)]));
+    let out = cells_after(&mut m, &data_row(&[Some(b"A1C")]));
+    assert_eq!(s(&out[0]), "A1C");
+    bookkeeping(&mut m, b"sZ");
+    completed(&mut m, "close c; declare c cursor for select name from patients", &["CLOSE CURSOR", "DECLARE CURSOR"], b"T");
+    send(&mut m, &[execute("c"), sync()]);
+    assert_refused(m.backend(&data_row(&[Some(b"Maria Garcia")])));
+}
+
+/// `SHOW x.v` of a custom setting returns what `set_config()` stored, like
+/// `current_setting('x.v')`; so do application_name and search_path. Untraceable.
+#[test]
+fn show_of_a_setting_that_holds_any_text_is_untraceable() {
+    let mut m = masker();
+    let out = one_row(&mut m, "show x.v", &[field("x.v", 0, 0, 25, 0)], &[Some(b"Maria Garcia")]);
+    assert_ne!(out[0], "Maria Garcia", "SHOW of a custom setting");
+    // A built-in string setting set_config() can also hold a value (application_name,
+    // search_path): current_setting() of it is traced as a constant.
+    let out = one_row(&mut m, "select current_setting('application_name')", &[field("current_setting", 0, 0, 25, 0)], &[Some(b"Maria Garcia")]);
+    assert_ne!(out[0], "Maria Garcia", "current_setting('application_name')");
+}
+
+/// A large object holds whatever was written to it (`lo_from_bytea(4242,
+/// convert_to(name, 'UTF8')) from patients`, which the policy now blocks); reading it
+/// back, a built-in of a constant, is untraceable.
+#[test]
+fn a_large_object_read_back_is_untraceable() {
+    let mut m = masker();
+    let out = one_row(&mut m, "select convert_from(lo_get(4242), 'UTF8') as v", &[field("v", 0, 0, 25, 0)], &[Some(b"Maria Garcia")]);
+    assert_ne!(out[0], "Maria Garcia", "lo_get of a large object");
+}
+
+/// A FROM item's column alias list (`patients AS p(a, b, c)`, `c AS c2(k, n)`)
+/// renames its columns; lineage ignored the list for tables, views and CTEs, so a
+/// renamed PHI column was traced to a column of that name (none, or a harmless one).
+#[test]
+fn column_alias_lists_of_tables_views_and_ctes_are_followed() {
+    let mut m = masker();
+    // The CTE's names are looked up too (no such relation).
+    m.catalog.lock().unwrap().insert(Vec::new(), &["c".into(), "c2".into()]);
+    let text = |name: &str| field(name, 0, 0, 25, 0);
+    let maria = Some(&b"Maria Garcia"[..]);
+    for sql in [
+        // patients(id, ssn, name, …): z is name.
+        "select z || '' as v from patients as p(x, y, z)",
+        // patient_view(who, social): w is who.
+        "select w || '' as v from patient_view as pv(w)",
+        // the CTE's first column (name) is renamed k, its constant k renamed n.
+        "with c as (select name, 'x' as k from patients) select k || '' as v from c as c2(k, n)",
+    ] {
+        let out = one_row(&mut m, sql, &[text("v")], &[maria]);
+        assert_ne!(out[0], "Maria Garcia", "{sql}");
+    }
+}
+
+/// A computed column inherits its source's strategy, but `partial` kept any value of
+/// at most `keep_last` letters/digits whole, and `year` any number up to 89: so the
+/// pieces of an SSN (`substr(ssn, 1, 3)`, …) and a date of birth's month and day
+/// (`extract(day from dob)`) passed unchanged, and reassembled the value.
+#[test]
+fn pieces_of_partial_and_year_columns_are_hidden() {
+    let mut m = masker();
+    let t = |name: &str| field(name, 0, 0, 25, 0);
+    let out = one_row(
+        &mut m,
+        "select substr(ssn, 1, 3) as a, substr(ssn, 5, 2) as b, substr(ssn, 8, 4) as c from patients",
+        &[t("a"), t("b"), t("c")],
+        &[Some(b"123"), Some(b"45"), Some(b"6789")],
+    );
+    let n = |name: &str| field(name, 0, 0, 1700, 0);
+    let dob = one_row(&mut m, "select extract(month from dob) as m, extract(day from dob) as d from patients", &[n("m"), n("d")], &[Some(b"4"), Some(b"17")]);
+    assert!(out.concat() != "123456789" && dob.concat() != "417", "ssn pieces {out:?}, month and day of birth {dob:?}");
+}
+
+/// Errors that echo a value without quotes (found by a review on PostgreSQL 15, each
+/// from a patient's value): hidden under column rules.
+#[test]
+fn values_errors_echo_without_quotes_are_hidden() {
+    for (code, message, leaked) in [
+        ("22008", "date out of range: 10001936-06-09", "1936-06-09"),
+        ("54000", "requested character too large for encoding: 710571746", "710571746"),
+        ("2202E", "index 710571746 out of valid range, 0..7", "710571746"),
+        ("42883", "operator does not exist: Jefferey_Yost", "Jefferey_Yost"),
+        ("22P02", "invalid input syntax for type integer: \"710-57-1746\"", "710-57-1746"),
+    ] {
+        let mut m = masker();
+        m.frontend(&query("select 1"));
+        let sent = match m.backend(&fields_message(b'E', &[(b'S', "ERROR"), (b'C', code), (b'M', message)])) {
+            Step::Replace(parts) => String::from_utf8_lossy(&parts[0]).into_owned(),
+            Step::Forward => message.to_string(),
+            other => panic!("{other:?}"),
+        };
+        assert!(!sent.contains(leaked) && sent.contains("masked by phigate") || sent.contains('#'), "{code} {message}: {sent}");
+        assert!(!sent.contains(leaked), "{code} {message}: {sent}");
+    }
 }

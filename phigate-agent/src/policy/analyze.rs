@@ -1432,8 +1432,14 @@ fn visit(n: N<'_>, facts: &mut Facts, per_row: &mut HashSet<*const protobuf::Sel
             let names = name_list(&f.funcname);
             if let Some(name) = names.last() {
                 let name = name.to_ascii_lowercase();
-                // The value argument (set_config's 2nd, pg_notify's 2nd).
-                if matches!(name.as_str(), "set_config" | "pg_notify") && f.args.get(1).is_some_and(|v| const_value(v).is_none()) {
+                // The value argument (set_config's 2nd, pg_notify's 2nd, the data of a
+                // large object: lo_from_bytea's 2nd, lo_put's 3rd, lowrite's 2nd).
+                let value_arg = match name.as_str() {
+                    "set_config" | "pg_notify" | "lo_from_bytea" | "lowrite" => Some(1),
+                    "lo_put" => Some(2),
+                    _ => None,
+                };
+                if value_arg.and_then(|i| f.args.get(i)).is_some_and(|v| const_value(v).is_none()) {
                     facts.stores_computed_value = true;
                 }
                 if name == "set_config" {

@@ -8,15 +8,15 @@
 //! | `baseline.truncate-phi` | block | TRUNCATE of a PHI table, TRUNCATE … CASCADE |
 //! | `baseline.alter-phi` | block | ALTER / rename / move of a PHI table (also by renaming its schema or moving a whole tablespace), its row-level security policies and partitions |
 //! | `baseline.unfiltered-write` | block | DELETE/UPDATE without WHERE, or with an always-true WHERE |
-//! | `baseline.copy-server-side` | block | COPY to or from a server file or program |
-//! | `baseline.copy-phi-relation` | block | SELECT INTO / CREATE TABLE AS / CREATE VIEW from PHI tables; INSERT … SELECT, UPDATE … SET/FROM, MERGE … USING that copy from a PHI table into a table not certainly in `phi_tables`; set_config()/pg_notify() of a computed value in a statement reading PHI |
+//! | `baseline.copy-server-side` | block | COPY to or from a server file or program, file_fdw options (ALTER [FOREIGN] TABLE … OPTIONS too) |
+//! | `baseline.copy-phi-relation` | block | SELECT INTO / CREATE TABLE AS / CREATE VIEW from PHI tables; INSERT … SELECT, UPDATE … SET/FROM, MERGE … USING that copy from a PHI table into a table not certainly in `phi_tables`; set_config()/pg_notify()/large-object writes of a computed value in a statement reading PHI |
 //! | `baseline.dangerous-function` | block | file access, large-object import/export, dblink, backend signalling, XML dumps of whole tables/queries |
 //! | `baseline.role-change` | block | SET ROLE, SET SESSION AUTHORIZATION, set_config() of those |
-//! | `baseline.parser-settings` | block | standard_conforming_strings, backslash_quote, unsafe client encodings |
+//! | `baseline.parser-settings` | block | standard_conforming_strings, backslash_quote, client encodings not known to be safe (in any spelling), views over pg_settings |
 //! | `baseline.alter-system` | block | ALTER SYSTEM |
 //! | `baseline.role-ddl` | block | CREATE/ALTER/DROP ROLE, role membership, per-role/database settings |
 //! | `baseline.grants` | block | GRANT/REVOKE of privileges |
-//! | `baseline.opaque-code` | block | DO, CREATE FUNCTION/PROCEDURE/TRIGGER/RULE/EXTENSION, ALTER EXTENSION, LOAD |
+//! | `baseline.opaque-code` | block | DO, CREATE FUNCTION/PROCEDURE/TRIGGER/RULE/EXTENSION, ALTER EXTENSION, LOAD; CREATE AGGREGATE/OPERATOR/CAST and the like, which name a function to be called under another name |
 //! | `baseline.foreign-data` | block | CREATE/ALTER FOREIGN DATA WRAPPER, SERVER, USER MAPPING, CREATE FOREIGN TABLE, IMPORT FOREIGN SCHEMA |
 //! | `baseline.bulk-export` | approve | COPY … TO STDOUT reading PHI |
 //! | `baseline.unbounded-phi-read` | approve | SELECT from a PHI table with neither WHERE nor a LIMIT ≤ the threshold |
@@ -154,13 +154,13 @@ pub fn findings(p: &Policy, f: &Facts) -> Vec<Finding> {
             break;
         }
     }
-    // A value kept in a setting or sent as a notification reaches the client outside
-    // any result's columns, where column rules cannot follow it.
+    // A value kept in a setting or a large object, or sent as a notification, reaches
+    // the client outside any result's columns, where column rules cannot follow it.
     if f.stores_computed_value {
         if let Some(t) = f.through_ctes(&f.tables).into_iter().find(|t| p.is_phi(t)) {
             out.push(block(
                 "baseline.copy-phi-relation",
-                format!("set_config() or pg_notify() with a computed value in a statement reading PHI table {t}: the value would leave unmasked"),
+                format!("set_config(), pg_notify() or a large object write with a computed value in a statement reading PHI table {t}: the value would leave unmasked"),
             ));
         }
     }

@@ -748,3 +748,15 @@ fn renaming_the_schema_of_phi_tables() {
         ("alter schema billing rename to billing2", Verdict::Allow, "default"),
     ]);
 }
+
+#[test]
+fn large_object_writes_of_phi_are_copies() {
+    // lo_from_bytea(0, convert_to(name, 'UTF8')) keeps a name in a large object that
+    // lo_get() returns later, outside any column (confirmed on PostgreSQL 15).
+    expect_each(&[
+        ("select lo_from_bytea(0, convert_to(name, 'UTF8')) from patients where id = 1", Verdict::Block, "baseline.copy-phi-relation"),
+        ("select lo_put(4242, 0, convert_to(ssn, 'UTF8')) from patients where id = 1", Verdict::Block, "baseline.copy-phi-relation"),
+        ("select lowrite(0, convert_to(name, 'UTF8')) from patients where id = 1", Verdict::Block, "baseline.copy-phi-relation"),
+        ("select lo_from_bytea(0, '\\x00')", Verdict::Allow, "default"),
+    ]);
+}

@@ -260,6 +260,7 @@ async fn main() {
         "raw-malformed" => Ok(raw_malformed(conn)),
         "raw-password" => Ok(raw_password(conn)),
         "raw-copy" => Ok(raw_copy(conn, args.get(3).map(String::as_str).unwrap_or(""), args.get(4).map(String::as_str).unwrap_or(""))),
+        "raw-rename" => Ok(raw_rename(conn, args.get(3).map(String::as_str).unwrap_or(""))),
         other => {
             eprintln!("unknown scenario {other}");
             std::process::exit(2);
@@ -358,6 +359,46 @@ fn raw_then_select(conn: &str, first: Vec<u8>, answers: usize) -> Value {
     let _ = s.write_all(&bytes);
     let open = (0..answers).all(|_| raw_read_until(&mut s, b'Z', &mut rows, &mut errors));
     json!({"ok": true, "rows": rows, "errors": errors, "open": open})
+}
+
+/// A protocol-level statement (`statement`) or portal (`portal`) described over a
+/// harmless query, then redefined by SQL of the same name (PREPARE shares the
+/// statements' namespace, DECLARE the portals'), then bound or executed without a
+/// new Describe: every row and error the client gets.
+fn raw_rename(conn: &str, scenario: &str) -> Value {
+    use std::io::Write;
+    let mut s = match raw_login(conn) {
+        Ok(s) => s,
+        Err(e) => return e,
+    };
+    let cstr = |x: &str| format!("{x}\0").into_bytes();
+    let parse = |name: &str, sql: &str| raw_message(b'P', &[cstr(name), cstr(sql), vec![0, 0]].concat());
+    let bind = |portal: &str, stmt: &str| raw_message(b'B', &[cstr(portal), cstr(stmt), vec![0, 0, 0, 0, 0, 0]].concat());
+    let execute = |portal: &str| raw_message(b'E', &[cstr(portal), vec![0, 0, 0, 0]].concat());
+    let describe = |kind: u8, name: &str| raw_message(b'D', &[vec![kind], cstr(name)].concat());
+    let sync = || raw_message(b'S', b"");
+    let steps: Vec<Vec<u8>> = match scenario {
+        "statement" => vec![
+            [parse("q", "select test from labs where id = 1"), describe(b'S', "q"), sync()].concat(),
+            raw_query("deallocate q; prepare q as select name from patients where id = 1"),
+            [bind("", "q"), execute(""), sync()].concat(),
+        ],
+        "portal" => vec![
+            raw_query("begin"),
+            [parse("s", "select test from labs where id = 1"), bind("c", "s"), describe(b'P', "c"), execute("c"), sync()].concat(),
+            raw_query("close c; declare c cursor for select name from patients where id = 1"),
+            [execute("c"), sync()].concat(),
+            raw_query("rollback"),
+        ],
+        other => return json!({"ok": false, "error": format!("unknown scenario {other}")}),
+    };
+    let (mut rows, mut errors) = (Vec::new(), Vec::new());
+    for step in steps {
+        if s.write_all(&step).is_err() || !raw_read_until(&mut s, b'Z', &mut rows, &mut errors) {
+            return json!({"ok": false, "rows": rows, "errors": errors, "error": "the session ended"});
+        }
+    }
+    json!({"ok": true, "rows": rows, "errors": errors})
 }
 
 fn raw_malformed(conn: &str) -> Value {
