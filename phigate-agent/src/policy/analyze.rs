@@ -507,9 +507,17 @@ fn same_expr(a: &protobuf::Node, b: &protobuf::Node, consts: &mut bool) -> bool 
             scalar(a).is_some_and(|x| Some(x) == scalar(b))
         }
         (Some(NodeEnum::TypeCast(x)), Some(NodeEnum::TypeCast(y))) => {
+            // `integer` is `pg_catalog.int4` to the parser, `int4` just `int4`.
+            let type_name = |t: &protobuf::TypeName| {
+                let mut n = name_list(&t.names);
+                if n.len() == 2 && n[0] == "pg_catalog" {
+                    n.remove(0);
+                }
+                n
+            };
             let same_type = match (&x.type_name, &y.type_name) {
                 (Some(s), Some(t)) => {
-                    s.names == t.names
+                    type_name(s) == type_name(t)
                         && s.array_bounds == t.array_bounds
                         && s.setof == t.setof
                         && s.pct_type == t.pct_type
@@ -529,6 +537,16 @@ fn same_expr(a: &protobuf::Node, b: &protobuf::Node, consts: &mut bool) -> bool 
             plain(x) && plain(y) && x.funcname == y.funcname && all(&x.args, &y.args, consts)
         }
         (Some(NodeEnum::CoalesceExpr(x)), Some(NodeEnum::CoalesceExpr(y))) => all(&x.args, &y.args, consts),
+        // GREATEST / LEAST.
+        (Some(NodeEnum::MinMaxExpr(x)), Some(NodeEnum::MinMaxExpr(y))) => x.op == y.op && all(&x.args, &y.args, consts),
+        (Some(NodeEnum::AArrayExpr(x)), Some(NodeEnum::AArrayExpr(y))) => all(&x.elements, &y.elements, consts),
+        (Some(NodeEnum::CollateClause(x)), Some(NodeEnum::CollateClause(y))) => x.collname == y.collname && side(x.arg.as_deref(), y.arg.as_deref(), consts),
+        // `(labs).id`: a field of the same value.
+        (Some(NodeEnum::AIndirection(x)), Some(NodeEnum::AIndirection(y))) => {
+            x.indirection.iter().all(|i| matches!(i.node, Some(NodeEnum::String(_))))
+                && x.indirection == y.indirection
+                && side(x.arg.as_deref(), y.arg.as_deref(), consts)
+        }
         // `(id, x)`, `ROW(id)`.
         (Some(NodeEnum::RowExpr(x)), Some(NodeEnum::RowExpr(y))) => all(&x.args, &y.args, consts),
         _ => false,
@@ -666,13 +684,6 @@ fn always_true(n: &protobuf::Node, facts: &mut Facts) -> bool {
             let op = name_list(&e.name);
             let op = op.last().map(String::as_str);
             let (Some(l), Some(r)) = (e.lexpr.as_deref(), e.rexpr.as_deref()) else { return false };
-            fn items(n: &protobuf::Node) -> &[protobuf::Node] {
-                match n.node.as_ref() {
-                    Some(NodeEnum::List(l)) => &l.items,
-                    Some(NodeEnum::AArrayExpr(a)) => &a.elements,
-                    _ => &[],
-                }
-            }
             match K::try_from(e.kind) {
                 Ok(K::AexprOp) if matches!(op, Some("=" | "<=" | ">=")) => {
                     same_expr(l, r, &mut facts.literal_sensitive) || (op == Some("=") && compared_with_bool(l, r, true, true, facts))
@@ -681,8 +692,10 @@ fn always_true(n: &protobuf::Node, facts: &mut Facts) -> bool {
                 Ok(K::AexprOp) if matches!(op, Some("<>" | "!=")) => compared_with_bool(l, r, false, true, facts),
                 Ok(K::AexprNotDistinct) => same_expr(l, r, &mut facts.literal_sensitive) || compared_with_bool(l, r, true, true, facts),
                 Ok(K::AexprDistinct) => compared_with_bool(l, r, false, true, facts),
-                // `id IN (…, id, …)`, `id = ANY(ARRAY[…, id, …])`.
-                Ok(K::AexprIn | K::AexprOpAny) if op == Some("=") => items(r).iter().any(|i| same_expr(l, i, &mut facts.literal_sensitive)),
+                // `id IN (…, id, …)`, `id = ANY(ARRAY[…, id, …])`, `(cond) IN (true)`.
+                Ok(K::AexprIn | K::AexprOpAny) if op == Some("=") => {
+                    items(r).iter().any(|i| same_expr(l, i, &mut facts.literal_sensitive) || compared_with_bool(l, i, true, true, facts))
+                }
                 // `id = ALL(ARRAY[id])`, `id <= ALL(ARRAY[id, id])`.
                 Ok(K::AexprOpAll) if matches!(op, Some("=" | "<=" | ">=")) => {
                     let all = items(r);
@@ -708,7 +721,58 @@ fn always_true(n: &protobuf::Node, facts: &mut Facts) -> bool {
             (Ok(protobuf::BoolTestType::IsFalse | protobuf::BoolTestType::IsNotTrue), Some(a)) => always_false(a, facts),
             _ => false,
         },
+        // `CASE WHEN id = id THEN true END`: true when every result is, or when its
+        // first branch is always taken and true.
+        NodeEnum::CaseExpr(c) if c.arg.is_none() => {
+            let whens: Vec<&protobuf::CaseWhen> =
+                c.args.iter().filter_map(|w| if let Some(NodeEnum::CaseWhen(w)) = w.node.as_ref() { Some(&**w) } else { None }).collect();
+            let result_true = |w: &protobuf::CaseWhen, facts: &mut Facts| w.result.as_deref().is_some_and(|r| always_true(r, facts));
+            let first_taken = whens.first().is_some_and(|w| w.expr.as_deref().is_some_and(|e| always_true(e, facts)) && result_true(w, facts));
+            first_taken || (!whens.is_empty() && whens.iter().all(|w| result_true(w, facts)) && c.defresult.as_deref().is_some_and(|d| always_true(d, facts)))
+        }
+        // `coalesce(id = id, true)`: NULLs aside, the first argument.
+        NodeEnum::CoalesceExpr(c) => {
+            c.args.first().is_some_and(|a| always_true(a, facts)) || (!c.args.is_empty() && c.args.iter().all(|a| always_true(a, facts)))
+        }
+        NodeEnum::SubLink(l) => {
+            // `EXISTS (SELECT id)`: a SELECT without FROM, WHERE or HAVING returns one
+            // row; `id IN (SELECT id)` compares the row's value with itself.
+            let Some(NodeEnum::SelectStmt(q)) = l.subselect.as_deref().and_then(|q| q.node.as_ref()) else { return false };
+            let one_row = q.from_clause.is_empty()
+                && q.where_clause.is_none()
+                && q.having_clause.is_none()
+                && q.limit_count.is_none()
+                && q.limit_offset.is_none()
+                && q.larg.is_none()
+                && q.values_lists.is_empty();
+            match protobuf::SubLinkType::try_from(l.sub_link_type) {
+                Ok(protobuf::SubLinkType::ExistsSublink) => one_row,
+                Ok(protobuf::SubLinkType::AnySublink) => {
+                    let op = name_list(&l.oper_name);
+                    let equal = op.is_empty() || op.last().is_some_and(|o| matches!(o.as_str(), "=" | "<=" | ">="));
+                    let target = match q.target_list.as_slice() {
+                        [t] => match t.node.as_ref() {
+                            Some(NodeEnum::ResTarget(rt)) => rt.val.as_deref(),
+                            _ => None,
+                        },
+                        _ => None,
+                    };
+                    one_row && equal && l.testexpr.as_deref().zip(target).is_some_and(|(a, b)| same_expr(a, b, &mut facts.literal_sensitive))
+                }
+                _ => false,
+            }
+        }
         _ => false,
+    }
+}
+
+/// The items of an IN list or an ARRAY[…] (cast or not: `ARRAY[id]::int[]`).
+fn items(n: &protobuf::Node) -> &[protobuf::Node] {
+    match n.node.as_ref() {
+        Some(NodeEnum::List(l)) => &l.items,
+        Some(NodeEnum::AArrayExpr(a)) => &a.elements,
+        Some(NodeEnum::TypeCast(c)) => c.arg.as_deref().map(items).unwrap_or_default(),
+        _ => &[],
     }
 }
 
@@ -755,6 +819,13 @@ fn always_false(n: &protobuf::Node, facts: &mut Facts) -> bool {
                 Ok(K::AexprOp) if op == Some("=") => compared_with_bool(l, r, true, false, facts),
                 Ok(K::AexprDistinct) => same_expr(l, r, &mut facts.literal_sensitive) || compared_with_bool(l, r, false, false, facts),
                 Ok(K::AexprNotDistinct) => compared_with_bool(l, r, true, false, facts),
+                // `id NOT IN (…, id, …)`, `id <> ALL(ARRAY[id])`.
+                Ok(K::AexprIn | K::AexprOpAll) if matches!(op, Some("<>" | "!=")) => items(r).iter().any(|i| same_expr(l, i, &mut facts.literal_sensitive)),
+                // `id NOT BETWEEN id AND id`.
+                Ok(K::AexprNotBetween | K::AexprNotBetweenSym) => {
+                    let bounds = items(r);
+                    !bounds.is_empty() && bounds.iter().all(|b| same_expr(l, b, &mut facts.literal_sensitive))
+                }
                 _ => false,
             }
         }
@@ -776,13 +847,18 @@ fn always_false(n: &protobuf::Node, facts: &mut Facts) -> bool {
 /// `x IS NULL OR x IS NOT NULL` (in either order) among OR arguments (the same pair
 /// among AND arguments is never true).
 fn null_or_not_null(args: &[protobuf::Node], facts: &mut Facts) -> bool {
-    let tests: Vec<(&protobuf::Node, i32)> = args
-        .iter()
-        .filter_map(|a| match a.node.as_ref() {
-            Some(NodeEnum::NullTest(t)) => t.arg.as_deref().map(|x| (x, t.nulltesttype)),
+    // `NOT x IS NULL` is `x IS NOT NULL` (and the other way round).
+    fn null_test(n: &protobuf::Node, negated: bool) -> Option<(&protobuf::Node, bool)> {
+        match n.node.as_ref()? {
+            NodeEnum::NullTest(t) => {
+                let is_null = protobuf::NullTestType::try_from(t.nulltesttype) == Ok(protobuf::NullTestType::IsNull);
+                t.arg.as_deref().map(|x| (x, is_null ^ negated))
+            }
+            NodeEnum::BoolExpr(b) if protobuf::BoolExprType::try_from(b.boolop) == Ok(protobuf::BoolExprType::NotExpr) => null_test(b.args.first()?, !negated),
             _ => None,
-        })
-        .collect();
+        }
+    }
+    let tests: Vec<(&protobuf::Node, bool)> = args.iter().filter_map(|a| null_test(a, false)).collect();
     tests.iter().any(|(x, t)| tests.iter().any(|(y, u)| t != u && same_expr(x, y, &mut facts.literal_sensitive)))
 }
 
@@ -962,22 +1038,44 @@ fn filters_target(cond: &protobuf::Node, target: &protobuf::RangeVar, others: &[
 }
 
 /// Whether a condition may pick rows of the relation known as `own`: not when it is
-/// always true, nor when it refers to no column of that relation. An OR picks only if each of its branches
-/// does (`id = 5 OR o.flag` keeps every row when o.flag holds), an AND if any does.
+/// always true, nor when it refers to no column of that relation. An OR picks only if
+/// each of its branches does (`id = 5 OR o.flag` keeps every row when o.flag holds),
+/// an AND if any does; NOT and the boolean tests turn one into the other (`NOT (id <>
+/// 5 AND o.x)` is `id = 5 OR NOT o.x`).
 fn limits(cond: &protobuf::Node, own: &str, from: &[protobuf::Node], facts: &mut Facts) -> bool {
-    if always_true(cond, facts) {
+    limits_as(cond, false, own, from, facts)
+}
+
+/// [`limits`] of `cond`, or of `NOT cond` when `negated`.
+fn limits_as(cond: &protobuf::Node, negated: bool, own: &str, from: &[protobuf::Node], facts: &mut Facts) -> bool {
+    if if negated { always_false(cond, facts) } else { always_true(cond, facts) } {
         return false;
     }
     if row_independent(cond) {
         // Not always true, so provably false (`1 = 2`): it keeps no row.
         return true;
     }
-    if let Some(NodeEnum::BoolExpr(b)) = cond.node.as_ref() {
-        match protobuf::BoolExprType::try_from(b.boolop) {
-            Ok(protobuf::BoolExprType::OrExpr) => return b.args.iter().all(|a| limits(a, own, from, facts)),
-            Ok(protobuf::BoolExprType::AndExpr) => return b.args.iter().any(|a| limits(a, own, from, facts)),
+    match cond.node.as_ref() {
+        Some(NodeEnum::BoolExpr(b)) => match protobuf::BoolExprType::try_from(b.boolop) {
+            // NOT (a OR b) is NOT a AND NOT b.
+            Ok(protobuf::BoolExprType::OrExpr) if !negated => return b.args.iter().all(|a| limits_as(a, false, own, from, facts)),
+            Ok(protobuf::BoolExprType::OrExpr) => return b.args.iter().any(|a| limits_as(a, true, own, from, facts)),
+            Ok(protobuf::BoolExprType::AndExpr) if !negated => return b.args.iter().any(|a| limits_as(a, false, own, from, facts)),
+            Ok(protobuf::BoolExprType::AndExpr) => return b.args.iter().all(|a| limits_as(a, true, own, from, facts)),
+            Ok(protobuf::BoolExprType::NotExpr) => {
+                if let Some(a) = b.args.first() {
+                    return limits_as(a, !negated, own, from, facts);
+                }
+            }
             _ => {}
+        },
+        Some(NodeEnum::BooleanTest(t)) => {
+            let flip = matches!(protobuf::BoolTestType::try_from(t.booltesttype), Ok(protobuf::BoolTestType::IsFalse | protobuf::BoolTestType::IsNotTrue));
+            if let Some(a) = t.arg.as_deref() {
+                return limits_as(a, negated ^ flip, own, from, facts);
+            }
         }
+        _ => {}
     }
     Mentions::of(&[cond], from).may_refer_to(own)
 }
@@ -1101,6 +1199,18 @@ fn visit(n: N<'_>, facts: &mut Facts, per_row: &mut HashSet<*const protobuf::Sel
             facts.tables.insert(table(rv));
         }
         N::SelectStmt(s) => {
+            // Every level inside one that runs once per outer row (a FROM subquery, a
+            // CTE, an arm of a set operation) runs once per outer row too, and may use
+            // the outer values: its LIMIT bounds nothing either.
+            if per_row.contains(&std::ptr::from_ref(s)) {
+                let mut inner = |n: N<'_>| {
+                    if let N::SelectStmt(x) = n {
+                        per_row.insert(std::ptr::from_ref(x));
+                    }
+                };
+                let mut w = Walker { visit: &mut inner, depth: 0, too_deep: false };
+                w.select_stmt_children(s);
+            }
             let mut rels = Vec::new();
             from_relations(&s.from_clause, &mut rels);
             // `WHERE true` or `WHERE id = id` bounds nothing, and neither does a WHERE
@@ -1224,16 +1334,22 @@ fn visit(n: N<'_>, facts: &mut Facts, per_row: &mut HashSet<*const protobuf::Sel
             }
             if let Some(r) = m.relation.as_ref() {
                 facts.writes.insert(table(r));
-                // `MERGE … ON true WHEN MATCHED THEN DELETE/UPDATE` touches every row.
-                let changes_matched = m.merge_when_clauses.iter().any(|c| match c.node.as_ref() {
-                    Some(NodeEnum::MergeWhenClause(w)) => {
-                        protobuf::MergeMatchKind::try_from(w.match_kind) == Ok(protobuf::MergeMatchKind::MergeWhenMatched)
-                            && w.condition.as_deref().is_none_or(|c| always_true(c, facts))
-                            && matches!(protobuf::CmdType::try_from(w.command_type), Ok(protobuf::CmdType::CmdDelete | protobuf::CmdType::CmdUpdate))
-                    }
-                    _ => false,
-                });
-                if changes_matched && m.join_condition.as_deref().is_none_or(|j| !filters_target(j, r, optional(m.source_relation.as_deref()), facts)) {
+                // `MERGE … ON true WHEN MATCHED THEN DELETE/UPDATE` touches every row:
+                // a WHEN MATCHED clause that deletes or updates touches the rows its
+                // ON and its own condition pick, so every row when neither limits
+                // the target (`ON o.id = 1 WHEN MATCHED AND o.flag`).
+                let source = optional(m.source_relation.as_deref());
+                let on_limits = m.join_condition.as_deref().is_some_and(|j| filters_target(j, r, source, facts));
+                let unfiltered = !on_limits
+                    && m.merge_when_clauses.iter().any(|c| match c.node.as_ref() {
+                        Some(NodeEnum::MergeWhenClause(w)) => {
+                            protobuf::MergeMatchKind::try_from(w.match_kind) == Ok(protobuf::MergeMatchKind::MergeWhenMatched)
+                                && matches!(protobuf::CmdType::try_from(w.command_type), Ok(protobuf::CmdType::CmdDelete | protobuf::CmdType::CmdUpdate))
+                                && w.condition.as_deref().is_none_or(|c| !filters_target(c, r, source, facts))
+                        }
+                        _ => false,
+                    });
+                if unfiltered {
                     facts.unfiltered_writes.push(table(r));
                 }
             }
@@ -1435,8 +1551,11 @@ fn visit(n: N<'_>, facts: &mut Facts, per_row: &mut HashSet<*const protobuf::Sel
                 // The value argument (set_config's 2nd, pg_notify's 2nd, the data of a
                 // large object: lo_from_bytea's 2nd, lo_put's 3rd, lowrite's 2nd).
                 let value_arg = match name.as_str() {
-                    "set_config" | "pg_notify" | "lo_from_bytea" | "lowrite" => Some(1),
+                    "set_config" | "pg_notify" | "lo_from_bytea" | "lowrite" | "setval" => Some(1),
                     "lo_put" => Some(2),
+                    // A lock key is visible to every session in pg_locks.
+                    "pg_advisory_lock" | "pg_advisory_lock_shared" | "pg_try_advisory_lock" | "pg_try_advisory_lock_shared" | "pg_advisory_xact_lock"
+                    | "pg_advisory_xact_lock_shared" | "pg_try_advisory_xact_lock" | "pg_try_advisory_xact_lock_shared" => Some(0),
                     _ => None,
                 };
                 if value_arg.and_then(|i| f.args.get(i)).is_some_and(|v| const_value(v).is_none()) {
@@ -1551,7 +1670,13 @@ fn visit(n: N<'_>, facts: &mut Facts, per_row: &mut HashSet<*const protobuf::Sel
         | N::AlterForeignServerStmt(_)
         | N::CreateUserMappingStmt(_)
         | N::AlterUserMappingStmt(_)
-        | N::ImportForeignSchemaStmt(_) => facts.foreign_data = true,
+        | N::ImportForeignSchemaStmt(_)
+        // Logical replication: a publication lets a subscriber elsewhere copy tables,
+        // a subscription connects out.
+        | N::CreatePublicationStmt(_)
+        | N::AlterPublicationStmt(_)
+        | N::CreateSubscriptionStmt(_)
+        | N::AlterSubscriptionStmt(_) => facts.foreign_data = true,
         _ => {}
     }
 }

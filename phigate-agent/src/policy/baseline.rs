@@ -65,6 +65,18 @@ pub const DANGEROUS_FUNCTIONS: &[&str] = &[
     "pg_logical_slot_peek_binary_changes",
     "pg_create_logical_replication_slot",
     "pg_replication_slot_advance",
+    // Replication state outside any table: slots and origins keep names given to
+    // them (a patient's name as a slot name comes back from pg_replication_slots),
+    // and a logical message goes to every decoding client.
+    "pg_create_physical_replication_slot",
+    "pg_copy_physical_replication_slot",
+    "pg_copy_logical_replication_slot",
+    "pg_drop_replication_slot",
+    "pg_replication_origin_create",
+    "pg_replication_origin_drop",
+    "pg_replication_origin_session_setup",
+    "pg_replication_origin_advance",
+    "pg_logical_emit_message",
     // ts_stat runs the SQL text it is given: dynamic SQL the policy never sees.
     "ts_stat",
     "ts_rewrite",

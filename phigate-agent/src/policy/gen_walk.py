@@ -118,6 +118,8 @@ for sname, fields in sorted(structs.items()):
     w("    }")
 w("    /// Walk a whole statement.")
 w("    pub fn raw_stmt(&mut self, x: &'a pb::RawStmt) { self.s_RawStmt(x); }")
+w("    /// Everything inside a SELECT (not the SELECT itself).")
+w("    pub fn select_stmt_children(&mut self, x: &'a pb::SelectStmt) { self.s_SelectStmt(x); }")
 w("}")
 # Every field whose type mentions a node-bearing struct must be walked.
 walked = "\n".join(out)

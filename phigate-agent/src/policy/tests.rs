@@ -760,3 +760,127 @@ fn large_object_writes_of_phi_are_copies() {
         ("select lo_from_bytea(0, '\\x00')", Verdict::Allow, "default"),
     ]);
 }
+
+// Found by a second review. Each statement below was run on PostgreSQL 15 against
+// labs(id int primary key, x int, comment text) with 10 rows, other(id, x bool, flag
+// bool) = (1, false, true) and patients with 2000 rows: every DELETE/UPDATE/MERGE
+// here changed all 10 rows, every SELECT returned all 2000 ssn values.
+
+#[test]
+fn always_true_shapes_of_the_claimed_forms() {
+    // README: "a column compared with itself (... cast or computed alike on both sides
+    // ...)", "id = ANY(ARRAY[id])", "(id = id) = true", "x IS NULL OR x IS NOT NULL",
+    // "OR/AND/NOT and IS [NOT] TRUE/FALSE of these and of their never-true mirrors".
+    expect_each(&[
+        // The same type spelled two ways (int4 is integer): not "alike" to same_expr.
+        ("delete from labs where id::integer = id::int4", Verdict::Block, "baseline.unfiltered-write"),
+        // The never-true mirror of `id BETWEEN id AND id`, under NOT / IS FALSE.
+        ("delete from labs where not (id not between id and id)", Verdict::Block, "baseline.unfiltered-write"),
+        ("delete from labs where (id not between id and id) is false", Verdict::Block, "baseline.unfiltered-write"),
+        // The never-true mirror of `id IN (id)`.
+        ("delete from labs where not (id not in (id))", Verdict::Block, "baseline.unfiltered-write"),
+        // A comparison with a boolean written as IN.
+        ("delete from labs where (id = id) in (true)", Verdict::Block, "baseline.unfiltered-write"),
+        // `x IS NOT NULL` spelled `NOT x IS NULL`.
+        ("delete from labs where x is null or not x is null", Verdict::Block, "baseline.unfiltered-write"),
+        ("update labs set comment = 'x' where x is null or not x is null", Verdict::Block, "baseline.unfiltered-write"),
+        // The same column in whole-row notation.
+        ("delete from labs where (labs).id = (labs).id", Verdict::Block, "baseline.unfiltered-write"),
+        // Computed alike on both sides: COLLATE, ARRAY[], GREATEST.
+        ("delete from labs where x::text collate \"C\" = x::text collate \"C\"", Verdict::Block, "baseline.unfiltered-write"),
+        ("delete from labs where array[id] = array[id]", Verdict::Block, "baseline.unfiltered-write"),
+        ("delete from labs where greatest(id, 0) = greatest(id, 0)", Verdict::Block, "baseline.unfiltered-write"),
+        // `id = ANY(ARRAY[id])` with the array cast.
+        ("delete from labs where id = any(array[id]::int[])", Verdict::Block, "baseline.unfiltered-write"),
+    ]);
+}
+
+#[test]
+fn always_true_in_case_coalesce_and_subqueries() {
+    // Not listed by name in the README, but always true ("an always-true WHERE") and
+    // of the shapes the brief asked about.
+    expect_each(&[
+        ("delete from labs where case when id = id then true end", Verdict::Block, "baseline.unfiltered-write"),
+        ("delete from labs where coalesce(id = id, true)", Verdict::Block, "baseline.unfiltered-write"),
+        ("delete from labs where id in (select id)", Verdict::Block, "baseline.unfiltered-write"),
+        ("delete from labs where exists (select id)", Verdict::Block, "baseline.unfiltered-write"),
+        ("merge into labs l using other o on true when matched and coalesce(l.id = l.id, true) then delete", Verdict::Block, "baseline.unfiltered-write"),
+        ("select ssn from patients where coalesce(id = id, true)", Verdict::Approve, "baseline.unbounded-phi-read"),
+        ("select ssn from patients where id in (select id)", Verdict::Approve, "baseline.unbounded-phi-read"),
+    ]);
+}
+
+#[test]
+fn an_or_with_other_relations_hidden_by_not_or_a_boolean_test() {
+    // README: "also as one branch of an OR (`id = 5 OR o.id = 1` keeps every row when
+    // o.id = 1 holds)"; "an OR bounds only when each branch does". NOT (a AND b) is
+    // NOT a OR NOT b (De Morgan); `(… OR …) IS TRUE` is the OR.
+    expect_each(&[
+        ("delete from labs l using other o where not (l.id <> 5 and o.x)", Verdict::Block, "baseline.unfiltered-write"),
+        ("delete from labs l using other o where (l.id = 5 or o.flag) is true", Verdict::Block, "baseline.unfiltered-write"),
+        ("merge into labs l using other o on not (l.id <> 5 and o.x) when matched then delete", Verdict::Block, "baseline.unfiltered-write"),
+        ("select p.ssn from patients p, other l where not (p.id <> 5 and l.id = 2)", Verdict::Approve, "baseline.unbounded-phi-read"),
+        ("select p.ssn from patients p, other l where (p.id = 5 or l.id = 1) is true", Verdict::Approve, "baseline.unbounded-phi-read"),
+    ]);
+}
+
+#[test]
+fn a_merge_when_condition_on_other_relations_only() {
+    // README: "a condition on other relations' columns only, the same for every target
+    // row (… `MERGE … ON o.id = 1`)". The WHEN MATCHED AND condition only needs to be
+    // not always true for the ON o.id = 1 to go unnoticed.
+    expect_each(&[
+        ("merge into labs l using other o on o.id = 1 when matched and o.flag then delete", Verdict::Block, "baseline.unfiltered-write"),
+        ("merge into labs l using other o on o.id = 1 when matched and (l.id = 5 or o.flag) then delete", Verdict::Block, "baseline.unfiltered-write"),
+    ]);
+}
+
+#[test]
+fn a_limit_nested_inside_a_per_row_subquery() {
+    // README: "nor is the LIMIT of a LATERAL, scalar or ARRAY subquery — run once per
+    // outer row". A level nested inside such a subquery (a FROM subquery, a CTE, an arm
+    // of a set operation) runs once per outer row as well and may use the outer g.
+    expect_each(&[
+        (
+            "select (select s from (select ssn s from patients offset g limit 1) x) from generate_series(1, 100000) g",
+            Verdict::Approve,
+            "baseline.unbounded-phi-read",
+        ),
+        (
+            "select (with c as (select ssn from patients offset g limit 1) select * from c) from generate_series(1, 100000) g",
+            Verdict::Approve,
+            "baseline.unbounded-phi-read",
+        ),
+        (
+            "select ((select ssn from patients offset g limit 1) union all (select null) limit 1) from generate_series(1, 100000) g",
+            Verdict::Approve,
+            "baseline.unbounded-phi-read",
+        ),
+        (
+            "select * from generate_series(1, 100000) g, lateral (select * from (select ssn from patients offset g limit 1) x) y",
+            Verdict::Approve,
+            "baseline.unbounded-phi-read",
+        ),
+        (
+            "select * from generate_series(1, 100000) g, lateral ((select ssn from patients offset g limit 1) union all (select null limit 0)) y",
+            Verdict::Approve,
+            "baseline.unbounded-phi-read",
+        ),
+    ]);
+}
+
+#[test]
+fn values_kept_in_sequences_locks_and_replication_state_are_copies() {
+    // Found by a masking review on PostgreSQL 15: each keeps a value where any query
+    // reads it back outside the PHI table's columns.
+    expect_each(&[
+        ("select setval('s', replace(ssn, '-', '')::bigint) from patients where id = 1", Verdict::Block, "baseline.copy-phi-relation"),
+        ("select pg_advisory_lock(replace(ssn, '-', '')::bigint) from patients where id = 1", Verdict::Block, "baseline.copy-phi-relation"),
+        ("select pg_replication_origin_create(name) from patients where id = 1", Verdict::Block, "baseline.dangerous-function"),
+        ("select pg_create_physical_replication_slot(lower(name)) from patients where id = 1", Verdict::Block, "baseline.dangerous-function"),
+        ("select pg_logical_emit_message(true, 'x', ssn) from patients where id = 1", Verdict::Block, "baseline.dangerous-function"),
+        ("create publication p for table patients", Verdict::Block, "baseline.foreign-data"),
+        ("select setval('s', 42)", Verdict::Allow, "default"),
+        ("select pg_advisory_lock(42)", Verdict::Allow, "default"),
+    ]);
+}

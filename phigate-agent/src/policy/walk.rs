@@ -3148,4 +3148,6 @@ impl<'f, 'a> Walker<'f, 'a> {
     }
     /// Walk a whole statement.
     pub fn raw_stmt(&mut self, x: &'a pb::RawStmt) { self.s_RawStmt(x); }
+    /// Everything inside a SELECT (not the SELECT itself).
+    pub fn select_stmt_children(&mut self, x: &'a pb::SelectStmt) { self.s_SelectStmt(x); }
 }
