@@ -129,6 +129,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     protection::check_agent_not_covered(&own, existing.iter().map(|e| (e.cgroup.clone(), e.cgroup_id)), pid, &cgroups)?;
     protection::sync_config_rules(&state, &rules)?;
     state.sync_databases(&protection::database_entries(&config, &bound))?;
+    // From here on connects are redirected to this agent's listeners; records from
+    // before are of connects no listener took (see forget_records_before).
+    let forgotten = state.forget_records_before(net::monotonic_ns())?;
+    if forgotten > 0 {
+        info!(forgotten, "kernel redirect records of connects made while no agent listened removed");
+    }
 
     for e in protection::entries(&state)? {
         info!(cgroup = %format!("/{}", e.cgroup), cgroup_id = e.cgroup_id, identity = %e.identity, source = e.source, "protected cgroup");

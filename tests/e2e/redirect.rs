@@ -432,3 +432,39 @@ fn attached_programs(cg: &TestCgroup) -> Vec<String> {
     let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Array(vec![]));
     v.as_array().map(|a| a.iter().filter_map(|p| p["name"].as_str().map(String::from)).collect()).unwrap_or_default()
 }
+
+#[test]
+fn a_record_left_by_a_refused_protected_connect_does_not_identify_another_process() {
+    if skip("a_record_left_by_a_refused_protected_connect_does_not_identify_another_process") {
+        return;
+    }
+    // Found by a review: the kernel's record is keyed only by the client's netns, address
+    // and port, and a connect that is never accepted (here: refused while the agent
+    // is down, as the README says happens) leaves its record in the pinned LRU map.
+    // Any process in that network namespace that later connects straight to the
+    // listener from the same address and port is then taken for the protected
+    // workload and gets its session.
+    let mut s = setup();
+    let prot = s.cg.child_dir("prot");
+    s.agent.kill9();
+    let sport = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let from = format!("127.0.0.1:{sport}");
+    let v = probe(Some(&prot), &["connect-from", &db(&s), &from]);
+    assert_eq!(v["connect"], "error", "with the agent dead, the protected connect fails: {v}");
+    assert_eq!(v["errno"], libc::ECONNREFUSED, "{v}");
+    let protected_pid = pid(&v);
+
+    s.agent.spawn_and_wait().expect("agent restarts");
+    let listen = s.agent.listen_addr().expect("listener address logged").to_string();
+    let seen = s.pg.connections_received();
+    // An unprotected process, straight to the listener, from the same source port.
+    let v = probe(Some(&s.cg.child_dir("unprot")), &["connect-from", &listen, &from]);
+    assert_eq!(v["connect"], "ok", "{v}");
+    let accepted = s.agent.events_named("connection accepted");
+    assert_ne!(
+        v["pg"], "R",
+        "an unprotected process (pid {}) connecting directly to the listener was served as identity billing-agent using the record of dead pid {protected_pid}: {v}; accepted: {accepted:?}",
+        pid(&v)
+    );
+    assert_eq!(s.pg.connections_received(), seen, "nothing reached the database");
+}

@@ -445,6 +445,21 @@ impl KernelState {
     // -- connection records
 
     /// Take (read and delete) the record the kernel published for a client.
+    /// Delete the records of connects made before `mono_ns` (CLOCK_MONOTONIC, the
+    /// clock of `bpf_ktime_get_ns`). At start, records from before this agent's
+    /// listeners were in the maps belong to connects that reached no listener (the
+    /// kernel refused them while no agent ran): left in place, a record would name
+    /// its workload to whoever connects to the listener from the same address and
+    /// port later. Returns how many went.
+    pub fn forget_records_before(&self, mono_ns: u64) -> Result<usize, EbpfError> {
+        let mut m = self.orig.lock().expect("invariant: map lock not poisoned");
+        let stale: Vec<OrigDstKey> = m.iter().filter_map(Result::ok).filter(|(_, rec)| rec.connect_ns < mono_ns).map(|(k, _)| k).collect();
+        for k in &stale {
+            m.remove(k).map_err(self.map_err(maps::ORIG_DST))?;
+        }
+        Ok(stale.len())
+    }
+
     pub fn take_record(&self, key: &OrigDstKey) -> Option<ConnectRecord> {
         let mut m = self.orig.lock().expect("invariant: map lock not poisoned");
         let rec = m.get(key, 0).ok()?;

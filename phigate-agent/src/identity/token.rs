@@ -228,6 +228,11 @@ impl TokenVerifier {
 
     pub async fn verify(&self, token: &str) -> Result<TokenClaims, TokenError> {
         let header = decode_header(token).map_err(|_| TokenError::Malformed)?;
+        // RFC 7515 4.1.11: extensions the header marks critical must be understood,
+        // and phigate understands none.
+        if critical_extensions(token) {
+            return Err(TokenError::Malformed);
+        }
         if !self.config.algorithms.contains(&header.alg) {
             return Err(TokenError::AlgorithmNotAllowed(header.alg));
         }
@@ -269,6 +274,14 @@ impl TokenVerifier {
             _ => TokenError::Malformed,
         })?;
         let claims = data.claims;
+        // jsonwebtoken reads a claim it cannot parse as absent, and accepts an
+        // issuer among several: `nbf` must be a number when present, `iss` one string.
+        if claims.get("nbf").is_some_and(|n| !n.is_number()) {
+            return Err(TokenError::Malformed);
+        }
+        if claims["iss"].as_str() != Some(self.config.issuer.as_str()) {
+            return Err(TokenError::WrongIssuer { expected: self.config.issuer.clone() });
+        }
         let subject = claims["sub"].as_str().filter(|s| !s.is_empty()).ok_or_else(|| TokenError::MissingClaim("sub".into()))?.to_string();
         let groups = match &claims[self.config.groups_claim.as_str()] {
             Value::Array(a) => a.iter().filter_map(|g| g.as_str().map(String::from)).collect(),
@@ -340,6 +353,14 @@ pub fn check_url(url: &str) -> Result<(), String> {
         return Ok(());
     }
     Err(format!("{url:?} uses plain HTTP to a non-loopback host; use https://"))
+}
+
+/// Whether the token's header lists critical extensions (`crit`).
+fn critical_extensions(token: &str) -> bool {
+    use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine};
+    let Some(head) = token.split('.').next() else { return true };
+    let Ok(bytes) = URL_SAFE_NO_PAD.decode(head.trim_end_matches('=')) else { return true };
+    serde_json::from_slice::<Value>(&bytes).map_or(true, |h| h.get("crit").is_some())
 }
 
 #[cfg(test)]
@@ -553,6 +574,53 @@ mod tests {
             stamp: None,
         };
         assert!(matches!(usable(&old), Err(TokenError::KeysUnavailable(_))));
+    }
+
+    /// Sign `header` and `claims` (as given, fields jsonwebtoken's Header lacks too).
+    fn raw_token(key: &EncodingKey, header: Value, claims: Value) -> String {
+        use base64::{engine::general_purpose::URL_SAFE_NO_PAD as U, Engine};
+        let message = format!("{}.{}", U.encode(header.to_string()), U.encode(claims.to_string()));
+        let sig = jsonwebtoken::crypto::sign(message.as_bytes(), key, Algorithm::ES256).unwrap();
+        format!("{message}.{sig}")
+    }
+
+    #[tokio::test]
+    async fn a_token_whose_nbf_is_not_a_number_is_not_accepted() {
+        // Found by a review: jsonwebtoken treats a claim it cannot parse as absent, and nbf
+        // is not a required claim: a token not valid for another year, its nbf written
+        // as a string, is accepted today.
+        let dir = tempfile::tempdir().unwrap();
+        let (key, jwks) = keypair("k1");
+        let v = verifier(&jwks, dir.path());
+        let mut c = good_claims();
+        c["nbf"] = json!((now() + 365 * 86400).to_string());
+        let got = v.verify(&token(&key, "k1", c)).await;
+        assert!(got.is_err(), "a token with nbf a year ahead (as a string) was accepted: {got:?}");
+    }
+
+    #[tokio::test]
+    async fn a_token_with_an_unknown_critical_header_is_refused() {
+        // Found by a review: RFC 7515 4.1.11 — a JWS whose "crit" lists an extension the
+        // recipient does not understand MUST be rejected; the header is ignored.
+        let dir = tempfile::tempdir().unwrap();
+        let (key, jwks) = keypair("k1");
+        let v = verifier(&jwks, dir.path());
+        let header = json!({"alg": "ES256", "kid": "k1", "typ": "JWT", "crit": ["exp-bound-to-mtls"], "exp-bound-to-mtls": true});
+        let got = v.verify(&raw_token(&key, header, good_claims())).await;
+        assert!(got.is_err(), "a token with an unknown critical header parameter was accepted: {got:?}");
+    }
+
+    #[tokio::test]
+    async fn a_token_with_several_issuers_is_refused() {
+        // Found by a review: "iss" is one StringOrURI; an array naming the configured issuer
+        // among others passes the issuer check.
+        let dir = tempfile::tempdir().unwrap();
+        let (key, jwks) = keypair("k1");
+        let v = verifier(&jwks, dir.path());
+        let mut c = good_claims();
+        c["iss"] = json!(["https://elsewhere.example/", "https://idp.test/"]);
+        let got = v.verify(&token(&key, "k1", c)).await;
+        assert!(got.is_err(), "a token with an array of issuers was accepted: {got:?}");
     }
 
     #[test]

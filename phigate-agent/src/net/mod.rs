@@ -91,6 +91,10 @@ pub enum AcceptError {
     WrongListener { client: ClientAddr, recorded: u32, listener: u32 },
     #[error("cannot read the network namespace of an accepted socket: {0}")]
     Netns(io::Error),
+    /// The record is older than [`MAX_RECORD_AGE`]: its connect never reached this
+    /// listener, and this connection is not the one it describes.
+    #[error("the kernel redirect record for client {client} is {age_secs} s old, from a connect that never reached this listener; closing without proxying")]
+    StaleRecord { client: ClientAddr, age_secs: u64 },
 }
 
 /// A bound, listening socket not yet tied to a runtime. Each worker thread turns its
@@ -234,6 +238,14 @@ impl Listener {
         let netns_cookie = netns_cookie(&stream).map_err(AcceptError::Netns)?;
         let key = OrigDstKey { netns_cookie, addr: normal_form(client.0.ip()), port: client.0.port(), _pad: [0; 6] };
         let rec = records.take(&key).ok_or(AcceptError::NoRecord { client, netns_cookie })?;
+        // A record is published at the workload's connect, and taken here a moment
+        // later. An old one belongs to a connect that never reached this listener
+        // (refused, or dropped): whoever connects now from the same address and port
+        // is someone else.
+        let age_ns = monotonic_ns().saturating_sub(rec.connect_ns);
+        if age_ns > MAX_RECORD_AGE.as_nanos() as u64 {
+            return Err(AcceptError::StaleRecord { client, age_secs: age_ns / 1_000_000_000 });
+        }
         if rec.db_index != self.db_index {
             return Err(AcceptError::WrongListener { client, recorded: rec.db_index, listener: self.db_index });
         }
@@ -256,6 +268,15 @@ impl Listener {
             accepted_at: SystemTime::now(),
         })
     }
+}
+
+/// How long after its connect a workload's connection may be accepted. Accepts
+/// follow within milliseconds; a handshake retried after lost SYNs takes seconds.
+pub const MAX_RECORD_AGE: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock of the kernel's `bpf_ktime_get_ns()`.
+pub fn monotonic_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_or(0, |t| (t.tv_sec() as u64).saturating_mul(1_000_000_000) + t.tv_nsec() as u64)
 }
 
 /// The kernel keys records by the client address in IPv6 form, IPv4 as `::ffff:a.b.c.d`.
@@ -306,9 +327,40 @@ mod tests {
         assert_eq!(&a[12..], &[127, 0, 0, 1]);
     }
 
-    #[test]
-    fn original_destination_unmaps_ipv4() {
-        let rec = ConnectRecord {
+    struct OneRecord(std::sync::Mutex<Option<ConnectRecord>>);
+
+    impl RecordSource for OneRecord {
+        fn take(&self, _: &OrigDstKey) -> Option<ConnectRecord> {
+            self.0.lock().unwrap().take()
+        }
+    }
+
+    /// A record older than MAX_RECORD_AGE belongs to a connect that never reached the
+    /// listener (found by a review: left by a refused connect, it named its workload
+    /// to another process connecting later from the same port).
+    #[tokio::test]
+    async fn an_old_record_does_not_identify_the_connection() {
+        let bound = bind_group_at("127.0.0.1:0".parse().unwrap(), 0, 1).unwrap().pop().unwrap();
+        let listener = Listener::from_bound(bound).unwrap();
+        let addr = listener.addr.0;
+        let record = |age: std::time::Duration| {
+            let mut rec = test_record();
+            rec.connect_ns = monotonic_ns() - age.as_nanos() as u64;
+            OneRecord(std::sync::Mutex::new(Some(rec)))
+        };
+        for (age, accepted) in [(std::time::Duration::from_millis(5), true), (MAX_RECORD_AGE + std::time::Duration::from_secs(1), false)] {
+            let _client = std::net::TcpStream::connect(addr).unwrap();
+            let (stream, client) = listener.accept().await.unwrap();
+            let got = listener.recover(stream, client, &record(age));
+            assert_eq!(got.is_ok(), accepted, "{age:?}: {:?}", got.err());
+            if !accepted {
+                assert!(matches!(got, Err(AcceptError::StaleRecord { .. })));
+            }
+        }
+    }
+
+    fn test_record() -> ConnectRecord {
+        ConnectRecord {
             orig_addr: Ipv4Addr::new(127, 0, 0, 2).to_ipv6_mapped().octets(),
             orig_port: 5432,
             family: 2,
@@ -323,7 +375,12 @@ mod tests {
             db_index: 0,
             _pad: 0,
             comm: *b"psql\0\0\0\0\0\0\0\0\0\0\0\0",
-        };
+        }
+    }
+
+    #[test]
+    fn original_destination_unmaps_ipv4() {
+        let rec = test_record();
         assert_eq!(orig_dst(&rec), "127.0.0.2:5432".parse().unwrap());
         assert_eq!(nul_terminated(&rec.comm), "psql");
     }

@@ -13,6 +13,8 @@
 //! phigate-probe direct-tls ADDR:PORT        open with a TLS ClientHello (PG17 direct SSL)
 //! phigate-probe garbage  ADDR:PORT SEED     send seeded random bytes / broken frames
 //! phigate-probe cancel   ADDR:PORT PID KEY  send a CancelRequest
+//! phigate-probe connect-from ADDR:PORT A.B.C.D:SPORT  plain connect from a chosen
+//!                                           source address and port (SO_REUSEADDR)
 //! phigate-probe smuggle  ADDR:PORT          extended protocol by hand: a refused Parse
 //!                                           answered at Flush, then Bind/Execute of the
 //!                                           refused statement's name
@@ -214,6 +216,14 @@ fn main() {
                 Err(e) => error_json(out, "connect", &e),
             }
         }
+        "connect-from" => {
+            let a: std::net::SocketAddrV4 = addr.parse().expect("A.B.C.D:PORT");
+            let from: std::net::SocketAddrV4 = args.get(3).and_then(|s| s.parse().ok()).expect("A.B.C.D:SPORT");
+            match connect_from(a, from) {
+                Ok(s) => report_stream(out, s, true),
+                Err(e) => error_json(out, "connect", &e),
+            }
+        }
         "smuggle" => smuggle(out, addr.parse().expect("ADDR:PORT")),
         "garbage" => {
             let a: SocketAddr = addr.parse().expect("ADDR:PORT");
@@ -226,6 +236,35 @@ fn main() {
         }
     };
     println!("{result}");
+}
+
+/// A blocking IPv4 connect from `from` (bound first, with SO_REUSEADDR).
+fn connect_from(to: std::net::SocketAddrV4, from: std::net::SocketAddrV4) -> std::io::Result<TcpStream> {
+    let sin = |a: std::net::SocketAddrV4| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: a.port().to_be(),
+        sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(a.ip().octets()) },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: plain socket calls on a fresh fd; the addresses are valid sockaddr_in.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let stream = TcpStream::from_raw_fd(fd);
+        let one: libc::c_int = 1;
+        libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, &one as *const _ as *const libc::c_void, mem::size_of::<libc::c_int>() as u32);
+        let local = sin(from);
+        if libc::bind(fd, &local as *const _ as *const libc::sockaddr, mem::size_of::<libc::sockaddr_in>() as u32) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let remote = sin(to);
+        if libc::connect(fd, &remote as *const _ as *const libc::sockaddr, mem::size_of::<libc::sockaddr_in>() as u32) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(stream)
+    }
 }
 
 /// TCP Fast Open: the connect happens inside sendto(), a path that skips connect(2).
