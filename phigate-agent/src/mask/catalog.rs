@@ -25,6 +25,8 @@ pub enum RelKind {
     Table,
     View,
     MaterializedView,
+    /// A sequence: its values are whatever setval() was given.
+    Sequence,
     Other,
 }
 
@@ -376,6 +378,7 @@ pub fn parse_rows(rows: &[Vec<Option<String>>]) -> Result<Vec<Relation>, RowErro
         if out.last().is_none_or(|r| r.oid != oid) {
             let kind = match get(3).as_deref() {
                 Some("r" | "p" | "f") => RelKind::Table,
+                Some("S") => RelKind::Sequence,
                 Some("v") => RelKind::View,
                 Some("m") => RelKind::MaterializedView,
                 _ => RelKind::Other,

@@ -65,6 +65,11 @@ pub struct Sources {
     /// owners made `WITH FUNCTION` runs that function, which may read any table. Only
     /// the catalog can tell which.
     pub casts: BTreeSet<RelName>,
+    /// Computed from its sources (a function, an operator, a cast …), not one of
+    /// them as it is: a rule's partial, year, zip3 or hash output of a computed value
+    /// can be made to show what it hides (pieces, padding, chosen text to hash), so
+    /// such values are redacted.
+    pub computed: bool,
 }
 
 impl Sources {
@@ -74,6 +79,7 @@ impl Sources {
         self.opaque |= o.opaque;
         self.qualified.extend(o.qualified.iter().cloned());
         self.casts.extend(o.casts.iter().cloned());
+        self.computed |= o.computed;
     }
 
     pub fn is_empty(&self) -> bool {
@@ -373,11 +379,21 @@ fn add_from_item(n: &Node, scope: &mut Scope<'_>) {
             scope.items.push((alias, Item::Derived(outs)));
         }
         Some(NodeEnum::JoinExpr(j)) => {
+            let before = scope.items.len();
             if let Some(l) = j.larg.as_deref() {
                 add_from_item(l, scope);
             }
             if let Some(r) = j.rarg.as_deref() {
                 add_from_item(r, scope);
+            }
+            // `(a JOIN b) AS j [(x, y, …)]`: j is a FROM item of its own, whose row
+            // and columns (renamed or not) may be any of a's and b's.
+            if let Some(alias) = &j.alias {
+                let mut whole = Sources::default();
+                for (_, item) in &scope.items[before..] {
+                    item_whole(item, &mut whole);
+                }
+                scope.items.push((alias.aliasname.clone(), Item::Derived(vec![Output { name: String::new(), star: true, sources: whole }])));
             }
         }
         Some(NodeEnum::RangeFunction(f)) => {
@@ -465,6 +481,13 @@ static OPERATORS: std::sync::LazyLock<std::collections::HashSet<&'static str>> =
 const STORED_TEXT_FUNCTIONS: &[&str] = &[
     "lo_get",
     "loread",
+    "currval",
+    "lastval",
+    "pg_sequence_last_value",
+    "pg_lock_status",
+    "pg_get_replication_slots",
+    "pg_show_replication_origin_status",
+    "pg_replication_origin_progress",
     "pg_stat_get_activity",
     "pg_stat_get_backend_activity",
     "pg_prepared_statement",
@@ -733,6 +756,17 @@ pub fn expr_sources(n: &Node, scope: &Scope<'_>) -> Sources {
 const MAX_EXPR_DEPTH: u32 = 200;
 
 fn collect(n: &Node, scope: &Scope<'_>, out: &mut Sources, depth: u32) {
+    let read_before = out.columns.len() + out.whole_rows.len();
+    collect_node(n, scope, out, depth);
+    // Anything but a column as it is (or a subquery returning one) computes a value,
+    // from the columns it read.
+    let bare = matches!(n.node.as_ref(), Some(NodeEnum::ColumnRef(_) | NodeEnum::SubLink(_) | NodeEnum::ResTarget(_) | NodeEnum::NamedArgExpr(_)));
+    if !bare && out.columns.len() + out.whole_rows.len() > read_before {
+        out.computed = true;
+    }
+}
+
+fn collect_node(n: &Node, scope: &Scope<'_>, out: &mut Sources, depth: u32) {
     if depth > MAX_EXPR_DEPTH {
         out.opaque = true;
         return;
@@ -1207,7 +1241,7 @@ mod tests {
         assert_eq!(s[3].outputs, None, "a procedure's output is not traceable");
         let shown = s[4].outputs.as_ref().expect("SHOW has one column");
         assert!(shown.len() == 1 && shown[0].name == "search_path" && shown[0].sources.opaque, "search_path holds what set_config() stored");
-        let s = statements("show work_mem; show all; select current_setting('TimeZone'), current_setting('application_name')").unwrap();
+        let s = statements("show work_mem; show all; select current_setting('work_mem'), current_setting('application_name')").unwrap();
         assert!(!s[0].outputs.as_ref().unwrap()[0].sources.opaque, "a number is no table data");
         let all: Vec<bool> = s[1].outputs.as_ref().unwrap().iter().map(|o| o.sources.opaque).collect();
         assert_eq!(all, [false, true, false], "SHOW ALL's setting column");

@@ -1067,6 +1067,7 @@ impl Masker {
             let mut untraced = false;
             // The table column itself (not a value computed from it, nor a view's).
             let mut direct: Option<(RelName, String)> = None;
+            let mut computed = false;
             let consider = |idx: usize, best: &mut Option<usize>| {
                 if best.is_none_or(|b| self.profile.rules[idx].strategy.strength() > self.profile.rules[b].strategy.strength()) {
                     *best = Some(idx);
@@ -1078,6 +1079,10 @@ impl Masker {
                 match (&rel, rel.as_ref().and_then(|r| r.column(f.column))) {
                     (Some(rel), Some(col)) => {
                         direct = Some((rel.name.clone(), col.name.clone()));
+                        // A sequence holds what setval() was given (a computed SSN).
+                        if rel.kind == catalog::RelKind::Sequence {
+                            trace.opaque = true;
+                        }
                         self.rules_for_column(&catalog, &rel.name, &col.name, 0, &mut trace);
                         // A view's attribute n is its n-th output (attnum ≥ 1 here).
                         let pos = usize::try_from(f.column).ok().and_then(|c| c.checked_sub(1));
@@ -1120,6 +1125,7 @@ impl Masker {
                         reads.extend(st.reads.iter().cloned());
                     }
                 }
+                computed = trace.computed;
                 for idx in trace.rules {
                     consider(idx, &mut best);
                 }
@@ -1170,6 +1176,14 @@ impl Masker {
                 }
                 _ => (Strategy::Keep, None),
             };
+            // A value computed from a column gets no partial, year, zip3 or hash: each
+            // can be made to show what it hides (pieces of an SSN padded to length,
+            // digits turned into punctuation, 2000 + MMDD as a "year", the pseudonym
+            // of each letter). It is redacted instead.
+            let strategy = match strategy {
+                Strategy::Partial { .. } | Strategy::Zip3 | Strategy::Year { .. } | Strategy::Hash { .. } if computed => self.redaction(),
+                other => other,
+            };
             // `year` reads a number as an age only on the column its rule names: a
             // number computed from a date (`extract(day from dob)`) is part of it.
             let strategy = match strategy {
@@ -1203,9 +1217,11 @@ impl Masker {
         // (pg_statistic's samples behind pg_stats' most_common_vals and
         // histogram_bounds), and so do a pg_mcv_list (extended statistics' most
         // common values) and pg_statistic_ext_data's `stxdexpr` (pg_statistic rows
-        // of expressions): no rule of their own can place them.
-        let expression_samples = rel.name == "pg_statistic_ext_data" && column == "stxdexpr" && rel.schema.as_deref().is_none_or(|s| s == "pg_catalog");
-        if expression_samples || catalog.has_column_of_type(rel, column, ANYARRAY) || catalog.has_column_of_type(rel, column, PG_MCV_LIST) {
+        // of expressions): no rule of their own can place them. Nor the name of a
+        // replication origin, which is whatever its creator chose.
+        let catalog_text = matches!((rel.name.as_str(), column), ("pg_statistic_ext_data", "stxdexpr") | ("pg_replication_origin", "roname"))
+            && rel.schema.as_deref().is_none_or(|s| s == "pg_catalog");
+        if catalog_text || catalog.has_column_of_type(rel, column, ANYARRAY) || catalog.has_column_of_type(rel, column, PG_MCV_LIST) {
             trace.opaque = true;
             trace.reads.insert(rel.clone());
         }
@@ -1222,6 +1238,7 @@ impl Masker {
     /// cast running a function of the database's own, views nested too deep) marks
     /// the trace opaque, with the relations read beside it.
     fn rules_for_sources(&self, catalog: &Catalog, s: &Sources, depth: u32, trace: &mut Trace) {
+        trace.computed |= s.computed;
         if s.opaque || own_cast_applies(catalog, s) {
             trace.opaque = true;
             trace.reads.extend(s.columns.iter().map(|(r, _)| r.clone()));
@@ -1767,6 +1784,9 @@ struct Trace {
     opaque: bool,
     /// The relations read beside what is opaque.
     reads: BTreeSet<RelName>,
+    /// Part of the value is computed from a column with rules (see
+    /// [`Sources::computed`]).
+    computed: bool,
 }
 
 /// `p.f` where `p`'s table has no column `f` is PostgreSQL's column notation for the
