@@ -174,9 +174,10 @@ fn audit_command(command: AuditCommand, config: Option<&Config>) -> anyhow::Resu
                     "json" => {
                         let mut v = serde_json::json!({"seq": row.record.seq, "ts": row.record.ts, "kind": row.record.kind, "segment": row.segment, "identity": row.identity, "data": row.record.data, "hash": row.record.hash});
                         if let Some(o) = v["data"].as_object_mut() {
-                            // Sealed parts stay sealed; they are opaque here.
+                            // Sealed parts stay sealed; they are opaque here. One that
+                            // could not be sealed says why.
                             for k in ["raw", "params"] {
-                                if o.contains_key(k) {
+                                if o.get(k).is_some_and(|v| v.get("error").is_none()) {
                                     o.insert(k.into(), serde_json::json!("<sealed>"));
                                 }
                             }

@@ -417,3 +417,101 @@ fn shredding_a_period_key_makes_raw_results_unreadable_but_the_log_verifies() {
     let o = audit(&e, &["verify"]);
     assert!(o.status.success(), "{}", text(&o));
 }
+
+// Defects found by a review (each failed before its fix).
+
+fn psql_with_env(e: &Env, sql: &str, envs: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(pg_bin("psql"));
+    cmd.args(["-h", "127.0.0.2", "-p", &e.pg.port().to_string(), "-U", "agent", "-d", "postgres", "-XAtq", "-c", sql])
+        .env("PGSSLMODE", "disable")
+        .stdin(Stdio::null());
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    run_in(&mut cmd, &e.cg.child_dir("care"));
+    cmd.output().unwrap()
+}
+
+/// The workload's application_name and startup options are free text it chose (like
+/// its statement text, which the agent never logs): the "session started" line
+/// copies both verbatim into the agent's log.
+#[test]
+fn startup_text_a_workload_sent_is_not_in_the_agent_log() {
+    if skip("startup_text_a_workload_sent_is_not_in_the_agent_log") {
+        return;
+    }
+    let e = env();
+    let o = psql_with_env(
+        &e,
+        "select count(*) from labs",
+        &[("PGAPPNAME", "chart of Maria Garcia 321-54-9876"), ("PGOPTIONS", "-c application_name=dob-1980-12-31-x")],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    settle();
+    let log = e.agent.raw_log();
+    assert!(!log.contains("321-54-9876"), "application_name is in the agent's log: {}", log.lines().find(|l| l.contains("321-54-9876")).unwrap_or(""));
+    assert!(
+        !log.contains("dob-1980-12-31-x"),
+        "startup options are in the agent's log: {}",
+        log.lines().find(|l| l.contains("dob-1980-12-31-x")).unwrap_or("")
+    );
+}
+
+/// A COPY whose query the side connection cannot describe the same way (the session
+/// changed DateStyle) fails masking closed — but the warning logs the database's
+/// error verbatim, and it quotes the statement's literal (a date of birth).
+#[test]
+fn a_masking_failure_does_not_log_the_statements_values() {
+    if skip("a_masking_failure_does_not_log_the_statements_values") {
+        return;
+    }
+    let e = env();
+    let o = psql(&e, "set datestyle = 'ISO, DMY'; copy (select test from labs where current_date <> '31/12/1980' and id = 1) to stdout");
+    let out = text(&o);
+    assert!(!out.contains("101-45-0001"), "the unmasked SSN reached the client: {out}");
+    settle();
+    let log = e.agent.raw_log();
+    assert!(!log.contains("31/12/1980"), "the statement's literal is in the agent's log: {}", log.lines().find(|l| l.contains("31/12/1980")).unwrap_or(""));
+}
+
+/// The period key cannot be made (key_dir not writable): a statement with bound
+/// parameters is refused, but a masked simple query runs, its result reaches the
+/// client, and its statement_end (outcome, delivered and raw result) is silently
+/// dropped — the log stays "healthy", statements keep being served, verify passes.
+#[test]
+fn a_raw_result_that_cannot_be_sealed_fails_closed() {
+    if skip("a_raw_result_that_cannot_be_sealed_fails_closed") {
+        return;
+    }
+    let base = std::env::temp_dir().join(unique("phigate-audit-keyless"));
+    std::fs::create_dir_all(&base).unwrap();
+    // A regular file where the key directory's parent should be: no key can be made
+    // (even as root).
+    std::fs::write(base.join("not-a-dir"), b"x").unwrap();
+    let audit_dir = base.join("log");
+    let e = env_with(Some(format!(
+        "[audit]\ndir = {:?}\nkey_dir = {:?}\nhead_interval_secs = 1\n",
+        audit_dir.display().to_string(),
+        base.join("not-a-dir/periods").display().to_string()
+    )));
+    let o = psql(&e, "select ssn from patients where id = 3");
+    let delivered = text(&o);
+    settle();
+    let dir = audit_dir.to_str().unwrap();
+    let stmts = json_lines(&audit(&e, &["query", "--dir", dir, "--kind", "statement", "--format", "json"]));
+    let ends = json_lines(&audit(&e, &["query", "--dir", dir, "--kind", "statement_end", "--format", "json"]));
+    let recorded = stmts.iter().any(|s| s["data"]["text"].as_str().is_some_and(|t| t.contains("where id = 3")));
+    // The next statement is refused: the audit cannot record what it would return.
+    let next = psql(&e, "select ssn from patients where id = 4");
+    let _ = std::fs::remove_dir_all(&base);
+    if o.status.success() {
+        // The result was released: its end is in the log, saying why its raw result
+        // is missing, and the audit failed closed for the statements after it.
+        assert!(recorded, "statement record");
+        assert!(
+            ends.iter().any(|r| r["data"]["raw"]["error"].as_str().is_some_and(|w| w.contains("encrypt"))),
+            "the client received {delivered:?}, the statement record is durable, but no statement_end says why its raw result is missing: {ends:?}"
+        );
+    }
+    assert!(!next.status.success() && text(&next).contains("audit log cannot be written"), "{}", text(&next));
+}

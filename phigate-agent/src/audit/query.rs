@@ -465,7 +465,9 @@ pub fn replay(dir: &Path, session: &str, keys: Option<&PeriodKeys>) -> Result<Ve
                 if res["truncated"] == true {
                     out.push("      | … (result longer than the recorded snapshot; its SHA-256 is recorded)".into());
                 }
-                if let Some(k) = keys {
+                if let Some(why) = d["raw"]["error"].as_str() {
+                    out.push(format!("      raw: not recorded ({why})"));
+                } else if let Some(k) = keys {
                     if d["raw"].is_object() {
                         let ctx = format!("{session}:{}:raw", d["stmt"]);
                         match k.open(&d["raw"], &ctx) {

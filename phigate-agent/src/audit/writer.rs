@@ -233,8 +233,8 @@ impl Handle {
             health: Health::default(),
             last_waiters: Default::default(),
         });
-        let sh = shared.clone();
-        thread::Builder::new().name("phigate-audit".into()).spawn(move || run(&sh, head_interval)).expect("invariant: the audit thread starts");
+        let (sh, probe) = (shared.clone(), keys.clone());
+        thread::Builder::new().name("phigate-audit".into()).spawn(move || run(&sh, &probe, head_interval)).expect("invariant: the audit thread starts");
         Self { senders: Arc::new(Senders(shared)), keys }
     }
 
@@ -277,8 +277,13 @@ impl Handle {
     /// record whose raw data cannot be sealed is not written half).
     pub fn seal_canonical(&self, context: &str, plain: &[u8]) -> Result<String, String> {
         self.keys.seal_canonical(context, plain).map_err(|err| {
-            tracing::error!(error = %err, "audit: a record's raw data could not be encrypted; its statement is refused");
-            format!("cannot encrypt the record's raw data: {err}")
+            let why = format!("cannot encrypt the record's raw data: {err}");
+            tracing::error!(error = %err, "audit: raw data could not be encrypted; new statements are refused until it can");
+            // Fail closed: a result already released keeps its record (without the
+            // raw data, saying why), but no new statement runs until the writer finds
+            // the keys usable again.
+            *self.senders.0.health.failure.lock().expect("invariant: lock not poisoned") = Some(why.clone());
+            why
         })
     }
 
@@ -390,7 +395,7 @@ fn waiters(entries: &[Entry]) -> usize {
     entries.iter().filter(|e| matches!(e, Entry::Record { done: Some(_), .. })).count()
 }
 
-fn run(sh: &Shared, head_interval: Duration) {
+fn run(sh: &Shared, keys: &SealingKeys, head_interval: Duration) {
     let queue = &sh.queue;
     let health = &sh.health;
     let mut last_checkpoint = Instant::now();
@@ -439,8 +444,9 @@ fn run(sh: &Shared, head_interval: Duration) {
             close(queue);
             return;
         }
-        if failing {
-            // Try to come back: a record saying what went wrong.
+        // Try to come back (once the period key can seal again, if that was the
+        // failure): a record saying what went wrong.
+        if failing && keys.seal_canonical("probe", b"").is_ok() {
             let why = health.failure.lock().expect("invariant: lock not poisoned").clone().unwrap_or_default();
             w.log.append("lifecycle", json!({"event": "audit_resumed", "after": why}));
             if w.log.commit().is_ok() {

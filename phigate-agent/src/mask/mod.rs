@@ -634,7 +634,7 @@ impl Masker {
                 s
             }
             Err(e) => {
-                tracing::warn!(error = %e.message, "masking failed; the result is withheld");
+                tracing::warn!(error = %crate::pg::error::log_safe(&e.message), "masking failed; the result is withheld");
                 self.failing = true;
                 self.finish_statement();
                 Step::Replace(smallvec::smallvec![e.to_frame().into_bytes()])

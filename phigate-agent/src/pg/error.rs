@@ -161,8 +161,59 @@ pub fn parse_error_fields(body: &[u8]) -> ReceivedError {
     out
 }
 
+/// Text that may quote what a statement or a row held (a server's error, a refusal
+/// built from one), made fit for the agent's log: double-quoted parts become `"…"`
+/// and runs of three or more digits `#`s. PHI never reaches the log.
+pub fn log_safe(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut quoted = false;
+    let mut digits = String::new();
+    let flush = |digits: &mut String, out: &mut String| {
+        if digits.len() >= 3 {
+            out.extend(std::iter::repeat_n('#', digits.len()));
+        } else {
+            out.push_str(digits);
+        }
+        digits.clear();
+    };
+    for c in text.chars() {
+        if c == '"' {
+            flush(&mut digits, &mut out);
+            if !quoted {
+                out.push_str("\"…");
+            }
+            quoted = !quoted;
+            if !quoted {
+                out.push('"');
+            }
+            continue;
+        }
+        if quoted {
+            continue;
+        }
+        if c.is_ascii_digit() {
+            digits.push(c);
+        } else {
+            flush(&mut digits, &mut out);
+            out.push(c);
+        }
+    }
+    flush(&mut digits, &mut out);
+    if quoted {
+        out.push('"');
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn log_safe_text_keeps_no_quoted_value_and_no_long_number() {
+        let t = log_safe(r#"cannot describe the COPY's columns: date/time field value out of range: "31/12/1980"; index 710571746 out of range 0..7"#);
+        assert_eq!(t, r#"cannot describe the COPY's columns: date/time field value out of range: "…"; index ######### out of range 0..7"#);
+        assert_eq!(log_safe(r#"unterminated "Maria"#), r#"unterminated "…""#);
+    }
+
     use super::*;
 
     #[test]

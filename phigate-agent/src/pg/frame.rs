@@ -87,8 +87,8 @@ pub enum FrameError {
     Malformed { what: &'static str, why: String },
 }
 
-/// What [`Decoder::decode`] produced.
-#[derive(Debug)]
+/// What [`Decoder::decode`] produced. `Debug` shows sizes, never the bytes (a
+/// streamed DataRow is row data).
 pub enum Item {
     /// A complete frame.
     Whole(Frame),
@@ -97,6 +97,16 @@ pub enum Item {
     StreamStart { tag: u8, total: usize, chunk: Bytes },
     /// More of the frame being streamed; `last` when it is complete.
     StreamChunk { chunk: Bytes, last: bool },
+}
+
+impl fmt::Debug for Item {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Item::Whole(frame) => write!(f, "Whole({frame:?})"),
+            Item::StreamStart { tag, total, chunk } => write!(f, "StreamStart({:?}, {total} bytes, <redacted {} bytes>)", *tag as char, chunk.len()),
+            Item::StreamChunk { chunk, last } => write!(f, "StreamChunk(<redacted {} bytes>, last: {last})", chunk.len()),
+        }
+    }
 }
 
 /// Frame splitter for one direction of a connection.
@@ -257,5 +267,16 @@ mod tests {
         let s = format!("{f:?}");
         assert!(!s.contains("123-45"), "{s}");
         assert!(s.contains("redacted 11 bytes"), "{s}");
+    }
+
+    /// Found by a review: a large DataRow streamed through is split into `Item`s,
+    /// whose derived Debug printed the row's bytes (`b"...123-45-6789..."`).
+    #[test]
+    fn debug_of_a_streamed_item_never_prints_its_bytes() {
+        let start = Item::StreamStart { tag: b'D', total: 20, chunk: Bytes::from_static(b"D\0\0\0\x13123-45-6789") };
+        let chunk = Item::StreamChunk { chunk: Bytes::from_static(b"Maria Garcia"), last: true };
+        for s in [format!("{start:?}"), format!("{chunk:?}")] {
+            assert!(!s.contains("123-45") && !s.contains("Maria"), "{s}");
+        }
     }
 }

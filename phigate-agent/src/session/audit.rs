@@ -561,8 +561,12 @@ impl Tap {
             drop(raw_rows);
             self.writer.seal_canonical(&format!("{}:{}:raw", self.audit_id, r.stmt), plain.as_bytes())
         });
+        // The result is out already: its record is written all the same, saying why
+        // the raw data is missing (the writer now refuses new statements).
         let sealed = match raw {
-            Some(Err(why)) => return self.send_canonical(kind::STATEMENT_END, Err(why), None),
+            Some(Err(why)) => Some(object(|o| {
+                o.str("error", &why);
+            })),
             Some(Ok(s)) => Some(s),
             None => None,
         };

@@ -401,7 +401,9 @@ async fn run(conn: Identified, db: Arc<DbRuntime>, services: &Services) -> Resul
         session_id = session.id, audit_session = %session.audit_id, user = %session.client_user, dbname = %session.dbname, upstream_role = %session.upstream_role,
         auth = session.auth_method.as_str(), token_subject = session.token.as_ref().map(|t| t.subject.as_str()).unwrap_or(""),
         token_groups = ?session.token.as_ref().map(|t| t.groups.clone()).unwrap_or_default(),
-        application_name = session.application_name.as_deref().unwrap_or(""), options = session.options.as_deref().unwrap_or(""),
+        // Text the workload chose, like its statements: sizes only (the audit log
+        // records it).
+        application_name = %redacted(session.application_name.as_deref()), options = %redacted(session.options.as_deref()),
         login_ms = session.started_at.duration_since(session.accepted_at).map(|d| d.as_secs_f64() * 1e3).unwrap_or(0.0), client_tls = session.client_tls, upstream_tls = session.upstream_tls,
         "session started"
     );
@@ -428,7 +430,7 @@ async fn run(conn: Identified, db: Arc<DbRuntime>, services: &Services) -> Resul
         End::Shutdown => "agent shutdown".to_string(),
     };
     pipeline.closed(&session, &how, &s);
-    info!(session_id = session.id, audit_session = %session.audit_id, ended = %how, duration_ms, queries = s.queries, executes = s.executes, rows = s.rows, errors = s.errors, bytes_to_server = s.bytes_to_server, bytes_to_client = s.bytes_to_client, "session ended");
+    info!(session_id = session.id, audit_session = %session.audit_id, ended = %crate::pg::error::log_safe(&how), duration_ms, queries = s.queries, executes = s.executes, rows = s.rows, errors = s.errors, bytes_to_server = s.bytes_to_server, bytes_to_client = s.bytes_to_client, "session ended");
     Ok(())
 }
 
@@ -475,4 +477,9 @@ async fn handle_cancel(pid: u32, key: &[u8], workload: &Workload, services: &Ser
         Ok(()) => info!(session_id = pid, "query cancel forwarded to the database"),
         Err(e) => warn!(session_id = pid, error = %e, "could not forward query cancel"),
     }
+}
+
+/// `<redacted N bytes>` for text a workload chose, in logs.
+fn redacted(text: Option<&str>) -> String {
+    format!("<redacted {} bytes>", text.map_or(0, str::len))
 }
