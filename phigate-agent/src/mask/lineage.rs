@@ -538,6 +538,14 @@ fn foreign_operator(e: &protobuf::AExpr) -> bool {
 /// of its arguments (a whole-row argument carries its whole row), opaque unless every
 /// function only unfolds its arguments.
 fn range_function_sources(f: &protobuf::RangeFunction, scope: &Scope<'_>) -> Sources {
+    let mut out = range_function_arguments(f, scope);
+    // What a function in FROM returns is computed from its arguments, bare or not
+    // (`string_to_table(p.name, null)` returns the name's letters).
+    out.computed |= !out.columns.is_empty() || !out.whole_rows.is_empty();
+    out
+}
+
+fn range_function_arguments(f: &protobuf::RangeFunction, scope: &Scope<'_>) -> Sources {
     let mut out = Sources::default();
     for item in &f.functions {
         // Each entry is a list: the call, then its column definitions.

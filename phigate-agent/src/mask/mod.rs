@@ -1134,6 +1134,10 @@ impl Masker {
                 // the statement (or the view) reads, or, when those have none or
                 // cannot be known, the profile's redaction.
                 untraced = trace.opaque;
+                // What cannot be traced is redacted even where the strongest rule
+                // around it is hash or partial (`lateral substr(v.who, g, 1)` would
+                // hand out the pseudonym of each letter).
+                computed |= untraced;
                 if untraced {
                     let read = Sources { whole_rows: reads, ..Sources::default() };
                     let mut around = Trace::default();

@@ -487,6 +487,44 @@ fn const_bool(n: &protobuf::Node) -> Option<bool> {
 /// other reading of the pair PostgreSQL rejects as ambiguous or unknown. Sets
 /// `consts` when constants were compared: then the answer depends on their values.
 fn same_expr(a: &protobuf::Node, b: &protobuf::Node, consts: &mut bool) -> bool {
+    // A COLLATE (`test = test COLLATE "C"`: equality stays reflexive) and a scalar
+    // subquery of one row without FROM (`(SELECT id)`) are the value inside.
+    let (a, b) = (inner_value(a), inner_value(b));
+    same_expr_of(a, b, consts)
+}
+
+/// See [`same_expr`].
+fn inner_value(n: &protobuf::Node) -> &protobuf::Node {
+    match n.node.as_ref() {
+        Some(NodeEnum::CollateClause(c)) => c.arg.as_deref().map_or(n, inner_value),
+        Some(NodeEnum::SubLink(l)) if protobuf::SubLinkType::try_from(l.sub_link_type) == Ok(protobuf::SubLinkType::ExprSublink) => {
+            one_row_value(l.subselect.as_deref()).map_or(n, inner_value)
+        }
+        _ => n,
+    }
+}
+
+/// The one value of `SELECT x` or `VALUES (x)` without FROM, WHERE, HAVING or LIMIT.
+fn one_row_value(q: Option<&protobuf::Node>) -> Option<&protobuf::Node> {
+    let Some(NodeEnum::SelectStmt(q)) = q.and_then(|q| q.node.as_ref()) else { return None };
+    let plain = q.from_clause.is_empty() && q.where_clause.is_none() && q.having_clause.is_none() && q.limit_count.is_none() && q.larg.is_none();
+    if !plain {
+        return None;
+    }
+    match (q.target_list.as_slice(), q.values_lists.as_slice()) {
+        ([t], []) => match t.node.as_ref() {
+            Some(NodeEnum::ResTarget(rt)) => rt.val.as_deref(),
+            _ => None,
+        },
+        ([], [row]) => match row.node.as_ref() {
+            Some(NodeEnum::List(l)) if l.items.len() == 1 => l.items.first(),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+fn same_expr_of(a: &protobuf::Node, b: &protobuf::Node, consts: &mut bool) -> bool {
     fn all(x: &[protobuf::Node], y: &[protobuf::Node], consts: &mut bool) -> bool {
         x.len() == y.len() && x.iter().zip(y).all(|(a, b)| same_expr(a, b, consts))
     }
@@ -723,13 +761,7 @@ fn always_true(n: &protobuf::Node, facts: &mut Facts) -> bool {
         },
         // `CASE WHEN id = id THEN true END`: true when every result is, or when its
         // first branch is always taken and true.
-        NodeEnum::CaseExpr(c) if c.arg.is_none() => {
-            let whens: Vec<&protobuf::CaseWhen> =
-                c.args.iter().filter_map(|w| if let Some(NodeEnum::CaseWhen(w)) = w.node.as_ref() { Some(&**w) } else { None }).collect();
-            let result_true = |w: &protobuf::CaseWhen, facts: &mut Facts| w.result.as_deref().is_some_and(|r| always_true(r, facts));
-            let first_taken = whens.first().is_some_and(|w| w.expr.as_deref().is_some_and(|e| always_true(e, facts)) && result_true(w, facts));
-            first_taken || (!whens.is_empty() && whens.iter().all(|w| result_true(w, facts)) && c.defresult.as_deref().is_some_and(|d| always_true(d, facts)))
-        }
+        NodeEnum::CaseExpr(c) => case_always(c, true, facts),
         // `coalesce(id = id, true)`: NULLs aside, the first argument.
         NodeEnum::CoalesceExpr(c) => {
             c.args.first().is_some_and(|a| always_true(a, facts)) || (!c.args.is_empty() && c.args.iter().all(|a| always_true(a, facts)))
@@ -747,23 +779,34 @@ fn always_true(n: &protobuf::Node, facts: &mut Facts) -> bool {
                 && q.values_lists.is_empty();
             match protobuf::SubLinkType::try_from(l.sub_link_type) {
                 Ok(protobuf::SubLinkType::ExistsSublink) => one_row,
+                // `id IN (SELECT id)`, `id = ANY (VALUES (id))`.
                 Ok(protobuf::SubLinkType::AnySublink) => {
                     let op = name_list(&l.oper_name);
                     let equal = op.is_empty() || op.last().is_some_and(|o| matches!(o.as_str(), "=" | "<=" | ">="));
-                    let target = match q.target_list.as_slice() {
-                        [t] => match t.node.as_ref() {
-                            Some(NodeEnum::ResTarget(rt)) => rt.val.as_deref(),
-                            _ => None,
-                        },
-                        _ => None,
-                    };
-                    one_row && equal && l.testexpr.as_deref().zip(target).is_some_and(|(a, b)| same_expr(a, b, &mut facts.literal_sensitive))
+                    let value = one_row_value(l.subselect.as_deref());
+                    equal && l.testexpr.as_deref().zip(value).is_some_and(|(a, b)| same_expr(a, b, &mut facts.literal_sensitive))
                 }
                 _ => false,
             }
         }
         _ => false,
     }
+}
+
+/// Whether a CASE is always `want` (true: always true; false: never true): its first
+/// branch is always taken (`CASE WHEN id = id`, `CASE id WHEN id`) and gives that, or
+/// every branch and the ELSE give it.
+fn case_always(c: &protobuf::CaseExpr, want: bool, facts: &mut Facts) -> bool {
+    let whens: Vec<&protobuf::CaseWhen> =
+        c.args.iter().filter_map(|w| if let Some(NodeEnum::CaseWhen(w)) = w.node.as_ref() { Some(&**w) } else { None }).collect();
+    let gives = |n: Option<&protobuf::Node>, facts: &mut Facts| n.is_some_and(|r| if want { always_true(r, facts) } else { always_false(r, facts) });
+    let taken = |w: &protobuf::CaseWhen, facts: &mut Facts| match (c.arg.as_deref(), w.expr.as_deref()) {
+        (None, Some(e)) => always_true(e, facts),
+        (Some(a), Some(e)) => same_expr(a, e, &mut facts.literal_sensitive),
+        _ => false,
+    };
+    let first = whens.first().is_some_and(|w| taken(w, facts) && gives(w.result.as_deref(), facts));
+    first || (!whens.is_empty() && whens.iter().all(|w| gives(w.result.as_deref(), facts)) && gives(c.defresult.as_deref(), facts))
 }
 
 /// The items of an IN list or an ARRAY[…] (cast or not: `ARRAY[id]::int[]`).
@@ -840,6 +883,7 @@ fn always_false(n: &protobuf::Node, facts: &mut Facts) -> bool {
             (Ok(protobuf::BoolTestType::IsFalse | protobuf::BoolTestType::IsNotTrue), Some(a)) => always_true(a, facts),
             _ => false,
         },
+        Some(NodeEnum::CaseExpr(c)) => case_always(c, false, facts),
         _ => false,
     }
 }
@@ -1548,17 +1592,17 @@ fn visit(n: N<'_>, facts: &mut Facts, per_row: &mut HashSet<*const protobuf::Sel
             let names = name_list(&f.funcname);
             if let Some(name) = names.last() {
                 let name = name.to_ascii_lowercase();
-                // The value argument (set_config's 2nd, pg_notify's 2nd, the data of a
-                // large object: lo_from_bytea's 2nd, lo_put's 3rd, lowrite's 2nd).
-                let value_arg = match name.as_str() {
-                    "set_config" | "pg_notify" | "lo_from_bytea" | "lowrite" | "setval" => Some(1),
-                    "lo_put" => Some(2),
-                    // A lock key is visible to every session in pg_locks.
-                    "pg_advisory_lock" | "pg_advisory_lock_shared" | "pg_try_advisory_lock" | "pg_try_advisory_lock_shared" | "pg_advisory_xact_lock"
+                // The arguments a function stores where any session reads them back:
+                // a setting's or notification's value (not its name), a large object's
+                // OID, offset and data, a sequence's value and is_called flag, an
+                // advisory lock's keys (pg_locks shows them).
+                let stored_from = match name.as_str() {
+                    "set_config" | "pg_notify" | "setval" | "lowrite" => Some(1),
+                    "lo_from_bytea" | "lo_put" | "lo_create" | "pg_advisory_lock" | "pg_advisory_lock_shared" | "pg_try_advisory_lock" | "pg_try_advisory_lock_shared" | "pg_advisory_xact_lock"
                     | "pg_advisory_xact_lock_shared" | "pg_try_advisory_xact_lock" | "pg_try_advisory_xact_lock_shared" => Some(0),
                     _ => None,
                 };
-                if value_arg.and_then(|i| f.args.get(i)).is_some_and(|v| const_value(v).is_none()) {
+                if stored_from.is_some_and(|from| f.args.iter().skip(from).any(|v| const_value(v).is_none())) {
                     facts.stores_computed_value = true;
                 }
                 if name == "set_config" {

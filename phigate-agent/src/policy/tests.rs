@@ -884,3 +884,50 @@ fn values_kept_in_sequences_locks_and_replication_state_are_copies() {
         ("select pg_advisory_lock(42)", Verdict::Allow, "default"),
     ]);
 }
+
+// Found by a third review (tests/e2e/policy.rs names the end-to-end case).
+
+/// Always-true conditions in shapes the second review's list has a sibling of:
+/// `id IN (SELECT id)` is caught, `id = (SELECT id)` is not; `CASE WHEN id = id THEN
+/// true END` is, its simple form `CASE id WHEN id THEN true END` and the NOT of a CASE
+/// that is false exactly when id = id are not; `(SELECT id)` compared IS NOT DISTINCT
+/// FROM, and `IN (VALUES (id))`; a COLLATE on one side only. Each deletes every row of
+/// labs on PostgreSQL 15. (Not caught, README: a semi-join of the target with itself,
+/// `id IN (SELECT id FROM labs)`, and a MERGE of a table with itself.)
+/// e2e: always_true_conditions_of_a_third_review_delete_every_row
+#[test]
+fn always_true_conditions_of_a_third_review() {
+    let b = |sql| (sql, Verdict::Block, "baseline.unfiltered-write");
+    let a = |sql| (sql, Verdict::Approve, "baseline.unbounded-phi-read");
+    expect_each(&[
+        b("delete from labs where id = (select id)"),
+        b("delete from labs where (select id) = id"),
+        b("delete from labs where id is not distinct from (select id)"),
+        b("delete from labs where id in (values (id))"),
+        b("delete from labs where id = any (values (id))"),
+        b("delete from labs where case id when id then true end"),
+        b("delete from labs where not case when id = id then false else true end"),
+        b("delete from labs where test = test collate \"C\""),
+        b("delete from encounters where id = (select id)"),
+        a("select * from patients p where p.id = (select p.id)"),
+        a("select * from patients p where case p.id when p.id then true end"),
+    ]);
+}
+
+/// A computed value stored by an argument the copy check does not look at: the OID
+/// of a new large object (`lo_create(oid)`, `lo_from_bytea(oid, …)`: read back from
+/// pg_largeobject_metadata, a catalog table without rules: the SSN's nine digits fit
+/// an OID), the second key of a two-key advisory lock, the offset of `lo_put`, the
+/// `is_called` flag of setval.
+/// e2e: a_large_object_oid_made_from_a_value_does_not_show_it
+#[test]
+fn computed_values_stored_through_other_arguments_are_copies() {
+    let c = |sql| (sql, Verdict::Block, "baseline.copy-phi-relation");
+    expect_each(&[
+        c("select lo_create(replace(ssn, '-', '')::bigint::oid) from patients where id = 1"),
+        c("select lo_from_bytea(replace(ssn, '-', '')::bigint::oid, '') from patients where id = 1"),
+        c("select pg_advisory_lock(1, ascii(name)) from patients where id = 1"),
+        c("select lo_put(4242, ascii(name), '') from patients where id = 1"),
+        c("select setval('s', 1, ascii(name) > 70) from patients where id = 1"),
+    ]);
+}
