@@ -58,6 +58,7 @@ pub fn session_data(s: &Session, audit_id: &str) -> Value {
         "dbname": s.dbname,
         "client_user": s.client_user,
         "application_name": s.application_name,
+        "options": s.options,
         "upstream_role": s.upstream_role,
         "client_tls": s.client_tls,
         "upstream_tls": s.upstream_tls,
