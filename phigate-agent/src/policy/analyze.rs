@@ -1156,6 +1156,9 @@ fn foreign_table_options(options: &[protobuf::Node], facts: &mut Facts) {
     }
 }
 
+/// PostgreSQL's ShareLock: this mode and the stronger ones block writes.
+const LOCK_MODE_SHARE: i32 = 5;
+
 /// The INTO of a SELECT, or of a set operation (its leftmost arm's).
 fn leftmost_into(s: &protobuf::SelectStmt) -> Option<&protobuf::IntoClause> {
     let mut at = s;
@@ -1544,6 +1547,39 @@ fn visit(n: N<'_>, facts: &mut Facts, per_row: &mut HashSet<*const protobuf::Sel
                 Ok(ObjectType::ObjectRole) => facts.role_ddl = true,
                 Ok(ObjectType::ObjectSchema) => facts.renamed_schemas.push(r.subname.clone()),
                 _ => {}
+            }
+        }
+        // Statements that hold a PHI table locked against its clinical writers (or
+        // readers) while they run: LOCK in SHARE mode or stronger (ACCESS EXCLUSIVE
+        // by default), and the rewrites CLUSTER, VACUUM FULL, REINDEX TABLE.
+        N::LockStmt(l) if l.mode >= LOCK_MODE_SHARE => {
+            for r in &l.relations {
+                if let Some(NodeEnum::RangeVar(rv)) = r.node.as_ref() {
+                    facts.ddl.push((DdlVerb::Alter, table(rv)));
+                }
+            }
+        }
+        N::ClusterStmt(c) => {
+            if let Some(rv) = c.relation.as_ref() {
+                facts.ddl.push((DdlVerb::Alter, table(rv)));
+            }
+        }
+        N::VacuumStmt(v) => {
+            let full = v.options.iter().any(|o| matches!(o.node.as_ref(), Some(NodeEnum::DefElem(d)) if d.defname.eq_ignore_ascii_case("full") && d.arg.as_deref().and_then(const_bool) != Some(false)));
+            if full {
+                for r in &v.rels {
+                    if let Some(rv) = match r.node.as_ref() {
+                        Some(NodeEnum::VacuumRelation(vr)) => vr.relation.as_ref(),
+                        _ => None,
+                    } {
+                        facts.ddl.push((DdlVerb::Alter, table(rv)));
+                    }
+                }
+            }
+        }
+        N::ReindexStmt(r) if protobuf::ReindexObjectType::try_from(r.kind) == Ok(protobuf::ReindexObjectType::ReindexObjectTable) => {
+            if let Some(rv) = r.relation.as_ref() {
+                facts.ddl.push((DdlVerb::Alter, table(rv)));
             }
         }
         N::AlterTableMoveAllStmt(m) => {

@@ -6,7 +6,7 @@
 //! |---|---|---|
 //! | `baseline.drop-phi` | block | DROP of a PHI table, of a policy/trigger/rule on one, of a schema or database holding one, DROP … CASCADE |
 //! | `baseline.truncate-phi` | block | TRUNCATE of a PHI table, TRUNCATE … CASCADE |
-//! | `baseline.alter-phi` | block | ALTER / rename / move of a PHI table (also by renaming its schema or moving a whole tablespace), its row-level security policies and partitions |
+//! | `baseline.alter-phi` | block | ALTER / rename / move of a PHI table (also by renaming its schema or moving a whole tablespace), LOCK/CLUSTER/VACUUM FULL/REINDEX that hold it locked, its row-level security policies and partitions |
 //! | `baseline.unfiltered-write` | block | DELETE/UPDATE without WHERE, or with an always-true WHERE |
 //! | `baseline.copy-server-side` | block | COPY to or from a server file or program, file_fdw options (ALTER [FOREIGN] TABLE … OPTIONS too) |
 //! | `baseline.copy-phi-relation` | block | SELECT INTO / CREATE TABLE AS / CREATE VIEW from PHI tables; INSERT … SELECT, UPDATE … SET/FROM, MERGE … USING that copy from a PHI table into a table not certainly in `phi_tables`; set_config()/pg_notify()/large-object writes of a computed value in a statement reading PHI |

@@ -931,3 +931,21 @@ fn computed_values_stored_through_other_arguments_are_copies() {
         c("select setval('s', 1, ascii(name) > 70) from patients where id = 1"),
     ]);
 }
+
+#[test]
+fn statements_that_hold_a_phi_table_locked_are_alter_phi() {
+    // Found by a review: each holds patients locked against its clinical writers (or
+    // readers) while it runs.
+    expect_each(&[
+        ("lock table patients", Verdict::Block, "baseline.alter-phi"),
+        ("lock table public.patients in exclusive mode nowait", Verdict::Block, "baseline.alter-phi"),
+        ("lock table patients in share mode", Verdict::Block, "baseline.alter-phi"),
+        ("cluster patients using patients_pkey", Verdict::Block, "baseline.alter-phi"),
+        ("vacuum full patients", Verdict::Block, "baseline.alter-phi"),
+        ("vacuum (full, analyze) patients", Verdict::Block, "baseline.alter-phi"),
+        ("reindex table patients", Verdict::Block, "baseline.alter-phi"),
+        ("lock table patients in row exclusive mode", Verdict::Allow, "default"),
+        ("vacuum patients", Verdict::Allow, "default"),
+        ("lock table labs", Verdict::Allow, "default"),
+    ]);
+}
