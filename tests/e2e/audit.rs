@@ -65,10 +65,16 @@ fn env() -> Env {
 }
 
 fn psql(e: &Env, sql: &str) -> Output {
+    psql_with_env(e, sql, &[])
+}
+
+/// psql in the protected cgroup, with these environment variables set too.
+fn psql_with_env(e: &Env, sql: &str, envs: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(pg_bin("psql"));
     cmd.args(["-h", "127.0.0.2", "-p", &e.pg.port().to_string(), "-U", "agent", "-d", "postgres", "-XAtq", "-c", sql])
         .env("PGSSLMODE", "disable")
-        .stdin(Stdio::null());
+        .stdin(Stdio::null())
+        .envs(envs.iter().copied());
     run_in(&mut cmd, &e.cg.child_dir("care"));
     cmd.output().unwrap()
 }
@@ -420,18 +426,6 @@ fn shredding_a_period_key_makes_raw_results_unreadable_but_the_log_verifies() {
 
 // Defects found by a review (each failed before its fix).
 
-fn psql_with_env(e: &Env, sql: &str, envs: &[(&str, &str)]) -> Output {
-    let mut cmd = Command::new(pg_bin("psql"));
-    cmd.args(["-h", "127.0.0.2", "-p", &e.pg.port().to_string(), "-U", "agent", "-d", "postgres", "-XAtq", "-c", sql])
-        .env("PGSSLMODE", "disable")
-        .stdin(Stdio::null());
-    for (k, v) in envs {
-        cmd.env(k, v);
-    }
-    run_in(&mut cmd, &e.cg.child_dir("care"));
-    cmd.output().unwrap()
-}
-
 /// The workload's application_name and startup options are free text it chose (like
 /// its statement text, which the agent never logs): the "session started" line
 /// copies both verbatim into the agent's log.
@@ -474,10 +468,10 @@ fn a_masking_failure_does_not_log_the_statements_values() {
     assert!(!log.contains("31/12/1980"), "the statement's literal is in the agent's log: {}", log.lines().find(|l| l.contains("31/12/1980")).unwrap_or(""));
 }
 
-/// The period key cannot be made (key_dir not writable): a statement with bound
-/// parameters is refused, but a masked simple query runs, its result reaches the
-/// client, and its statement_end (outcome, delivered and raw result) is silently
-/// dropped — the log stays "healthy", statements keep being served, verify passes.
+/// The period key cannot be made (key_dir not writable): a masked simple query runs
+/// and its result reaches the client. Its statement_end used to be dropped silently
+/// while the log stayed "healthy"; now it is written saying why the raw result is
+/// missing, and later statements are refused.
 #[test]
 fn a_raw_result_that_cannot_be_sealed_fails_closed() {
     if skip("a_raw_result_that_cannot_be_sealed_fails_closed") {

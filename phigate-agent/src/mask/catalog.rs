@@ -217,11 +217,11 @@ impl Catalog {
         self.by_name.get(name).is_some_and(|v| !v.is_empty()) || self.by_oid.values().any(|r| r.columns.iter().any(|c| c.name == name))
     }
 
-    /// Whether a relation a reference could name has this column of this type.
-    pub fn has_column_of_type(&self, r: &RelName, column: &str, type_oid: u32) -> bool {
+    /// Whether a relation a reference could name has this column, of one of these types.
+    pub fn has_column_of_type(&self, r: &RelName, column: &str, types: &[u32]) -> bool {
         self.by_name.get(&r.name).is_some_and(|v| {
             v.iter().any(|x| {
-                r.schema.as_ref().is_none_or(|s| x.name.schema.as_ref() == Some(s)) && x.columns.iter().any(|c| c.name == column && c.type_oid == type_oid)
+                r.schema.as_ref().is_none_or(|s| x.name.schema.as_ref() == Some(s)) && x.columns.iter().any(|c| c.name == column && types.contains(&c.type_oid))
             })
         })
     }

@@ -366,7 +366,7 @@ pub fn join_binary_tuple(fields: &[Option<Vec<u8>>], out: &mut Vec<u8>) {
 mod tests {
     use super::*;
 
-    fn stmt(sql: &str) -> protobuf::CopyStmt {
+    pub(super) fn stmt(sql: &str) -> protobuf::CopyStmt {
         match pg_query::parse(sql, 0).unwrap().protobuf.stmts[0].stmt.as_ref().unwrap().node.clone().unwrap() {
             NodeEnum::CopyStmt(c) => *c,
             _ => panic!(),
@@ -424,14 +424,8 @@ mod tests {
 
 #[cfg(test)]
 mod reviewed_inputs {
+    use super::tests::stmt;
     use super::*;
-
-    fn stmt(sql: &str) -> protobuf::CopyStmt {
-        match pg_query::parse(sql, 0).unwrap().protobuf.stmts[0].stmt.as_ref().unwrap().node.clone().unwrap() {
-            NodeEnum::CopyStmt(c) => *c,
-            _ => panic!(),
-        }
-    }
 
     fn some(v: &[&[u8]]) -> Vec<Option<Vec<u8>>> {
         v.iter().map(|x| Some(x.to_vec())).collect()

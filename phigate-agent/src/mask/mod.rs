@@ -457,7 +457,9 @@ impl Masker {
         match req {
             Request::Query(sql) => {
                 self.note_statement(sql);
-                self.forget_protocol_names(sql);
+                if may_name_cursors_or_statements(sql) {
+                    self.forget_protocol_names(sql);
+                }
                 self.copies_seen = 0;
                 self.pending.push_back(Pending::Boundary);
                 self.definitions.batch_end();
@@ -471,7 +473,9 @@ impl Masker {
             Request::Execute { portal } => {
                 let p = self.portals.get(portal).cloned();
                 if let Some(sql) = p.as_ref().and_then(|p| p.stmt.as_ref()).map(|s| s.sql.clone()) {
-                    self.forget_protocol_names(&sql);
+                    if self.may_define(&sql) {
+                        self.forget_protocol_names(&sql);
+                    }
                 }
                 self.pending.push_back(Pending::Execute(p));
             }
@@ -544,12 +548,9 @@ impl Masker {
     /// protocol's Parse and Bind define (one namespace each): a statement or portal
     /// of that name is no longer the one phigate saw described. Forgotten when the
     /// SQL is sent, ahead of any Bind or Execute pipelined behind it; should the SQL
-    /// fail, the name's rows are refused, never masked with a stale plan.
+    /// fail, the name's rows are refused, never masked with a stale plan. Callers
+    /// check [`may_name_cursors_or_statements`] first.
     fn forget_protocol_names(&mut self, sql: &str) {
-        const KEYWORDS: [&[u8]; 5] = [b"declare", b"prepare", b"close", b"deallocate", b"discard"];
-        if !KEYWORDS.iter().any(|k| sql.as_bytes().windows(k.len()).any(|w| w.eq_ignore_ascii_case(k))) {
-            return;
-        }
         for st in self.statements(sql).iter() {
             match &st.effect {
                 Some(Effect::Define { name, .. } | Effect::Forget(name)) => match name {
@@ -878,21 +879,7 @@ impl Masker {
             },
             _ => return,
         };
-        // Most statements define nothing: skip parsing them (a keyword in a string
-        // literal only costs a parse). The answer is kept for the text last looked at:
-        // every statement of one Query string, and every Execute of one prepared
-        // statement, share that text, so a string of K statements is scanned once,
-        // not K times.
-        const KEYWORDS: [&[u8]; 5] = [b"declare", b"prepare", b"close", b"deallocate", b"discard"];
-        let may_define = match &self.keyword_scan {
-            Some((text, found)) if Arc::ptr_eq(text, &sql) => *found,
-            _ => {
-                let found = KEYWORDS.iter().any(|k| sql.as_bytes().windows(k.len()).any(|w| w.eq_ignore_ascii_case(k)));
-                self.keyword_scan = Some((sql.clone(), found));
-                found
-            }
-        };
-        if !may_define {
+        if !self.may_define(&sql) {
             return;
         }
         let all = self.statements(&sql);
@@ -910,6 +897,21 @@ impl Masker {
                 });
             }
             None => {}
+        }
+    }
+
+    /// [`may_name_cursors_or_statements`], kept for the text last looked at: every
+    /// statement of one Query string, and every Execute of one prepared statement
+    /// (when it is sent and when it completes), share that text, so it is scanned
+    /// once, not at each.
+    fn may_define(&mut self, sql: &Arc<str>) -> bool {
+        match &self.keyword_scan {
+            Some((text, found)) if Arc::ptr_eq(text, sql) => *found,
+            _ => {
+                let found = may_name_cursors_or_statements(sql);
+                self.keyword_scan = Some((sql.clone(), found));
+                found
+            }
         }
     }
 
@@ -1183,14 +1185,10 @@ impl Masker {
             // A value computed from a column gets no partial, year, zip3 or hash: each
             // can be made to show what it hides (pieces of an SSN padded to length,
             // digits turned into punctuation, 2000 + MMDD as a "year", the pseudonym
-            // of each letter). It is redacted instead.
+            // of each letter). It is redacted instead. And `year` reads a number as an
+            // age only on the column its rule names (not through a view's column).
             let strategy = match strategy {
                 Strategy::Partial { .. } | Strategy::Zip3 | Strategy::Year { .. } | Strategy::Hash { .. } if computed => self.redaction(),
-                other => other,
-            };
-            // `year` reads a number as an age only on the column its rule names: a
-            // number computed from a date (`extract(day from dob)`) is part of it.
-            let strategy = match strategy {
                 Strategy::Year { ages: true }
                     if !rule.is_some_and(|r| direct.as_ref().is_some_and(|(rel, col)| self.profile.rules[r].target.matches_column(rel, col))) =>
                 {
@@ -1225,7 +1223,7 @@ impl Masker {
         // replication origin, which is whatever its creator chose.
         let catalog_text = matches!((rel.name.as_str(), column), ("pg_statistic_ext_data", "stxdexpr") | ("pg_replication_origin", "roname"))
             && rel.schema.as_deref().is_none_or(|s| s == "pg_catalog");
-        if catalog_text || catalog.has_column_of_type(rel, column, ANYARRAY) || catalog.has_column_of_type(rel, column, PG_MCV_LIST) {
+        if catalog_text || catalog.has_column_of_type(rel, column, &[ANYARRAY, PG_MCV_LIST]) {
             trace.opaque = true;
             trace.reads.insert(rel.clone());
         }
@@ -1664,18 +1662,7 @@ fn hide_echoed_input(text: &[u8]) -> Option<Vec<u8>> {
         Some(k) if !s[k + 2..].starts_with('"') => format!("{}masked by phigate", &s[..k + 2]),
         _ => s.into_owned(),
     };
-    let chars: Vec<char> = kept.chars().collect();
-    let mut out = String::with_capacity(kept.len());
-    let mut i = 0;
-    while i < chars.len() {
-        let run = chars[i..].iter().take_while(|c| c.is_ascii_digit()).count();
-        match run {
-            0 => out.push(chars[i]),
-            1 | 2 => out.extend(&chars[i..i + run]),
-            _ => out.extend(std::iter::repeat_n('#', run)),
-        }
-        i += run.max(1);
-    }
+    let out = crate::pg::error::hide_long_numbers(&kept);
     (out.as_bytes() != text).then(|| out.into_bytes())
 }
 
@@ -1776,6 +1763,14 @@ fn own_cast_applies(catalog: &Catalog, s: &Sources) -> bool {
 const ANYARRAY: u32 = 2277;
 /// `pg_mcv_list`: extended statistics' most common values.
 const PG_MCV_LIST: u32 = 5017;
+
+/// Whether SQL text may define or drop cursors or prepared statements (DECLARE,
+/// PREPARE, CLOSE, DEALLOCATE, DISCARD): most statements do not, and need no parse for
+/// it (a keyword in a string literal only costs one).
+fn may_name_cursors_or_statements(sql: &str) -> bool {
+    const KEYWORDS: [&[u8]; 5] = [b"declare", b"prepare", b"close", b"deallocate", b"discard"];
+    KEYWORDS.iter().any(|k| sql.as_bytes().windows(k.len()).any(|w| w.eq_ignore_ascii_case(k)))
+}
 
 /// How deep views over views are followed.
 const MAX_VIEW_DEPTH: u32 = 8;

@@ -669,26 +669,32 @@ mod tests {
 
     /// What a strategy made of one value.
     #[derive(Debug, PartialEq, Eq)]
-    enum Masked {
+    pub(super) enum Masked {
         Same,
         Null,
         Value(Vec<u8>),
     }
 
-    fn run(s: &Strategy, class: TypeClass, binary: bool, v: &[u8]) -> Masked {
+    /// Apply a strategy (test key, every detector, 2026) to one value appended to a
+    /// row under way: only appended to, and nothing unless written.
+    pub(super) fn try_run(s: &Strategy, class: TypeClass, binary: bool, v: &[u8]) -> Result<Masked, StrategyError> {
         let d = Detectors::new(&Kind::ALL, &[]).unwrap();
         let mac = keyed(b"test key with enough bytes......");
         let ctx = Context { mac: &mac, detectors: &d, current_year: 2026 };
         let mut out = b"row so far".to_vec();
-        let outcome = apply_into(s, &ctx, &mut d.cache(), CellType { class, binary }, v, &mut Counts::new(), &mut out).unwrap();
+        let outcome = apply_into(s, &ctx, &mut d.cache(), CellType { class, binary }, v, &mut Counts::new(), &mut out)?;
         let value = out.split_off(10);
         assert_eq!(out, b"row so far", "only appended to");
         assert!(outcome == Outcome::Written || value.is_empty(), "nothing appended for {outcome:?}");
-        match outcome {
+        Ok(match outcome {
             Outcome::Same => Masked::Same,
             Outcome::Null => Masked::Null,
             Outcome::Written => Masked::Value(value),
-        }
+        })
+    }
+
+    fn run(s: &Strategy, class: TypeClass, binary: bool, v: &[u8]) -> Masked {
+        try_run(s, class, binary, v).unwrap()
     }
 
     fn text(m: Masked) -> String {
@@ -867,19 +873,15 @@ mod tests {
 
 #[cfg(test)]
 mod reviewed_inputs {
+    use super::tests::{try_run, Masked};
     use super::*;
-    use crate::mask::detect::Kind;
 
+    /// None: unchanged; Some(None): NULL; Some(Some(v)): v.
     fn run(s: &Strategy, class: TypeClass, binary: bool, v: &[u8]) -> Result<Option<Option<Vec<u8>>>, StrategyError> {
-        let d = Detectors::new(&Kind::ALL, &[]).unwrap();
-        let mac = keyed(b"test key with enough bytes......");
-        let ctx = Context { mac: &mac, detectors: &d, current_year: 2026 };
-        let mut out = Vec::new();
-        // None: unchanged; Some(None): NULL; Some(Some(v)): v.
-        Ok(match apply_into(s, &ctx, &mut d.cache(), CellType { class, binary }, v, &mut Counts::new(), &mut out)? {
-            Outcome::Same => None,
-            Outcome::Null => Some(None),
-            Outcome::Written => Some(Some(out)),
+        Ok(match try_run(s, class, binary, v)? {
+            Masked::Same => None,
+            Masked::Null => Some(None),
+            Masked::Value(v) => Some(Some(v)),
         })
     }
 

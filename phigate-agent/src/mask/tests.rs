@@ -1287,9 +1287,18 @@ fn masker_with_casts(casts: Vec<catalog::UserCast>) -> Masker {
 }
 
 /// The first cell a statement's single computed text column delivers.
+/// Relation names the test catalog does not know (CTE and alias names) are answered as
+/// not found.
 fn computed_cell(m: &mut Masker, sql: &str, value: &[u8]) -> String {
     m.frontend(&query(sql));
-    m.backend(&msg::row_description(&[field("x", 0, 0, 25, 0)]));
+    let rd = msg::row_description(&[field("x", 0, 0, 25, 0)]);
+    loop {
+        match m.backend(&rd) {
+            Step::Lookup(l @ Lookup::Names(_)) => m.catalog.lock().unwrap().store(&l, catalog::Found::Relations(Vec::new())),
+            Step::Forward => break,
+            other => panic!("{sql}: {other:?}"),
+        }
+    }
     let out = s(&cells_after(m, &data_row(&[Some(value)]))[0]);
     m.backend(&Frame::build(b'C', b"SELECT 1\0"));
     m.backend(&Frame::build(b'Z', b"I"));
@@ -1597,30 +1606,12 @@ fn state_a_statement_stored_is_untraceable_when_read_back() {
     }
 }
 
-/// The first cell of a statement's single computed text column (relation names the
-/// test catalog does not know are answered as not found: CTE and alias names).
-fn computed_cell_any(m: &mut Masker, sql: &str, value: &[u8]) -> String {
-    m.frontend(&query(sql));
-    let rd = msg::row_description(&[field("x", 0, 0, 25, 0)]);
-    loop {
-        match m.backend(&rd) {
-            Step::Lookup(l @ Lookup::Names(_)) => m.catalog.lock().unwrap().store(&l, catalog::Found::Relations(Vec::new())),
-            Step::Forward => break,
-            other => panic!("{sql}: {other:?}"),
-        }
-    }
-    let out = s(&cells_after(m, &data_row(&[Some(value)]))[0]);
-    m.backend(&Frame::build(b'C', b"SELECT 1\0"));
-    m.backend(&Frame::build(b'Z', b"I"));
-    out
-}
-
 // Found by a third review (tests/e2e/masking.rs names the end-to-end case of each).
 
-/// A function in FROM computes what it returns from its arguments, but a bare column
-/// argument leaves `Sources::computed` false (range_function_sources collects each
-/// argument on its own), so its columns keep the argument's partial / hash rule:
-/// `string_to_table(p.name, null)` gives the pseudonym of each letter of a name, and
+/// A function in FROM computes what it returns from its arguments; a bare column
+/// argument used to leave `Sources::computed` false, so its columns kept the
+/// argument's partial / hash rule: `string_to_table(p.name, null)` gave the pseudonym
+/// of each letter of a name, and
 /// `string_to_table('ABC…', null, p.name)` the pseudonym of each chosen letter (the
 /// per-letter attack the second review closed for target-list expressions);
 /// `string_to_table(p.ssn, null, '1')` makes the SSN's 1s NULL, each other digit '*'.
@@ -1637,16 +1628,15 @@ fn a_function_in_from_computes_its_columns_from_bare_arguments() {
         ("select x from patients p, xmltable('/a' passing xmlparse(document p.name) columns x text path '.') t where p.id = 1", "G"),
         ("select c as x from patients p, string_to_table(p.ssn, null, '1') c where p.id = 1", "2"),
     ] {
-        let out = computed_cell_any(&mut m, sql, value.as_bytes());
+        let out = computed_cell(&mut m, sql, value.as_bytes());
         assert!(matches!(out.as_str(), "[REDACTED]" | "NULL"), "a value computed from a column with rules is redacted: {sql} => {out}");
     }
 }
 
 /// An untraceable column (a function in FROM that is not one of the unfolding
-/// built-ins) gets the strongest rule of the relations read: `hash` here (name), so
-/// `lateral substr(p.name, 1, 1)` hands out the pseudonym of a letter and `lateral
-/// lower('g')` that of chosen text. A computed value is redacted everywhere else
-/// (mod.rs plan_columns: `computed` comes from lineage only, never from `untraced`).
+/// built-ins) got the strongest rule of the relations read, `hash` here (name), so
+/// `lateral substr(p.name, 1, 1)` handed out the pseudonym of a letter and `lateral
+/// lower('g')` that of chosen text. It is redacted now, like a computed value.
 /// e2e: functions_in_from_do_not_hand_out_pseudonyms_of_pieces (through patient_view)
 #[test]
 fn an_untraceable_column_gets_no_partial_year_zip3_or_hash() {
@@ -1658,7 +1648,7 @@ fn an_untraceable_column_gets_no_partial_year_zip3_or_hash() {
         ("select x from patients p, lateral to_char(p.dob, 'MMDD') x where p.id = 1", "0417"),
         ("select x from patient_view v, lateral substr(v.who, 1, 1) x limit 1", "G"),
     ] {
-        let out = computed_cell_any(&mut m, sql, value.as_bytes());
+        let out = computed_cell(&mut m, sql, value.as_bytes());
         assert_eq!(out, "[REDACTED]", "{sql}");
     }
 }

@@ -165,44 +165,42 @@ pub fn parse_error_fields(body: &[u8]) -> ReceivedError {
 /// built from one), made fit for the agent's log: double-quoted parts become `"…"`
 /// and runs of three or more digits `#`s. PHI never reaches the log.
 pub fn log_safe(text: &str) -> String {
+    let mut unquoted = String::with_capacity(text.len());
+    for (i, part) in text.split('"').enumerate() {
+        match i {
+            0 => unquoted.push_str(part),
+            // Odd parts are inside quotes.
+            _ if i % 2 == 1 => unquoted.push_str("\"…\""),
+            _ => unquoted.push_str(part),
+        }
+    }
+    hide_long_numbers(&unquoted)
+}
+
+/// Runs of three or more ASCII digits as `#`s (an SSN, an MRN, a date's year): what an
+/// error echoes of a value, where shorter numbers (positions, ranges) help the reader.
+pub fn hide_long_numbers(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
-    let mut quoted = false;
-    let mut digits = String::new();
-    let flush = |digits: &mut String, out: &mut String| {
-        if digits.len() >= 3 {
-            out.extend(std::iter::repeat_n('#', digits.len()));
-        } else {
-            out.push_str(digits);
-        }
-        digits.clear();
-    };
-    for c in text.chars() {
-        if c == '"' {
-            flush(&mut digits, &mut out);
-            if !quoted {
-                out.push_str("\"…");
-            }
-            quoted = !quoted;
-            if !quoted {
-                out.push('"');
-            }
-            continue;
-        }
-        if quoted {
-            continue;
-        }
+    let mut digits = 0;
+    for (i, c) in text.char_indices() {
         if c.is_ascii_digit() {
-            digits.push(c);
-        } else {
-            flush(&mut digits, &mut out);
-            out.push(c);
+            digits += 1;
+            continue;
         }
+        push_digits(&mut out, &text[i - digits..i]);
+        digits = 0;
+        out.push(c);
     }
-    flush(&mut digits, &mut out);
-    if quoted {
-        out.push('"');
-    }
+    push_digits(&mut out, &text[text.len() - digits..]);
     out
+}
+
+fn push_digits(out: &mut String, run: &str) {
+    if run.len() >= 3 {
+        out.extend(std::iter::repeat_n('#', run.len()));
+    } else {
+        out.push_str(run);
+    }
 }
 
 #[cfg(test)]

@@ -1156,6 +1156,19 @@ fn foreign_table_options(options: &[protobuf::Node], facts: &mut Facts) {
     }
 }
 
+/// These relations are altered (`baseline.alter-phi` when one is a PHI table).
+fn altered<'a>(facts: &mut Facts, relations: impl IntoIterator<Item = &'a protobuf::RangeVar>) {
+    facts.ddl.extend(relations.into_iter().map(|rv| (DdlVerb::Alter, table(rv))));
+}
+
+/// The relations of a list of RangeVar nodes.
+fn range_vars(items: &[protobuf::Node]) -> impl Iterator<Item = &protobuf::RangeVar> {
+    items.iter().filter_map(|n| match n.node.as_ref() {
+        Some(NodeEnum::RangeVar(rv)) => Some(rv),
+        _ => None,
+    })
+}
+
 /// PostgreSQL's ShareLock: this mode and the stronger ones block writes.
 const LOCK_MODE_SHARE: i32 = 5;
 
@@ -1448,11 +1461,9 @@ fn visit(n: N<'_>, facts: &mut Facts, per_row: &mut HashSet<*const protobuf::Sel
         }
         N::TruncateStmt(t) => {
             facts.truncate_cascades |= t.behavior == protobuf::DropBehavior::DropCascade as i32;
-            for r in &t.relations {
-                if let Some(NodeEnum::RangeVar(rv)) = r.node.as_ref() {
-                    facts.writes.insert(table(rv));
-                    facts.ddl.push((DdlVerb::Truncate, table(rv)));
-                }
+            for rv in range_vars(&t.relations) {
+                facts.writes.insert(table(rv));
+                facts.ddl.push((DdlVerb::Truncate, table(rv)));
             }
         }
         N::DropStmt(d) => {
@@ -1493,9 +1504,7 @@ fn visit(n: N<'_>, facts: &mut Facts, per_row: &mut HashSet<*const protobuf::Sel
             }
         }
         N::AlterTableStmt(a) => {
-            if let Some(r) = a.relation.as_ref() {
-                facts.ddl.push((DdlVerb::Alter, table(r)));
-            }
+            altered(facts, a.relation.as_ref());
             // Whatever the statement calls the relation: ALTER TABLE changes a foreign
             // table's OPTIONS as ALTER FOREIGN TABLE does.
             for c in &a.cmds {
@@ -1513,36 +1522,16 @@ fn visit(n: N<'_>, facts: &mut Facts, per_row: &mut HashSet<*const protobuf::Sel
         // Row-level security on a PHI table: a new permissive policy is ORed with the
         // others (`USING (true)` opens every row) and an altered one can say anything,
         // so either is like dropping a policy on the table.
-        N::CreatePolicyStmt(p) => {
-            if let Some(t) = p.table.as_ref() {
-                facts.ddl.push((DdlVerb::Alter, table(t)));
-            }
-        }
-        N::AlterPolicyStmt(p) => {
-            if let Some(t) = p.table.as_ref() {
-                facts.ddl.push((DdlVerb::Alter, table(t)));
-            }
-        }
+        N::CreatePolicyStmt(p) => altered(facts, p.table.as_ref()),
+        N::AlterPolicyStmt(p) => altered(facts, p.table.as_ref()),
         // ATTACH/DETACH PARTITION moves a table under another parent or out of one:
         // its rows are then read by a name that is not the PHI table's.
-        N::PartitionCmd(c) => {
-            if let Some(t) = c.name.as_ref() {
-                facts.ddl.push((DdlVerb::Alter, table(t)));
-            }
-        }
+        N::PartitionCmd(c) => altered(facts, c.name.as_ref()),
         // `CREATE TABLE p2 PARTITION OF patients`: PHI rows are then stored, and read,
         // under the new partition's name.
-        N::CreateStmt(c) if c.partbound.is_some() => {
-            for parent in &c.inh_relations {
-                if let Some(NodeEnum::RangeVar(rv)) = parent.node.as_ref() {
-                    facts.ddl.push((DdlVerb::Alter, table(rv)));
-                }
-            }
-        }
+        N::CreateStmt(c) if c.partbound.is_some() => altered(facts, range_vars(&c.inh_relations)),
         N::RenameStmt(r) => {
-            if let Some(rel) = r.relation.as_ref() {
-                facts.ddl.push((DdlVerb::Alter, table(rel)));
-            }
+            altered(facts, r.relation.as_ref());
             match ObjectType::try_from(r.rename_type) {
                 Ok(ObjectType::ObjectRole) => facts.role_ddl = true,
                 Ok(ObjectType::ObjectSchema) => facts.renamed_schemas.push(r.subname.clone()),
@@ -1552,44 +1541,27 @@ fn visit(n: N<'_>, facts: &mut Facts, per_row: &mut HashSet<*const protobuf::Sel
         // Statements that hold a PHI table locked against its clinical writers (or
         // readers) while they run: LOCK in SHARE mode or stronger (ACCESS EXCLUSIVE
         // by default), and the rewrites CLUSTER, VACUUM FULL, REINDEX TABLE.
-        N::LockStmt(l) if l.mode >= LOCK_MODE_SHARE => {
-            for r in &l.relations {
-                if let Some(NodeEnum::RangeVar(rv)) = r.node.as_ref() {
-                    facts.ddl.push((DdlVerb::Alter, table(rv)));
-                }
-            }
-        }
-        N::ClusterStmt(c) => {
-            if let Some(rv) = c.relation.as_ref() {
-                facts.ddl.push((DdlVerb::Alter, table(rv)));
-            }
-        }
+        N::LockStmt(l) if l.mode >= LOCK_MODE_SHARE => altered(facts, range_vars(&l.relations)),
+        N::ClusterStmt(c) => altered(facts, c.relation.as_ref()),
         N::VacuumStmt(v) => {
             let full = v.options.iter().any(|o| matches!(o.node.as_ref(), Some(NodeEnum::DefElem(d)) if d.defname.eq_ignore_ascii_case("full") && d.arg.as_deref().and_then(const_bool) != Some(false)));
             if full {
-                for r in &v.rels {
-                    if let Some(rv) = match r.node.as_ref() {
+                altered(
+                    facts,
+                    v.rels.iter().filter_map(|r| match r.node.as_ref() {
                         Some(NodeEnum::VacuumRelation(vr)) => vr.relation.as_ref(),
                         _ => None,
-                    } {
-                        facts.ddl.push((DdlVerb::Alter, table(rv)));
-                    }
-                }
+                    }),
+                );
             }
         }
         N::ReindexStmt(r) if protobuf::ReindexObjectType::try_from(r.kind) == Ok(protobuf::ReindexObjectType::ReindexObjectTable) => {
-            if let Some(rv) = r.relation.as_ref() {
-                facts.ddl.push((DdlVerb::Alter, table(rv)));
-            }
+            altered(facts, r.relation.as_ref())
         }
         N::AlterTableMoveAllStmt(m) => {
             facts.moves_all_tables |= matches!(ObjectType::try_from(m.objtype), Ok(ObjectType::ObjectTable | ObjectType::ObjectMatview));
         }
-        N::AlterObjectSchemaStmt(a) => {
-            if let Some(rel) = a.relation.as_ref() {
-                facts.ddl.push((DdlVerb::Alter, table(rel)));
-            }
-        }
+        N::AlterObjectSchemaStmt(a) => altered(facts, a.relation.as_ref()),
         N::CreateTableAsStmt(c) => {
             facts.kinds.insert(Kind::Create);
             facts.creates_relation = true;

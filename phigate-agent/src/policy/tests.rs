@@ -287,12 +287,17 @@ fn statement_kind_rules_see_nested_statements() {
 }
 
 /// Asserts each statement's decision under the plain baseline policy.
+/// Every case's verdict and rule under the baseline; fails listing all that differ.
 fn assert_decisions(cases: &[(&str, Verdict, &str)]) {
     let p = policy(Vec::new());
+    let mut failures = Vec::new();
     for (sql, verdict, rule) in cases {
         let d = decide(&p, "agent", sql);
-        assert_eq!((d.verdict, d.rule.as_str()), (*verdict, *rule), "{sql}: {}", d.reason);
+        if (d.verdict, d.rule.as_str()) != (*verdict, *rule) {
+            failures.push(format!("{sql}: got {:?} {} ({}), want {verdict:?} {rule}", d.verdict, d.rule, d.reason));
+        }
     }
+    assert!(failures.is_empty(), "{} case(s) failed:\n{}", failures.len(), failures.join("\n"));
 }
 
 #[test]
@@ -594,26 +599,12 @@ fn copy_from_is_an_insert_for_rules_naming_statement_kinds() {
     assert_eq!(decide(&p, "agent", "copy labs to stdout").verdict, Verdict::Allow);
 }
 
-/// Each case is a statement the README says its rule catches, checked against
-/// a real PostgreSQL 15 by a review; every mismatch is listed.
-fn expect_each(cases: &[(&str, Verdict, &str)]) {
-    let p = policy(Vec::new());
-    let mut failures = Vec::new();
-    for (sql, verdict, rule) in cases {
-        let d = decide(&p, "agent", sql);
-        if (d.verdict, d.rule.as_str()) != (*verdict, *rule) {
-            failures.push(format!("{sql}: got {:?} {} ({}), want {verdict:?} {rule}", d.verdict, d.rule, d.reason));
-        }
-    }
-    assert!(failures.is_empty(), "{} case(s) failed:\n{}", failures.len(), failures.join("\n"));
-}
-
 #[test]
 fn client_encoding_spellings_postgresql_accepts() {
     // PostgreSQL strips every character that is not a letter or digit from an encoding
     // name and knows aliases phigate's list lacks: each of these sets BIG5, SJIS or
     // SHIFT_JIS_2004 (client-only encodings whose second byte may be 0x5C).
-    expect_each(&[
+    assert_decisions(&[
         ("set client_encoding = 'big-5'", Verdict::Block, "baseline.parser-settings"),
         ("set client_encoding = 'Big 5'", Verdict::Block, "baseline.parser-settings"),
         ("set names 'B.I.G.5'", Verdict::Block, "baseline.parser-settings"),
@@ -654,7 +645,7 @@ fn a_user_aggregate_named_like_a_single_row_one_reads_every_row() {
     // sum(text) does not exist in pg_catalog: the agent's own sum concatenates every ssn
     // into the one row the unbounded-read rule exempts (count(text) likewise wins over
     // count("any") as the closer match). Workloads cannot create one.
-    expect_each(&[(
+    assert_decisions(&[(
         "create aggregate sum(text) (sfunc = textcat, stype = text, initcond = ''); select sum(ssn || ';') from patients",
         Verdict::Block,
         "baseline.opaque-code",
@@ -664,7 +655,7 @@ fn a_user_aggregate_named_like_a_single_row_one_reads_every_row() {
 #[test]
 fn file_fdw_options_through_alter_table() {
     // ALTER TABLE (not ALTER FOREIGN TABLE) works on a foreign table, OPTIONS included.
-    expect_each(&[
+    assert_decisions(&[
         ("alter table ft options (drop filename, add program 'id > /tmp/pwned')", Verdict::Block, "baseline.copy-server-side"),
         ("alter table ft options (set filename '/etc/passwd')", Verdict::Block, "baseline.copy-server-side"),
     ]);
@@ -685,7 +676,7 @@ fn always_true_conditions_under_negation_and_boolean_tests() {
     // A column compared with itself under NOT/IS FALSE/= false, `= ALL`, De Morgan, and
     // an OR with a condition on other relations only: each deletes every row of labs
     // (PostgreSQL 15: DELETE 5 of 5) or reads every patient.
-    expect_each(&[
+    assert_decisions(&[
         ("delete from labs where not not (id = id)", Verdict::Block, "baseline.unfiltered-write"),
         ("delete from labs where not (id is distinct from id)", Verdict::Block, "baseline.unfiltered-write"),
         ("delete from labs where (id <> id) is false", Verdict::Block, "baseline.unfiltered-write"),
@@ -718,7 +709,7 @@ fn always_true_conditions_under_negation_and_boolean_tests() {
 fn phi_tables_moved_by_alter_table_all_in_tablespace() {
     // Moves every table the role owns, patients included (PostgreSQL 15: pg_tables
     // shows patients in ts2 afterwards).
-    expect_each(&[("alter table all in tablespace pg_default owned by agent set tablespace ts2", Verdict::Block, "baseline.alter-phi")]);
+    assert_decisions(&[("alter table all in tablespace pg_default owned by agent set tablespace ts2", Verdict::Block, "baseline.alter-phi")]);
 }
 
 #[test]
@@ -726,7 +717,7 @@ fn select_into_reads_every_arm_of_a_set_operation() {
     // PostgreSQL moves the leftmost arm's INTO to the whole UNION/INTERSECT/EXCEPT
     // (transformOptionalSelectInto): the new table gets every arm's rows. PostgreSQL 15:
     // `select * from x` returns both patients' ssn.
-    expect_each(&[
+    assert_decisions(&[
         ("select * into x from labs where id < 0 union all select id, id, ssn from patients where id > 0", Verdict::Block, "baseline.copy-phi-relation"),
         (
             "with p as (select id, id, ssn from patients where id > 0) select * into x2 from labs where id < 0 union all select * from p",
@@ -741,7 +732,7 @@ fn select_into_reads_every_arm_of_a_set_operation() {
 fn renaming_the_schema_of_phi_tables() {
     // PostgreSQL 15: the database owner owns schema public (pg_database_owner) and may
     // rename it; public.patients is then clinic.patients, which no rule treats as PHI.
-    expect_each(&[
+    assert_decisions(&[
         ("alter schema public rename to clinic", Verdict::Block, "baseline.alter-phi"),
         // The rename is refused first, so the DROP never names the moved table.
         ("alter schema public rename to clinic; drop table clinic.patients", Verdict::Block, "baseline.alter-phi"),
@@ -753,7 +744,7 @@ fn renaming_the_schema_of_phi_tables() {
 fn large_object_writes_of_phi_are_copies() {
     // lo_from_bytea(0, convert_to(name, 'UTF8')) keeps a name in a large object that
     // lo_get() returns later, outside any column (confirmed on PostgreSQL 15).
-    expect_each(&[
+    assert_decisions(&[
         ("select lo_from_bytea(0, convert_to(name, 'UTF8')) from patients where id = 1", Verdict::Block, "baseline.copy-phi-relation"),
         ("select lo_put(4242, 0, convert_to(ssn, 'UTF8')) from patients where id = 1", Verdict::Block, "baseline.copy-phi-relation"),
         ("select lowrite(0, convert_to(name, 'UTF8')) from patients where id = 1", Verdict::Block, "baseline.copy-phi-relation"),
@@ -771,7 +762,7 @@ fn always_true_shapes_of_the_claimed_forms() {
     // README: "a column compared with itself (... cast or computed alike on both sides
     // ...)", "id = ANY(ARRAY[id])", "(id = id) = true", "x IS NULL OR x IS NOT NULL",
     // "OR/AND/NOT and IS [NOT] TRUE/FALSE of these and of their never-true mirrors".
-    expect_each(&[
+    assert_decisions(&[
         // The same type spelled two ways (int4 is integer): not "alike" to same_expr.
         ("delete from labs where id::integer = id::int4", Verdict::Block, "baseline.unfiltered-write"),
         // The never-true mirror of `id BETWEEN id AND id`, under NOT / IS FALSE.
@@ -799,7 +790,7 @@ fn always_true_shapes_of_the_claimed_forms() {
 fn always_true_in_case_coalesce_and_subqueries() {
     // Not listed by name in the README, but always true ("an always-true WHERE") and
     // of the shapes the brief asked about.
-    expect_each(&[
+    assert_decisions(&[
         ("delete from labs where case when id = id then true end", Verdict::Block, "baseline.unfiltered-write"),
         ("delete from labs where coalesce(id = id, true)", Verdict::Block, "baseline.unfiltered-write"),
         ("delete from labs where id in (select id)", Verdict::Block, "baseline.unfiltered-write"),
@@ -815,7 +806,7 @@ fn an_or_with_other_relations_hidden_by_not_or_a_boolean_test() {
     // README: "also as one branch of an OR (`id = 5 OR o.id = 1` keeps every row when
     // o.id = 1 holds)"; "an OR bounds only when each branch does". NOT (a AND b) is
     // NOT a OR NOT b (De Morgan); `(… OR …) IS TRUE` is the OR.
-    expect_each(&[
+    assert_decisions(&[
         ("delete from labs l using other o where not (l.id <> 5 and o.x)", Verdict::Block, "baseline.unfiltered-write"),
         ("delete from labs l using other o where (l.id = 5 or o.flag) is true", Verdict::Block, "baseline.unfiltered-write"),
         ("merge into labs l using other o on not (l.id <> 5 and o.x) when matched then delete", Verdict::Block, "baseline.unfiltered-write"),
@@ -829,7 +820,7 @@ fn a_merge_when_condition_on_other_relations_only() {
     // README: "a condition on other relations' columns only, the same for every target
     // row (… `MERGE … ON o.id = 1`)". The WHEN MATCHED AND condition only needs to be
     // not always true for the ON o.id = 1 to go unnoticed.
-    expect_each(&[
+    assert_decisions(&[
         ("merge into labs l using other o on o.id = 1 when matched and o.flag then delete", Verdict::Block, "baseline.unfiltered-write"),
         ("merge into labs l using other o on o.id = 1 when matched and (l.id = 5 or o.flag) then delete", Verdict::Block, "baseline.unfiltered-write"),
     ]);
@@ -840,7 +831,7 @@ fn a_limit_nested_inside_a_per_row_subquery() {
     // README: "nor is the LIMIT of a LATERAL, scalar or ARRAY subquery — run once per
     // outer row". A level nested inside such a subquery (a FROM subquery, a CTE, an arm
     // of a set operation) runs once per outer row as well and may use the outer g.
-    expect_each(&[
+    assert_decisions(&[
         (
             "select (select s from (select ssn s from patients offset g limit 1) x) from generate_series(1, 100000) g",
             Verdict::Approve,
@@ -873,7 +864,7 @@ fn a_limit_nested_inside_a_per_row_subquery() {
 fn values_kept_in_sequences_locks_and_replication_state_are_copies() {
     // Found by a masking review on PostgreSQL 15: each keeps a value where any query
     // reads it back outside the PHI table's columns.
-    expect_each(&[
+    assert_decisions(&[
         ("select setval('s', replace(ssn, '-', '')::bigint) from patients where id = 1", Verdict::Block, "baseline.copy-phi-relation"),
         ("select pg_advisory_lock(replace(ssn, '-', '')::bigint) from patients where id = 1", Verdict::Block, "baseline.copy-phi-relation"),
         ("select pg_replication_origin_create(name) from patients where id = 1", Verdict::Block, "baseline.dangerous-function"),
@@ -899,7 +890,7 @@ fn values_kept_in_sequences_locks_and_replication_state_are_copies() {
 fn always_true_conditions_of_a_third_review() {
     let b = |sql| (sql, Verdict::Block, "baseline.unfiltered-write");
     let a = |sql| (sql, Verdict::Approve, "baseline.unbounded-phi-read");
-    expect_each(&[
+    assert_decisions(&[
         b("delete from labs where id = (select id)"),
         b("delete from labs where (select id) = id"),
         b("delete from labs where id is not distinct from (select id)"),
@@ -923,7 +914,7 @@ fn always_true_conditions_of_a_third_review() {
 #[test]
 fn computed_values_stored_through_other_arguments_are_copies() {
     let c = |sql| (sql, Verdict::Block, "baseline.copy-phi-relation");
-    expect_each(&[
+    assert_decisions(&[
         c("select lo_create(replace(ssn, '-', '')::bigint::oid) from patients where id = 1"),
         c("select lo_from_bytea(replace(ssn, '-', '')::bigint::oid, '') from patients where id = 1"),
         c("select pg_advisory_lock(1, ascii(name)) from patients where id = 1"),
@@ -936,7 +927,7 @@ fn computed_values_stored_through_other_arguments_are_copies() {
 fn statements_that_hold_a_phi_table_locked_are_alter_phi() {
     // Found by a review: each holds patients locked against its clinical writers (or
     // readers) while it runs.
-    expect_each(&[
+    assert_decisions(&[
         ("lock table patients", Verdict::Block, "baseline.alter-phi"),
         ("lock table public.patients in exclusive mode nowait", Verdict::Block, "baseline.alter-phi"),
         ("lock table patients in share mode", Verdict::Block, "baseline.alter-phi"),
