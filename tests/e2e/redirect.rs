@@ -468,3 +468,99 @@ fn a_record_left_by_a_refused_protected_connect_does_not_identify_another_proces
     );
     assert_eq!(s.pg.connections_received(), seen, "nothing reached the database");
 }
+
+#[test]
+fn a_record_of_a_protected_connect_that_never_reached_the_agent_does_not_identify_the_next_socket_on_its_port() {
+    if skip("a_record_of_a_protected_connect_that_never_reached_the_agent_does_not_identify_the_next_socket_on_its_port") {
+        return;
+    }
+    // The kernel's record is keyed by the client's netns, address and port, and is
+    // published when the SYN leaves. A protected connect whose SYN the listener drops
+    // (its accept queue is full: here the agent is stopped and other connections fill
+    // it) never reaches the agent, so its record stays, young. Another process that
+    // connects to the listener from the same port once the queue drains must not be
+    // taken for the workload.
+    let s = setup();
+    let agent_pid = s.agent.pid().expect("agent runs") as i32;
+    let listen: SocketAddrV4 = match s.agent.listen_addr().expect("listener address logged") {
+        std::net::SocketAddr::V4(a) => a,
+        other => panic!("IPv4 listener expected, got {other}"),
+    };
+    let sport = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let from = format!("127.0.0.1:{sport}");
+    let seen = s.pg.connections_received();
+    struct Resume(i32);
+    impl Drop for Resume {
+        fn drop(&mut self) {
+            // SAFETY: signalling the agent process this test started.
+            unsafe { libc::kill(self.0, libc::SIGCONT) };
+        }
+    }
+    // Room for the fillers' descriptors: the listener queues 1,025 connections.
+    let mut files = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: plain syscalls with valid arguments: this test process's own limit, and
+    // stopping the agent this test started.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut files);
+        files.rlim_cur = files.rlim_cur.max(4096.min(files.rlim_max));
+        libc::setrlimit(libc::RLIMIT_NOFILE, &files);
+        libc::kill(agent_pid, libc::SIGSTOP);
+    }
+    let resume = Resume(agent_pid);
+    // Fill the accept queues from this unprotected process until connects are no
+    // longer answered. The agent has a listener per worker and picks it by the CPU the
+    // SYN arrives on: fill from each CPU in turn.
+    let filling = std::thread::spawn(move || {
+        let mut fillers = Vec::new();
+        for cpu in 0..libc::CPU_SETSIZE as usize {
+            // SAFETY: a zeroed cpu_set_t is a valid empty set; pinning only this thread.
+            let pinned = unsafe {
+                let mut set: libc::cpu_set_t = std::mem::zeroed();
+                libc::CPU_SET(cpu, &mut set);
+                libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) == 0
+            };
+            if !pinned {
+                continue;
+            }
+            let mut unanswered = 0;
+            for _ in 0..8000 {
+                match std::net::TcpStream::connect_timeout(&listen.into(), Duration::from_millis(100)) {
+                    Ok(c) => {
+                        fillers.push(c);
+                        unanswered = 0;
+                    }
+                    Err(_) => unanswered += 1,
+                }
+                if unanswered == 16 {
+                    break;
+                }
+            }
+            assert_eq!(unanswered, 16, "the listener's queue for CPU {cpu} filled up ({} connections queued)", fillers.len());
+        }
+        fillers
+    });
+    let fillers = filling.join().expect("filling thread");
+    let v = probe(Some(&s.cg.child_dir("prot")), &["syn-from", &db(&s), &from]);
+    assert_eq!(v["connect"], "pending", "the protected SYN is dropped while the queue is full: {v}");
+    let protected_pid = pid(&v);
+    let fillers_queued = fillers.len();
+    drop(fillers);
+    drop(resume);
+    // The agent drains its queue (refusing the fillers: they have no record).
+    let drained = std::time::Instant::now();
+    while s.agent.events_named("refused connection").len() < fillers_queued && drained.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let v = probe(Some(&s.cg.child_dir("unprot")), &["connect-from", &listen.to_string(), &from]);
+    assert_eq!(v["connect"], "ok", "{v}");
+    assert_ne!(
+        v["pg"], "R",
+        "an unprotected process (pid {}) connecting directly to the listener from port {sport} was served as identity billing-agent using the record of pid {protected_pid}: {v}",
+        pid(&v)
+    );
+    assert_eq!(s.pg.connections_received(), seen, "nothing reached the database");
+    let client = format!("127.0.0.1:{sport}");
+    let refused = s.agent.events_named("refused connection").into_iter().find(|e| e["error"].as_str().is_some_and(|m| m.contains(&client)));
+    let why = refused.as_ref().and_then(|e| e["error"].as_str()).unwrap_or_default();
+    assert!(why.contains("is not the one the kernel's redirect record was made for"), "the agent says why it refused {client}: {refused:?}");
+}

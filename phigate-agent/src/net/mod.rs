@@ -15,6 +15,7 @@ use std::{
 };
 
 pub mod conn;
+pub mod peer;
 pub mod tls;
 
 use phigate_common::{ConnectRecord, OrigDstKey};
@@ -95,6 +96,16 @@ pub enum AcceptError {
     /// listener, and this connection is not the one it describes.
     #[error("the kernel redirect record for client {client} is {age_secs} s old, from a connect that never reached this listener; closing without proxying")]
     StaleRecord { client: ClientAddr, age_secs: u64 },
+    /// The socket at the client's end is not the one that made the recorded connect:
+    /// that connect never reached this listener, and another socket took over its
+    /// address and port.
+    #[error("the socket connecting from {client} is not the one the kernel's redirect record was made for (that connect never reached this listener, and another socket now uses its address and port); closing without proxying")]
+    OtherSocket { client: ClientAddr },
+    /// No socket holds the client's end any more: it went away before it was accepted.
+    #[error("the client socket behind {client} is gone from this host; closing without proxying")]
+    ClientGone { client: ClientAddr },
+    #[error("cannot ask the kernel which socket connected from {client} (sock_diag: {err}); closing without proxying. The kernel needs INET_DIAG with TCP support (modules inet_diag and tcp_diag)")]
+    SocketDiag { client: ClientAddr, err: io::Error },
 }
 
 /// A bound, listening socket not yet tied to a runtime. Each worker thread turns its
@@ -249,6 +260,15 @@ impl Listener {
         if rec.db_index != self.db_index {
             return Err(AcceptError::WrongListener { client, recorded: rec.db_index, listener: self.db_index });
         }
+        // The record names a socket, not just an address and port: the socket at the
+        // client's end must be the one that made the connect.
+        let server = stream.local_addr().map_err(|err| AcceptError::SocketDiag { client, err })?;
+        match peer::client_socket_cookie(client.0, server) {
+            Ok(Some(cookie)) if cookie == rec.socket_cookie => {}
+            Ok(Some(_)) => return Err(AcceptError::OtherSocket { client }),
+            Ok(None) => return Err(AcceptError::ClientGone { client }),
+            Err(err) => return Err(AcceptError::SocketDiag { client, err }),
+        }
         Ok(Accepted {
             stream,
             client,
@@ -335,28 +355,49 @@ mod tests {
         }
     }
 
+    /// A record for `socket`, made `age` ago.
+    fn record_of(socket: &std::net::TcpStream, age: std::time::Duration) -> OneRecord {
+        let mut rec = test_record();
+        rec.connect_ns = monotonic_ns() - age.as_nanos() as u64;
+        rec.socket_cookie = peer::own_socket_cookie(std::os::fd::AsFd::as_fd(socket)).unwrap();
+        OneRecord(std::sync::Mutex::new(Some(rec)))
+    }
+
+    async fn listener() -> Listener {
+        let bound = bind_group_at("127.0.0.1:0".parse().unwrap(), 0, 1).unwrap().pop().unwrap();
+        Listener::from_bound(bound).unwrap()
+    }
+
     /// A record older than MAX_RECORD_AGE belongs to a connect that never reached the
     /// listener (found by a review: left by a refused connect, it named its workload
     /// to another process connecting later from the same port).
     #[tokio::test]
     async fn an_old_record_does_not_identify_the_connection() {
-        let bound = bind_group_at("127.0.0.1:0".parse().unwrap(), 0, 1).unwrap().pop().unwrap();
-        let listener = Listener::from_bound(bound).unwrap();
-        let addr = listener.addr.0;
-        let record = |age: std::time::Duration| {
-            let mut rec = test_record();
-            rec.connect_ns = monotonic_ns() - age.as_nanos() as u64;
-            OneRecord(std::sync::Mutex::new(Some(rec)))
-        };
+        let listener = listener().await;
         for (age, accepted) in [(std::time::Duration::from_millis(5), true), (MAX_RECORD_AGE + std::time::Duration::from_secs(1), false)] {
-            let _client = std::net::TcpStream::connect(addr).unwrap();
+            let client_end = std::net::TcpStream::connect(listener.addr.0).unwrap();
             let (stream, client) = listener.accept().await.unwrap();
-            let got = listener.recover(stream, client, &record(age));
+            let got = listener.recover(stream, client, &record_of(&client_end, age));
             assert_eq!(got.is_ok(), accepted, "{age:?}: {:?}", got.err());
             if !accepted {
                 assert!(matches!(got, Err(AcceptError::StaleRecord { .. })));
             }
         }
+    }
+
+    /// The record is of a socket, not of an address and port: a young record made for
+    /// another socket (a connect that never reached the listener, whose port another
+    /// process took over) identifies nobody.
+    #[tokio::test]
+    async fn a_record_made_for_another_socket_does_not_identify_the_connection() {
+        let listener = listener().await;
+        let recorded = std::net::TcpStream::connect(listener.addr.0).unwrap();
+        let _ = listener.accept().await.unwrap();
+        let client_end = std::net::TcpStream::connect(listener.addr.0).unwrap();
+        let (stream, client) = listener.accept().await.unwrap();
+        let got = listener.recover(stream, client, &record_of(&recorded, std::time::Duration::from_millis(5)));
+        assert!(matches!(got, Err(AcceptError::OtherSocket { .. })), "{:?}", got.err());
+        drop(client_end);
     }
 
     fn test_record() -> ConnectRecord {

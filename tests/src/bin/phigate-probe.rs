@@ -15,6 +15,8 @@
 //! phigate-probe cancel   ADDR:PORT PID KEY  send a CancelRequest
 //! phigate-probe connect-from ADDR:PORT A.B.C.D:SPORT  plain connect from a chosen
 //!                                           source address and port (SO_REUSEADDR)
+//! phigate-probe syn-from ADDR:PORT A.B.C.D:SPORT  the same connect, given up after
+//!                                           half a second if not answered: "pending"
 //! phigate-probe smuggle  ADDR:PORT          extended protocol by hand: a refused Parse
 //!                                           answered at Flush, then Bind/Execute of the
 //!                                           refused statement's name
@@ -224,6 +226,17 @@ fn main() {
                 Err(e) => error_json(out, "connect", &e),
             }
         }
+        "syn-from" => {
+            let a: std::net::SocketAddrV4 = addr.parse().expect("A.B.C.D:PORT");
+            let from: std::net::SocketAddrV4 = args.get(3).and_then(|s| s.parse().ok()).expect("A.B.C.D:SPORT");
+            match syn_from(a, from) {
+                Ok(connected) => {
+                    out.insert("connect".into(), json!(if connected { "ok" } else { "pending" }));
+                    Value::Object(out)
+                }
+                Err(e) => error_json(out, "connect", &e),
+            }
+        }
         "smuggle" => smuggle(out, addr.parse().expect("ADDR:PORT")),
         "garbage" => {
             let a: SocketAddr = addr.parse().expect("ADDR:PORT");
@@ -264,6 +277,40 @@ fn connect_from(to: std::net::SocketAddrV4, from: std::net::SocketAddrV4) -> std
             return Err(std::io::Error::last_os_error());
         }
         Ok(stream)
+    }
+}
+
+/// A non-blocking IPv4 connect from `from`, closed after at most half a second.
+/// Returns whether it completed.
+fn syn_from(to: std::net::SocketAddrV4, from: std::net::SocketAddrV4) -> std::io::Result<bool> {
+    let sin = |a: std::net::SocketAddrV4| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: a.port().to_be(),
+        sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(a.ip().octets()) },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: plain socket calls on a fresh fd; the addresses are valid sockaddr_in.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_NONBLOCK, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let _owned = TcpStream::from_raw_fd(fd);
+        let one: libc::c_int = 1;
+        libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, &one as *const _ as *const libc::c_void, mem::size_of::<libc::c_int>() as u32);
+        let local = sin(from);
+        if libc::bind(fd, &local as *const _ as *const libc::sockaddr, mem::size_of::<libc::sockaddr_in>() as u32) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let remote = sin(to);
+        if libc::connect(fd, &remote as *const _ as *const libc::sockaddr, mem::size_of::<libc::sockaddr_in>() as u32) != 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EINPROGRESS) {
+                return Err(e);
+            }
+        }
+        let mut pfd = libc::pollfd { fd, events: libc::POLLOUT, revents: 0 };
+        Ok(libc::poll(&mut pfd, 1, 500) == 1 && pfd.revents & libc::POLLOUT != 0 && pfd.revents & (libc::POLLERR | libc::POLLHUP) == 0)
     }
 }
 
