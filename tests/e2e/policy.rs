@@ -203,6 +203,8 @@ const CASES: &[(&str, Expect)] = &[
     ("alter role current_user set role = 'postgres'", Block("baseline.role-ddl")),
     ("grant select on patients to public", Block("baseline.grants")),
     ("revoke all on labs from public", Block("baseline.grants")),
+    ("set session_replication_role = replica", Block("baseline.safeguard-settings")),
+    ("select set_config('pgaudit.log', 'none', false)", Block("baseline.safeguard-settings")),
     // code phigate cannot inspect
     ("do $$ begin execute 'drop table patients'; end $$", Block("baseline.opaque-code")),
     ("DO LANGUAGE plpgsql $body$ BEGIN PERFORM 1; END $body$", Block("baseline.opaque-code")),

@@ -481,11 +481,15 @@ fn unknown_identity_and_forbidden_requests_are_refused_with_clear_errors() {
     assert!(stderr(&o).contains("startup parameter options (standard_conforming_strings) may not be set"), "{}", stderr(&o));
     let o = psql_in(&e, "prot", &["-c", "select 1"], &[("PGCLIENTENCODING", "SJIS")]);
     assert!(stderr(&o).contains("startup parameter client_encoding (SJIS) may not be set"), "{}", stderr(&o));
+    // And so are settings that switch off the database's own safeguards (triggers,
+    // its logs), which a superuser-mapped identity could otherwise change.
+    let o = psql_in(&e, "prot", &["-c", "select 1"], &[("PGOPTIONS", "-c session_replication_role=replica")]);
+    assert!(stderr(&o).contains("startup parameter options (session_replication_role) may not be set"), "{}", stderr(&o));
     let v = pgclient_at(&e, "ghost", "whoami", "127.0.0.2", "");
     assert_eq!(v["code"], "28000", "an unconfigured identity is 28000 on the wire: {v}");
-    let codes = refusal_codes(&e, 5);
+    let codes = refusal_codes(&e, 6);
     assert!(codes.iter().any(|c| c == "28000"), "{codes:?}");
-    assert_eq!(codes.iter().filter(|c| *c == "42501").count(), 3, "{codes:?}");
+    assert_eq!(codes.iter().filter(|c| *c == "42501").count(), 4, "{codes:?}");
 }
 
 #[test]

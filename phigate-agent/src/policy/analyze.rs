@@ -195,6 +195,9 @@ pub struct Facts {
     pub foreign_data: bool,
     /// SET ROLE / SET SESSION AUTHORIZATION, or set_config() of those.
     pub changes_role: bool,
+    /// SET or set_config() of a setting that switches off the database's own
+    /// safeguards for the session ([`setting_weakens_safeguards`]).
+    pub weakens_safeguards: bool,
     /// Settings that change how statements parse (standard_conforming_strings,
     /// backslash_quote, an unsafe client_encoding, or any UPDATE of pg_settings): the
     /// policy's parser and the server's would disagree.
@@ -232,6 +235,38 @@ pub fn setting_changes_parsing(name: &str, value: &str) -> bool {
         "backslash_quote" => true,
         "client_encoding" => unsafe_client_encoding(&value),
         _ => false,
+    }
+}
+
+/// Whether setting `name` to `value` switches off one of the database's own
+/// safeguards for the session. Only a role allowed to change such a setting can (a
+/// superuser; pgaudit's settings also roles granted them), but an identity may be
+/// mapped to one, and these would let it act unseen by the database itself:
+/// `session_replication_role` other than `origin` keeps ordinary triggers and rules —
+/// audit triggers, foreign-key checks — from firing; the `log_*` settings and
+/// pgaudit's decide what the database's own logs record; `track_activities` hides
+/// statements from pg_stat_activity; `lo_compat_privileges` turns off large-object
+/// permission checks; `allow_system_table_mods`, `ignore_system_indexes` and
+/// `zero_damaged_pages` tamper with the catalog and the data. `value` None: back to
+/// the default (RESET, `SET … TO DEFAULT`), which the database's owners chose.
+pub fn setting_weakens_safeguards(name: &str, value: Option<&str>) -> bool {
+    let name = name.to_ascii_lowercase().replace('-', "_");
+    let Some(value) = value else { return false };
+    match name.as_str() {
+        "session_replication_role" => value.trim().trim_matches('\'').to_ascii_lowercase() != "origin",
+        "track_activities" | "lo_compat_privileges" | "allow_system_table_mods" | "ignore_system_indexes" | "zero_damaged_pages" => true,
+        n => n.starts_with("log_") || n.starts_with("pgaudit."),
+    }
+}
+
+/// A constant's text as a setting would read it; `?` for anything computed.
+fn setting_text(n: Option<&protobuf::Node>) -> String {
+    match n.and_then(const_value) {
+        Some(Val::Sval(s)) => s.sval.clone(),
+        Some(Val::Ival(i)) => i.ival.to_string(),
+        Some(Val::Fval(f)) => f.fval.clone(),
+        Some(Val::Boolval(b)) => if b.boolval { "on" } else { "off" }.to_string(),
+        _ => "?".to_string(),
     }
 }
 
@@ -367,6 +402,7 @@ impl Facts {
         self.opaque_code |= o.opaque_code;
         self.foreign_data |= o.foreign_data;
         self.changes_role |= o.changes_role;
+        self.weakens_safeguards |= o.weakens_safeguards;
         self.changes_parser |= o.changes_parser;
         self.alter_system |= o.alter_system;
         self.role_ddl |= o.role_ddl;
@@ -1619,6 +1655,9 @@ fn visit(n: N<'_>, facts: &mut Facts, per_row: &mut HashSet<*const protobuf::Sel
                         Val::Sval(s) => Some(s.sval.to_ascii_lowercase()),
                         _ => None,
                     });
+                    if setting.as_deref().is_some_and(|name| setting_weakens_safeguards(name, Some(&setting_text(f.args.get(1))))) {
+                        facts.weakens_safeguards = true;
+                    }
                     match setting.as_deref() {
                         Some("role" | "session_authorization") => facts.changes_role = true,
                         Some("standard_conforming_strings" | "backslash_quote") => facts.changes_parser = true,
@@ -1652,6 +1691,15 @@ fn visit(n: N<'_>, facts: &mut Facts, per_row: &mut HashSet<*const protobuf::Sel
             let name = v.name.to_ascii_lowercase();
             let setting = VariableSetKind::try_from(v.kind).unwrap_or(VariableSetKind::Undefined);
             let sets = matches!(setting, VariableSetKind::VarSetValue | VariableSetKind::VarSetDefault | VariableSetKind::VarSetCurrent);
+            let value = match setting {
+                VariableSetKind::VarSetValue => Some(setting_text(v.args.first())),
+                // FROM CURRENT: whatever the session has, which may be anything.
+                VariableSetKind::VarSetCurrent => Some("?".to_string()),
+                _ => None,
+            };
+            if setting_weakens_safeguards(&name, value.as_deref()) {
+                facts.weakens_safeguards = true;
+            }
             match name.as_str() {
                 "role" | "session_authorization" if sets => facts.changes_role = true,
                 "standard_conforming_strings" | "backslash_quote" => facts.changes_parser = true,

@@ -16,6 +16,7 @@
 //! | `baseline.alter-system` | block | ALTER SYSTEM |
 //! | `baseline.role-ddl` | block | CREATE/ALTER/DROP ROLE, role membership, per-role/database settings |
 //! | `baseline.grants` | block | GRANT/REVOKE of privileges |
+//! | `baseline.safeguard-settings` | block | SET / set_config() of settings that switch off the database's own safeguards: session_replication_role (but `origin`), `log_*`, `pgaudit.*`, track_activities, lo_compat_privileges, allow_system_table_mods, ignore_system_indexes, zero_damaged_pages |
 //! | `baseline.opaque-code` | block | DO, CREATE FUNCTION/PROCEDURE/TRIGGER/RULE/EXTENSION, ALTER EXTENSION, LOAD; CREATE AGGREGATE/OPERATOR/CAST and the like, which name a function to be called under another name |
 //! | `baseline.foreign-data` | block | CREATE/ALTER FOREIGN DATA WRAPPER, SERVER, USER MAPPING, CREATE FOREIGN TABLE, IMPORT FOREIGN SCHEMA |
 //! | `baseline.bulk-export` | approve | COPY … TO STDOUT reading PHI |
@@ -198,6 +199,12 @@ pub fn findings(p: &Policy, f: &Facts) -> Vec<Finding> {
     }
     if f.grants {
         out.push(block("baseline.grants", "GRANT/REVOKE of privileges".into()));
+    }
+    if f.weakens_safeguards {
+        out.push(block(
+            "baseline.safeguard-settings",
+            "settings that switch off the database's own safeguards for the session (session_replication_role, its logging and pgaudit settings, track_activities, …)".into(),
+        ));
     }
     if f.opaque_code {
         out.push(block(

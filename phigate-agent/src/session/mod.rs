@@ -303,7 +303,9 @@ async fn run(conn: Identified, db: Arc<DbRuntime>, services: &Services) -> Resul
                     SqlState::INSUFFICIENT_PRIVILEGE,
                     format!("phigate refused the connection: the startup parameter {name} may not be set by workloads"),
                 )
-                .with_hint("phigate chooses the database role; remove that parameter."),
+                .with_hint(
+                    "phigate chooses the database role and keeps the database's own safeguards and its parser settings as they are; remove that parameter.",
+                ),
             )
             .await);
         }

@@ -12,7 +12,7 @@ use crate::{
         startup::{self, StartupMessage, StartupPacket, TLS_HANDSHAKE},
         FrameError,
     },
-    policy::analyze::setting_changes_parsing,
+    policy::analyze::{setting_changes_parsing, setting_weakens_safeguards},
 };
 
 /// What the client opened with, once TLS (if any) is in place.
@@ -150,6 +150,8 @@ pub fn upstream_params(msg: &StartupMessage) -> Result<Vec<(String, String)>, St
             // settings; a session that parses differently could hide code in what
             // the policy reads as a string literal.
             _ if setting_changes_parsing(&name, v) => return Err(format!("{k} ({v})")),
+            // As the policy's baseline.safeguard-settings for SET.
+            _ if setting_weakens_safeguards(&name, Some(v)) => return Err(format!("{k} ({v})")),
             "options" => check_options(v)?,
             _ => {}
         }
@@ -187,7 +189,7 @@ fn check_options(options: &str) -> Result<(), String> {
         // Setting names are identifiers (a dot for extension settings); anything
         // else is not a name this check can vouch for.
         let plain = !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.');
-        if !plain || FORBIDDEN_SETTINGS.contains(&name.as_str()) || setting_changes_parsing(&name, value) {
+        if !plain || FORBIDDEN_SETTINGS.contains(&name.as_str()) || setting_changes_parsing(&name, value) || setting_weakens_safeguards(&name, Some(value)) {
             return Err(format!("options ({name})"));
         }
     }
@@ -282,6 +284,17 @@ mod tests {
         assert!(upstream_params(&msg(&[("user", "x"), ("options", r"\-c role=admin")])).is_err());
         // Escapes that hide nothing still pass.
         assert!(upstream_params(&msg(&[("user", "x"), ("options", r"-c search_path=my\ schema,public")])).is_ok());
+    }
+
+    #[test]
+    fn refuses_settings_that_switch_off_the_databases_safeguards() {
+        assert!(upstream_params(&msg(&[("user", "x"), ("session_replication_role", "replica")])).is_err());
+        assert!(upstream_params(&msg(&[("user", "x"), ("options", "-c session_replication_role=replica")])).is_err());
+        assert!(upstream_params(&msg(&[("user", "x"), ("options", "--session-replication-role=local")])).is_err());
+        assert!(upstream_params(&msg(&[("user", "x"), ("options", "-c log_statement=none")])).is_err());
+        assert!(upstream_params(&msg(&[("user", "x"), ("options", r"-c pgaudit.lo\g=none")])).is_err());
+        assert!(upstream_params(&msg(&[("user", "x"), ("track_activities", "off")])).is_err());
+        assert!(upstream_params(&msg(&[("user", "x"), ("options", "-c session_replication_role=origin")])).is_ok());
     }
 
     #[test]
