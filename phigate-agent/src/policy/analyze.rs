@@ -253,7 +253,7 @@ pub fn setting_weakens_safeguards(name: &str, value: Option<&str>) -> bool {
     let name = name.to_ascii_lowercase().replace('-', "_");
     let Some(value) = value else { return false };
     match name.as_str() {
-        "session_replication_role" => value.trim().trim_matches('\'').to_ascii_lowercase() != "origin",
+        "session_replication_role" => !value.trim().trim_matches('\'').eq_ignore_ascii_case("origin"),
         "track_activities" | "lo_compat_privileges" | "allow_system_table_mods" | "ignore_system_indexes" | "zero_damaged_pages" => true,
         n => n.starts_with("log_") || n.starts_with("pgaudit."),
     }
