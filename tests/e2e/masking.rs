@@ -1053,6 +1053,32 @@ fn hash_pseudonyms_of_chosen_text_and_of_single_letters_spell_the_name() {
     assert_no_case_leaks(&cases);
 }
 
+/// A column that may hold chosen text beside a hashed column's values — another arm
+/// of a UNION, another row of VALUES, the merged column of a JOIN … USING — would
+/// give that text the pseudonym a patient with that name has: a dictionary of names
+/// to compare the patients' pseudonyms with.
+#[test]
+fn chosen_text_beside_a_hashed_column_gets_no_pseudonym() {
+    if skip("chosen_text_beside_a_hashed_column_gets_no_pseudonym") {
+        return;
+    }
+    let e = env_with(PHI_POLICY);
+    let p = &e.data.patients[0];
+    let name = format!("{} {}", p.first, p.last);
+    let own = everything(&e, Some("care"), &["-At", "-c", &format!("select name from patients where id = {}", p.id)]);
+    let pseudonym = own.trim();
+    assert!(pseudonym.starts_with("pt_"), "the name's own column is hashed: {own}");
+    for sql in [
+        format!("select name from patients where false union all select '{name}'"),
+        format!("select name from (values ('{name}')) v(name) full join (select name from patients where false) p using (name)"),
+        format!("select name from (values ((select name from patients where id = {})), ('{name}')) v(name) offset 1", p.id),
+    ] {
+        let got = everything(&e, Some("care"), &["-At", "-c", &sql]);
+        assert!(!got.contains(pseudonym) && !got.contains(&name), "{sql}: {got}");
+        assert!(got.trim().lines().count() == 1 && !got.contains("ERROR"), "one row, masked: {sql}: {got}");
+    }
+}
+
 // Leaks found by a third review on PostgreSQL 15 through the agent.
 
 /// A function in FROM computes its columns from its arguments, but a bare column as

@@ -82,6 +82,18 @@ impl Sources {
         self.computed |= o.computed;
     }
 
+    /// Add the sources of values that may stand in the same place instead of these
+    /// (another arm of a set operation, another row of a VALUES list). When the two
+    /// differ, the place holds values none of its sources' rules alone describes —
+    /// chosen text beside a hashed column would get the pseudonym of that text — so
+    /// it counts as computed.
+    pub fn extend_alternative(&mut self, o: &Sources) {
+        if self.columns != o.columns || self.whole_rows != o.whole_rows {
+            self.computed = true;
+        }
+        self.extend(o);
+    }
+
     pub fn is_empty(&self) -> bool {
         self.columns.is_empty() && self.whole_rows.is_empty() && !self.opaque && self.casts.is_empty()
     }
@@ -248,10 +260,23 @@ enum Item {
     Opaque,
 }
 
+/// A JOIN … USING (or NATURAL JOIN) at one query level: an unqualified reference to
+/// a column it joins on is one merged column, whose value comes from either side
+/// (the left's, the right's, or in a FULL join whichever is not NULL).
+#[derive(Debug, Clone)]
+struct Merged {
+    /// The column joined on; None for NATURAL (whatever the sides have in common).
+    column: Option<String>,
+    /// The two sides' FROM items, as positions in [`Scope::items`].
+    left: std::ops::Range<usize>,
+    right: std::ops::Range<usize>,
+}
+
 /// The names visible at one query level, and the levels around it.
 #[derive(Debug, Default)]
 pub struct Scope<'p> {
     items: Vec<(String, Item)>,
+    merged: Vec<Merged>,
     ctes: HashMap<String, Vec<Output>>,
     parent: Option<&'p Scope<'p>>,
 }
@@ -262,7 +287,7 @@ impl<'p> Scope<'p> {
     }
 
     fn child(parent: &'p Scope<'p>) -> Self {
-        Self { items: Vec::new(), ctes: HashMap::new(), parent: Some(parent) }
+        Self { items: Vec::new(), merged: Vec::new(), ctes: HashMap::new(), parent: Some(parent) }
     }
 
     fn cte(&self, name: &str) -> Option<&Vec<Output>> {
@@ -272,6 +297,34 @@ impl<'p> Scope<'p> {
     /// The items named `alias` at the nearest level that has one.
     fn find(&self, alias: &str) -> Option<&Item> {
         self.items.iter().find(|(a, _)| a == alias).map(|(_, i)| i).or_else(|| self.parent.and_then(|p| p.find(alias)))
+    }
+
+    /// The sources of an unqualified column reference: whichever items at this level
+    /// and the levels around it have such a column. A column two sides are joined
+    /// USING is either side's value: the sides are alternatives.
+    fn unqualified_column(&self, col: &str, out: &mut Sources) {
+        let mut merged_items: Vec<usize> = Vec::new();
+        for m in self.merged.iter().filter(|m| m.column.as_deref().is_none_or(|c| c == col)) {
+            let side = |items: &std::ops::Range<usize>| {
+                let mut s = Sources::default();
+                for (_, i) in &self.items[items.clone()] {
+                    item_column(i, col, &mut s);
+                }
+                s
+            };
+            let mut either = side(&m.left);
+            either.extend_alternative(&side(&m.right));
+            out.extend(&either);
+            merged_items.extend(m.left.clone().chain(m.right.clone()));
+        }
+        for (n, (_, i)) in self.items.iter().enumerate() {
+            if !merged_items.contains(&n) {
+                item_column(i, col, out);
+            }
+        }
+        if let Some(p) = self.parent {
+            p.unqualified_column(col, out);
+        }
     }
 
     fn all_items(&self) -> Vec<&Item> {
@@ -366,7 +419,7 @@ fn add_from_item(n: &Node, scope: &mut Scope<'_>) {
             let outs = {
                 // A LATERAL subquery may refer to earlier FROM items; others see the
                 // enclosing levels only. Seeing more is only more conservative.
-                let view = Scope { items: scope.items.clone(), ctes: HashMap::new(), parent: Some(scope) };
+                let view = Scope { items: scope.items.clone(), merged: scope.merged.clone(), ctes: HashMap::new(), parent: Some(scope) };
                 s.subquery.as_deref().map(|q| node_outputs(q, &view)).unwrap_or_default()
             };
             let alias = s.alias.as_ref().map(|a| a.aliasname.clone()).unwrap_or_default();
@@ -383,8 +436,17 @@ fn add_from_item(n: &Node, scope: &mut Scope<'_>) {
             if let Some(l) = j.larg.as_deref() {
                 add_from_item(l, scope);
             }
+            let middle = scope.items.len();
             if let Some(r) = j.rarg.as_deref() {
                 add_from_item(r, scope);
+            }
+            let (left, right) = (before..middle, middle..scope.items.len());
+            if j.is_natural {
+                scope.merged.push(Merged { column: None, left, right });
+            } else {
+                for column in string_nodes(&j.using_clause) {
+                    scope.merged.push(Merged { column: Some(column), left: left.clone(), right: right.clone() });
+                }
             }
             // `(a JOIN b) AS j [(x, y, …)]`: j is a FROM item of its own, whose row
             // and columns (renamed or not) may be any of a's and b's.
@@ -400,7 +462,7 @@ fn add_from_item(n: &Node, scope: &mut Scope<'_>) {
             // Functions in FROM are implicitly LATERAL: their arguments may name the
             // FROM items before them (seeing more is only more conservative).
             let sources = {
-                let view = Scope { items: scope.items.clone(), ctes: HashMap::new(), parent: Some(scope) };
+                let view = Scope { items: scope.items.clone(), merged: scope.merged.clone(), ctes: HashMap::new(), parent: Some(scope) };
                 range_function_sources(f, &view)
             };
             let alias = f.alias.as_ref().map(|a| a.aliasname.clone()).unwrap_or_default();
@@ -597,7 +659,7 @@ fn select_outputs(s: &protobuf::SelectStmt, outer: &Scope<'_>) -> Vec<Output> {
         for (i, r) in right.iter().enumerate() {
             match left.get_mut(i) {
                 Some(l) => {
-                    l.sources.extend(&r.sources);
+                    l.sources.extend_alternative(&r.sources);
                     l.star |= r.star;
                 }
                 None => left.push(r.clone()),
@@ -605,7 +667,7 @@ fn select_outputs(s: &protobuf::SelectStmt, outer: &Scope<'_>) -> Vec<Output> {
         }
         if !star.is_empty() {
             for l in &mut left {
-                l.sources.extend(&star);
+                l.sources.extend_alternative(&star);
             }
         }
         return left;
@@ -620,7 +682,7 @@ fn select_outputs(s: &protobuf::SelectStmt, outer: &Scope<'_>) -> Vec<Output> {
                 for (i, v) in l.items.iter().enumerate() {
                     let src = expr_sources(v, &scope);
                     match outs.get_mut(i) {
-                        Some(o) => o.sources.extend(&src),
+                        Some(o) => o.sources.extend_alternative(&src),
                         None => outs.push(Output { name: format!("column{}", i + 1), star: false, sources: src }),
                     }
                 }
@@ -1056,9 +1118,7 @@ fn resolve_column(c: &protobuf::ColumnRef, scope: &Scope<'_>, out: &mut Sources)
         ([col], false) => {
             // Unqualified: any item in scope may have this column, and a FROM alias of
             // this name is a whole-row reference.
-            for i in scope.all_items() {
-                item_column(i, col, out);
-            }
+            scope.unqualified_column(col, out);
             if let Some(i) = scope.find(col) {
                 item_whole(i, out);
             }

@@ -823,6 +823,33 @@ fn s1_in_use() -> Frame {
 }
 
 #[test]
+fn chosen_text_in_a_column_beside_a_hashed_one_is_not_hashed() {
+    // A column that may hold other values than the hashed column's — another arm of
+    // a UNION, another row of a VALUES list — would hand out the pseudonym of any
+    // chosen text, to compare with the patients' (a dictionary attack on the hash).
+    let mut m = masker();
+    for sql in [
+        "select name as n from patients union all select 'MARIA GARCIA'",
+        "select n from (select name from patients union all select $1) s(n)",
+        "select name as n from patients intersect select 'MARIA GARCIA'",
+        "select n from (values ((select name from patients limit 1)), ('MARIA GARCIA')) v(n)",
+        "with recursive r(n) as (select 'MARIA GARCIA' union all select name from patients) select n from r",
+        "select name as n from patients union select nickname from staff",
+        "select name as n from patients union all select null",
+        "select name as n from patients full join staff using (name)",
+        "select name as n from staff right join patients using (name)",
+        "select name as n from patients natural full join staff",
+        "select (select name) as n from patients full join staff using (name)",
+        "select x.n from patients full join staff using (name), lateral (select name as n) x",
+    ] {
+        assert_eq!(computed_cell(&mut m, sql, b"MARIA GARCIA"), "[REDACTED]", "{sql}");
+    }
+    // Every arm the same column: its values are the column's, and keep their pseudonyms.
+    let n = computed_cell(&mut m, "select name as n from patients where id = 1 union select p.name from patients p where id = 2", b"MARIA GARCIA");
+    assert!(n.starts_with("pt_"), "{n}");
+}
+
+#[test]
 fn a_cursor_declared_and_fetched_over_the_extended_protocol_is_traced() {
     let mut m = masker();
     send(&mut m, &[parse("", "declare e cursor with hold for select name as n from patients"), bind("", ""), execute(""), sync()]);
