@@ -109,6 +109,40 @@ pub fn sign(key: &SigningKey, msg: &[u8]) -> String {
     hex(&key.sign(msg).to_bytes())
 }
 
+/// The keyed MAC every record carries beside its hash. The hash chain has no key, so
+/// records after the last signed head could be rewritten with fresh hashes by anyone
+/// who can write the directory; a rewrite cannot carry this MAC. An agent restarting
+/// after a crash checks it before it seals what it finds. The key is derived from the
+/// signing key (it is never stored), so `verify`, which holds only the public key,
+/// cannot check it; the signatures are what it checks.
+#[derive(Clone)]
+pub struct RecordMac(hmac::Hmac<sha2::Sha256>);
+
+impl RecordMac {
+    pub fn new(signing: &SigningKey) -> Self {
+        use hmac::Mac;
+        use sha2::Digest;
+        let mut derive = sha2::Sha256::new();
+        derive.update(b"phigate audit record MAC v1\0");
+        derive.update(signing.to_bytes());
+        Self(<hmac::Hmac<sha2::Sha256> as Mac>::new_from_slice(&derive.finalize()).expect("invariant: HMAC takes any key length"))
+    }
+
+    /// The MAC (hex) of the record whose hash (hex) is `hash`.
+    pub fn of(&self, hash: &str) -> String {
+        use hmac::Mac;
+        let mut m = self.0.clone();
+        m.update(hash.as_bytes());
+        super::record::hex(&m.finalize().into_bytes())
+    }
+}
+
+impl std::fmt::Debug for RecordMac {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RecordMac(<key>)")
+    }
+}
+
 pub fn verify(key: &VerifyingKey, msg: &[u8], sig_hex: &str) -> bool {
     let Some(b) = unhex(sig_hex) else { return false };
     let Ok(b) = <[u8; 64]>::try_from(b.as_slice()) else { return false };

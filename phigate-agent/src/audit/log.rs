@@ -51,7 +51,7 @@ use ed25519_dalek::SigningKey;
 use serde_json::{json, Value};
 
 use super::{
-    crypto::{self, PeriodKeys},
+    crypto::{self, PeriodKeys, RecordMac},
     record::{kind, now_rfc3339, Record, GENESIS},
 };
 
@@ -120,6 +120,8 @@ pub struct Opened {
 pub struct Log {
     dir: PathBuf,
     key: SigningKey,
+    /// Every record's MAC, derived from `key`.
+    mac: RecordMac,
     pub keys: PeriodKeys,
     segment_bytes: u64,
     index: u64,
@@ -171,7 +173,8 @@ impl Log {
         let mut next_index = 1;
         if let Some((idx, path)) = segs.last() {
             next_index = idx + 1;
-            let Scan { last, good: good_len, data: data_len, total: total_len } = scan_segment(path)?;
+            let mac = RecordMac::new(&key);
+            let Scan { last, good: good_len, data: data_len, total: total_len, unauthentic } = scan_segment(path, Some(&mac))?;
             if let Some(r) = &last {
                 seq = r.seq;
                 hash = r.hash.clone();
@@ -182,6 +185,17 @@ impl Log {
                 (seq, hash) = previous_seal(prev)?;
             }
             let sealed = last.as_ref().is_some_and(|r| r.kind == kind::SEAL);
+            // Records after the last signed head are protected by their MACs alone:
+            // before sealing what a crash left, make sure this agent's key wrote it.
+            if let Some((seq, line)) = unauthentic.filter(|_| !sealed) {
+                return Err(LogError::Corrupt {
+                    path: path.clone(),
+                    why: format!(
+                        "record seq {seq} (line {line}) does not carry this agent's MAC: records of the segment the previous run left unsealed were written or rewritten by someone without the signing key. \
+                         The agent changed nothing and does not start on it: run `phigate audit verify` on this directory, and keep the directory as it is (copy it aside as evidence) before starting a new log in another audit.dir."
+                    ),
+                });
+            }
             if good_len < data_len {
                 // A torn tail: keep it as evidence (without the preallocated zeros).
                 let torn_path = path.with_extension(format!("jsonl.torn-{}", std::process::id()));
@@ -225,6 +239,7 @@ impl Log {
         let (file, size) = open_segment(&dir.join(segment_name(index)))?;
         Ok(Self {
             dir: dir.to_path_buf(),
+            mac: RecordMac::new(&key),
             key,
             keys,
             segment_bytes,
@@ -260,7 +275,7 @@ impl Log {
     /// [`Log::append`] for data already in canonical form.
     pub fn append_canonical(&mut self, kind: &str, data: &str) -> u64 {
         let seq = self.batch_seq + 1;
-        let hash = super::record::append_canonical(&mut self.batch, seq, &now_rfc3339(), &self.batch_hash, kind, data);
+        let hash = super::record::append_canonical(&mut self.batch, seq, &now_rfc3339(), &self.batch_hash, kind, data, Some(&self.mac));
         self.batch_seq = seq;
         self.batch_hash = hash;
         seq
@@ -533,6 +548,9 @@ struct Scan {
     data: u64,
     /// The file's length.
     total: u64,
+    /// The first whole record that does not carry a valid MAC (seq, line), when
+    /// the scan was given the key.
+    unauthentic: Option<(u64, usize)>,
 }
 
 /// Read a segment's records. A crash can only damage what was being written when it
@@ -541,15 +559,18 @@ struct Scan {
 /// it. When one does, that line was altered or damaged after it was written: the
 /// segment is refused (an error naming the line), not cut back, because cutting it
 /// would drop durable records from the chain without a trace.
-fn scan_segment(path: &Path) -> Result<Scan, LogError> {
+fn scan_segment(path: &Path, mac: Option<&RecordMac>) -> Result<Scan, LogError> {
     let bytes = fs::read(path).map_err(io(path))?;
     let data = bytes.iter().rposition(|b| *b != 0).map_or(0, |i| i + 1);
-    let (mut good, mut last, mut bad_line) = (0usize, None, None);
+    let (mut good, mut last, mut bad_line, mut unauthentic) = (0usize, None, None, None);
     for (n, line) in bytes[..data].split_inclusive(|b| *b == b'\n').enumerate() {
         let record = line.strip_suffix(b"\n").and_then(|l| std::str::from_utf8(l).ok()).and_then(|l| Record::parse_checked(l).ok());
         match (record, bad_line) {
             (Some(r), None) => {
                 good += line.len();
+                if unauthentic.is_none() && mac.is_some_and(|m| r.mac.as_deref() != Some(m.of(&r.hash).as_str())) {
+                    unauthentic = Some((r.seq, n + 1));
+                }
                 last = Some(r);
             }
             (None, None) => bad_line = Some(n + 1),
@@ -567,13 +588,13 @@ fn scan_segment(path: &Path) -> Result<Scan, LogError> {
             }
         }
     }
-    Ok(Scan { last, good: good as u64, data: data as u64, total: bytes.len() as u64 })
+    Ok(Scan { last, good: good as u64, data: data as u64, total: bytes.len() as u64, unauthentic })
 }
 
 /// The chain state (seq, hash) after the seal that ends the segment at `path` — not
 /// the last one, so it must be sealed and whole.
 fn previous_seal(path: &Path) -> Result<(u64, String), LogError> {
-    let scan = scan_segment(path)?;
+    let scan = scan_segment(path, None)?;
     match scan.last {
         Some(r) if r.kind == kind::SEAL && scan.good == scan.data => Ok((r.seq, r.hash)),
         _ => Err(LogError::Corrupt {

@@ -34,6 +34,9 @@ pub struct Record {
     pub kind: String,
     pub data: Value,
     pub hash: String,
+    /// The agent's keyed MAC of `hash` ([`super::crypto::RecordMac`]); not part of
+    /// what the hash covers.
+    pub mac: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -278,13 +281,17 @@ impl Record {
     /// A new record, hashed.
     pub fn new(seq: u64, ts: String, prev: String, kind: &str, data: Value) -> Self {
         let (hash, _) = encode(seq, &ts, &prev, kind, &data);
-        Self { seq, ts, prev, kind: kind.to_string(), data, hash }
+        Self { seq, ts, prev, kind: kind.to_string(), data, hash, mac: None }
     }
 
     /// The line written to the segment (with its newline).
     pub fn to_line(&self) -> String {
         let mut v = self.unhashed();
-        v.as_object_mut().expect("invariant: an object").insert("hash".into(), Value::from(self.hash.clone()));
+        let o = v.as_object_mut().expect("invariant: an object");
+        o.insert("hash".into(), Value::from(self.hash.clone()));
+        if let Some(mac) = &self.mac {
+            o.insert("mac".into(), Value::from(mac.clone()));
+        }
         let mut s = canonical(&v);
         s.push('\n');
         s
@@ -302,6 +309,10 @@ impl Record {
             kind: s("kind")?,
             data: o.get("data").cloned().ok_or(RecordError::Field("data"))?,
             hash: s("hash")?,
+            mac: match o.get("mac") {
+                None => None,
+                Some(m) => Some(m.as_str().map(String::from).ok_or(RecordError::Field("mac"))?),
+            },
         })
     }
 
@@ -338,18 +349,21 @@ pub fn encode(seq: u64, ts: &str, prev: &str, kind: &str, data: &Value) -> (Stri
 /// thread gets records this way so that the encoding work stays with their senders.
 pub fn encode_canonical(seq: u64, ts: &str, prev: &str, kind: &str, data: &str) -> (String, String) {
     let mut line = Vec::new();
-    let hash = append_canonical(&mut line, seq, ts, prev, kind, data);
+    let hash = append_canonical(&mut line, seq, ts, prev, kind, data, None);
     (hash, String::from_utf8(line).expect("invariant: built from UTF-8 strings"))
 }
 
 /// [`encode_canonical`] appending the line to `out` (the writer's batch buffer:
-/// one copy of `data`, no intermediate strings); returns the record's hash.
-pub fn append_canonical(out: &mut Vec<u8>, seq: u64, ts: &str, prev: &str, kind: &str, data: &str) -> String {
+/// one copy of `data`, no intermediate strings), with the record's MAC when `mac`
+/// is given; returns the record's hash.
+pub fn append_canonical(out: &mut Vec<u8>, seq: u64, ts: &str, prev: &str, kind: &str, data: &str, mac: Option<&super::crypto::RecordMac>) -> String {
     use std::io::Write as _;
-    // Everything after `data`, the same in the hashed text and in the line.
+    // Everything after `data`, the same in the hashed text and in the line but for the
+    // MAC between `kind` and `prev` (keys in sorted order).
+    let mut kind_field = Vec::with_capacity(32);
+    kind_field.extend_from_slice(b"\"kind\":");
+    scalar(kind, &mut kind_field);
     let mut rest = Vec::with_capacity(160);
-    rest.extend_from_slice(b"\"kind\":");
-    scalar(kind, &mut rest);
     rest.extend_from_slice(b",\"prev\":");
     scalar(prev, &mut rest);
     let _ = write!(rest, ",\"seq\":{seq},\"ts\":");
@@ -359,14 +373,21 @@ pub fn append_canonical(out: &mut Vec<u8>, seq: u64, ts: &str, prev: &str, kind:
     h.update(b"{\"data\":");
     h.update(data.as_bytes());
     h.update(b",");
+    h.update(&kind_field);
     h.update(&rest);
     let hash = hex(&h.finalize());
-    out.reserve(data.len() + rest.len() + 96);
+    out.reserve(data.len() + kind_field.len() + rest.len() + 180);
     out.extend_from_slice(b"{\"data\":");
     out.extend_from_slice(data.as_bytes());
     out.extend_from_slice(b",\"hash\":\"");
     out.extend_from_slice(hash.as_bytes());
     out.extend_from_slice(b"\",");
+    out.extend_from_slice(&kind_field);
+    if let Some(mac) = mac {
+        out.extend_from_slice(b",\"mac\":\"");
+        out.extend_from_slice(mac.of(&hash).as_bytes());
+        out.push(b'"');
+    }
     out.extend_from_slice(&rest);
     out.push(b'\n');
     hash

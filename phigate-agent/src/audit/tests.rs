@@ -28,6 +28,9 @@ fn dir(name: &str) -> Dir {
     Dir(d)
 }
 
+/// Small segments, so a short log has several (a record with its MAC is about 340 bytes).
+const SEGMENT_BYTES: u64 = 1900;
+
 fn key() -> SigningKey {
     SigningKey::from_bytes(&[7u8; 32])
 }
@@ -35,7 +38,7 @@ fn key() -> SigningKey {
 /// A log of three sealed segments and a live one, with a checkpoint (~30 records).
 fn write_log(d: &Dir) {
     let keys = PeriodKeys { dir: d.0.with_extension("keys") };
-    let (mut log, _) = Log::open(&d.0, key(), keys, 1500).unwrap();
+    let (mut log, _) = Log::open(&d.0, key(), keys, SEGMENT_BYTES).unwrap();
     for i in 0..24 {
         log.append(kind::STATEMENT, json!({"session": "s-1", "stmt": i, "text": format!("select {i}")}));
         log.commit().unwrap();
@@ -175,7 +178,7 @@ fn a_torn_tail_is_reported_then_recovered_into_the_chain() {
     assert!(r.warnings.iter().any(|w| w.contains("torn")), "{:?}", r.warnings);
     // The next writer moves the torn bytes aside and says so in the chain.
     let keys = PeriodKeys { dir: d.0.with_extension("keys") };
-    let (mut log, opened) = Log::open(&d.0, key(), keys, 1500).unwrap();
+    let (mut log, opened) = Log::open(&d.0, key(), keys, SEGMENT_BYTES).unwrap();
     assert!(opened.torn.is_some() && opened.sealed_after_crash.is_some());
     log.append(kind::LIFECYCLE, json!({"event": "start"}));
     log.commit().unwrap();
@@ -319,7 +322,7 @@ fn the_live_segment_is_preallocated_and_a_sealed_one_holds_only_records() {
     // The agent stopped without sealing (a crash): the next one seals the segment,
     // cut back to its records, and reports nothing torn.
     let keys = PeriodKeys { dir: d.0.with_extension("keys") };
-    let (mut log, opened) = Log::open(&d.0, key(), keys, 1500).unwrap();
+    let (mut log, opened) = Log::open(&d.0, key(), keys, SEGMENT_BYTES).unwrap();
     assert!(opened.torn.is_none(), "zeros are not a torn tail: {:?}", opened.torn);
     assert!(opened.sealed_after_crash.is_some());
     assert!(fs::read(&live).unwrap().ends_with(b"\n"));
@@ -341,7 +344,7 @@ fn a_torn_record_inside_the_preallocated_space_is_kept_without_the_zeros() {
     let r = check(&d).unwrap();
     assert!(r.warnings.iter().any(|w| w.contains(&format!("torn last record ({} bytes)", torn.len()))), "{:?}", r.warnings);
     let keys = PeriodKeys { dir: d.0.with_extension("keys") };
-    let (_log, opened) = Log::open(&d.0, key(), keys, 1500).unwrap();
+    let (_log, opened) = Log::open(&d.0, key(), keys, SEGMENT_BYTES).unwrap();
     let (_, n, kept) = opened.torn.expect("the torn record is reported");
     assert_eq!(n, torn.len() as u64);
     assert_eq!(fs::read(kept).unwrap(), torn);
@@ -395,7 +398,7 @@ fn callers_commit_their_own_records_and_lazy_records_still_reach_the_file() {
 /// reached the new segment: returns the new (last) segment.
 fn rotate_then_crash(d: &Dir) -> PathBuf {
     let keys = PeriodKeys { dir: d.0.with_extension("keys") };
-    let (mut log, _) = Log::open(&d.0, key(), keys, 1500).unwrap();
+    let (mut log, _) = Log::open(&d.0, key(), keys, SEGMENT_BYTES).unwrap();
     let mut i = 0;
     while segments(&d.0).unwrap().len() < 2 {
         assert!(i < 100, "the segment rotates");
@@ -421,7 +424,7 @@ fn a_crash_right_after_a_rotation_continues_the_chain_from_the_seal() {
         let r = check(&d).unwrap();
         assert_eq!(r.warnings.iter().any(|w| w.contains("torn")), name == "torn", "{name}: {:?}", r.warnings);
         let keys = PeriodKeys { dir: d.0.with_extension("keys") };
-        let (mut log, opened) = Log::open(&d.0, key(), keys, 1500).unwrap();
+        let (mut log, opened) = Log::open(&d.0, key(), keys, SEGMENT_BYTES).unwrap();
         assert_eq!(opened.torn.as_ref().map(|t| t.1), (name == "torn").then_some(torn.len() as u64), "{name}");
         assert!(opened.sealed_after_crash.is_some(), "{name}");
         log.append(kind::LIFECYCLE, json!({"event": "start"}));
@@ -438,7 +441,7 @@ fn a_crash_right_after_a_rotation_continues_the_chain_from_the_seal() {
 fn a_failed_head_write_during_rotation_still_moves_to_the_next_segment() {
     let d = dir("rotate-head");
     let keys = PeriodKeys { dir: d.0.with_extension("keys") };
-    let (mut log, _) = Log::open(&d.0, key(), keys, 1500).unwrap();
+    let (mut log, _) = Log::open(&d.0, key(), keys, SEGMENT_BYTES).unwrap();
     // A directory in the way of head.json.tmp: head.json cannot be written.
     let blocker = d.0.join(format!("{}.tmp", super::log::HEAD_FILE));
     fs::create_dir(&blocker).unwrap();
@@ -460,7 +463,7 @@ fn a_failed_head_write_during_rotation_still_moves_to_the_next_segment() {
 fn a_next_segment_that_cannot_be_opened_is_opened_by_the_next_write() {
     let d = dir("rotate-open");
     let keys = PeriodKeys { dir: d.0.with_extension("keys") };
-    let (mut log, _) = Log::open(&d.0, key(), keys, 1500).unwrap();
+    let (mut log, _) = Log::open(&d.0, key(), keys, SEGMENT_BYTES).unwrap();
     // A directory in the way of segment 2: it cannot be opened as a file.
     fs::create_dir(seg(&d, 2)).unwrap();
     let mut i = 0;
@@ -500,7 +503,7 @@ fn a_bad_record_before_good_ones_stops_the_agent_instead_of_cutting_the_log() {
     write_lines(&last, &l);
     let before = fs::read(&last).unwrap();
     let keys = PeriodKeys { dir: d.0.with_extension("keys") };
-    let err = Log::open(&d.0, key(), keys, 1500).err().expect("refused");
+    let err = Log::open(&d.0, key(), keys, SEGMENT_BYTES).err().expect("refused");
     let msg = err.to_string();
     assert!(msg.contains(&segment_name(segments(&d.0).unwrap().last().unwrap().0)) && msg.contains("line 2"), "{msg}");
     assert!(msg.contains("phigate audit verify"), "{msg}");
@@ -517,8 +520,62 @@ fn a_bad_record_before_good_ones_stops_the_agent_instead_of_cutting_the_log() {
     let torn = end + 1 - start;
     fs::write(&last, &bytes).unwrap();
     let keys = PeriodKeys { dir: d.0.with_extension("keys") };
-    let (_log, opened) = Log::open(&d.0, key(), keys, 1500).unwrap();
+    let (_log, opened) = Log::open(&d.0, key(), keys, SEGMENT_BYTES).unwrap();
     assert_eq!(opened.torn.map(|t| t.1), Some(torn as u64));
+}
+
+/// Records after the last signed head have no signature yet; after a crash the next
+/// agent seals what it finds. Their MACs (keyed by the signing key) show whether the
+/// agent wrote them: a rewrite with fresh hashes, or a record added, stops the agent
+/// instead of being sealed into the signed log.
+#[test]
+fn records_rewritten_after_a_crash_without_the_key_stop_the_agent_instead_of_being_sealed() {
+    let crashed = |name: &str| {
+        let d = dir(name);
+        write_log(&d);
+        let keys = PeriodKeys { dir: d.0.with_extension("keys") };
+        let (mut log, _) = Log::open(&d.0, key(), keys, 1 << 20).unwrap();
+        for i in 0..3 {
+            log.append(kind::STATEMENT, json!({"session": "s-2", "stmt": i, "text": format!("delete from labs where id = {i}")}));
+            log.commit().unwrap();
+        }
+        // Dropped without a seal: a crash.
+        d
+    };
+    let rewrite = |d: &Dir, edit: &dyn Fn(&mut Vec<String>)| {
+        let last = live_segment(d);
+        let mut l = lines(&last);
+        assert!(l.iter().all(|x| x.contains("\"mac\":\"")), "every record carries a MAC: {l:?}");
+        edit(&mut l);
+        write_lines(&last, &l);
+        let before = fs::read(&last).unwrap();
+        let keys = PeriodKeys { dir: d.0.with_extension("keys") };
+        let err = Log::open(&d.0, key(), keys, 1 << 20).err().map(|e| e.to_string()).unwrap_or_default();
+        assert_eq!(fs::read(&last).unwrap(), before, "nothing cut, moved or sealed");
+        err
+    };
+    // The last statement's text rewritten, its hash recomputed (no key needed for that).
+    let d = crashed("rewritten-tail");
+    let err = rewrite(&d, &|l| {
+        let r = Record::parse(l.last().unwrap()).unwrap();
+        let mut data = r.data.clone();
+        data["text"] = json!("select 1");
+        *l.last_mut().unwrap() = Record::new(r.seq, r.ts.clone(), r.prev.clone(), &r.kind, data).to_line().trim_end().to_string();
+    });
+    assert!(err.contains("does not carry this agent's MAC") && err.contains("phigate audit verify"), "{err}");
+    // A record added to the chain.
+    let d = crashed("added-to-tail");
+    let err = rewrite(&d, &|l| {
+        let r = Record::parse(l.last().unwrap()).unwrap();
+        l.push(Record::new(r.seq + 1, r.ts.clone(), r.hash.clone(), kind::LIFECYCLE, json!({"event": "stop"})).to_line().trim_end().to_string());
+    });
+    assert!(err.contains("does not carry this agent's MAC") && err.contains(&format!("line {}", lines(&live_segment(&d)).len())), "{err}");
+    // Left as the crash left it, the tail is sealed into the chain and verifies.
+    let d = crashed("untouched-tail");
+    let keys = PeriodKeys { dir: d.0.with_extension("keys") };
+    let (_log, opened) = Log::open(&d.0, key(), keys, 1 << 20).unwrap();
+    assert!(opened.sealed_after_crash.is_some());
+    assert!(check(&d).is_ok());
 }
 
 #[test]
