@@ -1055,6 +1055,9 @@ fn note_copy(facts: &mut Facts, target: &protobuf::RangeVar, values: &[&protobuf
     }
 }
 
+/// PostgreSQL's system columns: every table has them, no user column has their names.
+const SYSTEM_COLUMNS: &[&str] = &["ctid", "xmin", "xmax", "cmin", "cmax", "tableoid"];
+
 /// The column references of some conditions, for telling which relations they can
 /// refer to: a column counts as a relation's unless it is qualified by the name of
 /// another relation (of the FROM/USING list or of a subquery in the conditions).
@@ -1079,6 +1082,10 @@ impl Mentions {
             }
             // WHERE CURRENT OF c: the cursor's row.
             N::CurrentOfExpr(_) => m.unqualified = true,
+            // A system column (`ctid IS NOT NULL`, `tableoid > 0`) holds for every row
+            // alike as far as a workload's intent goes: it picks no rows by their data.
+            N::ColumnRef(c)
+                if c.fields.last().is_some_and(|f| matches!(f.node.as_ref(), Some(NodeEnum::String(s)) if SYSTEM_COLUMNS.contains(&s.sval.as_str()))) => {}
             N::ColumnRef(c) => match c.fields.len().checked_sub(2).map(|i| c.fields[i].node.as_ref()) {
                 Some(Some(NodeEnum::String(q))) => {
                     m.qualifiers.insert(q.sval.clone());
