@@ -627,6 +627,23 @@ fn same_expr_of(a: &protobuf::Node, b: &protobuf::Node, consts: &mut bool) -> bo
     }
 }
 
+/// Whether `c` is a COALESCE that is `e` itself whenever its arguments before `e` are
+/// NULL, and those may be NULL without regard to the row: `coalesce($1, id) = id`, the
+/// optional filter that keeps every row when the parameter is bound to NULL.
+fn falls_back_to(c: &protobuf::Node, e: &protobuf::Node, facts: &mut Facts) -> bool {
+    let Some(NodeEnum::CoalesceExpr(c)) = inner_value(c).node.as_ref() else { return false };
+    for a in &c.args {
+        if same_expr(a, e, &mut facts.literal_sensitive) {
+            return true;
+        }
+        // A constant that is not NULL ends the fallback; a column may hold anything.
+        if !row_independent(a) || const_value(a).is_some() {
+            return false;
+        }
+    }
+    false
+}
+
 /// A constant's value for comparisons: a number or a string.
 #[derive(Debug, PartialEq, PartialOrd)]
 enum Scalar {
@@ -760,11 +777,19 @@ fn always_true(n: &protobuf::Node, facts: &mut Facts) -> bool {
             let (Some(l), Some(r)) = (e.lexpr.as_deref(), e.rexpr.as_deref()) else { return false };
             match K::try_from(e.kind) {
                 Ok(K::AexprOp) if matches!(op, Some("=" | "<=" | ">=")) => {
-                    same_expr(l, r, &mut facts.literal_sensitive) || (op == Some("=") && compared_with_bool(l, r, true, true, facts))
+                    same_expr(l, r, &mut facts.literal_sensitive)
+                        || falls_back_to(l, r, facts)
+                        || falls_back_to(r, l, facts)
+                        || (op == Some("=") && compared_with_bool(l, r, true, true, facts))
                 }
                 // `(cond) <> false`: the condition itself; `(cond) <> true`: its negation.
                 Ok(K::AexprOp) if matches!(op, Some("<>" | "!=")) => compared_with_bool(l, r, false, true, facts),
-                Ok(K::AexprNotDistinct) => same_expr(l, r, &mut facts.literal_sensitive) || compared_with_bool(l, r, true, true, facts),
+                Ok(K::AexprNotDistinct) => {
+                    same_expr(l, r, &mut facts.literal_sensitive)
+                        || falls_back_to(l, r, facts)
+                        || falls_back_to(r, l, facts)
+                        || compared_with_bool(l, r, true, true, facts)
+                }
                 Ok(K::AexprDistinct) => compared_with_bool(l, r, false, true, facts),
                 // `id IN (…, id, …)`, `id = ANY(ARRAY[…, id, …])`, `(cond) IN (true)`.
                 Ok(K::AexprIn | K::AexprOpAny) if op == Some("=") => {
