@@ -82,6 +82,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let workers = config.agent.workers;
     let mut per_worker: Vec<Vec<BoundListener>> = (0..workers).map(|_| Vec::new()).collect();
     let mut bound = Vec::new();
+    // (slot, socket) of each database's listener per family: the kernel's sign that
+    // an agent listens (see publish_listeners).
+    let mut listening = Vec::new();
     for (i, db) in config.databases.iter().enumerate() {
         let l4 = net::bind_group(SocketAddr::V4(db.listen), i as u32, workers)
             .with_context(|| format!("{}: database[{i}].listen: cannot listen on {}", config.path.display(), db.listen))?;
@@ -93,6 +96,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             None => None,
         };
         bound.push((l4[0].addr().0, l6.as_ref().map(|g| g[0].addr().0)));
+        listening.push((phigate_common::listener_slot(i as u32, false), l4[0].raw_fd()));
+        if let Some(g) = &l6 {
+            listening.push((phigate_common::listener_slot(i as u32, true), g[0].raw_fd()));
+        }
         for (w, l) in l4.into_iter().enumerate() {
             per_worker[w].push(l);
         }
@@ -123,11 +130,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     let state = Arc::new(KernelState::open(&layout)?);
     let flags = if config.agent.deny_raw_sockets { setting::DENY_RAW_SOCKETS } else { 0 };
-    state.set_settings(Settings { agent_tgid: pid, flags, abi_version: ABI_VERSION, _pad: 0 })?;
+    let agent_netns_cookie = net::own_netns_cookie().context("reading the agent's network namespace cookie (SO_NETNS_COOKIE, Linux 5.14)")?;
+    state.set_settings(Settings { agent_tgid: pid, flags, abi_version: ABI_VERSION, _pad: 0, agent_netns_cookie })?;
     // Runtime protections from before this start must not cover the agent either.
     let existing = protection::entries(&state)?;
     protection::check_agent_not_covered(&own, existing.iter().map(|e| (e.cgroup.clone(), e.cgroup_id)), pid, &cgroups)?;
     protection::sync_config_rules(&state, &rules)?;
+    state.publish_listeners(&listening)?;
     state.sync_databases(&protection::database_entries(&config, &bound))?;
     // From here on connects are redirected to this agent's listeners; records from
     // before are of connects no listener took (see forget_records_before).
@@ -685,6 +694,8 @@ fn reason_name(r: u32) -> &'static str {
         reason::NO_LISTENER_FAMILY => "no interceptor listener for this address family",
         reason::NO_STORAGE => "no socket storage for the record",
         reason::NOT_REDIRECTED => "not redirected",
+        reason::OTHER_NETNS => "made in another network namespace than the agent's",
+        reason::NO_AGENT => "no agent listens for this database",
         _ => "unspecified",
     }
 }

@@ -21,7 +21,7 @@
 
 /// Version of the map layout. Pinned maps from another layout are never reused: the
 /// agent refuses to start and says to run `phigate detach` first.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 
 /// Deepest cgroup level the kernel programs inspect when they walk a socket's cgroup
 /// ancestry. A bounded loop is what the verifier accepts; Kubernetes pods sit at level
@@ -43,8 +43,9 @@ pub mod maps {
     pub const SETTINGS: &str = "PG_SETTINGS";
     pub const COUNTERS: &str = "PG_COUNTERS";
     pub const EVENTS: &str = "PG_EVENTS";
+    pub const LISTENERS: &str = "PG_LISTENERS";
 
-    pub const ALL: [&str; 8] = [PROTECTED_CGROUPS, DB4, DB6, ORIG_DST, SOCK_RECORD, SETTINGS, COUNTERS, EVENTS];
+    pub const ALL: [&str; 9] = [PROTECTED_CGROUPS, DB4, DB6, ORIG_DST, SOCK_RECORD, SETTINGS, COUNTERS, EVENTS, LISTENERS];
 
     pub const PROTECTED_CGROUPS_MAX: u32 = 4096;
     pub const DB_PREFIXES_MAX: u32 = 1024;
@@ -52,6 +53,14 @@ pub mod maps {
     /// that connections the agent never accepts (client reset first, agent down) age out.
     pub const ORIG_DST_MAX: u32 = 65536;
     pub const EVENTS_BYTES: u32 = 256 * 1024;
+    /// The agent's listening sockets: one per database and address family, at
+    /// [`super::listener_slot`].
+    pub const LISTENERS_MAX: u32 = 2 * DB_PREFIXES_MAX;
+}
+
+/// Where a database's listener of one family sits in the `PG_LISTENERS` socket map.
+pub const fn listener_slot(db_index: u32, ipv6: bool) -> u32 {
+    db_index * 2 + ipv6 as u32
 }
 
 /// Names of the kernel programs (their function names in `phigate-ebpf`).
@@ -202,6 +211,12 @@ pub struct Settings {
     /// [`ABI_VERSION`] of whoever wrote the maps.
     pub abi_version: u32,
     pub _pad: u32,
+    /// The network namespace (cookie) the agent listens in. Redirects go to a loopback
+    /// address, which reaches the agent only from its own namespace: a protected
+    /// connect from any other is refused rather than carried to whoever listens on
+    /// that address there. 0 until an agent has started: every protected connect is
+    /// refused.
+    pub agent_netns_cookie: u64,
 }
 
 /// Flags of [`Settings`].
@@ -250,6 +265,12 @@ pub mod reason {
     /// The packet did not carry the redirect (raw socket, socket connected before
     /// protection, or any other path around connect4/6).
     pub const NOT_REDIRECTED: u32 = 4;
+    /// The connect was made in another network namespace than the agent's, where the
+    /// interceptor's loopback address does not reach it.
+    pub const OTHER_NETNS: u32 = 5;
+    /// No agent listens for the database (stopped, crashed, not started yet): the
+    /// redirect target is a free address any process could listen on.
+    pub const NO_AGENT: u32 = 6;
 }
 
 /// A report from the kernel programs through the `PG_EVENTS` ring buffer.
@@ -302,6 +323,6 @@ const _: () = {
     assert!(core::mem::size_of::<DbTarget>() == 64);
     assert!(core::mem::size_of::<OrigDstKey>() == 32);
     assert!(core::mem::size_of::<ConnectRecord>() == 96);
-    assert!(core::mem::size_of::<Settings>() == 16);
+    assert!(core::mem::size_of::<Settings>() == 24);
     assert!(core::mem::size_of::<Event>() == 80);
 };

@@ -35,15 +35,15 @@ use aya_ebpf::{
     btf_maps::SkStorage,
     helpers::generated::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_get_socket_uid, bpf_ktime_get_ns,
-        bpf_sk_storage_get, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
+        bpf_map_lookup_elem, bpf_sk_release, bpf_sk_storage_get, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
     },
     helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid},
     macros::{btf_map, cgroup_skb, cgroup_sock, cgroup_sock_addr, map, sock_ops},
-    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, SockMap},
     programs::{SkBuffContext, SockAddrContext, SockContext, SockOpsContext},
 };
 use phigate_common::{
-    counter, event, maps as m, reason, setting, target, ConnectRecord, Db4Key, Db6Key, DbTarget, Event, OrigDstKey, ProtectedCgroup, Settings, AF_INET,
+    counter, event, listener_slot, maps as m, reason, setting, target, ConnectRecord, Db4Key, Db6Key, DbTarget, Event, OrigDstKey, ProtectedCgroup, Settings, AF_INET,
     AF_INET6, COMM_LEN, MAX_CGROUP_DEPTH,
 };
 
@@ -92,6 +92,14 @@ static PG_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::CO
 #[map(name = "PG_EVENTS")]
 static PG_EVENTS: RingBuf = RingBuf::with_byte_size(m::EVENTS_BYTES, 0);
 
+/// The agent's listening socket per database and family ([`listener_slot`]). The
+/// kernel takes a socket out of the map when it closes — when the agent stops or
+/// dies — so connect4/6 know whether an agent listens: with none, a protected connect
+/// is refused at once (EPERM) instead of going to the now free address, where any
+/// process could listen and be handed the workload's connection and password.
+#[map(name = "PG_LISTENERS")]
+static PG_LISTENERS: SockMap = SockMap::with_max_entries(m::LISTENERS_MAX, 0);
+
 /// The connection record lives with the socket: it is freed with the socket (no leak
 /// for connects that never complete), getpeername finds it without any key, and a
 /// socket that was never redirected has none — which is how getpeername and sock_ops
@@ -124,9 +132,12 @@ fn is_protected(id: u64) -> bool {
 }
 
 /// The protected cgroup governing the calling task: its own cgroup or the nearest
-/// protected ancestor. Used where a task context exists (connect, socket creation).
-/// The loop is bounded by MAX_CGROUP_DEPTH because the verifier must see it end; the
-/// agent refuses to protect anything deeper.
+/// protected ancestor (a pod protected under a protected slice is the pod's identity,
+/// and its containers' processes sit in child cgroups of the pod). Used where a task
+/// context exists (connect, socket creation). Ancestors are numbered from the root
+/// (level 0) down, so the walk goes on past a match and keeps the deepest. The loop
+/// is bounded by MAX_CGROUP_DEPTH because the verifier must see it end; the agent
+/// refuses to protect anything deeper.
 #[inline(always)]
 fn task_protected_cgroup() -> Option<u64> {
     // SAFETY: helpers without pointer arguments.
@@ -134,19 +145,27 @@ fn task_protected_cgroup() -> Option<u64> {
     if is_protected(own) {
         return Some(own);
     }
+    // An id, not an Option: LLVM turned "matched in some iteration" into an OR of
+    // the map lookups' pointers, which the verifier rejects (bitwise operation on a
+    // pointer); keeping the matched id itself leaves it a plain choice between ids.
+    let mut nearest: u64 = 0;
     let mut level = 0;
     while level <= MAX_CGROUP_DEPTH {
         let id = unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) };
         if id == 0 {
             // Past the task's own level: no more ancestors.
-            return None;
+            break;
         }
         if is_protected(id) {
-            return Some(id);
+            nearest = id;
         }
         level += 1;
     }
-    None
+    if nearest == 0 {
+        None
+    } else {
+        Some(nearest)
+    }
 }
 
 /// Like [`task_protected_cgroup`] but for the cgroup a packet's socket was created in.
@@ -159,18 +178,24 @@ fn skb_protected_cgroup(skb: *mut aya_ebpf::bindings::__sk_buff) -> Option<(u64,
     if is_protected(own) {
         return Some((own, own));
     }
+    // As in task_protected_cgroup: the deepest protected ancestor, kept as an id.
+    let mut nearest: u64 = 0;
     let mut level = 0;
     while level <= MAX_CGROUP_DEPTH {
         let id = unsafe { bpf_skb_ancestor_cgroup_id(skb, level as i32) };
         if id == 0 {
-            return None;
+            break;
         }
         if is_protected(id) {
-            return Some((own, id));
+            nearest = id;
         }
         level += 1;
     }
-    None
+    if nearest == 0 {
+        None
+    } else {
+        Some((own, nearest))
+    }
 }
 
 #[inline(always)]
@@ -232,6 +257,33 @@ fn refuse_connect(why: u32, protected: u64, addr: [u8; 16], port: u16) -> i32 {
     let own = unsafe { bpf_get_current_cgroup_id() };
     report(event::CONNECT_REFUSED, why, own, protected, addr, port);
     REFUSE
+}
+
+/// Whether an agent listens for the database on the family the redirect goes to.
+#[inline(always)]
+fn agent_listening(db_index: u32, ipv6: bool) -> bool {
+    let slot = listener_slot(db_index, ipv6);
+    // SAFETY: a lookup in a socket map returns a referenced socket or null; the
+    // reference is released at once (the verifier insists), only its presence counts.
+    unsafe {
+        let sk = bpf_map_lookup_elem(ptr::addr_of!(PG_LISTENERS) as *mut c_void, ptr::addr_of!(slot) as *const c_void);
+        if sk.is_null() {
+            return false;
+        }
+        bpf_sk_release(sk as *mut _);
+    }
+    true
+}
+
+/// Whether the connect is made in the agent's network namespace. The redirect target
+/// is a loopback address: from another namespace (a pod's) it reaches whatever listens
+/// there, never the agent, so such a connect is refused instead.
+#[inline(always)]
+fn in_agent_netns(ctx: &SockAddrContext) -> bool {
+    // SAFETY: the helper takes the program's context pointer.
+    let own = unsafe { bpf_get_netns_cookie(ctx.sock_addr as *mut c_void) };
+    let agent = settings().agent_netns_cookie;
+    agent != 0 && own == agent
 }
 
 /// Fill the socket's connection record. Returns false if storage could not be had.
@@ -299,6 +351,12 @@ fn try_connect4(ctx: &SockAddrContext) -> i32 {
     if db.flags & target::HAS_V4 == 0 {
         return refuse_connect(reason::NO_LISTENER_FAMILY, protected, orig, port);
     }
+    if !agent_listening(db.db_index, false) {
+        return refuse_connect(reason::NO_AGENT, protected, orig, port);
+    }
+    if !in_agent_netns(ctx) {
+        return refuse_connect(reason::OTHER_NETNS, protected, orig, port);
+    }
     if !remember(ctx, orig, port, AF_INET, protected, db.db_index) {
         return refuse_connect(reason::NO_STORAGE, protected, orig, port);
     }
@@ -339,6 +397,12 @@ fn try_connect6(ctx: &SockAddrContext) -> i32 {
         if db.flags & target::HAS_V4 == 0 {
             return refuse_connect(reason::NO_LISTENER_FAMILY, protected, orig, port);
         }
+        if !agent_listening(db.db_index, false) {
+            return refuse_connect(reason::NO_AGENT, protected, orig, port);
+        }
+        if !in_agent_netns(ctx) {
+            return refuse_connect(reason::OTHER_NETNS, protected, orig, port);
+        }
         if !remember(ctx, orig, port, AF_INET6, protected, db.db_index) {
             return refuse_connect(reason::NO_STORAGE, protected, orig, port);
         }
@@ -363,6 +427,12 @@ fn try_connect6(ctx: &SockAddrContext) -> i32 {
     }
     if db.flags & target::HAS_V6 == 0 {
         return refuse_connect(reason::NO_LISTENER_FAMILY, protected, addr, port);
+    }
+    if !agent_listening(db.db_index, true) {
+        return refuse_connect(reason::NO_AGENT, protected, addr, port);
+    }
+    if !in_agent_netns(ctx) {
+        return refuse_connect(reason::OTHER_NETNS, protected, addr, port);
     }
     if !remember(ctx, addr, port, AF_INET6, protected, db.db_index) {
         return refuse_connect(reason::NO_STORAGE, protected, addr, port);

@@ -666,3 +666,55 @@ fn always_true_conditions_of_a_third_review_delete_every_row() {
     }
     assert!(emptied.is_empty(), "labs emptied through phigate by: {emptied:#?}");
 }
+
+#[test]
+fn a_workload_in_a_nested_protected_cgroup_cannot_approve_its_own_request() {
+    if skip("a_workload_in_a_nested_protected_cgroup_cannot_approve_its_own_request") {
+        return;
+    }
+    // Found by a review (it failed before the fix): with nested protected cgroups (/agent = care-agent, and inside
+    // it /agent/inner = helper-agent), the kernel names a process in /agent/inner/c by the
+    // OUTERMOST protected ancestor (care-agent: task_protected_cgroup walks ancestors
+    // from the root down), while the admin API names the same process by the NEAREST one
+    // (caller_workload walks up from its own cgroup: helper-agent). The self-approval
+    // rule compares those names, so one process (one cgroup, even) whose statement is
+    // held as care-agent approves it itself.
+    let dir = std::env::temp_dir().join(unique("phigate-policy"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let pg = PgServer::start(PgOptions::default()).expect("PostgreSQL starts");
+    pg.psql_admin("postgres", SETUP_SQL).expect("schema");
+    let cg = TestCgroup::new();
+    cg.child("agent/inner/c");
+    let mut cfg = AgentConfig::new(&cg)
+        .database(DbSpec::new("clinical", &["127.0.0.2/32"], pg.port(), pg.socket_addr()))
+        .protect(&format!("{}/agent", cg.rel()), "care-agent")
+        .protect(&format!("{}/agent/inner", cg.rel()), "helper-agent")
+        .identity(IdentitySpec::workload("care-agent", "clinical", "postgres"))
+        .identity(IdentitySpec::workload("helper-agent", "clinical", "postgres"));
+    cfg.extra = "[policy]\nphi_tables = [\"public.patients\", \"public.encounters\"]\nunbounded_read_limit = 1000\napproval_timeout_secs = 30\n".into();
+    let agent = Agent::start(&cfg).expect("agent starts");
+    let e = Env { agent, cg, pg, dir };
+
+    let mut cmd = Command::new(pg_bin("psql"));
+    cmd.args(["-h", "127.0.0.2", "-p", &e.pg.port().to_string(), "-U", "agent", "-d", "postgres", "-XAtq", "-c", "select * from encounters"])
+        .env("PGSSLMODE", "disable")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    run_in(&mut cmd, &e.cg.child_dir("agent/inner/c"));
+    let child = cmd.spawn().expect("psql starts");
+    let req = wait_pending(&e);
+    let id = req["id"].to_string();
+    // The requester's own cgroup asks to approve.
+    let o = approvals(&e, &["approve", &id, "--reason", "I approve myself"], Some("agent/inner/c"));
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        !o.status.success(),
+        "a process in /agent/inner/c approved request {id}, held for identity {} made by a process in that same cgroup (stdout {}, stderr {}); the query then returned {} rows",
+        req["requester"]["identity"],
+        String::from_utf8_lossy(&o.stdout).trim(),
+        String::from_utf8_lossy(&o.stderr).trim(),
+        String::from_utf8_lossy(&out.stdout).lines().count()
+    );
+    assert!(String::from_utf8_lossy(&o.stderr).contains("self-approval refused"), "{}", String::from_utf8_lossy(&o.stderr));
+}

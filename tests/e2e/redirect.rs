@@ -2,7 +2,7 @@
 //! they use; everything else is left alone. Real PostgreSQL, real eBPF programs on
 //! test-owned cgroups, the real `phigate` binary, real clients.
 
-use std::{net::SocketAddrV4, process::Command, time::Duration};
+use std::{net::SocketAddrV4, os::unix::process::CommandExt, process::Command, time::Duration};
 
 use phigate_tests::{
     agent::{DbSpec, IdentitySpec},
@@ -303,7 +303,8 @@ fn agent_sigkill_refuses_new_connections_and_restart_adopts_pinned_state() {
     for _ in 0..5 {
         let v = probe(Some(&prot), &["connect", &db(&s)]);
         assert_eq!(v["connect"], "error", "with the agent dead, protected connects must fail: {v}");
-        assert_eq!(v["errno"], libc::ECONNREFUSED, "{v}");
+        // At connect, in the kernel: no agent's socket is in the listener map.
+        assert_eq!(v["errno"], libc::EPERM, "{v}");
     }
     // Unprotected workloads are unaffected.
     assert_reached_pg(&probe(Some(&s.cg.child_dir("unprot")), &["connect", &db(&s)]));
@@ -438,9 +439,10 @@ fn a_record_left_by_a_refused_protected_connect_does_not_identify_another_proces
     if skip("a_record_left_by_a_refused_protected_connect_does_not_identify_another_process") {
         return;
     }
-    // Found by a review: the kernel's record is keyed only by the client's netns, address
-    // and port, and a connect that is never accepted (here: refused while the agent
-    // is down, as the README says happens) leaves its record in the pinned LRU map.
+    // Found by a review (it failed before the fix): the kernel's record is keyed only by the client's netns, address
+    // and port, and a connect that is never accepted (here: made while the agent is
+    // down; it was refused by the closed port then, and is refused in connect4 now)
+    // left its record in the pinned LRU map.
     // Any process in that network namespace that later connects straight to the
     // listener from the same address and port is then taken for the protected
     // workload and gets its session.
@@ -451,7 +453,7 @@ fn a_record_left_by_a_refused_protected_connect_does_not_identify_another_proces
     let from = format!("127.0.0.1:{sport}");
     let v = probe(Some(&prot), &["connect-from", &db(&s), &from]);
     assert_eq!(v["connect"], "error", "with the agent dead, the protected connect fails: {v}");
-    assert_eq!(v["errno"], libc::ECONNREFUSED, "{v}");
+    assert_eq!(v["errno"], libc::EPERM, "{v}");
     let protected_pid = pid(&v);
 
     s.agent.spawn_and_wait().expect("agent restarts");
@@ -563,4 +565,219 @@ fn a_record_of_a_protected_connect_that_never_reached_the_agent_does_not_identif
     let refused = s.agent.events_named("refused connection").into_iter().find(|e| e["error"].as_str().is_some_and(|m| m.contains(&client)));
     let why = refused.as_ref().and_then(|e| e["error"].as_str()).unwrap_or_default();
     assert!(why.contains("is not the one the kernel's redirect record was made for"), "the agent says why it refused {client}: {refused:?}");
+}
+
+#[test]
+fn nested_protected_cgroups_name_the_nearest_identity() {
+    if skip("nested_protected_cgroups_name_the_nearest_identity") {
+        return;
+    }
+    // Found by a review (it failed before the fix): with one protected cgroup inside another (a broad identity for
+    // a slice, a narrower one for a workload in it: the natural Kubernetes layout is a
+    // protected namespace/QoS slice with protected pods inside, whose processes always
+    // live in child cgroups, one per container), the kernel's
+    // task_protected_cgroup() checks the task's own cgroup and then walks the
+    // ancestors from the ROOT down (bpf_get_current_ancestor_cgroup_id(0) is the root),
+    // so it returns the OUTERMOST protected ancestor, not "the nearest protected
+    // ancestor" its comment promises (and that the admin API's caller_workload uses).
+    // A process in a child cgroup of the inner protected cgroup is served as the outer
+    // identity: it gets the outer identity's role, policy and masking instead of its own.
+    let s = setup_with(|c, _, cg| {
+        cg.child("prot/inner/container");
+        c.protect(&format!("{}/prot", cg.rel()), "billing-agent").protect(&format!("{}/prot/inner", cg.rel()), "restricted-agent")
+    });
+    // Control: a process in the inner protected cgroup itself is the inner identity.
+    let v = probe(Some(&s.cg.child_dir("prot/inner")), &["connect", &db(&s)]);
+    assert_reached_pg(&v);
+    let rec = s.agent.accepted_for_pid(pid(&v)).expect("went through the agent");
+    assert_eq!(rec["identity"], "restricted-agent", "{rec}");
+    // The same workload's process one level down (a container cgroup of the pod).
+    let v = probe(Some(&s.cg.child_dir("prot/inner/container")), &["connect", &db(&s)]);
+    assert_reached_pg(&v);
+    let rec = s.agent.accepted_for_pid(pid(&v)).expect("went through the agent");
+    assert_eq!(
+        rec["identity"], "restricted-agent",
+        "a process in /prot/inner/container (nearest protected cgroup /prot/inner = restricted-agent) was served as the outer identity: {rec}"
+    );
+    assert_eq!(rec["protected_cgroup_id"], s.cg.child_id("prot/inner"), "{rec}");
+}
+
+#[test]
+fn a_process_listening_on_the_port_of_a_dead_agent_gets_no_protected_connection() {
+    if skip("a_process_listening_on_the_port_of_a_dead_agent_gets_no_protected_connection") {
+        return;
+    }
+    // Found by a review (it failed before the fix): the README promises "If the agent is down, protected
+    // connections are refused, never routed around it: the pinned kernel programs keep
+    // redirecting to a listener that is not there." The pinned programs redirect to an
+    // address and port, not to the agent's socket: once the agent is gone, any
+    // unprivileged process on the node can listen on that (unprivileged, >1024) port
+    // (the demo's is fixed: 127.0.0.1:15432) and every protected workload's connection
+    // goes to it. It plays the database: it receives the workload's statements and its
+    // password or OIDC token (asked for in cleartext here) and answers what it likes.
+    // With a fixed listen port the restarted agent cannot even bind it again.
+    let mut s = setup();
+    let listen = s.agent.listen_addr().expect("listener address logged").to_string();
+    s.agent.kill9();
+    // An unprivileged process (nobody) takes the port.
+    let mut squatter = Command::new(phigate_tests::probe::probe_bin())
+        .args(["squat", &listen, "8"])
+        .uid(65534)
+        .gid(65534)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("phigate-probe runs");
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(squatter.stdout.as_mut().expect("piped")), &mut line).expect("squatter reports");
+    let listening: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad squatter line {line:?}: {e}"));
+    assert_eq!(listening["listening"], "ok", "{listening}");
+    assert_eq!(listening["uid"], 65534, "{listening}");
+    // A protected workload connects to its database, as usual, with its password.
+    let mut psql = Command::new(phigate_tests::pg::pg_bin("psql"));
+    psql.args(["-h", "127.0.0.2", "-p", &s.pg.port().to_string(), "-U", "postgres", "-d", "postgres", "-XAtq", "-c", "select 1"])
+        .env("PGPASSWORD", "workload-secret-token")
+        .env("PGSSLMODE", "disable")
+        .env("PGGSSENCMODE", "disable")
+        .env("PGCONNECT_TIMEOUT", "5")
+        .stdin(std::process::Stdio::null());
+    phigate_tests::cgroup::run_in(&mut psql, &s.cg.child_dir("prot"));
+    let out = psql.output().expect("psql runs");
+    assert!(!out.status.success(), "psql cannot have succeeded");
+    let squatted = squatter.wait_with_output().expect("squatter finishes");
+    let text = String::from_utf8_lossy(&squatted.stdout);
+    let report: Value = serde_json::from_str(text.lines().last().unwrap_or("")).unwrap_or_else(|e| panic!("squatter printed no JSON ({e}): {text}"));
+    assert!(
+        report["accepted"].is_null(),
+        "with the agent down, a protected workload's connection was carried to an unprivileged process listening on the agent's port {listen}; it got {report} (psql said: {})",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+}
+
+#[test]
+fn a_reset_connection_left_in_the_accept_queue_is_not_served_as_the_next_socket_on_its_port() {
+    if skip("a_reset_connection_left_in_the_accept_queue_is_not_served_as_the_next_socket_on_its_port") {
+        return;
+    }
+    // Found by a review (it failed before the fix): the cookie check asks the kernel which socket now holds the
+    // client END of the accepted connection's tuple, not whether the accepted
+    // connection is that socket's connection. An unprotected process connects to the
+    // listener from a port, sends a StartupMessage of its own and resets: its
+    // connection stays in the accept queue (closed, its bytes still readable), and the
+    // tuple is free at once (a reset leaves no TIME_WAIT). The next protected connect
+    // from that port (here: bound to it; the kernel picks it when the attacker holds
+    // every other port, or by chance) publishes its record and takes the free tuple.
+    // When the agent gets to the queue (here it is stopped; busy or starting, it is
+    // behind), it accepts the attacker's dead connection first, finds the workload's
+    // fresh record and the workload's live socket at the client end (cookies equal),
+    // and serves the ATTACKER's startup as the workload: it logs in to the database
+    // as the workload's role with the attacker's parameters, then the workload's own
+    // connection is refused for want of a record.
+    let s = setup();
+    let agent_pid = s.agent.pid().expect("agent runs") as i32;
+    let listen = s.agent.listen_addr().expect("listener address logged").to_string();
+    let sport = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let from = format!("127.0.0.1:{sport}");
+    // Both clients on CPU 0, so their SYNs reach the same listener of the agent's
+    // group (it steers by CPU) and queue in order.
+    let on_cpu0 = |cmd: &mut Command| {
+        // SAFETY: only sched_setaffinity between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                let mut set: libc::cpu_set_t = std::mem::zeroed();
+                libc::CPU_SET(0, &mut set);
+                libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+                Ok(())
+            });
+        }
+    };
+    struct Resume(i32);
+    impl Drop for Resume {
+        fn drop(&mut self) {
+            // SAFETY: signalling the agent process this test started.
+            unsafe { libc::kill(self.0, libc::SIGCONT) };
+        }
+    }
+    // SAFETY: stopping the agent process this test started.
+    unsafe { libc::kill(agent_pid, libc::SIGSTOP) };
+    let resume = Resume(agent_pid);
+    let mut plant = Command::new(phigate_tests::probe::probe_bin());
+    plant.args(["plant", &listen, &from]).stdin(std::process::Stdio::null());
+    phigate_tests::cgroup::run_in(&mut plant, &s.cg.child_dir("unprot"));
+    on_cpu0(&mut plant);
+    let planted = plant.output().expect("probe runs");
+    let planted: Value = serde_json::from_slice(&planted.stdout).unwrap_or_else(|e| panic!("plant printed no JSON ({e})"));
+    assert_eq!(planted["connect"], "ok", "{planted}");
+    assert_eq!(planted["sent"], true, "{planted}");
+    let planted_name = planted["application_name"].as_str().expect("name").to_string();
+    // The protected workload connects to its database from the same port.
+    let mut victim = Command::new(phigate_tests::probe::probe_bin());
+    victim.args(["connect-from", &db(&s), &from]).stdin(std::process::Stdio::null()).stdout(std::process::Stdio::piped());
+    phigate_tests::cgroup::run_in(&mut victim, &s.cg.child_dir("prot"));
+    on_cpu0(&mut victim);
+    let victim = victim.spawn().expect("probe runs");
+    std::thread::sleep(Duration::from_millis(500));
+    drop(resume);
+    let out = victim.wait_with_output().expect("probe finishes");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("victim printed no JSON ({e})"));
+    let victim_pid = pid(&v);
+    std::thread::sleep(Duration::from_millis(500));
+    let authorized: Vec<String> = s.pg.log().lines().filter(|l| l.contains(&planted_name)).map(String::from).collect();
+    let accepted: Vec<Value> = s.agent.events_named("connection accepted").into_iter().filter(|e| e["pid"] == victim_pid).collect();
+    let refused: Vec<Value> = s.agent.events_named("refused connection");
+    assert!(
+        authorized.is_empty(),
+        "the unprotected process's startup (application_name {planted_name}) was served as the protected workload (pid {victim_pid}): the database saw {authorized:?}; agent accepted {accepted:?}; refused {refused:?}; the workload got {v}"
+    );
+    assert_eq!(v["pg"], "R", "the workload's own connection is served: {v}; refused {refused:?}");
+}
+
+#[test]
+fn a_protected_connect_in_another_network_namespace_is_refused_not_carried_to_whoever_listens_there() {
+    if skip("a_protected_connect_in_another_network_namespace_is_refused_not_carried_to_whoever_listens_there") {
+        return;
+    }
+    // Found by a review (it failed before the fix): the redirect rewrites the destination to the listener's
+    // ADDRESS, which a protected workload in a network namespace of its own (a pod, a
+    // container) resolves in that namespace, where the agent does not listen. Whoever
+    // does, while the agent is up and well, gets the workload's database connection
+    // (statements, password or token): here an unprotected process in the same
+    // namespace (a sidecar) listening on 127.0.0.1:<the agent's port>. Nothing marks the
+    // redirect as phigate's own (the listener socket is not checked), and no record can
+    // ever be matched there (the agent keys records by its own namespace's cookie), so
+    // such a connect can only be refused or hijacked.
+    let s = setup();
+    let listen = s.agent.listen_addr().expect("listener address logged").to_string();
+    struct Netns(String);
+    impl Drop for Netns {
+        fn drop(&mut self) {
+            let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+        }
+    }
+    let ns = Netns(format!("phigate-rev-{}", std::process::id()));
+    assert!(Command::new("ip").args(["netns", "add", &ns.0]).status().expect("ip runs").success(), "ip netns add");
+    assert!(Command::new("ip").args(["netns", "exec", &ns.0, "ip", "link", "set", "lo", "up"]).status().expect("ip runs").success());
+    let in_ns = |args: &[&str], cgroup: &str| {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &ns.0]).arg(phigate_tests::probe::probe_bin()).args(args).stdin(std::process::Stdio::null());
+        phigate_tests::cgroup::run_in(&mut cmd, &s.cg.child_dir(cgroup));
+        cmd
+    };
+    let mut squatter = in_ns(&["squat", &listen, "8"], "unprot").stdout(std::process::Stdio::piped()).spawn().expect("squatter starts");
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(squatter.stdout.as_mut().expect("piped")), &mut line).expect("squatter reports");
+    assert!(line.contains("\"listening\":\"ok\""), "{line}");
+    let out = in_ns(&["connect", &db(&s)], "prot").output().expect("probe runs");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("probe printed no JSON ({e})"));
+    let squatted = squatter.wait_with_output().expect("squatter finishes");
+    let text = String::from_utf8_lossy(&squatted.stdout);
+    let report: Value = serde_json::from_str(text.lines().last().unwrap_or("")).unwrap_or_else(|e| panic!("squatter printed no JSON ({e}): {text}"));
+    assert!(
+        report["accepted"].is_null(),
+        "with the agent running, a protected workload's connect in another network namespace was carried to an unprotected process listening there on {listen}: it got {report}; the workload saw {v}"
+    );
+    // It is refused at connect, and reported.
+    assert_eq!((&v["connect"], &v["errno"]), (&Value::from("error"), &Value::from(libc::EPERM)), "{v}");
+    let ev = phigate_tests::wait_for(Duration::from_secs(5), || s.agent.events().into_iter().find(|e| e["kind"] == "connect_refused"));
+    assert_eq!(ev.expect("the refused connect is reported")["reason"], "made in another network namespace than the agent's");
 }

@@ -879,13 +879,25 @@ impl Validator<'_> {
 }
 
 fn parse_prefix(s: &str) -> Result<IpNet, String> {
-    if let Ok(net) = s.parse::<IpNet>() {
+    let net = if let Ok(net) = s.parse::<IpNet>() {
         if net.network() != net.addr() {
             return Err(format!("{s} has host bits set (did you mean {}?)", net.trunc()));
         }
-        return Ok(net);
+        net
+    } else {
+        s.parse::<IpAddr>().map(IpNet::from).map_err(|_| format!("{s:?} is not an IP address or prefix"))?
+    };
+    // `::ffff:a.b.c.d` is an IPv4 address to the kernel (a dual-stack socket connecting
+    // there makes an IPv4 connection, judged against the IPv4 databases): written as
+    // IPv6 it would protect nothing.
+    match net {
+        // (A shorter prefix with the mapped form's bits has host bits set: refused above.)
+        IpNet::V6(v6) => match v6.addr().to_ipv4_mapped() {
+            Some(v4) if v6.prefix_len() >= 96 => Ok(IpNet::V4(ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96).expect("invariant: at most 32"))),
+            _ => Ok(net),
+        },
+        IpNet::V4(_) => Ok(net),
     }
-    s.parse::<IpAddr>().map(IpNet::from).map_err(|_| format!("{s:?} is not an IP address or prefix"))
 }
 
 /// A cgroup path as written in configuration or on the command line.
@@ -973,6 +985,15 @@ create = true
     fn host_bits_in_prefix_are_rejected() {
         let e = err(&GOOD.replace("127.0.0.2/32", "127.0.0.2/24"));
         assert!(e.contains("did you mean 127.0.0.0/24"), "{e}");
+    }
+
+    #[test]
+    fn ipv4_mapped_ipv6_prefixes_are_ipv4_prefixes() {
+        // Written as IPv6 they would go to the IPv6 table, which IPv4 connections
+        // (dual-stack ones to ::ffff:a.b.c.d included) never consult.
+        assert_eq!(parse_prefix("::ffff:127.0.0.2").unwrap(), "127.0.0.2/32".parse::<IpNet>().unwrap());
+        assert_eq!(parse_prefix("::ffff:10.1.0.0/112").unwrap(), "10.1.0.0/16".parse::<IpNet>().unwrap());
+        assert_eq!(parse_prefix("::1").unwrap(), "::1/128".parse::<IpNet>().unwrap());
     }
 
     #[test]

@@ -23,7 +23,7 @@ use std::{
 };
 
 use aya::{
-    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, RingBuf},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, RingBuf, SockMap},
     programs::{links::FdLink, CgroupAttachMode, CgroupSkbAttachType},
     Ebpf, EbpfLoader,
 };
@@ -317,6 +317,7 @@ pub struct KernelState {
     orig: Mutex<HashMap<MapData, OrigDstKey, ConnectRecord>>,
     settings: Mutex<Array<MapData, Settings>>,
     counters: PerCpuArray<MapData, u64>,
+    listeners: Mutex<SockMap<MapData>>,
 }
 
 fn open_map<T>(layout: &PinLayout, name: &'static str) -> Result<T, EbpfError>
@@ -349,7 +350,19 @@ impl KernelState {
             orig: Mutex::new(open_map(layout, maps::ORIG_DST)?),
             settings: Mutex::new(open_map(layout, maps::SETTINGS)?),
             counters: open_map(layout, maps::COUNTERS)?,
+            listeners: Mutex::new(open_map(layout, maps::LISTENERS)?),
         })
+    }
+
+    /// Put this agent's listening sockets where connect4/6 look for a live agent
+    /// (`slot` from [`phigate_common::listener_slot`]). The kernel removes each when
+    /// it closes, so nothing needs undoing when the agent stops or dies.
+    pub fn publish_listeners(&self, sockets: &[(u32, std::os::fd::RawFd)]) -> Result<(), EbpfError> {
+        let mut m = self.listeners.lock().expect("invariant: lock not poisoned");
+        for (slot, fd) in sockets {
+            m.set(*slot, fd, 0).map_err(self.map_err(maps::LISTENERS))?;
+        }
+        Ok(())
     }
 
     pub fn layout(&self) -> &PinLayout {

@@ -101,6 +101,10 @@ pub enum AcceptError {
     /// address and port.
     #[error("the socket connecting from {client} is not the one the kernel's redirect record was made for (that connect never reached this listener, and another socket now uses its address and port); closing without proxying")]
     OtherSocket { client: ClientAddr },
+    /// The accepted connection was reset or closed by its client before it was
+    /// accepted; another socket may have its address and port by now.
+    #[error("the connection from {client} was closed by its client before it was accepted (TCP state {state}); closing without proxying")]
+    NotEstablished { client: ClientAddr, state: u8 },
     /// No socket holds the client's end any more: it went away before it was accepted.
     #[error("the client socket behind {client} is gone from this host; closing without proxying")]
     ClientGone { client: ClientAddr },
@@ -124,6 +128,11 @@ impl BoundListener {
     /// Index of the database this listener serves.
     pub fn addr_db_index(&self) -> usize {
         self.db_index as usize
+    }
+
+    /// The listening socket (for the kernel's map of live listeners).
+    pub fn raw_fd(&self) -> std::os::fd::RawFd {
+        self.std.as_raw_fd()
     }
 }
 
@@ -246,6 +255,17 @@ impl Listener {
 
     /// Attach the kernel's record to an accepted connection.
     pub fn recover(&self, stream: TcpStream, client: ClientAddr, records: &dyn RecordSource) -> Result<Accepted, AcceptError> {
+        // The accepted connection must be live: one already reset by its client (still
+        // queued for accept) is an earlier socket's that had the same address and port,
+        // and the record there, if any, is for whichever socket has them now, which
+        // gets its turn next (so the record is left for it). On loopback an
+        // established connection's client socket still exists, and no other socket can
+        // have its address and port meanwhile.
+        match peer::tcp_state(std::os::fd::AsFd::as_fd(&stream)) {
+            Ok(peer::TCP_ESTABLISHED) => {}
+            Ok(state) => return Err(AcceptError::NotEstablished { client, state }),
+            Err(err) => return Err(AcceptError::SocketDiag { client, err }),
+        }
         let netns_cookie = netns_cookie(&stream).map_err(AcceptError::Netns)?;
         let key = OrigDstKey { netns_cookie, addr: normal_form(client.0.ip()), port: client.0.port(), _pad: [0; 6] };
         let rec = records.take(&key).ok_or(AcceptError::NoRecord { client, netns_cookie })?;
@@ -321,9 +341,15 @@ fn nul_terminated(b: &[u8]) -> String {
     String::from_utf8_lossy(&b[..end]).into_owned()
 }
 
+/// The cookie of the agent's own network namespace (that of a socket it makes).
+pub fn own_netns_cookie() -> io::Result<u64> {
+    let probe = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    netns_cookie(&probe)
+}
+
 /// `SO_NETNS_COOKIE` (Linux 5.14): identifies the socket's network namespace, so that
 /// equal client tuples in different namespaces (pods) are told apart.
-fn netns_cookie(stream: &TcpStream) -> io::Result<u64> {
+fn netns_cookie(stream: &impl AsRawFd) -> io::Result<u64> {
     const SO_NETNS_COOKIE: libc::c_int = 71;
     let mut cookie: u64 = 0;
     let mut len = std::mem::size_of::<u64>() as libc::socklen_t;

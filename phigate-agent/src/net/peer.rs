@@ -117,6 +117,30 @@ fn query(socket: &Socket, client: SocketAddr, server: SocketAddr) -> io::Result<
     }
 }
 
+/// `TCP_ESTABLISHED` as [`tcp_state`] reports it.
+pub const TCP_ESTABLISHED: u8 = 1;
+
+/// The TCP state (`tcpi_state` of `TCP_INFO`) of a socket this process holds.
+pub fn tcp_state(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<u8> {
+    // SAFETY: tcp_info is plain data; zeroed is a valid value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: a valid descriptor and a correctly sized out-buffer.
+    let rc = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            &mut info as *mut libc::tcp_info as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(info.tcpi_state)
+}
+
 /// `SO_COOKIE`: the cookie of a socket this process holds (tests, and the same number
 /// sock_diag reports for it).
 pub fn own_socket_cookie(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<u64> {
@@ -161,10 +185,20 @@ mod tests {
     }
 
     #[test]
-    fn a_closed_client_is_not_found() {
+    fn a_connection_its_client_reset_is_no_longer_established() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let (server_end, peer) = listener.accept().unwrap();
+        let live = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        reset(client);
+        let (reset_end, _) = listener.accept().unwrap();
+        let (live_end, _) = listener.accept().unwrap();
+        assert_ne!(tcp_state(reset_end.as_fd()).unwrap(), TCP_ESTABLISHED);
+        assert_eq!(tcp_state(live_end.as_fd()).unwrap(), TCP_ESTABLISHED);
+        drop(live);
+    }
+
+    /// Close with a reset (SO_LINGER 0): the socket is gone at once.
+    fn reset(client: std::net::TcpStream) {
         let reset = libc::linger { l_onoff: 1, l_linger: 0 };
         // SAFETY: a valid descriptor and a correctly sized option value.
         unsafe {
@@ -176,7 +210,14 @@ mod tests {
                 std::mem::size_of::<libc::linger>() as libc::socklen_t,
             )
         };
-        drop(client);
+    }
+
+    #[test]
+    fn a_closed_client_is_not_found() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server_end, peer) = listener.accept().unwrap();
+        reset(client);
         assert_eq!(client_socket_cookie(peer, server_end.local_addr().unwrap()).unwrap(), None);
     }
 }

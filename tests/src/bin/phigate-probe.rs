@@ -17,6 +17,13 @@
 //!                                           source address and port (SO_REUSEADDR)
 //! phigate-probe syn-from ADDR:PORT A.B.C.D:SPORT  the same connect, given up after
 //!                                           half a second if not answered: "pending"
+//! phigate-probe plant  ADDR:PORT A.B.C.D:SPORT  connect from SPORT, send a StartupMessage
+//!                                           with application_name=planted-by-<pid>, then
+//!                                           close with a reset (SO_LINGER 0)
+//! phigate-probe squat    ADDR:PORT SECS     listen on ADDR:PORT (another process's port),
+//!                                           print {"listening"}, accept one connection
+//!                                           within SECS, answer its StartupMessage with a
+//!                                           cleartext password request, report what came
 //! phigate-probe smuggle  ADDR:PORT          extended protocol by hand: a refused Parse
 //!                                           answered at Flush, then Bind/Execute of the
 //!                                           refused statement's name
@@ -238,6 +245,47 @@ fn main() {
             }
         }
         "smuggle" => smuggle(out, addr.parse().expect("ADDR:PORT")),
+        "plant" => {
+            let a: std::net::SocketAddrV4 = addr.parse().expect("A.B.C.D:PORT");
+            let from: std::net::SocketAddrV4 = args.get(3).and_then(|s| s.parse().ok()).expect("A.B.C.D:SPORT");
+            match connect_from(a, from) {
+                Err(e) => error_json(out, "connect", &e),
+                Ok(mut s) => {
+                    out.insert("connect".into(), json!("ok"));
+                    out.insert("local".into(), json!(s.local_addr().map(|a| a.to_string()).unwrap_or_default()));
+                    let name = format!("planted-by-{}", std::process::id());
+                    let mut body = Vec::new();
+                    body.extend_from_slice(&196608u32.to_be_bytes());
+                    for p in ["user", "postgres", "database", "postgres", "application_name", &name] {
+                        body.extend_from_slice(p.as_bytes());
+                        body.push(0);
+                    }
+                    body.push(0);
+                    let mut msg = ((body.len() + 4) as u32).to_be_bytes().to_vec();
+                    msg.extend(body);
+                    out.insert("sent".into(), json!(s.write_all(&msg).is_ok()));
+                    out.insert("application_name".into(), json!(name));
+                    let reset = libc::linger { l_onoff: 1, l_linger: 0 };
+                    // SAFETY: a valid descriptor and a correctly sized option value.
+                    unsafe {
+                        libc::setsockopt(
+                            s.as_raw_fd(),
+                            libc::SOL_SOCKET,
+                            libc::SO_LINGER,
+                            &reset as *const libc::linger as *const libc::c_void,
+                            mem::size_of::<libc::linger>() as u32,
+                        )
+                    };
+                    drop(s);
+                    Value::Object(out)
+                }
+            }
+        }
+        "squat" => {
+            let a: SocketAddr = addr.parse().expect("ADDR:PORT");
+            let secs: u64 = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(10);
+            squat(out, a, Duration::from_secs(secs))
+        }
         "garbage" => {
             let a: SocketAddr = addr.parse().expect("ADDR:PORT");
             let seed: u64 = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(1);
@@ -278,6 +326,50 @@ fn connect_from(to: std::net::SocketAddrV4, from: std::net::SocketAddrV4) -> std
         }
         Ok(stream)
     }
+}
+
+/// Listen where another process listened, take one connection and play the database:
+/// read the StartupMessage, ask for a cleartext password, report what the client said.
+fn squat(mut out: serde_json::Map<String, Value>, a: SocketAddr, within: Duration) -> Value {
+    let listener = match std::net::TcpListener::bind(a) {
+        Ok(l) => l,
+        Err(e) => return error_json(out, "listen", &e),
+    };
+    println!("{}", json!({"pid": std::process::id(), "listening": "ok", "uid": unsafe { libc::getuid() }}));
+    std::io::stdout().flush().ok();
+    listener.set_nonblocking(true).ok();
+    let deadline = std::time::Instant::now() + within;
+    let (mut s, peer) = loop {
+        match listener.accept() {
+            Ok(x) => break x,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && std::time::Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            Err(e) => return error_json(out, "accept", &e),
+        }
+    };
+    s.set_nonblocking(false).ok();
+    s.set_read_timeout(Some(TIMEOUT)).ok();
+    out.insert("accepted".into(), json!(peer.to_string()));
+    let mut len = [0u8; 4];
+    if s.read_exact(&mut len).is_err() {
+        return Value::Object(out);
+    }
+    let mut body = vec![0u8; (u32::from_be_bytes(len) as usize).saturating_sub(4).min(65536)];
+    if s.read_exact(&mut body).is_err() {
+        return Value::Object(out);
+    }
+    let params: Vec<String> =
+        body.get(4..).unwrap_or_default().split(|b| *b == 0).filter(|p| !p.is_empty()).map(|p| String::from_utf8_lossy(p).into_owned()).collect();
+    out.insert("startup".into(), json!(params));
+    // AuthenticationCleartextPassword.
+    let _ = s.write_all(&[b'R', 0, 0, 0, 8, 0, 0, 0, 3]);
+    let mut h = [0u8; 5];
+    if s.read_exact(&mut h).is_ok() && h[0] == b'p' {
+        let mut pw = vec![0u8; (u32::from_be_bytes([h[1], h[2], h[3], h[4]]) as usize).saturating_sub(4).min(65536)];
+        if s.read_exact(&mut pw).is_ok() {
+            out.insert("password".into(), json!(String::from_utf8_lossy(&pw).trim_end_matches('\0').to_string()));
+        }
+    }
+    Value::Object(out)
 }
 
 /// A non-blocking IPv4 connect from `from`, closed after at most half a second.
