@@ -317,10 +317,18 @@ impl<'p> Scope<'p> {
             out.extend(&either);
             merged_items.extend(m.left.clone().chain(m.right.clone()));
         }
+        // An item known to have the column (a subquery's or function's output of that
+        // name) is where PostgreSQL finds it: the levels around are not asked (their
+        // column of that name would be another value, a patient's beside a constant).
+        let mut found_here = !merged_items.is_empty();
         for (n, (_, i)) in self.items.iter().enumerate() {
+            found_here |= has_column(i, col);
             if !merged_items.contains(&n) {
                 item_column(i, col, out);
             }
+        }
+        if found_here {
+            return;
         }
         if let Some(p) = self.parent {
             p.unqualified_column(col, out);
@@ -367,6 +375,10 @@ fn add_ctes(with: Option<&protobuf::WithClause>, scope: &mut Scope<'_>) {
                 all.extend(&o.sources);
             }
         }
+        // A stand-in mixes what different columns hold: none of it is any one column
+        // as it is (a later CTE's constant would otherwise pass as a patient's name
+        // beside it and get its pseudonym).
+        all.computed = true;
         for cte in ctes() {
             scope.ctes.insert(cte.ctename.clone(), vec![Output { name: String::new(), star: true, sources: all.clone() }]);
         }
@@ -418,8 +430,11 @@ fn add_from_item(n: &Node, scope: &mut Scope<'_>) {
         Some(NodeEnum::RangeSubselect(s)) => {
             let outs = {
                 // A LATERAL subquery may refer to earlier FROM items; others see the
-                // enclosing levels only. Seeing more is only more conservative.
-                let view = Scope { items: scope.items.clone(), merged: scope.merged.clone(), ctes: HashMap::new(), parent: Some(scope) };
+                // enclosing levels only (and this level's WITH). Seeing more is not
+                // more conservative: a name there may be another item's of the same
+                // name (`(SELECT p.name) s` reads the outer p, not a sibling p).
+                let (items, merged) = if s.lateral { (scope.items.clone(), scope.merged.clone()) } else { (Vec::new(), Vec::new()) };
+                let view = Scope { items, merged, ctes: scope.ctes.clone(), parent: scope.parent };
                 s.subquery.as_deref().map(|q| node_outputs(q, &view)).unwrap_or_default()
             };
             let alias = s.alias.as_ref().map(|a| a.aliasname.clone()).unwrap_or_default();
@@ -449,12 +464,15 @@ fn add_from_item(n: &Node, scope: &mut Scope<'_>) {
                 }
             }
             // `(a JOIN b) AS j [(x, y, …)]`: j is a FROM item of its own, whose row
-            // and columns (renamed or not) may be any of a's and b's.
+            // and columns (renamed or not) may be any of a's and b's; the names a and
+            // b are hidden outside it (`p.name` there is another p's).
             if let Some(alias) = &j.alias {
                 let mut whole = Sources::default();
                 for (_, item) in &scope.items[before..] {
                     item_whole(item, &mut whole);
                 }
+                scope.items.truncate(before);
+                scope.merged.retain(|m| m.left.start < before);
                 scope.items.push((alias.aliasname.clone(), Item::Derived(vec![Output { name: String::new(), star: true, sources: whole }])));
             }
         }
@@ -801,8 +819,10 @@ fn figure_colname(n: &Node) -> Option<(String, u8)> {
         NodeEnum::SubLink(s) => match protobuf::SubLinkType::try_from(s.sub_link_type) {
             Ok(protobuf::SubLinkType::ExistsSublink) => strong("exists"),
             Ok(protobuf::SubLinkType::ArraySublink) => strong("array"),
+            // Named after the subquery's column; a set operation's columns are its
+            // leftmost arm's.
             Ok(protobuf::SubLinkType::ExprSublink | protobuf::SubLinkType::MultiexprSublink) => match s.subselect.as_deref().and_then(|n| n.node.as_ref()) {
-                Some(NodeEnum::SelectStmt(sel)) => sel.target_list.first().and_then(|t| match t.node.as_ref() {
+                Some(NodeEnum::SelectStmt(sel)) => leftmost_arm(sel).target_list.first().and_then(|t| match t.node.as_ref() {
                     Some(NodeEnum::ResTarget(rt)) if !rt.name.is_empty() => strong(&rt.name),
                     Some(NodeEnum::ResTarget(rt)) => rt.val.as_deref().and_then(figure_colname),
                     _ => None,
@@ -813,6 +833,14 @@ fn figure_colname(n: &Node) -> Option<(String, u8)> {
         },
         _ => None,
     }
+}
+
+/// The first SELECT of a set operation (the statement itself when it is none).
+fn leftmost_arm(mut sel: &protobuf::SelectStmt) -> &protobuf::SelectStmt {
+    while let Some(l) = sel.larg.as_deref() {
+        sel = l;
+    }
+    sel
 }
 
 /// The sources of an expression evaluated in `scope`.
@@ -1054,22 +1082,42 @@ fn generic_sources(n: &Node, scope: &Scope<'_>, out: &mut Sources) {
     }
 }
 
+/// Whether the item certainly has a column of this name (a table's columns only the
+/// catalog knows).
+fn has_column(item: &Item, column: &str) -> bool {
+    match item {
+        Item::Derived(outs) => outs.iter().any(|o| !o.star && o.name == column),
+        Item::Function(_, names) => names.iter().any(|n| n == column),
+        Item::Table(_) | Item::Opaque => false,
+    }
+}
+
 fn item_column(item: &Item, column: &str, out: &mut Sources) {
     match item {
         Item::Table(t) => {
             out.columns.insert((t.clone(), column.to_string()));
         }
         Item::Derived(outs) => {
-            let named = outs.iter().any(|o| o.name == column);
-            let mut found = false;
-            for o in outs.iter().filter(|o| o.name == column || o.star) {
-                out.extend(&o.sources);
-                if o.star && !named {
-                    // Whether a `*` has this column only the catalog can tell: if its
-                    // tables have none, `alias.f` is the call `f(alias)`.
-                    out.qualified.extend(o.sources.whole_rows.iter().map(|t| (t.clone(), column.to_string())));
-                    out.opaque |= o.sources.whole_rows.is_empty();
+            // An output of that name is the column (were a `*` to hold one too, the
+            // name would be ambiguous, which PostgreSQL refuses); several of that name
+            // (ambiguous too, unless phigate named one unlike PostgreSQL) are
+            // alternatives. Else any `*` may be it.
+            let named: Vec<&Output> = outs.iter().filter(|o| !o.star && o.name == column).collect();
+            if let Some((first, rest)) = named.split_first() {
+                let mut either = first.sources.clone();
+                for o in rest {
+                    either.extend_alternative(&o.sources);
                 }
+                out.extend(&either);
+                return;
+            }
+            let mut found = false;
+            for o in outs.iter().filter(|o| o.star) {
+                out.extend(&o.sources);
+                // Whether a `*` has this column only the catalog can tell: if its
+                // tables have none, `alias.f` is the call `f(alias)`.
+                out.qualified.extend(o.sources.whole_rows.iter().map(|t| (t.clone(), column.to_string())));
+                out.opaque |= o.sources.whole_rows.is_empty();
                 found = true;
             }
             if !found {

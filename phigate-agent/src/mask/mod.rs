@@ -1246,9 +1246,21 @@ impl Masker {
             trace.reads.extend(s.columns.iter().map(|(r, _)| r.clone()));
             trace.reads.extend(s.whole_rows.iter().cloned());
         }
+        // The columns of one reference that lineage could not tell apart (a name
+        // several relations may have): when some that exist carry rules and others
+        // none, the values may be the ruleless one's — text the workload chose — and
+        // must get no pseudonym (or other output) of the rule.
+        let (mut ruled, mut ruleless) = (false, false);
         for (rel, col) in &s.columns {
+            let before = trace.rules.len();
             self.rules_for_column(catalog, rel, col, depth, trace);
+            if trace.rules.len() > before {
+                ruled = true;
+            } else if catalog.named(rel).iter().any(|r| r.columns.iter().any(|c| c.name == *col)) {
+                ruleless = true;
+            }
         }
+        trace.computed |= ruled && ruleless;
         for rel in &s.whole_rows {
             trace.rules.extend(self.profile.rules.iter().enumerate().filter(|(_, r)| r.target.matches_table(rel)).map(|(i, _)| i));
             for v in catalog.views_named(rel) {
@@ -1715,6 +1727,15 @@ fn column_sources(outs: &[Output], fields: &[Field], i: usize, via_name: bool) -
     }
     if lined_up {
         return Some(outs[i].sources.clone());
+    }
+    // Outputs before the first `*` and after the last one line up by position.
+    let first_star = outs.iter().position(|o| o.star).unwrap_or(outs.len());
+    let after_last = outs.len() - outs.iter().rposition(|o| o.star).map_or(outs.len(), |p| p + 1);
+    if i < first_star && i < fields.len() {
+        return Some(outs[i].sources.clone());
+    }
+    if fields.len() - i <= after_last {
+        return Some(outs[outs.len() - (fields.len() - i)].sources.clone());
     }
     let f = &fields[i];
     // A `*` may stand for a column of the same name: its sources count too.
