@@ -255,14 +255,15 @@ impl Listener {
 
     /// Attach the kernel's record to an accepted connection.
     pub fn recover(&self, stream: TcpStream, client: ClientAddr, records: &dyn RecordSource) -> Result<Accepted, AcceptError> {
-        // The accepted connection must be live: one already reset by its client (still
-        // queued for accept) is an earlier socket's that had the same address and port,
-        // and the record there, if any, is for whichever socket has them now, which
-        // gets its turn next (so the record is left for it). On loopback an
-        // established connection's client socket still exists, and no other socket can
-        // have its address and port meanwhile.
+        // The accepted connection must not be reset: one reset by its client while
+        // queued for accept is an earlier socket's that had the same address and port
+        // (a reset frees them at once), and the record there, if any, is for whichever
+        // socket has them now, which gets its turn next (so the record is left for
+        // it). A connection the client only shut down for writing (FIN: tokio-postgres
+        // sends a CancelRequest and shuts down at once) keeps its client socket, and
+        // with it the address and port, until the agent closes its end.
         match peer::tcp_state(std::os::fd::AsFd::as_fd(&stream)) {
-            Ok(peer::TCP_ESTABLISHED) => {}
+            Ok(peer::TCP_ESTABLISHED | peer::TCP_CLOSE_WAIT) => {}
             Ok(state) => return Err(AcceptError::NotEstablished { client, state }),
             Err(err) => return Err(AcceptError::SocketDiag { client, err }),
         }

@@ -119,6 +119,8 @@ fn query(socket: &Socket, client: SocketAddr, server: SocketAddr) -> io::Result<
 
 /// `TCP_ESTABLISHED` as [`tcp_state`] reports it.
 pub const TCP_ESTABLISHED: u8 = 1;
+/// `TCP_CLOSE_WAIT`: the peer shut down its sending side (FIN) but its socket lives.
+pub const TCP_CLOSE_WAIT: u8 = 8;
 
 /// The TCP state (`tcpi_state` of `TCP_INFO`) of a socket this process holds.
 pub fn tcp_state(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<u8> {
@@ -194,6 +196,13 @@ mod tests {
         let (live_end, _) = listener.accept().unwrap();
         assert_ne!(tcp_state(reset_end.as_fd()).unwrap(), TCP_ESTABLISHED);
         assert_eq!(tcp_state(live_end.as_fd()).unwrap(), TCP_ESTABLISHED);
+        // Shut down for writing (a CancelRequest's sender may): close-wait, not reset.
+        live.shutdown(std::net::Shutdown::Write).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        while tcp_state(live_end.as_fd()).unwrap() != TCP_CLOSE_WAIT && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert_eq!(tcp_state(live_end.as_fd()).unwrap(), TCP_CLOSE_WAIT);
         drop(live);
     }
 
