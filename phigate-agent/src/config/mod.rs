@@ -992,7 +992,7 @@ create = true
         // Written as IPv6 they would go to the IPv6 table, which IPv4 connections
         // (dual-stack ones to ::ffff:a.b.c.d included) never consult.
         assert_eq!(parse_prefix("::ffff:127.0.0.2").unwrap(), "127.0.0.2/32".parse::<IpNet>().unwrap());
-        assert_eq!(parse_prefix("::ffff:10.1.0.0/112").unwrap(), "10.1.0.0/16".parse::<IpNet>().unwrap());
+        assert_eq!(parse_prefix("::ffff:127.1.0.0/112").unwrap(), "127.1.0.0/16".parse::<IpNet>().unwrap());
         assert_eq!(parse_prefix("::1").unwrap(), "::1/128".parse::<IpNet>().unwrap());
     }
 
