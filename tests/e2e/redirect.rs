@@ -498,13 +498,14 @@ fn a_record_of_a_protected_connect_that_never_reached_the_agent_does_not_identif
             unsafe { libc::kill(self.0, libc::SIGCONT) };
         }
     }
-    // Room for the fillers' descriptors: the listener queues 1,025 connections.
+    // Room for the fillers' descriptors: each CPU's listener queues 1,025 connections.
     let mut files = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: plain syscalls with valid arguments: this test process's own limit, and
     // stopping the agent this test started.
     unsafe {
         libc::getrlimit(libc::RLIMIT_NOFILE, &mut files);
-        files.rlim_cur = files.rlim_cur.max(4096.min(files.rlim_max));
+        let cpus = std::thread::available_parallelism().map_or(2, |n| n.get()) as libc::rlim_t;
+        files.rlim_cur = files.rlim_cur.max((1100 * cpus + 256).min(files.rlim_max));
         libc::setrlimit(libc::RLIMIT_NOFILE, &files);
         libc::kill(agent_pid, libc::SIGSTOP);
     }
@@ -531,7 +532,11 @@ fn a_record_of_a_protected_connect_that_never_reached_the_agent_does_not_identif
                         fillers.push(c);
                         unanswered = 0;
                     }
-                    Err(_) => unanswered += 1,
+                    Err(e) if e.kind() == std::io::ErrorKind::TimedOut => unanswered += 1,
+                    Err(e) => panic!(
+                        "filling the listener's queue on CPU {cpu} failed after {} connections: {e} (needs about 1,100 open files per CPU)",
+                        fillers.len()
+                    ),
                 }
                 if unanswered == 16 {
                     break;
