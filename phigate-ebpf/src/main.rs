@@ -43,8 +43,8 @@ use aya_ebpf::{
     programs::{SkBuffContext, SockAddrContext, SockContext, SockOpsContext},
 };
 use phigate_common::{
-    counter, event, listener_slot, maps as m, reason, setting, target, ConnectRecord, Db4Key, Db6Key, DbTarget, Event, OrigDstKey, ProtectedCgroup, Settings, AF_INET,
-    AF_INET6, COMM_LEN, MAX_CGROUP_DEPTH,
+    counter, event, listener_slot, maps as m, reason, setting, target, ConnectRecord, Db4Key, Db6Key, DbTarget, Event, OrigDstKey, ProtectedCgroup, Settings,
+    AF_INET, AF_INET6, COMM_LEN, MAX_CGROUP_DEPTH,
 };
 
 // cgroup_sock_addr / cgroup_skb / sock_create return codes: 1 lets the operation
@@ -286,6 +286,23 @@ fn in_agent_netns(ctx: &SockAddrContext) -> bool {
     agent != 0 && own == agent
 }
 
+/// What must hold before a protected connect is redirected to the agent's listener
+/// (of the IPv6 family when `ipv6_listener`), and its record filled; else the reason
+/// to refuse it.
+#[inline(always)]
+fn hand_over(ctx: &SockAddrContext, orig_addr: [u8; 16], orig_port: u16, family: u32, protected: u64, db_index: u32, ipv6_listener: bool) -> Result<(), u32> {
+    if !agent_listening(db_index, ipv6_listener) {
+        return Err(reason::NO_AGENT);
+    }
+    if !in_agent_netns(ctx) {
+        return Err(reason::OTHER_NETNS);
+    }
+    if !remember(ctx, orig_addr, orig_port, family, protected, db_index) {
+        return Err(reason::NO_STORAGE);
+    }
+    Ok(())
+}
+
 /// Fill the socket's connection record. Returns false if storage could not be had.
 fn remember(ctx: &SockAddrContext, orig_addr: [u8; 16], orig_port: u16, family: u32, protected: u64, db_index: u32) -> bool {
     // SAFETY: get_or_insert dereferences the context's socket, which the kernel
@@ -351,14 +368,8 @@ fn try_connect4(ctx: &SockAddrContext) -> i32 {
     if db.flags & target::HAS_V4 == 0 {
         return refuse_connect(reason::NO_LISTENER_FAMILY, protected, orig, port);
     }
-    if !agent_listening(db.db_index, false) {
-        return refuse_connect(reason::NO_AGENT, protected, orig, port);
-    }
-    if !in_agent_netns(ctx) {
-        return refuse_connect(reason::OTHER_NETNS, protected, orig, port);
-    }
-    if !remember(ctx, orig, port, AF_INET, protected, db.db_index) {
-        return refuse_connect(reason::NO_STORAGE, protected, orig, port);
+    if let Err(why) = hand_over(ctx, orig, port, AF_INET, protected, db.db_index, false) {
+        return refuse_connect(why, protected, orig, port);
     }
     sa.user_ip4 = u32::from_ne_bytes(db.listen4_addr);
     sa.user_port = u32::from(db.listen4_port.to_be());
@@ -397,14 +408,8 @@ fn try_connect6(ctx: &SockAddrContext) -> i32 {
         if db.flags & target::HAS_V4 == 0 {
             return refuse_connect(reason::NO_LISTENER_FAMILY, protected, orig, port);
         }
-        if !agent_listening(db.db_index, false) {
-            return refuse_connect(reason::NO_AGENT, protected, orig, port);
-        }
-        if !in_agent_netns(ctx) {
-            return refuse_connect(reason::OTHER_NETNS, protected, orig, port);
-        }
-        if !remember(ctx, orig, port, AF_INET6, protected, db.db_index) {
-            return refuse_connect(reason::NO_STORAGE, protected, orig, port);
+        if let Err(why) = hand_over(ctx, orig, port, AF_INET6, protected, db.db_index, false) {
+            return refuse_connect(why, protected, orig, port);
         }
         // Keep the ::ffff: prefix and replace only the embedded IPv4 word: the socket
         // stays a dual-stack socket talking IPv4 to the interceptor's IPv4 listener.
@@ -428,14 +433,8 @@ fn try_connect6(ctx: &SockAddrContext) -> i32 {
     if db.flags & target::HAS_V6 == 0 {
         return refuse_connect(reason::NO_LISTENER_FAMILY, protected, addr, port);
     }
-    if !agent_listening(db.db_index, true) {
-        return refuse_connect(reason::NO_AGENT, protected, addr, port);
-    }
-    if !in_agent_netns(ctx) {
-        return refuse_connect(reason::OTHER_NETNS, protected, addr, port);
-    }
-    if !remember(ctx, addr, port, AF_INET6, protected, db.db_index) {
-        return refuse_connect(reason::NO_STORAGE, protected, addr, port);
+    if let Err(why) = hand_over(ctx, addr, port, AF_INET6, protected, db.db_index, true) {
+        return refuse_connect(why, protected, addr, port);
     }
     let l = db.listen6_addr;
     sa.user_ip6[0] = u32::from_ne_bytes([l[0], l[1], l[2], l[3]]);

@@ -1065,9 +1065,8 @@ fn chosen_text_beside_a_hashed_column_gets_no_pseudonym() {
     let e = env_with(PHI_POLICY);
     let p = &e.data.patients[0];
     let name = format!("{} {}", p.first, p.last);
-    let own = everything(&e, Some("care"), &["-At", "-c", &format!("select name from patients where id = {}", p.id)]);
-    let pseudonym = own.trim();
-    assert!(pseudonym.starts_with("pt_"), "the name's own column is hashed: {own}");
+    let pseudonym = first_patients_pseudonym(&e);
+    let pseudonym = pseudonym.as_str();
     for sql in [
         format!("select name from patients where false union all select '{name}'"),
         format!("select name from (values ('{name}')) v(name) full join (select name from patients where false) p using (name)"),
@@ -1179,6 +1178,20 @@ fn a_large_object_oid_made_from_a_value_does_not_show_it() {
 // `hash` strategy — the pseudonym a patient with that name has, so a workload can
 // compare a dictionary of names with the patients' pseudonyms.
 
+/// The pseudonym the "care" identity gets for the first patient's name.
+fn first_patients_pseudonym(e: &Env) -> String {
+    let own = everything(e, Some("care"), &["-At", "-c", &format!("select name from patients where id = {}", e.data.patients[0].id)]);
+    assert!(own.trim().starts_with("pt_"), "the name's own column is hashed: {own}");
+    own.trim().to_string()
+}
+
+/// A case of [`assert_no_case_leaks`]: `sql` run directly and as "care" (`-At`).
+fn at_case(e: &Env, sql: String, secrets: Vec<String>) -> (String, String, String, Vec<String>) {
+    let direct = everything(e, None, &["-At", "-c", &sql]);
+    let masked = everything(e, Some("care"), &["-At", "-c", &sql]);
+    (sql, direct, masked, secrets)
+}
+
 /// Each SQL returns the chosen text (the first patient's name) in one column whose
 /// RowDescription has table OID 0. Through phigate none may show the pseudonym the
 /// patient's own name column gets. Fails listing every SQL that did.
@@ -1192,9 +1205,7 @@ fn assert_no_pseudonym_of_chosen_text(e: &Env, sqls: &[String]) {
 fn pseudonyms_of_chosen_text(e: &Env, sqls: &[String]) -> Vec<String> {
     let p = &e.data.patients[0];
     let name = format!("{} {}", p.first, p.last);
-    let own = everything(e, Some("care"), &["-At", "-c", &format!("select name from patients where id = {}", p.id)]);
-    let pseudonym = own.trim().to_string();
-    assert!(pseudonym.starts_with("pt_"), "the name's own column is hashed: {own}");
+    let pseudonym = first_patients_pseudonym(e);
     let mut leaked = Vec::new();
     for sql in sqls {
         let direct = everything(e, None, &["-At", "-c", sql]);
@@ -1288,8 +1299,7 @@ fn a_constant_beside_a_star_gets_no_pseudonym() {
         ],
     );
     // At the top level the star's own column comes too; compare the first column.
-    let own = everything(&e, Some("care"), &["-At", "-c", &format!("select name from patients where id = {}", p.id)]);
-    let pseudonym = own.trim().to_string();
+    let pseudonym = first_patients_pseudonym(&e);
     for sql in [
         format!("select '{name}'::text as nm, x.* from (select name as who from patients where id = {}) x", p.id),
         format!("select '{name}'::text as who, v.* from patient_view v where v.social is not null limit 1"),
@@ -1360,7 +1370,7 @@ fn a_non_lateral_subquery_reading_the_outer_patient_is_masked() {
         [("dob", "date '2000-01-01'", p.dob.to_string()), ("ssn", "'x'", p.ssn.clone()), ("name", "'x'", format!("{} {}", p.first, p.last))]
     {
         let sql = format!("select (select s.n from (values ({constant})) p({col}), (select p.{col} as n) s) as x from patients p where p.id = {}", p.id);
-        cases.push((sql.clone(), everything(&e, None, &["-At", "-c", &sql]), everything(&e, Some("care"), &["-At", "-c", &sql]), vec![secret]));
+        cases.push(at_case(&e, sql, vec![secret]));
     }
     // The SSN went to the detectors only, which a translation of its digits dodges:
     // every digit, one letter each (the profile's rule is `partial`, a computed value
@@ -1369,7 +1379,7 @@ fn a_non_lateral_subquery_reading_the_outer_patient_is_masked() {
         "select (select s.n from (values ('x')) p(ssn), (select translate(p.ssn, '0123456789', 'abcdefghij') as n) s) as x from patients p where p.id = {}",
         p.id
     );
-    cases.push((sql.clone(), everything(&e, None, &["-At", "-c", &sql]), everything(&e, Some("care"), &["-At", "-c", &sql]), vec![translated_ssn(&p.ssn)]));
+    cases.push(at_case(&e, sql, vec![translated_ssn(&p.ssn)]));
     // The same through a cursor (COPY (query) TO STDOUT is held for approval by
     // baseline.bulk-export first).
     let inner = format!("select (select s.n from (values (date '2000-01-01')) p(dob), (select p.dob as n) s) as x from patients p where p.id = {}", p.id);
@@ -1417,13 +1427,13 @@ fn names_an_aliased_join_hides_are_not_resolved_inside_it() {
             "select (select p.{col} from ((values ({constant})) p({col}) join (values (1)) x(k) on true) as j) as x from patients p where p.id = {}",
             p.id
         );
-        cases.push((sql.clone(), everything(&e, None, &["-At", "-c", &sql]), everything(&e, Some("care"), &["-At", "-c", &sql]), vec![secret]));
+        cases.push(at_case(&e, sql, vec![secret]));
     }
     let sql = format!(
         "select (select translate(p.ssn, '0123456789', 'abcdefghij') from ((values ('x')) p(ssn) join (values (1)) x(k) on true) as j) as x from patients p where p.id = {}",
         p.id
     );
-    cases.push((sql.clone(), everything(&e, None, &["-At", "-c", &sql]), everything(&e, Some("care"), &["-At", "-c", &sql]), vec![translated_ssn(&p.ssn)]));
+    cases.push(at_case(&e, sql, vec![translated_ssn(&p.ssn)]));
     assert_no_case_leaks(&cases);
 }
 

@@ -41,6 +41,32 @@ fn db(s: &Setup) -> String {
     s.pg.addr().to_string()
 }
 
+/// A free loopback source port, and `127.0.0.1:port`.
+fn free_source_port() -> (u16, String) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    (port, format!("127.0.0.1:{port}"))
+}
+
+/// The agent stopped (SIGSTOP: its listeners queue connections, nothing is accepted)
+/// until this is dropped, which continues it — also when the test fails.
+struct StoppedAgent(i32);
+
+impl StoppedAgent {
+    fn stop(s: &Setup) -> Self {
+        let pid = s.agent.pid().expect("agent runs") as i32;
+        // SAFETY: signalling the agent process this test started.
+        unsafe { libc::kill(pid, libc::SIGSTOP) };
+        Self(pid)
+    }
+}
+
+impl Drop for StoppedAgent {
+    fn drop(&mut self) {
+        // SAFETY: as in stop.
+        unsafe { libc::kill(self.0, libc::SIGCONT) };
+    }
+}
+
 fn pid(v: &Value) -> u32 {
     v["pid"].as_u64().expect("probe reports its pid") as u32
 }
@@ -449,8 +475,7 @@ fn a_record_left_by_a_refused_protected_connect_does_not_identify_another_proces
     let mut s = setup();
     let prot = s.cg.child_dir("prot");
     s.agent.kill9();
-    let sport = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let from = format!("127.0.0.1:{sport}");
+    let (_, from) = free_source_port();
     let v = probe(Some(&prot), &["connect-from", &db(&s), &from]);
     assert_eq!(v["connect"], "error", "with the agent dead, the protected connect fails: {v}");
     assert_eq!(v["errno"], libc::EPERM, "{v}");
@@ -483,33 +508,22 @@ fn a_record_of_a_protected_connect_that_never_reached_the_agent_does_not_identif
     // connects to the listener from the same port once the queue drains must not be
     // taken for the workload.
     let s = setup();
-    let agent_pid = s.agent.pid().expect("agent runs") as i32;
     let listen: SocketAddrV4 = match s.agent.listen_addr().expect("listener address logged") {
         std::net::SocketAddr::V4(a) => a,
         other => panic!("IPv4 listener expected, got {other}"),
     };
-    let sport = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let from = format!("127.0.0.1:{sport}");
+    let (sport, from) = free_source_port();
     let seen = s.pg.connections_received();
-    struct Resume(i32);
-    impl Drop for Resume {
-        fn drop(&mut self) {
-            // SAFETY: signalling the agent process this test started.
-            unsafe { libc::kill(self.0, libc::SIGCONT) };
-        }
-    }
     // Room for the fillers' descriptors: each CPU's listener queues 1,025 connections.
     let mut files = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: plain syscalls with valid arguments: this test process's own limit, and
-    // stopping the agent this test started.
+    // SAFETY: plain syscalls with valid arguments, on this test process's own limit.
     unsafe {
         libc::getrlimit(libc::RLIMIT_NOFILE, &mut files);
         let cpus = std::thread::available_parallelism().map_or(2, |n| n.get()) as libc::rlim_t;
         files.rlim_cur = files.rlim_cur.max((1100 * cpus + 256).min(files.rlim_max));
         libc::setrlimit(libc::RLIMIT_NOFILE, &files);
-        libc::kill(agent_pid, libc::SIGSTOP);
     }
-    let resume = Resume(agent_pid);
+    let resume = StoppedAgent::stop(&s);
     // Fill the accept queues from this unprotected process until connects are no
     // longer answered. The agent has a listener per worker and picks it by the CPU the
     // SYN arrives on: fill from each CPU in turn.
@@ -566,10 +580,9 @@ fn a_record_of_a_protected_connect_that_never_reached_the_agent_does_not_identif
         pid(&v)
     );
     assert_eq!(s.pg.connections_received(), seen, "nothing reached the database");
-    let client = format!("127.0.0.1:{sport}");
-    let refused = s.agent.events_named("refused connection").into_iter().find(|e| e["error"].as_str().is_some_and(|m| m.contains(&client)));
+    let refused = s.agent.events_named("refused connection").into_iter().find(|e| e["error"].as_str().is_some_and(|m| m.contains(&from)));
     let why = refused.as_ref().and_then(|e| e["error"].as_str()).unwrap_or_default();
-    assert!(why.contains("is not the one the kernel's redirect record was made for"), "the agent says why it refused {client}: {refused:?}");
+    assert!(why.contains("is not the one the kernel's redirect record was made for"), "the agent says why it refused {from}: {refused:?}");
 }
 
 #[test]
@@ -679,10 +692,8 @@ fn a_reset_connection_left_in_the_accept_queue_is_not_served_as_the_next_socket_
     // as the workload's role with the attacker's parameters, then the workload's own
     // connection is refused for want of a record.
     let s = setup();
-    let agent_pid = s.agent.pid().expect("agent runs") as i32;
     let listen = s.agent.listen_addr().expect("listener address logged").to_string();
-    let sport = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let from = format!("127.0.0.1:{sport}");
+    let (_, from) = free_source_port();
     // Both clients on CPU 0, so their SYNs reach the same listener of the agent's
     // group (it steers by CPU) and queue in order.
     let on_cpu0 = |cmd: &mut Command| {
@@ -696,16 +707,7 @@ fn a_reset_connection_left_in_the_accept_queue_is_not_served_as_the_next_socket_
             });
         }
     };
-    struct Resume(i32);
-    impl Drop for Resume {
-        fn drop(&mut self) {
-            // SAFETY: signalling the agent process this test started.
-            unsafe { libc::kill(self.0, libc::SIGCONT) };
-        }
-    }
-    // SAFETY: stopping the agent process this test started.
-    unsafe { libc::kill(agent_pid, libc::SIGSTOP) };
-    let resume = Resume(agent_pid);
+    let resume = StoppedAgent::stop(&s);
     let mut plant = Command::new(phigate_tests::probe::probe_bin());
     plant.args(["plant", &listen, &from]).stdin(std::process::Stdio::null());
     phigate_tests::cgroup::run_in(&mut plant, &s.cg.child_dir("unprot"));

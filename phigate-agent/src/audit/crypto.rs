@@ -130,10 +130,19 @@ impl RecordMac {
 
     /// The MAC (hex) of the record whose hash (hex) is `hash`.
     pub fn of(&self, hash: &str) -> String {
+        super::record::hex(&self.digest(hash))
+    }
+
+    /// [`RecordMac::of`] appended to the line being built (the writer's hot path).
+    pub fn append(&self, hash: &str, out: &mut Vec<u8>) {
+        super::record::hex_into(&self.digest(hash), out);
+    }
+
+    fn digest(&self, hash: &str) -> [u8; 32] {
         use hmac::Mac;
         let mut m = self.0.clone();
         m.update(hash.as_bytes());
-        super::record::hex(&m.finalize().into_bytes())
+        m.finalize().into_bytes().into()
     }
 }
 

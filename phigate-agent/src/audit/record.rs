@@ -246,13 +246,18 @@ pub fn object_sized(capacity: usize, build: impl FnOnce(&mut Obj<'_>)) -> String
 }
 
 pub fn hex(bytes: &[u8]) -> String {
+    let mut s = Vec::with_capacity(bytes.len() * 2);
+    hex_into(bytes, &mut s);
+    String::from_utf8(s).expect("invariant: hex digits are ASCII")
+}
+
+/// [`hex`] appended to a buffer (a record line being built).
+pub fn hex_into(bytes: &[u8], out: &mut Vec<u8>) {
     const D: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(bytes.len() * 2);
     for b in bytes {
-        s.push(D[(b >> 4) as usize] as char);
-        s.push(D[(b & 15) as usize] as char);
+        out.push(D[(b >> 4) as usize]);
+        out.push(D[(b & 15) as usize]);
     }
-    s
 }
 
 pub fn unhex(s: &str) -> Option<Vec<u8>> {
@@ -385,7 +390,7 @@ pub fn append_canonical(out: &mut Vec<u8>, seq: u64, ts: &str, prev: &str, kind:
     out.extend_from_slice(&kind_field);
     if let Some(mac) = mac {
         out.extend_from_slice(b",\"mac\":\"");
-        out.extend_from_slice(mac.of(&hash).as_bytes());
+        mac.append(&hash, out);
         out.push(b'"');
     }
     out.extend_from_slice(&rest);

@@ -350,16 +350,9 @@ pub fn own_netns_cookie() -> io::Result<u64> {
 
 /// `SO_NETNS_COOKIE` (Linux 5.14): identifies the socket's network namespace, so that
 /// equal client tuples in different namespaces (pods) are told apart.
-fn netns_cookie(stream: &impl AsRawFd) -> io::Result<u64> {
+fn netns_cookie(socket: &impl std::os::fd::AsFd) -> io::Result<u64> {
     const SO_NETNS_COOKIE: libc::c_int = 71;
-    let mut cookie: u64 = 0;
-    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: valid fd, correctly sized out-buffer.
-    let rc = unsafe { libc::getsockopt(stream.as_raw_fd(), libc::SOL_SOCKET, SO_NETNS_COOKIE, &mut cookie as *mut u64 as *mut libc::c_void, &mut len) };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(cookie)
+    peer::sockopt(socket.as_fd(), libc::SOL_SOCKET, SO_NETNS_COOKIE, 0u64)
 }
 
 #[cfg(test)]

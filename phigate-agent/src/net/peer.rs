@@ -14,7 +14,7 @@
 //! client's own network namespace, the agent's), so the agent's own netlink socket
 //! sees it.
 
-use std::{cell::RefCell, io, net::SocketAddr, time::Duration};
+use std::{cell::RefCell, io, net::SocketAddr, os::fd::BorrowedFd, time::Duration};
 
 use netlink_packet_core::{NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_REQUEST};
 use netlink_packet_sock_diag::{
@@ -123,39 +123,27 @@ pub const TCP_ESTABLISHED: u8 = 1;
 pub const TCP_CLOSE_WAIT: u8 = 8;
 
 /// The TCP state (`tcpi_state` of `TCP_INFO`) of a socket this process holds.
-pub fn tcp_state(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<u8> {
-    // SAFETY: tcp_info is plain data; zeroed is a valid value.
-    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
-    // SAFETY: a valid descriptor and a correctly sized out-buffer.
-    let rc = unsafe {
-        libc::getsockopt(
-            std::os::fd::AsRawFd::as_raw_fd(&fd),
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            &mut info as *mut libc::tcp_info as *mut libc::c_void,
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(info.tcpi_state)
+pub fn tcp_state(fd: BorrowedFd<'_>) -> io::Result<u8> {
+    // SAFETY: tcp_info is plain data; all zeros is a valid value.
+    sockopt(fd, libc::IPPROTO_TCP, libc::TCP_INFO, unsafe { std::mem::zeroed::<libc::tcp_info>() }).map(|info| info.tcpi_state)
 }
 
 /// `SO_COOKIE`: the cookie of a socket this process holds (tests, and the same number
 /// sock_diag reports for it).
-pub fn own_socket_cookie(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<u64> {
-    let mut cookie: u64 = 0;
-    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: a valid descriptor and a correctly sized out-buffer.
-    let rc = unsafe {
-        libc::getsockopt(std::os::fd::AsRawFd::as_raw_fd(&fd), libc::SOL_SOCKET, libc::SO_COOKIE, &mut cookie as *mut u64 as *mut libc::c_void, &mut len)
-    };
+pub fn own_socket_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    sockopt(fd, libc::SOL_SOCKET, libc::SO_COOKIE, 0u64)
+}
+
+/// A socket option whose value is plain data `T` (starting from `init`).
+pub(super) fn sockopt<T: Copy>(fd: BorrowedFd<'_>, level: libc::c_int, name: libc::c_int, init: T) -> io::Result<T> {
+    let mut value = init;
+    let mut len = std::mem::size_of::<T>() as libc::socklen_t;
+    // SAFETY: a valid descriptor and an out-buffer of the size given.
+    let rc = unsafe { libc::getsockopt(std::os::fd::AsRawFd::as_raw_fd(&fd), level, name, &mut value as *mut T as *mut libc::c_void, &mut len) };
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(cookie)
+    Ok(value)
 }
 
 #[cfg(test)]

@@ -230,7 +230,7 @@ pub struct ParseError(pub String);
 /// whose multibyte characters can hide a backslash.
 pub fn setting_changes_parsing(name: &str, value: &str) -> bool {
     let value = value.trim().trim_matches('\'').to_ascii_lowercase();
-    match name.to_ascii_lowercase().replace('-', "_").as_str() {
+    match setting_name(name).as_str() {
         "standard_conforming_strings" => !matches!(value.as_str(), "on" | "true" | "yes" | "1"),
         "backslash_quote" => true,
         "client_encoding" => unsafe_client_encoding(&value),
@@ -250,13 +250,27 @@ pub fn setting_changes_parsing(name: &str, value: &str) -> bool {
 /// `zero_damaged_pages` tamper with the catalog and the data. `value` None: back to
 /// the default (RESET, `SET … TO DEFAULT`), which the database's owners chose.
 pub fn setting_weakens_safeguards(name: &str, value: Option<&str>) -> bool {
-    let name = name.to_ascii_lowercase().replace('-', "_");
+    let name = setting_name(name);
     let Some(value) = value else { return false };
     match name.as_str() {
         "session_replication_role" => !value.trim().trim_matches('\'').eq_ignore_ascii_case("origin"),
         "track_activities" | "lo_compat_privileges" | "allow_system_table_mods" | "ignore_system_indexes" | "zero_damaged_pages" => true,
         n => n.starts_with("log_") || n.starts_with("pgaudit."),
     }
+}
+
+/// A string constant, in lower case (setting names and encodings are read so).
+fn lowercase_string(n: Option<&protobuf::Node>) -> Option<String> {
+    match n.and_then(const_value)? {
+        Val::Sval(s) => Some(s.sval.to_ascii_lowercase()),
+        _ => None,
+    }
+}
+
+/// A setting's name as PostgreSQL matches it: case-insensitive, `-` for `_` (in
+/// `--name=value` switches).
+fn setting_name(name: &str) -> String {
+    name.to_ascii_lowercase().replace('-', "_")
 }
 
 /// A constant's text as a setting would read it; `?` for anything computed.
@@ -627,10 +641,16 @@ fn same_expr_of(a: &protobuf::Node, b: &protobuf::Node, consts: &mut bool) -> bo
     }
 }
 
-/// Whether `c` is a COALESCE that is `e` itself whenever its arguments before `e` are
-/// NULL, and those may be NULL without regard to the row: `coalesce($1, id) = id`, the
-/// optional filter that keeps every row when the parameter is bound to NULL.
-fn falls_back_to(c: &protobuf::Node, e: &protobuf::Node, facts: &mut Facts) -> bool {
+/// Whether one side is a COALESCE that is the other itself whenever its arguments
+/// before it are NULL, and those may be NULL without regard to the row:
+/// `coalesce($1, id) = id`, the optional filter that keeps every row when the
+/// parameter is bound to NULL.
+fn falls_back_to(a: &protobuf::Node, b: &protobuf::Node, facts: &mut Facts) -> bool {
+    coalesce_falls_back_to(a, b, facts) || coalesce_falls_back_to(b, a, facts)
+}
+
+/// [`falls_back_to`] with the COALESCE on the left.
+fn coalesce_falls_back_to(c: &protobuf::Node, e: &protobuf::Node, facts: &mut Facts) -> bool {
     let Some(NodeEnum::CoalesceExpr(c)) = inner_value(c).node.as_ref() else { return false };
     for a in &c.args {
         if same_expr(a, e, &mut facts.literal_sensitive) {
@@ -779,16 +799,12 @@ fn always_true(n: &protobuf::Node, facts: &mut Facts) -> bool {
                 Ok(K::AexprOp) if matches!(op, Some("=" | "<=" | ">=")) => {
                     same_expr(l, r, &mut facts.literal_sensitive)
                         || falls_back_to(l, r, facts)
-                        || falls_back_to(r, l, facts)
                         || (op == Some("=") && compared_with_bool(l, r, true, true, facts))
                 }
                 // `(cond) <> false`: the condition itself; `(cond) <> true`: its negation.
                 Ok(K::AexprOp) if matches!(op, Some("<>" | "!=")) => compared_with_bool(l, r, false, true, facts),
                 Ok(K::AexprNotDistinct) => {
-                    same_expr(l, r, &mut facts.literal_sensitive)
-                        || falls_back_to(l, r, facts)
-                        || falls_back_to(r, l, facts)
-                        || compared_with_bool(l, r, true, true, facts)
+                    same_expr(l, r, &mut facts.literal_sensitive) || falls_back_to(l, r, facts) || compared_with_bool(l, r, true, true, facts)
                 }
                 Ok(K::AexprDistinct) => compared_with_bool(l, r, false, true, facts),
                 // `id IN (…, id, …)`, `id = ANY(ARRAY[…, id, …])`, `(cond) IN (true)`.
@@ -1683,10 +1699,7 @@ fn visit(n: N<'_>, facts: &mut Facts, per_row: &mut HashSet<*const protobuf::Sel
                 }
                 if name == "set_config" {
                     facts.literal_sensitive = true;
-                    let setting = f.args.first().and_then(const_value).and_then(|v| match v {
-                        Val::Sval(s) => Some(s.sval.to_ascii_lowercase()),
-                        _ => None,
-                    });
+                    let setting = lowercase_string(f.args.first());
                     if setting.as_deref().is_some_and(|name| setting_weakens_safeguards(name, Some(&setting_text(f.args.get(1))))) {
                         facts.weakens_safeguards = true;
                     }
@@ -1694,10 +1707,7 @@ fn visit(n: N<'_>, facts: &mut Facts, per_row: &mut HashSet<*const protobuf::Sel
                         Some("role" | "session_authorization") => facts.changes_role = true,
                         Some("standard_conforming_strings" | "backslash_quote") => facts.changes_parser = true,
                         Some("client_encoding") => {
-                            let value = f.args.get(1).and_then(const_value).and_then(|v| match v {
-                                Val::Sval(s) => Some(s.sval.to_ascii_lowercase()),
-                                _ => None,
-                            });
+                            let value = lowercase_string(f.args.get(1));
                             if value.as_deref().is_none_or(unsafe_client_encoding) {
                                 facts.changes_parser = true;
                             }
@@ -1737,10 +1747,7 @@ fn visit(n: N<'_>, facts: &mut Facts, per_row: &mut HashSet<*const protobuf::Sel
                 "standard_conforming_strings" | "backslash_quote" => facts.changes_parser = true,
                 "client_encoding" | "names" => {
                     facts.literal_sensitive = true;
-                    let value = v.args.first().and_then(const_value).and_then(|c| match c {
-                        Val::Sval(s) => Some(s.sval.to_ascii_lowercase()),
-                        _ => None,
-                    });
+                    let value = lowercase_string(v.args.first());
                     if sets && value.as_deref().is_none_or(unsafe_client_encoding) {
                         facts.changes_parser = true;
                     }

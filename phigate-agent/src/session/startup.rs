@@ -148,10 +148,9 @@ pub fn upstream_params(msg: &StartupMessage) -> Result<Vec<(String, String)>, St
             _ if FORBIDDEN_SETTINGS.contains(&name.as_str()) => return Err(k.clone()),
             // The policy judges statements with PostgreSQL's parser in its default
             // settings; a session that parses differently could hide code in what
-            // the policy reads as a string literal.
-            _ if setting_changes_parsing(&name, v) => return Err(format!("{k} ({v})")),
-            // As the policy's baseline.safeguard-settings for SET.
-            _ if setting_weakens_safeguards(&name, Some(v)) => return Err(format!("{k} ({v})")),
+            // the policy reads as a string literal. And the settings that switch off
+            // the database's own safeguards, as baseline.safeguard-settings in SET.
+            _ if setting_changes_parsing(&name, v) || setting_weakens_safeguards(&name, Some(v)) => return Err(format!("{k} ({v})")),
             "options" => check_options(v)?,
             _ => {}
         }

@@ -228,16 +228,16 @@ fn main() {
         "connect-from" => {
             let a: std::net::SocketAddrV4 = addr.parse().expect("A.B.C.D:PORT");
             let from: std::net::SocketAddrV4 = args.get(3).and_then(|s| s.parse().ok()).expect("A.B.C.D:SPORT");
-            match connect_from(a, from) {
-                Ok(s) => report_stream(out, s, true),
+            match connect_from(a, from, None) {
+                Ok((s, _)) => report_stream(out, s, true),
                 Err(e) => error_json(out, "connect", &e),
             }
         }
         "syn-from" => {
             let a: std::net::SocketAddrV4 = addr.parse().expect("A.B.C.D:PORT");
             let from: std::net::SocketAddrV4 = args.get(3).and_then(|s| s.parse().ok()).expect("A.B.C.D:SPORT");
-            match syn_from(a, from) {
-                Ok(connected) => {
+            match connect_from(a, from, Some(Duration::from_millis(500))) {
+                Ok((_, connected)) => {
                     out.insert("connect".into(), json!(if connected { "ok" } else { "pending" }));
                     Value::Object(out)
                 }
@@ -248,9 +248,9 @@ fn main() {
         "plant" => {
             let a: std::net::SocketAddrV4 = addr.parse().expect("A.B.C.D:PORT");
             let from: std::net::SocketAddrV4 = args.get(3).and_then(|s| s.parse().ok()).expect("A.B.C.D:SPORT");
-            match connect_from(a, from) {
+            match connect_from(a, from, None) {
                 Err(e) => error_json(out, "connect", &e),
-                Ok(mut s) => {
+                Ok((mut s, _)) => {
                     out.insert("connect".into(), json!("ok"));
                     out.insert("local".into(), json!(s.local_addr().map(|a| a.to_string()).unwrap_or_default()));
                     let name = format!("planted-by-{}", std::process::id());
@@ -299,17 +299,20 @@ fn main() {
     println!("{result}");
 }
 
-/// A blocking IPv4 connect from `from` (bound first, with SO_REUSEADDR).
-fn connect_from(to: std::net::SocketAddrV4, from: std::net::SocketAddrV4) -> std::io::Result<TcpStream> {
+/// An IPv4 connect from `from` (bound first, with SO_REUSEADDR): blocking, or with
+/// `within`, non-blocking and given up (the socket closed) if not answered in time.
+/// Returns the stream and whether the connect completed.
+fn connect_from(to: std::net::SocketAddrV4, from: std::net::SocketAddrV4, within: Option<Duration>) -> std::io::Result<(TcpStream, bool)> {
     let sin = |a: std::net::SocketAddrV4| libc::sockaddr_in {
         sin_family: libc::AF_INET as libc::sa_family_t,
         sin_port: a.port().to_be(),
         sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(a.ip().octets()) },
         sin_zero: [0; 8],
     };
+    let flags = if within.is_some() { libc::SOCK_NONBLOCK } else { 0 };
     // SAFETY: plain socket calls on a fresh fd; the addresses are valid sockaddr_in.
     unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | flags, 0);
         if fd < 0 {
             return Err(std::io::Error::last_os_error());
         }
@@ -322,9 +325,17 @@ fn connect_from(to: std::net::SocketAddrV4, from: std::net::SocketAddrV4) -> std
         }
         let remote = sin(to);
         if libc::connect(fd, &remote as *const _ as *const libc::sockaddr, mem::size_of::<libc::sockaddr_in>() as u32) != 0 {
-            return Err(std::io::Error::last_os_error());
+            let e = std::io::Error::last_os_error();
+            if within.is_none() || e.raw_os_error() != Some(libc::EINPROGRESS) {
+                return Err(e);
+            }
         }
-        Ok(stream)
+        let Some(within) = within else { return Ok((stream, true)) };
+        let mut pfd = libc::pollfd { fd, events: libc::POLLOUT, revents: 0 };
+        let answered = libc::poll(&mut pfd, 1, within.as_millis() as libc::c_int) == 1
+            && pfd.revents & libc::POLLOUT != 0
+            && pfd.revents & (libc::POLLERR | libc::POLLHUP) == 0;
+        Ok((stream, answered))
     }
 }
 
@@ -370,40 +381,6 @@ fn squat(mut out: serde_json::Map<String, Value>, a: SocketAddr, within: Duratio
         }
     }
     Value::Object(out)
-}
-
-/// A non-blocking IPv4 connect from `from`, closed after at most half a second.
-/// Returns whether it completed.
-fn syn_from(to: std::net::SocketAddrV4, from: std::net::SocketAddrV4) -> std::io::Result<bool> {
-    let sin = |a: std::net::SocketAddrV4| libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: a.port().to_be(),
-        sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(a.ip().octets()) },
-        sin_zero: [0; 8],
-    };
-    // SAFETY: plain socket calls on a fresh fd; the addresses are valid sockaddr_in.
-    unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_NONBLOCK, 0);
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        let _owned = TcpStream::from_raw_fd(fd);
-        let one: libc::c_int = 1;
-        libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, &one as *const _ as *const libc::c_void, mem::size_of::<libc::c_int>() as u32);
-        let local = sin(from);
-        if libc::bind(fd, &local as *const _ as *const libc::sockaddr, mem::size_of::<libc::sockaddr_in>() as u32) != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        let remote = sin(to);
-        if libc::connect(fd, &remote as *const _ as *const libc::sockaddr, mem::size_of::<libc::sockaddr_in>() as u32) != 0 {
-            let e = std::io::Error::last_os_error();
-            if e.raw_os_error() != Some(libc::EINPROGRESS) {
-                return Err(e);
-            }
-        }
-        let mut pfd = libc::pollfd { fd, events: libc::POLLOUT, revents: 0 };
-        Ok(libc::poll(&mut pfd, 1, 500) == 1 && pfd.revents & libc::POLLOUT != 0 && pfd.revents & (libc::POLLERR | libc::POLLHUP) == 0)
-    }
 }
 
 /// TCP Fast Open: the connect happens inside sendto(), a path that skips connect(2).
