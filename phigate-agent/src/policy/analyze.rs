@@ -128,6 +128,13 @@ pub enum DdlVerb {
     Alter,
 }
 
+/// What an ALTER does to a schema or database, whose tables it holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Handover {
+    Rename,
+    Owner,
+}
+
 /// What one statement does, everywhere in its tree.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Facts {
@@ -144,8 +151,11 @@ pub struct Facts {
     pub ddl: Vec<(DdlVerb, TableRef)>,
     /// Schemas dropped (DROP SCHEMA).
     pub dropped_schemas: Vec<String>,
-    /// Schemas renamed (ALTER SCHEMA … RENAME TO): their tables change names.
-    pub renamed_schemas: Vec<String>,
+    /// Schemas renamed (their tables change names) or given to another owner (who
+    /// may then drop or rename any table in them, through any connection).
+    pub altered_schemas: Vec<(String, Handover)>,
+    /// The database renamed or given to another owner (who may then drop it).
+    pub altered_database: Option<Handover>,
     /// ALTER TABLE ALL IN TABLESPACE: moves every table of a tablespace (or of a
     /// role there), whichever they are.
     pub moves_all_tables: bool,
@@ -396,7 +406,8 @@ impl Facts {
         self.writes.extend(o.writes);
         self.ddl.extend(o.ddl);
         self.dropped_schemas.extend(o.dropped_schemas);
-        self.renamed_schemas.extend(o.renamed_schemas);
+        self.altered_schemas.extend(o.altered_schemas);
+        self.altered_database = self.altered_database.or(o.altered_database);
         self.moves_all_tables |= o.moves_all_tables;
         self.functions.extend(o.functions);
         self.unfiltered_writes.extend(o.unfiltered_writes);
@@ -1240,6 +1251,43 @@ fn foreign_table_options(options: &[protobuf::Node], facts: &mut Facts) {
     }
 }
 
+/// The name of a schema or database as a DROP, ALTER … OWNER or COMMENT names it.
+fn object_name(o: &protobuf::Node) -> Option<String> {
+    match o.node.as_ref() {
+        Some(NodeEnum::String(s)) => Some(s.sval.clone()),
+        _ => None,
+    }
+}
+
+/// The relation an object named in a DROP, COMMENT or SECURITY LABEL is, or belongs
+/// to: a table, view, sequence or index by its own name; a column, constraint,
+/// policy, trigger or rule (`DROP POLICY p ON patients`) by the name without its last
+/// part.
+fn relation_of_object(ty: ObjectType, o: &protobuf::Node) -> Option<TableRef> {
+    let mut parts = match o.node.as_ref() {
+        Some(NodeEnum::List(l)) => name_list(&l.items),
+        Some(NodeEnum::String(s)) => vec![s.sval.clone()],
+        _ => return None,
+    };
+    match ty {
+        ObjectType::ObjectTable | ObjectType::ObjectView | ObjectType::ObjectMatview | ObjectType::ObjectForeignTable | ObjectType::ObjectSequence | ObjectType::ObjectIndex => {}
+        ObjectType::ObjectColumn | ObjectType::ObjectTabconstraint | ObjectType::ObjectPolicy | ObjectType::ObjectTrigger | ObjectType::ObjectRule => {
+            parts.pop();
+        }
+        _ => return None,
+    }
+    qualified(parts)
+}
+
+/// The relation of a COMMENT's or SECURITY LABEL's object is altered.
+fn altered_object(facts: &mut Facts, objtype: i32, object: Option<&protobuf::Node>) {
+    let ty = ObjectType::try_from(objtype).unwrap_or(ObjectType::Undefined);
+    if let Some(t) = object.and_then(|o| relation_of_object(ty, o)) {
+        facts.tables.insert(t.clone());
+        facts.ddl.push((DdlVerb::Alter, t));
+    }
+}
+
 /// These relations are altered (`baseline.alter-phi` when one is a PHI table).
 fn altered<'a>(facts: &mut Facts, relations: impl IntoIterator<Item = &'a protobuf::RangeVar>) {
     facts.ddl.extend(relations.into_iter().map(|rv| (DdlVerb::Alter, table(rv))));
@@ -1554,36 +1602,11 @@ fn visit(n: N<'_>, facts: &mut Facts, per_row: &mut HashSet<*const protobuf::Sel
             facts.drop_cascades |= d.behavior == protobuf::DropBehavior::DropCascade as i32;
             let ty = ObjectType::try_from(d.remove_type).unwrap_or(ObjectType::Undefined);
             for o in &d.objects {
-                let parts = match o.node.as_ref() {
-                    Some(NodeEnum::List(l)) => name_list(&l.items),
-                    Some(NodeEnum::String(s)) => vec![s.sval.clone()],
-                    _ => Vec::new(),
-                };
-                match ty {
-                    ObjectType::ObjectTable
-                    | ObjectType::ObjectView
-                    | ObjectType::ObjectMatview
-                    | ObjectType::ObjectForeignTable
-                    | ObjectType::ObjectSequence
-                    | ObjectType::ObjectIndex => {
-                        if let Some(t) = qualified(parts) {
-                            facts.tables.insert(t.clone());
-                            facts.ddl.push((DdlVerb::Drop, t));
-                        }
-                    }
-                    ObjectType::ObjectSchema => facts.dropped_schemas.extend(parts),
-                    // `DROP POLICY p ON patients` (row-level security), triggers and
-                    // rules: the relation is the name without its last part.
-                    ObjectType::ObjectPolicy | ObjectType::ObjectTrigger | ObjectType::ObjectRule => {
-                        let mut parts = parts;
-                        parts.pop();
-                        if let Some(t) = qualified(parts) {
-                            facts.tables.insert(t.clone());
-                            facts.ddl.push((DdlVerb::Drop, t));
-                        }
-                    }
-                    ObjectType::ObjectFunction | ObjectType::ObjectProcedure | ObjectType::ObjectRoutine | ObjectType::ObjectExtension => {}
-                    _ => {}
+                if ty == ObjectType::ObjectSchema {
+                    facts.dropped_schemas.extend(object_name(o));
+                } else if let Some(t) = relation_of_object(ty, o) {
+                    facts.tables.insert(t.clone());
+                    facts.ddl.push((DdlVerb::Drop, t));
                 }
             }
         }
@@ -1618,10 +1641,29 @@ fn visit(n: N<'_>, facts: &mut Facts, per_row: &mut HashSet<*const protobuf::Sel
             altered(facts, r.relation.as_ref());
             match ObjectType::try_from(r.rename_type) {
                 Ok(ObjectType::ObjectRole) => facts.role_ddl = true,
-                Ok(ObjectType::ObjectSchema) => facts.renamed_schemas.push(r.subname.clone()),
+                Ok(ObjectType::ObjectSchema) => facts.altered_schemas.push((r.subname.clone(), Handover::Rename)),
+                Ok(ObjectType::ObjectDatabase) => facts.altered_database = Some(Handover::Rename),
                 _ => {}
             }
         }
+        // A schema's owner may drop or rename every table in it, a database's owner may
+        // drop the database: handing either to another role hands it the PHI tables,
+        // for use through any connection phigate does not see.
+        N::AlterOwnerStmt(a) => match ObjectType::try_from(a.object_type) {
+            Ok(ObjectType::ObjectSchema) => facts.altered_schemas.extend(a.object.as_deref().into_iter().flat_map(object_name).map(|s| (s, Handover::Owner))),
+            Ok(ObjectType::ObjectDatabase) => facts.altered_database = Some(Handover::Owner),
+            _ => {}
+        },
+        // Indexes and extended statistics change how a PHI table is stored and what the
+        // catalog keeps of its values (a unique index answers whether a value exists; a
+        // statistics object's MCV list holds its commonest values); CREATE INDEX
+        // without CONCURRENTLY also holds it locked against writers while it builds.
+        N::IndexStmt(i) => altered(facts, i.relation.as_ref()),
+        N::CreateStatsStmt(c) => altered(facts, range_vars(&c.relations)),
+        // A comment is stored text about the table anyone may read (obj_description);
+        // a security label is access control (sepgsql).
+        N::CommentStmt(c) => altered_object(facts, c.objtype, c.object.as_deref()),
+        N::SecLabelStmt(l) => altered_object(facts, l.objtype, l.object.as_deref()),
         // Statements that hold a PHI table locked against its clinical writers (or
         // readers) while they run: LOCK in SHARE mode or stronger (ACCESS EXCLUSIVE
         // by default), and the rewrites CLUSTER, VACUUM FULL, REINDEX TABLE.

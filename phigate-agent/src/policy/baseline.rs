@@ -6,7 +6,7 @@
 //! |---|---|---|
 //! | `baseline.drop-phi` | block | DROP of a PHI table, of a policy/trigger/rule on one, of a schema or database holding one, DROP … CASCADE |
 //! | `baseline.truncate-phi` | block | TRUNCATE of a PHI table, TRUNCATE … CASCADE |
-//! | `baseline.alter-phi` | block | ALTER / rename / move of a PHI table (also by renaming its schema or moving a whole tablespace), LOCK/CLUSTER/VACUUM FULL/REINDEX that hold it locked, its row-level security policies and partitions |
+//! | `baseline.alter-phi` | block | ALTER / rename / move of a PHI table (also by renaming its schema or moving a whole tablespace), LOCK/CLUSTER/VACUUM FULL/REINDEX that hold it locked, its row-level security policies and partitions, indexes, statistics, comments and security labels on it, a new owner of its schema or database |
 //! | `baseline.unfiltered-write` | block | DELETE/UPDATE without WHERE, or with an always-true WHERE |
 //! | `baseline.copy-server-side` | block | COPY to or from a server file or program, file_fdw options (ALTER [FOREIGN] TABLE … OPTIONS too) |
 //! | `baseline.copy-phi-relation` | block | SELECT INTO / CREATE TABLE AS / CREATE VIEW from PHI tables; INSERT … SELECT, UPDATE … SET/FROM, MERGE … USING that copy from a PHI table into a table not certainly in `phi_tables`; set_config()/pg_notify()/large-object writes of a computed value in a statement reading PHI |
@@ -26,7 +26,7 @@
 //! explaining something blocked is blocked too.
 
 use super::{
-    analyze::{CopyTarget, DdlVerb, Facts},
+    analyze::{CopyTarget, DdlVerb, Facts, Handover},
     Finding, Policy, Verdict,
 };
 
@@ -115,10 +115,25 @@ pub fn findings(p: &Policy, f: &Facts) -> Vec<Finding> {
             out.push(block(rule, format!("{what} of PHI table {t}")));
         }
     }
-    for s in &f.renamed_schemas {
+    for (s, change) in &f.altered_schemas {
         if p.baseline.phi_tables.iter().any(|pt| pt.schema().is_none_or(|ps| ps == s)) {
-            out.push(block("baseline.alter-phi", format!("renaming schema {s} would rename the PHI tables in it")));
+            out.push(block(
+                "baseline.alter-phi",
+                match change {
+                    Handover::Rename => format!("renaming schema {s} would rename the PHI tables in it"),
+                    Handover::Owner => format!("a new owner of schema {s} could drop or rename the PHI tables in it"),
+                },
+            ));
         }
+    }
+    if let Some(change) = f.altered_database.filter(|_| !p.baseline.phi_tables.is_empty()) {
+        out.push(block(
+            "baseline.alter-phi",
+            match change {
+                Handover::Rename => "renaming the database would move its PHI tables to a name no rule expects".into(),
+                Handover::Owner => "a new owner of the database could drop it with its PHI tables".into(),
+            },
+        ));
     }
     if f.moves_all_tables && !p.baseline.phi_tables.is_empty() {
         out.push(block("baseline.alter-phi", "ALTER TABLE ALL IN TABLESPACE also moves PHI tables".into()));

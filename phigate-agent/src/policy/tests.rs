@@ -965,3 +965,41 @@ fn statements_that_hold_a_phi_table_locked_are_alter_phi() {
         ("lock table labs", Verdict::Allow, "default"),
     ]);
 }
+
+#[test]
+fn indexes_statistics_comments_labels_and_owners_of_phi_are_alter_phi() {
+    assert_decisions(&[
+        ("create index on patients (ssn)", Verdict::Block, "baseline.alter-phi"),
+        ("create unique index concurrently if not exists p_name on public.patients (lower(name))", Verdict::Block, "baseline.alter-phi"),
+        ("create statistics s (mcv) on name, ssn from patients", Verdict::Block, "baseline.alter-phi"),
+        ("comment on table patients is 'x'", Verdict::Block, "baseline.alter-phi"),
+        ("comment on column public.patients.ssn is 'x'", Verdict::Block, "baseline.alter-phi"),
+        ("comment on constraint patients_pkey on patients is 'x'", Verdict::Block, "baseline.alter-phi"),
+        ("comment on trigger t on patients is 'x'", Verdict::Block, "baseline.alter-phi"),
+        ("security label for selinux on table patients is 'system_u:object_r:sepgsql_table_t:s0'", Verdict::Block, "baseline.alter-phi"),
+        ("security label on column patients.ssn is 'x'", Verdict::Block, "baseline.alter-phi"),
+        ("alter schema public owner to someone", Verdict::Block, "baseline.alter-phi"),
+        ("alter database clinical rename to clinical_old", Verdict::Block, "baseline.alter-phi"),
+        ("alter database clinical owner to someone", Verdict::Block, "baseline.alter-phi"),
+        // Not PHI tables, or not tables at all.
+        ("create index on labs (id)", Verdict::Allow, "default"),
+        ("create statistics s on id, value from labs", Verdict::Allow, "default"),
+        ("comment on table labs is 'x'", Verdict::Allow, "default"),
+        ("comment on column labs.value is 'x'", Verdict::Allow, "default"),
+        ("comment on schema billing is 'x'", Verdict::Allow, "default"),
+        ("alter schema billing owner to someone", Verdict::Allow, "default"),
+        ("alter function f() owner to someone", Verdict::Allow, "default"),
+    ]);
+}
+
+#[test]
+fn drops_still_find_their_relation_after_the_object_helper() {
+    assert_decisions(&[
+        ("drop schema public", Verdict::Block, "baseline.drop-phi"),
+        ("drop policy p on patients", Verdict::Block, "baseline.drop-phi"),
+        ("drop trigger t on public.patients", Verdict::Block, "baseline.drop-phi"),
+        ("drop table if exists labs, patients", Verdict::Block, "baseline.drop-phi"),
+        ("drop policy p on labs", Verdict::Allow, "default"),
+        ("drop schema billing", Verdict::Allow, "default"),
+    ]);
+}
