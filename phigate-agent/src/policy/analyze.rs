@@ -1270,7 +1270,12 @@ fn relation_of_object(ty: ObjectType, o: &protobuf::Node) -> Option<TableRef> {
         _ => return None,
     };
     match ty {
-        ObjectType::ObjectTable | ObjectType::ObjectView | ObjectType::ObjectMatview | ObjectType::ObjectForeignTable | ObjectType::ObjectSequence | ObjectType::ObjectIndex => {}
+        ObjectType::ObjectTable
+        | ObjectType::ObjectView
+        | ObjectType::ObjectMatview
+        | ObjectType::ObjectForeignTable
+        | ObjectType::ObjectSequence
+        | ObjectType::ObjectIndex => {}
         ObjectType::ObjectColumn | ObjectType::ObjectTabconstraint | ObjectType::ObjectPolicy | ObjectType::ObjectTrigger | ObjectType::ObjectRule => {
             parts.pop();
         }
