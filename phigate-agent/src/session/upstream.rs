@@ -26,7 +26,12 @@ use crate::{
     },
 };
 
+/// How long opening the connection may take: TCP, the SSLRequest's answer and the
+/// TLS handshake. A server that accepts and then stays silent must not hold the
+/// session (and the workload waiting for an answer) forever.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the login may take, from the startup message to ReadyForQuery.
+const LOGIN_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_STARTUP_MESSAGE: usize = 1 << 20;
 
 /// A logged-in upstream connection.
@@ -46,6 +51,8 @@ pub struct Upstream {
 pub enum UpstreamError {
     #[error("cannot connect to the database at {addr}: {err}")]
     Unreachable { addr: SocketAddr, err: std::io::Error },
+    #[error("the database did not finish the login within {0:?}; check that it is running and not overloaded")]
+    LoginTimedOut(Duration),
     #[error("the database at {0} refused TLS, and upstream_tls.mode requires it")]
     TlsRefused(SocketAddr),
     #[error("TLS with the database failed: {0}")]
@@ -83,12 +90,19 @@ pub fn read_secret(role: &str, path: &Path) -> Result<Vec<u8>, UpstreamError> {
     Ok(bytes)
 }
 
-/// Open a TCP (and, per mode, TLS) connection to the database.
+/// Open a TCP (and, per mode, TLS) connection to the database, within
+/// [`CONNECT_TIMEOUT`].
 pub async fn open(addr: SocketAddr, tls: &UpstreamTls) -> Result<Conn, UpstreamError> {
-    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
-        .await
-        .map_err(|_| UpstreamError::Unreachable { addr, err: std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out") })?
-        .map_err(|err| UpstreamError::Unreachable { addr, err })?;
+    tokio::time::timeout(CONNECT_TIMEOUT, open_unbounded(addr, tls)).await.unwrap_or_else(|_| {
+        Err(UpstreamError::Unreachable {
+            addr,
+            err: std::io::Error::new(std::io::ErrorKind::TimedOut, format!("no connection (TCP and TLS) within {CONNECT_TIMEOUT:?}")),
+        })
+    })
+}
+
+async fn open_unbounded(addr: SocketAddr, tls: &UpstreamTls) -> Result<Conn, UpstreamError> {
+    let tcp = TcpStream::connect(addr).await.map_err(|err| UpstreamError::Unreachable { addr, err })?;
     tcp.set_nodelay(true).ok();
     let Some((connector, name)) = tls.connector() else {
         return Ok(Conn::Plain(tcp));
@@ -129,8 +143,22 @@ fn password_path_trusted(tls_mode: Option<SslMode>, peer_is_loopback: bool) -> b
     tls_mode.is_some_and(|mode| matches!(mode, SslMode::VerifyCa | SslMode::VerifyFull)) || peer_is_loopback
 }
 
-/// Log in as `role` over a connection from [`open`] (made with `tls`).
+/// Log in as `role` over a connection from [`open`] (made with `tls`), within
+/// [`LOGIN_TIMEOUT`].
 pub async fn login(
+    conn: Conn,
+    tls: &UpstreamTls,
+    role: &str,
+    password_file: Option<&Path>,
+    params: &[(String, String)],
+    dbname: &str,
+) -> Result<Upstream, UpstreamError> {
+    tokio::time::timeout(LOGIN_TIMEOUT, login_unbounded(conn, tls, role, password_file, params, dbname))
+        .await
+        .unwrap_or(Err(UpstreamError::LoginTimedOut(LOGIN_TIMEOUT)))
+}
+
+async fn login_unbounded(
     mut conn: Conn,
     tls: &UpstreamTls,
     role: &str,
@@ -266,6 +294,28 @@ mod tests {
         (login(conn, &tls, "agent", Some(&secret), &[], "db").await, server)
     }
 
+    /// [`login_against`], giving up after `limit` (None: still waiting then).
+    async fn login_against_within<T, F>(
+        limit: Duration,
+        script: impl FnOnce(TcpStream) -> F + Send + 'static,
+    ) -> (Option<Result<Upstream, UpstreamError>>, tokio::task::JoinHandle<T>)
+    where
+        T: Send + 'static,
+        F: std::future::Future<Output = T> + Send + 'static,
+    {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let server = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.expect("accept");
+            read_message(&mut s, false).await;
+            script(s).await
+        });
+        let conn = Conn::Plain(TcpStream::connect(addr).await.expect("connect"));
+        let cfg = crate::config::UpstreamTlsConfig { mode: SslMode::Disable, ca_file: None, server_name: None };
+        let tls = UpstreamTls::new(&cfg, std::net::Ipv4Addr::LOCALHOST.into()).expect("no TLS");
+        (tokio::time::timeout(limit, login(conn, &tls, "agent", None, &[], "db")).await.ok(), server)
+    }
+
     #[tokio::test]
     async fn a_server_that_skips_the_scram_final_message_is_not_trusted() {
         let (result, server) = login_against(|mut s| async move {
@@ -285,6 +335,43 @@ mod tests {
         .await;
         assert!(matches!(result, Err(UpstreamError::ServerNotAuthenticated)), "{:?}", result.err());
         server.abort();
+    }
+
+    /// A database that accepts the TCP connection and then never says a word.
+    async fn silent_server() -> (SocketAddr, tokio::task::JoinHandle<()>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let server = tokio::spawn(async move {
+            let (_s, _) = listener.accept().await.expect("accept");
+            tokio::time::sleep(Duration::from_secs(600)).await;
+        });
+        (addr, server)
+    }
+
+    #[tokio::test]
+    async fn review_a_database_that_never_answers_the_ssl_request_is_unreachable_in_bounded_time() {
+        // Found by a review: only the TCP connect was bounded; a server that accepted
+        // and then stayed silent (a hung postmaster, a black hole behind a proxy) held
+        // the session forever, and the workload never got its 08006.
+        let (addr, server) = silent_server().await;
+        let cfg = crate::config::UpstreamTlsConfig { mode: SslMode::Require, ca_file: None, server_name: None };
+        let tls = UpstreamTls::new(&cfg, std::net::Ipv4Addr::LOCALHOST.into()).expect("TLS");
+        let got = tokio::time::timeout(CONNECT_TIMEOUT + Duration::from_secs(10), open(addr, &tls)).await;
+        server.abort();
+        assert!(matches!(got, Ok(Err(UpstreamError::Unreachable { .. }))), "open() did not give up on a silent server: {:?}", got.map(|r| r.err()));
+    }
+
+    #[tokio::test]
+    async fn review_a_database_that_never_answers_the_login_is_unreachable_in_bounded_time() {
+        // Found by a review: the login (startup message to ReadyForQuery) had no bound.
+        let (result, server) = login_against_within(LOGIN_TIMEOUT + Duration::from_secs(10), |s| async move {
+            // Holds the connection open, silent.
+            let _held = s;
+            tokio::time::sleep(Duration::from_secs(600)).await;
+        })
+        .await;
+        server.abort();
+        assert!(matches!(result, Some(Err(UpstreamError::LoginTimedOut(_)))), "login() did not give up on a silent server: {:?}", result.map(|r| r.err()));
     }
 
     #[test]
