@@ -564,6 +564,17 @@ impl Validator<'_> {
                         "Set ca_file to the PEM file of the CA that signed the database's certificate.",
                     ));
                 }
+                if !matches!(t.mode, SslMode::VerifyCa | SslMode::VerifyFull) && t.ca_file.is_some() {
+                    // Only the verify modes check the certificate against ca_file; libpq
+                    // also verifies the chain under require when given a root
+                    // certificate, so an operator writing both expects a check that
+                    // would silently not happen.
+                    return Err(self.err(
+                        key("upstream_tls.ca_file"),
+                        format!("mode {:?} does not check the server's certificate, so ca_file would be ignored", t.mode),
+                        "Set mode = \"verify-full\" (or \"verify-ca\") to verify the database with this CA, or remove ca_file.",
+                    ));
+                }
                 if let Some(n) = &t.server_name {
                     if rustls::pki_types::ServerName::try_from(n.as_str()).is_err() {
                         return Err(self.err(
@@ -953,6 +964,28 @@ create = true
 
     fn err(text: &str) -> String {
         parse(text).expect_err("must be rejected").to_string()
+    }
+
+    #[test]
+    fn review_a_ca_file_that_the_mode_would_ignore_is_refused() {
+        // Found by a review: with mode = "require" (or prefer) a ca_file was accepted and
+        // then ignored, so the server's certificate was not checked against it. libpq,
+        // whose sslmode meanings the README promises, verifies the chain under require
+        // when a root certificate is given: an operator writing both expected that.
+        for mode in ["require", "prefer", "disable"] {
+            let text = GOOD.replace(
+                "upstream = \"127.0.0.2:5432\"\n",
+                &format!("upstream = \"127.0.0.2:5432\"\n[database.upstream_tls]\nmode = \"{mode}\"\nca_file = \"db-ca.pem\"\n"),
+            );
+            let e = parse(&text).map(|_| ()).expect_err(&format!("mode {mode} with a ca_file was accepted"));
+            let e = e.to_string();
+            assert!(e.contains("upstream_tls.ca_file") && e.contains("verify-full"), "{e}");
+        }
+        let text = GOOD.replace(
+            "upstream = \"127.0.0.2:5432\"\n",
+            "upstream = \"127.0.0.2:5432\"\n[database.upstream_tls]\nmode = \"verify-ca\"\nca_file = \"db-ca.pem\"\n",
+        );
+        assert!(parse(&text).is_ok());
     }
 
     #[test]
