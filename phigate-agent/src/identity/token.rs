@@ -169,7 +169,7 @@ impl TokenVerifier {
                     .map_err(TokenError::KeysUnavailable)?
             }
         };
-        serde_json::from_str::<JwkSet>(&text).map_err(|e| TokenError::KeysUnavailable(format!("not a JWKS document: {e}")))
+        parse_jwks(&text)
     }
 
     /// The current key set, fetching when absent or stale (a URL source after its
@@ -290,6 +290,27 @@ impl TokenVerifier {
         };
         Ok(TokenClaims { issuer: self.config.issuer.clone(), subject, groups, expires_at: claims["exp"].as_u64().unwrap_or(0) })
     }
+}
+
+/// Read a JWKS document key by key: issuers publish keys of types and algorithms
+/// jsonwebtoken does not know (ES512, ECDH-ES, X25519, …) beside their signing keys,
+/// and one of those must not make the whole set unusable. Such keys are skipped (they
+/// could not verify anything here anyway).
+fn parse_jwks(text: &str) -> Result<JwkSet, TokenError> {
+    #[derive(serde::Deserialize)]
+    struct Document {
+        keys: Vec<Value>,
+    }
+    let doc: Document = serde_json::from_str(text).map_err(|e| TokenError::KeysUnavailable(format!("not a JWKS document: {e}")))?;
+    let mut keys = Vec::with_capacity(doc.keys.len());
+    for k in doc.keys {
+        let kid = k.get("kid").and_then(Value::as_str).unwrap_or("").to_string();
+        match serde_json::from_value::<Jwk>(k) {
+            Ok(jwk) => keys.push(jwk),
+            Err(e) => tracing::debug!(kid = %kid.escape_debug(), error = %e, "skipping a JWKS key phigate cannot use"),
+        }
+    }
+    Ok(JwkSet { keys })
 }
 
 /// Redirects a JWKS URL may take.
@@ -479,6 +500,28 @@ mod tests {
         let enc = edit(&|k| k["use"] = json!("enc"))["keys"][0].clone();
         let v = verifier(&json!({"keys": [enc, jwks["keys"][0].clone()]}), dir.path());
         assert_eq!(v.verify(&token(&key, "k1", good_claims())).await.map(|c| c.subject), Ok("svc-billing".into()));
+    }
+
+    #[tokio::test]
+    async fn review_a_key_phigate_cannot_read_does_not_hide_the_others() {
+        // Found by a review: the JWKS was read as a whole, so one key of a type or
+        // algorithm jsonwebtoken does not know (an ES512 or ECDH-ES key next to the
+        // signing keys, as issuers publish) made every token fail with "keys unavailable".
+        let (key, jwks) = keypair("k1");
+        for (what, other) in [
+            ("ES512 key", json!({"kty": "EC", "crv": "P-521", "kid": "k9", "alg": "ES512", "use": "sig", "x": "AAAA", "y": "AAAA"})),
+            ("ECDH-ES encryption key", json!({"kty": "EC", "crv": "P-256", "kid": "k8", "alg": "ECDH-ES", "use": "enc", "x": "AAAA", "y": "AAAA"})),
+            ("X25519 key", json!({"kty": "OKP", "crv": "X25519", "kid": "k7", "use": "enc", "x": "AAAA"})),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let v = verifier(&json!({"keys": [other, jwks["keys"][0].clone()]}), dir.path());
+            let got = v.verify(&token(&key, "k1", good_claims())).await;
+            assert!(got.is_ok(), "a JWKS with an {what} beside the signing key: {got:?}");
+        }
+        // A document that is not a key set at all still verifies nothing.
+        let dir = tempfile::tempdir().unwrap();
+        let v = verifier(&json!({"not-keys": []}), dir.path());
+        assert!(matches!(v.verify(&token(&key, "k1", good_claims())).await, Err(TokenError::KeysUnavailable(_))));
     }
 
     #[tokio::test]
