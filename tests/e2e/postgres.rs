@@ -536,6 +536,46 @@ fn upstream_down_gives_08006_and_the_agent_logs_the_cause() {
 }
 
 #[test]
+fn review_a_silent_database_gives_08006_in_bounded_time() {
+    if skip("review_a_silent_database_gives_08006_in_bounded_time") {
+        return;
+    }
+    // Found by a review: only the TCP connect to the database was bounded. A database
+    // that accepts and then never answers (a hung postmaster, a black hole behind a
+    // proxy) held the workload's login forever, without the 08006 it gets when the
+    // database is down.
+    let addr: std::net::Ipv4Addr = "127.0.0.2".parse().unwrap();
+    let listener = std::net::TcpListener::bind(SocketAddr::new(addr.into(), phigate_tests::pg::free_port(addr))).expect("bind");
+    let silent = listener.local_addr().unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stopped = stop.clone();
+    // Accept and hold every connection, silent, until the test ends (bounded: 60 s).
+    let holder = std::thread::spawn(move || {
+        let mut held = Vec::new();
+        let until = std::time::Instant::now() + Duration::from_secs(60);
+        while !stopped.load(std::sync::atomic::Ordering::SeqCst) && std::time::Instant::now() < until {
+            if let Ok((c, _)) = listener.accept() {
+                held.push(c);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    });
+    let e = env_with(None, |mut c, _| {
+        c.databases[0].upstream = silent;
+        c
+    });
+    // The raw client waits at most 20 s for an answer to its login.
+    let started = std::time::Instant::now();
+    let v = pgclient(&e, "prot", "raw-password");
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let _ = holder.join();
+    let errors = v["errors"].to_string();
+    assert!(errors.contains("C08006") && errors.contains("phigate could not reach the database"), "no 08006 within the client's 20 s: {v}");
+    assert!(started.elapsed() < Duration::from_secs(20), "{:?}", started.elapsed());
+}
+
+#[test]
 fn upstream_sslmodes_and_rejected_agent_credentials() {
     if skip("upstream_sslmodes_and_rejected_agent_credentials") {
         return;
