@@ -655,6 +655,102 @@ fn upstream_sslmodes_and_rejected_agent_credentials() {
     assert!(!log.contains("not-the-secret") && !log.contains("scram-secret"), "secrets never reach the log");
 }
 
+/// A machine in the middle of the agent's TLS to the database: it answers the
+/// agent's SSLRequest with its own certificate (`cert`), opens its own TLS to the
+/// database (verified with `db_ca`, as db.test) and relays the plaintext both ways.
+/// Serves until the test ends (at most 60 s).
+fn tls_mitm(cert: &TestCa, db_ca: &TestCa, database: std::sync::Arc<std::sync::OnceLock<SocketAddr>>) -> SocketAddr {
+    use std::sync::Arc;
+    let pem = |p: &Path| std::fs::read(p).expect("PEM");
+    let chain: Vec<_> = rustls_pemfile::certs(&mut pem(&cert.cert_file).as_slice()).map(|c| c.expect("certificate")).collect();
+    let key = rustls_pemfile::private_key(&mut pem(&cert.key_file).as_slice()).expect("key").expect("a key");
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let server = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .expect("MITM server config");
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pemfile::certs(&mut pem(&db_ca.ca_file).as_slice()) {
+        roots.add(c.expect("CA")).expect("root");
+    }
+    let client = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let (acceptor, connector) = (tokio_rustls::TlsAcceptor::from(Arc::new(server)), tokio_rustls::TlsConnector::from(Arc::new(client)));
+    let addr: std::net::Ipv4Addr = "127.0.0.2".parse().unwrap();
+    let listener = TcpListener::bind(SocketAddr::new(addr.into(), phigate_tests::pg::free_port(addr))).expect("bind");
+    let at = listener.local_addr().unwrap();
+    listener.set_nonblocking(true).unwrap();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            let serve = async {
+                loop {
+                    let Ok((mut agent, _)) = listener.accept().await else { continue };
+                    let (acceptor, connector, database) = (acceptor.clone(), connector.clone(), database.clone());
+                    tokio::spawn(async move {
+                        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                        let mut request = [0u8; 8];
+                        agent.read_exact(&mut request).await.ok()?;
+                        agent.write_all(b"S").await.ok()?;
+                        let mut agent = acceptor.accept(agent).await.ok()?;
+                        let mut db = tokio::net::TcpStream::connect(database.get()?).await.ok()?;
+                        db.write_all(&request).await.ok()?;
+                        let mut answer = [0u8; 1];
+                        db.read_exact(&mut answer).await.ok()?;
+                        let name = rustls::pki_types::ServerName::try_from("db.test").unwrap();
+                        let mut db = connector.connect(name, db).await.ok()?;
+                        let _ = tokio::io::copy_bidirectional(&mut agent, &mut db).await;
+                        Some(())
+                    });
+                }
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(60), serve).await;
+        });
+    });
+    at
+}
+
+#[test]
+fn review_a_machine_in_the_middle_of_unverified_tls_cannot_relay_the_scram_login() {
+    if skip("review_a_machine_in_the_middle_of_unverified_tls_cannot_relay_the_scram_login") {
+        return;
+    }
+    // Found by a review: under upstream_tls mode require (or prefer) the agent did not
+    // bind SCRAM to the TLS channel, so a machine in between could terminate the
+    // agent's TLS with any certificate, relay the SCRAM login to the database and read
+    // every result in clear. libpq binds by default (channel_binding = prefer) when
+    // the server offers SCRAM-SHA-256-PLUS, as PostgreSQL does over TLS; the database
+    // then sees the other certificate's hash and refuses the relayed login.
+    let dir = TempDir::new();
+    let ca = TestCa::new(&dir.0, "db", &["db.test", "127.0.0.2"]);
+    let intruder = TestCa::new(&dir.0, "intruder", &["db.test", "127.0.0.2"]);
+    let database = std::sync::Arc::new(std::sync::OnceLock::new());
+    let mitm = tls_mitm(&intruder, &ca, database.clone());
+    let e = env_with(Some(&ca), |mut c, ctx| {
+        database.set(c.databases[0].upstream).unwrap();
+        let mut db = DbSpec::new("through-mitm", &["127.0.0.21/32"], c.databases[0].port, mitm);
+        db.credentials = vec![("app_scram".into(), Some(ctx.dir.file("mitm.password", "scram-secret\n")))];
+        db.extra = "[database.upstream_tls]\nmode = \"require\"\n".into();
+        c.databases.push(db);
+        let access =
+            vec![("clinical".to_string(), "app_scram".to_string(), vec!["*".to_string()]), ("through-mitm".into(), "app_scram".into(), vec!["*".into()])];
+        c.identity(IdentitySpec { name: "billing-agent".into(), auth: "auth = \"workload\"".into(), access })
+    });
+    // Direct, with the same mode: the login works (SCRAM bound to the real channel).
+    let direct = pgclient_at(&e, "prot", "whoami", "127.0.0.2", "");
+    assert_eq!(direct["ok"], true, "{direct}");
+    let v = pgclient_at(&e, "prot", "whoami", "127.0.0.21", "");
+    assert_ne!(v["ok"], true, "the login was relayed through a machine in the middle of the agent's TLS: {v}");
+    // The database refused the relayed login: the agent's credentials did not work.
+    assert_eq!(v["code"], "28000", "{v}");
+}
+
 #[test]
 fn upstream_tls_verify_full_succeeds_with_the_right_ca_and_fails_with_a_wrong_one() {
     if skip("upstream_tls_verify_full_succeeds_with_the_right_ca_and_fails_with_a_wrong_one") {

@@ -133,6 +133,69 @@ fn may_send_password(conn: &Conn, tls: &UpstreamTls) -> bool {
     }
 }
 
+/// The `tls-server-end-point` channel binding data (RFC 5929) of the database's
+/// certificate on a TLS connection: the certificate hashed with its signature's hash
+/// function (SHA-256 for MD5 and SHA-1), as PostgreSQL computes it. None without TLS,
+/// or for a certificate signed without one such hash (RSA-PSS, Ed25519), which
+/// PostgreSQL cannot bind to either.
+fn channel_binding_data(conn: &Conn) -> Option<Vec<u8>> {
+    let Conn::ClientTls(t) = conn else { return None };
+    let cert = t.get_ref().1.peer_certificates()?.first()?;
+    end_point_hash(cert.as_ref())
+}
+
+fn end_point_hash(cert: &[u8]) -> Option<Vec<u8>> {
+    use sha2::{Digest, Sha224, Sha256, Sha384, Sha512};
+    // Certificate ::= SEQUENCE { tbsCertificate, signatureAlgorithm
+    // AlgorithmIdentifier ::= SEQUENCE { algorithm OID, … }, signatureValue }
+    let (0x30, certificate, _) = der_tlv(cert)? else { return None };
+    let (_, _, after_tbs) = der_tlv(certificate)?;
+    let (0x30, algorithm, _) = der_tlv(after_tbs)? else { return None };
+    let (0x06, oid, _) = der_tlv(algorithm)? else { return None };
+    // 1.2.840.113549.1.1.n (RSA PKCS#1) and 1.2.840.10045.4.3.n / 4.1 (ECDSA).
+    const RSA: &[u8] = &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01];
+    const ECDSA_SHA2: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03];
+    const ECDSA_SHA1: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x01];
+    let bits = match (oid.strip_prefix(RSA), oid.strip_prefix(ECDSA_SHA2)) {
+        // md5, sha1, sha256, sha224, sha384, sha512 WithRSAEncryption
+        (Some([4 | 5 | 11]), _) => 256,
+        (Some([14]), _) => 224,
+        (Some([12]), _) => 384,
+        (Some([13]), _) => 512,
+        // ecdsa-with-SHA224, -SHA256, -SHA384, -SHA512
+        (_, Some([1])) => 224,
+        (_, Some([2])) => 256,
+        (_, Some([3])) => 384,
+        (_, Some([4])) => 512,
+        _ if oid == ECDSA_SHA1 => 256,
+        _ => return None,
+    };
+    Some(match bits {
+        224 => Sha224::digest(cert).to_vec(),
+        256 => Sha256::digest(cert).to_vec(),
+        384 => Sha384::digest(cert).to_vec(),
+        _ => Sha512::digest(cert).to_vec(),
+    })
+}
+
+/// One DER element at the front of `bytes`: its tag, its contents and what follows.
+fn der_tlv(bytes: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let tag = *bytes.first()?;
+    let first = *bytes.get(1)?;
+    let (len, header) = if first < 0x80 {
+        (first as usize, 2)
+    } else {
+        let n = (first & 0x7f) as usize;
+        if n == 0 || n > 4 {
+            return None;
+        }
+        let len = bytes.get(2..2 + n)?.iter().fold(0usize, |l, b| (l << 8) | *b as usize);
+        (len, 2 + n)
+    };
+    let end = header.checked_add(len)?;
+    Some((tag, bytes.get(header..end)?, &bytes[end..]))
+}
+
 fn is_loopback(tcp: &TcpStream) -> bool {
     tcp.peer_addr().is_ok_and(|a| a.ip().is_loopback())
 }
@@ -201,11 +264,22 @@ async fn login_unbounded(
                     conn.write_all(msg::password_message(hash.as_bytes()).as_bytes()).await.map_err(UpstreamError::Write)?;
                 }
                 AuthRequest::Sasl { mechanisms } => {
-                    if !mechanisms.iter().any(|m| m == "SCRAM-SHA-256") {
-                        return Err(UpstreamError::UnsupportedAuth(mechanisms.join(", ")));
-                    }
-                    let s = ScramSha256::new(&password()?, ChannelBinding::unsupported());
-                    conn.write_all(msg::sasl_initial_response("SCRAM-SHA-256", s.message()).as_bytes()).await.map_err(UpstreamError::Write)?;
+                    let offered = |m: &str| mechanisms.iter().any(|o| o == m);
+                    // Bound to the TLS channel whenever possible, as libpq does by
+                    // default: a machine that terminates TLS phigate did not verify
+                    // (prefer, require) cannot then relay the login to the database,
+                    // which sees another certificate's hash and refuses it.
+                    let (mechanism, binding) = match channel_binding_data(&conn) {
+                        Some(data) if offered("SCRAM-SHA-256-PLUS") => ("SCRAM-SHA-256-PLUS", ChannelBinding::tls_server_end_point(data)),
+                        // Phigate could bind but the server did not offer it: "y" tells a
+                        // server that does support binding (its offer removed on the
+                        // way) to refuse.
+                        Some(_) if offered("SCRAM-SHA-256") => ("SCRAM-SHA-256", ChannelBinding::unrequested()),
+                        None if offered("SCRAM-SHA-256") => ("SCRAM-SHA-256", ChannelBinding::unsupported()),
+                        _ => return Err(UpstreamError::UnsupportedAuth(mechanisms.join(", "))),
+                    };
+                    let s = ScramSha256::new(&password()?, binding);
+                    conn.write_all(msg::sasl_initial_response(mechanism, s.message()).as_bytes()).await.map_err(UpstreamError::Write)?;
                     scram = Some(s);
                 }
                 AuthRequest::SaslContinue(data) => {
@@ -372,6 +446,97 @@ mod tests {
         .await;
         server.abort();
         assert!(matches!(result, Some(Err(UpstreamError::LoginTimedOut(_)))), "login() did not give up on a silent server: {:?}", result.map(|r| r.err()));
+    }
+
+    /// Read one message from any stream (the startup packet has no type byte).
+    async fn read_message_from(s: &mut (impl tokio::io::AsyncRead + Unpin), typed: bool) -> Vec<u8> {
+        if typed {
+            s.read_u8().await.expect("type byte");
+        }
+        let len = s.read_i32().await.expect("length") as usize;
+        let mut body = vec![0u8; len - 4];
+        s.read_exact(&mut body).await.expect("body");
+        body
+    }
+
+    /// A TLS database (self-signed certificate, signed with `alg`) that offers
+    /// `mechanisms`, plays SCRAM up to the client's final message and hands back the
+    /// mechanism chosen, the client-first and client-final messages, and its
+    /// certificate.
+    async fn scram_over_tls(alg: &'static rcgen::SignatureAlgorithm, mechanisms: &'static [u8]) -> (String, String, String, Vec<u8>) {
+        use std::sync::Arc;
+        let kp = rcgen::KeyPair::generate_for(alg).expect("key");
+        let cert = rcgen::CertificateParams::new(vec!["db.test".to_string()]).expect("params").self_signed(&kp).expect("certificate");
+        let der = cert.der().to_vec();
+        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(kp.serialize_der().into());
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.der().clone()], key)
+            .expect("server config");
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let server = tokio::spawn(async move {
+            let (mut tcp, _) = listener.accept().await.expect("accept");
+            read_message_from(&mut tcp, false).await;
+            tcp.write_all(b"S").await.expect("write");
+            let mut s = acceptor.accept(tcp).await.expect("TLS");
+            read_message_from(&mut s, false).await;
+            s.write_all(&auth(10, mechanisms)).await.expect("write");
+            s.flush().await.expect("flush");
+            let first = read_message_from(&mut s, true).await;
+            let mut rest = first.as_slice();
+            let mechanism = crate::pg::frame::take_cstr(&mut rest, "mechanism").expect("mechanism").to_string();
+            let client_first = String::from_utf8_lossy(&rest[4..]).into_owned();
+            let nonce = client_first.rsplit("r=").next().expect("client nonce").to_string();
+            s.write_all(&auth(11, format!("r={nonce}srv,s=c2FsdHNhbHQ=,i=4096").as_bytes())).await.expect("write");
+            s.flush().await.expect("flush");
+            let client_final = String::from_utf8_lossy(&read_message_from(&mut s, true).await).into_owned();
+            (mechanism, client_first, client_final)
+        });
+        let dir = tempfile::tempdir().expect("temp dir");
+        let secret = dir.path().join("password");
+        std::fs::write(&secret, "pw\n").expect("secret");
+        let cfg = crate::config::UpstreamTlsConfig { mode: SslMode::Require, ca_file: None, server_name: None };
+        let tls = UpstreamTls::new(&cfg, std::net::Ipv4Addr::LOCALHOST.into()).expect("TLS");
+        let conn = open(addr, &tls).await.expect("open");
+        // The fake server stops after the client's final message: the login cannot finish.
+        let _ = tokio::time::timeout(Duration::from_secs(5), login(conn, &tls, "agent", Some(&secret), &[], "db")).await;
+        let (mechanism, first, last) = tokio::time::timeout(Duration::from_secs(5), server).await.expect("in time").expect("server");
+        (mechanism, first, last, der)
+    }
+
+    /// The channel binding data a client-final message carries (after its gs2 header).
+    fn binding_data(client_final: &str) -> Vec<u8> {
+        use base64::{engine::general_purpose::STANDARD, Engine};
+        let c = client_final.split(',').find_map(|a| a.strip_prefix("c=")).expect("c=");
+        let raw = STANDARD.decode(c).expect("base64");
+        raw.strip_prefix(b"p=tls-server-end-point,,").expect("gs2 header with binding").to_vec()
+    }
+
+    #[tokio::test]
+    async fn review_scram_over_tls_is_bound_to_the_channel_when_the_server_offers_it() {
+        // Found by a review: over TLS whose server was not verified (sslmode require),
+        // phigate answered a server offering SCRAM-SHA-256-PLUS with plain SCRAM
+        // ("n,,"), so a machine terminating that TLS could relay the login to the real
+        // database and then read every result. libpq, by default (channel_binding =
+        // prefer), binds SCRAM to the TLS channel there: the real server then sees
+        // another certificate's hash and refuses the relayed login.
+        use sha2::{Digest, Sha256, Sha384};
+        let (mechanism, first, last, der) = scram_over_tls(&rcgen::PKCS_ECDSA_P256_SHA256, b"SCRAM-SHA-256-PLUS\0SCRAM-SHA-256\0\0").await;
+        assert_eq!(mechanism, "SCRAM-SHA-256-PLUS", "client-first {first:?}");
+        assert!(first.starts_with("p=tls-server-end-point,,"), "{first:?}");
+        assert_eq!(binding_data(&last), Sha256::digest(&der).to_vec(), "tls-server-end-point is SHA-256 of the certificate (RFC 5929)");
+        // A certificate signed with SHA-384: its hash, as PostgreSQL computes it.
+        let (_, _, last, der) = scram_over_tls(&rcgen::PKCS_ECDSA_P384_SHA384, b"SCRAM-SHA-256-PLUS\0SCRAM-SHA-256\0\0").await;
+        assert_eq!(binding_data(&last), Sha384::digest(&der).to_vec());
+        // A server that does not offer binding over TLS (or a machine in between that
+        // removed -PLUS from the list): "y", which a server that supports it refuses.
+        let (mechanism, first, _, _) = scram_over_tls(&rcgen::PKCS_ECDSA_P256_SHA256, b"SCRAM-SHA-256\0\0").await;
+        assert_eq!(mechanism, "SCRAM-SHA-256");
+        assert!(first.starts_with("y,,"), "{first:?}");
     }
 
     #[test]
