@@ -17,6 +17,7 @@ use phigate_common::{event, reason, setting, OrigDstKey, Settings, ABI_VERSION};
 use tokio::{io::unix::AsyncFd, signal::unix::SignalKind, task::JoinSet};
 use tracing::{error, info, info_span, warn, Instrument};
 
+use crate::config::Credential;
 use crate::{
     admin,
     audit::{record::kind as audit_kind, writer::Handle as AuditHandle},
@@ -354,7 +355,7 @@ async fn build_services(
                 session::upstream::read_secret(&c.role, path)
                     .map_err(|e| config.invalid(format!("database[{i}].credential[{j}].password_file"), e, "Mount the secret there, or fix the path."))?;
             }
-            credentials.insert(c.role.clone(), c.password_file.clone());
+            credentials.insert(c.role.clone(), c.clone());
         }
         databases.push(Arc::new(DbRuntime { index: i as u32, name: db.name.clone(), upstream: db.upstream, upstream_tls, client_tls, credentials }));
     }
@@ -428,8 +429,7 @@ async fn build_services(
             let access = CatalogAccess {
                 upstream: db.upstream,
                 tls: db.upstream_tls.clone(),
-                role: session.upstream_role.clone(),
-                password_file: db.credentials.get(&session.upstream_role).cloned().flatten(),
+                credential: db.credentials.get(&session.upstream_role).cloned().unwrap_or_else(|| Credential::without_password(&session.upstream_role)),
                 dbname: session.dbname.clone(),
                 options: session.options.clone(),
             };

@@ -94,6 +94,7 @@ fn env_with(tls: Option<&TestCa>, configure: impl FnOnce(AgentConfig, &Ctx) -> A
         ("app_plain".into(), Some(dir.file("app_plain.password", "plain-secret\n"))),
         ("app_tls".into(), Some(dir.file("app_tls.password", "tls-secret"))),
     ];
+    db.methods = vec![("app_md5".into(), vec!["md5"]), ("app_plain".into(), vec!["password"])];
     let base = AgentConfig::new(&cg).database(db).protect(&format!("{}/prot", cg.rel()), "billing-agent");
     let ctx = Ctx { cg: &cg, dir: &dir };
     let mut cfg = configure(base, &ctx);
@@ -250,6 +251,36 @@ fn upstream_login_with_scram_md5_and_password_credentials_held_by_the_agent() {
     }
     // The workload never had a password; the server saw the agent log in.
     assert!(e.pg.log().contains("connection authorized: user=app_md5"), "{}", e.pg.log());
+}
+
+#[test]
+fn a_credential_logs_in_only_by_the_methods_it_lists() {
+    if skip("a_credential_logs_in_only_by_the_methods_it_lists") {
+        return;
+    }
+    // The same roles without `methods`: a password file means SCRAM only, so the
+    // database (or whatever took its address) asking for md5 or the password itself
+    // gets nothing, and a role that lists only "none" does not answer SCRAM.
+    let e = env_with(None, |mut c, ctx| {
+        let r = ctx.cg.rel();
+        c.databases[0].methods = vec![("app_scram".into(), vec!["none"])];
+        c.protect(&format!("{r}/scram"), "a-scram")
+            .protect(&format!("{r}/md5"), "a-md5")
+            .protect(&format!("{r}/plain"), "a-plain")
+            .identity(IdentitySpec::workload("a-scram", "clinical", "app_scram"))
+            .identity(IdentitySpec::workload("a-md5", "clinical", "app_md5"))
+            .identity(IdentitySpec::workload("a-plain", "clinical", "app_plain"))
+    });
+    for (cg, role, asked) in [("md5", "app_md5", "md5"), ("plain", "app_plain", "password"), ("scram", "app_scram", "scram-sha-256")] {
+        let v = pgclient(&e, cg, "whoami");
+        assert_eq!(v["code"], "28000", "{role}: {v}");
+        let said = e.agent.events_named("upstream login failed").into_iter().any(|l| {
+            let err = l["error"].as_str().unwrap_or("");
+            l["role"] == role && err.contains(&format!("log in with {asked}")) && err.contains(&format!("add \"{asked}\" to methods"))
+        });
+        assert!(said, "{role}: the agent log says which method was asked and how to allow it: {:?}", e.agent.events_named("upstream login failed"));
+    }
+    assert!(!e.pg.log().contains("connection authorized: user=app_md5"), "{}", e.pg.log());
 }
 
 #[test]

@@ -41,6 +41,9 @@ pub struct DbSpec {
     /// Upstream roles and password files (default: `postgres` without a password,
     /// for the trust-authenticated test server).
     pub credentials: Vec<(String, Option<PathBuf>)>,
+    /// The authentication methods of roles that do not use the default (SCRAM with
+    /// a password file, none without), as `methods` lists them.
+    pub methods: Vec<(String, Vec<&'static str>)>,
     /// Extra TOML inside this [[database]] (e.g. `[database.upstream_tls]`).
     pub extra: String,
 }
@@ -54,6 +57,7 @@ impl DbSpec {
             upstream,
             listen6: false,
             credentials: vec![("postgres".into(), None)],
+            methods: Vec::new(),
             extra: String::new(),
         }
     }
@@ -160,6 +164,9 @@ impl AgentConfig {
                 let _ = writeln!(t, "[[database.credential]]\nrole = {role:?}");
                 if let Some(f) = file {
                     let _ = writeln!(t, "password_file = {:?}", f.display().to_string());
+                }
+                if let Some((_, methods)) = db.methods.iter().find(|(r, _)| r == role) {
+                    let _ = writeln!(t, "methods = {methods:?}");
                 }
                 t.push('\n');
             }

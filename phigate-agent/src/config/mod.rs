@@ -151,6 +151,52 @@ pub struct Credential {
     pub role: String,
     /// None: the server is expected not to ask (trust/peer/cert authentication).
     pub password_file: Option<PathBuf>,
+    /// How the database may ask this role to log in (libpq's `require_auth`).
+    pub methods: AuthMethods,
+}
+
+impl Credential {
+    /// A role the configuration lists no credential for: the server must not ask.
+    pub fn without_password(role: &str) -> Self {
+        Self { role: role.into(), password_file: None, methods: AuthMethods::NONE }
+    }
+}
+
+/// The authentication methods phigate accepts from the database for one role. Anything
+/// that accepts the agent's connection can ask for any method: a process that took the
+/// database's address while it was down would be sent an md5 or cleartext password,
+/// or, asking for none, the workload's statements. SCRAM-SHA-256 proves the server
+/// knows the role's verifier, so it is the only method allowed by default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct AuthMethods {
+    pub scram_sha_256: bool,
+    pub md5: bool,
+    pub password: bool,
+    /// No authentication asked (trust, peer, cert).
+    pub none: bool,
+}
+
+impl AuthMethods {
+    pub const SCRAM: Self = Self { scram_sha_256: true, md5: false, password: false, none: false };
+    pub const NONE: Self = Self { scram_sha_256: false, md5: false, password: false, none: true };
+    /// The names `methods` accepts, in the order they are listed.
+    pub const NAMES: [&'static str; 4] = ["scram-sha-256", "md5", "password", "none"];
+
+    fn flag(&mut self, name: &str) -> Option<&mut bool> {
+        match name {
+            "scram-sha-256" => Some(&mut self.scram_sha_256),
+            "md5" => Some(&mut self.md5),
+            "password" => Some(&mut self.password),
+            "none" => Some(&mut self.none),
+            _ => None,
+        }
+    }
+
+    /// The allowed methods as configured (`scram-sha-256, none`).
+    pub fn names(&self) -> String {
+        let on = [self.scram_sha_256, self.md5, self.password, self.none];
+        Self::NAMES.iter().zip(on).filter(|(_, on)| *on).map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
+    }
 }
 
 /// How a workload identity proves itself to phigate, and what it may open.
@@ -319,6 +365,7 @@ struct RawUpstreamTls {
 struct RawCredential {
     role: String,
     password_file: Option<PathBuf>,
+    methods: Option<Vec<String>>,
 }
 
 #[derive(Deserialize)]
@@ -599,7 +646,41 @@ impl Validator<'_> {
             if credentials.iter().any(|o| o.role == c.role) {
                 return Err(self.err(format!("database[{i}].credential[{j}].role"), format!("role {:?} is listed twice", c.role), "List each role once."));
             }
-            credentials.push(Credential { role: c.role, password_file: c.password_file.map(|f| self.path(f)) });
+            let methods = match c.methods {
+                // A password is there to be asked for with SCRAM; without one the
+                // server is expected not to ask.
+                None if c.password_file.is_some() => AuthMethods::SCRAM,
+                None => AuthMethods::NONE,
+                Some(names) => {
+                    let mut methods = AuthMethods::default();
+                    for name in &names {
+                        let Some(flag) = methods.flag(name) else {
+                            return Err(self.err(
+                                format!("database[{i}].credential[{j}].methods"),
+                                format!("{name:?} is not an authentication method phigate knows"),
+                                "List some of \"scram-sha-256\", \"md5\", \"password\", \"none\" (the methods the database may ask this role for).",
+                            ));
+                        };
+                        *flag = true;
+                    }
+                    if methods == AuthMethods::default() {
+                        return Err(self.err(
+                            format!("database[{i}].credential[{j}].methods"),
+                            "no method is listed, so no login could succeed",
+                            "List the method the database asks this role for (pg_hba.conf), e.g. [\"scram-sha-256\"], or leave methods out.",
+                        ));
+                    }
+                    if (methods.scram_sha_256 || methods.md5 || methods.password) && c.password_file.is_none() {
+                        return Err(self.err(
+                            format!("database[{i}].credential[{j}].methods"),
+                            format!("methods {:?} need a password, and password_file is not set", methods.names()),
+                            "Set password_file to the role's password, or list only \"none\".",
+                        ));
+                    }
+                    methods
+                }
+            };
+            credentials.push(Credential { role: c.role, password_file: c.password_file.map(|f| self.path(f)), methods });
         }
         Ok(Database { name: raw.name, addresses, port: raw.port, listen, listen6, upstream, client_tls, upstream_tls, credentials })
     }
@@ -1064,6 +1145,25 @@ create = true
             let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config").join(name);
             Config::load(&path).unwrap_or_else(|e| panic!("{name}: {e}"));
         }
+    }
+
+    #[test]
+    fn credential_methods_default_to_scram_with_a_password_and_none_without() {
+        let with = |extra: &str| {
+            let text = format!("{GOOD}\n[[database.credential]]\nrole = \"app\"\n{extra}\n");
+            Config::parse(Path::new("/etc/phigate/phigate.toml"), &text).map(|c| c.databases[0].credentials[0].methods)
+        };
+        assert_eq!(with("password_file = \"p\"").unwrap(), AuthMethods::SCRAM);
+        assert_eq!(with("").unwrap(), AuthMethods::NONE);
+        let both = with("password_file = \"p\"\nmethods = [\"md5\", \"scram-sha-256\"]").unwrap();
+        assert_eq!(both, AuthMethods { scram_sha_256: true, md5: true, ..AuthMethods::default() });
+        assert_eq!(both.names(), "scram-sha-256, md5");
+        let e = with("password_file = \"p\"\nmethods = [\"SCRAM\"]").unwrap_err().to_string();
+        assert!(e.contains("`database[0].credential[0].methods`") && e.contains("\"SCRAM\" is not") && e.contains("\"scram-sha-256\""), "{e}");
+        let e = with("password_file = \"p\"\nmethods = []").unwrap_err().to_string();
+        assert!(e.contains("no method is listed"), "{e}");
+        let e = with("methods = [\"md5\"]").unwrap_err().to_string();
+        assert!(e.contains("need a password") && e.contains("password_file"), "{e}");
     }
 
     #[test]

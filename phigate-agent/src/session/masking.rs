@@ -8,7 +8,6 @@
 
 use std::{
     net::SocketAddr,
-    path::PathBuf,
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc, Mutex,
@@ -26,6 +25,7 @@ use super::{
     stage::{Action, Direction, Stage},
     upstream, Session,
 };
+use crate::config::Credential;
 use crate::{
     mask::{
         catalog::{self, Catalog, Lookup},
@@ -47,8 +47,7 @@ const SIDE_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct CatalogAccess {
     pub upstream: SocketAddr,
     pub tls: UpstreamTls,
-    pub role: String,
-    pub password_file: Option<PathBuf>,
+    pub credential: Credential,
     pub dbname: String,
     /// The session's startup `options` (a `-c search_path=…` must apply here too).
     pub options: Option<String>,
@@ -202,7 +201,7 @@ async fn side_connection(a: &CatalogAccess) -> Result<(crate::net::conn::Conn, B
     if let Some(o) = &a.options {
         params.push(("options".into(), o.clone()));
     }
-    let up = upstream::login(conn, &a.tls, &a.role, a.password_file.as_deref(), &params, &a.dbname).await.map_err(|e| e.to_string())?;
+    let up = upstream::login(conn, &a.tls, &a.credential, &params, &a.dbname).await.map_err(|e| e.to_string())?;
     Ok((up.conn, up.leftover))
 }
 

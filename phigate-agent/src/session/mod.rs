@@ -24,7 +24,6 @@ pub mod upstream;
 use std::{
     collections::HashMap,
     net::SocketAddr,
-    path::PathBuf,
     sync::Arc,
     time::{Duration, Instant, SystemTime},
 };
@@ -34,6 +33,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_rustls::TlsAcceptor;
 use tracing::{info, warn};
 
+use crate::config::Credential;
 use crate::{
     config::Access,
     identity::{token::TokenClaims, Identified, Workload},
@@ -55,7 +55,7 @@ pub struct DbRuntime {
     pub upstream_tls: UpstreamTls,
     pub client_tls: Option<TlsAcceptor>,
     /// Upstream role → password file (None: the server is not expected to ask).
-    pub credentials: HashMap<String, Option<PathBuf>>,
+    pub credentials: HashMap<String, Credential>,
 }
 
 /// A configured identity, ready to authenticate.
@@ -327,13 +327,13 @@ async fn run(conn: Identified, db: Arc<DbRuntime>, services: &Services) -> Resul
     };
 
     let role = access.role.clone();
-    let password_file = db.credentials.get(&role).cloned().flatten();
+    let credential = db.credentials.get(&role).cloned().unwrap_or_else(|| Credential::without_password(&role));
     let opened = match early.take() {
         Some(e) => e.finish().await,
         None => upstream::open(db.upstream, &db.upstream_tls).await,
     };
     let logged_in = match opened {
-        Ok(conn) => upstream::login(conn, &db.upstream_tls, &role, password_file.as_deref(), &params, &dbname).await,
+        Ok(conn) => upstream::login(conn, &db.upstream_tls, &credential, &params, &dbname).await,
         Err(e) => Err(e),
     };
     let mut upstream = match logged_in {
@@ -350,6 +350,7 @@ async fn run(conn: Identified, db: Arc<DbRuntime>, services: &Services) -> Resul
                 | UpstreamError::Secret { .. }
                 | UpstreamError::ServerNotAuthenticated
                 | UpstreamError::PasswordToUnverifiedServer { .. }
+                | UpstreamError::MethodNotAllowed { .. }
                 | UpstreamError::UnsupportedAuth(_) => {
                     PgError::fatal(SqlState::INVALID_AUTHORIZATION, format!("phigate could not log in to the database as role \"{role}\""))
                         .with_hint("The agent's credentials for this role were rejected or are missing; see the agent log.")

@@ -16,6 +16,7 @@ use tokio::{
 };
 
 use super::{read_frame, ReadError};
+use crate::config::Credential;
 use crate::{
     config::SslMode,
     net::{conn::Conn, tls::UpstreamTls},
@@ -75,6 +76,12 @@ pub enum UpstreamError {
          or set upstream_tls.mode to verify-full (or verify-ca) with the database's CA"
     )]
     PasswordToUnverifiedServer { method: &'static str, role: String },
+    #[error(
+        "the database asked role {role:?} to log in with {asked}, but its credential allows only {allowed}; phigate does not log in a way the database is not \
+         configured for, since whatever listens at the database's address can ask. If the database really asks for {asked} (pg_hba.conf), add \"{asked}\" to methods \
+         of this role's [[database.credential]]"
+    )]
+    MethodNotAllowed { asked: &'static str, role: String, allowed: String },
     #[error(transparent)]
     Read(#[from] ReadError),
     #[error("write to the database failed: {0}")]
@@ -208,15 +215,8 @@ fn password_path_trusted(tls_mode: Option<SslMode>, peer_is_loopback: bool) -> b
 
 /// Log in as `role` over a connection from [`open`] (made with `tls`), within
 /// [`LOGIN_TIMEOUT`].
-pub async fn login(
-    conn: Conn,
-    tls: &UpstreamTls,
-    role: &str,
-    password_file: Option<&Path>,
-    params: &[(String, String)],
-    dbname: &str,
-) -> Result<Upstream, UpstreamError> {
-    tokio::time::timeout(LOGIN_TIMEOUT, login_unbounded(conn, tls, role, password_file, params, dbname))
+pub async fn login(conn: Conn, tls: &UpstreamTls, credential: &Credential, params: &[(String, String)], dbname: &str) -> Result<Upstream, UpstreamError> {
+    tokio::time::timeout(LOGIN_TIMEOUT, login_unbounded(conn, tls, credential, params, dbname))
         .await
         .unwrap_or(Err(UpstreamError::LoginTimedOut(LOGIN_TIMEOUT)))
 }
@@ -224,11 +224,12 @@ pub async fn login(
 async fn login_unbounded(
     mut conn: Conn,
     tls: &UpstreamTls,
-    role: &str,
-    password_file: Option<&Path>,
+    credential: &Credential,
     params: &[(String, String)],
     dbname: &str,
 ) -> Result<Upstream, UpstreamError> {
+    let (role, password_file, methods) = (credential.role.as_str(), credential.password_file.as_deref(), credential.methods);
+    let not_allowed = |asked: &'static str| UpstreamError::MethodNotAllowed { asked, role: role.into(), allowed: methods.names() };
     let password_allowed = may_send_password(&conn, tls);
     let mut startup_params: Vec<(&str, &str)> = vec![("user", role), ("database", dbname)];
     startup_params.extend(params.iter().map(|(k, v)| (k.as_str(), v.as_str())));
@@ -240,6 +241,8 @@ async fn login_unbounded(
     };
     let mut buf = BytesMut::with_capacity(8192);
     let mut scram: Option<ScramSha256> = None;
+    // A method the role allows was completed (SCRAM verified, or a password sent).
+    let mut proved = false;
     let mut startup_frames = Vec::new();
     let mut key = None;
     loop {
@@ -249,7 +252,14 @@ async fn login_unbounded(
                 // A server that skips SCRAM's final message never proved it knows
                 // the verifier: an impostor could say "Ok" right after our proof.
                 AuthRequest::Ok if scram.is_some() => return Err(UpstreamError::ServerNotAuthenticated),
+                // Let in without proving anything: only where the role is meant to
+                // be (trust, peer, cert), else whatever took the database's address
+                // would be sent the workload's statements.
+                AuthRequest::Ok if !proved && !methods.none => return Err(not_allowed("none")),
                 AuthRequest::Ok => {}
+                AuthRequest::CleartextPassword if !methods.password => return Err(not_allowed("password")),
+                AuthRequest::Md5Password { .. } if !methods.md5 => return Err(not_allowed("md5")),
+                AuthRequest::Sasl { .. } if !methods.scram_sha_256 => return Err(not_allowed("scram-sha-256")),
                 AuthRequest::CleartextPassword if !password_allowed => {
                     return Err(UpstreamError::PasswordToUnverifiedServer { method: "cleartext", role: role.into() })
                 }
@@ -258,10 +268,12 @@ async fn login_unbounded(
                 }
                 AuthRequest::CleartextPassword => {
                     conn.write_all(msg::password_message(&password()?).as_bytes()).await.map_err(UpstreamError::Write)?;
+                    proved = true;
                 }
                 AuthRequest::Md5Password { salt } => {
                     let hash = md5_hash(role.as_bytes(), &password()?, salt);
                     conn.write_all(msg::password_message(hash.as_bytes()).as_bytes()).await.map_err(UpstreamError::Write)?;
+                    proved = true;
                 }
                 AuthRequest::Sasl { mechanisms } => {
                     let offered = |m: &str| mechanisms.iter().any(|o| o == m);
@@ -292,6 +304,7 @@ async fn login_unbounded(
                     // verifier: an impostor database cannot fake this.
                     let mut s = scram.take().ok_or_else(|| UpstreamError::UnsupportedAuth("SASL final without SASL".into()))?;
                     s.finish(&data).map_err(|_| UpstreamError::ServerNotAuthenticated)?;
+                    proved = true;
                 }
                 AuthRequest::Unsupported(code) => return Err(UpstreamError::UnsupportedAuth(format!("authentication request {code}"))),
             },
@@ -319,6 +332,7 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;
+    use crate::config::AuthMethods;
 
     /// One authentication message of a fake server.
     fn auth(code: i32, data: &[u8]) -> Vec<u8> {
@@ -345,9 +359,13 @@ mod tests {
         ok
     }
 
-    /// Log in as "agent" (password "pw") to a fake server on loopback that plays
-    /// `script` on the accepted connection (after the startup message).
-    async fn login_against<T, F>(script: impl FnOnce(TcpStream) -> F + Send + 'static) -> (Result<Upstream, UpstreamError>, tokio::task::JoinHandle<T>)
+    /// Log in as "agent" (password "pw", allowed `methods`) to a fake server on
+    /// loopback that plays `script` on the accepted connection (after the startup
+    /// message).
+    async fn login_against<T, F>(
+        methods: AuthMethods,
+        script: impl FnOnce(TcpStream) -> F + Send + 'static,
+    ) -> (Result<Upstream, UpstreamError>, tokio::task::JoinHandle<T>)
     where
         T: Send + 'static,
         F: std::future::Future<Output = T> + Send + 'static,
@@ -365,7 +383,8 @@ mod tests {
         let conn = Conn::Plain(TcpStream::connect(addr).await.expect("connect"));
         let cfg = crate::config::UpstreamTlsConfig { mode: SslMode::Disable, ca_file: None, server_name: None };
         let tls = UpstreamTls::new(&cfg, std::net::Ipv4Addr::LOCALHOST.into()).expect("no TLS");
-        (login(conn, &tls, "agent", Some(&secret), &[], "db").await, server)
+        let credential = Credential { role: "agent".into(), password_file: Some(secret), methods };
+        (login(conn, &tls, &credential, &[], "db").await, server)
     }
 
     /// [`login_against`], giving up after `limit` (None: still waiting then).
@@ -387,12 +406,12 @@ mod tests {
         let conn = Conn::Plain(TcpStream::connect(addr).await.expect("connect"));
         let cfg = crate::config::UpstreamTlsConfig { mode: SslMode::Disable, ca_file: None, server_name: None };
         let tls = UpstreamTls::new(&cfg, std::net::Ipv4Addr::LOCALHOST.into()).expect("no TLS");
-        (tokio::time::timeout(limit, login(conn, &tls, "agent", None, &[], "db")).await.ok(), server)
+        (tokio::time::timeout(limit, login(conn, &tls, &Credential::without_password("agent"), &[], "db")).await.ok(), server)
     }
 
     #[tokio::test]
     async fn a_server_that_skips_the_scram_final_message_is_not_trusted() {
-        let (result, server) = login_against(|mut s| async move {
+        let (result, server) = login_against(AuthMethods::SCRAM, |mut s| async move {
             s.write_all(&auth(10, b"SCRAM-SHA-256\0\0")).await.expect("write");
             let first = read_message(&mut s, true).await;
             // SASLInitialResponse: mechanism, length, "n,,n=,r=<client nonce>".
@@ -503,7 +522,8 @@ mod tests {
         let tls = UpstreamTls::new(&cfg, std::net::Ipv4Addr::LOCALHOST.into()).expect("TLS");
         let conn = open(addr, &tls).await.expect("open");
         // The fake server stops after the client's final message: the login cannot finish.
-        let _ = tokio::time::timeout(Duration::from_secs(5), login(conn, &tls, "agent", Some(&secret), &[], "db")).await;
+        let credential = Credential { role: "agent".into(), password_file: Some(secret), methods: AuthMethods::SCRAM };
+        let _ = tokio::time::timeout(Duration::from_secs(5), login(conn, &tls, &credential, &[], "db")).await;
         let (mechanism, first, last) = tokio::time::timeout(Duration::from_secs(5), server).await.expect("in time").expect("server");
         (mechanism, first, last, der)
     }
@@ -557,7 +577,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_cleartext_password_goes_to_a_loopback_server() {
-        let (result, server) = login_against(|mut s| async move {
+        let methods = AuthMethods { password: true, ..AuthMethods::SCRAM };
+        let (result, server) = login_against(methods, |mut s| async move {
             s.write_all(&auth(3, b"")).await.expect("write");
             let password = read_message(&mut s, true).await;
             s.write_all(&ok_and_ready()).await.expect("write");
@@ -566,5 +587,49 @@ mod tests {
         .await;
         assert!(result.is_ok(), "{:?}", result.err());
         assert_eq!(server.await.expect("server"), b"pw\0");
+    }
+
+    /// What a fake server at the database's address gets when it asks for `request`
+    /// (an Authentication message's code and data) and then says Ok: the error, and
+    /// every byte the agent sent after its startup message.
+    async fn ask(methods: AuthMethods, request: Option<(i32, &'static [u8])>) -> (Result<Upstream, UpstreamError>, Vec<u8>) {
+        let (result, server) = login_against(methods, move |mut s| async move {
+            if let Some((code, data)) = request {
+                s.write_all(&auth(code, data)).await.expect("write");
+            }
+            s.write_all(&ok_and_ready()).await.expect("write");
+            let mut sent = Vec::new();
+            let _ = tokio::time::timeout(Duration::from_millis(300), s.read_to_end(&mut sent)).await;
+            sent
+        })
+        .await;
+        (result, server.await.expect("server"))
+    }
+
+    #[tokio::test]
+    async fn a_role_gets_in_only_by_the_methods_its_credential_allows() {
+        // A process that took the database's loopback address (the database down or
+        // restarting) asks for the password itself, or for nothing at all: by
+        // default (SCRAM only) it gets neither the password nor a session.
+        for (request, asked) in [(Some((3, &b""[..])), "password"), (Some((5, &b"salt"[..])), "md5"), (None, "none")] {
+            let (result, sent) = ask(AuthMethods::SCRAM, request).await;
+            match result {
+                Err(UpstreamError::MethodNotAllowed { asked: a, allowed, .. }) => assert_eq!((a, allowed.as_str()), (asked, "scram-sha-256")),
+                other => panic!("{asked}: logged in or failed otherwise: {:?}", other.err()),
+            }
+            assert!(!sent.windows(2).any(|w| w == b"pw"), "{asked}: the password was sent: {sent:?}");
+        }
+        // Listed, each is used (md5 and cleartext only over loopback or verified TLS).
+        let (result, sent) = ask(AuthMethods { password: true, ..AuthMethods::default() }, Some((3, b""))).await;
+        assert!(result.is_ok() && sent.starts_with(b"p"), "{:?} {sent:?}", result.err());
+        let (result, _) = ask(AuthMethods { md5: true, ..AuthMethods::default() }, Some((5, b"salt"))).await;
+        assert!(result.is_ok(), "{:?}", result.err());
+        let (result, _) = ask(AuthMethods::NONE, None).await;
+        assert!(result.is_ok(), "{:?}", result.err());
+        // A role that only expects no authentication does not answer SCRAM either.
+        let (result, _) = ask(AuthMethods::NONE, Some((10, b"SCRAM-SHA-256\0\0"))).await;
+        assert!(matches!(result, Err(UpstreamError::MethodNotAllowed { asked: "scram-sha-256", .. })), "{:?}", result.err());
+        let e = ask(AuthMethods::SCRAM, None).await.0.err().expect("refused").to_string();
+        assert!(e.contains("\"none\"") && e.contains("methods") && e.contains("[[database.credential]]"), "{e}");
     }
 }
