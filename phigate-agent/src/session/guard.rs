@@ -261,4 +261,17 @@ mod tests {
         let other_service = Session { database: "research".into(), ..session };
         assert!(matches!(guard.frontend(&other_service, &query("SELECT * FROM patients")), Action::Hold(..)), "ran on another database service");
     }
+
+    #[tokio::test]
+    async fn review_a_grant_window_does_not_cover_the_same_table_joined_again() {
+        let (mut guard, broker) = guard();
+        let session = crate::session::stage::tests::session();
+        // Approved: one patient's row, by id.
+        approve_for_ten_minutes(&mut guard, &broker, &session, "SELECT * FROM patients p WHERE p.id = 1").await;
+        // The same table joined once more: every patient's row (q is not bounded).
+        // pg_query's fingerprint drops duplicate FROM items (aliases aside), so the two
+        // fingerprint alike.
+        let wider = "SELECT * FROM patients p, patients q WHERE p.id = 1";
+        assert!(matches!(guard.frontend(&session, &query(wider)), Action::Hold(..)), "{wider} ran under the grant for one patient's row");
+    }
 }
