@@ -300,7 +300,15 @@ mod tests {
         let listener = bind(&path).expect("bind");
         let broker = Arc::new(Broker::new(Duration::from_secs(60), Duration::from_secs(3600)));
         let requester = Requester { identity: "billing".into(), token_subject: None, session_id: 1, audit_session: "s-1".into(), pid: 2, cgroup: "c".into() };
-        let ticket = broker.request(requester, "clinical", "clinical", "select * from patients", "baseline.unbounded-phi-read", "r", Some(7));
+        let ticket = broker.request(
+            requester,
+            "clinical",
+            "clinical",
+            "select * from patients",
+            "baseline.unbounded-phi-read",
+            "r",
+            Some("select * from patients".into()),
+        );
         assert_eq!(ticket.id, 1);
         let status = std::process::Command::new(std::env::current_exe().expect("test binary"))
             .args(["admin::tests::helper_approve_and_exit", "--exact", "--ignored", "--quiet"])

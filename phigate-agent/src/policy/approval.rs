@@ -71,8 +71,9 @@ pub struct RequestView {
 
 struct Pending {
     view: RequestView,
-    /// None: the statement could not be fingerprinted, so no window can name it.
-    fingerprint: Option<u64>,
+    /// The statement with its constants replaced by placeholders: what a window
+    /// names. None: it could not be normalized, so no window can name it.
+    normalized: Option<String>,
     since: Instant,
     reply: oneshot::Sender<Outcome>,
 }
@@ -122,14 +123,15 @@ pub fn epoch_secs(t: SystemTime) -> u64 {
     t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
-/// What an approval window covers: the statement (by fingerprint) from one identity,
+/// What an approval window covers: the statement (its text, constants aside) from one identity,
 /// against the database service and PostgreSQL database the approver was shown.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct GrantKey {
     pub identity: String,
     pub database: String,
     pub dbname: String,
-    pub fingerprint: u64,
+    /// The statement's text with its constants replaced by placeholders ($1, $2 …).
+    pub normalized: String,
 }
 
 /// The approval state of one agent.
@@ -195,7 +197,7 @@ impl Broker {
     }
 
     #[allow(clippy::too_many_arguments, reason = "a request is these facts; a struct would only rename them")]
-    pub fn request(&self, requester: Requester, database: &str, dbname: &str, statement: &str, rule: &str, reason: &str, fingerprint: Option<u64>) -> Ticket {
+    pub fn request(&self, requester: Requester, database: &str, dbname: &str, statement: &str, rule: &str, reason: &str, normalized: Option<String>) -> Ticket {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         let view = RequestView {
@@ -210,7 +212,7 @@ impl Broker {
             waiting_secs: 0,
             deadline_secs: self.timeout.as_secs(),
         };
-        self.pending.lock().expect("invariant: lock not poisoned").insert(id, Pending { view: view.clone(), fingerprint, since: Instant::now(), reply: tx });
+        self.pending.lock().expect("invariant: lock not poisoned").insert(id, Pending { view: view.clone(), normalized, since: Instant::now(), reply: tx });
         self.emit(&Event::ApprovalRequested { approval: view });
         Ticket { id, reply: rx }
     }
@@ -259,11 +261,11 @@ impl Broker {
         drop(pending);
         let now = epoch_secs(SystemTime::now());
         let outcome = if approve {
-            // A statement without a fingerprint gets no window: it is approved once.
-            let window = window.filter(|_| p.fingerprint.is_some());
-            if let Some((w, fingerprint)) = window.filter(|w| !w.is_zero()).zip(p.fingerprint) {
+            // A statement that could not be normalized gets no window: it is approved once.
+            let window = window.filter(|_| p.normalized.is_some());
+            if let Some((w, normalized)) = window.filter(|w| !w.is_zero()).zip(p.normalized) {
                 let key =
-                    GrantKey { identity: p.view.requester.identity.clone(), database: p.view.database.clone(), dbname: p.view.dbname.clone(), fingerprint };
+                    GrantKey { identity: p.view.requester.identity.clone(), database: p.view.database.clone(), dbname: p.view.dbname.clone(), normalized };
                 self.grants.lock().expect("invariant: lock not poisoned").insert(key, (Instant::now() + w, approver.name.clone()));
             }
             Outcome::Approved { by: approver.name.clone(), reason: reason.into(), window_secs: window.map(|w| w.as_secs()), decided_at: now }
@@ -304,7 +306,7 @@ mod tests {
     #[test]
     fn approve_deny_and_self_approval() {
         let b = Broker::new(Duration::from_secs(60), Duration::from_secs(3600));
-        let mut t = b.request(requester("billing"), "clinical", "clinical", "select * from patients", "baseline.unbounded-phi-read", "r", Some(7));
+        let mut t = b.request(requester("billing"), "clinical", "clinical", "select * from patients", "baseline.unbounded-phi-read", "r", Some("s7".into()));
         assert_eq!(b.list().len(), 1);
         let me = Approver { name: "unix:root".into(), workload: Some("billing".into()) };
         assert_eq!(b.decide(t.id, &me, true, "ok", None), Err(ApprovalError::SelfApproval("billing".into())));
@@ -320,27 +322,28 @@ mod tests {
         assert_eq!(shown["reason"], "ticket 42");
         assert!(shown["decided_at"].as_u64().unwrap() >= shown["requested_at"].as_u64().unwrap());
         assert_eq!(shown["statement"], "select * from patients");
-        let t2 = b.request(requester("billing"), "clinical", "clinical", "x", "r", "r", Some(7));
+        let t2 = b.request(requester("billing"), "clinical", "clinical", "x", "r", "r", Some("x".into()));
         assert!(matches!(b.decide(t2.id, &human(), false, "no", None).unwrap(), Outcome::Denied { .. }));
     }
 
     #[test]
-    fn windows_grant_the_same_fingerprint_and_expire() {
+    fn windows_grant_the_same_statement_and_expire() {
         let b = Broker::new(Duration::from_secs(60), Duration::from_secs(3600));
-        let t = b.request(requester("billing"), "d", "d", "s", "r", "r", Some(99));
+        let t = b.request(requester("billing"), "d", "d", "s", "r", "r", Some("s99".into()));
         assert!(b.decide(t.id, &human(), true, "ok", Some(Duration::from_secs(7200))).is_err(), "over the maximum");
         b.decide(t.id, &human(), true, "ok", Some(Duration::from_millis(200))).unwrap();
-        let key = |identity: &str, fingerprint| GrantKey { identity: identity.into(), database: "d".into(), dbname: "d".into(), fingerprint };
-        assert_eq!(b.granted(&key("billing", 99)).as_deref(), Some("unix:alice"));
-        assert_eq!(b.granted(&key("billing", 98)), None, "another statement");
-        assert_eq!(b.granted(&key("other", 99)), None, "another identity");
-        assert_eq!(b.granted(&GrantKey { dbname: "e".into(), ..key("billing", 99) }), None, "another database");
+        let key =
+            |identity: &str, normalized: &str| GrantKey { identity: identity.into(), database: "d".into(), dbname: "d".into(), normalized: normalized.into() };
+        assert_eq!(b.granted(&key("billing", "s99")).as_deref(), Some("unix:alice"));
+        assert_eq!(b.granted(&key("billing", "s98")), None, "another statement");
+        assert_eq!(b.granted(&key("other", "s99")), None, "another identity");
+        assert_eq!(b.granted(&GrantKey { dbname: "e".into(), ..key("billing", "s99") }), None, "another database");
         std::thread::sleep(Duration::from_millis(250));
-        assert_eq!(b.granted(&key("billing", 99)), None, "expired");
+        assert_eq!(b.granted(&key("billing", "s99")), None, "expired");
     }
 
     #[test]
-    fn a_statement_without_a_fingerprint_is_approved_once_without_a_window() {
+    fn a_statement_that_cannot_be_normalized_is_approved_once_without_a_window() {
         let b = Broker::new(Duration::from_secs(60), Duration::from_secs(3600));
         let t = b.request(requester("billing"), "d", "d", "s", "r", "r", None);
         let o = b.decide(t.id, &human(), true, "ok", Some(Duration::from_secs(600))).unwrap();
@@ -354,7 +357,7 @@ mod tests {
         let seen = std::sync::Arc::new(Mutex::new(Vec::new()));
         let s = seen.clone();
         b.subscribe(move |e| s.lock().unwrap().push(serde_json::to_value(e).unwrap()["event"].as_str().unwrap().to_string()));
-        let t = b.request(requester("a"), "d", "d", "s", "r", "r", Some(1));
+        let t = b.request(requester("a"), "d", "d", "s", "r", "r", Some("s".into()));
         b.expire(t.id);
         assert_eq!(*seen.lock().unwrap(), vec!["approval_requested", "approval_decided"]);
     }

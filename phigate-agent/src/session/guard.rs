@@ -64,18 +64,20 @@ impl Guard {
     }
 
     fn hold(&self, session: &Session, name: Option<&str>, sql: &str, d: Decision) -> Action {
-        // A grant for one table must not cover another. By default pg_query
-        // fingerprints similar table names alike (FULL_RELNAME), and, in SELECT and
-        // DML, an aliased table by its alias alone and any table without its schema
-        // (RANGEVAR_PG17_COMPAT): `FROM patients p` and `FROM encounters p` would match.
-        let options = pg_query::FingerprintOptions::FULL_RELNAME | pg_query::FingerprintOptions::RANGEVAR_PG17_COMPAT;
-        // Text pg_query cannot fingerprint is held every time: no window can name it.
-        let fingerprint = pg_query::fingerprint(sql, 0, options).ok().map(|f| f.value);
-        let grant = fingerprint.map(|fingerprint| GrantKey {
+        // What a window names: the statement's text with its constants replaced by
+        // placeholders (pg_query's normalize), so a repeat with other constants
+        // matches and anything else does not: another table, schema or alias, another
+        // join, another OR branch. pg_query's fingerprint is too coarse for a grant: it
+        // ignores the order of FROM items, select lists and arguments and drops
+        // duplicates among them, so `FROM patients p, patients q WHERE p.id = 1`
+        // (every patient's row) fingerprints like `FROM patients p WHERE p.id = 1`.
+        // Text pg_query cannot normalize is held every time: no window can name it.
+        let normalized = pg_query::normalize(sql).ok();
+        let grant = normalized.clone().map(|normalized| GrantKey {
             identity: session.workload.name.clone(),
             database: session.database.clone(),
             dbname: session.dbname.clone(),
-            fingerprint,
+            normalized,
         });
         if let Some(by) = grant.as_ref().and_then(|g| self.broker.granted(g)) {
             info!(session_id = session.id, rule = %d.rule, granted_by = %by, "statement allowed by an approval window");
@@ -92,7 +94,7 @@ impl Guard {
             pid: session.workload.pid,
             cgroup: session.workload.cgroup.clone(),
         };
-        let ticket = self.broker.request(requester, &session.database, &session.dbname, sql, &d.rule, &d.reason, fingerprint);
+        let ticket = self.broker.request(requester, &session.database, &session.dbname, sql, &d.rule, &d.reason, normalized);
         info!(session_id = session.id, approval_id = ticket.id, rule = %d.rule, "statement held for approval");
         if let Some(tap) = &self.audit {
             tap.lock().expect("invariant: lock not poisoned").held(ticket.id);
@@ -269,8 +271,8 @@ mod tests {
         // Approved: one patient's row, by id.
         approve_for_ten_minutes(&mut guard, &broker, &session, "SELECT * FROM patients p WHERE p.id = 1").await;
         // The same table joined once more: every patient's row (q is not bounded).
-        // pg_query's fingerprint drops duplicate FROM items (aliases aside), so the two
-        // fingerprint alike.
+        // pg_query's fingerprint drops duplicate FROM items (aliases aside): the two
+        // fingerprint alike, and windows once named statements by fingerprint.
         let wider = "SELECT * FROM patients p, patients q WHERE p.id = 1";
         assert!(matches!(guard.frontend(&session, &query(wider)), Action::Hold(..)), "{wider} ran under the grant for one patient's row");
     }
