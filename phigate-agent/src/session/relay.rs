@@ -796,4 +796,49 @@ mod tests {
         assert_eq!(tags(&client), "1EZ");
         assert_eq!(seq.status, b'T');
     }
+
+    #[test]
+    fn review_a_hold_notice_never_lands_inside_a_streamed_server_message() {
+        // Holds every Query (as the policy does one that needs approval), with a notice.
+        struct HoldQueries;
+        impl crate::session::stage::Stage for HoldQueries {
+            fn name(&self) -> &'static str {
+                "hold"
+            }
+            fn frontend(&mut self, _: &Session, frame: &Frame) -> Action {
+                if frame.tag() == tag::QUERY {
+                    Action::Hold(Box::pin(std::future::pending()), Some(PgError::notice("held for approval")))
+                } else {
+                    Action::Forward
+                }
+            }
+        }
+        let session = crate::session::stage::tests::session();
+        let mut pipeline = Pipeline::new(vec![Box::new(HoldQueries)]);
+        let mut relay = Relay { session: &session, pipeline: &mut pipeline, max_message_bytes: 1 << 20 };
+        let (mut cdec, mut sdec) = (Decoder::new(STREAM_THRESHOLD, 1 << 20), Decoder::new(STREAM_THRESHOLD, 1 << 20));
+        let (mut to_server, mut to_client, mut seq) = (Outbox::default(), Outbox::default(), Sequencer::default());
+        let (mut held, mut held_backend, mut terminated) = (None, None, false);
+        // A first query went to the server; its answer holds a row larger than the
+        // streaming threshold (no stage needs it whole), half of which has arrived.
+        seq.forwarded(tag::QUERY);
+        let row = Frame::build(tag::DATA_ROW, &vec![7u8; 100 * 1024]).into_bytes();
+        let mut sbuf = BytesMut::from(&row[..50_000]);
+        relay.backend(&mut sdec, &mut sbuf, &mut to_client, &mut seq, &mut held_backend).ok();
+        // The client pipelines a second query, which is held.
+        let mut cbuf = BytesMut::from(Frame::build(tag::QUERY, b"SELECT * FROM patients\0").as_bytes());
+        relay.frontend(&mut cdec, &mut cbuf, &mut to_server, &mut to_client, &mut seq, &mut held, &mut terminated).ok();
+        assert!(held.is_some());
+        // The rest of the row.
+        sbuf.extend_from_slice(&row[50_000..]);
+        relay.backend(&mut sdec, &mut sbuf, &mut to_client, &mut seq, &mut held_backend).ok();
+        to_client.seal_tail();
+        let sent: Vec<u8> = to_client.parts.iter().flat_map(|p| p.iter().copied()).collect();
+        assert!(
+            sent.starts_with(&row) || sent.ends_with(&row),
+            "the client got the row with phigate's notice written into its middle ({} bytes of the row, then a '{}' message)",
+            sent.iter().zip(row.iter()).take_while(|(a, b)| a == b).count(),
+            sent[sent.iter().zip(row.iter()).take_while(|(a, b)| a == b).count()] as char
+        );
+    }
 }
