@@ -88,6 +88,10 @@ pub struct Sequencer {
     batch_forwarded: bool,
     /// The rest of a large client message discarded while skipping to Sync.
     dropping_stream: bool,
+    /// A server message larger than one read is being streamed to the client: what
+    /// phigate says meanwhile (a held statement's notice, a refusal) waits here until
+    /// its last byte is out, or it would land inside that message.
+    mid_stream: Option<Vec<Bytes>>,
     /// The protocol's shape as the server sees it, for COPY FROM STDIN: inside one
     /// the server ignores Sync (no ReadyForQuery is owed) and must get nothing but
     /// COPY messages ([`Relay::copy_gate`]).
@@ -113,12 +117,33 @@ impl Sequencer {
         }
     }
 
+    /// Send phigate's own messages now: between two server messages, never inside one.
+    fn say(&mut self, frames: Vec<Bytes>, to_client: &mut Outbox) {
+        match &mut self.mid_stream {
+            Some(waiting) => waiting.extend(frames),
+            None => {
+                for f in frames {
+                    to_client.push(f);
+                }
+            }
+        }
+    }
+
+    /// A server message is streamed: `done` once its last byte is queued for the client.
+    fn streaming(&mut self, done: bool, to_client: &mut Outbox) {
+        if !done {
+            self.mid_stream.get_or_insert_with(Vec::new);
+        } else if let Some(waiting) = self.mid_stream.take() {
+            for f in waiting {
+                to_client.push(f);
+            }
+        }
+    }
+
     /// Answer with `frames` as soon as the server has caught up.
     fn respond(&mut self, frames: Vec<Bytes>, to_client: &mut Outbox) {
         if self.expected == self.seen {
-            for f in frames {
-                to_client.push(f);
-            }
+            self.say(frames, to_client);
         } else {
             self.injections.push_back((self.expected, false, frames));
         }
@@ -393,7 +418,7 @@ impl Relay<'_> {
             },
             Action::Hold(decision, notice) => {
                 if let Some(n) = notice {
-                    to_client.push(n.to_frame().into_bytes());
+                    seq.say(vec![n.to_frame().into_bytes()], to_client);
                 }
                 *held = Some(Held { frame, stage, decision });
             }
@@ -563,9 +588,14 @@ impl Relay<'_> {
                 }
                 Item::StreamStart { tag, total, chunk } => {
                     self.pipeline.streamed(self.session, Direction::Backend, tag, total);
+                    let done = chunk.len() == total;
                     out.push(chunk);
+                    seq.streaming(done, out);
                 }
-                Item::StreamChunk { chunk, .. } => out.push(chunk),
+                Item::StreamChunk { chunk, last } => {
+                    out.push(chunk);
+                    seq.streaming(last, out);
+                }
             }
             if out.len() >= READ_CHUNK * 4 {
                 return Ok(Step::More);
