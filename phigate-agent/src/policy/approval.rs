@@ -361,4 +361,15 @@ mod tests {
         b.expire(t.id);
         assert_eq!(*seen.lock().unwrap(), vec!["approval_requested", "approval_decided"]);
     }
+
+    #[test]
+    fn review_request_ids_are_not_reused_after_a_restart() {
+        // An approver (or a bot acting on the webhook) decides by id. A request still
+        // pending when the agent restarts is gone; the id it was shown must not name
+        // another workload's statement in the new run.
+        let before = Broker::new(Duration::from_secs(60), Duration::from_secs(3600)).request(requester("a"), "d", "d", "select 1", "r", "r", None).id;
+        std::thread::sleep(Duration::from_millis(2));
+        let after = Broker::new(Duration::from_secs(60), Duration::from_secs(3600)).request(requester("b"), "d", "d", "delete from patients", "r", "r", None).id;
+        assert_ne!(before, after, "the restarted agent gave its first request the id of the previous run's first request");
+    }
 }
