@@ -261,18 +261,23 @@ mod tests {
     use crate::policy::approval::{Requester, Status};
 
     const SOCKET_ENV: &str = "PHIGATE_TEST_ADMIN_SOCKET";
+    const ID_ENV: &str = "PHIGATE_TEST_APPROVAL_ID";
 
     /// Run in a child process by `approve_from_a_caller_that_exited`:
     /// connect, send an approval, and exit before the agent looks at who called.
     #[test]
     #[ignore = "helper: runs in a child process"]
     fn helper_approve_and_exit() {
-        let Ok(path) = std::env::var(SOCKET_ENV) else { return };
+        let (Ok(path), Ok(id)) = (std::env::var(SOCKET_ENV), std::env::var(ID_ENV)) else { return };
         use std::io::Write;
         let mut s = std::os::unix::net::UnixStream::connect(path).expect("connect");
         let body = r#"{"reason": "mine"}"#;
-        write!(s, "POST /v1/approvals/1/approve HTTP/1.1\r\nhost: phigate\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}", body.len())
-            .expect("write");
+        write!(
+            s,
+            "POST /v1/approvals/{id}/approve HTTP/1.1\r\nhost: phigate\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .expect("write");
     }
 
     #[test]
@@ -293,8 +298,8 @@ mod tests {
     /// A request from "billing", and an approval of it sent by a child process that
     /// exits (and is reaped) before the agent, judging callers by `workload_of`,
     /// accepts the connection. Returns the request's state after that and a way to
-    /// call again.
-    async fn approve_from_a_caller_that_exited(workload_of: WorkloadOf) -> (Status, tempfile::TempDir, PathBuf, tokio::task::JoinHandle<()>) {
+    /// call again (the socket, and the request's approve path).
+    async fn approve_from_a_caller_that_exited(workload_of: WorkloadOf) -> (Status, tempfile::TempDir, PathBuf, String, tokio::task::JoinHandle<()>) {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("admin.sock");
         let listener = bind(&path).expect("bind");
@@ -309,22 +314,23 @@ mod tests {
             "r",
             Some("select * from patients".into()),
         );
-        assert_eq!(ticket.id, 1);
+        let id = ticket.id;
         let status = std::process::Command::new(std::env::current_exe().expect("test binary"))
             .args(["admin::tests::helper_approve_and_exit", "--exact", "--ignored", "--quiet"])
             .env(SOCKET_ENV, &path)
+            .env(ID_ENV, id.to_string())
             .stdout(std::process::Stdio::null())
             .status()
             .expect("run the helper");
         assert!(status.success());
         let server = tokio::spawn(serve(listener, broker.clone(), workload_of));
         for _ in 0..20 {
-            if !matches!(broker.show(1).map(|r| r.status), Some(Status::Pending { .. })) {
+            if !matches!(broker.show(id).map(|r| r.status), Some(Status::Pending { .. })) {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        (broker.show(1).expect("the request is known").status, dir, path, server)
+        (broker.show(id).expect("the request is known").status, dir, path, format!("/v1/approvals/{id}/approve"), server)
     }
 
     #[tokio::test]
@@ -333,10 +339,10 @@ mod tests {
         // "billing"; this test process is a person's. The exited caller's cgroup can
         // no longer be read.
         let workload_of: WorkloadOf = Arc::new(|pid| if pid == std::process::id() { Ok(None) } else { caller_workload(pid, &|_| Ok(Some("billing".into()))) });
-        let (status, _dir, path, server) = approve_from_a_caller_that_exited(workload_of).await;
+        let (status, _dir, path, approve, server) = approve_from_a_caller_that_exited(workload_of).await;
         assert!(matches!(status, Status::Pending { .. }), "a caller that may be the requester decided: {status:?}");
         // A caller the agent can place still decides.
-        let (status, _) = call(&path, Method::POST, "/v1/approvals/1/approve", Some(json!({"reason": "ticket 1"}))).await.expect("call");
+        let (status, _) = call(&path, Method::POST, &approve, Some(json!({"reason": "ticket 1"}))).await.expect("call");
         assert_eq!(status, StatusCode::OK);
         server.abort();
     }
@@ -345,10 +351,10 @@ mod tests {
     async fn a_caller_whose_pid_went_to_another_process_may_not_decide() {
         // The exited caller's pid was given to a person's process: /proc/<pid>/cgroup
         // reads as nobody's workload.
-        let (status, _dir, path, server) = approve_from_a_caller_that_exited(Arc::new(|_| Ok(None))).await;
+        let (status, _dir, path, approve, server) = approve_from_a_caller_that_exited(Arc::new(|_| Ok(None))).await;
         assert!(matches!(status, Status::Pending { .. }), "the caller's pid was taken for the caller: {status:?}");
         // A caller that is still running decides.
-        let (status, _) = call(&path, Method::POST, "/v1/approvals/1/approve", Some(json!({"reason": "ticket 1"}))).await.expect("call");
+        let (status, _) = call(&path, Method::POST, &approve, Some(json!({"reason": "ticket 1"}))).await.expect("call");
         assert_eq!(status, StatusCode::OK);
         server.abort();
     }

@@ -161,8 +161,14 @@ pub struct Ticket {
 
 impl Broker {
     pub fn new(timeout: Duration, max_window: Duration) -> Self {
+        // Ids count on from the agent's start in microseconds since the epoch, not
+        // from 1: an approver (or a bot acting on the webhook) decides by id, and an id
+        // shown before a restart must not name another statement after it. A run
+        // would need more than a request per microsecond to reach the next run's ids.
+        // (Below 2^53, so JSON readers keep them exact.)
+        let first = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0).max(1);
         Self {
-            next_id: AtomicU64::new(1),
+            next_id: AtomicU64::new(first),
             pending: Mutex::new(HashMap::new()),
             decided: Mutex::new(std::collections::VecDeque::new()),
             grants: Mutex::new(HashMap::new()),
@@ -369,7 +375,8 @@ mod tests {
         // another workload's statement in the new run.
         let before = Broker::new(Duration::from_secs(60), Duration::from_secs(3600)).request(requester("a"), "d", "d", "select 1", "r", "r", None).id;
         std::thread::sleep(Duration::from_millis(2));
-        let after = Broker::new(Duration::from_secs(60), Duration::from_secs(3600)).request(requester("b"), "d", "d", "delete from patients", "r", "r", None).id;
+        let after =
+            Broker::new(Duration::from_secs(60), Duration::from_secs(3600)).request(requester("b"), "d", "d", "delete from patients", "r", "r", None).id;
         assert_ne!(before, after, "the restarted agent gave its first request the id of the previous run's first request");
     }
 }
