@@ -718,3 +718,34 @@ fn a_workload_in_a_nested_protected_cgroup_cannot_approve_its_own_request() {
     );
     assert!(String::from_utf8_lossy(&o.stderr).contains("self-approval refused"), "{}", String::from_utf8_lossy(&o.stderr));
 }
+
+#[test]
+fn review_a_held_statement_the_client_cancelled_never_runs() {
+    if skip("review_a_held_statement_the_client_cancelled_never_runs") {
+        return;
+    }
+    let e = env("approval_timeout_secs = 30");
+    // Held: the subquery reads every encounter (baseline.unbounded-phi-read).
+    let child = spawn_psql(&e, "update labs set value = 0 where patient_id in (select patient_id from encounters)");
+    let req = wait_pending(&e);
+    let id = req["id"].to_string();
+    // The user thinks better of it: Ctrl-C. psql sends a CancelRequest (through the
+    // redirect, to phigate) and waits for the statement's answer.
+    let kill = Command::new("kill").args(["-INT", &child.id().to_string()]).status().expect("kill runs");
+    assert!(kill.success());
+    let withdrawn = wait_for(Duration::from_secs(5), || pending(&e).iter().all(|r| r["id"].to_string() != id).then_some(()));
+    // An approver who has not heard of the cancel approves the request.
+    let o = approvals(&e, &["approve", &id, "--reason", "looks fine"], None);
+    let out = child.wait_with_output().unwrap();
+    let zeroed = e.pg.psql_admin("postgres", "select count(*) from labs where value = 0").expect("count");
+    assert!(
+        withdrawn.is_some() && zeroed.trim() == "0",
+        "request {id} stayed pending after its client cancelled it (withdrawn: {}); approved afterwards ({}), it ran: {} labs rows set to 0 (psql stdout {:?}, stderr {:?})",
+        withdrawn.is_some(),
+        String::from_utf8_lossy(&o.stdout).trim(),
+        zeroed.trim(),
+        String::from_utf8_lossy(&out.stdout).trim(),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("canceling statement due to user request"), "{}", String::from_utf8_lossy(&out.stderr));
+}
