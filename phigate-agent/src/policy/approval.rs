@@ -48,9 +48,24 @@ pub struct Approver {
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 #[serde(tag = "outcome", rename_all = "snake_case")]
 pub enum Outcome {
-    Approved { by: String, reason: String, window_secs: Option<u64>, decided_at: u64 },
-    Denied { by: String, reason: String, decided_at: u64 },
-    TimedOut { decided_at: u64 },
+    Approved {
+        by: String,
+        reason: String,
+        window_secs: Option<u64>,
+        decided_at: u64,
+    },
+    Denied {
+        by: String,
+        reason: String,
+        decided_at: u64,
+    },
+    TimedOut {
+        decided_at: u64,
+    },
+    /// The requester cancelled the statement (a CancelRequest) before anyone decided.
+    Cancelled {
+        decided_at: u64,
+    },
 }
 
 /// A request as the admin API and webhook show it. The statement text is shown to
@@ -288,8 +303,17 @@ impl Broker {
 
     /// The session's deadline passed (or its client left): forget the request.
     pub fn expire(&self, id: u64) -> Option<Outcome> {
+        self.withdraw(id, Outcome::TimedOut { decided_at: epoch_secs(SystemTime::now()) })
+    }
+
+    /// The requester cancelled the statement: forget the request, so no approval can
+    /// come after it.
+    pub fn cancel(&self, id: u64) -> Option<Outcome> {
+        self.withdraw(id, Outcome::Cancelled { decided_at: epoch_secs(SystemTime::now()) })
+    }
+
+    fn withdraw(&self, id: u64, outcome: Outcome) -> Option<Outcome> {
         let p = self.pending.lock().expect("invariant: lock not poisoned").remove(&id)?;
-        let outcome = Outcome::TimedOut { decided_at: epoch_secs(SystemTime::now()) };
         let view = RequestView { waiting_secs: p.since.elapsed().as_secs(), ..p.view };
         self.remember(&view, &outcome, None);
         self.emit(&Event::ApprovalDecided { approval: view, decision: outcome.clone(), approver: None });

@@ -439,7 +439,11 @@ impl Tap {
             Outcome::Approved { .. } => self.attach_approval(name, approval),
             _ => {
                 let stmt = self.take_stmt();
-                let outcome = if matches!(o, Outcome::Denied { .. }) { "denied" } else { "not_approved_in_time" };
+                let outcome = match o {
+                    Outcome::Denied { .. } => "denied",
+                    Outcome::Cancelled { .. } => "cancelled",
+                    _ => "not_approved_in_time",
+                };
                 let data = statement_record(
                     &self.audit_id,
                     &StatementFacts { stmt, protocol, sql, name, portal: None, decision: Some(d), approval: Some(&approval) },

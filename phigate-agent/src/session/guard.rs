@@ -110,10 +110,20 @@ impl Guard {
         ))
         .with_hint(format!("An approver runs: phigate approvals approve {} --reason \"...\"", ticket.id));
         let broker = self.broker.clone();
+        let cancelled = session.cancel.clone();
         let decision = async move {
-            let mut pending = ExpireOnDrop { broker, id: ticket.id, done: false };
-            let outcome = tokio::time::timeout(timeout, ticket.reply).await;
-            pending.done = matches!(outcome, Ok(Ok(Outcome::Approved { .. } | Outcome::Denied { .. })));
+            let mut pending = ExpireOnDrop { broker: broker.clone(), id: ticket.id, done: false };
+            let outcome = tokio::select! {
+                // A decision already given wins (the statement runs, as a cancel does
+                // not undo what the database already did).
+                biased;
+                o = tokio::time::timeout(timeout, ticket.reply) => o,
+                // The client cancelled: the request is withdrawn, so an approval given
+                // afterwards finds nothing to decide. (If one slipped in between, the
+                // statement is still not run.)
+                () = cancelled.notified() => Ok(Ok(broker.cancel(ticket.id).unwrap_or(Outcome::Cancelled { decided_at: crate::policy::approval::epoch_secs(std::time::SystemTime::now()) }))),
+            };
+            pending.done = matches!(outcome, Ok(Ok(Outcome::Approved { .. } | Outcome::Denied { .. } | Outcome::Cancelled { .. })));
             if let Some((tap, name, sql, d)) = &audit {
                 let o = match &outcome {
                     Ok(Ok(o)) => o.clone(),
@@ -130,6 +140,12 @@ impl Guard {
                 Ok(Ok(Outcome::Denied { by, reason, .. })) => {
                     warn!(approval_id = ticket.id, approver = %by, "statement denied");
                     Err(PgError::error(SqlState::INSUFFICIENT_PRIVILEGE, format!("phigate: denied by {by} (rule {}): {reason}", d.rule)))
+                }
+                Ok(Ok(Outcome::Cancelled { .. })) => {
+                    info!(approval_id = ticket.id, "held statement cancelled by the client");
+                    // PostgreSQL's own words for a cancelled statement, which clients know.
+                    Err(PgError::error(SqlState::QUERY_CANCELED, "canceling statement due to user request")
+                        .with_hint(format!("phigate withdrew approval request {}; the statement was not run", ticket.id)))
                 }
                 _ => {
                     warn!(approval_id = ticket.id, "approval deadline passed");
