@@ -749,3 +749,60 @@ fn review_a_held_statement_the_client_cancelled_never_runs() {
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("canceling statement due to user request"), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+#[test]
+fn review_a_grant_window_does_not_follow_an_unqualified_name_to_another_schema() {
+    if skip("review_a_grant_window_does_not_follow_an_unqualified_name_to_another_schema") {
+        return;
+    }
+    let dir = std::env::temp_dir().join(unique("phigate-policy"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let pg = PgServer::start(PgOptions::default()).expect("PostgreSQL starts");
+    pg.psql_admin("postgres", SETUP_SQL).expect("schema");
+    // Older encounters, PHI too, in their own schema.
+    pg.psql_admin(
+        "postgres",
+        "create schema archive; create table archive.encounters (id int primary key, patient_id int, note text);
+         insert into archive.encounters select g, g, 'archived note ' || g from generate_series(1, 2000) g;",
+    )
+    .expect("archive");
+    let cg = TestCgroup::new();
+    cg.child("agent");
+    let mut cfg = AgentConfig::new(&cg)
+        .database(DbSpec::new("clinical", &["127.0.0.2/32"], pg.port(), pg.socket_addr()))
+        .protect(&format!("{}/agent", cg.rel()), "care-agent")
+        .identity(IdentitySpec::workload("care-agent", "clinical", "postgres"));
+    cfg.extra = "[policy]\nphi_tables = [\"public.patients\", \"public.encounters\", \"archive.encounters\"]\nunbounded_read_limit = 1000\napproval_timeout_secs = 30\n".into();
+    let agent = Agent::start(&cfg).expect("agent starts");
+    let e = Env { agent, cg, pg, dir };
+
+    // Approved for 10 minutes: every row of encounters (public's: the session's
+    // search_path is the default).
+    let child = spawn_psql(&e, "select * from encounters");
+    let req = wait_pending(&e);
+    let o = approvals(&e, &["approve", &req["id"].to_string(), "--reason", "nightly summary", "--window", "10m"], None);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(String::from_utf8_lossy(&child.wait_with_output().unwrap().stdout).lines().count(), 50);
+
+    // The same text in a session whose search_path leads to archive.encounters.
+    let mut cmd = Command::new(pg_bin("psql"));
+    cmd.args(["-h", "127.0.0.2", "-p", &e.pg.port().to_string(), "-U", "agent", "-d", "postgres", "-XAtq", "-c", "select * from encounters"])
+        .env("PGSSLMODE", "disable")
+        .env("PGOPTIONS", "-c search_path=archive")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    run_in(&mut cmd, &e.cg.child_dir("agent"));
+    let mut other = cmd.spawn().expect("psql starts");
+    let held = wait_for(Duration::from_secs(5), || pending(&e).into_iter().next().or_else(|| other.try_wait().ok().flatten().map(|_| Value::Null)));
+    if let Some(r) = held.as_ref().filter(|r| !r.is_null()) {
+        approvals(&e, &["deny", &r["id"].to_string(), "--reason", "another schema"], None);
+    }
+    let out = other.wait_with_output().unwrap();
+    let rows = String::from_utf8_lossy(&out.stdout).lines().count();
+    assert!(
+        held.as_ref().is_some_and(|r| !r.is_null()),
+        "the window granted for `select * from encounters` (public.encounters, 50 rows) let the same text read archive.encounters unasked: {rows} rows (stderr {:?})",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+}
