@@ -406,30 +406,32 @@ fn grant_window_lets_the_repeat_through_and_expires() {
         return;
     }
     let e = env("approval_timeout_secs = 30");
-    let child = spawn_psql(&e, "select * from encounters");
+    let child = spawn_psql(&e, "select * from public.encounters");
     let req = wait_pending(&e);
     let o = approvals(&e, &["approve", &req["id"].to_string(), "--reason", "batch job", "--window", "4s"], None);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     child.wait_with_output().unwrap();
+    // (Its table named with its schema: a window cannot name a statement whose table a
+    // session's search_path picks.)
     // The same statement again, within the window: not held (held, it would wait out
     // the 30 s timeout and fail), and the audit log says whose window let it run.
-    let out = psql(&e, "select * from encounters");
+    let out = psql(&e, "select * from public.encounters");
     assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 50);
     assert!(pending(&e).is_empty());
     let rec = e.agent.wait_audit("statement", |d| d["approval"]["outcome"] == "approved_by_window").expect("the window's use is recorded");
     assert_eq!(rec["data"]["approval"]["by"], "unix:root");
-    assert_eq!(rec["data"]["text"], "select * from encounters");
+    assert_eq!(rec["data"]["text"], "select * from public.encounters");
     // Another PHI table is not covered by the grant.
-    let other = spawn_psql(&e, "select * from patients");
+    let other = spawn_psql(&e, "select * from public.patients");
     let req2 = wait_pending(&e);
-    assert_eq!(req2["statement"], "select * from patients");
+    assert_eq!(req2["statement"], "select * from public.patients");
     approvals(&e, &["deny", &req2["id"].to_string(), "--reason", "no"], None);
     other.wait_with_output().unwrap();
     // After the window: held again.
     std::thread::sleep(Duration::from_secs(4));
-    let again = spawn_psql(&e, "select * from encounters");
+    let again = spawn_psql(&e, "select * from public.encounters");
     let req3 = wait_pending(&e);
-    assert_eq!(req3["statement"], "select * from encounters");
+    assert_eq!(req3["statement"], "select * from public.encounters");
     approvals(&e, &["deny", &req3["id"].to_string(), "--reason", "window over"], None);
     again.wait_with_output().unwrap();
 }

@@ -72,7 +72,11 @@ impl Guard {
         // duplicates among them, so `FROM patients p, patients q WHERE p.id = 1`
         // (every patient's row) fingerprints like `FROM patients p WHERE p.id = 1`.
         // Text pg_query cannot normalize is held every time: no window can name it.
-        let normalized = pg_query::normalize(sql).ok();
+        // Nor can a window name a statement with a table name whose schema it leaves
+        // to the session's search_path (SET search_path, a startup option): the same
+        // text would read `archive.encounters` where the approver saw `encounters`
+        // read in the default one. Such a statement is approved once.
+        let normalized = pg_query::normalize(sql).ok().filter(|_| names_its_schemas(sql));
         let grant = normalized.clone().map(|normalized| GrantKey {
             identity: session.workload.name.clone(),
             database: session.database.clone(),
@@ -158,6 +162,15 @@ impl Guard {
             }
         };
         Action::Hold(Box::pin(decision), Some(notice))
+    }
+}
+
+/// Whether every table the statement names has its schema written out (a CTE's name
+/// aside), so that no session's search_path can make it another table.
+fn names_its_schemas(sql: &str) -> bool {
+    match cache::analyze(sql).0 {
+        Ok(a) => a.statements.iter().all(|f| f.tables.iter().all(|t| t.schema.is_some() || f.ctes.contains_key(&t.name))),
+        Err(_) => false,
     }
 }
 
@@ -256,12 +269,12 @@ mod tests {
     async fn a_grant_window_covers_the_same_statement_only() {
         let (mut guard, broker) = guard();
         let session = crate::session::stage::tests::session();
-        approve_for_ten_minutes(&mut guard, &broker, &session, "SELECT * FROM patients p WHERE p.id = 1").await;
+        approve_for_ten_minutes(&mut guard, &broker, &session, "SELECT * FROM public.patients p WHERE p.id = 1").await;
         // Constants aside, the same statement runs without asking.
-        assert!(matches!(guard.frontend(&session, &query("SELECT * FROM patients p WHERE p.id = 2")), Action::Forward));
+        assert!(matches!(guard.frontend(&session, &query("SELECT * FROM public.patients p WHERE p.id = 2")), Action::Forward));
         // Another table (under the same alias, or in another schema) is another
         // statement.
-        for other in ["SELECT * FROM encounters p WHERE p.id = 1", "SELECT * FROM archive.patients p WHERE p.id = 1"] {
+        for other in ["SELECT * FROM public.encounters p WHERE p.id = 1", "SELECT * FROM archive.patients p WHERE p.id = 1"] {
             assert!(matches!(guard.frontend(&session, &query(other)), Action::Hold(..)), "{other} ran under the grant for patients");
         }
     }
@@ -270,14 +283,14 @@ mod tests {
     async fn a_grant_window_covers_the_database_it_was_approved_for_only() {
         let (mut guard, broker) = guard();
         let session = crate::session::stage::tests::session();
-        approve_for_ten_minutes(&mut guard, &broker, &session, "SELECT * FROM patients").await;
-        assert!(matches!(guard.frontend(&session, &query("SELECT * FROM patients")), Action::Forward));
+        approve_for_ten_minutes(&mut guard, &broker, &session, "SELECT * FROM public.patients").await;
+        assert!(matches!(guard.frontend(&session, &query("SELECT * FROM public.patients")), Action::Forward));
         // The same identity and statement against another PostgreSQL database, or
         // another protected database service: the approver did not see that one.
         let other_dbname = Session { dbname: "db_prod".into(), ..session.clone() };
-        assert!(matches!(guard.frontend(&other_dbname, &query("SELECT * FROM patients")), Action::Hold(..)), "ran in another database");
+        assert!(matches!(guard.frontend(&other_dbname, &query("SELECT * FROM public.patients")), Action::Hold(..)), "ran in another database");
         let other_service = Session { database: "research".into(), ..session };
-        assert!(matches!(guard.frontend(&other_service, &query("SELECT * FROM patients")), Action::Hold(..)), "ran on another database service");
+        assert!(matches!(guard.frontend(&other_service, &query("SELECT * FROM public.patients")), Action::Hold(..)), "ran on another database service");
     }
 
     #[tokio::test]
@@ -285,11 +298,25 @@ mod tests {
         let (mut guard, broker) = guard();
         let session = crate::session::stage::tests::session();
         // Approved: one patient's row, by id.
-        approve_for_ten_minutes(&mut guard, &broker, &session, "SELECT * FROM patients p WHERE p.id = 1").await;
+        approve_for_ten_minutes(&mut guard, &broker, &session, "SELECT * FROM public.patients p WHERE p.id = 1").await;
         // The same table joined once more: every patient's row (q is not bounded).
         // pg_query's fingerprint drops duplicate FROM items (aliases aside): the two
         // fingerprint alike, and windows once named statements by fingerprint.
-        let wider = "SELECT * FROM patients p, patients q WHERE p.id = 1";
+        let wider = "SELECT * FROM public.patients p, public.patients q WHERE p.id = 1";
         assert!(matches!(guard.frontend(&session, &query(wider)), Action::Hold(..)), "{wider} ran under the grant for one patient's row");
+    }
+
+    #[tokio::test]
+    async fn a_window_names_only_statements_whose_tables_have_their_schemas() {
+        let (mut guard, broker) = guard();
+        let session = crate::session::stage::tests::session();
+        // Unqualified: the session's search_path decides which table it is.
+        approve_for_ten_minutes(&mut guard, &broker, &session, "SELECT * FROM encounters").await;
+        assert!(matches!(guard.frontend(&session, &query("SELECT * FROM encounters")), Action::Hold(..)), "approved once, without a window");
+        broker.expire(broker.list()[0].id);
+        // A CTE's name is no table.
+        let cte = "WITH e AS (SELECT * FROM public.encounters) SELECT * FROM e";
+        approve_for_ten_minutes(&mut guard, &broker, &session, cte).await;
+        assert!(matches!(guard.frontend(&session, &query(cte)), Action::Forward));
     }
 }
