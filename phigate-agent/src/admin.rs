@@ -358,4 +358,39 @@ mod tests {
         assert_eq!(status, StatusCode::OK);
         server.abort();
     }
+
+    #[tokio::test]
+    async fn review_a_caller_protected_after_it_connected_may_not_approve_its_identitys_request() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("admin.sock");
+        let listener = bind(&path).expect("bind");
+        let broker = Arc::new(Broker::new(Duration::from_secs(60), Duration::from_secs(3600)));
+        // The caller's cgroup becomes protected (`phigate protect` on the running
+        // node) after it connected.
+        let protected = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let p = protected.clone();
+        let workload_of: WorkloadOf = Arc::new(move |_| Ok(p.load(std::sync::atomic::Ordering::SeqCst).then(|| "billing".to_string())));
+        let server = tokio::spawn(serve(listener, broker.clone(), workload_of));
+        let stream = UnixStream::connect(&path).await.expect("connect");
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.expect("handshake");
+        tokio::spawn(conn);
+        let get = Request::get("/v1/approvals").header("host", "phigate").body(Full::new(Bytes::new())).expect("request");
+        assert_eq!(sender.send_request(get).await.expect("list").status(), StatusCode::OK);
+        protected.store(true, std::sync::atomic::Ordering::SeqCst);
+        // Now a workload of "billing", it has a statement held, and approves it over
+        // the connection it kept.
+        let requester = Requester { identity: "billing".into(), token_subject: None, session_id: 1, audit_session: "s-1".into(), pid: 2, cgroup: "c".into() };
+        let ticket = broker.request(requester, "clinical", "clinical", "select * from patients", "r", "r", None);
+        let post = Request::post(format!("/v1/approvals/{}/approve", ticket.id))
+            .header("host", "phigate")
+            .body(Full::new(Bytes::from(r#"{"reason": "mine"}"#)))
+            .expect("request");
+        let status = sender.send_request(post).await.expect("approve").status();
+        server.abort();
+        assert_eq!(
+            status,
+            StatusCode::FORBIDDEN,
+            "a process protected as billing approved billing's request over a connection it opened before it was protected"
+        );
+    }
 }
