@@ -131,6 +131,37 @@ pub fn bind(path: &Path) -> Result<UnixListener, AdminError> {
     Ok(listener)
 }
 
+/// Who is at the other end of an admin connection, as the kernel said at connect.
+struct Caller {
+    /// The unix user's name (or uid).
+    user: String,
+    /// None: the caller's pid is not visible to the agent (another pid namespace).
+    pid: Option<u32>,
+    /// Held for the connection's life: tells whether the pid is still the caller's.
+    pidfd: Option<std::os::fd::OwnedFd>,
+}
+
+impl Caller {
+    /// The approver, placed now. Whether the caller runs in a protected cgroup is
+    /// asked at each request, not once per connection: a cgroup can be protected
+    /// (`phigate protect`) while a connection opened before stays up, and a process
+    /// can be moved to another cgroup. A caller nobody can place (gone, or in another
+    /// pid namespace: pid 0) is refused rather than taken for a person.
+    fn approver(&self, workload_of: &WorkloadOf) -> Result<Approver, String> {
+        let Some(pid) = self.pid else {
+            return Err("the caller's pid is not visible to the agent".into());
+        };
+        // The pid could belong to another process by the time /proc is read (the
+        // caller exited, the pid was reused): the caller's pidfd, taken at accept,
+        // tells whether the caller itself still holds it.
+        let workload = workload_of(pid).and_then(|w| match &self.pidfd {
+            Some(fd) if !process_alive(fd) => Err(format!("the caller (pid {pid}) exited before its cgroup was read")),
+            _ => Ok(w),
+        })?;
+        Ok(Approver { name: format!("unix:{}", self.user), workload })
+    }
+}
+
 /// Serve the API until the listener is dropped (the task is aborted).
 pub async fn serve(listener: UnixListener, broker: Arc<Broker>, workload_of: WorkloadOf) {
     loop {
@@ -142,45 +173,36 @@ pub async fn serve(listener: UnixListener, broker: Arc<Broker>, workload_of: Wor
                 continue;
             }
         };
-        let approver = match stream.peer_cred() {
+        let caller = match stream.peer_cred() {
             Ok(cred) => {
                 let user = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(cred.uid()))
                     .ok()
                     .flatten()
                     .map(|u| u.name)
                     .unwrap_or_else(|| cred.uid().to_string());
-                // Whether the caller runs in a protected cgroup decides whether it may
-                // approve; a caller nobody can place (gone, or in another pid namespace:
-                // pid 0) is refused rather than taken for a person.
-                // The pid could belong to another process by the time /proc is read
-                // (the caller exited, the pid was reused): the caller's pidfd, taken
-                // first, tells whether the caller itself still holds it.
                 let pidfd = peer_pidfd(&stream);
-                let workload = match cred.pid().and_then(|p| u32::try_from(p).ok()).filter(|p| *p != 0) {
-                    Some(pid) => workload_of(pid).and_then(|w| match &pidfd {
-                        Some(fd) if !process_alive(fd) => Err(format!("the caller (pid {pid}) exited before its cgroup was read")),
-                        _ => Ok(w),
-                    }),
-                    None => Err("the caller's pid is not visible to the agent".into()),
-                };
-                match workload {
-                    Ok(workload) => Approver { name: format!("unix:{user}"), workload },
-                    Err(e) => {
-                        warn!(error = %e, user = %user, "cannot tell whether an admin API caller runs in a protected cgroup; refusing");
-                        continue;
-                    }
-                }
+                let pid = cred.pid().and_then(|p| u32::try_from(p).ok()).filter(|p| *p != 0);
+                Arc::new(Caller { user, pid, pidfd })
             }
             Err(e) => {
                 warn!(error = %e, "cannot identify an admin API caller; refusing");
                 continue;
             }
         };
-        let broker = broker.clone();
+        let (broker, workload_of) = (broker.clone(), workload_of.clone());
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
-                let (broker, approver) = (broker.clone(), approver.clone());
-                async move { Ok::<_, std::convert::Infallible>(handle(req, &broker, &approver).await) }
+                let (broker, caller, workload_of) = (broker.clone(), caller.clone(), workload_of.clone());
+                async move {
+                    let response = match caller.approver(&workload_of) {
+                        Ok(approver) => handle(req, &broker, &approver).await,
+                        Err(e) => {
+                            warn!(error = %e, user = %caller.user, "cannot tell whether an admin API caller runs in a protected cgroup; refusing");
+                            reply(StatusCode::FORBIDDEN, json!({"error": format!("phigate cannot tell whether the caller runs in a protected cgroup: {e}")}))
+                        }
+                    };
+                    Ok::<_, std::convert::Infallible>(response)
+                }
             });
             let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
         });
