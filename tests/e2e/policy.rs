@@ -808,3 +808,22 @@ fn review_a_grant_window_does_not_follow_an_unqualified_name_to_another_schema()
         String::from_utf8_lossy(&out.stderr).trim()
     );
 }
+
+#[test]
+fn review_a_statement_run_under_a_window_names_its_approval_in_the_audit_log() {
+    if skip("review_a_statement_run_under_a_window_names_its_approval_in_the_audit_log") {
+        return;
+    }
+    let e = env("approval_timeout_secs = 30");
+    let child = spawn_psql(&e, "select * from public.encounters");
+    let req = wait_pending(&e);
+    let o = approvals(&e, &["approve", &req["id"].to_string(), "--reason", "ticket 4711", "--window", "10m"], None);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    child.wait_with_output().unwrap();
+    psql(&e, "select * from public.encounters");
+    // An auditor asks which approval (and why) let this statement run: several windows
+    // may be open at once, granted by the same person.
+    let rec = e.agent.wait_audit("statement", |d| d["approval"]["outcome"] == "approved_by_window").expect("the window's use is recorded");
+    assert_eq!(rec["data"]["approval"]["id"], req["id"], "the record does not name the approval whose window let it run: {}", rec["data"]["approval"]);
+    assert_eq!(rec["data"]["approval"]["reason"], "ticket 4711", "{}", rec["data"]["approval"]);
+}
