@@ -149,6 +149,15 @@ pub struct GrantKey {
     pub normalized: String,
 }
 
+/// The approval whose window lets a statement run: what its record names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    /// The request that was approved.
+    pub id: u64,
+    pub by: String,
+    pub reason: String,
+}
+
 /// The approval state of one agent.
 pub struct Broker {
     next_id: AtomicU64,
@@ -156,7 +165,7 @@ pub struct Broker {
     /// The latest decisions, oldest first (bounded).
     decided: Mutex<std::collections::VecDeque<Record>>,
     /// What a window covers → expiry and approver.
-    grants: Mutex<HashMap<GrantKey, (Instant, String)>>,
+    grants: Mutex<HashMap<GrantKey, (Instant, Grant)>>,
     pub timeout: Duration,
     pub max_window: Duration,
     events: Mutex<Vec<Listener>>,
@@ -204,8 +213,8 @@ impl Broker {
         }
     }
 
-    /// A live grant covering `key`, with who granted it.
-    pub fn granted(&self, key: &GrantKey) -> Option<String> {
+    /// A live grant covering `key`: the approval that left it.
+    pub fn granted(&self, key: &GrantKey) -> Option<Grant> {
         let mut g = self.grants.lock().expect("invariant: lock not poisoned");
         match g.get(key) {
             Some((until, by)) if *until > Instant::now() => Some(by.clone()),
@@ -287,7 +296,10 @@ impl Broker {
             if let Some((w, normalized)) = window.filter(|w| !w.is_zero()).zip(p.normalized) {
                 let key =
                     GrantKey { identity: p.view.requester.identity.clone(), database: p.view.database.clone(), dbname: p.view.dbname.clone(), normalized };
-                self.grants.lock().expect("invariant: lock not poisoned").insert(key, (Instant::now() + w, approver.name.clone()));
+                self.grants
+                    .lock()
+                    .expect("invariant: lock not poisoned")
+                    .insert(key, (Instant::now() + w, Grant { id, by: approver.name.clone(), reason: reason.into() }));
             }
             Outcome::Approved { by: approver.name.clone(), reason: reason.into(), window_secs: window.map(|w| w.as_secs()), decided_at: now }
         } else {
@@ -364,7 +376,7 @@ mod tests {
         b.decide(t.id, &human(), true, "ok", Some(Duration::from_millis(200))).unwrap();
         let key =
             |identity: &str, normalized: &str| GrantKey { identity: identity.into(), database: "d".into(), dbname: "d".into(), normalized: normalized.into() };
-        assert_eq!(b.granted(&key("billing", "s99")).as_deref(), Some("unix:alice"));
+        assert_eq!(b.granted(&key("billing", "s99")), Some(Grant { id: t.id, by: "unix:alice".into(), reason: "ok".into() }));
         assert_eq!(b.granted(&key("billing", "s98")), None, "another statement");
         assert_eq!(b.granted(&key("other", "s99")), None, "another identity");
         assert_eq!(b.granted(&GrantKey { dbname: "e".into(), ..key("billing", "s99") }), None, "another database");

@@ -464,9 +464,10 @@ impl Tap {
         }
     }
 
-    /// The statement runs without asking under an approval window `by` granted.
-    pub fn granted(&mut self, name: Option<&str>, by: &str) {
-        self.attach_approval(name, json!({"outcome": "approved_by_window", "by": by}));
+    /// The statement runs without asking under the window approval `g` left: its
+    /// record names that approval (several windows may be open, from one approver).
+    pub fn granted(&mut self, name: Option<&str>, g: &crate::policy::approval::Grant) {
+        self.attach_approval(name, json!({"outcome": "approved_by_window", "by": g.by, "id": g.id, "reason": g.reason}));
     }
 
     /// The approval goes with the statement's record when the stage sees it run.

@@ -83,10 +83,10 @@ impl Guard {
             dbname: session.dbname.clone(),
             normalized,
         });
-        if let Some(by) = grant.as_ref().and_then(|g| self.broker.granted(g)) {
-            info!(session_id = session.id, rule = %d.rule, granted_by = %by, "statement allowed by an approval window");
+        if let Some(g) = grant.as_ref().and_then(|g| self.broker.granted(g)) {
+            info!(session_id = session.id, rule = %d.rule, approval_id = g.id, granted_by = %g.by, "statement allowed by an approval window");
             if let Some(tap) = &self.audit {
-                tap.lock().expect("invariant: lock not poisoned").granted(name, &by);
+                tap.lock().expect("invariant: lock not poisoned").granted(name, &g);
             }
             return Action::Forward;
         }
