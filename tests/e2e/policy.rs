@@ -827,3 +827,28 @@ fn review_a_statement_run_under_a_window_names_its_approval_in_the_audit_log() {
     assert_eq!(rec["data"]["approval"]["id"], req["id"], "the record does not name the approval whose window let it run: {}", rec["data"]["approval"]);
     assert_eq!(rec["data"]["approval"]["reason"], "ticket 4711", "{}", rec["data"]["approval"]);
 }
+
+#[test]
+fn review_a_pipelining_client_gets_the_held_notice_between_messages() {
+    if skip("review_a_pipelining_client_gets_the_held_notice_between_messages") {
+        return;
+    }
+    // Unmasked rows larger than one read stream through phigate in pieces.
+    let e = env("approval_timeout_secs = 30\n[masking]\nenabled = false");
+    let bin = std::env::var_os("PHIGATE_PGCLIENT_BIN").map(PathBuf::from).unwrap_or_else(|| target_dir().join("debug/phigate-pgclient"));
+    let conn = format!("host=127.0.0.2 port={} user=agent dbname=postgres connect_timeout=10", e.pg.port());
+    // Where the statement lands in the stream is a matter of timing: a few tries.
+    for _ in 0..5 {
+        let mut cmd = Command::new(&bin);
+        // While 20 MB of rows stream to it, the client sends a statement that is held.
+        cmd.args(["raw-pipelined", &conn, "select repeat('x', 200000) from generate_series(1, 100)", "select * from encounters"]).stdin(Stdio::null());
+        run_in(&mut cmd, &e.cg.child_dir("agent"));
+        let out = cmd.output().expect("phigate-pgclient runs");
+        let v: Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|err| panic!("{err}: {} {}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)));
+        assert_eq!(v["ok"], true, "{v}");
+        assert_eq!(v["broken"], false, "the client's message stream broke (phigate's notice inside a streamed row): {v}");
+        // The notice goes between two messages, wherever.
+        assert!(["TDCZN", "TDNDCZ", "TNDCZ", "TDNCZ", "TDCNZ"].contains(&v["tags"].as_str().unwrap_or("")), "{v}");
+    }
+}
