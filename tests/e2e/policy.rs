@@ -735,7 +735,7 @@ fn review_a_held_statement_the_client_cancelled_never_runs() {
     // redirect, to phigate) and waits for the statement's answer.
     let kill = Command::new("kill").args(["-INT", &child.id().to_string()]).status().expect("kill runs");
     assert!(kill.success());
-    let withdrawn = wait_for(Duration::from_secs(5), || pending(&e).iter().all(|r| r["id"].to_string() != id).then_some(()));
+    let withdrawn = wait_for(Duration::from_secs(5), || pending(&e).iter().all(|r| r["id"] != req["id"]).then_some(()));
     // An approver who has not heard of the cancel approves the request.
     let o = approvals(&e, &["approve", &id, "--reason", "looks fine"], None);
     let out = child.wait_with_output().unwrap();
