@@ -24,8 +24,8 @@ pub struct CancelTarget {
     pub server_key: Vec<u8>,
     /// Only this workload identity may cancel the session.
     pub identity: String,
-    /// Wakes the session's statement held for approval, if one is.
-    pub held: Arc<tokio::sync::Notify>,
+    /// Counts cancels: wakes the session's statement held for approval, if one is.
+    pub held: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 #[derive(Default)]
@@ -102,7 +102,7 @@ mod tests {
             server_pid: 7,
             server_key: vec![1, 2, 3, 4],
             identity: "a".into(),
-            held: Default::default(),
+            held: Arc::new(tokio::sync::watch::Sender::new(0)),
         };
         let k1 = reg.register(target.clone());
         let k2 = reg.register(target);

@@ -114,7 +114,9 @@ impl Guard {
         ))
         .with_hint(format!("An approver runs: phigate approvals approve {} --reason \"...\"", ticket.id));
         let broker = self.broker.clone();
-        let cancelled = session.cancel.clone();
+        // Subscribed now, as the statement is held: a cancel from here on counts, one
+        // that came before does not.
+        let mut cancelled = session.cancel.subscribe();
         let decision = async move {
             let mut pending = ExpireOnDrop { broker: broker.clone(), id: ticket.id, done: false };
             let outcome = tokio::select! {
@@ -125,7 +127,7 @@ impl Guard {
                 // The client cancelled: the request is withdrawn, so an approval given
                 // afterwards finds nothing to decide. (If one slipped in between, the
                 // statement is still not run.)
-                () = cancelled.notified() => Ok(Ok(broker.cancel(ticket.id).unwrap_or(Outcome::Cancelled { decided_at: crate::policy::approval::epoch_secs(std::time::SystemTime::now()) }))),
+                Ok(()) = cancelled.changed() => Ok(Ok(broker.cancel(ticket.id).unwrap_or(Outcome::Cancelled { decided_at: crate::policy::approval::epoch_secs(std::time::SystemTime::now()) }))),
             };
             pending.done = matches!(outcome, Ok(Ok(Outcome::Approved { .. } | Outcome::Denied { .. } | Outcome::Cancelled { .. })));
             if let Some((tap, name, sql, d)) = &audit {
@@ -318,5 +320,19 @@ mod tests {
         let cte = "WITH e AS (SELECT * FROM public.encounters) SELECT * FROM e";
         approve_for_ten_minutes(&mut guard, &broker, &session, cte).await;
         assert!(matches!(guard.frontend(&session, &query(cte)), Action::Forward));
+    }
+
+    #[tokio::test]
+    async fn a_cancel_withdraws_the_statement_held_when_it_comes() {
+        let (mut guard, broker) = guard();
+        let session = crate::session::stage::tests::session();
+        // A cancel while nothing is held cancels nothing later.
+        session.cancel.send_modify(|n| *n += 1);
+        let Action::Hold(mut decision, _) = guard.frontend(&session, &query("SELECT 1")) else { panic!("held") };
+        assert!(tokio::time::timeout(Duration::from_millis(50), &mut decision).await.is_err(), "still held");
+        session.cancel.send_modify(|n| *n += 1);
+        let err = decision.await.expect_err("cancelled");
+        assert_eq!(err.code, SqlState::QUERY_CANCELED, "{err}");
+        assert!(broker.list().is_empty(), "the request was withdrawn");
     }
 }

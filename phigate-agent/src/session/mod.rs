@@ -129,9 +129,9 @@ pub struct Session {
     pub accepted_at: SystemTime,
     /// When the session was established (both logins done).
     pub started_at: SystemTime,
-    /// Woken by the client's CancelRequest: a statement held for approval is then
-    /// cancelled, as PostgreSQL cancels one that waits (on a lock, say).
-    pub cancel: Arc<tokio::sync::Notify>,
+    /// Counts the client's CancelRequests: a statement held for approval when one
+    /// comes is cancelled, as PostgreSQL cancels one that waits (on a lock, say).
+    pub cancel: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 /// Why a session ended before or during relay.
@@ -365,7 +365,7 @@ async fn run(conn: Identified, db: Arc<DbRuntime>, services: &Services) -> Resul
         }
     };
 
-    let cancelled = Arc::new(tokio::sync::Notify::new());
+    let cancelled = Arc::new(tokio::sync::watch::Sender::new(0));
     let cancel_key = services.cancel.register(CancelTarget {
         upstream: db.upstream,
         tls: db.upstream_tls.clone(),
@@ -483,7 +483,7 @@ async fn handle_cancel(pid: u32, key: &[u8], workload: &Workload, services: &Ser
     }
     // A statement held for approval has not reached the database: phigate cancels it.
     // Whatever the database runs (statements sent before it) is cancelled there.
-    target.held.notify_waiters();
+    target.held.send_modify(|n| *n += 1);
     match cancel::send(&target).await {
         Ok(()) => info!(session_id = pid, "query cancel forwarded to the database"),
         Err(e) => warn!(session_id = pid, error = %e, "could not forward query cancel"),
