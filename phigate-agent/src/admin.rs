@@ -131,6 +131,37 @@ pub fn bind(path: &Path) -> Result<UnixListener, AdminError> {
     Ok(listener)
 }
 
+/// Who is at the other end of an admin connection, as the kernel said at connect.
+struct Caller {
+    /// The unix user's name (or uid).
+    user: String,
+    /// None: the caller's pid is not visible to the agent (another pid namespace).
+    pid: Option<u32>,
+    /// Held for the connection's life: tells whether the pid is still the caller's.
+    pidfd: Option<std::os::fd::OwnedFd>,
+}
+
+impl Caller {
+    /// The approver, placed now. Whether the caller runs in a protected cgroup is
+    /// asked at each request, not once per connection: a cgroup can be protected
+    /// (`phigate protect`) while a connection opened before stays up, and a process
+    /// can be moved to another cgroup. A caller nobody can place (gone, or in another
+    /// pid namespace: pid 0) is refused rather than taken for a person.
+    fn approver(&self, workload_of: &WorkloadOf) -> Result<Approver, String> {
+        let Some(pid) = self.pid else {
+            return Err("the caller's pid is not visible to the agent".into());
+        };
+        // The pid could belong to another process by the time /proc is read (the
+        // caller exited, the pid was reused): the caller's pidfd, taken at accept,
+        // tells whether the caller itself still holds it.
+        let workload = workload_of(pid).and_then(|w| match &self.pidfd {
+            Some(fd) if !process_alive(fd) => Err(format!("the caller (pid {pid}) exited before its cgroup was read")),
+            _ => Ok(w),
+        })?;
+        Ok(Approver { name: format!("unix:{}", self.user), workload })
+    }
+}
+
 /// Serve the API until the listener is dropped (the task is aborted).
 pub async fn serve(listener: UnixListener, broker: Arc<Broker>, workload_of: WorkloadOf) {
     loop {
@@ -142,45 +173,36 @@ pub async fn serve(listener: UnixListener, broker: Arc<Broker>, workload_of: Wor
                 continue;
             }
         };
-        let approver = match stream.peer_cred() {
+        let caller = match stream.peer_cred() {
             Ok(cred) => {
                 let user = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(cred.uid()))
                     .ok()
                     .flatten()
                     .map(|u| u.name)
                     .unwrap_or_else(|| cred.uid().to_string());
-                // Whether the caller runs in a protected cgroup decides whether it may
-                // approve; a caller nobody can place (gone, or in another pid namespace:
-                // pid 0) is refused rather than taken for a person.
-                // The pid could belong to another process by the time /proc is read
-                // (the caller exited, the pid was reused): the caller's pidfd, taken
-                // first, tells whether the caller itself still holds it.
                 let pidfd = peer_pidfd(&stream);
-                let workload = match cred.pid().and_then(|p| u32::try_from(p).ok()).filter(|p| *p != 0) {
-                    Some(pid) => workload_of(pid).and_then(|w| match &pidfd {
-                        Some(fd) if !process_alive(fd) => Err(format!("the caller (pid {pid}) exited before its cgroup was read")),
-                        _ => Ok(w),
-                    }),
-                    None => Err("the caller's pid is not visible to the agent".into()),
-                };
-                match workload {
-                    Ok(workload) => Approver { name: format!("unix:{user}"), workload },
-                    Err(e) => {
-                        warn!(error = %e, user = %user, "cannot tell whether an admin API caller runs in a protected cgroup; refusing");
-                        continue;
-                    }
-                }
+                let pid = cred.pid().and_then(|p| u32::try_from(p).ok()).filter(|p| *p != 0);
+                Arc::new(Caller { user, pid, pidfd })
             }
             Err(e) => {
                 warn!(error = %e, "cannot identify an admin API caller; refusing");
                 continue;
             }
         };
-        let broker = broker.clone();
+        let (broker, workload_of) = (broker.clone(), workload_of.clone());
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
-                let (broker, approver) = (broker.clone(), approver.clone());
-                async move { Ok::<_, std::convert::Infallible>(handle(req, &broker, &approver).await) }
+                let (broker, caller, workload_of) = (broker.clone(), caller.clone(), workload_of.clone());
+                async move {
+                    let response = match caller.approver(&workload_of) {
+                        Ok(approver) => handle(req, &broker, &approver).await,
+                        Err(e) => {
+                            warn!(error = %e, user = %caller.user, "cannot tell whether an admin API caller runs in a protected cgroup; refusing");
+                            reply(StatusCode::FORBIDDEN, json!({"error": format!("phigate cannot tell whether the caller runs in a protected cgroup: {e}")}))
+                        }
+                    };
+                    Ok::<_, std::convert::Infallible>(response)
+                }
             });
             let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
         });
@@ -261,18 +283,23 @@ mod tests {
     use crate::policy::approval::{Requester, Status};
 
     const SOCKET_ENV: &str = "PHIGATE_TEST_ADMIN_SOCKET";
+    const ID_ENV: &str = "PHIGATE_TEST_APPROVAL_ID";
 
     /// Run in a child process by `approve_from_a_caller_that_exited`:
     /// connect, send an approval, and exit before the agent looks at who called.
     #[test]
     #[ignore = "helper: runs in a child process"]
     fn helper_approve_and_exit() {
-        let Ok(path) = std::env::var(SOCKET_ENV) else { return };
+        let (Ok(path), Ok(id)) = (std::env::var(SOCKET_ENV), std::env::var(ID_ENV)) else { return };
         use std::io::Write;
         let mut s = std::os::unix::net::UnixStream::connect(path).expect("connect");
         let body = r#"{"reason": "mine"}"#;
-        write!(s, "POST /v1/approvals/1/approve HTTP/1.1\r\nhost: phigate\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}", body.len())
-            .expect("write");
+        write!(
+            s,
+            "POST /v1/approvals/{id}/approve HTTP/1.1\r\nhost: phigate\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .expect("write");
     }
 
     #[test]
@@ -293,30 +320,39 @@ mod tests {
     /// A request from "billing", and an approval of it sent by a child process that
     /// exits (and is reaped) before the agent, judging callers by `workload_of`,
     /// accepts the connection. Returns the request's state after that and a way to
-    /// call again.
-    async fn approve_from_a_caller_that_exited(workload_of: WorkloadOf) -> (Status, tempfile::TempDir, PathBuf, tokio::task::JoinHandle<()>) {
+    /// call again (the socket, and the request's approve path).
+    async fn approve_from_a_caller_that_exited(workload_of: WorkloadOf) -> (Status, tempfile::TempDir, PathBuf, String, tokio::task::JoinHandle<()>) {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("admin.sock");
         let listener = bind(&path).expect("bind");
         let broker = Arc::new(Broker::new(Duration::from_secs(60), Duration::from_secs(3600)));
         let requester = Requester { identity: "billing".into(), token_subject: None, session_id: 1, audit_session: "s-1".into(), pid: 2, cgroup: "c".into() };
-        let ticket = broker.request(requester, "clinical", "clinical", "select * from patients", "baseline.unbounded-phi-read", "r", Some(7));
-        assert_eq!(ticket.id, 1);
+        let ticket = broker.request(
+            requester,
+            "clinical",
+            "clinical",
+            "select * from patients",
+            "baseline.unbounded-phi-read",
+            "r",
+            Some("select * from patients".into()),
+        );
+        let id = ticket.id;
         let status = std::process::Command::new(std::env::current_exe().expect("test binary"))
             .args(["admin::tests::helper_approve_and_exit", "--exact", "--ignored", "--quiet"])
             .env(SOCKET_ENV, &path)
+            .env(ID_ENV, id.to_string())
             .stdout(std::process::Stdio::null())
             .status()
             .expect("run the helper");
         assert!(status.success());
         let server = tokio::spawn(serve(listener, broker.clone(), workload_of));
         for _ in 0..20 {
-            if !matches!(broker.show(1).map(|r| r.status), Some(Status::Pending { .. })) {
+            if !matches!(broker.show(id).map(|r| r.status), Some(Status::Pending { .. })) {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        (broker.show(1).expect("the request is known").status, dir, path, server)
+        (broker.show(id).expect("the request is known").status, dir, path, format!("/v1/approvals/{id}/approve"), server)
     }
 
     #[tokio::test]
@@ -325,10 +361,10 @@ mod tests {
         // "billing"; this test process is a person's. The exited caller's cgroup can
         // no longer be read.
         let workload_of: WorkloadOf = Arc::new(|pid| if pid == std::process::id() { Ok(None) } else { caller_workload(pid, &|_| Ok(Some("billing".into()))) });
-        let (status, _dir, path, server) = approve_from_a_caller_that_exited(workload_of).await;
+        let (status, _dir, path, approve, server) = approve_from_a_caller_that_exited(workload_of).await;
         assert!(matches!(status, Status::Pending { .. }), "a caller that may be the requester decided: {status:?}");
         // A caller the agent can place still decides.
-        let (status, _) = call(&path, Method::POST, "/v1/approvals/1/approve", Some(json!({"reason": "ticket 1"}))).await.expect("call");
+        let (status, _) = call(&path, Method::POST, &approve, Some(json!({"reason": "ticket 1"}))).await.expect("call");
         assert_eq!(status, StatusCode::OK);
         server.abort();
     }
@@ -337,11 +373,46 @@ mod tests {
     async fn a_caller_whose_pid_went_to_another_process_may_not_decide() {
         // The exited caller's pid was given to a person's process: /proc/<pid>/cgroup
         // reads as nobody's workload.
-        let (status, _dir, path, server) = approve_from_a_caller_that_exited(Arc::new(|_| Ok(None))).await;
+        let (status, _dir, path, approve, server) = approve_from_a_caller_that_exited(Arc::new(|_| Ok(None))).await;
         assert!(matches!(status, Status::Pending { .. }), "the caller's pid was taken for the caller: {status:?}");
         // A caller that is still running decides.
-        let (status, _) = call(&path, Method::POST, "/v1/approvals/1/approve", Some(json!({"reason": "ticket 1"}))).await.expect("call");
+        let (status, _) = call(&path, Method::POST, &approve, Some(json!({"reason": "ticket 1"}))).await.expect("call");
         assert_eq!(status, StatusCode::OK);
         server.abort();
+    }
+
+    #[tokio::test]
+    async fn review_a_caller_protected_after_it_connected_may_not_approve_its_identitys_request() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("admin.sock");
+        let listener = bind(&path).expect("bind");
+        let broker = Arc::new(Broker::new(Duration::from_secs(60), Duration::from_secs(3600)));
+        // The caller's cgroup becomes protected (`phigate protect` on the running
+        // node) after it connected.
+        let protected = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let p = protected.clone();
+        let workload_of: WorkloadOf = Arc::new(move |_| Ok(p.load(std::sync::atomic::Ordering::SeqCst).then(|| "billing".to_string())));
+        let server = tokio::spawn(serve(listener, broker.clone(), workload_of));
+        let stream = UnixStream::connect(&path).await.expect("connect");
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.expect("handshake");
+        tokio::spawn(conn);
+        let get = Request::get("/v1/approvals").header("host", "phigate").body(Full::new(Bytes::new())).expect("request");
+        assert_eq!(sender.send_request(get).await.expect("list").status(), StatusCode::OK);
+        protected.store(true, std::sync::atomic::Ordering::SeqCst);
+        // Now a workload of "billing", it has a statement held, and approves it over
+        // the connection it kept.
+        let requester = Requester { identity: "billing".into(), token_subject: None, session_id: 1, audit_session: "s-1".into(), pid: 2, cgroup: "c".into() };
+        let ticket = broker.request(requester, "clinical", "clinical", "select * from patients", "r", "r", None);
+        let post = Request::post(format!("/v1/approvals/{}/approve", ticket.id))
+            .header("host", "phigate")
+            .body(Full::new(Bytes::from(r#"{"reason": "mine"}"#)))
+            .expect("request");
+        let status = sender.send_request(post).await.expect("approve").status();
+        server.abort();
+        assert_eq!(
+            status,
+            StatusCode::FORBIDDEN,
+            "a process protected as billing approved billing's request over a connection it opened before it was protected"
+        );
     }
 }

@@ -90,7 +90,7 @@ pub enum ApprovalsCommand {
         /// Why (kept with the decision).
         #[arg(long)]
         reason: String,
-        /// Also let the same statement (same fingerprint) from the same identity run
+        /// Also let the same statement (constants aside) from the same identity run
         /// without asking for this long: e.g. 30m, 2h, 90s.
         #[arg(long)]
         window: Option<String>,

@@ -406,30 +406,32 @@ fn grant_window_lets_the_repeat_through_and_expires() {
         return;
     }
     let e = env("approval_timeout_secs = 30");
-    let child = spawn_psql(&e, "select * from encounters");
+    let child = spawn_psql(&e, "select * from public.encounters");
     let req = wait_pending(&e);
     let o = approvals(&e, &["approve", &req["id"].to_string(), "--reason", "batch job", "--window", "4s"], None);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     child.wait_with_output().unwrap();
+    // (Its table named with its schema: a window cannot name a statement whose table a
+    // session's search_path picks.)
     // The same statement again, within the window: not held (held, it would wait out
     // the 30 s timeout and fail), and the audit log says whose window let it run.
-    let out = psql(&e, "select * from encounters");
+    let out = psql(&e, "select * from public.encounters");
     assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 50);
     assert!(pending(&e).is_empty());
     let rec = e.agent.wait_audit("statement", |d| d["approval"]["outcome"] == "approved_by_window").expect("the window's use is recorded");
     assert_eq!(rec["data"]["approval"]["by"], "unix:root");
-    assert_eq!(rec["data"]["text"], "select * from encounters");
+    assert_eq!(rec["data"]["text"], "select * from public.encounters");
     // Another PHI table is not covered by the grant.
-    let other = spawn_psql(&e, "select * from patients");
+    let other = spawn_psql(&e, "select * from public.patients");
     let req2 = wait_pending(&e);
-    assert_eq!(req2["statement"], "select * from patients");
+    assert_eq!(req2["statement"], "select * from public.patients");
     approvals(&e, &["deny", &req2["id"].to_string(), "--reason", "no"], None);
     other.wait_with_output().unwrap();
     // After the window: held again.
     std::thread::sleep(Duration::from_secs(4));
-    let again = spawn_psql(&e, "select * from encounters");
+    let again = spawn_psql(&e, "select * from public.encounters");
     let req3 = wait_pending(&e);
-    assert_eq!(req3["statement"], "select * from encounters");
+    assert_eq!(req3["statement"], "select * from public.encounters");
     approvals(&e, &["deny", &req3["id"].to_string(), "--reason", "window over"], None);
     again.wait_with_output().unwrap();
 }
@@ -717,4 +719,136 @@ fn a_workload_in_a_nested_protected_cgroup_cannot_approve_its_own_request() {
         String::from_utf8_lossy(&out.stdout).lines().count()
     );
     assert!(String::from_utf8_lossy(&o.stderr).contains("self-approval refused"), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+#[test]
+fn review_a_held_statement_the_client_cancelled_never_runs() {
+    if skip("review_a_held_statement_the_client_cancelled_never_runs") {
+        return;
+    }
+    let e = env("approval_timeout_secs = 30");
+    // Held: the subquery reads every encounter (baseline.unbounded-phi-read).
+    let child = spawn_psql(&e, "update labs set value = 0 where patient_id in (select patient_id from encounters)");
+    let req = wait_pending(&e);
+    let id = req["id"].to_string();
+    // The user thinks better of it: Ctrl-C. psql sends a CancelRequest (through the
+    // redirect, to phigate) and waits for the statement's answer.
+    let kill = Command::new("kill").args(["-INT", &child.id().to_string()]).status().expect("kill runs");
+    assert!(kill.success());
+    let withdrawn = wait_for(Duration::from_secs(5), || pending(&e).iter().all(|r| r["id"] != req["id"]).then_some(()));
+    // An approver who has not heard of the cancel approves the request.
+    let o = approvals(&e, &["approve", &id, "--reason", "looks fine"], None);
+    let out = child.wait_with_output().unwrap();
+    let zeroed = e.pg.psql_admin("postgres", "select count(*) from labs where value = 0").expect("count");
+    assert!(
+        withdrawn.is_some() && zeroed.trim() == "0",
+        "request {id} stayed pending after its client cancelled it (withdrawn: {}); approved afterwards ({}), it ran: {} labs rows set to 0 (psql stdout {:?}, stderr {:?})",
+        withdrawn.is_some(),
+        String::from_utf8_lossy(&o.stdout).trim(),
+        zeroed.trim(),
+        String::from_utf8_lossy(&out.stdout).trim(),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("canceling statement due to user request"), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn review_a_grant_window_does_not_follow_an_unqualified_name_to_another_schema() {
+    if skip("review_a_grant_window_does_not_follow_an_unqualified_name_to_another_schema") {
+        return;
+    }
+    let dir = std::env::temp_dir().join(unique("phigate-policy"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let pg = PgServer::start(PgOptions::default()).expect("PostgreSQL starts");
+    pg.psql_admin("postgres", SETUP_SQL).expect("schema");
+    // Older encounters, PHI too, in their own schema.
+    pg.psql_admin(
+        "postgres",
+        "create schema archive; create table archive.encounters (id int primary key, patient_id int, note text);
+         insert into archive.encounters select g, g, 'archived note ' || g from generate_series(1, 2000) g;",
+    )
+    .expect("archive");
+    let cg = TestCgroup::new();
+    cg.child("agent");
+    let mut cfg = AgentConfig::new(&cg)
+        .database(DbSpec::new("clinical", &["127.0.0.2/32"], pg.port(), pg.socket_addr()))
+        .protect(&format!("{}/agent", cg.rel()), "care-agent")
+        .identity(IdentitySpec::workload("care-agent", "clinical", "postgres"));
+    cfg.extra = "[policy]\nphi_tables = [\"public.patients\", \"public.encounters\", \"archive.encounters\"]\nunbounded_read_limit = 1000\napproval_timeout_secs = 30\n".into();
+    let agent = Agent::start(&cfg).expect("agent starts");
+    let e = Env { agent, cg, pg, dir };
+
+    // Approved for 10 minutes: every row of encounters (public's: the session's
+    // search_path is the default).
+    let child = spawn_psql(&e, "select * from encounters");
+    let req = wait_pending(&e);
+    let o = approvals(&e, &["approve", &req["id"].to_string(), "--reason", "nightly summary", "--window", "10m"], None);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(String::from_utf8_lossy(&child.wait_with_output().unwrap().stdout).lines().count(), 50);
+
+    // The same text in a session whose search_path leads to archive.encounters.
+    let mut cmd = Command::new(pg_bin("psql"));
+    cmd.args(["-h", "127.0.0.2", "-p", &e.pg.port().to_string(), "-U", "agent", "-d", "postgres", "-XAtq", "-c", "select * from encounters"])
+        .env("PGSSLMODE", "disable")
+        .env("PGOPTIONS", "-c search_path=archive")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    run_in(&mut cmd, &e.cg.child_dir("agent"));
+    let mut other = cmd.spawn().expect("psql starts");
+    let held = wait_for(Duration::from_secs(5), || pending(&e).into_iter().next().or_else(|| other.try_wait().ok().flatten().map(|_| Value::Null)));
+    if let Some(r) = held.as_ref().filter(|r| !r.is_null()) {
+        approvals(&e, &["deny", &r["id"].to_string(), "--reason", "another schema"], None);
+    }
+    let out = other.wait_with_output().unwrap();
+    let rows = String::from_utf8_lossy(&out.stdout).lines().count();
+    assert!(
+        held.as_ref().is_some_and(|r| !r.is_null()),
+        "the window granted for `select * from encounters` (public.encounters, 50 rows) let the same text read archive.encounters unasked: {rows} rows (stderr {:?})",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+}
+
+#[test]
+fn review_a_statement_run_under_a_window_names_its_approval_in_the_audit_log() {
+    if skip("review_a_statement_run_under_a_window_names_its_approval_in_the_audit_log") {
+        return;
+    }
+    let e = env("approval_timeout_secs = 30");
+    let child = spawn_psql(&e, "select * from public.encounters");
+    let req = wait_pending(&e);
+    let o = approvals(&e, &["approve", &req["id"].to_string(), "--reason", "ticket 4711", "--window", "10m"], None);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    child.wait_with_output().unwrap();
+    psql(&e, "select * from public.encounters");
+    // An auditor asks which approval (and why) let this statement run: several windows
+    // may be open at once, granted by the same person.
+    let rec = e.agent.wait_audit("statement", |d| d["approval"]["outcome"] == "approved_by_window").expect("the window's use is recorded");
+    assert_eq!(rec["data"]["approval"]["id"], req["id"], "the record does not name the approval whose window let it run: {}", rec["data"]["approval"]);
+    assert_eq!(rec["data"]["approval"]["reason"], "ticket 4711", "{}", rec["data"]["approval"]);
+}
+
+#[test]
+fn review_a_pipelining_client_gets_the_held_notice_between_messages() {
+    if skip("review_a_pipelining_client_gets_the_held_notice_between_messages") {
+        return;
+    }
+    // Unmasked rows larger than one read stream through phigate in pieces.
+    let e = env("approval_timeout_secs = 30\n[masking]\nenabled = false");
+    let bin = std::env::var_os("PHIGATE_PGCLIENT_BIN").map(PathBuf::from).unwrap_or_else(|| target_dir().join("debug/phigate-pgclient"));
+    let conn = format!("host=127.0.0.2 port={} user=agent dbname=postgres connect_timeout=10", e.pg.port());
+    // Where the statement lands in the stream is a matter of timing: a few tries.
+    for _ in 0..5 {
+        let mut cmd = Command::new(&bin);
+        // While 20 MB of rows stream to it, the client sends a statement that is held.
+        cmd.args(["raw-pipelined", &conn, "select repeat('x', 200000) from generate_series(1, 100)", "select * from encounters"]).stdin(Stdio::null());
+        run_in(&mut cmd, &e.cg.child_dir("agent"));
+        let out = cmd.output().expect("phigate-pgclient runs");
+        let v: Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|err| panic!("{err}: {} {}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)));
+        assert_eq!(v["ok"], true, "{v}");
+        assert_eq!(v["broken"], false, "the client's message stream broke (phigate's notice inside a streamed row): {v}");
+        // The notice goes between two messages, wherever.
+        assert!(["TDCZN", "TDNDCZ", "TNDCZ", "TDNCZ", "TDCNZ"].contains(&v["tags"].as_str().unwrap_or("")), "{v}");
+    }
 }

@@ -24,6 +24,7 @@ impl SqlState {
     pub const INSUFFICIENT_PRIVILEGE: Self = Self::new(b"42501");
     pub const PROGRAM_LIMIT_EXCEEDED: Self = Self::new(b"54000");
     pub const FEATURE_NOT_SUPPORTED: Self = Self::new(b"0A000");
+    pub const QUERY_CANCELED: Self = Self::new(b"57014");
     pub const ADMIN_SHUTDOWN: Self = Self::new(b"57P01");
     pub const CANNOT_CONNECT_NOW: Self = Self::new(b"57P03");
     pub const INTERNAL_ERROR: Self = Self::new(b"XX000");

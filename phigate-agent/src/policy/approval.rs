@@ -48,9 +48,24 @@ pub struct Approver {
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 #[serde(tag = "outcome", rename_all = "snake_case")]
 pub enum Outcome {
-    Approved { by: String, reason: String, window_secs: Option<u64>, decided_at: u64 },
-    Denied { by: String, reason: String, decided_at: u64 },
-    TimedOut { decided_at: u64 },
+    Approved {
+        by: String,
+        reason: String,
+        window_secs: Option<u64>,
+        decided_at: u64,
+    },
+    Denied {
+        by: String,
+        reason: String,
+        decided_at: u64,
+    },
+    TimedOut {
+        decided_at: u64,
+    },
+    /// The requester cancelled the statement (a CancelRequest) before anyone decided.
+    Cancelled {
+        decided_at: u64,
+    },
 }
 
 /// A request as the admin API and webhook show it. The statement text is shown to
@@ -71,8 +86,9 @@ pub struct RequestView {
 
 struct Pending {
     view: RequestView,
-    /// None: the statement could not be fingerprinted, so no window can name it.
-    fingerprint: Option<u64>,
+    /// The statement with its constants replaced by placeholders: what a window
+    /// names. None: it could not be normalized, so no window can name it.
+    normalized: Option<String>,
     since: Instant,
     reply: oneshot::Sender<Outcome>,
 }
@@ -122,14 +138,24 @@ pub fn epoch_secs(t: SystemTime) -> u64 {
     t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
-/// What an approval window covers: the statement (by fingerprint) from one identity,
+/// What an approval window covers: the statement (its text, constants aside) from one identity,
 /// against the database service and PostgreSQL database the approver was shown.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct GrantKey {
     pub identity: String,
     pub database: String,
     pub dbname: String,
-    pub fingerprint: u64,
+    /// The statement's text with its constants replaced by placeholders ($1, $2 …).
+    pub normalized: String,
+}
+
+/// The approval whose window lets a statement run: what its record names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    /// The request that was approved.
+    pub id: u64,
+    pub by: String,
+    pub reason: String,
 }
 
 /// The approval state of one agent.
@@ -139,7 +165,7 @@ pub struct Broker {
     /// The latest decisions, oldest first (bounded).
     decided: Mutex<std::collections::VecDeque<Record>>,
     /// What a window covers → expiry and approver.
-    grants: Mutex<HashMap<GrantKey, (Instant, String)>>,
+    grants: Mutex<HashMap<GrantKey, (Instant, Grant)>>,
     pub timeout: Duration,
     pub max_window: Duration,
     events: Mutex<Vec<Listener>>,
@@ -159,8 +185,14 @@ pub struct Ticket {
 
 impl Broker {
     pub fn new(timeout: Duration, max_window: Duration) -> Self {
+        // Ids count on from the agent's start in microseconds since the epoch, not
+        // from 1: an approver (or a bot acting on the webhook) decides by id, and an id
+        // shown before a restart must not name another statement after it. A run
+        // would need more than a request per microsecond to reach the next run's ids.
+        // (Below 2^53, so JSON readers keep them exact.)
+        let first = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0).max(1);
         Self {
-            next_id: AtomicU64::new(1),
+            next_id: AtomicU64::new(first),
             pending: Mutex::new(HashMap::new()),
             decided: Mutex::new(std::collections::VecDeque::new()),
             grants: Mutex::new(HashMap::new()),
@@ -181,8 +213,8 @@ impl Broker {
         }
     }
 
-    /// A live grant covering `key`, with who granted it.
-    pub fn granted(&self, key: &GrantKey) -> Option<String> {
+    /// A live grant covering `key`: the approval that left it.
+    pub fn granted(&self, key: &GrantKey) -> Option<Grant> {
         let mut g = self.grants.lock().expect("invariant: lock not poisoned");
         match g.get(key) {
             Some((until, by)) if *until > Instant::now() => Some(by.clone()),
@@ -195,7 +227,7 @@ impl Broker {
     }
 
     #[allow(clippy::too_many_arguments, reason = "a request is these facts; a struct would only rename them")]
-    pub fn request(&self, requester: Requester, database: &str, dbname: &str, statement: &str, rule: &str, reason: &str, fingerprint: Option<u64>) -> Ticket {
+    pub fn request(&self, requester: Requester, database: &str, dbname: &str, statement: &str, rule: &str, reason: &str, normalized: Option<String>) -> Ticket {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         let view = RequestView {
@@ -210,7 +242,7 @@ impl Broker {
             waiting_secs: 0,
             deadline_secs: self.timeout.as_secs(),
         };
-        self.pending.lock().expect("invariant: lock not poisoned").insert(id, Pending { view: view.clone(), fingerprint, since: Instant::now(), reply: tx });
+        self.pending.lock().expect("invariant: lock not poisoned").insert(id, Pending { view: view.clone(), normalized, since: Instant::now(), reply: tx });
         self.emit(&Event::ApprovalRequested { approval: view });
         Ticket { id, reply: rx }
     }
@@ -259,12 +291,15 @@ impl Broker {
         drop(pending);
         let now = epoch_secs(SystemTime::now());
         let outcome = if approve {
-            // A statement without a fingerprint gets no window: it is approved once.
-            let window = window.filter(|_| p.fingerprint.is_some());
-            if let Some((w, fingerprint)) = window.filter(|w| !w.is_zero()).zip(p.fingerprint) {
+            // A statement that could not be normalized gets no window: it is approved once.
+            let window = window.filter(|_| p.normalized.is_some());
+            if let Some((w, normalized)) = window.filter(|w| !w.is_zero()).zip(p.normalized) {
                 let key =
-                    GrantKey { identity: p.view.requester.identity.clone(), database: p.view.database.clone(), dbname: p.view.dbname.clone(), fingerprint };
-                self.grants.lock().expect("invariant: lock not poisoned").insert(key, (Instant::now() + w, approver.name.clone()));
+                    GrantKey { identity: p.view.requester.identity.clone(), database: p.view.database.clone(), dbname: p.view.dbname.clone(), normalized };
+                self.grants
+                    .lock()
+                    .expect("invariant: lock not poisoned")
+                    .insert(key, (Instant::now() + w, Grant { id, by: approver.name.clone(), reason: reason.into() }));
             }
             Outcome::Approved { by: approver.name.clone(), reason: reason.into(), window_secs: window.map(|w| w.as_secs()), decided_at: now }
         } else {
@@ -280,8 +315,17 @@ impl Broker {
 
     /// The session's deadline passed (or its client left): forget the request.
     pub fn expire(&self, id: u64) -> Option<Outcome> {
+        self.withdraw(id, Outcome::TimedOut { decided_at: epoch_secs(SystemTime::now()) })
+    }
+
+    /// The requester cancelled the statement: forget the request, so no approval can
+    /// come after it.
+    pub fn cancel(&self, id: u64) -> Option<Outcome> {
+        self.withdraw(id, Outcome::Cancelled { decided_at: epoch_secs(SystemTime::now()) })
+    }
+
+    fn withdraw(&self, id: u64, outcome: Outcome) -> Option<Outcome> {
         let p = self.pending.lock().expect("invariant: lock not poisoned").remove(&id)?;
-        let outcome = Outcome::TimedOut { decided_at: epoch_secs(SystemTime::now()) };
         let view = RequestView { waiting_secs: p.since.elapsed().as_secs(), ..p.view };
         self.remember(&view, &outcome, None);
         self.emit(&Event::ApprovalDecided { approval: view, decision: outcome.clone(), approver: None });
@@ -304,7 +348,7 @@ mod tests {
     #[test]
     fn approve_deny_and_self_approval() {
         let b = Broker::new(Duration::from_secs(60), Duration::from_secs(3600));
-        let mut t = b.request(requester("billing"), "clinical", "clinical", "select * from patients", "baseline.unbounded-phi-read", "r", Some(7));
+        let mut t = b.request(requester("billing"), "clinical", "clinical", "select * from patients", "baseline.unbounded-phi-read", "r", Some("s7".into()));
         assert_eq!(b.list().len(), 1);
         let me = Approver { name: "unix:root".into(), workload: Some("billing".into()) };
         assert_eq!(b.decide(t.id, &me, true, "ok", None), Err(ApprovalError::SelfApproval("billing".into())));
@@ -320,27 +364,28 @@ mod tests {
         assert_eq!(shown["reason"], "ticket 42");
         assert!(shown["decided_at"].as_u64().unwrap() >= shown["requested_at"].as_u64().unwrap());
         assert_eq!(shown["statement"], "select * from patients");
-        let t2 = b.request(requester("billing"), "clinical", "clinical", "x", "r", "r", Some(7));
+        let t2 = b.request(requester("billing"), "clinical", "clinical", "x", "r", "r", Some("x".into()));
         assert!(matches!(b.decide(t2.id, &human(), false, "no", None).unwrap(), Outcome::Denied { .. }));
     }
 
     #[test]
-    fn windows_grant_the_same_fingerprint_and_expire() {
+    fn windows_grant_the_same_statement_and_expire() {
         let b = Broker::new(Duration::from_secs(60), Duration::from_secs(3600));
-        let t = b.request(requester("billing"), "d", "d", "s", "r", "r", Some(99));
+        let t = b.request(requester("billing"), "d", "d", "s", "r", "r", Some("s99".into()));
         assert!(b.decide(t.id, &human(), true, "ok", Some(Duration::from_secs(7200))).is_err(), "over the maximum");
         b.decide(t.id, &human(), true, "ok", Some(Duration::from_millis(200))).unwrap();
-        let key = |identity: &str, fingerprint| GrantKey { identity: identity.into(), database: "d".into(), dbname: "d".into(), fingerprint };
-        assert_eq!(b.granted(&key("billing", 99)).as_deref(), Some("unix:alice"));
-        assert_eq!(b.granted(&key("billing", 98)), None, "another statement");
-        assert_eq!(b.granted(&key("other", 99)), None, "another identity");
-        assert_eq!(b.granted(&GrantKey { dbname: "e".into(), ..key("billing", 99) }), None, "another database");
+        let key =
+            |identity: &str, normalized: &str| GrantKey { identity: identity.into(), database: "d".into(), dbname: "d".into(), normalized: normalized.into() };
+        assert_eq!(b.granted(&key("billing", "s99")), Some(Grant { id: t.id, by: "unix:alice".into(), reason: "ok".into() }));
+        assert_eq!(b.granted(&key("billing", "s98")), None, "another statement");
+        assert_eq!(b.granted(&key("other", "s99")), None, "another identity");
+        assert_eq!(b.granted(&GrantKey { dbname: "e".into(), ..key("billing", "s99") }), None, "another database");
         std::thread::sleep(Duration::from_millis(250));
-        assert_eq!(b.granted(&key("billing", 99)), None, "expired");
+        assert_eq!(b.granted(&key("billing", "s99")), None, "expired");
     }
 
     #[test]
-    fn a_statement_without_a_fingerprint_is_approved_once_without_a_window() {
+    fn a_statement_that_cannot_be_normalized_is_approved_once_without_a_window() {
         let b = Broker::new(Duration::from_secs(60), Duration::from_secs(3600));
         let t = b.request(requester("billing"), "d", "d", "s", "r", "r", None);
         let o = b.decide(t.id, &human(), true, "ok", Some(Duration::from_secs(600))).unwrap();
@@ -354,8 +399,20 @@ mod tests {
         let seen = std::sync::Arc::new(Mutex::new(Vec::new()));
         let s = seen.clone();
         b.subscribe(move |e| s.lock().unwrap().push(serde_json::to_value(e).unwrap()["event"].as_str().unwrap().to_string()));
-        let t = b.request(requester("a"), "d", "d", "s", "r", "r", Some(1));
+        let t = b.request(requester("a"), "d", "d", "s", "r", "r", Some("s".into()));
         b.expire(t.id);
         assert_eq!(*seen.lock().unwrap(), vec!["approval_requested", "approval_decided"]);
+    }
+
+    #[test]
+    fn review_request_ids_are_not_reused_after_a_restart() {
+        // An approver (or a bot acting on the webhook) decides by id. A request still
+        // pending when the agent restarts is gone; the id it was shown must not name
+        // another workload's statement in the new run.
+        let before = Broker::new(Duration::from_secs(60), Duration::from_secs(3600)).request(requester("a"), "d", "d", "select 1", "r", "r", None).id;
+        std::thread::sleep(Duration::from_millis(2));
+        let after =
+            Broker::new(Duration::from_secs(60), Duration::from_secs(3600)).request(requester("b"), "d", "d", "delete from patients", "r", "r", None).id;
+        assert_ne!(before, after, "the restarted agent gave its first request the id of the previous run's first request");
     }
 }

@@ -439,7 +439,11 @@ impl Tap {
             Outcome::Approved { .. } => self.attach_approval(name, approval),
             _ => {
                 let stmt = self.take_stmt();
-                let outcome = if matches!(o, Outcome::Denied { .. }) { "denied" } else { "not_approved_in_time" };
+                let outcome = match o {
+                    Outcome::Denied { .. } => "denied",
+                    Outcome::Cancelled { .. } => "cancelled",
+                    _ => "not_approved_in_time",
+                };
                 let data = statement_record(
                     &self.audit_id,
                     &StatementFacts { stmt, protocol, sql, name, portal: None, decision: Some(d), approval: Some(&approval) },
@@ -460,9 +464,10 @@ impl Tap {
         }
     }
 
-    /// The statement runs without asking under an approval window `by` granted.
-    pub fn granted(&mut self, name: Option<&str>, by: &str) {
-        self.attach_approval(name, json!({"outcome": "approved_by_window", "by": by}));
+    /// The statement runs without asking under the window approval `g` left: its
+    /// record names that approval (several windows may be open, from one approver).
+    pub fn granted(&mut self, name: Option<&str>, g: &crate::policy::approval::Grant) {
+        self.attach_approval(name, json!({"outcome": "approved_by_window", "by": g.by, "id": g.id, "reason": g.reason}));
     }
 
     /// The approval goes with the statement's record when the stage sees it run.

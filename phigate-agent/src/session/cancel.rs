@@ -24,6 +24,8 @@ pub struct CancelTarget {
     pub server_key: Vec<u8>,
     /// Only this workload identity may cancel the session.
     pub identity: String,
+    /// Counts cancels: wakes the session's statement held for approval, if one is.
+    pub held: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 #[derive(Default)]
@@ -94,7 +96,14 @@ mod tests {
     fn keys_are_unique_and_removed_with_the_session() {
         let reg = Arc::new(CancelRegistry::default());
         let tls = UpstreamTls::new(&UpstreamTlsConfig { mode: SslMode::Disable, ca_file: None, server_name: None }, "127.0.0.1".parse().unwrap()).unwrap();
-        let target = CancelTarget { upstream: "127.0.0.1:5432".parse().unwrap(), tls, server_pid: 7, server_key: vec![1, 2, 3, 4], identity: "a".into() };
+        let target = CancelTarget {
+            upstream: "127.0.0.1:5432".parse().unwrap(),
+            tls,
+            server_pid: 7,
+            server_key: vec![1, 2, 3, 4],
+            identity: "a".into(),
+            held: Arc::new(tokio::sync::watch::Sender::new(0)),
+        };
         let k1 = reg.register(target.clone());
         let k2 = reg.register(target);
         assert_ne!((k1.pid, k1.key), (k2.pid, k2.key));

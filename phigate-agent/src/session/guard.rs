@@ -64,23 +64,29 @@ impl Guard {
     }
 
     fn hold(&self, session: &Session, name: Option<&str>, sql: &str, d: Decision) -> Action {
-        // A grant for one table must not cover another. By default pg_query
-        // fingerprints similar table names alike (FULL_RELNAME), and, in SELECT and
-        // DML, an aliased table by its alias alone and any table without its schema
-        // (RANGEVAR_PG17_COMPAT): `FROM patients p` and `FROM encounters p` would match.
-        let options = pg_query::FingerprintOptions::FULL_RELNAME | pg_query::FingerprintOptions::RANGEVAR_PG17_COMPAT;
-        // Text pg_query cannot fingerprint is held every time: no window can name it.
-        let fingerprint = pg_query::fingerprint(sql, 0, options).ok().map(|f| f.value);
-        let grant = fingerprint.map(|fingerprint| GrantKey {
+        // What a window names: the statement's text with its constants replaced by
+        // placeholders (pg_query's normalize), so a repeat with other constants
+        // matches and anything else does not: another table, schema or alias, another
+        // join, another OR branch. pg_query's fingerprint is too coarse for a grant: it
+        // ignores the order of FROM items, select lists and arguments and drops
+        // duplicates among them, so `FROM patients p, patients q WHERE p.id = 1`
+        // (every patient's row) fingerprints like `FROM patients p WHERE p.id = 1`.
+        // Text pg_query cannot normalize is held every time: no window can name it.
+        // Nor can a window name a statement with a table name whose schema it leaves
+        // to the session's search_path (SET search_path, a startup option): the same
+        // text would read `archive.encounters` where the approver saw `encounters`
+        // read in the default one. Such a statement is approved once.
+        let normalized = pg_query::normalize(sql).ok().filter(|_| names_its_schemas(sql));
+        let grant = normalized.clone().map(|normalized| GrantKey {
             identity: session.workload.name.clone(),
             database: session.database.clone(),
             dbname: session.dbname.clone(),
-            fingerprint,
+            normalized,
         });
-        if let Some(by) = grant.as_ref().and_then(|g| self.broker.granted(g)) {
-            info!(session_id = session.id, rule = %d.rule, granted_by = %by, "statement allowed by an approval window");
+        if let Some(g) = grant.as_ref().and_then(|g| self.broker.granted(g)) {
+            info!(session_id = session.id, rule = %d.rule, approval_id = g.id, granted_by = %g.by, "statement allowed by an approval window");
             if let Some(tap) = &self.audit {
-                tap.lock().expect("invariant: lock not poisoned").granted(name, &by);
+                tap.lock().expect("invariant: lock not poisoned").granted(name, &g);
             }
             return Action::Forward;
         }
@@ -92,7 +98,7 @@ impl Guard {
             pid: session.workload.pid,
             cgroup: session.workload.cgroup.clone(),
         };
-        let ticket = self.broker.request(requester, &session.database, &session.dbname, sql, &d.rule, &d.reason, fingerprint);
+        let ticket = self.broker.request(requester, &session.database, &session.dbname, sql, &d.rule, &d.reason, normalized);
         info!(session_id = session.id, approval_id = ticket.id, rule = %d.rule, "statement held for approval");
         if let Some(tap) = &self.audit {
             tap.lock().expect("invariant: lock not poisoned").held(ticket.id);
@@ -108,10 +114,22 @@ impl Guard {
         ))
         .with_hint(format!("An approver runs: phigate approvals approve {} --reason \"...\"", ticket.id));
         let broker = self.broker.clone();
+        // Subscribed now, as the statement is held: a cancel from here on counts, one
+        // that came before does not.
+        let mut cancelled = session.cancel.subscribe();
         let decision = async move {
-            let mut pending = ExpireOnDrop { broker, id: ticket.id, done: false };
-            let outcome = tokio::time::timeout(timeout, ticket.reply).await;
-            pending.done = matches!(outcome, Ok(Ok(Outcome::Approved { .. } | Outcome::Denied { .. })));
+            let mut pending = ExpireOnDrop { broker: broker.clone(), id: ticket.id, done: false };
+            let outcome = tokio::select! {
+                // A decision already given wins (the statement runs, as a cancel does
+                // not undo what the database already did).
+                biased;
+                o = tokio::time::timeout(timeout, ticket.reply) => o,
+                // The client cancelled: the request is withdrawn, so an approval given
+                // afterwards finds nothing to decide. (If one slipped in between, the
+                // statement is still not run.)
+                Ok(()) = cancelled.changed() => Ok(Ok(broker.cancel(ticket.id).unwrap_or(Outcome::Cancelled { decided_at: crate::policy::approval::epoch_secs(std::time::SystemTime::now()) }))),
+            };
+            pending.done = matches!(outcome, Ok(Ok(Outcome::Approved { .. } | Outcome::Denied { .. } | Outcome::Cancelled { .. })));
             if let Some((tap, name, sql, d)) = &audit {
                 let o = match &outcome {
                     Ok(Ok(o)) => o.clone(),
@@ -129,6 +147,12 @@ impl Guard {
                     warn!(approval_id = ticket.id, approver = %by, "statement denied");
                     Err(PgError::error(SqlState::INSUFFICIENT_PRIVILEGE, format!("phigate: denied by {by} (rule {}): {reason}", d.rule)))
                 }
+                Ok(Ok(Outcome::Cancelled { .. })) => {
+                    info!(approval_id = ticket.id, "held statement cancelled by the client");
+                    // PostgreSQL's own words for a cancelled statement, which clients know.
+                    Err(PgError::error(SqlState::QUERY_CANCELED, "canceling statement due to user request")
+                        .with_hint(format!("phigate withdrew approval request {}; the statement was not run", ticket.id)))
+                }
                 _ => {
                     warn!(approval_id = ticket.id, "approval deadline passed");
                     Err(PgError::error(
@@ -140,6 +164,15 @@ impl Guard {
             }
         };
         Action::Hold(Box::pin(decision), Some(notice))
+    }
+}
+
+/// Whether every table the statement names has its schema written out (a CTE's name
+/// aside), so that no session's search_path can make it another table.
+fn names_its_schemas(sql: &str) -> bool {
+    match cache::analyze(sql).0 {
+        Ok(a) => a.statements.iter().all(|f| f.tables.iter().all(|t| t.schema.is_some() || f.ctes.contains_key(&t.name))),
+        Err(_) => false,
     }
 }
 
@@ -238,12 +271,12 @@ mod tests {
     async fn a_grant_window_covers_the_same_statement_only() {
         let (mut guard, broker) = guard();
         let session = crate::session::stage::tests::session();
-        approve_for_ten_minutes(&mut guard, &broker, &session, "SELECT * FROM patients p WHERE p.id = 1").await;
+        approve_for_ten_minutes(&mut guard, &broker, &session, "SELECT * FROM public.patients p WHERE p.id = 1").await;
         // Constants aside, the same statement runs without asking.
-        assert!(matches!(guard.frontend(&session, &query("SELECT * FROM patients p WHERE p.id = 2")), Action::Forward));
+        assert!(matches!(guard.frontend(&session, &query("SELECT * FROM public.patients p WHERE p.id = 2")), Action::Forward));
         // Another table (under the same alias, or in another schema) is another
         // statement.
-        for other in ["SELECT * FROM encounters p WHERE p.id = 1", "SELECT * FROM archive.patients p WHERE p.id = 1"] {
+        for other in ["SELECT * FROM public.encounters p WHERE p.id = 1", "SELECT * FROM archive.patients p WHERE p.id = 1"] {
             assert!(matches!(guard.frontend(&session, &query(other)), Action::Hold(..)), "{other} ran under the grant for patients");
         }
     }
@@ -252,13 +285,54 @@ mod tests {
     async fn a_grant_window_covers_the_database_it_was_approved_for_only() {
         let (mut guard, broker) = guard();
         let session = crate::session::stage::tests::session();
-        approve_for_ten_minutes(&mut guard, &broker, &session, "SELECT * FROM patients").await;
-        assert!(matches!(guard.frontend(&session, &query("SELECT * FROM patients")), Action::Forward));
+        approve_for_ten_minutes(&mut guard, &broker, &session, "SELECT * FROM public.patients").await;
+        assert!(matches!(guard.frontend(&session, &query("SELECT * FROM public.patients")), Action::Forward));
         // The same identity and statement against another PostgreSQL database, or
         // another protected database service: the approver did not see that one.
         let other_dbname = Session { dbname: "db_prod".into(), ..session.clone() };
-        assert!(matches!(guard.frontend(&other_dbname, &query("SELECT * FROM patients")), Action::Hold(..)), "ran in another database");
+        assert!(matches!(guard.frontend(&other_dbname, &query("SELECT * FROM public.patients")), Action::Hold(..)), "ran in another database");
         let other_service = Session { database: "research".into(), ..session };
-        assert!(matches!(guard.frontend(&other_service, &query("SELECT * FROM patients")), Action::Hold(..)), "ran on another database service");
+        assert!(matches!(guard.frontend(&other_service, &query("SELECT * FROM public.patients")), Action::Hold(..)), "ran on another database service");
+    }
+
+    #[tokio::test]
+    async fn review_a_grant_window_does_not_cover_the_same_table_joined_again() {
+        let (mut guard, broker) = guard();
+        let session = crate::session::stage::tests::session();
+        // Approved: one patient's row, by id.
+        approve_for_ten_minutes(&mut guard, &broker, &session, "SELECT * FROM public.patients p WHERE p.id = 1").await;
+        // The same table joined once more: every patient's row (q is not bounded).
+        // pg_query's fingerprint drops duplicate FROM items (aliases aside): the two
+        // fingerprint alike, and windows once named statements by fingerprint.
+        let wider = "SELECT * FROM public.patients p, public.patients q WHERE p.id = 1";
+        assert!(matches!(guard.frontend(&session, &query(wider)), Action::Hold(..)), "{wider} ran under the grant for one patient's row");
+    }
+
+    #[tokio::test]
+    async fn a_window_names_only_statements_whose_tables_have_their_schemas() {
+        let (mut guard, broker) = guard();
+        let session = crate::session::stage::tests::session();
+        // Unqualified: the session's search_path decides which table it is.
+        approve_for_ten_minutes(&mut guard, &broker, &session, "SELECT * FROM encounters").await;
+        assert!(matches!(guard.frontend(&session, &query("SELECT * FROM encounters")), Action::Hold(..)), "approved once, without a window");
+        broker.expire(broker.list()[0].id);
+        // A CTE's name is no table.
+        let cte = "WITH e AS (SELECT * FROM public.encounters) SELECT * FROM e";
+        approve_for_ten_minutes(&mut guard, &broker, &session, cte).await;
+        assert!(matches!(guard.frontend(&session, &query(cte)), Action::Forward));
+    }
+
+    #[tokio::test]
+    async fn a_cancel_withdraws_the_statement_held_when_it_comes() {
+        let (mut guard, broker) = guard();
+        let session = crate::session::stage::tests::session();
+        // A cancel while nothing is held cancels nothing later.
+        session.cancel.send_modify(|n| *n += 1);
+        let Action::Hold(mut decision, _) = guard.frontend(&session, &query("SELECT 1")) else { panic!("held") };
+        assert!(tokio::time::timeout(Duration::from_millis(50), &mut decision).await.is_err(), "still held");
+        session.cancel.send_modify(|n| *n += 1);
+        let err = decision.await.expect_err("cancelled");
+        assert_eq!(err.code, SqlState::QUERY_CANCELED, "{err}");
+        assert!(broker.list().is_empty(), "the request was withdrawn");
     }
 }

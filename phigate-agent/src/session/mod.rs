@@ -129,6 +129,9 @@ pub struct Session {
     pub accepted_at: SystemTime,
     /// When the session was established (both logins done).
     pub started_at: SystemTime,
+    /// Counts the client's CancelRequests: a statement held for approval when one
+    /// comes is cancelled, as PostgreSQL cancels one that waits (on a lock, say).
+    pub cancel: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 /// Why a session ended before or during relay.
@@ -363,12 +366,14 @@ async fn run(conn: Identified, db: Arc<DbRuntime>, services: &Services) -> Resul
         }
     };
 
+    let cancelled = Arc::new(tokio::sync::watch::Sender::new(0));
     let cancel_key = services.cancel.register(CancelTarget {
         upstream: db.upstream,
         tls: db.upstream_tls.clone(),
         server_pid: upstream.server_pid,
         server_key: upstream.server_key.clone(),
         identity: workload.name.clone(),
+        held: cancelled.clone(),
     });
     let session = Session {
         id: cancel_key.pid,
@@ -388,6 +393,7 @@ async fn run(conn: Identified, db: Arc<DbRuntime>, services: &Services) -> Resul
         upstream_tls: upstream.conn.is_tls(),
         accepted_at,
         started_at: SystemTime::now(),
+        cancel: cancelled,
     };
 
     // The client learns the login worked only now that the database accepted it.
@@ -476,6 +482,9 @@ async fn handle_cancel(pid: u32, key: &[u8], workload: &Workload, services: &Ser
         warn!(pid, requester = %workload.name, owner = %target.identity, "cancel request from another identity; ignored");
         return;
     }
+    // A statement held for approval has not reached the database: phigate cancels it.
+    // Whatever the database runs (statements sent before it) is cancelled there.
+    target.held.send_modify(|n| *n += 1);
     match cancel::send(&target).await {
         Ok(()) => info!(session_id = pid, "query cancel forwarded to the database"),
         Err(e) => warn!(session_id = pid, error = %e, "could not forward query cancel"),

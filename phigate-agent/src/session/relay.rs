@@ -88,6 +88,10 @@ pub struct Sequencer {
     batch_forwarded: bool,
     /// The rest of a large client message discarded while skipping to Sync.
     dropping_stream: bool,
+    /// A server message larger than one read is being streamed to the client: what
+    /// phigate says meanwhile (a held statement's notice, a refusal) waits here until
+    /// its last byte is out, or it would land inside that message.
+    mid_stream: Option<Vec<Bytes>>,
     /// The protocol's shape as the server sees it, for COPY FROM STDIN: inside one
     /// the server ignores Sync (no ReadyForQuery is owed) and must get nothing but
     /// COPY messages ([`Relay::copy_gate`]).
@@ -113,12 +117,33 @@ impl Sequencer {
         }
     }
 
+    /// Send phigate's own messages now: between two server messages, never inside one.
+    fn say(&mut self, frames: Vec<Bytes>, to_client: &mut Outbox) {
+        match &mut self.mid_stream {
+            Some(waiting) => waiting.extend(frames),
+            None => {
+                for f in frames {
+                    to_client.push(f);
+                }
+            }
+        }
+    }
+
+    /// A server message is streamed: `done` once its last byte is queued for the client.
+    fn streaming(&mut self, done: bool, to_client: &mut Outbox) {
+        if !done {
+            self.mid_stream.get_or_insert_with(Vec::new);
+        } else if let Some(waiting) = self.mid_stream.take() {
+            for f in waiting {
+                to_client.push(f);
+            }
+        }
+    }
+
     /// Answer with `frames` as soon as the server has caught up.
     fn respond(&mut self, frames: Vec<Bytes>, to_client: &mut Outbox) {
         if self.expected == self.seen {
-            for f in frames {
-                to_client.push(f);
-            }
+            self.say(frames, to_client);
         } else {
             self.injections.push_back((self.expected, false, frames));
         }
@@ -393,7 +418,7 @@ impl Relay<'_> {
             },
             Action::Hold(decision, notice) => {
                 if let Some(n) = notice {
-                    to_client.push(n.to_frame().into_bytes());
+                    seq.say(vec![n.to_frame().into_bytes()], to_client);
                 }
                 *held = Some(Held { frame, stage, decision });
             }
@@ -563,9 +588,14 @@ impl Relay<'_> {
                 }
                 Item::StreamStart { tag, total, chunk } => {
                     self.pipeline.streamed(self.session, Direction::Backend, tag, total);
+                    let done = chunk.len() == total;
                     out.push(chunk);
+                    seq.streaming(done, out);
                 }
-                Item::StreamChunk { chunk, .. } => out.push(chunk),
+                Item::StreamChunk { chunk, last } => {
+                    out.push(chunk);
+                    seq.streaming(last, out);
+                }
             }
             if out.len() >= READ_CHUNK * 4 {
                 return Ok(Step::More);
@@ -795,5 +825,50 @@ mod tests {
         seq.on_ready(msg::ready_for_query(b'T'), &mut client);
         assert_eq!(tags(&client), "1EZ");
         assert_eq!(seq.status, b'T');
+    }
+
+    #[test]
+    fn review_a_hold_notice_never_lands_inside_a_streamed_server_message() {
+        // Holds every Query (as the policy does one that needs approval), with a notice.
+        struct HoldQueries;
+        impl crate::session::stage::Stage for HoldQueries {
+            fn name(&self) -> &'static str {
+                "hold"
+            }
+            fn frontend(&mut self, _: &Session, frame: &Frame) -> Action {
+                if frame.tag() == tag::QUERY {
+                    Action::Hold(Box::pin(std::future::pending()), Some(PgError::notice("held for approval")))
+                } else {
+                    Action::Forward
+                }
+            }
+        }
+        let session = crate::session::stage::tests::session();
+        let mut pipeline = Pipeline::new(vec![Box::new(HoldQueries)]);
+        let mut relay = Relay { session: &session, pipeline: &mut pipeline, max_message_bytes: 1 << 20 };
+        let (mut cdec, mut sdec) = (Decoder::new(STREAM_THRESHOLD, 1 << 20), Decoder::new(STREAM_THRESHOLD, 1 << 20));
+        let (mut to_server, mut to_client, mut seq) = (Outbox::default(), Outbox::default(), Sequencer::default());
+        let (mut held, mut held_backend, mut terminated) = (None, None, false);
+        // A first query went to the server; its answer holds a row larger than the
+        // streaming threshold (no stage needs it whole), half of which has arrived.
+        seq.forwarded(tag::QUERY);
+        let row = Frame::build(tag::DATA_ROW, &vec![7u8; 100 * 1024]).into_bytes();
+        let mut sbuf = BytesMut::from(&row[..50_000]);
+        relay.backend(&mut sdec, &mut sbuf, &mut to_client, &mut seq, &mut held_backend).ok();
+        // The client pipelines a second query, which is held.
+        let mut cbuf = BytesMut::from(Frame::build(tag::QUERY, b"SELECT * FROM patients\0").as_bytes());
+        relay.frontend(&mut cdec, &mut cbuf, &mut to_server, &mut to_client, &mut seq, &mut held, &mut terminated).ok();
+        assert!(held.is_some());
+        // The rest of the row.
+        sbuf.extend_from_slice(&row[50_000..]);
+        relay.backend(&mut sdec, &mut sbuf, &mut to_client, &mut seq, &mut held_backend).ok();
+        to_client.seal_tail();
+        let sent: Vec<u8> = to_client.parts.iter().flat_map(|p| p.iter().copied()).collect();
+        assert!(
+            sent.starts_with(&row) || sent.ends_with(&row),
+            "the client got the row with phigate's notice written into its middle ({} bytes of the row, then a '{}' message)",
+            sent.iter().zip(row.iter()).take_while(|(a, b)| a == b).count(),
+            sent[sent.iter().zip(row.iter()).take_while(|(a, b)| a == b).count()] as char
+        );
     }
 }

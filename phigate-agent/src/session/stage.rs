@@ -340,6 +340,7 @@ pub(crate) mod tests {
             upstream_tls: false,
             accepted_at: SystemTime::now(),
             started_at: SystemTime::now(),
+            cancel: std::sync::Arc::new(tokio::sync::watch::Sender::new(0)),
         }
     }
 

@@ -26,6 +26,10 @@
 //!                 `select 'x'`; report rows, errors and whether the session stayed open
 //!   raw-password  hand-written protocol: a PasswordMessage after login, then
 //!                 `select 'x'`; report rows, errors and whether the session stayed open
+//!   raw-pipelined BIG NEXT  hand-written protocol: send BIG, read 64 KiB of its answer,
+//!                 send NEXT, then read until BIG's ReadyForQuery and a notice (NEXT held);
+//!                 report the types of the messages as framed by their lengths, and
+//!                 whether the framing broke (a type no server sends, or no ending)
 //! ```
 
 use std::time::{Duration, Instant};
@@ -259,6 +263,7 @@ async fn main() {
         "stream" => stream_rows(conn, args.get(3).map(String::as_str).unwrap_or("")).await,
         "raw-malformed" => Ok(raw_malformed(conn)),
         "raw-password" => Ok(raw_password(conn)),
+        "raw-pipelined" => Ok(raw_pipelined(conn, args.get(3).map(String::as_str).unwrap_or(""), args.get(4).map(String::as_str).unwrap_or(""))),
         "raw-copy" => Ok(raw_copy(conn, args.get(3).map(String::as_str).unwrap_or(""), args.get(4).map(String::as_str).unwrap_or(""))),
         "raw-rename" => Ok(raw_rename(conn, args.get(3).map(String::as_str).unwrap_or(""))),
         other => {
@@ -404,6 +409,50 @@ fn raw_rename(conn: &str, scenario: &str) -> Value {
 fn raw_malformed(conn: &str) -> Value {
     // Answered in place: one ReadyForQuery for it, one for the select.
     raw_then_select(conn, raw_message(b'Q', b"select 'unterminated'"), 2)
+}
+
+fn raw_pipelined(conn: &str, big: &str, next: &str) -> Value {
+    use std::io::{Read, Write};
+    let mut s = match raw_login(conn) {
+        Ok(s) => s,
+        Err(e) => return e,
+    };
+    let mut buf = vec![0u8; 64 * 1024];
+    if s.write_all(&raw_query(big)).is_err() || s.read_exact(&mut buf).is_err() {
+        return json!({"ok": false, "error": "no answer to BIG"});
+    }
+    if s.write_all(&raw_query(next)).is_err() {
+        return json!({"ok": false, "error": "could not send NEXT"});
+    }
+    // Frame what arrives by the messages' own lengths, as a client does.
+    let (mut at, mut tags) = (0usize, String::new());
+    let mut chunk = vec![0u8; 256 * 1024];
+    loop {
+        while buf.len() >= at + 5 {
+            let t = buf[at];
+            let len = i32::from_be_bytes([buf[at + 1], buf[at + 2], buf[at + 3], buf[at + 4]]);
+            if !b"123nstTDCZNEIKSAGHdcW".contains(&t) || !(4..1 << 30).contains(&len) {
+                return json!({"ok": true, "broken": true, "tags": tags, "at": at, "type": t, "len": len});
+            }
+            if buf.len() < at + 1 + len as usize {
+                break;
+            }
+            at += 1 + len as usize;
+            // Rows are many: one letter for a run of them.
+            if !(t == b'D' && tags.ends_with('D')) {
+                tags.push(t as char);
+            }
+            if tags.contains('Z') && tags.contains('N') {
+                return json!({"ok": true, "broken": false, "tags": tags});
+            }
+        }
+        match s.read(&mut chunk) {
+            Ok(0) | Err(_) => {
+                return json!({"ok": true, "broken": true, "tags": tags, "error": "the answer ended or stalled before BIG's ReadyForQuery and a notice"})
+            }
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
 }
 
 fn raw_password(conn: &str) -> Value {
