@@ -25,6 +25,7 @@ pub mod config;
 pub mod ebpf;
 pub mod host;
 pub mod identity;
+pub mod logging;
 pub mod mask;
 pub mod net;
 pub mod pg;

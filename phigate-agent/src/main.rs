@@ -371,7 +371,7 @@ fn init_logging(config: &Config) {
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(std::io::stderr().is_terminal());
     match config.agent.log_format {
         LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).with_span_list(false).init(),
-        LogFormat::Text => builder.init(),
+        LogFormat::Text => builder.fmt_fields(phigate_agent::logging::text_fields()).init(),
     }
 }
 
