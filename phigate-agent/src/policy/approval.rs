@@ -66,6 +66,10 @@ pub enum Outcome {
     Cancelled {
         decided_at: u64,
     },
+    /// The requester's session ended (its client went away) before anyone decided.
+    Abandoned {
+        decided_at: u64,
+    },
 }
 
 /// A request as the admin API and webhook show it. The statement text is shown to
@@ -313,7 +317,7 @@ impl Broker {
         Ok(outcome)
     }
 
-    /// The session's deadline passed (or its client left): forget the request.
+    /// The session's deadline passed: forget the request.
     pub fn expire(&self, id: u64) -> Option<Outcome> {
         self.withdraw(id, Outcome::TimedOut { decided_at: epoch_secs(SystemTime::now()) })
     }
@@ -322,6 +326,12 @@ impl Broker {
     /// come after it.
     pub fn cancel(&self, id: u64) -> Option<Outcome> {
         self.withdraw(id, Outcome::Cancelled { decided_at: epoch_secs(SystemTime::now()) })
+    }
+
+    /// The requester's session ended while it waited: forget the request, and say
+    /// so rather than that nobody decided in time.
+    pub fn abandon(&self, id: u64) -> Option<Outcome> {
+        self.withdraw(id, Outcome::Abandoned { decided_at: epoch_secs(SystemTime::now()) })
     }
 
     fn withdraw(&self, id: u64, outcome: Outcome) -> Option<Outcome> {

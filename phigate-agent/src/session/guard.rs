@@ -117,8 +117,12 @@ impl Guard {
         // Subscribed now, as the statement is held: a cancel from here on counts, one
         // that came before does not.
         let mut cancelled = session.cancel.subscribe();
+        // Made before the future, so that a session dropping it unpolled withdraws
+        // the request too.
+        let pending = AbandonOnDrop { broker: broker.clone(), id: ticket.id, done: false };
         let decision = async move {
-            let mut pending = ExpireOnDrop { broker: broker.clone(), id: ticket.id, done: false };
+            // The whole guard, not a copy of its flag: it must live as long as this does.
+            let mut pending = pending;
             let outcome = tokio::select! {
                 // A decision already given wins (the statement runs, as a cancel does
                 // not undo what the database already did).
@@ -129,7 +133,10 @@ impl Guard {
                 // statement is still not run.)
                 Ok(()) = cancelled.changed() => Ok(Ok(broker.cancel(ticket.id).unwrap_or(Outcome::Cancelled { decided_at: crate::policy::approval::epoch_secs(std::time::SystemTime::now()) }))),
             };
-            pending.done = matches!(outcome, Ok(Ok(Outcome::Approved { .. } | Outcome::Denied { .. } | Outcome::Cancelled { .. })));
+            pending.done = true;
+            if !matches!(outcome, Ok(Ok(Outcome::Approved { .. } | Outcome::Denied { .. } | Outcome::Cancelled { .. }))) {
+                broker.expire(ticket.id);
+            }
             if let Some((tap, name, sql, d)) = &audit {
                 let o = match &outcome {
                     Ok(Ok(o)) => o.clone(),
@@ -176,17 +183,18 @@ fn names_its_schemas(sql: &str) -> bool {
     }
 }
 
-/// Withdraws a request whose session stopped waiting (deadline, client gone).
-struct ExpireOnDrop {
+/// Withdraws the request of a session that stopped waiting before any outcome
+/// (its client went away, so the session dropped the future waiting for it).
+struct AbandonOnDrop {
     broker: Arc<Broker>,
     id: u64,
     done: bool,
 }
 
-impl Drop for ExpireOnDrop {
+impl Drop for AbandonOnDrop {
     fn drop(&mut self) {
         if !self.done {
-            self.broker.expire(self.id);
+            self.broker.abandon(self.id);
         }
     }
 }
@@ -315,11 +323,39 @@ mod tests {
         // Unqualified: the session's search_path decides which table it is.
         approve_for_ten_minutes(&mut guard, &broker, &session, "SELECT * FROM encounters").await;
         assert!(matches!(guard.frontend(&session, &query("SELECT * FROM encounters")), Action::Hold(..)), "approved once, without a window");
-        broker.expire(broker.list()[0].id);
+        assert!(broker.list().is_empty(), "the hold, dropped, withdrew its request");
         // A CTE's name is no table.
         let cte = "WITH e AS (SELECT * FROM public.encounters) SELECT * FROM e";
         approve_for_ten_minutes(&mut guard, &broker, &session, cte).await;
         assert!(matches!(guard.frontend(&session, &query(cte)), Action::Forward));
+    }
+
+    #[tokio::test]
+    async fn a_request_whose_session_ended_is_abandoned_not_timed_out() {
+        let (mut guard, broker) = guard();
+        let session = crate::session::stage::tests::session();
+        let outcome_of = |id: u64| serde_json::to_value(broker.show(id).expect("remembered")).expect("json")["outcome"].clone();
+        // The client went away while the statement waited: the session drops the
+        // future it waited on, polled or not.
+        let Action::Hold(mut decision, _) = guard.frontend(&session, &query("SELECT 1")) else { panic!("held") };
+        let id = broker.list()[0].id;
+        assert!(tokio::time::timeout(Duration::from_millis(20), &mut decision).await.is_err(), "still held");
+        drop(decision);
+        assert!(broker.list().is_empty(), "withdrawn");
+        assert_eq!(outcome_of(id), "abandoned");
+        let Action::Hold(decision, _) = guard.frontend(&session, &query("SELECT 2")) else { panic!("held") };
+        let id = broker.list()[0].id;
+        drop(decision);
+        assert!(broker.list().is_empty(), "withdrawn unpolled too");
+        assert_eq!(outcome_of(id), "abandoned");
+        // A deadline that passes is still a timeout.
+        let short = Arc::new(Broker::new(Duration::from_millis(30), Duration::from_secs(3600)));
+        let mut guard = Guard::new(guard.policy.clone(), short.clone(), &session, None);
+        let Action::Hold(decision, _) = guard.frontend(&session, &query("SELECT 3")) else { panic!("held") };
+        let id = short.list()[0].id;
+        let err = decision.await.expect_err("not approved in time");
+        assert!(err.message.contains("not approved within"), "{err}");
+        assert_eq!(serde_json::to_value(short.show(id).expect("remembered")).expect("json")["outcome"], "timed_out");
     }
 
     #[tokio::test]
