@@ -382,7 +382,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn review_a_caller_protected_after_it_connected_may_not_approve_its_identitys_request() {
+    async fn a_caller_protected_after_it_connected_may_not_approve_its_identitys_request() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("admin.sock");
         let listener = bind(&path).expect("bind");

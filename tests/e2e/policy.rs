@@ -722,8 +722,8 @@ fn a_workload_in_a_nested_protected_cgroup_cannot_approve_its_own_request() {
 }
 
 #[test]
-fn review_a_held_statement_the_client_cancelled_never_runs() {
-    if skip("review_a_held_statement_the_client_cancelled_never_runs") {
+fn a_held_statement_the_client_cancelled_never_runs() {
+    if skip("a_held_statement_the_client_cancelled_never_runs") {
         return;
     }
     let e = env("approval_timeout_secs = 30");
@@ -753,8 +753,8 @@ fn review_a_held_statement_the_client_cancelled_never_runs() {
 }
 
 #[test]
-fn review_a_grant_window_does_not_follow_an_unqualified_name_to_another_schema() {
-    if skip("review_a_grant_window_does_not_follow_an_unqualified_name_to_another_schema") {
+fn a_grant_window_does_not_follow_an_unqualified_name_to_another_schema() {
+    if skip("a_grant_window_does_not_follow_an_unqualified_name_to_another_schema") {
         return;
     }
     let dir = std::env::temp_dir().join(unique("phigate-policy"));
@@ -810,8 +810,8 @@ fn review_a_grant_window_does_not_follow_an_unqualified_name_to_another_schema()
 }
 
 #[test]
-fn review_a_statement_run_under_a_window_names_its_approval_in_the_audit_log() {
-    if skip("review_a_statement_run_under_a_window_names_its_approval_in_the_audit_log") {
+fn a_statement_run_under_a_window_names_its_approval_in_the_audit_log() {
+    if skip("a_statement_run_under_a_window_names_its_approval_in_the_audit_log") {
         return;
     }
     let e = env("approval_timeout_secs = 30");
@@ -829,8 +829,8 @@ fn review_a_statement_run_under_a_window_names_its_approval_in_the_audit_log() {
 }
 
 #[test]
-fn review_a_pipelining_client_gets_the_held_notice_between_messages() {
-    if skip("review_a_pipelining_client_gets_the_held_notice_between_messages") {
+fn a_pipelining_client_gets_the_held_notice_between_messages() {
+    if skip("a_pipelining_client_gets_the_held_notice_between_messages") {
         return;
     }
     // Unmasked rows larger than one read stream through phigate in pieces.

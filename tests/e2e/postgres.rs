@@ -567,8 +567,8 @@ fn upstream_down_gives_08006_and_the_agent_logs_the_cause() {
 }
 
 #[test]
-fn review_a_silent_database_gives_08006_in_bounded_time() {
-    if skip("review_a_silent_database_gives_08006_in_bounded_time") {
+fn a_silent_database_gives_08006_in_bounded_time() {
+    if skip("a_silent_database_gives_08006_in_bounded_time") {
         return;
     }
     // Found by a review: only the TCP connect to the database was bounded. A database
@@ -748,8 +748,8 @@ fn tls_mitm(cert: &TestCa, db_ca: &TestCa, database: std::sync::Arc<std::sync::O
 }
 
 #[test]
-fn review_a_machine_in_the_middle_of_unverified_tls_cannot_relay_the_scram_login() {
-    if skip("review_a_machine_in_the_middle_of_unverified_tls_cannot_relay_the_scram_login") {
+fn a_machine_in_the_middle_of_unverified_tls_cannot_relay_the_scram_login() {
+    if skip("a_machine_in_the_middle_of_unverified_tls_cannot_relay_the_scram_login") {
         return;
     }
     // Found by a review: under upstream_tls mode require (or prefer) the agent did not

@@ -1048,7 +1048,7 @@ create = true
     }
 
     #[test]
-    fn review_a_ca_file_that_the_mode_would_ignore_is_refused() {
+    fn a_ca_file_that_the_mode_would_ignore_is_refused() {
         // Found by a review: with mode = "require" (or prefer) a ca_file was accepted and
         // then ignored, so the server's certificate was not checked against it. libpq,
         // whose sslmode meanings the README promises, verifies the chain under require

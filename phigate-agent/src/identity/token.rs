@@ -503,7 +503,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn review_a_key_phigate_cannot_read_does_not_hide_the_others() {
+    async fn a_key_phigate_cannot_read_does_not_hide_the_others() {
         // Found by a review: the JWKS was read as a whole, so one key of a type or
         // algorithm jsonwebtoken does not know (an ES512 or ECDH-ES key next to the
         // signing keys, as issuers publish) made every token fail with "keys unavailable".

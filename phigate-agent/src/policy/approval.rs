@@ -415,7 +415,7 @@ mod tests {
     }
 
     #[test]
-    fn review_request_ids_are_not_reused_after_a_restart() {
+    fn request_ids_are_not_reused_after_a_restart() {
         // An approver (or a bot acting on the webhook) decides by id. A request still
         // pending when the agent restarts is gone; the id it was shown must not name
         // another workload's statement in the new run.

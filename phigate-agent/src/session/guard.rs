@@ -304,7 +304,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn review_a_grant_window_does_not_cover_the_same_table_joined_again() {
+    async fn a_grant_window_does_not_cover_the_same_table_joined_again() {
         let (mut guard, broker) = guard();
         let session = crate::session::stage::tests::session();
         // Approved: one patient's row, by id.

@@ -828,7 +828,7 @@ mod tests {
     }
 
     #[test]
-    fn review_a_hold_notice_never_lands_inside_a_streamed_server_message() {
+    fn a_hold_notice_never_lands_inside_a_streamed_server_message() {
         // Holds every Query (as the policy does one that needs approval), with a notice.
         struct HoldQueries;
         impl crate::session::stage::Stage for HoldQueries {

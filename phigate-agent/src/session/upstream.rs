@@ -442,7 +442,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn review_a_database_that_never_answers_the_ssl_request_is_unreachable_in_bounded_time() {
+    async fn a_database_that_never_answers_the_ssl_request_is_unreachable_in_bounded_time() {
         // Found by a review: only the TCP connect was bounded; a server that accepted
         // and then stayed silent (a hung postmaster, a black hole behind a proxy) held
         // the session forever, and the workload never got its 08006.
@@ -455,7 +455,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn review_a_database_that_never_answers_the_login_is_unreachable_in_bounded_time() {
+    async fn a_database_that_never_answers_the_login_is_unreachable_in_bounded_time() {
         // Found by a review: the login (startup message to ReadyForQuery) had no bound.
         let (result, server) = login_against_within(LOGIN_TIMEOUT + Duration::from_secs(10), |s| async move {
             // Holds the connection open, silent.
@@ -537,7 +537,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn review_scram_over_tls_is_bound_to_the_channel_when_the_server_offers_it() {
+    async fn scram_over_tls_is_bound_to_the_channel_when_the_server_offers_it() {
         // Found by a review: over TLS whose server was not verified (sslmode require),
         // phigate answered a server offering SCRAM-SHA-256-PLUS with plain SCRAM
         // ("n,,"), so a machine terminating that TLS could relay the login to the real
