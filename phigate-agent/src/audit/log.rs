@@ -76,6 +76,11 @@ pub enum LogError {
     SyncFailed { path: PathBuf, err: std::io::Error, first: u64, last: u64 },
     #[error(transparent)]
     Key(#[from] crypto::KeyError),
+    #[error(
+        "audit log {path}: not pruned, since it does not verify ({failure}); removing segments would remove the evidence. \
+         Run phigate audit verify, find out what changed the log, and keep a copy before pruning"
+    )]
+    Unverified { path: PathBuf, failure: String },
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> LogError + '_ {

@@ -1,7 +1,9 @@
 //! Retention: `phigate audit prune --before DATE` removes whole sealed segments whose
 //! last record is older than DATE, oldest first, and leaves a signed tombstone naming
 //! the last removed record, so the remaining chain still verifies from there.
-//! Only sealed segments that are not the log's last are ever removed.
+//! Only sealed segments that are not the log's last are ever removed, and only from
+//! a log that verifies: the tombstone vouches for what it removed, and a tampered
+//! segment deleted with it would take the evidence of tampering along.
 
 use std::{fs, path::Path};
 
@@ -27,6 +29,7 @@ fn last_record(path: &Path) -> Option<Record> {
 }
 
 pub fn prune(dir: &Path, before: &str, key: &SigningKey) -> Result<Pruned, LogError> {
+    super::verify::verify(dir, &key.verifying_key(), |_, _| {}).map_err(|f| LogError::Unverified { path: dir.to_path_buf(), failure: f.to_string() })?;
     let segs = segments(dir)?;
     let mut removed = Vec::new();
     let mut through: Option<(u64, Record)> = None;

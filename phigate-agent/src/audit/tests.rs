@@ -231,6 +231,26 @@ fn prune_leaves_a_tombstone_the_rest_verifies_from() {
     assert!(check(&d).is_err());
 }
 
+#[test]
+fn a_log_that_does_not_verify_is_not_pruned() {
+    // A record in an old segment rewritten (its hash recomputed would not help: the
+    // seal signs the chain): pruning would delete the evidence along with it.
+    let d = dir("prune-tampered");
+    write_log(&d);
+    let (_, first) = segments(&d.0).unwrap()[0].clone();
+    let text = fs::read_to_string(&first).unwrap();
+    let line = text.lines().nth(1).expect("a second record");
+    let altered = line.replacen("\"seq\":", "\"seq\": ", 1);
+    assert_ne!(altered, line, "the record was changed");
+    fs::write(&first, text.replacen(line, &altered, 1)).unwrap();
+    let failure = check(&d).unwrap_err().to_string();
+    let before = segments(&d.0).unwrap();
+    let e = prune::prune(&d.0, "9999-01-01", &key()).unwrap_err().to_string();
+    assert!(e.contains("not pruned") && e.contains(&failure) && e.contains("phigate audit verify"), "{e}");
+    assert_eq!(segments(&d.0).unwrap(), before, "nothing removed");
+    assert!(!d.0.join(super::log::TOMBSTONE_FILE).exists(), "no tombstone");
+}
+
 /// Through the writer thread: a sealed record is durable and opens with the period key;
 /// when the key cannot be made, the waiter hears why and nothing half-written lands.
 #[test]
