@@ -16,7 +16,7 @@ use std::{
 use jsonwebtoken::{
     decode, decode_header,
     errors::ErrorKind,
-    jwk::{Jwk, JwkSet, KeyOperations, PublicKeyUse},
+    jwk::{AlgorithmParameters, EllipticCurve, Jwk, JwkSet, KeyOperations, PublicKeyUse},
     Algorithm, DecodingKey, Validation,
 };
 use serde_json::Value;
@@ -338,7 +338,9 @@ fn fetch_url(url: &str) -> Result<String, String> {
 /// The key that may verify a token signed with `alg`: the one with that `kid` (or the
 /// only key, for a token without one) that is published for signatures (`use`,
 /// `key_ops`) and, if it names an algorithm, for this one. An encryption key or a key
-/// meant for another algorithm never verifies a signature, even under the right kid.
+/// meant for another algorithm never verifies a signature, even under the right kid;
+/// among keys sharing a kid, one of another type (an RSA key beside the EC key that
+/// signed an ES256 token) is passed over rather than tried and failed.
 fn signing_key(keys: &JwkSet, kid: Option<&str>, alg: Algorithm) -> Option<Jwk> {
     keys.keys
         .iter()
@@ -348,9 +350,21 @@ fn signing_key(keys: &JwkSet, kid: Option<&str>, alg: Algorithm) -> Option<Jwk> 
             let for_signatures = matches!(c.public_key_use, None | Some(PublicKeyUse::Signature));
             let verifies = c.key_operations.as_ref().is_none_or(|ops| ops.contains(&KeyOperations::Verify));
             let this_alg = c.key_algorithm.is_none_or(|a| a.to_string().parse::<Algorithm>().is_ok_and(|a| a == alg));
-            for_signatures && verifies && this_alg
+            for_signatures && verifies && this_alg && key_type_fits(alg, &k.algorithm)
         })
         .cloned()
+}
+
+/// Whether a key of this type (and curve) can verify `alg` at all.
+fn key_type_fits(alg: Algorithm, key: &AlgorithmParameters) -> bool {
+    use Algorithm as A;
+    match key {
+        AlgorithmParameters::RSA(_) => matches!(alg, A::RS256 | A::RS384 | A::RS512 | A::PS256 | A::PS384 | A::PS512),
+        AlgorithmParameters::EllipticCurve(p) => matches!((alg, &p.curve), (A::ES256, EllipticCurve::P256) | (A::ES384, EllipticCurve::P384)),
+        AlgorithmParameters::OctetKeyPair(p) => alg == A::EdDSA && p.curve == EllipticCurve::Ed25519,
+        // Shared secrets (HS*) are refused by configuration; a published one verifies nothing.
+        AlgorithmParameters::OctetKey(_) => false,
+    }
 }
 
 /// JWKS over plain HTTP could be swapped by anyone on the path: only HTTPS, except
@@ -500,6 +514,19 @@ mod tests {
         let enc = edit(&|k| k["use"] = json!("enc"))["keys"][0].clone();
         let v = verifier(&json!({"keys": [enc, jwks["keys"][0].clone()]}), dir.path());
         assert_eq!(v.verify(&token(&key, "k1", good_claims())).await.map(|c| c.subject), Ok("svc-billing".into()));
+        // Two signing keys under one kid, neither naming its algorithm (an RSA key
+        // first, or an EC key on another curve): the one that fits ES256 is used.
+        let mut bare = jwks["keys"][0].clone();
+        bare.as_object_mut().unwrap().remove("alg");
+        for other in [
+            json!({"kty": "RSA", "kid": "k1", "use": "sig", "n": "sXchDaQebHnPiGvyDOAT4saGEUetSyo9MKLOoWFsueri23bOdgWp4Dy1WlUzewbgBHod5pcM9H95GQRV3JDXboIRROSBigeC5yjU1hGzHHyXss8UDprecbAYxknTcQkhslANGRUZmdTOQ5qTRsLAt6BTYuyvVRdhS8exSZEy_c4gs_7svlJJQ4H9_NxsiIoLwAEk7-Q3UXERGYw_75IDrGA84-lA_-Ct4eTlXHBIY2EaV7t7LjJaynVJCpkv4LKjTTAumiGUIuQhrNhZLuF_RJLqHpM2kgWFLU7-VTdL1VbC2tejvcI2BlMkEpk1BzBZI0KQB0GaDWFLN-aEAw3vRw", "e": "AQAB"}),
+            json!({"kty": "EC", "crv": "P-384", "kid": "k1", "use": "sig", "x": "iA7lWQLzVrKGEFjfGMfMHfTEZ2KnLiKU7JuNT3E7ygsfE7ygsfE7ygsfE7ygsfE7", "y": "iA7lWQLzVrKGEFjfGMfMHfTEZ2KnLiKU7JuNT3E7ygsfE7ygsfE7ygsfE7ygsfE7"}),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let v = verifier(&json!({"keys": [other.clone(), bare.clone()]}), dir.path());
+            let got = v.verify(&token(&key, "k1", good_claims())).await;
+            assert_eq!(got.map(|c| c.subject), Ok("svc-billing".into()), "with {} first", other["kty"]);
+        }
     }
 
     #[tokio::test]
