@@ -123,38 +123,36 @@ impl Guard {
         let decision = async move {
             // The whole guard, not a copy of its flag: it must live as long as this does.
             let mut pending = pending;
-            let outcome = tokio::select! {
+            let mut reply = ticket.reply;
+            let waited = tokio::select! {
                 // A decision already given wins (the statement runs, as a cancel does
                 // not undo what the database already did).
                 biased;
-                o = tokio::time::timeout(timeout, ticket.reply) => o,
+                o = tokio::time::timeout(timeout, &mut reply) => match o {
+                    Ok(Ok(o)) => Waited::Decided(o),
+                    _ => Waited::Deadline,
+                },
                 // The client cancelled: the request is withdrawn, so an approval given
                 // afterwards finds nothing to decide. (If one slipped in between, the
                 // statement is still not run.)
-                Ok(()) = cancelled.changed() => Ok(Ok(broker.cancel(ticket.id).unwrap_or(Outcome::Cancelled { decided_at: crate::policy::approval::epoch_secs(std::time::SystemTime::now()) }))),
+                Ok(()) = cancelled.changed() => Waited::Decided(broker.cancel(ticket.id).unwrap_or(Outcome::Cancelled { decided_at: crate::policy::approval::epoch_secs(std::time::SystemTime::now()) })),
             };
             pending.done = true;
-            if !matches!(outcome, Ok(Ok(Outcome::Approved { .. } | Outcome::Denied { .. } | Outcome::Cancelled { .. }))) {
-                broker.expire(ticket.id);
-            }
+            let outcome = settle(&broker, ticket.id, waited, &mut reply);
             if let Some((tap, name, sql, d)) = &audit {
-                let o = match &outcome {
-                    Ok(Ok(o)) => o.clone(),
-                    _ => Outcome::TimedOut { decided_at: crate::policy::approval::epoch_secs(std::time::SystemTime::now()) },
-                };
                 let protocol = if name.is_some() { "extended" } else { "simple" };
-                tap.lock().expect("invariant: lock not poisoned").approval(protocol, name.as_deref(), sql, d, &o);
+                tap.lock().expect("invariant: lock not poisoned").approval(protocol, name.as_deref(), sql, d, &outcome);
             }
             match outcome {
-                Ok(Ok(Outcome::Approved { by, .. })) => {
+                Outcome::Approved { by, .. } => {
                     info!(approval_id = ticket.id, approver = %by, "statement approved");
                     Ok(())
                 }
-                Ok(Ok(Outcome::Denied { by, reason, .. })) => {
+                Outcome::Denied { by, reason, .. } => {
                     warn!(approval_id = ticket.id, approver = %by, "statement denied");
                     Err(PgError::error(SqlState::INSUFFICIENT_PRIVILEGE, format!("phigate: denied by {by} (rule {}): {reason}", d.rule)))
                 }
-                Ok(Ok(Outcome::Cancelled { .. })) => {
+                Outcome::Cancelled { .. } => {
                     info!(approval_id = ticket.id, "held statement cancelled by the client");
                     // PostgreSQL's own words for a cancelled statement, which clients know.
                     Err(PgError::error(SqlState::QUERY_CANCELED, "canceling statement due to user request")
@@ -171,6 +169,28 @@ impl Guard {
             }
         };
         Action::Hold(Box::pin(decision), Some(notice))
+    }
+}
+
+/// How a held statement's wait ended.
+enum Waited {
+    Decided(Outcome),
+    /// The deadline passed (or the request went without a word).
+    Deadline,
+}
+
+/// The outcome of a hold whose wait ended. At the deadline the request is withdrawn,
+/// unless an approver decided in the instant between the timer firing and the
+/// withdrawal: that decision then stands, so the client is told what the approver,
+/// the webhook and the audit log were told (before, the client heard "not approved in
+/// time" of a statement recorded as approved, with its window open).
+fn settle(broker: &Broker, id: u64, waited: Waited, reply: &mut tokio::sync::oneshot::Receiver<Outcome>) -> Outcome {
+    match waited {
+        Waited::Decided(o) => o,
+        Waited::Deadline => match broker.expire(id) {
+            Some(timed_out) => timed_out,
+            None => reply.try_recv().unwrap_or_else(|_| Outcome::TimedOut { decided_at: crate::policy::approval::epoch_secs(std::time::SystemTime::now()) }),
+        },
     }
 }
 
@@ -356,6 +376,23 @@ mod tests {
         let err = decision.await.expect_err("not approved in time");
         assert!(err.message.contains("not approved within"), "{err}");
         assert_eq!(serde_json::to_value(short.show(id).expect("remembered")).expect("json")["outcome"], "timed_out");
+    }
+
+    #[test]
+    fn a_decision_that_lands_as_the_deadline_passes_is_the_outcome() {
+        // The approver decides after the timer fired and before the request was
+        // withdrawn: what the client hears must be what was recorded.
+        let broker = Broker::new(Duration::from_secs(60), Duration::from_secs(3600));
+        let requester = Requester { identity: "w".into(), token_subject: None, session_id: 1, audit_session: "s".into(), pid: 1, cgroup: "c".into() };
+        let mut ticket = broker.request(requester.clone(), "db", "db", "SELECT 1", "r", "why", None);
+        let human = crate::policy::approval::Approver { name: "unix:alice".into(), workload: None };
+        broker.decide(ticket.id, &human, true, "ok", None).expect("decided");
+        assert!(matches!(settle(&broker, ticket.id, Waited::Deadline, &mut ticket.reply), Outcome::Approved { .. }));
+        // Nobody decided: the deadline withdraws it.
+        let mut ticket = broker.request(requester, "db", "db", "SELECT 2", "r", "why", None);
+        assert!(matches!(settle(&broker, ticket.id, Waited::Deadline, &mut ticket.reply), Outcome::TimedOut { .. }));
+        assert!(broker.list().is_empty());
+        assert!(broker.decide(ticket.id, &human, true, "late", None).is_err(), "too late to approve");
     }
 
     #[tokio::test]
