@@ -714,9 +714,7 @@ fn values_kept_in_settings_or_large_objects_come_back_masked() {
         ("select set_config('application_name', who, false) from patient_view limit 1", "show application_name"),
         ("select set_config('search_path', quote_ident(who), false) from patient_view limit 1", "show search_path"),
     ] {
-        let direct = everything(&e, None, &["-c", set, "-c", get]);
-        let masked = everything(&e, Some("care"), &["-c", set, "-c", get]);
-        cases.push((format!("{set}; {get}"), direct, masked, names(&e)));
+        cases.push(args_case(&e, format!("{set}; {get}"), &["-c", set, "-c", get], names(&e)));
     }
     assert_no_case_leaks(&cases);
 }
@@ -744,9 +742,7 @@ fn other_sessions_statements_read_through_builtin_functions_are_masked() {
         "select pg_stat_get_backend_activity(i) from generate_series(1, 200) i where pg_stat_get_backend_activity(i) like '%pg_sleep(6)%'",
         "select pg_stat_get_activity(null) from generate_series(1, 1) where true",
     ] {
-        let direct = everything(&e, None, &["-c", sql]);
-        let masked = everything(&e, Some("care"), &["-c", sql]);
-        cases.push((sql.to_string(), direct, masked, vec![who.clone()]));
+        cases.push(args_case(&e, sql.to_string(), &["-c", sql], vec![who.clone()]));
     }
     let _ = child.wait();
     assert_no_case_leaks(&cases);
@@ -787,9 +783,7 @@ fn values_errors_echo_without_quotes_are_hidden() {
         // operator does not exist: First_Last
         (format!("select translate(name, ' ', '_')::regoper from patients where id = {}", p.id), name_.clone()),
     ] {
-        let direct = everything(&e, None, &["-c", &sql]);
-        let masked = everything(&e, Some("care"), &["-c", &sql]);
-        cases.push((sql, direct, masked, vec![secret]));
+        cases.push(args_case(&e, sql.clone(), &["-c", &sql], vec![secret]));
     }
     assert_no_case_leaks(&cases);
 }
@@ -808,9 +802,7 @@ fn column_alias_lists_and_pieces_of_values_do_not_dodge_the_rules() {
         "select w || '' from patient_view as pv(w) limit 1".to_string(),
         format!("with c as (select name, 'x' as k from patients where id = {}) select k || '' from c as c2(k, n)", p.id),
     ] {
-        let direct = everything(&e, None, &["-c", &sql]);
-        let masked = everything(&e, Some("care"), &["-c", &sql]);
-        cases.push((sql, direct, masked, names(&e)));
+        cases.push(args_case(&e, sql.clone(), &["-c", &sql], names(&e)));
     }
     // Pieces of a `partial` column (ssn keeps 4) and numbers of a `year` column pass
     // whole: the SSN and the date of birth reassemble.
@@ -853,9 +845,7 @@ fn join_aliases_do_not_dodge_the_rules() {
         "select row_to_json(j) from (patients p cross join labs l) as j limit 3",
         "select c || '' from (patients p cross join labs l) as j(a, b, c) limit 3",
     ] {
-        let direct = everything(&e, None, &["-c", sql]);
-        let masked = everything(&e, Some("care"), &["-c", sql]);
-        cases.push((sql.to_string(), direct, masked, names(&e)));
+        cases.push(args_case(&e, sql.to_string(), &["-c", sql], names(&e)));
     }
     assert_no_case_leaks(&cases);
 }
@@ -1187,9 +1177,13 @@ fn first_patients_pseudonym(e: &Env) -> String {
 
 /// A case of [`assert_no_case_leaks`]: `sql` run directly and as "care" (`-At`).
 fn at_case(e: &Env, sql: String, secrets: Vec<String>) -> (String, String, String, Vec<String>) {
-    let direct = everything(e, None, &["-At", "-c", &sql]);
-    let masked = everything(e, Some("care"), &["-At", "-c", &sql]);
-    (sql, direct, masked, secrets)
+    let args = ["-At", "-c", &sql];
+    args_case(e, sql.clone(), &args, secrets)
+}
+
+/// A case of [`assert_no_case_leaks`]: psql with `args`, directly and through phigate.
+fn args_case(e: &Env, what: String, args: &[&str], secrets: Vec<String>) -> (String, String, String, Vec<String>) {
+    (what, everything(e, None, args), everything(e, Some("care"), args), secrets)
 }
 
 /// Each SQL returns the chosen text (the first patient's name) in one column whose
@@ -1384,12 +1378,7 @@ fn a_non_lateral_subquery_reading_the_outer_patient_is_masked() {
     // baseline.bulk-export first).
     let inner = format!("select (select s.n from (values (date '2000-01-01')) p(dob), (select p.dob as n) s) as x from patients p where p.id = {}", p.id);
     let cursor = ["-c", "begin", "-c", &format!("declare c cursor for {inner}"), "-c", "fetch all from c", "-c", "commit"];
-    cases.push((
-        format!("declare c cursor for {inner}; fetch all from c"),
-        everything(&e, None, &cursor),
-        everything(&e, Some("care"), &cursor),
-        vec![p.dob.clone()],
-    ));
+    cases.push(args_case(&e, format!("declare c cursor for {inner}; fetch all from c"), &cursor, vec![p.dob.clone()]));
     assert_no_case_leaks(&cases);
 }
 

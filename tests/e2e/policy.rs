@@ -41,29 +41,45 @@ impl Drop for Env {
     }
 }
 
+/// The PHI tables of the usual policy.
+const PHI_TABLES: &[&str] = &["public.patients", "public.encounters"];
+
 fn env(policy_extra: &str) -> Env {
+    env_with(PHI_TABLES, policy_extra, |_, cg, cfg| {
+        cg.child("agent");
+        cfg.protect(&format!("{}/agent", cg.rel()), "care-agent").identity(IdentitySpec::workload("care-agent", "clinical", "postgres"))
+    })
+}
+
+/// A server with SETUP_SQL and an agent for it with these PHI tables; `prepare` adds
+/// to the database, cgroups and configuration (protected cgroups, identities).
+fn env_with(phi_tables: &[&str], policy_extra: &str, prepare: impl FnOnce(&PgServer, &TestCgroup, AgentConfig) -> AgentConfig) -> Env {
     let dir = std::env::temp_dir().join(unique("phigate-policy"));
     std::fs::create_dir_all(&dir).unwrap();
     let pg = PgServer::start(PgOptions::default()).expect("PostgreSQL starts");
     pg.psql_admin("postgres", SETUP_SQL).expect("schema");
     let cg = TestCgroup::new();
-    cg.child("agent");
-    let mut cfg = AgentConfig::new(&cg)
-        .database(DbSpec::new("clinical", &["127.0.0.2/32"], pg.port(), pg.socket_addr()))
-        .protect(&format!("{}/agent", cg.rel()), "care-agent")
-        .identity(IdentitySpec::workload("care-agent", "clinical", "postgres"));
-    cfg.extra = format!("[policy]\nphi_tables = [\"public.patients\", \"public.encounters\"]\nunbounded_read_limit = 1000\n{policy_extra}\n");
+    let base = AgentConfig::new(&cg).database(DbSpec::new("clinical", &["127.0.0.2/32"], pg.port(), pg.socket_addr()));
+    let mut cfg = prepare(&pg, &cg, base);
+    cfg.extra = format!("[policy]\nphi_tables = {phi_tables:?}\nunbounded_read_limit = 1000\n{policy_extra}\n");
     let agent = Agent::start(&cfg).expect("agent starts");
     Env { agent, cg, pg, dir }
 }
 
-fn psql(e: &Env, sql: &str) -> Output {
+/// psql as the workload in `cgroup` (below the test's), running each statement.
+fn psql_cmd(e: &Env, cgroup: &str, statements: &[&str]) -> Command {
     let mut cmd = Command::new(pg_bin("psql"));
-    cmd.args(["-h", "127.0.0.2", "-p", &e.pg.port().to_string(), "-U", "agent", "-d", "postgres", "-XAtq", "-c", sql])
-        .env("PGSSLMODE", "disable")
-        .stdin(Stdio::null());
-    run_in(&mut cmd, &e.cg.child_dir("agent"));
-    cmd.output().expect("psql runs")
+    cmd.args(["-h", "127.0.0.2", "-p", &e.pg.port().to_string(), "-U", "agent", "-d", "postgres", "-XAtq"]);
+    for s in statements {
+        cmd.args(["-c", s]);
+    }
+    cmd.env("PGSSLMODE", "disable").stdin(Stdio::null());
+    run_in(&mut cmd, &e.cg.child_dir(cgroup));
+    cmd
+}
+
+fn psql(e: &Env, sql: &str) -> Output {
+    psql_cmd(e, "agent", &[sql]).output().expect("psql runs")
 }
 
 fn approvals(e: &Env, args: &[&str], in_cgroup: Option<&str>) -> Output {
@@ -308,14 +324,12 @@ fn blocked_statement_keeps_the_connection_usable_in_psql_and_pipelines() {
 }
 
 fn spawn_psql(e: &Env, sql: &str) -> std::process::Child {
-    let mut cmd = Command::new(pg_bin("psql"));
-    cmd.args(["-h", "127.0.0.2", "-p", &e.pg.port().to_string(), "-U", "agent", "-d", "postgres", "-XAtq", "-c", sql])
-        .env("PGSSLMODE", "disable")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    run_in(&mut cmd, &e.cg.child_dir("agent"));
-    cmd.spawn().expect("psql starts")
+    spawn(psql_cmd(e, "agent", &[sql]))
+}
+
+/// Start `cmd` with its output piped.
+fn spawn(mut cmd: Command) -> std::process::Child {
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("psql starts")
 }
 
 #[test]
@@ -593,14 +607,7 @@ fn assert_patients_survive(e: &Env, o: &Output) {
 /// Runs each statement as its own simple Query (psql, one `-c` each) through
 /// phigate, in one session.
 fn psql_each(e: &Env, statements: &[&str]) -> Output {
-    let mut cmd = Command::new(pg_bin("psql"));
-    cmd.args(["-h", "127.0.0.2", "-p", &e.pg.port().to_string(), "-U", "agent", "-d", "postgres", "-XAtq"]);
-    for s in statements {
-        cmd.args(["-c", s]);
-    }
-    cmd.env("PGSSLMODE", "disable").stdin(Stdio::null());
-    run_in(&mut cmd, &e.cg.child_dir("agent"));
-    cmd.output().expect("psql runs")
+    psql_cmd(e, "agent", statements).output().expect("psql runs")
 }
 
 #[test]
@@ -681,30 +688,14 @@ fn a_workload_in_a_nested_protected_cgroup_cannot_approve_its_own_request() {
     // (caller_workload walks up from its own cgroup: helper-agent). The self-approval
     // rule compares those names, so one process (one cgroup, even) whose statement is
     // held as care-agent approves it itself.
-    let dir = std::env::temp_dir().join(unique("phigate-policy"));
-    std::fs::create_dir_all(&dir).unwrap();
-    let pg = PgServer::start(PgOptions::default()).expect("PostgreSQL starts");
-    pg.psql_admin("postgres", SETUP_SQL).expect("schema");
-    let cg = TestCgroup::new();
-    cg.child("agent/inner/c");
-    let mut cfg = AgentConfig::new(&cg)
-        .database(DbSpec::new("clinical", &["127.0.0.2/32"], pg.port(), pg.socket_addr()))
-        .protect(&format!("{}/agent", cg.rel()), "care-agent")
-        .protect(&format!("{}/agent/inner", cg.rel()), "helper-agent")
-        .identity(IdentitySpec::workload("care-agent", "clinical", "postgres"))
-        .identity(IdentitySpec::workload("helper-agent", "clinical", "postgres"));
-    cfg.extra = "[policy]\nphi_tables = [\"public.patients\", \"public.encounters\"]\nunbounded_read_limit = 1000\napproval_timeout_secs = 30\n".into();
-    let agent = Agent::start(&cfg).expect("agent starts");
-    let e = Env { agent, cg, pg, dir };
-
-    let mut cmd = Command::new(pg_bin("psql"));
-    cmd.args(["-h", "127.0.0.2", "-p", &e.pg.port().to_string(), "-U", "agent", "-d", "postgres", "-XAtq", "-c", "select * from encounters"])
-        .env("PGSSLMODE", "disable")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    run_in(&mut cmd, &e.cg.child_dir("agent/inner/c"));
-    let child = cmd.spawn().expect("psql starts");
+    let e = env_with(PHI_TABLES, "approval_timeout_secs = 30", |_, cg, cfg| {
+        cg.child("agent/inner/c");
+        cfg.protect(&format!("{}/agent", cg.rel()), "care-agent")
+            .protect(&format!("{}/agent/inner", cg.rel()), "helper-agent")
+            .identity(IdentitySpec::workload("care-agent", "clinical", "postgres"))
+            .identity(IdentitySpec::workload("helper-agent", "clinical", "postgres"))
+    });
+    let child = spawn(psql_cmd(&e, "agent/inner/c", &["select * from encounters"]));
     let req = wait_pending(&e);
     let id = req["id"].to_string();
     // The requester's own cgroup asks to approve.
@@ -757,26 +748,17 @@ fn a_grant_window_does_not_follow_an_unqualified_name_to_another_schema() {
     if skip("a_grant_window_does_not_follow_an_unqualified_name_to_another_schema") {
         return;
     }
-    let dir = std::env::temp_dir().join(unique("phigate-policy"));
-    std::fs::create_dir_all(&dir).unwrap();
-    let pg = PgServer::start(PgOptions::default()).expect("PostgreSQL starts");
-    pg.psql_admin("postgres", SETUP_SQL).expect("schema");
-    // Older encounters, PHI too, in their own schema.
-    pg.psql_admin(
-        "postgres",
-        "create schema archive; create table archive.encounters (id int primary key, patient_id int, note text);
-         insert into archive.encounters select g, g, 'archived note ' || g from generate_series(1, 2000) g;",
-    )
-    .expect("archive");
-    let cg = TestCgroup::new();
-    cg.child("agent");
-    let mut cfg = AgentConfig::new(&cg)
-        .database(DbSpec::new("clinical", &["127.0.0.2/32"], pg.port(), pg.socket_addr()))
-        .protect(&format!("{}/agent", cg.rel()), "care-agent")
-        .identity(IdentitySpec::workload("care-agent", "clinical", "postgres"));
-    cfg.extra = "[policy]\nphi_tables = [\"public.patients\", \"public.encounters\", \"archive.encounters\"]\nunbounded_read_limit = 1000\napproval_timeout_secs = 30\n".into();
-    let agent = Agent::start(&cfg).expect("agent starts");
-    let e = Env { agent, cg, pg, dir };
+    let e = env_with(&["public.patients", "public.encounters", "archive.encounters"], "approval_timeout_secs = 30", |pg, cg, cfg| {
+        // Older encounters, PHI too, in their own schema.
+        pg.psql_admin(
+            "postgres",
+            "create schema archive; create table archive.encounters (id int primary key, patient_id int, note text);
+             insert into archive.encounters select g, g, 'archived note ' || g from generate_series(1, 2000) g;",
+        )
+        .expect("archive");
+        cg.child("agent");
+        cfg.protect(&format!("{}/agent", cg.rel()), "care-agent").identity(IdentitySpec::workload("care-agent", "clinical", "postgres"))
+    });
 
     // Approved for 10 minutes: every row of encounters (public's: the session's
     // search_path is the default).
@@ -787,15 +769,9 @@ fn a_grant_window_does_not_follow_an_unqualified_name_to_another_schema() {
     assert_eq!(String::from_utf8_lossy(&child.wait_with_output().unwrap().stdout).lines().count(), 50);
 
     // The same text in a session whose search_path leads to archive.encounters.
-    let mut cmd = Command::new(pg_bin("psql"));
-    cmd.args(["-h", "127.0.0.2", "-p", &e.pg.port().to_string(), "-U", "agent", "-d", "postgres", "-XAtq", "-c", "select * from encounters"])
-        .env("PGSSLMODE", "disable")
-        .env("PGOPTIONS", "-c search_path=archive")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    run_in(&mut cmd, &e.cg.child_dir("agent"));
-    let mut other = cmd.spawn().expect("psql starts");
+    let mut cmd = psql_cmd(&e, "agent", &["select * from encounters"]);
+    cmd.env("PGOPTIONS", "-c search_path=archive");
+    let mut other = spawn(cmd);
     let held = wait_for(Duration::from_secs(5), || pending(&e).into_iter().next().or_else(|| other.try_wait().ok().flatten().map(|_| Value::Null)));
     if let Some(r) = held.as_ref().filter(|r| !r.is_null()) {
         approvals(&e, &["deny", &r["id"].to_string(), "--reason", "another schema"], None);

@@ -232,20 +232,50 @@ fn psql_simple_protocol_multi_statement_copy_and_errors() {
     assert!(s.iter().any(|x| x["options"] == "<redacted 32 bytes>"), "{s:?}");
 }
 
+/// Workloads in /scram, /md5 and /plain, each mapped to the role the database logs
+/// in with that method.
+fn one_identity_per_login_method(c: AgentConfig, ctx: &Ctx) -> AgentConfig {
+    let r = ctx.cg.rel();
+    c.protect(&format!("{r}/scram"), "a-scram")
+        .protect(&format!("{r}/md5"), "a-md5")
+        .protect(&format!("{r}/plain"), "a-plain")
+        .identity(IdentitySpec::workload("a-scram", "clinical", "app_scram"))
+        .identity(IdentitySpec::workload("a-md5", "clinical", "app_md5"))
+        .identity(IdentitySpec::workload("a-plain", "clinical", "app_plain"))
+}
+
+/// One more database service for billing-agent, logging in as app_scram with `secret`
+/// to `upstream` (default: the test server), `upstream_tls` its TOML (mode and more).
+fn scram_database(
+    c: &mut AgentConfig,
+    name: &str,
+    addr: &str,
+    upstream: Option<SocketAddr>,
+    secret: PathBuf,
+    upstream_tls: &str,
+) -> (String, String, Vec<String>) {
+    let mut db = DbSpec::new(name, &[&format!("{addr}/32")], c.databases[0].port, upstream.unwrap_or(c.databases[0].upstream));
+    db.credentials = vec![("app_scram".into(), Some(secret))];
+    if !upstream_tls.is_empty() {
+        db.extra = format!("[database.upstream_tls]\n{upstream_tls}");
+    }
+    c.databases.push(db);
+    (name.into(), "app_scram".into(), vec!["*".into()])
+}
+
+/// billing-agent, opening these databases (and clinical) as app_scram.
+fn billing_agent_opening(c: AgentConfig, more: Vec<(String, String, Vec<String>)>) -> AgentConfig {
+    let mut access = vec![("clinical".to_string(), "app_scram".to_string(), vec!["*".to_string()])];
+    access.extend(more);
+    c.identity(IdentitySpec { name: "billing-agent".into(), auth: "auth = \"workload\"".into(), access })
+}
+
 #[test]
 fn upstream_login_with_scram_md5_and_password_credentials_held_by_the_agent() {
     if skip("upstream_login_with_scram_md5_and_password_credentials_held_by_the_agent") {
         return;
     }
-    let e = env_with(None, |c, ctx| {
-        let r = ctx.cg.rel();
-        c.protect(&format!("{r}/scram"), "a-scram")
-            .protect(&format!("{r}/md5"), "a-md5")
-            .protect(&format!("{r}/plain"), "a-plain")
-            .identity(IdentitySpec::workload("a-scram", "clinical", "app_scram"))
-            .identity(IdentitySpec::workload("a-md5", "clinical", "app_md5"))
-            .identity(IdentitySpec::workload("a-plain", "clinical", "app_plain"))
-    });
+    let e = env_with(None, one_identity_per_login_method);
     for (cg, role) in [("scram", "app_scram"), ("md5", "app_md5"), ("plain", "app_plain")] {
         assert_eq!(ok(&psql_in(&e, cg, &["-c", "select current_user"], &[])), role, "identity in /{cg} runs as {role}");
     }
@@ -262,14 +292,8 @@ fn a_credential_logs_in_only_by_the_methods_it_lists() {
     // database (or whatever took its address) asking for md5 or the password itself
     // gets nothing, and a role that lists only "none" does not answer SCRAM.
     let e = env_with(None, |mut c, ctx| {
-        let r = ctx.cg.rel();
         c.databases[0].methods = vec![("app_scram".into(), vec!["none"])];
-        c.protect(&format!("{r}/scram"), "a-scram")
-            .protect(&format!("{r}/md5"), "a-md5")
-            .protect(&format!("{r}/plain"), "a-plain")
-            .identity(IdentitySpec::workload("a-scram", "clinical", "app_scram"))
-            .identity(IdentitySpec::workload("a-md5", "clinical", "app_md5"))
-            .identity(IdentitySpec::workload("a-plain", "clinical", "app_plain"))
+        one_identity_per_login_method(c, ctx)
     });
     for (cg, role, asked) in [("md5", "app_md5", "md5"), ("plain", "app_plain", "password"), ("scram", "app_scram", "scram-sha-256")] {
         let v = pgclient(&e, cg, "whoami");
@@ -631,22 +655,13 @@ fn upstream_sslmodes_and_rejected_agent_credentials() {
     ];
     let e = env_with(Some(&ca), |mut c, ctx| {
         let secret = ctx.dir.file("scram.password", "scram-secret\n");
-        let mut access = vec![("clinical".to_string(), "app_scram".to_string(), vec!["*".to_string()])];
+        let mut access = Vec::new();
         for (i, (addr, mode, extra, upstream)) in cases.iter().enumerate() {
-            let name = format!("tls{i}");
-            let up = upstream.unwrap_or(c.databases[0].upstream);
-            let mut db = DbSpec::new(&name, &[&format!("{addr}/32")], c.databases[0].port, up);
-            db.credentials = vec![("app_scram".into(), Some(secret.clone()))];
-            db.extra = format!("[database.upstream_tls]\nmode = {mode:?}\n{extra}");
-            c.databases.push(db);
-            access.push((name, "app_scram".into(), vec!["*".into()]));
+            access.push(scram_database(&mut c, &format!("tls{i}"), addr, *upstream, secret.clone(), &format!("mode = {mode:?}\n{extra}")));
         }
         // The agent's secret for this database is wrong: the database rejects the agent.
-        let mut bad = DbSpec::new("bad-secret", &["127.0.0.19/32"], c.databases[0].port, c.databases[0].upstream);
-        bad.credentials = vec![("app_scram".into(), Some(ctx.dir.file("wrong.password", "not-the-secret")))];
-        c.databases.push(bad);
-        access.push(("bad-secret".into(), "app_scram".into(), vec!["*".into()]));
-        c.identity(IdentitySpec { name: "billing-agent".into(), auth: "auth = \"workload\"".into(), access })
+        access.push(scram_database(&mut c, "bad-secret", "127.0.0.19", None, ctx.dir.file("wrong.password", "not-the-secret"), ""));
+        billing_agent_opening(c, access)
     });
     let expect: [(&str, Result<bool, &str>); 8] = [
         ("disable", Ok(false)),
@@ -765,13 +780,8 @@ fn a_machine_in_the_middle_of_unverified_tls_cannot_relay_the_scram_login() {
     let mitm = tls_mitm(&intruder, &ca, database.clone());
     let e = env_with(Some(&ca), |mut c, ctx| {
         database.set(c.databases[0].upstream).unwrap();
-        let mut db = DbSpec::new("through-mitm", &["127.0.0.21/32"], c.databases[0].port, mitm);
-        db.credentials = vec![("app_scram".into(), Some(ctx.dir.file("mitm.password", "scram-secret\n")))];
-        db.extra = "[database.upstream_tls]\nmode = \"require\"\n".into();
-        c.databases.push(db);
-        let access =
-            vec![("clinical".to_string(), "app_scram".to_string(), vec!["*".to_string()]), ("through-mitm".into(), "app_scram".into(), vec!["*".into()])];
-        c.identity(IdentitySpec { name: "billing-agent".into(), auth: "auth = \"workload\"".into(), access })
+        let through = scram_database(&mut c, "through-mitm", "127.0.0.21", Some(mitm), ctx.dir.file("mitm.password", "scram-secret\n"), "mode = \"require\"\n");
+        billing_agent_opening(c, vec![through])
     });
     // Direct, with the same mode: the login works (SCRAM bound to the real channel).
     let direct = pgclient_at(&e, "prot", "whoami", "127.0.0.2", "");

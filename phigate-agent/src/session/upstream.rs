@@ -341,8 +341,9 @@ mod tests {
         Frame::build(tag::AUTHENTICATION, &body).into_bytes().to_vec()
     }
 
-    /// Read one message from the client (the startup packet has no type byte).
-    async fn read_message(s: &mut TcpStream, typed: bool) -> Vec<u8> {
+    /// Read one message from the client, over TCP or TLS (the startup packet has no
+    /// type byte).
+    async fn read_message(s: &mut (impl tokio::io::AsyncRead + Unpin), typed: bool) -> Vec<u8> {
         if typed {
             s.read_u8().await.expect("type byte");
         }
@@ -370,6 +371,20 @@ mod tests {
         T: Send + 'static,
         F: std::future::Future<Output = T> + Send + 'static,
     {
+        let (result, server) = login_against_within(Duration::from_secs(60), methods, script).await;
+        (result.expect("the login ends within 60 s"), server)
+    }
+
+    /// [`login_against`], giving up after `limit` (None: still waiting then).
+    async fn login_against_within<T, F>(
+        limit: Duration,
+        methods: AuthMethods,
+        script: impl FnOnce(TcpStream) -> F + Send + 'static,
+    ) -> (Option<Result<Upstream, UpstreamError>>, tokio::task::JoinHandle<T>)
+    where
+        T: Send + 'static,
+        F: std::future::Future<Output = T> + Send + 'static,
+    {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("address");
         let server = tokio::spawn(async move {
@@ -384,29 +399,7 @@ mod tests {
         let cfg = crate::config::UpstreamTlsConfig { mode: SslMode::Disable, ca_file: None, server_name: None };
         let tls = UpstreamTls::new(&cfg, std::net::Ipv4Addr::LOCALHOST.into()).expect("no TLS");
         let credential = Credential { role: "agent".into(), password_file: Some(secret), methods };
-        (login(conn, &tls, &credential, &[], "db").await, server)
-    }
-
-    /// [`login_against`], giving up after `limit` (None: still waiting then).
-    async fn login_against_within<T, F>(
-        limit: Duration,
-        script: impl FnOnce(TcpStream) -> F + Send + 'static,
-    ) -> (Option<Result<Upstream, UpstreamError>>, tokio::task::JoinHandle<T>)
-    where
-        T: Send + 'static,
-        F: std::future::Future<Output = T> + Send + 'static,
-    {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("address");
-        let server = tokio::spawn(async move {
-            let (mut s, _) = listener.accept().await.expect("accept");
-            read_message(&mut s, false).await;
-            script(s).await
-        });
-        let conn = Conn::Plain(TcpStream::connect(addr).await.expect("connect"));
-        let cfg = crate::config::UpstreamTlsConfig { mode: SslMode::Disable, ca_file: None, server_name: None };
-        let tls = UpstreamTls::new(&cfg, std::net::Ipv4Addr::LOCALHOST.into()).expect("no TLS");
-        (tokio::time::timeout(limit, login(conn, &tls, &Credential::without_password("agent"), &[], "db")).await.ok(), server)
+        (tokio::time::timeout(limit, login(conn, &tls, &credential, &[], "db")).await.ok(), server)
     }
 
     #[tokio::test]
@@ -457,7 +450,7 @@ mod tests {
     #[tokio::test]
     async fn a_database_that_never_answers_the_login_is_unreachable_in_bounded_time() {
         // Found by a review: the login (startup message to ReadyForQuery) had no bound.
-        let (result, server) = login_against_within(LOGIN_TIMEOUT + Duration::from_secs(10), |s| async move {
+        let (result, server) = login_against_within(LOGIN_TIMEOUT + Duration::from_secs(10), AuthMethods::SCRAM, |s| async move {
             // Holds the connection open, silent.
             let _held = s;
             tokio::time::sleep(Duration::from_secs(600)).await;
@@ -465,17 +458,6 @@ mod tests {
         .await;
         server.abort();
         assert!(matches!(result, Some(Err(UpstreamError::LoginTimedOut(_)))), "login() did not give up on a silent server: {:?}", result.map(|r| r.err()));
-    }
-
-    /// Read one message from any stream (the startup packet has no type byte).
-    async fn read_message_from(s: &mut (impl tokio::io::AsyncRead + Unpin), typed: bool) -> Vec<u8> {
-        if typed {
-            s.read_u8().await.expect("type byte");
-        }
-        let len = s.read_i32().await.expect("length") as usize;
-        let mut body = vec![0u8; len - 4];
-        s.read_exact(&mut body).await.expect("body");
-        body
     }
 
     /// A TLS database (self-signed certificate, signed with `alg`) that offers
@@ -499,20 +481,20 @@ mod tests {
         let addr = listener.local_addr().expect("address");
         let server = tokio::spawn(async move {
             let (mut tcp, _) = listener.accept().await.expect("accept");
-            read_message_from(&mut tcp, false).await;
+            read_message(&mut tcp, false).await;
             tcp.write_all(b"S").await.expect("write");
             let mut s = acceptor.accept(tcp).await.expect("TLS");
-            read_message_from(&mut s, false).await;
+            read_message(&mut s, false).await;
             s.write_all(&auth(10, mechanisms)).await.expect("write");
             s.flush().await.expect("flush");
-            let first = read_message_from(&mut s, true).await;
+            let first = read_message(&mut s, true).await;
             let mut rest = first.as_slice();
             let mechanism = crate::pg::frame::take_cstr(&mut rest, "mechanism").expect("mechanism").to_string();
             let client_first = String::from_utf8_lossy(&rest[4..]).into_owned();
             let nonce = client_first.rsplit("r=").next().expect("client nonce").to_string();
             s.write_all(&auth(11, format!("r={nonce}srv,s=c2FsdHNhbHQ=,i=4096").as_bytes())).await.expect("write");
             s.flush().await.expect("flush");
-            let client_final = String::from_utf8_lossy(&read_message_from(&mut s, true).await).into_owned();
+            let client_final = String::from_utf8_lossy(&read_message(&mut s, true).await).into_owned();
             (mechanism, client_first, client_final)
         });
         let dir = tempfile::tempdir().expect("temp dir");

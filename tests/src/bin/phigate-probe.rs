@@ -44,9 +44,14 @@ use serde_json::{json, Value};
 const TIMEOUT: Duration = Duration::from_secs(4);
 
 fn startup_message() -> Vec<u8> {
+    startup_message_named("phigate-probe")
+}
+
+/// A StartupMessage as user and database postgres, with this application_name.
+fn startup_message_named(application_name: &str) -> Vec<u8> {
     let mut body = Vec::new();
     body.extend_from_slice(&196608u32.to_be_bytes());
-    for s in ["user", "postgres", "database", "postgres", "application_name", "phigate-probe"] {
+    for s in ["user", "postgres", "database", "postgres", "application_name", application_name] {
         body.extend_from_slice(s.as_bytes());
         body.push(0);
     }
@@ -254,28 +259,11 @@ fn main() {
                     out.insert("connect".into(), json!("ok"));
                     out.insert("local".into(), json!(s.local_addr().map(|a| a.to_string()).unwrap_or_default()));
                     let name = format!("planted-by-{}", std::process::id());
-                    let mut body = Vec::new();
-                    body.extend_from_slice(&196608u32.to_be_bytes());
-                    for p in ["user", "postgres", "database", "postgres", "application_name", &name] {
-                        body.extend_from_slice(p.as_bytes());
-                        body.push(0);
-                    }
-                    body.push(0);
-                    let mut msg = ((body.len() + 4) as u32).to_be_bytes().to_vec();
-                    msg.extend(body);
-                    out.insert("sent".into(), json!(s.write_all(&msg).is_ok()));
+                    out.insert("sent".into(), json!(s.write_all(&startup_message_named(&name)).is_ok()));
                     out.insert("application_name".into(), json!(name));
+                    // Closed with a reset (linger 0), not a FIN.
                     let reset = libc::linger { l_onoff: 1, l_linger: 0 };
-                    // SAFETY: a valid descriptor and a correctly sized option value.
-                    unsafe {
-                        libc::setsockopt(
-                            s.as_raw_fd(),
-                            libc::SOL_SOCKET,
-                            libc::SO_LINGER,
-                            &reset as *const libc::linger as *const libc::c_void,
-                            mem::size_of::<libc::linger>() as u32,
-                        )
-                    };
+                    let _ = nix::sys::socket::setsockopt(&s, nix::sys::socket::sockopt::Linger, &reset);
                     drop(s);
                     Value::Object(out)
                 }
